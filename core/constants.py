@@ -1,0 +1,42 @@
+"""Fixed names and numbers shared by every process. Tunables an operator may change live in settings.
+
+Keeping Redis keys and protocol constants here means the miner and the workers, which never import
+each other, still agree on where they meet.
+"""
+
+from typing import Final
+
+# --- Redis keys (all under one prefix so an operator can find or flush them) -----------------------
+KEY_PREFIX: Final = "synth"
+RESULT_KEY = KEY_PREFIX + ":result:{request_id}"  # list the worker RPUSHes float32 paths onto
+CACHE_KEY = KEY_PREFIX + ":cache:{asset}:{step}:{day}"  # one hash per asset, step and UTC day
+CACHE_META_KEY = KEY_PREFIX + ":cache-meta:{asset}:{step}"  # span / freshness of the rolling cache
+LATEST_PRICE_KEY = KEY_PREFIX + ":latest:{asset}"  # newest anchor price with its publish time
+ARTIFACT_VERSION_KEY = KEY_PREFIX + ":artifact:current"  # version workers compare against
+BEAT_LOCK_KEY = KEY_PREFIX + ":beat:lock"  # one beat schedules at a time
+JOB_SLOT_KEY = KEY_PREFIX + ":job:{name}:{slot}"  # a periodic job runs once per scheduled slot
+CALIBRATION_KEY = KEY_PREFIX + ":calibration:last"  # summary of the last calibration run
+WORKER_HEARTBEAT_KEY = KEY_PREFIX + ":worker:{name}"  # workers announce model version and pid
+
+# --- Protocol ----------------------------------------------------------------------------------------
+SIGNIFICANT_DIGITS: Final = 8  # validators reject more than 8 digits per price
+LF_INCREMENT: Final = 300
+LF_LENGTH: Final = 86_400
+HF_INCREMENT: Final = 60
+HF_LENGTH: Final = 3_600
+SECONDS_PER_DAY: Final = 86_400
+MINUTE: Final = 60
+# A bar's close is only known once it has closed; the batch interface cuts history this long before
+# the prompt's start so nothing published after the request could leak in.
+LOOKAHEAD_GUARD_S: Final = 60
+
+# --- Result transport --------------------------------------------------------------------------------
+RESULT_DTYPE: Final = "<f4"  # float32 little-endian paths on the wire between worker and miner
+RESULT_HEADER_DTYPE: Final = "<i4"  # [n_paths, n_points] prefix so a reader can check the shape
+
+# --- Celery task names (the miner sends by name; it never imports the workers) -------------------------
+TASK_FORECAST: Final = "synth.forecast"
+TASK_REFRESH_CACHE: Final = "synth.refresh_cache"
+TASK_CALIBRATE: Final = "synth.calibrate"
+TASK_RETRAIN: Final = "synth.retrain"
+TASK_COMPACT_STORE: Final = "synth.compact_store"

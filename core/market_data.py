@@ -1,0 +1,98 @@
+"""History and anchor prices for forecasts: read from the rolling cache, filled from a source on a miss."""
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from core.cache import HistoryCache
+from core.prices import LatestPrice, MarketSnapshot, PriceDataError, PriceHistory
+from core.sources.base import PriceSource, ProviderError
+
+log = logging.getLogger(__name__)
+
+FRESH_S = 150  # a cache whose newest close is older than this is refreshed before use
+
+
+@dataclass(frozen=True)
+class RefreshResult:
+    asset: str
+    step: int
+    new_rows: int
+    last_ts: int | None
+
+
+class MarketData:
+    """Keeps the cache warm for each asset and builds the snapshot an engine forecasts from."""
+
+    def __init__(self, cache: HistoryCache, sources: Callable[[str], PriceSource],
+                 window_s: Mapping[str, int] | int, steps_for: Callable[[str], tuple[int, ...]] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.cache = cache
+        self.sources = sources
+        self.window_s = window_s
+        self.steps_for = steps_for or (lambda asset: (60,))
+        self.clock = clock
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def window_for(self, asset: str) -> int:
+        return self.window_s if isinstance(self.window_s, int) else self.window_s.get(asset, 14 * 86_400)
+
+    async def refresh(self, asset: str) -> list[RefreshResult]:
+        """Fetch only the missing tail of each step, write it, trim the window. Safe to run concurrently."""
+        lock = self._locks.setdefault(asset, asyncio.Lock())
+        async with lock:
+            now = int(self.clock())
+            source = self.sources(asset)
+            results = []
+            for step in self.steps_for(asset):
+                span = self.cache.span(asset, step)
+                start = now - self.window_for(asset) if span is None else span[1] + step
+                start -= start % step
+                fetched = await source.history(asset, start, now, step)
+                fetched = fetched.known_at(now)
+                new = await asyncio.to_thread(self.cache.write, asset, fetched) if len(fetched) else 0
+                self.cache.trim(asset, step, now - self.window_for(asset))
+                results.append(RefreshResult(asset, step, new, fetched.last_ts))
+            try:
+                self.cache.set_latest(asset, await source.latest(asset))
+            except ProviderError as exc:
+                log.warning("latest price for %s unavailable: %s", asset, exc)
+            return results
+
+    def _stale(self, asset: str, now: int) -> bool:
+        span = self.cache.span(asset, 60) or self.cache.span(asset, 300)
+        return span is None or span[1] + 2 * 60 < now - FRESH_S
+
+    async def snapshot(self, asset: str, lookback_s: int | None = None) -> MarketSnapshot:
+        """History known now plus the anchor price; refreshes first if the cache is empty or stale."""
+        now = int(self.clock())
+        if self._stale(asset, now):
+            try:
+                await self.refresh(asset)
+            except (ProviderError, PriceDataError, OSError) as exc:
+                log.warning("refresh of %s failed, using what is cached: %s", asset, exc)
+        return build_snapshot(self.cache, asset, now, lookback_s or self.window_for(asset))
+
+
+def build_snapshot(cache: HistoryCache, asset: str, now: int, lookback_s: int) -> MarketSnapshot:
+    """Assemble a snapshot from the cache alone (what a worker does). Raises if there is no price."""
+    m1 = cache.read(asset, 60, now - lookback_s, now).known_at(now)
+    m5 = cache.read(asset, 300, now - lookback_s, now).known_at(now)
+    latest = cache.latest(asset)
+    anchor = choose_anchor(latest, m1, m5, now)
+    if anchor is None:
+        raise PriceDataError(f"no price known for {asset}")
+    return MarketSnapshot(asset, m1 if len(m1) else None, m5 if len(m5) else None, anchor.price,
+                          anchor.publish_time)
+
+
+def choose_anchor(latest: LatestPrice | None, m1: PriceHistory, m5: PriceHistory,
+                  now: int) -> LatestPrice | None:
+    """The newest trustworthy price: the provider's latest print or the newest close, whichever is newer."""
+    candidates = [latest] if latest is not None and latest.publish_time <= now + 5 else []
+    for hist in (m1, m5):
+        if len(hist) and hist.last_close_time is not None:
+            candidates.append(LatestPrice(float(hist.close[-1]), hist.last_close_time))
+    return max(candidates, key=lambda p: p.publish_time) if candidates else None

@@ -1,0 +1,128 @@
+"""Per-step Student-t parameters -> Monte-Carlo price paths, with a per-path latent volatility.
+
+Conventions, decided once for the whole code base:
+- ``sigma`` is the **standard deviation** of the one-step log return (not the Student-t scale);
+  innovations are Student-t draws rescaled to unit variance, so ``sigma_scale`` multiplies the std.
+- The latent log-volatility z follows an AR(1) per path, started from its stationary law
+  N(0, s^2 / (1 - rho^2)), and multiplies sigma by exp(z - Var z), which keeps E[sigma_path^2] = sigma^2.
+  It makes squared returns cluster along a path (the market's volatility clustering) and gives fat
+  tails to multi-step sums, which independent per-step draws lose by the central limit theorem.
+
+Cost: one Student-t variate per (path, step), plus one normal per (path, step) with latent vol. Every
+other operation runs in place on that one array (see benchmarks/bench_sampler.py).
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from scipy.signal import lfilter
+
+FloatArray = npt.NDArray[np.float64]
+Float32Array = npt.NDArray[np.float32]
+
+MAX_LOG_MOVE = 3.0  # a path never leaves [anchor/e^3, anchor*e^3]: keeps every price finite and printable
+NU_MIN = 2.05  # below 2 the variance is infinite and unit-variance scaling is undefined
+# anchor * e^(+-3) must stay a normal, finite float32 (max 3.4e38, smallest normal 1.2e-38)
+ANCHOR_MIN, ANCHOR_MAX = 1e-30, 1e30
+
+
+class SamplingError(ValueError):
+    """Parameters the sampler cannot turn into valid paths (shape mismatch, NaN, negative sigma...)."""
+
+
+@dataclass(frozen=True)
+class LatentVol:
+    rho: float = 0.0  # AR(1) coefficient per step, in [0, 1)
+    s: float = 0.0  # innovation std of the log-volatility per step
+
+    @property
+    def stationary_var(self) -> float:
+        return 0.0 if self.s == 0 else self.s**2 / (1.0 - self.rho**2)
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.rho < 1.0 and 0.0 <= self.s < np.inf):
+            raise SamplingError(f"latent vol needs 0 <= rho < 1 and finite s >= 0, got rho={self.rho}, s={self.s}")
+
+
+def _checked_nu(nu: FloatArray | float, n_steps: int) -> FloatArray:
+    nu_arr = np.asarray(nu, dtype=np.float64)
+    if nu_arr.ndim > 1 or (nu_arr.ndim == 1 and nu_arr.size != n_steps):
+        raise SamplingError(f"nu must be a scalar or one value per step ({n_steps}), got shape {nu_arr.shape}")
+    if np.any(np.isnan(nu_arr)) or np.any(nu_arr <= 0):
+        raise SamplingError("nu must be > 0 (values below 2.05 are raised to 2.05)")
+    # inf is allowed and means Gaussian; standard_t handles it and (nu-2)/nu -> 1.
+    return np.maximum(nu_arr, NU_MIN)
+
+
+def unit_t(rng: np.random.Generator, nu: FloatArray | float, size: tuple[int, int]) -> FloatArray:
+    """Student-t draws with unit variance; nu is a scalar or one value per step (last axis)."""
+    nu_arr = _checked_nu(nu, size[1])
+    draws = _raw_t(rng, nu_arr, size)
+    draws *= _unit_variance_factor(nu_arr)
+    return draws
+
+
+def _raw_t(rng: np.random.Generator, nu_arr: FloatArray, size: tuple[int, int]) -> FloatArray:
+    # A scalar df takes numpy's fast path; a per-step array needs broadcasting (about 15 % slower).
+    if nu_arr.ndim == 0 or np.all(nu_arr == nu_arr[0]):
+        return rng.standard_t(float(nu_arr.flat[0]), size)
+    return rng.standard_t(np.broadcast_to(nu_arr, size))
+
+
+def _unit_variance_factor(nu_arr: FloatArray) -> FloatArray:
+    with np.errstate(invalid="ignore"):
+        factor: FloatArray = np.where(np.isinf(nu_arr), 1.0, np.sqrt((nu_arr - 2.0) / nu_arr))
+    return factor
+
+
+def latent_multiplier(rng: np.random.Generator, latent: LatentVol, size: tuple[int, int]) -> FloatArray:
+    """exp(z - Var z) per path and step, z a stationary AR(1): shape (n_paths, n_steps)."""
+    if latent.s == 0.0:
+        return np.ones(size)
+    var = latent.stationary_var
+    shocks = rng.standard_normal(size)  # (n_paths, n_steps)
+    shocks[:, 0] *= np.sqrt(var)  # z_0 from the stationary law
+    shocks[:, 1:] *= latent.s
+    z: FloatArray = lfilter([1.0], [1.0, -latent.rho], shocks, axis=1)  # z_t = rho z_{t-1} + s e_t
+    z -= var
+    np.exp(z, out=z)
+    return z
+
+
+def sample_paths(anchor: float, mu: FloatArray, sigma: FloatArray, nu: FloatArray | float,
+                 n_paths: int, rng: np.random.Generator, latent: LatentVol = LatentVol(),
+                 sigma_scale: float = 1.0) -> Float32Array:
+    """Prices float32[n_paths, n_steps + 1]; column 0 is the anchor. Pure and seeded by ``rng``.
+
+    Raises SamplingError on parameters that cannot give finite, positive prices.
+    """
+    mu = np.asarray(mu, dtype=np.float64)
+    sigma = np.asarray(sigma, dtype=np.float64)
+    if mu.shape != sigma.shape or mu.ndim != 1:
+        raise SamplingError(f"mu and sigma must be 1-D of one length, got {mu.shape} and {sigma.shape}")
+    if not (np.isfinite(anchor) and ANCHOR_MIN <= anchor <= ANCHOR_MAX):
+        raise SamplingError(f"anchor price must be finite and in [{ANCHOR_MIN}, {ANCHOR_MAX}], got {anchor}")
+    if not (np.all(np.isfinite(sigma)) and np.all(sigma >= 0) and np.all(np.isfinite(mu))):
+        raise SamplingError("mu must be finite and sigma finite and >= 0")
+    if not (np.isfinite(sigma_scale) and sigma_scale >= 0):
+        raise SamplingError(f"sigma_scale must be finite and >= 0, got {sigma_scale}")
+    if isinstance(n_paths, bool) or not isinstance(n_paths, (int, np.integer)) or n_paths < 1:
+        raise SamplingError(f"n_paths must be a positive integer, got {n_paths!r}")
+    nu_arr = _checked_nu(nu, mu.size)
+    size = (int(n_paths), mu.size)
+
+    # One working array, updated in place: t draw -> log return -> log path -> price ratio.
+    work = _raw_t(rng, nu_arr, size)
+    work *= sigma * sigma_scale * _unit_variance_factor(nu_arr)  # per-step std, broadcast over paths
+    if latent.s > 0.0:
+        work *= latent_multiplier(rng, latent, size)
+    if np.any(mu):
+        work += mu
+    np.cumsum(work, axis=1, out=work)
+    np.clip(work, -MAX_LOG_MOVE, MAX_LOG_MOVE, out=work)
+    np.exp(work, out=work)
+    prices = np.empty((size[0], size[1] + 1), dtype=np.float32)
+    prices[:, 0] = anchor
+    np.multiply(work, anchor, out=prices[:, 1:], casting="same_kind")
+    return prices

@@ -1,0 +1,133 @@
+"""Price history as the whole system passes it around: bar open times and closes on a fixed step.
+
+Convention (same as ../shared/data and the validators): the row at ``ts`` is the bar
+``[ts, ts + step)`` and its close is the price at ``ts + step``. Gaps stay gaps: nothing is filled.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float64]
+
+
+class PriceDataError(ValueError):
+    """History or a price that cannot be trusted (non-positive, non-finite, unsorted...)."""
+
+
+@dataclass(frozen=True)
+class PriceHistory:
+    step: int  # seconds between bars: 60 or 300
+    ts: IntArray  # bar open times, strictly increasing, multiples of step
+    close: FloatArray  # close of each bar, > 0 and finite
+
+    def __post_init__(self) -> None:
+        if self.ts.shape != self.close.shape or self.ts.ndim != 1:
+            raise PriceDataError(f"ts and close must be 1-D of one length, got {self.ts.shape} and {self.close.shape}")
+        if self.ts.size and np.any(np.diff(self.ts) <= 0):
+            raise PriceDataError("timestamps must be strictly increasing")
+        if self.close.size and not (np.all(np.isfinite(self.close)) and np.all(self.close > 0)):
+            raise PriceDataError("prices must be finite and > 0")
+
+    @classmethod
+    def from_arrays(cls, step: int, ts: npt.ArrayLike, close: npt.ArrayLike) -> "PriceHistory":
+        return cls(step, np.asarray(ts, dtype=np.int64), np.asarray(close, dtype=np.float64))
+
+    @classmethod
+    def empty(cls, step: int) -> "PriceHistory":
+        return cls(step, np.empty(0, np.int64), np.empty(0, np.float64))
+
+    def __len__(self) -> int:
+        return int(self.ts.size)
+
+    @property
+    def first_ts(self) -> int | None:
+        return int(self.ts[0]) if self.ts.size else None
+
+    @property
+    def last_ts(self) -> int | None:
+        return int(self.ts[-1]) if self.ts.size else None
+
+    @property
+    def last_close_time(self) -> int | None:
+        """When the newest close became known (the end of its bar)."""
+        return None if not self.ts.size else int(self.ts[-1]) + self.step
+
+    def between(self, start: int, end: int) -> "PriceHistory":
+        """Bars with start <= ts < end."""
+        lo, hi = np.searchsorted(self.ts, [start, end], side="left")
+        return PriceHistory(self.step, self.ts[lo:hi], self.close[lo:hi])
+
+    def known_at(self, moment: int) -> "PriceHistory":
+        """Only bars whose close was published by ``moment`` (ts + step <= moment): no look-ahead."""
+        hi = int(np.searchsorted(self.ts, moment - self.step, side="right"))
+        return PriceHistory(self.step, self.ts[:hi], self.close[:hi])
+
+    def tail(self, seconds: int) -> "PriceHistory":
+        if not self.ts.size:
+            return self
+        return self.between(int(self.ts[-1]) - seconds + self.step, int(self.ts[-1]) + 1)
+
+    def merge(self, other: "PriceHistory") -> "PriceHistory":
+        """Union of two histories; on equal timestamps ``other`` wins. Idempotent."""
+        if other.step != self.step:
+            raise PriceDataError(f"cannot merge step {other.step} into step {self.step}")
+        ts = np.concatenate([self.ts, other.ts])
+        close = np.concatenate([self.close, other.close])
+        # Keep the last occurrence of each timestamp (other's), then sort.
+        order = np.argsort(ts, kind="stable")
+        ts, close = ts[order], close[order]
+        keep = np.ones(ts.size, bool)
+        keep[:-1] = ts[1:] != ts[:-1]
+        return PriceHistory(self.step, ts[keep], close[keep])
+
+    def resample(self, step: int) -> "PriceHistory":
+        """Coarser bars from complete windows only: a window with any missing bar is dropped."""
+        if step == self.step:
+            return self
+        if step % self.step:
+            raise PriceDataError(f"cannot resample step {self.step} to {step}")
+        ratio = step // self.step
+        bucket = self.ts // step
+        # A complete window has `ratio` bars; its close is the close of its last bar.
+        starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
+        counts = np.diff(np.r_[starts, bucket.size])
+        full = counts == ratio
+        last = (starts + counts - 1)[full]
+        return PriceHistory(step, bucket[starts][full] * step, self.close[last])
+
+    def log_returns(self) -> FloatArray:
+        """Log returns between consecutive bars only (a return across a gap is not a step return)."""
+        if self.ts.size < 2:
+            return np.empty(0, np.float64)
+        contiguous = np.diff(self.ts) == self.step
+        return np.diff(np.log(self.close))[contiguous]
+
+
+@dataclass(frozen=True)
+class LatestPrice:
+    price: float
+    publish_time: int  # unix seconds
+    confidence: float | None = None
+
+
+@dataclass(frozen=True)
+class MarketSnapshot:
+    """Everything an engine may see for one request: history known before the cut, and the anchor."""
+
+    asset: str
+    m1: PriceHistory | None  # 1-minute bars, when the source has them
+    m5: PriceHistory | None  # 5-minute bars (native or resampled)
+    anchor: float  # the latest known price: every path starts here
+    anchor_time: int
+
+    def best(self, step: int) -> PriceHistory | None:
+        """History at ``step`` if available, else the other resolution resampled or as is."""
+        native = self.m1 if step == 60 else self.m5
+        if native is not None and len(native):
+            return native
+        if step == 300 and self.m1 is not None and len(self.m1):
+            return self.m1.resample(300)
+        return self.m5 if step == 60 else self.m1

@@ -1,0 +1,88 @@
+"""Turning paths into the validator's response, and refusing to send one that would fail validation.
+
+Wire format: ``[start_ts, time_increment, path_1, ..., path_N]``, each path a list of
+``time_length // time_increment + 1`` prices. Validators (HEAD) count the printed digit characters of
+each price (``len(str(p).replace(".", "")) <= 8``, a leading ``0`` counts); UPSTREAM asks for at most
+8 significant digits, finite, float32-representable values. Rounding to the digit budget below
+satisfies both for every price in (1e-4, 1e7), a range the clamped sampler never leaves.
+"""
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+from core.constants import SIGNIFICANT_DIGITS
+from core.prompts import ForecastRequest
+
+FloatArray = npt.NDArray[np.float64]
+
+WIRE_MIN, WIRE_MAX = 1e-4, 1e7  # outside this range str() switches notation or gains digits
+
+
+class ResponseError(ValueError):
+    """A reply that a validator would reject; it is never sent."""
+
+
+def digit_budget(prices: FloatArray) -> npt.NDArray[np.int64]:
+    """Significant digits each price may keep: 8, minus the leading zeros printed below 1."""
+    exponent = np.floor(np.log10(prices)).astype(np.int64)
+    return np.where(exponent < 0, SIGNIFICANT_DIGITS + exponent, SIGNIFICANT_DIGITS)
+
+
+def round_for_wire(prices: npt.ArrayLike) -> FloatArray:
+    """Vectorised rounding to the digit budget; exact decimal results (integer / power of ten)."""
+    a = np.asarray(prices, dtype=np.float64)
+    if not (np.all(np.isfinite(a)) and np.all(a > 0)):
+        raise ResponseError("prices must be finite and > 0 before rounding")
+    decimals = digit_budget(a) - 1 - np.floor(np.log10(a)).astype(np.int64)
+    scale = np.power(10.0, decimals)
+    # Dividing an integer-valued float by a power of ten is correctly rounded, so repr() prints
+    # exactly the kept digits; multiplying by 10**-k would not be.
+    return np.round(a * scale) / scale
+
+
+def check_paths(rounded: FloatArray, request: ForecastRequest) -> None:
+    """Vectorised check of the point rules of both rule sets on the rounded price matrix."""
+    expected = (request.num_simulations, request.n_points)
+    if rounded.shape != expected:
+        raise ResponseError(f"paths have shape {rounded.shape}, expected {expected}")
+    if not np.all(np.isfinite(rounded)):
+        raise ResponseError("paths contain NaN or inf")
+    if not (np.all(rounded > WIRE_MIN) and np.all(rounded < WIRE_MAX)):
+        raise ResponseError(f"prices must lie in ({WIRE_MIN}, {WIRE_MAX})")
+    if not np.array_equal(round_for_wire(rounded), rounded):
+        raise ResponseError("prices carry more digits than validators accept")
+
+
+def build_response(request: ForecastRequest, paths: npt.ArrayLike) -> list[Any]:
+    """The checked response as Python lists (ints first, then lists of floats)."""
+    rounded = round_for_wire(paths)
+    check_paths(rounded, request)
+    response: list[Any] = [int(request.start_ts), int(request.time_increment)]
+    response.extend(rounded.tolist())
+    return response
+
+
+def render_json(request: ForecastRequest, rounded: FloatArray) -> bytes:
+    """The response as compact JSON bytes, from the rounded matrix without building Python floats."""
+    head = orjson.dumps([int(request.start_ts), int(request.time_increment)])
+    body = orjson.dumps(rounded, option=orjson.OPT_SERIALIZE_NUMPY)
+    return head[:-1] + b"," + body[1:]
+
+
+def check_response(response: Any, request: ForecastRequest) -> None:
+    """Structural checks of the final list (types and lengths); points are checked by check_paths."""
+    if not isinstance(response, list) or len(response) < 2:
+        raise ResponseError("response must be a list [start_ts, time_increment, paths...]")
+    start, inc = response[0], response[1]
+    if type(start) is not int or type(inc) is not int:
+        raise ResponseError("start_ts and time_increment must be ints")
+    if start != request.start_ts or inc != request.time_increment:
+        raise ResponseError(f"header {start},{inc} does not match request {request.start_ts},{request.time_increment}")
+    if len(response) - 2 != request.num_simulations:
+        raise ResponseError(f"{len(response) - 2} paths, expected {request.num_simulations}")
+    for path in response[2:]:
+        if type(path) is not list or len(path) != request.n_points:
+            raise ResponseError(f"each path must be a list of {request.n_points} prices")

@@ -1,0 +1,1 @@
+"""The asyncio miner process: serves the bittensor axon, queues work, always answers in time."""

@@ -1,0 +1,105 @@
+"""Who may ask: signed requests only, from allowed or registered, staked validators, at a sane rate."""
+
+import json
+import logging
+import threading
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Neuron:
+    hotkey: str
+    stake: float
+    validator_permit: bool
+
+
+class MetagraphView:
+    """The registered hotkeys with stake and permit; replaced wholesale on each refresh (no partial reads)."""
+
+    def __init__(self, neurons: dict[str, Neuron] | None = None, loaded: bool = False) -> None:
+        self._neurons = neurons or {}
+        self.loaded = loaded
+        self.updated_at = time.time() if loaded else 0.0
+        self._lock = threading.Lock()
+
+    def replace(self, neurons: dict[str, Neuron]) -> None:
+        with self._lock:
+            self._neurons = neurons
+            self.loaded = True
+            self.updated_at = time.time()
+
+    def get(self, hotkey: str) -> Neuron | None:
+        with self._lock:
+            return self._neurons.get(hotkey)
+
+    def __len__(self) -> int:
+        return len(self._neurons)
+
+    @classmethod
+    def from_file(cls, path: Path) -> "MetagraphView":
+        """Static metagraph for --local mode: a JSON list of {hotkey, stake, validator_permit}."""
+        try:
+            rows = json.loads(path.read_text())
+            neurons = {r["hotkey"]: Neuron(str(r["hotkey"]), float(r.get("stake", 0.0)),
+                                           bool(r.get("validator_permit", False))) for r in rows}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"metagraph file {path} is not a JSON list of {{hotkey, stake, validator_permit}}: {exc}")
+        return cls(neurons, loaded=True)
+
+
+class RateLimiter:
+    """At most ``per_minute`` requests per hotkey in any sliding 60-second window."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._hits: dict[str, deque[float]] = defaultdict(deque)
+        self._lock = threading.Lock()
+
+    def allow(self, hotkey: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            hits = self._hits[hotkey]
+            while hits and hits[0] <= now - 60.0:
+                hits.popleft()
+            if len(hits) >= self.per_minute:
+                return False
+            hits.append(now)
+            return True
+
+
+class AccessPolicy:
+    def __init__(self, settings: Settings, metagraph: MetagraphView) -> None:
+        self.settings = settings
+        self.metagraph = metagraph
+        self.allowed = frozenset(settings.allowed_hotkeys)
+        self.rate = RateLimiter(settings.rate_limit_per_minute)
+
+    def refuse(self, hotkey: str | None, signed: bool) -> str | None:
+        """The reason to refuse this caller, or None to serve it."""
+        if not hotkey or not signed:
+            return "unsigned request"
+        if self.allowed and hotkey not in self.allowed:
+            return "hotkey not in the allow-list"
+        # In --local mode without a metagraph file the allow-list alone decides.
+        if not self.settings.local or self.metagraph.loaded:
+            neuron = self.metagraph.get(hotkey)
+            if neuron is None:
+                return "hotkey not registered on the subnet"
+            if neuron.stake < self.settings.min_validator_stake:
+                return f"stake {neuron.stake:.0f} below the minimum {self.settings.min_validator_stake:.0f}"
+            if self.settings.force_validator_permit and not neuron.validator_permit:
+                return "no validator permit"
+        if not self.rate.allow(hotkey):
+            return "rate limit exceeded"
+        return None
+
+    def priority(self, hotkey: str | None) -> float:
+        neuron = self.metagraph.get(hotkey) if hotkey else None
+        return float(neuron.stake) if neuron else 0.0

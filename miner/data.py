@@ -1,0 +1,62 @@
+"""Market data for the miner: the shared cache when it works, and a private copy for the fallback.
+
+The fallback must answer even when Redis is dead, so every snapshot the miner builds is kept in
+memory per asset; when the shared cache fails, the kept snapshot is reused with a fresh anchor
+from the price source, and a miner that never had one reads the source directly.
+"""
+
+import asyncio
+import logging
+import time
+from dataclasses import replace
+
+from core.cache import MemoryHistoryCache
+from core.market_data import MarketData
+from core.prices import MarketSnapshot, PriceDataError
+from core.sources.base import ProviderError
+
+log = logging.getLogger(__name__)
+
+SHARED_TIMEOUT_S = 3.0  # a cache read slower than this is treated as down
+ANCHOR_TIMEOUT_S = 2.0
+
+
+class MinerData:
+    def __init__(self, shared: MarketData, emergency: MarketData | None = None) -> None:
+        self.shared = shared
+        self.emergency = emergency or MarketData(MemoryHistoryCache(), shared.sources, 86_400, shared.steps_for)
+        self._last: dict[str, MarketSnapshot] = {}
+
+    async def snapshot(self, asset: str, lookback_s: int | None = None) -> MarketSnapshot:
+        try:
+            snap = await asyncio.wait_for(self.shared.snapshot(asset, lookback_s), SHARED_TIMEOUT_S)
+        except Exception as exc:  # Redis down, provider down with an empty cache...
+            log.warning("shared market data failed for %s (%s: %s); using the miner's own copy",
+                        asset, type(exc).__name__, exc)
+            return await self.fallback_snapshot(asset)
+        self._last[asset] = snap
+        return snap
+
+    async def fallback_snapshot(self, asset: str) -> MarketSnapshot:
+        kept = self._last.get(asset)
+        if kept is not None:
+            try:
+                latest = await asyncio.wait_for(self.shared.sources(asset).latest(asset), ANCHOR_TIMEOUT_S)
+                if latest.publish_time > kept.anchor_time:
+                    return replace(kept, anchor=latest.price, anchor_time=latest.publish_time)
+            except Exception as exc:
+                log.warning("fresh anchor for %s unavailable (%s); keeping %ss-old price", asset, exc,
+                            int(time.time() - kept.anchor_time))
+            return kept
+        try:
+            return await asyncio.wait_for(self.emergency.snapshot(asset), SHARED_TIMEOUT_S * 2)
+        except (ProviderError, PriceDataError, TimeoutError) as exc:
+            raise PriceDataError(f"no price for {asset}: {exc}") from exc
+
+    async def warm(self, assets: list[str]) -> None:
+        """Fill the shared cache for every asset at start-up so the first answers use real history."""
+        for asset in assets:
+            try:
+                await self.snapshot(asset)
+            except Exception as exc:
+                log.warning("warm-up of %s failed: %s", asset, exc)

@@ -1,0 +1,125 @@
+"""Where forecasts are computed: an in-process executor (embedded mode) or the Celery pool on Redis."""
+
+import asyncio
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+import redis.asyncio as aioredis
+from celery import Celery
+
+from core.constants import RESULT_KEY, TASK_FORECAST
+from core.forecast import Forecaster
+from core.prices import MarketSnapshot
+from core.prompts import ForecastRequest
+from core.settings import Settings
+from core.transport import decode_paths
+
+Paths = npt.NDArray[np.float32]
+
+
+class PoolError(RuntimeError):
+    """The pool could not produce paths in time (timeout, broker down, worker error)."""
+
+
+class ForecastPool(Protocol):
+    name: str
+
+    async def forecast(self, request: ForecastRequest, snapshot: MarketSnapshot, deadline: float,
+                       request_id: str) -> Paths:
+        """Paths for the request, or PoolError; must return or raise by ``deadline`` (epoch seconds)."""
+        ...
+
+    async def close(self) -> None:
+        ...
+
+
+class EmbeddedPool:
+    """No Redis, no GPU: the forecaster runs on a small thread pool beside the event loop."""
+
+    name = "embedded"
+
+    def __init__(self, forecaster: Forecaster, threads: int = 2) -> None:
+        self.forecaster = forecaster
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="forecast")
+
+    async def forecast(self, request: ForecastRequest, snapshot: MarketSnapshot, deadline: float,
+                       request_id: str) -> Paths:
+        loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(self.executor, self.forecaster.run, request, snapshot)
+        try:
+            result = await asyncio.wait_for(job, timeout=max(0.0, deadline - time.time()))
+        except TimeoutError:
+            raise PoolError("embedded forecast timed out") from None
+        return result.paths
+
+    async def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def celery_client(settings: Settings) -> Celery:
+    """A producer-only Celery app: sends tasks by name, so the miner never imports the workers."""
+    app = Celery("synth-miner-client", broker=settings.redis_url)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_publish_retry=False,  # a dead broker must fail fast: the fallback answers instead
+        broker_connection_timeout=1.0,
+        broker_connection_retry=False,
+        broker_transport_options={"socket_timeout": 1.0, "socket_connect_timeout": 1.0, "max_retries": 0},
+        task_ignore_result=True,
+    )
+    return app
+
+
+class CeleryPool:
+    """Sends the request to a worker queue and awaits float32 bytes on a Redis list (BLPOP)."""
+
+    name = "celery"
+
+    def __init__(self, settings: Settings) -> None:
+        assert settings.redis_url, "CeleryPool needs SYNTH_REDIS_URL"
+        self.settings = settings
+        self.app = celery_client(settings)
+        self.redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=None, socket_connect_timeout=1.0,
+                                             health_check_interval=30)
+
+    def _send(self, request: ForecastRequest, deadline: float, request_id: str, result_key: str) -> None:
+        self.app.send_task(
+            TASK_FORECAST,
+            kwargs={"request": request.__dict__, "result_key": result_key, "deadline": deadline,
+                    "request_id": request_id},
+            queue=self.settings.infer_queue(request.time_increment),
+            expires=datetime.fromtimestamp(deadline, tz=timezone.utc),  # revoked, not run, once useless
+            task_id=request_id,
+        )
+
+    async def forecast(self, request: ForecastRequest, snapshot: MarketSnapshot, deadline: float,
+                       request_id: str) -> Paths:
+        result_key = RESULT_KEY.format(request_id=request_id or uuid.uuid4().hex)
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self._send, request, deadline, request_id, result_key),
+                                   timeout=max(0.05, min(2.0, deadline - time.time())))
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                raise PoolError("no time left after enqueue")
+            reply = await asyncio.wait_for(self.redis.blpop([result_key], timeout=remaining), timeout=remaining + 0.5)
+        except TimeoutError:
+            raise PoolError("pool did not answer before the deadline") from None
+        except PoolError:
+            raise
+        except Exception as exc:  # broker or Redis down, connection reset...
+            raise PoolError(f"pool unavailable: {type(exc).__name__}: {exc}") from exc
+        if reply is None:
+            raise PoolError("pool did not answer before the deadline")
+        try:
+            return await asyncio.to_thread(decode_paths, reply[1])
+        except ValueError as exc:
+            raise PoolError(str(exc)) from exc
+
+    async def close(self) -> None:
+        await self.redis.aclose()

@@ -1,0 +1,112 @@
+"""One request from receipt to a checked reply: check, share, enqueue, await, fall back, round, check.
+
+Identical requests (same asset, start time, grid and path count), as several validators send in the
+same minute, are computed once and the rendered reply is reused until the prompt starts.
+"""
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from core.forecast import Forecaster
+from core.prompts import ForecastRequest
+from core.response import check_paths, render_json, round_for_wire
+from core.settings import Settings
+from miner.data import MinerData
+from miner.pool import ForecastPool
+
+log = logging.getLogger(__name__)
+
+DONE_CACHE_SIZE = 256
+
+
+@dataclass(frozen=True)
+class Answer:
+    request: ForecastRequest
+    rounded: npt.NDArray[np.float64]  # checked prices [num_simulations, n_points]
+    body: bytes  # the rendered response list as JSON
+    source: str  # "pool" or "fallback"
+    reason: str | None  # why the fallback answered
+    compute_s: float
+
+
+class NoAnswerError(RuntimeError):
+    """Not even the fallback could answer (no price known for the asset)."""
+
+
+class MinerService:
+    def __init__(self, settings: Settings, data: MinerData, pool: ForecastPool, fallback: Forecaster) -> None:
+        self.settings = settings
+        self.data = data
+        self.pool = pool
+        self.fallback = fallback
+        self._inflight: dict[str, asyncio.Task[Answer]] = {}
+        self._done: OrderedDict[str, Answer] = OrderedDict()
+        self.counters: dict[str, int] = {"requests": 0, "fallbacks": 0, "shared": 0}
+
+    def deadline_for(self, received: float, timeout: float | None) -> float:
+        """When the reply must be ready: the caller's timeout less the margin to send it."""
+        budget = float(timeout) if timeout and timeout > 0 else self.settings.max_wait_s
+        return received + budget - self.settings.reply_margin_s
+
+    async def answer(self, request: ForecastRequest, deadline: float) -> Answer:
+        self.counters["requests"] += 1
+        key = request.key()
+        done = self._done.get(key)
+        if done is not None:
+            self.counters["shared"] += 1
+            return done
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.create_task(self._compute(request, deadline))
+            self._inflight[key] = task
+            task.add_done_callback(lambda t, k=key: self._finish(k, t))
+        else:
+            self.counters["shared"] += 1
+        return await asyncio.shield(task)
+
+    def _finish(self, key: str, task: "asyncio.Task[Answer]") -> None:
+        self._inflight.pop(key, None)
+        if task.cancelled() or task.exception() is not None:
+            return
+        self._done[key] = task.result()
+        now = time.time()
+        while self._done and (len(self._done) > DONE_CACHE_SIZE
+                              or next(iter(self._done.values())).request.start_ts < now):
+            self._done.popitem(last=False)
+
+    async def _compute(self, request: ForecastRequest, deadline: float) -> Answer:
+        began = time.perf_counter()
+        request_id = uuid.uuid4().hex
+        pool_deadline = min(deadline - self.settings.fallback_budget_s, time.time() + self.settings.max_wait_s)
+        snapshot = await self.data.snapshot(request.asset, self._lookback(request))
+        reason: str | None
+        try:
+            paths = await self.pool.forecast(request, snapshot, pool_deadline, request_id)
+            rounded = await asyncio.to_thread(self._round_and_check, paths, request)
+            body = await asyncio.to_thread(render_json, request, rounded)
+            return Answer(request, rounded, body, "pool", None, time.perf_counter() - began)
+        except Exception as exc:  # any pool failure: the fallback answers
+            reason = f"{type(exc).__name__}: {exc}"
+        self.counters["fallbacks"] += 1
+        log.warning("fallback for %s (request %s): %s", request.key(), request_id, reason)
+        result = await asyncio.to_thread(self.fallback.run, request, snapshot)
+        rounded = await asyncio.to_thread(self._round_and_check, result.paths, request)
+        body = await asyncio.to_thread(render_json, request, rounded)
+        return Answer(request, rounded, body, "fallback", reason, time.perf_counter() - began)
+
+    def _lookback(self, request: ForecastRequest) -> int:
+        days = self.settings.cache_days_hf if request.is_hf else self.settings.cache_days_lf
+        return int(days * 86_400)
+
+    @staticmethod
+    def _round_and_check(paths: npt.NDArray[np.float32], request: ForecastRequest) -> npt.NDArray[np.float64]:
+        rounded = round_for_wire(paths)
+        check_paths(rounded, request)
+        return rounded

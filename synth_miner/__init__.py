@@ -1,0 +1,1 @@
+"""Command-line entry point wiring core, miner and workers together."""
