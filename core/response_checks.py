@@ -143,8 +143,9 @@ def proven_valid(values: npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:
     candidate &= np.abs(shift) <= 22
     power = _POW10[np.minimum(np.abs(shift), 22)]
     up = shift >= 0
-    mantissa = np.rint(np.where(up, magnitude * power, magnitude / power))
-    back = np.where(up, mantissa / power, mantissa * power)
+    with np.errstate(over="ignore", invalid="ignore"):  # the unused np.where branch may overflow
+        mantissa = np.rint(np.where(up, magnitude * power, magnitude / power))
+        back = np.where(up, mantissa / power, mantissa * power)
     proven: npt.NDArray[np.bool_] = candidate & (mantissa < 10.0**MAX_SIGNIFICANT_DIGITS) & (
         back == magnitude
     )

@@ -61,6 +61,8 @@ VOL_KEY = "vol_crps"
 class PromptScore:
     total: float  # -1.0 when invalid
     valid: bool
+    # Sum per scored interval (+ VOL_KEY, weighted); kept on a non-finite miss for diagnosis,
+    # empty on a zero price.
     per_interval: dict[str, float] = field(default_factory=dict)
 
 

@@ -1,0 +1,41 @@
+"""Every engine by name, built once per process from settings (PatchTST when its checkpoints load)."""
+
+import logging
+
+from core.engines.base import Engine
+from core.engines.ewma import EwmaTEngine
+from core.engines.gbm import GbmEngine
+from core.forecast import Forecaster, ScaleLookup, no_calibration
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def build_engines(settings: Settings) -> dict[str, Engine]:
+    engines: dict[str, Engine] = {"gbm": GbmEngine(), "ewma_t": EwmaTEngine()}
+    try:
+        from core.engines.patchtst import PatchTSTEngine
+
+        engines["patchtst"] = PatchTSTEngine.from_settings(settings)
+    except Exception as exc:  # no checkpoints, or torch missing: serve the statistical engines
+        log.info("PatchTST engine unavailable: %s", exc)
+    return engines
+
+
+def calibration_lookup(settings: Settings) -> ScaleLookup:
+    try:
+        from core.calibration import load_scale_lookup
+
+        return load_scale_lookup(settings)
+    except Exception as exc:
+        log.info("no calibration loaded (%s): sigma_scale = 1", exc)
+        return no_calibration
+
+
+def build_forecaster(settings: Settings, engine: str | None = None) -> Forecaster:
+    engines = build_engines(settings)
+    name = engine or settings.engine
+    if name not in engines:
+        log.warning("engine %s unavailable; serving ewma_t", name)
+        name = "ewma_t"
+    return Forecaster(engines, default=name, seed=settings.seed, scale=calibration_lookup(settings))

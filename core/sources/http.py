@@ -1,0 +1,310 @@
+"""HTTP plumbing shared by the provider clients: one session, per-host limits, retries, strict errors.
+
+Every way a provider can hand us a wrong price ends in a subclass of ``ProviderError``: a client
+either returns history and prices it has checked, or raises. Nothing is silently repaired.
+"""
+
+import asyncio
+import logging
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import numpy as np
+import orjson
+from yarl import URL
+
+from core.prices import LatestPrice, PriceDataError, PriceHistory
+from core.settings import Settings
+from core.sources.base import ProviderError
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+
+# --- typed errors ------------------------------------------------------------------------------------
+class ProviderHTTPError(ProviderError):
+    """The provider refused the request (a 4xx other than 429): retrying would not help."""
+
+    def __init__(self, url: str, status: int, body: str) -> None:
+        super().__init__(f"{url}: HTTP {status}: {body[:200]}")
+        self.status = status
+
+
+class ProviderUnavailable(ProviderError):
+    """Timeouts, 429 or 5xx answers, or broken connections on every attempt."""
+
+
+class ProviderTimeout(ProviderUnavailable):
+    """The last attempt ran past the per-call timeout."""
+
+
+class MalformedReplyError(ProviderError):
+    """The body is not what the provider's wire format promises (bad JSON, wrong shape, lengths...)."""
+
+
+class ProviderRejected(ProviderError):
+    """The provider answered with an explicit error object (e.g. UDF ``s: "error"``)."""
+
+
+class BadPriceError(ProviderError):
+    """A price that is zero, negative, NaN or infinite."""
+
+
+class StalePriceError(ProviderError):
+    """The latest price is older than ``Settings.max_price_age_s``."""
+
+
+class UnsupportedAssetError(ProviderError):
+    """The provider has no symbol for this asset, or not at this step."""
+
+
+# --- configuration -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HttpConfig:
+    timeout_s: float = 10.0  # per attempt
+    retries: int = 4  # extra attempts after the first
+    concurrency_per_host: int = 4
+    backoff_s: float = 0.25  # base of the exponential backoff
+    backoff_max_s: float = 5.0
+    max_price_age_s: float = 180.0
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0 or self.retries < 0 or self.concurrency_per_host < 1:
+            raise ValueError(f"invalid HTTP config {self}")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "HttpConfig":
+        return cls(timeout_s=settings.http_timeout_s, retries=settings.http_retries,
+                   concurrency_per_host=settings.http_concurrency_per_host,
+                   backoff_s=settings.http_backoff_s, backoff_max_s=settings.http_backoff_max_s,
+                   max_price_age_s=settings.max_price_age_s)
+
+
+@dataclass
+class _LoopState:
+    """aiohttp sessions and asyncio semaphores belong to one event loop; Celery runs a new one per call."""
+
+    loop: asyncio.AbstractEventLoop
+    session: aiohttp.ClientSession
+    limits: dict[str, asyncio.Semaphore] = field(default_factory=dict)
+
+
+class HttpClient:
+    """JSON over HTTP with per-call timeouts, jittered exponential backoff and a per-host limit."""
+
+    def __init__(self, name: str, config: HttpConfig, rng: random.Random | None = None) -> None:
+        self.name = name
+        self.config = config
+        self._rng = rng or random.Random()
+        self._state: _LoopState | None = None
+
+    def _current(self) -> _LoopState:
+        loop = asyncio.get_running_loop()
+        state = self._state
+        if state is None or state.loop is not loop or state.session.closed:
+            connector = aiohttp.TCPConnector(limit_per_host=self.config.concurrency_per_host)
+            state = _LoopState(loop, aiohttp.ClientSession(connector=connector))
+            self._state = state
+        return state
+
+    def _limit(self, state: _LoopState, url: str) -> asyncio.Semaphore:
+        host = URL(url).host or ""
+        if host not in state.limits:
+            state.limits[host] = asyncio.Semaphore(self.config.concurrency_per_host)
+        return state.limits[host]
+
+    def backoff(self, attempt: int, retry_after: float | None = None) -> float:
+        """Full jitter: uniform(0, min(cap, base * 2**attempt)); a server's Retry-After is a floor."""
+        cap = min(self.config.backoff_max_s, self.config.backoff_s * 2 ** attempt)
+        delay = self._rng.uniform(0, cap)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.config.backoff_max_s))
+        return delay
+
+    async def get_json(self, url: str, params: Sequence[tuple[str, str]]) -> Any:
+        return await self._request("GET", url, params=params)
+
+    async def post_json(self, url: str, payload: Any) -> Any:
+        return await self._request("POST", url, payload=payload)
+
+    async def _request(self, method: str, url: str, params: Sequence[tuple[str, str]] | None = None,
+                       payload: Any = None) -> Any:
+        state = self._current()
+        timeout = aiohttp.ClientTimeout(total=self.config.timeout_s)
+        data = orjson.dumps(payload) if payload is not None else None
+        headers = {"Content-Type": "application/json"} if data is not None else None
+        failure: ProviderError = ProviderUnavailable(f"{self.name}: no attempt made")
+        for attempt in range(self.config.retries + 1):
+            retry_after: float | None = None
+            try:
+                async with self._limit(state, url):
+                    async with state.session.request(method, url, params=params, data=data, headers=headers,
+                                                     timeout=timeout) as resp:
+                        body = await resp.read()
+                        status = resp.status
+                        retry_after = _retry_after(resp.headers.get("Retry-After"))
+            except asyncio.TimeoutError:
+                failure = ProviderTimeout(f"{self.name}: {method} {url} timed out after {self.config.timeout_s} s "
+                                          f"({attempt + 1} attempts)")
+            except aiohttp.ClientError as exc:
+                failure = ProviderUnavailable(f"{self.name}: {method} {url} failed: {type(exc).__name__}: {exc}")
+            else:
+                if status == 429 or status >= 500:
+                    failure = ProviderUnavailable(f"{self.name}: {method} {url} answered HTTP {status} "
+                                                  f"({attempt + 1} attempts)")
+                elif status >= 400:
+                    raise ProviderHTTPError(f"{self.name}: {method} {url}", status, body.decode("utf-8", "replace"))
+                else:
+                    return _decode(self.name, url, body)
+            if attempt < self.config.retries:
+                delay = self.backoff(attempt, retry_after)
+                log.debug("%s; retrying in %.2f s", failure, delay)
+                await asyncio.sleep(delay)
+        raise failure
+
+    async def close(self) -> None:
+        state, self._state = self._state, None
+        if state is not None and not state.session.closed:
+            try:
+                if state.loop is asyncio.get_running_loop():
+                    await state.session.close()
+            except RuntimeError:  # no running loop: nothing left to close cleanly
+                pass
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _decode(name: str, url: str, body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedReplyError(f"{name}: {url}: body is not JSON ({exc}); starts {body[:80]!r}") from exc
+
+
+# --- reply validation ----------------------------------------------------------------------------------
+def parse_price(value: object, what: str) -> float:
+    """A price from a JSON number or decimal string; anything not finite and > 0 raises."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise MalformedReplyError(f"{what}: price {value!r} is not a number")
+    try:
+        price = float(value)
+    except ValueError:
+        raise MalformedReplyError(f"{what}: price {value!r} is not a number") from None
+    if not math.isfinite(price) or price <= 0:
+        raise BadPriceError(f"{what}: price {value!r} is not finite and positive")
+    return price
+
+
+def parse_int(value: object, what: str) -> int:
+    """An integer field (timestamps, exponents); floats with a fraction and bools are refused."""
+    if isinstance(value, bool):
+        raise MalformedReplyError(f"{what}: {value!r} is not an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    raise MalformedReplyError(f"{what}: {value!r} is not an integer")
+
+
+def build_history(what: str, step: int, ts: Iterable[int], close: Iterable[float], start: int,
+                  end: int) -> PriceHistory:
+    """Bars with start <= ts < end from one reply: aligned to the step, no duplicates, sorted."""
+    t = np.fromiter(ts, dtype=np.int64)
+    c = np.fromiter(close, dtype=np.float64)
+    if t.size != c.size:
+        raise MalformedReplyError(f"{what}: {t.size} timestamps but {c.size} prices")
+    if np.any(t % step):
+        raise MalformedReplyError(f"{what}: timestamps off the {step} s grid")
+    if np.any((t < start) | (t >= end)):
+        raise MalformedReplyError(f"{what}: bars outside the requested range [{start}, {end})")
+    order = np.argsort(t, kind="stable")
+    t, c = t[order], c[order]
+    if t.size > 1 and np.any(t[1:] == t[:-1]):
+        raise MalformedReplyError(f"{what}: duplicate timestamps")
+    try:
+        return PriceHistory(step, t, c)
+    except PriceDataError as exc:
+        raise MalformedReplyError(f"{what}: {exc}") from exc
+
+
+def check_fresh(what: str, price: LatestPrice, now: float, max_age_s: float) -> LatestPrice:
+    """Refuse a latest price older than ``max_age_s`` or stamped in the future."""
+    age = now - price.publish_time
+    if age > max_age_s:
+        raise StalePriceError(f"{what}: latest price is {age:.0f} s old (limit {max_age_s:.0f} s)")
+    if age < -60:  # more than a minute ahead of our clock: one of the two clocks is wrong
+        raise MalformedReplyError(f"{what}: publish_time {price.publish_time} is {-age:.0f} s in the future")
+    return price
+
+
+def closed_end(end: int, step: int, now: float) -> int:
+    """Cut ``end`` so only bars already closed at ``now`` (ts + step <= now) are asked for."""
+    last_open = int(now) // step * step - step  # the newest bar whose close is known
+    return min(end, last_open + step)
+
+
+def align_up(t: int, step: int) -> int:
+    return -(-t // step) * step
+
+
+def page_ranges(start: int, end: int, span: int) -> list[tuple[int, int]]:
+    """[start, end) cut into consecutive ranges of at most ``span`` seconds."""
+    return [(a, min(a + span, end)) for a in range(start, end, span)]
+
+
+async def gather_pages(pages: Iterable[Awaitable[PriceHistory]], step: int) -> PriceHistory:
+    """Fetch pages concurrently; the first failure cancels the rest and is raised as is."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(_as_coro(page)) for page in pages]
+    except BaseExceptionGroup as grouped:
+        raise _first_leaf(grouped) from None
+    result = PriceHistory.empty(step)
+    for task in tasks:
+        result = result.merge(task.result())
+    return result
+
+
+async def _as_coro(page: Awaitable[PriceHistory]) -> PriceHistory:
+    return await page
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+async def fetch_range(fetch: Callable[[int, int], Awaitable[PriceHistory]], start: int, end: int,
+                      step: int) -> PriceHistory:
+    """One page range, followed up while a server answers fewer rows than the range holds.
+
+    Pages are sized to the provider's documented limit, so a full page normally ends at the range's
+    end; a server that caps lower still returns every bar, at the price of extra calls.
+    """
+    result = PriceHistory.empty(step)
+    cursor = start
+    while cursor < end:
+        page = await fetch(cursor, end)
+        if not len(page):
+            break
+        result = result.merge(page)
+        last = page.last_ts
+        assert last is not None
+        cursor = last + step
+    return result

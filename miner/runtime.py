@@ -1,0 +1,107 @@
+"""Builds and runs the miner process: data, pool, service, axon; then serves until stopped."""
+
+import asyncio
+import gc
+import logging
+import signal
+from dataclasses import dataclass
+
+import bittensor as bt
+
+from core.assets import ASSETS
+from core.cache import HistoryCache, MemoryHistoryCache
+from core.engines_registry import build_forecaster
+from core.logs import setup_logging
+from core.market_data import MarketData
+from core.settings import Settings
+from core.sources.registry import sources_for
+from miner.access import AccessPolicy, MetagraphView
+from miner.axon_server import AxonHandlers, build_axon
+from miner.data import MinerData
+from miner.offline import patch_bittensor_networking
+from miner.pool import CeleryPool, EmbeddedPool, ForecastPool
+from miner.service import MinerService
+
+log = logging.getLogger("miner")
+
+
+def load_wallet(settings: Settings) -> "bt.Wallet":
+    wallet = bt.Wallet(name=settings.wallet_name, hotkey=settings.wallet_hotkey, path=settings.wallet_path)
+    if settings.local:
+        # A local miner needs an identity to sign replies, never a funded key: create one if missing.
+        wallet.create_if_non_existent(coldkey_use_password=False, hotkey_use_password=False, suppress=True)
+    return wallet
+
+
+def steps_for(settings: Settings):  # type: ignore[no-untyped-def]
+    """Replayed folders carry 5-minute files with longer history than their 1-minute ones."""
+    return lambda asset: (60, 300) if settings.provider_for(asset) == "replay" else (60,)
+
+
+def build_cache(settings: Settings) -> HistoryCache:
+    if settings.embedded:
+        return MemoryHistoryCache()
+    import redis
+
+    from core.cache_redis import RedisHistoryCache
+
+    client = redis.Redis.from_url(settings.redis_url or "", socket_timeout=2.0, socket_connect_timeout=1.0)
+    return RedisHistoryCache(client)
+
+
+@dataclass
+class MinerApp:
+    settings: Settings
+    service: MinerService
+    data: MinerData
+    pool: ForecastPool
+    metagraph: MetagraphView
+
+
+def build_app(settings: Settings) -> MinerApp:
+    sources = sources_for(settings)
+    window = {a: int(max(settings.cache_days_hf, settings.cache_days_lf) * 86_400) for a in ASSETS}
+    shared = MarketData(build_cache(settings), sources, window, steps_for(settings))
+    data = MinerData(shared)
+    fallback = build_forecaster(settings, engine="ewma_t")
+    pool: ForecastPool = EmbeddedPool(build_forecaster(settings)) if settings.embedded else CeleryPool(settings)
+    metagraph = (MetagraphView.from_file(settings.metagraph_file) if settings.metagraph_file
+                 else MetagraphView())
+    return MinerApp(settings, MinerService(settings, data, pool, fallback), data, pool, metagraph)
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    setup_logging(settings.log_level, settings.log_json)
+    if settings.local:
+        patch_bittensor_networking(settings.axon_external_ip or "127.0.0.1")
+    app = build_app(settings)
+    wallet = load_wallet(settings)
+    loop = asyncio.get_running_loop()
+    handlers = AxonHandlers(settings, app.service, AccessPolicy(settings, app.metagraph), loop)
+    axon = build_axon(settings, wallet, handlers)
+    background: list[asyncio.Task[None]] = []
+    if not settings.local:
+        from miner.chain import keep_metagraph_fresh, register_axon
+
+        subtensor = register_axon(settings, wallet, axon)
+        background.append(asyncio.create_task(keep_metagraph_fresh(settings, app.metagraph, subtensor)))
+    axon.start()
+    log.info("miner serving: hotkey %s on %s:%d (%s mode, %s pool, %s prices)", wallet.hotkey.ss58_address,
+             settings.axon_host, settings.axon_port, "local" if settings.local else f"netuid {settings.netuid}",
+             app.pool.name, settings.price_provider)
+    background.append(asyncio.create_task(app.data.warm(sorted(ASSETS))))
+    gc.freeze()  # long-lived objects out of the collector: no random 100 ms pauses in replies
+    stop = stop or asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    try:
+        await stop.wait()
+    finally:
+        log.info("miner stopping")
+        axon.stop()
+        for task in background:
+            task.cancel()
+        await app.pool.close()

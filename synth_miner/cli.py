@@ -1,0 +1,87 @@
+"""``synth-miner``: one command for every process and job of the miner."""
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from core.settings import Settings
+
+app = typer.Typer(help="Synth subnet (SN50) miner: PatchTST + Student-t price paths.", no_args_is_help=True,
+                  pretty_exceptions_show_locals=False)
+
+
+def settings_with(**overrides: Any) -> Settings:
+    """Settings from the environment and .env, with the CLI flags that were given on top."""
+    given = {k: v for k, v in overrides.items() if v is not None and v != []}
+    return Settings(**given)
+
+
+def export_env(**overrides: Any) -> None:
+    """Pass CLI flags to code that reads settings itself (Celery workers import the app at load time)."""
+    for key, value in overrides.items():
+        if value is not None:
+            os.environ[f"SYNTH_{key.upper()}"] = str(value)
+
+
+@app.command()
+def serve(
+    local: Annotated[bool, typer.Option("--local", help="no chain: static metagraph, no registration")] = False,
+    redis_url: Annotated[Optional[str], typer.Option(help="Redis of the worker pool; unset = embedded")] = None,
+    host: Annotated[Optional[str], typer.Option(help="axon bind address")] = None,
+    port: Annotated[Optional[int], typer.Option(help="axon port (SYNTH_AXON_PORT)")] = None,
+    external_ip: Annotated[Optional[str], typer.Option(help="address published for the axon")] = None,
+    provider: Annotated[Optional[str], typer.Option(help="auto|pyth|binance|hyperliquid|replay")] = None,
+    replay_dir: Annotated[Optional[Path], typer.Option(help="CSV folder to replay (sets provider=replay)")] = None,
+    allow: Annotated[Optional[list[str]], typer.Option(help="validator hotkey allowed (repeatable)")] = None,
+    metagraph_file: Annotated[Optional[Path], typer.Option(help="static metagraph JSON for --local")] = None,
+    wallet_path: Annotated[Optional[str], typer.Option(help="SYNTH_WALLET_PATH")] = None,
+    wallet_name: Annotated[Optional[str], typer.Option(help="SYNTH_WALLET_NAME")] = None,
+    wallet_hotkey: Annotated[Optional[str], typer.Option(help="SYNTH_WALLET_HOTKEY")] = None,
+    netuid: Annotated[Optional[int], typer.Option(help="SYNTH_NETUID")] = None,
+    network: Annotated[Optional[str], typer.Option(help="SYNTH_NETWORK (finney, test, ws://...)")] = None,
+    engine: Annotated[Optional[str], typer.Option(help="engine to serve: patchtst, ewma_t, gbm")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus metrics port")] = None,
+    log_level: Annotated[Optional[str], typer.Option(help="DEBUG, INFO, WARNING")] = None,
+) -> None:
+    """Run the miner: the bittensor axon answering Simulation requests."""
+    from miner.runtime import serve as run
+
+    settings = settings_with(
+        local=local or None, redis_url=redis_url, axon_host=host or ("127.0.0.1" if local else None),
+        axon_port=port, axon_external_ip=external_ip,
+        price_provider="replay" if replay_dir and not provider else provider, replay_dir=replay_dir,
+        allowed_hotkeys=allow, metagraph_file=metagraph_file, wallet_path=wallet_path, wallet_name=wallet_name,
+        wallet_hotkey=wallet_hotkey, netuid=netuid, network=network, engine=engine, metrics_port=metrics_port,
+        log_level=log_level)
+    asyncio.run(run(settings))
+
+
+@app.command()
+def worker(
+    queues: Annotated[str, typer.Option(help="comma-separated queues: infer.hf,infer.lf,cpu")] = "infer.hf,infer.lf",
+    concurrency: Annotated[int, typer.Option(help="processes (one per GPU for inference)")] = 1,
+    pool: Annotated[str, typer.Option(help="prefork or solo")] = "prefork",
+    redis_url: Annotated[Optional[str], typer.Option(help="SYNTH_REDIS_URL")] = None,
+    hostname: Annotated[Optional[str], typer.Option(help="Celery node name")] = None,
+    loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO",
+) -> None:
+    """Start a Celery worker (inference on infer.* queues, data/calibration/training on cpu)."""
+    export_env(redis_url=redis_url)
+    from workers.app import app as celery_app
+
+    argv = ["worker", f"--queues={queues}", f"--concurrency={concurrency}", f"--pool={pool}",
+            f"--loglevel={loglevel}", "--without-gossip", "--without-mingle", "-E"]
+    if hostname:
+        argv.append(f"--hostname={hostname}")
+    celery_app.worker_main(argv)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

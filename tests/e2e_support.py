@@ -1,0 +1,148 @@
+"""Real processes for end-to-end tests: the miner (axon) and Celery workers, plus a validator's dendrite."""
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import bittensor as bt
+
+from core.prompts import check_request
+from core.response_checks import validate_response_head, validate_response_upstream
+from miner.protocol import Simulation, SimulationInput
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_wallet(path: Path, name: str) -> "bt.Wallet":
+    wallet = bt.Wallet(name=name, hotkey="default", path=str(path))
+    wallet.create_if_non_existent(coldkey_use_password=False, hotkey_use_password=False, suppress=True)
+    return wallet
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"port {port} not open after {timeout}s:\n{log.read_text()[-4000:]}")
+
+
+@dataclass
+class Proc:
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path) -> Proc:
+    full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    handle = log.open("wb")
+    proc = subprocess.Popen(args, env=full_env, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT,
+                            start_new_session=True)
+    return Proc(proc, log)
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "synth_miner.cli", *args]
+
+
+def start_miner(tmp: Path, port: int, env: dict[str, str]) -> Proc:
+    proc = spawn(cli("serve", "--local", "--port", str(port)), env, tmp / f"miner-{port}.log")
+    wait_port(port, proc.proc, proc.log)
+    return proc
+
+
+def start_worker(tmp: Path, env: dict[str, str], queues: str = "infer.hf,infer.lf", name: str = "w1") -> Proc:
+    proc = spawn(cli("worker", "--queues", queues, "--pool", "solo", "--hostname", f"{name}@%h",
+                     "--loglevel", "INFO"), env, tmp / f"worker-{name}.log")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.proc.poll() is not None:
+            raise RuntimeError(f"worker exited:\n{proc.text()[-4000:]}")
+        if " ready." in proc.text():
+            return proc
+        time.sleep(0.2)
+    raise RuntimeError(f"worker not ready:\n{proc.text()[-4000:]}")
+
+
+def start_time_in(seconds: int) -> str:
+    moment = (datetime.now(timezone.utc) + timedelta(seconds=seconds)).replace(second=0, microsecond=0)
+    return moment.isoformat()
+
+
+@dataclass
+class Validator:
+    """A validator's side: a signed dendrite and the validators' own response checks."""
+
+    wallet: "bt.Wallet"
+    miner_hotkey: str
+    port: int
+    dendrite: Any = field(default=None)
+
+    def __post_init__(self) -> None:
+        self.dendrite = bt.Dendrite(wallet=self.wallet)
+
+    def axon_info(self) -> "bt.AxonInfo":
+        return bt.AxonInfo(version=0, ip="127.0.0.1", port=self.port, ip_type=4, hotkey=self.miner_hotkey,
+                           coldkey="")
+
+    async def ask(self, asset: str = "BTC", time_increment: int = 300, time_length: int = 86_400,
+                  num_simulations: int = 1000, start_time: str | None = None, timeout: float = 30.0,
+                  **fields: Any) -> tuple[Simulation, float]:
+        synapse = Simulation(simulation_input=SimulationInput(
+            asset=asset, start_time=start_time or start_time_in(120), time_increment=time_increment,
+            time_length=time_length, num_simulations=num_simulations, **fields))
+        began = time.perf_counter()
+        reply = await self.dendrite.call(target_axon=self.axon_info(), synapse=synapse, timeout=timeout,
+                                         deserialize=False)
+        return reply, time.perf_counter() - began
+
+    async def close(self) -> None:
+        await self.dendrite.aclose_session()
+
+
+def assert_valid_reply(reply: Simulation, max_simulations: int = 10_000) -> None:
+    """The reply passes both validator rule sets (HEAD and UPSTREAM)."""
+    assert reply.is_success, (reply.axon.status_code, reply.axon.status_message)
+    inp = reply.simulation_input
+    request = check_request(inp.asset, inp.start_time, inp.time_increment, inp.time_length, inp.num_simulations,
+                            max_simulations)
+    output = reply.simulation_output
+    assert output is not None
+    response = list(output)  # the validator's field type makes the outer container a tuple
+    args = (request.start_ts, request.time_increment, request.time_length, request.num_simulations)
+    assert validate_response_head(response, *args) == "CORRECT"
+    assert validate_response_upstream(response, *args) == "CORRECT"
+
+
+def run(coro: Any) -> Any:
+    return asyncio.get_event_loop().run_until_complete(coro)
+
+
+def iter_lines(text: str, needle: str) -> Iterator[str]:
+    return (line for line in text.splitlines() if needle in line)

@@ -1,0 +1,47 @@
+"""The Celery application: broker and results on Redis, routes per queue, the settings that matter.
+
+Why each setting (Celery docs, reference notes §3): prefetch 1 so a busy worker never hoards
+requests; early ack for inference (a re-delivery after the deadline is useless) and ``expires`` on
+every task; a visibility timeout longer than the longest job so a retrain is not run twice;
+results ignored or kept minutes, never the 1-day default.
+"""
+
+from celery import Celery
+
+from core.constants import (TASK_CALIBRATE, TASK_COMPACT_STORE, TASK_FORECAST, TASK_REFRESH_CACHE,
+                            TASK_RETRAIN)
+from core.settings import Settings, get_settings
+
+LONGEST_JOB_S = 4 * 3600  # retraining; the visibility timeout must exceed it
+
+
+def create_app(settings: Settings) -> Celery:
+    url = settings.redis_url or "redis://127.0.0.1:6379/0"
+    app = Celery("synth_miner", broker=url, backend=url, include=["workers.tasks"])
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json", "msgpack"],
+        result_accept_content=["json", "msgpack"],
+        worker_prefetch_multiplier=1,
+        task_acks_late=False,
+        task_ignore_result=True,
+        result_expires=300,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": LONGEST_JOB_S + 600},
+        result_backend_transport_options={"visibility_timeout": LONGEST_JOB_S + 600},
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+        task_routes={
+            TASK_REFRESH_CACHE: {"queue": settings.queue_cpu},
+            TASK_CALIBRATE: {"queue": settings.queue_cpu},
+            TASK_RETRAIN: {"queue": settings.queue_cpu},
+            TASK_COMPACT_STORE: {"queue": settings.queue_cpu},
+        },
+        task_default_queue=settings.queue_cpu,
+    )
+    return app
+
+
+app = create_app(get_settings())

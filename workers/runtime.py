@@ -1,0 +1,66 @@
+"""Per-process worker state: loaded once (models, calibration, Redis clients), reloaded between tasks.
+
+Loaded from ``worker_process_init``, which fires in each prefork child and, for the solo pool, in
+the worker itself, so the parent process never touches the model (or CUDA).
+"""
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+import redis
+
+from core.cache_redis import RedisHistoryCache
+from core.engines_registry import build_forecaster
+from core.forecast import Forecaster
+from core.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerRuntime:
+    settings: Settings
+    redis: "redis.Redis[bytes]"
+    cache: RedisHistoryCache
+    forecaster: Forecaster
+    artifact_version: str | None
+
+    @classmethod
+    def load(cls, settings: Settings) -> "WorkerRuntime":
+        client: "redis.Redis[bytes]" = redis.Redis.from_url(settings.redis_url or "", socket_timeout=5.0)
+        version = current_artifact_version(settings)
+        runtime = cls(settings, client, RedisHistoryCache(client), build_forecaster(settings), version)
+        log.info("worker runtime loaded in pid %d: engine %s, artifacts %s", os.getpid(),
+                 runtime.forecaster.default, version)
+        return runtime
+
+    def reload_if_changed(self) -> None:
+        """Between tasks: pick up a newly published artifact without dropping a request."""
+        version = current_artifact_version(self.settings)
+        if version != self.artifact_version:
+            log.info("artifacts changed %s -> %s: reloading", self.artifact_version, version)
+            self.forecaster = build_forecaster(self.settings)
+            self.artifact_version = version
+
+
+def current_artifact_version(settings: Settings) -> str | None:
+    try:
+        from core.artifacts import current_version
+
+        return current_version(settings.artifacts_dir)
+    except Exception:
+        return None
+
+
+_runtime: WorkerRuntime | None = None
+_lock = threading.Lock()
+
+
+def get_runtime() -> WorkerRuntime:
+    global _runtime
+    with _lock:
+        if _runtime is None:
+            _runtime = WorkerRuntime.load(get_settings())
+        return _runtime

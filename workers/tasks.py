@@ -1,0 +1,47 @@
+"""Celery tasks. Forecast: read history from the Redis cache, run the engine, push float32 paths."""
+
+import logging
+import time
+from typing import Any
+
+from celery.signals import worker_process_init
+
+from core.constants import TASK_FORECAST
+from core.market_data import build_snapshot
+from core.prompts import ForecastRequest
+from core.transport import encode_error, encode_paths
+from workers.app import app
+from workers.runtime import get_runtime
+
+log = logging.getLogger(__name__)
+
+FORECAST_TIME_LIMIT_S = 60
+
+
+@worker_process_init.connect
+def _load_runtime(**_: Any) -> None:
+    get_runtime()
+
+
+@app.task(name=TASK_FORECAST, ignore_result=True, acks_late=False, time_limit=FORECAST_TIME_LIMIT_S,
+          soft_time_limit=FORECAST_TIME_LIMIT_S - 5)
+def forecast(request: dict[str, Any], result_key: str, deadline: float, request_id: str) -> None:
+    runtime = get_runtime()
+    runtime.reload_if_changed()
+    ttl = runtime.settings.result_ttl_s
+    try:
+        if time.time() > deadline:
+            raise TimeoutError("deadline passed before the task started")
+        req = ForecastRequest(**request)
+        days = runtime.settings.cache_days_hf if req.is_hf else runtime.settings.cache_days_lf
+        snapshot = build_snapshot(runtime.cache, req.asset, int(time.time()), int(days * 86_400))
+        result = runtime.forecaster.run(req, snapshot)
+        blob = encode_paths(result.paths)
+        log.info("request %s %s: %s in %.0f ms", request_id, req.key(), result.engine, result.seconds * 1e3)
+    except Exception as exc:  # the miner must learn at once that it has to fall back
+        log.warning("request %s failed: %s", request_id, exc)
+        blob = encode_error(f"{type(exc).__name__}: {exc}")
+    pipe = runtime.redis.pipeline()
+    pipe.rpush(result_key, blob)
+    pipe.expire(result_key, ttl)
+    pipe.execute()
