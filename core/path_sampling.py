@@ -13,6 +13,7 @@ other operation runs in place on that one array (see benchmarks/bench_sampler.py
 """
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -56,21 +57,22 @@ def _checked_nu(nu: FloatArray | float, n_steps: int) -> FloatArray:
     return np.clip(nu_arr, NU_MIN, NU_GAUSS)
 
 
-def _unit_t_into(rng: np.random.Generator, nu_arr: FloatArray, size: tuple[int, int]) -> FloatArray:
+def _unit_t(rng: np.random.Generator, nu_arr: FloatArray, size: tuple[int, int],
+            dtype: type[np.floating[Any]]) -> npt.NDArray[Any]:
     """Unit-variance Student-t as a normal / sqrt(gamma) mixture: t = Z * sqrt((nu - 2) / 2 / G).
 
-    G ~ Gamma(nu / 2) is drawn in float32 (about 40 % cheaper than float64, and its 7 significant
-    digits are far below Monte-Carlo noise); Z and everything after stay float64.
+    G ~ Gamma(nu / 2) is drawn in float32, about 40 % cheaper than numpy's float64 ``standard_t``;
+    its 7 significant digits are far below Monte-Carlo noise.
     """
-    draws = rng.standard_normal(size)
+    draws = rng.standard_normal(size, dtype=dtype)
     if np.all(nu_arr >= NU_GAUSS):
         return draws
     # A scalar shape takes numpy's fast path; a per-step array is broadcast over paths.
     uniform = nu_arr.ndim == 0 or bool(np.all(nu_arr == nu_arr.flat[0]))
     shape = float(nu_arr.flat[0]) / 2.0 if uniform else np.broadcast_to(nu_arr / 2.0, size)
     gamma = rng.standard_gamma(shape, size, dtype=np.float32)
-    half_excess = (nu_arr - 2.0) / 2.0  # makes the variance 1 instead of nu / (nu - 2)
-    np.divide(half_excess.astype(np.float32), gamma, out=gamma)
+    half_excess = ((nu_arr - 2.0) / 2.0).astype(np.float32)  # variance 1 instead of nu / (nu - 2)
+    np.divide(half_excess, gamma, out=gamma)
     np.sqrt(gamma, out=gamma)
     draws *= gamma
     return draws
@@ -78,19 +80,25 @@ def _unit_t_into(rng: np.random.Generator, nu_arr: FloatArray, size: tuple[int, 
 
 def unit_t(rng: np.random.Generator, nu: FloatArray | float, size: tuple[int, int]) -> FloatArray:
     """Student-t draws with unit variance; nu is a scalar or one value per step (last axis)."""
-    return _unit_t_into(rng, _checked_nu(nu, size[1]), size)
+    draws: FloatArray = _unit_t(rng, _checked_nu(nu, size[1]), size, np.float64)
+    return draws
+
+
+def latent_log_vol(rng: np.random.Generator, latent: LatentVol, size: tuple[int, int]) -> FloatArray:
+    """z per path and step: a stationary AR(1) z_t = rho z_{t-1} + s e_t, shape (n_paths, n_steps)."""
+    if latent.s == 0.0:
+        return np.zeros(size)
+    # z_{-1} from the stationary law, so z_0 = rho z_{-1} + s e_0 is stationary too.
+    before = rng.standard_normal((size[0], 1)) * (latent.rho * np.sqrt(latent.stationary_var))
+    shocks = rng.standard_normal(size)
+    z, _ = lfilter([latent.s], [1.0, -latent.rho], shocks, axis=1, zi=before)
+    return np.asarray(z, dtype=np.float64)
 
 
 def latent_multiplier(rng: np.random.Generator, latent: LatentVol, size: tuple[int, int]) -> FloatArray:
-    """exp(z - Var z) per path and step, z a stationary AR(1): shape (n_paths, n_steps)."""
-    if latent.s == 0.0:
-        return np.ones(size)
-    var = latent.stationary_var
-    shocks = rng.standard_normal(size)  # (n_paths, n_steps)
-    shocks[:, 0] *= np.sqrt(var)  # z_0 from the stationary law
-    shocks[:, 1:] *= latent.s
-    z: FloatArray = lfilter([1.0], [1.0, -latent.rho], shocks, axis=1)  # z_t = rho z_{t-1} + s e_t
-    z -= var
+    """exp(z - Var z) per path and step: mean-square 1, so E[(sigma * multiplier)^2] = sigma^2."""
+    z = latent_log_vol(rng, latent, size)
+    z -= latent.stationary_var
     np.exp(z, out=z)
     return z
 
@@ -117,17 +125,23 @@ def sample_paths(anchor: float, mu: FloatArray, sigma: FloatArray, nu: FloatArra
     nu_arr = _checked_nu(nu, mu.size)
     size = (int(n_paths), mu.size)
 
-    # One working array, updated in place: t draw -> log return -> log path -> price ratio.
-    work = _unit_t_into(rng, nu_arr, size)
-    work *= sigma * sigma_scale  # per-step std, broadcast over paths
+    # One float32 working array, updated in place: t draw -> log return -> log path -> price ratio.
+    # float32 halves the memory traffic; a 288-step cumsum of it is exact to ~1e-6 in log price,
+    # below the float32 resolution of the prices returned.
+    work = _unit_t(rng, nu_arr, size, np.float32)
+    # exp(-Var z) is folded into the per-step std instead of a pass over the latent array.
+    step_std = sigma * sigma_scale * np.exp(-latent.stationary_var)
+    work *= step_std.astype(np.float32)
     if latent.s > 0.0:
-        work *= latent_multiplier(rng, latent, size)
+        z = latent_log_vol(rng, latent, size)
+        np.exp(z, out=z)
+        work *= z
     if np.any(mu):
-        work += mu
+        work += mu.astype(np.float32)
     np.cumsum(work, axis=1, out=work)
     np.clip(work, -MAX_LOG_MOVE, MAX_LOG_MOVE, out=work)
     np.exp(work, out=work)
     prices = np.empty((size[0], size[1] + 1), dtype=np.float32)
     prices[:, 0] = anchor
-    np.multiply(work, anchor, out=prices[:, 1:], casting="same_kind")
+    np.multiply(work, np.float32(anchor), out=prices[:, 1:])
     return prices

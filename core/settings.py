@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     max_price_age_s: float = 180.0
     cache_days_hf: float = 3.0
     cache_days_lf: float = 14.0
+    http_backoff_s: float = Field(0.25, description="base of the jittered exponential retry backoff")
+    http_backoff_max_s: float = Field(5.0, description="longest wait between two attempts")
+    refresh_lock_s: float = Field(120.0, description="a refresh holds its per-asset Redis lock at most this long")
 
     # --- deadlines ------------------------------------------------------------------------------------
     reply_margin_s: float = Field(2.0, description="time kept back before the deadline to send the reply")
@@ -76,6 +79,9 @@ class Settings(BaseSettings):
     max_num_simulations: int = 10_000
     engine: str = "ewma_t"
     seed: int | None = Field(None, description="fix the RNG (tests, backtests); None = fresh entropy")
+    batch_lookback_days: float = Field(
+        14.0, gt=0, description="history before the cut that forecast-batch and backtests give an engine "
+                                "(the rolling cache's default window, so offline runs see what production sees)")
 
     # --- observability ------------------------------------------------------------------------------
     log_level: str = "INFO"

@@ -1,29 +1,60 @@
-"""Build price sources from settings (one shared instance per provider)."""
+"""Build price sources from settings: one instance (and one HTTP session) per provider."""
 
-from collections.abc import Callable
+import time
 
 from core.assets import Provider
 from core.settings import Settings
 from core.sources.base import PriceSource, ProviderError
+from core.sources.binance import BinanceSource
+from core.sources.http import Clock, HttpConfig
+from core.sources.hyperliquid import HyperliquidSource
+from core.sources.pyth import PythSource
 from core.sources.replay import ReplaySource
 
+PROVIDERS: tuple[Provider, ...] = ("pyth", "binance", "hyperliquid", "replay")
 
-def build_source(provider: Provider, settings: Settings) -> PriceSource:
+
+class UnknownProviderError(ProviderError):
+    """A provider name no client exists for, or one missing its configuration."""
+
+
+def build_source(provider: str, settings: Settings, clock: Clock = time.time) -> PriceSource:
+    config = HttpConfig.from_settings(settings)
+    if provider == "pyth":
+        return PythSource(settings.pyth_benchmarks_url, settings.pyth_hermes_url, config, clock)
+    if provider == "binance":
+        return BinanceSource(settings.binance_url, config, clock)
+    if provider == "hyperliquid":
+        return HyperliquidSource(settings.hyperliquid_url, config, clock)
     if provider == "replay":
         if settings.replay_dir is None:
-            raise ProviderError("price provider 'replay' needs SYNTH_REPLAY_DIR")
-        return ReplaySource(settings.replay_dir)
-    raise ProviderError(f"price provider {provider!r} is not available yet")
+            raise UnknownProviderError("price provider 'replay' needs SYNTH_REPLAY_DIR")
+        return ReplaySource(settings.replay_dir, clock)
+    raise UnknownProviderError(f"unknown price provider {provider!r}; known: {', '.join(PROVIDERS)}")
 
 
-def sources_for(settings: Settings) -> Callable[[str], PriceSource]:
-    """asset -> its source, built lazily and shared."""
-    built: dict[str, PriceSource] = {}
+class SourceRegistry:
+    """asset -> its provider's source, built on first use and shared by every asset of that provider."""
 
-    def source(asset: str) -> PriceSource:
-        provider = settings.provider_for(asset)
-        if provider not in built:
-            built[provider] = build_source(provider, settings)
-        return built[provider]
+    def __init__(self, settings: Settings, clock: Clock = time.time) -> None:
+        self.settings = settings
+        self.clock = clock
+        self._built: dict[str, PriceSource] = {}
 
-    return source
+    def source(self, provider: str) -> PriceSource:
+        if provider not in self._built:
+            self._built[provider] = build_source(provider, self.settings, self.clock)
+        return self._built[provider]
+
+    def __call__(self, asset: str) -> PriceSource:
+        return self.source(self.settings.provider_for(asset))
+
+    async def close(self) -> None:
+        built, self._built = self._built, {}
+        for source in built.values():
+            await source.close()
+
+
+def sources_for(settings: Settings, clock: Clock = time.time) -> SourceRegistry:
+    """A callable asset -> PriceSource (with ``close()`` for shutdown)."""
+    return SourceRegistry(settings, clock)

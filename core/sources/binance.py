@@ -1,0 +1,91 @@
+"""Binance spot klines: ``GET {base}/api/v3/klines`` (1-minute history and the latest price).
+
+Latest price: the newest *closed* 1-minute kline, read from the same klines endpoint. Its close is
+what the validators score against and its close time is an exchange timestamp we can check for
+staleness; ``/api/v3/ticker/price`` carries no timestamp at all, so it cannot be checked.
+"""
+
+import time
+from typing import Any
+
+from core.assets import ASSETS
+from core.prices import LatestPrice, PriceHistory
+from core.sources.http import (Clock, HttpClient, HttpConfig, MalformedReplyError, UnsupportedAssetError, align_up,
+                               build_history, check_fresh, closed_end, fetch_range, gather_pages, page_ranges,
+                               parse_int, parse_price)
+
+INTERVALS = {60: "1m", 300: "5m"}
+PAGE_LIMIT = 1000  # Binance's maximum ``limit`` for klines
+
+
+class BinanceSource:
+    name = "binance"
+
+    def __init__(self, base_url: str, config: HttpConfig, clock: Clock = time.time,
+                 http: HttpClient | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.config = config
+        self.clock = clock
+        self.http = http or HttpClient(self.name, config)
+
+    def symbol(self, asset: str) -> str:
+        spec = ASSETS.get(asset)
+        if spec is None or spec.binance_symbol is None:
+            raise UnsupportedAssetError(f"binance: no symbol for asset {asset!r}")
+        return spec.binance_symbol
+
+    async def history(self, asset: str, start: int, end: int, step: int = 60) -> PriceHistory:
+        symbol = self.symbol(asset)
+        if step not in INTERVALS:
+            raise UnsupportedAssetError(f"binance: no kline interval for step {step}")
+        start, end = align_up(start, step), closed_end(end, step, self.clock())
+        if start >= end:
+            return PriceHistory.empty(step)
+
+        async def page(a: int, b: int) -> PriceHistory:
+            return await self._page(symbol, step, a, b)
+
+        ranges = page_ranges(start, end, PAGE_LIMIT * step)
+        return await gather_pages((fetch_range(page, a, b, step) for a, b in ranges), step)
+
+    async def _page(self, symbol: str, step: int, start: int, end: int) -> PriceHistory:
+        params = [("symbol", symbol), ("interval", INTERVALS[step]), ("startTime", str(start * 1000)),
+                  ("endTime", str(end * 1000 - 1)), ("limit", str(PAGE_LIMIT))]
+        rows = await self.http.get_json(f"{self.base_url}/api/v3/klines", params)
+        what = f"binance klines {symbol} [{start}, {end})"
+        ts, close = _parse_klines(rows, what, step)
+        return build_history(what, step, ts, close, start, end)
+
+    async def latest(self, asset: str) -> LatestPrice:
+        symbol = self.symbol(asset)
+        params = [("symbol", symbol), ("interval", "1m"), ("limit", "2")]
+        rows = await self.http.get_json(f"{self.base_url}/api/v3/klines", params)
+        what = f"binance latest {symbol}"
+        ts, close = _parse_klines(rows, what, 60)
+        now = self.clock()
+        closed = [(t, c) for t, c in zip(ts, close) if t + 60 <= now]
+        if not closed:
+            raise MalformedReplyError(f"{what}: no closed 1-minute kline in the reply")
+        t, c = max(closed)
+        return check_fresh(what, LatestPrice(price=c, publish_time=t + 60), now, self.config.max_price_age_s)
+
+    async def close(self) -> None:
+        await self.http.close()
+
+
+def _parse_klines(rows: Any, what: str, step: int) -> tuple[list[int], list[float]]:
+    """Open time (field 0, ms) and close (field 4, decimal string) of each kline row."""
+    if not isinstance(rows, list):
+        raise MalformedReplyError(f"{what}: expected a list of klines, got {type(rows).__name__}")
+    ts: list[int] = []
+    close: list[float] = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, list) or len(row) < 7:
+            raise MalformedReplyError(f"{what}: row {i} is not a kline array of 12 fields: {row!r:.80}")
+        open_ms = parse_int(row[0], f"{what} row {i} open time")
+        close_ms = parse_int(row[6], f"{what} row {i} close time")
+        if open_ms % 1000 or close_ms != open_ms + step * 1000 - 1:
+            raise MalformedReplyError(f"{what}: row {i} times {open_ms}..{close_ms} are not one {step} s kline")
+        ts.append(open_ms // 1000)
+        close.append(parse_price(row[4], f"{what} row {i} close"))
+    return ts, close

@@ -1,0 +1,132 @@
+"""Pyth: history from Benchmarks (TradingView UDF shim), the latest price from Hermes.
+
+Hermes serves only current prices, so every history request goes to Benchmarks
+``GET {benchmarks}/v1/shims/tradingview/history``; ``latest`` reads
+``GET {hermes}/v2/updates/price/latest?ids[]=<feed id>`` (price = price x 10^expo).
+"""
+
+import math
+import time
+from typing import Any
+
+from core.assets import ASSETS
+from core.prices import LatestPrice, PriceHistory
+from core.sources.http import (Clock, HttpClient, HttpConfig, MalformedReplyError, ProviderRejected,
+                               UnsupportedAssetError, align_up, build_history, check_fresh, closed_end, fetch_range,
+                               gather_pages, page_ranges, parse_int, parse_price)
+
+RESOLUTIONS = {60: "1", 300: "5"}
+PAGE_BARS = 1440  # one day of minutes per Benchmarks call keeps each reply small
+UDF_ARRAYS = ("t", "o", "h", "l", "c", "v")
+
+
+class PythSource:
+    name = "pyth"
+
+    def __init__(self, benchmarks_url: str, hermes_url: str, config: HttpConfig, clock: Clock = time.time,
+                 http: HttpClient | None = None, page_bars: int = PAGE_BARS) -> None:
+        if page_bars < 1:
+            raise ValueError("page_bars must be >= 1")
+        self.benchmarks_url = benchmarks_url.rstrip("/")
+        self.hermes_url = hermes_url.rstrip("/")
+        self.config = config
+        self.clock = clock
+        self.http = http or HttpClient(self.name, config)
+        self.page_bars = page_bars
+
+    @staticmethod
+    def symbol(asset: str) -> str:
+        spec = ASSETS.get(asset)
+        if spec is None or spec.pyth_symbol is None:
+            raise UnsupportedAssetError(f"pyth: no Benchmarks symbol for asset {asset!r}")
+        return spec.pyth_symbol
+
+    @staticmethod
+    def feed_id(asset: str) -> str:
+        spec = ASSETS.get(asset)
+        if spec is None or spec.hermes_id is None:
+            raise UnsupportedAssetError(f"pyth: no Hermes feed id for asset {asset!r}")
+        return spec.hermes_id
+
+    async def history(self, asset: str, start: int, end: int, step: int = 60) -> PriceHistory:
+        symbol = self.symbol(asset)
+        if step not in RESOLUTIONS:
+            raise UnsupportedAssetError(f"pyth: no Benchmarks resolution for step {step}")
+        start, end = align_up(start, step), closed_end(end, step, self.clock())
+        if start >= end:
+            return PriceHistory.empty(step)
+
+        async def page(a: int, b: int) -> PriceHistory:
+            return await self._page(symbol, step, a, b)
+
+        ranges = page_ranges(start, end, self.page_bars * step)
+        return await gather_pages((fetch_range(page, a, b, step) for a, b in ranges), step)
+
+    async def _page(self, symbol: str, step: int, start: int, end: int) -> PriceHistory:
+        # UDF ranges include ``to``: ask up to the last second before ``end``.
+        params = [("symbol", symbol), ("resolution", RESOLUTIONS[step]), ("from", str(start)), ("to", str(end - 1))]
+        reply = await self.http.get_json(f"{self.benchmarks_url}/v1/shims/tradingview/history", params)
+        what = f"pyth benchmarks {symbol} [{start}, {end})"
+        ts, close = _parse_udf(reply, what)
+        return build_history(what, step, ts, close, start, end)
+
+    async def latest(self, asset: str) -> LatestPrice:
+        feed = self.feed_id(asset)
+        reply = await self.http.get_json(f"{self.hermes_url}/v2/updates/price/latest", [("ids[]", feed)])
+        what = f"pyth hermes {asset} ({feed[:8]})"
+        price = _parse_hermes(reply, what, feed)
+        return check_fresh(what, price, self.clock(), self.config.max_price_age_s)
+
+    async def close(self) -> None:
+        await self.http.close()
+
+
+def _parse_udf(reply: Any, what: str) -> tuple[list[int], list[float]]:
+    if not isinstance(reply, dict) or not isinstance(reply.get("s"), str):
+        raise MalformedReplyError(f"{what}: expected a UDF object with a status 's', got {reply!r:.80}")
+    status = reply["s"]
+    if status == "no_data":
+        return [], []
+    if status == "error":
+        raise ProviderRejected(f"{what}: {reply.get('errmsg', 'error without a message')}")
+    if status != "ok":
+        raise MalformedReplyError(f"{what}: unknown UDF status {status!r}")
+    arrays = {key: reply[key] for key in UDF_ARRAYS if key in reply}
+    if "t" not in arrays or "c" not in arrays:
+        raise MalformedReplyError(f"{what}: UDF reply lacks 't' or 'c'")
+    if not all(isinstance(v, list) for v in arrays.values()):
+        raise MalformedReplyError(f"{what}: UDF fields must be arrays")
+    lengths = {key: len(v) for key, v in arrays.items()}
+    if len(set(lengths.values())) != 1:
+        raise MalformedReplyError(f"{what}: mismatched UDF array lengths {lengths}")
+    ts = [parse_int(t, f"{what} t[{i}]") for i, t in enumerate(arrays["t"])]
+    close = [parse_price(c, f"{what} c[{i}]") for i, c in enumerate(arrays["c"])]
+    return ts, close
+
+
+def _parse_hermes(reply: Any, what: str, feed: str) -> LatestPrice:
+    parsed = reply.get("parsed") if isinstance(reply, dict) else None
+    if not isinstance(parsed, list):
+        raise MalformedReplyError(f"{what}: expected an object with a 'parsed' list, got {reply!r:.80}")
+    entry = next((e for e in parsed if isinstance(e, dict) and _same_id(e.get("id"), feed)), None)
+    if entry is None:
+        raise MalformedReplyError(f"{what}: feed {feed} is not in the reply")
+    quote = entry.get("price")
+    if not isinstance(quote, dict) or not {"price", "expo", "publish_time"} <= quote.keys():
+        raise MalformedReplyError(f"{what}: 'price' lacks price/expo/publish_time: {quote!r:.80}")
+    expo = parse_int(quote["expo"], f"{what} expo")
+    if not -30 <= expo <= 10:
+        raise MalformedReplyError(f"{what}: exponent {expo} out of range")
+    mantissa = parse_int(quote["price"], f"{what} price")
+    price = parse_price(mantissa * 10.0 ** expo, f"{what} price")
+    confidence: float | None = None
+    if "conf" in quote:
+        confidence = parse_int(quote["conf"], f"{what} conf") * 10.0 ** expo
+        if not math.isfinite(confidence) or confidence < 0:
+            raise MalformedReplyError(f"{what}: confidence {quote['conf']!r} is negative")
+    publish_time = parse_int(quote["publish_time"], f"{what} publish_time")
+    return LatestPrice(price=price, publish_time=publish_time, confidence=confidence)
+
+
+def _same_id(value: object, feed: str) -> bool:
+    return isinstance(value, str) and value.lower().removeprefix("0x") == feed.lower().removeprefix("0x")

@@ -1,0 +1,53 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from core.settings import Settings
+from miner.access import AccessPolicy, MetagraphView, Neuron, RateLimiter
+
+
+def policy(metagraph: MetagraphView | None = None, **settings: object) -> AccessPolicy:
+    return AccessPolicy(Settings(**settings), metagraph or MetagraphView())  # type: ignore[arg-type]
+
+
+def test_unsigned_is_refused_everywhere() -> None:
+    assert policy(local=True).refuse("5abc", signed=False) == "unsigned request"
+    assert policy(local=True).refuse(None, signed=True) == "unsigned request"
+
+
+def test_local_allow_list() -> None:
+    assert policy(local=True).refuse("5any", signed=True) is None  # empty list: any signed hotkey
+    strict = policy(local=True, allowed_hotkeys=["5good"])
+    assert strict.refuse("5good", signed=True) is None
+    assert strict.refuse("5bad", signed=True) == "hotkey not in the allow-list"
+
+
+def test_chain_rules_registration_stake_and_permit() -> None:
+    graph = MetagraphView({"5rich": Neuron("5rich", 100_000, True), "5poor": Neuron("5poor", 10, True),
+                           "5noperm": Neuron("5noperm", 100_000, False)}, loaded=True)
+    p = policy(graph, local=False)
+    assert p.refuse("5rich", True) is None
+    assert "not registered" in (p.refuse("5ghost", True) or "")
+    assert "below the minimum" in (p.refuse("5poor", True) or "")
+    assert p.refuse("5noperm", True) == "no validator permit"
+    assert p.priority("5rich") == 100_000 and p.priority("5ghost") == 0.0
+
+
+def test_rate_limit_sliding_window() -> None:
+    limiter = RateLimiter(per_minute=3)
+    assert all(limiter.allow("k", now=t) for t in (0.0, 1.0, 2.0))
+    assert not limiter.allow("k", now=3.0)
+    assert limiter.allow("other", now=3.0)
+    assert limiter.allow("k", now=61.0)
+
+
+def test_static_metagraph_file(tmp_path: Path) -> None:
+    path = tmp_path / "graph.json"
+    path.write_text(json.dumps([{"hotkey": "5v", "stake": 70_000, "validator_permit": True}]))
+    graph = MetagraphView.from_file(path)
+    assert policy(graph, local=True).refuse("5v", True) is None
+    assert "not registered" in (policy(graph, local=True).refuse("5x", True) or "")
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="metagraph file"):
+        MetagraphView.from_file(path)

@@ -1,0 +1,46 @@
+import pytest
+
+from core.prompts import RequestError, check_request, parse_start_time
+
+
+def check(**overrides: object):  # type: ignore[no-untyped-def]
+    fields = {"asset": "BTC", "start_time": "2026-01-01T00:01:00+00:00", "time_increment": 300,
+              "time_length": 86_400, "num_simulations": 1000, **overrides}
+    return check_request(max_num_simulations=10_000, **fields)  # type: ignore[arg-type]
+
+
+def test_valid_lf_and_hf_requests() -> None:
+    lf = check()
+    assert (lf.n_steps, lf.n_points, lf.is_hf, lf.start_ts) == (288, 289, False, 1767225660)
+    hf = check(time_increment=60, time_length=3_600)
+    assert (hf.n_points, hf.is_hf, hf.prompt.name) == (61, True, "high")
+
+
+def test_start_time_forms() -> None:
+    assert parse_start_time("2026-01-01T00:01:00Z") == 1767225660
+    assert parse_start_time("2026-01-01T00:01:00") == 1767225660  # naive = UTC
+    assert parse_start_time("2026-01-01T01:01:00+01:00") == 1767225660
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    ({"asset": "DOGE"}, "unknown asset"),
+    ({"asset": 5}, "unknown asset"),
+    ({"time_length": 86_401}, "not a multiple"),
+    ({"time_increment": 0}, "positive"),
+    ({"time_increment": 120, "time_length": 3_600}, "unsupported grid"),
+    ({"num_simulations": 0}, "num_simulations"),
+    ({"num_simulations": 10_001}, "num_simulations"),
+    ({"num_simulations": True}, "integer"),
+    ({"time_length": "86400"}, "integer"),
+    ({"start_time": "garbage"}, "ISO-8601"),
+    ({"start_time": ""}, "ISO-8601"),
+    ({"start_time": None}, "ISO-8601"),
+])
+def test_bad_requests_raise_clear_errors(overrides: dict[str, object], needle: str) -> None:
+    with pytest.raises(RequestError, match=needle):
+        check(**overrides)
+
+
+def test_identical_requests_share_a_key() -> None:
+    assert check().key() == check(start_time="2026-01-01T00:01:00Z").key()
+    assert check().key() != check(asset="ETH").key()

@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+
+from core.prompts import ForecastRequest
+from core.response import ResponseError, build_response, check_paths, check_response, render_json, round_for_wire
+from core.response_checks import validate_response_head, validate_response_upstream
+
+REQ = ForecastRequest("XRP", 1_767_225_660, 60, 3_600, 50)
+
+
+def test_rounding_respects_both_digit_rules_at_every_magnitude() -> None:
+    rng = np.random.default_rng(0)
+    prices = 10.0 ** rng.uniform(-3.5, 6.9, size=(50, 61))
+    rounded = round_for_wire(prices)
+    big = prices >= 1  # 8 significant digits kept; below 1 the printed leading zeros use up the budget
+    assert np.allclose(rounded[big], prices[big], rtol=5e-8, atol=0)
+    assert np.allclose(rounded, prices, rtol=5e-4, atol=0)
+    response = build_response(REQ, prices)
+    args = (REQ.start_ts, REQ.time_increment, REQ.time_length, REQ.num_simulations)
+    assert validate_response_head(response, *args) == "CORRECT"
+    assert validate_response_upstream(response, *args) == "CORRECT"
+
+
+def test_known_values() -> None:
+    got = round_for_wire(np.array([100123.456789, 2.123456789, 0.27123456789, 0.0271234567]))
+    assert got.tolist() == [100123.46, 2.1234568, 0.2712346, 0.0271235]
+
+
+def test_response_layout_is_ints_then_lists() -> None:
+    response = build_response(REQ, np.full((50, 61), 2.5, dtype=np.float32))
+    assert type(response[0]) is int and type(response[1]) is int
+    assert all(type(p) is list and len(p) == 61 for p in response[2:])
+    check_response(response, REQ)
+
+
+def test_render_json_matches_the_list() -> None:
+    import json
+
+    rounded = round_for_wire(np.random.default_rng(1).uniform(1, 1e5, size=(50, 61)))
+    assert json.loads(render_json(REQ, rounded)) == [REQ.start_ts, 60, *rounded.tolist()]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 0.0, -1.0])
+def test_garbage_prices_are_refused(bad: float) -> None:
+    paths = np.full((50, 61), 2.0)
+    paths[3, 7] = bad
+    with pytest.raises(ResponseError):
+        build_response(REQ, paths)
+
+
+def test_wrong_shape_and_header_are_refused() -> None:
+    with pytest.raises(ResponseError, match="shape"):
+        check_paths(round_for_wire(np.ones((49, 61))), REQ)
+    response = build_response(REQ, np.ones((50, 61)))
+    response[0] = float(response[0])
+    with pytest.raises(ResponseError, match="ints"):
+        check_response(response, REQ)
