@@ -83,6 +83,15 @@ class Settings(BaseSettings):
         14.0, gt=0, description="history before the cut that forecast-batch and backtests give an engine "
                                 "(the rolling cache's default window, so offline runs see what production sees)")
 
+    # --- periodic jobs (Celery beat) -----------------------------------------------------------------
+    beat_refresh_s: float = Field(60.0, description="cache refresh period")
+    beat_calibrate_s: float = Field(3600.0, description="calibration period")
+    beat_retrain_s: float = Field(7 * 86_400.0, description="retraining period")
+    beat_compact_s: float = Field(86_400.0, description="history-store compaction period")
+    beat_lock_ttl_s: float = Field(30.0, description="leader lock of the one beat allowed to schedule")
+    flower_user: str = "admin"
+    flower_password: str | None = Field(None, description="Flower basic-auth password; Flower refuses to start without")
+
     # --- observability ------------------------------------------------------------------------------
     log_level: str = "INFO"
     log_json: bool = False

@@ -17,6 +17,7 @@ from core.prices import PriceDataError
 from core.prompts import RequestError, check_request
 from core.settings import Settings
 from miner.access import AccessPolicy
+from miner.metrics import MinerMetrics, fallback_reason
 from miner.protocol import Simulation
 from miner.service import MinerService
 
@@ -43,8 +44,9 @@ class AxonHandlers:
     """forward / blacklist / priority bound to a service living on the miner's own event loop."""
 
     def __init__(self, settings: Settings, service: MinerService, access: AccessPolicy,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, metrics: MinerMetrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics or MinerMetrics()
         self.service = service
         self.access = access
         self.loop = loop  # the axon serves from uvicorn's thread; the service runs here
@@ -67,6 +69,7 @@ class AxonHandlers:
         reason = self.access.refuse(hotkey, signed)
         if reason:
             log.info("refused %s: %s", hotkey, reason)
+            self.metrics.requests.labels(synapse.simulation_input.asset[:16], "-", "refused").inc()
             return True, reason
         return False, "allowed"
 
@@ -77,13 +80,26 @@ class AxonHandlers:
             request = check_request(raw.asset, raw.start_time, raw.time_increment, raw.time_length,
                                     raw.num_simulations, self.settings.max_num_simulations)
         except RequestError as exc:
+            self.metrics.requests.labels("-", "-", "bad_request").inc()
             reject(synapse, 400, f"bad request: {exc}")
         deadline = self.service.deadline_for(received, synapse.timeout)
         future = asyncio.run_coroutine_threadsafe(self.service.answer(request, deadline), self.loop)
         try:
             answer = await asyncio.wrap_future(future)
         except PriceDataError as exc:
+            self.metrics.requests.labels(request.asset, request.prompt.name, "no_price").inc()
             reject(synapse, 503, f"no price available: {exc}")
+        except Exception as exc:  # the self-check refused even the fallback's reply: never send it
+            self.metrics.invalid.inc()
+            log.error("no valid reply for %s: %s", request.key(), exc)
+            reject(synapse, 500, f"no valid reply could be built: {type(exc).__name__}")
+        done = time.time()
+        prompt = request.prompt.name
+        self.metrics.requests.labels(request.asset, prompt, answer.source).inc()
+        self.metrics.latency.labels(prompt).observe(done - received)
+        self.metrics.deadline_margin.labels(prompt).observe(max(0.0, deadline + self.settings.reply_margin_s - done))
+        if answer.source == "fallback":
+            self.metrics.fallbacks.labels(fallback_reason(answer.reason)).inc()
         log.info("answered %s from %s in %.0f ms%s", request.key(), answer.source, (time.time() - received) * 1e3,
                  f" (fallback: {answer.reason})" if answer.reason else "")
         return render_reply(synapse, answer.body)

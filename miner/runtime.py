@@ -18,6 +18,7 @@ from core.sources.registry import sources_for
 from miner.access import AccessPolicy, MetagraphView
 from miner.axon_server import AxonHandlers, build_axon
 from miner.data import MinerData
+from miner.metrics import MinerMetrics, watch_queue_depth
 from miner.offline import patch_bittensor_networking
 from miner.pool import CeleryPool, EmbeddedPool, ForecastPool
 from miner.service import MinerService
@@ -77,7 +78,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     app = build_app(settings)
     wallet = load_wallet(settings)
     loop = asyncio.get_running_loop()
-    handlers = AxonHandlers(settings, app.service, AccessPolicy(settings, app.metagraph), loop)
+    metrics = MinerMetrics()
+    handlers = AxonHandlers(settings, app.service, AccessPolicy(settings, app.metagraph), loop, metrics)
     axon = build_axon(settings, wallet, handlers)
     background: list[asyncio.Task[None]] = []
     if not settings.local:
@@ -90,6 +92,11 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
              settings.axon_host, settings.axon_port, "local" if settings.local else f"netuid {settings.netuid}",
              app.pool.name, settings.price_provider)
     background.append(asyncio.create_task(app.data.warm(sorted(ASSETS))))
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_port, "127.0.0.1" if settings.local else "0.0.0.0")
+        if settings.redis_url:
+            queues = [settings.queue_infer_hf, settings.queue_infer_lf, settings.queue_cpu]
+            background.append(asyncio.create_task(watch_queue_depth(metrics, settings.redis_url, queues)))
     gc.freeze()  # long-lived objects out of the collector: no random 100 ms pauses in replies
     stop = stop or asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -79,6 +79,43 @@ def worker(
     celery_app.worker_main(argv)
 
 
+@app.command()
+def beat(
+    redis_url: Annotated[Optional[str], typer.Option(help="SYNTH_REDIS_URL")] = None,
+    schedule_file: Annotated[Optional[Path], typer.Option(help="beat state file (default: data dir)")] = None,
+    loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO",
+) -> None:
+    """Start Celery beat (cache refresh, calibration, retraining, compaction). Only one schedules at a time."""
+    import socket
+
+    export_env(redis_url=redis_url)
+    from core.settings import get_settings
+    from workers.app import app as celery_app
+
+    settings = get_settings()
+    state = schedule_file or settings.data_dir / f"beat-{socket.gethostname()}-{os.getpid()}.db"
+    state.parent.mkdir(parents=True, exist_ok=True)
+    celery_app.start(["beat", f"--loglevel={loglevel}", f"--schedule={state}"])
+
+
+@app.command()
+def flower(
+    port: Annotated[int, typer.Option(help="Flower port")] = 5555,
+    address: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
+    redis_url: Annotated[Optional[str], typer.Option(help="SYNTH_REDIS_URL")] = None,
+) -> None:
+    """Start Flower with basic auth (SYNTH_FLOWER_USER / SYNTH_FLOWER_PASSWORD; refuses to run without)."""
+    export_env(redis_url=redis_url)
+    from core.settings import get_settings
+    from workers.app import app as celery_app
+
+    settings = get_settings()
+    if not settings.flower_password:
+        raise typer.BadParameter("set SYNTH_FLOWER_PASSWORD: Flower is never served without authentication")
+    celery_app.start(["flower", f"--port={port}", f"--address={address}",
+                      f"--basic-auth={settings.flower_user}:{settings.flower_password}"])
+
+
 def main() -> None:
     app()
 

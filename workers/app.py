@@ -10,6 +10,7 @@ from celery import Celery
 
 from core.constants import (TASK_CALIBRATE, TASK_COMPACT_STORE, TASK_FORECAST, TASK_REFRESH_CACHE,
                             TASK_RETRAIN)
+from beat_schedule import beat_schedule
 from core.settings import Settings, get_settings
 
 LONGEST_JOB_S = 4 * 3600  # retraining; the visibility timeout must exceed it
@@ -17,7 +18,7 @@ LONGEST_JOB_S = 4 * 3600  # retraining; the visibility timeout must exceed it
 
 def create_app(settings: Settings) -> Celery:
     url = settings.redis_url or "redis://127.0.0.1:6379/0"
-    app = Celery("synth_miner", broker=url, backend=url, include=["workers.tasks"])
+    app = Celery("synth_miner", broker=url, backend=url, include=["workers.tasks", "workers.jobs"])
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -40,6 +41,9 @@ def create_app(settings: Settings) -> Celery:
             TASK_COMPACT_STORE: {"queue": settings.queue_cpu},
         },
         task_default_queue=settings.queue_cpu,
+        beat_schedule=beat_schedule(settings),
+        beat_scheduler="workers.beat:LeaderScheduler",
+        beat_max_loop_interval=max(1.0, settings.beat_lock_ttl_s / 3),
     )
     return app
 

@@ -1,0 +1,217 @@
+"""The rolling history cache in Redis, shared by the miner and the workers (sync redis-py client).
+
+Layout: one Redis string per asset, step and UTC day (``CACHE_KEY``, ``day`` = unix day number
+``ts // 86400``) holding every bar slot of that day as a little-endian float64: 1440 slots (11,520 B)
+at 60 s, 288 at 300 s. A slot of 0.0 (or bytes never written) is a gap: prices are always > 0.
+Reading 14 days is one MGET of 14 strings; a write is one Lua script that SETRANGEs each run of
+bars, counts the slots that were empty and updates the span in ``CACHE_META_KEY`` atomically, so
+concurrent refreshes from several processes are idempotent and never leave the span wrong.
+"""
+
+from collections.abc import Sequence
+from typing import Any, cast
+
+import numpy as np
+import redis
+from redis.lock import Lock
+
+from core.constants import CACHE_KEY, CACHE_META_KEY, LATEST_PRICE_KEY, REFRESH_LOCK_KEY, SECONDS_PER_DAY
+from core.prices import LatestPrice, PriceHistory
+
+SLOT = np.dtype("<f8")
+SLOT_BYTES = SLOT.itemsize
+
+_WRITE = """
+local zero = string.rep(string.char(0), 8)
+local new = 0
+for i = 3, #ARGV, 3 do
+  local key = KEYS[tonumber(ARGV[i])]
+  local offset = tonumber(ARGV[i + 1])
+  local data = ARGV[i + 2]
+  local old = redis.call('GETRANGE', key, offset, offset + #data - 1)
+  for s = 1, #data, 8 do
+    if #old < s + 7 or string.sub(old, s, s + 7) == zero then new = new + 1 end
+  end
+  redis.call('SETRANGE', key, offset, data)
+end
+local lo = tonumber(redis.call('HGET', KEYS[1], 'lo'))
+local hi = tonumber(redis.call('HGET', KEYS[1], 'hi'))
+if not lo or tonumber(ARGV[1]) < lo then redis.call('HSET', KEYS[1], 'lo', ARGV[1]) end
+if not hi or tonumber(ARGV[2]) > hi then redis.call('HSET', KEYS[1], 'hi', ARGV[2]) end
+return new
+"""
+
+# KEYS[1] meta; ARGV: day-key prefix, step, before (a multiple of step), seconds per day.
+_TRIM = """
+local prefix, step, before, per_day = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local lo = tonumber(redis.call('HGET', KEYS[1], 'lo'))
+local hi = tonumber(redis.call('HGET', KEYS[1], 'hi'))
+if not lo or before <= lo then return 0 end
+local function key(day) return prefix .. string.format('%d', day) end
+local first_day = math.floor(lo / per_day)
+local cut_day = math.floor(before / per_day)
+if before > hi then
+  for d = first_day, math.floor(hi / per_day) do redis.call('DEL', key(d)) end
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+for d = first_day, cut_day - 1 do redis.call('DEL', key(d)) end
+local cut_slot = (before - cut_day * per_day) / step
+if cut_slot > 0 and redis.call('EXISTS', key(cut_day)) == 1 then
+  redis.call('SETRANGE', key(cut_day), 0, string.rep(string.char(0), cut_slot * 8))
+end
+local zero = string.rep(string.char(0), 8)
+for d = cut_day, math.floor(hi / per_day) do
+  local blob = redis.call('GET', key(d))
+  if blob then
+    for s = 1, #blob - 7, 8 do
+      if string.sub(blob, s, s + 7) ~= zero then
+        redis.call('HSET', KEYS[1], 'lo', string.format('%d', d * per_day + (s - 1) / 8 * step))
+        return 1
+      end
+    end
+  end
+end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+# Keep the newest latest price: an older publish time never overwrites a newer one.
+_SET_LATEST = """
+local current = tonumber(redis.call('HGET', KEYS[1], 'publish_time'))
+if current and tonumber(ARGV[2]) < current then return 0 end
+redis.call('HSET', KEYS[1], 'price', ARGV[1], 'publish_time', ARGV[2], 'confidence', ARGV[3])
+return 1
+"""
+
+
+class CacheError(RuntimeError):
+    """The cache holds something it could not have written (a day string of the wrong size)."""
+
+
+def slots_per_day(step: int) -> int:
+    if step <= 0 or SECONDS_PER_DAY % step:
+        raise ValueError(f"step {step} does not divide a day")
+    return SECONDS_PER_DAY // step
+
+
+class RedisHistoryCache:
+    """``HistoryCache`` over Redis; the client must return bytes (``decode_responses=False``)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        if client.get_connection_kwargs().get("decode_responses"):
+            raise ValueError("RedisHistoryCache needs a client with decode_responses=False (it stores binary)")
+        self.client = client
+        self._write = client.register_script(_WRITE)
+        self._trim = client.register_script(_TRIM)
+        self._set_latest = client.register_script(_SET_LATEST)
+
+    # --- keys ------------------------------------------------------------------------------------------
+    @staticmethod
+    def day_key(asset: str, step: int, day: int) -> str:
+        return CACHE_KEY.format(asset=asset, step=step, day=day)
+
+    @staticmethod
+    def meta_key(asset: str, step: int) -> str:
+        return CACHE_META_KEY.format(asset=asset, step=step)
+
+    @staticmethod
+    def _prefix(asset: str, step: int) -> str:
+        key = CACHE_KEY.format(asset=asset, step=step, day="")
+        if CACHE_KEY.format(asset=asset, step=step, day=0) != key + "0":
+            raise ValueError("CACHE_KEY must end with {day} for the trim script")
+        return key
+
+    # --- HistoryCache ------------------------------------------------------------------------------------
+    def read(self, asset: str, step: int, start: int, end: int) -> PriceHistory:
+        if end <= start:
+            return PriceHistory.empty(step)
+        per_day = slots_per_day(step)
+        days = list(range(start // SECONDS_PER_DAY, (end - 1) // SECONDS_PER_DAY + 1))
+        blobs = cast(list[bytes | None], self.client.mget([self.day_key(asset, step, d) for d in days]))
+        ts_parts: list[np.ndarray[Any, np.dtype[np.int64]]] = []
+        close_parts: list[np.ndarray[Any, np.dtype[np.float64]]] = []
+        for day, blob in zip(days, blobs):
+            if not blob:
+                continue
+            if len(blob) % SLOT_BYTES or len(blob) > per_day * SLOT_BYTES:
+                raise CacheError(f"{self.day_key(asset, step, day)} holds {len(blob)} bytes, not {per_day} slots")
+            values = np.frombuffer(blob, dtype=SLOT).astype(np.float64)
+            present = np.flatnonzero(np.isfinite(values) & (values > 0))
+            ts_parts.append(day * SECONDS_PER_DAY + present.astype(np.int64) * step)
+            close_parts.append(values[present])
+        if not ts_parts:
+            return PriceHistory.empty(step)
+        hist = PriceHistory(step, np.concatenate(ts_parts), np.concatenate(close_parts))
+        return hist.between(start, end)
+
+    def write(self, asset: str, history: PriceHistory) -> int:
+        """Set every bar of ``history``; returns how many of its slots were empty before. Atomic."""
+        if not len(history):
+            return 0
+        step = history.step
+        if np.any(history.ts % step):
+            raise ValueError(f"timestamps off the {step} s grid")
+        keys: list[str] = [self.meta_key(asset, step)]
+        args: list[Any] = [int(history.ts[0]), int(history.ts[-1])]
+        for day, offset, payload in _runs(history):
+            keys.append(self.day_key(asset, step, day))
+            args += [len(keys), offset * SLOT_BYTES, payload]
+        return int(cast(int, self._write(keys=keys, args=args)))
+
+    def span(self, asset: str, step: int) -> tuple[int, int] | None:
+        lo, hi = cast(list[bytes | None], self.client.hmget(self.meta_key(asset, step), ["lo", "hi"]))
+        if lo is None or hi is None:
+            return None
+        return int(lo), int(hi)
+
+    def trim(self, asset: str, step: int, before: int) -> None:
+        before = -(-before // step) * step
+        self._trim(keys=[self.meta_key(asset, step)],
+                   args=[self._prefix(asset, step), step, before, SECONDS_PER_DAY])
+
+    def set_latest(self, asset: str, price: LatestPrice) -> None:
+        confidence = "" if price.confidence is None else repr(float(price.confidence))
+        self._set_latest(keys=[LATEST_PRICE_KEY.format(asset=asset)],
+                         args=[repr(float(price.price)), int(price.publish_time), confidence])
+
+    def latest(self, asset: str) -> LatestPrice | None:
+        fields = cast(list[bytes | None], self.client.hmget(LATEST_PRICE_KEY.format(asset=asset),
+                                                            ["price", "publish_time", "confidence"]))
+        price, publish_time, confidence = fields
+        if price is None or publish_time is None:
+            return None
+        return LatestPrice(price=float(price), publish_time=int(publish_time),
+                           confidence=float(confidence) if confidence else None)
+
+    # --- beyond the protocol ---------------------------------------------------------------------------
+    def refresh_lock(self, asset: str, ttl_s: float, wait_s: float) -> Lock:
+        """A per-asset lock so concurrent refreshers do not all call the provider for the same tail."""
+        return cast(Lock, self.client.lock(REFRESH_LOCK_KEY.format(asset=asset), timeout=ttl_s, blocking_timeout=wait_s))
+
+    def day_keys(self, asset: str, step: int) -> list[str]:
+        """Keys of the days the span covers (for memory reports and operators)."""
+        span = self.span(asset, step)
+        if span is None:
+            return []
+        return [self.day_key(asset, step, d) for d in range(span[0] // SECONDS_PER_DAY,
+                                                             span[1] // SECONDS_PER_DAY + 1)]
+
+    def clear(self, assets: Sequence[str], steps: Sequence[int] = (60, 300)) -> None:
+        """Forget assets entirely (days, span and latest price)."""
+        for asset in assets:
+            for step in steps:
+                self.trim(asset, step, 2 ** 62)
+            self.client.delete(LATEST_PRICE_KEY.format(asset=asset))
+
+
+def _runs(history: PriceHistory) -> list[tuple[int, int, bytes]]:
+    """(day, first slot, packed closes) for each run of consecutive bars within one UTC day."""
+    step = history.step
+    day = history.ts // SECONDS_PER_DAY
+    slot = (history.ts - day * SECONDS_PER_DAY) // step
+    breaks = np.flatnonzero((np.diff(day) != 0) | (np.diff(slot) != 1)) + 1
+    bounds = np.r_[0, breaks, history.ts.size]
+    packed = history.close.astype(SLOT).tobytes()
+    return [(int(day[a]), int(slot[a]), packed[a * SLOT_BYTES: b * SLOT_BYTES])
+            for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]

@@ -1,0 +1,313 @@
+"""Model inputs computed from price history alone, identically in training and in serving.
+
+Two kinds, both defined once here so training and the engine can never disagree:
+
+* **context** (what the history says at the forecast origin): the last ``context_len`` one-step
+  log returns for the patch encoder, standardised by the EWMA-t engine's fast volatility, and
+  scalar summaries: realised volatility, returns and close ranges over several windows (1-minute
+  and 5-minute bars for the HF model, 5-minute bars for the LF models), the fast/slow EWMA ratio
+  and the age of the newest close.
+* **step** (known in advance for every horizon step): time of day (UTC and New York), day of week,
+  minute-of-hour marks and the US equity session (open/closed, minutes since the open and to the
+  close, trading day, half day). This is how intraday seasonality and session changes reach the
+  per-step head.
+
+Only closes exist in ../shared/data and in the price providers' histories we cache, so true
+high-low ranges cannot be computed: the ``range_*`` features are the range of the closes in a window.
+
+Returns are always between adjacent bars (``diff(ts) == step``); a return across a gap is dropped,
+exactly as ``PriceHistory.log_returns`` and the EWMA-t engine do.
+"""
+
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from functools import lru_cache
+from zoneinfo import ZoneInfo
+
+import numpy as np
+import numpy.typing as npt
+
+from core.engines.ewma import DEFAULT_CONFIGS, EwmaConfig, ewma_variance
+from core.prices import PriceHistory
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+FEATURE_VERSION = 1  # bump whenever a feature's meaning changes: old checkpoints then refuse to load
+NY = ZoneInfo("America/New_York")
+VAR_FLOOR = 1e-14  # same floor as the EWMA-t engine's variance
+
+
+class FeatureError(ValueError):
+    """History too short or unusable to compute a model's inputs."""
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Everything that fixes one model's inputs."""
+
+    step: int  # seconds per bar and per forecast step
+    horizon: int  # forecast steps
+    context_len: int  # returns fed to the patch encoder
+    windows: tuple[int, ...]  # bar counts of the realised-vol / return / range features
+    coarse_windows: tuple[int, ...] = ()  # 5-minute-bar windows computed from resampled 1-minute bars
+    lookback_s: int = 14 * 86_400  # history the serving cache keeps, so training sees the same
+    ewma: EwmaConfig = field(default_factory=EwmaConfig)
+
+    @property
+    def min_returns(self) -> int:
+        return max(self.context_len, max(self.windows))
+
+
+FEATURE_SPECS: dict[str, FeatureSpec] = {
+    "hf": FeatureSpec(step=60, horizon=60, context_len=480, windows=(15, 60, 240),
+                      coarse_windows=(48, 288), lookback_s=3 * 86_400, ewma=DEFAULT_CONFIGS[60]),
+    "lf_crypto": FeatureSpec(step=300, horizon=288, context_len=576, windows=(12, 48, 288, 576),
+                             lookback_s=14 * 86_400, ewma=DEFAULT_CONFIGS[300]),
+    "lf_equity": FeatureSpec(step=300, horizon=288, context_len=384, windows=(12, 78, 390),
+                             lookback_s=14 * 86_400, ewma=DEFAULT_CONFIGS[300]),
+}
+
+SERIES_NAMES = ("ret", "abs_ret")  # channels of the encoder input
+
+
+def context_feature_names(spec: FeatureSpec) -> list[str]:
+    names = ["log_fast_slow", "log_age"]
+    for w in spec.windows:
+        names += [f"rv_{w}", f"ret_{w}", f"range_{w}"]
+    names += [f"rv5m_{w}" for w in spec.coarse_windows]
+    return names
+
+
+STEP_FEATURE_NAMES: tuple[str, ...] = (
+    "tod_sin1", "tod_cos1", "tod_sin2", "tod_cos2", "tod_sin3", "tod_cos3",
+    "ny_tod_sin", "ny_tod_cos", "dow_sin", "dow_cos", "weekend",
+    "on_hour", "on_half_hour",
+    "us_open", "us_since_open", "us_to_close", "us_trading_day", "us_half_day",
+    "horizon_frac",
+)
+
+# --- US equity calendar -----------------------------------------------------------------------------
+# NYSE full closures and 13:00 early closes, 2021-2027 (published exchange calendars).
+NYSE_HOLIDAYS: frozenset[date] = frozenset(date.fromisoformat(d) for d in (
+    "2021-01-01", "2021-01-18", "2021-02-15", "2021-04-02", "2021-05-31", "2021-07-05", "2021-09-06",
+    "2021-11-25", "2021-12-24",
+    "2022-01-17", "2022-02-21", "2022-04-15", "2022-05-30", "2022-06-20", "2022-07-04", "2022-09-05",
+    "2022-11-24", "2022-12-26",
+    "2023-01-02", "2023-01-16", "2023-02-20", "2023-04-07", "2023-05-29", "2023-06-19", "2023-07-04",
+    "2023-09-04", "2023-11-23", "2023-12-25",
+    "2024-01-01", "2024-01-15", "2024-02-19", "2024-03-29", "2024-05-27", "2024-06-19", "2024-07-04",
+    "2024-09-02", "2024-11-28", "2024-12-25",
+    "2025-01-01", "2025-01-09", "2025-01-20", "2025-02-17", "2025-04-18", "2025-05-26", "2025-06-19",
+    "2025-07-04", "2025-09-01", "2025-11-27", "2025-12-25",
+    "2026-01-01", "2026-01-19", "2026-02-16", "2026-04-03", "2026-05-25", "2026-06-19", "2026-07-03",
+    "2026-09-07", "2026-11-26", "2026-12-25",
+    "2027-01-01", "2027-01-18", "2027-02-15", "2027-03-26", "2027-05-31", "2027-06-18", "2027-07-05",
+    "2027-09-06", "2027-11-25", "2027-12-24",
+))
+NYSE_HALF_DAYS: frozenset[date] = frozenset(date.fromisoformat(d) for d in (
+    "2021-11-26", "2022-11-25", "2023-07-03", "2023-11-24", "2024-07-03", "2024-11-29", "2024-12-24",
+    "2025-07-03", "2025-11-28", "2025-12-24", "2026-11-27", "2026-12-24", "2027-11-26",
+))
+OPEN_MIN, CLOSE_MIN, HALF_CLOSE_MIN = 9 * 60 + 30, 16 * 60, 13 * 60  # New York minutes after midnight
+SESSION_MIN = CLOSE_MIN - OPEN_MIN
+
+_TABLE_START = int(datetime(2018, 1, 1, tzinfo=timezone.utc).timestamp())
+_TABLE_HOURS = 24 * 366 * 15  # 2018..2032
+
+
+@lru_cache(maxsize=1)
+def _ny_offset_table() -> IntArray:
+    """UTC offset of New York (seconds) per UTC hour: DST switches fall on whole UTC hours."""
+    base = datetime.fromtimestamp(_TABLE_START, timezone.utc)
+    offsets = np.empty(_TABLE_HOURS, np.int64)
+    # Offsets only change twice a year: fill day by day and refine the two switch days hourly.
+    for day in range(_TABLE_HOURS // 24):
+        first = base + timedelta(days=day)
+        a, b = first.astimezone(NY).utcoffset(), (first + timedelta(hours=23)).astimezone(NY).utcoffset()
+        assert a is not None and b is not None
+        if a == b:
+            offsets[day * 24:(day + 1) * 24] = int(a.total_seconds())
+        else:
+            for h in range(24):
+                off = (first + timedelta(hours=h)).astimezone(NY).utcoffset()
+                assert off is not None
+                offsets[day * 24 + h] = int(off.total_seconds())
+    return offsets
+
+
+@lru_cache(maxsize=1)
+def _calendar_days() -> tuple[IntArray, IntArray]:
+    """Sorted NY day numbers (days since 1970-01-01) of holidays and of half days."""
+    epoch = date(1970, 1, 1)
+    return (np.array(sorted((d - epoch).days for d in NYSE_HOLIDAYS), np.int64),
+            np.array(sorted((d - epoch).days for d in NYSE_HALF_DAYS), np.int64))
+
+
+def ny_local_seconds(ts: npt.ArrayLike) -> IntArray:
+    """Unix seconds shifted to New York wall-clock time (vectorised zoneinfo lookup)."""
+    t = np.asarray(ts, dtype=np.int64)
+    hour = (t - _TABLE_START) // 3600
+    if t.size and (hour.min() < 0 or hour.max() >= _TABLE_HOURS):
+        raise FeatureError("timestamps outside 2018-2032 are not covered by the New York offset table")
+    out: IntArray = t + _ny_offset_table()[hour]
+    return out
+
+
+@dataclass(frozen=True)
+class UsSession:
+    open: FloatArray  # 1 while the regular session is open
+    since_open: FloatArray  # minutes since the open / 390 (0 when closed)
+    to_close: FloatArray  # minutes to the close / 390 (0 when closed)
+    trading_day: FloatArray  # 1 on NYSE trading days (New York date)
+    half_day: FloatArray  # 1 on 13:00 early-close days
+
+
+def us_session(ts: npt.ArrayLike) -> UsSession:
+    """Regular-hours NYSE session state at each unix time."""
+    local = ny_local_seconds(ts)
+    day = local // 86_400
+    minute = (local % 86_400) / 60.0
+    weekday = (day + 3) % 7  # 1970-01-01 was a Thursday; 0 = Monday
+    holidays, halves = _calendar_days()
+    trading = (weekday < 5) & ~np.isin(day, holidays)
+    half = trading & np.isin(day, halves)
+    close = np.where(half, HALF_CLOSE_MIN, CLOSE_MIN)
+    is_open = trading & (minute >= OPEN_MIN) & (minute < close)
+    f = np.float64
+    return UsSession(open=is_open.astype(f),
+                     since_open=np.where(is_open, (minute - OPEN_MIN) / SESSION_MIN, 0.0),
+                     to_close=np.where(is_open, (close - minute) / SESSION_MIN, 0.0),
+                     trading_day=trading.astype(f), half_day=half.astype(f))
+
+
+def step_features(origins: npt.ArrayLike, step: int, horizon: int) -> FloatArray:
+    """Calendar of each horizon step: float64[len(origins), horizon, len(STEP_FEATURE_NAMES)].
+
+    Step h covers [origin + h*step, origin + (h+1)*step); its features describe the step's middle,
+    except the hour marks, which flag steps that contain a whole or half hour at their start.
+    """
+    o = np.atleast_1d(np.asarray(origins, dtype=np.int64))
+    starts = o[:, None] + step * np.arange(horizon, dtype=np.int64)[None, :]  # (B, H)
+    mid = starts + step // 2
+    tod = 2 * np.pi * (mid % 86_400) / 86_400
+    ny_tod = 2 * np.pi * (ny_local_seconds(mid) % 86_400) / 86_400
+    day = mid // 86_400
+    weekday = (day + 3) % 7
+    dow = 2 * np.pi * weekday / 7
+    session = us_session(mid)
+    frac = np.broadcast_to((np.arange(horizon) + 0.5) / horizon, starts.shape)
+    cols = [np.sin(tod), np.cos(tod), np.sin(2 * tod), np.cos(2 * tod), np.sin(3 * tod), np.cos(3 * tod),
+            np.sin(ny_tod), np.cos(ny_tod), np.sin(dow), np.cos(dow), (weekday >= 5).astype(np.float64),
+            (starts % 3600 == 0).astype(np.float64), (starts % 1800 == 0).astype(np.float64),
+            session.open, session.since_open, session.to_close, session.trading_day, session.half_day, frac]
+    return np.stack(cols, axis=-1)
+
+
+# --- history -> returns -> context ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Returns:
+    """One-step log returns between adjacent bars and the time each became known (its close time)."""
+
+    step: int
+    r: FloatArray
+    known_ts: IntArray
+
+    def __len__(self) -> int:
+        return int(self.r.size)
+
+    def known_by(self, origin: int, lookback_s: int) -> "Returns":
+        """Returns known at ``origin`` and at most ``lookback_s`` old (the serving cache's window)."""
+        lo, hi = np.searchsorted(self.known_ts, [origin - lookback_s, origin], side="right")
+        return Returns(self.step, self.r[lo:hi], self.known_ts[lo:hi])
+
+
+def returns_of(history: PriceHistory) -> Returns:
+    if len(history) < 2:
+        return Returns(history.step, np.empty(0), np.empty(0, np.int64))
+    adjacent = np.diff(history.ts) == history.step
+    r = np.diff(np.log(history.close))[adjacent]
+    return Returns(history.step, r, (history.ts[1:] + history.step)[adjacent])
+
+
+def base_variances(returns: FloatArray, cfg: EwmaConfig) -> tuple[float, float]:
+    """The EWMA-t engine's fast and slow one-step variances (same function, same inputs)."""
+    return ewma_variance(returns, cfg.half_life_bars), ewma_variance(returns, cfg.long_half_life_bars)
+
+
+def base_sigma(fast: float, slow: float, cfg: EwmaConfig, horizon: int) -> FloatArray:
+    """The EWMA-t engine's per-step std: fast reverting geometrically to slow over the horizon."""
+    decay = 0.5 ** (np.arange(horizon, dtype=np.float64) / cfg.reversion_bars)
+    variance = (slow + (fast - slow) * decay) * cfg.var_mult
+    out: FloatArray = np.sqrt(np.maximum(variance, VAR_FLOOR))
+    return out
+
+
+@dataclass(frozen=True)
+class ContextInputs:
+    series: FloatArray  # [context_len] returns / fast EWMA std, oldest first
+    scalars: FloatArray  # [len(context_feature_names(spec))], raw (normalised by the model's stats)
+    base: FloatArray  # [horizon] EWMA-t per-step std of the one-step log return
+    fast: float
+    slow: float
+
+
+def context_inputs(spec: FeatureSpec, native: Returns, origin: int,
+                   coarse: Returns | None = None) -> ContextInputs:
+    """Context of one forecast from returns known at ``origin`` (already cut to the lookback)."""
+    if len(native) < spec.min_returns:
+        raise FeatureError(f"need {spec.min_returns} returns at {spec.step}s, history has {len(native)}")
+    fast, slow = base_variances(native.r, spec.ewma)
+    fast, slow = max(fast, VAR_FLOOR), max(slow, VAR_FLOOR)
+    sd = np.sqrt(fast)
+    r = native.r
+    age = max(origin - int(native.known_ts[-1]), 0) / spec.step
+    values = [0.5 * np.log(fast / slow), np.log1p(age)]
+    for w in spec.windows:
+        tail = r[-w:]
+        path = np.concatenate(([0.0], np.cumsum(tail)))
+        values += [0.5 * np.log(max(float(np.mean(tail**2)), VAR_FLOOR) / fast),
+                   float(path[-1]) / (sd * np.sqrt(w)),
+                   float(path.max() - path.min()) / (sd * np.sqrt(w))]
+    for w in spec.coarse_windows:
+        if coarse is None or len(coarse) < w:
+            raise FeatureError(f"need {w} resampled 5-minute returns, history has {0 if coarse is None else len(coarse)}")
+        rv = max(float(np.mean(coarse.r[-w:] ** 2)), VAR_FLOOR)
+        values.append(0.5 * np.log(rv / (fast * coarse.step / spec.step)))
+    scalars = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(scalars)):
+        raise FeatureError("non-finite context feature")
+    return ContextInputs(series=r[-spec.context_len:] / sd, scalars=scalars,
+                         base=base_sigma(fast, slow, spec.ewma, spec.horizon), fast=fast, slow=slow)
+
+
+def history_context(spec: FeatureSpec, history: PriceHistory, origin: int) -> ContextInputs:
+    """Serving path: a snapshot's history at the model's step -> context inputs."""
+    if history.step != spec.step:
+        raise FeatureError(f"history step {history.step}s, model needs {spec.step}s")
+    known = history.known_at(origin)
+    native = returns_of(known).known_by(origin, spec.lookback_s)
+    coarse = returns_of(known.resample(300)).known_by(origin, spec.lookback_s) if spec.coarse_windows else None
+    return context_inputs(spec, native, origin, coarse)
+
+
+@dataclass(frozen=True)
+class NormStats:
+    """Mean and std of each context feature over the training windows only."""
+
+    mean: FloatArray
+    std: FloatArray
+
+    @classmethod
+    def fit(cls, scalars: FloatArray) -> "NormStats":
+        if scalars.ndim != 2 or scalars.shape[0] < 2:
+            raise FeatureError("need at least two training windows to fit normalisation statistics")
+        return cls(scalars.mean(axis=0), np.maximum(scalars.std(axis=0), 1e-6))
+
+    def apply(self, scalars: FloatArray) -> FloatArray:
+        if scalars.shape[-1] != self.mean.size:
+            raise FeatureError(f"{scalars.shape[-1]} features, statistics for {self.mean.size}")
+        out: FloatArray = np.clip((scalars - self.mean) / self.std, -8.0, 8.0)
+        return out

@@ -1,0 +1,275 @@
+"""Durable price history on disk, partitioned by asset, step and UTC day; appended by the refresh job.
+
+Partition ``{root}/{ASSET}/{1m|5m}/{YYYY-MM-DD}.day``: a 32-byte header (magic, version, step, day,
+slot count, CRC-32 of the payload) then one little-endian float64 per bar slot of the day, 0.0 for
+a gap (1440 slots = 11.5 KB at 1 minute). Fixed slots make an append a slice assignment and a read a
+single ``np.frombuffer``; the CRC catches a torn or foreign file on read.
+
+Writes go to a temporary file in the same folder, are fsynced, then renamed over the partition:
+a crash or a failing write leaves the old partition as it was and raises ``StoreWriteError``.
+Appends to one asset and step are serialised across processes by an ``flock`` on a lock file.
+"""
+
+import fcntl
+import os
+import struct
+import tempfile
+import time
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from core.cache import HistoryCache
+from core.constants import SECONDS_PER_DAY
+from core.prices import PriceHistory
+from core.settings import Settings
+
+MAGIC = b"SYNTHDAY"
+VERSION = 1
+HEADER = struct.Struct("<8sHHIqII")  # magic, version, reserved, step, day, slots, crc32
+SLOT = np.dtype("<f8")
+SUFFIX = ".day"
+EPOCH = date(1970, 1, 1)
+STEP_DIRS = {60: "1m", 300: "5m"}
+
+
+class HistoryStoreError(RuntimeError):
+    """The on-disk history could not be read or written."""
+
+
+class StoreWriteError(HistoryStoreError):
+    """A partition write failed; the previous partition is intact."""
+
+
+class StoreReadError(HistoryStoreError):
+    """A partition is corrupt or not a partition at all."""
+
+
+@dataclass(frozen=True)
+class StoreSummary:
+    asset: str
+    step: int
+    days: int
+    rows: int
+    first_ts: int | None
+    last_ts: int | None
+    gaps: int  # places where consecutive bars are more than one step apart
+    missing_bars: int  # bars absent between the first and the last
+
+
+def step_dir(step: int) -> str:
+    return STEP_DIRS.get(step, f"{step}s")
+
+
+def day_name(day: int) -> str:
+    return datetime.fromtimestamp(day * SECONDS_PER_DAY, tz=UTC).date().isoformat()
+
+
+def _write_bytes(fh: IO[bytes], data: bytes) -> None:
+    """The one place bytes hit the disk (tests make it fail half-way)."""
+    fh.write(data)
+
+
+class HistoryStore:
+    def __init__(self, root: Path, durable: bool = True) -> None:
+        self.root = root
+        self.durable = durable  # fsync each partition; off only for throw-away stores
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "HistoryStore":
+        return cls(settings.data_dir / "history")
+
+    # --- layout ------------------------------------------------------------------------------------------
+    def folder(self, asset: str, step: int) -> Path:
+        if not asset or any(c in asset for c in "/\\.") or asset != asset.strip():
+            raise ValueError(f"invalid asset name {asset!r}")
+        return self.root / asset / step_dir(step)
+
+    def partition(self, asset: str, step: int, day: int) -> Path:
+        return self.folder(asset, step) / f"{day_name(day)}{SUFFIX}"
+
+    def assets(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+
+    def steps(self, asset: str) -> list[int]:
+        by_dir = {name: step for step, name in STEP_DIRS.items()}
+        base = self.root / asset
+        if not base.is_dir():
+            return []
+        found = []
+        for p in base.iterdir():
+            if p.is_dir():
+                step = by_dir.get(p.name) or (int(p.name[:-1]) if p.name.endswith("s") and p.name[:-1].isdigit()
+                                              else None)
+                if step:
+                    found.append(step)
+        return sorted(found)
+
+    def days(self, asset: str, step: int) -> list[int]:
+        folder = self.folder(asset, step)
+        if not folder.is_dir():
+            return []
+        days = []
+        for p in folder.glob(f"*{SUFFIX}"):
+            try:
+                days.append((date.fromisoformat(p.stem) - EPOCH).days)
+            except ValueError:
+                continue
+        return sorted(days)
+
+    # --- reading -----------------------------------------------------------------------------------------
+    def _slots(self, asset: str, step: int, day: int) -> np.ndarray[Any, np.dtype[np.float64]] | None:
+        path = self.partition(asset, step, day)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreReadError(f"{path}: unreadable ({exc})") from exc
+        per_day = SECONDS_PER_DAY // step
+        if len(raw) != HEADER.size + per_day * SLOT.itemsize:
+            raise StoreReadError(f"{path}: {len(raw)} bytes, expected {HEADER.size + per_day * SLOT.itemsize}")
+        magic, version, _, f_step, f_day, slots, crc = HEADER.unpack_from(raw)
+        payload = raw[HEADER.size:]
+        if magic != MAGIC or version != VERSION:
+            raise StoreReadError(f"{path}: not a history partition (magic {magic!r}, version {version})")
+        if (f_step, f_day, slots) != (step, day, per_day):
+            raise StoreReadError(f"{path}: header says step {f_step} day {f_day} slots {slots}")
+        if zlib.crc32(payload) != crc:
+            raise StoreReadError(f"{path}: checksum mismatch (torn or altered file)")
+        return np.frombuffer(payload, dtype=SLOT).astype(np.float64)
+
+    def read_day(self, asset: str, step: int, day: int) -> PriceHistory:
+        values = self._slots(asset, step, day)
+        if values is None:
+            return PriceHistory.empty(step)
+        present = np.flatnonzero(values > 0)
+        return PriceHistory(step, day * SECONDS_PER_DAY + present.astype(np.int64) * step, values[present])
+
+    def read(self, asset: str, step: int, start: int, end: int) -> PriceHistory:
+        """Stored bars with start <= ts < end."""
+        if end <= start:
+            return PriceHistory.empty(step)
+        lo, hi = start // SECONDS_PER_DAY, (end - 1) // SECONDS_PER_DAY
+        parts = [self.read_day(asset, step, d) for d in self.days(asset, step) if lo <= d <= hi]
+        if not parts:
+            return PriceHistory.empty(step)
+        hist = PriceHistory(step, np.concatenate([p.ts for p in parts]), np.concatenate([p.close for p in parts]))
+        return hist.between(start, end)
+
+    def span(self, asset: str, step: int) -> tuple[int, int] | None:
+        days = self.days(asset, step)
+        first = next((h for h in (self.read_day(asset, step, d) for d in days) if len(h)), None)
+        last = next((h for h in (self.read_day(asset, step, d) for d in reversed(days)) if len(h)), None)
+        if first is None or last is None or first.first_ts is None or last.last_ts is None:
+            return None
+        return first.first_ts, last.last_ts
+
+    def summary(self, asset: str, step: int) -> StoreSummary:
+        rows = gaps = missing = 0
+        first: int | None = None
+        last: int | None = None
+        days = self.days(asset, step)
+        for day in days:
+            hist = self.read_day(asset, step, day)
+            if not len(hist):
+                continue
+            ts = hist.ts
+            if last is not None:
+                ts = np.r_[last, ts]
+            jumps = np.diff(ts)
+            gaps += int(np.count_nonzero(jumps > step))
+            missing += int(np.sum(jumps[jumps > step] // step - 1))
+            rows += len(hist)
+            first = hist.first_ts if first is None else first
+            last = hist.last_ts
+        return StoreSummary(asset, step, len(days), rows, first, last, gaps, missing)
+
+    # --- writing -----------------------------------------------------------------------------------------
+    def append(self, asset: str, history: PriceHistory) -> int:
+        """Add (or overwrite) bars; returns how many were not stored before. Idempotent."""
+        if not len(history):
+            return 0
+        step = history.step
+        if SECONDS_PER_DAY % step or np.any(history.ts % step):
+            raise ValueError(f"bars must sit on a {step} s grid that divides a day")
+        per_day = SECONDS_PER_DAY // step
+        day = history.ts // SECONDS_PER_DAY
+        bounds = np.r_[0, np.flatnonzero(np.diff(day)) + 1, day.size]
+        new = 0
+        with self._locked(asset, step):
+            for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+                d = int(day[a])
+                slots = (history.ts[a:b] - d * SECONDS_PER_DAY) // step
+                old = self._slots(asset, step, d)
+                values = np.zeros(per_day, np.float64) if old is None else old.copy()
+                before = values[slots]
+                if old is not None and np.array_equal(before, history.close[a:b]):
+                    continue
+                new += int(np.count_nonzero(before <= 0))
+                values[slots] = history.close[a:b]
+                self._write_partition(asset, step, d, values)
+        return new
+
+    def _write_partition(self, asset: str, step: int, day: int,
+                         values: np.ndarray[Any, np.dtype[np.float64]]) -> None:
+        path = self.partition(asset, step, day)
+        payload = values.astype(SLOT).tobytes()
+        data = HEADER.pack(MAGIC, VERSION, 0, step, day, values.size, zlib.crc32(payload)) + payload
+        tmp: str | None = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as fh:
+                _write_bytes(fh, data)
+                fh.flush()
+                if self.durable:
+                    os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            tmp = None
+        except Exception as exc:
+            raise StoreWriteError(f"{path}: write failed, previous partition kept: {exc}") from exc
+        finally:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+
+    @contextmanager
+    def _locked(self, asset: str, step: int) -> Iterator[None]:
+        folder = self.folder(asset, step)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fh = open(folder / ".lock", "a+b")
+        except OSError as exc:
+            raise StoreWriteError(f"{folder}: cannot lock for writing ({exc})") from exc
+        with fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def rebuild_cache(store: HistoryStore, cache: HistoryCache, asset: str, window: int, now: int | None = None,
+                  steps: Sequence[int] | None = None) -> int:
+    """Refill the cache from the store for the last ``window`` seconds (after a Redis restart or FLUSHALL).
+
+    Returns the number of bars that were missing from the cache. ``now`` defaults to the wall clock.
+    """
+    now = int(time.time()) if now is None else now
+    written = 0
+    for step in steps if steps is not None else store.steps(asset):
+        hist = store.read(asset, step, now - window, now).known_at(now)
+        if len(hist):
+            written += cache.write(asset, hist)
+    return written

@@ -1,0 +1,184 @@
+"""Incremental refresh: store -> cache first, then only the missing tail from the provider -> store -> cache.
+
+The store makes history outlive both Redis (rebuilt from it after a FLUSHALL) and the providers'
+own retention (Hyperliquid keeps about 3.5 days). A Celery task calls ``refresh_assets_sync``.
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import redis
+
+from core.cache import HistoryCache
+from core.cache_redis import RedisHistoryCache
+from core.constants import SECONDS_PER_DAY
+from core.history_store import HistoryStore, HistoryStoreError
+from core.prices import LatestPrice, PriceDataError, PriceHistory
+from core.settings import Settings
+from core.sources.base import PriceSource, ProviderError
+from core.sources.registry import sources_for
+
+log = logging.getLogger(__name__)
+
+
+class RefreshConfigError(ValueError):
+    """The settings lack what a refresh needs (a Redis URL for the shared cache)."""
+
+
+@dataclass(frozen=True)
+class StepRefresh:
+    step: int
+    window_s: int
+    from_store: int  # bars the cache lacked and the store had
+    fetched: int  # bars the provider returned for the missing tail
+    new_in_store: int
+    new_in_cache: int
+    span: tuple[int, int] | None  # the cache's (first ts, last ts) after the refresh
+
+
+@dataclass(frozen=True)
+class RefreshReport:
+    asset: str
+    provider: str
+    steps: tuple[StepRefresh, ...]
+    latest: LatestPrice | None
+    errors: tuple[str, ...]
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def default_steps(source: PriceSource) -> tuple[int, ...]:
+    """Replayed folders carry native 5-minute files; live providers are read at 1 minute only."""
+    return (60, 300) if source.name == "replay" else (60,)
+
+
+def cache_windows(settings: Settings, steps: Sequence[int]) -> dict[int, int]:
+    """Seconds of history kept per step: 1-minute bars serve 5-minute prompts too unless 5m is cached."""
+    hf, lf = int(settings.cache_days_hf * SECONDS_PER_DAY), int(settings.cache_days_lf * SECONDS_PER_DAY)
+    if 300 in steps:
+        return {step: (hf if step == 60 else lf) for step in steps}
+    return {step: max(hf, lf) for step in steps}
+
+
+@contextmanager
+def _asset_lock(cache: HistoryCache, asset: str, settings: Settings) -> Iterator[None]:
+    """Hold the per-asset Redis lock when there is one; writes are idempotent, so a timeout goes on without."""
+    if not isinstance(cache, RedisHistoryCache):
+        yield
+        return
+    lock = cache.refresh_lock(asset, ttl_s=settings.refresh_lock_s, wait_s=settings.refresh_lock_s / 2)
+    held = False
+    try:
+        held = bool(lock.acquire())
+    except redis.RedisError as exc:
+        log.warning("refresh lock for %s unavailable (%s): going on without it", asset, exc)
+    try:
+        yield
+    finally:
+        if held:
+            try:
+                lock.release()
+            except redis.RedisError as exc:  # expired while we worked: someone else may hold it now
+                log.warning("refresh lock for %s lost: %s", asset, exc)
+
+
+async def refresh_asset(asset: str, source: PriceSource, cache: HistoryCache, store: HistoryStore | None,
+                        settings: Settings, now: int | None = None,
+                        steps: Sequence[int] | None = None) -> RefreshReport:
+    """Bring the cache (and the store) up to ``now`` for one asset; failures are reported, not raised."""
+    started = time.perf_counter()
+    now = int(time.time()) if now is None else int(now)
+    steps = tuple(steps) if steps is not None else default_steps(source)
+    windows = cache_windows(settings, steps)
+    errors: list[str] = []
+    done: list[StepRefresh] = []
+    lock = _asset_lock(cache, asset, settings)
+    await asyncio.to_thread(lock.__enter__)
+    try:
+        for step in steps:
+            done.append(await _refresh_step(asset, step, windows[step], source, cache, store, now, errors))
+        latest: LatestPrice | None = None
+        try:
+            latest = await source.latest(asset)
+            await asyncio.to_thread(cache.set_latest, asset, latest)
+        except ProviderError as exc:
+            errors.append(f"latest: {type(exc).__name__}: {exc}")
+    finally:
+        await asyncio.to_thread(lock.__exit__, None, None, None)
+    for error in errors:
+        log.warning("refresh %s via %s: %s", asset, source.name, error)
+    return RefreshReport(asset, source.name, tuple(done), latest, tuple(errors), time.perf_counter() - started)
+
+
+async def _refresh_step(asset: str, step: int, window: int, source: PriceSource, cache: HistoryCache,
+                        store: HistoryStore | None, now: int, errors: list[str]) -> StepRefresh:
+    lo = -(-(now - window) // step) * step
+    span = await asyncio.to_thread(cache.span, asset, step)
+    tail = lo if span is None or span[1] < lo else span[1] + step
+
+    # 1. The store first: after a restart it holds everything up to the last refresh.
+    from_store = 0
+    if store is not None:
+        try:
+            stored = (await asyncio.to_thread(store.read, asset, step, tail, now)).known_at(now)
+            if len(stored):
+                from_store = await asyncio.to_thread(cache.write, asset, stored)
+                tail = max(tail, int(stored.ts[-1]) + step)
+        except (HistoryStoreError, PriceDataError) as exc:
+            errors.append(f"store read {step}s: {type(exc).__name__}: {exc}")
+
+    # 2. The provider fills only what is still missing, store first so history outlives Redis.
+    fetched = PriceHistory.empty(step)
+    if tail < now:
+        try:
+            fetched = (await source.history(asset, tail, now, step)).known_at(now)
+        except (ProviderError, PriceDataError) as exc:
+            errors.append(f"history {step}s: {type(exc).__name__}: {exc}")
+    new_in_store = new_in_cache = 0
+    if len(fetched):
+        if store is not None:
+            try:
+                new_in_store = await asyncio.to_thread(store.append, asset, fetched)
+            except HistoryStoreError as exc:
+                errors.append(f"store write {step}s: {type(exc).__name__}: {exc}")
+        new_in_cache = await asyncio.to_thread(cache.write, asset, fetched)
+    await asyncio.to_thread(cache.trim, asset, step, lo)
+    span = await asyncio.to_thread(cache.span, asset, step)
+    return StepRefresh(step, window, from_store, len(fetched), new_in_store, new_in_cache, span)
+
+
+async def refresh_assets(assets: Sequence[str], settings: Settings, cache: HistoryCache,
+                         store: HistoryStore | None, now: int | None = None) -> list[RefreshReport]:
+    """Refresh several assets concurrently with sources built from settings (closed at the end)."""
+    sources = sources_for(settings)
+    try:
+        async def one(asset: str) -> RefreshReport:
+            try:
+                return await refresh_asset(asset, sources(asset), cache, store, settings, now)
+            except Exception as exc:  # one broken asset must not stop the others
+                log.exception("refresh of %s failed", asset)
+                return RefreshReport(asset, settings.provider_for(asset), (), None,
+                                     (f"{type(exc).__name__}: {exc}",), 0.0)
+
+        return list(await asyncio.gather(*(one(a) for a in assets)))
+    finally:
+        await sources.close()
+
+
+def refresh_assets_sync(assets: Sequence[str], settings: Settings, now: int | None = None) -> list[RefreshReport]:
+    """What the Celery task calls: Redis cache and disk store from settings, one event loop per call."""
+    if not settings.redis_url:
+        raise RefreshConfigError("refreshing the shared cache needs SYNTH_REDIS_URL")
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=10.0, socket_connect_timeout=5.0)
+    try:
+        cache = RedisHistoryCache(client)
+        return asyncio.run(refresh_assets(assets, settings, cache, HistoryStore.from_settings(settings), now))
+    finally:
+        client.close()

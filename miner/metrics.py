@@ -1,0 +1,57 @@
+"""Prometheus metrics of the miner: what operators watch to know every answer is valid and in time."""
+
+import asyncio
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 60, 120)
+
+
+class MinerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("synth_requests", "Simulation requests answered or refused",
+                                ["asset", "prompt", "outcome"], registry=r)
+        self.latency = Histogram("synth_request_seconds", "receipt to reply ready", ["prompt"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.deadline_margin = Histogram("synth_deadline_margin_seconds", "time left before the caller's deadline",
+                                         ["prompt"], buckets=LATENCY_BUCKETS, registry=r)
+        self.fallbacks = Counter("synth_fallbacks", "answers from the in-process fallback", ["reason"], registry=r)
+        self.invalid = Counter("synth_invalid_replies", "replies refused by the self-check (never sent)", registry=r)
+        self.shared = Counter("synth_shared_requests", "requests answered from an identical one", registry=r)
+        self.queue_depth = Gauge("synth_queue_depth", "messages waiting per Celery queue", ["queue"], registry=r)
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> None:
+        start_http_server(port, addr=host, registry=self.registry)
+        log.info("metrics on http://%s:%d/metrics", host, port)
+
+
+def fallback_reason(reason: str | None) -> str:
+    """A small, stable label set for the free-text reason."""
+    text = (reason or "").lower()
+    if "deadline" in text or "timed out" in text or "timeout" in text:
+        return "timeout"
+    if "unavailable" in text or "connection" in text:
+        return "redis_down"
+    if "worker error" in text:
+        return "worker_error"
+    if "digits" in text or "shape" in text or "nan" in text or "prices" in text:
+        return "invalid_paths"
+    return "other"
+
+
+async def watch_queue_depth(metrics: MinerMetrics, redis_url: str, queues: list[str], every_s: float = 5.0) -> None:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(redis_url, socket_timeout=2.0)
+    while True:
+        for queue in queues:
+            try:
+                metrics.queue_depth.labels(queue).set(await client.llen(queue))
+            except Exception:
+                metrics.queue_depth.labels(queue).set(float("nan"))
+        await asyncio.sleep(every_s)

@@ -1,0 +1,249 @@
+"""Statistical tests of the path sampler against moments derived in closed form.
+
+Every tolerance is a multiple of a standard error estimated from the sample itself (independent
+paths give independent replicates), with fixed seeds so the tests are deterministic.
+"""
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from scipy import stats
+
+from core.path_sampling import (
+    MAX_LOG_MOVE,
+    LatentVol,
+    SamplingError,
+    latent_log_vol,
+    latent_multiplier,
+    sample_paths,
+    unit_t,
+)
+
+FloatArray = npt.NDArray[np.float64]
+Z_TOL = 5.0  # standard errors; a false alarm at 5 SE is a 1-in-1.7-million event per check
+
+
+def log_returns(paths: npt.NDArray[np.float32]) -> FloatArray:
+    return np.diff(np.log(paths.astype(np.float64)), axis=1)
+
+
+def excess_kurtosis(x: FloatArray, axis: int = 0) -> FloatArray:
+    centred = x - x.mean(axis=axis, keepdims=True)
+    m2 = (centred**2).mean(axis=axis)
+    out: FloatArray = (centred**4).mean(axis=axis) / m2**2 - 3.0
+    return out
+
+
+def batch_estimate(values: FloatArray, n_batches: int, statistic: "np.ufunc | object") -> tuple[float, float]:
+    """Statistic over the whole sample and its standard error from independent batches of paths."""
+    batches = np.array_split(values, n_batches)
+    per_batch = np.array([statistic(b) for b in batches])  # type: ignore[operator]
+    return float(statistic(values)), float(per_batch.std(ddof=1) / np.sqrt(n_batches))  # type: ignore[operator]
+
+
+def t_fourth_moment(nu: float) -> float:
+    """E[eps^4] of a unit-variance Student-t."""
+    return 3.0 * (nu - 2.0) / (nu - 4.0)
+
+
+def sum_excess_kurtosis(latent: LatentVol, nu: float, n_steps: int) -> float:
+    """Excess kurtosis of the sum of n_steps returns r_t = m_t eps_t, m_t = exp(z_t - Var z).
+
+    E[m_t^2 m_u^2] = exp(4 v rho^|t-u|) with v = Var z; the innovations are independent of z.
+    """
+    v = latent.stationary_var
+    lags = np.abs(np.subtract.outer(np.arange(n_steps), np.arange(n_steps)))
+    cross = np.exp(4.0 * v * latent.rho**lags)
+    fourth = np.trace(cross) * t_fourth_moment(nu) + 3.0 * (cross.sum() - np.trace(cross))
+    return float(fourth / n_steps**2 - 3.0)
+
+
+def squared_return_acf(latent: LatentVol, nu: float, lag: int) -> float:
+    """Corr(r_t^2, r_{t+lag}^2) for the stationary latent model."""
+    v = latent.stationary_var
+    cov = np.exp(4.0 * v * latent.rho**lag) - 1.0
+    var = np.exp(4.0 * v) * t_fourth_moment(nu) - 1.0
+    return float(cov / var)
+
+
+# --------------------------------------------------------------------------- shape and invariants
+
+
+def test_shape_dtype_anchor_and_seeding() -> None:
+    mu, sigma = np.zeros(12), np.full(12, 0.01)
+    a = sample_paths(250.5, mu, sigma, 5.0, 64, np.random.default_rng(7), LatentVol(0.9, 0.2))
+    b = sample_paths(250.5, mu, sigma, 5.0, 64, np.random.default_rng(7), LatentVol(0.9, 0.2))
+    c = sample_paths(250.5, mu, sigma, 5.0, 64, np.random.default_rng(8), LatentVol(0.9, 0.2))
+    assert a.shape == (64, 13) and a.dtype == np.float32
+    assert np.all(a[:, 0] == np.float32(250.5))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("sigma", [1e-9, 0.05, 10.0, 1e6])
+def test_prices_positive_and_finite_for_any_sigma(sigma: float) -> None:
+    paths = sample_paths(3.0e4, np.zeros(288), np.full(288, sigma), 2.1, 500, np.random.default_rng(1),
+                         LatentVol(0.99, 0.5), sigma_scale=2.0)
+    assert np.all(np.isfinite(paths)) and np.all(paths > 0)
+    ratio = paths.astype(np.float64) / 3.0e4
+    assert np.all(np.abs(np.log(ratio)) <= MAX_LOG_MOVE + 1e-5)
+
+
+def test_extreme_anchors_stay_finite_in_float32() -> None:
+    for anchor in (1e-30, 1e30):
+        paths = sample_paths(anchor, np.zeros(5), np.full(5, 10.0), 3.0, 100, np.random.default_rng(0))
+        assert np.all(np.isfinite(paths)) and np.all(paths > 0)
+
+
+def test_zero_sigma_gives_flat_paths_with_drift() -> None:
+    mu = np.full(4, 0.01)
+    paths = sample_paths(100.0, mu, np.zeros(4), 5.0, 3, np.random.default_rng(0))
+    expected = 100.0 * np.exp(np.cumsum(mu))
+    np.testing.assert_allclose(paths[:, 1:], np.broadcast_to(expected, (3, 4)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"mu": np.zeros(3)}, "1-D of one length"),
+    ({"sigma": np.array([0.1, -0.1, 0.1, 0.1])}, "sigma finite and >= 0"),
+    ({"sigma": np.array([0.1, np.nan, 0.1, 0.1])}, "sigma finite and >= 0"),
+    ({"mu": np.array([0.0, np.inf, 0.0, 0.0])}, "mu must be finite"),
+    ({"anchor": 0.0}, "anchor price"),
+    ({"anchor": float("nan")}, "anchor price"),
+    ({"anchor": 1e40}, "anchor price"),
+    ({"n_paths": 0}, "n_paths"),
+    ({"n_paths": 2.5}, "n_paths"),
+    ({"nu": np.array([5.0, 5.0])}, "one value per step"),
+    ({"nu": float("nan")}, "nu must be > 0"),
+    ({"sigma_scale": -1.0}, "sigma_scale"),
+    ({"sigma_scale": float("inf")}, "sigma_scale"),
+])
+def test_bad_parameters_raise_typed_error(kwargs: dict[str, object], message: str) -> None:
+    args: dict[str, object] = {"anchor": 100.0, "mu": np.zeros(4), "sigma": np.full(4, 0.01), "nu": 5.0,
+                               "n_paths": 10, "rng": np.random.default_rng(0)}
+    args.update(kwargs)
+    with pytest.raises(SamplingError, match=message):
+        sample_paths(**args)  # type: ignore[arg-type]
+
+
+def test_latent_vol_rejects_bad_parameters() -> None:
+    for rho, s in ((1.0, 0.1), (-0.1, 0.1), (0.5, -0.1), (0.5, float("inf"))):
+        with pytest.raises(SamplingError):
+            LatentVol(rho, s)
+    assert issubclass(SamplingError, ValueError)
+
+
+# --------------------------------------------------------------------------- innovations
+
+
+@pytest.mark.parametrize("nu", [2.5, 4.0, 7.0, 30.0])
+def test_unit_t_follows_the_rescaled_student_t_law(nu: float) -> None:
+    draws = unit_t(np.random.default_rng(11), nu, (200_000, 1))[:, 0]
+    # Kolmogorov-Smirnov against t(nu) scaled to unit variance.
+    result = stats.kstest(draws / np.sqrt((nu - 2.0) / nu), stats.t(nu).cdf)
+    assert result.pvalue > 1e-3
+
+
+def test_unit_t_has_unit_variance() -> None:
+    nu = 10.0  # finite 8th moment: the variance of the sample variance exists
+    draws = unit_t(np.random.default_rng(3), nu, (400_000, 1))[:, 0]
+    se = np.sqrt(np.var(draws**2) / draws.size)
+    assert abs(np.mean(draws**2) - 1.0) < Z_TOL * se
+
+
+def test_per_step_nu_gives_per_step_tails() -> None:
+    nu = np.array([4.5, 60.0])
+    draws = unit_t(np.random.default_rng(5), nu, (300_000, 2))
+    for k in range(2):
+        assert stats.kstest(draws[:, k] / np.sqrt((nu[k] - 2.0) / nu[k]), stats.t(nu[k]).cdf).pvalue > 1e-3
+
+
+def test_infinite_nu_is_gaussian() -> None:
+    draws = unit_t(np.random.default_rng(5), float("inf"), (200_000, 1))[:, 0]
+    assert stats.kstest(draws, stats.norm.cdf).pvalue > 1e-3
+
+
+# --------------------------------------------------------------------------- latent volatility
+
+
+def test_latent_start_is_stationary() -> None:
+    latent = LatentVol(rho=0.98, s=0.15)
+    z = latent_log_vol(np.random.default_rng(21), latent, (200_000, 50))
+    target = latent.stationary_var  # s^2 / (1 - rho^2)
+    for column in (0, 1, 25, 49):
+        sample_var = z[:, column].var()
+        se = target * np.sqrt(2.0 / (z.shape[0] - 1))  # Gaussian: Var(s^2) = 2 sigma^4 / (n - 1)
+        assert abs(sample_var - target) < Z_TOL * se, column
+    # Lag-one autocorrelation is rho from the first step on.
+    corr = np.corrcoef(z[:, 0], z[:, 1])[0, 1]
+    assert abs(corr - latent.rho) < Z_TOL * (1 - latent.rho**2) / np.sqrt(z.shape[0])
+
+
+def test_latent_multiplier_preserves_mean_square() -> None:
+    latent = LatentVol(rho=0.95, s=0.1)
+    m = latent_multiplier(np.random.default_rng(4), latent, (400_000, 3))
+    for column in range(3):
+        sq = m[:, column] ** 2
+        assert abs(sq.mean() - 1.0) < Z_TOL * sq.std() / np.sqrt(sq.size)
+    # Without the exp(-Var z) correction the mean square would be exp(2 Var z): far outside the band.
+    assert np.exp(2 * latent.stationary_var) - 1.0 > 20 * (m[:, 0] ** 2).std() / np.sqrt(m.shape[0])
+
+
+@pytest.mark.parametrize("latent", [LatentVol(), LatentVol(0.95, 0.1)])
+@pytest.mark.parametrize("scale", [1.0, 1.7])
+def test_log_return_variance_is_sigma_squared_times_scale_squared(latent: LatentVol, scale: float) -> None:
+    sigma = np.array([0.002, 0.001, 0.004])
+    paths = sample_paths(100.0, np.zeros(3), sigma, 8.0, 300_000, np.random.default_rng(9), latent, scale)
+    r = log_returns(paths)
+    for k in range(3):
+        sq = r[:, k] ** 2
+        target = (sigma[k] * scale) ** 2
+        # float32 prices add rounding noise of ~1e-7 relative: negligible next to these returns.
+        assert abs(sq.mean() - target) < Z_TOL * sq.std() / np.sqrt(sq.size), k
+        assert abs(r[:, k].mean()) < Z_TOL * r[:, k].std() / np.sqrt(sq.size)
+
+
+def test_drift_is_the_mean_log_return() -> None:
+    mu = np.array([0.001, -0.002])
+    sigma = np.array([0.01, 0.01])
+    paths = sample_paths(50.0, mu, sigma, 6.0, 300_000, np.random.default_rng(2), LatentVol(0.9, 0.1))
+    r = log_returns(paths)
+    for k in range(2):
+        assert abs(r[:, k].mean() - mu[k]) < Z_TOL * r[:, k].std() / np.sqrt(r.shape[0])
+
+
+def test_aggregated_returns_keep_fat_tails_only_with_latent_vol() -> None:
+    n_paths, n_steps, nu = 100_000, 60, 10.0
+    sigma = np.full(n_steps, 0.001)
+    latent = LatentVol(0.95, 0.1)
+    with_latent = log_returns(sample_paths(100.0, np.zeros(n_steps), sigma, nu, n_paths,
+                                           np.random.default_rng(31), latent)).sum(axis=1)
+    iid = log_returns(sample_paths(100.0, np.zeros(n_steps), sigma, nu, n_paths,
+                                   np.random.default_rng(32))).sum(axis=1)
+    k_latent, se_latent = batch_estimate(with_latent, 20, excess_kurtosis)
+    k_iid, se_iid = batch_estimate(iid, 20, excess_kurtosis)
+    # Closed forms: iid sums lose their tails by the CLT (kurtosis / 60); latent vol keeps them.
+    expected_latent = sum_excess_kurtosis(latent, nu, n_steps)
+    expected_iid = sum_excess_kurtosis(LatentVol(), nu, n_steps)
+    assert abs(k_latent - expected_latent) < Z_TOL * se_latent
+    assert abs(k_iid - expected_iid) < Z_TOL * se_iid
+    assert k_latent - k_iid > Z_TOL * np.hypot(se_latent, se_iid)
+
+
+def test_squared_returns_cluster_only_with_latent_vol() -> None:
+    n_paths, n_steps, nu = 50_000, 40, 10.0
+    sigma = np.full(n_steps, 0.001)
+    latent = LatentVol(0.95, 0.1)
+
+    def lag_one_acf(r: FloatArray) -> float:
+        sq = r**2
+        a, b = sq[:, :-1].ravel(), sq[:, 1:].ravel()
+        return float(np.corrcoef(a, b)[0, 1])
+
+    clustered = log_returns(sample_paths(100.0, np.zeros(n_steps), sigma, nu, n_paths,
+                                         np.random.default_rng(41), latent))
+    iid = log_returns(sample_paths(100.0, np.zeros(n_steps), sigma, nu, n_paths, np.random.default_rng(42)))
+    acf_latent, se_latent = batch_estimate(clustered, 20, lag_one_acf)
+    acf_iid, se_iid = batch_estimate(iid, 20, lag_one_acf)
+    assert acf_latent > Z_TOL * se_latent
+    assert abs(acf_latent - squared_return_acf(latent, nu, 1)) < Z_TOL * se_latent
+    assert abs(acf_iid) < Z_TOL * se_iid

@@ -1,0 +1,67 @@
+"""A beat scheduler that schedules only while it holds a Redis leader lock, and stamps each slot.
+
+Two beats against one Redis: the one holding ``BEAT_LOCK_KEY`` sends, the other waits and takes
+over when the lock expires (TTL ``beat_lock_ttl_s``, renewed every tick). Each sent task carries
+``slot`` (its scheduled time floored to the period), which the task claims once in Redis.
+"""
+
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+import redis
+from celery.beat import PersistentScheduler, ScheduleEntry
+
+from core.constants import BEAT_LOCK_KEY
+from core.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+# Renew only if we still own it; release only if we own it (never steal another beat's lock).
+RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+
+
+class LeaderScheduler(PersistentScheduler):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        settings = get_settings()
+        self.lock_ttl_ms = int(settings.beat_lock_ttl_s * 1000)
+        self.identity = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
+        self.redis = redis.Redis.from_url(settings.redis_url or "", socket_timeout=2.0)
+        self.leader = False
+        super().__init__(*args, **kwargs)
+
+    def _hold_lock(self) -> bool:
+        try:
+            if self.redis.set(BEAT_LOCK_KEY, self.identity, nx=True, px=self.lock_ttl_ms):
+                if not self.leader:
+                    log.info("beat %s is now the leader", self.identity)
+                return True
+            return bool(self.redis.eval(RENEW, 1, BEAT_LOCK_KEY, self.identity, self.lock_ttl_ms))
+        except redis.RedisError as exc:
+            log.warning("beat lock unavailable (%s): not scheduling", exc)
+            return False
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        self.leader = self._hold_lock()
+        if not self.leader:
+            return min(1.0, self.lock_ttl_ms / 3000)
+        interval: float = super().tick(*args, **kwargs)
+        return min(interval, self.lock_ttl_ms / 3000)
+
+    def apply_async(self, entry: ScheduleEntry, producer: Any = None, advance: bool = True,
+                    **kwargs: Any) -> Any:
+        period = float(entry.kwargs.get("period_s", 0) or 0)
+        if period > 0:
+            # Slot = scheduled time floored to the period (a beat fires a little after the boundary).
+            entry.kwargs = {**entry.kwargs, "slot": int((time.time() + 0.5 * min(period, 2.0)) // period * period)}
+        return super().apply_async(entry, producer, advance, **kwargs)
+
+    def close(self) -> None:
+        try:
+            self.redis.eval("if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end "
+                            "return 0", 1, BEAT_LOCK_KEY, self.identity)
+        except redis.RedisError:
+            pass
+        super().close()
