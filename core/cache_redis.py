@@ -187,7 +187,9 @@ class RedisHistoryCache:
     # --- beyond the protocol ---------------------------------------------------------------------------
     def refresh_lock(self, asset: str, ttl_s: float, wait_s: float) -> Lock:
         """A per-asset lock so concurrent refreshers do not all call the provider for the same tail."""
-        return cast(Lock, self.client.lock(REFRESH_LOCK_KEY.format(asset=asset), timeout=ttl_s, blocking_timeout=wait_s))
+        # thread_local=False: the refresh acquires and releases from different worker threads.
+        return cast(Lock, self.client.lock(REFRESH_LOCK_KEY.format(asset=asset), timeout=ttl_s,
+                                           blocking_timeout=wait_s, thread_local=False))
 
     def day_keys(self, asset: str, step: int) -> list[str]:
         """Keys of the days the span covers (for memory reports and operators)."""

@@ -42,7 +42,7 @@ import numpy as np
 import numpy.typing as npt
 
 from core.constants import HF_INCREMENT, HF_LENGTH, LF_INCREMENT, LF_LENGTH, LOOKAHEAD_GUARD_S, MINUTE
-from core.csv_history import find_file
+from core.csv_history import find_file, load_asset
 from core.prices import IntArray, MarketSnapshot, PriceHistory
 from core.prompts import ForecastRequest
 
@@ -352,3 +352,73 @@ def clamp_windows(windows: Sequence[Window], start: int | None, end: int | None)
         if hi > lo:
             out.append(Window(w.asset, w.time_increment, lo, hi))
     return out
+
+
+# -------------------------------------------------------------------------------------------- plans
+
+
+def load_histories(folder: Path, assets: Iterable[str]) -> dict[str, AssetHistory]:
+    """Both files of every asset that has at least one in ``folder`` (assets without any are left out)."""
+    out: dict[str, AssetHistory] = {}
+    for asset in dict.fromkeys(assets):
+        m1, m5 = load_asset(folder, asset)
+        if m1 is not None or m5 is not None:
+            out[asset] = AssetHistory(m1, m5)
+    return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    prompts: list[EvalPrompt]
+    windows: list[Window]
+    histories: dict[str, AssetHistory]  # what engines may read (cut at eval_start_ts in walk-forward mode)
+    skipped: list[str]  # (asset, grid) pairs without data or without a window, with the reason
+
+
+def plan_prompts(folder: Path, assets: Mapping[int, Sequence[str]], mode: Mode, spacing_s: Mapping[int, int],
+                 seed: int, start: int | None = None, end: int | None = None, days: float = 60.0,
+                 max_per_window: int | None = None,
+                 histories: Mapping[str, AssetHistory] | None = None) -> Plan:
+    """Prompts for every (grid, asset) in ``assets`` (time_increment -> asset names).
+
+    heldout: from the files' eval_start_ts to the end of the data; walkforward: the last ``days`` before
+    eval_start_ts, with every file cut there; range: [start, end) on all the data. ``start``/``end``
+    also clamp the other two modes.
+    """
+    if mode not in ("heldout", "walkforward", "range"):
+        raise EvaluationError(f"unknown mode {mode!r}; use heldout, walkforward or range")
+    if mode == "range" and (start is None or end is None):
+        raise EvaluationError("range mode needs both a start and an end date")
+    unknown = [inc for inc in assets if inc not in GRIDS]
+    if unknown:
+        raise EvaluationError(f"no prompt grid for time_increment {unknown}; known: {sorted(GRIDS)}")
+    names = [a for group in assets.values() for a in group]
+    loaded = dict(histories) if histories is not None else load_histories(folder, names)
+    manifest = load_manifest(folder)
+    if mode != "range" and not manifest:
+        raise EvaluationError(f"{folder} has no manifest.json with eval_start_ts: use --mode range")
+    usable: dict[str, AssetHistory] = {}
+    windows: list[Window] = []
+    skipped: list[str] = []
+    for inc, group in assets.items():
+        for asset in group:
+            if asset not in loaded:
+                skipped.append(f"{asset} {PROMPT_LABELS[inc]}: no price file")
+                continue
+            marks = eval_starts(folder, asset, manifest)
+            history = training_history(loaded[asset], marks) if mode == "walkforward" else loaded[asset]
+            usable[asset] = history
+            if mode == "heldout":
+                window = heldout_window(asset, inc, history, marks)
+            elif mode == "walkforward":
+                window = training_window(asset, inc, history, days)
+            else:
+                assert start is not None and end is not None
+                window = Window(asset, inc, start, end)
+            clamped = clamp_windows([window], start, end) if window is not None else []
+            if not clamped:
+                skipped.append(f"{asset} {PROMPT_LABELS[inc]}: no {mode} window")
+                continue
+            windows += clamped
+    prompts = build_prompts(usable, windows, spacing_s, seed, max_per_window)
+    return Plan(prompts, windows, usable, skipped)

@@ -86,7 +86,7 @@ class ManualClock:
 
 
 class FakeMarket:
-    """CSV history per asset, shifted so its newest close lands at now + ``lead_s``."""
+    """CSV history per asset, shifted so its newest close lands at now + ``lead_s`` (up to 5 min later)."""
 
     def __init__(self, folder: Path, clock: Clock = time.time, lead_s: int = 0) -> None:
         if not folder.is_dir():
@@ -118,7 +118,8 @@ class FakeMarket:
             if not ends:
                 raise FakeDataError(f"CSV for {asset} is empty")
             target = int(self.clock()) + self.lead_s
-            self._shift[asset] = (target - max(ends)) // ALIGN * ALIGN
+            # Round up: the newest close lands in the coming 5 minutes, so the feed starts fresh.
+            self._shift[asset] = -(-(target - max(ends)) // ALIGN) * ALIGN
         return self._shift[asset]
 
     def bars(self, asset: str, step: int) -> PriceHistory:

@@ -92,6 +92,27 @@ class Settings(BaseSettings):
     flower_user: str = "admin"
     flower_password: str | None = Field(None, description="Flower basic-auth password; Flower refuses to start without")
 
+    # --- calibration, artifacts, champion/challenger (core.calibration, core.artifacts, core.champion) -
+    calibration_alpha_hf: float = Field(0.4, gt=0, le=1, description="log-space EMA weight of a new 1 h target")
+    calibration_alpha_lf: float = Field(0.2, gt=0, le=1, description="log-space EMA weight of a new 24 h target")
+    calibration_scale_min: float = Field(0.5, gt=0, description="sigma_scale never goes below this")
+    calibration_scale_max: float = Field(2.0, gt=0, description="sigma_scale never goes above this")
+    calibration_max_move_hf: float = Field(0.10, gt=0, lt=1, description="largest relative move per run, 1 h")
+    calibration_max_move_lf: float = Field(0.07, gt=0, lt=1, description="largest relative move per run, 24 h")
+    calibration_min_samples_hf: int = Field(150, ge=1, description="scored 1 h windows needed to move at all")
+    calibration_min_samples_lf: int = Field(120, ge=1, description="scored 24 h windows needed to move at all")
+    calibration_windows_hf: int = Field(180, ge=1, description="recent 1 h windows scored per run")
+    calibration_windows_lf: int = Field(140, ge=1, description="recent 24 h windows scored per run")
+    calibration_spacing_hf_s: int = Field(900, ge=60, description="one 1 h window per this many seconds")
+    calibration_spacing_lf_s: int = Field(3600, ge=60, description="one 24 h window per this many seconds")
+    calibration_paths: int = Field(200, ge=10, description="paths per window in the search (1000 live)")
+    calibration_search_tol: float = Field(0.01, gt=0, description="golden-section stop, in log scale")
+    calibration_seed: int = Field(20_260_526, description="window picks and common random numbers")
+    calibration_rules: Literal["head", "upstream"] = Field("upstream", description="validator rule set scored")
+    champion_tolerance: float = Field(0.005, ge=0, description="challenger promoted if its mean CRPS <= "
+                                                               "champion * (1 + this)")
+    artifacts_keep: int = Field(5, ge=2, description="published versions kept (the current one always is)")
+
     # --- observability ------------------------------------------------------------------------------
     log_level: str = "INFO"
     log_json: bool = False

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import RedisServer, free_port
-from tests.e2e_support import Proc, Validator, assert_valid_reply, make_wallet, start_miner, start_worker, \
+from synth_miner.devstack import Proc, Validator, assert_valid_reply, make_wallet, start_miner, start_worker, \
     start_time_in
 
 

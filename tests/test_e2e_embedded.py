@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
-from tests.e2e_support import Proc, Validator, assert_valid_reply, make_wallet, start_miner
+from synth_miner.devstack import Proc, Validator, assert_valid_reply, make_wallet, start_miner
 
 
 @pytest.fixture(scope="module")

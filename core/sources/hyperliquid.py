@@ -13,9 +13,9 @@ from typing import Any
 
 from core.assets import ASSETS
 from core.prices import LatestPrice, PriceHistory
-from core.sources.http import (Clock, HttpClient, HttpConfig, MalformedReplyError, UnsupportedAssetError, align_up,
-                               build_history, check_fresh, closed_end, fetch_range, gather_pages, page_ranges,
-                               parse_int, parse_price)
+from core.sources.http import (Clock, HttpClient, HttpConfig, MalformedReplyError, StalePriceError,
+                               UnsupportedAssetError, align_up, build_history, check_fresh, closed_end, fetch_range,
+                               gather_pages, page_ranges, parse_int, parse_price)
 
 INTERVALS = {60: "1m", 300: "5m"}
 PAGE_LIMIT = 5000  # candles per candleSnapshot reply
@@ -68,7 +68,7 @@ class HyperliquidSource:
         what = f"hyperliquid latest {coin}"
         closed = [(t, c) for t, c in zip(ts, close) if t + 60 <= now]
         if not closed:
-            raise MalformedReplyError(f"{what}: no closed candle in the last {LATEST_LOOKBACK_S} s")
+            raise StalePriceError(f"{what}: no closed candle in the last {LATEST_LOOKBACK_S} s")
         t, c = max(closed)
         return check_fresh(what, LatestPrice(price=c, publish_time=t + 60), now, self.config.max_price_age_s)
 

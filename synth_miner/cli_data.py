@@ -1,0 +1,254 @@
+"""``synth-miner data ...``: backfill the history store, import CSVs, show status, run a fake provider."""
+
+import asyncio
+import re
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from core.assets import ASSETS
+from core.csv_history import STEP_SUFFIX, read_csv
+from core.fake_providers import FAKE_PROVIDERS, FakeMarket, FakeProvider, start_fake
+from core.history_store import HistoryStore, HistoryStoreError, StoreSummary
+from core.prices import PriceDataError
+from core.settings import Settings
+from core.sources.base import ProviderError
+from core.sources.registry import PROVIDERS, build_source
+
+app = typer.Typer(help="Market data: backfill the history store, import CSVs, status, local provider servers.",
+                  no_args_is_help=True)
+console = Console(width=160)
+
+DATA_DIR_HELP = "store root is DATA_DIR/history (default: SYNTH_DATA_DIR)"
+CSV_NAME = re.compile(r"^(?P<stem>[a-z0-9]+)_(?P<res>1m|5m)\.csv(\.gz)?$", re.IGNORECASE)
+
+
+def _settings(data_dir: Path | None = None, **more: Any) -> Settings:
+    overrides: dict[str, Any] = {k: v for k, v in more.items() if v is not None}
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir
+    return Settings(**overrides)
+
+
+def parse_time(text: str) -> int:
+    """Unix seconds, a UTC date (2026-01-01) or an ISO datetime (naive = UTC)."""
+    text = text.strip()
+    if re.fullmatch(r"\d{9,11}", text):
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a date, an ISO datetime or unix seconds") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp())
+
+
+def _utc(ts: int | None) -> str:
+    return "-" if ts is None else datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86_400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86_400:.1f} d"
+
+
+# --- sync -----------------------------------------------------------------------------------------------------
+@app.command("sync")
+def sync(asset: str = typer.Option(..., "--asset", help="asset name, e.g. BTC"),
+         since: str = typer.Option(..., "--since", help="start: 2026-01-01, ISO datetime or unix seconds"),
+         until: Optional[str] = typer.Option(None, "--until", help="end (exclusive); default now"),
+         provider: Optional[str] = typer.Option(None, "--provider", help=f"one of {', '.join(PROVIDERS)}; "
+                                                "default: the asset's configured provider"),
+         step: int = typer.Option(60, "--step", help="bar seconds: 60 or 300"),
+         chunk_days: float = typer.Option(7.0, "--chunk-days", help="days fetched per round"),
+         data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP)) -> None:
+    """Backfill the history store from a provider."""
+    if asset not in ASSETS:
+        raise typer.BadParameter(f"unknown asset {asset!r}; known: {', '.join(sorted(ASSETS))}", param_hint="--asset")
+    if step not in STEP_SUFFIX:
+        raise typer.BadParameter("step must be 60 or 300", param_hint="--step")
+    start, end = parse_time(since), parse_time(until) if until else int(time.time())
+    if start >= end:
+        raise typer.BadParameter("--since must be before --until")
+    settings = _settings(data_dir)
+    name = provider or settings.provider_for(asset)
+    store = HistoryStore.from_settings(settings)
+    try:
+        fetched, new, empty = asyncio.run(_sync(asset, name, settings, store, start, end, step,
+                                                max(60, int(chunk_days * 86_400))))
+    except (ProviderError, HistoryStoreError, PriceDataError) as exc:
+        console.print(f"[red]sync failed:[/red] {type(exc).__name__}: {exc}")
+        raise typer.Exit(1) from None
+    console.print(f"{asset} via {name}: {_utc(start)} -> {_utc(end)} UTC, {fetched} bars fetched, {new} new in "
+                  f"{store.root}" + (f" ({empty} empty rounds: provider retention?)" if empty else ""))
+
+
+async def _sync(asset: str, provider: str, settings: Settings, store: HistoryStore, start: int, end: int,
+                step: int, chunk: int) -> tuple[int, int, int]:
+    source = build_source(provider, settings)
+    fetched = new = empty = 0
+    try:
+        for a in range(start, end, chunk):
+            hist = await source.history(asset, a, min(a + chunk, end), step)
+            fetched += len(hist)
+            empty += not len(hist)
+            new += await asyncio.to_thread(store.append, asset, hist)
+    finally:
+        await source.close()
+    return fetched, new, empty
+
+
+# --- import -----------------------------------------------------------------------------------------------------
+def assets_for_stem(stem: str) -> list[str]:
+    """Registry assets whose files use this stem (spy -> SPYX and SP500), else the stem upper-cased."""
+    found = [name for name, spec in ASSETS.items() if stem.lower() in spec.file_stems]
+    return found or [stem.upper()]
+
+
+@app.command("import")
+def import_csv(folder: Path = typer.Argument(..., help="folder of <stem>_<1m|5m>.csv(.gz) files"),
+               only: Optional[list[str]] = typer.Option(None, "--asset", help="import only these assets"),
+               data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP)) -> None:
+    """Import CSV history (the ../shared/data format): 1m files at step 60, 5m files at step 300."""
+    if not folder.is_dir():
+        raise typer.BadParameter(f"{folder} is not a folder")
+    store = HistoryStore.from_settings(_settings(data_dir))
+    table = Table("file", "asset", "step", "rows", "new", "span (UTC)", title=f"import into {store.root}")
+    steps = {suffix: step for step, suffix in STEP_SUFFIX.items()}
+    imported = 0
+    failed = False
+    for path in sorted(folder.iterdir()):
+        match = CSV_NAME.match(path.name)
+        if match is None:
+            continue
+        step = steps[match["res"].lower()]
+        targets = [a for a in assets_for_stem(match["stem"]) if not only or a in only]
+        if not targets:
+            continue
+        try:
+            hist = read_csv(path, step)
+            for asset in targets:
+                new = store.append(asset, hist)
+                imported += 1
+                table.add_row(path.name, asset, str(step), str(len(hist)), str(new),
+                              f"{_utc(hist.first_ts)} -> {_utc(hist.last_ts)}")
+        except (PriceDataError, HistoryStoreError) as exc:
+            failed = True
+            table.add_row(path.name, ",".join(targets), str(step), "-", "-", f"[red]{exc}[/red]")
+    console.print(table)
+    if not imported and not failed:
+        console.print(f"[yellow]no <stem>_<1m|5m>.csv(.gz) file in {folder}[/yellow]")
+    if failed:
+        raise typer.Exit(1)
+
+
+# --- status -----------------------------------------------------------------------------------------------------
+@app.command("status")
+def status(only: Optional[list[str]] = typer.Option(None, "--asset", help="only these assets"),
+           redis_url: Optional[str] = typer.Option(None, "--redis-url", help="cache to inspect (default "
+                                                   "SYNTH_REDIS_URL; none = store only)"),
+           data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP)) -> None:
+    """Per asset: span, rows, gaps and freshness of the store (and of the Redis cache when configured)."""
+    settings = _settings(data_dir, redis_url=redis_url)
+    store = HistoryStore.from_settings(settings)
+    now = time.time()
+    table = Table("asset", "step", "days", "first (UTC)", "last (UTC)", "rows", "gaps", "missing", "fresh",
+                  title=f"history store {store.root}")
+    summaries: list[StoreSummary] = []
+    for asset in store.assets():
+        if only and asset not in only:
+            continue
+        for step in store.steps(asset):
+            try:
+                summaries.append(store.summary(asset, step))
+            except HistoryStoreError as exc:
+                table.add_row(asset, str(step), "-", "-", "-", "-", "-", "-", f"[red]{exc}[/red]")
+    for s in summaries:
+        fresh = None if s.last_ts is None else now - (s.last_ts + s.step)
+        table.add_row(s.asset, str(s.step), str(s.days), _utc(s.first_ts), _utc(s.last_ts), str(s.rows),
+                      str(s.gaps), str(s.missing_bars), _age(fresh))
+    console.print(table)
+    if settings.redis_url:
+        _cache_status(settings.redis_url, sorted({s.asset for s in summaries} | set(only or ())), now)
+
+
+def _cache_status(url: str, assets: list[str], now: float) -> None:
+    import redis
+
+    from core.cache_redis import RedisHistoryCache
+
+    client = redis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=2.0)
+    try:
+        cache = RedisHistoryCache(client)
+        table = Table("asset", "step", "first (UTC)", "last (UTC)", "rows", "gaps", "fresh", "latest", "latest age",
+                      title="Redis cache")
+        for asset in assets or sorted(ASSETS):
+            latest = cache.latest(asset)
+            for step in (60, 300):
+                span = cache.span(asset, step)
+                if span is None:
+                    continue
+                hist = cache.read(asset, step, span[0], span[1] + 1)
+                gaps = int((hist.ts[1:] - hist.ts[:-1] > step).sum()) if len(hist) > 1 else 0
+                table.add_row(asset, str(step), _utc(span[0]), _utc(span[1]), str(len(hist)), str(gaps),
+                              _age(now - span[1] - step), f"{latest.price:.8g}" if latest else "-",
+                              _age(now - latest.publish_time) if latest else "-")
+        console.print(table)
+    except redis.RedisError as exc:
+        console.print(f"[red]cache unavailable:[/red] {exc}")
+    finally:
+        client.close()
+
+
+# --- serve-fake -----------------------------------------------------------------------------------------------
+@app.command("serve-fake")
+def serve_fake(provider: str = typer.Option(..., "--provider", help=f"one of {', '.join(FAKE_PROVIDERS)}"),
+               port: int = typer.Option(..., "--port", help="TCP port (0 = any free port)"),
+               data_dir: Path = typer.Option(..., "--data-dir", help="CSV folder in the ../shared/data format"),
+               host: str = typer.Option("127.0.0.1", "--host"),
+               lead_s: int = typer.Option(86_400, "--lead-s", help="seconds of rows still ahead of now at start: "
+                                          "they appear as time passes, like a live feed"),
+               duration: Optional[float] = typer.Option(None, "--duration", help="stop after this many seconds")) \
+        -> None:
+    """Serve a CSV folder in a provider's exact wire format (faults via POST /_faults)."""
+    if provider not in FAKE_PROVIDERS:
+        raise typer.BadParameter(f"unknown provider {provider!r}; known: {', '.join(FAKE_PROVIDERS)}",
+                                 param_hint="--provider")
+    if not data_dir.is_dir():
+        raise typer.BadParameter(f"{data_dir} is not a folder", param_hint="--data-dir")
+    market = FakeMarket(data_dir, lead_s=lead_s)
+    try:
+        asyncio.run(_serve(provider, market, host, port, duration))
+    except KeyboardInterrupt:
+        pass
+
+
+async def _serve(provider: FakeProvider, market: FakeMarket, host: str, port: int, duration: float | None) -> None:
+    server = await start_fake(provider, market, host, port)
+    typer.echo(f"fake {provider} serving {market.folder} ({', '.join(market.assets())}) at {server.url}")
+    sys.stdout.flush()
+    try:
+        if duration is not None:
+            await asyncio.sleep(duration)
+        else:
+            await asyncio.Event().wait()
+    finally:
+        await server.stop()
+
+
+if __name__ == "__main__":
+    app()

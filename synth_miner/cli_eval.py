@@ -1,0 +1,233 @@
+"""Evaluation commands: ``forecast-batch`` (the stable batch interface), ``backtest`` and ``tune-ewma``.
+
+Mount with ``cli_eval.register(app)``; each command is also a plain function.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from core.batch import BatchInputError, BatchRunner, PriceFolder, build_engines, calibration_lookup, run_file
+from core.constants import HF_INCREMENT, LF_INCREMENT
+from core.evaluation import EvaluationError, Mode, iso, parse_day, plan_prompts
+from core.forecast import no_calibration
+from core.scoring import Rules
+from core.settings import Settings
+
+DEFAULT_DATA = Path("../shared/data")
+# The reference design: 24 h prompts on BTC/ETH/XAU/SPYX/NVDAX and 1 h prompts on BTC/ETH/XAU/SOL; with
+# one 24 h prompt per day and one 1 h prompt per 16 h of each held-out window that is ~326 prompts.
+DEFAULT_LF_ASSETS = "BTC,ETH,XAU,SPYX,NVDAX"
+DEFAULT_HF_ASSETS = "BTC,ETH,XAU,SOL"
+DEFAULT_LF_SPACING_H = 24.0
+DEFAULT_HF_SPACING_H = 16.0
+
+console = Console()
+
+
+def _assets(text: str) -> list[str]:
+    return [a.strip() for a in text.split(",") if a.strip()]
+
+
+def _spacing(hours: float, name: str) -> int:
+    seconds = int(round(hours * 3600 / 60)) * 60
+    if seconds < 60:
+        raise typer.BadParameter(f"{name} must be at least one minute")
+    return seconds
+
+
+def forecast_batch(
+    requests: Annotated[Path, typer.Option("--requests", help="JSONL file, one request per line",
+                                           exists=True, dir_okay=False, readable=True)],
+    prices_dir: Annotated[Path, typer.Option("--prices-dir", help="folder of <asset>_1m/_5m.csv.gz files",
+                                             exists=True, file_okay=False)],
+    out: Annotated[Path, typer.Option("--out", help="JSONL file written: one response or error per request")],
+    seed: Annotated[int, typer.Option("--seed", help="RNG seed: same seed + request + data = same paths")],
+    engine: Annotated[Optional[str], typer.Option("--engine", help="engine name (default: the production engine)")]
+    = None,
+    calibrated: Annotated[bool, typer.Option("--calibration/--no-calibration",
+                                             help="apply the published sigma calibration, as production does")]
+    = True,
+) -> None:
+    """Forecast every request of a JSONL file from a price folder, with no look-ahead, deterministically."""
+    settings = Settings()
+    engines = build_engines(settings)
+    name = engine or settings.engine
+    if name not in engines:
+        raise typer.BadParameter(f"unknown engine {name!r}; available: {', '.join(sorted(engines))}",
+                                 param_hint="--engine")
+    runner = BatchRunner(PriceFolder(prices_dir), engines, name, seed, int(settings.batch_lookback_days * 86_400),
+                         settings.max_num_simulations, calibration_lookup(settings) if calibrated else no_calibration)
+    summary = run_file(runner, requests, out)
+    console.print(f"{summary.lines} requests: {summary.ok} answered, {summary.errors} errors, "
+                  f"{summary.fallbacks} served by the fallback engine; engine {name}, seed {seed}; "
+                  f"{summary.seconds:.1f} s -> {out}")
+
+
+def backtest(
+    out: Annotated[Path, typer.Option("--out", help="report folder, e.g. reports/<name>")] = Path("reports/backtest"),
+    data_dir: Annotated[Path, typer.Option("--data-dir", help="price folder with manifest.json", exists=True,
+                                           file_okay=False)] = DEFAULT_DATA,
+    engines_opt: Annotated[Optional[str], typer.Option("--engines", help="comma list (default: gbm,ewma_t and "
+                                                                         "the production engine)")] = None,
+    mode: Annotated[str, typer.Option("--mode", help="heldout | walkforward (pre-eval_start only) | range")]
+    = "heldout",
+    start: Annotated[Optional[str], typer.Option("--start", help="first prompt start (ISO date), clamps windows")]
+    = None,
+    end: Annotated[Optional[str], typer.Option("--end", help="prompts start before this (ISO date)")] = None,
+    days: Annotated[float, typer.Option("--days", help="walkforward: days before each file's eval_start_ts")]
+    = 60.0,
+    lf_assets: Annotated[str, typer.Option("--lf-assets", help="24 h prompt assets")] = DEFAULT_LF_ASSETS,
+    hf_assets: Annotated[str, typer.Option("--hf-assets", help="1 h prompt assets")] = DEFAULT_HF_ASSETS,
+    lf_spacing_h: Annotated[float, typer.Option("--lf-spacing-h", help="one 24 h prompt per this many hours")]
+    = DEFAULT_LF_SPACING_H,
+    hf_spacing_h: Annotated[float, typer.Option("--hf-spacing-h", help="one 1 h prompt per this many hours")]
+    = DEFAULT_HF_SPACING_H,
+    max_prompts: Annotated[Optional[int], typer.Option("--max-prompts", help="cap per asset × prompt type")]
+    = None,
+    paths: Annotated[int, typer.Option("--paths", help="paths per forecast (validators ask 1000)")] = 1000,
+    seed: Annotated[int, typer.Option("--seed", help="prompt placement and path RNG seed")] = 0,
+    rules: Annotated[str, typer.Option("--rules", help="upstream | head scoring rules")] = "upstream",
+    calibrated: Annotated[bool, typer.Option("--calibrated/--raw", help="apply the published sigma calibration")]
+    = False,
+    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="write the PNG figures")] = True,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="bootstrap resamples for the ratio intervals")]
+    = 2000,
+) -> None:
+    """Score engines on validator-style prompts (held-out windows by default) and write table, JSON, PNGs."""
+    from core.backtest import BASELINES, rich_table, run_backtest, summarise, write_report
+
+    if rules not in ("upstream", "head"):
+        raise typer.BadParameter("use upstream or head", param_hint="--rules")
+    if mode not in ("heldout", "walkforward", "range"):
+        raise typer.BadParameter("use heldout, walkforward or range", param_hint="--mode")
+    if paths < 1:
+        raise typer.BadParameter("must be >= 1", param_hint="--paths")
+    settings = Settings()
+    available = build_engines(settings)
+    names = _assets(engines_opt) if engines_opt else list(dict.fromkeys(["gbm", "ewma_t", settings.engine]))
+    if not engines_opt:
+        names = [n for n in names if n in available]
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise typer.BadParameter(f"unknown engine(s) {missing}; available: {', '.join(sorted(available))}",
+                                 param_hint="--engines")
+    try:
+        plan = plan_prompts(data_dir, {LF_INCREMENT: _assets(lf_assets), HF_INCREMENT: _assets(hf_assets)},
+                            mode_of(mode), {LF_INCREMENT: _spacing(lf_spacing_h, "--lf-spacing-h"),
+                                            HF_INCREMENT: _spacing(hf_spacing_h, "--hf-spacing-h")},
+                            seed, parse_day(start) if start else None, parse_day(end) if end else None, days,
+                            max_prompts)
+    except EvaluationError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    for note in plan.skipped:
+        console.print(f"[yellow]skipped[/] {note}")
+    if not plan.prompts:
+        console.print("[red]no prompts: nothing to score[/]")
+        raise typer.Exit(1)
+    rules_value: Rules = "upstream" if rules == "upstream" else "head"
+    lookback_s = int(settings.batch_lookback_days * 86_400)
+    result = run_backtest(plan.prompts, PriceFolder.from_histories(plan.histories), available, names, seed, paths,
+                          lookback_s, rules_value, calibration_lookup(settings) if calibrated else no_calibration,
+                          console=console, max_num_simulations=max(paths, settings.max_num_simulations))
+    config = {"mode": mode, "data_dir": str(data_dir), "engines": names, "rules": rules, "paths": paths,
+              "seed": seed, "calibrated": calibrated, "lookback_days": settings.batch_lookback_days,
+              "spacing_h": {"24h": lf_spacing_h, "1h": hf_spacing_h}, "max_prompts": max_prompts,
+              "windows": [{"asset": w.asset, "prompt": "24h" if w.time_increment == LF_INCREMENT else "1h",
+                           "start": iso(w.start), "end": iso(w.end)} for w in plan.windows]}
+    baselines = [b for b in BASELINES if b in names]
+    written = write_report(result, out, config, plots=plots, baselines=baselines, n_boot=bootstrap)
+    console.print(rich_table(summarise(result, baselines, bootstrap, seed), baselines,
+                             title=f"{len(result.prompts)} prompts, {rules} rules, {paths} paths"))
+    console.print(f"wall time {result.wall_s:.1f} s; wrote {len(written)} files to {out}")
+
+
+def mode_of(text: str) -> Mode:
+    if text == "walkforward":
+        return "walkforward"
+    if text == "range":
+        return "range"
+    return "heldout"
+
+
+def tune_ewma(
+    out: Annotated[Path, typer.Option("--out", help="folder for tuning.json")] = Path("reports/tuning"),
+    data_dir: Annotated[Path, typer.Option("--data-dir", exists=True, file_okay=False)] = DEFAULT_DATA,
+    days: Annotated[float, typer.Option("--days", help="days of pre-held-out data per asset")] = 90.0,
+    lf_assets: Annotated[str, typer.Option("--lf-assets")] = "BTC,ETH,SOL,XAU,SPYX,NVDAX",
+    hf_assets: Annotated[str, typer.Option("--hf-assets")] = DEFAULT_HF_ASSETS,
+    lf_spacing_h: Annotated[float, typer.Option("--lf-spacing-h")] = 24.0,
+    hf_spacing_h: Annotated[float, typer.Option("--hf-spacing-h")] = 12.0,
+    max_prompts: Annotated[Optional[int], typer.Option("--max-prompts", help="cap per asset × prompt type")]
+    = None,
+    paths: Annotated[int, typer.Option("--paths", help="paths per forecast while searching")] = 200,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    rules: Annotated[str, typer.Option("--rules", help="upstream | head")] = "upstream",
+    fit_share: Annotated[float, typer.Option("--fit-share", help="earlier share of each asset's prompts to fit")]
+    = 0.7,
+    params: Annotated[str, typer.Option("--params", help="comma list of globals to tune")] =
+    "var_mult,half_life_bars,long_half_life_bars,reversion_bars,nu,latent_s",
+    passes: Annotated[int, typer.Option("--passes", help="coordinate-search passes (coarse, then fine)")] = 2,
+) -> None:
+    """Tune the EWMA-t globals per prompt type walk-forward on data before every file's eval_start_ts."""
+    from core.engines.ewma import DEFAULT_CONFIGS
+    from core.tuning import TuningError, config_literal, run_tuning
+
+    if rules not in ("upstream", "head"):
+        raise typer.BadParameter("use upstream or head", param_hint="--rules")
+    settings = Settings()
+    try:
+        plan = plan_prompts(data_dir, {LF_INCREMENT: _assets(lf_assets), HF_INCREMENT: _assets(hf_assets)},
+                            "walkforward", {LF_INCREMENT: _spacing(lf_spacing_h, "--lf-spacing-h"),
+                                            HF_INCREMENT: _spacing(hf_spacing_h, "--hf-spacing-h")},
+                            seed, days=days, max_per_window=max_prompts)
+    except EvaluationError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    for note in plan.skipped:
+        console.print(f"[yellow]skipped[/] {note}")
+    windows = [{"asset": w.asset, "time_increment": w.time_increment, "start": iso(w.start), "end": iso(w.end)}
+               for w in plan.windows]
+    began = time.perf_counter()
+    rules_value: Rules = "upstream" if rules == "upstream" else "head"
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task(f"tuning on {len(plan.prompts)} prompts", total=None)
+        try:
+            report = run_tuning(plan.histories, plan.prompts, DEFAULT_CONFIGS,
+                                int(settings.batch_lookback_days * 86_400), paths, seed, rules_value, fit_share,
+                                _assets(params), passes, windows,
+                                on_eval=lambda msg: bar.update(task, description=f"tuning: {msg}"))
+        except TuningError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    doc = report.to_json()
+    doc["cpu_wall_s"] = round(time.perf_counter() - began, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tuning.json").write_text(json.dumps(doc, indent=2))
+    for inc, res in report.results.items():
+        fit, check = report.fit[inc], report.check[inc]
+        console.print(f"[bold]{inc}s grid[/] ({report.prompts[inc][0]} fit / {report.prompts[inc][1]} check prompts, "
+                      f"{res.evaluations} candidates)\n  {inc}: {config_literal(res.best)},")
+        for label, cmp in (("fit", fit), ("check", check)):
+            if cmp is not None:
+                console.print(f"  {label}: CRPS × start {cmp.mean_vs_start:.4f} (geo {cmp.geo_vs_start:.4f}), "
+                              f"× gbm {cmp.mean_vs_gbm:.4f} (geo {cmp.geo_vs_gbm:.4f}) on {cmp.n} prompts")
+    console.print(f"{doc['cpu_wall_s']} s; wrote {out / 'tuning.json'}")
+
+
+def register(app: typer.Typer) -> None:
+    """Mount the evaluation commands on the main ``synth-miner`` app."""
+    app.command("forecast-batch")(forecast_batch)
+    app.command("backtest")(backtest)
+    app.command("tune-ewma")(tune_ewma)
+
+
+app = typer.Typer(help="Batch forecasts, backtests and EWMA tuning.", no_args_is_help=True)
+register(app)
+
+__all__ = ["app", "backtest", "forecast_batch", "register", "tune_ewma", "BatchInputError"]
