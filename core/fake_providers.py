@@ -11,6 +11,7 @@ Faults are a mutable ``Faults`` object per app, changed directly by tests or ove
 import asyncio
 import dataclasses
 import math
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -378,9 +379,9 @@ async def _set_faults(request: web.Request) -> web.Response:
     try:
         changes = orjson.loads(await request.read())
         if not isinstance(changes, dict):
-            raise ValueError("expected a JSON object of fault fields")
+            raise TypeError("expected a JSON object of fault fields")
         request.app[FAULTS_KEY].set(**changes)
-    except (orjson.JSONDecodeError, ValueError) as exc:
+    except (orjson.JSONDecodeError, ValueError, TypeError) as exc:
         return web.Response(status=400, text=str(exc))
     return web.json_response(request.app[FAULTS_KEY].as_dict())
 
@@ -430,3 +431,62 @@ async def start_fake(provider: FakeProvider, market: FakeMarket, host: str = "12
     await web.TCPSite(runner, host, port).start()
     bound = runner.addresses[0]
     return FakeServer(runner, f"http://{host}:{bound[1]}", app[FAULTS_KEY])
+
+
+class FakeServerThread:
+    """A fake served from its own thread and event loop, for synchronous callers (CLI runs, sync wrappers)."""
+
+    def __init__(self, provider: FakeProvider, market: FakeMarket, host: str = "127.0.0.1", port: int = 0,
+                 faults: Faults | None = None) -> None:
+        self._args = (provider, market, host, port, faults)
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"fake-{provider}", daemon=True)
+        self._server: FakeServer | None = None
+        self._error: BaseException | None = None
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._server = self._loop.run_until_complete(start_fake(*self._args))
+        except BaseException as exc:  # reported to the starting thread
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self._loop.run_forever()
+        self._loop.run_until_complete(self._server.stop())
+        self._loop.close()
+
+    def start(self, timeout_s: float = 10.0) -> "FakeServerThread":
+        self._thread.start()
+        if not self._ready.wait(timeout_s):
+            raise TimeoutError("fake provider did not start")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    @property
+    def server(self) -> FakeServer:
+        if self._server is None:
+            raise RuntimeError("fake provider not started")
+        return self._server
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def faults(self) -> Faults:
+        return self.server.faults
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+
+    def __enter__(self) -> "FakeServerThread":
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()

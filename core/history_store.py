@@ -249,15 +249,14 @@ class HistoryStore:
         folder = self.folder(asset, step)
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            fh = open(folder / ".lock", "a+b")
+            fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise StoreWriteError(f"{folder}: cannot lock for writing ({exc})") from exc
-        with fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
 
 
 def rebuild_cache(store: HistoryStore, cache: HistoryCache, asset: str, window: int, now: int | None = None,

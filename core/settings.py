@@ -7,7 +7,7 @@ with keyword arguments.
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -93,30 +93,31 @@ class Settings(BaseSettings):
     flower_password: str | None = Field(None, description="Flower basic-auth password; Flower refuses to start without")
 
     # --- calibration, artifacts, champion/challenger (core.calibration, core.artifacts, core.champion) -
-    calibration_alpha_hf: float = Field(0.4, gt=0, le=1, description="log-space EMA weight of a new 1 h target")
-    calibration_alpha_lf: float = Field(0.2, gt=0, le=1, description="log-space EMA weight of a new 24 h target")
-    calibration_scale_min: float = Field(0.5, gt=0, description="sigma_scale never goes below this")
-    calibration_scale_max: float = Field(2.0, gt=0, description="sigma_scale never goes above this")
-    calibration_max_move_hf: float = Field(0.10, gt=0, lt=1, description="largest relative move per run, 1 h")
-    calibration_max_move_lf: float = Field(0.07, gt=0, lt=1, description="largest relative move per run, 24 h")
-    calibration_min_samples_hf: int = Field(150, ge=1, description="scored 1 h windows needed to move at all")
-    calibration_min_samples_lf: int = Field(120, ge=1, description="scored 24 h windows needed to move at all")
-    calibration_windows_hf: int = Field(180, ge=1, description="recent 1 h windows scored per run")
-    calibration_windows_lf: int = Field(140, ge=1, description="recent 24 h windows scored per run")
-    calibration_spacing_hf_s: int = Field(900, ge=60, description="one 1 h window per this many seconds")
-    calibration_spacing_lf_s: int = Field(3600, ge=60, description="one 24 h window per this many seconds")
-    calibration_paths: int = Field(200, ge=10, description="paths per window in the search (1000 live)")
-    calibration_search_tol: float = Field(0.01, gt=0, description="golden-section stop, in log scale")
-    calibration_seed: int = Field(20_260_526, description="window picks and common random numbers")
-    calibration_rules: Literal["head", "upstream"] = Field("upstream", description="validator rule set scored")
-    champion_tolerance: float = Field(0.005, ge=0, description="challenger promoted if its mean CRPS <= "
-                                                               "champion * (1 + this)")
-    artifacts_keep: int = Field(5, ge=2, description="published versions kept (the current one always is)")
+    # Annotated fields: mypy checks the defaults without the pydantic plugin.
+    calibration_alpha_hf: Annotated[float, Field(gt=0, le=1, description="log-space EMA weight, 1 h")] = 0.4
+    calibration_alpha_lf: Annotated[float, Field(gt=0, le=1, description="log-space EMA weight, 24 h")] = 0.2
+    calibration_scale_min: Annotated[float, Field(gt=0, le=1, description="sigma_scale floor")] = 0.5
+    calibration_scale_max: Annotated[float, Field(ge=1, description="sigma_scale ceiling")] = 2.0
+    calibration_max_move_hf: Annotated[float, Field(gt=0, lt=1, description="largest move per run, 1 h")] = 0.10
+    calibration_max_move_lf: Annotated[float, Field(gt=0, lt=1, description="largest move per run, 24 h")] = 0.07
+    calibration_min_samples_hf: Annotated[int, Field(ge=1, description="scored 1 h prompts to move")] = 150
+    calibration_min_samples_lf: Annotated[int, Field(ge=1, description="scored 24 h prompts to move")] = 120
+    calibration_windows_hf: Annotated[int, Field(ge=1, description="recent 1 h prompts per run")] = 180
+    calibration_windows_lf: Annotated[int, Field(ge=1, description="recent 24 h prompts per run")] = 140
+    calibration_spacing_hf_s: Annotated[int, Field(ge=60, description="one 1 h prompt per slot of this")] = 900
+    calibration_spacing_lf_s: Annotated[int, Field(ge=60, description="one 24 h prompt per slot of this")] = 3600
+    calibration_paths: Annotated[int, Field(ge=10, description="paths per prompt in the search")] = 200
+    calibration_search_tol: Annotated[float, Field(gt=0, description="golden-section stop, log scale")] = 0.01
+    calibration_seed: Annotated[int, Field(description="prompt picks and common random numbers")] = 20_260_526
+    calibration_rules: Annotated[Literal["head", "upstream"], Field(description="validator rules")] = "upstream"
+    champion_tolerance: Annotated[float, Field(ge=0, description="promote if CRPS <= champion*(1+tol)")] = 0.005
+    artifacts_keep: Annotated[int, Field(ge=2, description="published versions kept, plus the current")] = 5
 
     # --- observability ------------------------------------------------------------------------------
     log_level: str = "INFO"
     log_json: bool = False
     metrics_port: int | None = None
+    worker_metrics_port: int | None = Field(None, description="Prometheus port of a worker process")
 
     @field_validator("provider_overrides")
     @classmethod

@@ -69,7 +69,7 @@ def worker(
     loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO",
 ) -> None:
     """Start a Celery worker (inference on infer.* queues, data/calibration/training on cpu)."""
-    export_env(redis_url=redis_url)
+    export_env(redis_url=redis_url, worker_queues=queues)
     from workers.app import app as celery_app
 
     argv = ["worker", f"--queues={queues}", f"--concurrency={concurrency}", f"--pool={pool}",
@@ -114,6 +114,25 @@ def flower(
         raise typer.BadParameter("set SYNTH_FLOWER_PASSWORD: Flower is never served without authentication")
     celery_app.start(["flower", f"--port={port}", f"--address={address}",
                       f"--basic-auth={settings.flower_user}:{settings.flower_password}"])
+
+
+@app.command()
+def status(
+    redis_url: Annotated[Optional[str], typer.Option(help="SYNTH_REDIS_URL")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
+) -> None:
+    """The fleet at a glance: workers, queues, artifact version, last calibration, cache freshness."""
+    import json as jsonlib
+
+    from rich.console import Console
+
+    from synth_miner.status import collect, render
+
+    report = collect(settings_with(redis_url=redis_url))
+    if as_json:
+        print(jsonlib.dumps(report, default=str))
+    else:
+        render(report, Console())
 
 
 def main() -> None:

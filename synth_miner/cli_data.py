@@ -6,7 +6,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -68,14 +68,16 @@ def _age(seconds: float | None) -> str:
 
 # --- sync -----------------------------------------------------------------------------------------------------
 @app.command("sync")
-def sync(asset: str = typer.Option(..., "--asset", help="asset name, e.g. BTC"),
-         since: str = typer.Option(..., "--since", help="start: 2026-01-01, ISO datetime or unix seconds"),
-         until: Optional[str] = typer.Option(None, "--until", help="end (exclusive); default now"),
-         provider: Optional[str] = typer.Option(None, "--provider", help=f"one of {', '.join(PROVIDERS)}; "
-                                                "default: the asset's configured provider"),
-         step: int = typer.Option(60, "--step", help="bar seconds: 60 or 300"),
-         chunk_days: float = typer.Option(7.0, "--chunk-days", help="days fetched per round"),
-         data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP)) -> None:
+def sync(
+    asset: Annotated[str, typer.Option("--asset", help="asset name, e.g. BTC")],
+    since: Annotated[str, typer.Option("--since", help="start: 2026-01-01, ISO datetime or unix seconds")],
+    until: Annotated[str | None, typer.Option("--until", help="end (exclusive); default now")] = None,
+    provider: Annotated[str | None, typer.Option("--provider", help=f"one of {', '.join(PROVIDERS)}; default: "
+                                                 "the asset's configured provider")] = None,
+    step: Annotated[int, typer.Option("--step", help="bar seconds: 60 or 300")] = 60,
+    chunk_days: Annotated[float, typer.Option("--chunk-days", help="days fetched per round")] = 7.0,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help=DATA_DIR_HELP)] = None,
+) -> None:
     """Backfill the history store from a provider."""
     if asset not in ASSETS:
         raise typer.BadParameter(f"unknown asset {asset!r}; known: {', '.join(sorted(ASSETS))}", param_hint="--asset")
@@ -120,9 +122,11 @@ def assets_for_stem(stem: str) -> list[str]:
 
 
 @app.command("import")
-def import_csv(folder: Path = typer.Argument(..., help="folder of <stem>_<1m|5m>.csv(.gz) files"),
-               only: Optional[list[str]] = typer.Option(None, "--asset", help="import only these assets"),
-               data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP)) -> None:
+def import_csv(
+    folder: Annotated[Path, typer.Argument(help="folder of <stem>_<1m|5m>.csv(.gz) files")],
+    only: Annotated[list[str] | None, typer.Option("--asset", help="import only these assets")] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help=DATA_DIR_HELP)] = None,
+) -> None:
     """Import CSV history (the ../shared/data format): 1m files at step 60, 5m files at step 300."""
     if not folder.is_dir():
         raise typer.BadParameter(f"{folder} is not a folder")
@@ -158,10 +162,12 @@ def import_csv(folder: Path = typer.Argument(..., help="folder of <stem>_<1m|5m>
 
 # --- status -----------------------------------------------------------------------------------------------------
 @app.command("status")
-def status(only: Optional[list[str]] = typer.Option(None, "--asset", help="only these assets"),
-           redis_url: Optional[str] = typer.Option(None, "--redis-url", help="cache to inspect (default "
-                                                   "SYNTH_REDIS_URL; none = store only)"),
-           data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP)) -> None:
+def status(
+    only: Annotated[list[str] | None, typer.Option("--asset", help="only these assets")] = None,
+    redis_url: Annotated[str | None, typer.Option("--redis-url", help="cache to inspect (default SYNTH_REDIS_URL; "
+                                                  "none = store only)")] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help=DATA_DIR_HELP)] = None,
+) -> None:
     """Per asset: span, rows, gaps and freshness of the store (and of the Redis cache when configured)."""
     settings = _settings(data_dir, redis_url=redis_url)
     store = HistoryStore.from_settings(settings)
@@ -216,14 +222,15 @@ def _cache_status(url: str, assets: list[str], now: float) -> None:
 
 # --- serve-fake -----------------------------------------------------------------------------------------------
 @app.command("serve-fake")
-def serve_fake(provider: str = typer.Option(..., "--provider", help=f"one of {', '.join(FAKE_PROVIDERS)}"),
-               port: int = typer.Option(..., "--port", help="TCP port (0 = any free port)"),
-               data_dir: Path = typer.Option(..., "--data-dir", help="CSV folder in the ../shared/data format"),
-               host: str = typer.Option("127.0.0.1", "--host"),
-               lead_s: int = typer.Option(86_400, "--lead-s", help="seconds of rows still ahead of now at start: "
-                                          "they appear as time passes, like a live feed"),
-               duration: Optional[float] = typer.Option(None, "--duration", help="stop after this many seconds")) \
-        -> None:
+def serve_fake(
+    provider: Annotated[str, typer.Option("--provider", help=f"one of {', '.join(FAKE_PROVIDERS)}")],
+    port: Annotated[int, typer.Option("--port", help="TCP port (0 = any free port)")],
+    data_dir: Annotated[Path, typer.Option("--data-dir", help="CSV folder in the ../shared/data format")],
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    lead_s: Annotated[int, typer.Option("--lead-s", help="seconds of rows still ahead of now at start: they "
+                                        "appear as time passes, like a live feed")] = 86_400,
+    duration: Annotated[float | None, typer.Option("--duration", help="stop after this many seconds")] = None,
+) -> None:
     """Serve a CSV folder in a provider's exact wire format (faults via POST /_faults)."""
     if provider not in FAKE_PROVIDERS:
         raise typer.BadParameter(f"unknown provider {provider!r}; known: {', '.join(FAKE_PROVIDERS)}",

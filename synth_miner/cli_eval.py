@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -30,6 +30,12 @@ DEFAULT_LF_SPACING_H = 24.0
 DEFAULT_HF_SPACING_H = 16.0
 
 console = Console()
+
+
+def _settings() -> Settings:
+    """Settings from the environment and .env (read per command, so tests can change the environment)."""
+    overrides: dict[str, Any] = {}
+    return Settings(**overrides)
 
 
 def _assets(text: str) -> list[str]:
@@ -57,7 +63,7 @@ def forecast_batch(
     = True,
 ) -> None:
     """Forecast every request of a JSONL file from a price folder, with no look-ahead, deterministically."""
-    settings = Settings()
+    settings = _settings()
     engines = build_engines(settings)
     name = engine or settings.engine
     if name not in engines:
@@ -110,7 +116,7 @@ def backtest(
         raise typer.BadParameter("use heldout, walkforward or range", param_hint="--mode")
     if paths < 1:
         raise typer.BadParameter("must be >= 1", param_hint="--paths")
-    settings = Settings()
+    settings = _settings()
     available = build_engines(settings)
     names = _assets(engines_opt) if engines_opt else list(dict.fromkeys(["gbm", "ewma_t", settings.engine]))
     if not engines_opt:
@@ -182,7 +188,7 @@ def tune_ewma(
 
     if rules not in ("upstream", "head"):
         raise typer.BadParameter("use upstream or head", param_hint="--rules")
-    settings = Settings()
+    settings = _settings()
     try:
         plan = plan_prompts(data_dir, {LF_INCREMENT: _assets(lf_assets), HF_INCREMENT: _assets(hf_assets)},
                             "walkforward", {LF_INCREMENT: _spacing(lf_spacing_h, "--lf-spacing-h"),

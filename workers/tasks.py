@@ -11,6 +11,7 @@ from core.market_data import build_snapshot
 from core.prompts import ForecastRequest
 from core.transport import encode_error, encode_paths
 from workers.app import app
+from workers.metrics import MODEL_VERSION, TASK_SECONDS, TASKS, heartbeat, serve_metrics
 from workers.runtime import get_runtime
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,10 @@ FORECAST_TIME_LIMIT_S = 60
 
 @worker_process_init.connect
 def _load_runtime(**_: Any) -> None:
-    get_runtime()
+    runtime = get_runtime()
+    serve_metrics(runtime.settings.worker_metrics_port)
+    MODEL_VERSION.labels(runtime.artifact_version or "none", runtime.forecaster.default).set(1)
+    heartbeat(runtime.redis, runtime.forecaster.default, runtime.artifact_version)
 
 
 @app.task(name=TASK_FORECAST, ignore_result=True, acks_late=False, time_limit=FORECAST_TIME_LIMIT_S,
@@ -37,11 +41,15 @@ def forecast(request: dict[str, Any], result_key: str, deadline: float, request_
         snapshot = build_snapshot(runtime.cache, req.asset, int(time.time()), int(days * 86_400))
         result = runtime.forecaster.run(req, snapshot)
         blob = encode_paths(result.paths)
+        TASK_SECONDS.labels(req.prompt.name, result.engine).observe(result.seconds)
+        TASKS.labels("fallback" if result.fallback_reason else "ok").inc()
         log.info("request %s %s: %s in %.0f ms", request_id, req.key(), result.engine, result.seconds * 1e3)
     except Exception as exc:  # the miner must learn at once that it has to fall back
         log.warning("request %s failed: %s", request_id, exc)
         blob = encode_error(f"{type(exc).__name__}: {exc}")
+        TASKS.labels("error").inc()
     pipe = runtime.redis.pipeline()
     pipe.rpush(result_key, blob)
     pipe.expire(result_key, ttl)
     pipe.execute()
+    heartbeat(runtime.redis, runtime.forecaster.default, runtime.artifact_version)

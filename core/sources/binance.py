@@ -10,9 +10,22 @@ from typing import Any
 
 from core.assets import ASSETS
 from core.prices import LatestPrice, PriceHistory
-from core.sources.http import (Clock, HttpClient, HttpConfig, MalformedReplyError, UnsupportedAssetError, align_up,
-                               build_history, check_fresh, closed_end, fetch_range, gather_pages, page_ranges,
-                               parse_int, parse_price)
+from core.sources.http import (
+    Clock,
+    HttpClient,
+    HttpConfig,
+    MalformedReplyError,
+    UnsupportedAssetError,
+    align_up,
+    build_history,
+    check_fresh,
+    closed_end,
+    fetch_range,
+    gather_pages,
+    page_ranges,
+    parse_int,
+    parse_price,
+)
 
 INTERVALS = {60: "1m", 300: "5m"}
 PAGE_LIMIT = 1000  # Binance's maximum ``limit`` for klines

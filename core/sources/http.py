@@ -8,7 +8,6 @@ import asyncio
 import logging
 import math
 import random
-import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -143,13 +142,12 @@ class HttpClient:
         for attempt in range(self.config.retries + 1):
             retry_after: float | None = None
             try:
-                async with self._limit(state, url):
-                    async with state.session.request(method, url, params=params, data=data, headers=headers,
-                                                     timeout=timeout) as resp:
-                        body = await resp.read()
-                        status = resp.status
-                        retry_after = _retry_after(resp.headers.get("Retry-After"))
-            except asyncio.TimeoutError:
+                async with self._limit(state, url), state.session.request(
+                        method, url, params=params, data=data, headers=headers, timeout=timeout) as resp:
+                    body = await resp.read()
+                    status = resp.status
+                    retry_after = _retry_after(resp.headers.get("Retry-After"))
+            except TimeoutError:
                 failure = ProviderTimeout(f"{self.name}: {method} {url} timed out after {self.config.timeout_s} s "
                                           f"({attempt + 1} attempts)")
             except aiohttp.ClientError as exc:

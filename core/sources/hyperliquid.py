@@ -13,9 +13,23 @@ from typing import Any
 
 from core.assets import ASSETS
 from core.prices import LatestPrice, PriceHistory
-from core.sources.http import (Clock, HttpClient, HttpConfig, MalformedReplyError, StalePriceError,
-                               UnsupportedAssetError, align_up, build_history, check_fresh, closed_end, fetch_range,
-                               gather_pages, page_ranges, parse_int, parse_price)
+from core.sources.http import (
+    Clock,
+    HttpClient,
+    HttpConfig,
+    MalformedReplyError,
+    StalePriceError,
+    UnsupportedAssetError,
+    align_up,
+    build_history,
+    check_fresh,
+    closed_end,
+    fetch_range,
+    gather_pages,
+    page_ranges,
+    parse_int,
+    parse_price,
+)
 
 INTERVALS = {60: "1m", 300: "5m"}
 PAGE_LIMIT = 5000  # candles per candleSnapshot reply

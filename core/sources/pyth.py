@@ -11,9 +11,23 @@ from typing import Any
 
 from core.assets import ASSETS
 from core.prices import LatestPrice, PriceHistory
-from core.sources.http import (Clock, HttpClient, HttpConfig, MalformedReplyError, ProviderRejected,
-                               UnsupportedAssetError, align_up, build_history, check_fresh, closed_end, fetch_range,
-                               gather_pages, page_ranges, parse_int, parse_price)
+from core.sources.http import (
+    Clock,
+    HttpClient,
+    HttpConfig,
+    MalformedReplyError,
+    ProviderRejected,
+    UnsupportedAssetError,
+    align_up,
+    build_history,
+    check_fresh,
+    closed_end,
+    fetch_range,
+    gather_pages,
+    page_ranges,
+    parse_int,
+    parse_price,
+)
 
 RESOLUTIONS = {60: "1", 300: "5"}
 PAGE_BARS = 1440  # one day of minutes per Benchmarks call keeps each reply small

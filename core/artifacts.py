@@ -1,0 +1,661 @@
+"""Versioned, hash-checked artifact sets, and the atomic switch that makes one of them current.
+
+Layout under ``Settings.artifacts_dir``::
+
+    artifacts/
+      current -> versions/<version>   relative symlink, replaced by one os.replace of a temp symlink
+      versions/<version>/             one directory per publication, never modified once published
+        manifest.json                 sha256 and size of every other file, data window, code version
+        calibration.json              core.calibration state (required)
+        norm_stats.json, *.pt, ...    normalisation stats and model checkpoints, when there are any
+      staging/<version>/              written by training or calibration, validated, then moved in
+      .publish.lock                   fcntl lock: one publish / rollback / prune at a time
+      .trash-<version>-<hex>          a pruned version being deleted (renamed first: all or nothing)
+
+Why readers never see a mixed set: a version directory is complete and verified before ``current``
+points at it, and never changes afterwards; a reader resolves ``current`` once (readlink) and reads
+that version's directory only. The one hazard, pruning the version a slow reader is reading, makes
+the read fail its hash check and ``load_current`` retries on the new target.
+
+First use: the repository ships ``current/`` as a plain empty directory; the first publish removes it
+(dotfiles such as ``.gitkeep`` only) and puts the symlink in its place. A non-empty plain
+``current/`` is refused rather than deleted.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import lru_cache
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+import core
+from core.assets import spec_for_any
+from core.calibration import CALIBRATION_FILE, CalibrationError, CalibrationState
+from core.engines.ewma import EwmaTEngine
+from core.evaluation import GRIDS
+from core.prices import MarketSnapshot, PriceHistory
+from core.prompts import ForecastRequest
+from core.response import ResponseError, build_response
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+NORM_STATS_FILE = "norm_stats.json"
+MANIFEST_FORMAT = 1
+CURRENT, VERSIONS, STAGING, LOCK_FILE = "current", "versions", "staging", ".publish.lock"
+VERSION_NAME = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,63}$")
+FILE_NAME = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,127}$")
+LOAD_ATTEMPTS = 3  # a reader racing a prune re-resolves `current` this many times
+SAMPLE_PATHS = 64  # paths in the publish-time sample forecast
+SAMPLE_START = 1_767_225_600  # 2026-01-01T00:00Z: any whole minute works for the sample request
+_CHUNK = 1 << 20
+
+
+class ArtifactError(RuntimeError):
+    """An artifact set that is missing, corrupt, partial or cannot be published / rolled back."""
+
+
+Loader = Callable[[bytes, str], object]  # (verified file bytes, file name) -> loaded object; raises if bad
+Check = Callable[["ArtifactSet"], None]  # extra publish-time validation (e.g. a model forward pass)
+
+
+def _load_json(data: bytes, name: str) -> object:
+    return json.loads(data)
+
+
+def _load_torch(data: bytes, name: str) -> object:
+    import torch  # only when a checkpoint is present: torch takes seconds to import
+
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def _load_npz(data: bytes, name: str) -> object:
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        return {key: archive[key] for key in archive.files}
+
+
+DEFAULT_LOADERS: dict[str, Loader] = {".json": _load_json, ".pt": _load_torch, ".npz": _load_npz}
+
+
+# --------------------------------------------------------------------------------------------- manifest
+
+
+@dataclass(frozen=True)
+class DataWindow:
+    start: int  # unix seconds: the first bar the artifact was fitted on
+    end: int  # exclusive
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    version: str
+    created: str  # ISO-8601 UTC
+    code_version: str  # core.__version__
+    git_sha: str | None
+    data_window: DataWindow | None
+    files: Mapping[str, FileEntry]
+    notes: Mapping[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        doc = {"format": MANIFEST_FORMAT, "version": self.version, "created": self.created,
+               "code_version": self.code_version, "git_sha": self.git_sha,
+               "data_window": None if self.data_window is None else
+               {"start": self.data_window.start, "end": self.data_window.end},
+               "files": {n: {"sha256": e.sha256, "size": e.size} for n, e in sorted(self.files.items())},
+               "notes": dict(self.notes)}
+        return json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Manifest:
+        try:
+            doc = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ArtifactError(f"manifest is not valid JSON ({exc})") from None
+        if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
+            raise ArtifactError(f"manifest must be an object with \"format\": {MANIFEST_FORMAT}")
+        version, files, window = doc.get("version"), doc.get("files"), doc.get("data_window")
+        if not isinstance(version, str) or not VERSION_NAME.match(version):
+            raise ArtifactError(f"manifest version {version!r} is not a valid version name")
+        if not isinstance(files, dict):
+            raise ArtifactError("manifest 'files' must be an object")
+        entries: dict[str, FileEntry] = {}
+        for name, raw in files.items():
+            if (not FILE_NAME.match(name) or name == MANIFEST_FILE or not isinstance(raw, dict)
+                    or not isinstance(raw.get("sha256"), str) or type(raw.get("size")) is not int):
+                raise ArtifactError(f"manifest entry {name!r} must be {{\"sha256\": str, \"size\": int}}")
+            entries[name] = FileEntry(raw["sha256"], raw["size"])
+        data_window = None
+        if window is not None:
+            if not (isinstance(window, dict) and type(window.get("start")) is int and type(window.get("end")) is int):
+                raise ArtifactError("manifest 'data_window' must be null or {\"start\": int, \"end\": int}")
+            data_window = DataWindow(window["start"], window["end"])
+        notes = doc.get("notes") or {}
+        return cls(version, str(doc.get("created", "")), str(doc.get("code_version", "")),
+                   doc.get("git_sha") if isinstance(doc.get("git_sha"), str) else None, data_window, entries,
+                   {str(k): str(v) for k, v in notes.items()} if isinstance(notes, dict) else {})
+
+
+@lru_cache(maxsize=1)
+def git_sha() -> str | None:
+    """The checkout's commit, when the code runs from a git checkout with one."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(core.__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = out.stdout.strip()
+    return sha if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", sha) else None
+
+
+def new_version(now: datetime | None = None) -> str:
+    """Sortable by creation time, unique across hosts: 20260526T130501Z-1a2b3c."""
+    return f"{(now or datetime.now(UTC)):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    with path.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _payload_names(directory: Path) -> list[str]:
+    """Every file of a version directory except the manifest; anything else there is an error."""
+    names = []
+    for entry in sorted(directory.iterdir()):
+        if entry.name == MANIFEST_FILE:
+            continue
+        if not entry.is_file() or entry.is_symlink() or not FILE_NAME.match(entry.name):
+            raise ArtifactError(f"{entry}: only plain files with simple names belong in an artifact")
+        names.append(entry.name)
+    return names
+
+
+def write_manifest(directory: Path, version: str | None = None, data_window: DataWindow | None = None,
+                   notes: Mapping[str, str] | None = None) -> Manifest:
+    """Hash every file in ``directory`` and write its manifest.json (the last file a stager writes)."""
+    version = version or directory.name
+    if not VERSION_NAME.match(version):
+        raise ArtifactError(f"invalid version name {version!r} (letters, digits, '.', '_', '-')")
+    files = {name: FileEntry(sha256_file(directory / name), (directory / name).stat().st_size)
+             for name in _payload_names(directory)}
+    manifest = Manifest(version, datetime.now(UTC).isoformat(timespec="seconds"), core.__version__, git_sha(),
+                        data_window, files, dict(notes or {}))
+    _write_durably(directory / MANIFEST_FILE, manifest.to_json())
+    _fsync_dir(directory)
+    return manifest
+
+
+# --------------------------------------------------------------------------------------- loaded sets
+
+
+@dataclass(frozen=True)
+class ArtifactSet:
+    """One version, every file hash-verified and loaded."""
+
+    version: str
+    path: Path
+    manifest: Manifest
+    calibration: CalibrationState
+    files: Mapping[str, object]  # file name -> loaded object (JSON parsed, checkpoints loaded)
+
+    def scale(self, engine: str, asset: str, time_increment: int) -> float:
+        """The calibrated sigma_scale: a core.forecast.ScaleLookup."""
+        return self.calibration.scale(engine, asset, time_increment)
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: str
+    created: str | None
+    code_version: str | None
+    data_window: DataWindow | None
+    notes: Mapping[str, str]
+    current: bool
+    problem: str | None  # why the manifest could not be read (hashes are not checked here)
+
+
+def read_set(directory: Path, loaders: Mapping[str, Loader], expected_version: str | None = None) -> ArtifactSet:
+    """Read a version directory, verifying the manifest's hashes on the very bytes that get loaded."""
+    if not directory.is_dir():
+        raise ArtifactError(f"{directory}: no such artifact directory")
+    try:
+        manifest = Manifest.from_json((directory / MANIFEST_FILE).read_bytes())
+    except FileNotFoundError:
+        raise ArtifactError(f"{directory}: missing {MANIFEST_FILE} (partial artifact)") from None
+    except ArtifactError as exc:
+        raise ArtifactError(f"{directory / MANIFEST_FILE}: {exc}") from None
+    if expected_version is not None and manifest.version != expected_version:
+        raise ArtifactError(f"{directory}: manifest says version {manifest.version!r}, expected {expected_version!r}")
+    try:
+        on_disk = set(_payload_names(directory))
+    except FileNotFoundError:
+        raise ArtifactError(f"{directory}: disappeared while being read") from None
+    missing, extra = sorted(set(manifest.files) - on_disk), sorted(on_disk - set(manifest.files))
+    if missing or extra:
+        raise ArtifactError(f"{directory}: missing file(s) {missing}, unlisted file(s) {extra}")
+    if CALIBRATION_FILE not in manifest.files:
+        raise ArtifactError(f"{directory}: every artifact needs {CALIBRATION_FILE}")
+    loaded: dict[str, object] = {}
+    calibration = CalibrationState()
+    for name, entry in sorted(manifest.files.items()):
+        try:
+            data = (directory / name).read_bytes()
+        except OSError as exc:
+            raise ArtifactError(f"{directory / name}: unreadable ({exc})") from None
+        if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise ArtifactError(f"{directory / name}: content does not match the manifest hash "
+                                f"({len(data)} bytes, manifest says {entry.size})")
+        loader = loaders.get(Path(name).suffix)
+        if loader is None:
+            raise ArtifactError(f"{directory / name}: no loader for {Path(name).suffix or 'files without suffix'}")
+        try:
+            loaded[name] = loader(data, name)
+            if name == CALIBRATION_FILE:
+                calibration = CalibrationState.from_json(data)
+        except CalibrationError as exc:
+            raise ArtifactError(f"{directory / name}: {exc}") from None
+        except Exception as exc:  # a loader may raise anything on a bad file
+            raise ArtifactError(f"{directory / name}: does not load ({type(exc).__name__}: {exc})") from None
+    return ArtifactSet(manifest.version, directory, manifest, calibration, loaded)
+
+
+# ---------------------------------------------------------------------------------- sample forecast
+
+
+@lru_cache(maxsize=32)
+def _sample_snapshot(asset: str) -> MarketSnapshot:
+    """A day of seeded 1-minute GBM bars at the asset's table volatility: enough for EWMA."""
+    n = 1440
+    rng = np.random.default_rng(0)
+    step_sigma = spec_for_any(asset).hourly_sigma / np.sqrt(60.0)
+    close = 1000.0 * np.exp(np.cumsum(rng.normal(0.0, step_sigma, n)))
+    ts = SAMPLE_START - 60 * n + 60 * np.arange(n, dtype=np.int64)
+    m1 = PriceHistory(60, ts, close)
+    return MarketSnapshot(asset, m1, m1.resample(300), float(close[-1]), SAMPLE_START)
+
+
+def sample_forecast_check(artifact: ArtifactSet) -> None:
+    """The EWMA engine at every calibrated scale must yield a response the validators accept."""
+    engine = EwmaTEngine()
+    keys = {(e.asset, e.time_increment, e.scale) for e in artifact.calibration.entries.values()
+            if e.time_increment in GRIDS}
+    keys |= {("BTC", inc, artifact.scale(engine.name, "BTC", inc)) for inc in GRIDS}
+    for asset, inc, scale in sorted(keys):
+        request = ForecastRequest(asset, SAMPLE_START, inc, GRIDS[inc], SAMPLE_PATHS)
+        try:
+            paths = engine.forecast(request, _sample_snapshot(asset), np.random.default_rng(0), scale)
+            build_response(request, paths)
+        except (ResponseError, ValueError) as exc:
+            raise ArtifactError(f"sample forecast {asset} {inc}s at scale {scale:g} fails: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------- store
+
+
+_ANY: Any = object()  # publish() without a compare-and-swap on the current version
+
+
+class ArtifactStore:
+    """Publish, roll back, list and load artifact versions under one root directory."""
+
+    def __init__(self, root: Path, keep: int = 5, loaders: Mapping[str, Loader] | None = None,
+                 checks: Sequence[Check] = (), lock_timeout_s: float = 120.0) -> None:
+        if keep < 2:
+            raise ArtifactError(f"keep must be >= 2 so a rollback target survives, got {keep}")
+        self.root = Path(root)
+        self.keep = keep
+        self.loaders: dict[str, Loader] = {**DEFAULT_LOADERS, **(loaders or {})}
+        self.checks = tuple(checks)
+        self.lock_timeout_s = lock_timeout_s
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **kwargs: Any) -> ArtifactStore:
+        return cls(settings.artifacts_dir, keep=settings.artifacts_keep, **kwargs)
+
+    @property
+    def current_link(self) -> Path:
+        return self.root / CURRENT
+
+    @property
+    def versions_dir(self) -> Path:
+        return self.root / VERSIONS
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.root / STAGING
+
+    # --- reading (no lock: readers only ever follow the symlink) -------------------------------------
+    def current_version(self) -> str | None:
+        """The version ``current`` points at (one readlink), or None before the first publish."""
+        try:
+            target = os.readlink(self.current_link)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:  # the plain directory the repository ships: nothing published yet
+                return None
+            raise ArtifactError(f"{self.current_link}: unreadable ({exc})") from None
+        name = PurePosixPath(target).name
+        if not VERSION_NAME.match(name):
+            raise ArtifactError(f"{self.current_link} points at {target!r}, not a version")
+        return name
+
+    def load(self, version: str) -> ArtifactSet:
+        if not VERSION_NAME.match(version):
+            raise ArtifactError(f"invalid version name {version!r}")
+        return read_set(self.versions_dir / version, self.loaders, version)
+
+    def load_current(self) -> ArtifactSet:
+        """The current set, hash-verified and loaded; raises ArtifactError when there is none."""
+        for _ in range(LOAD_ATTEMPTS):
+            version = self.current_version()
+            if version is None:
+                raise ArtifactError(f"no artifact published under {self.root} yet")
+            try:
+                return self.load(version)
+            except ArtifactError:
+                if self.current_version() == version:
+                    raise
+                # Switched (and the old version pruned) while we read it: read the new one.
+        raise ArtifactError(f"{self.current_link} kept changing during {LOAD_ATTEMPTS} reads")
+
+    def load_current_or_none(self) -> ArtifactSet | None:
+        return self.load_current() if self.current_version() is not None else None
+
+    def list_versions(self) -> list[VersionInfo]:
+        """Published versions, oldest first (by manifest creation time). Manifests only, no hashing."""
+        current = self.current_version()
+        out: list[VersionInfo] = []
+        if not self.versions_dir.is_dir():
+            return out
+        for directory in self.versions_dir.iterdir():
+            if not directory.is_dir() or not VERSION_NAME.match(directory.name):
+                continue  # .trash-* and .incoming-* are not versions
+            try:
+                m = Manifest.from_json((directory / MANIFEST_FILE).read_bytes())
+                out.append(VersionInfo(directory.name, m.created, m.code_version, m.data_window, m.notes,
+                                       directory.name == current, None))
+            except (OSError, ArtifactError) as exc:
+                out.append(VersionInfo(directory.name, None, None, None, {}, directory.name == current, str(exc)))
+        return sorted(out, key=lambda v: (v.created or "", v.version))
+
+    # --- staging ---------------------------------------------------------------------------------------
+    def stage(self, files: Mapping[str, bytes], data_window: DataWindow | None = None,
+              notes: Mapping[str, str] | None = None, inherit: bool = False, version: str | None = None) -> Path:
+        """Write ``staging/<version>/`` with its manifest. ``inherit`` copies the current version's
+        other files (hash-checked), e.g. the models when only the calibration changes."""
+        version = version or new_version()
+        if not VERSION_NAME.match(version):
+            raise ArtifactError(f"invalid version name {version!r}")
+        for name in files:
+            if not FILE_NAME.match(name) or name == MANIFEST_FILE:
+                raise ArtifactError(f"invalid artifact file name {name!r}")
+        directory = self.staging_dir / version
+        directory.mkdir(parents=True, exist_ok=False)
+        if inherit and (current := self.load_current_or_none()) is not None:
+            for name, entry in current.manifest.files.items():
+                if name not in files:
+                    data = (current.path / name).read_bytes()
+                    if hashlib.sha256(data).hexdigest() != entry.sha256:
+                        raise ArtifactError(f"{current.path / name} changed while being copied")
+                    _write_durably(directory / name, data)
+        for name, data in files.items():
+            _write_durably(directory / name, data)
+        write_manifest(directory, version, data_window, notes)
+        return directory
+
+    def validate(self, directory: Path) -> ArtifactSet:
+        """Everything a publish requires: hashes, every file loads, the sample forecast, extra checks."""
+        artifact = read_set(Path(directory), self.loaders)
+        sample_forecast_check(artifact)
+        for check in self.checks:
+            try:
+                check(artifact)
+            except ArtifactError:
+                raise
+            except Exception as exc:
+                raise ArtifactError(f"{directory}: check {getattr(check, '__name__', check)} failed: {exc}") from None
+        return artifact
+
+    # --- writing (under the lock) -------------------------------------------------------------------
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / LOCK_FILE).open("a+b") as fh:
+            deadline = time.monotonic() + self.lock_timeout_s
+            while True:
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise ArtifactError(f"another publisher has held {self.root / LOCK_FILE} "
+                                            f"for {self.lock_timeout_s:g} s") from None
+                    time.sleep(0.02)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def publish(self, staging_dir: Path, expect_current: str | None = _ANY) -> str:
+        """Validate ``staging_dir``, move it to ``versions/``, switch ``current`` to it, prune.
+
+        ``expect_current``: refuse if the current version is no longer this one (a champion/challenger
+        decision taken against an older champion). A refused artifact leaves ``current`` untouched.
+        """
+        staging_dir = Path(staging_dir)
+        with self._locked():
+            if expect_current is not _ANY and self.current_version() != expect_current:
+                raise ArtifactError(f"current is {self.current_version()!r}, not {expect_current!r}: "
+                                    "re-run the comparison")
+            artifact = self.validate(staging_dir)
+            target = self.versions_dir / artifact.version
+            if target.exists():
+                raise ArtifactError(f"version {artifact.version} is already published")
+            self.versions_dir.mkdir(parents=True, exist_ok=True)
+            self._move_in(staging_dir, target)
+            try:
+                self.load(artifact.version)  # the moved copy is what `current` will serve
+            except ArtifactError:
+                shutil.rmtree(target, ignore_errors=True)
+                raise
+            self._switch(artifact.version)
+            self._prune_locked()
+        log.info("published artifact %s", artifact.version)
+        return artifact.version
+
+    def rollback(self, to: str | None = None) -> str:
+        """Make ``to`` (default: the version created just before the current one) current again."""
+        with self._locked():
+            current = self.current_version()
+            names = [v.version for v in self.list_versions()]
+            if to is None:
+                if current is None or current not in names:
+                    raise ArtifactError("nothing is current, so there is nothing to roll back from")
+                older = names[:names.index(current)]
+                if not older:
+                    raise ArtifactError(f"{current} is the oldest version kept: nothing to roll back to")
+                to = older[-1]
+            if to not in names:
+                raise ArtifactError(f"unknown version {to!r}; kept: {', '.join(names) or 'none'}")
+            self.validate(self.versions_dir / to)
+            self._switch(to)
+        log.warning("rolled back artifacts %s -> %s", current, to)
+        return to
+
+    def prune(self) -> list[str]:
+        with self._locked():
+            return self._prune_locked()
+
+    def _move_in(self, source: Path, target: Path) -> None:
+        try:
+            os.rename(source, target)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise ArtifactError(f"cannot move {source} to {target}: {exc}") from None
+            incoming = self.versions_dir / f".incoming-{target.name}-{secrets.token_hex(4)}"
+            shutil.copytree(source, incoming)
+            for path in incoming.iterdir():
+                with path.open("rb") as fh:
+                    os.fsync(fh.fileno())
+            os.rename(incoming, target)
+            shutil.rmtree(source, ignore_errors=True)
+        _fsync_dir(self.versions_dir)
+
+    def _switch(self, version: str) -> None:
+        """Point ``current`` at ``version`` in one rename; readers see the old target or the new one."""
+        link = self.current_link
+        tmp = self.root / f".current-{os.getpid()}-{secrets.token_hex(4)}"
+        os.symlink(f"{VERSIONS}/{version}", tmp)
+        try:
+            if link.is_dir() and not link.is_symlink():
+                self._retire_plain_current(link)
+            os.replace(tmp, link)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.root)
+
+    @staticmethod
+    def _retire_plain_current(link: Path) -> None:
+        leftovers = [p.name for p in link.iterdir() if not p.name.startswith(".")]
+        if leftovers:
+            raise ArtifactError(f"{link} is a plain directory holding {leftovers}: move them into a staged "
+                                "version and publish it; nothing is deleted")
+        shutil.rmtree(link)
+
+    def _prune_locked(self) -> list[str]:
+        current = self.current_version()
+        names = [v.version for v in self.list_versions()]
+        keep = set(names[-self.keep:]) | ({current} if current else set())
+        removed = []
+        for name in names:
+            if name in keep:
+                continue
+            trash = self.versions_dir / f".trash-{name}-{secrets.token_hex(4)}"
+            os.rename(self.versions_dir / name, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+            removed.append(name)
+        for leftover in self.versions_dir.glob(".trash-*"):  # from an interrupted prune
+            shutil.rmtree(leftover, ignore_errors=True)
+        if removed:
+            log.info("pruned artifact versions %s", removed)
+        return removed
+
+
+# ----------------------------------------------------------------------------------------- watchers
+
+
+class ArtifactWatcher:
+    """For workers: ``poll()`` between tasks returns a newly loaded set only when ``current`` moved.
+
+    A poll that finds nothing new costs one readlink. A new version that fails to load is logged and
+    skipped (the worker keeps serving the set it has) until ``current`` moves again.
+    """
+
+    def __init__(self, artifacts_dir: Path | ArtifactStore) -> None:
+        self.store = artifacts_dir if isinstance(artifacts_dir, ArtifactStore) else ArtifactStore(artifacts_dir)
+        self.current: ArtifactSet | None = None
+        self._seen: str | None = None
+
+    @property
+    def version(self) -> str | None:
+        return None if self.current is None else self.current.version
+
+    def poll(self) -> ArtifactSet | None:
+        try:
+            version = self.store.current_version()
+        except ArtifactError as exc:
+            log.error("artifact link unreadable, keeping %s: %s", self.version, exc)
+            return None
+        if version is None or version == self._seen:
+            return None
+        self._seen = version
+        try:
+            loaded = self.store.load(version)
+        except ArtifactError as exc:
+            log.error("artifact %s refused, keeping %s: %s", version, self.version, exc)
+            return None
+        self.current = loaded
+        return loaded
+
+
+# ---------------------------------------------------------------- module-level helpers (workers, CLI)
+
+
+def current_version(artifacts_dir: Path) -> str | None:
+    return ArtifactStore(artifacts_dir).current_version()
+
+
+def load_current(artifacts_dir: Path) -> ArtifactSet:
+    return ArtifactStore(artifacts_dir).load_current()
+
+
+def list_versions(artifacts_dir: Path) -> list[VersionInfo]:
+    return ArtifactStore(artifacts_dir).list_versions()
+
+
+def publish(staging_dir: Path, artifacts_dir: Path | None = None) -> str:
+    """Publish ``<root>/staging/<version>`` (root inferred) or any directory into ``artifacts_dir``."""
+    staging_dir = Path(staging_dir)
+    if artifacts_dir is None:
+        if staging_dir.parent.name != STAGING:
+            raise ArtifactError(f"{staging_dir} is not under <artifacts>/{STAGING}/: pass artifacts_dir")
+        artifacts_dir = staging_dir.parent.parent
+    return ArtifactStore(artifacts_dir).publish(staging_dir)
+
+
+def rollback(artifacts_dir: Path, to: str | None = None) -> str:
+    return ArtifactStore(artifacts_dir).rollback(to)
+
+
+def new_staging_dir(artifacts_dir: Path, version: str | None = None) -> Path:
+    """An empty ``staging/<version>/`` for a trainer to fill before calling ``write_manifest`` on it."""
+    version = version or new_version()
+    if not VERSION_NAME.match(version):
+        raise ArtifactError(f"invalid version name {version!r}")
+    directory = Path(artifacts_dir) / STAGING / version
+    directory.mkdir(parents=True, exist_ok=False)
+    return directory

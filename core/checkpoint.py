@@ -1,0 +1,183 @@
+"""Self-describing model checkpoints, and a loader that refuses anything it cannot vouch for.
+
+A checkpoint carries everything needed to reproduce its inputs and judge it: model config and
+weights, the feature spec and feature names, the normalisation statistics (fitted on training
+windows only), the asset vocabulary, the data window it was trained and validated on, the code
+versions and the validation metrics. Loading checks every one of these against the running code
+and raises ``CheckpointError`` on any mismatch: a server must never forecast with a random or
+mis-wired model (the failure that leads to silently wrong paths).
+"""
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.datasets import MODEL_ASSETS
+from core.features import (FEATURE_SPECS, FEATURE_VERSION, SERIES_NAMES, STEP_FEATURE_NAMES, FeatureSpec,
+                           NormStats, context_feature_names)
+from core.model import MODEL_CODE_VERSION, PatchTST, PatchTSTConfig
+from core.path_sampling import LatentVol
+
+FORMAT_VERSION = 1
+KINDS = tuple(FEATURE_SPECS)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupt or does not match the running code."""
+
+
+def spec_dict(spec: FeatureSpec) -> dict[str, Any]:
+    d = asdict(spec)
+    d["windows"], d["coarse_windows"] = list(spec.windows), list(spec.coarse_windows)
+    d["ewma"]["latent"] = asdict(spec.ewma.latent)
+    return d
+
+
+@dataclass
+class Checkpoint:
+    kind: str
+    config: PatchTSTConfig
+    state_dict: dict[str, torch.Tensor]
+    norm: NormStats
+    latent: LatentVol = field(default_factory=LatentVol)  # per-path volatility used when sampling
+    data_window: dict[str, Any] = field(default_factory=dict)  # per asset: train/val spans, eval_start_ts
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spec(self) -> FeatureSpec:
+        return FEATURE_SPECS[self.kind]
+
+    @property
+    def assets(self) -> tuple[str, ...]:
+        return MODEL_ASSETS[self.kind]
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind,
+            "code": {"model": MODEL_CODE_VERSION, "features": FEATURE_VERSION, "torch": torch.__version__},
+            "config": self.config.to_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict.items()},
+            "feature_spec": spec_dict(self.spec),
+            "series": list(SERIES_NAMES),
+            "context_features": context_feature_names(self.spec),
+            "step_features": list(STEP_FEATURE_NAMES),
+            "assets": list(self.assets),
+            "norm": {"mean": self.norm.mean.tolist(), "std": self.norm.std.tolist()},
+            "latent": asdict(self.latent),
+            "data_window": self.data_window,
+            "metrics": self.metrics,
+        }
+
+
+def save(checkpoint: Checkpoint, path: Path) -> None:
+    """Write atomically (temp file + rename): a reader never sees half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint.payload(), tmp)
+    os.replace(tmp, path)
+
+
+def _expect(what: str, found: object, expected: object) -> None:
+    if found != expected:
+        raise CheckpointError(f"{what} mismatch: checkpoint has {found!r}, this code expects {expected!r}")
+
+
+def read_payload(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)  # no pickled code is executed
+    except Exception as exc:  # torch raises many types for a corrupt or foreign file
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path}: not a checkpoint dictionary")
+    return payload
+
+
+def from_payload(payload: dict[str, Any], expected_kind: str | None = None) -> Checkpoint:
+    """Validate a payload against the running code; every mismatch raises CheckpointError."""
+    try:
+        _expect("format_version", payload.get("format_version"), FORMAT_VERSION)
+        kind = payload.get("kind")
+        if kind not in KINDS:
+            raise CheckpointError(f"unknown model kind {kind!r}; known: {KINDS}")
+        assert isinstance(kind, str)
+        if expected_kind is not None:
+            _expect("kind", kind, expected_kind)
+        code = payload.get("code") or {}
+        _expect("model code version", code.get("model"), MODEL_CODE_VERSION)
+        _expect("feature code version", code.get("features"), FEATURE_VERSION)
+        spec = FEATURE_SPECS[kind]
+        _expect("feature spec", payload.get("feature_spec"), spec_dict(spec))
+        _expect("series", payload.get("series"), list(SERIES_NAMES))
+        _expect("context features", payload.get("context_features"), context_feature_names(spec))
+        _expect("step features", payload.get("step_features"), list(STEP_FEATURE_NAMES))
+        _expect("assets", payload.get("assets"), list(MODEL_ASSETS[kind]))
+        raw_cfg = payload.get("config")
+        if not isinstance(raw_cfg, dict):
+            raise CheckpointError("config missing")
+        try:
+            config = PatchTSTConfig(**raw_cfg)
+            config.check()
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"config invalid: {exc}") from exc
+        _expect("config.context_len", config.context_len, spec.context_len)
+        _expect("config.horizon", config.horizon, spec.horizon)
+        _expect("config.n_context", config.n_context, len(context_feature_names(spec)))
+        _expect("config.n_step", config.n_step, len(STEP_FEATURE_NAMES))
+        _expect("config.n_series", config.n_series, len(SERIES_NAMES))
+        _expect("config.n_assets", config.n_assets, len(MODEL_ASSETS[kind]))
+        _expect("config.base_nu", config.base_nu, spec.ewma.nu)
+        norm_raw = payload.get("norm") or {}
+        mean = np.asarray(norm_raw.get("mean", []), np.float64)
+        std = np.asarray(norm_raw.get("std", []), np.float64)
+        if mean.shape != (config.n_context,) or std.shape != (config.n_context,):
+            raise CheckpointError(f"normalisation stats have shapes {mean.shape}/{std.shape}, need ({config.n_context},)")
+        if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std)) and np.all(std > 0)):
+            raise CheckpointError("normalisation stats are not finite and positive")
+        state = payload.get("state_dict")
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError("state_dict missing or not tensors")
+        if not all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()):
+            raise CheckpointError("state_dict holds non-finite weights")
+        try:
+            latent = LatentVol(**(payload.get("latent") or {}))
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"latent volatility invalid: {exc}") from exc
+        return Checkpoint(kind=kind, config=config, state_dict=state, norm=NormStats(mean, std), latent=latent,
+                          data_window=dict(payload.get("data_window") or {}),
+                          metrics=dict(payload.get("metrics") or {}))
+    except CheckpointError:
+        raise
+    except Exception as exc:  # a malformed field of any type is still a bad checkpoint
+        raise CheckpointError(f"malformed checkpoint: {type(exc).__name__}: {exc}") from exc
+
+
+def build_model(checkpoint: Checkpoint) -> PatchTST:
+    """The network with the checkpoint's weights, in eval mode; missing or extra weights raise."""
+    model = PatchTST(checkpoint.config)
+    try:
+        model.load_state_dict(checkpoint.state_dict, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"weights do not fit the config: {exc}") from exc
+    return model.eval()
+
+
+def load(path: Path, expected_kind: str | None = None) -> tuple[Checkpoint, PatchTST]:
+    """Read, validate and build. Raises CheckpointError; never returns an unchecked model."""
+    try:
+        checkpoint = from_payload(read_payload(path), expected_kind)
+        return checkpoint, build_model(checkpoint)
+    except CheckpointError as exc:
+        if str(exc).startswith(str(path)):
+            raise
+        raise CheckpointError(f"{path}: {exc}") from exc
+
+
+def checkpoint_path(folder: Path, kind: str) -> Path:
+    return folder / f"{kind}.pt"

@@ -1,0 +1,294 @@
+"""Train one model: NLL on standardised returns, early stopping on the validator's CRPS.
+
+* Loss: Student-t negative log-likelihood of every observed increment of the realised log price on
+  the horizon grid, in units of the EWMA-t std at the origin. Adjacent observed points give
+  one-step returns; across a market closure the increment's variance is the sum of the step
+  variances it spans (so closed-hour steps learn the overnight move). Unit-variance t: the head's
+  sigma is the std, scale = sigma * sqrt((nu - 2) / nu).
+* Selection: after every epoch, paths are sampled with ``core.path_sampling.sample_paths`` for a
+  fixed set of validation prompts and scored with ``core.scoring.score_prompt``; the best epoch by
+  mean CRPS is kept. Epoch 0 is the untrained model, which equals the EWMA-t engine, so a model
+  that never beats EWMA-t on validation is saved as EWMA-t (zero correction), never worse.
+* Seeded (torch, numpy, batch order, sampler) and CPU by default.
+"""
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from core.checkpoint import Checkpoint
+from core.datasets import MODEL_ASSETS, FileSlice, WindowSet, build_windows, split_train_val
+from core.features import FEATURE_SPECS, STEP_FEATURE_NAMES, NormStats, context_feature_names, step_features
+from core.model import PatchTST, PatchTSTConfig, StudentTParams, series_channels, unit_t_log_prob
+from core.path_sampling import LatentVol, sample_paths
+from core.scoring import score_prompt
+
+log = logging.getLogger(__name__)
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+DEFAULT_STRIDE_S = {"hf": 1800, "lf_crypto": 3600, "lf_equity": 1800}
+ARCH: dict[str, dict[str, int]] = {  # per-model architecture on top of PatchTSTConfig's defaults
+    "hf": {"patch_len": 16, "stride": 16},
+    "lf_crypto": {"patch_len": 24, "stride": 24},
+    "lf_equity": {"patch_len": 24, "stride": 24},
+}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot run as asked (no device, no windows...)."""
+
+
+@dataclass
+class TrainOptions:
+    epochs: int = 12
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    device: str = "cpu"
+    stride_s: int | None = None  # between training origins; None = DEFAULT_STRIDE_S
+    val_frac: float = 0.2
+    val_prompts: int = 160  # validation prompts scored with the validator's CRPS per epoch
+    n_paths: int = 1000
+    patience: int = 3  # epochs without a better validation CRPS before stopping
+    asset_dropout: float = 0.1  # share of windows shown as the unknown asset (trains its embedding)
+    max_train_windows: int | None = None  # subsample (smoke tests)
+    arch: dict[str, Any] = field(default_factory=dict)  # PatchTSTConfig overrides
+    latent: LatentVol | None = None  # sampler latent vol; None = the EWMA-t engine's
+
+
+def model_config(kind: str, overrides: Mapping[str, Any] | None = None) -> PatchTSTConfig:
+    spec = FEATURE_SPECS[kind]
+    cfg = PatchTSTConfig(context_len=spec.context_len, horizon=spec.horizon,
+                         n_context=len(context_feature_names(spec)), n_step=len(STEP_FEATURE_NAMES),
+                         n_assets=len(MODEL_ASSETS[kind]), base_nu=spec.ewma.nu, **ARCH[kind])
+    cfg = replace(cfg, **dict(overrides or {}))
+    cfg.check()
+    return cfg
+
+
+@dataclass
+class Batch:
+    series: torch.Tensor  # (B, C, L)
+    context: torch.Tensor  # (B, F)
+    steps: torch.Tensor  # (B, H, S)
+    asset: torch.Tensor  # (B,)
+    log_path: torch.Tensor  # (B, H+1) in units of the base std at the origin, NaN where unobserved
+    base_rel: torch.Tensor  # (B, H) base std / base std at step 0
+
+
+def make_batch(w: WindowSet, rows: IntArray, norm: NormStats, cfg: PatchTSTConfig, device: str,
+               rng: np.random.Generator | None = None, asset_dropout: float = 0.0) -> Batch:
+    spec = FEATURE_SPECS[w.kind]
+    idx = w.ctx_end[rows, None] - cfg.context_len + np.arange(cfg.context_len)  # (B, L)
+    series = w.returns[idx] / w.scale[rows, None]
+    asset = w.asset[rows].copy()
+    if rng is not None and asset_dropout > 0:
+        asset[rng.random(asset.size) < asset_dropout] = cfg.n_assets
+    b0 = w.base[rows, :1]
+    t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=device)  # noqa: E731
+    return Batch(series=series_channels(t(series)), context=t(norm.apply(w.scalars[rows])),
+                 steps=t(step_features(w.origin[rows], spec.step, spec.horizon)),
+                 asset=torch.as_tensor(asset, device=device), log_path=t(w.log_path[rows] / b0),
+                 base_rel=t(w.base[rows] / b0))
+
+
+def increment_nll(p: StudentTParams, base_rel: torch.Tensor, log_path: torch.Tensor) -> torch.Tensor:
+    """Mean NLL of each observed increment of the log path (see the module docstring)."""
+    b, n = log_path.shape  # n = H + 1
+    var = (base_rel * torch.exp(p.log_sigma)) ** 2  # (B, H) variance of each step
+    zero = var.new_zeros(b, 1)
+    cum_var = torch.cat([zero, var.cumsum(1)], dim=1)  # (B, H+1)
+    cum_mu = torch.cat([zero, (base_rel * p.mu).cumsum(1)], dim=1)
+    seen = ~torch.isnan(log_path)
+    pos = torch.arange(n, device=log_path.device).expand(b, n)
+    last_seen = torch.where(seen, pos, torch.full_like(pos, -1)).cummax(dim=1).values  # (B, H+1)
+    prev = torch.cat([torch.full_like(pos[:, :1], -1), last_seen[:, :-1]], dim=1)  # previous observed point
+    valid = seen & (prev >= 0)
+    prev_c = prev.clamp(min=0)
+    y = torch.nan_to_num(log_path)
+    inc = y - y.gather(1, prev_c)
+    inc_var = (cum_var - cum_var.gather(1, prev_c)).clamp(min=1e-12)
+    inc_mu = cum_mu - cum_mu.gather(1, prev_c)
+    nu = torch.cat([p.nu[:, :1], p.nu], dim=1)  # tail of the increment ending at k: step k-1's
+    z = (inc - inc_mu) / torch.sqrt(inc_var)
+    nll = -(unit_t_log_prob(z, nu) - 0.5 * torch.log(inc_var))
+    return nll[valid].mean()
+
+
+@dataclass(frozen=True)
+class StepLaws:
+    mu: FloatArray  # (B, H) in log-return units
+    sigma: FloatArray  # (B, H) std of the one-step log return
+    nu: FloatArray  # (B, H)
+
+
+def predict(model: PatchTST | None, w: WindowSet, rows: IntArray, norm: NormStats, cfg: PatchTSTConfig,
+            device: str, batch_size: int = 512) -> StepLaws:
+    """Per-step laws; ``model=None`` gives the EWMA-t engine's (zero correction)."""
+    base = w.base[rows]
+    if model is None:
+        return StepLaws(np.zeros_like(base), base.copy(), np.full_like(base, cfg.base_nu))
+    model.eval()
+    out: list[StudentTParams] = []
+    with torch.no_grad():
+        for lo in range(0, rows.size, batch_size):
+            bt = make_batch(w, rows[lo:lo + batch_size], norm, cfg, device)
+            out.append(model(bt.series, bt.context, bt.steps, bt.asset))
+    cat = lambda i: torch.cat([o[i] for o in out]).double().cpu().numpy()  # noqa: E731
+    return StepLaws(base * cat(0), base * np.exp(cat(1)), cat(2))
+
+
+def prompt_scores(laws: StepLaws, w: WindowSet, rows: IntArray, latent: LatentVol, n_paths: int,
+                  seed: int) -> FloatArray:
+    """Validator CRPS per prompt; the same random streams for every model (paired comparison)."""
+    spec = FEATURE_SPECS[w.kind]
+    scores = np.empty(rows.size)
+    for i, row in enumerate(rows.tolist()):
+        paths = sample_paths(float(w.anchor[row]), laws.mu[i], laws.sigma[i], laws.nu[i], n_paths,
+                             np.random.default_rng([seed, row]), latent)
+        real = w.anchor[row] * np.exp(w.log_path[row])
+        scores[i] = score_prompt(paths, real, spec.step, spec.step * spec.horizon).total
+    return scores
+
+
+def spaced_rows(n: int, k: int) -> IntArray:
+    return np.unique(np.linspace(0, n - 1, min(k, n)).round().astype(np.int64))
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Checkpoint
+    history: list[dict[str, float]]
+    seconds: float
+
+
+def _data_window(files: Mapping[str, FileSlice], windows: WindowSet, train: WindowSet, val: WindowSet) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for i, asset in enumerate(MODEL_ASSETS[windows.kind]):
+        if asset not in files:
+            continue
+        tr, va = train.origin[train.asset == i], val.origin[val.asset == i]
+        out[asset] = {"file": files[asset].stem, "eval_start_ts": files[asset].eval_start_ts,
+                      "train_origins": [int(tr.min()), int(tr.max())] if tr.size else None,
+                      "val_origins": [int(va.min()), int(va.max())] if va.size else None,
+                      "train_windows": int(tr.size), "val_windows": int(va.size)}
+    return out
+
+
+def resolve_device(device: str) -> str:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda asked for, but torch sees no CUDA device")
+    if device not in ("cpu", "cuda"):
+        raise TrainingError(f"unknown device {device!r}; use cpu or cuda")
+    return device
+
+
+def train(kind: str, files: Mapping[str, FileSlice], opts: TrainOptions, console: Console | None = None,
+          on_epoch: Callable[[dict[str, float]], None] | None = None) -> TrainResult:
+    """Build windows, train, select on validation CRPS; returns the best checkpoint (not saved)."""
+    if kind not in FEATURE_SPECS:
+        raise TrainingError(f"unknown model {kind!r}; known: {sorted(FEATURE_SPECS)}")
+    began = time.perf_counter()
+    console = console or Console(quiet=True)
+    device = resolve_device(opts.device)
+    torch.manual_seed(opts.seed)
+    rng = np.random.default_rng(opts.seed)
+    spec = FEATURE_SPECS[kind]
+
+    windows = build_windows(kind, files, opts.stride_s or DEFAULT_STRIDE_S[kind], opts.val_frac)
+    train_w, val_w = split_train_val(windows)
+    if opts.max_train_windows is not None and len(train_w) > opts.max_train_windows:
+        train_w = train_w.subset(np.sort(rng.choice(len(train_w), opts.max_train_windows, replace=False)))
+    if len(train_w) < 2 or len(val_w) < 1:
+        raise TrainingError(f"{kind}: {len(train_w)} training and {len(val_w)} validation windows; need more data")
+    console.print(f"[bold]{kind}[/]: {len(train_w)} training / {len(val_w)} validation windows")
+
+    norm = NormStats.fit(train_w.scalars)
+    cfg = model_config(kind, opts.arch)
+    model = PatchTST(cfg).to(device)
+    latent = opts.latent if opts.latent is not None else spec.ewma.latent
+    val_rows = spaced_rows(len(val_w), opts.val_prompts)
+    all_val = np.arange(len(val_w))
+
+    def evaluate(m: PatchTST | None) -> tuple[float, float]:
+        crps = float(np.mean(prompt_scores(predict(m, val_w, val_rows, norm, cfg, device), val_w, val_rows,
+                                           latent, opts.n_paths, opts.seed)))
+        if m is None:
+            return crps, float("nan")
+        m.eval()
+        with torch.no_grad():
+            nll = [float(increment_nll(m(b.series, b.context, b.steps, b.asset), b.base_rel, b.log_path))
+                   for lo in range(0, all_val.size, 1024)
+                   for b in [make_batch(val_w, all_val[lo:lo + 1024], norm, cfg, device)]]
+        return crps, float(np.mean(nll))
+
+    ewma_crps, _ = evaluate(None)
+    best_crps, best_nll = evaluate(model)
+    best_state, best_epoch = copy.deepcopy(model.state_dict()), 0
+    history = [{"epoch": 0.0, "train_nll": float("nan"), "val_nll": best_nll, "val_crps": best_crps,
+                "ratio_vs_ewma": best_crps / ewma_crps}]
+    console.print(f"epoch 0 (= EWMA-t): val CRPS {best_crps:.2f} (EWMA-t {ewma_crps:.2f}), val NLL {best_nll:.4f}")
+
+    opt = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    n_batches = max(len(train_w) // opts.batch_size, 1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opts.lr, total_steps=opts.epochs * n_batches,
+                                                pct_start=0.1)
+    bad = 0
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[info]}"))
+    with Progress(*columns, console=console, transient=True) as progress:
+        for epoch in range(1, opts.epochs + 1):
+            model.train()
+            order = rng.permutation(len(train_w))[: n_batches * opts.batch_size].reshape(n_batches, -1)
+            task = progress.add_task(f"{kind} epoch {epoch}/{opts.epochs}", total=n_batches, info="")
+            losses = []
+            for rows in order:
+                b = make_batch(train_w, np.sort(rows), norm, cfg, device, rng, opts.asset_dropout)
+                loss = increment_nll(model(b.series, b.context, b.steps, b.asset), b.base_rel, b.log_path)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                losses.append(float(loss))
+                progress.update(task, advance=1, info=f"nll {np.mean(losses[-50:]):.4f}")
+            progress.remove_task(task)
+            val_crps, val_nll = evaluate(model)
+            row = {"epoch": float(epoch), "train_nll": float(np.mean(losses)), "val_nll": val_nll,
+                   "val_crps": val_crps, "ratio_vs_ewma": val_crps / ewma_crps}
+            history.append(row)
+            if on_epoch:
+                on_epoch(row)
+            better = val_crps < best_crps
+            console.print(f"epoch {epoch}: train NLL {row['train_nll']:.4f}, val NLL {val_nll:.4f}, "
+                          f"val CRPS {val_crps:.2f} ({row['ratio_vs_ewma']:.4f}x EWMA-t){' *' if better else ''}")
+            if better:
+                best_crps, best_state, best_epoch, bad = val_crps, copy.deepcopy(model.state_dict()), epoch, 0
+            else:
+                bad += 1
+                if bad >= opts.patience:
+                    console.print(f"no better validation CRPS for {bad} epochs: stopping")
+                    break
+
+    seconds = time.perf_counter() - began
+    metrics = {"best_epoch": best_epoch, "val_crps": best_crps, "val_crps_ewma": ewma_crps,
+               "val_ratio_vs_ewma": best_crps / ewma_crps, "val_prompts": int(val_rows.size),
+               "train_windows": len(train_w), "val_windows": len(val_w), "train_seconds": seconds,
+               "seed": opts.seed, "epochs_run": len(history) - 1, "history": history,
+               "num_params": model.get_num_params(), "head_params": model.head_params(),
+               "stride_s": opts.stride_s or DEFAULT_STRIDE_S[kind], "lr": opts.lr, "batch_size": opts.batch_size}
+    checkpoint = Checkpoint(kind=kind, config=cfg, state_dict={k: v.cpu() for k, v in best_state.items()},
+                            norm=norm, latent=latent, data_window=_data_window(files, windows, train_w, val_w),
+                            metrics=metrics)
+    return TrainResult(checkpoint, history, seconds)

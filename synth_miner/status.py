@@ -1,0 +1,105 @@
+"""`synth-miner status`: the fleet at a glance (workers, queues, artifact version, calibration, cache)."""
+
+import json
+import time
+from typing import Any
+
+import redis
+from rich.console import Console
+from rich.table import Table
+
+from core.assets import ASSETS
+from core.constants import JOB_RUNS_KEY, KEY_PREFIX
+from core.settings import Settings
+
+
+def age(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def collect(settings: Settings) -> dict[str, Any]:
+    """Everything status shows, as plain data (also printed with --json)."""
+    now = time.time()
+    report: dict[str, Any] = {"redis_url": settings.redis_url, "artifact_version": None, "workers": [],
+                              "queues": {}, "jobs": [], "cache": {}, "errors": []}
+    try:
+        from core.artifacts import current_version
+
+        report["artifact_version"] = current_version(settings.artifacts_dir)
+    except Exception as exc:
+        report["errors"].append(f"artifacts: {exc}")
+    if not settings.redis_url:
+        report["errors"].append("SYNTH_REDIS_URL is not set: embedded mode has no fleet to show")
+        return report
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    try:
+        for key in client.scan_iter(f"{KEY_PREFIX}:worker:*"):
+            raw = client.get(key)
+            if raw:
+                beat = json.loads(raw)
+                beat["seen"] = age(now - float(beat["at"]))
+                report["workers"].append(beat)
+        for queue in (settings.queue_infer_hf, settings.queue_infer_lf, settings.queue_cpu):
+            report["queues"][queue] = int(client.llen(queue))
+        report["jobs"] = [json.loads(r) for r in client.lrange(JOB_RUNS_KEY, 0, 19)]
+        from core.cache_redis import RedisHistoryCache
+
+        cache = RedisHistoryCache(client)
+        for asset in sorted(ASSETS):
+            for step in (60, 300):  # replayed folders may hold only 5-minute bars for an asset
+                span = cache.span(asset, step)
+                if span is not None:
+                    report["cache"][asset] = {"step": step, "first": span[0], "last": span[1],
+                                              "freshness_s": now - (span[1] + step)}
+                    break
+            else:
+                report["cache"][asset] = None
+    except redis.RedisError as exc:
+        report["errors"].append(f"redis: {exc}")
+    return report
+
+
+def render(report: dict[str, Any], console: Console) -> None:
+    console.print(f"[bold]artifact version[/]: {report['artifact_version'] or 'none (statistical engines)'}")
+    workers = Table(title="workers (heartbeats)")
+    for col in ("name", "queues", "engine", "artifact", "seen"):
+        workers.add_column(col)
+    for w in report["workers"]:
+        workers.add_row(w["name"], w.get("queues", ""), w["engine"], str(w.get("artifact_version")), w["seen"])
+    console.print(workers)
+    queues = Table(title="queues")
+    queues.add_column("queue")
+    queues.add_column("waiting", justify="right")
+    for name, depth in report["queues"].items():
+        queues.add_row(name, str(depth))
+    console.print(queues)
+    jobs = Table(title="recent periodic jobs")
+    for col in ("job", "slot", "status", "seconds", "detail"):
+        jobs.add_column(col)
+    last_calibration = next((j for j in report["jobs"] if j["job"] == "calibrate"), None)
+    for j in report["jobs"][:10]:
+        jobs.add_row(j["job"], time.strftime("%H:%M:%S", time.gmtime(j["slot"])), j["status"], str(j.get("seconds")),
+                     str(j.get("error") or "")[:60])
+    console.print(jobs)
+    console.print(f"[bold]last calibration[/]: "
+                  f"{age(time.time() - last_calibration['started']) if last_calibration else 'never'}")
+    cache = Table(title="rolling cache")
+    for col in ("asset", "step", "from", "to", "freshness"):
+        cache.add_column(col)
+    for asset, span in report["cache"].items():
+        if span is None:
+            cache.add_row(asset, "-", "-", "-", "[red]empty[/]")
+        else:
+            fresh = span["freshness_s"]
+            color = "green" if fresh < 180 else "yellow" if fresh < 900 else "red"
+            cache.add_row(asset, f"{span['step']}s", time.strftime("%Y-%m-%d %H:%M", time.gmtime(span["first"])),
+                          time.strftime("%Y-%m-%d %H:%M", time.gmtime(span["last"])), f"[{color}]{age(fresh)}[/]")
+    console.print(cache)
+    for error in report["errors"]:
+        console.print(f"[red]! {error}[/]")

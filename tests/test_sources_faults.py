@@ -1,0 +1,162 @@
+"""Every injected fault against every client: a typed error, or a successful retry. Never a wrong price."""
+
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from core.csv_history import read_csv, write_csv
+from core.fake_providers import FakeMarket, FakeServer, ManualClock, start_fake
+from core.sources.base import PriceSource, ProviderError
+from core.sources.binance import BinanceSource
+from core.sources.http import (BadPriceError, HttpConfig, MalformedReplyError, ProviderHTTPError, ProviderTimeout,
+                               ProviderUnavailable, StalePriceError)
+from core.sources.hyperliquid import HyperliquidSource
+from core.sources.pyth import PythSource
+
+T0 = 1_900_000_030
+RETRIES = 2
+CONFIG = HttpConfig(timeout_s=0.3, retries=RETRIES, backoff_s=0.01, backoff_max_s=0.05)
+ASSET = {"binance": "BTC", "pyth": "BTC", "hyperliquid": "XAU"}
+PROVIDERS = sorted(ASSET)
+
+
+@pytest.fixture(scope="module")
+def csv_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    out = tmp_path_factory.mktemp("faults_csv")
+    manifest = json.loads((shared_data / "manifest.json").read_text())
+    for stem in ("btc", "xau"):
+        cut = manifest[f"{stem}_1m"]["eval_start_ts"]
+        hist = read_csv(shared_data / f"{stem}_1m.csv.gz", 60).between(cut - 2 * 86_400, cut)
+        write_csv(out / f"{stem}_1m.csv.gz", hist)
+    return out
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(T0)
+
+
+@pytest.fixture
+def market(csv_dir: Path, clock: ManualClock) -> FakeMarket:
+    return FakeMarket(csv_dir, clock)
+
+
+@pytest.fixture
+async def server(market: FakeMarket) -> AsyncIterator[FakeServer]:
+    srv = await start_fake("all", market)
+    yield srv
+    await srv.stop()
+
+
+def make_source(provider: str, url: str, clock: ManualClock) -> PriceSource:
+    if provider == "binance":
+        return BinanceSource(url, CONFIG, clock)
+    if provider == "pyth":
+        return PythSource(url, url, CONFIG, clock)
+    return HyperliquidSource(url, CONFIG, clock)
+
+
+@pytest.fixture(params=PROVIDERS)
+async def client(request: pytest.FixtureRequest, server: FakeServer,
+                 clock: ManualClock) -> AsyncIterator[tuple[str, PriceSource]]:
+    src = make_source(request.param, server.url, clock)
+    yield request.param, src
+    await src.close()
+
+
+async def one_page(src: PriceSource, asset: str) -> Any:
+    return await src.history(asset, T0 - 3600, T0)
+
+
+RECOVERABLE = [
+    pytest.param({"status": 429, "status_count": RETRIES}, id="429-then-ok"),
+    pytest.param({"status": 503, "status_count": 1, "retry_after_s": 0.05}, id="503-retry-after-then-ok"),
+    pytest.param({"status": 500, "status_count": RETRIES}, id="500-then-ok"),
+]
+
+
+@pytest.mark.parametrize("faults", RECOVERABLE)
+async def test_transient_failures_are_retried(client: tuple[str, PriceSource], server: FakeServer,
+                                              market: FakeMarket, faults: dict[str, Any]) -> None:
+    provider, src = client
+    server.faults.set(**faults)
+    hist = await one_page(src, ASSET[provider])
+    truth = market.bars(ASSET[provider], 60).between(T0 - 3600, T0).known_at(T0)
+    np.testing.assert_array_equal(hist.ts, truth.ts)
+    assert server.faults.requests == faults["status_count"] + 1
+
+
+FATAL = [
+    pytest.param({"status": 503}, ProviderUnavailable, id="503-forever"),
+    pytest.param({"status": 429}, ProviderUnavailable, id="429-forever"),
+    pytest.param({"latency_s": 1.0}, ProviderTimeout, id="timeout"),
+    pytest.param({"status": 403}, ProviderHTTPError, id="403"),
+    pytest.param({"truncate": True}, MalformedReplyError, id="truncated-body"),
+    pytest.param({"malformed": True}, MalformedReplyError, id="malformed-body"),
+    pytest.param({"mismatched": True}, MalformedReplyError, id="mismatched"),
+    pytest.param({"bad_price": 0.0}, BadPriceError, id="zero-price"),
+    pytest.param({"bad_price": -3.0}, BadPriceError, id="negative-price"),
+]
+
+
+@pytest.mark.parametrize(("faults", "error"), FATAL)
+async def test_faults_raise_typed_errors_for_history(client: tuple[str, PriceSource], server: FakeServer,
+                                                     faults: dict[str, Any], error: type[ProviderError]) -> None:
+    provider, src = client
+    server.faults.set(**faults)
+    with pytest.raises(error):
+        await one_page(src, ASSET[provider])
+    retried = error in (ProviderUnavailable, ProviderTimeout)
+    assert server.faults.requests == (RETRIES + 1 if retried else 1)
+
+
+@pytest.mark.parametrize(("faults", "error"), FATAL + [
+    pytest.param({"stale_s": 900}, StalePriceError, id="stale-latest"),
+])
+async def test_faults_raise_typed_errors_for_latest(client: tuple[str, PriceSource], server: FakeServer,
+                                                    faults: dict[str, Any], error: type[ProviderError]) -> None:
+    provider, src = client
+    server.faults.set(**faults)
+    with pytest.raises(error):
+        await src.latest(ASSET[provider])
+
+
+@pytest.mark.parametrize("provider", ["binance", "hyperliquid"])  # decimal-string prices can say NaN
+async def test_nan_prices_are_refused(provider: str, server: FakeServer, clock: ManualClock) -> None:
+    src = make_source(provider, server.url, clock)
+    server.faults.bad_price = float("nan")
+    try:
+        with pytest.raises(BadPriceError):
+            await one_page(src, ASSET[provider])
+    finally:
+        await src.close()
+
+
+async def test_missing_candles_stay_gaps(client: tuple[str, PriceSource], server: FakeServer,
+                                         market: FakeMarket) -> None:
+    provider, src = client
+    server.faults.missing_every = 7
+    hist = await one_page(src, ASSET[provider])
+    truth = market.bars(ASSET[provider], 60).between(T0 - 3600, T0).known_at(T0)
+    expected = truth.ts[(truth.ts // 60) % 7 != 0]
+    np.testing.assert_array_equal(hist.ts, expected)
+    assert len(hist) < len(truth)
+
+
+async def test_concurrent_pages_respect_the_per_host_limit(server: FakeServer, clock: ManualClock) -> None:
+    """Twelve Pyth pages with 0.1 s latency and a limit of 4 take at least three rounds."""
+    config = HttpConfig(timeout_s=2.0, retries=0, concurrency_per_host=4)
+    src = PythSource(server.url, server.url, config, clock, page_bars=120)
+    server.faults.latency_s = 0.1
+    started = time.perf_counter()
+    try:
+        await src.history("BTC", T0 - 24 * 3600 + 60, T0)
+    finally:
+        await src.close()
+    assert server.faults.requests == 12
+    assert time.perf_counter() - started >= 0.3
