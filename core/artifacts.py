@@ -296,7 +296,7 @@ def read_set(directory: Path, loaders: Mapping[str, Loader], expected_version: s
                 calibration = CalibrationState.from_json(data)
         except CalibrationError as exc:
             raise ArtifactError(f"{directory / name}: {exc}") from None
-        except Exception as exc:  # a loader may raise anything on a bad file
+        except Exception as exc:  # noqa: BLE001 - a loader may raise anything on a bad file
             raise ArtifactError(f"{directory / name}: does not load ({type(exc).__name__}: {exc})") from None
     return ArtifactSet(manifest.version, directory, manifest, calibration, loaded)
 
@@ -455,7 +455,7 @@ class ArtifactStore:
                 check(artifact)
             except ArtifactError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a check may raise anything
                 raise ArtifactError(f"{directory}: check {getattr(check, '__name__', check)} failed: {exc}") from None
         return artifact
 

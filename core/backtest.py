@@ -26,8 +26,8 @@ from core.batch import BatchItem, BatchRunner, PriceFolder
 from core.engines.base import Engine
 from core.evaluation import EvalPrompt, FloatArray, grid_times, iso, realised_prices
 from core.forecast import ScaleLookup, no_calibration
-from core.prices import IntArray
 from core.plots import FAN_LEVELS, coverage, fan_chart, interval_chart, pit_chart
+from core.prices import IntArray
 from core.scoring import Rules, score_prompt
 
 BASELINES = ("gbm", "ewma_t")
@@ -333,8 +333,8 @@ def write_report(result: BacktestResult, out_dir: Path, config: Mapping[str, Any
     written: dict[str, Path] = {}
     md = [f"# Backtest ({result.rules} rules, {result.num_simulations} paths, seed {result.seed})\n",
           f"{len(result.prompts)} prompts, engines: {', '.join(result.engines)}; wall time {result.wall_s:.1f} s.\n",
-          "Ratios are mean CRPS / the baseline's mean CRPS over the prompts both answered validly, with a "
-          "paired bootstrap 95 % interval over prompts. Lower is better.\n",
+          ("Ratios are mean CRPS / the baseline's mean CRPS over the prompts both answered validly, with a "
+          "paired bootstrap 95 % interval over prompts. Lower is better.\n"),
           markdown_table(rows, baselines), markdown_intervals(rows)]
     written["table"] = out_dir / "table.md"
     written["table"].write_text("\n".join(md) + "\n")

@@ -164,7 +164,7 @@ class BatchRunner:
             check_paths(rounded, item.request)
         except (BatchInputError, EvaluationError, ResponseError, PriceDataError) as exc:
             return BatchOutcome(item.id, item.request, None, None, None, str(exc), time.perf_counter() - began)
-        except Exception as exc:  # even the fallback failed: report it on this line, serve the others
+        except Exception as exc:  # noqa: BLE001 - even the fallback failed: report it on this line, serve the rest
             return BatchOutcome(item.id, item.request, None, None, None, f"{type(exc).__name__}: {exc}",
                                 time.perf_counter() - began)
         return BatchOutcome(item.id, item.request, rounded, result.engine, result.fallback_reason, None,

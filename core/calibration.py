@@ -5,10 +5,11 @@ One run, per key:
 1. Recent validator-style prompts are built from history with ``core.evaluation`` (the same prompts,
    realised prices and no-look-ahead snapshots as the backtest): one prompt per spacing slot, the
    latest ones whose realised prices are already known at ``end``.
-2. A golden-section search over log(sigma_scale) in [scale_min, scale_max] minimises the mean
-   ``core.scoring.score_prompt`` total. Every candidate scale reuses the same random numbers per
-   prompt (``core.forecast.rng_for``), so the objective is smooth in the scale and the search is
-   exact for the sample; 200 paths per prompt keep a run cheap (Settings.calibration_paths).
+2. A bounded Brent search (golden-section with parabolic steps) over log(sigma_scale) in
+   [scale_min, scale_max] minimises the mean ``core.scoring.score_prompt`` total. Every candidate
+   scale reuses the same random numbers per prompt (``core.forecast.rng_for``), so the objective is
+   smooth in the scale and the search is exact for the sample; 200 paths per prompt keep a run
+   cheap (Settings.calibration_paths).
 3. The stored scale moves toward the minimiser by a log-space EMA (alpha 0.4 for 1 h, 0.2 for 24 h),
    by at most +-10 % (1 h) / +-7 % (24 h) per run, clamped to [0.5, 2.0], and only when at least
    150 (1 h) / 120 (24 h) prompts were scored.
@@ -38,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from scipy.optimize import minimize_scalar
 
 from core.constants import LF_INCREMENT
 from core.engines.base import Engine, Float32Array, ParametricEngine
@@ -64,7 +66,6 @@ log = logging.getLogger(__name__)
 STATE_FORMAT = 1
 CALIBRATION_FILE = "calibration.json"
 HISTORY_KEPT = 100  # runs remembered per key: four days of hourly runs
-INV_PHI = (math.sqrt(5.0) - 1.0) / 2.0
 
 
 class CalibrationError(ValueError):
@@ -203,24 +204,6 @@ def scaled_paths(engine: Engine, case: Case, seed: int) -> Callable[[float], Flo
     return lambda s: engine.forecast(case.request, case.snapshot, rng_for(case.request, seed), s)
 
 
-def golden_section(f: Callable[[float], float], lo: float, hi: float, tol: float) -> tuple[float, float, int]:
-    """Minimiser of a unimodal f on [lo, hi] to within ``tol``: (x, f(x), evaluations)."""
-    c, d = hi - INV_PHI * (hi - lo), lo + INV_PHI * (hi - lo)
-    fc, fd = f(c), f(d)
-    evaluations = 2
-    while hi - lo > tol:
-        if fc <= fd:
-            hi, d, fd = d, c, fc
-            c = hi - INV_PHI * (hi - lo)
-            fc = f(c)
-        else:
-            lo, c, fc = c, d, fd
-            d = lo + INV_PHI * (hi - lo)
-            fd = f(d)
-        evaluations += 1
-    return (c, fc, evaluations) if fc <= fd else (d, fd, evaluations)
-
-
 @dataclass(frozen=True)
 class ScaleSearch:
     target: float  # sigma_scale minimising the mean CRPS over the cases
@@ -230,20 +213,30 @@ class ScaleSearch:
     evaluations: int
 
 
+def _mean(values: FloatArray) -> float:
+    return float(np.nanmean(values)) if np.isfinite(values).any() else math.inf
+
+
 def search_scale(engine: Engine, cases: Sequence[Case], current: float, lo: float, hi: float, tol: float,
                  seed: int, rules: Rules) -> ScaleSearch:
+    """The scale in [lo, hi] minimising the mean CRPS over ``cases`` (to ``tol`` in log scale)."""
     makers = [scaled_paths(engine, case, seed) for case in cases]
     seen: dict[float, FloatArray] = {}
 
-    def objective(log_scale: float) -> float:
-        scale = math.exp(log_scale)
-        values = seen[log_scale] = score_cases(cases, lambda i, _: makers[i](scale), rules)
-        return float(np.nanmean(values)) if np.isfinite(values).any() else math.inf
+    def scores_at(log_scale: float) -> FloatArray:
+        if log_scale not in seen:
+            scale = math.exp(log_scale)
+            seen[log_scale] = score_cases(cases, lambda i, _: makers[i](scale), rules)
+        return seen[log_scale]
 
-    log_target, best, evaluations = golden_section(objective, math.log(lo), math.log(hi), tol)
-    at_current = objective(math.log(current))
-    return ScaleSearch(math.exp(log_target), best, at_current, int(np.isfinite(seen[log_target]).sum()),
-                       evaluations + 1)
+    # Brent's bounded method: golden-section steps plus parabolic ones where the objective is smooth
+    # (common random numbers make it so): ~8 evaluations instead of golden-section's 14 at tol 0.01.
+    found = minimize_scalar(lambda x: _mean(scores_at(float(x))), bounds=(math.log(lo), math.log(hi)),
+                            method="bounded", options={"xatol": tol})
+    log_target = float(found.x)
+    at_target = scores_at(log_target)
+    return ScaleSearch(math.exp(log_target), _mean(at_target), _mean(scores_at(math.log(current))),
+                       int(np.isfinite(at_target).sum()), len(seen))
 
 
 # ------------------------------------------------------------------------------------------- state

@@ -2,6 +2,7 @@
 
 import gzip
 import io
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,20 @@ STEP_SUFFIX = {60: "1m", 300: "5m"}
 
 
 def read_csv(path: Path, step: int) -> PriceHistory:
-    """Parse one file; a bad header, row or price raises PriceDataError naming the file."""
+    """Parse one file; a bad header, row or price raises PriceDataError naming the file.
+
+    Parsed files are kept per (path, size, mtime): replay sources and jobs re-open the same
+    multi-megabyte files every minute, and a changed file is re-read.
+    """
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise PriceDataError(f"{path}: unreadable ({exc})") from exc
+    return _read_csv_cached(path, step, stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _read_csv_cached(path: Path, step: int, size: int, mtime_ns: int) -> PriceHistory:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt") as fh:  # type: ignore[operator]

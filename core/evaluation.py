@@ -30,11 +30,12 @@ Conventions (../shared/docs/synth-protocol.md §3, §4.2):
 
 from __future__ import annotations
 
+import itertools
 import json
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -165,17 +166,17 @@ def realised_prices(history: AssetHistory, start_ts: int, time_increment: int,
 
 
 def iso(ts: int) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat()
+    return datetime.fromtimestamp(ts, UTC).isoformat()
 
 
 def parse_day(text: str) -> int:
     """'2026-02-17' or a full ISO time (UTC when naive) -> unix seconds."""
     try:
-        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        moment = datetime.fromisoformat(text.strip())
     except ValueError:
         raise EvaluationError(f"not an ISO date or time: {text!r}") from None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     return int(moment.timestamp())
 
 
@@ -257,7 +258,7 @@ def pick_prompts(history: AssetHistory, window: Window, spacing_s: int, seed: in
     rng = np.random.default_rng([seed, zlib.crc32(f"{window.asset}:{window.time_increment}".encode())])
     slot = (starts - window.start) // spacing_s
     edges = np.flatnonzero(np.r_[True, slot[1:] != slot[:-1], True])
-    chosen = [int(starts[a + rng.integers(b - a)]) for a, b in zip(edges[:-1], edges[1:])]
+    chosen = [int(starts[a + rng.integers(b - a)]) for a, b in itertools.pairwise(edges)]
     if max_prompts is not None and len(chosen) > max_prompts:
         # Spread the kept prompts over the whole window rather than keeping its beginning.
         keep = np.unique(np.linspace(0, len(chosen) - 1, max_prompts).round().astype(int))

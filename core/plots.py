@@ -7,7 +7,7 @@ global backend or GUI state is touched and plotting is safe in workers and tests
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +50,7 @@ def fan_chart(path: Path, times: IntArray, realised: FloatArray, bands: Mapping[
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("price")
     axes[0].legend(loc="best", fontsize=8)
-    start = datetime.fromtimestamp(int(times[0]), timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    start = datetime.fromtimestamp(int(times[0]), UTC).strftime("%Y-%m-%d %H:%M UTC")
     fig.suptitle(f"{title} — start {start}")
     fig.tight_layout()
     return _save(fig, path)

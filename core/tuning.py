@@ -8,6 +8,9 @@ the mean over prompts of log(CRPS), i.e. the geometric-mean CRPS ratio, so a 1 %
 same on a quiet equity as on BTC. Every candidate is scored with the same seed per prompt (common
 random numbers), so differences between candidates are not sampling noise of the paths.
 
+The search runs with few paths (fast); the variance multiplier is then re-picked with the path count
+validators ask for (``refine_scale``), because a small ensemble's CRPS favours narrow forecasts.
+
 Walk-forward check: the search sees only the earlier ``fit_share`` of each asset's prompts; the
 later ones (still before eval_start_ts) measure whether the tuned values carry forward in time.
 """
@@ -34,7 +37,7 @@ from core.scoring import Rules, score_prompt
 # Search grids: multiplicative factors around the current value, a coarse pass then a fine one.
 COARSE = (0.5, 0.7, 1.0, 1.4, 2.0)
 FINE = (0.8, 0.9, 1.0, 1.12, 1.25)
-VAR_COARSE = (0.8, 0.9, 1.0, 1.1, 1.2)
+VAR_COARSE = (0.7, 0.8, 0.9, 1.0, 1.1, 1.2)
 VAR_FINE = (0.95, 0.975, 1.0, 1.025, 1.05)
 LATENT_S = (0.0, 0.03, 0.06, 0.1, 0.15)  # absolute values: a factor cannot move away from 0
 LATENT_RHO = {60: 0.98, 300: 0.99}  # per-step persistence of the latent log-vol, kept fixed
@@ -139,10 +142,25 @@ class TuningResult:
     trace: list[SearchStep] = field(default_factory=list)
 
 
+def _extension(name: str, tried: Sequence[float], winner: float) -> float | None:
+    """The next value past the edge of the grid when the winner sits on that edge."""
+    if len(tried) < 2 or tried[0] < winner < tried[-1]:
+        return None
+    up = winner >= tried[-1]
+    a, b = (tried[-2], tried[-1]) if up else (tried[1], tried[0])
+    if name == "latent_s":
+        nxt = winner + (b - a)
+        return nxt if nxt >= 0 and nxt != winner else None
+    if a <= 0:
+        return None
+    return winner * (b / a)
+
+
 def coordinate_search(cases: Sequence[TuningCase], start: EwmaConfig, time_increment: int, n_paths: int,
                       seed: int, rules: Rules = "upstream", params: Sequence[str] = PARAMS, passes: int = 2,
-                      on_eval: Callable[[str], None] | None = None) -> TuningResult:
-    """Coordinate descent: pass 1 on coarse grids, later passes on fine grids around the best."""
+                      on_eval: Callable[[str], None] | None = None, max_extensions: int = 4) -> TuningResult:
+    """Coordinate descent: pass 1 on coarse grids, later passes on fine grids around the best; a grid whose
+    best value is on its edge is extended in that direction while it keeps improving."""
     if not cases:
         raise TuningError(f"no tuning prompts for time_increment {time_increment}")
     for name in params:
@@ -160,17 +178,47 @@ def coordinate_search(cases: Sequence[TuningCase], start: EwmaConfig, time_incre
 
     best, best_obj = start, evaluate(start)
     result = TuningResult(time_increment, start, start, best_obj, best_obj)
+
+    def attempt(name: str, value: float) -> bool:
+        nonlocal best, best_obj
+        cfg = set_param(best, name, value, time_increment)
+        obj = evaluate(cfg)
+        accepted = obj < best_obj - 1e-9
+        result.trace.append(SearchStep(name, value, obj, accepted))
+        if accepted:
+            best, best_obj = cfg, obj
+        return accepted
+
     for p in range(passes):
         for name in params:
-            for value in candidates(best, name, fine=p > 0):
-                cfg = set_param(best, name, value, time_increment)
-                obj = evaluate(cfg)
-                accepted = obj < best_obj - 1e-9
-                result.trace.append(SearchStep(name, value, obj, accepted))
-                if accepted:
-                    best, best_obj = cfg, obj
+            tried = candidates(best, name, fine=p > 0)
+            moved = False
+            for value in tried:
+                moved |= attempt(name, value)
+            for _ in range(max_extensions if moved else 0):
+                nxt = _extension(name, tried, get_param(best, name))
+                if nxt is None:
+                    break
+                tried = sorted({*tried, round(nxt, 6)})
+                if not attempt(name, round(nxt, 6)):
+                    break
     result.best, result.best_objective, result.evaluations = best, best_obj, len(seen)
     return result
+
+
+def refine_scale(cases: Sequence[TuningCase], cfg: EwmaConfig, time_increment: int, n_paths: int, seed: int,
+                 rules: Rules = "upstream", factors: Sequence[float] = (0.94, 0.96, 0.98, 1.0, 1.02, 1.04, 1.06)
+                 ) -> tuple[EwmaConfig, list[SearchStep]]:
+    """Re-pick var_mult with the path count validators ask for: a small ensemble's plain CRPS carries a
+    spread penalty of about E|X - X'| / 2N, which pulls a search run with few paths towards narrow forecasts."""
+    steps = []
+    for f in factors:
+        candidate = set_param(cfg, "var_mult", cfg.var_mult * f, time_increment)
+        obj = objective(score_engine(EwmaTEngine({time_increment: candidate}), cases, n_paths, seed, rules))
+        steps.append(SearchStep("var_mult", candidate.var_mult, obj, False))
+    winner = min(steps, key=lambda s: s.objective)
+    winner.accepted = True
+    return set_param(cfg, "var_mult", winner.value, time_increment), steps
 
 
 def split_walk_forward(cases: Sequence[TuningCase], fit_share: float) -> tuple[list[TuningCase], list[TuningCase]]:
@@ -184,7 +232,7 @@ def split_walk_forward(cases: Sequence[TuningCase], fit_share: float) -> tuple[l
     check: list[TuningCase] = []
     for group in groups.values():
         group.sort(key=lambda c: c.prompt.start_ts)
-        cut = max(1, int(round(len(group) * fit_share)))
+        cut = max(1, round(len(group) * fit_share))
         fit += group[:cut]
         check += group[cut:]
     return fit, check
@@ -252,7 +300,7 @@ class TuningReport:
 def run_tuning(histories: Mapping[str, AssetHistory], prompts: Sequence[EvalPrompt], start: Mapping[int, EwmaConfig],
                lookback_s: int, n_paths: int, seed: int, rules: Rules = "upstream", fit_share: float = 0.7,
                params: Sequence[str] = PARAMS, passes: int = 2, windows: Sequence[dict[str, Any]] = (),
-               on_eval: Callable[[str], None] | None = None) -> TuningReport:
+               on_eval: Callable[[str], None] | None = None, final_paths: int | None = 1000) -> TuningReport:
     """Tune each prompt type present in ``prompts``. ``histories`` must already be cut at eval_start_ts."""
     results: dict[int, TuningResult] = {}
     fit_cmp: dict[int, Comparison | None] = {}
@@ -268,10 +316,17 @@ def run_tuning(histories: Mapping[str, AssetHistory], prompts: Sequence[EvalProm
                 on_eval(f"{inc}s grid: {msg}")
 
         res = coordinate_search(fit, base, inc, n_paths, seed, rules, params, passes, tick)
+        report_paths = final_paths or n_paths
+        if final_paths and "var_mult" in params:
+            tick(f"var_mult at {final_paths} paths")
+            res.best, steps = refine_scale(fit, res.best, inc, final_paths, seed, rules)
+            res.trace += steps  # objectives at final_paths, not comparable with the search's
         results[inc] = res
-        fit_cmp[inc] = compare(fit, res.best, base, inc, n_paths, seed, rules)
-        check_cmp[inc] = compare(check, res.best, base, inc, n_paths, seed, rules)
+        tick(f"comparing at {report_paths} paths")
+        fit_cmp[inc] = compare(fit, res.best, base, inc, report_paths, seed, rules)
+        check_cmp[inc] = compare(check, res.best, base, inc, report_paths, seed, rules)
         counts[inc] = (len(fit), len(check))
     return TuningReport(results, fit_cmp, check_cmp, counts, list(windows),
-                        {"n_paths": n_paths, "seed": seed, "rules": rules, "fit_share": fit_share,
+                        {"n_paths": n_paths, "final_paths": final_paths, "seed": seed, "rules": rules,
+                         "fit_share": fit_share,
                          "params": list(params), "passes": passes, "lookback_s": lookback_s})

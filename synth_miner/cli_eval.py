@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -43,7 +43,7 @@ def _assets(text: str) -> list[str]:
 
 
 def _spacing(hours: float, name: str) -> int:
-    seconds = int(round(hours * 3600 / 60)) * 60
+    seconds = round(hours * 3600 / 60) * 60
     if seconds < 60:
         raise typer.BadParameter(f"{name} must be at least one minute")
     return seconds
@@ -56,7 +56,7 @@ def forecast_batch(
                                              exists=True, file_okay=False)],
     out: Annotated[Path, typer.Option("--out", help="JSONL file written: one response or error per request")],
     seed: Annotated[int, typer.Option("--seed", help="RNG seed: same seed + request + data = same paths")],
-    engine: Annotated[Optional[str], typer.Option("--engine", help="engine name (default: the production engine)")]
+    engine: Annotated[str | None, typer.Option("--engine", help="engine name (default: the production engine)")]
     = None,
     calibrated: Annotated[bool, typer.Option("--calibration/--no-calibration",
                                              help="apply the published sigma calibration, as production does")]
@@ -81,13 +81,13 @@ def backtest(
     out: Annotated[Path, typer.Option("--out", help="report folder, e.g. reports/<name>")] = Path("reports/backtest"),
     data_dir: Annotated[Path, typer.Option("--data-dir", help="price folder with manifest.json", exists=True,
                                            file_okay=False)] = DEFAULT_DATA,
-    engines_opt: Annotated[Optional[str], typer.Option("--engines", help="comma list (default: gbm,ewma_t and "
+    engines_opt: Annotated[str | None, typer.Option("--engines", help="comma list (default: gbm,ewma_t and "
                                                                          "the production engine)")] = None,
     mode: Annotated[str, typer.Option("--mode", help="heldout | walkforward (pre-eval_start only) | range")]
     = "heldout",
-    start: Annotated[Optional[str], typer.Option("--start", help="first prompt start (ISO date), clamps windows")]
+    start: Annotated[str | None, typer.Option("--start", help="first prompt start (ISO date), clamps windows")]
     = None,
-    end: Annotated[Optional[str], typer.Option("--end", help="prompts start before this (ISO date)")] = None,
+    end: Annotated[str | None, typer.Option("--end", help="prompts start before this (ISO date)")] = None,
     days: Annotated[float, typer.Option("--days", help="walkforward: days before each file's eval_start_ts")]
     = 60.0,
     lf_assets: Annotated[str, typer.Option("--lf-assets", help="24 h prompt assets")] = DEFAULT_LF_ASSETS,
@@ -96,7 +96,7 @@ def backtest(
     = DEFAULT_LF_SPACING_H,
     hf_spacing_h: Annotated[float, typer.Option("--hf-spacing-h", help="one 1 h prompt per this many hours")]
     = DEFAULT_HF_SPACING_H,
-    max_prompts: Annotated[Optional[int], typer.Option("--max-prompts", help="cap per asset × prompt type")]
+    max_prompts: Annotated[int | None, typer.Option("--max-prompts", help="cap per asset × prompt type")]
     = None,
     paths: Annotated[int, typer.Option("--paths", help="paths per forecast (validators ask 1000)")] = 1000,
     seed: Annotated[int, typer.Option("--seed", help="prompt placement and path RNG seed")] = 0,
@@ -171,7 +171,7 @@ def tune_ewma(
     hf_assets: Annotated[str, typer.Option("--hf-assets")] = DEFAULT_HF_ASSETS,
     lf_spacing_h: Annotated[float, typer.Option("--lf-spacing-h")] = 24.0,
     hf_spacing_h: Annotated[float, typer.Option("--hf-spacing-h")] = 12.0,
-    max_prompts: Annotated[Optional[int], typer.Option("--max-prompts", help="cap per asset × prompt type")]
+    max_prompts: Annotated[int | None, typer.Option("--max-prompts", help="cap per asset × prompt type")]
     = None,
     paths: Annotated[int, typer.Option("--paths", help="paths per forecast while searching")] = 200,
     seed: Annotated[int, typer.Option("--seed")] = 0,
@@ -181,6 +181,8 @@ def tune_ewma(
     params: Annotated[str, typer.Option("--params", help="comma list of globals to tune")] =
     "var_mult,half_life_bars,long_half_life_bars,reversion_bars,nu,latent_s",
     passes: Annotated[int, typer.Option("--passes", help="coordinate-search passes (coarse, then fine)")] = 2,
+    final_paths: Annotated[int, typer.Option("--final-paths", help="paths for the final var_mult pick and the "
+                                                                   "reported comparison (0 = --paths)")] = 1000,
 ) -> None:
     """Tune the EWMA-t globals per prompt type walk-forward on data before every file's eval_start_ts."""
     from core.engines.ewma import DEFAULT_CONFIGS
@@ -208,7 +210,8 @@ def tune_ewma(
             report = run_tuning(plan.histories, plan.prompts, DEFAULT_CONFIGS,
                                 int(settings.batch_lookback_days * 86_400), paths, seed, rules_value, fit_share,
                                 _assets(params), passes, windows,
-                                on_eval=lambda msg: bar.update(task, description=f"tuning: {msg}"))
+                                on_eval=lambda msg: bar.update(task, description=f"tuning: {msg}"),
+                                final_paths=final_paths or None)
         except TuningError as exc:
             raise typer.BadParameter(str(exc)) from None
     doc = report.to_json()
@@ -236,4 +239,4 @@ def register(app: typer.Typer) -> None:
 app = typer.Typer(help="Batch forecasts, backtests and EWMA tuning.", no_args_is_help=True)
 register(app)
 
-__all__ = ["app", "backtest", "forecast_batch", "register", "tune_ewma", "BatchInputError"]
+__all__ = ["BatchInputError", "app", "backtest", "forecast_batch", "register", "tune_ewma"]

@@ -20,7 +20,7 @@ from core.sources.pyth import PythSource
 
 T0 = 1_900_000_030
 RETRIES = 2
-CONFIG = HttpConfig(timeout_s=0.3, retries=RETRIES, backoff_s=0.01, backoff_max_s=0.05)
+CONFIG = HttpConfig(timeout_s=2.0, retries=RETRIES, backoff_s=0.01, backoff_max_s=0.05)
 ASSET = {"binance": "BTC", "pyth": "BTC", "hyperliquid": "XAU"}
 PROVIDERS = sorted(ASSET)
 
@@ -53,12 +53,12 @@ async def server(market: FakeMarket) -> AsyncIterator[FakeServer]:
     await srv.stop()
 
 
-def make_source(provider: str, url: str, clock: ManualClock) -> PriceSource:
+def make_source(provider: str, url: str, clock: ManualClock, config: HttpConfig = CONFIG) -> PriceSource:
     if provider == "binance":
-        return BinanceSource(url, CONFIG, clock)
+        return BinanceSource(url, config, clock)
     if provider == "pyth":
-        return PythSource(url, url, CONFIG, clock)
-    return HyperliquidSource(url, CONFIG, clock)
+        return PythSource(url, url, config, clock)
+    return HyperliquidSource(url, config, clock)
 
 
 @pytest.fixture(params=PROVIDERS)
@@ -94,7 +94,6 @@ async def test_transient_failures_are_retried(client: tuple[str, PriceSource], s
 FATAL = [
     pytest.param({"status": 503}, ProviderUnavailable, id="503-forever"),
     pytest.param({"status": 429}, ProviderUnavailable, id="429-forever"),
-    pytest.param({"latency_s": 1.0}, ProviderTimeout, id="timeout"),
     pytest.param({"status": 403}, ProviderHTTPError, id="403"),
     pytest.param({"truncate": True}, MalformedReplyError, id="truncated-body"),
     pytest.param({"malformed": True}, MalformedReplyError, id="malformed-body"),
@@ -111,8 +110,22 @@ async def test_faults_raise_typed_errors_for_history(client: tuple[str, PriceSou
     server.faults.set(**faults)
     with pytest.raises(error):
         await one_page(src, ASSET[provider])
-    retried = error in (ProviderUnavailable, ProviderTimeout)
-    assert server.faults.requests == (RETRIES + 1 if retried else 1)
+    assert server.faults.requests == (RETRIES + 1 if error is ProviderUnavailable else 1)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_slow_replies_time_out_after_every_attempt(provider: str, server: FakeServer,
+                                                         clock: ManualClock) -> None:
+    src = make_source(provider, server.url, clock, HttpConfig(timeout_s=0.1, retries=1, backoff_s=0.01))
+    server.faults.latency_s = 0.3
+    try:
+        with pytest.raises(ProviderTimeout, match="timed out"):
+            await one_page(src, ASSET[provider])
+        with pytest.raises(ProviderTimeout):
+            await src.latest(ASSET[provider])
+    finally:
+        await src.close()
+    assert server.faults.requests == 4  # two attempts each
 
 
 @pytest.mark.parametrize(("faults", "error"), FATAL + [

@@ -52,9 +52,12 @@ def run_once(job: str, slot: int | None, period_s: float, work: Callable[[Settin
 
 
 def refresh_work(settings: Settings) -> dict[str, Any]:
+    from core.assets import ASSETS
     from core.refresh import refresh_assets_sync
 
-    return {"reports": [str(r) for r in refresh_assets_sync(None, settings)]}
+    reports = refresh_assets_sync(sorted(ASSETS), settings)
+    failed = {r.asset: list(r.errors) for r in reports if r.errors}
+    return {"assets": len(reports), "failed": failed}
 
 
 def calibrate_work(settings: Settings) -> dict[str, Any]:

@@ -1,0 +1,119 @@
+"""Champion/challenger: a new artifact becomes current only if it does not lose the recent backtest.
+
+Both sets forecast the same recent prompts (``core.calibration.recent_cases``, the prompt builder
+calibration uses) with the same seed, so per-prompt scores are paired; each is scored like a
+validator would (wire-rounded paths, ``core.scoring.score_prompt``). The challenger is promoted when
+
+    mean CRPS(challenger) <= mean CRPS(champion) * (1 + tolerance)
+
+over the prompts both answered, and it is never promoted if it fails a prompt the champion answers.
+The decision and both scores are logged and returned.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from core.artifacts import ArtifactSet, ArtifactStore
+from core.calibration import Case, score_cases
+from core.engines.base import Engine
+from core.evaluation import FloatArray
+from core.forecast import Forecaster
+from core.response import round_for_wire
+from core.scoring import Rules
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ForecasterFactory = Callable[[ArtifactSet], Forecaster]
+
+
+def artifact_forecaster(engines: Mapping[str, Engine], settings: Settings,
+                        engine: str | None = None) -> ForecasterFactory:
+    """Forecasters over shared engines that differ only by the artifact's calibration.
+
+    Artifacts carrying models need a factory that builds their engines from the set's files.
+    """
+    name = engine or settings.engine
+    return lambda artifact: Forecaster(engines, default=name, seed=settings.calibration_seed, scale=artifact.scale)
+
+
+def backtest_scores(forecaster: Forecaster, cases: Sequence[Case], rules: Rules) -> FloatArray:
+    """Per-case validator CRPS of what the forecaster would send (NaN where invalid)."""
+    return score_cases(cases, lambda _, c: round_for_wire(forecaster.run(c.request, c.snapshot).paths), rules)
+
+
+@dataclass(frozen=True)
+class ChampionDecision:
+    promote: bool
+    challenger: str
+    champion: str | None
+    challenger_crps: float | None  # mean over the prompts both answered
+    champion_crps: float | None
+    tolerance: float
+    cases: int  # prompts both answered
+    challenger_invalid: int
+    champion_invalid: int
+    reason: str
+
+
+def decide(challenger: str, champion: str | None, challenger_scores: FloatArray,
+           champion_scores: FloatArray | None, tolerance: float) -> ChampionDecision:
+    """The promotion rule on paired per-prompt scores (NaN = invalid response)."""
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    ch_ok = np.isfinite(challenger_scores)
+    if champion is None or champion_scores is None:
+        mean = float(challenger_scores[ch_ok].mean()) if ch_ok.any() else None
+        return ChampionDecision(True, challenger, None, mean, None, tolerance, int(ch_ok.sum()),
+                                int((~ch_ok).sum()), 0, "no current artifact to defend")
+    if champion_scores.shape != challenger_scores.shape:
+        raise ValueError("champion and challenger must be scored on the same prompts")
+    cp_ok = np.isfinite(champion_scores)
+    both = ch_ok & cp_ok
+    ch_bad, cp_bad = int((~ch_ok).sum()), int((~cp_ok).sum())
+    if not both.any():
+        return ChampionDecision(False, challenger, champion, None, None, tolerance, 0, ch_bad, cp_bad,
+                                "no recent prompt both answered: nothing to compare on")
+    ch_mean, cp_mean = float(challenger_scores[both].mean()), float(champion_scores[both].mean())
+    lost = int((cp_ok & ~ch_ok).sum())
+    if lost:
+        promote, reason = False, f"challenger invalid on {lost} prompt(s) the champion answers"
+    elif ch_mean <= cp_mean * (1.0 + tolerance):
+        promote, reason = True, f"challenger {ch_mean:.2f} <= champion {cp_mean:.2f} x (1 + {tolerance:g})"
+    else:
+        promote, reason = False, f"challenger {ch_mean:.2f} > champion {cp_mean:.2f} x (1 + {tolerance:g})"
+    return ChampionDecision(promote, challenger, champion, ch_mean, cp_mean, tolerance, int(both.sum()),
+                            ch_bad, cp_bad, reason)
+
+
+def compare(challenger: ArtifactSet, champion: ArtifactSet | None, cases: Sequence[Case],
+            factory: ForecasterFactory, tolerance: float, rules: Rules = "upstream") -> ChampionDecision:
+    ch_scores = backtest_scores(factory(challenger), cases, rules)
+    cp_scores = None if champion is None else backtest_scores(factory(champion), cases, rules)
+    decision = decide(challenger.version, None if champion is None else champion.version, ch_scores, cp_scores,
+                      tolerance)
+    log.info("champion/challenger: %s %s (challenger %s mean CRPS %s, champion %s mean CRPS %s, %d prompts): %s",
+             challenger.version, "PROMOTED" if decision.promote else "rejected", challenger.version,
+             decision.challenger_crps, decision.champion, decision.champion_crps, decision.cases, decision.reason)
+    return decision
+
+
+def challenge(store: ArtifactStore, staging_dir: Path, cases: Sequence[Case], factory: ForecasterFactory,
+              tolerance: float, rules: Rules = "upstream", publish: bool = True) -> ChampionDecision:
+    """Validate the staged set, compare it with the current one, publish it if it does not lose.
+
+    The publish is conditional on the champion still being current, so a comparison can never
+    promote a challenger over a version it was not compared with. A rejected set stays in staging.
+    """
+    challenger = store.validate(staging_dir)
+    champion = store.load_current_or_none()
+    decision = compare(challenger, champion, cases, factory, tolerance, rules)
+    if decision.promote and publish:
+        store.publish(staging_dir, expect_current=None if champion is None else champion.version)
+    return decision

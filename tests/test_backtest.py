@@ -1,0 +1,125 @@
+"""Backtest runner, summary tables, JSON and figures (core.backtest) on real held-out data."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from core.backtest import (
+    ALL,
+    BacktestResult,
+    paired_ratio,
+    pit_values,
+    rich_table,
+    run_backtest,
+    summarise,
+    write_report,
+)
+from core.batch import PriceFolder, build_engines
+from core.evaluation import Plan, plan_prompts
+from core.settings import Settings
+
+LOOKBACK = 14 * 86_400
+
+
+@pytest.fixture(scope="module")
+def plan(shared_data: Path) -> Plan:
+    return plan_prompts(shared_data, {300: ["BTC", "SPYX"], 60: ["BTC", "SOL"]}, "heldout",
+                        {300: 86_400, 60: 16 * 3600}, seed=0, max_per_window=2)
+
+
+@pytest.fixture(scope="module")
+def result(plan: Plan) -> BacktestResult:
+    return run_backtest(plan.prompts, PriceFolder.from_histories(plan.histories), build_engines(Settings()),
+                        ["gbm", "ewma_t"], seed=1, num_simulations=100, lookback_s=LOOKBACK, progress=False)
+
+
+def test_tiny_backtest_end_to_end_writes_table_json_and_pngs(result: BacktestResult, plan: Plan,
+                                                             tmp_path: Path) -> None:
+    assert len(result.prompts) == len(plan.prompts) == 8
+    written = write_report(result, tmp_path / "report", {"mode": "heldout"}, n_boot=200)
+    table = (tmp_path / "report" / "table.md").read_text()
+    for asset, label in (("BTC", "24h"), ("SPYX", "24h"), ("BTC", "1h"), ("SOL", "1h")):
+        assert f"| {asset} | {label} | ewma_t |" in table and f"| {asset} | {label} | gbm |" in table
+    assert "mean CRPS per interval" in table
+    doc = json.loads((tmp_path / "report" / "scores.json").read_text())
+    assert len(doc["prompts"]) == 8
+    for p in doc["prompts"]:
+        assert set(p["scores"]) == {"gbm", "ewma_t"}
+        for s in p["scores"].values():
+            assert s["valid"] and s["total"] > 0 and s["per_interval"]
+    # The summary rows agree with the per-prompt scores in the same file.
+    for row in doc["summary"]:
+        if row["asset"] == ALL:
+            continue
+        totals = [p["scores"][row["engine"]]["total"] for p in doc["prompts"]
+                  if p["asset"] == row["asset"] and p["prompt"] == row["prompt"]]
+        assert row["n"] == len(totals) and row["mean"] == pytest.approx(np.mean(totals))
+        gbm = [p["scores"]["gbm"]["total"] for p in doc["prompts"]
+               if p["asset"] == row["asset"] and p["prompt"] == row["prompt"]]
+        ratio = row["ratios"]["gbm"]
+        assert ratio["value"] == pytest.approx(np.mean(totals) / np.mean(gbm))
+        assert ratio["lo"] <= ratio["value"] + 1e-12 and ratio["value"] <= ratio["hi"] + 1e-12
+    names = {p.name for p in (tmp_path / "report").iterdir()}
+    assert {"fan_BTC_24h.png", "fan_SOL_1h.png", "crps_intervals_24h.png", "crps_intervals_1h.png",
+            "pit_24h.png", "pit_1h.png"} <= names
+    for path in written.values():
+        if path.suffix == ".png":
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    assert set(doc["coverage"]) == {"24h", "1h"} and doc["coverage"]["1h"]["gbm"]["5min"]["n"] > 0
+
+
+def test_upstream_rules_add_the_volatility_term_only_to_1h(result: BacktestResult, plan: Plan) -> None:
+    for r in result.prompts:
+        keys = set(r.scores["ewma_t"].per_interval)
+        assert ("vol_crps" in keys) == (r.prompt.time_increment == 60)
+    head = run_backtest(plan.prompts[-1:], PriceFolder.from_histories(plan.histories), build_engines(Settings()),
+                        ["ewma_t"], seed=1, num_simulations=100, lookback_s=LOOKBACK, rules="head",
+                        progress=False)
+    assert "vol_crps" not in head.prompts[0].scores["ewma_t"].per_interval
+
+
+def test_every_engine_sees_the_same_prompts_and_realised_prices(result: BacktestResult) -> None:
+    for r in result.prompts:
+        assert r.source_step == 60 and r.observed >= 2
+        assert {s.engine_used for s in r.scores.values()} == {"gbm", "ewma_t"}
+    rerun = summarise(result, n_boot=100, seed=5)
+    assert [row.mean for row in rerun] == [row.mean for row in summarise(result, n_boot=100, seed=5)]
+    console = Console(record=True, width=200)
+    console.print(rich_table(rerun))
+    text = console.export_text()
+    assert "SOL" in text and "× gbm" in text and ALL in text
+
+
+def test_paired_ratio_and_its_interval() -> None:
+    rng = np.random.default_rng(0)
+    b = rng.uniform(50, 150, 40)
+    exact = paired_ratio(2 * b, b, 500, rng)
+    assert exact is not None and exact.value == pytest.approx(2) and exact.lo == pytest.approx(2)
+    a = b * rng.uniform(0.8, 1.1, 40)
+    r = paired_ratio(a, b, 1000, rng)
+    assert r is not None and r.lo < r.value < r.hi and r.n == 40
+    assert r.value == pytest.approx(a.mean() / b.mean())
+    assert paired_ratio(np.empty(0), np.empty(0), 10, rng) is None
+
+
+def test_pit_is_uniform_for_a_calibrated_ensemble_and_skips_gaps() -> None:
+    rng = np.random.default_rng(1)
+    n_paths, steps = 400, 60
+    sims = 100 * np.exp(np.cumsum(rng.normal(0, 1e-3, (n_paths, steps)), axis=1))
+    paths = np.hstack([np.full((n_paths, 1), 100.0), sims])
+    pits = []
+    for _ in range(300):
+        real = np.r_[100.0, 100 * np.exp(np.cumsum(rng.normal(0, 1e-3, steps)))]
+        pits.append(pit_values(paths, real, 5))
+    values = np.concatenate(pits)
+    counts = np.histogram(values, bins=10, range=(0, 1))[0]
+    expected = values.size / 10
+    chi2 = float(np.sum((counts - expected) ** 2 / expected))
+    assert values.size == 300 * 12 and chi2 < 30  # 9 dof: 30 is far in the tail (p < 0.001)
+    real = np.r_[100.0, 100.0 * np.exp(0.5 * np.arange(1, steps + 1))]  # far above every path, every block
+    real[5] = np.nan
+    high = pit_values(paths, real, 5)
+    assert high.size == 10 and np.all(high == 1.0)  # two blocks touch the missing point

@@ -1,0 +1,147 @@
+"""RedisHistoryCache against a real redis-server: layout, gaps, idempotence, trim, concurrency."""
+
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import redis
+
+from core.cache_redis import CacheError, RedisHistoryCache, slots_per_day
+from core.constants import SECONDS_PER_DAY
+from core.prices import LatestPrice, PriceHistory
+
+DAY0 = 20_600 * SECONDS_PER_DAY  # a UTC midnight
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(redis_url)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def cache(client: redis.Redis) -> RedisHistoryCache:
+    return RedisHistoryCache(client)
+
+
+def bars(start: int, n: int, step: int = 60, drop: tuple[int, ...] = (), seed: int = 0) -> PriceHistory:
+    rng = np.random.default_rng(seed)
+    ts = start + step * np.arange(n, dtype=np.int64)
+    close = 100.0 * np.exp(np.cumsum(rng.normal(0, 1e-3, n)))
+    keep = np.ones(n, bool)
+    keep[list(drop)] = False
+    return PriceHistory(step, ts[keep], close[keep])
+
+
+def test_roundtrip_across_days_keeps_gaps_and_exact_floats(cache: RedisHistoryCache) -> None:
+    hist = bars(DAY0 - 300 * 60, 2000, drop=(5, 6, 7, 1500))  # spans three UTC days
+    assert cache.write("BTC", hist) == len(hist)
+    back = cache.read("BTC", 60, DAY0 - 10 * SECONDS_PER_DAY, DAY0 + 10 * SECONDS_PER_DAY)
+    np.testing.assert_array_equal(back.ts, hist.ts)
+    np.testing.assert_array_equal(back.close, hist.close)  # float64 in, float64 out
+    part = cache.read("BTC", 60, int(hist.ts[3]), int(hist.ts[9]))
+    np.testing.assert_array_equal(part.ts, hist.ts[3:9])  # [start, end), the gap still a gap
+    assert cache.span("BTC", 60) == (hist.first_ts, hist.last_ts)
+    assert cache.span("BTC", 300) is None and len(cache.read("ETH", 60, DAY0, DAY0 + 600)) == 0
+
+
+def test_writes_are_idempotent_and_count_only_new_bars(cache: RedisHistoryCache) -> None:
+    hist = bars(DAY0, 500)
+    assert cache.write("BTC", hist) == 500
+    assert cache.write("BTC", hist) == 0
+    more = bars(DAY0 + 400 * 60, 200, seed=1)  # 100 overlap (overwritten) + 100 new
+    assert cache.write("BTC", more) == 100
+    back = cache.read("BTC", 60, DAY0, DAY0 + SECONDS_PER_DAY)
+    assert len(back) == 600
+    np.testing.assert_array_equal(back.close[400:], more.close)  # the later write wins
+
+
+def test_steps_are_separate_and_5_minute_days_are_288_slots(cache: RedisHistoryCache,
+                                                             client: redis.Redis) -> None:
+    cache.write("BTC", bars(DAY0, 288, step=300))
+    cache.write("BTC", bars(DAY0, 1440))
+    assert client.strlen(cache.day_key("BTC", 300, DAY0 // SECONDS_PER_DAY)) == 288 * 8
+    assert client.strlen(cache.day_key("BTC", 60, DAY0 // SECONDS_PER_DAY)) == 1440 * 8
+    assert len(cache.read("BTC", 300, DAY0, DAY0 + SECONDS_PER_DAY)) == 288
+    with pytest.raises(ValueError):
+        slots_per_day(7)
+
+
+def test_trim_drops_old_days_and_moves_the_span(cache: RedisHistoryCache, client: redis.Redis) -> None:
+    hist = bars(DAY0, 3 * 1440, drop=tuple(range(1440, 1450)))  # day 2 starts with a 10-minute gap
+    cache.write("BTC", hist)
+    cache.trim("BTC", 60, DAY0 + SECONDS_PER_DAY)
+    assert not client.exists(cache.day_key("BTC", 60, DAY0 // SECONDS_PER_DAY))
+    assert cache.span("BTC", 60) == (DAY0 + SECONDS_PER_DAY + 600, hist.last_ts)
+    cache.trim("BTC", 60, DAY0 + SECONDS_PER_DAY + 3600 + 30)  # mid-day, off the grid: rounded up
+    back = cache.read("BTC", 60, DAY0, DAY0 + 4 * SECONDS_PER_DAY)
+    assert back.first_ts == DAY0 + SECONDS_PER_DAY + 3660 and len(back) == 2 * 1440 - 61
+    cache.trim("BTC", 60, DAY0 + 10 * SECONDS_PER_DAY)  # everything
+    assert cache.span("BTC", 60) is None and not client.keys("synth:cache*")
+
+
+def test_latest_keeps_the_newest_publish_time(cache: RedisHistoryCache) -> None:
+    assert cache.latest("BTC") is None
+    cache.set_latest("BTC", LatestPrice(65000.5, 1_000, 1.25))
+    cache.set_latest("BTC", LatestPrice(64000.0, 900))  # older: ignored
+    assert cache.latest("BTC") == LatestPrice(65000.5, 1_000, 1.25)
+    cache.set_latest("BTC", LatestPrice(65100.0, 1_060))
+    assert cache.latest("BTC") == LatestPrice(65100.0, 1_060, None)
+
+
+def test_concurrent_writers_from_several_clients(redis_url: str) -> None:
+    """Eight connections write overlapping runs at once: the union lands and each bar counts once."""
+    full = bars(DAY0 - 2000 * 60, 6000)
+    chunks = [PriceHistory(60, full.ts[i:i + 2000], full.close[i:i + 2000]) for i in range(0, 4001, 500)]
+    counts: list[int] = []
+    lock = threading.Lock()
+
+    def writer(part: PriceHistory) -> None:
+        c = redis.Redis.from_url(redis_url)
+        n = RedisHistoryCache(c).write("BTC", part)
+        with lock:
+            counts.append(n)
+        c.close()
+
+    threads = [threading.Thread(target=writer, args=(p,)) for p in chunks for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    c = redis.Redis.from_url(redis_url)
+    cache = RedisHistoryCache(c)
+    back = cache.read("BTC", 60, int(full.ts[0]), int(full.ts[-1]) + 60)
+    np.testing.assert_array_equal(back.ts, full.ts)
+    np.testing.assert_array_equal(back.close, full.close)
+    assert sum(counts) == len(full)  # atomic check-and-set: no bar counted twice
+    assert cache.span("BTC", 60) == (full.first_ts, full.last_ts)
+    c.close()
+
+
+def test_a_full_day_costs_about_its_payload(cache: RedisHistoryCache, client: redis.Redis) -> None:
+    cache.write("BTC", bars(DAY0, 1440))
+    used = client.memory_usage(cache.day_key("BTC", 60, DAY0 // SECONDS_PER_DAY))
+    assert used is not None and 1440 * 8 <= used <= 1.5 * 1440 * 8
+
+
+def test_refuses_text_clients_and_corrupt_days(redis_url: str, cache: RedisHistoryCache,
+                                               client: redis.Redis) -> None:
+    text = redis.Redis.from_url(redis_url, decode_responses=True)
+    with pytest.raises(ValueError, match="decode_responses"):
+        RedisHistoryCache(text)
+    text.close()
+    client.set(cache.day_key("BTC", 60, DAY0 // SECONDS_PER_DAY), b"x" * 13)
+    with pytest.raises(CacheError, match="13 bytes"):
+        cache.read("BTC", 60, DAY0, DAY0 + 600)
+
+
+def test_refresh_lock_is_exclusive(cache: RedisHistoryCache) -> None:
+    first = cache.refresh_lock("BTC", ttl_s=5, wait_s=0.1)
+    second = cache.refresh_lock("BTC", ttl_s=5, wait_s=0.1)
+    assert first.acquire()
+    assert not second.acquire()
+    first.release()
+    assert second.acquire()
+    second.release()

@@ -1,0 +1,108 @@
+"""The evaluation CLI (synth_miner.cli_eval) through typer's CliRunner."""
+
+import json
+from pathlib import Path
+
+import orjson
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from core.csv_history import read_csv, write_csv
+from core.evaluation import iso
+from synth_miner.cli_eval import app, register
+
+DAY = 86_400
+SPAN = 1_772_323_200  # 2026-03-01
+
+
+@pytest.fixture(scope="module")
+def prices(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("prices")
+    write_csv(folder / "btc_1m.csv.gz", read_csv(shared_data / "btc_1m.csv.gz", 60).between(SPAN, SPAN + 4 * DAY))
+    return folder
+
+
+def lines(*rows: dict[str, object]) -> bytes:
+    return b"\n".join(orjson.dumps(r) for r in rows) + b"\n"
+
+
+def req(rid: str, start: int, inc: int = 60, n: int = 20) -> dict[str, object]:
+    return {"id": rid, "asset": "BTC", "start_time": iso(start), "time_increment": inc,
+            "time_length": 3600 if inc == 60 else 86_400, "num_simulations": n}
+
+
+def test_forecast_batch_writes_a_line_per_request(prices: Path, tmp_path: Path) -> None:
+    requests = tmp_path / "r.jsonl"
+    requests.write_bytes(lines(req("a", SPAN + 2 * DAY), req("b", SPAN + 2 * DAY + 60, 300), {"id": "bad"}))
+    out = tmp_path / "o.jsonl"
+    result = CliRunner().invoke(app, ["forecast-batch", "--requests", str(requests), "--prices-dir", str(prices),
+                                      "--out", str(out), "--seed", "3", "--engine", "ewma_t", "--no-calibration"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a", "b", "bad"]
+    assert rows[0]["response"][:2] == [SPAN + 2 * DAY, 60] and len(rows[0]["response"]) == 22
+    assert len(rows[1]["response"][2]) == 289 and "missing field" in rows[2]["error"]
+    assert "3 requests: 2 answered, 1 errors" in result.output
+    again = tmp_path / "o2.jsonl"
+    CliRunner().invoke(app, ["forecast-batch", "--requests", str(requests), "--prices-dir", str(prices),
+                             "--out", str(again), "--seed", "3", "--engine", "ewma_t", "--no-calibration"])
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_forecast_batch_refuses_unknown_engines_and_missing_inputs(prices: Path, tmp_path: Path) -> None:
+    requests = tmp_path / "r.jsonl"
+    requests.write_bytes(lines(req("a", SPAN + 2 * DAY)))
+    runner = CliRunner()
+    bad_engine = runner.invoke(app, ["forecast-batch", "--requests", str(requests), "--prices-dir", str(prices),
+                                     "--out", str(tmp_path / "o.jsonl"), "--seed", "1", "--engine", "nope"])
+    assert bad_engine.exit_code == 2 and "unknown engine" in bad_engine.output
+    no_file = runner.invoke(app, ["forecast-batch", "--requests", str(tmp_path / "absent.jsonl"), "--prices-dir",
+                                  str(prices), "--out", str(tmp_path / "o.jsonl"), "--seed", "1"])
+    assert no_file.exit_code == 2
+    no_seed = runner.invoke(app, ["forecast-batch", "--requests", str(requests), "--prices-dir", str(prices),
+                                  "--out", str(tmp_path / "o.jsonl")])
+    assert no_seed.exit_code == 2 and "--seed" in no_seed.output
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_backtest_command_tiny_run(shared_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "reports" / "tiny"
+    result = CliRunner().invoke(app, ["backtest", "--data-dir", str(shared_data), "--out", str(out),
+                                      "--engines", "gbm,ewma_t", "--lf-assets", "BTC", "--hf-assets", "SOL",
+                                      "--max-prompts", "2", "--paths", "100", "--bootstrap", "100"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "scores.json").read_text())
+    assert len(doc["prompts"]) == 4 and doc["config"]["engines"] == ["gbm", "ewma_t"]
+    assert {w["asset"] for w in doc["config"]["windows"]} == {"BTC", "SOL"}
+    assert (out / "table.md").exists() and (out / "pit_1h.png").exists() and (out / "fan_BTC_24h.png").exists()
+    assert "wall time" in result.output
+
+
+def test_backtest_command_rejects_bad_options(shared_data: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    for args, fragment in ((["--rules", "latest"], "upstream or head"), (["--mode", "later"], "walkforward"),
+                           (["--engines", "gbm,oracle"], "unknown engine"),
+                           (["--mode", "range"], "range mode")):
+        result = runner.invoke(app, ["backtest", "--data-dir", str(shared_data), "--out", str(tmp_path / "x"),
+                                     *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert fragment in result.output
+
+
+def test_tune_command_writes_its_report(shared_data: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["tune-ewma", "--data-dir", str(shared_data), "--out", str(tmp_path),
+                                      "--lf-assets", "BTC", "--hf-assets", "BTC", "--days", "10",
+                                      "--max-prompts", "4", "--paths", "50", "--final-paths", "0",
+                                      "--params", "var_mult", "--passes", "1"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "tuning.json").read_text())
+    assert set(doc["results"]) == {"300", "60"} and doc["prompts"]["300"]["fit"] == 3
+    assert "EwmaConfig(" in result.output
+
+
+def test_register_mounts_every_command() -> None:
+    main = typer.Typer()
+    register(main)
+    names = {c.name for c in main.registered_commands}
+    assert names == {"forecast-batch", "backtest", "tune-ewma"}

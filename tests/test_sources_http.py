@@ -1,0 +1,110 @@
+"""The shared HTTP layer: backoff bounds, reply validators, one session per event loop."""
+
+import asyncio
+import random
+
+import numpy as np
+import pytest
+from aiohttp import web
+
+from core.prices import LatestPrice
+from core.sources.http import (BadPriceError, HttpClient, HttpConfig, MalformedReplyError, ProviderUnavailable,
+                               StalePriceError, build_history, check_fresh, closed_end, page_ranges, parse_int,
+                               parse_price)
+
+
+def test_backoff_is_jittered_capped_and_floored_by_retry_after() -> None:
+    client = HttpClient("t", HttpConfig(backoff_s=0.5, backoff_max_s=4.0), rng=random.Random(7))
+    for attempt in range(8):
+        delays = [client.backoff(attempt) for _ in range(200)]
+        cap = min(4.0, 0.5 * 2 ** attempt)
+        assert 0 <= min(delays) and max(delays) <= cap
+        assert len(set(delays)) > 150  # jittered, not a fixed schedule
+    assert all(client.backoff(0, retry_after=3.0) >= 3.0 for _ in range(50))
+    assert all(client.backoff(0, retry_after=60.0) <= 4.0 for _ in range(50))  # a huge Retry-After is capped
+
+
+@pytest.mark.parametrize("value", ["0", 0, "-1.5", -2, "nan", float("inf"), "Infinity"])
+def test_non_positive_or_non_finite_prices_are_bad(value: object) -> None:
+    with pytest.raises(BadPriceError):
+        parse_price(value, "test")
+
+
+@pytest.mark.parametrize("value", ["abc", None, True, [1.0], {"p": 1}])
+def test_non_numbers_are_malformed(value: object) -> None:
+    with pytest.raises(MalformedReplyError):
+        parse_price(value, "test")
+
+
+def test_parse_price_and_int_accept_the_wire_forms() -> None:
+    assert parse_price("65000.01000000", "t") == 65000.01
+    assert parse_price(3, "t") == 3.0
+    assert parse_int("1700000000000", "t") == 1_700_000_000_000
+    assert parse_int(60.0, "t") == 60
+    for bad in (1.5, "1e3", False, None):
+        with pytest.raises(MalformedReplyError):
+            parse_int(bad, "t")
+
+
+def test_build_history_refuses_what_a_provider_must_not_send() -> None:
+    hist = build_history("t", 60, [180, 60, 120], [3.0, 1.0, 2.0], 60, 240)
+    np.testing.assert_array_equal(hist.ts, [60, 120, 180])  # sorted
+    with pytest.raises(MalformedReplyError, match="grid"):
+        build_history("t", 60, [61], [1.0], 0, 600)
+    with pytest.raises(MalformedReplyError, match="outside"):
+        build_history("t", 60, [600], [1.0], 0, 600)
+    with pytest.raises(MalformedReplyError, match="duplicate"):
+        build_history("t", 60, [60, 60], [1.0, 1.0], 0, 600)
+    with pytest.raises(MalformedReplyError, match="timestamps but"):
+        build_history("t", 60, [60, 120], [1.0], 0, 600)
+
+
+def test_check_fresh() -> None:
+    now = 1_000_000.0
+    assert check_fresh("t", LatestPrice(1.0, int(now) - 100), now, 180).price == 1.0
+    with pytest.raises(StalePriceError, match="181 s old"):
+        check_fresh("t", LatestPrice(1.0, int(now) - 181), now, 180)
+    with pytest.raises(MalformedReplyError, match="future"):
+        check_fresh("t", LatestPrice(1.0, int(now) + 3600), now, 180)
+
+
+def test_ranges_and_closed_ends() -> None:
+    assert page_ranges(0, 250, 100) == [(0, 100), (100, 200), (200, 250)]
+    assert page_ranges(10, 10, 100) == []
+    assert closed_end(10_000, 60, 1_030.0) == 1_020  # ts < 1020: [960, 1020) has closed, [1020, 1080) is open
+    assert closed_end(500, 60, 1_030.0) == 500
+    assert closed_end(10_000, 300, 1_200.0) == 1_200  # the bar [900, 1200) closed exactly now
+
+
+def test_one_client_works_across_event_loops() -> None:
+    """Celery runs ``asyncio.run`` per task: the session must follow the loop, not break on the second."""
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def serve_and_get(client: HttpClient) -> object:
+        app = web.Application()
+        app.router.add_get("/x", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        try:
+            return await client.get_json(f"http://127.0.0.1:{runner.addresses[0][1]}/x", [])
+        finally:
+            await client.close()
+            await runner.cleanup()
+
+    client = HttpClient("t", HttpConfig(timeout_s=2.0, retries=0))
+    assert asyncio.run(serve_and_get(client)) == {"ok": True}
+    assert asyncio.run(serve_and_get(client)) == {"ok": True}
+
+
+async def test_connection_refused_is_unavailable_after_retries() -> None:
+    from tests.conftest import free_port
+
+    client = HttpClient("t", HttpConfig(timeout_s=1.0, retries=2, backoff_s=0.01))
+    try:
+        with pytest.raises(ProviderUnavailable, match="failed"):
+            await client.get_json(f"http://127.0.0.1:{free_port()}/nothing", [])
+    finally:
+        await client.close()
