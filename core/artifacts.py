@@ -220,7 +220,7 @@ def write_manifest(directory: Path, version: str | None = None, data_window: Dat
         raise ArtifactError(f"invalid version name {version!r} (letters, digits, '.', '_', '-')")
     files = {name: FileEntry(sha256_file(directory / name), (directory / name).stat().st_size)
              for name in _payload_names(directory)}
-    manifest = Manifest(version, datetime.now(UTC).isoformat(timespec="seconds"), core.__version__, git_sha(),
+    manifest = Manifest(version, datetime.now(UTC).isoformat(timespec="microseconds"), core.__version__, git_sha(),
                         data_window, files, dict(notes or {}))
     _write_durably(directory / MANIFEST_FILE, manifest.to_json())
     _fsync_dir(directory)

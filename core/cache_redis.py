@@ -20,6 +20,7 @@ from core.prices import LatestPrice, PriceHistory
 
 SLOT = np.dtype("<f8")
 SLOT_BYTES = SLOT.itemsize
+WIDE_READ_DAYS = 64
 
 _WRITE = """
 local zero = string.rep(string.char(0), 8)
@@ -124,6 +125,11 @@ class RedisHistoryCache:
 
     # --- HistoryCache ------------------------------------------------------------------------------------
     def read(self, asset: str, step: int, start: int, end: int) -> PriceHistory:
+        if end - start > WIDE_READ_DAYS * SECONDS_PER_DAY:  # a wide range: only the days the span covers
+            span = self.span(asset, step)
+            if span is None:
+                return PriceHistory.empty(step)
+            start, end = max(start, span[0]), min(end, span[1] + step)
         if end <= start:
             return PriceHistory.empty(step)
         per_day = slots_per_day(step)

@@ -9,7 +9,7 @@ mis-wired model (the failure that leads to silently wrong paths).
 """
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from core.datasets import MODEL_ASSETS
+from core.engines.ewma import EwmaConfig
 from core.features import (FEATURE_SPECS, FEATURE_VERSION, SERIES_NAMES, STEP_FEATURE_NAMES, FeatureSpec,
                            NormStats, context_feature_names)
 from core.model import MODEL_CODE_VERSION, PatchTST, PatchTSTConfig
@@ -37,19 +38,29 @@ def spec_dict(spec: FeatureSpec) -> dict[str, Any]:
     return d
 
 
+def ewma_from_dict(raw: Any) -> EwmaConfig:
+    """The EWMA-t base a checkpoint was trained on: pinned, so retuning the engine cannot shift it."""
+    if not isinstance(raw, dict):
+        raise CheckpointError("feature spec has no EWMA base")
+    fields = dict(raw)
+    fields["latent"] = LatentVol(**(fields.get("latent") or {}))
+    return EwmaConfig(**fields)
+
+
 @dataclass
 class Checkpoint:
     kind: str
     config: PatchTSTConfig
     state_dict: dict[str, torch.Tensor]
     norm: NormStats
+    ewma: EwmaConfig  # the base the head corrects
     latent: LatentVol = field(default_factory=LatentVol)  # per-path volatility used when sampling
     data_window: dict[str, Any] = field(default_factory=dict)  # per asset: train/val spans, eval_start_ts
     metrics: dict[str, Any] = field(default_factory=dict)
 
     @property
     def spec(self) -> FeatureSpec:
-        return FEATURE_SPECS[self.kind]
+        return replace(FEATURE_SPECS[self.kind], ewma=self.ewma)
 
     @property
     def assets(self) -> tuple[str, ...]:
@@ -59,7 +70,7 @@ class Checkpoint:
         return {
             "format_version": FORMAT_VERSION,
             "kind": self.kind,
-            "code": {"model": MODEL_CODE_VERSION, "features": FEATURE_VERSION, "torch": torch.__version__},
+            "code": {"model": MODEL_CODE_VERSION, "features": FEATURE_VERSION, "torch": str(torch.__version__)},
             "config": self.config.to_dict(),
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict.items()},
             "feature_spec": spec_dict(self.spec),
@@ -112,8 +123,12 @@ def from_payload(payload: dict[str, Any], expected_kind: str | None = None) -> C
         code = payload.get("code") or {}
         _expect("model code version", code.get("model"), MODEL_CODE_VERSION)
         _expect("feature code version", code.get("features"), FEATURE_VERSION)
-        spec = FEATURE_SPECS[kind]
-        _expect("feature spec", payload.get("feature_spec"), spec_dict(spec))
+        stored_spec = payload.get("feature_spec")
+        if not isinstance(stored_spec, dict):
+            raise CheckpointError("feature spec missing")
+        ewma = ewma_from_dict(stored_spec.get("ewma"))
+        spec = replace(FEATURE_SPECS[kind], ewma=ewma)
+        _expect("feature spec", stored_spec, spec_dict(spec))
         _expect("series", payload.get("series"), list(SERIES_NAMES))
         _expect("context features", payload.get("context_features"), context_feature_names(spec))
         _expect("step features", payload.get("step_features"), list(STEP_FEATURE_NAMES))
@@ -149,7 +164,8 @@ def from_payload(payload: dict[str, Any], expected_kind: str | None = None) -> C
             latent = LatentVol(**(payload.get("latent") or {}))
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"latent volatility invalid: {exc}") from exc
-        return Checkpoint(kind=kind, config=config, state_dict=state, norm=NormStats(mean, std), latent=latent,
+        return Checkpoint(kind=kind, config=config, state_dict=state, norm=NormStats(mean, std), ewma=ewma,
+                          latent=latent,
                           data_window=dict(payload.get("data_window") or {}),
                           metrics=dict(payload.get("metrics") or {}))
     except CheckpointError:

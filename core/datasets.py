@@ -11,6 +11,9 @@ Order of operations, each a guard against a way of fooling ourselves:
 3. **Windows.** One forecast origin every ``stride_s`` inside a piece. Inputs use only bars known
    ``LOOKAHEAD_GUARD_S`` before the origin and at most the serving cache's lookback; targets are the
    realised prices on the horizon grid, NaN where a closure left no bar. Nothing crosses a piece.
+   Realised prices follow ``core.evaluation``: the price at grid time t is the close of the bar that
+   ends at t + 60 s (the 1-minute bar opening at t, the 5-minute bar opening at t - 240 s), so
+   5-minute origins sit on t = 240 (mod 300), as the backtest's 5-minute-only prompts do.
 4. **Time-ordered split.** Per file, the last ``val_frac`` of the pre-held-out rows are validation;
    training windows end (origin + horizon) before the validation start.
 """
@@ -135,6 +138,7 @@ class WindowSet:
     anchor: FloatArray  # [N] last close known at origin - guard
     origin: IntArray  # [N]
     asset: IntArray  # [N] row of MODEL_ASSETS[kind]
+    scorable: npt.NDArray[np.bool_]  # [N] first and last realised prices observed (a backtest prompt)
     val_start: dict[str, int]  # per asset: first validation origin
 
     def __len__(self) -> int:
@@ -143,7 +147,7 @@ class WindowSet:
     def subset(self, rows: IntArray) -> "WindowSet":
         return WindowSet(self.kind, self.returns, self.ctx_end[rows], self.scale[rows], self.scalars[rows],
                          self.base[rows], self.log_path[rows], self.anchor[rows], self.origin[rows],
-                         self.asset[rows], self.val_start)
+                         self.asset[rows], self.scorable[rows], self.val_start)
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,12 @@ class _PieceWindows:
     log_path: list[FloatArray]
     anchor: list[float]
     origin: list[int]
+    scorable: list[bool]
+
+
+def realised_lag(step: int) -> int:
+    """Seconds between a grid time and the open of the bar whose close is its realised price."""
+    return step - 60
 
 
 def piece_windows(spec: FeatureSpec, piece: PriceHistory, stride_s: int, offset: int,
@@ -162,18 +172,18 @@ def piece_windows(spec: FeatureSpec, piece: PriceHistory, stride_s: int, offset:
     """Every usable origin of one piece; ``offset`` is where this piece's returns start globally."""
     native = returns_of(piece)
     coarse = returns_of(piece.resample(300)) if spec.coarse_windows else None
-    step, horizon = spec.step, spec.horizon
+    step, horizon, lag = spec.step, spec.horizon, realised_lag(spec.step)
     log_close = np.log(piece.close)
     first = int(piece.ts[0]) + spec.min_returns * step
-    last = int(piece.ts[-1]) - (horizon - 1) * step  # the final grid point's bar must be inside the piece
-    out = _PieceWindows([], [], [], [], [], [], [])
-    for origin in range(first - first % stride_s + stride_s, last + 1, stride_s):
+    last = int(piece.ts[-1]) - horizon * step + lag  # the final grid point's bar must be inside the piece
+    out = _PieceWindows([], [], [], [], [], [], [], [])
+    first = first - first % stride_s + stride_s + lag
+    for origin in range(first, last + 1, stride_s):
         known = origin - guard_s
         ctx = native.known_by(known, spec.lookback_s)
         if len(ctx) < spec.min_returns:
             continue
-        # The price at origin + k*step is the close of the bar opening at origin + (k-1)*step.
-        grid = origin + step * np.arange(-1, horizon, dtype=np.int64)
+        grid = origin - lag + step * np.arange(horizon + 1, dtype=np.int64)  # bars giving the grid prices
         pos = np.minimum(np.searchsorted(piece.ts, grid), len(piece) - 1)
         seen = piece.ts[pos] == grid
         if int(np.sum(seen[1:] & seen[:-1])) < MIN_OBSERVED_STEPS:
@@ -191,6 +201,7 @@ def piece_windows(spec: FeatureSpec, piece: PriceHistory, stride_s: int, offset:
         out.log_path.append(np.where(seen, log_close[pos] - log_close[anchor_pos], np.nan))
         out.anchor.append(float(piece.close[anchor_pos]))
         out.origin.append(origin)
+        out.scorable.append(bool(seen[0] and seen[-1]))
     return out, native
 
 
@@ -206,16 +217,17 @@ def asset_row(kind: str, asset: str) -> int:
     return len(vocab)
 
 
-def build_windows(kind: str, files: Mapping[str, FileSlice], stride_s: int, val_frac: float = 0.2) -> WindowSet:
+def build_windows(kind: str, files: Mapping[str, FileSlice], stride_s: int, val_frac: float = 0.2,
+                  spec: FeatureSpec | None = None) -> WindowSet:
     """All windows of one model from its files (asset -> pre-held-out slice)."""
-    spec = FEATURE_SPECS[kind]
+    spec = spec or FEATURE_SPECS[kind]
     if not 0.0 < val_frac < 1.0:
         raise DatasetError(f"val_frac must be in (0, 1), got {val_frac}")
     if stride_s % spec.step:
         raise DatasetError(f"stride {stride_s}s is not a multiple of the {spec.step}s step")
     returns: list[FloatArray] = []
-    parts: dict[str, list[Any]] = {k: [] for k in ("ctx_end", "scale", "scalars", "base", "log_path",
-                                                      "anchor", "origin", "asset")}
+    keys = ("ctx_end", "scale", "scalars", "base", "log_path", "anchor", "origin", "scorable")
+    parts: dict[str, list[Any]] = {k: [] for k in (*keys, "asset")}
     val_start: dict[str, int] = {}
     offset = 0
     for asset, file in files.items():
@@ -228,7 +240,7 @@ def build_windows(kind: str, files: Mapping[str, FileSlice], stride_s: int, val_
             found, native = piece_windows(spec, piece, stride_s, offset)
             returns.append(native.r)
             offset += len(native)
-            for key in ("ctx_end", "scale", "scalars", "base", "log_path", "anchor", "origin"):
+            for key in keys:
                 parts[key] += getattr(found, key)
             parts["asset"] += [asset_row(kind, asset)] * len(found.origin)
     if not parts["origin"]:
@@ -240,12 +252,12 @@ def build_windows(kind: str, files: Mapping[str, FileSlice], stride_s: int, val_
         scalars=np.asarray(parts["scalars"]).reshape(-1, n_feat), base=np.asarray(parts["base"]),
         log_path=np.asarray(parts["log_path"]), anchor=np.asarray(parts["anchor"]),
         origin=np.asarray(parts["origin"], np.int64), asset=np.asarray(parts["asset"], np.int64),
-        val_start=val_start)
+        scorable=np.asarray(parts["scorable"], bool), val_start=val_start)
 
 
 def split_train_val(windows: WindowSet) -> tuple[WindowSet, WindowSet]:
     """Time-ordered per asset: training windows end before validation starts."""
-    spec = FEATURE_SPECS[windows.kind]
+    spec = FEATURE_SPECS[windows.kind]  # horizon and step are fixed per kind
     vocab = MODEL_ASSETS[windows.kind]
     starts = np.array([windows.val_start.get(a, np.iinfo(np.int64).max) for a in vocab]
                       + [np.iinfo(np.int64).max], np.int64)

@@ -51,8 +51,10 @@ class FeatureSpec:
     context_len: int  # returns fed to the patch encoder
     windows: tuple[int, ...]  # bar counts of the realised-vol / return / range features
     coarse_windows: tuple[int, ...] = ()  # 5-minute-bar windows computed from resampled 1-minute bars
-    lookback_s: int = 14 * 86_400  # history the serving cache keeps, so training sees the same
-    ewma: EwmaConfig = field(default_factory=EwmaConfig)
+    # History a training window may see: the batch interface's and the LF cache's 14 days, so the
+    # EWMA base and the features are computed from what backtests and production give an engine.
+    lookback_s: int = 14 * 86_400
+    ewma: EwmaConfig = field(default_factory=EwmaConfig)  # the base the head corrects (pinned per checkpoint)
 
     @property
     def min_returns(self) -> int:
@@ -61,18 +63,18 @@ class FeatureSpec:
 
 FEATURE_SPECS: dict[str, FeatureSpec] = {
     "hf": FeatureSpec(step=60, horizon=60, context_len=480, windows=(15, 60, 240),
-                      coarse_windows=(48, 288), lookback_s=3 * 86_400, ewma=DEFAULT_CONFIGS[60]),
+                      coarse_windows=(48, 288), ewma=DEFAULT_CONFIGS[60]),
     "lf_crypto": FeatureSpec(step=300, horizon=288, context_len=576, windows=(12, 48, 288, 576),
-                             lookback_s=14 * 86_400, ewma=DEFAULT_CONFIGS[300]),
+                             ewma=DEFAULT_CONFIGS[300]),
     "lf_equity": FeatureSpec(step=300, horizon=288, context_len=384, windows=(12, 78, 390),
-                             lookback_s=14 * 86_400, ewma=DEFAULT_CONFIGS[300]),
+                             ewma=DEFAULT_CONFIGS[300]),
 }
 
 SERIES_NAMES = ("ret", "abs_ret")  # channels of the encoder input
 
 
 def context_feature_names(spec: FeatureSpec) -> list[str]:
-    names = ["log_fast_slow", "log_age"]
+    names = ["log_fast_slow", "log_stale"]
     for w in spec.windows:
         names += [f"rv_{w}", f"ret_{w}", f"range_{w}"]
     names += [f"rv5m_{w}" for w in spec.coarse_windows]
@@ -263,8 +265,9 @@ def context_inputs(spec: FeatureSpec, native: Returns, origin: int,
     fast, slow = max(fast, VAR_FLOOR), max(slow, VAR_FLOOR)
     sd = np.sqrt(fast)
     r = native.r
-    age = max(origin - int(native.known_ts[-1]), 0) / spec.step
-    values = [0.5 * np.log(fast / slow), np.log1p(age)]
+    # Staleness beyond one step (closures, outages); 0 for the normal serving delay.
+    stale = max(origin - int(native.known_ts[-1]) - spec.step, 0) / spec.step
+    values = [0.5 * np.log(fast / slow), np.log1p(stale)]
     for w in spec.windows:
         tail = r[-w:]
         path = np.concatenate(([0.0], np.cumsum(tail)))
@@ -304,7 +307,10 @@ class NormStats:
     def fit(cls, scalars: FloatArray) -> "NormStats":
         if scalars.ndim != 2 or scalars.shape[0] < 2:
             raise FeatureError("need at least two training windows to fit normalisation statistics")
-        return cls(scalars.mean(axis=0), np.maximum(scalars.std(axis=0), 1e-6))
+        std = scalars.std(axis=0)
+        # A feature constant in training (e.g. staleness for 24/7 crypto) is only centred, never
+        # blown up by a tiny std when serving meets a value training never had.
+        return cls(scalars.mean(axis=0), np.where(std < 1e-3, 1.0, std))
 
     def apply(self, scalars: FloatArray) -> FloatArray:
         if scalars.shape[-1] != self.mean.size:

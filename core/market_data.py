@@ -13,6 +13,7 @@ from core.sources.base import PriceSource, ProviderError
 log = logging.getLogger(__name__)
 
 FRESH_S = 150  # a cache whose newest close is older than this is refreshed before use
+RETRY_S = 30  # ...but at most this often: a market that is closed, or a lagging source, stays "old"
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class MarketData:
         self.steps_for = steps_for or (lambda asset: (60,))
         self.clock = clock
         self._locks: dict[str, asyncio.Lock] = {}
+        self._attempted: dict[str, float] = {}  # asset -> last refresh attempt (monotonic)
 
     def window_for(self, asset: str) -> int:
         return self.window_s if isinstance(self.window_s, int) else self.window_s.get(asset, 14 * 86_400)
@@ -62,6 +64,8 @@ class MarketData:
             return results
 
     def _stale(self, asset: str, now: int) -> bool:
+        if time.monotonic() - self._attempted.get(asset, -RETRY_S) < RETRY_S:
+            return False
         span = self.cache.span(asset, 60) or self.cache.span(asset, 300)
         return span is None or span[1] + 2 * 60 < now - FRESH_S
 
@@ -69,11 +73,12 @@ class MarketData:
         """History known now plus the anchor price; refreshes first if the cache is empty or stale."""
         now = int(self.clock())
         if self._stale(asset, now):
+            self._attempted[asset] = time.monotonic()
             try:
                 await self.refresh(asset)
             except (ProviderError, PriceDataError, OSError) as exc:
                 log.warning("refresh of %s failed, using what is cached: %s", asset, exc)
-        return build_snapshot(self.cache, asset, now, lookback_s or self.window_for(asset))
+        return await asyncio.to_thread(build_snapshot, self.cache, asset, now, lookback_s or self.window_for(asset))
 
 
 def build_snapshot(cache: HistoryCache, asset: str, now: int, lookback_s: int) -> MarketSnapshot:

@@ -46,7 +46,7 @@ class PatchTSTConfig:
     d_ff: int = 64
     dropout: float = 0.1
     head_rank: int = 8  # width of the learned horizon embedding (H x rank)
-    head_hidden: int = 64
+    head_hidden: int = 32
     base_nu: float = 5.0  # the EWMA-t engine's nu: the head's starting point
     nu_min: float = 2.5  # > 2 keeps the variance finite and the unit-variance rescale defined
     nu_max: float = 60.0

@@ -31,13 +31,19 @@ def digit_budget(prices: FloatArray) -> npt.NDArray[np.int64]:
     return np.where(exponent < 0, SIGNIFICANT_DIGITS + exponent, SIGNIFICANT_DIGITS)
 
 
+_POW10 = 10.0 ** np.arange(-30, 31)  # table lookup: np.power per element is the slow part
+_POW10_OFFSET = 30
+
+
 def round_for_wire(prices: npt.ArrayLike) -> FloatArray:
     """Vectorised rounding to the digit budget; exact decimal results (integer / power of ten)."""
     a = np.asarray(prices, dtype=np.float64)
     if not (np.all(np.isfinite(a)) and np.all(a > 0)):
         raise ResponseError("prices must be finite and > 0 before rounding")
-    decimals = digit_budget(a) - 1 - np.floor(np.log10(a)).astype(np.int64)
-    scale = np.power(10.0, decimals)
+    exponent = np.floor(np.log10(a)).astype(np.int64)
+    # decimals = budget - 1 - exponent, which is 7 below 1 and 7 - exponent from 1 up.
+    decimals = np.clip(SIGNIFICANT_DIGITS - 1 - np.maximum(exponent, 0), -_POW10_OFFSET, _POW10_OFFSET)
+    scale = _POW10.take(decimals + _POW10_OFFSET)
     # Dividing an integer-valued float by a power of ten is correctly rounded, so repr() prints
     # exactly the kept digits; multiplying by 10**-k would not be.
     return np.round(a * scale) / scale

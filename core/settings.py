@@ -82,6 +82,7 @@ class Settings(BaseSettings):
     batch_lookback_days: float = Field(
         14.0, gt=0, description="history before the cut that forecast-batch and backtests give an engine "
                                 "(the rolling cache's default window, so offline runs see what production sees)")
+    models_dir: Path = Field(Path("models"), description="PatchTST checkpoints: hf.pt, lf_crypto.pt, lf_equity.pt")
 
     # --- periodic jobs (Celery beat) -----------------------------------------------------------------
     beat_refresh_s: float = Field(60.0, description="cache refresh period")

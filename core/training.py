@@ -27,7 +27,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from core.checkpoint import Checkpoint
 from core.datasets import MODEL_ASSETS, FileSlice, WindowSet, build_windows, split_train_val
-from core.features import FEATURE_SPECS, STEP_FEATURE_NAMES, NormStats, context_feature_names, step_features
+from core.engines.ewma import DEFAULT_CONFIGS, EwmaConfig
+from core.features import (FEATURE_SPECS, STEP_FEATURE_NAMES, FeatureSpec, NormStats, context_feature_names,
+                           step_features)
 from core.model import PatchTST, PatchTSTConfig, StudentTParams, series_channels, unit_t_log_prob
 from core.path_sampling import LatentVol, sample_paths
 from core.scoring import score_prompt
@@ -62,13 +64,16 @@ class TrainOptions:
     n_paths: int = 1000
     patience: int = 3  # epochs without a better validation CRPS before stopping
     asset_dropout: float = 0.1  # share of windows shown as the unknown asset (trains its embedding)
+    batches_per_epoch: int | None = 120  # an epoch is this many random batches (None = one pass)
     max_train_windows: int | None = None  # subsample (smoke tests)
     arch: dict[str, Any] = field(default_factory=dict)  # PatchTSTConfig overrides
     latent: LatentVol | None = None  # sampler latent vol; None = the EWMA-t engine's
+    ewma: EwmaConfig | None = None  # the base to correct; None = the EWMA-t engine's current default
 
 
-def model_config(kind: str, overrides: Mapping[str, Any] | None = None) -> PatchTSTConfig:
-    spec = FEATURE_SPECS[kind]
+def model_config(kind: str, overrides: Mapping[str, Any] | None = None,
+                 spec: FeatureSpec | None = None) -> PatchTSTConfig:
+    spec = spec or FEATURE_SPECS[kind]
     cfg = PatchTSTConfig(context_len=spec.context_len, horizon=spec.horizon,
                          n_context=len(context_feature_names(spec)), n_step=len(STEP_FEATURE_NAMES),
                          n_assets=len(MODEL_ASSETS[kind]), base_nu=spec.ewma.nu, **ARCH[kind])
@@ -204,9 +209,9 @@ def train(kind: str, files: Mapping[str, FileSlice], opts: TrainOptions, console
     device = resolve_device(opts.device)
     torch.manual_seed(opts.seed)
     rng = np.random.default_rng(opts.seed)
-    spec = FEATURE_SPECS[kind]
+    spec = replace(FEATURE_SPECS[kind], ewma=opts.ewma or DEFAULT_CONFIGS[FEATURE_SPECS[kind].step])
 
-    windows = build_windows(kind, files, opts.stride_s or DEFAULT_STRIDE_S[kind], opts.val_frac)
+    windows = build_windows(kind, files, opts.stride_s or DEFAULT_STRIDE_S[kind], opts.val_frac, spec)
     train_w, val_w = split_train_val(windows)
     if opts.max_train_windows is not None and len(train_w) > opts.max_train_windows:
         train_w = train_w.subset(np.sort(rng.choice(len(train_w), opts.max_train_windows, replace=False)))
@@ -215,10 +220,11 @@ def train(kind: str, files: Mapping[str, FileSlice], opts: TrainOptions, console
     console.print(f"[bold]{kind}[/]: {len(train_w)} training / {len(val_w)} validation windows")
 
     norm = NormStats.fit(train_w.scalars)
-    cfg = model_config(kind, opts.arch)
+    cfg = model_config(kind, opts.arch, spec)
     model = PatchTST(cfg).to(device)
     latent = opts.latent if opts.latent is not None else spec.ewma.latent
-    val_rows = spaced_rows(len(val_w), opts.val_prompts)
+    scorable = np.flatnonzero(val_w.scorable)  # like backtest prompts: first and last price observed
+    val_rows = scorable[spaced_rows(scorable.size, opts.val_prompts)]
     all_val = np.arange(len(val_w))
 
     def evaluate(m: PatchTST | None) -> tuple[float, float]:
@@ -242,6 +248,8 @@ def train(kind: str, files: Mapping[str, FileSlice], opts: TrainOptions, console
 
     opt = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     n_batches = max(len(train_w) // opts.batch_size, 1)
+    if opts.batches_per_epoch is not None:
+        n_batches = min(n_batches, opts.batches_per_epoch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opts.lr, total_steps=opts.epochs * n_batches,
                                                 pct_start=0.1)
     bad = 0
@@ -261,7 +269,7 @@ def train(kind: str, files: Mapping[str, FileSlice], opts: TrainOptions, console
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 sched.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 progress.update(task, advance=1, info=f"nll {np.mean(losses[-50:]):.4f}")
             progress.remove_task(task)
             val_crps, val_nll = evaluate(model)
@@ -289,6 +297,6 @@ def train(kind: str, files: Mapping[str, FileSlice], opts: TrainOptions, console
                "num_params": model.get_num_params(), "head_params": model.head_params(),
                "stride_s": opts.stride_s or DEFAULT_STRIDE_S[kind], "lr": opts.lr, "batch_size": opts.batch_size}
     checkpoint = Checkpoint(kind=kind, config=cfg, state_dict={k: v.cpu() for k, v in best_state.items()},
-                            norm=norm, latent=latent, data_window=_data_window(files, windows, train_w, val_w),
+                            norm=norm, ewma=spec.ewma, latent=latent, data_window=_data_window(files, windows, train_w, val_w),
                             metrics=metrics)
     return TrainResult(checkpoint, history, seconds)

@@ -96,8 +96,16 @@ class AccessPolicy:
                 return f"stake {neuron.stake:.0f} below the minimum {self.settings.min_validator_stake:.0f}"
             if self.settings.force_validator_permit and not neuron.validator_permit:
                 return "no validator permit"
+        return None
+
+    def over_rate(self, hotkey: str) -> str | None:
+        """Spend one request of the hotkey's budget; the reason to refuse once it is spent.
+
+        Called only after the signature is verified: charged before, a forged request carrying a
+        validator's (public) hotkey would use up that validator's budget and lock it out.
+        """
         if not self.rate.allow(hotkey):
-            return "rate limit exceeded"
+            return f"rate limit exceeded: at most {self.rate.per_minute} requests per minute per hotkey"
         return None
 
     def priority(self, hotkey: str | None) -> float:

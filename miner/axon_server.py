@@ -5,6 +5,7 @@ numpy): bittensor's default path re-validates and re-serialises 289k floats (~0.
 """
 
 import asyncio
+import json
 import logging
 import time
 import typing
@@ -12,6 +13,7 @@ import typing
 import bittensor as bt
 from bittensor.core.errors import SynapseException
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.prices import PriceDataError
 from core.prompts import RequestError, check_request
@@ -28,6 +30,94 @@ def reject(synapse: Simulation, status: int, message: str) -> typing.NoReturn:
     synapse.axon.status_code = status
     synapse.axon.status_message = message
     raise SynapseException(message, synapse=synapse)
+
+
+MAX_BODY_BYTES = 64 * 1024  # a Simulation request is ~1 KB; nothing a validator sends comes near this
+
+
+def body_problem(body: bytes) -> str | None:
+    """Why a request body cannot be a Simulation synapse, or None when it can."""
+    try:
+        doc = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        return "request body is not UTF-8 text"
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, int digit limit, nesting depth
+        return f"request body is not valid JSON ({str(exc)[:120]})"
+    if not isinstance(doc, dict):
+        return f"request body must be a JSON object (a Simulation synapse), got {type(doc).__name__}"
+    try:
+        Simulation(**doc)
+    except Exception as exc:  # pydantic's ValidationError, or a validator raising anything else
+        errors = getattr(exc, "errors", None)
+        if callable(errors):
+            details = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg', '')}"
+                                for e in errors()[:3])
+        else:
+            details = f"{type(exc).__name__}: {exc}"
+        return f"request body is not a Simulation synapse: {details[:300]}"
+    return None
+
+
+class RequestGuard:
+    """Outermost ASGI layer on the Simulation route: a body that is too large or not a well-formed
+    synapse gets a 4xx with a message before bittensor sees it.
+
+    bittensor reads any body whole into memory and answers every malformed one (bad JSON, wrong types,
+    missing fields, no JSON content type) with "500 Internal Server Error" from its body-hash check.
+    """
+
+    def __init__(self, app: ASGIApp, path: str, max_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.path = path
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != self.path:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_bytes:
+            await self._refuse(send, 413, f"request body over {self.max_bytes} bytes")
+            return
+        chunks: list[bytes] = []
+        size, more = 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:  # chunked transfer can exceed what it declared
+                await self._refuse(send, 413, f"request body over {self.max_bytes} bytes")
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        problem = body_problem(body)
+        if problem:
+            await self._refuse(send, 400, problem)
+            return
+        # FastAPI parses only bodies labelled JSON; anything else reached bittensor as bytes (a 500).
+        headers[b"content-type"] = b"application/json"
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # then wait for the disconnect, as the app expects
+
+        await self.app({**scope, "headers": list(headers.items())}, replay, send)
+
+    @staticmethod
+    async def _refuse(send: Send, status: int, message: str) -> None:
+        body = json.dumps({"message": message}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
 
 def render_reply(synapse: Simulation, paths_json: bytes) -> Response:
@@ -58,7 +148,7 @@ class AxonHandlers:
             return self.blacklist(synapse)
 
         async def priority(synapse: Simulation) -> float:
-            return self.access.priority(synapse.dendrite.hotkey if synapse.dendrite else None)
+            return self.priority(synapse)
 
         self.forward_fn, self.blacklist_fn, self.priority_fn = forward, blacklist, priority
 
@@ -69,9 +159,20 @@ class AxonHandlers:
         reason = self.access.refuse(hotkey, signed)
         if reason:
             log.info("refused %s: %s", hotkey, reason)
-            self.metrics.requests.labels(synapse.simulation_input.asset[:16], "-", "refused").inc()
+            # Not the asset: a refused caller chooses it freely, and each new label is a new series.
+            self.metrics.requests.labels("-", "-", "refused").inc()
             return True, reason
         return False, "allowed"
+
+    def priority(self, synapse: Simulation) -> float:
+        """Runs after bittensor verified the signature, so the rate limit charges the real signer."""
+        hotkey = synapse.dendrite.hotkey if synapse.dendrite else None
+        refusal = self.access.over_rate(hotkey) if hotkey else "unsigned request"
+        if refusal:
+            log.info("refused %s: %s", hotkey, refusal)
+            self.metrics.requests.labels("-", "-", "rate_limited").inc()
+            reject(synapse, 429, refusal)
+        return self.access.priority(hotkey)
 
     async def forward(self, synapse: Simulation) -> Response:
         received = time.time()
@@ -112,4 +213,15 @@ def build_axon(settings: Settings, wallet: "bt.Wallet", handlers: AxonHandlers) 
     axon.fast_server.config.host = settings.axon_host  # bittensor hard-codes 0.0.0.0
     axon.attach(forward_fn=handlers.forward_fn, blacklist_fn=handlers.blacklist_fn,
                 priority_fn=handlers.priority_fn)
+    serve_only(axon, Simulation.__name__)
+    axon.app.add_middleware(RequestGuard, path=f"/{Simulation.__name__}")
     return axon
+
+
+def serve_only(axon: "bt.Axon", name: str) -> None:
+    """Drop every other synapse route: bittensor attaches a ``Synapse`` ping that echoes any signed
+    request with 200 and no blacklist, so an unregistered hotkey could use it. Unknown names get 404."""
+    tables = (axon.forward_class_types, axon.forward_fns, axon.blacklist_fns, axon.priority_fns, axon.verify_fns)
+    for other in [n for n in axon.forward_class_types if n != name]:
+        for table in tables:
+            table.pop(other, None)

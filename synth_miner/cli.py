@@ -135,6 +135,20 @@ def status(
         render(report, Console())
 
 
+@app.command()
+def bench(
+    data_dir: Annotated[Path, typer.Option(help="CSV folder replayed by the stack")] = Path("../shared/data"),
+    artifacts_dir: Annotated[Optional[Path], typer.Option(help="artifacts to serve (default: none)")] = None,
+    concurrency: Annotated[list[int], typer.Option(help="concurrent validators (repeatable)")] = [1, 8, 32],
+    per_lane: Annotated[int, typer.Option(help="sequential requests per validator")] = 3,
+    repeat: Annotated[int, typer.Option(help="repetitions per stage timing")] = 20,
+) -> None:
+    """Benchmark every stage and the whole path (1 h and 24 h, several concurrencies) beside the floor axon."""
+    from synth_miner.bench import print_report, run_bench
+
+    print_report(run_bench(data_dir, artifacts_dir, list(concurrency), per_lane, repeat))
+
+
 def main() -> None:
     app()
 

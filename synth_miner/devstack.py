@@ -201,9 +201,19 @@ def assert_valid_reply(reply: Simulation, max_simulations: int = 10_000) -> None
     assert validate_response_upstream(response, *args) == "CORRECT"
 
 
-async def timed_raw_call(validator: Validator, synapse: Simulation, timeout: float) -> tuple[Simulation, float, float]:
+@dataclass
+class Timed:
+    reply: Simulation
+    last_byte_s: float  # request sent -> last byte of the reply received
+    parsed_s: float  # ... plus the validator's parse into its Simulation type
+    miner_s: float | None  # the axon's own process time (receipt to reply ready), from its headers
+
+
+async def timed_raw_call(validator: Validator, synapse: Simulation, timeout: float) -> Timed:
     """What the miner costs a validator: time to the reply's last byte, and that plus the parse into the
     validator's Simulation type (bittensor's own Dendrite.call adds ~0.7 s of client-side bookkeeping)."""
+    import json
+
     import aiohttp
 
     prepared = validator.dendrite.preprocess_synapse_for_request(validator.axon_info(), synapse, timeout)
@@ -213,15 +223,14 @@ async def timed_raw_call(validator: Validator, synapse: Simulation, timeout: flo
         async with http.post(url, headers=prepared.to_headers(), json=prepared.model_dump(),
                              timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             body = await resp.read()
-            status = resp.status
+            status, headers = resp.status, dict(resp.headers)
     last_byte = time.perf_counter() - began
     if status != 200:
         raise RuntimeError(f"HTTP {status}: {body[:300]!r}")
-    import json
-
     parsed = Simulation(**json.loads(body))
     parsed.dendrite.status_code = status  # type: ignore[union-attr]  # the dendrite sets it from HTTP
-    return parsed, last_byte, time.perf_counter() - began
+    process = headers.get("bt_header_axon_process_time")
+    return Timed(parsed, last_byte, time.perf_counter() - began, float(process) if process else None)
 
 
 def percentiles(values: list[float]) -> dict[str, float]:

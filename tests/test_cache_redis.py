@@ -44,6 +44,7 @@ def test_roundtrip_across_days_keeps_gaps_and_exact_floats(cache: RedisHistoryCa
     part = cache.read("BTC", 60, int(hist.ts[3]), int(hist.ts[9]))
     np.testing.assert_array_equal(part.ts, hist.ts[3:9])  # [start, end), the gap still a gap
     assert cache.span("BTC", 60) == (hist.first_ts, hist.last_ts)
+    np.testing.assert_array_equal(cache.read("BTC", 60, 0, 2 ** 40).ts, hist.ts)  # a huge range reads the span
     assert cache.span("BTC", 300) is None and len(cache.read("ETH", 60, DAY0, DAY0 + 600)) == 0
 
 

@@ -7,16 +7,21 @@ the worker itself, so the parent process never touches the model (or CUDA).
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import redis
 
 from core.cache_redis import RedisHistoryCache
 from core.engines_registry import build_forecaster
 from core.forecast import Forecaster
+from core.market_data import build_snapshot
+from core.prices import MarketSnapshot
 from core.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
+
+SNAPSHOT_MEMO = 32  # (asset, window, minute) snapshots kept per worker process
 
 
 @dataclass
@@ -26,6 +31,18 @@ class WorkerRuntime:
     cache: RedisHistoryCache
     forecaster: Forecaster
     artifact_version: str | None
+    _snapshots: "OrderedDict[tuple[str, int, int], MarketSnapshot]" = field(default_factory=OrderedDict)
+
+    def snapshot(self, asset: str, now: int, lookback_s: int) -> MarketSnapshot:
+        """History and anchor per (asset, window, minute): requests in the same minute share one read."""
+        key = (asset, lookback_s, now // 60)
+        snap = self._snapshots.get(key)
+        if snap is None:
+            snap = build_snapshot(self.cache, asset, now, lookback_s)
+            self._snapshots[key] = snap
+            while len(self._snapshots) > SNAPSHOT_MEMO:
+                self._snapshots.popitem(last=False)
+        return snap
 
     @classmethod
     def load(cls, settings: Settings) -> "WorkerRuntime":

@@ -7,7 +7,6 @@ from typing import Any
 from celery.signals import worker_process_init
 
 from core.constants import TASK_FORECAST
-from core.market_data import build_snapshot
 from core.prompts import ForecastRequest
 from core.transport import encode_error, encode_paths
 from workers.app import app
@@ -38,7 +37,7 @@ def forecast(request: dict[str, Any], result_key: str, deadline: float, request_
             raise TimeoutError("deadline passed before the task started")
         req = ForecastRequest(**request)
         days = runtime.settings.cache_days_hf if req.is_hf else runtime.settings.cache_days_lf
-        snapshot = build_snapshot(runtime.cache, req.asset, int(time.time()), int(days * 86_400))
+        snapshot = runtime.snapshot(req.asset, int(time.time()), int(days * 86_400))
         result = runtime.forecaster.run(req, snapshot)
         blob = encode_paths(result.paths)
         TASK_SECONDS.labels(req.prompt.name, result.engine).observe(result.seconds)

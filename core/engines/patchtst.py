@@ -1,0 +1,124 @@
+"""The PatchTST engine: per-step Student-t laws from the hybrid model, sampled by the shared sampler.
+
+Routing: 1-minute grids go to the HF model; other grids to the asset's ``lf_route`` model
+(``lf_crypto`` for crypto and gold, ``lf_equity`` for equities, indices and oil). Any problem with
+the model, its checkpoint or the snapshot's history raises ``EngineError``, and the ``Forecaster``
+answers with EWMA-t instead: the engine never guesses.
+
+Inference runs once per (asset, grid, start minute): validators ask the same prompt several times,
+so a small LRU keeps the last laws. One forward pass is a batch of one, cheap with a single torch
+thread (``benchmarks/bench_model.py`` measures it).
+"""
+
+import logging
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.assets import spec_for_any
+from core.checkpoint import KINDS, Checkpoint, CheckpointError, checkpoint_path, load
+from core.constants import LOOKAHEAD_GUARD_S
+from core.datasets import asset_row
+from core.engines.base import EngineError, ParametricEngine, StepParams
+from core.features import FeatureError, history_context, step_features
+from core.model import PatchTST, series_channels
+from core.prices import MarketSnapshot
+from core.prompts import ForecastRequest
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+CacheKey = tuple[str, int, int, int]
+
+
+def route(request: ForecastRequest) -> str:
+    """Which model serves a request: HF for 60 s grids, else the asset's LF route."""
+    return "hf" if request.time_increment == 60 else spec_for_any(request.asset).lf_route
+
+
+class PatchTSTEngine(ParametricEngine):
+    name = "patchtst"
+
+    def __init__(self, checkpoints_dir: Path, cache_size: int = 256, device: str = "cpu") -> None:
+        self.checkpoints_dir = Path(checkpoints_dir)
+        self.device = device
+        self.cache_size = cache_size
+        self._models: dict[str, tuple[Checkpoint, PatchTST]] = {}
+        self._errors: dict[str, str] = {}
+        self._cache: OrderedDict[CacheKey, StepParams] = OrderedDict()
+        self._lock = threading.Lock()
+        for kind in KINDS:
+            try:
+                checkpoint, model = load(checkpoint_path(self.checkpoints_dir, kind), expected_kind=kind)
+                self._models[kind] = (checkpoint, model.to(device))
+            except CheckpointError as exc:
+                self._errors[kind] = str(exc)
+                log.warning("PatchTST %s model unavailable: %s", kind, exc)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "PatchTSTEngine":
+        """The engine over ``settings.models_dir``; raises if not a single model loads."""
+        engine = cls(settings.models_dir)
+        if not engine.kinds:
+            raise EngineError(f"no usable PatchTST checkpoint in {settings.models_dir}: {engine._errors}")
+        return engine
+
+    @property
+    def kinds(self) -> list[str]:
+        return sorted(self._models)
+
+    def checkpoint(self, kind: str) -> Checkpoint:
+        return self._model(kind)[0]
+
+    def _model(self, kind: str) -> tuple[Checkpoint, PatchTST]:
+        if kind not in self._models:
+            raise EngineError(f"PatchTST model {kind!r} unavailable: {self._errors.get(kind, 'unknown kind')}")
+        return self._models[kind]
+
+    def params(self, request: ForecastRequest, snapshot: MarketSnapshot) -> StepParams:
+        kind = route(request)
+        checkpoint, model = self._model(kind)
+        spec = checkpoint.spec
+        if request.time_increment != spec.step or request.n_steps != spec.horizon:
+            raise EngineError(f"model {kind} forecasts {spec.horizon} steps of {spec.step}s, "
+                              f"not {request.n_steps} of {request.time_increment}s")
+        key = (request.asset, request.time_increment, request.time_length, request.start_ts // 60)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        laws = self._infer(kind, checkpoint, model, request, snapshot)
+        with self._lock:
+            self._cache[key] = laws
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return laws
+
+    def _infer(self, kind: str, checkpoint: Checkpoint, model: PatchTST, request: ForecastRequest,
+               snapshot: MarketSnapshot) -> StepParams:
+        spec = checkpoint.spec
+        history = snapshot.best(spec.step)
+        if history is None or history.step != spec.step:
+            raise EngineError(f"{request.asset}: no {spec.step}s history for the {kind} model")
+        origin = request.start_ts - LOOKAHEAD_GUARD_S  # what the model saw in training: closes known by then
+        try:
+            inputs = history_context(spec, history, origin)
+        except FeatureError as exc:
+            raise EngineError(f"{request.asset}: {exc}") from exc
+        f32 = torch.float32
+        series = series_channels(torch.as_tensor(inputs.series, dtype=f32, device=self.device)[None])  # (1, C, L)
+        context = torch.as_tensor(checkpoint.norm.apply(inputs.scalars)[None], dtype=f32, device=self.device)
+        steps = torch.as_tensor(step_features([request.start_ts], spec.step, spec.horizon), dtype=f32,
+                                device=self.device)  # (1, H, S)
+        asset = torch.tensor([asset_row(kind, request.asset)], device=self.device)
+        with torch.inference_mode():
+            out = model(series, context, steps, asset)
+        rel_mu, log_sigma, nu = (t[0].double().cpu().numpy() for t in out)
+        sigma = inputs.base * np.exp(log_sigma)
+        mu = inputs.base * rel_mu
+        if not (np.all(np.isfinite(sigma)) and np.all(sigma > 0) and np.all(np.isfinite(mu))
+                and np.all(np.isfinite(nu)) and np.all(nu > 2)):
+            raise EngineError(f"{request.asset}: the {kind} model produced unusable parameters")
+        return StepParams(mu=mu, sigma=sigma, nu=nu, latent=checkpoint.latent)

@@ -1,0 +1,294 @@
+"""``synth-miner artifacts list|publish|rollback`` and ``synth-miner calibrate``.
+
+Mount with ``register(app)`` (adds the ``artifacts`` group and the ``calibrate`` command).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from core.artifacts import ArtifactError, ArtifactStore, DataWindow
+from core.assets import ASSETS
+from core.calibration import (
+    CALIBRATION_FILE,
+    CalibrationError,
+    CalibrationOutcome,
+    CalibrationState,
+    Case,
+    CasePlan,
+    recent_cases,
+    run_calibration,
+)
+from core.champion import ChampionDecision, artifact_forecaster, challenge
+from core.csv_history import find_file, load_asset
+from core.engines_registry import build_engines
+from core.evaluation import (
+    AssetHistory,
+    EvaluationError,
+    data_end,
+    eval_starts,
+    iso,
+    load_manifest,
+    parse_day,
+    training_history,
+)
+from core.prices import PriceDataError
+from core.settings import Settings
+
+artifacts_app = typer.Typer(help="Versioned artifact sets (models, calibration): list, publish, roll back.",
+                            no_args_is_help=True)
+console = Console()
+errors = Console(stderr=True)
+
+PROMPT_INCREMENTS = {"high": 60, "low": 300}  # the validators' labels for 1 h and 24 h prompts
+
+DirOption = Annotated[Path | None, typer.Option("--dir", help="artifacts root (SYNTH_ARTIFACTS_DIR)")]
+
+
+def _settings(**overrides: Any) -> Settings:
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _fail(message: str) -> typer.Exit:
+    errors.print(f"[red]error:[/] {message}")
+    return typer.Exit(code=1)
+
+
+def _store(artifacts_dir: Path | None, settings: Settings | None = None) -> ArtifactStore:
+    settings = settings or _settings()
+    return ArtifactStore(artifacts_dir or settings.artifacts_dir, keep=settings.artifacts_keep)
+
+
+# ------------------------------------------------------------------------------------------ history
+
+
+def load_histories(folder: Path, assets: list[str] | None, all_rows: bool) -> dict[str, AssetHistory]:
+    """Histories from a CSV folder, each file cut at its manifest.json held-out boundary."""
+    if not folder.is_dir():
+        raise typer.BadParameter(f"{folder} is not a directory", param_hint="--data-dir")
+    try:
+        manifest = load_manifest(folder)
+    except EvaluationError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--data-dir") from None
+    if not manifest and not all_rows:
+        raise typer.BadParameter(f"{folder} has no manifest.json, so no held-out split is known; pass --all-rows "
+                                 "to use every row (only for data nobody evaluates on)", param_hint="--data-dir")
+    names = assets or [a for a in ASSETS if find_file(folder, a, 60) or find_file(folder, a, 300)]
+    out: dict[str, AssetHistory] = {}
+    for asset in names:
+        try:
+            m1, m5 = load_asset(folder, asset)
+        except PriceDataError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--data-dir") from None
+        history = AssetHistory(m1, m5)
+        if not all_rows:
+            history = training_history(history, eval_starts(folder, asset, manifest))
+        if history.m1 is None and history.m5 is None:
+            errors.print(f"[yellow]{asset}: no usable (pre-held-out) rows in {folder}, skipped[/]")
+            continue
+        out[asset] = history
+    if not out:
+        raise typer.BadParameter(f"no price files for {names} in {folder}", param_hint="--data-dir")
+    return out
+
+
+def history_end(history: AssetHistory, until: int | None) -> int:
+    ends = [e for e in (data_end(history, 60), data_end(history, 300)) if e is not None]
+    end = max(ends)
+    return min(end, until) if until is not None else end
+
+
+def gate_cases(histories: dict[str, AssetHistory], increments: list[int], until: int | None,
+               settings: Settings) -> list[Case]:
+    cases: list[Case] = []
+    for asset, history in histories.items():
+        for inc in increments:
+            cases += recent_cases(asset, history, inc, history_end(history, until), CasePlan.for_prompt(settings, inc))
+    return cases
+
+
+def _parse_end(end: str | None) -> int | None:
+    if end is None:
+        return None
+    try:
+        return parse_day(end)
+    except EvaluationError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--end") from None
+
+
+def _increments(prompts: list[str] | None) -> list[int]:
+    chosen = prompts or list(PROMPT_INCREMENTS)
+    unknown = sorted(set(chosen) - set(PROMPT_INCREMENTS))
+    if unknown:
+        raise typer.BadParameter(f"unknown prompt type(s) {unknown}; use high (1 h) or low (24 h)",
+                                 param_hint="--prompt")
+    return sorted({PROMPT_INCREMENTS[p] for p in chosen})
+
+
+def print_decision(decision: ChampionDecision) -> None:
+    def crps(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    verdict = "[green]promoted[/]" if decision.promote else "[red]rejected[/]"
+    console.print(f"challenger {decision.challenger} {verdict}: mean CRPS {crps(decision.challenger_crps)} vs "
+                  f"champion {decision.champion or '-'} {crps(decision.champion_crps)} over {decision.cases} "
+                  f"prompts (tolerance {decision.tolerance:g}); {decision.reason}")
+
+
+# --------------------------------------------------------------------------------------- artifacts
+
+
+@artifacts_app.command("list")
+def list_cmd(artifacts_dir: DirOption = None) -> None:
+    """Published versions, oldest first; the current one is starred."""
+    store = _store(artifacts_dir)
+    versions = store.list_versions()
+    if not versions:
+        console.print(f"no artifact published under {store.root}")
+        return
+    table = Table("", "version", "created", "data window", "code", "notes")
+    for v in versions:
+        window = "-" if v.data_window is None else f"{iso(v.data_window.start)} .. {iso(v.data_window.end)}"
+        notes = v.problem or ", ".join(f"{k}={val}" for k, val in sorted(v.notes.items()))
+        table.add_row("*" if v.current else "", v.version, v.created or "?", window, v.code_version or "?", notes)
+    console.print(table)
+
+
+@artifacts_app.command("publish")
+def publish_cmd(
+    staging: Annotated[Path, typer.Argument(help="a staged version directory (with manifest.json)")],
+    artifacts_dir: DirOption = None,
+    gate: Annotated[bool, typer.Option("--gate", help="publish only if it does not lose the recent backtest")] = False,
+    data_dir: Annotated[Path | None, typer.Option(help="price CSV folder for --gate")] = None,
+    asset: Annotated[list[str] | None, typer.Option(help="asset scored by --gate (repeatable)")] = None,
+    end: Annotated[str | None, typer.Option(help="--gate prompts end before this ISO time")] = None,
+    tolerance: Annotated[float | None, typer.Option(help="promote if CRPS <= champion x (1 + this)")] = None,
+    all_rows: Annotated[bool, typer.Option("--all-rows", help="ignore manifest.json's held-out split")] = False,
+) -> None:
+    """Validate a staged artifact and make it current (atomically); the current one stays on failure."""
+    settings = _settings()
+    store = _store(artifacts_dir, settings)
+    try:
+        if not gate:
+            console.print(f"published {store.publish(staging)}")
+            return
+        histories = load_histories(data_dir or settings.data_dir, asset, all_rows)
+        cases = gate_cases(histories, sorted(PROMPT_INCREMENTS.values()), _parse_end(end), settings)
+        decision = challenge(store, staging, cases, artifact_forecaster(build_engines(settings), settings),
+                             settings.champion_tolerance if tolerance is None else tolerance,
+                             settings.calibration_rules)
+    except ArtifactError as exc:
+        raise _fail(str(exc)) from None
+    print_decision(decision)
+    if not decision.promote:
+        raise typer.Exit(code=1)
+
+
+@artifacts_app.command("rollback")
+def rollback_cmd(
+    to: Annotated[str | None, typer.Option(help="version to make current (default: the previous one)")] = None,
+    artifacts_dir: DirOption = None,
+) -> None:
+    """Point ``current`` back at an earlier (validated) version."""
+    store = _store(artifacts_dir)
+    before = store.current_version()
+    try:
+        after = store.rollback(to)
+    except ArtifactError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"current: {before} -> {after}")
+
+
+# --------------------------------------------------------------------------------------- calibrate
+
+
+def print_outcomes(outcomes: list[CalibrationOutcome]) -> None:
+    table = Table("key", "old", "new", "target", "prompts", "CRPS at target", "CRPS at old", "s", "note")
+
+    def fmt(value: float | None, digits: int = 4) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    for o in outcomes:
+        table.add_row(o.key, fmt(o.old), fmt(o.new), fmt(o.target), str(o.samples), fmt(o.mean_crps_target, 2),
+                      fmt(o.mean_crps_old, 2), f"{o.seconds:.1f}", "moved" if o.moved else o.reason)
+    console.print(table)
+
+
+def calibrate_cmd(
+    data_dir: Annotated[Path | None, typer.Option(help="price CSV folder (SYNTH_DATA_DIR)")] = None,
+    asset: Annotated[list[str] | None, typer.Option(help="asset (repeatable; default: all with files)")] = None,
+    prompt: Annotated[list[str] | None, typer.Option(help="high (1 h) and/or low (24 h); default both")] = None,
+    engine: Annotated[str | None, typer.Option(help="engine to calibrate (SYNTH_ENGINE)")] = None,
+    end: Annotated[str | None, typer.Option(help="use prompts realised before this ISO time")] = None,
+    runs: Annotated[int, typer.Option(min=1, help="update runs on the same prompts (each within limits)")] = 1,
+    windows: Annotated[int | None, typer.Option(min=1, help="prompts per key and run")] = None,
+    min_samples: Annotated[int | None, typer.Option(min=1, help="prompts needed to move a scale")] = None,
+    paths: Annotated[int | None, typer.Option(min=10, help="paths per prompt in the search")] = None,
+    artifacts_dir: DirOption = None,
+    output: Annotated[Path | None, typer.Option(help="also write the new calibration.json here")] = None,
+    publish: Annotated[bool, typer.Option("--publish/--dry-run",
+                                          help="stage a new version and publish it through the gate")] = True,
+    all_rows: Annotated[bool, typer.Option("--all-rows", help="ignore manifest.json's held-out split")] = False,
+) -> None:
+    """Choose sigma_scale per (engine, asset, prompt type) by the validator CRPS on recent prompts."""
+    settings = _settings(
+        engine=engine, calibration_windows_hf=windows, calibration_windows_lf=windows,
+        calibration_min_samples_hf=min_samples, calibration_min_samples_lf=min_samples, calibration_paths=paths)
+    store = _store(artifacts_dir, settings)
+    increments = _increments(prompt)
+    until = _parse_end(end)
+    histories = load_histories(data_dir or settings.data_dir, asset, all_rows)
+    try:
+        current = store.load_current_or_none()
+    except ArtifactError as exc:
+        raise _fail(f"the current artifact does not load: {exc}") from None
+    state = current.calibration.copy() if current is not None else CalibrationState()
+    engines = build_engines(settings)
+    if settings.engine not in engines:
+        raise typer.BadParameter(f"unknown engine {settings.engine!r}; available: {sorted(engines)}",
+                                 param_hint="--engine")
+    outcomes: list[CalibrationOutcome] = []
+    cases: list[Case] = []
+    now = int(time.time())
+    try:
+        for asset_name, history in histories.items():
+            asset_end = history_end(history, until)
+            for run in range(runs):
+                result = run_calibration(state, engines, settings.engine, {asset_name: history}, increments,
+                                         asset_end, settings, now)
+                outcomes += result.outcomes
+                if run == runs - 1:
+                    cases += result.all_cases()
+    except CalibrationError as exc:
+        raise _fail(str(exc)) from None
+    print_outcomes(outcomes)
+    state.meta = {"calibrated_at": now, "engine": settings.engine, "runs": runs}
+    if output is not None:
+        state.save(output)
+        console.print(f"wrote {output}")
+    moved = any(o.moved and o.new != o.old for o in outcomes)
+    if not publish or not moved:
+        console.print("nothing published" + ("" if moved else ": no scale moved"))
+        return
+    starts = [c.prompt.start_ts for c in cases]
+    try:
+        staging = store.stage({CALIBRATION_FILE: state.to_json()}, inherit=True, notes={"kind": "calibration"},
+                              data_window=DataWindow(min(starts), max(history_end(h, until)
+                                                                       for h in histories.values())))
+        decision = challenge(store, staging, cases, artifact_forecaster(engines, settings),
+                             settings.champion_tolerance, settings.calibration_rules)
+    except ArtifactError as exc:
+        raise _fail(str(exc)) from None
+    print_decision(decision)
+
+
+def register(app: typer.Typer) -> None:
+    """Mount ``artifacts`` (list, publish, rollback) and ``calibrate`` on the main CLI."""
+    app.add_typer(artifacts_app, name="artifacts")
+    app.command("calibrate")(calibrate_cmd)

@@ -1,0 +1,383 @@
+"""Artifact versions: staging, validation, atomic publish/rollback, pruning, locking and reloads."""
+
+import io
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import core
+from core.artifacts import (
+    MANIFEST_FILE,
+    NORM_STATS_FILE,
+    ArtifactError,
+    ArtifactSet,
+    ArtifactStore,
+    ArtifactWatcher,
+    DataWindow,
+    Manifest,
+    current_version,
+    new_staging_dir,
+    publish,
+    sha256_file,
+    write_manifest,
+)
+from core.calibration import CALIBRATION_FILE, CalibrationState, Entry
+
+WEIGHTS = "weights.npz"
+
+
+def files_for(tag: str, scale: float = 1.0) -> dict[str, bytes]:
+    """Every file carries the version tag, so a reader can tell a mixed set from a whole one."""
+    calibration = CalibrationState({"ewma_t:BTC:60": Entry("ewma_t", "BTC", 60, scale=scale)}, meta={"tag": tag})
+    buffer = io.BytesIO()
+    np.savez(buffer, tag=np.array(tag), weights=np.full(64, len(tag), dtype=np.float32))
+    return {CALIBRATION_FILE: calibration.to_json(), NORM_STATS_FILE: json.dumps({"tag": tag}).encode(),
+            WEIGHTS: buffer.getvalue()}
+
+
+def stage(store: ArtifactStore, tag: str, scale: float = 1.0) -> Path:
+    return store.stage(files_for(tag, scale), data_window=DataWindow(1_700_000_000, 1_700_086_400),
+                       notes={"tag": tag}, version=tag)
+
+
+def assert_whole(artifact: ArtifactSet) -> None:
+    tag = artifact.version
+    assert artifact.calibration.meta["tag"] == tag
+    assert artifact.files[NORM_STATS_FILE] == {"tag": tag}
+    weights = artifact.files[WEIGHTS]
+    assert isinstance(weights, dict) and str(weights["tag"]) == tag
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ArtifactStore:
+    root = tmp_path / "artifacts"
+    (root / "current").mkdir(parents=True)  # as the repository ships it: a plain empty directory
+    (root / "current" / ".gitkeep").write_bytes(b"")
+    return ArtifactStore(root, keep=5)
+
+
+# ------------------------------------------------------------------------------------------ publish
+
+
+def test_first_publish_replaces_the_plain_current_directory(store: ArtifactStore) -> None:
+    assert store.current_version() is None
+    assert store.load_current_or_none() is None
+    with pytest.raises(ArtifactError, match="no artifact published"):
+        store.load_current()
+    staged = stage(store, "v001", scale=1.2)
+    assert staged == store.root / "staging" / "v001"
+    version = store.publish(staged)
+    assert version == "v001" and not staged.exists()
+    assert store.current_link.is_symlink() and os.readlink(store.current_link) == "versions/v001"
+    current = store.load_current()
+    assert_whole(current)
+    assert current.scale("ewma_t", "BTC", 60) == 1.2 and current.scale("ewma_t", "ETH", 60) == 1.0
+    assert current.path == store.root / "versions" / "v001"
+
+
+def test_manifest_records_hashes_window_and_code_version(store: ArtifactStore) -> None:
+    version = store.publish(stage(store, "v001"))
+    directory = store.root / "versions" / version
+    manifest = Manifest.from_json((directory / MANIFEST_FILE).read_bytes())
+    assert set(manifest.files) == {CALIBRATION_FILE, NORM_STATS_FILE, WEIGHTS}
+    for name, entry in manifest.files.items():
+        assert entry.sha256 == sha256_file(directory / name)
+        assert entry.size == (directory / name).stat().st_size
+    assert manifest.code_version == core.__version__
+    assert manifest.data_window == DataWindow(1_700_000_000, 1_700_086_400)
+    assert manifest.notes == {"tag": "v001"} and manifest.created
+
+
+def test_non_empty_plain_current_directory_is_refused_and_left_alone(tmp_path: Path) -> None:
+    root = tmp_path / "artifacts"
+    (root / "current").mkdir(parents=True)
+    (root / "current" / "model.pt").write_bytes(b"legacy")
+    store = ArtifactStore(root)
+    with pytest.raises(ArtifactError, match="plain directory"):
+        store.publish(stage(store, "v001"))
+    assert (root / "current" / "model.pt").read_bytes() == b"legacy"
+    assert not list(root.glob(".current-*"))  # the temp symlink was cleaned up
+
+
+def test_module_level_helpers_infer_the_root(store: ArtifactStore) -> None:
+    staged = stage(store, "v001")
+    assert publish(staged) == "v001"
+    assert current_version(store.root) == "v001"
+    with pytest.raises(ArtifactError, match="pass artifacts_dir"):
+        publish(store.root / "elsewhere")
+
+
+def test_trainer_style_staging_with_write_manifest(store: ArtifactStore) -> None:
+    directory = new_staging_dir(store.root, "v010")
+    for name, data in files_for("v010").items():
+        (directory / name).write_bytes(data)
+    write_manifest(directory, data_window=DataWindow(5, 6))
+    assert store.publish(directory) == "v010"
+    assert_whole(store.load_current())
+
+
+def test_checkpoints_load_through_the_pt_hook(store: ArtifactStore) -> None:
+    torch = pytest.importorskip("torch")
+    buffer = io.BytesIO()
+    torch.save({"head.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3)}, buffer)
+    files = files_for("v001") | {"model.pt": buffer.getvalue()}
+    store.publish(store.stage(files, version="v001"))
+    state = store.load_current().files["model.pt"]
+    assert isinstance(state, dict) and state["head.weight"].shape == (2, 3)
+    bad = files_for("v002") | {"model.pt": b"\x80\x02not a checkpoint"}
+    with pytest.raises(ArtifactError, match="model.pt: does not load"):
+        store.publish(store.stage(bad, version="v002"))
+    assert store.current_version() == "v001"
+
+
+# ------------------------------------------------------------------------------------------ refusal
+
+
+def _bad_hash(directory: Path) -> None:
+    path = directory / NORM_STATS_FILE
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b"v002", b"v999"))  # same size, other content
+
+
+def _truncated_json(directory: Path) -> None:
+    path = directory / CALIBRATION_FILE
+    path.write_bytes(path.read_bytes()[:40])
+    write_manifest(directory)  # hashes match: only the parse can catch it
+
+
+def _missing_file(directory: Path) -> None:
+    (directory / WEIGHTS).unlink()
+
+
+def _missing_manifest(directory: Path) -> None:
+    (directory / MANIFEST_FILE).unlink()
+
+
+def _unlisted_file(directory: Path) -> None:
+    (directory / "stray.json").write_text("{}")
+
+
+def _no_calibration(directory: Path) -> None:
+    (directory / CALIBRATION_FILE).unlink()
+    write_manifest(directory)
+
+
+def _truncated_npz(directory: Path) -> None:
+    path = directory / WEIGHTS
+    path.write_bytes(path.read_bytes()[:100])
+    write_manifest(directory)
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (_bad_hash, "does not match the manifest hash"),
+    (_truncated_json, "calibration.json: does not load .JSONDecodeError"),
+    (_missing_file, r"missing file\(s\) \['weights.npz'\]"),
+    (_missing_manifest, "missing manifest.json"),
+    (_unlisted_file, r"unlisted file\(s\) \['stray.json'\]"),
+    (_no_calibration, "needs calibration.json"),
+    (_truncated_npz, "weights.npz: does not load"),
+])
+def test_corrupt_or_partial_artifact_is_refused_and_current_keeps_serving(
+        store: ArtifactStore, corrupt: object, message: str) -> None:
+    store.publish(stage(store, "v001"))
+    staged = stage(store, "v002")
+    corrupt(staged)  # type: ignore[operator]
+    with pytest.raises(ArtifactError, match=message):
+        store.publish(staged)
+    assert store.current_version() == "v001"
+    assert_whole(store.load_current())
+    assert not (store.root / "versions" / "v002").exists()
+    assert staged.exists()  # left where it was for inspection
+
+
+def test_a_failing_extra_check_refuses_the_publish(tmp_path: Path) -> None:
+    def no_big_scales(artifact: ArtifactSet) -> None:
+        if any(e.scale > 1.5 for e in artifact.calibration.entries.values()):
+            raise ValueError("scale above 1.5")
+
+    store = ArtifactStore(tmp_path / "artifacts", checks=[no_big_scales])
+    store.publish(stage(store, "v001", scale=1.4))
+    with pytest.raises(ArtifactError, match="scale above 1.5"):
+        store.publish(stage(store, "v002", scale=1.8))
+    assert store.current_version() == "v001"
+
+
+def test_a_version_that_goes_bad_on_disk_is_caught_when_loaded(store: ArtifactStore) -> None:
+    store.publish(stage(store, "v001"))
+    (store.root / "versions" / "v001" / NORM_STATS_FILE).write_text('{"tag": "v00X"}')
+    with pytest.raises(ArtifactError, match="manifest hash"):
+        store.load_current()
+
+
+def test_compare_and_swap_publish(store: ArtifactStore) -> None:
+    store.publish(stage(store, "v001"))
+    with pytest.raises(ArtifactError, match="re-run the comparison"):
+        store.publish(stage(store, "v002"), expect_current="v000")
+    assert store.publish(stage(store, "v003"), expect_current="v001") == "v003"
+    with pytest.raises(ArtifactError, match="already published"):
+        store.publish(stage_copy(store, "v003"))
+
+
+def stage_copy(store: ArtifactStore, version: str) -> Path:
+    """A staging directory whose manifest names an existing version."""
+    directory = new_staging_dir(store.root, f"{version}-again")
+    for name, data in files_for(version).items():
+        (directory / name).write_bytes(data)
+    write_manifest(directory, version=version)
+    return directory
+
+
+# ------------------------------------------------------------------------------- rollback and pruning
+
+
+def test_rollback_walks_back_and_can_jump_forward(store: ArtifactStore) -> None:
+    for tag in ("v001", "v002", "v003"):
+        store.publish(stage(store, tag))
+    assert store.rollback() == "v002" and store.current_version() == "v002"
+    assert_whole(store.load_current())
+    assert store.rollback() == "v001"
+    with pytest.raises(ArtifactError, match="oldest version"):
+        store.rollback()
+    assert store.rollback(to="v003") == "v003"
+    with pytest.raises(ArtifactError, match="unknown version"):
+        store.rollback(to="v404")
+    # A corrupted target is refused and the current one stays.
+    (store.root / "versions" / "v002" / WEIGHTS).write_bytes(b"garbage")
+    with pytest.raises(ArtifactError):
+        store.rollback(to="v002")
+    assert store.current_version() == "v003"
+    infos = store.list_versions()
+    assert [i.version for i in infos] == ["v001", "v002", "v003"]
+    assert [i.current for i in infos] == [False, False, True]
+
+
+def test_only_the_last_n_versions_are_kept_plus_the_current_one(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "artifacts", keep=2)
+    staged = {tag: stage(store, tag) for tag in ("v001", "v002", "v003", "v004")}  # created in this order
+    store.publish(staged["v002"])
+    store.publish(staged["v003"])
+    store.publish(staged["v004"])
+    assert [v.version for v in store.list_versions()] == ["v003", "v004"]
+    # The oldest-created version published last is current: it survives the prune.
+    store.publish(staged["v001"])
+    assert [v.version for v in store.list_versions()] == ["v001", "v003", "v004"]
+    assert store.current_version() == "v001"
+    assert not list((store.root / "versions").glob(".trash-*"))
+    with pytest.raises(ArtifactError, match="keep must be >= 2"):
+        ArtifactStore(tmp_path / "x", keep=1)
+
+
+def test_list_versions_reports_a_broken_manifest(store: ArtifactStore) -> None:
+    store.publish(stage(store, "v001"))
+    broken = store.root / "versions" / "v000"
+    broken.mkdir()
+    (broken / MANIFEST_FILE).write_text("{")
+    infos = {i.version: i for i in store.list_versions()}
+    assert infos["v000"].problem is not None and "not valid JSON" in infos["v000"].problem
+    assert infos["v001"].problem is None and infos["v001"].current
+
+
+# ------------------------------------------------------------------------------------- concurrency
+
+
+def test_readers_never_see_a_mixed_or_partial_set_during_publish_and_rollback(tmp_path: Path) -> None:
+    root = tmp_path / "artifacts"
+    writer = ArtifactStore(root, keep=3)  # pruning runs while readers read
+    writer.publish(stage(writer, "v000"))
+    stop = threading.Event()
+    seen: list[str] = []
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        mine = ArtifactStore(root)  # a worker's own view of the directory
+        while not stop.is_set():
+            try:
+                artifact = mine.load_current()
+                assert_whole(artifact)
+                seen.append(artifact.version)
+            except BaseException as exc:  # noqa: BLE001 - any failure is what the test looks for
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        for i in range(1, 16):
+            writer.publish(stage(writer, f"v{i:03d}"))
+            if i % 4 == 0:
+                writer.rollback()
+            time.sleep(0.005)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+    assert not errors, errors[0]
+    assert len(seen) > 20 and len(set(seen)) > 3
+    assert not list(root.glob(".current-*")) and not list((root / "versions").glob(".*"))
+
+
+def test_two_publishers_at_once_do_not_interleave(tmp_path: Path) -> None:
+    root = tmp_path / "artifacts"
+    stores = [ArtifactStore(root, keep=50) for _ in range(2)]
+    staged = [[stage(stores[k], f"p{k}-{i:02d}") for i in range(6)] for k in range(2)]
+    errors: list[BaseException] = []
+
+    def publisher(k: int) -> None:
+        try:
+            for directory in staged[k]:
+                stores[k].publish(directory)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=publisher, args=(k,)) for k in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not errors, errors[0]
+    assert len(stores[0].list_versions()) == 12
+    current = stores[0].load_current()
+    assert current.version in {"p0-05", "p1-05"}
+    assert_whole(current)
+
+
+def test_a_held_lock_times_out_with_a_clear_error(tmp_path: Path) -> None:
+    holder = ArtifactStore(tmp_path / "artifacts")
+    waiter = ArtifactStore(tmp_path / "artifacts", lock_timeout_s=0.2)
+    staged = stage(waiter, "v001")
+    with holder._locked():
+        began = time.monotonic()
+        with pytest.raises(ArtifactError, match="another publisher"):
+            waiter.publish(staged)
+        assert time.monotonic() - began >= 0.2
+    assert waiter.publish(staged) == "v001"
+
+
+# ----------------------------------------------------------------------------------------- watcher
+
+
+def test_watcher_reloads_only_when_current_moves(store: ArtifactStore) -> None:
+    watcher = ArtifactWatcher(store.root)
+    assert watcher.poll() is None and watcher.current is None  # nothing published yet
+    store.publish(stage(store, "v001"))
+    first = watcher.poll()
+    assert first is not None and first.version == "v001" and watcher.version == "v001"
+    assert watcher.poll() is None  # unchanged: one readlink, no reload
+    store.publish(stage(store, "v002", scale=1.3))
+    second = watcher.poll()
+    assert second is not None and second.version == "v002" and second.scale("ewma_t", "BTC", 60) == 1.3
+    store.rollback()
+    back = watcher.poll()
+    assert back is not None and back.version == "v001"
+    # A new current that fails to load is skipped; the worker keeps serving what it has.
+    store.publish(stage(store, "v003"))
+    (store.root / "versions" / "v003" / NORM_STATS_FILE).write_text('{"tag": "bad!"}')
+    assert watcher.poll() is None
+    assert watcher.version == "v001"
+    assert watcher.poll() is None  # not retried on every poll

@@ -1,0 +1,138 @@
+"""Champion/challenger: the promotion rule, and the gate in front of a real artifact store."""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.artifacts import ArtifactError, ArtifactSet, ArtifactStore
+from core.calibration import CALIBRATION_FILE, CalibrationState, Case, CasePlan, Entry, recent_cases
+from core.champion import ChampionDecision, ForecasterFactory, artifact_forecaster, backtest_scores, challenge, decide
+from core.engines.ewma import EwmaTEngine
+from core.evaluation import AssetHistory
+from core.forecast import Forecaster
+from core.path_sampling import unit_t
+from core.prices import PriceHistory
+from core.settings import Settings
+
+DAY = 86_400
+T0 = 1_760_000_000 // DAY * DAY
+
+
+# ------------------------------------------------------------------------------------------- the rule
+
+
+def test_no_champion_means_promotion() -> None:
+    d = decide("new", None, np.array([10.0, 12.0, np.nan]), None, 0.01)
+    assert d.promote and d.champion is None and d.challenger_crps == 11.0 and d.challenger_invalid == 1
+
+
+@pytest.mark.parametrize("challenger, champion, tolerance, promote", [
+    ([9.0, 11.0], [10.0, 12.0], 0.0, True),  # better
+    ([10.0, 12.0], [10.0, 12.0], 0.0, True),  # a tie does not lose
+    ([10.2, 12.0], [10.0, 12.0], 0.01, True),  # 0.9 % worse, inside a 1 % tolerance
+    ([10.5, 12.0], [10.0, 12.0], 0.01, False),  # 2.3 % worse
+])
+def test_mean_crps_with_tolerance(challenger: list[float], champion: list[float], tolerance: float,
+                                  promote: bool) -> None:
+    d = decide("new", "old", np.array(challenger), np.array(champion), tolerance)
+    assert d.promote is promote
+    assert d.challenger_crps == pytest.approx(np.mean(challenger))
+    assert d.champion_crps == pytest.approx(np.mean(champion))
+    assert d.cases == 2 and d.tolerance == tolerance
+
+
+def test_failing_a_prompt_the_champion_answers_is_never_promoted() -> None:
+    d = decide("new", "old", np.array([1.0, np.nan, 1.0]), np.array([5.0, 5.0, 5.0]), 0.5)
+    assert not d.promote and "invalid on 1 prompt" in d.reason
+    assert d.cases == 2 and d.challenger_invalid == 1 and d.champion_invalid == 0
+
+
+def test_nothing_to_compare_on_keeps_the_champion() -> None:
+    d = decide("new", "old", np.array([np.nan]), np.array([np.nan]), 0.0)
+    assert not d.promote and d.cases == 0
+    with pytest.raises(ValueError, match="same prompts"):
+        decide("new", "old", np.array([1.0]), np.array([1.0, 2.0]), 0.0)
+    with pytest.raises(ValueError, match="tolerance"):
+        decide("new", "old", np.array([1.0]), np.array([1.0]), -0.1)
+
+
+# ---------------------------------------------------------------------------------------- the gate
+
+
+@pytest.fixture(scope="module")
+def cases() -> list[Case]:
+    """Recent 1 h prompts on Student-t data, where the uncalibrated EWMA engine is about right."""
+    rng = np.random.default_rng(21)
+    minutes = 3 * DAY // 60
+    close = 1800.0 * np.exp(np.cumsum(0.0009 * unit_t(rng, 5.0, (minutes, 1))[:, 0]))
+    m1 = PriceHistory.from_arrays(60, T0 + 60 * np.arange(minutes), close)
+    found = recent_cases("ETH", AssetHistory(m1, None), 60, int(m1.ts[-1]) + 60,
+                         CasePlan(count=24, spacing_s=3600, lookback_s=DAY, n_paths=100, seed=2))
+    assert len(found) == 24
+    return found
+
+
+def stage_scale(store: ArtifactStore, version: str, scale: float) -> Path:
+    state = CalibrationState({"ewma_t:ETH:60": Entry("ewma_t", "ETH", 60, scale=scale)})
+    return store.stage({CALIBRATION_FILE: state.to_json()}, version=version)
+
+
+def factory() -> ForecasterFactory:
+    return artifact_forecaster({"ewma_t": EwmaTEngine()}, Settings(engine="ewma_t", calibration_seed=3))
+
+
+def test_scores_follow_the_artifact_calibration(tmp_path: Path, cases: list[Case]) -> None:
+    store = ArtifactStore(tmp_path / "artifacts")
+    good = store.validate(stage_scale(store, "good", 1.0))
+    wide = store.validate(stage_scale(store, "wide", 2.0))
+    make = factory()
+    good_scores = backtest_scores(make(good), cases, "upstream")
+    wide_scores = backtest_scores(make(wide), cases, "upstream")
+    assert np.isfinite(good_scores).all() and np.isfinite(wide_scores).all()
+    assert wide_scores.mean() > 1.1 * good_scores.mean()  # twice the std is clearly worse
+
+
+def test_a_worse_challenger_is_rejected_and_the_champion_keeps_serving(
+        tmp_path: Path, cases: list[Case], caplog: pytest.LogCaptureFixture) -> None:
+    store = ArtifactStore(tmp_path / "artifacts")
+    first = challenge(store, stage_scale(store, "champ", 1.0), cases, factory(), 0.005)
+    assert first.promote and first.champion is None and store.current_version() == "champ"
+    worse = stage_scale(store, "wide", 2.0)
+    with caplog.at_level(logging.INFO, logger="core.champion"):
+        decision = challenge(store, worse, cases, factory(), 0.005)
+    assert isinstance(decision, ChampionDecision)
+    assert not decision.promote and decision.champion == "champ" and decision.challenger == "wide"
+    assert decision.challenger_crps is not None and decision.champion_crps is not None
+    assert decision.challenger_crps > decision.champion_crps * 1.005
+    assert store.current_version() == "champ" and worse.exists()
+    assert any("rejected" in r.getMessage() and "wide" in r.getMessage() for r in caplog.records)
+
+
+def test_a_better_challenger_is_promoted(tmp_path: Path, cases: list[Case]) -> None:
+    store = ArtifactStore(tmp_path / "artifacts")
+    challenge(store, stage_scale(store, "wide", 2.0), cases, factory(), 0.0)
+    decision = challenge(store, stage_scale(store, "good", 1.0), cases, factory(), 0.0)
+    assert decision.promote and decision.champion == "wide"
+    assert decision.challenger_crps is not None and decision.champion_crps is not None
+    assert decision.challenger_crps < decision.champion_crps
+    assert store.current_version() == "good"
+    assert store.load_current().scale("ewma_t", "ETH", 60) == 1.0
+
+
+def test_promotion_is_refused_if_the_champion_changed_during_the_comparison(
+        tmp_path: Path, cases: list[Case]) -> None:
+    store = ArtifactStore(tmp_path / "artifacts")
+    challenge(store, stage_scale(store, "champ", 2.0), cases, factory(), 0.0)
+    sneaky = stage_scale(store, "sneaky", 1.9)
+    base = factory()
+
+    def racing_factory(artifact: ArtifactSet) -> Forecaster:
+        if artifact.version == "champ" and store.current_version() == "champ":
+            store.publish(sneaky)  # another publisher wins the race mid-comparison
+        return base(artifact)
+
+    with pytest.raises(ArtifactError, match="re-run the comparison"):
+        challenge(store, stage_scale(store, "good", 1.0), cases, racing_factory, 0.0)
+    assert store.current_version() == "sneaky"

@@ -1,0 +1,169 @@
+"""Checkpoints: a faithful round trip, and every kind of mismatch refused with CheckpointError."""
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from core.checkpoint import (Checkpoint, CheckpointError, build_model, checkpoint_path, from_payload, load,
+                             read_payload, save)
+from core.engines.ewma import DEFAULT_CONFIGS, EwmaConfig
+from core.features import FEATURE_SPECS, NormStats, context_feature_names
+from core.model import PatchTST
+from core.path_sampling import LatentVol
+from core.training import model_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_checkpoint(kind: str = "lf_crypto", seed: int = 0) -> Checkpoint:
+    torch.manual_seed(seed)
+    cfg = model_config(kind)
+    model = PatchTST(cfg)
+    with torch.no_grad():
+        model.head.out.weight.normal_(0.0, 0.1)  # a non-trivial model: outputs differ from zero
+    n = len(context_feature_names(FEATURE_SPECS[kind]))
+    rng = np.random.default_rng(seed)
+    return Checkpoint(kind=kind, config=cfg, state_dict=model.state_dict(),
+                      norm=NormStats(rng.normal(size=n), rng.uniform(0.5, 2.0, size=n)),
+                      ewma=DEFAULT_CONFIGS[FEATURE_SPECS[kind].step], latent=LatentVol(0.9, 0.05),
+                      data_window={"BTC": {"eval_start_ts": 1779667200}}, metrics={"val_crps": 123.4})
+
+
+def test_round_trip_is_exact(tmp_path: Path) -> None:
+    ck = make_checkpoint()
+    path = checkpoint_path(tmp_path, "lf_crypto")
+    save(ck, path)
+    loaded, model = load(path, expected_kind="lf_crypto")
+    assert loaded.config == ck.config and loaded.ewma == ck.ewma and loaded.latent == ck.latent
+    assert np.array_equal(loaded.norm.mean, ck.norm.mean) and np.array_equal(loaded.norm.std, ck.norm.std)
+    assert loaded.data_window == ck.data_window and loaded.metrics == ck.metrics
+    original = build_model(ck)
+    cfg = ck.config
+    g = torch.Generator().manual_seed(1)
+    args = (torch.randn(2, 2, cfg.context_len, generator=g), torch.randn(2, cfg.n_context, generator=g),
+            torch.randn(2, cfg.horizon, cfg.n_step, generator=g), torch.tensor([0, cfg.n_assets]))
+    for a, b in zip(original(*args), model(*args)):
+        assert torch.equal(a, b)
+    assert not model.training
+    assert path.stat().st_size < 5_000_000
+    assert not list(tmp_path.glob("*.tmp"))  # written atomically
+
+
+def test_pinned_ewma_base_survives_a_retuned_engine(tmp_path: Path) -> None:
+    ck = make_checkpoint()
+    ck.ewma = EwmaConfig(half_life_bars=20.0, long_half_life_bars=500.0, reversion_bars=30.0, nu=5.0)
+    save(ck, tmp_path / "x.pt")
+    loaded, _ = load(tmp_path / "x.pt")
+    assert loaded.spec.ewma == ck.ewma  # the base it was trained on, not today's default
+
+
+Mutation = Callable[[dict[str, Any]], None]
+
+
+def _set(path: tuple[str, ...], value: object) -> Mutation:
+    def mutate(payload: dict[str, Any]) -> None:
+        target = payload
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+    return mutate
+
+
+def _drop_weight(payload: dict[str, Any]) -> None:
+    payload["state_dict"].pop(next(iter(payload["state_dict"])))
+
+
+def _extra_weight(payload: dict[str, Any]) -> None:
+    payload["state_dict"]["rogue.weight"] = torch.zeros(3)
+
+
+def _nan_weight(payload: dict[str, Any]) -> None:
+    key = "head.out.weight"
+    payload["state_dict"][key] = torch.full_like(payload["state_dict"][key], float("nan"))
+
+
+def _resized_weight(payload: dict[str, Any]) -> None:
+    payload["state_dict"]["asset.weight"] = torch.zeros(2, 8)
+
+
+MUTATIONS: dict[str, tuple[Mutation, str]] = {
+    "format": (_set(("format_version",), 99), "format_version"),
+    "kind": (_set(("kind",), "weekly"), "unknown model kind"),
+    "model code": (_set(("code", "model"), 0), "model code version"),
+    "feature code": (_set(("code", "features"), 0), "feature code version"),
+    "feature windows": (_set(("feature_spec", "windows"), [12, 48]), "feature spec"),
+    "feature step": (_set(("feature_spec", "step"), 60), "feature spec"),
+    "no ewma": (_set(("feature_spec", "ewma"), None), "EWMA base"),
+    "context names": (_set(("context_features",), ["a", "b"]), "context features"),
+    "step names": (_set(("step_features",), ["tod"]), "step features"),
+    "series": (_set(("series",), ["ret"]), "series"),
+    "assets": (_set(("assets",), ["BTC", "ETH"]), "assets"),
+    "config field": (_set(("config", "n_context"), 3), "n_context"),
+    "config unknown key": (_set(("config", "depth"), 3), "config invalid"),
+    "config bad heads": (_set(("config", "n_heads"), 5), "config invalid"),
+    "base nu": (_set(("config", "base_nu"), 7.0), "base_nu"),
+    "norm shape": (_set(("norm", "mean"), [0.0]), "normalisation"),
+    "norm zero std": (lambda p: p["norm"]["std"].__setitem__(0, 0.0), "normalisation"),
+    "latent": (_set(("latent",), {"rho": 1.5, "s": 0.1}), "latent"),
+    "missing weight": (_drop_weight, "weights do not fit"),
+    "extra weight": (_extra_weight, "weights do not fit"),
+    "resized weight": (_resized_weight, "weights do not fit"),
+    "nan weight": (_nan_weight, "non-finite"),
+    "no config": (lambda p: p.pop("config"), "config missing"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MUTATIONS))
+def test_every_mismatch_is_refused(tmp_path: Path, name: str) -> None:
+    mutate, message = MUTATIONS[name]
+    payload = make_checkpoint().payload()
+    mutate(payload)
+    path = tmp_path / "bad.pt"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=message):
+        load(path)
+
+
+def test_wrong_kind_for_the_slot_is_refused(tmp_path: Path) -> None:
+    save(make_checkpoint("hf"), tmp_path / "lf_crypto.pt")
+    with pytest.raises(CheckpointError, match="kind mismatch"):
+        load(tmp_path / "lf_crypto.pt", expected_kind="lf_crypto")
+
+
+def test_missing_corrupt_and_foreign_files_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load(tmp_path / "absent.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load(tmp_path / "junk.pt")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="not a checkpoint dictionary"):
+        read_payload(tmp_path / "list.pt")
+    # A pickled object is never executed: weights-only loading refuses it.
+    torch.save({"format_version": 1, "obj": EwmaConfig()}, tmp_path / "pickle.pt")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load(tmp_path / "pickle.pt")
+
+
+def test_payload_validation_is_usable_without_a_file() -> None:
+    payload = make_checkpoint("lf_equity").payload()
+    assert from_payload(payload, "lf_equity").kind == "lf_equity"
+    with pytest.raises(CheckpointError):
+        from_payload(payload, "hf")
+
+
+@pytest.mark.parametrize("kind", sorted(FEATURE_SPECS))
+def test_committed_checkpoints_load_with_this_code(kind: str) -> None:
+    """The models a fresh clone serves must match the code; a drift fails here, not in production."""
+    path = checkpoint_path(ROOT / "models", kind)
+    checkpoint, model = load(path, expected_kind=kind)
+    assert path.stat().st_size < 5_000_000
+    assert checkpoint.metrics["val_crps"] <= checkpoint.metrics["val_crps_ewma"]
+    assert checkpoint.data_window  # says what it was trained on
+    for entry in checkpoint.data_window.values():
+        assert entry["train_origins"] is None or entry["train_origins"][1] < entry["eval_start_ts"]
+    assert model.get_num_params() == checkpoint.metrics["num_params"]

@@ -1,0 +1,134 @@
+"""``synth-miner data ...`` through typer's CliRunner, against real files, a real Redis and a local server."""
+
+import json
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from typer.testing import CliRunner
+
+from core.cache_redis import RedisHistoryCache
+from core.constants import SECONDS_PER_DAY
+from core.csv_history import read_csv, write_csv
+from core.fake_providers import FakeMarket, FakeServerThread
+from core.history_store import HistoryStore
+from synth_miner.cli_data import app, assets_for_stem, parse_time
+from tests.conftest import free_port
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def csv_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    """Real rows from before each file's held-out boundary, in the shared-data format."""
+    out = tmp_path_factory.mktemp("cli_csv")
+    manifest = json.loads((shared_data / "manifest.json").read_text())
+    cut = manifest["btc_1m"]["eval_start_ts"]
+    write_csv(out / "btc_1m.csv.gz", read_csv(shared_data / "btc_1m.csv.gz", 60).between(cut - 3 * 86_400, cut))
+    cut = manifest["spy_5m"]["eval_start_ts"]
+    write_csv(out / "spy_5m.csv.gz", read_csv(shared_data / "spy_5m.csv.gz", 300).between(cut - 5 * 86_400, cut))
+    (out / "README.md").write_text("not a price file\n")
+    return out
+
+
+def test_import_then_status(csv_dir: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["import", str(csv_dir), "--data-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    store = HistoryStore(tmp_path / "history")
+    btc = read_csv(csv_dir / "btc_1m.csv.gz", 60)
+    np.testing.assert_array_equal(store.read("BTC", 60, 0, 2 ** 40).close, btc.close)
+    spy = read_csv(csv_dir / "spy_5m.csv.gz", 300)
+    for asset in ("SPYX", "SP500"):  # both registry assets priced from the spy files
+        assert len(store.read(asset, 300, 0, 2 ** 40)) == len(spy)
+    assert "btc_1m.csv.gz" in result.output and "README" not in result.output
+
+    again = runner.invoke(app, ["import", str(csv_dir), "--data-dir", str(tmp_path), "--asset", "BTC"])
+    assert again.exit_code == 0 and "SPYX" not in again.output
+
+    status = runner.invoke(app, ["status", "--data-dir", str(tmp_path)])
+    assert status.exit_code == 0, status.output
+    row = next(line for line in status.output.splitlines() if "BTC" in line)
+    assert str(len(btc)) in row and " 60 " in row
+    assert "SP500" in status.output and "SPYX" in status.output
+
+
+def test_status_shows_the_cache_when_redis_is_given(csv_dir: Path, tmp_path: Path, redis_url: str) -> None:
+    runner.invoke(app, ["import", str(csv_dir), "--data-dir", str(tmp_path), "--asset", "BTC"])
+    client = redis.Redis.from_url(redis_url)
+    RedisHistoryCache(client).write("BTC", read_csv(csv_dir / "btc_1m.csv.gz", 60).tail(3600))
+    client.close()
+    result = runner.invoke(app, ["status", "--data-dir", str(tmp_path), "--redis-url", redis_url])
+    assert result.exit_code == 0, result.output
+    assert "Redis cache" in result.output
+    cache_rows = [line for line in result.output.split("Redis cache", 1)[1].splitlines() if "BTC" in line]
+    assert cache_rows and " 60 " in cache_rows[0]
+
+
+def test_sync_backfills_the_store_from_a_provider(csv_dir: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    market = FakeMarket(csv_dir)
+    with FakeServerThread("binance", market) as fake:
+        monkeypatch.setenv("SYNTH_BINANCE_URL", fake.url)
+        now = int(time.time())
+        since = str(now - 2 * SECONDS_PER_DAY)
+        result = runner.invoke(app, ["sync", "--asset", "BTC", "--since", since, "--provider", "binance",
+                                     "--data-dir", str(tmp_path), "--chunk-days", "0.5"])
+        assert result.exit_code == 0, result.output
+        stored = HistoryStore(tmp_path / "history").read("BTC", 60, 0, 2 ** 40)
+        expected = market.bars("BTC", 60).between(int(since), now).known_at(now)
+        assert abs(len(stored) - len(expected)) <= 1  # the clock may tick over a minute during the run
+        np.testing.assert_array_equal(stored.ts[: len(expected) - 1], expected.ts[: len(expected) - 1])
+        assert f"{len(stored)} new" in result.output
+
+        fake.faults.status = 500
+        monkeypatch.setenv("SYNTH_HTTP_RETRIES", "0")
+        failed = runner.invoke(app, ["sync", "--asset", "BTC", "--since", since, "--provider", "binance",
+                                     "--data-dir", str(tmp_path)])
+    assert failed.exit_code == 1 and "ProviderUnavailable" in failed.output
+
+
+def test_bad_arguments_are_refused(tmp_path: Path) -> None:
+    assert runner.invoke(app, ["sync", "--asset", "NOPE", "--since", "2026-01-01"]).exit_code == 2
+    assert runner.invoke(app, ["sync", "--asset", "BTC", "--since", "yesterday"]).exit_code == 2
+    assert runner.invoke(app, ["sync", "--asset", "BTC", "--since", "2026-01-02", "--until", "2026-01-01"]
+                         ).exit_code == 2
+    assert runner.invoke(app, ["import", str(tmp_path / "missing")]).exit_code == 2
+    assert runner.invoke(app, ["serve-fake", "--provider", "nope", "--port", "1", "--data-dir", str(tmp_path)]
+                         ).exit_code == 2
+
+
+def test_serve_fake_answers_in_the_provider_format(csv_dir: Path) -> None:
+    port = free_port()
+    replies: list[object] = []
+
+    def client() -> None:
+        url = f"http://127.0.0.1:{port}/api/v3/klines?symbol=BTCUSDT&interval=1m&limit=3"
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=1) as resp:
+                    replies.append(json.loads(resp.read()))
+                    return
+            except OSError:
+                time.sleep(0.1)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    result = runner.invoke(app, ["serve-fake", "--provider", "binance", "--port", str(port), "--data-dir",
+                                 str(csv_dir), "--lead-s", "0", "--duration", "2.5"])
+    thread.join()
+    assert result.exit_code == 0, result.output
+    assert f"127.0.0.1:{port}" in result.output
+    assert replies and isinstance(replies[0], list) and len(replies[0]) == 3 and len(replies[0][0]) == 12
+
+
+def test_helpers() -> None:
+    assert parse_time("2026-01-01") == 1_767_225_600
+    assert parse_time("2026-01-01T01:00:00+01:00") == 1_767_225_600
+    assert parse_time("1767225600") == 1_767_225_600
+    assert assets_for_stem("spy") == ["SPYX", "SP500"] and assets_for_stem("btc") == ["BTC"]
+    assert assets_for_stem("doge") == ["DOGE"]

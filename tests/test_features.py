@@ -1,0 +1,169 @@
+"""Features: the US session calendar, step calendars, no look-ahead, normalisation fitted on training only."""
+
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import numpy as np
+import pytest
+
+from core.csv_history import load_asset
+from core.engines.ewma import DEFAULT_CONFIGS, ewma_variance
+from core.features import (FEATURE_SPECS, STEP_FEATURE_NAMES, FeatureError, NormStats, Returns, base_sigma,
+                           context_feature_names, context_inputs, history_context, ny_local_seconds, returns_of,
+                           step_features, us_session)
+from core.prices import PriceHistory
+
+
+def utc(text: str) -> int:
+    return int(datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp())
+
+
+def col(name: str) -> int:
+    return STEP_FEATURE_NAMES.index(name)
+
+
+def test_ny_offset_matches_zoneinfo_including_dst_switches() -> None:
+    ny = ZoneInfo("America/New_York")
+    rng = np.random.default_rng(1)
+    ts = rng.integers(utc("2021-01-01T00:00:00"), utc("2027-12-31T00:00:00"), 2000)
+    # Both 2026 switches (07:00 UTC on 8 March, 06:00 UTC on 1 November), either side.
+    ts = np.r_[ts, utc("2026-03-08T06:59:59"), utc("2026-03-08T07:00:00"), utc("2026-11-01T05:59:59"),
+               utc("2026-11-01T06:00:00")]
+    expected = [int(datetime.fromtimestamp(int(t), ny).replace(tzinfo=timezone.utc).timestamp()) for t in ts]
+    assert ny_local_seconds(ts).tolist() == expected
+
+
+def test_session_open_on_a_regular_day_with_dst() -> None:
+    # 13:45 UTC is 09:45 in New York in summer time (open) but 08:45 in winter time (closed).
+    summer = us_session([utc("2025-03-10T13:45:00")])
+    winter = us_session([utc("2025-03-07T13:45:00")])
+    assert summer.open[0] == 1.0 and summer.since_open[0] == pytest.approx(15 / 390)
+    assert summer.to_close[0] == pytest.approx(375 / 390)
+    assert winter.open[0] == 0.0 and winter.trading_day[0] == 1.0 and winter.since_open[0] == 0.0
+
+
+def test_session_closed_on_holiday_and_weekend() -> None:
+    christmas = us_session([utc("2025-12-25T16:00:00")])  # 11:00 New York on a Thursday holiday
+    saturday = us_session([utc("2026-02-14T16:00:00")])
+    for state in (christmas, saturday):
+        assert state.open[0] == 0.0 and state.trading_day[0] == 0.0 and state.to_close[0] == 0.0
+
+
+def test_half_day_closes_at_one_pm() -> None:
+    state = us_session([utc("2025-11-28T17:30:00"), utc("2025-11-28T18:30:00")])  # 12:30 and 13:30 New York
+    assert state.half_day.tolist() == [1.0, 1.0]
+    assert state.open.tolist() == [1.0, 0.0]
+    assert state.to_close[0] == pytest.approx(30 / 390)
+
+
+def test_step_features_shape_and_calendar() -> None:
+    origin = utc("2026-02-13T20:00:00")  # Friday 15:00 New York: one hour before the close
+    feats = step_features([origin, origin + 3600], 300, 288)
+    assert feats.shape == (2, 288, len(STEP_FEATURE_NAMES))
+    assert np.all(np.isfinite(feats))
+    first = feats[0]
+    assert first[:12, col("us_open")].tolist() == [1.0] * 12  # 15:00..16:00
+    assert first[12:, col("us_open")].max() == 0.0  # then the weekend
+    assert first[-1, col("weekend")] == 1.0 and first[0, col("weekend")] == 0.0
+    assert first[0, col("on_hour")] == 1.0 and first[1, col("on_hour")] == 0.0
+    assert first[6, col("on_half_hour")] == 1.0
+    assert np.allclose(first[:, col("horizon_frac")], (np.arange(288) + 0.5) / 288)
+    # Steps are labelled by their middle: same calendar for the same clock time.
+    calendar = [i for i, n in enumerate(STEP_FEATURE_NAMES) if n != "horizon_frac"]
+    assert np.allclose(feats[1, :276][:, calendar], feats[0, 12:][:, calendar])
+
+
+def synthetic(step: int, n: int, start: int, seed: int = 0) -> PriceHistory:
+    rng = np.random.default_rng(seed)
+    ts = start + step * np.arange(n, dtype=np.int64)
+    close = 100.0 * np.exp(np.cumsum(rng.standard_t(5, n) * 1e-3))
+    return PriceHistory(step, ts, close)
+
+
+def test_returns_skip_gaps() -> None:
+    h = PriceHistory.from_arrays(60, [0, 60, 120, 300, 360], [1.0, 2.0, 4.0, 8.0, 16.0])
+    r = returns_of(h)
+    assert np.allclose(r.r, np.log([2.0, 2.0, 2.0]))
+    assert r.known_ts.tolist() == [120, 180, 420]  # close times of the later bars
+
+
+def test_context_base_is_the_ewma_engine_term_structure() -> None:
+    spec = FEATURE_SPECS["lf_crypto"]
+    h = synthetic(300, 3000, utc("2026-01-01T00:00:00"))
+    origin = int(h.ts[-1]) + 300
+    inputs = history_context(spec, h, origin)
+    r = h.log_returns()
+    cfg = DEFAULT_CONFIGS[300]
+    fast, slow = ewma_variance(r, cfg.half_life_bars), ewma_variance(r, cfg.long_half_life_bars)
+    assert inputs.fast == pytest.approx(fast) and inputs.slow == pytest.approx(slow)
+    decay = 0.5 ** (np.arange(288) / cfg.reversion_bars)
+    assert np.allclose(inputs.base, np.sqrt(slow + (fast - slow) * decay))
+    assert inputs.series.shape == (spec.context_len,)
+    assert np.allclose(inputs.series, r[-spec.context_len:] / np.sqrt(fast))
+    assert inputs.scalars.shape == (len(context_feature_names(spec)),)
+    assert np.allclose(base_sigma(fast, slow, cfg, 288), inputs.base)
+
+
+def test_no_look_ahead_bars_after_the_origin_change_nothing() -> None:
+    spec = FEATURE_SPECS["hf"]
+    h = synthetic(60, 6000, utc("2026-01-05T00:00:00"), seed=3)
+    origin = int(h.ts[5000])
+    before = history_context(spec, h, origin)
+    poisoned = h.close.copy()
+    poisoned[h.ts + 60 > origin] *= 50.0  # every close not yet published at the origin
+    after = history_context(spec, PriceHistory(60, h.ts, poisoned), origin)
+    for a, b in ((before.series, after.series), (before.scalars, after.scalars), (before.base, after.base)):
+        assert np.array_equal(a, b)
+    # ... while the last published close does matter.
+    poisoned[h.ts + 60 == origin] *= 1.05
+    assert not np.array_equal(history_context(spec, PriceHistory(60, h.ts, poisoned), origin).scalars,
+                              before.scalars)
+
+
+def test_too_short_history_is_a_feature_error() -> None:
+    spec = FEATURE_SPECS["lf_crypto"]
+    h = synthetic(300, spec.min_returns - 5, utc("2026-01-01T00:00:00"))
+    with pytest.raises(FeatureError, match="need"):
+        history_context(spec, h, int(h.ts[-1]) + 300)
+    with pytest.raises(FeatureError, match="step"):
+        history_context(spec, synthetic(60, 5000, 0), 10**9)
+    hf = replace(FEATURE_SPECS["hf"], coarse_windows=(10_000,))
+    with pytest.raises(FeatureError, match="resampled"):
+        context_inputs(hf, returns_of(synthetic(60, 3000, 0)), 200_000, Returns(300, np.zeros(3), np.arange(3)))
+
+
+def test_staleness_is_zero_when_fresh_and_grows_across_a_closure() -> None:
+    spec = FEATURE_SPECS["lf_equity"]
+    h = synthetic(300, 2000, utc("2026-01-05T00:00:00"))
+    name = context_feature_names(spec).index("log_stale")
+    fresh = history_context(spec, h, int(h.ts[-1]) + 300 + 60).scalars[name]
+    stale = history_context(spec, h, int(h.ts[-1]) + 300 + 17 * 3600).scalars[name]
+    assert fresh == 0.0 and stale == pytest.approx(np.log1p((17 * 3600 - 300) / 300))
+
+
+def test_norm_stats_fit_on_training_rows_only() -> None:
+    rng = np.random.default_rng(0)
+    train = rng.normal(3.0, 2.0, size=(500, 4))
+    train[:, 3] = 7.0  # a constant feature is only centred
+    stats = NormStats.fit(train)
+    assert np.allclose(stats.mean[:3], 3.0, atol=0.3) and np.allclose(stats.std[:3], 2.0, atol=0.3)
+    assert stats.std[3] == 1.0
+    z = stats.apply(np.array([[3.0, 3.0, 3.0, 9.0]]))
+    assert abs(z[0, :3]).max() < 0.2 and z[0, 3] == pytest.approx(2.0)
+    assert stats.apply(np.full((1, 4), 1e9)).max() == 8.0  # clipped
+    with pytest.raises(FeatureError):
+        stats.apply(np.zeros((1, 3)))
+    with pytest.raises(FeatureError):
+        NormStats.fit(np.zeros((1, 4)))
+
+
+def test_real_data_context_is_finite(shared_data: Path) -> None:
+    m1, m5 = load_asset(shared_data, "BTC")
+    assert m1 is not None and m5 is not None
+    origin = 1779667200 - 60
+    for kind, h in (("hf", m1), ("lf_crypto", m5)):
+        spec = FEATURE_SPECS[kind]
+        inputs = history_context(spec, h.between(origin - spec.lookback_s, origin), origin)
+        assert np.all(np.isfinite(inputs.scalars)) and np.all(inputs.base > 0)

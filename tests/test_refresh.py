@@ -1,0 +1,212 @@
+"""refresh_asset against a local Binance server, a real Redis and a disk store."""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import pytest
+import redis
+
+from core import history_store
+from core.cache_redis import RedisHistoryCache
+from core.constants import SECONDS_PER_DAY
+from core.csv_history import read_csv, write_csv
+from core.fake_providers import FakeMarket, FakeServer, FakeServerThread, ManualClock, start_fake
+from core.history_store import HistoryStore
+from core.prices import PriceHistory
+from core.refresh import RefreshConfigError, cache_windows, refresh_asset, refresh_assets_sync
+from core.settings import Settings
+from core.sources.binance import BinanceSource
+from core.sources.http import HttpConfig
+from core.sources.replay import ReplaySource
+
+T0 = 1_900_000_030
+WINDOW = 2 * SECONDS_PER_DAY
+
+
+@pytest.fixture(scope="module")
+def csv_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    out = tmp_path_factory.mktemp("refresh_csv")
+    cut = json.loads((shared_data / "manifest.json").read_text())["btc_1m"]["eval_start_ts"]
+    m1 = read_csv(shared_data / "btc_1m.csv.gz", 60).between(cut - 5 * SECONDS_PER_DAY, cut)
+    write_csv(out / "btc_1m.csv.gz", m1)
+    write_csv(out / "btc_5m.csv.gz", m1.resample(300))
+    return out
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(T0)
+
+
+@pytest.fixture
+def market(csv_dir: Path, clock: ManualClock) -> FakeMarket:
+    return FakeMarket(csv_dir, clock, lead_s=SECONDS_PER_DAY)  # a day of rows still to come
+
+
+@pytest.fixture
+async def server(market: FakeMarket) -> AsyncIterator[FakeServer]:
+    srv = await start_fake("binance", market)
+    yield srv
+    await srv.stop()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, server: FakeServer) -> Settings:
+    return Settings(cache_days_hf=1.0, cache_days_lf=2.0, binance_url=server.url, http_backoff_s=0.01,
+                    http_backoff_max_s=0.02, http_retries=1, refresh_lock_s=10.0, data_dir=tmp_path)
+
+
+@pytest.fixture
+async def source(settings: Settings, clock: ManualClock) -> AsyncIterator[BinanceSource]:
+    src = BinanceSource(settings.binance_url, HttpConfig.from_settings(settings), clock)
+    yield src
+    await src.close()
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(redis_url)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def cache(client: redis.Redis) -> RedisHistoryCache:
+    return RedisHistoryCache(client)
+
+
+@pytest.fixture
+def store(settings: Settings) -> HistoryStore:
+    return HistoryStore.from_settings(settings)
+
+
+def truth(market: FakeMarket, now: float, step: int = 60, window: int = WINDOW) -> PriceHistory:
+    lo = -(-(int(now) - window) // step) * step
+    return market.bars("BTC", step).between(lo, int(now)).known_at(int(now))
+
+
+def cached(cache: RedisHistoryCache, step: int = 60) -> PriceHistory:
+    return cache.read("BTC", step, 0, 2 ** 40)
+
+
+async def test_cold_then_incremental_then_idempotent(source: BinanceSource, cache: RedisHistoryCache,
+                                                     store: HistoryStore, settings: Settings, server: FakeServer,
+                                                     market: FakeMarket, clock: ManualClock) -> None:
+    cold = await refresh_asset("BTC", source, cache, store, settings, now=T0)
+    step = cold.steps[0]
+    expected = truth(market, T0)
+    assert cold.ok and step.fetched == step.new_in_store == step.new_in_cache == len(expected)
+    np.testing.assert_array_equal(cached(cache).ts, expected.ts)
+    np.testing.assert_array_equal(store.read("BTC", 60, 0, 2 ** 40).close, expected.close)
+    assert cold.latest is not None and cache.latest("BTC") == cold.latest
+
+    clock.advance(600)
+    calls = server.faults.requests
+    warm = await refresh_asset("BTC", source, cache, store, settings, now=int(clock()))
+    assert warm.steps[0].fetched == 10 and warm.steps[0].new_in_cache == 10
+    assert server.faults.requests - calls == 2  # one page for the tail, one for the latest price
+    np.testing.assert_array_equal(cached(cache).ts, truth(market, clock()).ts)  # trimmed to the window
+
+    again = await refresh_asset("BTC", source, cache, store, settings, now=int(clock()))
+    assert (again.steps[0].fetched, again.steps[0].new_in_cache, again.steps[0].new_in_store) == (0, 0, 0)
+
+
+async def test_concurrent_refreshes_fetch_once_and_write_once(source: BinanceSource, redis_url: str,
+                                                              store: HistoryStore, settings: Settings,
+                                                              server: FakeServer, market: FakeMarket) -> None:
+    clients = [redis.Redis.from_url(redis_url) for _ in range(4)]
+    reports = await asyncio.gather(*(refresh_asset("BTC", source, RedisHistoryCache(c), store, settings, now=T0)
+                                     for c in clients))
+    expected = truth(market, T0)
+    assert all(r.ok for r in reports)
+    assert sum(r.steps[0].new_in_cache for r in reports) == len(expected)  # each bar written once
+    assert sum(r.steps[0].fetched for r in reports) == len(expected)  # the lock: one fetch, three no-ops
+    np.testing.assert_array_equal(RedisHistoryCache(clients[0]).read("BTC", 60, 0, 2 ** 40).ts, expected.ts)
+    assert len(store.read("BTC", 60, 0, 2 ** 40)) == len(expected)
+    for c in clients:
+        c.close()
+
+
+async def test_gaps_from_the_provider_stay_gaps(source: BinanceSource, cache: RedisHistoryCache,
+                                                store: HistoryStore, settings: Settings, server: FakeServer,
+                                                market: FakeMarket, clock: ManualClock) -> None:
+    server.faults.missing_every = 9
+    await refresh_asset("BTC", source, cache, store, settings, now=T0)
+    server.faults.reset()
+    clock.advance(300)
+    await refresh_asset("BTC", source, cache, store, settings, now=int(clock()))
+    full = truth(market, clock())
+    old = full.ts < T0 // 60 * 60 - 60  # bars the first refresh covered
+    expected = full.ts[~old | ((full.ts // 60) % 9 != 0)]
+    np.testing.assert_array_equal(cached(cache).ts, expected)
+    assert np.count_nonzero(np.diff(cached(cache).ts) > 60) > 0
+
+
+async def test_cache_is_rebuilt_from_the_store_after_flushall(source: BinanceSource, cache: RedisHistoryCache,
+                                                              client: redis.Redis, store: HistoryStore,
+                                                              settings: Settings, server: FakeServer) -> None:
+    await refresh_asset("BTC", source, cache, store, settings, now=T0)
+    before = cached(cache)
+    client.flushall()
+    server.faults.status = 503  # the provider is down too: only the store can help
+    report = await refresh_asset("BTC", source, cache, store, settings, now=T0)
+    assert report.steps[0].from_store == len(before) and report.steps[0].fetched == 0
+    assert not report.ok and any("ProviderUnavailable" in e for e in report.errors)
+    after = cached(cache)
+    np.testing.assert_array_equal(after.ts, before.ts)
+    np.testing.assert_array_equal(after.close, before.close)
+
+
+async def test_warm_from_the_store_then_only_the_rest_from_the_provider(
+        source: BinanceSource, cache: RedisHistoryCache, store: HistoryStore, settings: Settings,
+        market: FakeMarket) -> None:
+    expected = truth(market, T0)
+    older = expected.between(0, T0 - SECONDS_PER_DAY)
+    store.append("BTC", older)
+    report = await refresh_asset("BTC", source, cache, store, settings, now=T0)
+    assert report.steps[0].from_store == len(older)
+    assert report.steps[0].fetched == len(expected) - len(older)
+    np.testing.assert_array_equal(cached(cache).ts, expected.ts)
+
+
+async def test_a_failing_store_does_not_stop_the_cache(source: BinanceSource, cache: RedisHistoryCache,
+                                                       store: HistoryStore, settings: Settings, market: FakeMarket,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    def full_disk(fh: IO[bytes], data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(history_store, "_write_bytes", full_disk)
+    report = await refresh_asset("BTC", source, cache, store, settings, now=T0)
+    assert any("StoreWriteError" in e for e in report.errors)
+    assert report.steps[0].new_in_cache == len(truth(market, T0))
+    assert store.days("BTC", 60) == []
+
+
+async def test_replay_sources_cache_both_steps_with_their_windows(csv_dir: Path, cache: RedisHistoryCache,
+                                                                  settings: Settings, clock: ManualClock) -> None:
+    replay = ReplaySource(csv_dir, clock)
+    report = await refresh_asset("BTC", replay, cache, None, settings, now=T0)
+    windows = cache_windows(settings, (60, 300))
+    assert [s.step for s in report.steps] == [60, 300] and windows == {60: 86_400, 300: 172_800}
+    for s in report.steps:
+        assert s.span is not None and s.span[0] >= T0 - windows[s.step] and s.new_in_cache > 0
+
+
+def test_refresh_assets_sync_builds_everything_from_settings(csv_dir: Path, redis_url: str, tmp_path: Path) -> None:
+    with FakeServerThread("binance", FakeMarket(csv_dir)) as fake:
+        settings = Settings(redis_url=redis_url, binance_url=fake.url, data_dir=tmp_path, cache_days_hf=0.5,
+                            cache_days_lf=1.0, http_retries=0)
+        reports = refresh_assets_sync(["BTC", "ETH"], settings)
+    btc, eth = reports
+    assert btc.ok and btc.steps[0].new_in_cache > 1000 and btc.latest is not None
+    assert not eth.ok and eth.steps[0].fetched == 0  # ETH has a symbol but the fake has no ETH file
+    c = redis.Redis.from_url(redis_url)
+    assert RedisHistoryCache(c).span("BTC", 60) is not None
+    c.close()
+    assert HistoryStore.from_settings(settings).days("BTC", 60)
+    with pytest.raises(RefreshConfigError):
+        refresh_assets_sync(["BTC"], Settings(redis_url=None))
