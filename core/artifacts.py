@@ -437,7 +437,10 @@ class ArtifactStore:
         if inherit and (current := self.load_current_or_none()) is not None:
             for name, entry in current.manifest.files.items():
                 if name not in files:
-                    data = (current.path / name).read_bytes()
+                    try:
+                        data = (current.path / name).read_bytes()
+                    except OSError as exc:  # pruned under us: the caller stages again
+                        raise ArtifactError(f"{current.path / name}: unreadable while copying ({exc})") from None
                     if hashlib.sha256(data).hexdigest() != entry.sha256:
                         raise ArtifactError(f"{current.path / name} changed while being copied")
                     _write_durably(directory / name, data)

@@ -2,7 +2,7 @@
 
 Layout: one Redis string per asset, step and UTC day (``CACHE_KEY``, ``day`` = unix day number
 ``ts // 86400``) holding every bar slot of that day as a little-endian float64: 1440 slots (11,520 B)
-at 60 s, 288 at 300 s. A slot of 0.0 (or bytes never written) is a gap: prices are always > 0.
+at 60 s, 288 at 300 s, allocated whole on the first write. A slot of 0.0 is a gap: prices are > 0.
 Reading 14 days is one MGET of 14 strings; a write is one Lua script that SETRANGEs each run of
 bars, counts the slots that were empty and updates the span in ``CACHE_META_KEY`` atomically, so
 concurrent refreshes from several processes are idempotent and never leave the span wrong.
@@ -22,13 +22,20 @@ SLOT = np.dtype("<f8")
 SLOT_BYTES = SLOT.itemsize
 WIDE_READ_DAYS = 64
 
+# KEYS[1] meta, KEYS[2..] days; ARGV: first ts, last ts, bytes per full day, then (key index, offset, data)...
 _WRITE = """
 local zero = string.rep(string.char(0), 8)
+local full = tonumber(ARGV[3])
 local new = 0
-for i = 3, #ARGV, 3 do
+for i = 4, #ARGV, 3 do
   local key = KEYS[tonumber(ARGV[i])]
   local offset = tonumber(ARGV[i + 1])
   local data = ARGV[i + 2]
+  if redis.call('STRLEN', key) < full then
+    -- Allocate the whole day once: strings grown by SETRANGE get up to 2x greedy headroom.
+    local old = redis.call('GET', key) or ''
+    redis.call('SET', key, old .. string.rep(string.char(0), full - #old))
+  end
   local old = redis.call('GETRANGE', key, offset, offset + #data - 1)
   for s = 1, #data, 8 do
     if #old < s + 7 or string.sub(old, s, s + 7) == zero then new = new + 1 end
@@ -159,7 +166,7 @@ class RedisHistoryCache:
         if np.any(history.ts % step):
             raise ValueError(f"timestamps off the {step} s grid")
         keys: list[str] = [self.meta_key(asset, step)]
-        args: list[Any] = [int(history.ts[0]), int(history.ts[-1])]
+        args: list[Any] = [int(history.ts[0]), int(history.ts[-1]), slots_per_day(step) * SLOT_BYTES]
         for day, offset, payload in _runs(history):
             keys.append(self.day_key(asset, step, day))
             args += [len(keys), offset * SLOT_BYTES, payload]

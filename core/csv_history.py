@@ -30,7 +30,7 @@ def read_csv(path: Path, step: int) -> PriceHistory:
 def _read_csv_cached(path: Path, step: int, size: int, mtime_ns: int) -> PriceHistory:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt") as fh:  # type: ignore[operator]
+        with opener(path, "rt") as fh:
             header = fh.readline().strip().lower()
             if header.replace(" ", "") != "timestamp,close":
                 raise PriceDataError(f"{path}: expected header 'timestamp,close', got {header!r}")

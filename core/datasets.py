@@ -23,13 +23,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from core.assets import spec_for_any
-from core.cache import HistoryCache
 from core.constants import LOOKAHEAD_GUARD_S
 from core.csv_history import STEP_SUFFIX, find_file, read_csv
 from core.features import (FEATURE_SPECS, FeatureError, FeatureSpec, Returns, context_feature_names,
@@ -95,9 +94,15 @@ def read_training_file(folder: Path, asset: str, step: int, manifest: Mapping[st
     return FileSlice(asset, stem, history, cut, starts)
 
 
-def histories_from_cache(cache: HistoryCache, assets: Iterable[str], step: int, start: int,
+class HistoryReader(Protocol):
+    """The history store or a cache: anything that reads bars by asset, step and time range."""
+
+    def read(self, asset: str, step: int, start: int, end: int) -> PriceHistory: ...
+
+
+def histories_from_cache(cache: HistoryReader, assets: Iterable[str], step: int, start: int,
                          cut: int) -> dict[str, FileSlice]:
-    """The history store as a training source: every row before ``cut`` (the caller's held-out start)."""
+    """The history store as a training source: rows in [start, cut), ``cut`` being the held-out start."""
     out = {}
     for asset in assets:
         history = cache.read(asset, step, start, cut)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import numpy as np
 import orjson
@@ -114,14 +114,17 @@ class FakeMarket:
         return self._files[asset]
 
     def shift(self, asset: str) -> int:
+        """Seconds added to file times; the 1-minute file's end decides (it is what live feeds serve)."""
         if asset not in self._shift:
-            ends = [h.last_close_time for h in self._load(asset) if h is not None and h.last_close_time is not None]
-            if not ends:  # an empty file: nothing to serve, nothing to shift
+            m1, m5 = self._load(asset)
+            end = next((h.last_close_time for h in (m1, m5) if h is not None and h.last_close_time is not None),
+                       None)
+            if end is None:  # empty files: nothing to serve, nothing to shift
                 self._shift[asset] = 0
                 return 0
             target = int(self.clock()) + self.lead_s
             # Round up: the newest close lands in the coming 5 minutes, so the feed starts fresh.
-            self._shift[asset] = -(-(target - max(ends)) // ALIGN) * ALIGN
+            self._shift[asset] = -(-(target - end) // ALIGN) * ALIGN
         return self._shift[asset]
 
     def bars(self, asset: str, step: int) -> PriceHistory:
@@ -147,13 +150,14 @@ class FakeMarket:
         return hist
 
     def newest_closed(self, asset: str, faults: Faults) -> tuple[int, float] | None:
-        """(close time, price) of the newest closed 1-minute bar (5-minute if no 1m), as of now - stale."""
+        """(close time, price) of the newest closed bar of either file, as of now - stale."""
         now = int(self.clock() - faults.stale_s)
+        found = []
         for step in (60, 300):
             hist = self.bars(asset, step).known_at(now)
             if len(hist) and hist.last_close_time is not None:
-                return hist.last_close_time, float(hist.close[-1])
-        return None
+                found.append((hist.last_close_time, float(hist.close[-1])))
+        return max(found) if found else None
 
 
 FAULTS_KEY = web.AppKey("faults", Faults)
@@ -444,13 +448,13 @@ class FakeServerThread:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"fake-{provider}", daemon=True)
         self._server: FakeServer | None = None
-        self._error: BaseException | None = None
+        self._error: Exception | None = None
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         try:
             self._server = self._loop.run_until_complete(start_fake(*self._args))
-        except BaseException as exc:  # reported to the starting thread
+        except Exception as exc:  # noqa: BLE001 - any start failure is re-raised in the starting thread
             self._error = exc
             self._ready.set()
             return
@@ -459,7 +463,7 @@ class FakeServerThread:
         self._loop.run_until_complete(self._server.stop())
         self._loop.close()
 
-    def start(self, timeout_s: float = 10.0) -> "FakeServerThread":
+    def start(self, timeout_s: float = 10.0) -> Self:
         self._thread.start()
         if not self._ready.wait(timeout_s):
             raise TimeoutError("fake provider did not start")
@@ -486,7 +490,7 @@ class FakeServerThread:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
 
-    def __enter__(self) -> "FakeServerThread":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *_: object) -> None:

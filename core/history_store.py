@@ -259,6 +259,56 @@ class HistoryStore:
             os.close(fd)  # closing the descriptor releases the lock
 
 
+@dataclass(frozen=True)
+class CompactReport:
+    partitions: int  # partitions checked
+    rows: int
+    empty_removed: int  # partitions holding no bar at all
+    corrupt: int  # partitions set aside as ``*.corrupt`` (kept for inspection, no longer read)
+    temp_removed: int  # temporary files left by writers that crashed
+
+    def as_dict(self) -> dict[str, int]:
+        return {"partitions": self.partitions, "rows": self.rows, "empty_removed": self.empty_removed,
+                "corrupt": self.corrupt, "temp_removed": self.temp_removed}
+
+
+def compact(store: HistoryStore, temp_age_s: float = 3600.0) -> CompactReport:
+    """Daily upkeep: verify every partition, set corrupt ones aside, drop empty ones, sweep stale temp files.
+
+    Fixed-slot partitions never fragment, so there is nothing to merge; what can go wrong is a torn
+    file from outside (the checksum finds it) or temp files of a writer killed before its rename.
+    """
+    partitions = rows = empty = corrupt = temps = 0
+    now = time.time()
+    for asset in store.assets():
+        for step in store.steps(asset):
+            folder = store.folder(asset, step)
+            with store._locked(asset, step):
+                for tmp in folder.glob(".*.tmp"):
+                    if now - tmp.stat().st_mtime > temp_age_s:
+                        tmp.unlink(missing_ok=True)
+                        temps += 1
+                for day in store.days(asset, step):
+                    partitions += 1
+                    path = store.partition(asset, step, day)
+                    try:
+                        n = len(store.read_day(asset, step, day))
+                    except StoreReadError:
+                        path.replace(path.with_name(path.name + ".corrupt"))
+                        corrupt += 1
+                        continue
+                    if n == 0:
+                        path.unlink()
+                        empty += 1
+                    rows += n
+    return CompactReport(partitions, rows, empty, corrupt, temps)
+
+
+def compact_store(settings: Settings) -> dict[str, int]:
+    """The Celery job's entry point: ``compact`` on the store under ``settings.data_dir``."""
+    return compact(HistoryStore.from_settings(settings)).as_dict()
+
+
 def rebuild_cache(store: HistoryStore, cache: HistoryCache, asset: str, window: int, now: int | None = None,
                   steps: Sequence[int] | None = None) -> int:
     """Refill the cache from the store for the last ``window`` seconds (after a Redis restart or FLUSHALL).

@@ -4,9 +4,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 from core.cache import HistoryCache
+from core.history_store import HistoryStore
+from core.refresh import RefreshReport, default_steps, refresh_asset
+from core.settings import Settings
 from core.prices import LatestPrice, MarketSnapshot, PriceDataError, PriceHistory
 from core.sources.base import PriceSource, ProviderError
 
@@ -16,52 +18,29 @@ FRESH_S = 150  # a cache whose newest close is older than this is refreshed befo
 RETRY_S = 30  # ...but at most this often: a market that is closed, or a lagging source, stays "old"
 
 
-@dataclass(frozen=True)
-class RefreshResult:
-    asset: str
-    step: int
-    new_rows: int
-    last_ts: int | None
-
-
 class MarketData:
     """Keeps the cache warm for each asset and builds the snapshot an engine forecasts from."""
 
     def __init__(self, cache: HistoryCache, sources: Callable[[str], PriceSource],
                  window_s: Mapping[str, int] | int, steps_for: Callable[[str], tuple[int, ...]] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, store: "HistoryStore | None" = None,
+                 settings: Settings | None = None) -> None:
         self.cache = cache
         self.sources = sources
         self.window_s = window_s
-        self.steps_for = steps_for or (lambda asset: (60,))
+        self.steps_for = steps_for or (lambda asset: default_steps(self.sources(asset)))
         self.clock = clock
-        self._locks: dict[str, asyncio.Lock] = {}
+        self.store = store
+        self.settings = settings or Settings()
         self._attempted: dict[str, float] = {}  # asset -> last refresh attempt (monotonic)
 
     def window_for(self, asset: str) -> int:
         return self.window_s if isinstance(self.window_s, int) else self.window_s.get(asset, 14 * 86_400)
 
-    async def refresh(self, asset: str) -> list[RefreshResult]:
-        """Fetch only the missing tail of each step, write it, trim the window. Safe to run concurrently."""
-        lock = self._locks.setdefault(asset, asyncio.Lock())
-        async with lock:
-            now = int(self.clock())
-            source = self.sources(asset)
-            results = []
-            for step in self.steps_for(asset):
-                span = self.cache.span(asset, step)
-                start = now - self.window_for(asset) if span is None else span[1] + step
-                start -= start % step
-                fetched = await source.history(asset, start, now, step)
-                fetched = fetched.known_at(now)
-                new = await asyncio.to_thread(self.cache.write, asset, fetched) if len(fetched) else 0
-                self.cache.trim(asset, step, now - self.window_for(asset))
-                results.append(RefreshResult(asset, step, new, fetched.last_ts))
-            try:
-                self.cache.set_latest(asset, await source.latest(asset))
-            except ProviderError as exc:
-                log.warning("latest price for %s unavailable: %s", asset, exc)
-            return results
+    async def refresh(self, asset: str) -> "RefreshReport":
+        """Store first, then only the missing tail from the provider; failures are in the report."""
+        return await refresh_asset(asset, self.sources(asset), self.cache, self.store, self.settings,
+                                   now=int(self.clock()), steps=self.steps_for(asset))
 
     def _stale(self, asset: str, now: int) -> bool:
         if time.monotonic() - self._attempted.get(asset, -RETRY_S) < RETRY_S:
@@ -74,10 +53,9 @@ class MarketData:
         now = int(self.clock())
         if self._stale(asset, now):
             self._attempted[asset] = time.monotonic()
-            try:
-                await self.refresh(asset)
-            except (ProviderError, PriceDataError, OSError) as exc:
-                log.warning("refresh of %s failed, using what is cached: %s", asset, exc)
+            report = await self.refresh(asset)
+            if report.errors:
+                log.warning("refresh of %s incomplete, using what is cached: %s", asset, "; ".join(report.errors))
         return await asyncio.to_thread(build_snapshot, self.cache, asset, now, lookback_s or self.window_for(asset))
 
 

@@ -101,7 +101,8 @@ class PatchEmbedding(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # x: (B, C, L) -> patches (B, C, N, P): the newest patch ends on the newest return
         patches = x.unfold(-1, self.patch_len, self.stride)
-        return self.drop(self.proj(patches) + self.pos)  # (B, C, N, d)
+        tokens: Tensor = self.drop(self.proj(patches) + self.pos)  # (B, C, N, d)
+        return tokens
 
 
 class Encoder(nn.Module):
@@ -176,7 +177,8 @@ class PatchTST(nn.Module):
         x, stats = self.revin(series)  # (B, C, L), (B, 2C)
         encoded = self.encoder(self.embed(x))  # (B, C*2d)
         c = self.context(torch.cat([encoded, stats, self.asset(asset), context], dim=-1))  # (B, hidden)
-        return self.head(c, steps)
+        out: StudentTParams = self.head(c, steps)  # 3 x (B, H)
+        return out
 
     def get_num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

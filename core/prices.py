@@ -103,7 +103,8 @@ class PriceHistory:
         if self.ts.size < 2:
             return np.empty(0, np.float64)
         contiguous = np.diff(self.ts) == self.step
-        return np.diff(np.log(self.close))[contiguous]
+        returns: FloatArray = np.diff(np.log(self.close))[contiguous]
+        return returns
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,8 @@ def round_for_wire(prices: npt.ArrayLike) -> FloatArray:
     scale = _POW10.take(decimals + _POW10_OFFSET)
     # Dividing an integer-valued float by a power of ten is correctly rounded, so repr() prints
     # exactly the kept digits; multiplying by 10**-k would not be.
-    return np.round(a * scale) / scale
+    rounded: FloatArray = np.round(a * scale) / scale
+    return rounded
 
 
 def check_paths(rounded: FloatArray, request: ForecastRequest) -> None:

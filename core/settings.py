@@ -150,3 +150,34 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """Settings from the environment, read once per process."""
     return Settings()
+
+
+class InsecureRedisError(ValueError):
+    """A Redis URL that would reach a server beyond this host without a password."""
+
+
+def check_redis_url(url: str | None) -> None:
+    """Refuse a password-less Redis URL unless it stays on this host (loopback or a unix socket).
+
+    Redis carries the work queue and the price cache: an open one on a network lets anyone feed
+    the workers forged tasks or poison the prices the forecasts start from.
+    """
+    if not url:
+        return
+    from ipaddress import ip_address
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return
+    host = (parts.hostname or "").lower()
+    try:
+        loopback = host == "localhost" or ip_address(host).is_loopback
+    except ValueError:  # a host name
+        loopback = False
+    if loopback or parts.password or parse_qs(parts.query).get("password"):
+        return
+    shown = f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}"
+    raise InsecureRedisError(
+        f"SYNTH_REDIS_URL {shown} has no password and {host or 'its host'} is not loopback: run Redis with "
+        "requirepass and put the password in the URL (redis://:PASSWORD@host:6379/0)")

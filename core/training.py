@@ -101,7 +101,10 @@ def make_batch(w: WindowSet, rows: IntArray, norm: NormStats, cfg: PatchTSTConfi
     if rng is not None and asset_dropout > 0:
         asset[rng.random(asset.size) < asset_dropout] = cfg.n_assets
     b0 = w.base[rows, :1]
-    t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=device)  # noqa: E731
+
+    def t(a: npt.NDArray[Any]) -> torch.Tensor:
+        return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=device)
+
     return Batch(series=series_channels(t(series)), context=t(norm.apply(w.scalars[rows])),
                  steps=t(step_features(w.origin[rows], spec.step, spec.horizon)),
                  asset=torch.as_tensor(asset, device=device), log_path=t(w.log_path[rows] / b0),
@@ -150,7 +153,10 @@ def predict(model: PatchTST | None, w: WindowSet, rows: IntArray, norm: NormStat
         for lo in range(0, rows.size, batch_size):
             bt = make_batch(w, rows[lo:lo + batch_size], norm, cfg, device)
             out.append(model(bt.series, bt.context, bt.steps, bt.asset))
-    cat = lambda i: torch.cat([o[i] for o in out]).double().cpu().numpy()  # noqa: E731
+    def cat(i: int) -> FloatArray:
+        joined: FloatArray = torch.cat([o[i] for o in out]).double().cpu().numpy()
+        return joined
+
     return StepLaws(base * cat(0), base * np.exp(cat(1)), cat(2))
 
 
@@ -163,7 +169,7 @@ def prompt_scores(laws: StepLaws, w: WindowSet, rows: IntArray, latent: LatentVo
         paths = sample_paths(float(w.anchor[row]), laws.mu[i], laws.sigma[i], laws.nu[i], n_paths,
                              np.random.default_rng([seed, row]), latent)
         real = w.anchor[row] * np.exp(w.log_path[row])
-        scores[i] = score_prompt(paths, real, spec.step, spec.step * spec.horizon).total
+        scores[i] = score_prompt(np.asarray(paths, np.float64), real, spec.step, spec.step * spec.horizon).total
     return scores
 
 
@@ -265,7 +271,7 @@ def train(kind: str, files: Mapping[str, FileSlice], opts: TrainOptions, console
                 b = make_batch(train_w, np.sort(rows), norm, cfg, device, rng, opts.asset_dropout)
                 loss = increment_nll(model(b.series, b.context, b.steps, b.asset), b.base_rel, b.log_path)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 sched.step()

@@ -11,7 +11,9 @@ import time
 import typing
 
 import bittensor as bt
+import orjson
 from bittensor.core.errors import SynapseException
+from bittensor.core.synapse import TerminalInfo
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -26,9 +28,15 @@ from miner.service import MinerService
 log = logging.getLogger(__name__)
 
 
+def terminal(synapse: Simulation) -> TerminalInfo:
+    if synapse.axon is None:
+        synapse.axon = TerminalInfo()
+    return synapse.axon
+
+
 def reject(synapse: Simulation, status: int, message: str) -> typing.NoReturn:
-    synapse.axon.status_code = status
-    synapse.axon.status_message = message
+    terminal(synapse).status_code = status
+    terminal(synapse).status_message = message
     raise SynapseException(message, synapse=synapse)
 
 
@@ -36,46 +44,72 @@ MAX_BODY_BYTES = 64 * 1024  # a Simulation request is ~1 KB; nothing a validator
 
 
 def body_problem(body: bytes) -> str | None:
-    """Why a request body cannot be a Simulation synapse, or None when it can."""
+    """Why a request body cannot be a Simulation synapse, or None when it can.
+
+    Parsed the two ways the axon parses it: orjson (bittensor's body-hash check; integers past 64 bits
+    become floats) and the standard library (FastAPI's endpoint argument).
+    """
     try:
-        doc = json.loads(body.decode("utf-8"))
+        text = body.decode("utf-8")
     except UnicodeDecodeError:
         return "request body is not UTF-8 text"
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, int digit limit, nesting depth
-        return f"request body is not valid JSON ({str(exc)[:120]})"
-    if not isinstance(doc, dict):
-        return f"request body must be a JSON object (a Simulation synapse), got {type(doc).__name__}"
+    for loads in (orjson.loads, json.loads):
+        try:
+            doc = loads(text)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, int digit limit, nesting depth
+            return f"request body is not valid JSON ({str(exc)[:120]})"
+        if not isinstance(doc, dict):
+            return f"request body must be a JSON object (a Simulation synapse), got {type(doc).__name__}"
+        try:
+            Simulation(**doc)
+        except Exception as exc:  # pydantic's ValidationError, or a validator raising anything else
+            return f"request body is not a Simulation synapse: {summary(exc)}"
+    return None
+
+
+def summary(exc: Exception) -> str:
+    """A pydantic error in a line: the first few field paths and messages."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        text = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg', '')}" for e in errors()[:3])
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return text[:300]
+
+
+def headers_problem(headers: dict[bytes, bytes]) -> str | None:
+    """Why the synapse headers do not parse, as bittensor's middleware parses them, or None."""
     try:
-        Simulation(**doc)
-    except Exception as exc:  # pydantic's ValidationError, or a validator raising anything else
-        errors = getattr(exc, "errors", None)
-        if callable(errors):
-            details = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg', '')}"
-                                for e in errors()[:3])
-        else:
-            details = f"{type(exc).__name__}: {exc}"
-        return f"request body is not a Simulation synapse: {details[:300]}"
+        Simulation.from_headers({k.decode("latin-1").lower(): v.decode("latin-1") for k, v in headers.items()})
+    except Exception as exc:  # ValidationError, TypeError, ValueError: what bittensor turns into a 500
+        return f"request headers do not describe a Simulation synapse: {summary(exc)}"
     return None
 
 
 class RequestGuard:
-    """Outermost ASGI layer on the Simulation route: a body that is too large or not a well-formed
-    synapse gets a 4xx with a message before bittensor sees it.
+    """Outermost ASGI layer on the Simulation route: a body that is too large, or headers or a body
+    that are not a well-formed synapse, get a 4xx with a message before bittensor sees them.
 
     bittensor reads any body whole into memory and answers every malformed one (bad JSON, wrong types,
-    missing fields, no JSON content type) with "500 Internal Server Error" from its body-hash check.
+    missing fields, no JSON content type) with "500 Internal Server Error" from its body-hash check;
+    headers it cannot parse get a 500 too (its SynapseParsingError is not a SynapseException).
     """
 
-    def __init__(self, app: ASGIApp, path: str, max_bytes: int = MAX_BODY_BYTES) -> None:
+    def __init__(self, app: ASGIApp, name: str, max_bytes: int = MAX_BODY_BYTES) -> None:
         self.app = app
-        self.path = path
+        self.name = name
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != self.path:
+        # bittensor routes on the first path segment: /Simulation/anything reaches its middleware too.
+        if scope["type"] != "http" or scope["path"].split("/")[1:2] != [self.name]:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
+        problem = headers_problem(headers)
+        if problem:
+            await self._refuse(send, 400, problem)
+            return
         declared = headers.get(b"content-length", b"0")
         if not declared.isdigit() or int(declared) > self.max_bytes:
             await self._refuse(send, 413, f"request body over {self.max_bytes} bytes")
@@ -121,8 +155,8 @@ class RequestGuard:
 
 
 def render_reply(synapse: Simulation, paths_json: bytes) -> Response:
-    synapse.axon.status_code = 200
-    synapse.axon.status_message = "Success"
+    terminal(synapse).status_code = 200
+    terminal(synapse).status_message = "Success"
     head = synapse.model_dump_json(exclude={"simulation_output"}).encode()
     body = head[:-1] + b',"simulation_output":' + paths_json + b"}"
     response = Response(content=body, media_type="application/json")
@@ -214,7 +248,7 @@ def build_axon(settings: Settings, wallet: "bt.Wallet", handlers: AxonHandlers) 
     axon.attach(forward_fn=handlers.forward_fn, blacklist_fn=handlers.blacklist_fn,
                 priority_fn=handlers.priority_fn)
     serve_only(axon, Simulation.__name__)
-    axon.app.add_middleware(RequestGuard, path=f"/{Simulation.__name__}")
+    axon.app.add_middleware(RequestGuard, name=Simulation.__name__)
     return axon
 
 

@@ -24,7 +24,8 @@ ANCHOR_TIMEOUT_S = 2.0
 class MinerData:
     def __init__(self, shared: MarketData, emergency: MarketData | None = None) -> None:
         self.shared = shared
-        self.emergency = emergency or MarketData(MemoryHistoryCache(), shared.sources, 86_400, shared.steps_for)
+        self.emergency = emergency or MarketData(MemoryHistoryCache(), shared.sources, 86_400, shared.steps_for,
+                                                 settings=shared.settings)
         self._last: dict[str, MarketSnapshot] = {}
 
     async def snapshot(self, asset: str, lookback_s: int | None = None) -> MarketSnapshot:

@@ -117,7 +117,7 @@ class CeleryPool:
         if reply is None:
             raise PoolError("pool did not answer before the deadline")
         try:
-            return await asyncio.to_thread(decode_paths, reply[1])
+            return await asyncio.to_thread(decode_paths, bytes(reply[1]))  # type: ignore[arg-type]
         except ValueError as exc:
             raise PoolError(str(exc)) from exc
 

@@ -11,9 +11,10 @@ import bittensor as bt
 from core.assets import ASSETS
 from core.cache import HistoryCache, MemoryHistoryCache
 from core.engines_registry import build_forecaster
+from core.history_store import HistoryStore
 from core.logs import setup_logging
 from core.market_data import MarketData
-from core.settings import Settings
+from core.settings import InsecureRedisError, Settings, check_redis_url
 from core.sources.registry import sources_for
 from miner.access import AccessPolicy, MetagraphView
 from miner.axon_server import AxonHandlers, build_axon
@@ -34,11 +35,6 @@ def load_wallet(settings: Settings) -> "bt.Wallet":
     return wallet
 
 
-def steps_for(settings: Settings):  # type: ignore[no-untyped-def]
-    """Replayed folders carry 5-minute files with longer history than their 1-minute ones."""
-    return lambda asset: (60, 300) if settings.provider_for(asset) == "replay" else (60,)
-
-
 def build_cache(settings: Settings) -> HistoryCache:
     if settings.embedded:
         return MemoryHistoryCache()
@@ -48,6 +44,19 @@ def build_cache(settings: Settings) -> HistoryCache:
 
     client = redis.Redis.from_url(settings.redis_url or "", socket_timeout=2.0, socket_connect_timeout=1.0)
     return RedisHistoryCache(client)
+
+
+def build_store(settings: Settings) -> HistoryStore | None:
+    """The durable history store; a miner that cannot write its data dir still serves (warning).
+
+    Replayed prices are shifted copies of old data: they never enter the durable store."""
+    if settings.price_provider == "replay":
+        return None
+    try:
+        return HistoryStore.from_settings(settings)
+    except Exception as exc:
+        log.warning("history store unavailable (%s): history is kept in the cache only", exc)
+        return None
 
 
 @dataclass
@@ -62,7 +71,7 @@ class MinerApp:
 def build_app(settings: Settings) -> MinerApp:
     sources = sources_for(settings)
     window = {a: int(max(settings.cache_days_hf, settings.cache_days_lf) * 86_400) for a in ASSETS}
-    shared = MarketData(build_cache(settings), sources, window, steps_for(settings))
+    shared = MarketData(build_cache(settings), sources, window, store=build_store(settings), settings=settings)
     data = MinerData(shared)
     fallback = build_forecaster(settings, engine="ewma_t")
     pool: ForecastPool = EmbeddedPool(build_forecaster(settings)) if settings.embedded else CeleryPool(settings)
@@ -73,6 +82,10 @@ def build_app(settings: Settings) -> MinerApp:
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     setup_logging(settings.log_level, settings.log_json)
+    try:
+        check_redis_url(settings.redis_url)
+    except InsecureRedisError as exc:
+        raise SystemExit(f"refusing to start: {exc}") from None
     if settings.local:
         patch_bittensor_networking(settings.axon_external_ip or "127.0.0.1")
     app = build_app(settings)

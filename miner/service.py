@@ -5,6 +5,7 @@ same minute, are computed once and the rendered reply is reused until the prompt
 """
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -66,7 +67,7 @@ class MinerService:
         if task is None:
             task = asyncio.create_task(self._compute(request, deadline))
             self._inflight[key] = task
-            task.add_done_callback(lambda t, k=key: self._finish(k, t))
+            task.add_done_callback(functools.partial(self._finish, key))
         else:
             self.counters["shared"] += 1
         return await asyncio.shield(task)

@@ -85,7 +85,7 @@ def stage_timings(data_dir: Path, redis_url: str, settings: Settings, repeat: in
             client.rpush(key, encode_paths(paths))
             reply = client.blpop([key], timeout=5)
             assert reply is not None
-            decode_paths(reply[1])
+            decode_paths(bytes(reply[1]))  # type: ignore[arg-type]
 
         row["redis_transport_ms"] = timeit(transport, repeat) * 1e3
         row["forecast_ms"] = timeit(lambda: forecaster.run(request, snapshot), repeat) * 1e3

@@ -149,6 +149,16 @@ def bench(
     print_report(run_bench(data_dir, artifacts_dir, list(concurrency), per_lane, repeat))
 
 
+def mount_subcommands() -> None:
+    """Sub-apps living in their own modules (imported lazily by their commands)."""
+    from synth_miner import cli_data
+
+    app.add_typer(cli_data.app, name="data")
+
+
+mount_subcommands()
+
+
 def main() -> None:
     app()
 

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from core.artifacts import ArtifactError, ArtifactStore, DataWindow
 from core.assets import ASSETS
@@ -152,7 +152,7 @@ def list_cmd(artifacts_dir: DirOption = None) -> None:
     if not versions:
         console.print(f"no artifact published under {store.root}")
         return
-    table = Table("", "version", "created", "data window", "code", "notes")
+    table = Table("", Column("version", no_wrap=True), "created", "data window", "code", "notes")
     for v in versions:
         window = "-" if v.data_window is None else f"{iso(v.data_window.start)} .. {iso(v.data_window.end)}"
         notes = v.problem or ", ".join(f"{k}={val}" for k, val in sorted(v.notes.items()))
@@ -209,15 +209,19 @@ def rollback_cmd(
 
 
 def print_outcomes(outcomes: list[CalibrationOutcome]) -> None:
-    table = Table("key", "old", "new", "target", "prompts", "CRPS at target", "CRPS at old", "s", "note")
+    table = Table(Column("key", no_wrap=True), "old", "new", "target", "prompts", "CRPS target / old", "note")
 
     def fmt(value: float | None, digits: int = 4) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
     for o in outcomes:
-        table.add_row(o.key, fmt(o.old), fmt(o.new), fmt(o.target), str(o.samples), fmt(o.mean_crps_target, 2),
-                      fmt(o.mean_crps_old, 2), f"{o.seconds:.1f}", "moved" if o.moved else o.reason)
+        table.add_row(o.key, fmt(o.old), fmt(o.new), fmt(o.target), str(o.samples),
+                      f"{fmt(o.mean_crps_target, 1)} / {fmt(o.mean_crps_old, 1)}",
+                      f"moved ({o.seconds:.1f} s)" if o.moved else "kept")
     console.print(table)
+    for o in outcomes:
+        if not o.moved:
+            console.print(f"{o.key} kept at {o.old:.4f}: {o.reason}", soft_wrap=True)
 
 
 def calibrate_cmd(

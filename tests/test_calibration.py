@@ -266,8 +266,11 @@ def test_job_calibrates_from_the_history_store_and_publishes_through_the_gate(tm
             == pytest.approx(outcome["new"])
     assert json.loads((settings.artifacts_dir / "current" / CALIBRATION_FILE).read_text())["meta"]["end"] == now
     # A second run has a champion to beat: both scores are reported.
+    # A second run keeps moving toward the same targets and has a champion to beat: both scores reported.
     second = run_calibration_job(settings, now=now)
-    if second["published"] is not None or "decision" in second:
-        decision = second["decision"]
-        assert decision["champion"] == first["published"]
-        assert decision["champion_crps"] is not None and decision["challenger_crps"] is not None
+    assert any(o["moved"] and o["new"] != o["old"] for o in second["outcomes"])
+    decision = second["decision"]
+    assert decision["champion"] == first["published"] and decision["challenger"] != first["published"]
+    assert decision["champion_crps"] is not None and decision["challenger_crps"] is not None
+    assert (second["published"] is not None) == decision["promote"]
+    assert artifacts.current_version() == (second["published"] or first["published"])

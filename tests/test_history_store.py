@@ -131,3 +131,21 @@ def test_rebuild_cache_after_flushall(tmp_path: Path, redis_url: str) -> None:
     client.close()
     memory = MemoryHistoryCache()
     assert rebuild_cache(store, memory, "BTC", SECONDS_PER_DAY, now=now, steps=[60]) == 1440
+
+
+def test_compact_sets_corrupt_partitions_aside_and_sweeps_debris(tmp_path: Path) -> None:
+    store = HistoryStore(tmp_path)
+    store.append("BTC", bars(DAY0 - 100 * 60, 300))  # two days
+    store.append("ETH", PriceHistory(60, bars(DAY0, 5).ts, np.zeros(5) + 1.0))
+    empty_day = DAY0 // SECONDS_PER_DAY + 3
+    history_store.HistoryStore._write_partition(store, "ETH", 60, empty_day, np.zeros(1440))
+    broken = store.partition("BTC", 60, DAY0 // SECONDS_PER_DAY)
+    broken.write_bytes(broken.read_bytes()[:-8])
+    debris = broken.parent / f".{broken.name}.abc.tmp"
+    debris.write_bytes(b"half")
+    report = history_store.compact(store, temp_age_s=-1)
+    assert report.as_dict() == {"partitions": 4, "rows": 100 + 5, "empty_removed": 1, "corrupt": 1,
+                                "temp_removed": 1}
+    assert broken.with_name(broken.name + ".corrupt").exists() and not debris.exists()
+    assert len(store.read("BTC", 60, 0, 2 ** 40)) == 100  # the intact day still reads
+    assert history_store.compact(store).corrupt == 0

@@ -13,8 +13,15 @@ from core.csv_history import read_csv, write_csv
 from core.fake_providers import FakeMarket, FakeServer, ManualClock, start_fake
 from core.sources.base import PriceSource, ProviderError
 from core.sources.binance import BinanceSource
-from core.sources.http import (BadPriceError, HttpConfig, MalformedReplyError, ProviderHTTPError, ProviderTimeout,
-                               ProviderUnavailable, StalePriceError)
+from core.sources.http import (
+    BadPriceError,
+    HttpConfig,
+    MalformedReplyError,
+    ProviderHTTPError,
+    ProviderTimeout,
+    ProviderUnavailable,
+    StalePriceError,
+)
 from core.sources.hyperliquid import HyperliquidSource
 from core.sources.pyth import PythSource
 

@@ -8,9 +8,20 @@ import pytest
 from aiohttp import web
 
 from core.prices import LatestPrice
-from core.sources.http import (BadPriceError, HttpClient, HttpConfig, MalformedReplyError, ProviderUnavailable,
-                               StalePriceError, build_history, check_fresh, closed_end, page_ranges, parse_int,
-                               parse_price)
+from core.sources.http import (
+    BadPriceError,
+    HttpClient,
+    HttpConfig,
+    MalformedReplyError,
+    ProviderUnavailable,
+    StalePriceError,
+    build_history,
+    check_fresh,
+    closed_end,
+    page_ranges,
+    parse_int,
+    parse_price,
+)
 
 
 def test_backoff_is_jittered_capped_and_floored_by_retry_after() -> None:

@@ -9,8 +9,15 @@ import pytest
 
 from core.csv_history import read_csv, write_csv
 from core.fake_providers import FakeMarket, FakeServer, ManualClock, start_fake
-from core.sources.http import (BadPriceError, HttpConfig, MalformedReplyError, ProviderHTTPError, ProviderRejected,
-                               StalePriceError, UnsupportedAssetError)
+from core.sources.http import (
+    BadPriceError,
+    HttpConfig,
+    MalformedReplyError,
+    ProviderHTTPError,
+    ProviderRejected,
+    StalePriceError,
+    UnsupportedAssetError,
+)
 from core.sources.pyth import PythSource
 
 T0 = 1_900_000_030

@@ -11,13 +11,14 @@ from celery import Celery
 from core.constants import (TASK_CALIBRATE, TASK_COMPACT_STORE, TASK_FORECAST, TASK_REFRESH_CACHE,
                             TASK_RETRAIN)
 from beat_schedule import beat_schedule
-from core.settings import Settings, get_settings
+from core.settings import InsecureRedisError, Settings, check_redis_url, get_settings
 
 LONGEST_JOB_S = 4 * 3600  # retraining; the visibility timeout must exceed it
 
 
 def create_app(settings: Settings) -> Celery:
     url = settings.redis_url or "redis://127.0.0.1:6379/0"
+    check_redis_url(url)  # raises InsecureRedisError: never a password-less Redis beyond this host
     app = Celery("synth_miner", broker=url, backend=url, include=["workers.tasks", "workers.jobs"])
     app.conf.update(
         task_serializer="json",
@@ -48,4 +49,7 @@ def create_app(settings: Settings) -> Celery:
     return app
 
 
-app = create_app(get_settings())
+try:
+    app = create_app(get_settings())
+except InsecureRedisError as exc:  # every worker, beat and Flower imports this: a clear refusal, no traceback
+    raise SystemExit(f"refusing to start: {exc}") from None

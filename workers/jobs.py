@@ -18,11 +18,11 @@ from workers.app import app
 log = logging.getLogger(__name__)
 
 
-def _redis(settings: Settings) -> "redis.Redis[bytes]":
+def _redis(settings: Settings) -> "redis.Redis":
     return redis.Redis.from_url(settings.redis_url or "", socket_timeout=5.0)
 
 
-def claim_slot(client: "redis.Redis[bytes]", job: str, slot: int, period_s: float) -> bool:
+def claim_slot(client: "redis.Redis", job: str, slot: int, period_s: float) -> bool:
     """True for the first claimant of this slot; the key outlives the slot so a late duplicate is refused."""
     key = JOB_SLOT_KEY.format(name=job, slot=slot)
     return bool(client.set(key, f"{socket.gethostname()}:{os.getpid()}", nx=True, ex=int(max(60, 3 * period_s))))

@@ -27,7 +27,7 @@ SNAPSHOT_MEMO = 32  # (asset, window, minute) snapshots kept per worker process
 @dataclass
 class WorkerRuntime:
     settings: Settings
-    redis: "redis.Redis[bytes]"
+    redis: "redis.Redis"
     cache: RedisHistoryCache
     forecaster: Forecaster
     artifact_version: str | None
@@ -46,7 +46,7 @@ class WorkerRuntime:
 
     @classmethod
     def load(cls, settings: Settings) -> "WorkerRuntime":
-        client: "redis.Redis[bytes]" = redis.Redis.from_url(settings.redis_url or "", socket_timeout=5.0)
+        client: "redis.Redis" = redis.Redis.from_url(settings.redis_url or "", socket_timeout=5.0)
         version = current_artifact_version(settings)
         runtime = cls(settings, client, RedisHistoryCache(client), build_forecaster(settings), version)
         log.info("worker runtime loaded in pid %d: engine %s, artifacts %s", os.getpid(),

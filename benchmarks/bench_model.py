@@ -1,0 +1,79 @@
+"""Inference time of the PatchTST engine per request on CPU, against the EWMA-t engine it corrects.
+
+Per model: features from a 14-day snapshot + one forward pass (cache cleared every time, so each
+request pays full inference), the cached path (a repeated prompt), and the whole forecast with
+1000 paths. Target: a few ms per request for inference on one CPU thread.
+Run: .venv/bin/python benchmarks/bench_model.py [--models models] [--data-dir ../shared/data] [--repeats 50]
+"""
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.checkpoint import checkpoint_path
+from core.csv_history import load_asset
+from core.engines.ewma import EwmaTEngine
+from core.engines.patchtst import PatchTSTEngine
+from core.evaluation import AssetHistory, snapshot_at
+from core.prompts import ForecastRequest
+
+CASES = {  # kind -> (asset, prompt start inside its held-out window, time_increment)
+    "hf": ("BTC", 1779667200 + 3 * 86_400 + 17 * 60, 60),
+    "lf_crypto": ("ETH", 1771113600 + 5 * 86_400 + 13 * 60, 300),
+    "lf_equity": ("SPYX", 1770595200 + 86_400 + 15 * 3600 + 35 * 60, 300),
+}
+
+
+def time_ms(fn: Callable[[], object], repeats: int) -> list[float]:
+    fn()  # warm-up
+    out = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - began) * 1000)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", type=Path, default=Path("models"))
+    parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    engine = PatchTSTEngine(args.models)
+    ewma = EwmaTEngine()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.repeats} repeats; ms per request")
+    print(f"{'model':<10} {'params':>7} {'file KiB':>8} {'inference':>16} {'cached':>8} "
+          f"{'EWMA-t params':>14} {'forecast 1000':>14}")
+    for kind, (asset, start, inc) in CASES.items():
+        if kind not in engine.kinds:
+            print(f"{kind:<10} unavailable")
+            continue
+        snap = snapshot_at(asset, AssetHistory(*load_asset(args.data_dir, asset)), start, 14 * 86_400)
+        req = ForecastRequest(asset, start, inc, 3600 if inc == 60 else 86_400, 1000)
+
+        def cold() -> object:
+            engine._cache.clear()
+            return engine.params(req, snap)
+
+        infer = time_ms(cold, args.repeats)
+        cached = time_ms(lambda: engine.params(req, snap), args.repeats)
+        base = time_ms(lambda: ewma.params(req, snap), args.repeats)
+        rng = np.random.default_rng(0)
+        full = time_ms(lambda: (engine._cache.clear(), engine.forecast(req, snap, rng)), max(args.repeats // 5, 3))
+        ck = engine.checkpoint(kind)
+        size = checkpoint_path(args.models, kind).stat().st_size / 1024
+        print(f"{kind:<10} {ck.metrics.get('num_params', 0):>7} {size:>8.0f} "
+              f"{np.median(infer):>7.2f} (p90 {np.percentile(infer, 90):.1f}) {np.median(cached):>8.3f} "
+              f"{np.median(base):>14.2f} {np.median(full):>14.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""``synth-miner train``: fit one PatchTST model and write its checkpoint.
+
+Mount with ``cli_model.register(app)``; ``train`` is also a plain function.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from core.features import FEATURE_SPECS
+
+console = Console()
+DEFAULT_DATA = Path("../shared/data")
+
+
+def _parse_day(text: str) -> int:
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise typer.BadParameter(f"not an ISO date or time: {text!r}", param_hint="--cut") from None
+    return int((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp())
+
+
+def train(
+    model: Annotated[str, typer.Option("--model", help="hf | lf_crypto | lf_equity")],
+    data_dir: Annotated[Path, typer.Option("--data-dir", help="CSV folder with manifest.json (held-out cut)",
+                                           file_okay=False)] = DEFAULT_DATA,
+    store: Annotated[Path | None, typer.Option("--store", help="train from the history store at this root "
+                                                                "instead of --data-dir (needs --cut)")] = None,
+    cut: Annotated[str | None, typer.Option("--cut", help="with --store: nothing at or after this UTC time "
+                                                           "is used")] = None,
+    days: Annotated[float, typer.Option("--days", help="with --store: days of history before --cut")] = 180.0,
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 12,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda")] = "cpu",
+    out: Annotated[Path, typer.Option("--out", help="folder for <model>.pt")] = Path("models"),
+    stride_min: Annotated[int | None, typer.Option("--stride-min", help="minutes between training origins")]
+    = None,
+    batches_per_epoch: Annotated[int, typer.Option("--batches-per-epoch", min=1)] = 120,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=2)] = 256,
+    lr: Annotated[float, typer.Option("--lr")] = 2e-3,
+    val_prompts: Annotated[int, typer.Option("--val-prompts", min=1,
+                                             help="validation prompts scored with the validator CRPS per epoch")]
+    = 160,
+    paths: Annotated[int, typer.Option("--paths", min=2, help="paths per validation prompt")] = 1000,
+    threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's)")] = None,
+    max_train_windows: Annotated[int | None, typer.Option("--max-train-windows", hidden=True)] = None,
+) -> None:
+    """Train one model (time-ordered split, early stopping on validation CRPS) and write its checkpoint."""
+    import torch
+
+    from core.checkpoint import checkpoint_path, save
+    from core.datasets import MODEL_ASSETS, DatasetError, histories_from_cache, load_csv_dir
+    from core.features import FeatureError
+    from core.training import TrainingError, TrainOptions
+    from core.training import train as run_training
+
+    if model not in FEATURE_SPECS:
+        raise typer.BadParameter(f"use one of {', '.join(FEATURE_SPECS)}", param_hint="--model")
+    if threads:
+        torch.set_num_threads(threads)
+    spec = FEATURE_SPECS[model]
+    try:
+        if store is not None:
+            from core.history_store import HistoryStore
+
+            if cut is None:
+                raise typer.BadParameter("training from the store needs --cut (the held-out start)",
+                                         param_hint="--cut")
+            limit = _parse_day(cut)
+            files = histories_from_cache(HistoryStore(store), MODEL_ASSETS[model], spec.step,
+                                         limit - int(days * 86_400), limit)
+            if not files:
+                raise DatasetError(f"the store at {store} has no {spec.step}s history for {MODEL_ASSETS[model]}")
+        else:
+            if not data_dir.is_dir():
+                raise typer.BadParameter(f"{data_dir} is not a folder", param_hint="--data-dir")
+            files = load_csv_dir(data_dir, model)
+        opts = TrainOptions(epochs=epochs, seed=seed, device=device, batch_size=batch_size, lr=lr,
+                            stride_s=stride_min * 60 if stride_min else None, val_prompts=val_prompts,
+                            n_paths=paths, batches_per_epoch=batches_per_epoch, max_train_windows=max_train_windows)
+        began = time.perf_counter()
+        result = run_training(model, files, opts, console)
+    except (DatasetError, TrainingError, FeatureError) as exc:
+        console.print(f"[red]training failed:[/] {exc}")
+        raise typer.Exit(1) from None
+    path = checkpoint_path(out, model)
+    save(result.checkpoint, path)
+    m = result.checkpoint.metrics
+    table = Table(title=f"{model}: {path} ({path.stat().st_size / 1024:.0f} KiB)")
+    for column in ("best epoch", "val CRPS", "EWMA-t val CRPS", "ratio", "params", "head params", "seconds"):
+        table.add_column(column, justify="right")
+    table.add_row(str(m["best_epoch"]), f"{m['val_crps']:.2f}", f"{m['val_crps_ewma']:.2f}",
+                  f"{m['val_ratio_vs_ewma']:.4f}", str(m["num_params"]), str(m["head_params"]),
+                  f"{time.perf_counter() - began:.0f}")
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    """Mount the model commands on the main ``synth-miner`` app."""
+    app.command("train")(train)
+
+
+app = typer.Typer(help="Train the PatchTST models.", no_args_is_help=True)
+
+
+@app.callback()
+def _group() -> None:
+    """Train the PatchTST models (a group, so ``train`` stays a named subcommand)."""
+
+
+register(app)

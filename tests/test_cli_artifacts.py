@@ -1,0 +1,145 @@
+"""The ``artifacts`` and ``calibrate`` commands, run through typer's CliRunner on a real store and CSVs."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from core.artifacts import ArtifactStore, Manifest
+from core.calibration import CALIBRATION_FILE, CalibrationState, Entry
+from core.csv_history import write_csv
+from core.path_sampling import unit_t
+from core.prices import PriceHistory
+from synth_miner.cli_artifacts import register
+
+DAY = 86_400
+T0 = 1_760_000_000 // DAY * DAY
+DAYS = 4
+EVAL_START = T0 + 3 * DAY  # the last day is held out
+
+
+@pytest.fixture(scope="module")
+def app() -> typer.Typer:
+    root = typer.Typer()
+    register(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("prices")
+    minutes = DAYS * DAY // 60
+    returns = 0.0009 * unit_t(np.random.default_rng(5), 5.0, (minutes, 1))[:, 0]
+    m1 = PriceHistory.from_arrays(60, T0 + 60 * np.arange(minutes), 60_000.0 * np.exp(np.cumsum(returns)))
+    write_csv(folder / "btc_1m.csv.gz", m1)
+    write_csv(folder / "btc_5m.csv.gz", m1.resample(300))
+    manifest = {"btc_1m": {"file": "btc_1m.csv.gz", "eval_start_ts": EVAL_START},
+                "btc_5m": {"file": "btc_5m.csv.gz", "eval_start_ts": EVAL_START}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def calibrate_args(data_dir: Path, artifacts: Path, *extra: str) -> list[str]:
+    return ["calibrate", "--data-dir", str(data_dir), "--dir", str(artifacts), "--asset", "BTC", "--prompt", "high",
+            "--windows", "12", "--min-samples", "10", "--paths", "40", *extra]
+
+
+def stage_scale(store: ArtifactStore, version: str, scale: float) -> Path:
+    state = CalibrationState({"ewma_t:BTC:60": Entry("ewma_t", "BTC", 60, scale=scale)})
+    return store.stage({CALIBRATION_FILE: state.to_json()}, version=version)
+
+
+def test_calibrate_publishes_through_the_gate_without_touching_held_out_rows(
+        app: typer.Typer, data_dir: Path, tmp_path: Path) -> None:
+    artifacts = tmp_path / "artifacts"
+    result = CliRunner().invoke(app, calibrate_args(data_dir, artifacts, "--runs", "2"))
+    assert result.exit_code == 0, result.output
+    assert "ewma_t:BTC:60" in result.output and "promoted" in result.output
+    store = ArtifactStore(artifacts)
+    current = store.load_current()
+    entry = current.calibration.entries["ewma_t:BTC:60"]
+    assert entry.scale != 1.0 and len(entry.history) == 2 and all(m.applied for m in entry.history)
+    manifest = Manifest.from_json((current.path / "manifest.json").read_bytes())
+    assert manifest.data_window is not None and manifest.data_window.end <= EVAL_START
+    assert manifest.notes == {"kind": "calibration"}
+
+
+def test_calibrate_dry_run_writes_the_document_only(app: typer.Typer, data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "calibration.json"
+    result = CliRunner().invoke(app, calibrate_args(data_dir, tmp_path / "artifacts", "--dry-run", "--output",
+                                                    str(out)))
+    assert result.exit_code == 0, result.output
+    assert "nothing published" in result.output
+    state = CalibrationState.load(out)
+    assert state.scale("ewma_t", "BTC", 60) != 1.0
+    assert ArtifactStore(tmp_path / "artifacts").current_version() is None
+
+
+def test_calibrate_with_too_few_prompts_moves_nothing(app: typer.Typer, data_dir: Path, tmp_path: Path) -> None:
+    args = calibrate_args(data_dir, tmp_path / "artifacts")
+    args[args.index("--min-samples") + 1] = "50"
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "no scale moved" in result.output and "< 50 needed" in result.output
+
+
+def test_calibrate_refuses_a_folder_without_a_held_out_split(app: typer.Typer, tmp_path: Path,
+                                                              data_dir: Path) -> None:
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "btc_1m.csv.gz").write_bytes((data_dir / "btc_1m.csv.gz").read_bytes())
+    result = CliRunner().invoke(app, calibrate_args(bare, tmp_path / "artifacts", "--dry-run"))
+    assert result.exit_code == 2 and "--all-rows" in result.output
+    result = CliRunner().invoke(app, calibrate_args(data_dir, tmp_path / "artifacts", "--prompt", "medium"))
+    assert result.exit_code == 2 and "unknown prompt type" in result.output
+
+
+def test_artifacts_publish_list_and_rollback(app: typer.Typer, tmp_path: Path) -> None:
+    root = tmp_path / "artifacts"
+    store = ArtifactStore(root)
+    runner = CliRunner()
+    assert "no artifact published" in runner.invoke(app, ["artifacts", "list", "--dir", str(root)]).output
+    for version, scale in (("v001", 1.0), ("v002", 1.2)):
+        result = runner.invoke(app, ["artifacts", "publish", str(stage_scale(store, version, scale)),
+                                     "--dir", str(root)])
+        assert result.exit_code == 0 and f"published {version}" in result.output
+    listing = runner.invoke(app, ["artifacts", "list", "--dir", str(root)])
+    assert listing.exit_code == 0
+    lines = [line for line in listing.output.splitlines() if "v00" in line]
+    assert len(lines) == 2 and "*" in lines[1] and "*" not in lines[0]
+    result = runner.invoke(app, ["artifacts", "rollback", "--dir", str(root)])
+    assert result.exit_code == 0 and "v002 -> v001" in result.output
+    assert store.current_version() == "v001"
+    result = runner.invoke(app, ["artifacts", "rollback", "--dir", str(root)])
+    assert result.exit_code == 1 and "oldest version" in result.output
+
+
+def test_artifacts_publish_refuses_a_corrupt_staging(app: typer.Typer, tmp_path: Path) -> None:
+    root = tmp_path / "artifacts"
+    store = ArtifactStore(root)
+    store.publish(stage_scale(store, "v001", 1.0))
+    bad = stage_scale(store, "v002", 1.0)
+    (bad / CALIBRATION_FILE).write_text("{}")
+    result = CliRunner().invoke(app, ["artifacts", "publish", str(bad), "--dir", str(root)])
+    assert result.exit_code == 1 and "manifest hash" in result.output
+    assert store.current_version() == "v001"
+
+
+def test_artifacts_publish_gate_rejects_a_worse_challenger(app: typer.Typer, data_dir: Path,
+                                                           tmp_path: Path) -> None:
+    root = tmp_path / "artifacts"
+    store = ArtifactStore(root)
+    store.publish(stage_scale(store, "v001", 1.0))
+    worse = stage_scale(store, "v002", 1.8)
+    result = CliRunner().invoke(app, ["artifacts", "publish", str(worse), "--dir", str(root), "--gate",
+                                      "--data-dir", str(data_dir), "--asset", "BTC"],
+                                env={"SYNTH_CALIBRATION_WINDOWS_HF": "10", "SYNTH_CALIBRATION_WINDOWS_LF": "3",
+                                     "SYNTH_CALIBRATION_PATHS": "40"})
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())  # undo the terminal's line wrapping
+    assert "v002 rejected" in text and "champion v001" in text
+    assert "over 13 prompts" in text  # 10 one-hour + 3 one-day prompts, both scored
+    assert store.current_version() == "v001"

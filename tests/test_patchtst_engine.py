@@ -1,0 +1,141 @@
+"""The PatchTST engine: routing, EWMA-t equality at zero correction, valid paths, errors and fallback."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core.checkpoint import Checkpoint, checkpoint_path, save
+from core.csv_history import load_asset
+from core.engines.base import EngineError
+from core.engines.ewma import DEFAULT_CONFIGS, EwmaTEngine
+from core.engines.patchtst import PatchTSTEngine, route
+from core.evaluation import AssetHistory, snapshot_at
+from core.features import FEATURE_SPECS, NormStats, context_feature_names
+from core.forecast import Forecaster, paths_usable
+from core.model import PatchTST
+from core.prices import MarketSnapshot
+from core.prompts import ForecastRequest
+from core.settings import Settings
+from core.training import model_config
+
+BTC_START = 1779667200 + 3 * 86_400 + 17 * 60  # inside the BTC held-out window, on a minute
+SPY_START = 1770595200 + 86_400 + 15 * 3600 + 35 * 60  # a Tuesday, 10:35 New York
+LOOKBACK = 14 * 86_400
+
+
+def write_checkpoints(folder: Path, kinds: tuple[str, ...] = ("hf", "lf_crypto", "lf_equity"),
+                      perturb: float = 0.0) -> Path:
+    for kind in kinds:
+        torch.manual_seed(0)
+        cfg = model_config(kind)
+        model = PatchTST(cfg)
+        if perturb:
+            with torch.no_grad():
+                model.head.out.weight.normal_(0.0, perturb)
+        n = len(context_feature_names(FEATURE_SPECS[kind]))
+        save(Checkpoint(kind, cfg, model.state_dict(), NormStats(np.zeros(n), np.ones(n)),
+                        ewma=DEFAULT_CONFIGS[FEATURE_SPECS[kind].step]), checkpoint_path(folder, kind))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def histories(shared_data: Path) -> dict[str, AssetHistory]:
+    return {a: AssetHistory(*load_asset(shared_data, a)) for a in ("BTC", "SPYX")}
+
+
+def request(asset: str, start: int, inc: int) -> ForecastRequest:
+    return ForecastRequest(asset, start, inc, 3600 if inc == 60 else 86_400, 1000)
+
+
+def test_routing() -> None:
+    assert route(request("BTC", 0, 60)) == "hf"
+    assert route(request("BTC", 0, 300)) == "lf_crypto"
+    assert route(request("XAU", 0, 300)) == "lf_crypto"
+    assert route(request("SPYX", 0, 300)) == "lf_equity"
+    assert route(request("WTIOIL", 0, 300)) == "lf_equity"
+    assert route(request("NEWCOIN", 0, 300)) == "lf_crypto"
+
+
+def test_zero_correction_model_equals_ewma_t(tmp_path: Path, histories: dict[str, AssetHistory]) -> None:
+    engine = PatchTSTEngine(write_checkpoints(tmp_path))
+    ewma = EwmaTEngine()
+    for asset, start, inc in (("BTC", BTC_START, 60), ("BTC", BTC_START, 300), ("SPYX", SPY_START, 300)):
+        snap = snapshot_at(asset, histories[asset], start, LOOKBACK)
+        ours, theirs = engine.params(request(asset, start, inc), snap), ewma.params(request(asset, start, inc), snap)
+        assert np.allclose(ours.sigma, theirs.sigma, rtol=1e-12)
+        assert np.allclose(ours.nu, theirs.nu) and np.all(ours.mu == 0.0)
+
+
+def test_forecast_shape_and_validity(tmp_path: Path, histories: dict[str, AssetHistory]) -> None:
+    engine = PatchTSTEngine(write_checkpoints(tmp_path, perturb=0.3))
+    for asset, start, inc in (("BTC", BTC_START, 60), ("BTC", BTC_START, 300), ("SPYX", SPY_START, 300),
+                              ("SP500", SPY_START, 300)):
+        req = request(asset, start, inc)
+        snap = snapshot_at(asset, histories["SPYX" if asset == "SP500" else asset], start, LOOKBACK)
+        paths = engine.forecast(req, snap, np.random.default_rng(0))
+        assert paths.shape == (1000, req.n_points) and paths.dtype == np.float32
+        assert paths_usable(paths, req) is None
+        assert np.all(paths[:, 0] == np.float32(snap.anchor))
+        p = engine.params(req, snap)
+        assert np.all(p.nu > 2.5) and np.all(p.sigma > 0)
+        assert not np.allclose(p.sigma, p.sigma[0])  # the perturbed head moves sigma step by step
+
+
+def test_unknown_asset_is_served_with_the_shared_embedding(tmp_path: Path, histories: dict[str, AssetHistory]) -> None:
+    engine = PatchTSTEngine(write_checkpoints(tmp_path, perturb=0.3))
+    btc = histories["BTC"]
+    snap = snapshot_at("BTC", btc, BTC_START, LOOKBACK)
+    renamed = MarketSnapshot("NEWCOIN", snap.m1, snap.m5, snap.anchor, snap.anchor_time)
+    known = engine.params(request("BTC", BTC_START, 300), snap)
+    unknown = engine.params(request("NEWCOIN", BTC_START, 300), renamed)
+    assert np.all(np.isfinite(unknown.sigma)) and not np.allclose(known.sigma, unknown.sigma)
+
+
+def test_inference_is_cached_per_asset_grid_and_minute(tmp_path: Path, histories: dict[str, AssetHistory]) -> None:
+    engine = PatchTSTEngine(write_checkpoints(tmp_path, ("hf",)), cache_size=2)
+    snap = snapshot_at("BTC", histories["BTC"], BTC_START, LOOKBACK)
+    first = engine.params(request("BTC", BTC_START, 60), snap)
+    assert engine.params(request("BTC", BTC_START, 60), snap) is first  # no second inference
+    other = ForecastRequest("BTC", BTC_START, 60, 3600, 10)  # another path count: same laws
+    assert engine.params(other, snap) is first
+    for minute in (1, 2):
+        engine.params(request("BTC", BTC_START + 60 * minute, 60), snap)
+    assert engine.params(request("BTC", BTC_START, 60), snap) is not first  # evicted (LRU of 2)
+
+
+def test_unusable_history_raises_and_the_forecaster_falls_back(tmp_path: Path,
+                                                                histories: dict[str, AssetHistory]) -> None:
+    engine = PatchTSTEngine(write_checkpoints(tmp_path))
+    full = snapshot_at("BTC", histories["BTC"], BTC_START, LOOKBACK)
+    short = snapshot_at("BTC", histories["BTC"], BTC_START, 2 * 3600)  # 2 hours: too little history
+    five_only = MarketSnapshot("BTC", None, full.m5, full.anchor, full.anchor_time)
+    for snap, req, message in ((short, request("BTC", BTC_START, 300), "need"),
+                               (short, request("BTC", BTC_START, 60), "need"),
+                               (five_only, request("BTC", BTC_START, 60), "no 60s history")):
+        with pytest.raises(EngineError, match=message):
+            engine.params(req, snap)
+    forecaster = Forecaster({"patchtst": engine, "ewma_t": EwmaTEngine()}, default="patchtst", seed=1)
+    result = forecaster.run(request("BTC", BTC_START, 300), short)
+    assert result.engine == "ewma_t" and result.fallback_reason and "EngineError" in result.fallback_reason
+    assert paths_usable(result.paths, request("BTC", BTC_START, 300)) is None
+    served = forecaster.run(request("BTC", BTC_START, 300), full)
+    assert served.engine == "patchtst" and served.fallback_reason is None
+
+
+def test_missing_or_broken_models_raise_engine_errors(tmp_path: Path, histories: dict[str, AssetHistory]) -> None:
+    folder = write_checkpoints(tmp_path, ("hf",))
+    (folder / "lf_crypto.pt").write_bytes(b"garbage")
+    engine = PatchTSTEngine(folder)
+    assert engine.kinds == ["hf"]
+    snap = snapshot_at("BTC", histories["BTC"], BTC_START, LOOKBACK)
+    with pytest.raises(EngineError, match="unreadable"):
+        engine.params(request("BTC", BTC_START, 300), snap)
+    with pytest.raises(EngineError, match="no such checkpoint"):
+        engine.params(request("SPYX", SPY_START, 300), snap)
+    with pytest.raises(EngineError, match="not 30 of 60s"):
+        engine.params(ForecastRequest("BTC", BTC_START, 60, 1800, 100), snap)
+    with pytest.raises(EngineError, match="no usable PatchTST checkpoint"):
+        PatchTSTEngine.from_settings(Settings(models_dir=tmp_path / "nothing"))
+    assert PatchTSTEngine.from_settings(Settings(models_dir=folder)).kinds == ["hf"]

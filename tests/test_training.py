@@ -1,0 +1,212 @@
+"""Training data and training: the held-out cut, gap-free windows, the loss, a tiny run, the CLI."""
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from core.checkpoint import load
+from core.csv_history import write_csv
+from core.datasets import (DatasetError, FileSlice, build_windows, load_csv_dir, read_training_file,
+                           split_pieces, split_train_val)
+from core.features import FEATURE_SPECS
+from core.model import StudentTParams, unit_t_log_prob
+from core.prices import PriceHistory
+from core.training import TrainingError, TrainOptions, increment_nll, train
+from synth_miner.cli_model import register
+
+START = int(datetime(2026, 1, 5, tzinfo=timezone.utc).timestamp())
+TINY = {"d_model": 16, "n_heads": 2, "n_layers": 1, "d_ff": 32, "head_hidden": 16}
+
+
+def seasonal_prices(step: int, n: int, seed: int, start: int = START) -> PriceHistory:
+    """A random walk whose volatility triples in the 'US afternoon': something a model can learn."""
+    rng = np.random.default_rng(seed)
+    ts = start + step * np.arange(n, dtype=np.int64)
+    hour = (ts % 86_400) // 3600
+    sigma = 4e-4 * np.sqrt(step / 60) * np.where((hour >= 13) & (hour < 21), 3.0, 1.0)
+    close = 50_000.0 * np.exp(np.cumsum(sigma * rng.standard_t(6, n) * np.sqrt(4 / 6)))
+    return PriceHistory(step, ts, close)
+
+
+def write_folder(folder: Path, files: dict[str, PriceHistory], cuts: dict[str, int | None],
+                 segments: dict[str, list[str]] | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest: dict[str, object] = {}
+    for stem, history in files.items():
+        write_csv(folder / f"{stem}.csv.gz", history)
+        entry: dict[str, object] = {"file": f"{stem}.csv.gz"}
+        if cuts.get(stem) is not None:
+            entry["eval_start_ts"] = cuts[stem]
+        entry["segments"] = [{"start": s} for s in (segments or {}).get(stem, [])]
+        manifest[stem] = entry
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def iso(ts: int) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def test_held_out_rows_never_reach_the_windows(tmp_path: Path) -> None:
+    h = seasonal_prices(300, 30 * 288, seed=1)
+    cut = START + 20 * 86_400
+    poisoned = h.close.copy()
+    poisoned[h.ts >= cut] *= 1000.0  # any held-out row leaking in would be impossible to miss
+    folder = write_folder(tmp_path / "data", {"btc_5m": PriceHistory(300, h.ts, poisoned)}, {"btc_5m": cut})
+    files = load_csv_dir(folder, "lf_crypto")
+    assert files["BTC"].history.ts.max() < cut and files["BTC"].eval_start_ts == cut
+    windows = build_windows("lf_crypto", files, 3600)
+    spec = FEATURE_SPECS["lf_crypto"]
+    assert len(windows) > 100
+    # The last realised price of every window is the close of a bar that opened before the cut.
+    assert np.max(windows.origin - (spec.step - 60) + spec.horizon * spec.step) < cut
+    assert np.nanmax(np.abs(windows.log_path)) < 1.0 and windows.anchor.max() < 10 * windows.anchor.min()
+    assert np.abs(windows.returns).max() < 0.1
+
+
+def test_a_file_without_a_held_out_boundary_is_refused(tmp_path: Path) -> None:
+    folder = write_folder(tmp_path / "data", {"btc_5m": seasonal_prices(300, 100, seed=2)}, {"btc_5m": None})
+    with pytest.raises(DatasetError, match="eval_start_ts"):
+        load_csv_dir(folder, "lf_crypto")
+    (folder / "manifest.json").unlink()
+    with pytest.raises(DatasetError, match="manifest"):
+        load_csv_dir(folder, "lf_crypto")
+
+
+def test_windows_never_cross_gaps_or_source_joins(tmp_path: Path) -> None:
+    h = seasonal_prices(300, 24 * 288, seed=3)
+    gap_at, join_at = START + 8 * 86_400, START + 16 * 86_400
+    keep = (h.ts < gap_at) | (h.ts >= gap_at + 1800)  # 30 minutes of missing crypto bars
+    h = PriceHistory(300, h.ts[keep], h.close[keep])
+    folder = write_folder(tmp_path / "data", {"btc_5m": h}, {"btc_5m": START + 40 * 86_400},
+                          {"btc_5m": [iso(START), iso(join_at)]})
+    file = read_training_file(folder, "BTC", 300, json.loads((folder / "manifest.json").read_text()))
+    assert file is not None and join_at in file.segment_starts
+    pieces = split_pieces(file, 300)
+    assert len(pieces) == 3
+    for piece in pieces:
+        assert np.all(np.diff(piece.ts) == 300)  # crypto: diff(ts) == step inside every piece
+    windows = build_windows("lf_crypto", {"BTC": file}, 3600)
+    spec = FEATURE_SPECS["lf_crypto"]
+    first_input = windows.origin - 60 - spec.lookback_s
+    last_bar = windows.origin - (spec.step - 60) + spec.horizon * spec.step
+    for boundary in (gap_at, join_at):
+        crosses = (first_input < boundary) & (last_bar >= boundary)
+        # A window may only start after the boundary if its inputs stay inside its own piece.
+        inside_inputs = windows.origin - 60 - spec.min_returns * spec.step >= boundary
+        assert not np.any(crosses & ~inside_inputs)
+    assert not np.isnan(windows.log_path).any()  # crypto targets are complete
+
+
+def test_closures_are_allowed_for_equities_but_not_inside_returns(tmp_path: Path) -> None:
+    h = seasonal_prices(300, 40 * 288, seed=4)
+    local_min = ((h.ts - 5 * 3600) % 86_400) // 60  # New York winter time
+    weekday = ((h.ts - 5 * 3600) // 86_400 + 3) % 7
+    rth = (local_min >= 570) & (local_min < 960) & (weekday < 5)
+    eq = PriceHistory(300, h.ts[rth], h.close[rth])
+    file = FileSlice("SPYX", "spy_5m", eq, START + 60 * 86_400, ())
+    assert len(split_pieces(file, 300)) == 1  # nights and weekends are closures, not breaks
+    windows = build_windows("lf_equity", {"SPYX": file}, 1800)
+    assert len(windows) > 50 and np.isnan(windows.log_path).any()
+    observed = ~np.isnan(windows.log_path)
+    assert np.all(observed.sum(axis=1) >= 12)
+    # Context returns are between adjacent bars only: no overnight jump among them.
+    assert np.abs(windows.returns).max() < 20 * np.median(np.abs(windows.returns))
+
+
+def test_increment_nll_matches_the_student_t_density() -> None:
+    torch.manual_seed(0)
+    b, h = 3, 6
+    p = StudentTParams(mu=torch.zeros(b, h), log_sigma=0.3 * torch.randn(b, h), nu=torch.full((b, h), 5.0))
+    base = torch.ones(b, h)
+    path = torch.cat([torch.zeros(b, 1), torch.randn(b, h).cumsum(1)], dim=1)
+    sigma = torch.exp(p.log_sigma)
+    steps = torch.diff(path, dim=1)
+    expected = -(unit_t_log_prob(steps / sigma, p.nu) - torch.log(sigma)).mean()
+    assert float(increment_nll(p, base, path)) == pytest.approx(float(expected), rel=1e-5)
+    # A hole at points 2 and 3: the increment 1 -> 4 has the variance of steps 1..3 together.
+    holed = path.clone()
+    holed[:, 2:4] = float("nan")
+    sd = torch.sqrt((sigma[:, 1:4] ** 2).sum(1))
+    z_gap = (path[:, 4] - path[:, 1]) / sd
+    terms = [-(unit_t_log_prob(steps[:, k] / sigma[:, k], p.nu[:, k]) - torch.log(sigma[:, k])) for k in (0, 4, 5)]
+    terms.append(-(unit_t_log_prob(z_gap, p.nu[:, 3]) - torch.log(sd)))
+    assert float(increment_nll(p, base, holed)) == pytest.approx(float(torch.stack(terms).mean()), rel=1e-5)
+
+
+def hf_files(tmp_path: Path) -> dict[str, FileSlice]:
+    h = seasonal_prices(60, 6 * 1440, seed=5)
+    folder = write_folder(tmp_path / "data", {"btc_1m": h}, {"btc_1m": START + 5 * 86_400})
+    return load_csv_dir(folder, "hf")
+
+
+def tiny_options(**extra: object) -> TrainOptions:
+    opts = TrainOptions(epochs=3, batch_size=32, lr=5e-3, batches_per_epoch=12, val_prompts=6, n_paths=100,
+                        stride_s=1200, arch=dict(TINY), val_frac=0.3)
+    for key, value in extra.items():
+        setattr(opts, key, value)
+    return opts
+
+
+def test_tiny_training_run_reduces_the_loss_and_is_reproducible(tmp_path: Path) -> None:
+    files = hf_files(tmp_path)
+    first = train("hf", files, tiny_options())
+    nll = [row["val_nll"] for row in first.history]
+    assert min(nll[1:]) < nll[0] - 0.02  # the intraday volatility pattern is learned
+    m = first.checkpoint.metrics
+    assert m["val_crps_ewma"] > 0 and m["val_crps"] <= m["val_crps_ewma"]  # never selected worse than EWMA-t
+    assert first.checkpoint.data_window["BTC"]["train_origins"][1] < first.checkpoint.data_window["BTC"][
+        "val_origins"][0]
+    second = train("hf", files, tiny_options())
+    for key, value in first.checkpoint.state_dict.items():
+        assert torch.equal(value, second.checkpoint.state_dict[key]), key
+    assert json.dumps(first.history) == json.dumps(second.history)  # NaN-safe equality
+
+
+def test_time_ordered_split_leaves_no_overlap(tmp_path: Path) -> None:
+    windows = build_windows("hf", hf_files(tmp_path), 1200, val_frac=0.3)
+    train_w, val_w = split_train_val(windows)
+    spec = FEATURE_SPECS["hf"]
+    assert len(train_w) and len(val_w)
+    assert (train_w.origin + spec.horizon * spec.step).max() <= val_w.origin.min()
+
+
+def test_training_errors_are_typed(tmp_path: Path) -> None:
+    files = hf_files(tmp_path)
+    with pytest.raises(TrainingError, match="unknown model"):
+        train("weekly", files, tiny_options())
+    if not torch.cuda.is_available():
+        with pytest.raises(TrainingError, match="cuda"):
+            train("hf", files, tiny_options(device="cuda"))
+    with pytest.raises(DatasetError, match="multiple"):
+        train("hf", files, tiny_options(stride_s=90))
+
+
+def test_cli_train_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
+    hf_files(tmp_path)
+    app = typer.Typer()
+
+    @app.callback()
+    def main() -> None:
+        """The main app the lead mounts us on."""
+
+    register(app)
+    out = tmp_path / "models"
+    result = CliRunner().invoke(app, ["train", "--model", "hf", "--data-dir", str(tmp_path / "data"), "--epochs", "1",
+                                      "--batches-per-epoch", "2", "--batch-size", "16", "--val-prompts", "3",
+                                      "--paths", "50", "--stride-min", "20", "--out", str(out), "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    checkpoint, _ = load(out / "hf.pt", expected_kind="hf")
+    assert checkpoint.metrics["seed"] == 3 and "val CRPS" in result.output
+    bad = CliRunner().invoke(app, ["train", "--model", "weekly", "--data-dir", str(tmp_path / "data")])
+    assert bad.exit_code != 0
+    empty = tmp_path / "empty"
+    write_folder(empty, {}, {})
+    failed = CliRunner().invoke(app, ["train", "--model", "hf", "--data-dir", str(empty), "--out", str(out)])
+    assert failed.exit_code == 1 and "training failed" in failed.output
