@@ -87,12 +87,14 @@ def headers_problem(headers: dict[bytes, bytes]) -> str | None:
 
 
 class RequestGuard:
-    """Outermost ASGI layer on the Simulation route: a body that is too large, or headers or a body
-    that are not a well-formed synapse, get a 4xx with a message before bittensor sees them.
+    """Outermost ASGI layer: any other route gets a 404; on the Simulation route a body that is too
+    large, or headers or a body that are not a well-formed synapse, get a 4xx with a message before
+    bittensor sees them.
 
     bittensor reads any body whole into memory and answers every malformed one (bad JSON, wrong types,
     missing fields, no JSON content type) with "500 Internal Server Error" from its body-hash check;
-    headers it cannot parse get a 500 too (its SynapseParsingError is not a SynapseException).
+    headers it cannot parse get a 500 too (its SynapseParsingError is not a SynapseException), and
+    an unknown route whose name it cannot echo in a header (``/x%00``) gets no answer at all.
     """
 
     def __init__(self, app: ASGIApp, name: str, max_bytes: int = MAX_BODY_BYTES) -> None:
@@ -101,9 +103,12 @@ class RequestGuard:
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # bittensor routes on the first path segment: /Simulation/anything reaches its middleware too.
-        if scope["type"] != "http" or scope["path"].split("/")[1:2] != [self.name]:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        # bittensor routes on the first path segment: /Simulation/anything reaches its middleware too.
+        if scope["path"].split("/")[1:2] != [self.name]:
+            await self._refuse(send, 404, f"unknown route {scope['path'][:80]!r}: this axon serves /{self.name} only")
             return
         headers = dict(scope["headers"])
         problem = headers_problem(headers)
