@@ -13,7 +13,6 @@ CACHE_KEY = KEY_PREFIX + ":cache:{asset}:{step}:{day}"  # one hash per asset, st
 CACHE_META_KEY = KEY_PREFIX + ":cache-meta:{asset}:{step}"  # span / freshness of the rolling cache
 LATEST_PRICE_KEY = KEY_PREFIX + ":latest:{asset}"  # newest anchor price with its publish time
 REFRESH_LOCK_KEY = KEY_PREFIX + ":refresh-lock:{asset}"  # one process refreshes an asset's cache at a time
-ARTIFACT_VERSION_KEY = KEY_PREFIX + ":artifact:current"  # version workers compare against
 BEAT_LOCK_KEY = KEY_PREFIX + ":beat:lock"  # one beat schedules at a time
 JOB_SLOT_KEY = KEY_PREFIX + ":job:{name}:{slot}"  # a periodic job runs once per scheduled slot
 CALIBRATION_KEY = KEY_PREFIX + ":calibration:last"  # summary of the last calibration run

@@ -39,3 +39,28 @@ def build_forecaster(settings: Settings, engine: str | None = None) -> Forecaste
         log.warning("engine %s unavailable; serving ewma_t", name)
         name = "ewma_t"
     return Forecaster(engines, default=name, seed=settings.seed, scale=calibration_lookup(settings))
+
+
+class LiveForecaster:
+    """A forecaster that follows ``artifacts/current``: between requests, a newly published version
+    (models, calibration) is loaded once and swapped in; a version that fails to load is skipped and
+    the previous one keeps serving. A poll that finds nothing new costs one readlink."""
+
+    def __init__(self, settings: Settings, engine: str | None = None) -> None:
+        from core.artifacts import ArtifactWatcher
+
+        self.settings = settings
+        self.engine = engine
+        self.watcher = ArtifactWatcher(settings.artifacts_dir)
+        self.watcher.poll()
+        self._forecaster = build_forecaster(settings, engine)
+
+    @property
+    def version(self) -> str | None:
+        return self.watcher.version
+
+    def current(self) -> Forecaster:
+        if self.watcher.poll() is not None:
+            log.info("artifact %s published: reloading engines and calibration", self.watcher.version)
+            self._forecaster = build_forecaster(self.settings, self.engine)
+        return self._forecaster

@@ -5,6 +5,7 @@ import time
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -55,6 +56,11 @@ def default_engines() -> dict[str, Engine]:
     return {"gbm": GbmEngine(), "ewma_t": EwmaTEngine()}
 
 
+class ForecasterSource(Protocol):
+    def current(self) -> "Forecaster":
+        ...
+
+
 class Forecaster:
     def __init__(self, engines: Mapping[str, Engine] | None = None, default: str = FALLBACK_ENGINE,
                  seed: int | None = None, scale: ScaleLookup = no_calibration) -> None:
@@ -65,6 +71,10 @@ class Forecaster:
         self.seed = seed
         self.scale = scale
         self.fallback = self.engines.get(FALLBACK_ENGINE) or EwmaTEngine()
+
+    def current(self) -> "Forecaster":
+        """A fixed forecaster is its own current version (LiveForecaster reloads on publication)."""
+        return self
 
     def run(self, request: ForecastRequest, snapshot: MarketSnapshot, engine: str | None = None) -> ForecastResult:
         """Paths from the chosen engine, or from the EWMA-t fallback if it fails or emits garbage."""

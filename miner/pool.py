@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from celery import Celery
 
 from core.constants import RESULT_KEY, TASK_FORECAST
-from core.forecast import Forecaster
+from core.forecast import ForecasterSource
 from core.prices import MarketSnapshot
 from core.prompts import ForecastRequest
 from core.settings import Settings
@@ -43,14 +43,14 @@ class EmbeddedPool:
 
     name = "embedded"
 
-    def __init__(self, forecaster: Forecaster, threads: int = 2) -> None:
+    def __init__(self, forecaster: ForecasterSource, threads: int = 2) -> None:
         self.forecaster = forecaster
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="forecast")
 
     async def forecast(self, request: ForecastRequest, snapshot: MarketSnapshot, deadline: float,
                        request_id: str) -> Paths:
         loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(self.executor, self.forecaster.run, request, snapshot)
+        job = loop.run_in_executor(self.executor, self.forecaster.current().run, request, snapshot)
         try:
             result = await asyncio.wait_for(job, timeout=max(0.0, deadline - time.time()))
         except TimeoutError:

@@ -10,7 +10,7 @@ import bittensor as bt
 
 from core.assets import ASSETS
 from core.cache import HistoryCache, MemoryHistoryCache
-from core.engines_registry import build_forecaster
+from core.engines_registry import LiveForecaster
 from core.history_store import HistoryStore
 from core.logs import setup_logging
 from core.market_data import MarketData
@@ -73,8 +73,8 @@ def build_app(settings: Settings) -> MinerApp:
     window = {a: int(max(settings.cache_days_hf, settings.cache_days_lf) * 86_400) for a in ASSETS}
     shared = MarketData(build_cache(settings), sources, window, store=build_store(settings), settings=settings)
     data = MinerData(shared)
-    fallback = build_forecaster(settings, engine="ewma_t")
-    pool: ForecastPool = EmbeddedPool(build_forecaster(settings)) if settings.embedded else CeleryPool(settings)
+    fallback = LiveForecaster(settings, engine="ewma_t")
+    pool: ForecastPool = EmbeddedPool(LiveForecaster(settings)) if settings.embedded else CeleryPool(settings)
     metagraph = (MetagraphView.from_file(settings.metagraph_file) if settings.metagraph_file
                  else MetagraphView())
     return MinerApp(settings, MinerService(settings, data, pool, fallback), data, pool, metagraph)

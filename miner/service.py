@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from core.forecast import Forecaster
+from core.forecast import ForecasterSource
 from core.prompts import ForecastRequest
 from core.response import check_paths, render_json, round_for_wire
 from core.settings import Settings
@@ -42,7 +42,7 @@ class NoAnswerError(RuntimeError):
 
 
 class MinerService:
-    def __init__(self, settings: Settings, data: MinerData, pool: ForecastPool, fallback: Forecaster) -> None:
+    def __init__(self, settings: Settings, data: MinerData, pool: ForecastPool, fallback: ForecasterSource) -> None:
         self.settings = settings
         self.data = data
         self.pool = pool
@@ -97,7 +97,7 @@ class MinerService:
             reason = f"{type(exc).__name__}: {exc}"
         self.counters["fallbacks"] += 1
         log.warning("fallback for %s (request %s): %s", request.key(), request_id, reason)
-        result = await asyncio.to_thread(self.fallback.run, request, snapshot)
+        result = await asyncio.to_thread(self.fallback.current().run, request, snapshot)
         rounded = await asyncio.to_thread(self._round_and_check, result.paths, request)
         body = await asyncio.to_thread(render_json, request, rounded)
         return Answer(request, rounded, body, "fallback", reason, time.perf_counter() - began)

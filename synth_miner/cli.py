@@ -151,9 +151,10 @@ def bench(
 
 def mount_subcommands() -> None:
     """Sub-apps living in their own modules (imported lazily by their commands)."""
-    from synth_miner import cli_data
+    from synth_miner import cli_artifacts, cli_data
 
     app.add_typer(cli_data.app, name="data")
+    cli_artifacts.register(app)
 
 
 mount_subcommands()

@@ -48,7 +48,7 @@ RATE = 4  # per-minute budget of the rate-limited miner
 MIN_STAKE = 65_000.0
 STAKES = {"validator": (250_000.0, True), "lowstake": (1_000.0, True), "nopermit": (250_000.0, False),
           "limited": (90_000.0, True)}  # "stranger" is not registered
-FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
+FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
@@ -146,7 +146,8 @@ def judge(reply: Reply) -> str:
     assert reply.seconds < ANSWER_WITHIN_S
     if reply.status == 200:
         parsed = Simulation(**json.loads(reply.body))
-        parsed.dendrite.status_code = 200  # type: ignore[union-attr]  # the dendrite sets it from HTTP
+        parsed.dendrite = parsed.dendrite or bt.TerminalInfo()  # a body may carry "dendrite": null
+        parsed.dendrite.status_code = 200  # the dendrite sets it from HTTP
         assert_valid_reply(parsed)
         return "valid"
     message = reply.message()
@@ -255,7 +256,7 @@ async def test_only_the_simulation_route_answers(miners: Miners) -> None:
     for name in ("validator", "stranger"):
         headers, body = signed(miners.guarded.validator(name), bt.Synapse())
         reply = send(port, "POST", "/Synapse", json.dumps(body).encode(), headers)
-        assert reply.status == 404 and "not found" in reply.message(), (name, reply)
+        assert reply.status == 404 and "unknown route" in reply.message(), (name, reply)
     for path in ("/", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect", "/metrics", "/Simulation/x",
                  "/simulation", "/Simulation%00"):
         for method in ("GET", "POST"):
@@ -351,12 +352,15 @@ START_TIMES = (st.integers(-3_600, 30 * 86_400).map(start_time_in)
                | st.sampled_from(["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-23:59", "2026-W01-1", "",
                                   "2026-13-01", "2026-01-01T00:00:00Z", "now", "1e9", "+002026-01-01"])
                | st.text(max_size=30) | JSON_ANY)
-FIELDS = st.fixed_dictionaries({}, optional={
+# num_simulations is always drawn (a missing one means the default 1000 paths: one explicit example
+# covers it) so that valid draws stay small and the file runs in well under a minute.
+FIELDS = st.fixed_dictionaries({
+    "num_simulations": st.integers(1, 40) | st.integers(-(10 ** 40), 10 ** 40) | JSON_ANY,
+}, optional={
     "asset": st.sampled_from(sorted(ASSETS)) | st.text(max_size=12) | JSON_ANY,
     "start_time": START_TIMES,
     "time_increment": st.sampled_from([60, 300]) | st.integers(-(10 ** 30), 10 ** 30) | JSON_ANY,
     "time_length": st.sampled_from([3_600, 86_400]) | st.integers(-(10 ** 30), 10 ** 30) | JSON_ANY,
-    "num_simulations": st.integers(1, 40) | st.integers(-(10 ** 40), 10 ** 40) | JSON_ANY,
     "extra": JSON_ANY,
 })
 
@@ -372,6 +376,7 @@ FIELDS = st.fixed_dictionaries({}, optional={
 @example(fields={"asset": "HYPE", "start_time": start_time_in(60), "time_increment": 60, "time_length": 3_600,
                  "num_simulations": 10})
 @example(fields={"num_simulations": 10 ** 40, "time_length": -(10 ** 30)})
+@example(fields={"asset": "SOL", "start_time": start_time_in(120), "time_increment": 300, "time_length": 86_400})
 def test_fuzzed_synapse_fields(miners: Miners, fields: dict[str, Any]) -> None:
     validator = miners.fuzzed.validator("validator")
     headers, body = signed(validator)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import redis
 
 from core.cache_redis import RedisHistoryCache
-from core.engines_registry import build_forecaster
+from core.engines_registry import LiveForecaster
 from core.forecast import Forecaster
 from core.market_data import build_snapshot
 from core.prices import MarketSnapshot
@@ -29,8 +29,7 @@ class WorkerRuntime:
     settings: Settings
     redis: "redis.Redis"
     cache: RedisHistoryCache
-    forecaster: Forecaster
-    artifact_version: str | None
+    live: LiveForecaster
     _snapshots: "OrderedDict[tuple[str, int, int], MarketSnapshot]" = field(default_factory=OrderedDict)
 
     def snapshot(self, asset: str, now: int, lookback_s: int) -> MarketSnapshot:
@@ -47,28 +46,19 @@ class WorkerRuntime:
     @classmethod
     def load(cls, settings: Settings) -> "WorkerRuntime":
         client: "redis.Redis" = redis.Redis.from_url(settings.redis_url or "", socket_timeout=5.0)
-        version = current_artifact_version(settings)
-        runtime = cls(settings, client, RedisHistoryCache(client), build_forecaster(settings), version)
+        runtime = cls(settings, client, RedisHistoryCache(client), LiveForecaster(settings))
         log.info("worker runtime loaded in pid %d: engine %s, artifacts %s", os.getpid(),
-                 runtime.forecaster.default, version)
+                 runtime.forecaster.default, runtime.artifact_version)
         return runtime
 
-    def reload_if_changed(self) -> None:
-        """Between tasks: pick up a newly published artifact without dropping a request."""
-        version = current_artifact_version(self.settings)
-        if version != self.artifact_version:
-            log.info("artifacts changed %s -> %s: reloading", self.artifact_version, version)
-            self.forecaster = build_forecaster(self.settings)
-            self.artifact_version = version
+    @property
+    def forecaster(self) -> Forecaster:
+        """The current forecaster; a newly published artifact is loaded here, between tasks."""
+        return self.live.current()
 
-
-def current_artifact_version(settings: Settings) -> str | None:
-    try:
-        from core.artifacts import current_version
-
-        return current_version(settings.artifacts_dir)
-    except Exception:
-        return None
+    @property
+    def artifact_version(self) -> str | None:
+        return self.live.version
 
 
 _runtime: WorkerRuntime | None = None

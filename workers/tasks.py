@@ -30,7 +30,6 @@ def _load_runtime(**_: Any) -> None:
           soft_time_limit=FORECAST_TIME_LIMIT_S - 5)
 def forecast(request: dict[str, Any], result_key: str, deadline: float, request_id: str) -> None:
     runtime = get_runtime()
-    runtime.reload_if_changed()
     ttl = runtime.settings.result_ttl_s
     try:
         if time.time() > deadline:

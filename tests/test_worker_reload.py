@@ -1,0 +1,57 @@
+"""A running Celery worker picks up a newly published artifact between tasks, without a restart."""
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import redis
+
+from core.artifacts import ArtifactStore
+from core.cache_redis import RedisHistoryCache
+from core.calibration import CALIBRATION_FILE, CalibrationState, Entry
+from core.constants import KEY_PREFIX
+from core.prompts import ForecastRequest
+from core.settings import Settings
+from core.sources.replay import ReplaySource
+from miner.pool import CeleryPool
+from synth_miner.devstack import start_worker
+
+
+def publish_scale(root: Path, scale: float) -> str:
+    state = CalibrationState({"ewma_t:BTC:60": Entry("ewma_t", "BTC", 60, scale=scale)}, meta={"test": True})
+    store = ArtifactStore(root)
+    return store.publish(store.stage({CALIBRATION_FILE: state.to_json()}))
+
+
+async def test_worker_reloads_published_calibration(redis_url: str, tmp_path: Path, shared_data: Path) -> None:
+    artifacts = tmp_path / "artifacts"
+    first = publish_scale(artifacts, 1.0)
+    client = redis.Redis.from_url(redis_url)
+    now = int(time.time())
+    RedisHistoryCache(client).write("BTC", ReplaySource(shared_data).shifted("BTC", 60).between(now - 3 * 86_400, now))
+    env = {"SYNTH_REDIS_URL": redis_url, "SYNTH_ARTIFACTS_DIR": str(artifacts), "SYNTH_SEED": "11",
+           "SYNTH_DATA_DIR": str(tmp_path / "data"), "SYNTH_LOG_LEVEL": "INFO"}
+    worker = start_worker(tmp_path, env, queues="infer.hf")
+    pool = CeleryPool(Settings(redis_url=redis_url))
+    request = ForecastRequest("BTC", now + 600, 60, 3_600, 1000)
+
+    def spread(paths: np.ndarray) -> float:
+        return float(np.log(paths[:, -1] / paths[:, 0]).std())
+
+    def versions() -> set[str]:
+        beats = [json.loads(client.get(k) or b"{}") for k in client.scan_iter(f"{KEY_PREFIX}:worker:*")]
+        return {str(b.get("artifact_version")) for b in beats}
+
+    try:
+        before = spread(await pool.forecast(request, None, time.time() + 20, "reload-1"))  # type: ignore[arg-type]
+        assert versions() == {first}
+        second = publish_scale(artifacts, 2.0)
+        after = spread(await pool.forecast(request, None, time.time() + 20, "reload-2"))  # type: ignore[arg-type]
+        assert versions() == {second}
+        assert 1.9 < after / before < 2.1  # same seed and request: only the published scale changed
+        assert worker.proc.poll() is None
+        assert "reloading engines and calibration" in worker.text()
+    finally:
+        await pool.close()
+        worker.stop()
