@@ -197,8 +197,8 @@ def _row(asset: str, label: str, engine: str, results: Sequence[PromptResult], b
     valid = np.array([s.total for s in own if s.valid], dtype=np.float64)
     ratios: dict[str, Ratio | None] = {}
     for base in baselines:
-        if not all(base in r.scores for r in results):
-            ratios[base] = None  # the baseline was not run
+        if base == engine or not all(base in r.scores for r in results):
+            ratios[base] = None  # itself, or a baseline that was not run
             continue
         pairs = [(r.scores[engine].total, r.scores[base].total) for r in results
                  if r.scores[engine].valid and r.scores[base].valid]

@@ -39,6 +39,7 @@ FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
 DEFAULT_STRIDE_S = {"hf": 1800, "lf_crypto": 3600, "lf_equity": 1800}
+LATENT_CANDIDATES = (LatentVol(), LatentVol(0.98, 0.05), LatentVol(0.99, 0.05), LatentVol(0.95, 0.1))
 ARCH: dict[str, dict[str, int]] = {  # per-model architecture on top of PatchTSTConfig's defaults
     "hf": {"patch_len": 16, "stride": 16},
     "lf_crypto": {"patch_len": 24, "stride": 24},
@@ -68,6 +69,9 @@ class TrainOptions:
     max_train_windows: int | None = None  # subsample (smoke tests)
     arch: dict[str, Any] = field(default_factory=dict)  # PatchTSTConfig overrides
     latent: LatentVol | None = None  # sampler latent vol; None = the EWMA-t engine's
+    latent_grid: tuple[LatentVol, ...] | None = None  # candidates picked on validation CRPS after training
+    crps_epochs: int = 0  # sample-CRPS fine-tune epochs after the NLL phase
+    crps_lr_factor: float = 0.2
     ewma: EwmaConfig | None = None  # the base to correct; None = the EWMA-t engine's current default
 
 
@@ -205,6 +209,38 @@ def resolve_device(device: str) -> str:
     return device
 
 
+LossFn = Callable[[StudentTParams, Batch], torch.Tensor]
+
+
+def nll_loss(p: StudentTParams, b: Batch) -> torch.Tensor:
+    return increment_nll(p, b.base_rel, b.log_path)
+
+
+def sample_crps_loss(p: StudentTParams, b: Batch, aggregations: tuple[int, ...], members: int = 16) -> torch.Tensor:
+    """Fair ensemble CRPS of the realised log-price changes over several aggregations (validator-like).
+
+    Reparameterised Student-t draws (``rsample``) make the sampled paths differentiable; per window
+    the CRPS is summed over the changes of every aggregation, as the validator sums its intervals.
+    """
+    scale = torch.sqrt((p.nu - 2) / p.nu)
+    eps = torch.distributions.StudentT(p.nu).rsample((members,)) * scale  # (M, B, H) unit variance
+    steps = b.base_rel * (p.mu + torch.exp(p.log_sigma) * eps)  # (M, B, H)
+    paths = torch.cat([steps.new_zeros(*steps.shape[:2], 1), steps.cumsum(-1)], dim=-1)  # (M, B, H+1)
+    total = paths.new_zeros(())
+    ranks = 2 * torch.arange(1, members + 1, device=paths.device, dtype=paths.dtype) - members - 1
+    for k in aggregations:
+        sim = paths[..., ::k].diff(dim=-1)  # (M, B, C)
+        real = b.log_path[:, ::k].diff(dim=-1)  # (B, C), NaN where an end is unobserved
+        seen = ~torch.isnan(real)
+        spread = (torch.sort(sim, dim=0).values * ranks[:, None, None]).sum(0) / (members * (members - 1))
+        crps = (sim - torch.nan_to_num(real)).abs().mean(0) - spread  # (B, C)
+        total = total + (crps * seen).sum() / b.log_path.shape[0]
+    return total
+
+
+CRPS_AGGREGATIONS = {60: (1, 5, 15), 300: (1, 6, 36)}  # steps of the validator's shortest intervals
+
+
 def train(kind: str, files: Mapping[str, FileSlice], opts: TrainOptions, console: Console | None = None,
           on_epoch: Callable[[dict[str, float]], None] | None = None) -> TrainResult:
     """Build windows, train, select on validation CRPS; returns the best checkpoint (not saved)."""
@@ -233,76 +269,97 @@ def train(kind: str, files: Mapping[str, FileSlice], opts: TrainOptions, console
     val_rows = scorable[spaced_rows(scorable.size, opts.val_prompts)]
     all_val = np.arange(len(val_w))
 
-    def evaluate(m: PatchTST | None) -> tuple[float, float]:
-        crps = float(np.mean(prompt_scores(predict(m, val_w, val_rows, norm, cfg, device), val_w, val_rows,
-                                           latent, opts.n_paths, opts.seed)))
-        if m is None:
-            return crps, float("nan")
+    def val_crps(m: PatchTST | None, lat: LatentVol) -> float:
+        laws = predict(m, val_w, val_rows, norm, cfg, device)
+        return float(np.mean(prompt_scores(laws, val_w, val_rows, lat, opts.n_paths, opts.seed)))
+
+    def val_nll(m: PatchTST) -> float:
         m.eval()
         with torch.no_grad():
-            nll = [float(increment_nll(m(b.series, b.context, b.steps, b.asset), b.base_rel, b.log_path))
-                   for lo in range(0, all_val.size, 1024)
-                   for b in [make_batch(val_w, all_val[lo:lo + 1024], norm, cfg, device)]]
-        return crps, float(np.mean(nll))
+            return float(np.mean([nll_loss(m(b.series, b.context, b.steps, b.asset), b)
+                                  for lo in range(0, all_val.size, 1024)
+                                  for b in [make_batch(val_w, all_val[lo:lo + 1024], norm, cfg, device)]]))
 
-    ewma_crps, _ = evaluate(None)
-    best_crps, best_nll = evaluate(model)
-    best_state, best_epoch = copy.deepcopy(model.state_dict()), 0
-    history = [{"epoch": 0.0, "train_nll": float("nan"), "val_nll": best_nll, "val_crps": best_crps,
-                "ratio_vs_ewma": best_crps / ewma_crps}]
-    console.print(f"epoch 0 (= EWMA-t): val CRPS {best_crps:.2f} (EWMA-t {ewma_crps:.2f}), val NLL {best_nll:.4f}")
-
-    opt = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    ewma_crps = val_crps(None, latent)
+    best = {"crps": val_crps(model, latent), "epoch": 0}
+    best_state = copy.deepcopy(model.state_dict())
+    history = [{"epoch": 0.0, "train_loss": float("nan"), "val_nll": val_nll(model), "val_crps": best["crps"],
+                "ratio_vs_ewma": best["crps"] / ewma_crps}]
+    console.print(f"epoch 0 (= EWMA-t): val CRPS {best['crps']:.2f} (EWMA-t {ewma_crps:.2f}), "
+                  f"val NLL {history[0]['val_nll']:.4f}")
     n_batches = max(len(train_w) // opts.batch_size, 1)
     if opts.batches_per_epoch is not None:
         n_batches = min(n_batches, opts.batches_per_epoch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opts.lr, total_steps=opts.epochs * n_batches,
-                                                pct_start=0.1)
-    bad = 0
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[info]}"))
-    with Progress(*columns, console=console, transient=True) as progress:
-        for epoch in range(1, opts.epochs + 1):
-            model.train()
-            order = rng.permutation(len(train_w))[: n_batches * opts.batch_size].reshape(n_batches, -1)
-            task = progress.add_task(f"{kind} epoch {epoch}/{opts.epochs}", total=n_batches, info="")
-            losses = []
-            for rows in order:
-                b = make_batch(train_w, np.sort(rows), norm, cfg, device, rng, opts.asset_dropout)
-                loss = increment_nll(model(b.series, b.context, b.steps, b.asset), b.base_rel, b.log_path)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()  # type: ignore[no-untyped-call]
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                sched.step()
-                losses.append(float(loss.detach()))
-                progress.update(task, advance=1, info=f"nll {np.mean(losses[-50:]):.4f}")
-            progress.remove_task(task)
-            val_crps, val_nll = evaluate(model)
-            row = {"epoch": float(epoch), "train_nll": float(np.mean(losses)), "val_nll": val_nll,
-                   "val_crps": val_crps, "ratio_vs_ewma": val_crps / ewma_crps}
-            history.append(row)
-            if on_epoch:
-                on_epoch(row)
-            better = val_crps < best_crps
-            console.print(f"epoch {epoch}: train NLL {row['train_nll']:.4f}, val NLL {val_nll:.4f}, "
-                          f"val CRPS {val_crps:.2f} ({row['ratio_vs_ewma']:.4f}x EWMA-t){' *' if better else ''}")
-            if better:
-                best_crps, best_state, best_epoch, bad = val_crps, copy.deepcopy(model.state_dict()), epoch, 0
-            else:
-                bad += 1
-                if bad >= opts.patience:
-                    console.print(f"no better validation CRPS for {bad} epochs: stopping")
-                    break
+
+    def phase(name: str, loss_fn: LossFn, epochs: int, lr: float) -> None:
+        """Epochs of one loss; after each, keep the model if its validation CRPS is the best so far."""
+        nonlocal best_state
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=opts.weight_decay)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * n_batches, pct_start=0.1)
+        bad = 0
+        with Progress(*columns, console=console, transient=True) as progress:
+            for _ in range(epochs):
+                epoch = len(history)
+                model.train()
+                order = rng.permutation(len(train_w))[: n_batches * opts.batch_size].reshape(n_batches, -1)
+                task = progress.add_task(f"{kind} {name} epoch {epoch}", total=n_batches, info="")
+                losses = []
+                for rows in order:
+                    b = make_batch(train_w, np.sort(rows), norm, cfg, device, rng, opts.asset_dropout)
+                    loss = loss_fn(model(b.series, b.context, b.steps, b.asset), b)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()  # type: ignore[no-untyped-call]
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    opt.step()
+                    sched.step()
+                    losses.append(float(loss.detach()))
+                    progress.update(task, advance=1, info=f"{name} {np.mean(losses[-50:]):.4f}")
+                progress.remove_task(task)
+                crps = val_crps(model, latent)
+                row = {"epoch": float(epoch), "train_loss": float(np.mean(losses)), "val_nll": val_nll(model),
+                       "val_crps": crps, "ratio_vs_ewma": crps / ewma_crps}
+                history.append(row)
+                if on_epoch:
+                    on_epoch(row)
+                better = crps < best["crps"]
+                console.print(f"epoch {epoch} ({name}): train {row['train_loss']:.4f}, val NLL {row['val_nll']:.4f}, "
+                              f"val CRPS {crps:.2f} ({row['ratio_vs_ewma']:.4f}x EWMA-t){' *' if better else ''}")
+                if better:
+                    best.update(crps=crps, epoch=epoch)
+                    best_state, bad = copy.deepcopy(model.state_dict()), 0
+                else:
+                    bad += 1
+                    if bad >= opts.patience:
+                        console.print(f"no better validation CRPS for {bad} epochs: {name} phase stops")
+                        break
+        model.load_state_dict(best_state)
+
+    phase("nll", nll_loss, opts.epochs, opts.lr)
+    if opts.crps_epochs:
+        aggregations = CRPS_AGGREGATIONS[spec.step]
+        phase("crps", lambda p, b: sample_crps_loss(p, b, aggregations), opts.crps_epochs, opts.lr * opts.crps_lr_factor)
+
+    # The sampler's per-path volatility, picked on the same validation prompts (reference notes 1.6.3).
+    latent_scores = {f"{c.rho},{c.s}": val_crps(model, c) for c in (opts.latent_grid or ())}
+    if latent_scores:
+        key = min(latent_scores, key=latent_scores.__getitem__)
+        if latent_scores[key] < best["crps"]:
+            rho, s = (float(v) for v in key.split(","))
+            latent, best["crps"] = LatentVol(rho, s), latent_scores[key]
+        console.print(f"latent volatility: {latent} (validation CRPS {best['crps']:.2f})")
 
     seconds = time.perf_counter() - began
+    best_crps, best_epoch = float(best["crps"]), int(best["epoch"])
     metrics = {"best_epoch": best_epoch, "val_crps": best_crps, "val_crps_ewma": ewma_crps,
                "val_ratio_vs_ewma": best_crps / ewma_crps, "val_prompts": int(val_rows.size),
                "train_windows": len(train_w), "val_windows": len(val_w), "train_seconds": seconds,
                "seed": opts.seed, "epochs_run": len(history) - 1, "history": history,
+               "latent_search": latent_scores, "crps_epochs": opts.crps_epochs,
                "num_params": model.get_num_params(), "head_params": model.head_params(),
                "stride_s": opts.stride_s or DEFAULT_STRIDE_S[kind], "lr": opts.lr, "batch_size": opts.batch_size}
     checkpoint = Checkpoint(kind=kind, config=cfg, state_dict={k: v.cpu() for k, v in best_state.items()},
-                            norm=norm, ewma=spec.ewma, latent=latent, data_window=_data_window(files, windows, train_w, val_w),
-                            metrics=metrics)
+                            norm=norm, ewma=spec.ewma, latent=latent,
+                            data_window=_data_window(files, windows, train_w, val_w), metrics=metrics)
     return TrainResult(checkpoint, history, seconds)

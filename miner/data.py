@@ -11,13 +11,14 @@ import time
 from dataclasses import replace
 
 from core.cache import MemoryHistoryCache
-from core.market_data import MarketData
+from core.market_data import MarketData, build_snapshot
 from core.prices import MarketSnapshot, PriceDataError
 from core.sources.base import ProviderError
 
 log = logging.getLogger(__name__)
 
 SHARED_TIMEOUT_S = 3.0  # a cache read slower than this is treated as down
+CACHED_TIMEOUT_S = 1.0  # the shared cache read as it is, without the refresh that was too slow
 ANCHOR_TIMEOUT_S = 2.0
 
 
@@ -31,12 +32,25 @@ class MinerData:
     async def snapshot(self, asset: str, lookback_s: int | None = None) -> MarketSnapshot:
         try:
             snap = await asyncio.wait_for(self.shared.snapshot(asset, lookback_s), SHARED_TIMEOUT_S)
-        except Exception as exc:  # Redis down, provider down with an empty cache...
-            log.warning("shared market data failed for %s (%s: %s); using the miner's own copy",
-                        asset, type(exc).__name__, exc)
-            return await self.fallback_snapshot(asset)
+        except Exception as exc:  # Redis down, provider down or slow with a stale or empty cache...
+            cached = await self._cached(asset, lookback_s)
+            log.warning("shared market data failed for %s (%s: %s); using %s", asset, type(exc).__name__, exc,
+                        "the shared cache as it is" if cached else "the miner's own copy")
+            if cached is None:
+                return await self.fallback_snapshot(asset)
+            snap = cached
         self._last[asset] = snap
         return snap
+
+    async def _cached(self, asset: str, lookback_s: int | None) -> MarketSnapshot | None:
+        """The shared cache without a refresh: a slow provider must not cost the request its deadline
+        (the pool reads this same cache, so it can still answer)."""
+        lookback = lookback_s or self.shared.window_for(asset)
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(build_snapshot, self.shared.cache, asset,
+                                                            int(time.time()), lookback), CACHED_TIMEOUT_S)
+        except Exception:
+            return None
 
     async def fallback_snapshot(self, asset: str) -> MarketSnapshot:
         kept = self._last.get(asset)

@@ -151,10 +151,11 @@ def bench(
 
 def mount_subcommands() -> None:
     """Sub-apps living in their own modules (imported lazily by their commands)."""
-    from synth_miner import cli_artifacts, cli_data
+    from synth_miner import cli_artifacts, cli_data, cli_eval
 
     app.add_typer(cli_data.app, name="data")
     cli_artifacts.register(app)
+    cli_eval.register(app)
 
 
 mount_subcommands()

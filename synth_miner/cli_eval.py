@@ -150,8 +150,10 @@ def backtest(
                            "start": iso(w.start), "end": iso(w.end)} for w in plan.windows]}
     baselines = [b for b in BASELINES if b in names]
     written = write_report(result, out, config, plots=plots, baselines=baselines, n_boot=bootstrap)
-    console.print(rich_table(summarise(result, baselines, bootstrap, seed), baselines,
-                             title=f"{len(result.prompts)} prompts, {rules} rules, {paths} paths"))
+    # Off a terminal (a log file, CI) rich would wrap the table at 80 columns: print it at full width.
+    wide = console if console.is_terminal else Console(width=max(console.width, 160))
+    wide.print(rich_table(summarise(result, baselines, bootstrap, seed), baselines,
+                          title=f"{len(result.prompts)} prompts, {rules} rules, {paths} paths"))
     console.print(f"wall time {result.wall_s:.1f} s; wrote {len(written)} files to {out}")
 
 

@@ -48,7 +48,7 @@ RATE = 4  # per-minute budget of the rate-limited miner
 MIN_STAKE = 65_000.0
 STAKES = {"validator": (250_000.0, True), "lowstake": (1_000.0, True), "nopermit": (250_000.0, False),
           "limited": (90_000.0, True)}  # "stranger" is not registered
-FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
+FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 

@@ -17,7 +17,8 @@ from core.datasets import (DatasetError, FileSlice, build_windows, load_csv_dir,
 from core.features import FEATURE_SPECS
 from core.model import StudentTParams, unit_t_log_prob
 from core.prices import PriceHistory
-from core.training import TrainingError, TrainOptions, increment_nll, train
+from core.path_sampling import LatentVol
+from core.training import Batch, TrainingError, TrainOptions, increment_nll, sample_crps_loss, train
 from synth_miner.cli_model import register
 
 START = int(datetime(2026, 1, 5, tzinfo=timezone.utc).timestamp())
@@ -140,6 +141,27 @@ def test_increment_nll_matches_the_student_t_density() -> None:
     assert float(increment_nll(p, base, holed)) == pytest.approx(float(torch.stack(terms).mean()), rel=1e-5)
 
 
+def test_sample_crps_loss_prefers_the_true_scale() -> None:
+    torch.manual_seed(0)
+    b, h = 64, 36
+    nu = torch.full((b, h), 6.0)
+    draws = torch.distributions.StudentT(nu).sample() * (4 / 6) ** 0.5  # unit variance, true sigma = 1
+    path = torch.cat([torch.zeros(b, 1), draws.cumsum(1)], dim=1)
+    path[:5, 10] = float("nan")  # unobserved points are skipped, not scored as zero
+    batch = Batch(series=torch.zeros(0), context=torch.zeros(0), steps=torch.zeros(0), asset=torch.zeros(0),
+                  log_path=path, base_rel=torch.ones(b, h))
+
+    def loss(log_scale: float) -> float:
+        p = StudentTParams(torch.zeros(b, h), torch.full((b, h), log_scale), nu)
+        return float(sample_crps_loss(p, batch, (1, 6), members=32))
+
+    true, wide, narrow = loss(0.0), loss(float(np.log(2.0))), loss(float(np.log(0.5)))
+    assert np.isfinite(true) and true < wide and true < narrow
+    log_sigma = torch.zeros(b, h, requires_grad=True)
+    sample_crps_loss(StudentTParams(torch.zeros(b, h), log_sigma, nu), batch, (1,)).backward()
+    assert log_sigma.grad is not None and torch.isfinite(log_sigma.grad).all()
+
+
 def hf_files(tmp_path: Path) -> dict[str, FileSlice]:
     h = seasonal_prices(60, 6 * 1440, seed=5)
     folder = write_folder(tmp_path / "data", {"btc_1m": h}, {"btc_1m": START + 5 * 86_400})
@@ -167,6 +189,16 @@ def test_tiny_training_run_reduces_the_loss_and_is_reproducible(tmp_path: Path) 
     for key, value in first.checkpoint.state_dict.items():
         assert torch.equal(value, second.checkpoint.state_dict[key]), key
     assert json.dumps(first.history) == json.dumps(second.history)  # NaN-safe equality
+
+
+def test_crps_fine_tune_and_latent_choice_run_and_never_lose_to_ewma(tmp_path: Path) -> None:
+    grid = (LatentVol(), LatentVol(0.98, 0.05))
+    result = train("hf", hf_files(tmp_path), tiny_options(epochs=1, crps_epochs=1, latent_grid=grid))
+    m = result.checkpoint.metrics
+    assert len(result.history) == 3 and m["crps_epochs"] == 1
+    assert set(m["latent_search"]) == {"0.0,0.0", "0.98,0.05"}
+    assert result.checkpoint.latent in grid
+    assert m["val_crps"] <= min(m["val_crps_ewma"], *m["latent_search"].values()) + 1e-9
 
 
 def test_time_ordered_split_leaves_no_overlap(tmp_path: Path) -> None:

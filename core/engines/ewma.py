@@ -31,8 +31,10 @@ class EwmaConfig:
 
 # Per prompt type (time_increment): the globals tuned walk-forward on pre-held-out data.
 DEFAULT_CONFIGS: dict[int, EwmaConfig] = {
-    60: EwmaConfig(half_life_bars=90.0, long_half_life_bars=1440.0, reversion_bars=60.0, nu=4.5),
-    300: EwmaConfig(half_life_bars=36.0, long_half_life_bars=864.0, reversion_bars=48.0, nu=5.0),
+    60: EwmaConfig(half_life_bars=11.66, long_half_life_bars=147.4, reversion_bars=33.6, nu=10.08,
+                   var_mult=0.62, latent=LatentVol(rho=0.98, s=0.03)),
+    300: EwmaConfig(half_life_bars=6.56, long_half_life_bars=242.7, reversion_bars=75.26, nu=6.27,
+                    var_mult=0.683, latent=LatentVol(rho=0.99, s=0.03)),
 }
 
 
@@ -74,12 +76,13 @@ class EwmaTEngine(ParametricEngine):
         returns, factor = step_returns(snapshot, request.time_increment)
         table = (spec_for_any(request.asset).hourly_sigma ** 2) * request.time_increment / 3600
         if returns.size >= MIN_RETURNS:
-            fast = ewma_variance(returns, cfg.half_life_bars) * factor
-            slow = ewma_variance(returns, cfg.long_half_life_bars) * factor
+            # var_mult corrects the realised estimate (tuned on the validator's CRPS), not the table.
+            fast = ewma_variance(returns, cfg.half_life_bars) * factor * cfg.var_mult
+            slow = ewma_variance(returns, cfg.long_half_life_bars) * factor * cfg.var_mult
         else:
             fast = slow = table
         decay = 0.5 ** (np.arange(request.n_steps, dtype=np.float64) / cfg.reversion_bars)
-        variance = (slow + (fast - slow) * decay) * cfg.var_mult
+        variance = slow + (fast - slow) * decay
         sigma = np.sqrt(np.maximum(variance, 1e-14))
         # Zero-median log returns; the drift of a day is noise next to its volatility.
         return StepParams(mu=np.zeros(request.n_steps), sigma=sigma, nu=cfg.nu, latent=cfg.latent)

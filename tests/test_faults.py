@@ -1,0 +1,526 @@
+"""Faults on the real stack: every reply valid (both rule sets) and in time, recovery without help,
+no corrupted data.
+
+Two stacks of real processes, each with its own redis-server, Celery worker and miner (Celery pool):
+one replays CSV history (Redis killed mid-request, a worker SIGKILLed mid-task, a worker frozen with
+SIGSTOP, corrupt artifacts), the other reads prices through the real Binance client from a local server
+speaking Binance's wire format (provider down, slow or returning garbage, with a warm and a cold cache;
+the history store's disk failing). Validators ask with an 8 s timeout, so fallbacks show quickly.
+Which part answered comes from the miner's log ("answered KEY from pool|fallback").
+
+Prices are the last days *before* each file's held-out boundary (held-out rows never leave the shared
+folder). Each ask uses its own start time, so every request is computed (no shared answers).
+"""
+
+import asyncio
+import errno
+import itertools
+import json
+import os
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import pytest
+import redis
+
+import core.history_store as history_store
+from core.artifacts import ArtifactStore
+from core.cache_redis import RedisHistoryCache
+from core.calibration import CALIBRATION_FILE, CalibrationState, Entry
+from core.constants import JOB_RUNS_KEY, KEY_PREFIX, TASK_REFRESH_CACHE
+from core.csv_history import read_csv, write_csv
+from core.fake_providers import FakeMarket, FakeServerThread, ManualClock, start_fake
+from core.history_store import HistoryStore
+from core.prices import PriceHistory
+from core.prompts import parse_start_time
+from core.refresh import refresh_asset
+from core.settings import Settings
+from core.sources.binance import BinanceSource
+from core.sources.http import HttpConfig
+from miner.pool import celery_client
+from miner.protocol import Simulation
+from synth_miner.devstack import (Proc, RedisServer, Validator, assert_valid_reply, cli, free_port, make_wallet,
+                                  spawn, start_time_in, start_worker, wait_port)
+
+TIMEOUT = 8.0  # the validators' timeout in these tests: pool deadline 5 s, fallback by 6 s
+RECOVERY_S = 60.0  # a part that comes back is used again within this
+STEMS = {"btc": "BTC", "eth": "ETH", "sol": "SOL", "xau": "XAU"}
+SLICE_DAYS = 5
+
+
+def training_slices(shared_data: Path, out: Path) -> Path:
+    """1m and 5m rows of the last days before each file's held-out boundary."""
+    manifest = json.loads((shared_data / "manifest.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    for stem in STEMS:
+        for res, step in (("1m", 60), ("5m", 300)):
+            name = f"{stem}_{res}"
+            cut = int(manifest[name]["eval_start_ts"])
+            rows = read_csv(shared_data / f"{name}.csv.gz", step).between(cut - SLICE_DAYS * 86_400, cut)
+            write_csv(out / f"{name}.csv.gz", rows)
+    return out
+
+
+class Stack:
+    """redis-server (restartable on its port, with its dump), one inference worker, the miner."""
+
+    def __init__(self, tmp: Path, env: dict[str, str]) -> None:
+        self.tmp = tmp
+        wallets = tmp / "wallets"
+        self.miner_hotkey = make_wallet(wallets, "miner").hotkey.ss58_address
+        self.validator_wallet = make_wallet(wallets, "validator")
+        self.redis = RedisServer(tmp).start()
+        self.env = {"SYNTH_REDIS_URL": self.redis.url, "SYNTH_WALLET_PATH": str(wallets),
+                    "SYNTH_WALLET_NAME": "miner", "SYNTH_DATA_DIR": str(tmp / "data"),
+                    "SYNTH_ARTIFACTS_DIR": str(tmp / "artifacts"), "SYNTH_LOG_LEVEL": "INFO",
+                    "SYNTH_ALLOWED_HOTKEYS": json.dumps([self.validator_wallet.hotkey.ss58_address]), **env}
+        self.port = free_port()
+        self._names = itertools.count(1)
+        self._slots = itertools.count(2)
+        self.miner = self._spawn_miner()
+        self.worker: Proc | None = self.start_worker()
+        wait_port(self.port, self.miner.proc, self.miner.log)
+
+    # --- processes -----------------------------------------------------------------------------------
+    def _spawn_miner(self) -> Proc:
+        return spawn(cli("serve", "--local", "--port", str(self.port)), self.env,
+                     self.tmp / f"miner-{next(self._names)}.log")
+
+    def restart_miner(self) -> None:
+        self.miner.stop()
+        self.miner = self._spawn_miner()
+        wait_port(self.port, self.miner.proc, self.miner.log)
+
+    def start_worker(self, queues: str = "infer.hf,infer.lf", **env: str) -> Proc:
+        return start_worker(self.tmp, {**self.env, **env}, queues=queues, name=f"w{next(self._names)}")
+
+    def restart_redis(self) -> None:
+        """The same port and directory: it loads the dump, as a production Redis loads its AOF."""
+        fresh = RedisServer(self.redis.workdir)
+        fresh.port = self.redis.port
+        self.redis = fresh.start()
+
+    def client(self) -> "redis.Redis":
+        return redis.Redis.from_url(self.redis.url, socket_timeout=5)
+
+    def cache(self) -> RedisHistoryCache:
+        return RedisHistoryCache(self.client())
+
+    def close(self) -> None:
+        if self.worker is not None:
+            if self.worker.proc.poll() is None:
+                os.killpg(self.worker.proc.pid, signal.SIGCONT)  # a test that failed while it was frozen
+            self.worker.stop()
+        self.miner.stop()
+        self.redis.stop()
+
+    # --- the validator's side ---------------------------------------------------------------------------
+    async def ask(self, asset: str, increment: int, length: int) -> tuple[Simulation, float, str]:
+        start = start_time_in(120 + 60 * next(self._slots))
+        validator = Validator(self.validator_wallet, self.miner_hotkey, self.port)
+        try:
+            reply, seconds = await validator.ask(asset, increment, length, 1000, start_time=start, timeout=TIMEOUT)
+        finally:
+            await validator.close()
+        return reply, seconds, f"{asset}:{parse_start_time(start)}:{increment}:{length}:1000"
+
+    async def ask_valid(self, asset: str, increment: int, length: int) -> str:
+        """A valid reply before the deadline; returns which part answered ("pool" or "fallback")."""
+        reply, seconds, key = await self.ask(asset, increment, length)
+        assert_valid_reply(reply)
+        assert seconds < TIMEOUT, (key, seconds)
+        return self.outcome(key)
+
+    def outcome(self, key: str) -> str:
+        marker = f"answered {key} from "
+        for line in self.miner.text().splitlines():
+            if marker in line:
+                return line.split(marker, 1)[1].split()[0]
+        raise AssertionError(f"{key} not answered in the miner log:\n{self.miner.text()[-3000:]}")
+
+    async def until_pool(self, asset: str, increment: int, length: int, within: float = RECOVERY_S) -> float:
+        """Ask until the pool answers again; every reply meanwhile is valid and in time. Seconds taken."""
+        began = time.monotonic()
+        while await self.ask_valid(asset, increment, length) != "pool":
+            assert time.monotonic() - began < within, f"no pool answer {within:.0f} s after recovery:\n" \
+                                                      f"{self.miner.text()[-3000:]}"
+            await asyncio.sleep(1.0)
+        return time.monotonic() - began
+
+
+# --- data integrity ----------------------------------------------------------------------------------
+
+
+def check_rows(hist: PriceHistory) -> None:
+    """Sorted, unique, on the grid, positive and finite."""
+    assert len(hist) > 0
+    assert np.all(np.diff(hist.ts) > 0), "not sorted or not unique"
+    assert np.all(hist.ts % hist.step == 0), "off the grid"
+    assert np.all(np.isfinite(hist.close)) and np.all(hist.close > 0), "non-finite or non-positive prices"
+
+
+def check_kept(after: PriceHistory, before: PriceHistory, lo: int, hi: int) -> None:
+    """Every row of ``before`` with lo <= ts < hi is still in ``after``, with the same price."""
+    old = before.between(lo, hi)
+    assert len(old) > 0
+    index = np.searchsorted(after.ts, old.ts)
+    assert np.all(index < len(after.ts)) and np.array_equal(after.ts[index], old.ts), "rows lost"
+    assert np.array_equal(after.close[index], old.close), "rows changed"
+
+
+def cache_rows(cache: RedisHistoryCache, asset: str, step: int) -> PriceHistory:
+    span = cache.span(asset, step)
+    assert span is not None, f"no {step}s cache for {asset}"
+    hist = cache.read(asset, step, span[0], span[1] + step)
+    check_rows(hist)
+    return hist
+
+
+# --- the replayed stack: Redis, workers, artifacts -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slices(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    return training_slices(shared_data, tmp_path_factory.mktemp("slices"))
+
+
+@pytest.fixture(scope="module")
+def replay(tmp_path_factory: pytest.TempPathFactory, slices: Path) -> Iterator[Stack]:
+    stack = Stack(tmp_path_factory.mktemp("replay-stack"),
+                  {"SYNTH_PRICE_PROVIDER": "replay", "SYNTH_REPLAY_DIR": str(slices)})
+    yield stack
+    stack.close()
+
+
+def blocked_on_result(client: "redis.Redis") -> bool:
+    """The miner is in BLPOP on a result key (the workers' BRPOP on the queues looks alike but is not it)."""
+    return any(c.get("cmd") == "blpop" and "b" in c.get("flags", "") for c in client.client_list())
+
+
+async def wait_until(predicate: Any, within: float = 5.0, every: float = 0.005) -> None:
+    deadline = time.monotonic() + within
+    while not await asyncio.to_thread(predicate):
+        assert time.monotonic() < deadline, f"condition not met within {within} s"
+        await asyncio.sleep(every)
+
+
+async def test_redis_killed_during_a_request(replay: Stack) -> None:
+    await replay.until_pool("BTC", 300, 86_400)
+    before = {step: cache_rows(replay.cache(), "BTC", step) for step in (60, 300)}
+    replay.client().save()  # what the production Redis's AOF gives: the data outlives a crash
+
+    watcher = replay.client()
+    request = asyncio.create_task(replay.ask("BTC", 300, 86_400))
+    await wait_until(lambda: blocked_on_result(watcher))
+    replay.redis.stop()  # SIGKILL while the miner waits for the worker's paths
+    reply, seconds, key = await request
+    assert_valid_reply(reply)
+    assert seconds < TIMEOUT and replay.outcome(key) == "fallback"
+
+    # While Redis is down: both prompts, from the miner's own copy of the market data.
+    assert await replay.ask_valid("ETH", 60, 3_600) == "fallback"
+    assert await replay.ask_valid("BTC", 300, 86_400) == "fallback"
+    assert replay.miner.proc.poll() is None
+
+    replay.restart_redis()
+    await replay.until_pool("BTC", 60, 3_600)
+    await replay.until_pool("XAU", 300, 86_400)
+    for step, rows in before.items():
+        after = cache_rows(replay.cache(), "BTC", step)
+        check_kept(after, rows, int(rows.ts[0]) + 3_600, int(rows.ts[-1]) + 1)
+
+
+async def test_worker_killed_during_a_task(replay: Stack) -> None:
+    assert replay.worker is not None
+    await replay.until_pool("SOL", 300, 86_400)
+    log = replay.worker
+    seen = log.text().count("] received")
+    request = asyncio.create_task(replay.ask("SOL", 300, 86_400))
+    await wait_until(lambda: log.text().count("] received") > seen)
+    log.stop(signal.SIGKILL)  # mid-task: the paths never come
+    reply, seconds, key = await request
+    assert_valid_reply(reply)
+    assert seconds < TIMEOUT and replay.outcome(key) == "fallback"
+    assert await replay.ask_valid("ETH", 60, 3_600) == "fallback"  # no worker at all now
+
+    replay.worker = replay.start_worker()  # the part comes back
+    await replay.until_pool("SOL", 300, 86_400)
+
+
+async def test_worker_hangs_then_resumes(replay: Stack) -> None:
+    assert replay.worker is not None
+    pid = replay.worker.proc.pid
+    os.killpg(pid, signal.SIGSTOP)
+    try:
+        assert await replay.ask_valid("BTC", 60, 3_600) == "fallback"
+        assert await replay.ask_valid("XAU", 300, 86_400) == "fallback"
+    finally:
+        os.killpg(pid, signal.SIGCONT)
+    # The frozen worker finds expired tasks in the queue (revoked, not run) and serves again.
+    await replay.until_pool("BTC", 60, 3_600)
+    assert replay.worker.proc.poll() is None
+
+
+def served_version(stack: Stack) -> str:
+    """The artifact version the running worker announces in its heartbeat (written after each task)."""
+    assert stack.worker is not None
+    client = stack.client()
+    beats = [json.loads(client.get(k) or b"{}") for k in client.scan_iter(f"{KEY_PREFIX}:worker:*")]
+    mine = [b for b in beats if b.get("pid") == stack.worker.proc.pid]
+    assert len(mine) == 1, beats
+    return str(mine[0].get("artifact_version"))
+
+
+def publish_calibration(root: Path, scale: float) -> str:
+    state = CalibrationState({"ewma_t:BTC:60": Entry("ewma_t", "BTC", 60, scale=scale)}, meta={"test": True})
+    store = ArtifactStore(root)
+    return store.publish(store.stage({CALIBRATION_FILE: state.to_json()}))
+
+
+def point_current_at(root: Path, version: str) -> None:
+    """What a bad copy or a manual switch does: ``current`` names a version, whatever it holds."""
+    link = root / "current"
+    tmp = root / f".current-test-{version}"
+    os.symlink(f"versions/{version}", tmp)
+    os.replace(tmp, link)
+
+
+async def test_corrupt_artifacts_keep_the_worker_serving(replay: Stack) -> None:
+    root = Path(replay.env["SYNTH_ARTIFACTS_DIR"])
+    good = publish_calibration(root, 1.0)
+    await replay.until_pool("BTC", 60, 3_600)
+    assert served_version(replay) == good
+
+    # 1. `current` switched to a version whose calibration no longer matches its manifest hash.
+    bad = "bad-copy"
+    shutil.copytree(root / "versions" / good, root / "versions" / bad)
+    manifest = json.loads((root / "versions" / bad / "manifest.json").read_text())
+    manifest["version"] = bad
+    (root / "versions" / bad / "manifest.json").write_text(json.dumps(manifest))
+    with (root / "versions" / bad / CALIBRATION_FILE).open("r+b") as fh:
+        fh.seek(5)
+        fh.write(b"\x00garbage\xff")
+    point_current_at(root, bad)
+    assert await replay.ask_valid("BTC", 60, 3_600) == "pool"  # the previous version keeps serving
+    assert served_version(replay) == good
+    assert f"artifact {bad} refused" in replay.worker.text()  # type: ignore[union-attr]
+
+    # 2. A worker (re)started while `current` is corrupt serves the statistical engine, uncalibrated.
+    assert replay.worker is not None
+    replay.worker.stop()
+    (root / "versions" / good / CALIBRATION_FILE).write_bytes(b"{not json")  # and the good one rots too
+    point_current_at(root, good)
+    replay.worker = replay.start_worker()
+    assert await replay.ask_valid("BTC", 300, 86_400) == "pool"
+    assert served_version(replay) == "None"
+
+    # 3. A valid publication is picked up between tasks, without a restart.
+    fresh = publish_calibration(root, 1.1)
+    assert await replay.ask_valid("ETH", 60, 3_600) == "pool"
+    assert served_version(replay) == fresh
+
+
+# --- the provider stack: Binance wire format, warm and cold cache, disk failures ------------------------
+
+
+class Market:
+    def __init__(self, stack: Stack, fake: FakeServerThread) -> None:
+        self.stack = stack
+        self.fake = fake
+
+    def faults(self, **changes: Any) -> None:
+        self.fake.faults.reset()
+        self.fake.faults.set(**changes)
+
+
+@pytest.fixture(scope="module")
+def market(tmp_path_factory: pytest.TempPathFactory, slices: Path) -> Iterator[Market]:
+    fake = FakeServerThread("binance", FakeMarket(slices)).start()
+    # The cache is warmed 10 minutes behind (a lagging feed), so every request after that finds it
+    # stale and asks the provider again (at most every 30 s per asset): the faults are on that path.
+    fake.faults.set(stale_s=600)
+    env = {"SYNTH_PRICE_PROVIDER": "binance", "SYNTH_BINANCE_URL": fake.url, "SYNTH_HTTP_TIMEOUT_S": "1",
+           "SYNTH_HTTP_RETRIES": "2", "SYNTH_HTTP_BACKOFF_S": "0.05", "SYNTH_HTTP_BACKOFF_MAX_S": "0.2"}
+    stack = Stack(tmp_path_factory.mktemp("market-stack"), env)
+    try:
+        deadline = time.monotonic() + 30
+        while any(stack.cache().span(a, 60) is None for a in ("BTC", "ETH", "SOL")):
+            assert time.monotonic() < deadline, stack.miner.text()[-3000:]
+            time.sleep(0.2)
+        yield Market(stack, fake)
+    finally:
+        stack.close()
+        fake.stop()
+
+
+async def test_provider_faults_with_a_warm_cache(market: Market) -> None:
+    """The cache holds days of history, 10 minutes old; the provider fails when the miner asks it.
+    Each fault is switched on, then the miner restarted, so its first look at the stale cache (the
+    warm-up) asks the faulty provider at once instead of after its 30 s retry pause."""
+    stack = market.stack
+    before = {a: cache_rows(stack.cache(), a, 60) for a in ("BTC", "ETH", "SOL")}
+    cases: dict[str, dict[str, Any]] = {"down": {"status": 503},
+             "slow": {"latency_s": 3.0},  # slower than the client's 1 s timeout
+             "garbage": {"bad_price": float("nan"), "mismatched": True, "missing_every": 7}}
+    for name, fault in cases.items():
+        market.faults(stale_s=600, **fault)
+        stack.restart_miner()
+        await wait_until(lambda: market.fake.faults.requests >= 3, within=15)  # the warm-up asked
+        assert await stack.ask_valid("BTC", 300, 86_400) == "pool", name  # the workers read the warm cache
+        assert await stack.ask_valid("ETH", 60, 3_600) == "pool", name
+        assert await stack.ask_valid("SOL", 60, 3_600) == "pool", name
+        for asset, rows in before.items():
+            after = cache_rows(stack.cache(), asset, 60)  # no garbage got in, nothing lost
+            check_kept(after, rows, int(rows.ts[0]) + 3_600, int(rows.ts[-1]) + 1)
+    assert "incomplete, using what is cached" in stack.miner.text()
+
+
+async def test_provider_faults_with_a_cold_cache(market: Market) -> None:
+    stack = market.stack
+    assets = ["BTC", "ETH", "SOL"]
+    store_dir = Path(stack.env["SYNTH_DATA_DIR"]) / "history"
+    before = HistoryStore(store_dir).read("BTC", 60, 0, 2 ** 40)
+    check_rows(before)
+
+    # Redis lost its cache (a FLUSHALL, a fresh instance) and the provider is down: the durable
+    # history store refills the cache, and the miner answers from it.
+    stack.cache().clear(assets)
+    market.faults(status=503)
+    stack.restart_miner()
+    assert await stack.ask_valid("BTC", 300, 86_400) in ("pool", "fallback")
+    check_kept(cache_rows(stack.cache(), "BTC", 60), before, int(before.ts[0]) + 86_400, int(before.ts[-1]) + 1)
+
+    # Nothing anywhere (no cache, no store); the provider is slow (0.4 s a reply, under the 1 s
+    # timeout) and flaky (two 502s, retried): answered from what it manages to fetch.
+    stack.cache().clear(assets)
+    shutil.rmtree(store_dir)
+    market.faults(latency_s=0.4, status=502, status_count=2)
+    stack.restart_miner()
+    assert await stack.ask_valid("ETH", 60, 3_600) in ("pool", "fallback")
+    assert await stack.ask_valid("SOL", 300, 86_400) in ("pool", "fallback")
+    check_rows(cache_rows(stack.cache(), "ETH", 60))
+
+    # Nothing anywhere and the provider down: no price exists, so a clear error before the deadline.
+    stack.cache().clear(assets)
+    shutil.rmtree(store_dir)
+    market.faults(status=503)
+    stack.restart_miner()
+    reply, seconds, _ = await stack.ask("BTC", 300, 86_400)
+    assert reply.axon is not None and reply.axon.status_code == 503, reply.axon
+    assert "no price available" in (reply.axon.status_message or "") and seconds < TIMEOUT
+    assert reply.simulation_output is None
+
+    market.faults()  # back: the miner retries by itself (at most every 30 s per asset)
+    began = time.monotonic()
+    while True:
+        reply, seconds, key = await stack.ask("BTC", 300, 86_400)
+        assert seconds < TIMEOUT
+        if reply.is_success:
+            assert_valid_reply(reply)
+            break
+        assert reply.axon is not None and reply.axon.status_code == 503
+        assert time.monotonic() - began < RECOVERY_S, stack.miner.text()[-3000:]
+        await asyncio.sleep(2.0)
+    await stack.until_pool("BTC", 60, 3_600)
+    check_rows(cache_rows(stack.cache(), "BTC", 60))
+    check_rows(HistoryStore(store_dir).read("BTC", 60, 0, 2 ** 40))
+
+
+def send_refresh(stack: Stack, slot: int) -> dict[str, Any]:
+    """Run the periodic cache refresh now on the cpu queue and wait for its run record."""
+    app = celery_client(Settings(redis_url=stack.redis.url))
+    app.send_task(TASK_REFRESH_CACHE, kwargs={"job": "refresh-cache", "period_s": 60.0, "slot": slot},
+                  queue="cpu")
+    client = stack.client()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for raw in client.lrange(JOB_RUNS_KEY, 0, -1):
+            record: dict[str, Any] = json.loads(raw)
+            if record.get("slot") == slot:
+                return record
+        time.sleep(0.2)
+    raise AssertionError("the refresh job did not run")
+
+
+async def test_history_store_disk_failing_in_the_refresh_job(market: Market, tmp_path: Path) -> None:
+    """The data dir cannot be created (a file sits where a folder should be): the job still refreshes
+    the cache, reports the store failure, and writes the store once the path is usable again."""
+    stack = market.stack
+    market.faults()
+    blocker = tmp_path / "disk"
+    blocker.write_text("a file where the data folder should be")
+    cpu = stack.start_worker(queues="cpu", SYNTH_DATA_DIR=str(blocker / "data"))
+    try:
+        before = cache_rows(stack.cache(), "BTC", 60)
+        record = send_refresh(stack, slot=int(time.time()))
+        assert record["status"] == "ok", record
+        errors = " ".join(record["result"]["failed"].get("BTC", []))
+        assert "store write" in errors and "StoreWriteError" in errors, record
+        after = cache_rows(stack.cache(), "BTC", 60)
+        check_kept(after, before, int(before.ts[0]) + 3_600, int(before.ts[-1]) + 1)
+        assert time.time() - after.ts[-1] < 300  # the cache was refreshed all the same
+        assert await stack.ask_valid("BTC", 60, 3_600) == "pool"
+
+        blocker.unlink()  # the disk is back
+        (blocker / "data").mkdir(parents=True)
+        stack.cache().clear(["BTC"])  # the refresh refills what the cache lacks, store first
+        record = send_refresh(stack, slot=int(time.time()) + 1)
+        assert not any("store" in e for e in record["result"]["failed"].get("BTC", [])), record
+        stored = HistoryStore(blocker / "data" / "history").read("BTC", 60, 0, 2 ** 40)
+        check_rows(stored)
+        cached = cache_rows(stack.cache(), "BTC", 60)
+        check_kept(cached, stored, int(stored.ts[0]), int(stored.ts[-1]) + 1)
+    finally:
+        cpu.stop()
+
+
+# --- the history store at unit level: a write failing half-way, in-process -----------------------------
+
+
+def _fail_half_way(fh: IO[bytes], data: bytes) -> None:
+    fh.write(data[: len(data) // 2])
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+async def test_store_write_failing_half_way_keeps_old_partitions(
+        redis_url: str, tmp_path: Path, slices: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = ManualClock(time.time())
+    fake = await start_fake("binance", FakeMarket(slices, clock=clock))
+    source = BinanceSource(fake.url, HttpConfig(timeout_s=5, retries=0), clock)
+    cache = RedisHistoryCache(redis.Redis.from_url(redis_url))
+    store = HistoryStore(tmp_path / "history")
+    settings = Settings(redis_url=redis_url, cache_days_hf=1.0, cache_days_lf=1.0)
+    try:
+        report = await refresh_asset("BTC", source, cache, store, settings, now=int(clock()), steps=(60,))
+        assert report.ok, report.errors
+        stored = store.read("BTC", 60, 0, 2 ** 40)
+        check_rows(stored)
+        files = {p: p.read_bytes() for p in store.folder("BTC", 60).glob("*.day")}
+
+        monkeypatch.setattr(history_store, "_write_bytes", _fail_half_way)
+        clock.advance(1_800)
+        report = await refresh_asset("BTC", source, cache, store, settings, now=int(clock()), steps=(60,))
+        assert any("store write" in e and "No space left" in e for e in report.errors), report.errors
+        assert {p: p.read_bytes() for p in store.folder("BTC", 60).glob("*.day")} == files  # untouched
+        assert not list(store.folder("BTC", 60).glob(".*.tmp"))  # no half-written leftovers
+        after_fault = store.read("BTC", 60, 0, 2 ** 40)
+        assert np.array_equal(after_fault.ts, stored.ts) and np.array_equal(after_fault.close, stored.close)
+        cached = cache_rows(cache, "BTC", 60)
+        assert cached.ts[-1] > stored.ts[-1] + 1_500  # the cache got the new bars all the same
+
+        monkeypatch.undo()
+        clock.advance(600)
+        report = await refresh_asset("BTC", source, cache, store, settings, now=int(clock()), steps=(60,))
+        assert report.ok, report.errors
+        healed = store.read("BTC", 60, 0, 2 ** 40)
+        check_rows(healed)
+        check_kept(healed, stored, int(stored.ts[0]), int(stored.ts[-1]) + 1)
+        assert healed.ts[-1] >= int(clock()) - 180  # new bars reach the store again
+    finally:
+        await source.close()
+        await fake.stop()
