@@ -55,7 +55,7 @@ class MarketData:
             self._attempted[asset] = time.monotonic()
             report = await self.refresh(asset)
             if report.errors:
-                log.warning("refresh of %s incomplete, using what is cached: %s", asset, "; ".join(report.errors))
+                log.debug("refresh of %s incomplete, using what is cached: %s", asset, "; ".join(report.errors))
         return await asyncio.to_thread(build_snapshot, self.cache, asset, now, lookback_s or self.window_for(asset))
 
 

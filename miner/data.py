@@ -29,16 +29,28 @@ class MinerData:
                                                  settings=shared.settings)
         self._last: dict[str, MarketSnapshot] = {}
 
-    async def snapshot(self, asset: str, lookback_s: int | None = None) -> MarketSnapshot:
+    async def snapshot(self, asset: str, lookback_s: int | None = None,
+                       deadline: float | None = None) -> MarketSnapshot:
+        """The freshest snapshot to be had by ``deadline`` (epoch seconds), or PriceDataError."""
+        shared = asyncio.ensure_future(self.shared.snapshot(asset, lookback_s))
+        shared.add_done_callback(_consume)
         try:
-            snap = await asyncio.wait_for(self.shared.snapshot(asset, lookback_s), SHARED_TIMEOUT_S)
+            # Shielded: a slow refresh goes on in the background and fills the cache for the next one.
+            snap = await asyncio.wait_for(asyncio.shield(shared), SHARED_TIMEOUT_S)
         except Exception as exc:  # Redis down, provider down or slow with a stale or empty cache...
             cached = await self._cached(asset, lookback_s)
             log.warning("shared market data failed for %s (%s: %s); using %s", asset, type(exc).__name__, exc,
                         "the shared cache as it is" if cached else "the miner's own copy")
-            if cached is None:
-                return await self.fallback_snapshot(asset)
-            snap = cached
+            if cached is not None:
+                snap = cached
+            elif asset in self._last or shared.done():
+                return await self.fallback_snapshot(asset, deadline)
+            else:  # slow, not dead, and nothing else known: the same fetch gets the rest of the time
+                left = (deadline if deadline is not None else time.time() + SHARED_TIMEOUT_S) - time.time()
+                try:
+                    snap = await asyncio.wait_for(asyncio.shield(shared), max(0.0, left))
+                except Exception as late:
+                    raise PriceDataError(f"no price for {asset} in time: {type(late).__name__}: {late}") from late
         self._last[asset] = snap
         return snap
 
@@ -52,7 +64,7 @@ class MinerData:
         except Exception:
             return None
 
-    async def fallback_snapshot(self, asset: str) -> MarketSnapshot:
+    async def fallback_snapshot(self, asset: str, deadline: float | None = None) -> MarketSnapshot:
         kept = self._last.get(asset)
         if kept is not None:
             try:
@@ -63,15 +75,28 @@ class MinerData:
                 log.warning("fresh anchor for %s unavailable (%s); keeping %ss-old price", asset, exc,
                             int(time.time() - kept.anchor_time))
             return kept
+        budget = SHARED_TIMEOUT_S * 2 if deadline is None else max(0.0, deadline - time.time())
         try:
-            return await asyncio.wait_for(self.emergency.snapshot(asset), SHARED_TIMEOUT_S * 2)
+            return await asyncio.wait_for(self.emergency.snapshot(asset), budget)
         except (ProviderError, PriceDataError, TimeoutError) as exc:
-            raise PriceDataError(f"no price for {asset}: {exc}") from exc
+            raise PriceDataError(f"no price for {asset}: {type(exc).__name__}: {exc}") from exc
 
     async def warm(self, assets: list[str]) -> None:
         """Fill the shared cache for every asset at start-up so the first answers use real history."""
-        for asset in assets:
-            try:
-                await self.snapshot(asset)
+        async def one(asset: str) -> str | None:
+            try:  # the shared cache only: the emergency path is for requests, not for warm-up
+                self._last[asset] = await asyncio.wait_for(self.shared.snapshot(asset), SHARED_TIMEOUT_S * 4)
+                return None
             except Exception as exc:
-                log.warning("warm-up of %s failed: %s", asset, exc)
+                return f"{asset} ({type(exc).__name__}: {exc})" if str(exc) else f"{asset} ({type(exc).__name__})"
+
+        failed = [f for f in await asyncio.gather(*(one(a) for a in assets)) if f]
+        log.info("warm-up: %d of %d assets have prices", len(assets) - len(failed), len(assets))
+        if failed:
+            log.warning("no price yet for: %s", "; ".join(failed))
+
+
+def _consume(task: "asyncio.Future[MarketSnapshot]") -> None:
+    """A shared snapshot left running in the background may fail unseen: retrieve it, log nothing twice."""
+    if not task.cancelled():
+        task.exception()

@@ -86,7 +86,7 @@ class MinerService:
         began = time.perf_counter()
         request_id = uuid.uuid4().hex
         pool_deadline = min(deadline - self.settings.fallback_budget_s, time.time() + self.settings.max_wait_s)
-        snapshot = await self.data.snapshot(request.asset, self._lookback(request))
+        snapshot = await self.data.snapshot(request.asset, self._lookback(request), deadline=pool_deadline)
         reason: str | None
         try:
             paths = await self.pool.forecast(request, snapshot, pool_deadline, request_id)
