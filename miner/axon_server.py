@@ -35,9 +35,18 @@ def terminal(synapse: Simulation) -> TerminalInfo:
 
 
 def reject(synapse: Simulation, status: int, message: str) -> typing.NoReturn:
+    message = header_safe(message)
     terminal(synapse).status_code = status
     terminal(synapse).status_message = message
     raise SynapseException(message, synapse=synapse)
+
+
+def header_safe(message: str, limit: int = 500) -> str:
+    """bittensor echoes the status message in a header: a line break, a trailing space (an exception
+    with an empty message) or a character beyond latin-1 there makes uvicorn drop the connection
+    instead of answering."""
+    text = " ".join(message.split()).encode("latin-1", "replace").decode("latin-1")
+    return text[:limit] or "error"
 
 
 MAX_BODY_BYTES = 64 * 1024  # a Simulation request is ~1 KB; nothing a validator sends comes near this

@@ -28,15 +28,28 @@ class MinerData:
         self.emergency = emergency or MarketData(MemoryHistoryCache(), shared.sources, 86_400, shared.steps_for,
                                                  settings=shared.settings)
         self._last: dict[str, MarketSnapshot] = {}
+        self._inflight: dict[str, asyncio.Future[MarketSnapshot]] = {}
+
+    def _shared(self, asset: str, lookback_s: int | None) -> "tuple[asyncio.Future[MarketSnapshot], bool]":
+        """The shared snapshot of this asset in flight (the warm-up's, another request's), or a new one.
+        A second fetch would only compete with the first for the provider, and find the cache empty."""
+        task = self._inflight.get(asset)
+        if task is not None and not task.done():
+            return task, True
+        task = asyncio.ensure_future(self.shared.snapshot(asset, lookback_s))
+        task.add_done_callback(_consume)
+        self._inflight[asset] = task
+        return task, False
 
     async def snapshot(self, asset: str, lookback_s: int | None = None,
                        deadline: float | None = None) -> MarketSnapshot:
         """The freshest snapshot to be had by ``deadline`` (epoch seconds), or PriceDataError."""
-        shared = asyncio.ensure_future(self.shared.snapshot(asset, lookback_s))
-        shared.add_done_callback(_consume)
+        shared, joined = self._shared(asset, lookback_s)
         try:
             # Shielded: a slow refresh goes on in the background and fills the cache for the next one.
             snap = await asyncio.wait_for(asyncio.shield(shared), SHARED_TIMEOUT_S)
+            if joined:  # refreshed for another window: read this request's own
+                snap = await self._cached(asset, lookback_s) or snap
         except Exception as exc:  # Redis down, provider down or slow with a stale or empty cache...
             cached = await self._cached(asset, lookback_s)
             log.warning("shared market data failed for %s (%s: %s); using %s", asset, type(exc).__name__, exc,
@@ -49,6 +62,8 @@ class MinerData:
                 left = (deadline if deadline is not None else time.time() + SHARED_TIMEOUT_S) - time.time()
                 try:
                     snap = await asyncio.wait_for(asyncio.shield(shared), max(0.0, left))
+                    if joined:
+                        snap = await self._cached(asset, lookback_s) or snap
                 except Exception as late:
                     raise PriceDataError(f"no price for {asset} in time: {type(late).__name__}: {late}") from late
         self._last[asset] = snap
@@ -85,7 +100,8 @@ class MinerData:
         """Fill the shared cache for every asset at start-up so the first answers use real history."""
         async def one(asset: str) -> str | None:
             try:  # the shared cache only: the emergency path is for requests, not for warm-up
-                self._last[asset] = await asyncio.wait_for(self.shared.snapshot(asset), SHARED_TIMEOUT_S * 4)
+                shared, _ = self._shared(asset, None)  # requests arriving meanwhile join it
+                self._last[asset] = await asyncio.wait_for(asyncio.shield(shared), SHARED_TIMEOUT_S * 4)
                 return None
             except Exception as exc:
                 return f"{asset} ({type(exc).__name__}: {exc})" if str(exc) else f"{asset} ({type(exc).__name__})"

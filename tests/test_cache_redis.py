@@ -1,7 +1,7 @@
 """RedisHistoryCache against a real redis-server: layout, gaps, idempotence, trim, concurrency."""
 
 import threading
-from collections.abc import Iterator
+from functools import partial
 
 import numpy as np
 import pytest
@@ -10,29 +10,12 @@ import redis
 from core.cache_redis import CacheError, RedisHistoryCache, slots_per_day
 from core.constants import SECONDS_PER_DAY
 from core.prices import LatestPrice, PriceHistory
+from tests.provider_fixtures import random_walk_bars, redis_cache_fixtures
 
 DAY0 = 20_600 * SECONDS_PER_DAY  # a UTC midnight
 
-
-@pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    c.close()
-
-
-@pytest.fixture
-def cache(client: redis.Redis) -> RedisHistoryCache:
-    return RedisHistoryCache(client)
-
-
-def bars(start: int, n: int, step: int = 60, drop: tuple[int, ...] = (), seed: int = 0) -> PriceHistory:
-    rng = np.random.default_rng(seed)
-    ts = start + step * np.arange(n, dtype=np.int64)
-    close = 100.0 * np.exp(np.cumsum(rng.normal(0, 1e-3, n)))
-    keep = np.ones(n, bool)
-    keep[list(drop)] = False
-    return PriceHistory(step, ts[keep], close[keep])
+client, cache = redis_cache_fixtures()
+bars = partial(random_walk_bars, level=100.0)
 
 
 def test_roundtrip_across_days_keeps_gaps_and_exact_floats(cache: RedisHistoryCache) -> None:

@@ -9,37 +9,11 @@ import numpy as np
 import pytest
 
 from core.assets import ASSETS
-from core.csv_history import read_csv, write_csv
-from core.fake_providers import ALIGN, FakeMarket, FakeServer, ManualClock, build_app, start_fake
+from core.csv_history import read_csv
+from core.fake_providers import ALIGN, FakeMarket, FakeServer, ManualClock, build_app
+from tests.provider_fixtures import T0, fake_provider_fixtures
 
-T0 = 1_900_000_030
-
-
-@pytest.fixture(scope="module")
-def csv_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
-    out = tmp_path_factory.mktemp("fake_csv")
-    manifest = json.loads((shared_data / "manifest.json").read_text())
-    for stem in ("btc", "xau"):
-        cut = manifest[f"{stem}_1m"]["eval_start_ts"]
-        write_csv(out / f"{stem}_1m.csv.gz", read_csv(shared_data / f"{stem}_1m.csv.gz", 60).between(cut - 3 * 86_400, cut))
-    return out
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock(T0)
-
-
-@pytest.fixture
-def market(csv_dir: Path, clock: ManualClock) -> FakeMarket:
-    return FakeMarket(csv_dir, clock)
-
-
-@pytest.fixture
-async def server(market: FakeMarket) -> AsyncIterator[FakeServer]:
-    srv = await start_fake("all", market)
-    yield srv
-    await srv.stop()
+csv_dir, clock, market, server = fake_provider_fixtures("all", ["btc", "xau"], days=3)
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """HistoryStore: day partitions on disk, idempotent appends, atomic writes, rebuilding a cache."""
 
 import multiprocessing
+from functools import partial
 from pathlib import Path
 from typing import IO
 
@@ -14,17 +15,11 @@ from core.cache_redis import RedisHistoryCache
 from core.constants import SECONDS_PER_DAY
 from core.history_store import HistoryStore, StoreReadError, StoreWriteError, day_name, rebuild_cache
 from core.prices import PriceHistory
+from tests.provider_fixtures import random_walk_bars
 
 DAY0 = 20_600 * SECONDS_PER_DAY
 
-
-def bars(start: int, n: int, step: int = 60, drop: tuple[int, ...] = (), seed: int = 0) -> PriceHistory:
-    rng = np.random.default_rng(seed)
-    ts = start + step * np.arange(n, dtype=np.int64)
-    close = 2500.0 * np.exp(np.cumsum(rng.normal(0, 1e-3, n)))
-    keep = np.ones(n, bool)
-    keep[list(drop)] = False
-    return PriceHistory(step, ts[keep], close[keep])
+bars = partial(random_walk_bars, level=2500.0)
 
 
 def test_append_partitions_by_utc_day_and_reads_back(tmp_path: Path) -> None:

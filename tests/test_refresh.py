@@ -1,8 +1,7 @@
 """refresh_asset against a local Binance server, a real Redis and a disk store."""
 
 import asyncio
-import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import IO
 
@@ -13,8 +12,7 @@ import redis
 from core import history_store
 from core.cache_redis import RedisHistoryCache
 from core.constants import SECONDS_PER_DAY
-from core.csv_history import read_csv, write_csv
-from core.fake_providers import FakeMarket, FakeServer, FakeServerThread, ManualClock, start_fake
+from core.fake_providers import FakeMarket, FakeServer, FakeServerThread, ManualClock
 from core.history_store import HistoryStore
 from core.prices import PriceHistory
 from core.refresh import RefreshConfigError, cache_windows, refresh_asset, refresh_assets_sync
@@ -22,36 +20,14 @@ from core.settings import Settings
 from core.sources.binance import BinanceSource
 from core.sources.http import HttpConfig
 from core.sources.replay import ReplaySource
+from tests.provider_fixtures import T0, fake_provider_fixtures, redis_cache_fixtures
 
-T0 = 1_900_000_030
 WINDOW = 2 * SECONDS_PER_DAY
 
-
-@pytest.fixture(scope="module")
-def csv_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
-    out = tmp_path_factory.mktemp("refresh_csv")
-    cut = json.loads((shared_data / "manifest.json").read_text())["btc_1m"]["eval_start_ts"]
-    m1 = read_csv(shared_data / "btc_1m.csv.gz", 60).between(cut - 5 * SECONDS_PER_DAY, cut)
-    write_csv(out / "btc_1m.csv.gz", m1)
-    write_csv(out / "btc_5m.csv.gz", m1.resample(300))
-    return out
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock(T0)
-
-
-@pytest.fixture
-def market(csv_dir: Path, clock: ManualClock) -> FakeMarket:
-    return FakeMarket(csv_dir, clock, lead_s=SECONDS_PER_DAY)  # a day of rows still to come
-
-
-@pytest.fixture
-async def server(market: FakeMarket) -> AsyncIterator[FakeServer]:
-    srv = await start_fake("binance", market)
-    yield srv
-    await srv.stop()
+# BTC 1m and 5m; the market holds a day of rows still to come.
+csv_dir, clock, market, server = fake_provider_fixtures("binance", ["btc"], days=5, with_5m=True,
+                                                        lead_s=SECONDS_PER_DAY)
+client, cache = redis_cache_fixtures()
 
 
 @pytest.fixture
@@ -65,18 +41,6 @@ async def source(settings: Settings, clock: ManualClock) -> AsyncIterator[Binanc
     src = BinanceSource(settings.binance_url, HttpConfig.from_settings(settings), clock)
     yield src
     await src.close()
-
-
-@pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    c.close()
-
-
-@pytest.fixture
-def cache(client: redis.Redis) -> RedisHistoryCache:
-    return RedisHistoryCache(client)
 
 
 @pytest.fixture

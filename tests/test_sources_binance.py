@@ -1,52 +1,16 @@
 """BinanceSource against the local Binance server (real HTTP on loopback, real shared-data prices)."""
 
-import json
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from core.csv_history import read_csv, write_csv
-from core.fake_providers import FakeMarket, FakeServer, ManualClock, start_fake
+from core.fake_providers import FakeMarket, FakeServer
 from core.sources.binance import PAGE_LIMIT, BinanceSource, _parse_klines
-from core.sources.http import HttpConfig, MalformedReplyError, ProviderHTTPError, UnsupportedAssetError
+from core.sources.http import MalformedReplyError, ProviderHTTPError, UnsupportedAssetError
+from tests.provider_fixtures import FAST_RETRIES, T0, fake_provider_fixtures, source_fixture
 
-T0 = 1_900_000_030  # not on a minute: the still-open bar must never be returned
-CONFIG = HttpConfig(timeout_s=2.0, retries=2, backoff_s=0.01, backoff_max_s=0.05)
-
-
-@pytest.fixture(scope="module")
-def csv_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
-    """Ten days of BTC 1m before the held-out boundary (held-out rows never leave the shared folder)."""
-    out = tmp_path_factory.mktemp("binance_csv")
-    cut = json.loads((shared_data / "manifest.json").read_text())["btc_1m"]["eval_start_ts"]
-    write_csv(out / "btc_1m.csv.gz", read_csv(shared_data / "btc_1m.csv.gz", 60).between(cut - 10 * 86_400, cut))
-    return out
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock(T0)
-
-
-@pytest.fixture
-def market(csv_dir: Path, clock: ManualClock) -> FakeMarket:
-    return FakeMarket(csv_dir, clock)
-
-
-@pytest.fixture
-async def server(market: FakeMarket) -> AsyncIterator[FakeServer]:
-    srv = await start_fake("binance", market)
-    yield srv
-    await srv.stop()
-
-
-@pytest.fixture
-async def source(server: FakeServer, clock: ManualClock) -> AsyncIterator[BinanceSource]:
-    src = BinanceSource(server.url, CONFIG, clock)
-    yield src
-    await src.close()
+# Ten days of BTC 1m before the held-out boundary.
+csv_dir, clock, market, server = fake_provider_fixtures("binance", ["btc"], days=10)
+source = source_fixture(lambda url, clock: BinanceSource(url, FAST_RETRIES, clock))
 
 
 async def test_history_pages_across_the_kline_limit(source: BinanceSource, server: FakeServer,

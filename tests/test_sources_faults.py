@@ -1,16 +1,13 @@
 """Every injected fault against every client: a typed error, or a successful retry. Never a wrong price."""
 
-import json
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from core.csv_history import read_csv, write_csv
-from core.fake_providers import FakeMarket, FakeServer, ManualClock, start_fake
+from core.fake_providers import FakeMarket, FakeServer, ManualClock
 from core.sources.base import PriceSource, ProviderError
 from core.sources.binance import BinanceSource
 from core.sources.http import (
@@ -24,40 +21,14 @@ from core.sources.http import (
 )
 from core.sources.hyperliquid import HyperliquidSource
 from core.sources.pyth import PythSource
+from tests.provider_fixtures import FAST_RETRIES, T0, fake_provider_fixtures
 
-T0 = 1_900_000_030
-RETRIES = 2
-CONFIG = HttpConfig(timeout_s=2.0, retries=RETRIES, backoff_s=0.01, backoff_max_s=0.05)
+CONFIG = FAST_RETRIES
+RETRIES = CONFIG.retries
 ASSET = {"binance": "BTC", "pyth": "BTC", "hyperliquid": "XAU"}
 PROVIDERS = sorted(ASSET)
 
-
-@pytest.fixture(scope="module")
-def csv_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
-    out = tmp_path_factory.mktemp("faults_csv")
-    manifest = json.loads((shared_data / "manifest.json").read_text())
-    for stem in ("btc", "xau"):
-        cut = manifest[f"{stem}_1m"]["eval_start_ts"]
-        hist = read_csv(shared_data / f"{stem}_1m.csv.gz", 60).between(cut - 2 * 86_400, cut)
-        write_csv(out / f"{stem}_1m.csv.gz", hist)
-    return out
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock(T0)
-
-
-@pytest.fixture
-def market(csv_dir: Path, clock: ManualClock) -> FakeMarket:
-    return FakeMarket(csv_dir, clock)
-
-
-@pytest.fixture
-async def server(market: FakeMarket) -> AsyncIterator[FakeServer]:
-    srv = await start_fake("all", market)
-    yield srv
-    await srv.stop()
+csv_dir, clock, market, server = fake_provider_fixtures("all", ["btc", "xau"], days=2)
 
 
 def make_source(provider: str, url: str, clock: ManualClock, config: HttpConfig = CONFIG) -> PriceSource:

@@ -1,53 +1,16 @@
 """HyperliquidSource against the local Hyperliquid server (gold 1m: real MT5 bars with their gaps)."""
 
-import json
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from core.csv_history import read_csv, write_csv
-from core.fake_providers import HYPERLIQUID_MAX_CANDLES, FakeMarket, FakeServer, ManualClock, start_fake
-from core.sources.http import BadPriceError, HttpConfig, MalformedReplyError, StalePriceError, UnsupportedAssetError
+from core.fake_providers import HYPERLIQUID_MAX_CANDLES, FakeMarket, FakeServer
+from core.sources.http import BadPriceError, MalformedReplyError, StalePriceError, UnsupportedAssetError
 from core.sources.hyperliquid import HyperliquidSource
+from tests.provider_fixtures import FAST_RETRIES, T0, fake_provider_fixtures, source_fixture
 
-T0 = 1_900_000_030
-CONFIG = HttpConfig(timeout_s=2.0, retries=2, backoff_s=0.01, backoff_max_s=0.05)
-
-
-@pytest.fixture(scope="module")
-def csv_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
-    """Eight days of XAU 1m before its held-out boundary, ending on a trading minute."""
-    out = tmp_path_factory.mktemp("hl_csv")
-    cut = json.loads((shared_data / "manifest.json").read_text())["xau_1m"]["eval_start_ts"]
-    hist = read_csv(shared_data / "xau_1m.csv.gz", 60).between(cut - 8 * 86_400, cut)
-    write_csv(out / "xau_1m.csv.gz", hist)
-    return out
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock(T0)
-
-
-@pytest.fixture
-def market(csv_dir: Path, clock: ManualClock) -> FakeMarket:
-    return FakeMarket(csv_dir, clock)
-
-
-@pytest.fixture
-async def server(market: FakeMarket) -> AsyncIterator[FakeServer]:
-    srv = await start_fake("hyperliquid", market)
-    yield srv
-    await srv.stop()
-
-
-@pytest.fixture
-async def source(server: FakeServer, clock: ManualClock) -> AsyncIterator[HyperliquidSource]:
-    src = HyperliquidSource(server.url, CONFIG, clock)
-    yield src
-    await src.close()
+# Eight days of XAU 1m before its held-out boundary, ending on a trading minute.
+csv_dir, clock, market, server = fake_provider_fixtures("hyperliquid", ["xau"], days=8)
+source = source_fixture(lambda url, clock: HyperliquidSource(url, FAST_RETRIES, clock))
 
 
 async def test_history_keeps_the_gaps_of_the_feed(source: HyperliquidSource, market: FakeMarket) -> None:

@@ -1,17 +1,11 @@
 """PythSource (Benchmarks history + Hermes latest) against the local Pyth server."""
 
-import json
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from core.csv_history import read_csv, write_csv
-from core.fake_providers import FakeMarket, FakeServer, ManualClock, start_fake
+from core.fake_providers import FakeMarket, FakeServer
 from core.sources.http import (
     BadPriceError,
-    HttpConfig,
     MalformedReplyError,
     ProviderHTTPError,
     ProviderRejected,
@@ -19,42 +13,12 @@ from core.sources.http import (
     UnsupportedAssetError,
 )
 from core.sources.pyth import PythSource
+from tests.provider_fixtures import FAST_RETRIES, T0, fake_provider_fixtures, source_fixture
 
-T0 = 1_900_000_030
-CONFIG = HttpConfig(timeout_s=2.0, retries=2, backoff_s=0.01, backoff_max_s=0.05)
 PAGE_BARS = 500  # small pages so two days already need several
 
-
-@pytest.fixture(scope="module")
-def csv_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
-    out = tmp_path_factory.mktemp("pyth_csv")
-    cut = json.loads((shared_data / "manifest.json").read_text())["btc_1m"]["eval_start_ts"]
-    write_csv(out / "btc_1m.csv.gz", read_csv(shared_data / "btc_1m.csv.gz", 60).between(cut - 5 * 86_400, cut))
-    return out
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock(T0)
-
-
-@pytest.fixture
-def market(csv_dir: Path, clock: ManualClock) -> FakeMarket:
-    return FakeMarket(csv_dir, clock)
-
-
-@pytest.fixture
-async def server(market: FakeMarket) -> AsyncIterator[FakeServer]:
-    srv = await start_fake("pyth", market)
-    yield srv
-    await srv.stop()
-
-
-@pytest.fixture
-async def source(server: FakeServer, clock: ManualClock) -> AsyncIterator[PythSource]:
-    src = PythSource(server.url, server.url, CONFIG, clock, page_bars=PAGE_BARS)
-    yield src
-    await src.close()
+csv_dir, clock, market, server = fake_provider_fixtures("pyth", ["btc"], days=5)
+source = source_fixture(lambda url, clock: PythSource(url, url, FAST_RETRIES, clock, page_bars=PAGE_BARS))
 
 
 async def test_history_is_paginated_over_long_ranges(source: PythSource, server: FakeServer,

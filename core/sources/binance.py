@@ -5,24 +5,15 @@ what the validators score against and its close time is an exchange timestamp we
 staleness; ``/api/v3/ticker/price`` carries no timestamp at all, so it cannot be checked.
 """
 
-import time
 from typing import Any
 
-from core.assets import ASSETS
 from core.prices import LatestPrice, PriceHistory
 from core.sources.http import (
-    Clock,
-    HttpClient,
-    HttpConfig,
     MalformedReplyError,
-    UnsupportedAssetError,
-    align_up,
+    PagedSource,
+    asset_code,
     build_history,
-    check_fresh,
-    closed_end,
-    fetch_range,
-    gather_pages,
-    page_ranges,
+    newest_closed,
     parse_int,
     parse_price,
 )
@@ -31,35 +22,17 @@ INTERVALS = {60: "1m", 300: "5m"}
 PAGE_LIMIT = 1000  # Binance's maximum ``limit`` for klines
 
 
-class BinanceSource:
+class BinanceSource(PagedSource):
     name = "binance"
-
-    def __init__(self, base_url: str, config: HttpConfig, clock: Clock = time.time,
-                 http: HttpClient | None = None) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.config = config
-        self.clock = clock
-        self.http = http or HttpClient(self.name, config)
+    intervals = INTERVALS
+    interval_word = "kline interval"
+    page_bars = PAGE_LIMIT
 
     def symbol(self, asset: str) -> str:
-        spec = ASSETS.get(asset)
-        if spec is None or spec.binance_symbol is None:
-            raise UnsupportedAssetError(f"binance: no symbol for asset {asset!r}")
-        return spec.binance_symbol
+        return asset_code(asset, lambda spec: spec.binance_symbol, "binance: no symbol")
 
-    async def history(self, asset: str, start: int, end: int, step: int = 60) -> PriceHistory:
-        symbol = self.symbol(asset)
-        if step not in INTERVALS:
-            raise UnsupportedAssetError(f"binance: no kline interval for step {step}")
-        start, end = align_up(start, step), closed_end(end, step, self.clock())
-        if start >= end:
-            return PriceHistory.empty(step)
-
-        async def page(a: int, b: int) -> PriceHistory:
-            return await self._page(symbol, step, a, b)
-
-        ranges = page_ranges(start, end, PAGE_LIMIT * step)
-        return await gather_pages((fetch_range(page, a, b, step) for a, b in ranges), step)
+    def _code(self, asset: str) -> str:
+        return self.symbol(asset)
 
     async def _page(self, symbol: str, step: int, start: int, end: int) -> PriceHistory:
         params = [("symbol", symbol), ("interval", INTERVALS[step]), ("startTime", str(start * 1000)),
@@ -75,15 +48,8 @@ class BinanceSource:
         rows = await self.http.get_json(f"{self.base_url}/api/v3/klines", params)
         what = f"binance latest {symbol}"
         ts, close = _parse_klines(rows, what, 60)
-        now = self.clock()
-        closed = [(t, c) for t, c in zip(ts, close) if t + 60 <= now]
-        if not closed:
-            raise MalformedReplyError(f"{what}: no closed 1-minute kline in the reply")
-        t, c = max(closed)
-        return check_fresh(what, LatestPrice(price=c, publish_time=t + 60), now, self.config.max_price_age_s)
-
-    async def close(self) -> None:
-        await self.http.close()
+        return newest_closed(what, ts, close, self.clock(), self.config.max_price_age_s,
+                             MalformedReplyError(f"{what}: no closed 1-minute kline in the reply"))
 
 
 def _parse_klines(rows: Any, what: str, step: int) -> tuple[list[int], list[float]]:

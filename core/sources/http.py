@@ -8,7 +8,9 @@ import asyncio
 import logging
 import math
 import random
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +19,7 @@ import numpy as np
 import orjson
 from yarl import URL
 
+from core.assets import ASSETS, AssetSpec
 from core.prices import LatestPrice, PriceDataError, PriceHistory
 from core.settings import Settings
 from core.sources.base import ProviderError
@@ -306,3 +309,73 @@ async def fetch_range(fetch: Callable[[int, int], Awaitable[PriceHistory]], star
         assert last is not None
         cursor = last + step
     return result
+
+
+# --- what the paged provider clients share -----------------------------------------------------------
+def asset_code(asset: str, code: Callable[[AssetSpec], str | None], missing: str) -> str:
+    """The provider's name for ``asset``; ``missing`` (e.g. "binance: no symbol") opens the error otherwise."""
+    spec = ASSETS.get(asset)
+    value = None if spec is None else code(spec)
+    if value is None:
+        raise UnsupportedAssetError(f"{missing} for asset {asset!r}")
+    return value
+
+
+def newest_closed(what: str, ts: Sequence[int], close: Sequence[float], now: float, max_age_s: float,
+                  none_closed: ProviderError) -> LatestPrice:
+    """The newest 1-minute bar already closed at ``now`` as a checked latest price; ``none_closed`` if none is."""
+    closed = [(t, c) for t, c in zip(ts, close) if t + 60 <= now]
+    if not closed:
+        raise none_closed
+    t, c = max(closed)
+    return check_fresh(what, LatestPrice(price=c, publish_time=t + 60), now, max_age_s)
+
+
+class PagedSource(ABC):
+    """One ``HttpClient``, a clock, and history from ``base_url`` in pages of ``page_bars``, fetched at once.
+
+    A client names its steps (``intervals``) and how its errors call them (``interval_word``), the most
+    bars one call returns (``page_bars``), the asset's code at the provider (``_code``) and how one page
+    of ``[start, end)`` is fetched (``_page``).
+    """
+
+    name: str
+    intervals: Mapping[int, str]
+    interval_word: str
+    page_bars: int
+
+    def __init__(self, base_url: str, config: HttpConfig, clock: Clock = time.time,
+                 http: HttpClient | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.config = config
+        self.clock = clock
+        self.http = http or HttpClient(self.name, config)
+
+    @abstractmethod
+    def _code(self, asset: str) -> str:
+        """The symbol or coin history is asked for; ``UnsupportedAssetError`` when there is none."""
+
+    @abstractmethod
+    async def _page(self, code: str, step: int, start: int, end: int) -> PriceHistory:
+        """One call for the bars in ``[start, end)``, checked."""
+
+    @abstractmethod
+    async def latest(self, asset: str) -> LatestPrice:
+        """The newest price with its publish time, checked for freshness."""
+
+    async def history(self, asset: str, start: int, end: int, step: int = 60) -> PriceHistory:
+        code = self._code(asset)
+        if step not in self.intervals:
+            raise UnsupportedAssetError(f"{self.name}: no {self.interval_word} for step {step}")
+        start, end = align_up(start, step), closed_end(end, step, self.clock())
+        if start >= end:
+            return PriceHistory.empty(step)
+
+        async def page(a: int, b: int) -> PriceHistory:
+            return await self._page(code, step, a, b)
+
+        ranges = page_ranges(start, end, self.page_bars * step)
+        return await gather_pages((fetch_range(page, a, b, step) for a, b in ranges), step)
+
+    async def close(self) -> None:
+        await self.http.close()

@@ -8,25 +8,16 @@ still exposes ``allMids`` for a quick look at every coin.
 Hyperliquid keeps only about 5000 candles per coin and interval: older ranges come back empty.
 """
 
-import time
 from typing import Any
 
-from core.assets import ASSETS
 from core.prices import LatestPrice, PriceHistory
 from core.sources.http import (
-    Clock,
-    HttpClient,
-    HttpConfig,
     MalformedReplyError,
+    PagedSource,
     StalePriceError,
-    UnsupportedAssetError,
-    align_up,
+    asset_code,
     build_history,
-    check_fresh,
-    closed_end,
-    fetch_range,
-    gather_pages,
-    page_ranges,
+    newest_closed,
     parse_int,
     parse_price,
 )
@@ -36,36 +27,21 @@ PAGE_LIMIT = 5000  # candles per candleSnapshot reply
 LATEST_LOOKBACK_S = 600  # the latest-price query asks for the last 10 minutes
 
 
-class HyperliquidSource:
+class HyperliquidSource(PagedSource):
     name = "hyperliquid"
-
-    def __init__(self, base_url: str, config: HttpConfig, clock: Clock = time.time,
-                 http: HttpClient | None = None) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.config = config
-        self.clock = clock
-        self.http = http or HttpClient(self.name, config)
+    intervals = INTERVALS
+    interval_word = "candle interval"
+    page_bars = PAGE_LIMIT
 
     def coin(self, asset: str) -> str:
-        spec = ASSETS.get(asset)
-        if spec is None or spec.hyperliquid_coin is None:
-            raise UnsupportedAssetError(f"hyperliquid: no coin for asset {asset!r}")
-        return spec.hyperliquid_coin
+        return asset_code(asset, lambda spec: spec.hyperliquid_coin, "hyperliquid: no coin")
 
-    async def history(self, asset: str, start: int, end: int, step: int = 60) -> PriceHistory:
-        coin = self.coin(asset)
-        if step not in INTERVALS:
-            raise UnsupportedAssetError(f"hyperliquid: no candle interval for step {step}")
-        start, end = align_up(start, step), closed_end(end, step, self.clock())
-        if start >= end:
-            return PriceHistory.empty(step)
+    def _code(self, asset: str) -> str:
+        return self.coin(asset)
 
-        async def page(a: int, b: int) -> PriceHistory:
-            ts, close = await self._candles(coin, step, a, b)
-            return build_history(f"hyperliquid candles {coin} [{a}, {b})", step, ts, close, a, b)
-
-        ranges = page_ranges(start, end, PAGE_LIMIT * step)
-        return await gather_pages((fetch_range(page, a, b, step) for a, b in ranges), step)
+    async def _page(self, coin: str, step: int, start: int, end: int) -> PriceHistory:
+        ts, close = await self._candles(coin, step, start, end)
+        return build_history(f"hyperliquid candles {coin} [{start}, {end})", step, ts, close, start, end)
 
     async def _candles(self, coin: str, step: int, start: int, end: int) -> tuple[list[int], list[float]]:
         payload = {"type": "candleSnapshot",
@@ -80,11 +56,8 @@ class HyperliquidSource:
         end = int(now) // 60 * 60 + 60
         ts, close = await self._candles(coin, 60, end - LATEST_LOOKBACK_S, end)
         what = f"hyperliquid latest {coin}"
-        closed = [(t, c) for t, c in zip(ts, close) if t + 60 <= now]
-        if not closed:
-            raise StalePriceError(f"{what}: no closed candle in the last {LATEST_LOOKBACK_S} s")
-        t, c = max(closed)
-        return check_fresh(what, LatestPrice(price=c, publish_time=t + 60), now, self.config.max_price_age_s)
+        return newest_closed(what, ts, close, now, self.config.max_price_age_s,
+                             StalePriceError(f"{what}: no closed candle in the last {LATEST_LOOKBACK_S} s"))
 
     async def mids(self) -> dict[str, float]:
         """``allMids``: coin -> mid price, every value checked."""
@@ -92,9 +65,6 @@ class HyperliquidSource:
         if not isinstance(reply, dict):
             raise MalformedReplyError(f"hyperliquid allMids: expected an object, got {type(reply).__name__}")
         return {str(coin): parse_price(mid, f"hyperliquid allMids {coin}") for coin, mid in reply.items()}
-
-    async def close(self) -> None:
-        await self.http.close()
 
 
 def _parse_candles(reply: Any, what: str, coin: str, step: int) -> tuple[list[int], list[float]]:

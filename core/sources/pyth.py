@@ -9,22 +9,17 @@ import math
 import time
 from typing import Any
 
-from core.assets import ASSETS
 from core.prices import LatestPrice, PriceHistory
 from core.sources.http import (
     Clock,
     HttpClient,
     HttpConfig,
     MalformedReplyError,
+    PagedSource,
     ProviderRejected,
-    UnsupportedAssetError,
-    align_up,
+    asset_code,
     build_history,
     check_fresh,
-    closed_end,
-    fetch_range,
-    gather_pages,
-    page_ranges,
     parse_int,
     parse_price,
 )
@@ -34,47 +29,30 @@ PAGE_BARS = 1440  # one day of minutes per Benchmarks call keeps each reply smal
 UDF_ARRAYS = ("t", "o", "h", "l", "c", "v")
 
 
-class PythSource:
+class PythSource(PagedSource):
     name = "pyth"
+    intervals = RESOLUTIONS
+    interval_word = "Benchmarks resolution"
 
     def __init__(self, benchmarks_url: str, hermes_url: str, config: HttpConfig, clock: Clock = time.time,
                  http: HttpClient | None = None, page_bars: int = PAGE_BARS) -> None:
         if page_bars < 1:
             raise ValueError("page_bars must be >= 1")
-        self.benchmarks_url = benchmarks_url.rstrip("/")
+        super().__init__(benchmarks_url, config, clock, http)  # history comes from Benchmarks
+        self.benchmarks_url = self.base_url
         self.hermes_url = hermes_url.rstrip("/")
-        self.config = config
-        self.clock = clock
-        self.http = http or HttpClient(self.name, config)
         self.page_bars = page_bars
 
     @staticmethod
     def symbol(asset: str) -> str:
-        spec = ASSETS.get(asset)
-        if spec is None or spec.pyth_symbol is None:
-            raise UnsupportedAssetError(f"pyth: no Benchmarks symbol for asset {asset!r}")
-        return spec.pyth_symbol
+        return asset_code(asset, lambda spec: spec.pyth_symbol, "pyth: no Benchmarks symbol")
 
     @staticmethod
     def feed_id(asset: str) -> str:
-        spec = ASSETS.get(asset)
-        if spec is None or spec.hermes_id is None:
-            raise UnsupportedAssetError(f"pyth: no Hermes feed id for asset {asset!r}")
-        return spec.hermes_id
+        return asset_code(asset, lambda spec: spec.hermes_id, "pyth: no Hermes feed id")
 
-    async def history(self, asset: str, start: int, end: int, step: int = 60) -> PriceHistory:
-        symbol = self.symbol(asset)
-        if step not in RESOLUTIONS:
-            raise UnsupportedAssetError(f"pyth: no Benchmarks resolution for step {step}")
-        start, end = align_up(start, step), closed_end(end, step, self.clock())
-        if start >= end:
-            return PriceHistory.empty(step)
-
-        async def page(a: int, b: int) -> PriceHistory:
-            return await self._page(symbol, step, a, b)
-
-        ranges = page_ranges(start, end, self.page_bars * step)
-        return await gather_pages((fetch_range(page, a, b, step) for a, b in ranges), step)
+    def _code(self, asset: str) -> str:
+        return self.symbol(asset)
 
     async def _page(self, symbol: str, step: int, start: int, end: int) -> PriceHistory:
         # UDF ranges include ``to``: ask up to the last second before ``end``.
@@ -90,9 +68,6 @@ class PythSource:
         what = f"pyth hermes {asset} ({feed[:8]})"
         price = _parse_hermes(reply, what, feed)
         return check_fresh(what, price, self.clock(), self.config.max_price_age_s)
-
-    async def close(self) -> None:
-        await self.http.close()
 
 
 def _parse_udf(reply: Any, what: str) -> tuple[list[int], list[float]]:

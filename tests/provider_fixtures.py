@@ -1,0 +1,107 @@
+"""Set-up shared by the tests that run clients against the local provider servers or a real Redis.
+
+Fixtures are made by factories and bound to names in each test module
+(``csv_dir, clock, market, server = fake_provider_fixtures(...)``): pytest finds them there, and
+nothing is imported only to be shadowed by a test's parameter.
+"""
+
+import json
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+
+from core.cache_redis import RedisHistoryCache
+from core.constants import SECONDS_PER_DAY
+from core.csv_history import read_csv, write_csv
+from core.fake_providers import FakeMarket, FakeProvider, FakeServer, ManualClock, start_fake
+from core.prices import PriceHistory
+from core.sources.base import PriceSource
+from core.sources.http import HttpConfig
+
+T0 = 1_900_000_030  # not on a minute: the still-open bar must never be returned
+FAST_RETRIES = HttpConfig(timeout_s=2.0, retries=2, backoff_s=0.01, backoff_max_s=0.05)
+
+Fixture = Any  # what ``pytest.fixture`` returns (a private pytest class)
+
+
+def write_held_in(out: Path, shared_data: Path, stems: Sequence[str], days: int, with_5m: bool = False) -> Path:
+    """The last ``days`` of each ``<stem>_1m`` file before its held-out boundary, written to ``out``.
+
+    Held-out rows never leave the shared folder. ``with_5m`` adds the 5-minute resample beside each.
+    """
+    manifest = json.loads((shared_data / "manifest.json").read_text())
+    for stem in stems:
+        cut = manifest[f"{stem}_1m"]["eval_start_ts"]
+        m1 = read_csv(shared_data / f"{stem}_1m.csv.gz", 60).between(cut - days * SECONDS_PER_DAY, cut)
+        write_csv(out / f"{stem}_1m.csv.gz", m1)
+        if with_5m:
+            write_csv(out / f"{stem}_5m.csv.gz", m1.resample(300))
+    return out
+
+
+def fake_provider_fixtures(provider: FakeProvider, stems: Sequence[str], days: int, *, with_5m: bool = False,
+                           lead_s: int = 0) -> tuple[Fixture, Fixture, Fixture, Fixture]:
+    """``csv_dir`` (per module), ``clock`` at ``T0``, ``market`` over the folder and a running ``server``."""
+
+    @pytest.fixture(scope="module")
+    def csv_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+        return write_held_in(tmp_path_factory.mktemp(f"{provider}_csv"), shared_data, stems, days, with_5m)
+
+    @pytest.fixture
+    def clock() -> ManualClock:
+        return ManualClock(T0)
+
+    @pytest.fixture
+    def market(csv_dir: Path, clock: ManualClock) -> FakeMarket:
+        return FakeMarket(csv_dir, clock, lead_s=lead_s)
+
+    @pytest.fixture
+    async def server(market: FakeMarket) -> AsyncIterator[FakeServer]:
+        srv = await start_fake(provider, market)
+        yield srv
+        await srv.stop()
+
+    return csv_dir, clock, market, server
+
+
+def source_fixture(make: Callable[[str, ManualClock], PriceSource]) -> Fixture:
+    """``source``: ``make(server.url, clock)``, closed after the test."""
+
+    @pytest.fixture
+    async def source(server: FakeServer, clock: ManualClock) -> AsyncIterator[PriceSource]:
+        src = make(server.url, clock)
+        yield src
+        await src.close()
+
+    return source
+
+
+def redis_cache_fixtures() -> tuple[Fixture, Fixture]:
+    """``client`` (bytes replies) on the test's clean database and the ``cache`` over it."""
+
+    @pytest.fixture
+    def client(redis_url: str) -> Iterator[redis.Redis]:
+        c = redis.Redis.from_url(redis_url)
+        yield c
+        c.close()
+
+    @pytest.fixture
+    def cache(client: redis.Redis) -> RedisHistoryCache:
+        return RedisHistoryCache(client)
+
+    return client, cache
+
+
+def random_walk_bars(start: int, n: int, step: int = 60, drop: tuple[int, ...] = (), seed: int = 0,
+                     level: float = 100.0) -> PriceHistory:
+    """``n`` bars from ``start`` around ``level`` (log steps of 0.1 %), the indices in ``drop`` left out."""
+    rng = np.random.default_rng(seed)
+    ts = start + step * np.arange(n, dtype=np.int64)
+    close = level * np.exp(np.cumsum(rng.normal(0, 1e-3, n)))
+    keep = np.ones(n, bool)
+    keep[list(drop)] = False
+    return PriceHistory(step, ts[keep], close[keep])
