@@ -51,19 +51,20 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     env = {"SYNTH_WALLET_PATH": str(tmp / "w"), "SYNTH_WALLET_NAME": "miner", "SYNTH_PRICE_PROVIDER": "replay",
            "SYNTH_REPLAY_DIR": str(args.data), "SYNTH_DATA_DIR": str(tmp / "data"), "SYNTH_LOG_LEVEL": "WARNING",
            "SYNTH_ARTIFACTS_DIR": str(args.artifacts) if args.artifacts else str(tmp / "artifacts")}
-    procs, redis = [], None
-    if args.mode == "celery":
-        redis = RedisServer(tmp).start()
-        env["SYNTH_REDIS_URL"] = redis.url
-        procs.append(start_worker(tmp, env))
-    port = free_port()
-    procs.append(start_miner(tmp, port, env))
-    validator = Validator(vali_wallet, miner_wallet.hotkey.ss58_address, port)
+    procs, redis, validator = [], None, None
     try:
+        if args.mode == "celery":
+            redis = RedisServer(tmp).start()
+            env["SYNTH_REDIS_URL"] = redis.url
+            procs.append(start_worker(tmp, env))
+        port = free_port()
+        procs.append(start_miner(tmp, port, env))
+        validator = Validator(vali_wallet, miner_wallet.hotkey.ss58_address, port)
         await asyncio.sleep(2)  # let the miner warm its cache
         results = {name: await measure(validator, args.n, inc, length) for name, (inc, length) in PROMPTS.items()}
     finally:
-        await validator.close()
+        if validator is not None:
+            await validator.close()
         for proc in reversed(procs):
             proc.stop()
         if redis:
