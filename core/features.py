@@ -33,7 +33,7 @@ from core.prices import PriceHistory
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
-FEATURE_VERSION = 1  # bump whenever a feature's meaning changes: old checkpoints then refuse to load
+FEATURE_VERSION = 2  # bump whenever a feature's meaning changes: old checkpoints then refuse to load
 NY = ZoneInfo("America/New_York")
 VAR_FLOOR = 1e-14  # same floor as the EWMA-t engine's variance
 
@@ -240,18 +240,28 @@ def base_variances(returns: FloatArray, cfg: EwmaConfig) -> tuple[float, float]:
 
 
 def base_sigma(fast: float, slow: float, cfg: EwmaConfig, horizon: int) -> FloatArray:
-    """The EWMA-t engine's per-step std: fast reverting geometrically to slow over the horizon."""
+    """The EWMA-t engine's per-step std before its ``var_mult``: fast reverting to slow over the horizon.
+
+    ``var_mult`` (tuned on the validator's CRPS, < 1) is left out on purpose: the likelihood is fitted
+    against the raw realised-volatility estimate, and the shrink is applied when sampling
+    (``sample_scale``), so the untrained model still reproduces the EWMA-t engine exactly.
+    """
     decay = 0.5 ** (np.arange(horizon, dtype=np.float64) / cfg.reversion_bars)
-    variance = (slow + (fast - slow) * decay) * cfg.var_mult
+    variance = slow + (fast - slow) * decay
     out: FloatArray = np.sqrt(np.maximum(variance, VAR_FLOOR))
     return out
+
+
+def sample_scale(cfg: EwmaConfig) -> float:
+    """Std multiplier between the raw base and the EWMA-t engine's sampled std."""
+    return float(np.sqrt(cfg.var_mult))
 
 
 @dataclass(frozen=True)
 class ContextInputs:
     series: FloatArray  # [context_len] returns / fast EWMA std, oldest first
     scalars: FloatArray  # [len(context_feature_names(spec))], raw (normalised by the model's stats)
-    base: FloatArray  # [horizon] EWMA-t per-step std of the one-step log return
+    base: FloatArray  # [horizon] EWMA-t per-step std of the one-step log return, before var_mult
     fast: float
     slow: float
 

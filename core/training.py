@@ -29,7 +29,7 @@ from core.checkpoint import Checkpoint
 from core.datasets import MODEL_ASSETS, FileSlice, WindowSet, build_windows, split_train_val
 from core.engines.ewma import DEFAULT_CONFIGS, EwmaConfig
 from core.features import (FEATURE_SPECS, STEP_FEATURE_NAMES, FeatureSpec, NormStats, context_feature_names,
-                           step_features)
+                           sample_scale, step_features)
 from core.model import PatchTST, PatchTSTConfig, StudentTParams, series_channels, unit_t_log_prob
 from core.path_sampling import LatentVol, sample_paths
 from core.scoring import score_prompt
@@ -39,7 +39,9 @@ FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
 DEFAULT_STRIDE_S = {"hf": 1800, "lf_crypto": 3600, "lf_equity": 1800}
-LATENT_CANDIDATES = (LatentVol(), LatentVol(0.98, 0.05), LatentVol(0.99, 0.05), LatentVol(0.95, 0.1))
+# Per-path volatility candidates for the sampler (rho, s), tried on validation after training.
+LATENT_CANDIDATES = (LatentVol(), LatentVol(0.98, 0.03), LatentVol(0.99, 0.03), LatentVol(0.98, 0.06),
+                     LatentVol(0.99, 0.06))
 ARCH: dict[str, dict[str, int]] = {  # per-model architecture on top of PatchTSTConfig's defaults
     "hf": {"patch_len": 16, "stride": 16},
     "lf_crypto": {"patch_len": 24, "stride": 24},
@@ -146,9 +148,9 @@ class StepLaws:
 
 
 def predict(model: PatchTST | None, w: WindowSet, rows: IntArray, norm: NormStats, cfg: PatchTSTConfig,
-            device: str, batch_size: int = 512) -> StepLaws:
-    """Per-step laws; ``model=None`` gives the EWMA-t engine's (zero correction)."""
-    base = w.base[rows]
+            device: str, scale: float, batch_size: int = 512) -> StepLaws:
+    """Per-step laws as sampled (``scale`` = sqrt(var_mult)); ``model=None`` gives the EWMA-t engine's."""
+    base = w.base[rows] * scale
     if model is None:
         return StepLaws(np.zeros_like(base), base.copy(), np.full_like(base, cfg.base_nu))
     model.eval()
@@ -216,29 +218,51 @@ def nll_loss(p: StudentTParams, b: Batch) -> torch.Tensor:
     return increment_nll(p, b.base_rel, b.log_path)
 
 
-def sample_crps_loss(p: StudentTParams, b: Batch, aggregations: tuple[int, ...], members: int = 16) -> torch.Tensor:
-    """Fair ensemble CRPS of the realised log-price changes over several aggregations (validator-like).
+@dataclass(frozen=True)
+class Intervals:
+    """The validator's scoring intervals in steps: changes between consecutive points ``k`` apart,
+    and changes from the start to a point (its ``_gaps`` and ``_abs`` terms)."""
+
+    consecutive: tuple[int, ...]
+    from_start: tuple[int, ...]
+
+
+VALIDATOR_INTERVALS = {  # core.scoring's HF_INTERVALS / LF_INTERVALS, in steps of the prompt
+    60: Intervals(consecutive=(1, 2, 5, 15, 30), from_start=(60, *range(5, 65, 5))),
+    300: Intervals(consecutive=(1, 6, 36), from_start=(288,)),
+}
+
+
+def _fair_crps(sim: torch.Tensor, real: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """Fair ensemble CRPS per column: sim (M, B, C) against real (B, C); NaN columns score 0."""
+    m = sim.shape[0]
+    spread = (torch.sort(sim, dim=0).values * ranks[:, None, None]).sum(0) / (m * (m - 1))
+    crps = (sim - torch.nan_to_num(real)).abs().mean(0) - spread
+    return crps * ~torch.isnan(real)
+
+
+def sample_crps_loss(p: StudentTParams, b: Batch, intervals: Intervals, members: int = 16,
+                     scale: float = 1.0) -> torch.Tensor:
+    """Fair ensemble CRPS of the realised log-price changes on the validator's intervals.
 
     Reparameterised Student-t draws (``rsample``) make the sampled paths differentiable; per window
-    the CRPS is summed over the changes of every aggregation, as the validator sums its intervals.
+    the CRPS is summed over every interval's changes, as the validator sums them (in units of the
+    base std rather than basis points, so calm and wild windows weigh alike). ``scale`` is the
+    sampler's std multiplier on the base (sqrt(var_mult)), so this scores what is sent.
     """
-    scale = torch.sqrt((p.nu - 2) / p.nu)
-    eps = torch.distributions.StudentT(p.nu).rsample((members,)) * scale  # (M, B, H) unit variance
-    steps = b.base_rel * (p.mu + torch.exp(p.log_sigma) * eps)  # (M, B, H)
+    t_scale = torch.sqrt((p.nu - 2) / p.nu)  # std -> Student-t scale
+    eps = torch.distributions.StudentT(p.nu).rsample((members,)) * t_scale  # (M, B, H) unit variance
+    steps = scale * b.base_rel * (p.mu + torch.exp(p.log_sigma) * eps)  # (M, B, H)
     paths = torch.cat([steps.new_zeros(*steps.shape[:2], 1), steps.cumsum(-1)], dim=-1)  # (M, B, H+1)
-    total = paths.new_zeros(())
     ranks = 2 * torch.arange(1, members + 1, device=paths.device, dtype=paths.dtype) - members - 1
-    for k in aggregations:
-        sim = paths[..., ::k].diff(dim=-1)  # (M, B, C)
-        real = b.log_path[:, ::k].diff(dim=-1)  # (B, C), NaN where an end is unobserved
-        seen = ~torch.isnan(real)
-        spread = (torch.sort(sim, dim=0).values * ranks[:, None, None]).sum(0) / (members * (members - 1))
-        crps = (sim - torch.nan_to_num(real)).abs().mean(0) - spread  # (B, C)
-        total = total + (crps * seen).sum() / b.log_path.shape[0]
-    return total
-
-
-CRPS_AGGREGATIONS = {60: (1, 5, 15), 300: (1, 6, 36)}  # steps of the validator's shortest intervals
+    total = paths.new_zeros(())
+    for k in intervals.consecutive:
+        total = total + _fair_crps(paths[..., ::k].diff(dim=-1), b.log_path[:, ::k].diff(dim=-1), ranks).sum()
+    ends = [k for k in intervals.from_start if k < paths.shape[-1]]
+    if ends:
+        real = b.log_path[:, ends] - b.log_path[:, :1]  # (B, E)
+        total = total + _fair_crps(paths[..., ends], real, ranks).sum()
+    return total / b.log_path.shape[0]
 
 
 def train(kind: str, files: Mapping[str, FileSlice], opts: TrainOptions, console: Console | None = None,
@@ -269,8 +293,10 @@ def train(kind: str, files: Mapping[str, FileSlice], opts: TrainOptions, console
     val_rows = scorable[spaced_rows(scorable.size, opts.val_prompts)]
     all_val = np.arange(len(val_w))
 
+    shrink = sample_scale(spec.ewma)
+
     def val_crps(m: PatchTST | None, lat: LatentVol) -> float:
-        laws = predict(m, val_w, val_rows, norm, cfg, device)
+        laws = predict(m, val_w, val_rows, norm, cfg, device, shrink)
         return float(np.mean(prompt_scores(laws, val_w, val_rows, lat, opts.n_paths, opts.seed)))
 
     def val_nll(m: PatchTST) -> float:
@@ -338,8 +364,9 @@ def train(kind: str, files: Mapping[str, FileSlice], opts: TrainOptions, console
 
     phase("nll", nll_loss, opts.epochs, opts.lr)
     if opts.crps_epochs:
-        aggregations = CRPS_AGGREGATIONS[spec.step]
-        phase("crps", lambda p, b: sample_crps_loss(p, b, aggregations), opts.crps_epochs, opts.lr * opts.crps_lr_factor)
+        intervals = VALIDATOR_INTERVALS[spec.step]
+        phase("crps", lambda p, b: sample_crps_loss(p, b, intervals, scale=shrink), opts.crps_epochs,
+              opts.lr * opts.crps_lr_factor)
 
     # The sampler's per-path volatility, picked on the same validation prompts (reference notes 1.6.3).
     latent_scores = {f"{c.rho},{c.s}": val_crps(model, c) for c in (opts.latent_grid or ())}

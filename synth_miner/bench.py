@@ -136,14 +136,16 @@ async def end_to_end(tmp: Path, env: dict[str, str], concurrencies: list[int], p
     floor_wallet = make_wallet(wallets, "floor")
     lanes = [make_wallet(wallets, f"validator{i}") for i in range(max(concurrencies))]
     port, floor_port = free_port(), free_port()
-    procs: list[Proc] = [start_worker(tmp, env)]
-    procs.append(start_miner(tmp, port, {**env, "SYNTH_WALLET_PATH": str(wallets), "SYNTH_WALLET_NAME": "miner"}))
-    floor = spawn([*cli()[:2], "synth_miner.floor_axon", "--port", str(floor_port), "--wallet-path", str(wallets),
-                   "--wallet-name", "floor"], env, tmp / "floor.log")
-    procs.append(floor)
-    wait_port(floor_port, floor.proc, floor.log)
+    procs: list[Proc] = []
     report: dict[str, Any] = {}
     try:
+        procs.append(start_worker(tmp, env))
+        procs.append(start_miner(tmp, port, {**env, "SYNTH_WALLET_PATH": str(wallets),
+                                             "SYNTH_WALLET_NAME": "miner"}))
+        floor = spawn([*cli()[:2], "synth_miner.floor_axon", "--port", str(floor_port), "--wallet-path",
+                       str(wallets), "--wallet-name", "floor"], env, tmp / "floor.log")
+        procs.append(floor)
+        wait_port(floor_port, floor.proc, floor.log)
         await asyncio.sleep(2)
         offset = 0
         for name, (inc, length) in PROMPTS.items():

@@ -37,7 +37,12 @@ def train(
     cut: Annotated[str | None, typer.Option("--cut", help="with --store: nothing at or after this UTC time "
                                                            "is used")] = None,
     days: Annotated[float, typer.Option("--days", help="with --store: days of history before --cut")] = 180.0,
-    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 12,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="NLL epochs (at most; early stopping)")] = 6,
+    crps_epochs: Annotated[int, typer.Option("--crps-epochs", min=0,
+                                             help="sample-CRPS fine-tune epochs after the NLL phase")] = 6,
+    latent_search: Annotated[bool, typer.Option("--latent-search/--no-latent-search",
+                                                help="pick the sampler's per-path volatility on validation")]
+    = True,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: Annotated[str, typer.Option("--device", help="cpu | cuda")] = "cpu",
     out: Annotated[Path, typer.Option("--out", help="folder for <model>.pt")] = Path("models"),
@@ -59,7 +64,7 @@ def train(
     from core.checkpoint import checkpoint_path, save
     from core.datasets import MODEL_ASSETS, DatasetError, histories_from_cache, load_csv_dir
     from core.features import FeatureError
-    from core.training import TrainingError, TrainOptions
+    from core.training import LATENT_CANDIDATES, TrainingError, TrainOptions
     from core.training import train as run_training
 
     if model not in FEATURE_SPECS:
@@ -85,7 +90,8 @@ def train(
             files = load_csv_dir(data_dir, model)
         opts = TrainOptions(epochs=epochs, seed=seed, device=device, batch_size=batch_size, lr=lr,
                             stride_s=stride_min * 60 if stride_min else None, val_prompts=val_prompts,
-                            n_paths=paths, batches_per_epoch=batches_per_epoch, max_train_windows=max_train_windows)
+                            n_paths=paths, batches_per_epoch=batches_per_epoch, max_train_windows=max_train_windows,
+                            crps_epochs=crps_epochs, latent_grid=LATENT_CANDIDATES if latent_search else None)
         began = time.perf_counter()
         result = run_training(model, files, opts, console)
     except (DatasetError, TrainingError, FeatureError) as exc:

@@ -497,40 +497,76 @@ def _fail_half_way(fh: IO[bytes], data: bytes) -> None:
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
+class Refresher:
+    """The refresh of one asset as the job runs it, in-process: Binance client -> local server on a
+    clock the test moves (new bars keep coming), real Redis cache, a store in a temporary folder."""
+
+    def __init__(self, redis_url: str, folder: Path, slices: Path) -> None:
+        self.clock = ManualClock(time.time())
+        self.market = FakeMarket(slices, clock=self.clock, lead_s=3_600)
+        self.cache = RedisHistoryCache(redis.Redis.from_url(redis_url))
+        self.store = HistoryStore(folder)
+        self.settings = Settings(redis_url=redis_url, cache_days_hf=1.0, cache_days_lf=1.0)
+
+    async def __aenter__(self) -> "Refresher":
+        self.fake = await start_fake("binance", self.market)
+        self.source = BinanceSource(self.fake.url, HttpConfig(timeout_s=5, retries=0), self.clock)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.source.close()
+        await self.fake.stop()
+
+    async def run(self, advance_s: float = 0.0) -> tuple[str, ...]:
+        self.clock.advance(advance_s)
+        report = await refresh_asset("BTC", self.source, self.cache, self.store, self.settings,
+                                     now=int(self.clock()), steps=(60,))
+        return report.errors
+
+    def stored(self) -> PriceHistory:
+        return self.store.read("BTC", 60, 0, 2 ** 40)
+
+
 async def test_store_write_failing_half_way_keeps_old_partitions(
         redis_url: str, tmp_path: Path, slices: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = ManualClock(time.time())
-    fake = await start_fake("binance", FakeMarket(slices, clock=clock))
-    source = BinanceSource(fake.url, HttpConfig(timeout_s=5, retries=0), clock)
-    cache = RedisHistoryCache(redis.Redis.from_url(redis_url))
-    store = HistoryStore(tmp_path / "history")
-    settings = Settings(redis_url=redis_url, cache_days_hf=1.0, cache_days_lf=1.0)
-    try:
-        report = await refresh_asset("BTC", source, cache, store, settings, now=int(clock()), steps=(60,))
-        assert report.ok, report.errors
-        stored = store.read("BTC", 60, 0, 2 ** 40)
+    async with Refresher(redis_url, tmp_path / "history", slices) as job:
+        assert await job.run() == ()
+        stored = job.stored()
         check_rows(stored)
-        files = {p: p.read_bytes() for p in store.folder("BTC", 60).glob("*.day")}
+        folder = job.store.folder("BTC", 60)
+        files = {p: p.read_bytes() for p in folder.glob("*.day")}
 
         monkeypatch.setattr(history_store, "_write_bytes", _fail_half_way)
-        clock.advance(1_800)
-        report = await refresh_asset("BTC", source, cache, store, settings, now=int(clock()), steps=(60,))
-        assert any("store write" in e and "No space left" in e for e in report.errors), report.errors
-        assert {p: p.read_bytes() for p in store.folder("BTC", 60).glob("*.day")} == files  # untouched
-        assert not list(store.folder("BTC", 60).glob(".*.tmp"))  # no half-written leftovers
-        after_fault = store.read("BTC", 60, 0, 2 ** 40)
+        errors = await job.run(advance_s=1_800)
+        assert any("store write" in e and "No space left" in e for e in errors), errors
+        assert {p: p.read_bytes() for p in folder.glob("*.day")} == files  # untouched
+        assert not list(folder.glob(".*.tmp"))  # no half-written leftovers
+        after_fault = job.stored()
         assert np.array_equal(after_fault.ts, stored.ts) and np.array_equal(after_fault.close, stored.close)
-        cached = cache_rows(cache, "BTC", 60)
+        cached = cache_rows(job.cache, "BTC", 60)
         assert cached.ts[-1] > stored.ts[-1] + 1_500  # the cache got the new bars all the same
 
         monkeypatch.undo()
-        clock.advance(600)
-        report = await refresh_asset("BTC", source, cache, store, settings, now=int(clock()), steps=(60,))
-        assert report.ok, report.errors
-        healed = store.read("BTC", 60, 0, 2 ** 40)
+        assert await job.run(advance_s=600) == ()
+        healed = job.stored()
         check_rows(healed)
         check_kept(healed, stored, int(stored.ts[0]), int(stored.ts[-1]) + 1)
-        assert healed.ts[-1] >= int(clock()) - 180  # new bars reach the store again
-    finally:
-        await source.close()
-        await fake.stop()
+        assert healed.ts[-1] >= int(job.clock()) - 180  # new bars reach the store again
+
+
+@pytest.mark.xfail(strict=True, reason="core.refresh takes the missing tail from the cache's span, so bars "
+                                       "fetched while the store could not be written reach the cache only; "
+                                       "the store never gets them (reported to the lead)")
+async def test_store_catches_up_on_bars_missed_while_it_failed(
+        redis_url: str, tmp_path: Path, slices: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with Refresher(redis_url, tmp_path / "history", slices) as job:
+        assert await job.run() == ()
+        began = int(job.clock())
+        monkeypatch.setattr(history_store, "_write_bytes", _fail_half_way)
+        assert await job.run(advance_s=1_800) != ()
+        monkeypatch.undo()
+        for _ in range(3):
+            assert await job.run(advance_s=300) == ()
+        missed = cache_rows(job.cache, "BTC", 60).between(began + 60, began + 1_800)
+        assert len(missed) > 20
+        check_kept(job.stored(), missed, int(missed.ts[0]), int(missed.ts[-1]) + 1)

@@ -18,7 +18,8 @@ from core.features import FEATURE_SPECS
 from core.model import StudentTParams, unit_t_log_prob
 from core.prices import PriceHistory
 from core.path_sampling import LatentVol
-from core.training import Batch, TrainingError, TrainOptions, increment_nll, sample_crps_loss, train
+from core.training import (Batch, Intervals, TrainingError, TrainOptions, increment_nll, sample_crps_loss,
+                           train)
 from synth_miner.cli_model import register
 
 START = int(datetime(2026, 1, 5, tzinfo=timezone.utc).timestamp())
@@ -153,12 +154,12 @@ def test_sample_crps_loss_prefers_the_true_scale() -> None:
 
     def loss(log_scale: float) -> float:
         p = StudentTParams(torch.zeros(b, h), torch.full((b, h), log_scale), nu)
-        return float(sample_crps_loss(p, batch, (1, 6), members=32))
+        return float(sample_crps_loss(p, batch, Intervals((1, 6), (36, 12)), members=32))
 
     true, wide, narrow = loss(0.0), loss(float(np.log(2.0))), loss(float(np.log(0.5)))
     assert np.isfinite(true) and true < wide and true < narrow
     log_sigma = torch.zeros(b, h, requires_grad=True)
-    sample_crps_loss(StudentTParams(torch.zeros(b, h), log_sigma, nu), batch, (1,)).backward()
+    sample_crps_loss(StudentTParams(torch.zeros(b, h), log_sigma, nu), batch, Intervals((1,), ())).backward()
     assert log_sigma.grad is not None and torch.isfinite(log_sigma.grad).all()
 
 
@@ -232,7 +233,8 @@ def test_cli_train_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "models"
     result = CliRunner().invoke(app, ["train", "--model", "hf", "--data-dir", str(tmp_path / "data"), "--epochs", "1",
                                       "--batches-per-epoch", "2", "--batch-size", "16", "--val-prompts", "3",
-                                      "--paths", "50", "--stride-min", "20", "--out", str(out), "--seed", "3"])
+                                      "--paths", "50", "--stride-min", "20", "--out", str(out), "--seed", "3",
+                                      "--crps-epochs", "1", "--no-latent-search"])
     assert result.exit_code == 0, result.output
     checkpoint, _ = load(out / "hf.pt", expected_kind="hf")
     assert checkpoint.metrics["seed"] == 3 and "val CRPS" in result.output

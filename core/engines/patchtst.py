@@ -23,7 +23,7 @@ from core.checkpoint import KINDS, Checkpoint, CheckpointError, checkpoint_path,
 from core.constants import LOOKAHEAD_GUARD_S
 from core.datasets import asset_row
 from core.engines.base import EngineError, ParametricEngine, StepParams
-from core.features import FeatureError, history_context, step_features
+from core.features import FeatureError, history_context, sample_scale, step_features
 from core.model import PatchTST, series_channels
 from core.prices import MarketSnapshot
 from core.prompts import ForecastRequest
@@ -116,8 +116,9 @@ class PatchTSTEngine(ParametricEngine):
         with torch.inference_mode():
             out = model(series, context, steps, asset)
         rel_mu, log_sigma, nu = (t[0].double().cpu().numpy() for t in out)
-        sigma = inputs.base * np.exp(log_sigma)
-        mu = inputs.base * rel_mu
+        scale = inputs.base * sample_scale(spec.ewma)  # the EWMA-t engine's std
+        sigma = scale * np.exp(log_sigma)
+        mu = scale * rel_mu
         if not (np.all(np.isfinite(sigma)) and np.all(sigma > 0) and np.all(np.isfinite(mu))
                 and np.all(np.isfinite(nu)) and np.all(nu > 2)):
             raise EngineError(f"{request.asset}: the {kind} model produced unusable parameters")
