@@ -42,9 +42,9 @@ def reject(synapse: Simulation, status: int, message: str) -> typing.NoReturn:
 
 
 def header_safe(message: str, limit: int = 500) -> str:
-    """bittensor echoes the status message in a header: a line break, a trailing space (an exception
-    with an empty message) or a character beyond latin-1 there makes uvicorn drop the connection
-    instead of answering."""
+    """bittensor echoes the status message in a header: there a line break or a trailing space (an
+    exception with an empty message) makes uvicorn drop the connection without an answer, and a
+    character beyond latin-1 turns the 400 into a bare "500 Internal Server Error"."""
     text = " ".join(message.split()).encode("latin-1", "replace").decode("latin-1")
     return text[:limit] or "error"
 

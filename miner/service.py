@@ -25,6 +25,9 @@ from miner.pool import ForecastPool
 log = logging.getLogger(__name__)
 
 DONE_CACHE_SIZE = 256
+# A 24 h answer of 1000 paths keeps ~5 MB (prices and rendered body); 10 000 paths, ~50 MB. Distinct
+# prompts starting far ahead stay until evicted, so the count alone let memory grow to gigabytes.
+DONE_CACHE_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -78,9 +81,12 @@ class MinerService:
             return
         self._done[key] = task.result()
         now = time.time()
-        while self._done and (len(self._done) > DONE_CACHE_SIZE
-                              or next(iter(self._done.values())).request.start_ts < now):
-            self._done.popitem(last=False)
+        for started in [k for k, a in self._done.items() if a.request.start_ts < now]:
+            del self._done[started]  # its prompt has begun: no validator asks for it any more
+        kept = sum(a.rounded.nbytes + len(a.body) for a in self._done.values())
+        while self._done and (len(self._done) > DONE_CACHE_SIZE or kept > DONE_CACHE_BYTES):
+            _, dropped = self._done.popitem(last=False)
+            kept -= dropped.rounded.nbytes + len(dropped.body)
 
     async def _compute(self, request: ForecastRequest, deadline: float) -> Answer:
         began = time.perf_counter()

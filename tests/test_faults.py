@@ -22,13 +22,13 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 import numpy as np
 import pytest
 import redis
 
-import core.history_store as history_store
+from core import history_store
 from core.artifacts import ArtifactStore
 from core.cache_redis import RedisHistoryCache
 from core.calibration import CALIBRATION_FILE, CalibrationState, Entry
@@ -44,8 +44,19 @@ from core.sources.binance import BinanceSource
 from core.sources.http import HttpConfig
 from miner.pool import celery_client
 from miner.protocol import Simulation
-from synth_miner.devstack import (Proc, RedisServer, Validator, assert_valid_reply, cli, free_port, make_wallet,
-                                  spawn, start_time_in, start_worker, wait_port)
+from synth_miner.devstack import (
+    Proc,
+    RedisServer,
+    Validator,
+    assert_valid_reply,
+    cli,
+    free_port,
+    make_wallet,
+    spawn,
+    start_time_in,
+    start_worker,
+    wait_port,
+)
 
 TIMEOUT = 8.0  # the validators' timeout in these tests: pool deadline 5 s, fallback by 6 s
 RECOVERY_S = 60.0  # a part that comes back is used again within this
@@ -82,9 +93,14 @@ class Stack:
         self.port = free_port()
         self._names = itertools.count(1)
         self._slots = itertools.count(2)
+        self.worker: Proc | None = None
         self.miner = self._spawn_miner()
-        self.worker: Proc | None = self.start_worker()
-        wait_port(self.port, self.miner.proc, self.miner.log)
+        try:
+            self.worker = self.start_worker()
+            wait_port(self.port, self.miner.proc, self.miner.log)
+        except BaseException:
+            self.close()  # a stack that failed to start leaves nothing running
+            raise
 
     # --- processes -----------------------------------------------------------------------------------
     def _spawn_miner(self) -> Proc:
@@ -239,11 +255,11 @@ async def test_redis_killed_during_a_request(replay: Stack) -> None:
 async def test_worker_killed_during_a_task(replay: Stack) -> None:
     assert replay.worker is not None
     await replay.until_pool("SOL", 300, 86_400)
-    log = replay.worker
-    seen = log.text().count("] received")
+    worker = replay.worker
+    seen = worker.text().count("] received")  # Celery logs "Task synth.forecast[id] received"
     request = asyncio.create_task(replay.ask("SOL", 300, 86_400))
-    await wait_until(lambda: log.text().count("] received") > seen)
-    log.stop(signal.SIGKILL)  # mid-task: the paths never come
+    await wait_until(lambda: worker.text().count("] received") > seen)
+    worker.stop(signal.SIGKILL)  # mid-task: the paths never come
     reply, seconds, key = await request
     assert_valid_reply(reply)
     assert seconds < TIMEOUT and replay.outcome(key) == "fallback"
@@ -380,7 +396,7 @@ async def test_provider_faults_with_a_warm_cache(market: Market) -> None:
         assert await stack.ask_valid("BTC", 300, 86_400) == "pool", name  # the workers read the warm cache
         assert await stack.ask_valid("ETH", 60, 3_600) == "pool", name
         assert await stack.ask_valid("SOL", 60, 3_600) == "pool", name
-        await wait_until(lambda: any(n in stack.miner.text() for n in logged), within=20)  # the fault was met
+        await wait_until(lambda met=logged: any(n in stack.miner.text() for n in met), within=20)  # fault met
         for asset, rows in before.items():
             after = cache_rows(stack.cache(), asset, 60)  # no garbage got in, nothing lost
             check_kept(after, rows, int(rows.ts[0]) + 3_600, int(rows.ts[-1]) + 1)
@@ -426,7 +442,7 @@ async def test_provider_faults_with_a_cold_cache(market: Market) -> None:
     market.faults()  # back: the miner retries by itself (at most every 30 s per asset)
     began = time.monotonic()
     while True:
-        reply, seconds, key = await stack.ask("BTC", 300, 86_400)
+        reply, seconds, _ = await stack.ask("BTC", 300, 86_400)
         assert seconds < TIMEOUT
         if reply.is_success:
             assert_valid_reply(reply)
@@ -508,7 +524,7 @@ class Refresher:
         self.store = HistoryStore(folder)
         self.settings = Settings(redis_url=redis_url, cache_days_hf=1.0, cache_days_lf=1.0)
 
-    async def __aenter__(self) -> "Refresher":
+    async def __aenter__(self) -> Self:
         self.fake = await start_fake("binance", self.market)
         self.source = BinanceSource(self.fake.url, HttpConfig(timeout_s=5, retries=0), self.clock)
         return self
