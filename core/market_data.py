@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 FRESH_S = 150  # a cache whose newest close is older than this is refreshed before use
 RETRY_S = 30  # ...but at most this often: a market that is closed, or a lagging source, stays "old"
+EMPTY_RETRY_S = 3  # an asset with nothing cached is retried this often (it has no answer at all)
 
 
 class MarketData:
@@ -43,9 +44,11 @@ class MarketData:
                                    now=int(self.clock()), steps=self.steps_for(asset))
 
     def _stale(self, asset: str, now: int) -> bool:
-        if time.monotonic() - self._attempted.get(asset, -RETRY_S) < RETRY_S:
-            return False
         span = self.cache.span(asset, 60) or self.cache.span(asset, 300)
+        # Nothing cached: nothing to answer from, so retry soon; merely old: retry at most every RETRY_S.
+        pause = EMPTY_RETRY_S if span is None else RETRY_S
+        if time.monotonic() - self._attempted.get(asset, -pause) < pause:
+            return False
         return span is None or span[1] + 2 * 60 < now - FRESH_S
 
     async def snapshot(self, asset: str, lookback_s: int | None = None) -> MarketSnapshot:

@@ -142,16 +142,30 @@ async def _refresh_step(asset: str, step: int, window: int, source: PriceSource,
         except (ProviderError, PriceDataError) as exc:
             errors.append(f"history {step}s: {type(exc).__name__}: {exc}")
     new_in_store = new_in_cache = 0
-    if len(fetched):
-        if store is not None:
+    if store is not None:
+        # Bars the cache got while the store could not be written are owed to the store too.
+        owed = await asyncio.to_thread(_owed_to_store, asset, step, lo, cache, store)
+        to_store = owed.merge(fetched) if len(owed) else fetched
+        if len(to_store):
             try:
-                new_in_store = await asyncio.to_thread(store.append, asset, fetched)
+                new_in_store = await asyncio.to_thread(store.append, asset, to_store)
             except HistoryStoreError as exc:
                 errors.append(f"store write {step}s: {type(exc).__name__}: {exc}")
+    if len(fetched):
         new_in_cache = await asyncio.to_thread(cache.write, asset, fetched)
     await asyncio.to_thread(cache.trim, asset, step, lo)
     span = await asyncio.to_thread(cache.span, asset, step)
     return StepRefresh(step, window, from_store, len(fetched), new_in_store, new_in_cache, span)
+
+
+def _owed_to_store(asset: str, step: int, lo: int, cache: HistoryCache, store: HistoryStore) -> PriceHistory:
+    """Cached bars newer than the store's newest (within the window): what a failed write left behind."""
+    cached = cache.span(asset, step)
+    stored = store.span(asset, step)
+    if cached is None or (stored is not None and stored[1] >= cached[1]):
+        return PriceHistory.empty(step)
+    start = lo if stored is None else max(lo, stored[1] + step)
+    return cache.read(asset, step, start, cached[1] + step)
 
 
 async def refresh_assets(assets: Sequence[str], settings: Settings, cache: HistoryCache,

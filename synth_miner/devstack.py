@@ -134,7 +134,11 @@ def cli(*args: str) -> list[str]:
 
 def start_miner(tmp: Path, port: int, env: dict[str, str]) -> Proc:
     proc = spawn(cli("serve", "--local", "--port", str(port)), env, tmp / f"miner-{port}.log")
-    wait_port(port, proc.proc, proc.log)
+    try:
+        wait_port(port, proc.proc, proc.log)
+    except RuntimeError:
+        proc.stop()
+        raise
     return proc
 
 
@@ -148,6 +152,7 @@ def start_worker(tmp: Path, env: dict[str, str], queues: str = "infer.hf,infer.l
         if " ready." in proc.text():
             return proc
         time.sleep(0.2)
+    proc.stop()  # never leave a half-started worker behind
     raise RuntimeError(f"worker not ready:\n{proc.text()[-4000:]}")
 
 

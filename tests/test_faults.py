@@ -570,9 +570,6 @@ async def test_store_write_failing_half_way_keeps_old_partitions(
         assert healed.ts[-1] >= int(job.clock()) - 180  # new bars reach the store again
 
 
-@pytest.mark.xfail(strict=True, reason="core.refresh takes the missing tail from the cache's span, so bars "
-                                       "fetched while the store could not be written reach the cache only; "
-                                       "the store never gets them (reported to the lead)")
 async def test_store_catches_up_on_bars_missed_while_it_failed(
         redis_url: str, tmp_path: Path, slices: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async with Refresher(redis_url, tmp_path / "history", slices) as job:
