@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from core.forecast import ForecasterSource
+from core.prices import MarketSnapshot
 from core.prompts import ForecastRequest
 from core.response import check_paths, render_json, round_for_wire
 from core.settings import Settings
@@ -23,6 +24,8 @@ from miner.data import MinerData
 from miner.pool import ForecastPool
 
 log = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float64]
 
 DONE_CACHE_SIZE = 256
 # A 24 h answer of 1000 paths keeps ~5 MB (prices and rendered body); 10 000 paths, ~50 MB. Distinct
@@ -96,24 +99,25 @@ class MinerService:
         reason: str | None
         try:
             paths = await self.pool.forecast(request, snapshot, pool_deadline, request_id)
-            rounded = await asyncio.to_thread(self._round_and_check, paths, request)
-            body = await asyncio.to_thread(render_json, request, rounded)
+            rounded, body = await asyncio.to_thread(self._checked_reply, paths, request)
             return Answer(request, rounded, body, "pool", None, time.perf_counter() - began)
         except Exception as exc:  # any pool failure: the fallback answers
             reason = f"{type(exc).__name__}: {exc}"
         self.counters["fallbacks"] += 1
         log.warning("fallback for %s (request %s): %s", request.key(), request_id, reason)
-        result = await asyncio.to_thread(self.fallback.current().run, request, snapshot)
-        rounded = await asyncio.to_thread(self._round_and_check, result.paths, request)
-        body = await asyncio.to_thread(render_json, request, rounded)
+        rounded, body = await asyncio.to_thread(self._fallback_reply, request, snapshot)
         return Answer(request, rounded, body, "fallback", reason, time.perf_counter() - began)
+
+    def _fallback_reply(self, request: ForecastRequest, snapshot: MarketSnapshot) -> tuple[FloatArray, bytes]:
+        return self._checked_reply(self.fallback.current().run(request, snapshot).paths, request)
 
     def _lookback(self, request: ForecastRequest) -> int:
         days = self.settings.cache_days_hf if request.is_hf else self.settings.cache_days_lf
         return int(days * 86_400)
 
     @staticmethod
-    def _round_and_check(paths: npt.NDArray[np.float32], request: ForecastRequest) -> npt.NDArray[np.float64]:
+    def _checked_reply(paths: npt.NDArray[np.float32], request: ForecastRequest) -> tuple[FloatArray, bytes]:
+        """Round, self-check and render in one hop off the event loop."""
         rounded = round_for_wire(paths)
         check_paths(rounded, request)
-        return rounded
+        return rounded, render_json(request, rounded)
