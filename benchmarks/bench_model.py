@@ -19,6 +19,7 @@ from core.csv_history import load_asset
 from core.engines.ewma import EwmaTEngine
 from core.engines.patchtst import PatchTSTEngine
 from core.evaluation import AssetHistory, snapshot_at
+from core.prices import MarketSnapshot
 from core.prompts import ForecastRequest
 
 CASES = {  # kind -> (asset, prompt start inside its held-out window, time_increment)
@@ -38,6 +39,21 @@ def time_ms(fn: Callable[[], object], repeats: int) -> list[float]:
     return out
 
 
+def bench(engine: PatchTSTEngine, ewma: EwmaTEngine, req: ForecastRequest, snap: MarketSnapshot,
+          repeats: int) -> dict[str, list[float]]:
+    def cold() -> object:
+        engine.clear_cache()  # every request pays features + forward pass
+        return engine.params(req, snap)
+
+    def full() -> object:
+        engine.clear_cache()
+        return engine.forecast(req, snap, rng)
+
+    rng = np.random.default_rng(0)
+    return {"infer": time_ms(cold, repeats), "cached": time_ms(lambda: engine.params(req, snap), repeats),
+            "ewma": time_ms(lambda: ewma.params(req, snap), repeats), "full": time_ms(full, max(repeats // 5, 3))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", type=Path, default=Path("models"))
@@ -50,29 +66,19 @@ def main() -> None:
     engine = PatchTSTEngine(args.models)
     ewma = EwmaTEngine()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.repeats} repeats; ms per request")
-    print(f"{'model':<10} {'params':>7} {'file KiB':>8} {'inference':>16} {'cached':>8} "
-          f"{'EWMA-t params':>14} {'forecast 1000':>14}")
+    print(f"{'model':<10} {'params':>7} {'file KiB':>8} {'inference (median, p90)':>24} {'cached':>8} "
+          f"{'EWMA-t params':>14} {'forecast 1000 paths':>20}")
     for kind, (asset, start, inc) in CASES.items():
         if kind not in engine.kinds:
             print(f"{kind:<10} unavailable")
             continue
         snap = snapshot_at(asset, AssetHistory(*load_asset(args.data_dir, asset)), start, 14 * 86_400)
         req = ForecastRequest(asset, start, inc, 3600 if inc == 60 else 86_400, 1000)
-
-        def cold() -> object:
-            engine._cache.clear()
-            return engine.params(req, snap)
-
-        infer = time_ms(cold, args.repeats)
-        cached = time_ms(lambda: engine.params(req, snap), args.repeats)
-        base = time_ms(lambda: ewma.params(req, snap), args.repeats)
-        rng = np.random.default_rng(0)
-        full = time_ms(lambda: (engine._cache.clear(), engine.forecast(req, snap, rng)), max(args.repeats // 5, 3))
-        ck = engine.checkpoint(kind)
+        t = bench(engine, ewma, req, snap, args.repeats)
         size = checkpoint_path(args.models, kind).stat().st_size / 1024
-        print(f"{kind:<10} {ck.metrics.get('num_params', 0):>7} {size:>8.0f} "
-              f"{np.median(infer):>7.2f} (p90 {np.percentile(infer, 90):.1f}) {np.median(cached):>8.3f} "
-              f"{np.median(base):>14.2f} {np.median(full):>14.1f}")
+        params = engine.checkpoint(kind).metrics.get("num_params", 0)
+        print(f"{kind:<10} {params:>7} {size:>8.0f} {np.median(t['infer']):>15.2f}, {np.percentile(t['infer'], 90):>6.2f} "
+              f"{np.median(t['cached']):>8.3f} {np.median(t['ewma']):>14.2f} {np.median(t['full']):>20.1f}")
 
 
 if __name__ == "__main__":

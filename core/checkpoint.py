@@ -18,8 +18,15 @@ import torch
 
 from core.datasets import MODEL_ASSETS
 from core.engines.ewma import EwmaConfig
-from core.features import (FEATURE_SPECS, FEATURE_VERSION, SERIES_NAMES, STEP_FEATURE_NAMES, FeatureSpec,
-                           NormStats, context_feature_names)
+from core.features import (
+    FEATURE_SPECS,
+    FEATURE_VERSION,
+    SERIES_NAMES,
+    STEP_FEATURE_NAMES,
+    FeatureSpec,
+    NormStats,
+    context_feature_names,
+)
 from core.model import MODEL_CODE_VERSION, PatchTST, PatchTSTConfig
 from core.path_sampling import LatentVol
 

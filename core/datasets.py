@@ -18,10 +18,11 @@ Order of operations, each a guard against a way of fooling ourselves:
    training windows end (origin + horizon) before the validation start.
 """
 
+import itertools
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,8 +32,15 @@ import numpy.typing as npt
 from core.assets import spec_for_any
 from core.constants import LOOKAHEAD_GUARD_S
 from core.csv_history import STEP_SUFFIX, find_file, read_csv
-from core.features import (FEATURE_SPECS, FeatureError, FeatureSpec, Returns, context_feature_names,
-                           context_inputs, returns_of)
+from core.features import (
+    FEATURE_SPECS,
+    FeatureError,
+    FeatureSpec,
+    Returns,
+    context_feature_names,
+    context_inputs,
+    returns_of,
+)
 from core.prices import PriceHistory
 
 FloatArray = npt.NDArray[np.float64]
@@ -64,7 +72,7 @@ def load_manifest(folder: Path) -> dict[str, Any]:
 
 
 def _parse_utc(text: str) -> int:
-    return int(datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp())
+    return int(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp())
 
 
 @dataclass(frozen=True)
@@ -126,7 +134,7 @@ def split_pieces(file: FileSlice, step: int) -> list[PriceHistory]:
     joins = np.searchsorted(h.ts, np.asarray(file.segment_starts, np.int64), side="left")
     breaks[joins[(joins > 0) & (joins < len(h))] - 1] = True
     edges = np.r_[0, np.flatnonzero(breaks) + 1, len(h)]
-    return [PriceHistory(step, h.ts[a:b], h.close[a:b]) for a, b in zip(edges[:-1], edges[1:]) if b - a > 1]
+    return [PriceHistory(step, h.ts[a:b], h.close[a:b]) for a, b in itertools.pairwise(edges.tolist()) if b - a > 1]
 
 
 @dataclass

@@ -20,7 +20,7 @@ exactly as ``PriceHistory.log_returns`` and the EWMA-t engine do.
 """
 
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
@@ -114,14 +114,14 @@ NYSE_HALF_DAYS: frozenset[date] = frozenset(date.fromisoformat(d) for d in (
 OPEN_MIN, CLOSE_MIN, HALF_CLOSE_MIN = 9 * 60 + 30, 16 * 60, 13 * 60  # New York minutes after midnight
 SESSION_MIN = CLOSE_MIN - OPEN_MIN
 
-_TABLE_START = int(datetime(2018, 1, 1, tzinfo=timezone.utc).timestamp())
+_TABLE_START = int(datetime(2018, 1, 1, tzinfo=UTC).timestamp())
 _TABLE_HOURS = 24 * 366 * 15  # 2018..2032
 
 
 @lru_cache(maxsize=1)
 def _ny_offset_table() -> IntArray:
     """UTC offset of New York (seconds) per UTC hour: DST switches fall on whole UTC hours."""
-    base = datetime.fromtimestamp(_TABLE_START, timezone.utc)
+    base = datetime.fromtimestamp(_TABLE_START, UTC)
     offsets = np.empty(_TABLE_HOURS, np.int64)
     # Offsets only change twice a year: fill day by day and refine the two switch days hourly.
     for day in range(_TABLE_HOURS // 24):

@@ -28,8 +28,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from core.checkpoint import Checkpoint
 from core.datasets import MODEL_ASSETS, FileSlice, WindowSet, build_windows, split_train_val
 from core.engines.ewma import DEFAULT_CONFIGS, EwmaConfig
-from core.features import (FEATURE_SPECS, STEP_FEATURE_NAMES, FeatureSpec, NormStats, context_feature_names,
-                           sample_scale, step_features)
+from core.features import (
+    FEATURE_SPECS,
+    STEP_FEATURE_NAMES,
+    FeatureSpec,
+    NormStats,
+    context_feature_names,
+    sample_scale,
+    step_features,
+)
 from core.model import PatchTST, PatchTSTConfig, StudentTParams, series_channels, unit_t_log_prob
 from core.path_sampling import LatentVol, sample_paths
 from core.scoring import score_prompt

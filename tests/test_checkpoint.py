@@ -1,6 +1,7 @@
 """Checkpoints: a faithful round trip, and every kind of mismatch refused with CheckpointError."""
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -8,8 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from core.checkpoint import (Checkpoint, CheckpointError, build_model, checkpoint_path, from_payload, load,
-                             read_payload, save)
+from core.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    build_model,
+    checkpoint_path,
+    from_payload,
+    load,
+    read_payload,
+    save,
+)
 from core.engines.ewma import DEFAULT_CONFIGS, EwmaConfig
 from core.features import FEATURE_SPECS, NormStats, context_feature_names
 from core.model import PatchTST
@@ -55,7 +64,7 @@ def test_round_trip_is_exact(tmp_path: Path) -> None:
 
 def test_pinned_ewma_base_survives_a_retuned_engine(tmp_path: Path) -> None:
     ck = make_checkpoint()
-    ck.ewma = EwmaConfig(half_life_bars=20.0, long_half_life_bars=500.0, reversion_bars=30.0, nu=5.0)
+    ck.ewma = replace(ck.ewma, half_life_bars=20.0, long_half_life_bars=500.0, reversion_bars=30.0, var_mult=0.5)
     save(ck, tmp_path / "x.pt")
     loaded, _ = load(tmp_path / "x.pt")
     assert loaded.spec.ewma == ck.ewma  # the base it was trained on, not today's default

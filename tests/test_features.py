@@ -1,7 +1,7 @@
 """Features: the US session calendar, step calendars, no look-ahead, normalisation fitted on training only."""
 
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -10,14 +10,26 @@ import pytest
 
 from core.csv_history import load_asset
 from core.engines.ewma import DEFAULT_CONFIGS, ewma_variance
-from core.features import (FEATURE_SPECS, STEP_FEATURE_NAMES, FeatureError, NormStats, Returns, base_sigma,
-                           context_feature_names, context_inputs, history_context, ny_local_seconds, returns_of,
-                           step_features, us_session)
+from core.features import (
+    FEATURE_SPECS,
+    STEP_FEATURE_NAMES,
+    FeatureError,
+    NormStats,
+    Returns,
+    base_sigma,
+    context_feature_names,
+    context_inputs,
+    history_context,
+    ny_local_seconds,
+    returns_of,
+    step_features,
+    us_session,
+)
 from core.prices import PriceHistory
 
 
 def utc(text: str) -> int:
-    return int(datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp())
+    return int(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp())
 
 
 def col(name: str) -> int:
@@ -31,7 +43,7 @@ def test_ny_offset_matches_zoneinfo_including_dst_switches() -> None:
     # Both 2026 switches (07:00 UTC on 8 March, 06:00 UTC on 1 November), either side.
     ts = np.r_[ts, utc("2026-03-08T06:59:59"), utc("2026-03-08T07:00:00"), utc("2026-11-01T05:59:59"),
                utc("2026-11-01T06:00:00")]
-    expected = [int(datetime.fromtimestamp(int(t), ny).replace(tzinfo=timezone.utc).timestamp()) for t in ts]
+    expected = [int(datetime.fromtimestamp(int(t), ny).replace(tzinfo=UTC).timestamp()) for t in ts]
     assert ny_local_seconds(ts).tolist() == expected
 
 

@@ -1,7 +1,7 @@
 """Training data and training: the held-out cut, gap-free windows, the loss, a tiny run, the CLI."""
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -12,17 +12,23 @@ from typer.testing import CliRunner
 
 from core.checkpoint import load
 from core.csv_history import write_csv
-from core.datasets import (DatasetError, FileSlice, build_windows, load_csv_dir, read_training_file,
-                           split_pieces, split_train_val)
+from core.datasets import (
+    DatasetError,
+    FileSlice,
+    build_windows,
+    load_csv_dir,
+    read_training_file,
+    split_pieces,
+    split_train_val,
+)
 from core.features import FEATURE_SPECS
 from core.model import StudentTParams, unit_t_log_prob
-from core.prices import PriceHistory
 from core.path_sampling import LatentVol
-from core.training import (Batch, Intervals, TrainingError, TrainOptions, increment_nll, sample_crps_loss,
-                           train)
+from core.prices import PriceHistory
+from core.training import Batch, Intervals, TrainingError, TrainOptions, increment_nll, sample_crps_loss, train
 from synth_miner.cli_model import register
 
-START = int(datetime(2026, 1, 5, tzinfo=timezone.utc).timestamp())
+START = int(datetime(2026, 1, 5, tzinfo=UTC).timestamp())
 TINY = {"d_model": 16, "n_heads": 2, "n_layers": 1, "d_ff": 32, "head_hidden": 16}
 
 
@@ -52,7 +58,7 @@ def write_folder(folder: Path, files: dict[str, PriceHistory], cuts: dict[str, i
 
 
 def iso(ts: int) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def test_held_out_rows_never_reach_the_windows(tmp_path: Path) -> None:
@@ -244,3 +250,33 @@ def test_cli_train_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     write_folder(empty, {}, {})
     failed = CliRunner().invoke(app, ["train", "--model", "hf", "--data-dir", str(empty), "--out", str(out)])
     assert failed.exit_code == 1 and "training failed" in failed.output
+
+
+def test_training_from_the_history_store_stops_at_the_cut(tmp_path: Path) -> None:
+    from core.datasets import histories_from_cache
+    from core.history_store import HistoryStore
+
+    store = HistoryStore(tmp_path / "store", durable=False)
+    store.append("BTC", seasonal_prices(60, 6 * 1440, seed=6))
+    cut = START + 5 * 86_400
+    files = histories_from_cache(store, ["BTC", "ETH"], 60, START, cut)
+    assert list(files) == ["BTC"]  # nothing stored for ETH
+    assert files["BTC"].history.ts.max() < cut and files["BTC"].eval_start_ts == cut
+    windows = build_windows("hf", files, 1800)
+    assert (windows.origin + 60 * FEATURE_SPECS["hf"].horizon).max() <= cut
+    app = typer.Typer()
+
+    @app.callback()
+    def main() -> None:
+        """The main app the lead mounts us on."""
+
+    register(app)
+    args = ["train", "--model", "hf", "--store", str(tmp_path / "store"), "--days", "6", "--epochs", "1",
+            "--batches-per-epoch", "2", "--batch-size", "16", "--val-prompts", "3", "--paths", "50",
+            "--stride-min", "20", "--out", str(tmp_path / "models"), "--crps-epochs", "0", "--no-latent-search"]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code != 0 and "--cut" in refused.output
+    result = CliRunner().invoke(app, [*args, "--cut", "2026-01-10"])
+    assert result.exit_code == 0, result.output
+    checkpoint, _ = load(tmp_path / "models" / "hf.pt", expected_kind="hf")
+    assert checkpoint.data_window["BTC"]["eval_start_ts"] == cut

@@ -69,6 +69,10 @@ class PatchTSTEngine(ParametricEngine):
     def kinds(self) -> list[str]:
         return sorted(self._models)
 
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
     def checkpoint(self, kind: str) -> Checkpoint:
         return self._model(kind)[0]
 
