@@ -89,6 +89,8 @@ class PriceHistory:
             return self
         if step % self.step:
             raise PriceDataError(f"cannot resample step {self.step} to {step}")
+        if not self.ts.size:
+            return PriceHistory.empty(step)
         ratio = step // self.step
         bucket = self.ts // step
         # A complete window has `ratio` bars; its close is the close of its last bar.

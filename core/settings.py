@@ -14,6 +14,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.assets import ASSETS, Provider
 
+def default_models_dir() -> Path:
+    """``./models`` when the working directory has one (Docker, a checkout), else the checkout's own."""
+    local = Path("models")
+    return local if local.is_dir() else Path(__file__).resolve().parents[1] / "models"
+
+
 ProviderChoice = Literal["auto", "pyth", "binance", "hyperliquid", "replay"]
 
 
@@ -77,12 +83,13 @@ class Settings(BaseSettings):
 
     # --- requests and engines -----------------------------------------------------------------------
     max_num_simulations: int = 10_000
-    engine: str = "ewma_t"
+    engine: str = Field("patchtst", description="served engine; falls back to ewma_t if its models do not load")
     seed: int | None = Field(None, description="fix the RNG (tests, backtests); None = fresh entropy")
     batch_lookback_days: float = Field(
         14.0, gt=0, description="history before the cut that forecast-batch and backtests give an engine "
                                 "(the rolling cache's default window, so offline runs see what production sees)")
-    models_dir: Path = Field(Path("models"), description="PatchTST checkpoints: hf.pt, lf_crypto.pt, lf_equity.pt")
+    models_dir: Path = Field(default_factory=lambda: default_models_dir(),
+                             description="PatchTST checkpoints: hf.pt, lf_crypto.pt, lf_equity.pt")
 
     # --- periodic jobs (Celery beat) -----------------------------------------------------------------
     beat_refresh_s: float = Field(60.0, description="cache refresh period")
@@ -90,6 +97,8 @@ class Settings(BaseSettings):
     beat_retrain_s: float = Field(7 * 86_400.0, description="retraining period")
     beat_compact_s: float = Field(86_400.0, description="history-store compaction period")
     beat_lock_ttl_s: float = Field(30.0, description="leader lock of the one beat allowed to schedule")
+    retrain_days: float = Field(60.0, description="history (from the store) the weekly retraining uses")
+    retrain_crps_epochs: int = Field(6, description="sample-CRPS fine-tune epochs of the weekly retraining")
     flower_user: str = "admin"
     flower_password: str | None = Field(None, description="Flower basic-auth password; Flower refuses to start without")
 

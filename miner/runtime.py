@@ -101,9 +101,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         subtensor = register_axon(settings, wallet, axon)
         background.append(asyncio.create_task(keep_metagraph_fresh(settings, app.metagraph, subtensor)))
     axon.start()
-    log.info("miner serving: hotkey %s on %s:%d (%s mode, %s pool, %s prices)", wallet.hotkey.ss58_address,
+    log.info("miner serving: hotkey %s on %s:%d (%s mode, %s pool, engine %s, %s prices)", wallet.hotkey.ss58_address,
              settings.axon_host, settings.axon_port, "local" if settings.local else f"netuid {settings.netuid}",
-             app.pool.name, settings.price_provider)
+             app.pool.name, settings.engine, settings.price_provider)
     background.append(asyncio.create_task(app.data.warm(sorted(ASSETS))))
     if settings.metrics_port:
         metrics.serve(settings.metrics_port, "127.0.0.1" if settings.local else "0.0.0.0")

@@ -151,11 +151,12 @@ def bench(
 
 def mount_subcommands() -> None:
     """Sub-apps living in their own modules (imported lazily by their commands)."""
-    from synth_miner import cli_artifacts, cli_data, cli_eval
+    from synth_miner import cli_artifacts, cli_data, cli_eval, cli_model
 
     app.add_typer(cli_data.app, name="data")
     cli_artifacts.register(app)
     cli_eval.register(app)
+    cli_model.register(app)
 
 
 mount_subcommands()

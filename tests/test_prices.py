@@ -25,6 +25,7 @@ def test_resample_drops_incomplete_windows_and_log_returns_skip_gaps() -> None:
     h = hist([0, 60, 120, 180, 240, 300, 360, 420, 480, 540, 660])
     five = h.resample(300)
     assert five.ts.tolist() == [0, 300] and five.close.tolist() == [5, 10]
+    assert len(PriceHistory.empty(60).resample(300)) == 0
     gappy = hist([0, 60, 300, 360])
     assert gappy.log_returns().size == 2  # the return across the gap is not a one-step return
 

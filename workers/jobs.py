@@ -67,7 +67,7 @@ def calibrate_work(settings: Settings) -> dict[str, Any]:
 
 
 def retrain_work(settings: Settings) -> dict[str, Any]:
-    from core.training import run_retrain_job
+    from core.retraining import run_retrain_job
 
     return dict(run_retrain_job(settings))
 
