@@ -245,7 +245,7 @@ def test_calibration_converges_to_the_true_scale_within_move_limits() -> None:
 
 
 def test_job_calibrates_from_the_history_store_and_publishes_through_the_gate(tmp_path: Path) -> None:
-    settings = Settings(artifacts_dir=tmp_path / "artifacts", data_dir=tmp_path / "data",
+    settings = Settings(artifacts_dir=tmp_path / "artifacts", data_dir=tmp_path / "data", engine="ewma_t",
                         calibration_windows_hf=12, calibration_min_samples_hf=10, calibration_windows_lf=4,
                         calibration_min_samples_lf=3, calibration_paths=40, cache_days_hf=0.5, cache_days_lf=1.0,
                         champion_tolerance=0.01)

@@ -42,6 +42,12 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+
+@pytest.fixture(autouse=True)
+def _calibrate_the_ewma_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests exercise the calibration and gate mechanics on the statistical engine."""
+    monkeypatch.setenv("SYNTH_ENGINE", "ewma_t")
+
 def calibrate_args(data_dir: Path, artifacts: Path, *extra: str) -> list[str]:
     return ["calibrate", "--data-dir", str(data_dir), "--dir", str(artifacts), "--asset", "BTC", "--prompt", "high",
             "--windows", "12", "--min-samples", "10", "--paths", "40", *extra]

@@ -31,6 +31,7 @@ async def test_worker_reloads_published_calibration(redis_url: str, tmp_path: Pa
     now = int(time.time())
     RedisHistoryCache(client).write("BTC", ReplaySource(shared_data).shifted("BTC", 60).between(now - 3 * 86_400, now))
     env = {"SYNTH_REDIS_URL": redis_url, "SYNTH_ARTIFACTS_DIR": str(artifacts), "SYNTH_SEED": "11",
+           "SYNTH_ENGINE": "ewma_t",
            "SYNTH_DATA_DIR": str(tmp_path / "data"), "SYNTH_LOG_LEVEL": "INFO"}
     worker = start_worker(tmp_path, env, queues="infer.hf")
     pool = CeleryPool(Settings(redis_url=redis_url))
