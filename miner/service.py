@@ -25,10 +25,9 @@ from miner.pool import ForecastPool
 
 log = logging.getLogger(__name__)
 
-FloatArray = npt.NDArray[np.float64]
 
 DONE_CACHE_SIZE = 256
-# A 24 h answer of 1000 paths keeps ~5 MB (prices and rendered body); 10 000 paths, ~50 MB. Distinct
+# A 24 h answer of 1000 paths keeps ~2.9 MB (its rendered body); 10 000 paths, ~29 MB. Distinct
 # prompts starting far ahead stay until evicted, so the count alone let memory grow to gigabytes.
 DONE_CACHE_BYTES = 256 * 2**20
 
@@ -36,7 +35,6 @@ DONE_CACHE_BYTES = 256 * 2**20
 @dataclass(frozen=True)
 class Answer:
     request: ForecastRequest
-    rounded: npt.NDArray[np.float64]  # checked prices [num_simulations, n_points]
     body: bytes  # the rendered response list as JSON
     source: str  # "pool" or "fallback"
     reason: str | None  # why the fallback answered
@@ -86,10 +84,10 @@ class MinerService:
         now = time.time()
         for started in [k for k, a in self._done.items() if a.request.start_ts < now]:
             del self._done[started]  # its prompt has begun: no validator asks for it any more
-        kept = sum(a.rounded.nbytes + len(a.body) for a in self._done.values())
+        kept = sum(len(a.body) for a in self._done.values())
         while self._done and (len(self._done) > DONE_CACHE_SIZE or kept > DONE_CACHE_BYTES):
             _, dropped = self._done.popitem(last=False)
-            kept -= dropped.rounded.nbytes + len(dropped.body)
+            kept -= len(dropped.body)
 
     async def _compute(self, request: ForecastRequest, deadline: float) -> Answer:
         began = time.perf_counter()
@@ -99,16 +97,16 @@ class MinerService:
         reason: str | None
         try:
             paths = await self.pool.forecast(request, snapshot, pool_deadline, request_id)
-            rounded, body = await asyncio.to_thread(self._checked_reply, paths, request)
-            return Answer(request, rounded, body, "pool", None, time.perf_counter() - began)
-        except Exception as exc:  # any pool failure: the fallback answers
+            body = await asyncio.to_thread(self._checked_reply, paths, request)
+            return Answer(request, body, "pool", None, time.perf_counter() - began)
+        except Exception as exc:  # noqa: BLE001 - any pool failure: the fallback answers
             reason = f"{type(exc).__name__}: {exc}"
         self.counters["fallbacks"] += 1
         log.warning("fallback for %s (request %s): %s", request.key(), request_id, reason)
-        rounded, body = await asyncio.to_thread(self._fallback_reply, request, snapshot)
-        return Answer(request, rounded, body, "fallback", reason, time.perf_counter() - began)
+        body = await asyncio.to_thread(self._fallback_reply, request, snapshot)
+        return Answer(request, body, "fallback", reason, time.perf_counter() - began)
 
-    def _fallback_reply(self, request: ForecastRequest, snapshot: MarketSnapshot) -> tuple[FloatArray, bytes]:
+    def _fallback_reply(self, request: ForecastRequest, snapshot: MarketSnapshot) -> bytes:
         return self._checked_reply(self.fallback.current().run(request, snapshot).paths, request)
 
     def _lookback(self, request: ForecastRequest) -> int:
@@ -116,8 +114,8 @@ class MinerService:
         return int(days * 86_400)
 
     @staticmethod
-    def _checked_reply(paths: npt.NDArray[np.float32], request: ForecastRequest) -> tuple[FloatArray, bytes]:
-        """Round, self-check and render in one hop off the event loop."""
+    def _checked_reply(paths: npt.NDArray[np.float32], request: ForecastRequest) -> bytes:
+        """Round, self-check and render in one hop off the event loop; only the rendered reply is kept."""
         rounded = round_for_wire(paths)
         check_paths(rounded, request)
-        return rounded, render_json(request, rounded)
+        return render_json(request, rounded)
