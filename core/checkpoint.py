@@ -27,11 +27,12 @@ from core.features import (
     NormStats,
     context_feature_names,
 )
-from core.model import MODEL_CODE_VERSION, PatchTST, PatchTSTConfig
+from core.model import MODEL_CODE_VERSION, LawModel, PatchTST, PatchTSTConfig, PatchTSTEnsemble
 from core.path_sampling import LatentVol
 
 FORMAT_VERSION = 1
 KINDS = tuple(FEATURE_SPECS)
+SESSION_KINDS = frozenset({"lf_equity"})  # models whose assets close outside the US regular session
 
 
 class CheckpointError(RuntimeError):
@@ -62,6 +63,12 @@ class Checkpoint:
     norm: NormStats
     ewma: EwmaConfig  # the base the head corrects
     latent: LatentVol = field(default_factory=LatentVol)  # per-path volatility used when sampling
+    # Std multiplier on steps outside the US regular session (SESSION_KINDS only), picked on
+    # validation: how much of the model's variance the overnight move really takes. 1 = none.
+    closed_scale: float = 1.0
+    # Further ensemble members (same config and inputs, other seeds); their laws are averaged with
+    # the first member's (``state_dict``). Empty for a single model.
+    members: list[dict[str, torch.Tensor]] = field(default_factory=list)
     data_window: dict[str, Any] = field(default_factory=dict)  # per asset: train/val spans, eval_start_ts
     metrics: dict[str, Any] = field(default_factory=dict)
 
@@ -87,6 +94,8 @@ class Checkpoint:
             "assets": list(self.assets),
             "norm": {"mean": self.norm.mean.tolist(), "std": self.norm.std.tolist()},
             "latent": asdict(self.latent),
+            "closed_scale": self.closed_scale,
+            "members": [{k: v.detach().cpu() for k, v in m.items()} for m in self.members],
             "data_window": self.data_window,
             "metrics": self.metrics,
         }
@@ -162,17 +171,22 @@ def from_payload(payload: dict[str, Any], expected_kind: str | None = None) -> C
             raise CheckpointError(f"normalisation stats have shapes {mean.shape}/{std.shape}, need ({config.n_context},)")
         if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std)) and np.all(std > 0)):
             raise CheckpointError("normalisation stats are not finite and positive")
-        state = payload.get("state_dict")
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise CheckpointError("state_dict missing or not tensors")
-        if not all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()):
-            raise CheckpointError("state_dict holds non-finite weights")
+        state = _weights(payload.get("state_dict"), "state_dict")
+        raw_members = payload.get("members", [])  # absent in checkpoints that predate ensembles
+        if not isinstance(raw_members, list):
+            raise CheckpointError("members must be a list of state dicts")
+        members = [_weights(m, f"members[{i}]") for i, m in enumerate(raw_members)]
         try:
             latent = LatentVol(**(payload.get("latent") or {}))
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"latent volatility invalid: {exc}") from exc
+        closed_scale = payload.get("closed_scale", 1.0)  # absent in checkpoints that predate it: no change
+        if isinstance(closed_scale, bool) or not isinstance(closed_scale, (int, float)) or not 0.1 <= float(closed_scale) <= 4.0:
+            raise CheckpointError(f"closed_scale must be a number in [0.1, 4], got {closed_scale!r}")
+        if float(closed_scale) != 1.0 and kind not in SESSION_KINDS:
+            raise CheckpointError(f"closed_scale {closed_scale} on {kind}, which has no session steps")
         return Checkpoint(kind=kind, config=config, state_dict=state, norm=NormStats(mean, std), ewma=ewma,
-                          latent=latent,
+                          latent=latent, closed_scale=float(closed_scale), members=members,
                           data_window=dict(payload.get("data_window") or {}),
                           metrics=dict(payload.get("metrics") or {}))
     except CheckpointError:
@@ -181,17 +195,30 @@ def from_payload(payload: dict[str, Any], expected_kind: str | None = None) -> C
         raise CheckpointError(f"malformed checkpoint: {type(exc).__name__}: {exc}") from exc
 
 
-def build_model(checkpoint: Checkpoint) -> PatchTST:
-    """The network with the checkpoint's weights, in eval mode; missing or extra weights raise."""
-    model = PatchTST(checkpoint.config)
-    try:
-        model.load_state_dict(checkpoint.state_dict, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"weights do not fit the config: {exc}") from exc
+def _weights(raw: Any, what: str) -> dict[str, torch.Tensor]:
+    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise CheckpointError(f"{what} missing or not tensors")
+    if not all(bool(torch.isfinite(v).all()) for v in raw.values() if v.is_floating_point()):
+        raise CheckpointError(f"{what} holds non-finite weights")
+    return raw
+
+
+def build_model(checkpoint: Checkpoint) -> LawModel:
+    """The network (an ensemble when there are members) in eval mode; missing or extra weights raise."""
+    nets = []
+    for i, state in enumerate([checkpoint.state_dict, *checkpoint.members]):
+        net = PatchTST(checkpoint.config)
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            where = "" if i == 0 else f" (member {i})"
+            raise CheckpointError(f"weights do not fit the config{where}: {exc}") from exc
+        nets.append(net)
+    model: LawModel = nets[0] if len(nets) == 1 else PatchTSTEnsemble(nets)
     return model.eval()
 
 
-def load(path: Path, expected_kind: str | None = None) -> tuple[Checkpoint, PatchTST]:
+def load(path: Path, expected_kind: str | None = None) -> tuple[Checkpoint, LawModel]:
     """Read, validate and build. Raises CheckpointError; never returns an unchecked model."""
     try:
         checkpoint = from_payload(read_payload(path), expected_kind)

@@ -206,6 +206,18 @@ def step_features(origins: npt.ArrayLike, step: int, horizon: int) -> FloatArray
     return np.stack(cols, axis=-1)
 
 
+def us_closed_steps(origins: npt.ArrayLike, step: int, horizon: int) -> npt.NDArray[np.bool_]:
+    """bool[len(origins), horizon]: the step's middle falls outside the NYSE regular session.
+
+    Equity data holds regular hours only, so the variance of all closed steps together is the
+    overnight (or weekend) move; live tokenised equities trade through it at a lower pace.
+    """
+    o = np.atleast_1d(np.asarray(origins, dtype=np.int64))
+    mid = o[:, None] + step * np.arange(horizon, dtype=np.int64)[None, :] + step // 2
+    closed: npt.NDArray[np.bool_] = us_session(mid).open == 0
+    return closed
+
+
 # --- history -> returns -> context ------------------------------------------------------------------
 
 

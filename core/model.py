@@ -11,7 +11,11 @@ log-correction to the EWMA-t engine's one-step std, a tail index and a small dri
 
 The output layer starts at zero, so an untrained model *is* the EWMA-t engine (log_sigma = 0,
 nu = the engine's nu, mu = 0): training can only learn deviations that pay on validation.
-Where a loss needs the Student-t scale, scale = sigma * sqrt((nu - 2) / nu).
+Where a loss needs the Student-t scale, scale = sigma * sqrt((nu - 2) / nu). ``max_mu = 0``
+switches the drift off (the 24 h models: a drift compounds over 288 steps and fitted noise there).
+
+A served model is usually a ``PatchTSTEnsemble``: a few members of one config trained from
+different seeds, whose laws are averaged.
 
 References: Nie et al. 2023 (PatchTST: patching, channel independence); Kim et al. 2022 (RevIN).
 The head is shared across steps (a step query of calendar features plus a low-rank horizon
@@ -185,6 +189,37 @@ class PatchTST(nn.Module):
 
     def head_params(self) -> int:
         return sum(p.numel() for p in self.head.parameters())
+
+
+class PatchTSTEnsemble(nn.Module):
+    """Members of one config trained from different seeds; the laws they emit are averaged.
+
+    Averaging log sigma (a geometric mean), drift and nu cuts the seed-to-seed noise of a small
+    model's volatility correction; one forward pass per member, all on the same inputs.
+    """
+
+    def __init__(self, members: list[PatchTST]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        if any(m.cfg != members[0].cfg for m in members):
+            raise ValueError("ensemble members must share one config")
+        self.cfg = members[0].cfg
+        self.members = nn.ModuleList(members)
+
+    def forward(self, series: Tensor, context: Tensor, steps: Tensor, asset: Tensor) -> StudentTParams:
+        outs = [m(series, context, steps, asset) for m in self.members]  # K x 3 x (B, H)
+        mu, log_sigma, nu = (torch.stack(parts).mean(dim=0) for parts in zip(*outs))
+        return StudentTParams(mu, log_sigma, nu)
+
+    def get_num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def head_params(self) -> int:
+        return sum(m.head_params() for m in self.members if isinstance(m, PatchTST))
+
+
+LawModel = PatchTST | PatchTSTEnsemble  # what checkpoints load into and the engine runs
 
 
 def series_channels(returns: Tensor) -> Tensor:

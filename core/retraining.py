@@ -19,7 +19,14 @@ from core.features import FEATURE_SPECS
 from core.history_store import HistoryStore
 from core.prices import PriceHistory
 from core.settings import Settings
-from core.training import TrainingError, TrainOptions, train
+from core.training import (
+    CLOSED_SCALE_CANDIDATES,
+    DEFAULT_CRPS_EPOCHS,
+    LATENT_CANDIDATES,
+    TrainingError,
+    TrainOptions,
+    train,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +56,17 @@ def run_retrain_job(settings: Settings, now: int | None = None, options: TrainOp
             report["models"][kind] = "skipped: no history in the store"
             continue
         try:
-            opts = options or TrainOptions(seed=now // 86_400, crps_epochs=settings.retrain_crps_epochs)
+            crps_epochs = settings.retrain_crps_epochs
+            opts = options or TrainOptions(
+                seed=now // 86_400, crps_epochs=DEFAULT_CRPS_EPOCHS[kind] if crps_epochs is None else crps_epochs,
+                members=settings.retrain_members, latent_grid=LATENT_CANDIDATES, closed_grid=CLOSED_SCALE_CANDIDATES)
             result = train(kind, files, opts)
         except (TrainingError, DatasetError) as exc:  # too little or unusable history: say so, go on
             report["models"][kind] = f"skipped: {exc}"
             continue
         save(result.checkpoint, out_dir / f"{kind}.pt")
-        best = min(result.history, key=lambda row: row.get("val_crps", float("inf"))) if result.history else {}
+        m = result.checkpoint.metrics
+        best = {"val_crps": m["val_crps"], "val_ratio_vs_ewma": m["val_ratio_vs_ewma"], "members": m["members"]}
         report["models"][kind] = {"seconds": round(result.seconds, 1), "best": best}
         log.info("retrained %s in %.0f s: %s", kind, result.seconds, best)
     return report

@@ -98,7 +98,9 @@ class Settings(BaseSettings):
     beat_compact_s: float = Field(86_400.0, description="history-store compaction period")
     beat_lock_ttl_s: float = Field(30.0, description="leader lock of the one beat allowed to schedule")
     retrain_days: float = Field(60.0, description="history (from the store) the weekly retraining uses")
-    retrain_crps_epochs: int = Field(6, description="sample-CRPS fine-tune epochs of the weekly retraining")
+    retrain_crps_epochs: int | None = Field(None, ge=0, description="sample-CRPS fine-tune epochs of the weekly "
+                                            "retraining (unset: the train command's per-model default)")
+    retrain_members: int = Field(3, ge=1, description="ensemble members (seeds) per retrained model")
     flower_user: str = "admin"
     flower_password: str | None = Field(None, description="Flower basic-auth password; Flower refuses to start without")
 

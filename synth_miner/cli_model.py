@@ -38,11 +38,17 @@ def train(
                                                            "is used")] = None,
     days: Annotated[float, typer.Option("--days", help="with --store: days of history before --cut")] = 180.0,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="NLL epochs (at most; early stopping)")] = 6,
-    crps_epochs: Annotated[int, typer.Option("--crps-epochs", min=0,
-                                             help="sample-CRPS fine-tune epochs after the NLL phase")] = 6,
+    crps_epochs: Annotated[int | None, typer.Option("--crps-epochs", min=0,
+                                                    help="sample-CRPS fine-tune epochs after the NLL phase "
+                                                         "(default: 10 for hf, 6 for the 24 h models)")] = None,
     latent_search: Annotated[bool, typer.Option("--latent-search/--no-latent-search",
                                                 help="pick the sampler's per-path volatility on validation")]
     = True,
+    closed_search: Annotated[bool, typer.Option("--closed-search/--no-closed-search",
+                                                help="lf_equity: pick the closed-session std multiplier on "
+                                                     "validation")] = True,
+    members: Annotated[int, typer.Option("--members", min=1, help="ensemble size: members from seeds seed, "
+                                                                   "seed+1, ... whose laws are averaged")] = 3,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: Annotated[str, typer.Option("--device", help="cpu | cuda")] = "cpu",
     out: Annotated[Path, typer.Option("--out", help="folder for <model>.pt")] = Path("models"),
@@ -64,7 +70,13 @@ def train(
     from core.checkpoint import checkpoint_path, save
     from core.datasets import MODEL_ASSETS, DatasetError, histories_from_cache, load_csv_dir
     from core.features import FeatureError
-    from core.training import LATENT_CANDIDATES, TrainingError, TrainOptions
+    from core.training import (
+        CLOSED_SCALE_CANDIDATES,
+        DEFAULT_CRPS_EPOCHS,
+        LATENT_CANDIDATES,
+        TrainingError,
+        TrainOptions,
+    )
     from core.training import train as run_training
 
     if model not in FEATURE_SPECS:
@@ -91,7 +103,9 @@ def train(
         opts = TrainOptions(epochs=epochs, seed=seed, device=device, batch_size=batch_size, lr=lr,
                             stride_s=stride_min * 60 if stride_min else None, val_prompts=val_prompts,
                             n_paths=paths, batches_per_epoch=batches_per_epoch, max_train_windows=max_train_windows,
-                            crps_epochs=crps_epochs, latent_grid=LATENT_CANDIDATES if latent_search else None)
+                            crps_epochs=DEFAULT_CRPS_EPOCHS[model] if crps_epochs is None else crps_epochs,
+                            latent_grid=LATENT_CANDIDATES if latent_search else None,
+                            closed_grid=CLOSED_SCALE_CANDIDATES if closed_search else None, members=members)
         began = time.perf_counter()
         result = run_training(model, files, opts, console)
     except (DatasetError, TrainingError, FeatureError) as exc:
@@ -101,9 +115,9 @@ def train(
     save(result.checkpoint, path)
     m = result.checkpoint.metrics
     table = Table(title=f"{model}: {path} ({path.stat().st_size / 1024:.0f} KiB)")
-    for column in ("best epoch", "val CRPS", "EWMA-t val CRPS", "ratio", "params", "head params", "seconds"):
+    for column in ("members", "best epoch", "val CRPS", "EWMA-t val CRPS", "ratio", "params", "head params", "seconds"):
         table.add_column(column, justify="right")
-    table.add_row(str(m["best_epoch"]), f"{m['val_crps']:.2f}", f"{m['val_crps_ewma']:.2f}",
+    table.add_row(str(m["members"]), ",".join(str(e) for e in m["best_epochs"]), f"{m['val_crps']:.2f}", f"{m['val_crps_ewma']:.2f}",
                   f"{m['val_ratio_vs_ewma']:.4f}", str(m["num_params"]), str(m["head_params"]),
                   f"{time.perf_counter() - began:.0f}")
     console.print(table)

@@ -21,7 +21,7 @@ from core.checkpoint import (
 )
 from core.engines.ewma import DEFAULT_CONFIGS, EwmaConfig
 from core.features import FEATURE_SPECS, NormStats, context_feature_names
-from core.model import PatchTST
+from core.model import PatchTST, PatchTSTEnsemble
 from core.path_sampling import LatentVol
 from core.training import model_config
 
@@ -62,6 +62,35 @@ def test_round_trip_is_exact(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*.tmp"))  # written atomically
 
 
+def test_closed_scale_round_trips_and_defaults_to_one_when_absent(tmp_path: Path) -> None:
+    ck = replace(make_checkpoint("lf_equity"), closed_scale=0.7)
+    save(ck, tmp_path / "eq.pt")
+    assert load(tmp_path / "eq.pt", expected_kind="lf_equity")[0].closed_scale == 0.7
+    older = ck.payload()
+    del older["closed_scale"]  # checkpoints written before the field existed
+    assert from_payload(older).closed_scale == 1.0
+
+
+def test_an_ensemble_round_trips_and_averages_its_members(tmp_path: Path) -> None:
+    first, second = make_checkpoint("lf_crypto", seed=0), make_checkpoint("lf_crypto", seed=1)
+    ensemble = replace(first, members=[second.state_dict])
+    save(ensemble, tmp_path / "ens.pt")
+    loaded, model = load(tmp_path / "ens.pt", expected_kind="lf_crypto")
+    assert isinstance(model, PatchTSTEnsemble) and len(loaded.members) == 1 and not model.training
+    cfg = first.config
+    g = torch.Generator().manual_seed(2)
+    args = (torch.randn(3, 2, cfg.context_len, generator=g), torch.randn(3, cfg.n_context, generator=g),
+            torch.randn(3, cfg.horizon, cfg.n_step, generator=g), torch.tensor([0, 1, cfg.n_assets]))
+    with torch.no_grad():
+        a, b, both = build_model(first)(*args), build_model(second)(*args), model(*args)
+    for x, y, avg in zip(a, b, both):
+        assert torch.allclose(avg, (x + y) / 2, atol=1e-6)
+    assert not torch.allclose(a.log_sigma, b.log_sigma)  # two different members really were averaged
+    single = first.payload()
+    del single["members"]  # checkpoints written before ensembles: one model
+    assert isinstance(build_model(from_payload(single)), PatchTST)
+
+
 def test_pinned_ewma_base_survives_a_retuned_engine(tmp_path: Path) -> None:
     ck = make_checkpoint()
     ck.ewma = replace(ck.ewma, half_life_bars=20.0, long_half_life_bars=500.0, reversion_bars=30.0, var_mult=0.5)
@@ -84,6 +113,18 @@ def _set(path: tuple[str, ...], value: object) -> Mutation:
 
 def _drop_weight(payload: dict[str, Any]) -> None:
     payload["state_dict"].pop(next(iter(payload["state_dict"])))
+
+
+def _nan_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {k: v.clone() for k, v in state.items()}
+    out["head.out.bias"][0] = float("nan")
+    return out
+
+
+def _resized_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = dict(state)
+    out["head.out.bias"] = torch.zeros(5)
+    return out
 
 
 def _extra_weight(payload: dict[str, Any]) -> None:
@@ -118,11 +159,18 @@ MUTATIONS: dict[str, tuple[Mutation, str]] = {
     "norm shape": (_set(("norm", "mean"), [0.0]), "normalisation"),
     "norm zero std": (lambda p: p["norm"]["std"].__setitem__(0, 0.0), "normalisation"),
     "latent": (_set(("latent",), {"rho": 1.5, "s": 0.1}), "latent"),
+    "closed scale not a number": (_set(("closed_scale",), "0.7"), "closed_scale must be"),
+    "closed scale out of range": (_set(("closed_scale",), 0.0), "closed_scale must be"),
+    "closed scale on a 24/7 model": (_set(("closed_scale",), 0.7), "no session steps"),
     "missing weight": (_drop_weight, "weights do not fit"),
     "extra weight": (_extra_weight, "weights do not fit"),
     "resized weight": (_resized_weight, "weights do not fit"),
     "nan weight": (_nan_weight, "non-finite"),
     "no config": (lambda p: p.pop("config"), "config missing"),
+    "members not a list": (_set(("members",), {"a": 1}), "members must be a list"),
+    "member nan weight": (lambda p: p.__setitem__("members", [_nan_state(p["state_dict"])]), r"members\[0\] holds"),
+    "member resized weight": (lambda p: p.__setitem__("members", [_resized_state(p["state_dict"])]),
+                              "do not fit the config \\(member 1\\)"),
 }
 
 

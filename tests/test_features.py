@@ -23,6 +23,7 @@ from core.features import (
     ny_local_seconds,
     returns_of,
     step_features,
+    us_closed_steps,
     us_session,
 )
 from core.prices import PriceHistory
@@ -61,6 +62,15 @@ def test_session_closed_on_holiday_and_weekend() -> None:
     saturday = us_session([utc("2026-02-14T16:00:00")])
     for state in (christmas, saturday):
         assert state.open[0] == 0.0 and state.trading_day[0] == 0.0 and state.to_close[0] == 0.0
+
+
+def test_closed_steps_follow_the_session_at_each_step_middle() -> None:
+    origin = int(datetime(2026, 3, 6, 15, 0, tzinfo=UTC).timestamp())  # Friday 10:00 New York (EST)
+    closed = us_closed_steps([origin, origin + 600], 300, 288)
+    assert closed.shape == (2, 288)
+    mids = origin + 300 * np.arange(288) + 150
+    assert np.array_equal(closed[0], us_session(mids).open == 0)
+    assert not closed[0, :72].any() and closed[0, 72:].all()  # open until 16:00, then the weekend
 
 
 def test_half_day_closes_at_one_pm() -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from core.features import FEATURE_SPECS
-from core.model import PatchTST, PatchTSTConfig, series_channels, unit_t_log_prob
+from core.model import PatchTST, PatchTSTConfig, PatchTSTEnsemble, series_channels, unit_t_log_prob
 from core.training import model_config
 
 
@@ -102,3 +102,25 @@ def test_bad_configs_are_refused() -> None:
     series, context, steps, asset = inputs(cfg)
     with pytest.raises(AssertionError, match="series"):
         PatchTST(cfg)(series[:, :, :-1], context, steps, asset)
+
+
+def test_ensemble_averages_laws_and_refuses_mixed_configs() -> None:
+    cfg = model_config("hf")
+    torch.manual_seed(0)
+    members = [PatchTST(cfg) for _ in range(3)]
+    for m in members:
+        with torch.no_grad():
+            m.head.out.weight.normal_(0.0, 0.2)
+    ensemble = PatchTSTEnsemble(members).eval()
+    x = (torch.randn(2, 2, cfg.context_len), torch.randn(2, cfg.n_context), torch.randn(2, cfg.horizon, cfg.n_step),
+         torch.tensor([0, 1]))
+    with torch.no_grad():
+        outs = [m.eval()(*x) for m in members]
+        avg = ensemble(*x)
+    for i in range(3):
+        assert torch.allclose(avg[i], torch.stack([o[i] for o in outs]).mean(0), atol=1e-6)
+    assert ensemble.get_num_params() == 3 * members[0].get_num_params()
+    with pytest.raises(ValueError, match="share one config"):
+        PatchTSTEnsemble([PatchTST(cfg), PatchTST(model_config("hf", {"d_model": 16, "n_heads": 2}))])
+    with pytest.raises(ValueError, match="at least one"):
+        PatchTSTEnsemble([])

@@ -12,7 +12,7 @@ from core.engines.base import EngineError
 from core.engines.ewma import DEFAULT_CONFIGS, EwmaTEngine
 from core.engines.patchtst import PatchTSTEngine, route
 from core.evaluation import AssetHistory, snapshot_at
-from core.features import FEATURE_SPECS, NormStats, context_feature_names
+from core.features import FEATURE_SPECS, NormStats, context_feature_names, us_closed_steps
 from core.forecast import Forecaster, paths_usable
 from core.model import PatchTST
 from core.prices import MarketSnapshot
@@ -26,7 +26,7 @@ LOOKBACK = 14 * 86_400
 
 
 def write_checkpoints(folder: Path, kinds: tuple[str, ...] = ("hf", "lf_crypto", "lf_equity"),
-                      perturb: float = 0.0) -> Path:
+                      perturb: float = 0.0, closed_scale: float = 1.0) -> Path:
     for kind in kinds:
         torch.manual_seed(0)
         cfg = model_config(kind)
@@ -36,7 +36,8 @@ def write_checkpoints(folder: Path, kinds: tuple[str, ...] = ("hf", "lf_crypto",
                 model.head.out.weight.normal_(0.0, perturb)
         n = len(context_feature_names(FEATURE_SPECS[kind]))
         save(Checkpoint(kind, cfg, model.state_dict(), NormStats(np.zeros(n), np.ones(n)),
-                        ewma=DEFAULT_CONFIGS[FEATURE_SPECS[kind].step]), checkpoint_path(folder, kind))
+                        ewma=DEFAULT_CONFIGS[FEATURE_SPECS[kind].step],
+                        closed_scale=closed_scale if kind == "lf_equity" else 1.0), checkpoint_path(folder, kind))
     return folder
 
 
@@ -66,6 +67,17 @@ def test_zero_correction_model_equals_ewma_t(tmp_path: Path, histories: dict[str
         ours, theirs = engine.params(request(asset, start, inc), snap), ewma.params(request(asset, start, inc), snap)
         assert np.allclose(ours.sigma, theirs.sigma, rtol=1e-12)
         assert np.allclose(ours.nu, theirs.nu) and np.all(ours.mu == 0.0)
+
+
+def test_closed_session_steps_take_the_checkpoint_scale(tmp_path: Path, histories: dict[str, AssetHistory]) -> None:
+    engine = PatchTSTEngine(write_checkpoints(tmp_path, ("lf_equity",), closed_scale=0.6))
+    req = request("SPYX", SPY_START, 300)
+    snap = snapshot_at("SPYX", histories["SPYX"], SPY_START, LOOKBACK)
+    ours, ewma = engine.params(req, snap), EwmaTEngine().params(req, snap)
+    closed = us_closed_steps([SPY_START], 300, 288)[0]
+    assert 0 < closed.sum() < closed.size and not closed[0]  # 10:35 New York: open first, then the night
+    assert np.allclose(ours.sigma[~closed], ewma.sigma[~closed], rtol=1e-12)
+    assert np.allclose(ours.sigma[closed], 0.6 * ewma.sigma[closed], rtol=1e-12)
 
 
 def test_forecast_shape_and_validity(tmp_path: Path, histories: dict[str, AssetHistory]) -> None:

@@ -10,7 +10,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from core.checkpoint import load
+from core.checkpoint import load, save
 from core.csv_history import write_csv
 from core.datasets import (
     DatasetError,
@@ -22,7 +22,7 @@ from core.datasets import (
     split_train_val,
 )
 from core.features import FEATURE_SPECS
-from core.model import StudentTParams, unit_t_log_prob
+from core.model import PatchTSTEnsemble, StudentTParams, unit_t_log_prob
 from core.path_sampling import LatentVol
 from core.prices import PriceHistory
 from core.training import Batch, Intervals, TrainingError, TrainOptions, increment_nll, sample_crps_loss, train
@@ -208,6 +208,39 @@ def test_crps_fine_tune_and_latent_choice_run_and_never_lose_to_ewma(tmp_path: P
     assert m["val_crps"] <= min(m["val_crps_ewma"], *m["latent_search"].values()) + 1e-9
 
 
+def test_equity_training_picks_a_closed_session_scale_and_never_loses_to_ewma(tmp_path: Path) -> None:
+    h = seasonal_prices(300, 60 * 288, seed=6)
+    local_min = ((h.ts - 5 * 3600) % 86_400) // 60  # New York winter time
+    weekday = ((h.ts - 5 * 3600) // 86_400 + 3) % 7
+    rth = (local_min >= 570) & (local_min < 960) & (weekday < 5)
+    files = {"SPYX": FileSlice("SPYX", "spy_5m", PriceHistory(300, h.ts[rth], h.close[rth]), START + 90 * 86_400, ())}
+    grid = (0.5, 1.0)
+    result = train("lf_equity", files, tiny_options(epochs=1, stride_s=3600, closed_grid=grid))
+    ck, m = result.checkpoint, result.checkpoint.metrics
+    assert set(m["closed_scale_search"]) == {"0.5", "1"} and ck.closed_scale in grid
+    assert m["val_crps"] <= min(m["val_crps_ewma"], *m["closed_scale_search"].values()) + 1e-9
+    assert ck.config.max_mu == 0.0  # no drift head for equities
+    # 24/7 models ignore the grid: they have no closed steps.
+    hf = train("hf", hf_files(tmp_path), tiny_options(epochs=1, closed_grid=grid))
+    assert hf.checkpoint.closed_scale == 1.0 and hf.checkpoint.metrics["closed_scale_search"] == {}
+
+
+def test_an_ensemble_trains_each_seed_and_is_kept_when_it_beats_ewma(tmp_path: Path) -> None:
+    result = train("hf", hf_files(tmp_path), tiny_options(epochs=2, members=2))
+    m, ck = result.checkpoint.metrics, result.checkpoint
+    assert {row["member"] for row in result.history} == {0.0, 1.0} and len(m["member_val_crps"]) == 2
+    assert m["members"] == 1 + len(ck.members)
+    assert m["val_crps"] <= m["val_crps_ewma"] + 1e-9  # an ensemble or a member: never worse than EWMA-t
+    if m["members"] == 1:  # the average lost to EWMA-t: the best member stands alone
+        assert m["val_crps"] == min(m["member_val_crps"])
+    else:
+        assert not torch.equal(ck.state_dict["head.out.weight"], ck.members[0]["head.out.weight"])
+    save(ck, tmp_path / "hf.pt")
+    loaded, model = load(tmp_path / "hf.pt", expected_kind="hf")
+    assert len(loaded.members) == len(ck.members)
+    assert isinstance(model, PatchTSTEnsemble) == (m["members"] > 1)
+
+
 def test_time_ordered_split_leaves_no_overlap(tmp_path: Path) -> None:
     windows = build_windows("hf", hf_files(tmp_path), 1200, val_frac=0.3)
     train_w, val_w = split_train_val(windows)
@@ -240,10 +273,11 @@ def test_cli_train_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["train", "--model", "hf", "--data-dir", str(tmp_path / "data"), "--epochs", "1",
                                       "--batches-per-epoch", "2", "--batch-size", "16", "--val-prompts", "3",
                                       "--paths", "50", "--stride-min", "20", "--out", str(out), "--seed", "3",
-                                      "--crps-epochs", "1", "--no-latent-search"])
+                                      "--crps-epochs", "1", "--no-latent-search", "--members", "2"])
     assert result.exit_code == 0, result.output
     checkpoint, _ = load(out / "hf.pt", expected_kind="hf")
     assert checkpoint.metrics["seed"] == 3 and "val CRPS" in result.output
+    assert len(checkpoint.metrics["best_epochs"]) == 2 and checkpoint.metrics["crps_epochs"] == 1
     bad = CliRunner().invoke(app, ["train", "--model", "weekly", "--data-dir", str(tmp_path / "data")])
     assert bad.exit_code != 0
     empty = tmp_path / "empty"

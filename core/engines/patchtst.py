@@ -23,8 +23,8 @@ from core.checkpoint import KINDS, Checkpoint, CheckpointError, checkpoint_path,
 from core.constants import LOOKAHEAD_GUARD_S
 from core.datasets import asset_row
 from core.engines.base import EngineError, ParametricEngine, StepParams
-from core.features import FeatureError, history_context, sample_scale, step_features
-from core.model import PatchTST, series_channels
+from core.features import FeatureError, history_context, sample_scale, step_features, us_closed_steps
+from core.model import LawModel, series_channels
 from core.prices import MarketSnapshot
 from core.prompts import ForecastRequest
 from core.settings import Settings
@@ -45,7 +45,7 @@ class PatchTSTEngine(ParametricEngine):
         self.checkpoints_dir = Path(checkpoints_dir)
         self.device = device
         self.cache_size = cache_size
-        self._models: dict[str, tuple[Checkpoint, PatchTST]] = {}
+        self._models: dict[str, tuple[Checkpoint, LawModel]] = {}
         self._errors: dict[str, str] = {}
         self._cache: OrderedDict[CacheKey, StepParams] = OrderedDict()
         self._lock = threading.Lock()
@@ -76,7 +76,7 @@ class PatchTSTEngine(ParametricEngine):
     def checkpoint(self, kind: str) -> Checkpoint:
         return self._model(kind)[0]
 
-    def _model(self, kind: str) -> tuple[Checkpoint, PatchTST]:
+    def _model(self, kind: str) -> tuple[Checkpoint, LawModel]:
         if kind not in self._models:
             raise EngineError(f"PatchTST model {kind!r} unavailable: {self._errors.get(kind, 'unknown kind')}")
         return self._models[kind]
@@ -100,7 +100,7 @@ class PatchTSTEngine(ParametricEngine):
                 self._cache.popitem(last=False)
         return laws
 
-    def _infer(self, kind: str, checkpoint: Checkpoint, model: PatchTST, request: ForecastRequest,
+    def _infer(self, kind: str, checkpoint: Checkpoint, model: LawModel, request: ForecastRequest,
                snapshot: MarketSnapshot) -> StepParams:
         spec = checkpoint.spec
         history = snapshot.best(spec.step)
@@ -121,6 +121,9 @@ class PatchTSTEngine(ParametricEngine):
             out = model(series, context, steps, asset)
         rel_mu, log_sigma, nu = (t[0].double().cpu().numpy() for t in out)
         scale = inputs.base * sample_scale(spec.ewma)  # the EWMA-t engine's std
+        if checkpoint.closed_scale != 1.0:  # the overnight move's share, picked on validation
+            closed = us_closed_steps([request.start_ts], spec.step, spec.horizon)[0]
+            scale = np.where(closed, scale * checkpoint.closed_scale, scale)
         sigma = scale * np.exp(log_sigma)
         mu = scale * rel_mu
         if not (np.all(np.isfinite(sigma)) and np.all(sigma > 0) and np.all(np.isfinite(mu))
