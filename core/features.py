@@ -183,14 +183,20 @@ def us_session(ts: npt.ArrayLike) -> UsSession:
                      trading_day=trading.astype(f), half_day=half.astype(f))
 
 
+def step_starts(origins: npt.ArrayLike, step: int, horizon: int) -> IntArray:
+    """int64[len(origins), horizon]: when each horizon step begins."""
+    o = np.atleast_1d(np.asarray(origins, dtype=np.int64))
+    out: IntArray = o[:, None] + step * np.arange(horizon, dtype=np.int64)[None, :]
+    return out
+
+
 def step_features(origins: npt.ArrayLike, step: int, horizon: int) -> FloatArray:
     """Calendar of each horizon step: float64[len(origins), horizon, len(STEP_FEATURE_NAMES)].
 
     Step h covers [origin + h*step, origin + (h+1)*step); its features describe the step's middle,
     except the hour marks, which flag steps that contain a whole or half hour at their start.
     """
-    o = np.atleast_1d(np.asarray(origins, dtype=np.int64))
-    starts = o[:, None] + step * np.arange(horizon, dtype=np.int64)[None, :]  # (B, H)
+    starts = step_starts(origins, step, horizon)  # (B, H)
     mid = starts + step // 2
     tod = 2 * np.pi * (mid % 86_400) / 86_400
     ny_tod = 2 * np.pi * (ny_local_seconds(mid) % 86_400) / 86_400
@@ -212,9 +218,7 @@ def us_closed_steps(origins: npt.ArrayLike, step: int, horizon: int) -> npt.NDAr
     Equity data holds regular hours only, so the variance of all closed steps together is the
     overnight (or weekend) move; live tokenised equities trade through it at a lower pace.
     """
-    o = np.atleast_1d(np.asarray(origins, dtype=np.int64))
-    mid = o[:, None] + step * np.arange(horizon, dtype=np.int64)[None, :] + step // 2
-    closed: npt.NDArray[np.bool_] = us_session(mid).open == 0
+    closed: npt.NDArray[np.bool_] = us_session(step_starts(origins, step, horizon) + step // 2).open == 0
     return closed
 
 

@@ -328,10 +328,9 @@ def train(kind: str, files: Mapping[str, FileSlice], opts: TrainOptions, console
     all_val = np.arange(len(val_w))
 
     shrink = sample_scale(spec.ewma)
-    closed_scale = 1.0
 
-    def val_crps(m: LawModel | None, lat: LatentVol) -> float:
-        laws = predict(m, val_w, val_rows, norm, cfg, device, shrink, closed_scale=closed_scale)
+    def val_crps(m: LawModel | None, lat: LatentVol, closed: float = 1.0) -> float:
+        laws = predict(m, val_w, val_rows, norm, cfg, device, shrink, closed_scale=closed)
         return float(np.mean(prompt_scores(laws, val_w, val_rows, lat, opts.n_paths, opts.seed)))
 
     def val_nll(m: LawModel) -> float:
@@ -421,14 +420,15 @@ def train(kind: str, files: Mapping[str, FileSlice], opts: TrainOptions, console
     best_crps = fitted[0][2]
     final: LawModel = members[0]
     if len(members) > 1:
-        ensemble_crps = val_crps(PatchTSTEnsemble(members), latent)
+        ensemble = PatchTSTEnsemble(members)
+        ensemble_crps = val_crps(ensemble, latent)
         console.print(f"ensemble of {len(members)}: val CRPS {ensemble_crps:.2f} "
                       f"({ensemble_crps / ewma_crps:.4f}x EWMA-t)")
         # Not "the better of the average and the best member": each member's epoch was picked on
         # these same prompts, so the best member's score is biased low and would beat the average by
         # luck. The average must beat EWMA-t; if it does not, the best member (which did) is kept.
         if ensemble_crps <= ewma_crps:
-            final, best_crps = PatchTSTEnsemble(members), ensemble_crps
+            final, best_crps = ensemble, ensemble_crps
         else:
             single = min(range(len(fitted)), key=lambda i: fitted[i][2])
             members, best_crps = [members[single]], fitted[single][2]
@@ -445,12 +445,10 @@ def train(kind: str, files: Mapping[str, FileSlice], opts: TrainOptions, console
 
     # How much variance the closed hours carry: the NLL learns it from a few overnight increments
     # among thousands of 5-minute ones, so the validator's CRPS picks it (the 24 h level term).
+    closed_scale = 1.0
     closed_scores: dict[str, float] = {}
     if kind in SESSION_KINDS:
-        for candidate in opts.closed_grid or ():
-            closed_scale = candidate
-            closed_scores[f"{candidate:g}"] = val_crps(final, latent)
-        closed_scale = 1.0
+        closed_scores = {f"{c:g}": val_crps(final, latent, c) for c in (opts.closed_grid or ())}
         if closed_scores:
             key = min(closed_scores, key=closed_scores.__getitem__)
             if closed_scores[key] < best_crps:
@@ -458,7 +456,7 @@ def train(kind: str, files: Mapping[str, FileSlice], opts: TrainOptions, console
             console.print(f"closed-session std x{closed_scale:g} (validation CRPS {best_crps:.2f})")
 
     seconds = time.perf_counter() - began
-    metrics = {"best_epoch": fitted[0][1], "best_epochs": [e for _, e, _ in fitted],
+    metrics = {"best_epochs": [e for _, e, _ in fitted],
                "member_val_crps": [c for _, _, c in fitted], "members": len(members),
                "val_crps": best_crps, "val_crps_ewma": ewma_crps,
                "val_ratio_vs_ewma": best_crps / ewma_crps, "val_prompts": int(val_rows.size),
