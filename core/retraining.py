@@ -3,7 +3,8 @@
 The store accumulates what the providers no longer keep (Hyperliquid holds ~3.5 days), so it is
 the training source in production. Each model is trained exactly as `synth-miner train` does
 (validation split in time, early stopping on the validator's CRPS, epoch 0 = the EWMA-t base as a
-candidate, so a checkpoint is never worse than EWMA-t on its own validation prompts) and saved to
+candidate, so a checkpoint is never worse than EWMA-t on its own validation prompts; the 24 h models
+then replay the chosen recipe on every window, validation included) and saved to
 ``artifacts/staging/models-<stamp>/``. Serving them is an operator's decision: point
 ``SYNTH_MODELS_DIR`` at that folder (workers reload on the next artifact publication or restart).
 """
@@ -23,8 +24,10 @@ from core.training import (
     CLOSED_SCALE_CANDIDATES,
     DEFAULT_CRPS_EPOCHS,
     LATENT_CANDIDATES,
+    REFIT_DEFAULT,
     TrainingError,
     TrainOptions,
+    refit,
     train,
 )
 
@@ -61,12 +64,16 @@ def run_retrain_job(settings: Settings, now: int | None = None, options: TrainOp
                 seed=now // 86_400, crps_epochs=DEFAULT_CRPS_EPOCHS[kind] if crps_epochs is None else crps_epochs,
                 members=settings.retrain_members, latent_grid=LATENT_CANDIDATES, closed_grid=CLOSED_SCALE_CANDIDATES)
             result = train(kind, files, opts)
+            if REFIT_DEFAULT[kind]:
+                result = refit(kind, files, result.checkpoint, opts)
         except (TrainingError, DatasetError) as exc:  # too little or unusable history: say so, go on
             report["models"][kind] = f"skipped: {exc}"
             continue
         save(result.checkpoint, out_dir / f"{kind}.pt")
         m = result.checkpoint.metrics
-        best = {"val_crps": m["val_crps"], "val_ratio_vs_ewma": m["val_ratio_vs_ewma"], "members": m["members"]}
-        report["models"][kind] = {"seconds": round(result.seconds, 1), "best": best}
+        best = {"val_crps": m["val_crps"], "val_ratio_vs_ewma": m["val_ratio_vs_ewma"], "members": m["members"],
+                "refit": bool(m.get("refit", False))}
+        seconds = result.seconds + float(m.get("selection_train_seconds") or 0.0)
+        report["models"][kind] = {"seconds": round(seconds, 1), "best": best}
         log.info("retrained %s in %.0f s: %s", kind, result.seconds, best)
     return report

@@ -49,6 +49,13 @@ def train(
                                                      "validation")] = True,
     members: Annotated[int, typer.Option("--members", min=1, help="ensemble size: members from seeds seed, "
                                                                    "seed+1, ... whose laws are averaged")] = 3,
+    refit_after: Annotated[bool | None, typer.Option(
+        "--refit/--no-refit", help="after selection, retrain the chosen recipe on every window, validation "
+                                   "included (default: on for the 24 h models)")] = None,
+    refit_from: Annotated[Path | None, typer.Option(
+        "--refit-from", help="skip selection: replay this checkpoint's recipe (epochs, learning rates, batches, seeds) on every "
+                         "window; the other training options are ignored", dir_okay=False)]
+    = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: Annotated[str, typer.Option("--device", help="cpu | cuda")] = "cpu",
     out: Annotated[Path, typer.Option("--out", help="folder for <model>.pt")] = Path("models"),
@@ -67,15 +74,17 @@ def train(
     """Train one model (time-ordered split, early stopping on validation CRPS) and write its checkpoint."""
     import torch
 
-    from core.checkpoint import checkpoint_path, save
+    from core.checkpoint import CheckpointError, checkpoint_path, load, save
     from core.datasets import MODEL_ASSETS, DatasetError, histories_from_cache, load_csv_dir
     from core.features import FeatureError
     from core.training import (
         CLOSED_SCALE_CANDIDATES,
         DEFAULT_CRPS_EPOCHS,
         LATENT_CANDIDATES,
+        REFIT_DEFAULT,
         TrainingError,
         TrainOptions,
+        refit,
     )
     from core.training import train as run_training
 
@@ -107,18 +116,25 @@ def train(
                             latent_grid=LATENT_CANDIDATES if latent_search else None,
                             closed_grid=CLOSED_SCALE_CANDIDATES if closed_search else None, members=members)
         began = time.perf_counter()
-        result = run_training(model, files, opts, console)
-    except (DatasetError, TrainingError, FeatureError) as exc:
+        if refit_from is not None:
+            selected, _ = load(refit_from, expected_kind=model)
+        else:
+            selected = run_training(model, files, opts, console).checkpoint
+        do_refit = refit_from is not None or (REFIT_DEFAULT[model] if refit_after is None else refit_after)
+        result_checkpoint = refit(model, files, selected, opts, console).checkpoint if do_refit else selected
+    except (DatasetError, TrainingError, FeatureError, CheckpointError) as exc:
         console.print(f"[red]training failed:[/] {exc}")
         raise typer.Exit(1) from None
     path = checkpoint_path(out, model)
-    save(result.checkpoint, path)
-    m = result.checkpoint.metrics
+    save(result_checkpoint, path)
+    m = result_checkpoint.metrics
     table = Table(title=f"{model}: {path} ({path.stat().st_size / 1024:.0f} KiB)")
-    for column in ("members", "best epoch", "val CRPS", "EWMA-t val CRPS", "ratio", "params", "head params", "seconds"):
+    for column in ("members", "best epoch", "val CRPS", "EWMA-t val CRPS", "ratio", "refit windows", "params",
+                   "head params", "seconds"):
         table.add_column(column, justify="right")
     table.add_row(str(m["members"]), ",".join(str(e) for e in m["best_epochs"]), f"{m['val_crps']:.2f}", f"{m['val_crps_ewma']:.2f}",
-                  f"{m['val_ratio_vs_ewma']:.4f}", str(m["num_params"]), str(m["head_params"]),
+                  f"{m['val_ratio_vs_ewma']:.4f}", str(m["train_windows"]) if m.get("refit") else "-",
+                  str(m["num_params"]), str(m["head_params"]),
                   f"{time.perf_counter() - began:.0f}")
     console.print(table)
 

@@ -22,10 +22,20 @@ from core.datasets import (
     split_train_val,
 )
 from core.features import FEATURE_SPECS
-from core.model import PatchTSTEnsemble, StudentTParams, unit_t_log_prob
+from core.model import PatchTST, PatchTSTEnsemble, StudentTParams, unit_t_log_prob
 from core.path_sampling import LatentVol
 from core.prices import PriceHistory
-from core.training import Batch, Intervals, TrainingError, TrainOptions, increment_nll, sample_crps_loss, train
+from core.training import (
+    Batch,
+    Intervals,
+    TrainingError,
+    TrainOptions,
+    increment_nll,
+    predict,
+    refit,
+    sample_crps_loss,
+    train,
+)
 from synth_miner.cli_model import register
 
 START = int(datetime(2026, 1, 5, tzinfo=UTC).timestamp())
@@ -156,7 +166,7 @@ def test_sample_crps_loss_prefers_the_true_scale() -> None:
     path = torch.cat([torch.zeros(b, 1), draws.cumsum(1)], dim=1)
     path[:5, 10] = float("nan")  # unobserved points are skipped, not scored as zero
     batch = Batch(series=torch.zeros(0), context=torch.zeros(0), steps=torch.zeros(0), asset=torch.zeros(0),
-                  log_path=path, base_rel=torch.ones(b, h))
+                  log_path=path, base_rel=torch.ones(b, h), base0=torch.ones(b))
 
     def loss(log_scale: float) -> float:
         p = StudentTParams(torch.zeros(b, h), torch.full((b, h), log_scale), nu)
@@ -167,6 +177,27 @@ def test_sample_crps_loss_prefers_the_true_scale() -> None:
     log_sigma = torch.zeros(b, h, requires_grad=True)
     sample_crps_loss(StudentTParams(torch.zeros(b, h), log_sigma, nu), batch, Intervals((1,), ())).backward()
     assert log_sigma.grad is not None and torch.isfinite(log_sigma.grad).all()
+
+
+def test_price_weighted_crps_loss_weighs_windows_by_their_base_std() -> None:
+    b, h = 8, 12
+    path = torch.cat([torch.zeros(b, 1), torch.randn(b, h, generator=torch.Generator().manual_seed(1)).cumsum(1)], 1)
+    p = StudentTParams(torch.zeros(b, h), torch.zeros(b, h), torch.full((b, h), 5.0))
+
+    def loss(base0: torch.Tensor, weight: str) -> float:
+        batch = Batch(series=torch.zeros(0), context=torch.zeros(0), steps=torch.zeros(0), asset=torch.zeros(0),
+                      log_path=path, base_rel=torch.ones(b, h), base0=base0)
+        torch.manual_seed(0)
+        return float(sample_crps_loss(p, batch, Intervals((1,), (12,)), members=8, weight=weight))
+
+    flat = torch.full((b,), 0.003)
+    # Equal base stds: both weightings agree, whatever the level (only the relative weights count).
+    assert loss(flat, "price") == pytest.approx(loss(flat, "std"), rel=1e-6)
+    assert loss(flat * 7, "price") == pytest.approx(loss(flat, "price"), rel=1e-6)
+    # All the weight on window 0: the loss is window 0's CRPS alone, not the batch mean.
+    only_first = torch.zeros(b)
+    only_first[0] = 1.0
+    assert loss(only_first, "price") != pytest.approx(loss(flat, "std"), rel=1e-3)
 
 
 def hf_files(tmp_path: Path) -> dict[str, FileSlice]:
@@ -241,6 +272,52 @@ def test_an_ensemble_trains_each_seed_and_is_kept_when_it_beats_ewma(tmp_path: P
     assert isinstance(model, PatchTSTEnsemble) == (m["members"] > 1)
 
 
+def test_refit_replays_the_selected_recipe_on_every_window(tmp_path: Path) -> None:
+    files = hf_files(tmp_path)
+    selected = train("hf", files, tiny_options(epochs=2, crps_epochs=1, members=2, seed=4)).checkpoint
+    phases = selected.metrics["phase_epochs"]
+    assert len(phases) == selected.metrics["members"] and all(len(p) == 3 for p in phases)
+    # Other options are ignored: the schedule and the seed come from the selected checkpoint.
+    first = refit("hf", files, selected, tiny_options(epochs=9, lr=1.0, seed=99))
+    ck, m = first.checkpoint, first.checkpoint.metrics
+    assert m["refit"] and m["seed"] == 4 and m["phase_epochs"] == phases
+    every = build_windows("hf", files, 1200, val_frac=0.3)
+    assert m["train_windows"] == len(every) > selected.metrics["train_windows"] + selected.metrics["val_windows"] - 1
+    assert ck.latent == selected.latent and ck.config == selected.config and len(ck.members) == len(selected.members)
+    assert ck.data_window["BTC"]["train_origins"][1] == int(every.origin.max())  # validation windows trained on too
+    second = refit("hf", files, selected, tiny_options())
+    for key, value in ck.state_dict.items():
+        assert torch.equal(value, second.checkpoint.state_dict[key]), key
+    save(ck, tmp_path / "refit.pt")
+    again, _ = load(tmp_path / "refit.pt", expected_kind="hf")  # and a refit of a refit replays the same recipe
+    assert again.metrics["phase_epochs"] == phases
+
+
+def test_a_refit_of_zero_epochs_is_the_ewma_t_engine(tmp_path: Path) -> None:
+    files = hf_files(tmp_path)
+    selected = train("hf", files, tiny_options(epochs=1)).checkpoint
+    selected.metrics["phase_epochs"] = [[0, 0, 0]]
+    ck = refit("hf", files, selected, tiny_options()).checkpoint
+    model = PatchTST(ck.config)
+    model.load_state_dict(ck.state_dict)
+    windows = build_windows("hf", files, 1200, val_frac=0.3)
+    rows = np.arange(4)
+    laws = predict(model, windows, rows, ck.norm, ck.config, "cpu", 1.0)
+    ewma = predict(None, windows, rows, ck.norm, ck.config, "cpu", 1.0)
+    np.testing.assert_allclose(laws.sigma, ewma.sigma, rtol=1e-6)
+    np.testing.assert_allclose(laws.mu, 0.0, atol=1e-12)
+
+
+def test_refit_refuses_a_checkpoint_it_cannot_replay(tmp_path: Path) -> None:
+    files = hf_files(tmp_path)
+    selected = train("hf", files, tiny_options(epochs=1)).checkpoint
+    with pytest.raises(TrainingError, match="refit of a hf checkpoint"):
+        refit("lf_crypto", files, selected, tiny_options())
+    del selected.metrics["phase_epochs"]
+    with pytest.raises(TrainingError, match="phase_epochs"):
+        refit("hf", files, selected, tiny_options())
+
+
 def test_time_ordered_split_leaves_no_overlap(tmp_path: Path) -> None:
     windows = build_windows("hf", hf_files(tmp_path), 1200, val_frac=0.3)
     train_w, val_w = split_train_val(windows)
@@ -284,6 +361,15 @@ def test_cli_train_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     write_folder(empty, {}, {})
     failed = CliRunner().invoke(app, ["train", "--model", "hf", "--data-dir", str(empty), "--out", str(out)])
     assert failed.exit_code == 1 and "training failed" in failed.output
+    # --refit-from replays a checkpoint on every window; a refit checkpoint shows its window count.
+    refitted = CliRunner().invoke(app, ["train", "--model", "hf", "--data-dir", str(tmp_path / "data"),
+                                        "--refit-from", str(out / "hf.pt"), "--out", str(tmp_path / "refit")])
+    assert refitted.exit_code == 0, refitted.output
+    again, _ = load(tmp_path / "refit" / "hf.pt", expected_kind="hf")
+    assert again.metrics["refit"] and again.metrics["seed"] == 3
+    wrong = CliRunner().invoke(app, ["train", "--model", "lf_crypto", "--data-dir", str(tmp_path / "data"),
+                                     "--refit-from", str(out / "hf.pt")])
+    assert wrong.exit_code == 1 and "training failed" in wrong.output
 
 
 def test_training_from_the_history_store_stops_at_the_cut(tmp_path: Path) -> None:
