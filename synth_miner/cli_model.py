@@ -129,12 +129,11 @@ def train(
     save(result_checkpoint, path)
     m = result_checkpoint.metrics
     table = Table(title=f"{model}: {path} ({path.stat().st_size / 1024:.0f} KiB)")
-    for column in ("members", "best epoch", "val CRPS", "EWMA-t val CRPS", "ratio", "refit windows", "params",
-                   "head params", "seconds"):
+    for column in ("members", "best epochs", "val CRPS", "EWMA-t", "ratio", "refit windows", "params", "s"):
         table.add_column(column, justify="right")
-    table.add_row(str(m["members"]), ",".join(str(e) for e in m["best_epochs"]), f"{m['val_crps']:.2f}", f"{m['val_crps_ewma']:.2f}",
-                  f"{m['val_ratio_vs_ewma']:.4f}", str(m["train_windows"]) if m.get("refit") else "-",
-                  str(m["num_params"]), str(m["head_params"]),
+    table.add_row(str(m["members"]), ",".join(str(e) for e in m["best_epochs"]), f"{m['val_crps']:.1f}",
+                  f"{m['val_crps_ewma']:.1f}", f"{m['val_ratio_vs_ewma']:.4f}",
+                  str(m["train_windows"]) if m.get("refit") else "-", str(m["num_params"]),
                   f"{time.perf_counter() - began:.0f}")
     console.print(table)
 

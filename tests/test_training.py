@@ -350,10 +350,12 @@ def test_cli_train_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["train", "--model", "hf", "--data-dir", str(tmp_path / "data"), "--epochs", "1",
                                       "--batches-per-epoch", "2", "--batch-size", "16", "--val-prompts", "3",
                                       "--paths", "50", "--stride-min", "20", "--out", str(out), "--seed", "3",
-                                      "--crps-epochs", "1", "--no-latent-search", "--members", "2"])
+                                      "--crps-epochs", "1", "--no-latent-search", "--members", "2", "--refit"])
     assert result.exit_code == 0, result.output
     checkpoint, _ = load(out / "hf.pt", expected_kind="hf")
     assert checkpoint.metrics["seed"] == 3 and "val CRPS" in result.output
+    assert f" {checkpoint.metrics['train_windows']} " in result.output  # the refit window count is shown
+    assert checkpoint.metrics["refit"]  # --refit asked for it (hf's default is no refit)
     assert len(checkpoint.metrics["best_epochs"]) == 2 and checkpoint.metrics["crps_epochs"] == 1
     bad = CliRunner().invoke(app, ["train", "--model", "weekly", "--data-dir", str(tmp_path / "data")])
     assert bad.exit_code != 0
