@@ -24,11 +24,9 @@ from core.training import (
     CLOSED_SCALE_CANDIDATES,
     DEFAULT_CRPS_EPOCHS,
     LATENT_CANDIDATES,
-    REFIT_DEFAULT,
     TrainingError,
     TrainOptions,
-    refit,
-    train,
+    fit,
 )
 
 log = logging.getLogger(__name__)
@@ -63,17 +61,15 @@ def run_retrain_job(settings: Settings, now: int | None = None, options: TrainOp
             opts = options or TrainOptions(
                 seed=now // 86_400, crps_epochs=DEFAULT_CRPS_EPOCHS[kind] if crps_epochs is None else crps_epochs,
                 members=settings.retrain_members, latent_grid=LATENT_CANDIDATES, closed_grid=CLOSED_SCALE_CANDIDATES)
-            result = train(kind, files, opts)
-            if REFIT_DEFAULT[kind]:
-                result = refit(kind, files, result.checkpoint, opts)
+            checkpoint = fit(kind, files, opts)
         except (TrainingError, DatasetError) as exc:  # too little or unusable history: say so, go on
             report["models"][kind] = f"skipped: {exc}"
             continue
-        save(result.checkpoint, out_dir / f"{kind}.pt")
-        m = result.checkpoint.metrics
+        save(checkpoint, out_dir / f"{kind}.pt")
+        m = checkpoint.metrics
         best = {"val_crps": m["val_crps"], "val_ratio_vs_ewma": m["val_ratio_vs_ewma"], "members": m["members"],
                 "refit": bool(m.get("refit", False))}
-        seconds = result.seconds + float(m.get("selection_train_seconds") or 0.0)
+        seconds = float(m["train_seconds"]) + float(m.get("selection_train_seconds") or 0.0)
         report["models"][kind] = {"seconds": round(seconds, 1), "best": best}
-        log.info("retrained %s in %.0f s: %s", kind, result.seconds, best)
+        log.info("retrained %s in %.0f s: %s", kind, seconds, best)
     return report

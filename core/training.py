@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -84,6 +84,9 @@ ARCH: dict[str, dict[str, Any]] = {  # per-model architecture on top of PatchTST
 }
 
 
+CrpsWeight = Literal["std", "price"]
+
+
 class TrainingError(RuntimeError):
     """Training cannot run as asked (no device, no windows...)."""
 
@@ -112,7 +115,7 @@ class TrainOptions:
     crps_epochs: int = 0  # sample-CRPS fine-tune epochs after the NLL phase
     crps_lr_factor: float = 0.2
     crps_members: int = 16  # sampled paths per window in the CRPS loss
-    crps_weight: str = "std"  # "std": windows weigh alike; "price": by their base std, as the validator's bps do
+    crps_weight: CrpsWeight = "std"  # "std": windows weigh alike; "price": by their base std, as the validator's bps do
     ewma: EwmaConfig | None = None  # the base to correct; None = the EWMA-t engine's current default
 
 
@@ -288,7 +291,7 @@ def _fair_crps(sim: torch.Tensor, real: torch.Tensor, ranks: torch.Tensor) -> to
 
 
 def sample_crps_loss(p: StudentTParams, b: Batch, intervals: Intervals, members: int = 16,
-                     scale: float = 1.0, weight: str = "std") -> torch.Tensor:
+                     scale: float = 1.0, weight: CrpsWeight = "std") -> torch.Tensor:
     """Fair ensemble CRPS of the realised log-price changes on the validator's intervals.
 
     Reparameterised Student-t draws (``rsample``) make the sampled paths differentiable; per window
@@ -322,9 +325,12 @@ class _EpochRunner:
                TextColumn("{task.fields[info]}"))
 
     def __init__(self, train_w: WindowSet, norm: NormStats, cfg: PatchTSTConfig, device: str,
-                 rng: np.random.Generator, opts: TrainOptions, n_batches: int, console: Console) -> None:
+                 rng: np.random.Generator, opts: TrainOptions, console: Console) -> None:
         self.train_w, self.norm, self.cfg, self.device, self.rng = train_w, norm, cfg, device, rng
-        self.opts, self.n_batches, self.console = opts, n_batches, console
+        self.opts, self.console = opts, console
+        self.n_batches = max(len(train_w) // opts.batch_size, 1)  # an epoch: one pass, or batches_per_epoch
+        if opts.batches_per_epoch is not None:
+            self.n_batches = min(self.n_batches, opts.batches_per_epoch)
 
     def run(self, model: PatchTST, name: str, loss_fn: LossFn, scheduled: int, lr: float,
             after_epoch: Callable[[float], bool]) -> None:
@@ -410,10 +416,7 @@ def train(kind: str, files: Mapping[str, FileSlice], opts: TrainOptions, console
 
     ewma_crps = val_crps(None, latent)
     history: list[dict[str, float]] = []
-    n_batches = max(len(train_w) // opts.batch_size, 1)
-    if opts.batches_per_epoch is not None:
-        n_batches = min(n_batches, opts.batches_per_epoch)
-    epochs = _EpochRunner(train_w, norm, cfg, device, rng, opts, n_batches, console)
+    runner = _EpochRunner(train_w, norm, cfg, device, rng, opts, console)
     loss_fns = _phase_losses(spec, opts, shrink)
 
     def fit_member(index: int) -> tuple[PatchTST, int, float, tuple[int, int]]:
@@ -459,7 +462,7 @@ def train(kind: str, files: Mapping[str, FileSlice], opts: TrainOptions, console
                     return False
                 return True
 
-            epochs.run(model, f"{name} {phase_name}", loss_fn, scheduled, lr, after)
+            runner.run(model, f"{name} {phase_name}", loss_fn, scheduled, lr, after)
             model.load_state_dict(best_state)
             kept.append(max(int(best["epoch"]) - start, 0))
 
@@ -554,12 +557,15 @@ def refit(kind: str, files: Mapping[str, FileSlice], selected: Checkpoint, opts:
     missing = [k for k in ("phase_epochs", *REPLAYED) if k not in m]
     if missing:
         raise TrainingError(f"the {kind} checkpoint lacks {missing}: retrain it with this version before a refit")
+    weight = m["crps_weight"]
+    if weight not in get_args(CrpsWeight):
+        raise TrainingError(f"the {kind} checkpoint's crps_weight {weight!r} is not one of {get_args(CrpsWeight)}")
     opts = replace(opts, seed=int(m["seed"]), epochs=int(m["nll_epochs"]), crps_epochs=int(m["crps_epochs"]), lr=float(m["lr"]),
                    batch_size=int(m["batch_size"]), stride_s=int(m["stride_s"]),
                    batches_per_epoch=None if m["batches_per_epoch"] is None else int(m["batches_per_epoch"]),
                    weight_decay=float(m["weight_decay"]), asset_dropout=float(m["asset_dropout"]),
                    crps_lr_factor=float(m["crps_lr_factor"]), crps_members=int(m["crps_members"]),
-                   crps_weight=str(m["crps_weight"]))
+                   crps_weight=weight)
     device = resolve_device(opts.device)
     rng = np.random.default_rng(opts.seed)
     spec = replace(FEATURE_SPECS[kind], ewma=selected.ewma)
@@ -571,10 +577,7 @@ def refit(kind: str, files: Mapping[str, FileSlice], selected: Checkpoint, opts:
     console.print(f"[bold]{kind}[/] refit: {len(windows)} windows (training and validation)")
     norm = NormStats.fit(windows.scalars)
     cfg = selected.config
-    n_batches = max(len(windows) // opts.batch_size, 1)
-    if opts.batches_per_epoch is not None:
-        n_batches = min(n_batches, opts.batches_per_epoch)
-    runner = _EpochRunner(windows, norm, cfg, device, rng, opts, n_batches, console)
+    runner = _EpochRunner(windows, norm, cfg, device, rng, opts, console)
     nll, crps = _phase_losses(spec, opts, sample_scale(spec.ewma))
 
     def replay(model: PatchTST, name: str, loss_fn: LossFn, scheduled: int, lr: float, stop: int) -> None:
@@ -604,14 +607,24 @@ def refit(kind: str, files: Mapping[str, FileSlice], selected: Checkpoint, opts:
                "train_seconds": seconds, "selection_train_seconds": m.get("train_seconds"),
                "num_params": final.get_num_params(), "head_params": final.head_params()}
     states = [{k: v.cpu() for k, v in mm.state_dict().items()} for mm in members]
-    data_window = {asset: {"file": f.stem, "eval_start_ts": f.eval_start_ts,
-                           "train_origins": [int(windows.origin[windows.asset == i].min()),
-                                             int(windows.origin[windows.asset == i].max())],
-                           "train_windows": int((windows.asset == i).sum()),
-                           "selected_on": selected.data_window.get(asset)}
-                   for i, asset in enumerate(MODEL_ASSETS[kind]) if asset in files
-                   for f in [files[asset]] if (windows.asset == i).any()}
+    data_window: dict[str, Any] = {}
+    for i, asset in enumerate(MODEL_ASSETS[kind]):
+        origins = windows.origin[windows.asset == i]
+        if asset in files and origins.size:
+            data_window[asset] = {"file": files[asset].stem, "eval_start_ts": files[asset].eval_start_ts,
+                                  "train_origins": [int(origins.min()), int(origins.max())],
+                                  "train_windows": int(origins.size), "selected_on": selected.data_window.get(asset)}
     checkpoint = Checkpoint(kind=kind, config=cfg, state_dict=states[0], members=states[1:], norm=norm,
                             ewma=selected.ewma, latent=selected.latent, closed_scale=selected.closed_scale,
                             data_window=data_window, metrics=metrics)
     return TrainResult(checkpoint, [], seconds)
+
+
+def fit(kind: str, files: Mapping[str, FileSlice], opts: TrainOptions, refit_after: bool | None = None,
+        console: Console | None = None) -> Checkpoint:
+    """What ``synth-miner train`` and the retraining job ship: selection, then (``REFIT_DEFAULT``
+    unless ``refit_after`` says otherwise) the refit on every window."""
+    selected = train(kind, files, opts, console).checkpoint
+    if REFIT_DEFAULT[kind] if refit_after is None else refit_after:
+        return refit(kind, files, selected, opts, console).checkpoint
+    return selected

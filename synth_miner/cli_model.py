@@ -81,12 +81,11 @@ def train(
         CLOSED_SCALE_CANDIDATES,
         DEFAULT_CRPS_EPOCHS,
         LATENT_CANDIDATES,
-        REFIT_DEFAULT,
         TrainingError,
         TrainOptions,
+        fit,
         refit,
     )
-    from core.training import train as run_training
 
     if model not in FEATURE_SPECS:
         raise typer.BadParameter(f"use one of {', '.join(FEATURE_SPECS)}", param_hint="--model")
@@ -118,10 +117,9 @@ def train(
         began = time.perf_counter()
         if refit_from is not None:
             selected, _ = load(refit_from, expected_kind=model)
+            result_checkpoint = refit(model, files, selected, opts, console).checkpoint
         else:
-            selected = run_training(model, files, opts, console).checkpoint
-        do_refit = refit_from is not None or (REFIT_DEFAULT[model] if refit_after is None else refit_after)
-        result_checkpoint = refit(model, files, selected, opts, console).checkpoint if do_refit else selected
+            result_checkpoint = fit(model, files, opts, refit_after, console)
     except (DatasetError, TrainingError, FeatureError, CheckpointError) as exc:
         console.print(f"[red]training failed:[/] {exc}")
         raise typer.Exit(1) from None

@@ -313,6 +313,9 @@ def test_refit_refuses_a_checkpoint_it_cannot_replay(tmp_path: Path) -> None:
     selected = train("hf", files, tiny_options(epochs=1)).checkpoint
     with pytest.raises(TrainingError, match="refit of a hf checkpoint"):
         refit("lf_crypto", files, selected, tiny_options())
+    selected.metrics["crps_weight"] = "bps"
+    with pytest.raises(TrainingError, match="crps_weight 'bps'"):
+        refit("hf", files, selected, tiny_options())
     del selected.metrics["phase_epochs"]
     with pytest.raises(TrainingError, match="phase_epochs"):
         refit("hf", files, selected, tiny_options())
