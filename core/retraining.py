@@ -68,7 +68,7 @@ def run_retrain_job(settings: Settings, now: int | None = None, options: TrainOp
         save(checkpoint, out_dir / f"{kind}.pt")
         m = checkpoint.metrics
         best = {"val_crps": m["val_crps"], "val_ratio_vs_ewma": m["val_ratio_vs_ewma"], "members": m["members"],
-                "refit": bool(m.get("refit", False))}
+                "refit": bool(m.get("refit", False)), "refit_half_life_days": m.get("refit_half_life_days")}
         seconds = float(m["train_seconds"]) + float(m.get("selection_train_seconds") or 0.0)
         report["models"][kind] = {"seconds": round(seconds, 1), "best": best}
         log.info("retrained %s in %.0f s: %s", kind, seconds, best)

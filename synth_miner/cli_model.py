@@ -56,6 +56,10 @@ def train(
         "--refit-from", help="skip selection: replay this checkpoint's recipe (epochs, learning rates, batches, seeds) on every "
                          "window; the other training options are ignored", dir_okay=False)]
     = None,
+    refit_half_life: Annotated[float | None, typer.Option(
+        "--refit-half-life", min=0.0, help="days: the refit draws windows with weights halving every this many "
+                                           "days before each asset's newest (default: 180 for lf_crypto, 90 for "
+                                           "lf_equity, none for hf; 0 = every window alike)")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: Annotated[str, typer.Option("--device", help="cpu | cuda")] = "cpu",
     out: Annotated[Path, typer.Option("--out", help="folder for <model>.pt")] = Path("models"),
@@ -113,7 +117,8 @@ def train(
                             n_paths=paths, batches_per_epoch=batches_per_epoch, max_train_windows=max_train_windows,
                             crps_epochs=DEFAULT_CRPS_EPOCHS[model] if crps_epochs is None else crps_epochs,
                             latent_grid=LATENT_CANDIDATES if latent_search else None,
-                            closed_grid=CLOSED_SCALE_CANDIDATES if closed_search else None, members=members)
+                            closed_grid=CLOSED_SCALE_CANDIDATES if closed_search else None, members=members,
+                            refit_half_life_days="auto" if refit_half_life is None else (refit_half_life or None))
         began = time.perf_counter()
         if refit_from is not None:
             selected, _ = load(refit_from, expected_kind=model)

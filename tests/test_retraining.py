@@ -8,7 +8,7 @@ from core.csv_history import read_csv
 from core.history_store import HistoryStore
 from core.retraining import ResampledStore, run_retrain_job
 from core.settings import Settings
-from core.training import REFIT_DEFAULT, TrainOptions
+from core.training import REFIT_DEFAULT, REFIT_HALF_LIFE_DAYS, TrainOptions
 
 TINY = {"d_model": 16, "n_heads": 2, "n_layers": 1, "d_ff": 32, "head_hidden": 16}
 
@@ -31,3 +31,7 @@ def test_retrain_from_store_stages_checkpoints(tmp_path: Path, shared_data: Path
         checkpoint, _ = load(staged / f"{kind}.pt", expected_kind=kind)
         # The 24 h model replays its recipe on every window after selection; the 1 h model does not.
         assert report["models"][kind]["best"]["refit"] == REFIT_DEFAULT[kind] == bool(checkpoint.metrics.get("refit"))
+        if REFIT_DEFAULT[kind]:  # and leans on recent windows as the model's default says
+            half_life = REFIT_HALF_LIFE_DAYS[kind]
+            assert report["models"][kind]["best"]["refit_half_life_days"] == half_life == checkpoint.metrics[
+                "refit_half_life_days"]

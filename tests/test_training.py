@@ -32,6 +32,7 @@ from core.training import (
     TrainOptions,
     increment_nll,
     predict,
+    recency_weights,
     refit,
     sample_crps_loss,
     train,
@@ -291,6 +292,8 @@ def test_refit_replays_the_selected_recipe_on_every_window(tmp_path: Path) -> No
     save(ck, tmp_path / "refit.pt")
     again, _ = load(tmp_path / "refit.pt", expected_kind="hf")  # and a refit of a refit replays the same recipe
     assert again.metrics["phase_epochs"] == phases
+    twice = refit("hf", files, again, tiny_options()).checkpoint  # still says where the recipe was chosen
+    assert twice.data_window["BTC"]["selected_on"] == ck.data_window["BTC"]["selected_on"] == selected.data_window["BTC"]
 
 
 def test_a_refit_of_zero_epochs_is_the_ewma_t_engine(tmp_path: Path) -> None:
@@ -306,6 +309,38 @@ def test_a_refit_of_zero_epochs_is_the_ewma_t_engine(tmp_path: Path) -> None:
     ewma = predict(None, windows, rows, ck.norm, ck.config, "cpu", 1.0)
     np.testing.assert_allclose(laws.sigma, ewma.sigma, rtol=1e-6)
     np.testing.assert_allclose(laws.mu, 0.0, atol=1e-12)
+
+
+def test_recency_weights_halve_every_half_life_before_each_assets_newest_window(tmp_path: Path) -> None:
+    windows = build_windows("hf", hf_files(tmp_path), 1200, val_frac=0.3)
+    two = windows.subset(np.arange(len(windows)))
+    two.asset[::2] = 1  # a second asset whose newest window is older than BTC's
+    assert recency_weights(two, None) is None
+    p = recency_weights(two, 0.5)
+    assert p is not None and p.sum() == pytest.approx(1.0) and np.all(p > 0)
+    for asset in (0, 1):
+        rows = np.flatnonzero(two.asset == asset)
+        newest = rows[np.argmax(two.origin[rows])]
+        age = (two.origin[newest] - two.origin[rows]) / 86_400
+        np.testing.assert_allclose(p[rows] / p[newest], 0.5 ** (age / 0.5))  # each asset's own newest counts most
+    for bad in (0.0, -3.0, float("nan"), float("inf")):
+        with pytest.raises(TrainingError, match="positive number of days"):
+            recency_weights(two, bad)
+
+
+def test_a_refit_with_a_half_life_draws_recent_windows_more_and_says_so(tmp_path: Path) -> None:
+    files = hf_files(tmp_path)
+    selected = train("hf", files, tiny_options(epochs=2)).checkpoint
+    plain = refit("hf", files, selected, tiny_options())  # "auto": hf draws every window alike
+    assert plain.checkpoint.metrics["refit_half_life_days"] is None
+    recent = refit("hf", files, selected, tiny_options(refit_half_life_days=0.5)).checkpoint
+    assert recent.metrics["refit_half_life_days"] == 0.5
+    assert any(not torch.equal(v, plain.checkpoint.state_dict[k]) for k, v in recent.state_dict.items())
+    again = refit("hf", files, selected, tiny_options(refit_half_life_days=0.5)).checkpoint
+    for key, value in recent.state_dict.items():  # still seeded and reproducible
+        assert torch.equal(value, again.state_dict[key]), key
+    with pytest.raises(TrainingError, match="positive number of days"):
+        refit("hf", files, selected, tiny_options(refit_half_life_days=-1.0))
 
 
 def test_refit_refuses_a_checkpoint_it_cannot_replay(tmp_path: Path) -> None:
@@ -372,6 +407,11 @@ def test_cli_train_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     assert refitted.exit_code == 0, refitted.output
     again, _ = load(tmp_path / "refit" / "hf.pt", expected_kind="hf")
     assert again.metrics["refit"] and again.metrics["seed"] == 3
+    assert again.metrics["refit_half_life_days"] is None  # hf's default
+    recent = CliRunner().invoke(app, ["train", "--model", "hf", "--data-dir", str(tmp_path / "data"), "--refit-from",
+                                      str(out / "hf.pt"), "--refit-half-life", "2", "--out", str(tmp_path / "recent")])
+    assert recent.exit_code == 0, recent.output
+    assert load(tmp_path / "recent" / "hf.pt", expected_kind="hf")[0].metrics["refit_half_life_days"] == 2.0
     wrong = CliRunner().invoke(app, ["train", "--model", "lf_crypto", "--data-dir", str(tmp_path / "data"),
                                      "--refit-from", str(out / "hf.pt")])
     assert wrong.exit_code == 1 and "training failed" in wrong.output
