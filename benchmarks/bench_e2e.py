@@ -18,8 +18,17 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from miner.protocol import Simulation, SimulationInput
-from synth_miner.devstack import (RedisServer, Validator, assert_valid_reply, free_port, make_wallet, percentiles,
-                                  start_miner, start_worker, timed_raw_call)
+from synth_miner.devstack import (
+    RedisServer,
+    Validator,
+    assert_valid_reply,
+    free_port,
+    make_wallet,
+    percentiles,
+    start_miner,
+    start_worker,
+    timed_raw_call,
+)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 PROMPTS = {"24h": (300, 86_400), "1h": (60, 3_600)}

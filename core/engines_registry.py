@@ -17,8 +17,8 @@ def build_engines(settings: Settings) -> dict[str, Engine]:
         from core.engines.patchtst import PatchTSTEngine
 
         engines["patchtst"] = PatchTSTEngine.from_settings(settings)
-    except Exception as exc:  # no checkpoints, or torch missing: serve the statistical engines
-        log.info("PatchTST engine unavailable: %s", exc)
+    except Exception as exc:  # no checkpoints, torch missing or no such device: serve the statistical engines
+        log.warning("PatchTST engine unavailable: %s", exc)
     return engines
 
 

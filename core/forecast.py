@@ -72,6 +72,11 @@ class Forecaster:
         self.scale = scale
         self.fallback = self.engines.get(FALLBACK_ENGINE) or EwmaTEngine()
 
+    @property
+    def device(self) -> str:
+        """Where the default engine computes: a PatchTST engine's torch device, ``cpu`` for the others."""
+        return str(getattr(self.engines[self.default], "device", "cpu"))
+
     def current(self) -> "Forecaster":
         """A fixed forecaster is its own current version (LiveForecaster reloads on publication)."""
         return self

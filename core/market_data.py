@@ -7,10 +7,10 @@ from collections.abc import Callable, Mapping
 
 from core.cache import HistoryCache
 from core.history_store import HistoryStore
+from core.prices import LatestPrice, MarketSnapshot, PriceDataError, PriceHistory
 from core.refresh import RefreshReport, default_steps, refresh_asset
 from core.settings import Settings
-from core.prices import LatestPrice, MarketSnapshot, PriceDataError, PriceHistory
-from core.sources.base import PriceSource, ProviderError
+from core.sources.base import PriceSource
 
 log = logging.getLogger(__name__)
 

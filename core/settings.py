@@ -13,6 +13,8 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.assets import ASSETS, Provider
+from core.devices import DeviceChoice
+
 
 def default_models_dir() -> Path:
     """``./models`` when the working directory has one (Docker, a checkout), else the checkout's own."""
@@ -90,6 +92,8 @@ class Settings(BaseSettings):
                                 "(the rolling cache's default window, so offline runs see what production sees)")
     models_dir: Path = Field(default_factory=lambda: default_models_dir(),
                              description="PatchTST checkpoints: hf.pt, lf_crypto.pt, lf_equity.pt")
+    device: DeviceChoice = Field("auto", description="where PatchTST inference runs: auto = cuda when torch "
+                                                     "sees one (a GPU worker), else cpu")
 
     # --- periodic jobs (Celery beat) -----------------------------------------------------------------
     beat_refresh_s: float = Field(60.0, description="cache refresh period")

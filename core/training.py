@@ -32,6 +32,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from core import devices
 from core.checkpoint import SESSION_KINDS, Checkpoint
 from core.datasets import MODEL_ASSETS, FileSlice, WindowSet, build_windows, split_train_val
 from core.engines.ewma import DEFAULT_CONFIGS, EwmaConfig
@@ -264,11 +265,10 @@ def _data_window(files: Mapping[str, FileSlice], windows: WindowSet, train: Wind
 
 
 def resolve_device(device: str) -> str:
-    if device == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("--device cuda asked for, but torch sees no CUDA device")
-    if device not in ("cpu", "cuda"):
-        raise TrainingError(f"unknown device {device!r}; use cpu or cuda")
-    return device
+    try:
+        return devices.resolve_device(device)
+    except devices.DeviceError as exc:
+        raise TrainingError(str(exc)) from exc
 
 
 LossFn = Callable[[StudentTParams, Batch], torch.Tensor]
@@ -446,7 +446,7 @@ def train(kind: str, files: Mapping[str, FileSlice], opts: TrainOptions, console
     def val_nll(m: LawModel) -> float:
         m.eval()
         with torch.no_grad():
-            return float(np.mean([nll_loss(m(b.series, b.context, b.steps, b.asset), b)
+            return float(np.mean([nll_loss(m(b.series, b.context, b.steps, b.asset), b).item()
                                   for lo in range(0, all_val.size, 1024)
                                   for b in [make_batch(val_w, all_val[lo:lo + 1024], norm, cfg, device)]]))
 

@@ -32,8 +32,21 @@ from core.settings import Settings
 from core.sources.replay import ReplaySource
 from core.transport import decode_paths, encode_paths
 from miner.protocol import Simulation, SimulationInput
-from synth_miner.devstack import (Proc, RedisServer, Timed, Validator, assert_valid_reply, cli, free_port,
-                                  make_wallet, spawn, start_miner, start_worker, timed_raw_call, wait_port)
+from synth_miner.devstack import (
+    Proc,
+    RedisServer,
+    Timed,
+    Validator,
+    assert_valid_reply,
+    cli,
+    free_port,
+    make_wallet,
+    spawn,
+    start_miner,
+    start_worker,
+    timed_raw_call,
+    wait_port,
+)
 
 PROMPTS = {"1h": (60, 3_600), "24h": (300, 86_400)}
 

@@ -68,10 +68,11 @@ def collect(settings: Settings) -> dict[str, Any]:
 def render(report: dict[str, Any], console: Console) -> None:
     console.print(f"[bold]artifact version[/]: {report['artifact_version'] or 'none (statistical engines)'}")
     workers = Table(title="workers (heartbeats)")
-    for col in ("name", "queues", "engine", "artifact", "seen"):
+    for col in ("name", "queues", "engine", "device", "artifact", "seen"):
         workers.add_column(col)
     for w in report["workers"]:
-        workers.add_row(w["name"], w.get("queues", ""), w["engine"], str(w.get("artifact_version")), w["seen"])
+        workers.add_row(w["name"], w.get("queues", ""), w["engine"], w.get("device", "?"),
+                        str(w.get("artifact_version")), w["seen"])
     console.print(workers)
     queues = Table(title="queues")
     queues.add_column("queue")

@@ -8,8 +8,8 @@ from pathlib import Path
 import redis
 
 from core.constants import BEAT_LOCK_KEY, JOB_RUNS_KEY
-from tests.conftest import RedisServer
 from synth_miner.devstack import cli, spawn, start_worker
+from tests.conftest import RedisServer
 
 
 def test_two_beats_run_each_slot_once(redis_server: RedisServer, redis_url: str, tmp_path: Path,

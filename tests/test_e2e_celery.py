@@ -9,9 +9,16 @@ from pathlib import Path
 
 import pytest
 
+from synth_miner.devstack import (
+    Proc,
+    Validator,
+    assert_valid_reply,
+    make_wallet,
+    start_miner,
+    start_time_in,
+    start_worker,
+)
 from tests.conftest import RedisServer, free_port
-from synth_miner.devstack import Proc, Validator, assert_valid_reply, make_wallet, start_miner, start_worker, \
-    start_time_in
 
 
 class Stack:

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
 from synth_miner.devstack import Proc, Validator, assert_valid_reply, make_wallet, start_miner
+from tests.conftest import free_port
 
 
 @pytest.fixture(scope="module")

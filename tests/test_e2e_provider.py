@@ -14,8 +14,16 @@ from core.cache_redis import RedisHistoryCache
 from core.csv_history import read_csv, write_csv
 from core.fake_providers import FakeMarket, FakeServerThread
 from core.history_store import HistoryStore
-from synth_miner.devstack import (RedisServer, Validator, assert_valid_reply, free_port, make_wallet, start_miner,
-                                  start_time_in, start_worker)
+from synth_miner.devstack import (
+    RedisServer,
+    Validator,
+    assert_valid_reply,
+    free_port,
+    make_wallet,
+    start_miner,
+    start_time_in,
+    start_worker,
+)
 
 
 def training_slice(shared_data: Path, out: Path, stem: str, days: int) -> None:

@@ -151,3 +151,7 @@ def test_missing_or_broken_models_raise_engine_errors(tmp_path: Path, histories:
     with pytest.raises(EngineError, match="no usable PatchTST checkpoint"):
         PatchTSTEngine.from_settings(Settings(models_dir=tmp_path / "nothing"))
     assert PatchTSTEngine.from_settings(Settings(models_dir=folder)).kinds == ["hf"]
+    assert PatchTSTEngine.from_settings(Settings(models_dir=folder, device="cpu")).device == "cpu"
+    if not torch.cuda.is_available():  # asked for by name, a missing GPU is an error, not a quiet CPU model
+        with pytest.raises(ValueError, match="no CUDA device"):
+            PatchTSTEngine.from_settings(Settings(models_dir=folder, device="cuda"))

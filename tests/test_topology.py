@@ -6,8 +6,18 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from synth_miner.devstack import (RedisServer, Validator, assert_valid_reply, free_port, make_wallet, spawn,
-                                  start_time_in, start_worker, wait_port, cli)
+from synth_miner.devstack import (
+    RedisServer,
+    Validator,
+    assert_valid_reply,
+    cli,
+    free_port,
+    make_wallet,
+    spawn,
+    start_time_in,
+    start_worker,
+    wait_port,
+)
 
 
 async def test_routing_metrics_and_status(redis_server: RedisServer, redis_url: str, tmp_path: Path,
@@ -46,6 +56,7 @@ async def test_routing_metrics_and_status(redis_server: RedisServer, redis_url: 
                              capture_output=True, text=True, timeout=60)
         report = json.loads(out.stdout)
         assert any("infer.hf" in w["queues"] for w in report["workers"]), report["workers"]
+        assert all(w["device"] == "cpu" for w in report["workers"]), report["workers"]  # no GPU here
         assert report["cache"]["SOL"] is not None and report["cache"]["SOL"]["freshness_s"] < 600
         assert set(report["queues"]) == {"infer.hf", "infer.lf", "cpu"}
     finally:

@@ -8,9 +8,8 @@ results ignored or kept minutes, never the 1-day default.
 
 from celery import Celery
 
-from core.constants import (TASK_CALIBRATE, TASK_COMPACT_STORE, TASK_FORECAST, TASK_REFRESH_CACHE,
-                            TASK_RETRAIN)
 from beat_schedule import beat_schedule
+from core.constants import TASK_CALIBRATE, TASK_COMPACT_STORE, TASK_REFRESH_CACHE, TASK_RETRAIN
 from core.settings import InsecureRedisError, Settings, check_redis_url, get_settings
 
 LONGEST_JOB_S = 4 * 3600  # retraining; the visibility timeout must exceed it

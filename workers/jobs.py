@@ -10,8 +10,15 @@ from typing import Any
 
 import redis
 
-from core.constants import (JOB_RUNS_KEPT, JOB_RUNS_KEY, JOB_SLOT_KEY, TASK_CALIBRATE, TASK_COMPACT_STORE,
-                            TASK_REFRESH_CACHE, TASK_RETRAIN)
+from core.constants import (
+    JOB_RUNS_KEPT,
+    JOB_RUNS_KEY,
+    JOB_SLOT_KEY,
+    TASK_CALIBRATE,
+    TASK_COMPACT_STORE,
+    TASK_REFRESH_CACHE,
+    TASK_RETRAIN,
+)
 from core.settings import Settings, get_settings
 from workers.app import app
 

@@ -11,11 +11,16 @@ from core.prompts import ForecastRequest
 from core.transport import encode_error, encode_paths
 from workers.app import app
 from workers.metrics import MODEL_VERSION, TASK_SECONDS, TASKS, heartbeat, serve_metrics
-from workers.runtime import get_runtime
+from workers.runtime import WorkerRuntime, get_runtime
 
 log = logging.getLogger(__name__)
 
 FORECAST_TIME_LIMIT_S = 60
+
+
+def announce(runtime: WorkerRuntime) -> None:
+    """The heartbeat `synth-miner status` lists: engine, device and artifact this process serves."""
+    heartbeat(runtime.redis, runtime.forecaster.default, runtime.artifact_version, device=runtime.forecaster.device)
 
 
 @worker_process_init.connect
@@ -23,7 +28,7 @@ def _load_runtime(**_: Any) -> None:
     runtime = get_runtime()
     serve_metrics(runtime.settings.worker_metrics_port)
     MODEL_VERSION.labels(runtime.artifact_version or "none", runtime.forecaster.default).set(1)
-    heartbeat(runtime.redis, runtime.forecaster.default, runtime.artifact_version)
+    announce(runtime)
 
 
 @app.task(name=TASK_FORECAST, ignore_result=True, acks_late=False, time_limit=FORECAST_TIME_LIMIT_S,
@@ -50,4 +55,4 @@ def forecast(request: dict[str, Any], result_key: str, deadline: float, request_
     pipe.rpush(result_key, blob)
     pipe.expire(result_key, ttl)
     pipe.execute()
-    heartbeat(runtime.redis, runtime.forecaster.default, runtime.artifact_version)
+    announce(runtime)

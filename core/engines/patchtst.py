@@ -22,6 +22,7 @@ from core.assets import spec_for_any
 from core.checkpoint import KINDS, Checkpoint, CheckpointError, checkpoint_path, load
 from core.constants import LOOKAHEAD_GUARD_S
 from core.datasets import asset_row
+from core.devices import resolve_device
 from core.engines.base import EngineError, ParametricEngine, StepParams
 from core.features import FeatureError, history_context, sample_scale, step_features, us_closed_steps
 from core.model import LawModel, series_channels
@@ -56,11 +57,12 @@ class PatchTSTEngine(ParametricEngine):
             except CheckpointError as exc:
                 self._errors[kind] = str(exc)
                 log.warning("PatchTST %s model unavailable: %s", kind, exc)
+        log.info("PatchTST models %s on %s", ",".join(self.kinds) or "none", device)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "PatchTSTEngine":
-        """The engine over ``settings.models_dir``; raises if not a single model loads."""
-        engine = cls(settings.models_dir)
+        """The engine over ``settings.models_dir`` on ``settings.device``; raises if not a single model loads."""
+        engine = cls(settings.models_dir, device=resolve_device(settings.device))
         if not engine.kinds:
             raise EngineError(f"no usable PatchTST checkpoint in {settings.models_dir}: {engine._errors}")
         return engine
