@@ -1,0 +1,28 @@
+"""`synth-miner status` rendering: what an operator reads off the table (the collection runs for real in
+test_topology against a live stack)."""
+
+import time
+
+from rich.console import Console
+
+from synth_miner.status import render
+
+
+def test_render_shows_each_workers_device_and_flags_problems() -> None:
+    now = time.time()
+    report = {
+        "artifact_version": "v7",
+        "workers": [{"name": "gpu-0:11", "queues": "infer.hf,infer.lf", "engine": "patchtst", "device": "cuda",
+                     "artifact_version": "v7", "seen": "4s"},
+                    {"name": "old:12", "queues": "cpu", "engine": "ewma_t", "artifact_version": None, "seen": "9s"}],
+        "queues": {"infer.hf": 0, "infer.lf": 3, "cpu": 1},
+        "jobs": [{"job": "calibrate", "slot": int(now) - 60, "status": "ok", "seconds": 2.5, "started": now - 60}],
+        "cache": {"BTC": {"step": 60, "first": now - 86_400, "last": now - 120, "freshness_s": 60.0}, "SPYX": None},
+        "errors": ["redis: connection refused"],
+    }
+    console = Console(record=True, width=160)
+    render(report, console)
+    text = console.export_text()
+    assert "v7" in text and "patchtst" in text and "cuda" in text
+    assert "?" in text.split("old:12")[1].splitlines()[0]  # a heartbeat from before devices were announced
+    assert "empty" in text and "! redis: connection refused" in text and "last calibration" in text
