@@ -358,6 +358,14 @@ class CalibrationState:
     def lookup(self) -> ScaleLookup:
         return self.scale
 
+    def lookup_for(self, calibrated: str) -> ScaleLookup:
+        """What a forecaster applies: this engine's scales, 1.0 for every other engine (so scales an
+        earlier choice of calibration engine left behind are never served)."""
+        def scale(engine: str, asset: str, time_increment: int) -> float:
+            return self.scale(engine, asset, time_increment) if engine == calibrated else 1.0
+
+        return scale
+
     def entry(self, engine: str, asset: str, time_increment: int) -> Entry:
         return self.entries.get(scale_key(engine, asset, time_increment)) or Entry(engine, asset, time_increment)
 
@@ -495,10 +503,11 @@ def run_calibration(state: CalibrationState, engines: Mapping[str, Engine], engi
 
 
 def load_scale_lookup(settings: Settings) -> ScaleLookup:
-    """The scales of the current artifact (hash-verified); raises ArtifactError when there is none."""
+    """The current artifact's scales (hash-verified) for ``settings.calibration_engine``; raises
+    ArtifactError when there is no current artifact."""
     from core.artifacts import ArtifactStore  # imported here: core.artifacts imports this module
 
-    return ArtifactStore.from_settings(settings).load_current().calibration.scale
+    return ArtifactStore.from_settings(settings).load_current().calibration.lookup_for(settings.calibration_engine)
 
 
 def run_calibration_job(settings: Settings, now: int | None = None) -> dict[str, Any]:
@@ -521,16 +530,16 @@ def run_calibration_job(settings: Settings, now: int | None = None) -> dict[str,
                  for asset in history_store.assets()}
     histories = {a: h for a, h in histories.items() if h.m1 is not None or h.m5 is not None}
     engines = build_engines(settings)
-    run = run_calibration(state, engines, settings.engine, histories, increments, end, settings, now)
+    run = run_calibration(state, engines, settings.calibration_engine, histories, increments, end, settings, now)
     summary: dict[str, Any] = {"end": end, "outcomes": [asdict(o) for o in run.outcomes], "published": None}
     if not run.moved:
         return summary
     starts = [c.prompt.start_ts for c in run.all_cases()]
-    state.meta = {"calibrated_at": now, "end": end, "engine": settings.engine}
+    state.meta = {"calibrated_at": now, "end": end, "engine": settings.calibration_engine}
     staging = store.stage({CALIBRATION_FILE: state.to_json()}, data_window=DataWindow(min(starts), end),
                           notes={"kind": "calibration"}, inherit=True)
-    decision = challenge(store, staging, run.all_cases(), artifact_forecaster(engines, settings),
-                         settings.champion_tolerance)
+    forecaster = artifact_forecaster(engines, settings, settings.calibration_engine)
+    decision = challenge(store, staging, run.all_cases(), forecaster, settings.champion_tolerance)
     summary["published"] = decision.challenger if decision.promote else None
     summary["decision"] = asdict(decision)
     return summary

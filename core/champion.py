@@ -40,7 +40,8 @@ def artifact_forecaster(engines: Mapping[str, Engine], settings: Settings,
     Artifacts carrying models need a factory that builds their engines from the set's files.
     """
     name = engine or settings.engine
-    return lambda artifact: Forecaster(engines, default=name, seed=settings.calibration_seed, scale=artifact.scale)
+    return lambda artifact: Forecaster(engines, default=name, seed=settings.calibration_seed,
+                                       scale=artifact.calibration.lookup_for(settings.calibration_engine))
 
 
 def backtest_scores(forecaster: Forecaster, cases: Sequence[Case], rules: Rules) -> FloatArray:

@@ -228,7 +228,7 @@ def calibrate_cmd(
     data_dir: Annotated[Path | None, typer.Option(help="price CSV folder (SYNTH_DATA_DIR)")] = None,
     asset: Annotated[list[str] | None, typer.Option(help="asset (repeatable; default: all with files)")] = None,
     prompt: Annotated[list[str] | None, typer.Option(help="high (1 h) and/or low (24 h); default both")] = None,
-    engine: Annotated[str | None, typer.Option(help="engine to calibrate (SYNTH_ENGINE)")] = None,
+    engine: Annotated[str | None, typer.Option(help="engine to calibrate (SYNTH_CALIBRATION_ENGINE)")] = None,
     end: Annotated[str | None, typer.Option(help="use prompts realised before this ISO time")] = None,
     runs: Annotated[int, typer.Option(min=1, help="update runs on the same prompts (each within limits)")] = 1,
     windows: Annotated[int | None, typer.Option(min=1, help="prompts per key and run")] = None,
@@ -242,7 +242,7 @@ def calibrate_cmd(
 ) -> None:
     """Choose sigma_scale per (engine, asset, prompt type) by the validator CRPS on recent prompts."""
     settings = _settings(
-        engine=engine, calibration_windows_hf=windows, calibration_windows_lf=windows,
+        calibration_engine=engine, calibration_windows_hf=windows, calibration_windows_lf=windows,
         calibration_min_samples_hf=min_samples, calibration_min_samples_lf=min_samples, calibration_paths=paths)
     store = _store(artifacts_dir, settings)
     increments = _increments(prompt)
@@ -254,8 +254,8 @@ def calibrate_cmd(
         raise _fail(f"the current artifact does not load: {exc}") from None
     state = current.calibration.copy() if current is not None else CalibrationState()
     engines = build_engines(settings)
-    if settings.engine not in engines:
-        raise typer.BadParameter(f"unknown engine {settings.engine!r}; available: {sorted(engines)}",
+    if settings.calibration_engine not in engines:
+        raise typer.BadParameter(f"unknown engine {settings.calibration_engine!r}; available: {sorted(engines)}",
                                  param_hint="--engine")
     outcomes: list[CalibrationOutcome] = []
     cases: list[Case] = []
@@ -264,7 +264,7 @@ def calibrate_cmd(
         for asset_name, history in histories.items():
             asset_end = history_end(history, until)
             for run in range(runs):
-                result = run_calibration(state, engines, settings.engine, {asset_name: history}, increments,
+                result = run_calibration(state, engines, settings.calibration_engine, {asset_name: history}, increments,
                                          asset_end, settings, now)
                 outcomes += result.outcomes
                 if run == runs - 1:
@@ -272,7 +272,7 @@ def calibrate_cmd(
     except CalibrationError as exc:
         raise _fail(str(exc)) from None
     print_outcomes(outcomes)
-    state.meta = {"calibrated_at": now, "engine": settings.engine, "runs": runs}
+    state.meta = {"calibrated_at": now, "engine": settings.calibration_engine, "runs": runs}
     if output is not None:
         state.save(output)
         console.print(f"wrote {output}")
@@ -285,7 +285,7 @@ def calibrate_cmd(
         staging = store.stage({CALIBRATION_FILE: state.to_json()}, inherit=True, notes={"kind": "calibration"},
                               data_window=DataWindow(min(starts), max(history_end(h, until)
                                                                        for h in histories.values())))
-        decision = challenge(store, staging, cases, artifact_forecaster(engines, settings),
+        decision = challenge(store, staging, cases, artifact_forecaster(engines, settings, settings.calibration_engine),
                              settings.champion_tolerance, settings.calibration_rules)
     except ArtifactError as exc:
         raise _fail(str(exc)) from None

@@ -17,6 +17,7 @@ from core.calibration import (
     Entry,
     UpdateRules,
     calibrate_key,
+    load_scale_lookup,
     next_scale,
     recent_cases,
     run_calibration,
@@ -245,7 +246,8 @@ def test_calibration_converges_to_the_true_scale_within_move_limits() -> None:
 
 
 def test_job_calibrates_from_the_history_store_and_publishes_through_the_gate(tmp_path: Path) -> None:
-    settings = Settings(artifacts_dir=tmp_path / "artifacts", data_dir=tmp_path / "data", engine="ewma_t",
+    # The served engine stays the default (patchtst): the job calibrates SYNTH_CALIBRATION_ENGINE, EWMA-t.
+    settings = Settings(artifacts_dir=tmp_path / "artifacts", data_dir=tmp_path / "data",
                         calibration_windows_hf=12, calibration_min_samples_hf=10, calibration_windows_lf=4,
                         calibration_min_samples_lf=3, calibration_paths=40, cache_days_hf=0.5, cache_days_lf=1.0,
                         champion_tolerance=0.01)
@@ -274,3 +276,16 @@ def test_job_calibrates_from_the_history_store_and_publishes_through_the_gate(tm
     assert decision["champion_crps"] is not None and decision["challenger_crps"] is not None
     assert (second["published"] is not None) == decision["promote"]
     assert artifacts.current_version() == (second["published"] or first["published"])
+
+
+def test_only_the_calibration_engines_scales_are_applied(tmp_path: Path) -> None:
+    """Scales another engine left in the artifact (an earlier SYNTH_CALIBRATION_ENGINE) are ignored."""
+    state = CalibrationState({e.key: e for e in (Entry("ewma_t", "BTC", 60, scale=1.2),
+                                                 Entry("patchtst", "BTC", 60, scale=0.8))})
+    store = ArtifactStore(tmp_path / "artifacts")
+    store.publish(store.stage({CALIBRATION_FILE: state.to_json()}))
+    default = load_scale_lookup(Settings(artifacts_dir=tmp_path / "artifacts"))
+    assert default("ewma_t", "BTC", 60) == 1.2 and default("patchtst", "BTC", 60) == 1.0
+    assert default("ewma_t", "ETH", 60) == 1.0  # no entry: unscaled
+    model = load_scale_lookup(Settings(artifacts_dir=tmp_path / "artifacts", calibration_engine="patchtst"))
+    assert model("patchtst", "BTC", 60) == 0.8 and model("ewma_t", "BTC", 60) == 1.0

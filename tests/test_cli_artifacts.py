@@ -45,8 +45,9 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _calibrate_the_ewma_engine(monkeypatch: pytest.MonkeyPatch) -> None:
-    """These tests exercise the calibration and gate mechanics on the statistical engine."""
+    """These tests exercise the calibration and gate mechanics on the statistical engine, served and calibrated."""
     monkeypatch.setenv("SYNTH_ENGINE", "ewma_t")
+    monkeypatch.setenv("SYNTH_CALIBRATION_ENGINE", "ewma_t")
 
 def calibrate_args(data_dir: Path, artifacts: Path, *extra: str) -> list[str]:
     return ["calibrate", "--data-dir", str(data_dir), "--dir", str(artifacts), "--asset", "BTC", "--prompt", "high",
