@@ -1,9 +1,9 @@
 """Where torch work runs: ``auto`` takes the GPU when torch sees one, so one image serves both fleets."""
 
-from typing import Literal
+from typing import Literal, get_args
 
 DeviceChoice = Literal["auto", "cpu", "cuda"]
-DEVICE_CHOICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+DEVICE_CHOICES: tuple[str, ...] = get_args(DeviceChoice)
 
 
 class DeviceError(ValueError):

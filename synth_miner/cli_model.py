@@ -61,7 +61,8 @@ def train(
                                            "days before each asset's newest (default: 180 for lf_crypto, 90 for "
                                            "lf_equity, none for hf; 0 = every window alike)")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    device: Annotated[str, typer.Option("--device", help="cpu (reproduces the committed checkpoints) | cuda | auto")] = "cpu",
+    device: Annotated[str, typer.Option(
+        "--device", help="cpu (reproduces the committed checkpoints) | cuda | auto")] = "cpu",
     out: Annotated[Path, typer.Option("--out", help="folder for <model>.pt")] = Path("models"),
     stride_min: Annotated[int | None, typer.Option("--stride-min", help="minutes between training origins")]
     = None,
