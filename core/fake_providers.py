@@ -53,6 +53,7 @@ class Faults:
     mismatched: bool = False  # arrays of different lengths / a short row / a candle without a close
     missing_every: int = 0  # drop bars whose index (ts // step) is a multiple of this: missing candles
     bad_price: float | None = None  # the newest bar of each reply (and the latest price) gets this price
+    spike_every: int = 0  # bars whose index (ts // step) is a multiple of this are served x100: a wrong exponent
     stale_s: float = 0.0  # the feed lags: nothing newer than now - stale_s is served
     page_cap: int | None = None  # answer at most this many bars per call (a server capping below its docs)
     requests: int = 0  # data requests seen (a counter, not a fault)
@@ -147,6 +148,9 @@ class FakeMarket:
         if faults.missing_every > 0 and len(hist):
             keep = (hist.ts // step) % faults.missing_every != 0
             hist = PriceHistory(step, hist.ts[keep], hist.close[keep])
+        if faults.spike_every > 0 and len(hist):
+            spiked = (hist.ts // step) % faults.spike_every == 0
+            hist = PriceHistory(step, hist.ts, np.where(spiked, hist.close * 100.0, hist.close))
         return hist
 
     def newest_closed(self, asset: str, faults: Faults) -> tuple[int, float] | None:

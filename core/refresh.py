@@ -17,6 +17,7 @@ from core.cache import HistoryCache
 from core.cache_redis import RedisHistoryCache
 from core.constants import SECONDS_PER_DAY
 from core.history_store import HistoryStore, HistoryStoreError
+from core.price_checks import plausible_latest, screen_bars
 from core.prices import LatestPrice, PriceDataError, PriceHistory
 from core.settings import Settings
 from core.sources.base import PriceSource, ProviderError
@@ -38,6 +39,8 @@ class StepRefresh:
     new_in_store: int
     new_in_cache: int
     span: tuple[int, int] | None  # the cache's (first ts, last ts) after the refresh
+    dropped: int = 0  # implausible lone prints refused (core.price_checks)
+    held_back: int = 0  # newest bars whose jump awaits confirmation: fetched again next refresh
 
 
 @dataclass(frozen=True)
@@ -103,12 +106,18 @@ async def refresh_asset(asset: str, source: PriceSource, cache: HistoryCache, st
     await asyncio.to_thread(lock.__enter__)
     try:
         for step in steps:
-            done.append(await _refresh_step(asset, step, windows[step], source, cache, store, now, errors))
+            done.append(await _refresh_step(asset, step, windows[step], source, cache, store, now, errors,
+                                            settings))
         latest: LatestPrice | None = None
         try:
             latest = await source.latest(asset)
+            newest = await asyncio.to_thread(_newest_bar, asset, steps, cache)
+            if not plausible_latest(latest, newest, settings.price_max_jump):
+                raise ProviderError(f"latest price {latest.price:g} is implausibly far from the newest close "
+                                    f"{float(newest.close[-1]):g}: not used as the anchor")
             await asyncio.to_thread(cache.set_latest, asset, latest)
         except ProviderError as exc:
+            latest = None
             errors.append(f"latest: {type(exc).__name__}: {exc}")
     finally:
         await asyncio.to_thread(lock.__exit__, None, None, None)
@@ -117,8 +126,17 @@ async def refresh_asset(asset: str, source: PriceSource, cache: HistoryCache, st
     return RefreshReport(asset, source.name, tuple(done), latest, tuple(errors), time.perf_counter() - started)
 
 
+def _newest_bar(asset: str, steps: Sequence[int], cache: HistoryCache) -> PriceHistory:
+    """The cache's newest accepted bar at the finest step that has one (empty if none)."""
+    for step in sorted(steps):
+        span = cache.span(asset, step)
+        if span is not None:
+            return cache.read(asset, step, span[1], span[1] + step)
+    return PriceHistory.empty(min(steps, default=60))
+
+
 async def _refresh_step(asset: str, step: int, window: int, source: PriceSource, cache: HistoryCache,
-                        store: HistoryStore | None, now: int, errors: list[str]) -> StepRefresh:
+                        store: HistoryStore | None, now: int, errors: list[str], settings: Settings) -> StepRefresh:
     lo = -(-(now - window) // step) * step
     span = await asyncio.to_thread(cache.span, asset, step)
     tail = lo if span is None or span[1] < lo else span[1] + step
@@ -141,21 +159,32 @@ async def _refresh_step(asset: str, step: int, window: int, source: PriceSource,
             fetched = (await source.history(asset, tail, now, step)).known_at(now)
         except (ProviderError, PriceDataError) as exc:
             errors.append(f"history {step}s: {type(exc).__name__}: {exc}")
+    # 3. Garbage prints never reach the store or the cache (core.price_checks).
+    previous = await asyncio.to_thread(_newest_bar, asset, (step,), cache)
+    screened = screen_bars(fetched, float(previous.close[-1]) if len(previous) else None,
+                           settings.price_max_jump, settings.price_confirm_bars)
+    kept = screened.kept
+    if len(screened.dropped):
+        errors.append(f"history {step}s: {screened.describe()}")
+    if screened.held_back:
+        log.info("%s %ss: %d newest bar(s) held back until the next bars confirm their jump",
+                 asset, step, screened.held_back)
     new_in_store = new_in_cache = 0
     if store is not None:
         # Bars the cache got while the store could not be written are owed to the store too.
         owed = await asyncio.to_thread(_owed_to_store, asset, step, lo, cache, store)
-        to_store = owed.merge(fetched) if len(owed) else fetched
+        to_store = owed.merge(kept) if len(owed) else kept
         if len(to_store):
             try:
                 new_in_store = await asyncio.to_thread(store.append, asset, to_store)
             except HistoryStoreError as exc:
                 errors.append(f"store write {step}s: {type(exc).__name__}: {exc}")
-    if len(fetched):
-        new_in_cache = await asyncio.to_thread(cache.write, asset, fetched)
+    if len(kept):
+        new_in_cache = await asyncio.to_thread(cache.write, asset, kept)
     await asyncio.to_thread(cache.trim, asset, step, lo)
     span = await asyncio.to_thread(cache.span, asset, step)
-    return StepRefresh(step, window, from_store, len(fetched), new_in_store, new_in_cache, span)
+    return StepRefresh(step, window, from_store, len(fetched), new_in_store, new_in_cache, span,
+                       len(screened.dropped), screened.held_back)
 
 
 def _owed_to_store(asset: str, step: int, lo: int, cache: HistoryCache, store: HistoryStore) -> PriceHistory:

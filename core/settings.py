@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     http_backoff_s: float = Field(0.25, description="base of the jittered exponential retry backoff")
     http_backoff_max_s: float = Field(5.0, description="longest wait between two attempts")
     refresh_lock_s: float = Field(120.0, description="a refresh holds its per-asset Redis lock at most this long")
+    price_max_jump: float = Field(0.3, gt=0, description="log move from the last accepted close beyond which a "
+                                  "new bar or latest print needs confirmation (core.price_checks)")
+    price_confirm_bars: int = Field(2, ge=1, description="following bars that must stay near a jumped bar to accept it")
 
     # --- deadlines ------------------------------------------------------------------------------------
     reply_margin_s: float = Field(2.0, description="time kept back before the deadline to send the reply")

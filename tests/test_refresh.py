@@ -12,13 +12,15 @@ import redis
 from core import history_store
 from core.cache_redis import RedisHistoryCache
 from core.constants import SECONDS_PER_DAY
-from core.fake_providers import FakeMarket, FakeServer, FakeServerThread, ManualClock
+from core.fake_providers import FakeMarket, FakeServer, FakeServerThread, ManualClock, start_fake
 from core.history_store import HistoryStore
+from core.market_data import build_snapshot
 from core.prices import PriceHistory
 from core.refresh import RefreshConfigError, cache_windows, refresh_asset, refresh_assets_sync
 from core.settings import Settings
 from core.sources.binance import BinanceSource
 from core.sources.http import HttpConfig
+from core.sources.pyth import PythSource
 from core.sources.replay import ReplaySource
 from tests.provider_fixtures import T0, fake_provider_fixtures, redis_cache_fixtures
 
@@ -108,6 +110,58 @@ async def test_gaps_from_the_provider_stay_gaps(source: BinanceSource, cache: Re
     expected = full.ts[~old | ((full.ts // 60) % 9 != 0)]
     np.testing.assert_array_equal(cached(cache).ts, expected)
     assert np.count_nonzero(np.diff(cached(cache).ts) > 60) > 0
+
+
+async def test_wrong_exponent_prints_never_reach_the_cache_or_the_store(
+        source: BinanceSource, cache: RedisHistoryCache, store: HistoryStore, settings: Settings,
+        server: FakeServer, market: FakeMarket) -> None:
+    server.faults.spike_every = 7  # every 7th minute served x100
+    report = await refresh_asset("BTC", source, cache, store, settings, now=T0)
+    expected = truth(market, T0)
+    spiked = (expected.ts // 60) % 7 == 0
+    step = report.steps[0]
+    assert step.fetched == len(expected) and step.dropped + step.held_back == np.count_nonzero(spiked)
+    assert any("implausible bar(s) dropped" in e for e in report.errors)
+    real = PriceHistory(60, expected.ts[~spiked], expected.close[~spiked])
+    for got in (cached(cache), store.read("BTC", 60, 0, 2 ** 40)):
+        # Every real bar up to the held-back tail, at its real price; no x100 print anywhere.
+        want = real.between(0, int(expected.ts[-1]) - 60 * (step.held_back - 1))
+        np.testing.assert_array_equal(got.ts, want.ts)
+        np.testing.assert_array_equal(got.close, want.close)
+
+
+async def test_a_garbage_newest_print_is_held_back_and_never_anchors(
+        cache: RedisHistoryCache, store: HistoryStore, settings: Settings, market: FakeMarket,
+        clock: ManualClock) -> None:
+    # Pyth: its Hermes latest price is a separate feed, so both the bar and the print can be garbage.
+    pyth = await start_fake("pyth", market)
+    source = PythSource(pyth.url, pyth.url, HttpConfig.from_settings(settings), clock)
+    try:
+        assert (await refresh_asset("BTC", source, cache, store, settings, now=T0)).ok
+        clock.advance(180)
+        pyth.faults.bad_price = 1e9  # the newest bar and the latest price: a broken feed
+        report = await refresh_asset("BTC", source, cache, store, settings, now=int(clock()))
+        expected = truth(market, clock())
+        assert (report.steps[0].held_back, report.steps[0].dropped) == (1, 0)
+        assert report.latest is None
+        assert any("implausibly far from the newest close" in e for e in report.errors)
+        kept_latest = cache.latest("BTC")
+        assert kept_latest is not None and kept_latest.publish_time <= T0 + 60  # the last good print stays
+        np.testing.assert_array_equal(cached(cache).ts, expected.ts[:-1])
+        snapshot = build_snapshot(cache, "BTC", int(clock()), WINDOW)
+        assert snapshot.anchor == expected.close[-2]  # the newest trusted close, not 1e9
+
+        pyth.faults.reset()
+        clock.advance(120)
+        again = await refresh_asset("BTC", source, cache, store, settings, now=int(clock()))
+        assert again.ok and again.latest is not None and again.latest.price < 1e9
+        now_truth = truth(market, clock())
+        np.testing.assert_array_equal(cached(cache).ts, now_truth.ts)  # the held-back minute came back, real
+        np.testing.assert_array_equal(cached(cache).close, now_truth.close)
+        np.testing.assert_array_equal(store.read("BTC", 60, 0, 2 ** 40).close[-5:], now_truth.close[-5:])
+    finally:
+        await source.close()
+        await pyth.stop()
 
 
 async def test_cache_is_rebuilt_from_the_store_after_flushall(source: BinanceSource, cache: RedisHistoryCache,
