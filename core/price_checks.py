@@ -60,13 +60,13 @@ def screen_bars(bars: PriceHistory, previous_close: float | None, max_jump: floa
             keep[i], ref = True, float(close[i])
             continue
         following = close[i + 1:i + 1 + confirm_bars]
-        if following.size < confirm_bars and all(not _far(float(c), float(close[i]), max_jump) for c in following):
+        if any(_far(float(c), float(close[i]), max_jump) for c in following):
+            drop[i] = True  # the next bars disagree: a lone print
+        elif following.size < confirm_bars:
             held = n - i  # nothing contradicts it yet: wait for the bars that will
             break
-        if all(not _far(float(c), float(close[i]), max_jump) for c in following):
-            keep[i], ref = True, float(close[i])  # a new level: the market moved
         else:
-            drop[i] = True
+            keep[i], ref = True, float(close[i])  # a new level: the market moved
     return Screened(PriceHistory(bars.step, bars.ts[keep], close[keep]),
                     PriceHistory(bars.step, bars.ts[drop], close[drop]), held)
 
