@@ -331,6 +331,27 @@ def sample_forecast_check(artifact: ArtifactSet) -> None:
             raise ArtifactError(f"sample forecast {asset} {inc}s at scale {scale:g} fails: {exc}") from None
 
 
+def model_checkpoint_check(artifact: ArtifactSet) -> None:
+    """A ``<kind>.pt`` is what the PatchTST engine will serve: it must be a checkpoint of that kind
+    this code builds (same checks as ``core.checkpoint.load``), or the set is refused before publish."""
+    names = sorted(n for n in artifact.files if n.endswith(".pt"))
+    if not names:
+        return
+    from core.checkpoint import KINDS, CheckpointError, build_model, from_payload  # torch: only with checkpoints
+
+    for name in names:
+        kind = name.removesuffix(".pt")
+        if kind not in KINDS:
+            continue  # another torch file (e.g. a state dict): loading it was the check
+        payload = artifact.files[name]
+        try:
+            if not isinstance(payload, dict):
+                raise CheckpointError("not a checkpoint dictionary")
+            build_model(from_payload(payload, expected_kind=kind))
+        except CheckpointError as exc:
+            raise ArtifactError(f"{artifact.path / name}: not a servable {kind} model ({exc})") from None
+
+
 # --------------------------------------------------------------------------------------------- store
 
 
@@ -453,6 +474,7 @@ class ArtifactStore:
         """Everything a publish requires: hashes, every file loads, the sample forecast, extra checks."""
         artifact = read_set(Path(directory), self.loaders)
         sample_forecast_check(artifact)
+        model_checkpoint_check(artifact)
         for check in self.checks:
             try:
                 check(artifact)

@@ -23,7 +23,7 @@ from core.artifacts import ArtifactSet, ArtifactStore
 from core.calibration import Case, score_cases
 from core.engines.base import Engine
 from core.evaluation import FloatArray
-from core.forecast import Forecaster
+from core.forecast import Forecaster, no_calibration
 from core.response import round_for_wire
 from core.scoring import Rules
 from core.settings import Settings
@@ -99,10 +99,14 @@ def compare(challenger: ArtifactSet, champion: ArtifactSet | None, cases: Sequen
     cp_scores = None if champion is None else backtest_scores(factory(champion), cases, rules)
     decision = decide(challenger.version, None if champion is None else champion.version, ch_scores, cp_scores,
                       tolerance)
-    log.info("champion/challenger: %s %s (challenger %s mean CRPS %s, champion %s mean CRPS %s, %d prompts): %s",
-             challenger.version, "PROMOTED" if decision.promote else "rejected", challenger.version,
-             decision.challenger_crps, decision.champion, decision.champion_crps, decision.cases, decision.reason)
+    _log(decision)
     return decision
+
+
+def _log(decision: ChampionDecision) -> None:
+    log.info("champion/challenger: %s %s (challenger mean CRPS %s, champion %s mean CRPS %s, %d prompts): %s",
+             decision.challenger, "PROMOTED" if decision.promote else "rejected", decision.challenger_crps,
+             decision.champion, decision.champion_crps, decision.cases, decision.reason)
 
 
 def challenge(store: ArtifactStore, staging_dir: Path, cases: Sequence[Case], factory: ForecasterFactory,
@@ -115,6 +119,41 @@ def challenge(store: ArtifactStore, staging_dir: Path, cases: Sequence[Case], fa
     challenger = store.validate(staging_dir)
     champion = store.load_current_or_none()
     decision = compare(challenger, champion, cases, factory, tolerance, rules)
+    if decision.promote and publish:
+        store.publish(staging_dir, expect_current=None if champion is None else champion.version)
+    return decision
+
+
+# ------------------------------------------------------------------------------------ model sets
+
+COMMITTED_MODELS = "committed-models"  # the champion's name when no artifact carries models yet
+
+
+def model_forecaster(settings: Settings, artifact: ArtifactSet | None) -> Forecaster:
+    """What a worker serves with ``artifact`` current: its checkpoints, the committed models for the
+    kinds it lacks, its calibration (None: the committed models, uncalibrated)."""
+    from core.engines_registry import engines_over, forecaster_over
+
+    engines = engines_over(settings, None if artifact is None else artifact.path)
+    scale = no_calibration if artifact is None else artifact.calibration.lookup_for(settings.calibration_engine)
+    return forecaster_over(engines, "patchtst", settings.calibration_seed, scale)
+
+
+def challenge_models(store: ArtifactStore, staging_dir: Path, cases: Sequence[Case], settings: Settings,
+                     tolerance: float, rules: Rules = "upstream", publish: bool = True) -> ChampionDecision:
+    """``challenge`` for a staged set that carries model checkpoints.
+
+    The champion is what serves now (the current set's models over the committed ones, or the
+    committed ones alone before any publication), so a first retrained model must beat the committed
+    model rather than win by default. The cases must lie after the challenger's training data.
+    """
+    challenger = store.validate(staging_dir)
+    champion = store.load_current_or_none()
+    ch_scores = backtest_scores(model_forecaster(settings, challenger), cases, rules)
+    cp_scores = backtest_scores(model_forecaster(settings, champion), cases, rules)
+    decision = decide(challenger.version, COMMITTED_MODELS if champion is None else champion.version,
+                      ch_scores, cp_scores, tolerance)
+    _log(decision)
     if decision.promote and publish:
         store.publish(staging_dir, expect_current=None if champion is None else champion.version)
     return decision

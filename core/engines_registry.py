@@ -1,6 +1,7 @@
 """Every engine by name, built once per process from settings (PatchTST when its checkpoints load)."""
 
 import logging
+from pathlib import Path
 
 from core.engines.base import Engine
 from core.engines.ewma import EwmaTEngine
@@ -11,15 +12,36 @@ from core.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def build_engines(settings: Settings) -> dict[str, Engine]:
+def served_models_dir(settings: Settings) -> Path | None:
+    """The current artifact version's folder when it carries model checkpoints (the weekly retraining
+    publishes them there after they pass its gate); None: the committed ``models/`` serve alone."""
+    from core.artifacts import ArtifactError, ArtifactStore
+
+    store = ArtifactStore.from_settings(settings)
+    try:
+        version = store.current_version()
+    except ArtifactError as exc:
+        log.warning("artifacts unusable (%s): serving the committed models", exc)
+        return None
+    folder = None if version is None else store.versions_dir / version
+    return folder if folder is not None and any(folder.glob("*.pt")) else None
+
+
+def engines_over(settings: Settings, models_dir: Path | None) -> dict[str, Engine]:
+    """Every engine; PatchTST from ``models_dir`` first, the committed models for the kinds it lacks."""
     engines: dict[str, Engine] = {"gbm": GbmEngine(), "ewma_t": EwmaTEngine()}
     try:
         from core.engines.patchtst import PatchTSTEngine
 
-        engines["patchtst"] = PatchTSTEngine.from_settings(settings)
+        engines["patchtst"] = PatchTSTEngine.from_settings(settings, models_dir)
     except Exception as exc:  # no checkpoints, torch missing or no such device: serve the statistical engines
         log.warning("PatchTST engine unavailable: %s", exc)
     return engines
+
+
+def build_engines(settings: Settings) -> dict[str, Engine]:
+    """The engines as served now: the current artifact's models over the committed ones."""
+    return engines_over(settings, served_models_dir(settings))
 
 
 def calibration_lookup(settings: Settings) -> ScaleLookup:
@@ -32,13 +54,16 @@ def calibration_lookup(settings: Settings) -> ScaleLookup:
         return no_calibration
 
 
-def build_forecaster(settings: Settings, engine: str | None = None) -> Forecaster:
-    engines = build_engines(settings)
-    name = engine or settings.engine
+def forecaster_over(engines: dict[str, Engine], name: str, seed: int | None, scale: ScaleLookup) -> Forecaster:
     if name not in engines:
         log.warning("engine %s unavailable; serving ewma_t", name)
         name = "ewma_t"
-    return Forecaster(engines, default=name, seed=settings.seed, scale=calibration_lookup(settings))
+    return Forecaster(engines, default=name, seed=seed, scale=scale)
+
+
+def build_forecaster(settings: Settings, engine: str | None = None) -> Forecaster:
+    return forecaster_over(build_engines(settings), engine or settings.engine, settings.seed,
+                           calibration_lookup(settings))
 
 
 class LiveForecaster:

@@ -1,21 +1,31 @@
-"""The weekly retraining job: every model retrained on the durable history store, staged for review.
+"""The weekly retraining job: every model retrained on the durable history store, gated, published.
 
 The store accumulates what the providers no longer keep (Hyperliquid holds ~3.5 days), so it is
 the training source in production. Each model is trained exactly as `synth-miner train` does
 (validation split in time, early stopping on the validator's CRPS, epoch 0 = the EWMA-t base as a
-candidate, so a checkpoint is never worse than EWMA-t on its own validation prompts; the 24 h models
-then replay the chosen recipe on every window, validation included) and saved to
-``artifacts/staging/models-<stamp>/``. Serving them is an operator's decision: point
-``SYNTH_MODELS_DIR`` at that folder (workers reload on the next artifact publication or restart).
+candidate; the 24 h models then replay the chosen recipe on every window, validation included).
+
+The gate: training stops ``retrain_gate_days`` before now, and the newest prompts of that held-back
+tail (the model's assets and grid, realised prices known) are scored for the retrained model and for
+the model that serves now (the current artifact's, else the committed one), same prompts and seeds,
+as the validator scores them. A retrained model that does not lose (``retrain_tolerance``) is staged
+as an artifact (the current calibration and other models inherited) and published; workers load it
+between tasks. A losing one stays in ``artifacts/staging/`` with the verdict in the report, and the
+plain checkpoints of every run are kept in ``artifacts/staging/models-<stamp>/`` for inspection.
 """
 
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from core.artifacts import ArtifactError, ArtifactStore, DataWindow, new_version
+from core.calibration import CALIBRATION_FILE, CalibrationState, Case, CasePlan, recent_cases
+from core.champion import COMMITTED_MODELS, challenge_models
 from core.checkpoint import save
 from core.datasets import MODEL_ASSETS, DatasetError, histories_from_cache
+from core.evaluation import GRIDS, AssetHistory
 from core.features import FEATURE_SPECS
 from core.history_store import HistoryStore
 from core.prices import PriceHistory
@@ -45,14 +55,71 @@ class ResampledStore:
         return self.store.read(asset, 60, start, end).resample(step)
 
 
+def gate_plan(settings: Settings, time_increment: int) -> CasePlan:
+    """The newest prompts of the held-back tail: each starts after the training data ends."""
+    base = CasePlan.for_prompt(settings, time_increment)
+    room = int(settings.retrain_gate_days * 86_400) - GRIDS[time_increment] - 60
+    return CasePlan(count=room // base.spacing_s, spacing_s=base.spacing_s, lookback_s=base.lookback_s,
+                    n_paths=settings.retrain_gate_paths, seed=base.seed)
+
+
+def gate_cases(settings: Settings, store: HistoryStore, kind: str, now: int) -> list[Case]:
+    """Every asset of ``kind`` with history: its gate prompts, as the live cache would have shown them."""
+    step = FEATURE_SPECS[kind].step
+    plan = gate_plan(settings, step)
+    begin = now - int(settings.retrain_gate_days * 86_400) - plan.lookback_s
+    cases: list[Case] = []
+    for asset in MODEL_ASSETS[kind]:
+        history = AssetHistory(store.read(asset, 60, begin, now) or None, store.read(asset, 300, begin, now) or None)
+        if history.m1 is not None or history.m5 is not None:
+            cases += recent_cases(asset, history, step, now, plan)
+    return cases
+
+
+def run_gate(settings: Settings, artifacts: ArtifactStore, history: HistoryStore, kind: str, checkpoint_file: Path,
+             trained: DataWindow, now: int) -> dict[str, Any]:
+    """Stage ``kind``'s retrained checkpoint over the current set, score it against the served model."""
+    cases = gate_cases(settings, history, kind, now)
+    if not cases:
+        return {"cases": 0, "published": None, "reason": "no scorable prompt in the held-back tail"}
+    files = {checkpoint_file.name: checkpoint_file.read_bytes()}
+    if artifacts.current_version() is None:
+        files[CALIBRATION_FILE] = CalibrationState().to_json()  # every artifact needs one
+    staging: Path | None = None
+    try:
+        staging = artifacts.stage(files, data_window=trained, inherit=True, version=f"{new_version()}-{kind}",
+                                  notes={"kind": "models", "models": kind, "gate_cases": str(len(cases))})
+        decision = challenge_models(artifacts, staging, cases, settings, settings.retrain_tolerance,
+                                    settings.calibration_rules, publish=False)
+    except ArtifactError as exc:  # an unservable checkpoint or an unreadable current set: say so, serve on
+        log.error("retrained %s not gated: %s", kind, exc)
+        return {"cases": len(cases), "staged": None if staging is None else str(staging), "published": None,
+                "reason": f"gate failed: {exc}"}
+    verdict = {**asdict(decision), "staged": str(staging), "published": None}
+    if not decision.promote:
+        return verdict
+    if not settings.retrain_publish:
+        return {**verdict, "reason": f"{decision.reason}; not published (SYNTH_RETRAIN_PUBLISH=false)"}
+    try:
+        expect = None if decision.champion == COMMITTED_MODELS else decision.champion
+        return {**verdict, "staged": None, "published": artifacts.publish(staging, expect_current=expect)}
+    except ArtifactError as exc:  # e.g. calibration published meanwhile: next week's run decides again
+        log.warning("retrained %s passed the gate but was not published: %s", kind, exc)
+        return {**verdict, "reason": f"passed the gate, not published: {exc}"}
+
+
 def run_retrain_job(settings: Settings, now: int | None = None, options: TrainOptions | None = None) -> dict[str, Any]:
     now = int(time.time()) if now is None else now
-    start = now - int(settings.retrain_days * 86_400)
-    reader = ResampledStore(HistoryStore.from_settings(settings))
-    out_dir: Path = settings.artifacts_dir / "staging" / f"models-{time.strftime('%Y%m%dT%H%M', time.gmtime(now))}"
-    report: dict[str, Any] = {"staged": str(out_dir), "models": {}}
+    now -= now % 60
+    cut = now - int(settings.retrain_gate_days * 86_400)  # the gate's tail: never trained on
+    start = cut - int(settings.retrain_days * 86_400)
+    history = HistoryStore.from_settings(settings)
+    reader = ResampledStore(history)
+    artifacts = ArtifactStore.from_settings(settings)
+    out_dir: Path = artifacts.staging_dir / f"models-{time.strftime('%Y%m%dT%H%M', time.gmtime(now))}"
+    report: dict[str, Any] = {"staged": str(out_dir), "trained_to": cut, "models": {}}
     for kind, spec in FEATURE_SPECS.items():
-        files = histories_from_cache(reader, MODEL_ASSETS[kind], spec.step, start, now)
+        files = histories_from_cache(reader, MODEL_ASSETS[kind], spec.step, start, cut)
         if not files:
             report["models"][kind] = "skipped: no history in the store"
             continue
@@ -70,6 +137,8 @@ def run_retrain_job(settings: Settings, now: int | None = None, options: TrainOp
         best = {"val_crps": m["val_crps"], "val_ratio_vs_ewma": m["val_ratio_vs_ewma"], "members": m["members"],
                 "refit": bool(m.get("refit", False)), "refit_half_life_days": m.get("refit_half_life_days")}
         seconds = float(m["train_seconds"]) + float(m.get("selection_train_seconds") or 0.0)
-        report["models"][kind] = {"seconds": round(seconds, 1), "best": best}
-        log.info("retrained %s in %.0f s: %s", kind, seconds, best)
+        gate = run_gate(settings, artifacts, history, kind, out_dir / f"{kind}.pt", DataWindow(start, cut), now)
+        report["models"][kind] = {"seconds": round(seconds, 1), "best": best, "gate": gate}
+        log.info("retrained %s in %.0f s: %s; gate: %s", kind, seconds, best,
+                 f"published {gate['published']}" if gate["published"] else gate["reason"])
     return report

@@ -108,6 +108,12 @@ class Settings(BaseSettings):
     retrain_crps_epochs: int | None = Field(None, ge=0, description="sample-CRPS fine-tune epochs of the weekly "
                                             "retraining (unset: the train command's per-model default)")
     retrain_members: int = Field(3, ge=1, description="ensemble members (seeds) per retrained model")
+    retrain_gate_days: float = Field(3.0, gt=1.05, description="newest history the retraining holds back: a "
+                                     "model is trained before it and must not lose its prompts to the served one")
+    retrain_gate_paths: int = Field(1000, ge=10, description="paths per prompt when the gate scores both models")
+    retrain_publish: bool = Field(True, description="publish a retrained model that passes the gate "
+                                  "(false: stage it with the verdict for an operator)")
+    retrain_tolerance: float = Field(0.0, ge=0, description="publish if gate CRPS <= served model's x (1 + this)")
     flower_user: str = "admin"
     flower_password: str | None = Field(None, description="Flower basic-auth password; Flower refuses to start without")
 

@@ -1,6 +1,7 @@
-"""``synth-miner train``: fit one PatchTST model and write its checkpoint.
+"""``synth-miner train``: fit one PatchTST model and write its checkpoint; ``synth-miner retrain``: the
+weekly retraining job (history store, gate, publish) run now.
 
-Mount with ``cli_model.register(app)``; ``train`` is also a plain function.
+Mount with ``cli_model.register(app)``; ``train`` and ``retrain`` are also plain functions.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -142,9 +143,71 @@ def train(
     console.print(table)
 
 
+def retrain(
+    days: Annotated[float | None, typer.Option("--days", min=1.0, help="days of store history to train on "
+                                                                      "(SYNTH_RETRAIN_DAYS)")] = None,
+    gate_days: Annotated[float | None, typer.Option(
+        "--gate-days", help="newest days held back: the retrained model must not lose their prompts to the "
+                            "served one (SYNTH_RETRAIN_GATE_DAYS, more than 1.05)")] = None,
+    publish: Annotated[bool | None, typer.Option(
+        "--publish/--no-publish", help="publish a model that passes the gate (SYNTH_RETRAIN_PUBLISH); "
+                                       "--no-publish stages it with the verdict")] = None,
+    members: Annotated[int | None, typer.Option("--members", min=1, help="seeds per model")] = None,
+    at: Annotated[str | None, typer.Option("--at", help="run as if it were this UTC time (default: now)")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the job's report as JSON")] = False,
+) -> None:
+    """Run the weekly retraining job now: train every model on the history store (SYNTH_DATA_DIR), score
+    it against the served model on the held-back newest prompts, publish the ones that do not lose."""
+    import json
+
+    from pydantic import ValidationError
+
+    from core.logs import setup_logging
+    from core.retraining import run_retrain_job
+    from core.settings import Settings
+
+    overrides: dict[str, Any] = {"retrain_days": days, "retrain_gate_days": gate_days, "retrain_publish": publish,
+                 "retrain_members": members}
+    try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise typer.BadParameter("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+    setup_logging(settings.log_level, settings.log_json)  # the job reports each model as it finishes
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    report = run_retrain_job(settings, now=None if at is None else _parse_day(at))
+    trained = {k: v for k, v in report["models"].items() if isinstance(v, dict)}
+    if as_json:
+        console.print_json(json.dumps(report, default=str))
+    else:
+        table = Table(title=f"retrained on the store before {datetime.fromtimestamp(report['trained_to'], UTC):%Y-%m-%d %H:%M} UTC")
+        for column in ("model", "train s", "val ratio", "gate prompts", "retrained CRPS", "served CRPS", "verdict"):
+            table.add_column(column, justify="left" if column in ("model", "verdict") else "right")
+        for kind, entry in report["models"].items():
+            if not isinstance(entry, dict):
+                table.add_row(kind, "-", "-", "-", "-", "-", str(entry))
+                continue
+            gate = entry["gate"]
+            staged = f" (staged in {gate['staged']})" if gate.get("staged") else ""
+            verdict = (f"[green]published {gate['published']}[/]" if gate.get("published")
+                       else f"[yellow]served model kept[/]: {gate['reason']}{staged}")
+            crps = [f"{gate[k]:.2f}" if gate.get(k) is not None else "-" for k in ("challenger_crps", "champion_crps")]
+            table.add_row(kind, f"{entry['seconds']:.0f}", f"{entry['best']['val_ratio_vs_ewma']:.4f}",
+                          str(gate["cases"]), *crps, verdict)
+        console.print(table)
+    if not trained:
+        console.print(f"[red]nothing retrained:[/] the history store under {settings.data_dir} has no usable "
+                      "history before the gate (fill it with `synth-miner data sync` or `data import`)")
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
     """Mount the model commands on the main ``synth-miner`` app."""
     app.command("train")(train)
+    app.command("retrain")(retrain)
 
 
 app = typer.Typer(help="Train the PatchTST models.", no_args_is_help=True)

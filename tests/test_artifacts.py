@@ -135,6 +135,30 @@ def test_checkpoints_load_through_the_pt_hook(store: ArtifactStore) -> None:
     assert store.current_version() == "v001"
 
 
+def test_a_model_checkpoint_must_be_servable_as_the_kind_its_name_says(store: ArtifactStore, tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from tests.model_fixtures import write_checkpoints
+
+    models = write_checkpoints(tmp_path / "models", ("hf", "lf_crypto"))
+    wrong_kind = files_for("v001") | {"hf.pt": (models / "lf_crypto.pt").read_bytes()}
+    with pytest.raises(ArtifactError, match=r"hf.pt: not a servable hf model \(kind mismatch"):
+        store.publish(store.stage(wrong_kind, version="v001"))
+    state_dict_only = files_for("v002") | {"lf_crypto.pt": _torch_bytes({"head.weight": [1.0]})}
+    with pytest.raises(ArtifactError, match="lf_crypto.pt: not a servable lf_crypto model"):
+        store.publish(store.stage(state_dict_only, version="v002"))
+    assert store.current_version() is None
+    assert store.publish(store.stage(files_for("v003") | {"hf.pt": (models / "hf.pt").read_bytes()}, version="v003"))
+    assert store.load_current().files["hf.pt"]
+
+
+def _torch_bytes(obj: object) -> bytes:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
 # ------------------------------------------------------------------------------------------ refusal
 
 

@@ -8,13 +8,26 @@ import pytest
 
 from core.artifacts import ArtifactError, ArtifactSet, ArtifactStore
 from core.calibration import CALIBRATION_FILE, CalibrationState, Case, CasePlan, Entry, recent_cases
-from core.champion import ChampionDecision, ForecasterFactory, artifact_forecaster, backtest_scores, challenge, decide
+from core.champion import (
+    COMMITTED_MODELS,
+    ChampionDecision,
+    ForecasterFactory,
+    artifact_forecaster,
+    backtest_scores,
+    challenge,
+    challenge_models,
+    decide,
+    model_forecaster,
+)
 from core.engines.ewma import EwmaTEngine
+from core.engines.patchtst import PatchTSTEngine
+from core.engines_registry import build_engines
 from core.evaluation import AssetHistory
 from core.forecast import Forecaster
 from core.path_sampling import unit_t
 from core.prices import PriceHistory
 from core.settings import Settings
+from tests.model_fixtures import write_checkpoints
 
 DAY = 86_400
 T0 = 1_760_000_000 // DAY * DAY
@@ -61,17 +74,27 @@ def test_nothing_to_compare_on_keeps_the_champion() -> None:
 # ---------------------------------------------------------------------------------------- the gate
 
 
-@pytest.fixture(scope="module")
-def cases() -> list[Case]:
+def student_t_cases(count: int, lookback_s: int) -> list[Case]:
     """Recent 1 h prompts on Student-t data, where the uncalibrated EWMA engine is about right."""
     rng = np.random.default_rng(21)
     minutes = 3 * DAY // 60
     close = 1800.0 * np.exp(np.cumsum(0.0009 * unit_t(rng, 5.0, (minutes, 1))[:, 0]))
     m1 = PriceHistory.from_arrays(60, T0 + 60 * np.arange(minutes), close)
     found = recent_cases("ETH", AssetHistory(m1, None), 60, int(m1.ts[-1]) + 60,
-                         CasePlan(count=24, spacing_s=3600, lookback_s=DAY, n_paths=100, seed=2))
-    assert len(found) == 24
+                         CasePlan(count=count, spacing_s=3600, lookback_s=lookback_s, n_paths=100, seed=2))
+    assert len(found) == count
     return found
+
+
+@pytest.fixture(scope="module")
+def cases() -> list[Case]:
+    return student_t_cases(24, DAY)
+
+
+@pytest.fixture(scope="module")
+def model_cases() -> list[Case]:
+    """The 1 h model needs a day of 5-minute returns before each prompt."""
+    return student_t_cases(16, 3 * DAY // 2)
 
 
 def stage_scale(store: ArtifactStore, version: str, scale: float) -> Path:
@@ -136,3 +159,38 @@ def test_promotion_is_refused_if_the_champion_changed_during_the_comparison(
     with pytest.raises(ArtifactError, match="re-run the comparison"):
         challenge(store, stage_scale(store, "good", 1.0), cases, racing_factory, 0.0)
     assert store.current_version() == "sneaky"
+
+
+# ------------------------------------------------------------------------------------ model sets
+
+
+def stage_model(store: ArtifactStore, version: str, checkpoint: Path) -> Path:
+    files = {"hf.pt": checkpoint.read_bytes()}
+    if store.current_version() is None:
+        files[CALIBRATION_FILE] = CalibrationState().to_json()
+    return store.stage(files, version=version, inherit=True)
+
+
+def test_a_retrained_model_is_published_only_if_it_does_not_lose_to_the_served_one(
+        tmp_path: Path, model_cases: list[Case]) -> None:
+    settings = Settings(artifacts_dir=tmp_path / "artifacts", calibration_seed=3)  # committed models/
+    store = ArtifactStore.from_settings(settings)
+    random_head = write_checkpoints(tmp_path / "random", ("hf",), perturb=0.3) / "hf.pt"
+    assert {model_forecaster(settings, None).run(c.request, c.snapshot).engine for c in model_cases} == {"patchtst"}
+    # Before any publication the committed model defends: a random head does not win by default.
+    worse = stage_model(store, "random-head", random_head)
+    lost = challenge_models(store, worse, model_cases, settings, 0.0)
+    assert not lost.promote and lost.champion == COMMITTED_MODELS and lost.cases == len(model_cases)
+    assert lost.challenger_crps is not None and lost.champion_crps is not None
+    assert lost.challenger_crps > lost.champion_crps
+    assert store.current_version() is None and worse.exists()
+    # The committed model itself, re-staged, ties and is published; the engine then serves it from there.
+    same = challenge_models(store, stage_model(store, "same", settings.models_dir / "hf.pt"), model_cases, settings, 0.0)
+    assert same.promote and same.challenger_crps == same.champion_crps and store.current_version() == "same"
+    engine = build_engines(settings)["patchtst"]
+    assert isinstance(engine, PatchTSTEngine)
+    assert engine.sources["hf"] == store.versions_dir / "same" / "hf.pt"
+    assert engine.sources["lf_crypto"] == settings.models_dir / "lf_crypto.pt"  # not in the set: committed
+    # Later challengers face the published set.
+    again = challenge_models(store, stage_model(store, "random-head-2", random_head), model_cases, settings, 0.0)
+    assert not again.promote and again.champion == "same" and store.current_version() == "same"

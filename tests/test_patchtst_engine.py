@@ -6,39 +6,21 @@ import numpy as np
 import pytest
 import torch
 
-from core.checkpoint import Checkpoint, checkpoint_path, save
 from core.csv_history import load_asset
 from core.engines.base import EngineError
-from core.engines.ewma import DEFAULT_CONFIGS, EwmaTEngine
+from core.engines.ewma import EwmaTEngine
 from core.engines.patchtst import PatchTSTEngine, route
 from core.evaluation import AssetHistory, snapshot_at
-from core.features import FEATURE_SPECS, NormStats, context_feature_names, us_closed_steps
+from core.features import us_closed_steps
 from core.forecast import Forecaster, paths_usable
-from core.model import PatchTST
 from core.prices import MarketSnapshot
 from core.prompts import ForecastRequest
 from core.settings import Settings
-from core.training import model_config
+from tests.model_fixtures import write_checkpoints
 
 BTC_START = 1779667200 + 3 * 86_400 + 17 * 60  # inside the BTC held-out window, on a minute
 SPY_START = 1770595200 + 86_400 + 15 * 3600 + 35 * 60  # a Tuesday, 10:35 New York
 LOOKBACK = 14 * 86_400
-
-
-def write_checkpoints(folder: Path, kinds: tuple[str, ...] = ("hf", "lf_crypto", "lf_equity"),
-                      perturb: float = 0.0, closed_scale: float = 1.0) -> Path:
-    for kind in kinds:
-        torch.manual_seed(0)
-        cfg = model_config(kind)
-        model = PatchTST(cfg)
-        if perturb:
-            with torch.no_grad():
-                model.head.out.weight.normal_(0.0, perturb)
-        n = len(context_feature_names(FEATURE_SPECS[kind]))
-        save(Checkpoint(kind, cfg, model.state_dict(), NormStats(np.zeros(n), np.ones(n)),
-                        ewma=DEFAULT_CONFIGS[FEATURE_SPECS[kind].step],
-                        closed_scale=closed_scale if kind == "lf_equity" else 1.0), checkpoint_path(folder, kind))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +137,22 @@ def test_missing_or_broken_models_raise_engine_errors(tmp_path: Path, histories:
     if not torch.cuda.is_available():  # asked for by name, a missing GPU is an error, not a quiet CPU model
         with pytest.raises(ValueError, match="no CUDA device"):
             PatchTSTEngine.from_settings(Settings(models_dir=folder, device="cuda"))
+
+
+def test_each_kind_comes_from_the_first_folder_that_serves_it(
+        tmp_path: Path, histories: dict[str, AssetHistory], caplog: pytest.LogCaptureFixture) -> None:
+    committed = write_checkpoints(tmp_path / "committed")
+    published = write_checkpoints(tmp_path / "published", ("hf",), perturb=0.3)
+    (published / "lf_crypto.pt").write_bytes(b"garbage")  # a broken file: the next folder serves the kind
+    engine = PatchTSTEngine([published, committed])
+    assert engine.sources == {"hf": published / "hf.pt", "lf_crypto": committed / "lf_crypto.pt",
+                              "lf_equity": committed / "lf_equity.pt"}
+    assert any("lf_crypto served from" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
+    snap = snapshot_at("BTC", histories["BTC"], BTC_START, LOOKBACK)
+    hf = request("BTC", BTC_START, 60)
+    random_head = engine.params(hf, snap).sigma
+    assert not np.allclose(random_head, PatchTSTEngine(committed).params(hf, snap).sigma)
+    assert np.allclose(random_head, PatchTSTEngine(published).params(hf, snap).sigma)
+    settings = Settings(models_dir=committed)
+    assert PatchTSTEngine.from_settings(settings, published).sources["hf"] == published / "hf.pt"
+    assert PatchTSTEngine.from_settings(settings).sources["hf"] == committed / "hf.pt"

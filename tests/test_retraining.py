@@ -1,14 +1,21 @@
-"""The weekly retraining job trains from the durable history store and stages loadable checkpoints."""
+"""The weekly retraining job trains from the durable history store, before a held-back tail on which
+the retrained model must not lose to the served one to be published."""
 
 import json
 from pathlib import Path
 
+import pytest
+from typer.testing import CliRunner
+
+from core.artifacts import ArtifactStore, DataWindow
+from core.champion import COMMITTED_MODELS
 from core.checkpoint import load
 from core.csv_history import read_csv
 from core.history_store import HistoryStore
-from core.retraining import ResampledStore, run_retrain_job
+from core.retraining import ResampledStore, gate_cases, run_gate, run_retrain_job
 from core.settings import Settings
 from core.training import REFIT_DEFAULT, REFIT_HALF_LIFE_DAYS, TrainOptions
+from synth_miner.cli_model import app
 
 TINY = {"d_model": 16, "n_heads": 2, "n_layers": 1, "d_ff": 32, "head_hidden": 16}
 
@@ -20,7 +27,8 @@ def test_retrain_from_store_stages_checkpoints(tmp_path: Path, shared_data: Path
     # Only pre-held-out rows enter the store, 1-minute bars only (as live providers deliver).
     store.append("BTC", read_csv(shared_data / "btc_1m.csv.gz", 60).between(cut - 12 * 86_400, cut))
     assert len(ResampledStore(store).read("BTC", 300, cut - 86_400, cut)) == 288  # 5-minute bars from 1-minute
-    settings = Settings(data_dir=tmp_path / "data", artifacts_dir=tmp_path / "artifacts", retrain_days=12)
+    settings = Settings(data_dir=tmp_path / "data", artifacts_dir=tmp_path / "artifacts", retrain_days=12,
+                        retrain_gate_days=1.5, retrain_gate_paths=100)
     options = TrainOptions(epochs=1, batch_size=32, batches_per_epoch=4, val_prompts=4, n_paths=100,
                            stride_s=3600, arch=dict(TINY), val_frac=0.3)
     report = run_retrain_job(settings, now=cut, options=options)
@@ -35,3 +43,62 @@ def test_retrain_from_store_stages_checkpoints(tmp_path: Path, shared_data: Path
             half_life = REFIT_HALF_LIFE_DAYS[kind]
             assert report["models"][kind]["best"]["refit_half_life_days"] == half_life == checkpoint.metrics[
                 "refit_half_life_days"]
+    # The gate: training stopped 1.5 days before now; the newest prompts after that decide.
+    assert report["trained_to"] == cut - 36 * 3600
+    artifacts = ArtifactStore.from_settings(settings)
+    for kind in ("hf", "lf_crypto"):
+        gate = report["models"][kind]["gate"]
+        cases = gate_cases(settings, store, kind, cut)
+        assert gate["cases"] == len(cases) > 0 and min(c.prompt.start_ts for c in cases) >= report["trained_to"]
+        assert gate["challenger_crps"] > 0 and gate["champion_crps"] > 0
+        assert gate["promote"] == (gate["challenger_crps"] <= gate["champion_crps"])
+        if gate["published"]:  # served from the artifact now, byte for byte what was trained
+            assert (artifacts.versions_dir / gate["published"] / f"{kind}.pt").read_bytes() == (
+                staged / f"{kind}.pt").read_bytes()
+        else:  # kept in staging with the verdict; nothing served changed
+            assert Path(gate["staged"], f"{kind}.pt").read_bytes() == (staged / f"{kind}.pt").read_bytes()
+    assert report["models"]["hf"]["gate"]["champion"] == COMMITTED_MODELS  # the first model faces the committed one
+    print({kind: report["models"][kind]["gate"] for kind in ("hf", "lf_crypto")})
+
+
+def test_retrain_command_says_what_is_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SYNTH_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("SYNTH_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
+    runner = CliRunner()
+    empty = runner.invoke(app, ["retrain", "--at", "2026-05-01T00:00"])
+    assert empty.exit_code == 1, empty.output
+    said = " ".join(empty.output.split())  # rich wraps lines
+    assert "nothing retrained" in said and "no usable history before the gate" in said
+    short = runner.invoke(app, ["retrain", "--gate-days", "0.5"])
+    assert short.exit_code == 2 and "retrain_gate_days" in " ".join(short.output.split())
+    assert not (tmp_path / "artifacts" / "current").exists()  # nothing was published
+    assert {c.name for c in app.registered_commands} >= {"train", "retrain"}
+
+
+def test_the_gate_reports_every_outcome_and_publishes_only_a_model_that_does_not_lose(
+        tmp_path: Path, shared_data: Path) -> None:
+    cut = json.loads((shared_data / "manifest.json").read_text())["btc_1m"]["eval_start_ts"]
+    store = HistoryStore(tmp_path / "data" / "history")
+    store.append("BTC", read_csv(shared_data / "btc_1m.csv.gz", 60).between(cut - 4 * 86_400, cut))
+    settings = Settings(data_dir=tmp_path / "data", artifacts_dir=tmp_path / "artifacts", retrain_gate_days=1.1,
+                        retrain_gate_paths=50)
+    artifacts = ArtifactStore.from_settings(settings)
+    trained = DataWindow(cut - 4 * 86_400, cut - 95_040)
+    committed = settings.models_dir / "hf.pt"  # "retrained" into the committed weights: a tie, not a loss
+    garbage = tmp_path / "garbage" / "hf.pt"
+    garbage.parent.mkdir()
+    garbage.write_bytes(b"not a checkpoint")
+
+    failed = run_gate(settings, artifacts, store, "hf", garbage, trained, cut)
+    assert failed["published"] is None and failed["reason"].startswith("gate failed") and "hf.pt" in failed["reason"]
+    held = run_gate(settings.model_copy(update={"retrain_publish": False}), artifacts, store, "hf", committed,
+                    trained, cut)
+    assert held["promote"] and held["published"] is None and "not published" in held["reason"]
+    assert Path(held["staged"], "hf.pt").read_bytes() == committed.read_bytes()
+    assert artifacts.current_version() is None
+    first = run_gate(settings, artifacts, store, "hf", committed, trained, cut)
+    assert first["cases"] == 101 and first["champion"] == COMMITTED_MODELS
+    assert first["challenger_crps"] == first["champion_crps"] and first["published"] == artifacts.current_version()
+    assert artifacts.load_current().manifest.data_window == trained
+    second = run_gate(settings, artifacts, store, "hf", committed, trained, cut)
+    assert second["champion"] == first["published"] and second["published"] == artifacts.current_version()

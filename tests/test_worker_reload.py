@@ -16,6 +16,7 @@ from core.settings import Settings
 from core.sources.replay import ReplaySource
 from miner.pool import CeleryPool
 from synth_miner.devstack import start_worker
+from tests.model_fixtures import write_checkpoints
 
 
 def publish_scale(root: Path, scale: float) -> str:
@@ -40,19 +41,57 @@ async def test_worker_reloads_published_calibration(redis_url: str, tmp_path: Pa
     def spread(paths: np.ndarray) -> float:
         return float(np.log(paths[:, -1] / paths[:, 0]).std())
 
-    def versions() -> set[str]:
-        beats = [json.loads(client.get(k) or b"{}") for k in client.scan_iter(f"{KEY_PREFIX}:worker:*")]
-        return {str(b.get("artifact_version")) for b in beats}
+    def versions(expected: str) -> set[str]:
+        """The heartbeat's versions, once it shows ``expected``: a worker announces right after pushing a result."""
+        deadline = time.monotonic() + 10
+        while True:
+            beats = [json.loads(client.get(k) or b"{}") for k in client.scan_iter(f"{KEY_PREFIX}:worker:*")]
+            found = {str(b.get("artifact_version")) for b in beats}
+            if found == {expected} or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
 
     try:
         before = spread(await pool.forecast(request, None, time.time() + 20, "reload-1"))  # type: ignore[arg-type]
-        assert versions() == {first}
+        assert versions(first) == {first}
         second = publish_scale(artifacts, 2.0)
         after = spread(await pool.forecast(request, None, time.time() + 20, "reload-2"))  # type: ignore[arg-type]
-        assert versions() == {second}
+        assert versions(second) == {second}
         assert 1.9 < after / before < 2.1  # same seed and request: only the published scale changed
         assert worker.proc.poll() is None
         assert "reloading engines and calibration" in worker.text()
+    finally:
+        await pool.close()
+        worker.stop()
+
+
+async def test_worker_serves_a_model_published_in_an_artifact(redis_url: str, tmp_path: Path,
+                                                             shared_data: Path) -> None:
+    """The weekly retraining publishes models as artifacts: a serving worker switches to them between
+    tasks (here a random-head 1 h model, so the paths visibly change) and keeps the committed others."""
+    artifacts = tmp_path / "artifacts"
+    client = redis.Redis.from_url(redis_url)
+    now = int(time.time())
+    RedisHistoryCache(client).write("BTC", ReplaySource(shared_data).shifted("BTC", 60).between(now - 3 * 86_400, now))
+    env = {"SYNTH_REDIS_URL": redis_url, "SYNTH_ARTIFACTS_DIR": str(artifacts), "SYNTH_SEED": "11",
+           "SYNTH_ENGINE": "patchtst", "SYNTH_DATA_DIR": str(tmp_path / "data"), "SYNTH_LOG_LEVEL": "INFO"}
+    worker = start_worker(tmp_path, env, queues="infer.hf")
+    pool = CeleryPool(Settings(redis_url=redis_url))
+    request = ForecastRequest("BTC", now + 600, 60, 3_600, 1000)
+    random_head = write_checkpoints(tmp_path / "retrained", ("hf",), perturb=0.3) / "hf.pt"
+    try:
+        committed = await pool.forecast(request, None, time.time() + 30, "model-1")  # type: ignore[arg-type]
+        store = ArtifactStore(artifacts)
+        version = store.publish(store.stage({"hf.pt": random_head.read_bytes(),
+                                             CALIBRATION_FILE: CalibrationState().to_json()}))
+        retrained = await pool.forecast(request, None, time.time() + 30, "model-2")  # type: ignore[arg-type]
+        again = await pool.forecast(request, None, time.time() + 30, "model-3")  # type: ignore[arg-type]
+        assert committed.shape == retrained.shape == (1000, 61)
+        assert not np.allclose(committed, retrained) and np.array_equal(retrained, again)
+        log = worker.text()
+        assert "reloading engines and calibration" in log
+        assert f"hf ({artifacts / 'versions' / version / 'hf.pt'})" in log
+        assert "using ewma_t" not in log  # the model served both times; no fallback hides the switch
     finally:
         await pool.close()
         worker.stop()

@@ -13,6 +13,7 @@ thread (``benchmarks/bench_model.py`` measures it).
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -42,29 +43,47 @@ def route(request: ForecastRequest) -> str:
 class PatchTSTEngine(ParametricEngine):
     name = "patchtst"
 
-    def __init__(self, checkpoints_dir: Path, cache_size: int = 256, device: str = "cpu") -> None:
-        self.checkpoints_dir = Path(checkpoints_dir)
+    def __init__(self, checkpoint_dirs: Path | Sequence[Path], cache_size: int = 256, device: str = "cpu") -> None:
+        """Each kind is loaded from the first of ``checkpoint_dirs`` holding a loadable ``<kind>.pt``:
+        a published artifact's retrained model first, the committed ``models/`` after it."""
+        dirs = [Path(checkpoint_dirs)] if isinstance(checkpoint_dirs, (str, Path)) else [Path(d) for d in checkpoint_dirs]
         self.device = device
         self.cache_size = cache_size
+        self.sources: dict[str, Path] = {}  # kind -> the checkpoint file it was loaded from
         self._models: dict[str, tuple[Checkpoint, LawModel]] = {}
         self._errors: dict[str, str] = {}
         self._cache: OrderedDict[CacheKey, StepParams] = OrderedDict()
         self._lock = threading.Lock()
         for kind in KINDS:
-            try:
-                checkpoint, model = load(checkpoint_path(self.checkpoints_dir, kind), expected_kind=kind)
+            problems = []
+            for folder in dirs:
+                path = checkpoint_path(folder, kind)
+                if not path.exists() and folder != dirs[-1]:
+                    continue  # this source does not carry the kind: not an error
+                try:
+                    checkpoint, model = load(path, expected_kind=kind)
+                except CheckpointError as exc:
+                    problems.append(str(exc))
+                    continue
                 self._models[kind] = (checkpoint, model.to(device))
-            except CheckpointError as exc:
-                self._errors[kind] = str(exc)
-                log.warning("PatchTST %s model unavailable: %s", kind, exc)
-        log.info("PatchTST models %s on %s", ",".join(self.kinds) or "none", device)
+                self.sources[kind] = path
+                break
+            if kind not in self._models:
+                self._errors[kind] = "; ".join(problems)
+                log.warning("PatchTST %s model unavailable: %s", kind, self._errors[kind])
+            elif problems:
+                log.warning("PatchTST %s served from %s instead: %s", kind, self.sources[kind], "; ".join(problems))
+        log.info("PatchTST models %s on %s", ", ".join(f"{k} ({p})" for k, p in sorted(self.sources.items()))
+                 or "none", device)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "PatchTSTEngine":
-        """The engine over ``settings.models_dir`` on ``settings.device``; raises if not a single model loads."""
-        engine = cls(settings.models_dir, device=resolve_device(settings.device))
+    def from_settings(cls, settings: Settings, artifact_dir: Path | None = None) -> "PatchTSTEngine":
+        """The engine over ``artifact_dir`` (a published artifact version, when it carries models)
+        then ``settings.models_dir``, on ``settings.device``; raises if not a single model loads."""
+        dirs = [settings.models_dir] if artifact_dir is None else [artifact_dir, settings.models_dir]
+        engine = cls(dirs, device=resolve_device(settings.device))
         if not engine.kinds:
-            raise EngineError(f"no usable PatchTST checkpoint in {settings.models_dir}: {engine._errors}")
+            raise EngineError(f"no usable PatchTST checkpoint in {', '.join(map(str, dirs))}: {engine._errors}")
         return engine
 
     @property
