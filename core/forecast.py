@@ -77,6 +77,12 @@ class Forecaster:
         """Where the default engine computes: a PatchTST engine's torch device, ``cpu`` for the others."""
         return str(getattr(self.engines[self.default], "device", "cpu"))
 
+    @property
+    def models(self) -> dict[str, str]:
+        """The checkpoint file serving each model kind (a published artifact's or a committed one);
+        empty when the default engine is a statistical one."""
+        return {kind: str(path) for kind, path in sorted(getattr(self.engines[self.default], "sources", {}).items())}
+
     def current(self) -> "Forecaster":
         """A fixed forecaster is its own current version (LiveForecaster reloads on publication)."""
         return self

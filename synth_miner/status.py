@@ -2,6 +2,7 @@
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -65,13 +66,25 @@ def collect(settings: Settings) -> dict[str, Any]:
     return report
 
 
+def models_cell(models: dict[str, str] | None) -> str:
+    """Where each model comes from: a published artifact version (retrained) or the committed checkpoint."""
+    if models is None:
+        return "?"  # a heartbeat from before models were announced
+
+    def origin(path: str) -> str:
+        parts = Path(path).parts
+        return parts[-2] if len(parts) > 2 and parts[-3] == "versions" else "committed"
+
+    return " ".join(f"{kind}:{origin(path)}" for kind, path in sorted(models.items())) or "-"
+
+
 def render(report: dict[str, Any], console: Console) -> None:
     console.print(f"[bold]artifact version[/]: {report['artifact_version'] or 'none (statistical engines)'}")
     workers = Table(title="workers (heartbeats)")
-    for col in ("name", "queues", "engine", "device", "artifact", "seen"):
+    for col in ("name", "queues", "engine", "device", "models", "artifact", "seen"):
         workers.add_column(col)
     for w in report["workers"]:
-        workers.add_row(w["name"], w.get("queues", ""), w["engine"], w.get("device", "?"),
+        workers.add_row(w["name"], w.get("queues", ""), w["engine"], w.get("device", "?"), models_cell(w.get("models")),
                         str(w.get("artifact_version")), w["seen"])
     console.print(workers)
     queues = Table(title="queues")

@@ -8,11 +8,12 @@ from rich.console import Console
 from synth_miner.status import render
 
 
-def test_render_shows_each_workers_device_and_flags_problems() -> None:
+def test_render_shows_each_workers_device_and_models_and_flags_problems() -> None:
     now = time.time()
     report = {
         "artifact_version": "v7",
         "workers": [{"name": "gpu-0:11", "queues": "infer.hf,infer.lf", "engine": "patchtst", "device": "cuda",
+                     "models": {"hf": "/srv/artifacts/versions/v7/hf.pt", "lf_crypto": "/srv/models/lf_crypto.pt"},
                      "artifact_version": "v7", "seen": "4s"},
                     {"name": "old:12", "queues": "cpu", "engine": "ewma_t", "artifact_version": None, "seen": "9s"}],
         "queues": {"infer.hf": 0, "infer.lf": 3, "cpu": 1},
@@ -25,4 +26,5 @@ def test_render_shows_each_workers_device_and_flags_problems() -> None:
     text = console.export_text()
     assert "v7" in text and "patchtst" in text and "cuda" in text
     assert "?" in text.split("old:12")[1].splitlines()[0]  # a heartbeat from before devices were announced
+    assert "hf:v7 lf_crypto:committed" in text  # the retrained 1 h model serves, the 24 h one is committed
     assert "empty" in text and "! redis: connection refused" in text and "last calibration" in text

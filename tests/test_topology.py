@@ -57,6 +57,8 @@ async def test_routing_metrics_and_status(redis_server: RedisServer, redis_url: 
         report = json.loads(out.stdout)
         assert any("infer.hf" in w["queues"] for w in report["workers"]), report["workers"]
         assert all(w["device"] == "cpu" for w in report["workers"]), report["workers"]  # no GPU here
+        served = {kind: Path(path).parent.name for w in report["workers"] for kind, path in w["models"].items()}
+        assert served == {"hf": "models", "lf_crypto": "models", "lf_equity": "models"}, report["workers"]
         assert report["cache"]["SOL"] is not None and report["cache"]["SOL"]["freshness_s"] < 600
         assert set(report["queues"]) == {"infer.hf", "infer.lf", "cpu"}
     finally:

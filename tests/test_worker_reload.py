@@ -92,6 +92,15 @@ async def test_worker_serves_a_model_published_in_an_artifact(redis_url: str, tm
         assert "reloading engines and calibration" in log
         assert f"hf ({artifacts / 'versions' / version / 'hf.pt'})" in log
         assert "using ewma_t" not in log  # the model served both times; no fallback hides the switch
+        deadline = time.monotonic() + 10  # the heartbeat (synth-miner status) names each model's origin
+        while True:
+            beats = [json.loads(client.get(k) or b"{}") for k in client.scan_iter(f"{KEY_PREFIX}:worker:*")]
+            models = [b.get("models", {}) for b in beats]
+            if models and models[0].get("hf", "").endswith(f"{version}/hf.pt") or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert models[0]["hf"] == str(artifacts / "versions" / version / "hf.pt")
+        assert models[0]["lf_crypto"].endswith("models/lf_crypto.pt")  # not in the artifact: the committed one
     finally:
         await pool.close()
         worker.stop()

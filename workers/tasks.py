@@ -20,7 +20,9 @@ FORECAST_TIME_LIMIT_S = 60
 
 def announce(runtime: WorkerRuntime) -> None:
     """The heartbeat `synth-miner status` lists: engine, device and artifact this process serves."""
-    heartbeat(runtime.redis, runtime.forecaster.default, runtime.artifact_version, device=runtime.forecaster.device)
+    forecaster = runtime.forecaster
+    heartbeat(runtime.redis, forecaster.default, runtime.artifact_version, device=forecaster.device,
+              models=forecaster.models)
 
 
 @worker_process_init.connect
