@@ -104,7 +104,9 @@ class Settings(BaseSettings):
     beat_retrain_s: float = Field(7 * 86_400.0, description="retraining period")
     beat_compact_s: float = Field(86_400.0, description="history-store compaction period")
     beat_lock_ttl_s: float = Field(30.0, description="leader lock of the one beat allowed to schedule")
-    retrain_days: float = Field(60.0, description="history (from the store) the weekly retraining uses")
+    # Ten years: everything the store holds. Walk-forward (pre-cut data), a 1 h model trained on only the
+    # last 60 days scored 1.0047x [1.0018, 1.0077] the one trained on all history.
+    retrain_days: float = Field(3650.0, gt=0, description="history (from the store) the weekly retraining uses")
     retrain_crps_epochs: int | None = Field(None, ge=0, description="sample-CRPS fine-tune epochs of the weekly "
                                             "retraining (unset: the train command's per-model default)")
     retrain_members: int = Field(3, ge=1, description="ensemble members (seeds) per retrained model")

@@ -145,7 +145,7 @@ def train(
 
 def retrain(
     days: Annotated[float | None, typer.Option("--days", min=1.0, help="days of store history to train on "
-                                                                      "(SYNTH_RETRAIN_DAYS)")] = None,
+                                                                      "(SYNTH_RETRAIN_DAYS, default all of it)")] = None,
     gate_days: Annotated[float | None, typer.Option(
         "--gate-days", help="newest days held back: the retrained model must not lose their prompts to the "
                             "served one (SYNTH_RETRAIN_GATE_DAYS, more than 1.05)")] = None,
