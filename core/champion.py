@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
-ForecasterFactory = Callable[[ArtifactSet], Forecaster]
+ForecasterFactory = Callable[[ArtifactSet | None], Forecaster]  # None: what serves with no artifact current
 
 
 def artifact_forecaster(engines: Mapping[str, Engine], settings: Settings,
@@ -41,7 +42,8 @@ def artifact_forecaster(engines: Mapping[str, Engine], settings: Settings,
     """
     name = engine or settings.engine
     return lambda artifact: Forecaster(engines, default=name, seed=settings.calibration_seed,
-                                       scale=artifact.calibration.lookup_for(settings.calibration_engine))
+                                       scale=no_calibration if artifact is None else
+                                       artifact.calibration.lookup_for(settings.calibration_engine))
 
 
 def backtest_scores(forecaster: Forecaster, cases: Sequence[Case], rules: Rules) -> FloatArray:
@@ -94,23 +96,23 @@ def decide(challenger: str, champion: str | None, challenger_scores: FloatArray,
 
 
 def compare(challenger: ArtifactSet, champion: ArtifactSet | None, cases: Sequence[Case],
-            factory: ForecasterFactory, tolerance: float, rules: Rules = "upstream") -> ChampionDecision:
+            factory: ForecasterFactory, tolerance: float, rules: Rules = "upstream",
+            baseline: str | None = None) -> ChampionDecision:
+    """``baseline``: the name of what serves when no artifact is current (``factory(None)``), which then
+    defends; without one, a first artifact wins by default."""
     ch_scores = backtest_scores(factory(challenger), cases, rules)
-    cp_scores = None if champion is None else backtest_scores(factory(champion), cases, rules)
-    decision = decide(challenger.version, None if champion is None else champion.version, ch_scores, cp_scores,
-                      tolerance)
-    _log(decision)
-    return decision
-
-
-def _log(decision: ChampionDecision) -> None:
+    name = baseline if champion is None else champion.version
+    cp_scores = None if name is None else backtest_scores(factory(champion), cases, rules)
+    decision = decide(challenger.version, name, ch_scores, cp_scores, tolerance)
     log.info("champion/challenger: %s %s (challenger mean CRPS %s, champion %s mean CRPS %s, %d prompts): %s",
              decision.challenger, "PROMOTED" if decision.promote else "rejected", decision.challenger_crps,
              decision.champion, decision.champion_crps, decision.cases, decision.reason)
+    return decision
 
 
 def challenge(store: ArtifactStore, staging_dir: Path, cases: Sequence[Case], factory: ForecasterFactory,
-              tolerance: float, rules: Rules = "upstream", publish: bool = True) -> ChampionDecision:
+              tolerance: float, rules: Rules = "upstream", publish: bool = True,
+              baseline: str | None = None) -> ChampionDecision:
     """Validate the staged set, compare it with the current one, publish it if it does not lose.
 
     The publish is conditional on the champion still being current, so a comparison can never
@@ -118,7 +120,7 @@ def challenge(store: ArtifactStore, staging_dir: Path, cases: Sequence[Case], fa
     """
     challenger = store.validate(staging_dir)
     champion = store.load_current_or_none()
-    decision = compare(challenger, champion, cases, factory, tolerance, rules)
+    decision = compare(challenger, champion, cases, factory, tolerance, rules, baseline)
     if decision.promote and publish:
         store.publish(staging_dir, expect_current=None if champion is None else champion.version)
     return decision
@@ -147,13 +149,5 @@ def challenge_models(store: ArtifactStore, staging_dir: Path, cases: Sequence[Ca
     committed ones alone before any publication), so a first retrained model must beat the committed
     model rather than win by default. The cases must lie after the challenger's training data.
     """
-    challenger = store.validate(staging_dir)
-    champion = store.load_current_or_none()
-    ch_scores = backtest_scores(model_forecaster(settings, challenger), cases, rules)
-    cp_scores = backtest_scores(model_forecaster(settings, champion), cases, rules)
-    decision = decide(challenger.version, COMMITTED_MODELS if champion is None else champion.version,
-                      ch_scores, cp_scores, tolerance)
-    _log(decision)
-    if decision.promote and publish:
-        store.publish(staging_dir, expect_current=None if champion is None else champion.version)
-    return decision
+    return challenge(store, staging_dir, cases, partial(model_forecaster, settings), tolerance, rules, publish,
+                     baseline=COMMITTED_MODELS)

@@ -23,8 +23,10 @@ def served_models_dir(settings: Settings) -> Path | None:
     except ArtifactError as exc:
         log.warning("artifacts unusable (%s): serving the committed models", exc)
         return None
-    folder = None if version is None else store.versions_dir / version
-    return folder if folder is not None and any(folder.glob("*.pt")) else None
+    if version is None:
+        return None
+    folder = store.versions_dir / version
+    return folder if any(folder.glob("*.pt")) else None
 
 
 def engines_over(settings: Settings, models_dir: Path | None) -> dict[str, Engine]:

@@ -55,10 +55,15 @@ class ResampledStore:
         return self.store.read(asset, 60, start, end).resample(step)
 
 
+def gate_s(settings: Settings) -> int:
+    """The held-back tail: training ends this long before now, and the gate's prompts start after it."""
+    return int(settings.retrain_gate_days * 86_400)
+
+
 def gate_plan(settings: Settings, time_increment: int) -> CasePlan:
     """The newest prompts of the held-back tail: each starts after the training data ends."""
     base = CasePlan.for_prompt(settings, time_increment)
-    room = int(settings.retrain_gate_days * 86_400) - GRIDS[time_increment] - 60
+    room = gate_s(settings) - GRIDS[time_increment] - 60
     return CasePlan(count=room // base.spacing_s, spacing_s=base.spacing_s, lookback_s=base.lookback_s,
                     n_paths=settings.retrain_gate_paths, seed=base.seed)
 
@@ -67,7 +72,7 @@ def gate_cases(settings: Settings, store: HistoryStore, kind: str, now: int) -> 
     """Every asset of ``kind`` with history: its gate prompts, as the live cache would have shown them."""
     step = FEATURE_SPECS[kind].step
     plan = gate_plan(settings, step)
-    begin = now - int(settings.retrain_gate_days * 86_400) - plan.lookback_s
+    begin = now - gate_s(settings) - plan.lookback_s
     cases: list[Case] = []
     for asset in MODEL_ASSETS[kind]:
         history = AssetHistory(store.read(asset, 60, begin, now) or None, store.read(asset, 300, begin, now) or None)
@@ -111,7 +116,7 @@ def run_gate(settings: Settings, artifacts: ArtifactStore, history: HistoryStore
 def run_retrain_job(settings: Settings, now: int | None = None, options: TrainOptions | None = None) -> dict[str, Any]:
     now = int(time.time()) if now is None else now
     now -= now % 60
-    cut = now - int(settings.retrain_gate_days * 86_400)  # the gate's tail: never trained on
+    cut = now - gate_s(settings)  # the gate's tail: never trained on
     start = cut - int(settings.retrain_days * 86_400)
     history = HistoryStore.from_settings(settings)
     reader = ResampledStore(history)

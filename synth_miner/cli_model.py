@@ -167,8 +167,8 @@ def retrain(
     from core.retraining import run_retrain_job
     from core.settings import Settings
 
-    overrides: dict[str, Any] = {"retrain_days": days, "retrain_gate_days": gate_days, "retrain_publish": publish,
-                 "retrain_members": members}
+    overrides: dict[str, Any] = {"retrain_days": days, "retrain_gate_days": gate_days,
+                                 "retrain_publish": publish, "retrain_members": members}
     try:
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:

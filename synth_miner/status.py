@@ -71,9 +71,11 @@ def models_cell(models: dict[str, str] | None) -> str:
     if models is None:
         return "?"  # a heartbeat from before models were announced
 
+    from core.artifacts import VERSIONS
+
     def origin(path: str) -> str:
         parts = Path(path).parts
-        return parts[-2] if len(parts) > 2 and parts[-3] == "versions" else "committed"
+        return parts[-2] if len(parts) > 2 and parts[-3] == VERSIONS else "committed"
 
     return " ".join(f"{kind}:{origin(path)}" for kind, path in sorted(models.items())) or "-"
 

@@ -151,8 +151,8 @@ def test_promotion_is_refused_if_the_champion_changed_during_the_comparison(
     sneaky = stage_scale(store, "sneaky", 1.9)
     base = factory()
 
-    def racing_factory(artifact: ArtifactSet) -> Forecaster:
-        if artifact.version == "champ" and store.current_version() == "champ":
+    def racing_factory(artifact: ArtifactSet | None) -> Forecaster:
+        if artifact is not None and artifact.version == "champ" and store.current_version() == "champ":
             store.publish(sneaky)  # another publisher wins the race mid-comparison
         return base(artifact)
 

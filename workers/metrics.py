@@ -32,8 +32,8 @@ def heartbeat(client: object, engine: str, version: str | None, queues: str | No
     """Announce this worker process (engine, its device, the checkpoint of each model, artifact version,
     pid) for a minute or two."""
     name = f"{socket.gethostname()}:{os.getpid()}"
-    payload = {"name": name, "engine": engine, "device": device, "models": models or {}, "artifact_version": version,
-               "pid": os.getpid(),
+    payload = {"name": name, "engine": engine, "device": device, "models": models or {},
+               "artifact_version": version, "pid": os.getpid(),
                "queues": queues or os.environ.get("SYNTH_WORKER_QUEUES", ""), "at": time.time()}
     try:
         client.set(WORKER_HEARTBEAT_KEY.format(name=name), json.dumps(payload), ex=HEARTBEAT_TTL_S)  # type: ignore[attr-defined]

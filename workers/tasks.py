@@ -19,7 +19,7 @@ FORECAST_TIME_LIMIT_S = 60
 
 
 def announce(runtime: WorkerRuntime) -> None:
-    """The heartbeat `synth-miner status` lists: engine, device and artifact this process serves."""
+    """The heartbeat `synth-miner status` lists: engine, device, models and artifact this process serves."""
     forecaster = runtime.forecaster
     heartbeat(runtime.redis, forecaster.default, runtime.artifact_version, device=forecaster.device,
               models=forecaster.models)
