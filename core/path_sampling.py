@@ -7,17 +7,22 @@ Conventions, decided once for the whole code base:
   N(0, s^2 / (1 - rho^2)), and multiplies sigma by exp(z - Var z), which keeps E[sigma_path^2] = sigma^2.
   It makes squared returns cluster along a path (the market's volatility clustering) and gives fat
   tails to multi-step sums, which independent per-step draws lose by the central limit theorem.
+- The normal part of each step's Student-t draws is stratified across paths (``stratified_normal``):
+  the validator scores the 1000-path ensemble itself, and an ensemble that covers the law evenly scores
+  closer to the law's own CRPS than iid draws do.
 
 Cost: one Student-t variate per (path, step), plus one normal per (path, step) with latent vol. Every
 other operation runs in place on that one array (see benchmarks/bench_sampler.py).
 """
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from scipy.signal import lfilter
+from scipy.special import ndtri
 
 FloatArray = npt.NDArray[np.float64]
 Float32Array = npt.NDArray[np.float32]
@@ -57,14 +62,43 @@ def _checked_nu(nu: FloatArray | float, n_steps: int) -> FloatArray:
     return np.clip(nu_arr, NU_MIN, NU_GAUSS)
 
 
+@lru_cache(maxsize=8)
+def _normal_strata(n: int) -> Float32Array:
+    """The n standard-normal quantiles at (i + 1/2) / n, rescaled to variance exactly 1 (the midpoints
+    alone have variance 0.9987 at n = 1000)."""
+    q = ndtri((np.arange(n) + 0.5) / n)
+    strata: Float32Array = (q / np.sqrt(np.mean(q**2))).astype(np.float32)
+    strata.flags.writeable = False
+    return strata
+
+
+def stratified_normal(rng: np.random.Generator, size: tuple[int, int]) -> Float32Array:
+    """Normal draws stratified across paths: every column (step) holds the n = size[0] midpoint
+    quantiles of N(0, 1), each once, in a random order drawn independently per step.
+
+    A path's draw at a step is uniform over those quantiles (mean 0, variance 1) and independent of
+    its draws at other steps, so the sampler's moments are unchanged; but each step's ensemble now
+    covers the law evenly. That matters because the validator scores the ensemble itself: the expected
+    ensemble CRPS of n iid draws exceeds the forecast's own CRPS by E|X - X'| / 2n (about 0.1 % at
+    n = 1000), and midpoint quantiles are the n-point ensemble with the lowest expected CRPS. Measured
+    walk-forward (1127 pre-cut 24 h prompts, same prompts, 1000 paths): validator CRPS 0.9994x the iid
+    sampler's for EWMA-t and PatchTST alike; on 1 h prompts the change was within noise (+-0.1 %).
+    """
+    if size[0] < 2:  # one path: its midpoint quantile is 0, there is no spread to stratify
+        return rng.standard_normal(size, dtype=np.float32)
+    draws: Float32Array = rng.permuted(np.broadcast_to(_normal_strata(size[0])[:, None], size), axis=0)
+    return draws
+
+
 def _unit_t(rng: np.random.Generator, nu_arr: FloatArray, size: tuple[int, int],
-            dtype: type[np.floating[Any]]) -> npt.NDArray[Any]:
+            dtype: type[np.floating[Any]], stratified: bool = False) -> npt.NDArray[Any]:
     """Unit-variance Student-t as a normal / sqrt(gamma) mixture: t = Z * sqrt((nu - 2) / 2 / G).
 
     G ~ Gamma(nu / 2) is drawn in float32, about 40 % cheaper than numpy's float64 ``standard_t``;
-    its 7 significant digits are far below Monte-Carlo noise.
+    its 7 significant digits are far below Monte-Carlo noise. ``stratified`` draws Z per step from
+    ``stratified_normal`` (the path sampler's choice); G stays iid.
     """
-    draws = rng.standard_normal(size, dtype=dtype)
+    draws = stratified_normal(rng, size).astype(dtype, copy=False) if stratified else rng.standard_normal(size, dtype=dtype)
     if np.all(nu_arr >= NU_GAUSS):
         return draws
     # A scalar shape takes numpy's fast path; a per-step array is broadcast over paths.
@@ -84,15 +118,20 @@ def unit_t(rng: np.random.Generator, nu: FloatArray | float, size: tuple[int, in
     return draws
 
 
-def latent_log_vol(rng: np.random.Generator, latent: LatentVol, size: tuple[int, int]) -> FloatArray:
-    """z per path and step: a stationary AR(1) z_t = rho z_{t-1} + s e_t, shape (n_paths, n_steps)."""
+def latent_log_vol(rng: np.random.Generator, latent: LatentVol, size: tuple[int, int],
+                   dtype: type[np.floating[Any]] = np.float64) -> npt.NDArray[Any]:
+    """z per path and step: a stationary AR(1) z_t = rho z_{t-1} + s e_t, shape (n_paths, n_steps).
+
+    The sampler asks for float32: z is a log-multiplier of order 1, so 7 digits are plenty.
+    """
     if latent.s == 0.0:
-        return np.zeros(size)
+        return np.zeros(size, dtype=dtype)
     # z_{-1} from the stationary law, so z_0 = rho z_{-1} + s e_0 is stationary too.
-    before = rng.standard_normal((size[0], 1)) * (latent.rho * np.sqrt(latent.stationary_var))
-    shocks = rng.standard_normal(size)
-    z, _ = lfilter([latent.s], [1.0, -latent.rho], shocks, axis=1, zi=before)
-    return np.asarray(z, dtype=np.float64)
+    before = rng.standard_normal((size[0], 1), dtype=dtype) * dtype(latent.rho * np.sqrt(latent.stationary_var))
+    shocks = rng.standard_normal(size, dtype=dtype)
+    z, _ = lfilter(np.array([latent.s], dtype=dtype), np.array([1.0, -latent.rho], dtype=dtype), shocks,
+                   axis=1, zi=before)
+    return np.asarray(z, dtype=dtype)
 
 
 def latent_multiplier(rng: np.random.Generator, latent: LatentVol, size: tuple[int, int]) -> FloatArray:
@@ -128,12 +167,12 @@ def sample_paths(anchor: float, mu: FloatArray, sigma: FloatArray, nu: FloatArra
     # One float32 working array, updated in place: t draw -> log return -> log path -> price ratio.
     # float32 halves the memory traffic; a 288-step cumsum of it is exact to ~1e-6 in log price,
     # below the float32 resolution of the prices returned.
-    work = _unit_t(rng, nu_arr, size, np.float32)
+    work = _unit_t(rng, nu_arr, size, np.float32, stratified=True)
     # exp(-Var z) is folded into the per-step std instead of a pass over the latent array.
     step_std = sigma * sigma_scale * np.exp(-latent.stationary_var)
     work *= step_std.astype(np.float32)
     if latent.s > 0.0:
-        z = latent_log_vol(rng, latent, size)
+        z = latent_log_vol(rng, latent, size, np.float32)
         np.exp(z, out=z)
         work *= z
     if np.any(mu):

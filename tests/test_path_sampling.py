@@ -16,8 +16,10 @@ from core.path_sampling import (
     latent_log_vol,
     latent_multiplier,
     sample_paths,
+    stratified_normal,
     unit_t,
 )
+from core.scoring import crps_ensemble
 
 FloatArray = npt.NDArray[np.float64]
 Z_TOL = 5.0  # standard errors; a false alarm at 5 SE is a 1-in-1.7-million event per check
@@ -160,6 +162,66 @@ def test_per_step_nu_gives_per_step_tails() -> None:
 def test_infinite_nu_is_gaussian() -> None:
     draws = unit_t(np.random.default_rng(5), float("inf"), (200_000, 1))[:, 0]
     assert stats.kstest(draws, stats.norm.cdf).pvalue > 1e-3
+
+
+# --------------------------------------------------------------------------- stratified normals
+
+
+def test_every_step_holds_each_normal_midpoint_quantile_once() -> None:
+    n = 1000
+    z = stratified_normal(np.random.default_rng(4), (n, 300))
+    midpoints = stats.norm.ppf((np.arange(n) + 0.5) / n)
+    columns = np.sort(z, axis=0)
+    assert np.all(columns == columns[:, :1])  # the same set at every step
+    np.testing.assert_allclose(columns[:, 0], midpoints / np.sqrt(np.mean(midpoints**2)), rtol=1e-6)
+    np.testing.assert_allclose(z.mean(axis=0), 0.0, atol=1e-6)
+    np.testing.assert_allclose((z.astype(np.float64) ** 2).mean(axis=0), 1.0, rtol=1e-6)
+    # so each step's empirical CDF is within 1/n of the normal CDF everywhere
+    assert stats.kstest(z[:, 0], stats.norm.cdf).statistic <= 1.0 / n
+
+
+def test_a_path_meets_the_strata_in_independent_random_orders() -> None:
+    z = stratified_normal(np.random.default_rng(8), (20, 50_000))
+    for path in (0, 7, 19):  # one path's draws over many steps: uniform over the 20 strata
+        counts = np.unique(z[path], return_counts=True)[1]
+        assert counts.size == 20 and stats.chisquare(counts).pvalue > 1e-3
+    # a path's stratum at one step says nothing about its stratum at the next
+    rank_corr = stats.spearmanr(z[:, :-1].ravel(), z[:, 1:].ravel()).statistic
+    assert abs(rank_corr) < Z_TOL / np.sqrt(z[:, 1:].size)
+    assert np.array_equal(z, stratified_normal(np.random.default_rng(8), (20, 50_000)))  # seeded
+    assert not np.array_equal(z, stratified_normal(np.random.default_rng(9), (20, 50_000)))
+
+
+def test_a_single_path_gets_plain_normal_draws() -> None:
+    z = stratified_normal(np.random.default_rng(2), (1, 100_000))
+    assert stats.kstest(z[0], stats.norm.cdf).pvalue > 1e-3
+    two = stratified_normal(np.random.default_rng(2), (2, 50))
+    assert np.allclose(np.sort(two, axis=0), [[-1.0], [1.0]])  # midpoints +-0.674, scaled to variance 1
+    paths = sample_paths(100.0, np.zeros(60), np.full(60, 0.001), 5.0, 1, np.random.default_rng(2),
+                         LatentVol(0.9, 0.1))
+    assert paths.shape == (1, 61) and np.all(np.isfinite(paths)) and np.unique(paths).size > 50
+
+
+def test_a_stratified_ensemble_scores_like_the_law_itself() -> None:
+    # The validator's ensemble CRPS of n iid draws exceeds the law's own CRPS by E|X - X'| / 2n on
+    # average; the midpoint ensemble should remove nearly all of it.
+    n, m = 1000, 4000
+    rng = np.random.default_rng(3)
+    y = rng.standard_normal(m)
+    exact = y * (2 * stats.norm.cdf(y) - 1) + 2 * stats.norm.pdf(y) - 1 / np.sqrt(np.pi)
+    iid_excess = 1 / (np.sqrt(np.pi) * n)  # E|X - X'| / 2n for N(0, 1)
+    excess = crps_ensemble(y, stratified_normal(rng, (n, m)).astype(np.float64)) - exact
+    se = excess.std(ddof=1) / np.sqrt(m)
+    assert se < 0.01 * iid_excess
+    assert abs(excess.mean()) < 0.05 * iid_excess
+
+
+def test_sample_paths_stratify_the_innovations() -> None:
+    n, sigma = 500, 0.01
+    paths = sample_paths(100.0, np.zeros(40), np.full(40, sigma), float("inf"), n, np.random.default_rng(6))
+    z = log_returns(paths) / sigma  # Gaussian innovations, no latent vol: the stratified normals
+    strata = np.floor(stats.norm.cdf(z) * n).astype(int)  # midpoints sit mid-stratum: no edge effects
+    assert np.all(np.sort(strata, axis=0) == np.arange(n)[:, None])
 
 
 # --------------------------------------------------------------------------- latent volatility
