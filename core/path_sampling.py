@@ -144,8 +144,10 @@ def latent_multiplier(rng: np.random.Generator, latent: LatentVol, size: tuple[i
 
 def sample_paths(anchor: float, mu: FloatArray, sigma: FloatArray, nu: FloatArray | float,
                  n_paths: int, rng: np.random.Generator, latent: LatentVol = LatentVol(),
-                 sigma_scale: float = 1.0) -> Float32Array:
+                 sigma_scale: float = 1.0, stratified: bool = True) -> Float32Array:
     """Prices float32[n_paths, n_steps + 1]; column 0 is the anchor. Pure and seeded by ``rng``.
+
+    ``stratified=False`` draws every innovation iid (same law; benchmarks/bench_ensemble_crps.py compares).
 
     Raises SamplingError on parameters that cannot give finite, positive prices.
     """
@@ -167,7 +169,7 @@ def sample_paths(anchor: float, mu: FloatArray, sigma: FloatArray, nu: FloatArra
     # One float32 working array, updated in place: t draw -> log return -> log path -> price ratio.
     # float32 halves the memory traffic; a 288-step cumsum of it is exact to ~1e-6 in log price,
     # below the float32 resolution of the prices returned.
-    work = _unit_t(rng, nu_arr, size, np.float32, stratified=True)
+    work = _unit_t(rng, nu_arr, size, np.float32, stratified)
     # exp(-Var z) is folded into the per-step std instead of a pass over the latent array.
     step_std = sigma * sigma_scale * np.exp(-latent.stationary_var)
     work *= step_std.astype(np.float32)

@@ -222,6 +222,11 @@ def test_sample_paths_stratify_the_innovations() -> None:
     z = log_returns(paths) / sigma  # Gaussian innovations, no latent vol: the stratified normals
     strata = np.floor(stats.norm.cdf(z) * n).astype(int)  # midpoints sit mid-stratum: no edge effects
     assert np.all(np.sort(strata, axis=0) == np.arange(n)[:, None])
+    iid = sample_paths(100.0, np.zeros(40), np.full(40, sigma), float("inf"), n, np.random.default_rng(6),
+                       stratified=False)
+    iid_strata = np.floor(stats.norm.cdf(log_returns(iid) / sigma) * n).astype(int)
+    held = np.array([np.bincount(iid_strata[:, k], minlength=n) for k in range(40)])
+    assert 0.3 < np.mean(held == 1) < 0.45  # iid: a stratum holds exactly one draw with probability ~1/e
 
 
 # --------------------------------------------------------------------------- latent volatility
