@@ -17,6 +17,7 @@ from core.path_sampling import LatentVol, sample_paths
 from core.scoring import crps_ensemble
 
 N_PATHS = 1000
+STEP_STD = 0.002
 CASES = {  # name: (steps, nu, latent, k for the k-step sums)
     "24 h, t5, no latent vol": (288, 5.0, LatentVol(), 6),
     "24 h, t5, latent vol": (288, 5.0, LatentVol(rho=0.98, s=0.15), 6),
@@ -25,14 +26,16 @@ CASES = {  # name: (steps, nu, latent, k for the k-step sums)
 }
 
 
-def log_returns(paths: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+def law_returns(steps: int, nu: float, latent: LatentVol, n: int, rng: np.random.Generator,
+                stratified: bool = True) -> npt.NDArray[np.float64]:
+    """One-step log returns of n paths from the case's law: the realised path and the forecast share it."""
+    paths = sample_paths(100.0, np.zeros(steps), np.full(steps, STEP_STD), nu, n, rng, latent, stratified=stratified)
     return np.diff(np.log(paths.astype(np.float64)), axis=1)
 
 
 def crps_pair(steps: int, nu: float, latent: LatentVol, k: int, rng: np.random.Generator,
               stratified: bool, realised: npt.NDArray[np.float64]) -> tuple[float, float]:
-    sigma = np.full(steps, 0.002)
-    ens = log_returns(sample_paths(100.0, np.zeros(steps), sigma, nu, N_PATHS, rng, latent, stratified=stratified))
+    ens = law_returns(steps, nu, latent, N_PATHS, rng, stratified)
     one = float(crps_ensemble(realised, ens).mean())
     sums = ens.reshape(N_PATHS, steps // k, k).sum(axis=2)
     return one, float(crps_ensemble(realised.reshape(-1, k).sum(axis=1), sums).mean())
@@ -48,7 +51,7 @@ def main() -> None:
     for name, (steps, nu, latent, k) in CASES.items():
         ratios = []
         for _ in range(args.reps):
-            realised = log_returns(sample_paths(100.0, np.zeros(steps), np.full(steps, 0.002), nu, 1, rng, latent))[0]
+            realised = law_returns(steps, nu, latent, 1, rng)[0]
             strat = crps_pair(steps, nu, latent, k, rng, True, realised)
             iid = crps_pair(steps, nu, latent, k, rng, False, realised)
             ratios.append((strat[0] / iid[0], strat[1] / iid[1]))
