@@ -27,8 +27,9 @@ module.exports = {
     { name: "synth-miner", script: bin, args: "serve --port 8091 --metrics-port 9100", interpreter: "none",
       env, max_restarts: 50, restart_delay: 2000 },
     ...gpuWorkers,
+    // No GPU for the cpu worker: with SYNTH_DEVICE=auto it would otherwise take GPU 0 from an inference worker.
     { name: "synth-worker-cpu", script: bin, args: "worker --queues cpu --concurrency 2 --hostname cpu@%h",
-      interpreter: "none", env, max_restarts: 50, restart_delay: 2000 },
+      interpreter: "none", env: { ...env, CUDA_VISIBLE_DEVICES: "" }, max_restarts: 50, restart_delay: 2000 },
     { name: "synth-beat", script: bin, args: "beat", interpreter: "none", env, max_restarts: 50,
       restart_delay: 5000 },
     { name: "synth-flower", script: bin, args: "flower --port 5555", interpreter: "none", env,

@@ -14,7 +14,8 @@ CACHE_META_KEY = KEY_PREFIX + ":cache-meta:{asset}:{step}"  # span / freshness o
 LATEST_PRICE_KEY = KEY_PREFIX + ":latest:{asset}"  # newest anchor price with its publish time
 REFRESH_LOCK_KEY = KEY_PREFIX + ":refresh-lock:{asset}"  # one process refreshes an asset's cache at a time
 BEAT_LOCK_KEY = KEY_PREFIX + ":beat:lock"  # one beat schedules at a time
-JOB_SLOT_KEY = KEY_PREFIX + ":job:{name}:{slot}"  # a periodic job runs once per scheduled slot
+JOB_SLOT_KEY = KEY_PREFIX + ":job:{name}:{slot}"  # a periodic job's claim on its slot: running (leased) or done
+JOB_ATTEMPTS_KEY = KEY_PREFIX + ":job-attempts:{name}:{slot}"  # claims taken on a slot (runs that started)
 CALIBRATION_KEY = KEY_PREFIX + ":calibration:last"  # summary of the last calibration run
 WORKER_HEARTBEAT_KEY = KEY_PREFIX + ":worker:{name}"  # workers announce model version and pid
 
@@ -42,3 +43,19 @@ TASK_RETRAIN: Final = "synth.retrain"
 TASK_COMPACT_STORE: Final = "synth.compact_store"
 JOB_RUNS_KEY: Final = KEY_PREFIX + ":jobs:runs"  # recent periodic-job runs, newest first (for `status`)
 JOB_RUNS_KEPT: Final = 500
+# A job whose process keeps dying (a retrain OOM-killed each time) is re-delivered after every death:
+# give up on its slot after this many starts instead of looping all week.
+JOB_MAX_ATTEMPTS: Final = 3
+
+# --- Worker processes ------------------------------------------------------------------------------------
+# A forecast still running when the miner has stopped waiting (Settings.max_wait_s) is useless: its soft
+# time limit is that wait, and the hard limit kills a task that ignores the soft one this much later.
+FORECAST_KILL_GRACE_S: Final = 5
+BEAT_SCHEDULE_FILE: Final = "beat-schedule.db"  # under Settings.data_dir unless beat_schedule_file is set
+
+# --- Chain (production miner) ---------------------------------------------------------------------------
+METAGRAPH_REFRESH_S: Final = 600.0  # registrations and stakes change slowly
+# Until the first metagraph read succeeds every validator is refused, so that read is retried soon,
+# backing off from the first to the last delay, and the axon waits a little for it before serving.
+METAGRAPH_RETRY_S: Final = (5.0, 60.0)
+METAGRAPH_FIRST_WAIT_S: Final = 30.0

@@ -2,12 +2,16 @@
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from core.engines.base import Engine
 from core.engines.ewma import EwmaTEngine
 from core.engines.gbm import GbmEngine
 from core.forecast import Forecaster, ScaleLookup, no_calibration
 from core.settings import Settings
+
+if TYPE_CHECKING:
+    from core.artifacts import ArtifactSet
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,16 @@ def build_forecaster(settings: Settings, engine: str | None = None) -> Forecaste
                            calibration_lookup(settings))
 
 
+def forecaster_for(settings: Settings, artifact: "ArtifactSet | None", engine: str | None = None) -> Forecaster:
+    """The forecaster serving one loaded artifact version, its models and calibration both taken from
+    it (None: the committed models, unscaled). Never re-reads ``current``: a publish in between would
+    pair one version's models with another's calibration."""
+    models_dir = artifact.path if artifact is not None and any(
+        name.endswith(".pt") for name in artifact.manifest.files) else None
+    scale = artifact.calibration.lookup_for(settings.calibration_engine) if artifact is not None else no_calibration
+    return forecaster_over(engines_over(settings, models_dir), engine or settings.engine, settings.seed, scale)
+
+
 class LiveForecaster:
     """A forecaster that follows ``artifacts/current``: between requests, a newly published version
     (models, calibration) is loaded once and swapped in; a version that fails to load is skipped and
@@ -79,15 +93,17 @@ class LiveForecaster:
         self.settings = settings
         self.engine = engine
         self.watcher = ArtifactWatcher(settings.artifacts_dir)
-        self.watcher.poll()
-        self._forecaster = build_forecaster(settings, engine)
+        if self.watcher.poll() is None:
+            log.info("no artifact loaded from %s: committed models, sigma_scale = 1", settings.artifacts_dir)
+        self._forecaster = forecaster_for(settings, self.watcher.current, engine)
 
     @property
     def version(self) -> str | None:
         return self.watcher.version
 
     def current(self) -> Forecaster:
-        if self.watcher.poll() is not None:
-            log.info("artifact %s published: reloading engines and calibration", self.watcher.version)
-            self._forecaster = build_forecaster(self.settings, self.engine)
+        loaded = self.watcher.poll()
+        if loaded is not None:
+            log.info("artifact %s published: reloading engines and calibration", loaded.version)
+            self._forecaster = forecaster_for(self.settings, loaded, self.engine)
         return self._forecaster

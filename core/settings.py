@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     fallback_budget_s: float = Field(1.0, description="time kept for the in-process fallback")
     max_wait_s: float = Field(30.0, description="longest wait for the pool, even if the deadline is later")
     result_ttl_s: int = 120
+    worker_proc_alive_timeout_s: float = Field(
+        60.0, gt=0, description="how long Celery lets a new worker process start (it loads torch and the models) "
+                                "before killing it; Celery's 4 s default killed it on busy CPUs")
 
     # --- queues -------------------------------------------------------------------------------------
     queue_infer_hf: str = "infer.hf"
@@ -104,6 +107,11 @@ class Settings(BaseSettings):
     beat_retrain_s: float = Field(7 * 86_400.0, description="retraining period")
     beat_compact_s: float = Field(86_400.0, description="history-store compaction period")
     beat_lock_ttl_s: float = Field(30.0, description="leader lock of the one beat allowed to schedule")
+    # Beat's last-run times must survive restarts (pm2 changes the pid, docker the hostname): a fresh
+    # file restarts every period, so the weekly retrain would wait a week again after each restart.
+    beat_schedule_file: Path | None = Field(None, description="beat's state file; unset = <data_dir>/beat-schedule.db")
+    job_lease_s: float = Field(30.0, gt=0, description="a running periodic job renews its slot claim for this "
+                               "long; a claim whose owner died (OOM, SIGKILL) lapses after it and the job may rerun")
     # Ten years: everything the store holds. Walk-forward (pre-cut data), a 1 h model trained on only the
     # last 60 days scored 1.0047x [1.0018, 1.0077] the one trained on all history.
     retrain_days: float = Field(3650.0, gt=0, description="history (from the store) the weekly retraining uses")

@@ -87,15 +87,17 @@ class AccessPolicy:
             return "unsigned request"
         if self.allowed and hotkey not in self.allowed:
             return "hotkey not in the allow-list"
-        # In --local mode without a metagraph file the allow-list alone decides.
-        if not self.settings.local or self.metagraph.loaded:
-            neuron = self.metagraph.get(hotkey)
-            if neuron is None:
-                return "hotkey not registered on the subnet"
-            if neuron.stake < self.settings.min_validator_stake:
-                return f"stake {neuron.stake:.0f} below the minimum {self.settings.min_validator_stake:.0f}"
-            if self.settings.force_validator_permit and not neuron.validator_permit:
-                return "no validator permit"
+        if not self.metagraph.loaded:
+            # --local without a metagraph file: the allow-list alone decides. In production nobody is
+            # served before the first metagraph read, which miner/chain.py retries within seconds.
+            return None if self.settings.local else "metagraph not read yet: try again shortly"
+        neuron = self.metagraph.get(hotkey)
+        if neuron is None:
+            return "hotkey not registered on the subnet"
+        if neuron.stake < self.settings.min_validator_stake:
+            return f"stake {neuron.stake:.0f} below the minimum {self.settings.min_validator_stake:.0f}"
+        if self.settings.force_validator_permit and not neuron.validator_permit:
+            return "no validator permit"
         return None
 
     def over_rate(self, hotkey: str) -> str | None:

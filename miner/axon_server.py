@@ -7,6 +7,7 @@ numpy): bittensor's default path re-validates and re-serialises 289k floats (~0.
 import asyncio
 import json
 import logging
+import math
 import time
 import typing
 
@@ -95,6 +96,29 @@ def headers_problem(headers: dict[bytes, bytes]) -> str | None:
     return None
 
 
+def with_caller_timeout(body: bytes, headers: dict[bytes, bytes]) -> bytes:
+    """The body with its ``timeout`` set to the one in the headers: how long the caller really waits.
+
+    Synth's validator (``dendrite_multiprocess``) puts its timeout, start_time - now (50-120 s), only
+    in the headers: it dumps the JSON body from a synapse it never set it on, so the body keeps
+    bittensor's default 12 s, and the body is all the forward handler sees. Trusting it gave the pool
+    9 s instead of the validator's minute or two. bittensor's own ``Dendrite.call`` sets both alike.
+    A Simulation hashes none of its fields into ``computed_body_hash``, so the rewrite is invisible to
+    the axon's integrity check.
+    """
+    try:
+        timeout = float(headers.get(b"timeout", b"").decode("latin-1"))
+    except ValueError:
+        return body
+    if not (math.isfinite(timeout) and timeout > 0):
+        return body
+    doc = json.loads(body)
+    if doc.get("timeout") == timeout:
+        return body
+    doc["timeout"] = timeout
+    return json.dumps(doc).encode()
+
+
 class RequestGuard:
     """Outermost ASGI layer: any other route gets a 404; on the Simulation route a body that is too
     large, or headers or a body that are not a well-formed synapse, get a 4xx with a message before
@@ -146,6 +170,8 @@ class RequestGuard:
         if problem:
             await self._refuse(send, 400, problem)
             return
+        body = with_caller_timeout(body, headers)
+        headers[b"content-length"] = str(len(body)).encode()
         # FastAPI parses only bodies labelled JSON; anything else reached bittensor as bytes (a 500).
         headers[b"content-type"] = b"application/json"
         replayed = False

@@ -5,12 +5,11 @@ import logging
 
 import bittensor as bt
 
+from core.constants import METAGRAPH_FIRST_WAIT_S, METAGRAPH_REFRESH_S, METAGRAPH_RETRY_S
 from core.settings import Settings
 from miner.access import MetagraphView, Neuron
 
 log = logging.getLogger(__name__)
-
-METAGRAPH_REFRESH_S = 600.0
 
 
 def read_metagraph(subtensor: "bt.Subtensor", netuid: int) -> dict[str, Neuron]:
@@ -20,15 +19,38 @@ def read_metagraph(subtensor: "bt.Subtensor", netuid: int) -> dict[str, Neuron]:
     return {hk: Neuron(hk, stakes[i], permits[i]) for i, hk in enumerate(graph.hotkeys)}
 
 
-async def keep_metagraph_fresh(settings: Settings, view: MetagraphView, subtensor: "bt.Subtensor") -> None:
-    """Refresh in a thread every few minutes; a failed refresh keeps the previous view."""
+async def keep_metagraph_fresh(settings: Settings, view: MetagraphView, subtensor: "bt.Subtensor",
+                               refresh_s: float = METAGRAPH_REFRESH_S,
+                               retry_s: tuple[float, float] = METAGRAPH_RETRY_S) -> None:
+    """Refresh in a thread every ``refresh_s``; a failed refresh keeps the previous view.
+
+    Until the first read succeeds the view is empty and every validator is refused, so that read is
+    retried after ``retry_s[0]`` seconds, doubling up to ``retry_s[1]``, not after a full period.
+    """
+    retry = retry_s[0]
     while True:
         try:
             view.replace(await asyncio.to_thread(read_metagraph, subtensor, settings.netuid))
             log.info("metagraph refreshed: %d neurons", len(view))
         except Exception as exc:
-            log.warning("metagraph refresh failed, keeping the previous one: %s", exc)
-        await asyncio.sleep(METAGRAPH_REFRESH_S)
+            if view.loaded:
+                log.warning("metagraph refresh failed, keeping the previous one: %s", exc)
+            else:
+                log.error("metagraph not read yet, validators are refused until it is (retry in %.0f s): %s",
+                          retry, exc)
+        if view.loaded:
+            await asyncio.sleep(refresh_s)
+        else:
+            await asyncio.sleep(retry)
+            retry = min(2 * retry, retry_s[1])
+
+
+async def first_metagraph(view: MetagraphView, wait_s: float = METAGRAPH_FIRST_WAIT_S) -> bool:
+    """Wait up to ``wait_s`` for the first metagraph read, so a normal start refuses no validator."""
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while not view.loaded and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.1)
+    return view.loaded
 
 
 def register_axon(settings: Settings, wallet: "bt.Wallet", axon: "bt.Axon") -> "bt.Subtensor":

@@ -11,6 +11,9 @@ import numpy as np
 import numpy.typing as npt
 import redis.asyncio as aioredis
 from celery import Celery
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from core.constants import RESULT_KEY, TASK_FORECAST
 from core.forecast import ForecasterSource
@@ -85,8 +88,12 @@ class CeleryPool:
         assert settings.redis_url, "CeleryPool needs SYNTH_REDIS_URL"
         self.settings = settings
         self.app = celery_client(settings)
+        # One immediate retry on a dropped connection: after a Redis restart the pooled connection is
+        # closed by the server, and without it the first request's read failed although its task was
+        # queued and computed. A Redis that is really down still fails within the 1 s connect timeout.
         self.redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=None, socket_connect_timeout=1.0,
-                                             health_check_interval=30)
+                                             health_check_interval=30, retry=Retry(NoBackoff(), 1),
+                                             retry_on_error=[RedisConnectionError])
 
     def _send(self, request: ForecastRequest, deadline: float, request_id: str, result_key: str) -> None:
         self.app.send_task(

@@ -96,10 +96,12 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     axon = build_axon(settings, wallet, handlers)
     background: list[asyncio.Task[None]] = []
     if not settings.local:
-        from miner.chain import keep_metagraph_fresh, register_axon
+        from miner.chain import first_metagraph, keep_metagraph_fresh, register_axon
 
         subtensor = register_axon(settings, wallet, axon)
         background.append(asyncio.create_task(keep_metagraph_fresh(settings, app.metagraph, subtensor)))
+        if not await first_metagraph(app.metagraph):
+            log.error("serving without a metagraph: validators are refused until the first read succeeds")
     axon.start()
     log.info("miner serving: hotkey %s on %s:%d (%s mode, %s pool, engine %s, %s prices)", wallet.hotkey.ss58_address,
              settings.axon_host, settings.axon_port, "local" if settings.local else f"netuid {settings.netuid}",

@@ -86,14 +86,14 @@ def beat(
     loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO",
 ) -> None:
     """Start Celery beat (cache refresh, calibration, retraining, compaction). Only one schedules at a time."""
-    import socket
-
     export_env(redis_url=redis_url)
+    from core.constants import BEAT_SCHEDULE_FILE
     from core.settings import get_settings
     from workers.app import app as celery_app
 
     settings = get_settings()
-    state = schedule_file or settings.data_dir / f"beat-{socket.gethostname()}-{os.getpid()}.db"
+    # One name across restarts: the file holds each job's last run (a new one would delay the weekly retrain).
+    state = schedule_file or settings.beat_schedule_file or settings.data_dir / BEAT_SCHEDULE_FILE
     state.parent.mkdir(parents=True, exist_ok=True)
     celery_app.start(["beat", f"--loglevel={loglevel}", f"--schedule={state}"])
 

@@ -8,7 +8,7 @@ from miner.access import AccessPolicy, MetagraphView, Neuron, RateLimiter
 
 
 def policy(metagraph: MetagraphView | None = None, **settings: object) -> AccessPolicy:
-    return AccessPolicy(Settings(**settings), metagraph or MetagraphView())  # type: ignore[arg-type]
+    return AccessPolicy(Settings(**settings), MetagraphView() if metagraph is None else metagraph)  # type: ignore[arg-type]
 
 
 def test_unsigned_is_refused_everywhere() -> None:
@@ -32,6 +32,14 @@ def test_chain_rules_registration_stake_and_permit() -> None:
     assert "below the minimum" in (p.refuse("5poor", True) or "")
     assert p.refuse("5noperm", True) == "no validator permit"
     assert p.priority("5rich") == 100_000 and p.priority("5ghost") == 0.0
+
+
+def test_production_refuses_everyone_until_the_metagraph_is_read() -> None:
+    graph = MetagraphView()
+    p = policy(graph, local=False)
+    assert p.refuse("5rich", True) == "metagraph not read yet: try again shortly"
+    graph.replace({"5rich": Neuron("5rich", 100_000, True)})
+    assert p.refuse("5rich", True) is None
 
 
 def test_rate_limit_sliding_window() -> None:

@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import redis
 
 from core.artifacts import ArtifactStore
@@ -104,3 +105,37 @@ async def test_worker_serves_a_model_published_in_an_artifact(redis_url: str, tm
     finally:
         await pool.close()
         worker.stop()
+
+
+def test_a_reload_takes_models_and_calibration_from_one_version(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A publish landing while a worker reloads must not pair one version's models with the next one's
+    calibration: the reload builds everything from the version it resolved."""
+    from core.artifacts import ArtifactWatcher
+    from core.engines_registry import LiveForecaster
+
+    artifacts = tmp_path / "artifacts"
+    publish_scale(artifacts, 1.0)
+    live = LiveForecaster(Settings(artifacts_dir=artifacts, engine="patchtst", seed=1))
+    store = ArtifactStore(artifacts)
+    model = write_checkpoints(tmp_path / "retrained", ("hf",), perturb=0.3) / "hf.pt"
+    state = CalibrationState({"ewma_t:BTC:60": Entry("ewma_t", "BTC", 60, scale=1.5)})
+    with_model = store.publish(store.stage({"hf.pt": model.read_bytes(), CALIBRATION_FILE: state.to_json()}))
+
+    poll = ArtifactWatcher.poll
+    later: list[str] = []
+
+    def poll_then_publish(watcher: ArtifactWatcher) -> object:
+        loaded = poll(watcher)
+        if loaded is not None and not later:  # the next calibration publishes right after the watcher read
+            later.append(publish_scale(artifacts, 1.8))
+        return loaded
+
+    monkeypatch.setattr(ArtifactWatcher, "poll", poll_then_publish)
+    reloaded = live.current()
+    assert live.version == with_model and later
+    assert reloaded.scale("ewma_t", "BTC", 60) == 1.5
+    assert reloaded.models["hf"] == str(artifacts / "versions" / with_model / "hf.pt")
+    newest = live.current()  # the next task serves the newer version, whole
+    assert live.version == later[0] and newest.scale("ewma_t", "BTC", 60) == 1.8
+    assert newest.models["hf"].endswith("models/hf.pt")

@@ -1,9 +1,11 @@
 """The Celery application: broker and results on Redis, routes per queue, the settings that matter.
 
-Why each setting (Celery docs, reference notes §3): prefetch 1 so a busy worker never hoards
-requests; early ack for inference (a re-delivery after the deadline is useless) and ``expires`` on
-every task; a visibility timeout longer than the longest job so a retrain is not run twice;
-results ignored or kept minutes, never the 1-day default.
+Why each setting (Celery docs, reference notes §3): prefetch disabled so a busy worker never holds
+a request an idle worker could run (prefetch 1 still reserved one: a fast forecast waited 3.6 s behind
+a slow one); a new worker process may take a minute to load torch and the models; early ack for
+inference (a re-delivery after the deadline is useless) and ``expires`` on every task; a visibility
+timeout longer than the longest job so a retrain is not run twice; results ignored or kept minutes,
+never the 1-day default.
 """
 
 from celery import Celery
@@ -25,6 +27,8 @@ def create_app(settings: Settings) -> Celery:
         accept_content=["json", "msgpack"],
         result_accept_content=["json", "msgpack"],
         worker_prefetch_multiplier=1,
+        worker_disable_prefetch=True,  # Celery >= 5.7, Redis broker: reserve a task only for a free process
+        worker_proc_alive_timeout=settings.worker_proc_alive_timeout_s,
         task_acks_late=False,
         task_ignore_result=True,
         result_expires=300,

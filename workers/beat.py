@@ -3,13 +3,17 @@
 Two beats against one Redis: the one holding ``BEAT_LOCK_KEY`` sends, the other waits and takes
 over when the lock expires (TTL ``beat_lock_ttl_s``, renewed every tick). Each sent task carries
 ``slot`` (its scheduled time floored to the period), which the task claims once in Redis.
+
+The schedule file keeps each job's last run across restarts, so its name is stable; two beats on one
+host that share it take turns (a file lock), since two writers would corrupt it.
 """
 
+import fcntl
 import logging
 import os
 import socket
 import time
-from typing import Any
+from typing import IO, Any
 
 import redis
 from celery.beat import PersistentScheduler, ScheduleEntry
@@ -30,6 +34,8 @@ class LeaderScheduler(PersistentScheduler):
         self.identity = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
         self.redis = redis.Redis.from_url(settings.redis_url or "", socket_timeout=2.0)
         self.leader = False
+        filename = kwargs.get("schedule_filename")
+        self._file_lock = hold_file_lock(f"{filename}.lock") if filename else None
         super().__init__(*args, **kwargs)
 
     def _hold_lock(self) -> bool:
@@ -65,3 +71,19 @@ class LeaderScheduler(PersistentScheduler):
         except redis.RedisError:
             pass
         super().close()
+        if self._file_lock is not None:
+            self._file_lock.close()  # after the schedule is synced and closed
+            self._file_lock = None
+
+
+def hold_file_lock(path: str) -> IO[bytes]:
+    """An exclusive lock on ``path``, held until the returned file is closed (or the process dies).
+    Blocks while another process on this host holds it: a standby beat waits here."""
+    handle = open(path, "ab")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        # A warning: Celery builds the scheduler (its banner) before it sets up logging.
+        log.warning("another beat on this host uses %s: waiting for it to stop", path)
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle

@@ -6,8 +6,9 @@ from typing import Any
 
 from celery.signals import worker_process_init
 
-from core.constants import TASK_FORECAST
+from core.constants import FORECAST_KILL_GRACE_S, TASK_FORECAST
 from core.prompts import ForecastRequest
+from core.settings import get_settings
 from core.transport import encode_error, encode_paths
 from workers.app import app
 from workers.metrics import MODEL_VERSION, TASK_SECONDS, TASKS, heartbeat, serve_metrics
@@ -15,7 +16,9 @@ from workers.runtime import WorkerRuntime, get_runtime
 
 log = logging.getLogger(__name__)
 
-FORECAST_TIME_LIMIT_S = 60
+# The miner never waits longer than max_wait_s for a result: past that a forecast only keeps the
+# worker's one process (its GPU) from the requests queued behind it.
+FORECAST_SOFT_LIMIT_S = get_settings().max_wait_s
 
 
 def announce(runtime: WorkerRuntime) -> None:
@@ -25,16 +28,25 @@ def announce(runtime: WorkerRuntime) -> None:
               models=forecaster.models)
 
 
+def consumes_inference() -> bool:
+    """Whether this worker reads an inference queue (``-Q``, selected before the pool forks): a cpu-only
+    worker never forecasts, so its processes skip loading torch and the models."""
+    settings = get_settings()
+    return bool(set(app.amqp.queues.consume_from) & {settings.queue_infer_hf, settings.queue_infer_lf})
+
+
 @worker_process_init.connect
 def _load_runtime(**_: Any) -> None:
+    if not consumes_inference():
+        return
     runtime = get_runtime()
     serve_metrics(runtime.settings.worker_metrics_port)
     MODEL_VERSION.labels(runtime.artifact_version or "none", runtime.forecaster.default).set(1)
     announce(runtime)
 
 
-@app.task(name=TASK_FORECAST, ignore_result=True, acks_late=False, time_limit=FORECAST_TIME_LIMIT_S,
-          soft_time_limit=FORECAST_TIME_LIMIT_S - 5)
+@app.task(name=TASK_FORECAST, ignore_result=True, acks_late=False, soft_time_limit=FORECAST_SOFT_LIMIT_S,
+          time_limit=FORECAST_SOFT_LIMIT_S + FORECAST_KILL_GRACE_S)
 def forecast(request: dict[str, Any], result_key: str, deadline: float, request_id: str) -> None:
     runtime = get_runtime()
     ttl = runtime.settings.result_ttl_s

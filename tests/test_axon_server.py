@@ -1,0 +1,93 @@
+"""The axon adapter: the caller's real timeout reaches the service, whichever dendrite sent it.
+
+Synth's validator builds its request as ``dendrite_multiprocess`` does: the timeout (start_time - now)
+goes into the signed headers only, and the JSON body is dumped from a synapse that never had it set,
+so the body carries bittensor's default 12 s. Here a real in-process axon on loopback gets such a
+request and the service must budget with the header's timeout.
+"""
+
+import asyncio
+import json
+from pathlib import Path
+
+import aiohttp
+import bittensor as bt
+import pytest
+
+from core.cache import MemoryHistoryCache
+from core.engines_registry import build_forecaster
+from core.market_data import MarketData
+from core.settings import Settings
+from core.sources.registry import sources_for
+from miner.access import AccessPolicy, MetagraphView
+from miner.axon_server import AxonHandlers, build_axon, with_caller_timeout
+from miner.data import MinerData
+from miner.offline import patch_bittensor_networking
+from miner.pool import EmbeddedPool
+from miner.protocol import Simulation, SimulationInput
+from miner.service import MinerService
+from synth_miner.devstack import free_port, make_wallet, start_time_in
+
+
+def body_with(timeout: float) -> bytes:
+    return json.dumps({"simulation_input": {"asset": "BTC"}, "timeout": timeout}).encode()
+
+
+@pytest.mark.parametrize(("header", "expected"), [
+    (b"60.0", 60.0),  # the validator's real wait replaces the body's default
+    (b"12.0", 12.0),  # already alike (bittensor's Dendrite.call): the body is left as it is
+    (b"nan", 12.0), (b"-5", 12.0), (b"0", 12.0), (b"soon", 12.0),  # unusable header: body kept
+])
+def test_the_header_timeout_wins_when_it_is_usable(header: bytes, expected: float) -> None:
+    body = body_with(12.0)
+    out = with_caller_timeout(body, {b"timeout": header})
+    assert json.loads(out)["timeout"] == expected
+    assert json.loads(out)["simulation_input"] == {"asset": "BTC"}
+    if expected == 12.0:
+        assert out is body
+    assert with_caller_timeout(body, {}) is body  # no header at all
+
+
+async def test_a_synth_shaped_request_is_budgeted_with_the_header_timeout(tmp_path: Path, shared_data: Path) -> None:
+    patch_bittensor_networking("127.0.0.1")
+    miner_wallet, vali_wallet = make_wallet(tmp_path, "miner"), make_wallet(tmp_path, "vali")
+    port = free_port()
+    cfg = Settings(_env_file=None, local=True, axon_host="127.0.0.1", axon_port=port,  # type: ignore[call-arg]
+                   allowed_hotkeys=[vali_wallet.hotkey.ss58_address], price_provider="replay",
+                   replay_dir=shared_data)
+    forecaster = build_forecaster(cfg)
+    service = MinerService(cfg, MinerData(MarketData(MemoryHistoryCache(), sources_for(cfg), 86_400)),
+                           EmbeddedPool(forecaster), forecaster)
+    budgets: list[float | None] = []
+    real_deadline_for = service.deadline_for
+
+    def spy(received: float, timeout: float | None) -> float:
+        budgets.append(timeout)
+        return real_deadline_for(received, timeout)
+
+    service.deadline_for = spy  # type: ignore[method-assign]
+    axon = build_axon(cfg, miner_wallet, AxonHandlers(cfg, service, AccessPolicy(cfg, MetagraphView()),
+                                                      asyncio.get_running_loop()))
+    axon.start()
+    dendrite = bt.Dendrite(wallet=vali_wallet)
+    try:
+        await asyncio.sleep(0.5)
+        info = bt.AxonInfo(version=0, ip="127.0.0.1", port=port, ip_type=4,
+                           hotkey=miner_wallet.hotkey.ss58_address, coldkey="")
+        synapse = Simulation(simulation_input=SimulationInput(asset="BTC", start_time=start_time_in(120),
+                                                              time_increment=60, time_length=3600))
+        body = synapse.model_dump()  # dumped before the timeout is set, as Synth's validator does
+        signed = dendrite.preprocess_synapse_for_request(info, synapse.model_copy(), 75.0)
+        assert body["timeout"] == 12.0 and signed.to_headers()["timeout"] == "75.0"
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"http://127.0.0.1:{port}/Simulation", headers=signed.to_headers(), json=body,
+                                 timeout=aiohttp.ClientTimeout(total=60)) as reply:
+                assert reply.status == 200, await reply.text()
+                paths = (await reply.json())["simulation_output"]
+        assert budgets == [75.0]
+        assert len(paths) == 2 + 1000 and len(paths[2]) == 61
+        assert service.counters["fallbacks"] == 0
+    finally:
+        await dendrite.aclose_session()
+        axon.stop()
+        await service.pool.close()

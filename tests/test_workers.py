@@ -1,0 +1,57 @@
+"""Celery worker settings that decide where a task waits, and how long a new worker process may take to start."""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+from core.settings import Settings
+from synth_miner.devstack import Proc, spawn
+from tests.worker_apps import SLEEP_LOG_KEY
+from workers.app import create_app
+
+
+def test_a_new_worker_process_has_a_minute_to_load_its_models() -> None:
+    # Celery's 4 s default killed a child still loading torch and the models on busy CPUs, three times in a
+    # row (the load cannot be made to take that long on demand here, so the setting itself is checked).
+    conf = create_app(Settings()).conf
+    assert conf.worker_proc_alive_timeout == Settings().worker_proc_alive_timeout_s >= 60
+
+
+def test_a_busy_worker_holds_no_task_an_idle_worker_could_run(redis_url: str, tmp_path: Path) -> None:
+    """Two single-process inference workers (as on two GPUs): while one runs a slow task, the fast tasks
+    sent after it all go to the idle one. With prefetch 1 the busy one reserved one and it waited behind."""
+    (tmp_path / "no-models").mkdir()
+    env = {"SYNTH_REDIS_URL": redis_url, "SYNTH_MODELS_DIR": str(tmp_path / "no-models"), "SYNTH_LOG_LEVEL": "INFO",
+           "SYNTH_ARTIFACTS_DIR": str(tmp_path / "artifacts"), "SYNTH_DATA_DIR": str(tmp_path / "data")}
+    workers: list[Proc] = []
+    for name in ("a", "b"):
+        workers.append(spawn([sys.executable, "-m", "celery", "-A", "tests.worker_apps", "worker", "-Q", "infer.hf",
+                              "-c", "1", "-P", "prefork", "-n", f"{name}@%h", "--without-gossip", "--without-mingle",
+                              "-l", "INFO"], env, tmp_path / f"worker-{name}.log"))
+    client = redis.Redis.from_url(redis_url)
+    sender = create_app(Settings(redis_url=redis_url))
+    try:
+        deadline = time.monotonic() + 90
+        while not all("worker runtime loaded" in w.text() for w in workers):  # an inference worker loads at start
+            assert time.monotonic() < deadline and all(w.proc.poll() is None for w in workers), \
+                "\n".join(w.text()[-3000:] for w in workers)
+            time.sleep(0.2)
+        for round_ in range(2):
+            sender.send_task("test.sleep", args=[3.0, f"slow{round_}", time.time()], queue="infer.hf")
+            for i in range(3):
+                time.sleep(0.2)
+                sender.send_task("test.sleep", args=[0.05, f"fast{round_}.{i}", time.time()], queue="infer.hf")
+            time.sleep(3.5)
+        deadline = time.monotonic() + 10
+        while client.llen(SLEEP_LOG_KEY) < 8 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        for worker in workers:
+            worker.stop()
+    runs = [json.loads(r) for r in client.lrange(SLEEP_LOG_KEY, 0, -1)]
+    assert len(runs) == 8, runs
+    waits = {r["tag"]: round(r["waited"], 2) for r in runs if r["tag"].startswith("fast")}
+    assert max(waits.values()) < 1.0, waits
