@@ -535,14 +535,19 @@ class ArtifactStore:
         """Make ``to`` (default: the version created just before the current one) current again."""
         with self._locked():
             current = self.current_version()
-            names = [v.version for v in self.list_versions()]
+            kept = self.list_versions()
+            names = [v.version for v in kept]
             if to is None:
                 if current is None or current not in names:
                     raise ArtifactError("nothing is current, so there is nothing to roll back from")
-                older = names[:names.index(current)]
+                # The newest readable version created before the current one; a current version whose
+                # manifest broke (the usual reason to roll back) has no date, so any readable one is older.
+                now = kept[names.index(current)]
+                older = [v for v in kept if v.problem is None and v.version != current
+                         and (now.created is None or (v.created or "") < now.created)]
                 if not older:
-                    raise ArtifactError(f"{current} is the oldest version kept: nothing to roll back to")
-                to = older[-1]
+                    raise ArtifactError(f"no readable version older than {current} is kept: nothing to roll back to")
+                to = older[-1].version
             if to not in names:
                 raise ArtifactError(f"unknown version {to!r}; kept: {', '.join(names) or 'none'}")
             self.validate(self.versions_dir / to)

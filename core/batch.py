@@ -209,18 +209,23 @@ def run_file(runner: BatchRunner, requests: Path, out: Path, on_line: Any = None
     """Stream a request file into an output file (written to a temp name, renamed when complete)."""
     began = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_dir():
+        raise BatchInputError(f"--out {out} is a directory: give a file name")
     tmp = out.with_name(out.name + ".tmp")
     n = ok = errors = fallbacks = 0
-    with requests.open("rb") as src, tmp.open("wb") as dst:
-        for outcome in runner.run_lines(src):
-            dst.write(outcome.line() + b"\n")
-            n += 1
-            ok += outcome.error is None
-            errors += outcome.error is not None
-            fallbacks += outcome.fallback_reason is not None
-            if on_line is not None:
-                on_line(outcome)
-    tmp.replace(out)
+    try:
+        with requests.open("rb") as src, tmp.open("wb") as dst:
+            for outcome in runner.run_lines(src):
+                dst.write(outcome.line() + b"\n")
+                n += 1
+                ok += outcome.error is None
+                errors += outcome.error is not None
+                fallbacks += outcome.fallback_reason is not None
+                if on_line is not None:
+                    on_line(outcome)
+        tmp.replace(out)
+    finally:  # interrupted or failed: no half-written file left beside the output (it may be GBs)
+        tmp.unlink(missing_ok=True)
     return BatchSummary(n, ok, errors, fallbacks, time.perf_counter() - began)
 
 

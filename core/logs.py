@@ -27,3 +27,11 @@ def setup_logging(level: str = "INFO", as_json: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Importing bittensor raises every logger that exists by then to CRITICAL: our own modules' warnings
+    # (a refused artifact, an unavailable engine) would vanish. Ours follow the root level again.
+    for name in list(logging.root.manager.loggerDict):
+        if name.split(".")[0] in OWN_PACKAGES:
+            logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+OWN_PACKAGES = frozenset({"core", "miner", "workers", "synth_miner", "beat_schedule"})

@@ -43,18 +43,22 @@ class MarketData:
         return await refresh_asset(asset, self.sources(asset), self.cache, self.store, self.settings,
                                    now=int(self.clock()), steps=self.steps_for(asset))
 
-    def _stale(self, asset: str, now: int) -> bool:
-        span = self.cache.span(asset, 60) or self.cache.span(asset, 300)
+    async def _stale(self, asset: str, now: int) -> bool:
+        # Off the loop: a hung Redis blocks each read for its socket timeout, and the miner's requests with it.
+        span = await asyncio.to_thread(self._span, asset)
         # Nothing cached: nothing to answer from, so retry soon; merely old: retry at most every RETRY_S.
         pause = EMPTY_RETRY_S if span is None else RETRY_S
         if time.monotonic() - self._attempted.get(asset, -pause) < pause:
             return False
         return span is None or span[1] + 2 * 60 < now - FRESH_S
 
+    def _span(self, asset: str) -> tuple[int, int] | None:
+        return self.cache.span(asset, 60) or self.cache.span(asset, 300)
+
     async def snapshot(self, asset: str, lookback_s: int | None = None) -> MarketSnapshot:
         """History known now plus the anchor price; refreshes first if the cache is empty or stale."""
         now = int(self.clock())
-        if self._stale(asset, now):
+        if await self._stale(asset, now):
             self._attempted[asset] = time.monotonic()
             report = await self.refresh(asset)
             if report.errors:

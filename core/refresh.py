@@ -172,7 +172,11 @@ async def _refresh_step(asset: str, step: int, window: int, source: PriceSource,
     new_in_store = new_in_cache = 0
     if store is not None:
         # Bars the cache got while the store could not be written are owed to the store too.
-        owed = await asyncio.to_thread(_owed_to_store, asset, step, lo, cache, store)
+        owed = PriceHistory.empty(step)
+        try:
+            owed = await asyncio.to_thread(_owed_to_store, asset, step, lo, cache, store)
+        except HistoryStoreError as exc:  # a corrupt partition: the cache is still updated below
+            errors.append(f"store span {step}s: {type(exc).__name__}: {exc}")
         to_store = owed.merge(kept) if len(owed) else kept
         if len(to_store):
             try:

@@ -23,6 +23,8 @@ def default_models_dir() -> Path:
 
 
 ProviderChoice = Literal["auto", "pyth", "binance", "hyperliquid", "replay"]
+EngineChoice = Literal["patchtst", "ewma_t", "gbm"]  # core.engines_registry builds these
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
 class Settings(BaseSettings):
@@ -32,7 +34,7 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(None, description="Redis for the Celery pool; unset = embedded mode")
     local: bool = Field(False, description="no chain: static metagraph, no registration")
     axon_host: str = "0.0.0.0"
-    axon_port: int = 8091
+    axon_port: int = Field(8091, ge=1, le=65_535)
     axon_external_ip: str | None = None
     axon_external_port: int | None = None
     wallet_path: str = "~/.bittensor/wallets"
@@ -91,8 +93,8 @@ class Settings(BaseSettings):
 
     # --- requests and engines -----------------------------------------------------------------------
     max_num_simulations: int = 10_000
-    engine: str = Field("patchtst", description="served engine; falls back to ewma_t if its models do not load")
-    seed: int | None = Field(None, description="fix the RNG (tests, backtests); None = fresh entropy")
+    engine: EngineChoice = Field("patchtst", description="served engine; falls back to ewma_t if its models do not load")
+    seed: int | None = Field(None, ge=0, description="fix the RNG (tests, backtests); None = fresh entropy")
     batch_lookback_days: float = Field(
         14.0, gt=0, description="history before the cut that forecast-batch and backtests give an engine "
                                 "(the rolling cache's default window, so offline runs see what production sees)")
@@ -129,7 +131,7 @@ class Settings(BaseSettings):
 
     # --- calibration, artifacts, champion/challenger (core.calibration, core.artifacts, core.champion) -
     # Annotated fields: mypy checks the defaults without the pydantic plugin.
-    calibration_engine: str = Field(
+    calibration_engine: EngineChoice = Field(
         "ewma_t", description="the engine whose sigma_scale the hourly job fits and the forecaster applies "
                               "(others serve unscaled). Not patchtst: replaying the job walk-forward on pre-cut "
                               "validation, the scaled model scored 1.0006x (1 h), 1.0017x (24 h crypto) and 1.0007x "
@@ -154,10 +156,15 @@ class Settings(BaseSettings):
     artifacts_keep: Annotated[int, Field(ge=2, description="published versions kept, plus the current")] = 5
 
     # --- observability ------------------------------------------------------------------------------
-    log_level: str = "INFO"
+    log_level: LogLevel = "INFO"
     log_json: bool = False
     metrics_port: int | None = None
     worker_metrics_port: int | None = Field(None, description="Prometheus port of a worker process")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
     @field_validator("provider_overrides")
     @classmethod

@@ -12,7 +12,8 @@ from dataclasses import replace
 
 from core.cache import MemoryHistoryCache
 from core.market_data import MarketData, build_snapshot
-from core.prices import MarketSnapshot, PriceDataError
+from core.price_checks import plausible_latest
+from core.prices import MarketSnapshot, PriceDataError, PriceHistory
 from core.sources.base import ProviderError
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,10 @@ class MinerData:
             try:
                 latest = await asyncio.wait_for(self.shared.sources(asset).latest(asset), ANCHOR_TIMEOUT_S)
                 if latest.publish_time > kept.anchor_time:
+                    # The refresh's check (core.refresh): a garbage print must not anchor the fallback either.
+                    if not plausible_latest(latest, _newest_bar(kept), self.shared.settings.price_max_jump):
+                        raise ProviderError(f"latest price {latest.price:g} is implausibly far from the "
+                                            "newest close: not used as the anchor")
                     return replace(kept, anchor=latest.price, anchor_time=latest.publish_time)
             except Exception as exc:
                 log.warning("fresh anchor for %s unavailable (%s); keeping %ss-old price", asset, exc,
@@ -110,6 +115,14 @@ class MinerData:
         log.info("warm-up: %d of %d assets have prices", len(assets) - len(failed), len(assets))
         if failed:
             log.warning("no price yet for: %s", "; ".join(failed))
+
+
+def _newest_bar(snap: MarketSnapshot) -> PriceHistory:
+    """The snapshot's newest bar at the finest step that has one (empty if none), as refresh compares to."""
+    for hist in (snap.m1, snap.m5):
+        if hist is not None and len(hist):
+            return PriceHistory(hist.step, hist.ts[-1:], hist.close[-1:])
+    return PriceHistory.empty(60)
 
 
 def _consume(task: "asyncio.Future[MarketSnapshot]") -> None:

@@ -14,9 +14,24 @@ app = typer.Typer(help="Synth subnet (SN50) miner: PatchTST + Student-t price pa
 
 
 def settings_with(**overrides: Any) -> Settings:
-    """Settings from the environment and .env, with the CLI flags that were given on top."""
+    """Settings from the environment and .env, with the CLI flags that were given on top; a bad value
+    (a flag or a SYNTH_ variable) is a one-line usage error, not a traceback."""
+    from pydantic import ValidationError
+
     given = {k: v for k, v in overrides.items() if v is not None and v != []}
-    return Settings(**given)
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise typer.BadParameter(problems) from None
+
+
+def require_redis(redis_url: str | None) -> None:
+    """Workers and beat exist only to meet the miner in Redis: without a URL they would quietly use
+    whatever Redis listens on this host's default port."""
+    if not settings_with(redis_url=redis_url).redis_url:
+        raise typer.BadParameter("workers and beat meet the miner in Redis: set SYNTH_REDIS_URL or --redis-url "
+                                 "(the miner without one runs its embedded pool and needs neither)")
 
 
 def export_env(**overrides: Any) -> None:
@@ -69,6 +84,7 @@ def worker(
     loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO",
 ) -> None:
     """Start a Celery worker (inference on infer.* queues, data/calibration/training on cpu)."""
+    require_redis(redis_url)
     export_env(redis_url=redis_url, worker_queues=queues)
     from workers.app import app as celery_app
 
@@ -86,6 +102,7 @@ def beat(
     loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO",
 ) -> None:
     """Start Celery beat (cache refresh, calibration, retraining, compaction). Only one schedules at a time."""
+    require_redis(redis_url)
     export_env(redis_url=redis_url)
     from core.constants import BEAT_SCHEDULE_FILE
     from core.settings import get_settings
@@ -133,6 +150,8 @@ def status(
         print(jsonlib.dumps(report, default=str))
     else:
         render(report, Console())
+    if any(error.startswith("redis:") for error in report["errors"]):
+        raise typer.Exit(1)  # the fleet could not be read: monitoring must see a failure
 
 
 @app.command()

@@ -133,6 +133,7 @@ def import_csv(
     store = HistoryStore.from_settings(_settings(data_dir))
     table = Table("file", "asset", "step", "rows", "new", "span (UTC)", title=f"import into {store.root}")
     steps = {suffix: step for step, suffix in STEP_SUFFIX.items()}
+    only = [a.upper() for a in only] if only else only  # asset names are upper case: btc means BTC
     imported = 0
     failed = False
     for path in sorted(folder.iterdir()):
@@ -155,7 +156,8 @@ def import_csv(
             table.add_row(path.name, ",".join(targets), str(step), "-", "-", f"[red]{exc}[/red]")
     console.print(table)
     if not imported and not failed:
-        console.print(f"[yellow]no <stem>_<1m|5m>.csv(.gz) file in {folder}[/yellow]")
+        wanted = f" for {', '.join(only)}" if only else ""
+        console.print(f"[yellow]no <stem>_<1m|5m>.csv(.gz) file{wanted} in {folder}[/yellow]")
     if failed:
         raise typer.Exit(1)
 

@@ -55,7 +55,7 @@ def forecast_batch(
     prices_dir: Annotated[Path, typer.Option("--prices-dir", help="folder of <asset>_1m/_5m.csv.gz files",
                                              exists=True, file_okay=False)],
     out: Annotated[Path, typer.Option("--out", help="JSONL file written: one response or error per request")],
-    seed: Annotated[int, typer.Option("--seed", help="RNG seed: same seed + request + data = same paths")],
+    seed: Annotated[int, typer.Option("--seed", min=0, help="RNG seed: same seed + request + data = same paths")],
     engine: Annotated[str | None, typer.Option("--engine", help="engine name (default: the production engine)")]
     = None,
     calibrated: Annotated[bool, typer.Option("--calibration/--no-calibration",
@@ -71,7 +71,10 @@ def forecast_batch(
                                  param_hint="--engine")
     runner = BatchRunner(PriceFolder(prices_dir), engines, name, seed, int(settings.batch_lookback_days * 86_400),
                          settings.max_num_simulations, calibration_lookup(settings) if calibrated else no_calibration)
-    summary = run_file(runner, requests, out)
+    try:
+        summary = run_file(runner, requests, out)
+    except BatchInputError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--out") from None
     console.print(f"{summary.lines} requests: {summary.ok} answered, {summary.errors} errors, "
                   f"{summary.fallbacks} served by the fallback engine; engine {name}, seed {seed}; "
                   f"{summary.seconds:.1f} s -> {out}")
@@ -99,7 +102,7 @@ def backtest(
     max_prompts: Annotated[int | None, typer.Option("--max-prompts", help="cap per asset × prompt type")]
     = None,
     paths: Annotated[int, typer.Option("--paths", help="paths per forecast (validators ask 1000)")] = 1000,
-    seed: Annotated[int, typer.Option("--seed", help="prompt placement and path RNG seed")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="prompt placement and path RNG seed")] = 0,
     rules: Annotated[str, typer.Option("--rules", help="upstream | head scoring rules")] = "upstream",
     calibrated: Annotated[bool, typer.Option("--calibrated/--raw", help="apply the published sigma calibration")]
     = False,
@@ -176,7 +179,7 @@ def tune_ewma(
     max_prompts: Annotated[int | None, typer.Option("--max-prompts", help="cap per asset × prompt type")]
     = None,
     paths: Annotated[int, typer.Option("--paths", help="paths per forecast while searching")] = 200,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
     rules: Annotated[str, typer.Option("--rules", help="upstream | head")] = "upstream",
     fit_share: Annotated[float, typer.Option("--fit-share", help="earlier share of each asset's prompts to fit")]
     = 0.7,

@@ -61,7 +61,7 @@ def train(
         "--refit-half-life", min=0.0, help="days: the refit draws windows with weights halving every this many "
                                            "days before each asset's newest (default: 180 for lf_crypto, 90 for "
                                            "lf_equity, none for hf; 0 = every window alike)")] = None,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
     device: Annotated[str, typer.Option(
         "--device", help="cpu (reproduces the committed checkpoints) | cuda | auto")] = "cpu",
     out: Annotated[Path, typer.Option("--out", help="folder for <model>.pt")] = Path("models"),

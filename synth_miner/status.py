@@ -38,7 +38,11 @@ def collect(settings: Settings) -> dict[str, Any]:
     if not settings.redis_url:
         report["errors"].append("SYNTH_REDIS_URL is not set: embedded mode has no fleet to show")
         return report
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    try:
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    except ValueError as exc:  # not a redis:// URL
+        report["errors"].append(f"redis: {exc}")
+        return report
     try:
         for key in client.scan_iter(f"{KEY_PREFIX}:worker:*"):
             raw = client.get(key)

@@ -259,13 +259,22 @@ def stage_copy(store: ArtifactStore, version: str) -> Path:
 # ------------------------------------------------------------------------------- rollback and pruning
 
 
+def test_rollback_from_a_current_version_whose_manifest_broke(store: ArtifactStore) -> None:
+    """The moment a rollback is needed: the newest readable version is the way back, not an error."""
+    for tag in ("v001", "v002"):
+        store.publish(stage(store, tag))
+    (store.root / "versions" / "v002" / MANIFEST_FILE).write_bytes(b"")
+    assert store.rollback() == "v001" and store.current_version() == "v001"
+    assert_whole(store.load_current())
+
+
 def test_rollback_walks_back_and_can_jump_forward(store: ArtifactStore) -> None:
     for tag in ("v001", "v002", "v003"):
         store.publish(stage(store, tag))
     assert store.rollback() == "v002" and store.current_version() == "v002"
     assert_whole(store.load_current())
     assert store.rollback() == "v001"
-    with pytest.raises(ArtifactError, match="oldest version"):
+    with pytest.raises(ArtifactError, match="no readable version older"):
         store.rollback()
     assert store.rollback(to="v003") == "v003"
     with pytest.raises(ArtifactError, match="unknown version"):

@@ -121,7 +121,7 @@ def test_artifacts_publish_list_and_rollback(app: typer.Typer, tmp_path: Path) -
     assert result.exit_code == 0 and "v002 -> v001" in result.output
     assert store.current_version() == "v001"
     result = runner.invoke(app, ["artifacts", "rollback", "--dir", str(root)])
-    assert result.exit_code == 1 and "oldest version" in result.output
+    assert result.exit_code == 1 and "nothing to roll back to" in result.output
 
 
 def test_artifacts_publish_refuses_a_corrupt_staging(app: typer.Typer, tmp_path: Path) -> None:

@@ -46,8 +46,8 @@ def test_import_then_status(csv_dir: Path, tmp_path: Path) -> None:
         assert len(store.read(asset, 300, 0, 2 ** 40)) == len(spy)
     assert "btc_1m.csv.gz" in result.output and "README" not in result.output
 
-    again = runner.invoke(app, ["import", str(csv_dir), "--data-dir", str(tmp_path), "--asset", "BTC"])
-    assert again.exit_code == 0 and "SPYX" not in again.output
+    again = runner.invoke(app, ["import", str(csv_dir), "--data-dir", str(tmp_path), "--asset", "btc"])
+    assert again.exit_code == 0 and "btc_1m" in again.output and "SPYX" not in again.output
 
     status = runner.invoke(app, ["status", "--data-dir", str(tmp_path)])
     assert status.exit_code == 0, status.output

@@ -106,3 +106,18 @@ def test_register_mounts_every_command() -> None:
     register(main)
     names = {c.name for c in main.registered_commands}
     assert names == {"forecast-batch", "backtest", "tune-ewma"}
+
+
+def test_forecast_batch_refuses_a_negative_seed_and_a_folder_as_output(prices: Path, tmp_path: Path) -> None:
+    requests = tmp_path / "r.jsonl"
+    requests.write_bytes(lines(req("a", SPAN + 2 * DAY)))
+    runner = CliRunner()
+    negative = runner.invoke(app, ["forecast-batch", "--requests", str(requests), "--prices-dir", str(prices),
+                                   "--out", str(tmp_path / "o.jsonl"), "--seed", "-5", "--engine", "ewma_t"])
+    assert negative.exit_code == 2 and not (tmp_path / "o.jsonl").exists()
+    folder = tmp_path / "out"
+    folder.mkdir()
+    into_folder = runner.invoke(app, ["forecast-batch", "--requests", str(requests), "--prices-dir", str(prices),
+                                      "--out", str(folder), "--seed", "1", "--engine", "ewma_t", "--no-calibration"])
+    assert into_folder.exit_code == 2 and "--out" in into_folder.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.jsonl"]  # no .tmp left behind

@@ -228,3 +228,19 @@ def test_refresh_assets_sync_builds_everything_from_settings(csv_dir: Path, redi
     assert HistoryStore.from_settings(settings).days("BTC", 60)
     with pytest.raises(RefreshConfigError):
         refresh_assets_sync(["BTC"], Settings(redis_url=None))
+
+
+async def test_a_corrupt_store_partition_is_reported_and_the_cache_still_moves_on(
+        source: BinanceSource, cache: RedisHistoryCache, store: HistoryStore, settings: Settings,
+        clock: ManualClock) -> None:
+    await refresh_asset("BTC", source, cache, store, settings, now=T0)
+    day = max(store.days("BTC", 60))
+    part = store.partition("BTC", 60, day)
+    raw = bytearray(part.read_bytes())
+    raw[-1] ^= 0xFF  # one flipped byte: the checksum no longer matches
+    part.write_bytes(bytes(raw))
+    clock.advance(120)
+    report = await refresh_asset("BTC", source, cache, store, settings, now=int(clock()))
+    assert any(e.startswith("store span") for e in report.errors)
+    span = cache.span("BTC", 60)
+    assert span is not None and span[1] == (int(clock()) // 60 - 1) * 60  # the newest closed bar is cached

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from core.fake_providers import FakeMarket, FakeServer
+from core.fake_providers import FakeMarket, FakeServer, ManualClock
 from core.sources.binance import PAGE_LIMIT, BinanceSource, _parse_klines
 from core.sources.http import MalformedReplyError, ProviderHTTPError, UnsupportedAssetError
 from tests.provider_fixtures import FAST_RETRIES, T0, fake_provider_fixtures, source_fixture
@@ -46,6 +46,20 @@ async def test_history_at_5_minutes_and_empty_ranges(source: BinanceSource, mark
 async def test_latest_is_the_newest_closed_kline(source: BinanceSource, market: FakeMarket) -> None:
     latest = await source.latest("BTC")
     closed = market.bars("BTC", 60).known_at(T0)
+    assert latest.publish_time == closed.last_close_time
+    assert latest.price == pytest.approx(float(closed.close[-1]), rel=1e-12)
+
+
+async def test_latest_with_our_clock_slightly_behind_just_after_a_minute(server: FakeServer, market: FakeMarket,
+                                                                         clock: ManualClock) -> None:
+    clock.t = (T0 // 60) * 60 + 0.3  # Binance: 0.3 s into a new minute
+    ours = ManualClock(clock.t - 0.5)  # ordinary NTP-level skew: we are still in the previous minute
+    src = BinanceSource(server.url, FAST_RETRIES, ours)
+    try:
+        latest = await src.latest("BTC")
+    finally:
+        await src.close()
+    closed = market.bars("BTC", 60).known_at(int(ours()))  # the newest kline closed by our clock
     assert latest.publish_time == closed.last_close_time
     assert latest.price == pytest.approx(float(closed.close[-1]), rel=1e-12)
 

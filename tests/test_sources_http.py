@@ -2,12 +2,16 @@
 
 import asyncio
 import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 from aiohttp import web
 
 from core.prices import LatestPrice
+from core.sources.base import PriceSource
 from core.sources.http import (
     BadPriceError,
     HttpClient,
@@ -22,6 +26,8 @@ from core.sources.http import (
     parse_int,
     parse_price,
 )
+from core.sources.hyperliquid import HyperliquidSource
+from core.sources.pyth import PythSource
 
 
 def test_backoff_is_jittered_capped_and_floored_by_retry_after() -> None:
@@ -32,7 +38,7 @@ def test_backoff_is_jittered_capped_and_floored_by_retry_after() -> None:
         assert 0 <= min(delays) and max(delays) <= cap
         assert len(set(delays)) > 150  # jittered, not a fixed schedule
     assert all(client.backoff(0, retry_after=3.0) >= 3.0 for _ in range(50))
-    assert all(client.backoff(0, retry_after=60.0) <= 4.0 for _ in range(50))  # a huge Retry-After is capped
+    assert client.backoff(0, retry_after=60.0) == 60.0  # never shortened: _request gives up instead
 
 
 @pytest.mark.parametrize("value", ["0", 0, "-1.5", -2, "nan", float("inf"), "Infinity"])
@@ -119,3 +125,90 @@ async def test_connection_refused_is_unavailable_after_retries() -> None:
             await client.get_json(f"http://127.0.0.1:{free_port()}/nothing", [])
     finally:
         await client.close()
+
+
+@dataclass
+class RawServer:
+    """A tiny loopback server answering every request with ``body`` (``fail`` times ``status`` first)."""
+
+    url: str = ""
+    body: bytes = b"{}"
+    status: int = 200
+    fail: int = 0
+    headers: dict[str, str] = field(default_factory=dict)
+    hits: list[float] = field(default_factory=list)
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[RawServer]:
+    srv = RawServer()
+
+    async def any_path(request: web.Request) -> web.Response:
+        srv.hits.append(time.monotonic())
+        if len(srv.hits) <= srv.fail:
+            return web.Response(status=srv.status, headers=srv.headers, text='{"msg": "slow down"}')
+        return web.Response(body=srv.body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", any_path)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    srv.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    yield srv
+    await runner.cleanup()
+
+
+async def test_a_retry_after_longer_than_we_may_wait_is_not_retried(raw: RawServer) -> None:
+    raw.status, raw.fail, raw.headers = 429, 99, {"Retry-After": "30"}
+    client = HttpClient("t", HttpConfig(timeout_s=2.0, retries=4, backoff_s=0.01, backoff_max_s=1.0))
+    try:
+        with pytest.raises(ProviderUnavailable, match="Retry-After 30 s"):
+            await client.get_json(f"{raw.url}/x", [])
+    finally:
+        await client.close()
+    assert len(raw.hits) == 1  # hitting back early gets an IP banned (Binance)
+
+
+async def test_a_retry_after_that_fits_is_honoured_in_full(raw: RawServer) -> None:
+    raw.status, raw.fail, raw.headers = 429, 1, {"Retry-After": "0.3"}
+    client = HttpClient("t", HttpConfig(timeout_s=2.0, retries=2, backoff_s=0.001, backoff_max_s=0.5))
+    try:
+        assert await client.get_json(f"{raw.url}/x", []) == {}
+    finally:
+        await client.close()
+    assert len(raw.hits) == 2 and raw.hits[1] - raw.hits[0] >= 0.3
+
+
+NOW = 1_900_000_030
+FEED = "e62df6c8b4a85fe1a67db44dc12de5db330f7ac66b72dc658afedf0f4a415b43"  # BTC/USD on Hermes
+HUGE = "9" * 400
+
+
+def _hermes(price: str = "100", conf: str = "1", publish_time: str = str(NOW - 5)) -> bytes:
+    quote = f'{{"price":"{price}","conf":"{conf}","expo":-8,"publish_time":{publish_time}}}'
+    return f'{{"parsed":[{{"id":"{FEED}","price":{quote}}}]}}'.encode()
+
+
+@pytest.mark.parametrize(("provider", "call", "body"), [
+    ("pyth", "history", b'{"s":"ok","t":[%d],"c":[5.0]}' % 10 ** 19),
+    ("pyth", "latest", _hermes(price=HUGE)),
+    ("pyth", "latest", _hermes(conf=HUGE)),
+    ("pyth", "latest", _hermes(publish_time=HUGE)),
+    ("hyperliquid", "history", b'[{"t":%d,"c":"5"}]' % 10 ** 22),
+])
+async def test_out_of_range_numbers_are_malformed_not_overflow(raw: RawServer, provider: str, call: str,
+                                                               body: bytes) -> None:
+    raw.body = body
+    config = HttpConfig(timeout_s=2.0, retries=0)
+    source: PriceSource = (PythSource(raw.url, raw.url, config, lambda: NOW) if provider == "pyth"
+                           else HyperliquidSource(raw.url, config, lambda: NOW))
+    asset = "BTC" if provider == "pyth" else "XAU"
+    try:
+        with pytest.raises(MalformedReplyError):
+            if call == "history":
+                await source.history(asset, (NOW // 60 - 10) * 60, NOW)
+            else:
+                await source.latest(asset)
+    finally:
+        await source.close()

@@ -14,12 +14,15 @@ from core.sources.http import (
     asset_code,
     build_history,
     newest_closed,
-    parse_int,
     parse_price,
+    parse_time,
 )
 
 INTERVALS = {60: "1m", 300: "5m"}
 PAGE_LIMIT = 1000  # Binance's maximum ``limit`` for klines
+# The open kline, the one just closed, and one more: with our clock a little behind Binance's right
+# after a minute boundary, the kline Binance calls closed is still open to us, so the one before it is used.
+LATEST_LIMIT = 3
 
 
 class BinanceSource(PagedSource):
@@ -44,7 +47,7 @@ class BinanceSource(PagedSource):
 
     async def latest(self, asset: str) -> LatestPrice:
         symbol = self.symbol(asset)
-        params = [("symbol", symbol), ("interval", "1m"), ("limit", "2")]
+        params = [("symbol", symbol), ("interval", "1m"), ("limit", str(LATEST_LIMIT))]
         rows = await self.http.get_json(f"{self.base_url}/api/v3/klines", params)
         what = f"binance latest {symbol}"
         ts, close = _parse_klines(rows, what, 60)
@@ -61,8 +64,8 @@ def _parse_klines(rows: Any, what: str, step: int) -> tuple[list[int], list[floa
     for i, row in enumerate(rows):
         if not isinstance(row, list) or len(row) < 7:
             raise MalformedReplyError(f"{what}: row {i} is not a kline array of 12 fields: {row!r:.80}")
-        open_ms = parse_int(row[0], f"{what} row {i} open time")
-        close_ms = parse_int(row[6], f"{what} row {i} close time")
+        open_ms = parse_time(row[0], f"{what} row {i} open time")
+        close_ms = parse_time(row[6], f"{what} row {i} close time")
         if open_ms % 1000 or close_ms != open_ms + step * 1000 - 1:
             raise MalformedReplyError(f"{what}: row {i} times {open_ms}..{close_ms} are not one {step} s kline")
         ts.append(open_ms // 1000)

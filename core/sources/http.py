@@ -122,12 +122,14 @@ class HttpClient:
         return state.limits[host]
 
     def backoff(self, attempt: int, retry_after: float | None = None) -> float:
-        """Full jitter: uniform(0, min(cap, base * 2**attempt)); a server's Retry-After is a floor."""
+        """Full jitter: uniform(0, min(cap, base * 2**attempt)); a server's Retry-After is a floor.
+
+        A Retry-After beyond ``backoff_max_s`` is never shortened (Binance bans IPs that ignore it):
+        ``_request`` gives up instead of calling this with one.
+        """
         cap = min(self.config.backoff_max_s, self.config.backoff_s * 2 ** attempt)
         delay = self._rng.uniform(0, cap)
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, self.config.backoff_max_s))
-        return delay
+        return delay if retry_after is None else max(delay, retry_after)
 
     async def get_json(self, url: str, params: Sequence[tuple[str, str]]) -> Any:
         return await self._request("GET", url, params=params)
@@ -164,6 +166,10 @@ class HttpClient:
                 else:
                     return _decode(self.name, url, body)
             if attempt < self.config.retries:
+                if retry_after is not None and retry_after > self.config.backoff_max_s:
+                    # Waiting less would re-hit a server that asked us not to; waiting more is not ours to do.
+                    raise ProviderUnavailable(f"{failure}; Retry-After {retry_after:g} s exceeds the "
+                                              f"{self.config.backoff_max_s:g} s we may wait: not retried")
                 delay = self.backoff(attempt, retry_after)
                 log.debug("%s; retrying in %.2f s", failure, delay)
                 await asyncio.sleep(delay)
@@ -180,10 +186,12 @@ class HttpClient:
 
 
 def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds; an HTTP date, a negative or a non-finite value counts as absent."""
     try:
-        return float(value) if value is not None else None
+        seconds = float(value) if value is not None else None
     except ValueError:
         return None
+    return seconds if seconds is not None and math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _decode(name: str, url: str, body: bytes) -> Any:
@@ -223,10 +231,29 @@ def parse_int(value: object, what: str) -> int:
     raise MalformedReplyError(f"{what}: {value!r} is not an integer")
 
 
+def parse_time(value: object, what: str) -> int:
+    """A timestamp (s or ms) as an integer that fits int64: larger ones overflow numpy and float maths."""
+    t = parse_int(value, what)
+    if not 0 <= t < 2 ** 63:
+        raise MalformedReplyError(f"{what}: timestamp {value!r:.40} is out of range")
+    return t
+
+
+def scaled(mantissa: int, expo: int, what: str) -> float:
+    """``mantissa * 10**expo`` as a float; a mantissa too large for a float is malformed, not a crash."""
+    try:
+        return mantissa * 10.0 ** expo
+    except OverflowError:
+        raise MalformedReplyError(f"{what}: {str(mantissa)[:40]}... x 10^{expo} overflows a float") from None
+
+
 def build_history(what: str, step: int, ts: Iterable[int], close: Iterable[float], start: int,
                   end: int) -> PriceHistory:
     """Bars with start <= ts < end from one reply: aligned to the step, no duplicates, sorted."""
-    t = np.fromiter(ts, dtype=np.int64)
+    try:
+        t = np.fromiter(ts, dtype=np.int64)
+    except OverflowError:  # a timestamp past int64: garbage, never a date
+        raise MalformedReplyError(f"{what}: a timestamp is out of range") from None
     c = np.fromiter(close, dtype=np.float64)
     if t.size != c.size:
         raise MalformedReplyError(f"{what}: {t.size} timestamps but {c.size} prices")

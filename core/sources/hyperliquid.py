@@ -20,6 +20,7 @@ from core.sources.http import (
     newest_closed,
     parse_int,
     parse_price,
+    parse_time,
 )
 
 INTERVALS = {60: "1m", 300: "5m"}
@@ -75,7 +76,7 @@ def _parse_candles(reply: Any, what: str, coin: str, step: int) -> tuple[list[in
     for i, candle in enumerate(reply):
         if not isinstance(candle, dict) or "t" not in candle or "c" not in candle:
             raise MalformedReplyError(f"{what}: candle {i} lacks 't' or 'c': {candle!r:.80}")
-        open_ms = parse_int(candle["t"], f"{what} candle {i} t")
+        open_ms = parse_time(candle["t"], f"{what} candle {i} t")
         if open_ms % 1000:
             raise MalformedReplyError(f"{what}: candle {i} open time {open_ms} is not whole seconds")
         if "T" in candle and parse_int(candle["T"], f"{what} candle {i} T") != open_ms + step * 1000 - 1:

@@ -22,6 +22,8 @@ from core.sources.http import (
     check_fresh,
     parse_int,
     parse_price,
+    parse_time,
+    scaled,
 )
 
 RESOLUTIONS = {60: "1", 300: "5"}
@@ -88,7 +90,7 @@ def _parse_udf(reply: Any, what: str) -> tuple[list[int], list[float]]:
     lengths = {key: len(v) for key, v in arrays.items()}
     if len(set(lengths.values())) != 1:
         raise MalformedReplyError(f"{what}: mismatched UDF array lengths {lengths}")
-    ts = [parse_int(t, f"{what} t[{i}]") for i, t in enumerate(arrays["t"])]
+    ts = [parse_time(t, f"{what} t[{i}]") for i, t in enumerate(arrays["t"])]
     close = [parse_price(c, f"{what} c[{i}]") for i, c in enumerate(arrays["c"])]
     return ts, close
 
@@ -107,13 +109,13 @@ def _parse_hermes(reply: Any, what: str, feed: str) -> LatestPrice:
     if not -30 <= expo <= 10:
         raise MalformedReplyError(f"{what}: exponent {expo} out of range")
     mantissa = parse_int(quote["price"], f"{what} price")
-    price = parse_price(mantissa * 10.0 ** expo, f"{what} price")
+    price = parse_price(scaled(mantissa, expo, f"{what} price"), f"{what} price")
     confidence: float | None = None
     if "conf" in quote:
-        confidence = parse_int(quote["conf"], f"{what} conf") * 10.0 ** expo
+        confidence = scaled(parse_int(quote["conf"], f"{what} conf"), expo, f"{what} conf")
         if not math.isfinite(confidence) or confidence < 0:
             raise MalformedReplyError(f"{what}: confidence {quote['conf']!r} is negative")
-    publish_time = parse_int(quote["publish_time"], f"{what} publish_time")
+    publish_time = parse_time(quote["publish_time"], f"{what} publish_time")
     return LatestPrice(price=price, publish_time=publish_time, confidence=confidence)
 
 

@@ -22,6 +22,7 @@ class ReplaySource:
         self.folder = folder
         self.clock = clock
         self._files: dict[str, tuple[PriceHistory | None, PriceHistory | None]] = {}
+        self._shifts: dict[str, int] = {}  # asset -> seconds added to its file times
 
     def _load(self, asset: str) -> tuple[PriceHistory | None, PriceHistory | None]:
         if asset not in self._files:
@@ -32,12 +33,18 @@ class ReplaySource:
         return self._files[asset]
 
     def _shift(self, asset: str) -> int:
-        """Seconds to add to file times so the newest close lands within the last 5 minutes."""
-        ends = [h.last_close_time for h in self._load(asset) if h is not None and len(h)]
-        if not ends:
-            raise ProviderError(f"replay file for {asset} is empty")
-        now = int(self.clock())
-        return (now - max(e for e in ends if e is not None)) // ALIGN * ALIGN
+        """Seconds to add to file times so the newest close lands within the 5 minutes before the first call.
+
+        Fixed per asset (as ``FakeMarket.shift``): recomputed per call, the file's tail would be served
+        again at every new "now", each refresh appending the same closes at later timestamps.
+        """
+        if asset not in self._shifts:
+            ends = [h.last_close_time for h in self._load(asset) if h is not None and len(h)]
+            if not ends:
+                raise ProviderError(f"replay file for {asset} is empty")
+            now = int(self.clock())
+            self._shifts[asset] = (now - max(e for e in ends if e is not None)) // ALIGN * ALIGN
+        return self._shifts[asset]
 
     def shifted(self, asset: str, step: int) -> PriceHistory:
         m1, m5 = self._load(asset)
