@@ -69,8 +69,12 @@ def forecast_batch(
     if name not in engines:
         raise typer.BadParameter(f"unknown engine {name!r}; available: {', '.join(sorted(engines))}",
                                  param_hint="--engine")
+    scale = calibration_lookup(settings) if calibrated else no_calibration
+    if calibrated and scale is no_calibration:  # asked for, but nothing published loads: say so
+        console.print(f"[yellow]no published calibration loads from {settings.artifacts_dir}: paths are "
+                      "unscaled (as with --no-calibration)[/yellow]")
     runner = BatchRunner(PriceFolder(prices_dir), engines, name, seed, int(settings.batch_lookback_days * 86_400),
-                         settings.max_num_simulations, calibration_lookup(settings) if calibrated else no_calibration)
+                         settings.max_num_simulations, scale)
     try:
         summary = run_file(runner, requests, out)
     except BatchInputError as exc:

@@ -65,7 +65,9 @@ class RedisServer:
                 "--appendonly", "no", "--dir", str(self.workdir), "--maxmemory-policy", "noeviction"]
         if self.password:
             args += ["--requirepass", self.password]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Its own session: a Ctrl-C in the terminal reaches the caller, which stops Redis last (workers
+        # shutting down while Redis was already gone retried it for ~14 s).
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:

@@ -121,3 +121,13 @@ def test_forecast_batch_refuses_a_negative_seed_and_a_folder_as_output(prices: P
                                       "--out", str(folder), "--seed", "1", "--engine", "ewma_t", "--no-calibration"])
     assert into_folder.exit_code == 2 and "--out" in into_folder.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.jsonl"]  # no .tmp left behind
+
+
+def test_forecast_batch_says_when_the_calibration_it_was_asked_for_is_missing(
+        prices: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SYNTH_ARTIFACTS_DIR", str(tmp_path / "no-artifacts"))
+    requests = tmp_path / "r.jsonl"
+    requests.write_bytes(lines(req("a", SPAN + 2 * DAY)))
+    result = CliRunner().invoke(app, ["forecast-batch", "--requests", str(requests), "--prices-dir", str(prices),
+                                      "--out", str(tmp_path / "o.jsonl"), "--seed", "1", "--engine", "ewma_t"])
+    assert result.exit_code == 0 and "no published calibration" in " ".join(result.output.split())
