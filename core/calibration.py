@@ -510,12 +510,23 @@ def load_scale_lookup(settings: Settings) -> ScaleLookup:
     return ArtifactStore.from_settings(settings).load_current().calibration.lookup_for(settings.calibration_engine)
 
 
+def store_histories(settings: Settings, end: int, assets: Sequence[str] | None = None) -> dict[str, AssetHistory]:
+    """What calibration reads in production: the durable history store, as far back as its prompts need."""
+    from core.history_store import HistoryStore
+
+    span = max(CasePlan.for_prompt(settings, inc).span_s(inc) for inc in sorted(GRIDS))
+    history_store = HistoryStore.from_settings(settings)
+    histories = {asset: AssetHistory(history_store.read(asset, 60, end - span, end) or None,
+                                     history_store.read(asset, 300, end - span, end) or None)
+                 for asset in (assets or history_store.assets())}
+    return {a: h for a, h in histories.items() if h.m1 is not None or h.m5 is not None}
+
+
 def run_calibration_job(settings: Settings, now: int | None = None) -> dict[str, Any]:
     """The hourly job: calibrate on the durable history store, stage, gate, publish. Returns a summary."""
     from core.artifacts import ArtifactStore, DataWindow
     from core.champion import artifact_forecaster, challenge
     from core.engines_registry import build_engines
-    from core.history_store import HistoryStore
 
     now = int(time.time()) if now is None else now
     end = now - now % 60
@@ -523,12 +534,7 @@ def run_calibration_job(settings: Settings, now: int | None = None) -> dict[str,
     current = store.load_current_or_none()
     state = current.calibration.copy() if current is not None else CalibrationState()
     increments = sorted(GRIDS)
-    span = max(CasePlan.for_prompt(settings, inc).span_s(inc) for inc in increments)
-    history_store = HistoryStore.from_settings(settings)
-    histories = {asset: AssetHistory(history_store.read(asset, 60, end - span, end) or None,
-                                     history_store.read(asset, 300, end - span, end) or None)
-                 for asset in history_store.assets()}
-    histories = {a: h for a, h in histories.items() if h.m1 is not None or h.m5 is not None}
+    histories = store_histories(settings, end)
     engines = build_engines(settings)
     run = run_calibration(state, engines, settings.calibration_engine, histories, increments, end, settings, now)
     summary: dict[str, Any] = {"end": end, "outcomes": [asdict(o) for o in run.outcomes], "published": None}

@@ -24,6 +24,7 @@ from core.calibration import (
     CasePlan,
     recent_cases,
     run_calibration,
+    store_histories,
 )
 from core.champion import ChampionDecision, artifact_forecaster, challenge
 from core.csv_history import find_file, load_asset
@@ -66,6 +67,20 @@ def _store(artifacts_dir: Path | None, settings: Settings | None = None) -> Arti
 
 
 # ------------------------------------------------------------------------------------------ history
+
+
+def histories_for(data_dir: Path | None, assets: list[str] | None, all_rows: bool, settings: Settings,
+                  end: int | None) -> dict[str, AssetHistory]:
+    """A CSV folder when one is given, else the history store the hourly job calibrates on."""
+    if data_dir is not None:
+        return load_histories(data_dir, assets, all_rows)
+    now = int(time.time()) if end is None else end
+    histories = store_histories(settings, now - now % 60, [a.upper() for a in assets] if assets else None)
+    if not histories:
+        raise typer.BadParameter(f"the history store in {settings.data_dir} holds no prices"
+                                 f"{' for ' + ', '.join(assets) if assets else ''}: `synth-miner data import` or "
+                                 "`data sync` fills it, or pass a CSV folder", param_hint="--data-dir")
+    return histories
 
 
 def load_histories(folder: Path, assets: list[str] | None, all_rows: bool) -> dict[str, AssetHistory]:
@@ -165,7 +180,8 @@ def publish_cmd(
     staging: Annotated[Path, typer.Argument(help="a staged version directory (with manifest.json)")],
     artifacts_dir: DirOption = None,
     gate: Annotated[bool, typer.Option("--gate", help="publish only if it does not lose the recent backtest")] = False,
-    data_dir: Annotated[Path | None, typer.Option(help="price CSV folder for --gate")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="price CSV folder for --gate (default: the history "
+                                                        "store, as the hourly job)")] = None,
     asset: Annotated[list[str] | None, typer.Option(help="asset scored by --gate (repeatable)")] = None,
     end: Annotated[str | None, typer.Option(help="--gate prompts end before this ISO time")] = None,
     tolerance: Annotated[float | None, typer.Option(help="promote if CRPS <= champion x (1 + this)")] = None,
@@ -178,7 +194,7 @@ def publish_cmd(
         if not gate:
             console.print(f"published {store.publish(staging)}")
             return
-        histories = load_histories(data_dir or settings.data_dir, asset, all_rows)
+        histories = histories_for(data_dir, asset, all_rows, settings, _parse_end(end))
         cases = gate_cases(histories, sorted(PROMPT_INCREMENTS.values()), _parse_end(end), settings)
         decision = challenge(store, staging, cases, artifact_forecaster(build_engines(settings), settings),
                              settings.champion_tolerance if tolerance is None else tolerance,
@@ -225,7 +241,8 @@ def print_outcomes(outcomes: list[CalibrationOutcome]) -> None:
 
 
 def calibrate_cmd(
-    data_dir: Annotated[Path | None, typer.Option(help="price CSV folder (SYNTH_DATA_DIR)")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="price CSV folder (default: the history store in "
+                                                        "SYNTH_DATA_DIR, as the hourly job)")] = None,
     asset: Annotated[list[str] | None, typer.Option(help="asset (repeatable; default: all with files)")] = None,
     prompt: Annotated[list[str] | None, typer.Option(help="high (1 h) and/or low (24 h); default both")] = None,
     engine: Annotated[str | None, typer.Option(help="engine to calibrate (SYNTH_CALIBRATION_ENGINE)")] = None,
@@ -247,7 +264,7 @@ def calibrate_cmd(
     store = _store(artifacts_dir, settings)
     increments = _increments(prompt)
     until = _parse_end(end)
-    histories = load_histories(data_dir or settings.data_dir, asset, all_rows)
+    histories = histories_for(data_dir, asset, all_rows, settings, until)
     try:
         current = store.load_current_or_none()
     except ArtifactError as exc:

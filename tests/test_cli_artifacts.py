@@ -150,3 +150,25 @@ def test_artifacts_publish_gate_rejects_a_worse_challenger(app: typer.Typer, dat
     assert "v002 rejected" in text and "champion v001" in text
     assert "over 13 prompts" in text  # 10 one-hour + 3 one-day prompts, both scored
     assert store.current_version() == "v001"
+
+
+def test_calibrate_without_a_folder_reads_the_history_store_like_the_hourly_job(
+        app: typer.Typer, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import UTC, datetime
+
+    from core.csv_history import read_csv
+    from core.history_store import HistoryStore
+
+    store = HistoryStore(tmp_path / "data" / "history")  # the production layout under SYNTH_DATA_DIR
+    for step, name in ((60, "btc_1m.csv.gz"), (300, "btc_5m.csv.gz")):
+        store.append("BTC", read_csv(data_dir / name, step))
+    monkeypatch.setenv("SYNTH_DATA_DIR", str(tmp_path / "data"))
+    end = datetime.fromtimestamp(EVAL_START, UTC).date().isoformat()
+    args = ["calibrate", "--dir", str(tmp_path / "artifacts"), "--asset", "btc", "--prompt", "high", "--windows", "12",
+            "--min-samples", "10", "--paths", "40", "--dry-run", "--end", end]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "ewma_t:BTC:60" in result.output and "nothing published" in result.output
+    monkeypatch.setenv("SYNTH_DATA_DIR", str(tmp_path / "empty"))
+    empty = CliRunner().invoke(app, args)
+    assert empty.exit_code == 2 and "holds no prices" in " ".join(empty.output.replace("│", " ").split())
