@@ -29,7 +29,11 @@ def served_models_dir(settings: Settings) -> Path | None:
         return None
     if version is None:
         return None
-    folder = store.versions_dir / version
+    return models_in(store.versions_dir / version)
+
+
+def models_in(folder: Path) -> Path | None:
+    """An artifact version's folder when it carries model checkpoints, else None (calibration only)."""
     return folder if any(folder.glob("*.pt")) else None
 
 
@@ -76,8 +80,7 @@ def forecaster_for(settings: Settings, artifact: "ArtifactSet | None", engine: s
     """The forecaster serving one loaded artifact version, its models and calibration both taken from
     it (None: the committed models, unscaled). Never re-reads ``current``: a publish in between would
     pair one version's models with another's calibration."""
-    models_dir = artifact.path if artifact is not None and any(
-        name.endswith(".pt") for name in artifact.manifest.files) else None
+    models_dir = models_in(artifact.path) if artifact is not None else None
     scale = artifact.calibration.lookup_for(settings.calibration_engine) if artifact is not None else no_calibration
     return forecaster_over(engines_over(settings, models_dir), engine or settings.engine, settings.seed, scale)
 

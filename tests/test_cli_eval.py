@@ -6,6 +6,7 @@ from pathlib import Path
 import orjson
 import pytest
 import typer
+from click.testing import Result
 from typer.testing import CliRunner
 
 from core.csv_history import read_csv, write_csv
@@ -32,6 +33,16 @@ def req(rid: str, start: int, inc: int = 60, n: int = 20) -> dict[str, object]:
             "time_length": 3600 if inc == 60 else 86_400, "num_simulations": n}
 
 
+def one_request(tmp_path: Path) -> Path:
+    requests = tmp_path / "r.jsonl"
+    requests.write_bytes(lines(req("a", SPAN + 2 * DAY)))
+    return requests
+
+
+def batch(requests: Path, prices: Path, out: Path, *options: str) -> Result:
+    return CliRunner().invoke(app, ["forecast-batch", "--requests", str(requests), "--prices-dir", str(prices),
+                                    "--out", str(out), *options])
+
 def test_forecast_batch_writes_a_line_per_request(prices: Path, tmp_path: Path) -> None:
     requests = tmp_path / "r.jsonl"
     requests.write_bytes(lines(req("a", SPAN + 2 * DAY), req("b", SPAN + 2 * DAY + 60, 300), {"id": "bad"}))
@@ -51,19 +62,14 @@ def test_forecast_batch_writes_a_line_per_request(prices: Path, tmp_path: Path) 
 
 
 def test_forecast_batch_refuses_unknown_engines_and_missing_inputs(prices: Path, tmp_path: Path) -> None:
-    requests = tmp_path / "r.jsonl"
-    requests.write_bytes(lines(req("a", SPAN + 2 * DAY)))
-    runner = CliRunner()
-    bad_engine = runner.invoke(app, ["forecast-batch", "--requests", str(requests), "--prices-dir", str(prices),
-                                     "--out", str(tmp_path / "o.jsonl"), "--seed", "1", "--engine", "nope"])
+    requests, out = one_request(tmp_path), tmp_path / "o.jsonl"
+    bad_engine = batch(requests, prices, out, "--seed", "1", "--engine", "nope")
     assert bad_engine.exit_code == 2 and "unknown engine" in bad_engine.output
-    no_file = runner.invoke(app, ["forecast-batch", "--requests", str(tmp_path / "absent.jsonl"), "--prices-dir",
-                                  str(prices), "--out", str(tmp_path / "o.jsonl"), "--seed", "1"])
-    assert no_file.exit_code == 2
-    no_seed = runner.invoke(app, ["forecast-batch", "--requests", str(requests), "--prices-dir", str(prices),
-                                  "--out", str(tmp_path / "o.jsonl")])
+    assert batch(tmp_path / "absent.jsonl", prices, out, "--seed", "1").exit_code == 2
+    no_seed = batch(requests, prices, out)
     assert no_seed.exit_code == 2 and "--seed" in no_seed.output
-    assert not (tmp_path / "o.jsonl").exists()
+    assert batch(requests, prices, out, "--seed", "-5", "--engine", "ewma_t").exit_code == 2
+    assert not out.exists()
 
 
 def test_backtest_command_tiny_run(shared_data: Path, tmp_path: Path) -> None:
@@ -108,17 +114,11 @@ def test_register_mounts_every_command() -> None:
     assert names == {"forecast-batch", "backtest", "tune-ewma"}
 
 
-def test_forecast_batch_refuses_a_negative_seed_and_a_folder_as_output(prices: Path, tmp_path: Path) -> None:
-    requests = tmp_path / "r.jsonl"
-    requests.write_bytes(lines(req("a", SPAN + 2 * DAY)))
-    runner = CliRunner()
-    negative = runner.invoke(app, ["forecast-batch", "--requests", str(requests), "--prices-dir", str(prices),
-                                   "--out", str(tmp_path / "o.jsonl"), "--seed", "-5", "--engine", "ewma_t"])
-    assert negative.exit_code == 2 and not (tmp_path / "o.jsonl").exists()
+def test_forecast_batch_refuses_a_folder_as_output(prices: Path, tmp_path: Path) -> None:
+    requests = one_request(tmp_path)
     folder = tmp_path / "out"
     folder.mkdir()
-    into_folder = runner.invoke(app, ["forecast-batch", "--requests", str(requests), "--prices-dir", str(prices),
-                                      "--out", str(folder), "--seed", "1", "--engine", "ewma_t", "--no-calibration"])
+    into_folder = batch(requests, prices, folder, "--seed", "1", "--engine", "ewma_t", "--no-calibration")
     assert into_folder.exit_code == 2 and "--out" in into_folder.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.jsonl"]  # no .tmp left behind
 
@@ -126,8 +126,5 @@ def test_forecast_batch_refuses_a_negative_seed_and_a_folder_as_output(prices: P
 def test_forecast_batch_says_when_the_calibration_it_was_asked_for_is_missing(
         prices: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SYNTH_ARTIFACTS_DIR", str(tmp_path / "no-artifacts"))
-    requests = tmp_path / "r.jsonl"
-    requests.write_bytes(lines(req("a", SPAN + 2 * DAY)))
-    result = CliRunner().invoke(app, ["forecast-batch", "--requests", str(requests), "--prices-dir", str(prices),
-                                      "--out", str(tmp_path / "o.jsonl"), "--seed", "1", "--engine", "ewma_t"])
+    result = batch(one_request(tmp_path), prices, tmp_path / "o.jsonl", "--seed", "1", "--engine", "ewma_t")
     assert result.exit_code == 0 and "no published calibration" in " ".join(result.output.split())
