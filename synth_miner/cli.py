@@ -85,7 +85,7 @@ def worker(
 ) -> None:
     """Start a Celery worker (inference on infer.* queues, data/calibration/training on cpu)."""
     require_redis(redis_url)
-    export_env(redis_url=redis_url, worker_queues=queues)
+    export_env(redis_url=redis_url)
     from workers.app import app as celery_app
 
     argv = ["worker", f"--queues={queues}", f"--concurrency={concurrency}", f"--pool={pool}",

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 
-from core.constants import JOB_MAX_ATTEMPTS, JOB_RUNS_KEY, TASK_RETRAIN
+from core.constants import JOB_MAX_ATTEMPTS, JOB_RUNS_KEY, TASK_RETRAIN, WORKER_HEARTBEAT_KEY
 from core.settings import Settings, get_settings
 from synth_miner.devstack import ROOT, spawn
 from tests.worker_apps import RETRAIN_STARTS_KEY
@@ -120,6 +120,8 @@ def test_a_retrain_sigkilled_in_a_real_worker_is_redelivered_and_run(redis_url: 
 
     try:
         wait_for("worker ready", lambda: " ready." in worker.text(), 60)
+        beats = [json.loads(client.get(k)) for k in client.scan_iter(WORKER_HEARTBEAT_KEY.format(name="*"))]  # type: ignore[arg-type]
+        assert [(b["engine"], b["queues"], b["models"]) for b in beats] == [("jobs", "cpu", {})], beats
         retrain()
         wait_for("first start", lambda: client.llen(RETRAIN_STARTS_KEY) == 1, 30)
         os.kill(int(client.lindex(RETRAIN_STARTS_KEY, 0)), signal.SIGKILL)  # type: ignore[arg-type]

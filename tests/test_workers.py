@@ -1,15 +1,20 @@
 """Celery worker settings that decide where a task waits, and how long a new worker process may take to start."""
 
 import json
+import os
+import socket
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import redis
 
+from core.constants import WORKER_HEARTBEAT_KEY
 from core.settings import Settings
 from synth_miner.devstack import Proc, spawn
 from tests.worker_apps import SLEEP_LOG_KEY
+from workers import metrics
 from workers.app import create_app
 
 
@@ -55,3 +60,26 @@ def test_a_busy_worker_holds_no_task_an_idle_worker_could_run(redis_url: str, tm
     assert len(runs) == 8, runs
     waits = {r["tag"]: round(r["waited"], 2) for r in runs if r["tag"].startswith("fast")}
     assert max(waits.values()) < 1.0, waits
+
+
+def test_an_idle_process_keeps_announcing_itself(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The heartbeat outlives its TTL while the process is idle: a thread re-sends the latest announcement."""
+    monkeypatch.setattr(metrics, "HEARTBEAT_EVERY_S", 0.05)
+    client = redis.Redis.from_url(redis_url)
+    beat = metrics.Heartbeat()
+    beat.announce(client, "patchtst", "v1", "infer.hf", models={"hf": "models/hf.pt"})
+    key = WORKER_HEARTBEAT_KEY.format(name=f"{socket.gethostname()}:{os.getpid()}")
+    first = json.loads(client.get(key))  # type: ignore[arg-type]
+    assert first["engine"] == "patchtst" and first["queues"] == "infer.hf" and first["models"] == {"hf": "models/hf.pt"}
+    client.delete(key)  # as if the TTL had run out while no task came
+    deadline = time.monotonic() + 5
+    while client.get(key) is None:
+        assert time.monotonic() < deadline, "the idle process never re-announced itself"
+        time.sleep(0.02)
+    again = json.loads(client.get(key))  # type: ignore[arg-type]
+    assert again["at"] > first["at"] and again["artifact_version"] == "v1"
+    assert 0 < client.ttl(key) <= metrics.HEARTBEAT_TTL_S
+    beat.announce(client, "patchtst", "v2", "infer.hf")  # a reload: the thread sends the new version
+    time.sleep(0.2)
+    assert json.loads(client.get(key))["artifact_version"] == "v2"  # type: ignore[arg-type]
+    beat.stop()

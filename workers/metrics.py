@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -19,6 +20,7 @@ TASKS = Counter("synth_worker_tasks", "forecast tasks by outcome", ["outcome"], 
 MODEL_VERSION = Gauge("synth_worker_model_info", "artifact version served (value 1)", ["version", "engine"],
                       registry=REGISTRY)
 HEARTBEAT_TTL_S = 120
+HEARTBEAT_EVERY_S = HEARTBEAT_TTL_S / 4  # an idle process re-announces itself this often
 
 
 def serve_metrics(port: int | None) -> None:
@@ -27,15 +29,47 @@ def serve_metrics(port: int | None) -> None:
         log.info("worker metrics on :%d/metrics", port)
 
 
-def heartbeat(client: object, engine: str, version: str | None, queues: str | None = None,
-              device: str = "cpu", models: dict[str, str] | None = None) -> None:
-    """Announce this worker process (engine, its device, the checkpoint of each model, artifact version,
-    pid) for a minute or two."""
-    name = f"{socket.gethostname()}:{os.getpid()}"
-    payload = {"name": name, "engine": engine, "device": device, "models": models or {},
-               "artifact_version": version, "pid": os.getpid(),
-               "queues": queues or os.environ.get("SYNTH_WORKER_QUEUES", ""), "at": time.time()}
-    try:
-        client.set(WORKER_HEARTBEAT_KEY.format(name=name), json.dumps(payload), ex=HEARTBEAT_TTL_S)  # type: ignore[attr-defined]
-    except Exception as exc:
-        log.warning("heartbeat failed: %s", exc)
+class Heartbeat:
+    """This process's announcement in Redis (engine, device, the checkpoint of each model, artifact version,
+    queues, pid). A daemon thread re-sends the latest one while the process is idle, so a worker that has
+    had no task for a while (a cpu-only worker, a quiet GPU worker) stays listed."""
+
+    def __init__(self) -> None:
+        self._client: object | None = None
+        self._payload: dict[str, object] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+
+    def announce(self, client: object, engine: str, version: str | None, queues: str = "",
+                 device: str = "cpu", models: dict[str, str] | None = None) -> None:
+        name = f"{socket.gethostname()}:{os.getpid()}"
+        with self._lock:
+            self._client = client
+            self._payload = {"name": name, "engine": engine, "device": device, "models": models or {},
+                             "artifact_version": version, "pid": os.getpid(), "queues": queues}
+        self.send()
+        if self._thread is None or not self._thread.is_alive():  # a forked child starts its own
+            self._thread = threading.Thread(target=self._resend, name="heartbeat", daemon=True)
+            self._thread.start()
+
+    def send(self) -> None:
+        with self._lock:
+            client, payload = self._client, {**self._payload, "at": time.time()}
+        if client is None:
+            return
+        try:
+            client.set(WORKER_HEARTBEAT_KEY.format(name=payload["name"]), json.dumps(payload),  # type: ignore[attr-defined]
+                       ex=HEARTBEAT_TTL_S)
+        except Exception as exc:  # Redis down: the next beat tries again
+            log.warning("heartbeat failed: %s", exc)
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _resend(self) -> None:
+        while not self._stopped.wait(HEARTBEAT_EVERY_S):
+            self.send()
+
+
+HEARTBEAT = Heartbeat()  # one per process

@@ -4,6 +4,7 @@ import logging
 import time
 from typing import Any
 
+import redis
 from celery.signals import worker_process_init
 
 from core.constants import FORECAST_KILL_GRACE_S, TASK_FORECAST
@@ -11,7 +12,7 @@ from core.prompts import ForecastRequest
 from core.settings import get_settings
 from core.transport import encode_error, encode_paths
 from workers.app import app
-from workers.metrics import MODEL_VERSION, TASK_SECONDS, TASKS, heartbeat, serve_metrics
+from workers.metrics import HEARTBEAT, MODEL_VERSION, TASK_SECONDS, TASKS, serve_metrics
 from workers.runtime import WorkerRuntime, get_runtime
 
 log = logging.getLogger(__name__)
@@ -21,23 +22,38 @@ log = logging.getLogger(__name__)
 FORECAST_SOFT_LIMIT_S = get_settings().max_wait_s
 
 
+def consumed_queues() -> str:
+    """The queues this worker reads (``-Q``, selected before the pool forks)."""
+    return ",".join(sorted(app.amqp.queues.consume_from))
+
+
 def announce(runtime: WorkerRuntime) -> None:
     """The heartbeat `synth-miner status` lists: engine, device, models and artifact this process serves."""
     forecaster = runtime.forecaster
-    heartbeat(runtime.redis, forecaster.default, runtime.artifact_version, device=forecaster.device,
-              models=forecaster.models)
+    HEARTBEAT.announce(runtime.redis, forecaster.default, runtime.artifact_version, consumed_queues(),
+                       device=forecaster.device, models=forecaster.models)
 
 
 def consumes_inference() -> bool:
-    """Whether this worker reads an inference queue (``-Q``, selected before the pool forks): a cpu-only
-    worker never forecasts, so its processes skip loading torch and the models."""
+    """Whether this worker reads an inference queue: a cpu-only worker never forecasts, so its processes
+    skip loading torch and the models."""
     settings = get_settings()
     return bool(set(app.amqp.queues.consume_from) & {settings.queue_infer_hf, settings.queue_infer_lf})
+
+
+def announce_jobs_only() -> None:
+    """A cpu-only worker's heartbeat: it runs the periodic jobs and serves no model."""
+    settings = get_settings()
+    if not settings.redis_url:
+        return
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5.0)
+    HEARTBEAT.announce(client, "jobs", None, consumed_queues())
 
 
 @worker_process_init.connect
 def _load_runtime(**_: Any) -> None:
     if not consumes_inference():
+        announce_jobs_only()
         return
     runtime = get_runtime()
     serve_metrics(runtime.settings.worker_metrics_port)
