@@ -2,33 +2,52 @@
 
 import gzip
 import io
-from functools import lru_cache
+import os
+import tempfile
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
 from core.assets import spec_for_any
-from core.prices import PriceDataError, PriceHistory
+from core.prices import MAX_EPOCH_S, PriceDataError, PriceHistory, bar_time_problem
 
 STEP_SUFFIX = {60: "1m", 300: "5m"}
+PARSED_KEPT = 64  # parsed files kept in memory (the newest parse of each, never stale versions)
+
+_parsed: "OrderedDict[tuple[Path, int], tuple[tuple[int, int], PriceHistory]]" = OrderedDict()
+_parsed_lock = threading.Lock()
 
 
 def read_csv(path: Path, step: int) -> PriceHistory:
-    """Parse one file; a bad header, row or price raises PriceDataError naming the file.
+    """Parse one file; a bad header, row, timestamp or price raises PriceDataError naming the file.
 
-    Parsed files are kept per (path, size, mtime): replay sources and jobs re-open the same
-    multi-megabyte files every minute, and a changed file is re-read.
+    Timestamps must be whole unix seconds (not milliseconds) on the ``step`` grid, as in ../shared/data.
+    Parsed files are kept per path (with their size and mtime): replay sources and jobs re-open the
+    same multi-megabyte files every minute, and a changed file is re-read and replaces its old parse.
     """
     try:
         stat = path.stat()
     except OSError as exc:
         raise PriceDataError(f"{path}: unreadable ({exc})") from exc
-    return _read_csv_cached(path, step, stat.st_size, stat.st_mtime_ns)
+    key, signature = (path, step), (stat.st_size, stat.st_mtime_ns)
+    with _parsed_lock:
+        hit = _parsed.get(key)
+        if hit is not None and hit[0] == signature:
+            _parsed.move_to_end(key)
+            return hit[1]
+    history = _parse(path, step)
+    with _parsed_lock:
+        _parsed[key] = (signature, history)
+        _parsed.move_to_end(key)
+        while len(_parsed) > PARSED_KEPT:
+            _parsed.popitem(last=False)
+    return history
 
 
-@lru_cache(maxsize=64)
-def _read_csv_cached(path: Path, step: int, size: int, mtime_ns: int) -> PriceHistory:
-    opener = gzip.open if path.suffix == ".gz" else open
+def _parse(path: Path, step: int) -> PriceHistory:
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rt") as fh:
             header = fh.readline().strip().lower()
@@ -45,20 +64,44 @@ def _read_csv_cached(path: Path, step: int, size: int, mtime_ns: int) -> PriceHi
         raise PriceDataError(f"{path}: malformed row ({exc})") from exc
     if table.shape[1] != 2:
         raise PriceDataError(f"{path}: expected 2 columns, got {table.shape[1]}")
+    raw_ts = table[:, 0]
+    # Checked before the cast to int64: it would silently truncate 1700000000.5 and turn NaN into -2**63.
+    bad = np.flatnonzero(~np.isfinite(raw_ts) | (raw_ts != np.floor(raw_ts)) | (np.abs(raw_ts) >= MAX_EPOCH_S))
+    if bad.size:
+        value = float(raw_ts[bad[0]])
+        hint = " (milliseconds?)" if np.isfinite(value) and abs(value) >= MAX_EPOCH_S else ""
+        raise PriceDataError(f"{path}: data row {bad[0] + 1}: timestamp {value!r} is not whole unix seconds{hint}")
+    ts = raw_ts.astype(np.int64)
+    problem = bar_time_problem(step, ts)
+    if problem is not None:
+        raise PriceDataError(f"{path}: {problem}")
     try:
-        return PriceHistory.from_arrays(step, table[:, 0].astype(np.int64), table[:, 1])
+        return PriceHistory.from_arrays(step, ts, table[:, 1])
     except PriceDataError as exc:
         raise PriceDataError(f"{path}: {exc}") from exc
 
 
 def write_csv(path: Path, history: PriceHistory) -> None:
-    """Write atomically (temp file + rename) so a reader never sees half a file."""
+    """Write atomically (own temp file, fsync, rename) so a reader never sees half a file, even after a crash.
+
+    Each call writes its own temp file: two writers of one path at once leave one whole file, never a mix.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     lines = "".join(f"{t},{c!r}\n" for t, c in zip(history.ts.tolist(), history.close.tolist()))
-    with gzip.open(tmp, "wt") as fh:
-        fh.write("timestamp,close\n" + lines)
-    tmp.replace(path)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp: Path | None = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            with gzip.open(raw, "wt") as fh:
+                fh.write("timestamp,close\n" + lines)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.chmod(tmp_name, 0o644)  # mkstemp makes it private; a data file is not
+        os.replace(tmp_name, path)
+        tmp = None
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def find_file(folder: Path, asset: str, step: int) -> Path | None:

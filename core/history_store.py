@@ -5,8 +5,9 @@ slot count, CRC-32 of the payload) then one little-endian float64 per bar slot o
 a gap (1440 slots = 11.5 KB at 1 minute). Fixed slots make an append a slice assignment and a read a
 single ``np.frombuffer``; the CRC catches a torn or foreign file on read.
 
-Writes go to a temporary file in the same folder, are fsynced, then renamed over the partition:
-a crash or a failing write leaves the old partition as it was and raises ``StoreWriteError``.
+Writes go to a temporary file in the same folder, are fsynced, then renamed over the partition and the
+folder fsynced (so the rename survives a power cut): a crash or a failing write leaves the old
+partition as it was and raises ``StoreWriteError``.
 Appends to one asset and step are serialised across processes by an ``flock`` on a lock file.
 """
 
@@ -27,7 +28,7 @@ import numpy as np
 
 from core.cache import HistoryCache
 from core.constants import SECONDS_PER_DAY
-from core.prices import PriceHistory
+from core.prices import PriceHistory, bar_time_problem
 from core.settings import Settings
 
 MAGIC = b"SYNTHDAY"
@@ -49,6 +50,10 @@ class StoreWriteError(HistoryStoreError):
 
 class StoreReadError(HistoryStoreError):
     """A partition is corrupt or not a partition at all."""
+
+
+class StoreInputError(HistoryStoreError, ValueError):
+    """Bars or an asset name the store refuses (off the grid, not unix seconds); nothing was written."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,19 @@ def _write_bytes(fh: IO[bytes], data: bytes) -> None:
     fh.write(data)
 
 
+def _valid_asset(asset: str) -> bool:
+    return bool(asset) and not any(c in asset for c in "/\\.") and asset == asset.strip()
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename (or a new file) in ``folder`` durable: the rename lives in the folder's entries."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class HistoryStore:
     def __init__(self, root: Path, durable: bool = True) -> None:
         self.root = root
@@ -87,8 +105,8 @@ class HistoryStore:
 
     # --- layout ------------------------------------------------------------------------------------------
     def folder(self, asset: str, step: int) -> Path:
-        if not asset or any(c in asset for c in "/\\.") or asset != asset.strip():
-            raise ValueError(f"invalid asset name {asset!r}")
+        if not _valid_asset(asset):
+            raise StoreInputError(f"invalid asset name {asset!r}")
         return self.root / asset / step_dir(step)
 
     def partition(self, asset: str, step: int, day: int) -> Path:
@@ -97,7 +115,8 @@ class HistoryStore:
     def assets(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        # A folder that is no asset (an operator's ``BTC.bak`` copy) is skipped, not fatal to compact or status.
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _valid_asset(p.name))
 
     def steps(self, asset: str) -> list[int]:
         by_dir = {name: step for step, name in STEP_DIRS.items()}
@@ -199,8 +218,11 @@ class HistoryStore:
         if not len(history):
             return 0
         step = history.step
-        if SECONDS_PER_DAY % step or np.any(history.ts % step):
-            raise ValueError(f"bars must sit on a {step} s grid that divides a day")
+        # Checked for every bar before any day is written: a bad last bar must not leave the first days stored.
+        problem = bar_time_problem(step, history.ts)
+        if problem is not None:
+            raise StoreInputError(f"{asset} {step} s: {problem}; nothing stored "
+                                  f"(bars must sit on a {step} s grid of unix seconds)")
         per_day = SECONDS_PER_DAY // step
         day = history.ts // SECONDS_PER_DAY
         bounds = np.r_[0, np.flatnonzero(np.diff(day)) + 1, day.size]
@@ -243,6 +265,11 @@ class HistoryStore:
                     os.unlink(tmp)
                 except OSError:
                     pass
+        if self.durable:
+            try:
+                fsync_folder(path.parent)
+            except OSError as exc:
+                raise StoreWriteError(f"{path}: written, but its folder could not be synced: {exc}") from exc
 
     @contextmanager
     def _locked(self, asset: str, step: int) -> Iterator[None]:

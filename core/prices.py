@@ -9,12 +9,35 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from core.constants import SECONDS_PER_DAY
+
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
+
+# Unix seconds of the year 5138: no real bar is later, and a timestamp in milliseconds of any date after
+# March 1973 is larger, so a file or reply in milliseconds is told apart instead of landing in year 55,000.
+MAX_EPOCH_S = 100_000_000_000
 
 
 class PriceDataError(ValueError):
     """History or a price that cannot be trusted (non-positive, non-finite, unsorted...)."""
+
+
+def bar_time_problem(step: int, ts: IntArray) -> str | None:
+    """Why bar open times ``ts`` are not unix seconds on a ``step`` grid that divides a day (None if fine)."""
+    if step <= 0 or SECONDS_PER_DAY % step:
+        return f"step {step} s does not divide a day (bars must sit on a grid that divides a day)"
+    if not ts.size:
+        return None
+    first, last = int(ts.min()), int(ts.max())
+    if last >= MAX_EPOCH_S:
+        return f"timestamp {last} is not in unix seconds (milliseconds?)"
+    if first < 0:
+        return f"timestamp {first} is before 1970"
+    off = np.flatnonzero(ts % step)
+    if off.size:
+        return f"timestamp {int(ts[off[0]])} is not on the {step} s grid ({off.size} bar(s) off it)"
+    return None
 
 
 @dataclass(frozen=True)

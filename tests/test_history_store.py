@@ -1,9 +1,13 @@
 """HistoryStore: day partitions on disk, idempotent appends, atomic writes, rebuilding a cache."""
 
+import gc
+import gzip
 import multiprocessing
+import os
+import weakref
 from functools import partial
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 import pytest
@@ -13,8 +17,9 @@ from core import history_store
 from core.cache import MemoryHistoryCache
 from core.cache_redis import RedisHistoryCache
 from core.constants import SECONDS_PER_DAY
+from core.csv_history import read_csv, write_csv
 from core.history_store import HistoryStore, StoreReadError, StoreWriteError, day_name, rebuild_cache
-from core.prices import PriceHistory
+from core.prices import PriceDataError, PriceHistory
 from tests.provider_fixtures import random_walk_bars
 
 DAY0 = 20_600 * SECONDS_PER_DAY
@@ -144,3 +149,96 @@ def test_compact_sets_corrupt_partitions_aside_and_sweeps_debris(tmp_path: Path)
     assert broken.with_name(broken.name + ".corrupt").exists() and not debris.exists()
     assert len(store.read("BTC", 60, 0, 2 ** 40)) == 100  # the intact day still reads
     assert history_store.compact(store).corrupt == 0
+
+
+# --- input the store must refuse, and the CSV files it is imported from ---------------------------------------
+def test_timestamps_in_milliseconds_are_refused_before_anything_is_written(tmp_path: Path) -> None:
+    store = HistoryStore(tmp_path)
+    good = bars(DAY0, 10)
+    in_ms = PriceHistory(60, np.r_[good.ts, good.ts[-1] * 1000], np.r_[good.close, 2500.0])
+    with pytest.raises(history_store.HistoryStoreError, match="milliseconds"):
+        store.append("BTC", in_ms)
+    assert store.days("BTC", 60) == []  # the valid first day was not written either
+    with pytest.raises(history_store.HistoryStoreError, match="grid"):  # the callers catch HistoryStoreError
+        store.append("BTC", PriceHistory.from_arrays(60, [DAY0 + 30], [1.0]))
+
+
+def test_a_stray_folder_in_the_store_root_does_not_break_compact(tmp_path: Path) -> None:
+    store = HistoryStore(tmp_path)
+    store.append("BTC", bars(DAY0, 10))
+    (tmp_path / "BTC.bak" / "1m").mkdir(parents=True)  # an operator's backup copy
+    assert store.assets() == ["BTC"]
+    assert history_store.compact(store).rows == 10
+
+
+def test_the_rename_is_made_durable_by_syncing_the_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[tuple[int, int]] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        synced.append((st.st_dev, st.st_ino))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    store = HistoryStore(tmp_path)
+    store.append("BTC", bars(DAY0, 10))
+    folder = store.folder("BTC", 60).stat()
+    assert (folder.st_dev, folder.st_ino) in synced  # without it a power cut can undo the rename
+
+
+def _write_csv(path: Path, text: str) -> Path:
+    path.write_text("timestamp,close\n" + text)
+    return path
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("1767225600000,100.0\n1767225660000,101.0\n", "milliseconds"),
+    ("1767225600.5,100.0\n1767225660,101.0\n", "not whole unix seconds"),
+    ("1767225630,100.0\n1767225690,101.0\n", "grid"),
+    ("nan,100.0\n", "not whole unix seconds"),
+])
+def test_csv_timestamps_that_are_not_unix_seconds_on_the_grid_are_refused(tmp_path: Path, body: str,
+                                                                           message: str) -> None:
+    path = _write_csv(tmp_path / "btc_1m.csv", body)
+    with pytest.raises(PriceDataError, match=message) as info:
+        read_csv(path, 60)
+    assert str(path) in str(info.value)
+
+
+def test_upper_case_gz_names_are_read_as_gzip(tmp_path: Path) -> None:
+    hist = bars(DAY0, 5)
+    write_csv(tmp_path / "x.csv.gz", hist)
+    (tmp_path / "x.csv.gz").rename(tmp_path / "BTC_1M.CSV.GZ")
+    np.testing.assert_array_equal(read_csv(tmp_path / "BTC_1M.CSV.GZ", 60).ts, hist.ts)
+
+
+def test_two_writers_of_one_csv_do_not_share_a_temporary_file(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second writer finishes while the first is still writing: each must use its own temp file."""
+    target = tmp_path / "btc_1m.csv.gz"
+    first, second = bars(DAY0, 20), bars(DAY0, 2000, seed=5)
+    real_open = gzip.open
+
+    def open_then_let_another_writer_in(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(gzip, "open", real_open)
+        fh = real_open(*args, **kwargs)
+        write_csv(target, second)
+        return fh
+
+    monkeypatch.setattr(gzip, "open", open_then_let_another_writer_in)
+    write_csv(target, first)  # before the fix: FileNotFoundError, and a mix of both in the file
+    back = read_csv(target, 60)
+    np.testing.assert_array_equal(back.ts, first.ts)
+    np.testing.assert_array_equal(back.close, first.close)
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]  # no temp file left behind
+
+
+def test_a_rewritten_csv_does_not_keep_its_old_parse_alive(tmp_path: Path) -> None:
+    path = tmp_path / "btc_1m.csv.gz"
+    write_csv(path, bars(DAY0, 3000))
+    old = weakref.ref(read_csv(path, 60))
+    write_csv(path, bars(DAY0, 3001))
+    assert len(read_csv(path, 60)) == 3001
+    gc.collect()
+    assert old() is None  # one parse per file: a file rewritten every minute must not pile up copies
