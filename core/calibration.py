@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
 CALIBRATION_FILE = "calibration.json"
+MAX_JSON_INT = 2**1023  # larger integers overflow float(): refused as numbers
 HISTORY_KEPT = 100  # runs remembered per key: four days of hourly runs
 LIVE_PATHS = 1000  # paths the validators ask for; the search uses fewer (see ensemble_optimum)
 
@@ -289,8 +290,10 @@ def _number(raw: Mapping[str, Any], name: str, where: str, optional: bool = Fals
     value = raw.get(name)
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise CalibrationError(f"{where}: {name!r} must be a finite number, got {value!r}")
+    # An integer past float range (JSON allows 1e400 written out in digits) is not finite either.
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or (isinstance(value, int) and abs(value) > MAX_JSON_INT) or not math.isfinite(value)):
+        raise CalibrationError(f"{where}: {name!r} must be a finite number, got {str(value)[:40]}")
     return float(value)
 
 
@@ -385,9 +388,10 @@ class CalibrationState:
     def from_json(cls, data: bytes | str) -> CalibrationState:
         try:
             doc = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: [[[[...
             raise CalibrationError(f"calibration document is not valid JSON ({exc})") from None
-        if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
+        fmt = doc.get("format") if isinstance(doc, dict) else None
+        if isinstance(fmt, bool) or fmt != STATE_FORMAT:  # true == 1 in Python
             raise CalibrationError(f"calibration document must be an object with \"format\": {STATE_FORMAT}")
         entries, meta = doc.get("entries", {}), doc.get("meta", {})
         if not isinstance(entries, dict) or not isinstance(meta, dict):
@@ -435,6 +439,10 @@ class CalibrationOutcome:
     seconds: float = 0.0
 
 
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
 def calibrate_key(state: CalibrationState, engine_name: str, engine: Engine, asset: str, time_increment: int,
                   cases: Sequence[Case], rules: UpdateRules, now: int, seed: int, tol: float = 0.01,
                   scoring: Rules = "upstream") -> CalibrationOutcome:
@@ -447,13 +455,15 @@ def calibrate_key(state: CalibrationState, engine_name: str, engine: Engine, ass
                     f"{len(cases)} prompts < {rules.min_samples} needed")
     else:
         found = search_scale(engine, cases, old, rules.scale_min, rules.scale_max, tol, seed, scoring)
+        # A scale at which no prompt scored has mean CRPS inf: stored as null, since the JSON state
+        # refuses non-finite numbers (one such key would otherwise make every save raise).
+        crps_target, crps_old = _finite_or_none(found.mean_crps), _finite_or_none(found.mean_crps_current)
         if found.samples < rules.min_samples:
-            move = Move(now, old, old, found.target, found.samples, found.mean_crps, found.mean_crps_current,
+            move = Move(now, old, old, found.target, found.samples, crps_target, crps_old,
                         False, f"{found.samples} scored prompts < {rules.min_samples} needed")
         else:
             new = next_scale(old, found.target, rules)
-            move = Move(now, old, new, found.target, found.samples, found.mean_crps, found.mean_crps_current,
-                        True, "ok")
+            move = Move(now, old, new, found.target, found.samples, crps_target, crps_old, True, "ok")
     history = (*entry.history, move)[-HISTORY_KEPT:]
     if move.applied:
         entry = replace(entry, scale=move.new, samples=move.samples, last_update=now, history=history)

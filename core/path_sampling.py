@@ -28,6 +28,10 @@ FloatArray = npt.NDArray[np.float64]
 Float32Array = npt.NDArray[np.float32]
 
 MAX_LOG_MOVE = 3.0  # a path never leaves [anchor/e^3, anchor*e^3]: keeps every price finite and printable
+# Bounds that keep every float32 intermediate finite whatever finite parameters come in (a wild model can
+# emit sigma = 1e40, finite in float64 but inf in float32, and inf - inf in the cumsum is NaN):
+STEP_MAX = 1e30  # |one-step log move|, far beyond MAX_LOG_MOVE; a cumsum of them stays finite
+LOG_VOL_MAX = 80.0  # latent log-volatility: exp(80) = 5.5e34 is still a finite float32
 NU_MIN = 2.05  # below 2 the variance is infinite and unit-variance scaling is undefined
 NU_GAUSS = 1e6  # nu at or above this is sampled as Gaussian (the t and normal laws then agree to 1e-6)
 # anchor * e^(+-3) must stay a normal, finite float32 (max 3.4e38, smallest normal 1.2e-38)
@@ -171,14 +175,20 @@ def sample_paths(anchor: float, mu: FloatArray, sigma: FloatArray, nu: FloatArra
     # below the float32 resolution of the prices returned.
     work = _unit_t(rng, nu_arr, size, np.float32, stratified)
     # exp(-Var z) is folded into the per-step std instead of a pass over the latent array.
-    step_std = sigma * sigma_scale * np.exp(-latent.stationary_var)
-    work *= step_std.astype(np.float32)
-    if latent.s > 0.0:
-        z = latent_log_vol(rng, latent, size, np.float32)
-        np.exp(z, out=z)
-        work *= z
-    if np.any(mu):
-        work += mu.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # only where the bounds below take over anyway
+        # fmin, not minimum: inf * 0 (sigma * sigma_scale overflowing, exp(-Var z) underflowing) is NaN
+        step_std = np.fmin(sigma * sigma_scale * np.exp(-latent.stationary_var), STEP_MAX)
+        work *= step_std.astype(np.float32)
+        if latent.s > 0.0:
+            z = latent_log_vol(rng, latent, size, np.float32)
+            np.minimum(z, np.float32(LOG_VOL_MAX), out=z)
+            np.exp(z, out=z)
+            work *= z
+        if np.any(mu):
+            work += np.clip(mu, -STEP_MAX, STEP_MAX).astype(np.float32)
+    # Every factor above is finite, so a product can overflow to +-inf but never be NaN; bounding each
+    # step keeps the cumsum free of inf - inf (any step this large ends at +-MAX_LOG_MOVE regardless).
+    np.clip(work, -STEP_MAX, STEP_MAX, out=work)
     np.cumsum(work, axis=1, out=work)
     np.clip(work, -MAX_LOG_MOVE, MAX_LOG_MOVE, out=work)
     np.exp(work, out=work)

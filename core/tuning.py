@@ -142,6 +142,7 @@ class TuningResult:
     start_objective: float
     best_objective: float
     evaluations: int = 0
+    objective_paths: int = 0  # the path count both objectives above were computed with
     trace: list[SearchStep] = field(default_factory=list)
 
 
@@ -181,7 +182,7 @@ def coordinate_search(cases: Sequence[TuningCase], start: EwmaConfig, time_incre
         return seen[key]
 
     best, best_obj = start, evaluate(start)
-    result = TuningResult(time_increment, start, start, best_obj, best_obj)
+    result = TuningResult(time_increment, start, start, best_obj, best_obj, objective_paths=n_paths)
 
     def attempt(name: str, value: float) -> bool:
         nonlocal best, best_obj
@@ -278,6 +279,7 @@ class TuningReport:
             "prompts": {str(k): {"fit": v[0], "check": v[1]} for k, v in self.prompts.items()},
             "results": {str(k): {"start": asdict(r.start), "best": asdict(r.best),
                                  "start_objective": r.start_objective, "best_objective": r.best_objective,
+                                 "objective_paths": r.objective_paths,
                                  "evaluations": r.evaluations, "literal": config_literal(r.best),
                                  "trace": [asdict(t) for t in r.trace]}
                         for k, r in self.results.items()},
@@ -314,6 +316,11 @@ def run_tuning(histories: Mapping[str, AssetHistory], prompts: Sequence[EvalProm
             res.best = final.best
             res.evaluations += final.evaluations
             res.trace += final.trace  # objectives at final_paths, not comparable with the first stage's
+            # Report the start and the final values at one path count: the first stage's best_objective
+            # belongs to a config that no longer is ``best``, at a path count it was not chosen with.
+            res.start_objective = objective(score_engine(EwmaTEngine({inc: base}), fit, final_paths, seed, rules))
+            res.best_objective = final.best_objective
+            res.objective_paths = final_paths
         results[inc] = res
         tick(f"comparing at {report_paths} paths")
         fit_cmp[inc] = compare(fit, res.best, base, inc, report_paths, seed, rules)

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from core.artifacts import ArtifactStore
@@ -180,6 +181,14 @@ def test_state_json_round_trip_and_atomic_save(tmp_path: Path) -> None:
       b'"scale": "big", "samples": 0}}}'), "finite number"),
     ((b'{"format": 1, "entries": {"a:B:60": {"engine": "a", "asset": "B", "time_increment": 60, '
       b'"scale": 1, "samples": 0, "history": {}}}}'), "must be a list"),
+    # A corrupt file must fail as CalibrationError, not as whatever the JSON or float machinery raises.
+    ((b'{"format": 1, "entries": {"a:B:60": {"engine": "a", "asset": "B", "time_increment": 60, '
+      b'"scale": 1' + b"0" * 400 + b', "samples": 0}}}'), "finite number"),  # was OverflowError
+    ((b'{"format": 1, "entries": {"a:B:60": {"engine": "a", "asset": "B", "time_increment": 60, '
+      b'"scale": 1, "samples": 0, "history": [{"applied": true, "at": 1, "old": 1, "new": 1, '
+      b'"samples": 1, "target": 1' + b"0" * 400 + b'}]}}}'), "finite number"),  # was OverflowError
+    (b"[" * 100_000, "not valid JSON"),  # was RecursionError
+    (b'{"format": true, "entries": {}}', "format"),  # was accepted: True == 1
 ])
 def test_malformed_state_is_refused_with_a_clear_error(document: bytes, message: str) -> None:
     with pytest.raises(CalibrationError, match=message):
@@ -199,6 +208,29 @@ def test_too_few_prompts_leave_the_scale_alone() -> None:
     assert "150 needed" in outcome.reason
     entry = state.entries[scale_key("fixed", "BTC", 60)]
     assert entry.scale == 1.3 and entry.history[-1].applied is False and entry.last_update is None
+
+
+class ZeroPathsEngine(FixedSigmaEngine):
+    """Answers with zero prices: every prompt is invalid, so every candidate scale has mean CRPS inf."""
+
+    name = "zeros"
+
+    def forecast(self, request: ForecastRequest, snapshot: MarketSnapshot, rng: np.random.Generator,
+                 sigma_scale: float = 1.0) -> npt.NDArray[np.float32]:
+        return np.zeros((request.num_simulations, request.n_points), np.float32)
+
+
+def test_a_key_that_scores_no_prompt_still_saves(tmp_path: Path) -> None:
+    m1 = t_history(2 * DAY // 60, MINUTE_SIGMA, 5.0, seed=6)
+    cases = recent_cases("SOL", AssetHistory(m1, None), 60, int(m1.ts[-1]) + 60, CasePlan(3, 900, DAY, 20, 0))
+    rules = UpdateRules(alpha=0.4, scale_min=0.5, scale_max=2.0, max_move=0.1, min_samples=2)
+    state = CalibrationState()
+    outcome = calibrate_key(state, "zeros", ZeroPathsEngine(MINUTE_SIGMA, 5.0), "SOL", 60, cases, rules,
+                            now=7, seed=0)
+    assert not outcome.moved and outcome.samples == 0 and outcome.new == outcome.old == 1.0
+    assert outcome.mean_crps_target is None and outcome.mean_crps_old is None
+    state.save(tmp_path / CALIBRATION_FILE)  # raised "Out of range float values are not JSON compliant"
+    assert CalibrationState.load(tmp_path / CALIBRATION_FILE).entries == state.entries
 
 
 def test_search_finds_a_smaller_scale_for_an_overdispersed_engine() -> None:
@@ -264,8 +296,8 @@ def test_job_calibrates_from_the_history_store_and_publishes_through_the_gate(tm
     assert artifacts.current_version() == first["published"]
     current = artifacts.load_current()
     for outcome in first["outcomes"]:
-        assert current.calibration.scale(*outcome["key"].split(":")[:2], int(outcome["key"].split(":")[2])) \
-            == pytest.approx(outcome["new"])
+        engine, asset, increment = outcome["key"].split(":")
+        assert current.calibration.scale(engine, asset, int(increment)) == pytest.approx(outcome["new"])
     assert json.loads((settings.artifacts_dir / "current" / CALIBRATION_FILE).read_text())["meta"]["end"] == now
     # A second run has a champion to beat: both scores are reported.
     # A second run keeps moving toward the same targets and has a champion to beat: both scores reported.

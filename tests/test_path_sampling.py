@@ -91,6 +91,24 @@ def test_prices_positive_and_finite_for_any_sigma(sigma: float) -> None:
     assert np.all(np.abs(np.log(ratio)) <= MAX_LOG_MOVE + 1e-5)
 
 
+@pytest.mark.parametrize("sigma, scale, mu, latent", [
+    (1e39, 1.0, 0.0, LatentVol()),  # finite in float64, inf once cast to float32: inf - inf in the cumsum
+    (1e300, 1.0, 0.0, LatentVol(0.99, 0.03)),
+    (1e30, 1e300, 0.0, LatentVol()),  # sigma * sigma_scale overflows float64
+    (1e34, 1.0, 0.0, LatentVol()),  # heavy-tailed draws (nu = 2.05) times sigma overflow float32
+    (0.01, 1.0, 0.0, LatentVol(0.5, 30.0)),  # exp(latent log-vol) overflows: 0 * inf on the zero stratum
+    (1e39, 1.0, -1e39, LatentVol()),  # +-inf steps and a -inf drift
+    (1e300, 1e10, 0.0, LatentVol(0.9999, 1.0)),  # inf std times exp(-Var z) = 0: NaN std
+])
+def test_huge_but_finite_parameters_never_give_nan_prices(sigma: float, scale: float, mu: float,
+                                                           latent: LatentVol) -> None:
+    n = 288
+    paths = sample_paths(100.0, np.full(n, mu), np.full(n, sigma), 2.05, 1001, np.random.default_rng(2),
+                         latent, sigma_scale=scale)
+    assert np.all(np.isfinite(paths)) and np.all(paths > 0) and np.all(paths[:, 0] == np.float32(100.0))
+    assert np.all(np.abs(np.log(paths.astype(np.float64) / 100.0)) <= MAX_LOG_MOVE + 1e-5)
+
+
 def test_extreme_anchors_stay_finite_in_float32() -> None:
     for anchor in (1e-30, 1e30):
         paths = sample_paths(anchor, np.zeros(5), np.full(5, 10.0), 3.0, 100, np.random.default_rng(0))

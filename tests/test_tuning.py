@@ -93,3 +93,19 @@ def test_run_tuning_reports_fit_and_check(plan: Plan) -> None:
     assert fit.geo_vs_start <= 1.0 + 1e-12  # never worse than the start on the prompts it was fitted on
     doc = report.to_json()
     assert "EwmaConfig(" in doc["results"]["60"]["literal"]
+
+
+def test_reported_objectives_belong_to_the_reported_configs_after_the_final_stage(plan: Plan) -> None:
+    start = {60: replace(DEFAULT_CONFIGS[60], var_mult=2.0)}
+    report = run_tuning(plan.histories, plan.prompts, start, LOOKBACK, n_paths=20, seed=0, params=("var_mult",),
+                        passes=1, final_paths=40)
+    res = report.results[60]
+    assert res.objective_paths == 40
+    fit = split_walk_forward(prepare_cases(plan.prompts, plan.histories, LOOKBACK), 0.7)[0]
+
+    def obj(cfg: EwmaConfig) -> float:
+        return float(np.mean(np.log(score_engine(EwmaTEngine({60: cfg}), fit, 40, 0))))
+
+    assert res.best_objective == pytest.approx(obj(res.best), rel=1e-12)
+    assert res.start_objective == pytest.approx(obj(res.start), rel=1e-12)
+    assert report.to_json()["results"]["60"]["objective_paths"] == 40
