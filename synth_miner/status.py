@@ -85,13 +85,14 @@ def models_cell(models: dict[str, str] | None) -> str:
 
 
 def render(report: dict[str, Any], console: Console) -> None:
-    console.print(f"[bold]artifact version[/]: {report['artifact_version'] or 'none (statistical engines)'}")
+    published = report["artifact_version"] or "none published (workers serve the committed checkpoints in models/)"
+    console.print(f"[bold]artifact version[/]: {published}")
     workers = Table(title="workers (heartbeats)")
     for col in ("name", "queues", "engine", "device", "models", "artifact", "seen"):
         workers.add_column(col)
     for w in report["workers"]:
         workers.add_row(w["name"], w.get("queues", ""), w["engine"], w.get("device", "?"), models_cell(w.get("models")),
-                        str(w.get("artifact_version")), w["seen"])
+                        w.get("artifact_version") or "-", w["seen"])
     console.print(workers)
     queues = Table(title="queues")
     queues.add_column("queue")

@@ -122,6 +122,7 @@ def test_a_retrain_sigkilled_in_a_real_worker_is_redelivered_and_run(redis_url: 
         wait_for("worker ready", lambda: " ready." in worker.text(), 60)
         beats = [json.loads(client.get(k)) for k in client.scan_iter(WORKER_HEARTBEAT_KEY.format(name="*"))]  # type: ignore[arg-type]
         assert [(b["engine"], b["queues"], b["models"]) for b in beats] == [("jobs", "cpu", {})], beats
+        assert beats[0]["name"].startswith("jobs@"), beats  # the node name Flower shows, then the pid
         retrain()
         wait_for("first start", lambda: client.llen(RETRAIN_STARTS_KEY) == 1, 30)
         os.kill(int(client.lindex(RETRAIN_STARTS_KEY, 0)), signal.SIGKILL)  # type: ignore[arg-type]

@@ -28,3 +28,16 @@ def test_render_shows_each_workers_device_and_models_and_flags_problems() -> Non
     assert "?" in text.split("old:12")[1].splitlines()[0]  # a heartbeat from before devices were announced
     assert "hf:v7 lf_crypto:committed" in text  # the retrained 1 h model serves, the 24 h one is committed
     assert "empty" in text and "! redis: connection refused" in text and "last calibration" in text
+
+
+def test_render_without_a_published_version_says_what_is_served() -> None:
+    report = {"artifact_version": None,
+              "workers": [{"name": "cpu@host:7", "queues": "cpu", "engine": "jobs", "device": "cpu", "models": {},
+                           "artifact_version": None, "seen": "3s"}],
+              "queues": {}, "jobs": [], "cache": {}, "errors": []}
+    console = Console(record=True, width=160)
+    render(report, console)
+    text = console.export_text()
+    assert "none published (workers serve the committed checkpoints in models/)" in text
+    row = text.split("cpu@host:7")[1].splitlines()[0]
+    assert "None" not in row and "jobs" in row  # no Python None in the artifact column

@@ -35,6 +35,7 @@ class Heartbeat:
     had no task for a while (a cpu-only worker, a quiet GPU worker) stays listed."""
 
     def __init__(self) -> None:
+        self.node = socket.gethostname()  # the Celery node name once the worker is set up (gpu0@host)
         self._client: object | None = None
         self._payload: dict[str, object] = {}
         self._lock = threading.Lock()
@@ -43,7 +44,7 @@ class Heartbeat:
 
     def announce(self, client: object, engine: str, version: str | None, queues: str = "",
                  device: str = "cpu", models: dict[str, str] | None = None) -> None:
-        name = f"{socket.gethostname()}:{os.getpid()}"
+        name = f"{self.node}:{os.getpid()}"
         with self._lock:
             self._client = client
             self._payload = {"name": name, "engine": engine, "device": device, "models": models or {},

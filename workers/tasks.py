@@ -5,7 +5,7 @@ import time
 from typing import Any
 
 import redis
-from celery.signals import worker_process_init
+from celery.signals import celeryd_after_setup, worker_process_init
 
 from core.constants import FORECAST_KILL_GRACE_S, TASK_FORECAST
 from core.prompts import ForecastRequest
@@ -48,6 +48,12 @@ def announce_jobs_only() -> None:
         return
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5.0)
     HEARTBEAT.announce(client, "jobs", None, consumed_queues())
+
+
+@celeryd_after_setup.connect
+def _remember_node_name(sender: str, **_: Any) -> None:
+    """Heartbeats carry the worker's ``--hostname`` (as Flower shows it); set before the pool forks."""
+    HEARTBEAT.node = str(sender)
 
 
 @worker_process_init.connect
