@@ -57,6 +57,20 @@ class RefreshReport:
         return not self.errors
 
 
+def replays_prices(settings: Settings) -> bool:
+    """Whether these settings serve replayed prices (SYNTH_PRICE_PROVIDER=replay).
+
+    Replayed prices are old rows shifted in time so the newest is "now": written to the durable store
+    they would pass for real history and feed calibration and retraining. The one rule both the miner
+    (``miner.runtime.build_store``) and the refresh job follow."""
+    return settings.price_provider == "replay"
+
+
+def durable_store(settings: Settings) -> HistoryStore | None:
+    """The history store a refresh under these settings may read and write: None when prices are replayed."""
+    return None if replays_prices(settings) else HistoryStore.from_settings(settings)
+
+
 def default_steps(source: PriceSource) -> tuple[int, ...]:
     """Replayed folders carry native 5-minute files; live providers are read at 1 minute only."""
     return (60, 300) if source.name == "replay" else (60,)
@@ -95,8 +109,11 @@ def _asset_lock(cache: HistoryCache, asset: str, settings: Settings) -> Iterator
 async def refresh_asset(asset: str, source: PriceSource, cache: HistoryCache, store: HistoryStore | None,
                         settings: Settings, now: int | None = None,
                         steps: Sequence[int] | None = None) -> RefreshReport:
-    """Bring the cache (and the store) up to ``now`` for one asset; failures are reported, not raised."""
+    """Bring the cache (and the store, unless the source replays) up to ``now`` for one asset; failures are
+    reported, not raised."""
     started = time.perf_counter()
+    if source.name == "replay":  # one asset replayed (a per-asset override): its rows never reach the store
+        store = None
     now = int(time.time()) if now is None else int(now)
     steps = tuple(steps) if steps is not None else default_steps(source)
     windows = cache_windows(settings, steps)
@@ -220,12 +237,14 @@ async def refresh_assets(assets: Sequence[str], settings: Settings, cache: Histo
 
 
 def refresh_assets_sync(assets: Sequence[str], settings: Settings, now: int | None = None) -> list[RefreshReport]:
-    """What the Celery task calls: Redis cache and disk store from settings, one event loop per call."""
+    """What the Celery task calls: Redis cache and disk store from settings, one event loop per call.
+
+    Replayed prices (``replays_prices``) refresh the cache only: the store is neither read nor written."""
     if not settings.redis_url:
         raise RefreshConfigError("refreshing the shared cache needs SYNTH_REDIS_URL")
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=10.0, socket_connect_timeout=5.0)
     try:
         cache = RedisHistoryCache(client)
-        return asyncio.run(refresh_assets(assets, settings, cache, HistoryStore.from_settings(settings), now))
+        return asyncio.run(refresh_assets(assets, settings, cache, durable_store(settings), now))
     finally:
         client.close()

@@ -47,10 +47,14 @@ class MetagraphView:
         """Static metagraph for --local mode: a JSON list of {hotkey, stake, validator_permit}."""
         try:
             rows = json.loads(path.read_text())
+            if not isinstance(rows, list):
+                raise TypeError(f"the file holds a JSON {type(rows).__name__}, not a list")
             neurons = {r["hotkey"]: Neuron(str(r["hotkey"]), float(r.get("stake", 0.0)),
                                            bool(r.get("validator_permit", False))) for r in rows}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"metagraph file {path} is not a JSON list of {{hotkey, stake, validator_permit}}: {exc}")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            detail = f"{type(exc).__name__}: {exc}" if isinstance(exc, (KeyError, AttributeError)) else str(exc)
+            raise ValueError(f"metagraph file {path} is not a JSON list of {{hotkey, stake, validator_permit}} "
+                             f"({' '.join(detail.split())[:200]})") from None
         return cls(neurons, loaded=True)
 
 

@@ -8,6 +8,7 @@ import bittensor as bt
 from core.constants import METAGRAPH_FIRST_WAIT_S, METAGRAPH_REFRESH_S, METAGRAPH_RETRY_S
 from core.settings import Settings
 from miner.access import MetagraphView, Neuron
+from miner.startup import StartupError, reason
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,22 @@ async def first_metagraph(view: MetagraphView, wait_s: float = METAGRAPH_FIRST_W
     return view.loaded
 
 
-def register_axon(settings: Settings, wallet: "bt.Wallet", axon: "bt.Axon") -> "bt.Subtensor":
-    """Check the hotkey is registered and publish the axon's address on the chain."""
-    subtensor = bt.Subtensor(network=settings.network)
-    if not subtensor.is_hotkey_registered(netuid=settings.netuid, hotkey_ss58=wallet.hotkey.ss58_address):
-        raise SystemExit(f"hotkey {wallet.hotkey.ss58_address} is not registered on netuid {settings.netuid}: "
-                         "register it with btcli first")
-    axon.serve(netuid=settings.netuid, subtensor=subtensor)
+def connect_chain(settings: Settings, wallet: "bt.Wallet") -> "bt.Subtensor":
+    """The chain connection, once the hotkey is known to be registered on the subnet."""
+    try:
+        subtensor = bt.Subtensor(network=settings.network)
+        registered = subtensor.is_hotkey_registered(netuid=settings.netuid, hotkey_ss58=wallet.hotkey.ss58_address)
+    except Exception as exc:  # no network, a bad endpoint, a dropped websocket
+        raise StartupError(f"cannot reach the chain {settings.network} ({reason(exc)})") from None
+    if not registered:
+        raise StartupError(f"hotkey {wallet.hotkey.ss58_address} is not registered on netuid {settings.netuid} "
+                           f"of {settings.network}: register it with btcli first")
     return subtensor
+
+
+def publish_axon(settings: Settings, axon: "bt.Axon", subtensor: "bt.Subtensor") -> None:
+    """Publish the axon's address on the chain."""
+    try:
+        axon.serve(netuid=settings.netuid, subtensor=subtensor)
+    except Exception as exc:
+        raise StartupError(f"cannot publish the axon on the chain {settings.network} ({reason(exc)})") from None

@@ -14,25 +14,22 @@ from core.engines_registry import LiveForecaster
 from core.history_store import HistoryStore
 from core.logs import setup_logging
 from core.market_data import MarketData
+from core.refresh import durable_store
 from core.settings import InsecureRedisError, Settings, check_redis_url
 from core.sources.registry import sources_for
 from miner.access import AccessPolicy, MetagraphView
 from miner.axon_server import AxonHandlers, build_axon
 from miner.data import MinerData
+from miner.fallback import fallback_source
 from miner.metrics import MinerMetrics, watch_queue_depth
 from miner.offline import patch_bittensor_networking
 from miner.pool import CeleryPool, EmbeddedPool, ForecastPool
 from miner.service import MinerService
+from miner.startup import StartupError, check_replay, load_wallet, public_ip, static_metagraph
+
+__all__ = ["MinerApp", "StartupError", "build_app", "load_wallet", "serve", "served_engine"]
 
 log = logging.getLogger("miner")
-
-
-def load_wallet(settings: Settings) -> "bt.Wallet":
-    wallet = bt.Wallet(name=settings.wallet_name, hotkey=settings.wallet_hotkey, path=settings.wallet_path)
-    if settings.local:
-        # A local miner needs an identity to sign replies, never a funded key: create one if missing.
-        wallet.create_if_non_existent(coldkey_use_password=False, hotkey_use_password=False, suppress=True)
-    return wallet
 
 
 def build_cache(settings: Settings) -> HistoryCache:
@@ -47,13 +44,10 @@ def build_cache(settings: Settings) -> HistoryCache:
 
 
 def build_store(settings: Settings) -> HistoryStore | None:
-    """The durable history store; a miner that cannot write its data dir still serves (warning).
-
-    Replayed prices are shifted copies of old data: they never enter the durable store."""
-    if settings.price_provider == "replay":
-        return None
+    """The durable history store (none for replayed prices, as in the refresh job); a miner that cannot
+    write its data dir still serves (warning)."""
     try:
-        return HistoryStore.from_settings(settings)
+        return durable_store(settings)
     except Exception as exc:
         log.warning("history store unavailable (%s): history is kept in the cache only", exc)
         return None
@@ -66,46 +60,72 @@ class MinerApp:
     data: MinerData
     pool: ForecastPool
     metagraph: MetagraphView
+    forecaster: LiveForecaster | None = None  # the embedded pool's; None: the Celery workers compute
 
 
-def build_app(settings: Settings) -> MinerApp:
+def build_app(settings: Settings, metagraph: MetagraphView | None = None) -> MinerApp:
     sources = sources_for(settings)
     window = {a: int(max(settings.cache_days_hf, settings.cache_days_lf) * 86_400) for a in ASSETS}
     shared = MarketData(build_cache(settings), sources, window, store=build_store(settings), settings=settings)
     data = MinerData(shared)
-    fallback = LiveForecaster(settings, engine="ewma_t")
-    pool: ForecastPool = EmbeddedPool(LiveForecaster(settings)) if settings.embedded else CeleryPool(settings)
-    metagraph = (MetagraphView.from_file(settings.metagraph_file) if settings.metagraph_file
-                 else MetagraphView())
-    return MinerApp(settings, MinerService(settings, data, pool, fallback), data, pool, metagraph)
+    # The models are loaded once: the fallback (EWMA-t) shares the embedded pool's engines, and a
+    # miner whose workers compute loads no model at all.
+    forecaster = LiveForecaster(settings) if settings.embedded else None
+    pool: ForecastPool = EmbeddedPool(forecaster) if forecaster is not None else CeleryPool(settings)
+    fallback = fallback_source(settings, forecaster)
+    if metagraph is None:
+        metagraph = static_metagraph(settings)
+    return MinerApp(settings, MinerService(settings, data, pool, fallback), data, pool, metagraph, forecaster)
+
+
+def served_engine(app: MinerApp) -> str:
+    """The engine that really answers, for the start-up line: the one the embedded forecaster fell back
+    to when the configured one did not load; in Celery mode the workers' choice (SYNTH_ENGINE)."""
+    wanted = app.settings.engine
+    if app.forecaster is None:
+        return f"{wanted} on the workers"
+    served = app.forecaster.current().default
+    return served if served == wanted else f"{served} ({wanted} unavailable)"
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Run the miner until ``stop`` is set (or SIGINT/SIGTERM). Whatever makes starting impossible
+    (configuration, wallet, public IP, chain) raises StartupError before the models are loaded."""
     setup_logging(settings.log_level, settings.log_json)
     try:
         check_redis_url(settings.redis_url)
     except InsecureRedisError as exc:
-        raise SystemExit(f"refusing to start: {exc}") from None
+        raise StartupError(str(exc)) from None
+    check_replay(settings)
+    metagraph = static_metagraph(settings)
+    wallet = load_wallet(settings)
+    subtensor: "bt.Subtensor | None" = None
     if settings.local:
         patch_bittensor_networking(settings.axon_external_ip or "127.0.0.1")
-    app = build_app(settings)
-    wallet = load_wallet(settings)
+    else:
+        from miner.chain import connect_chain
+
+        if not settings.axon_external_ip:
+            settings = settings.model_copy(update={"axon_external_ip": public_ip()})
+            log.info("publishing the axon at %s (looked up; --external-ip sets it)", settings.axon_external_ip)
+        subtensor = connect_chain(settings, wallet)
+    app = build_app(settings, metagraph)
     loop = asyncio.get_running_loop()
     metrics = MinerMetrics()
     handlers = AxonHandlers(settings, app.service, AccessPolicy(settings, app.metagraph), loop, metrics)
     axon = build_axon(settings, wallet, handlers)
     background: list[asyncio.Task[None]] = []
-    if not settings.local:
-        from miner.chain import first_metagraph, keep_metagraph_fresh, register_axon
+    if subtensor is not None:
+        from miner.chain import first_metagraph, keep_metagraph_fresh, publish_axon
 
-        subtensor = register_axon(settings, wallet, axon)
+        publish_axon(settings, axon, subtensor)
         background.append(asyncio.create_task(keep_metagraph_fresh(settings, app.metagraph, subtensor)))
         if not await first_metagraph(app.metagraph):
             log.error("serving without a metagraph: validators are refused until the first read succeeds")
     axon.start()
     log.info("miner serving: hotkey %s on %s:%d (%s mode, %s pool, engine %s, %s prices)", wallet.hotkey.ss58_address,
              settings.axon_host, settings.axon_port, "local" if settings.local else f"netuid {settings.netuid}",
-             app.pool.name, settings.engine, settings.price_provider)
+             app.pool.name, served_engine(app), settings.price_provider)
     background.append(asyncio.create_task(app.data.warm(sorted(ASSETS))))
     if settings.metrics_port:
         metrics.serve(settings.metrics_port, "127.0.0.1" if settings.local else "0.0.0.0")

@@ -3,7 +3,7 @@
 import asyncio
 import os
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 
@@ -43,11 +43,14 @@ def export_env(**overrides: Any) -> None:
 
 @app.command()
 def serve(
-    local: Annotated[bool, typer.Option("--local", help="no chain: static metagraph, no registration")] = False,
+    local: Annotated[bool, typer.Option("--local", help="no chain: static metagraph, no registration; binds "
+                                        "127.0.0.1 unless --host or SYNTH_AXON_HOST says otherwise")] = False,
     redis_url: Annotated[Optional[str], typer.Option(help="Redis of the worker pool; unset = embedded")] = None,
-    host: Annotated[Optional[str], typer.Option(help="axon bind address")] = None,
+    host: Annotated[Optional[str], typer.Option(help="axon bind address (SYNTH_AXON_HOST; default 0.0.0.0, "
+                                                "127.0.0.1 with --local)")] = None,
     port: Annotated[Optional[int], typer.Option(help="axon port (SYNTH_AXON_PORT)")] = None,
-    external_ip: Annotated[Optional[str], typer.Option(help="address published for the axon")] = None,
+    external_ip: Annotated[Optional[str], typer.Option(help="address published for the axon (SYNTH_AXON_EXTERNAL_IP; "
+                                                       "unset: looked up on outside web services)")] = None,
     provider: Annotated[Optional[str], typer.Option(help="auto|pyth|binance|hyperliquid|replay")] = None,
     replay_dir: Annotated[Optional[Path], typer.Option(help="CSV folder to replay (sets provider=replay)")] = None,
     allow: Annotated[Optional[list[str]], typer.Option(help="validator hotkey allowed (repeatable)")] = None,
@@ -62,16 +65,43 @@ def serve(
     log_level: Annotated[Optional[str], typer.Option(help="DEBUG, INFO, WARNING")] = None,
 ) -> None:
     """Run the miner: the bittensor axon answering Simulation requests."""
+    from miner.runtime import StartupError
     from miner.runtime import serve as run
 
     settings = settings_with(
-        local=local or None, redis_url=redis_url, axon_host=host or ("127.0.0.1" if local else None),
-        axon_port=port, axon_external_ip=external_ip,
+        local=local or None, redis_url=redis_url, axon_host=host, axon_port=port, axon_external_ip=external_ip,
         price_provider="replay" if replay_dir and not provider else provider, replay_dir=replay_dir,
         allowed_hotkeys=allow, metagraph_file=metagraph_file, wallet_path=wallet_path, wallet_name=wallet_name,
         wallet_hotkey=wallet_hotkey, netuid=netuid, network=network, engine=engine, metrics_port=metrics_port,
         log_level=log_level)
-    asyncio.run(run(settings))
+    settings = local_host_default(settings)
+    try:
+        asyncio.run(run(settings))
+    except StartupError as exc:
+        if exc.option:
+            raise typer.BadParameter(str(exc), param_hint=exc.option) from None
+        fail(f"refusing to start: {exc}")
+    except Exception as exc:  # a bug, not a configuration: its traceback goes to the log, then one line
+        import logging
+
+        from miner.startup import reason
+
+        logging.getLogger("miner").error("the miner stopped on an unexpected error", exc_info=True)
+        fail(f"miner stopped: {reason(exc)}")
+
+
+def local_host_default(settings: Settings) -> Settings:
+    """A local miner binds loopback unless the operator chose an address (--host, SYNTH_AXON_HOST, .env):
+    a field given by any of those is in ``model_fields_set``; the class default is not."""
+    if settings.local and "axon_host" not in settings.model_fields_set:
+        return settings.model_copy(update={"axon_host": "127.0.0.1"})
+    return settings
+
+
+def fail(message: str) -> NoReturn:
+    """One line on stderr and exit status 1."""
+    typer.echo(message, err=True)
+    raise typer.Exit(1)
 
 
 @app.command()

@@ -66,6 +66,19 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 86_400:.1f} d"
 
 
+def known_assets(names: list[str] | None, also: set[str], option: str = "--asset") -> list[str] | None:
+    """``--asset`` values upper-cased (btc means BTC); a name neither in the registry nor in ``also`` (what
+    the folder or store at hand holds) is refused instead of silently matching nothing."""
+    if not names:
+        return None
+    wanted = list(dict.fromkeys(a.strip().upper() for a in names))
+    unknown = [a for a in wanted if a not in ASSETS and a not in also]
+    if unknown:
+        raise typer.BadParameter(f"unknown asset(s) {', '.join(unknown)}; known: {', '.join(sorted(ASSETS))}",
+                                 param_hint=option)
+    return wanted
+
+
 # --- sync -----------------------------------------------------------------------------------------------------
 @app.command("sync")
 def sync(
@@ -130,16 +143,15 @@ def import_csv(
     """Import CSV history (the ../shared/data format): 1m files at step 60, 5m files at step 300."""
     if not folder.is_dir():
         raise typer.BadParameter(f"{folder} is not a folder")
+    files = [(path, match) for path in sorted(folder.iterdir()) if (match := CSV_NAME.match(path.name))]
+    in_folder = {a for _, match in files for a in assets_for_stem(match["stem"])}
+    only = known_assets(only, in_folder)
     store = HistoryStore.from_settings(_settings(data_dir))
     table = Table("file", "asset", "step", "rows", "new", "span (UTC)", title=f"import into {store.root}")
     steps = {suffix: step for step, suffix in STEP_SUFFIX.items()}
-    only = [a.upper() for a in only] if only else only  # asset names are upper case: btc means BTC
     imported = 0
     failed = False
-    for path in sorted(folder.iterdir()):
-        match = CSV_NAME.match(path.name)
-        if match is None:
-            continue
+    for path, match in files:
         step = steps[match["res"].lower()]
         targets = [a for a in assets_for_stem(match["stem"]) if not only or a in only]
         if not targets:
@@ -154,10 +166,11 @@ def import_csv(
         except (PriceDataError, HistoryStoreError) as exc:
             failed = True
             table.add_row(path.name, ",".join(targets), str(step), "-", "-", f"[red]{exc}[/red]")
-    console.print(table)
     if not imported and not failed:
         wanted = f" for {', '.join(only)}" if only else ""
-        console.print(f"[yellow]no <stem>_<1m|5m>.csv(.gz) file{wanted} in {folder}[/yellow]")
+        console.print(f"[red]nothing imported:[/red] no <stem>_<1m|5m>.csv(.gz) file{wanted} in {folder}")
+        raise typer.Exit(1)
+    console.print(table)
     if failed:
         raise typer.Exit(1)
 
@@ -173,14 +186,17 @@ def status(
     """Per asset: span, rows, gaps and freshness of the store (and of the Redis cache when configured)."""
     settings = _settings(data_dir, redis_url=redis_url)
     store = HistoryStore.from_settings(settings)
+    only = known_assets(only, set(store.assets()))
     now = time.time()
     table = Table("asset", "step", "days", "first (UTC)", "last (UTC)", "rows", "gaps", "missing", "fresh",
                   title=f"history store {store.root}")
     summaries: list[StoreSummary] = []
+    seen: set[str] = set()  # assets with a row in the table, a summary or an unreadable step
     for asset in store.assets():
         if only and asset not in only:
             continue
         for step in store.steps(asset):
+            seen.add(asset)
             try:
                 summaries.append(store.summary(asset, step))
             except HistoryStoreError as exc:
@@ -189,9 +205,20 @@ def status(
         fresh = None if s.last_ts is None else now - (s.last_ts + s.step)
         table.add_row(s.asset, str(s.step), str(s.days), _utc(s.first_ts), _utc(s.last_ts), str(s.rows),
                       str(s.gaps), str(s.missing_bars), _age(fresh))
-    console.print(table)
+    empty = not seen
+    if empty:  # nothing matched: say so instead of an empty table
+        wanted = f" for {', '.join(only)}" if only else ""
+        console.print(f"[red]no history{wanted} in the store at {store.root}[/red] (fill it with "
+                      "`synth-miner data sync` or `data import`)")
+    else:
+        console.print(table)
+        absent = [a for a in only or () if a not in seen]
+        if absent:
+            console.print(f"[yellow]no history for {', '.join(absent)} in the store[/yellow]")
     if settings.redis_url:
         _cache_status(settings.redis_url, sorted({s.asset for s in summaries} | set(only or ())), now)
+    if empty:
+        raise typer.Exit(1)
 
 
 def _cache_status(url: str, assets: list[str], now: float) -> None:

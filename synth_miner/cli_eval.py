@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from core.assets import ASSETS
 from core.batch import BatchInputError, BatchRunner, PriceFolder, build_engines, calibration_lookup, run_file
 from core.constants import HF_INCREMENT, LF_INCREMENT
 from core.evaluation import EvaluationError, Mode, iso, parse_day, plan_prompts
@@ -40,6 +41,17 @@ def _settings() -> Settings:
 
 def _assets(text: str) -> list[str]:
     return [a.strip() for a in text.split(",") if a.strip()]
+
+
+def _validator_assets(text: str, option: str) -> list[str]:
+    """A comma list of assets validators ask for (upper-cased: btc means BTC); any other name is refused,
+    not scored under a name no validator uses (SPY's prices are asked for as SPYX and SP500)."""
+    names = list(dict.fromkeys(a.upper() for a in _assets(text)))
+    unknown = [a for a in names if a not in ASSETS]
+    if unknown:
+        raise typer.BadParameter(f"unknown asset(s) {', '.join(unknown)}; known: {', '.join(sorted(ASSETS))}",
+                                 param_hint=option)
+    return names
 
 
 def _spacing(hours: float, name: str) -> int:
@@ -123,6 +135,8 @@ def backtest(
         raise typer.BadParameter("use heldout, walkforward or range", param_hint="--mode")
     if paths < 1:
         raise typer.BadParameter("must be >= 1", param_hint="--paths")
+    groups = {LF_INCREMENT: _validator_assets(lf_assets, "--lf-assets"),
+              HF_INCREMENT: _validator_assets(hf_assets, "--hf-assets")}
     settings = _settings()
     available = build_engines(settings)
     names = _assets(engines_opt) if engines_opt else list(dict.fromkeys(["gbm", "ewma_t", settings.engine]))
@@ -133,9 +147,9 @@ def backtest(
         raise typer.BadParameter(f"unknown engine(s) {missing}; available: {', '.join(sorted(available))}",
                                  param_hint="--engines")
     try:
-        plan = plan_prompts(data_dir, {LF_INCREMENT: _assets(lf_assets), HF_INCREMENT: _assets(hf_assets)},
-                            mode_of(mode), {LF_INCREMENT: _spacing(lf_spacing_h, "--lf-spacing-h"),
-                                            HF_INCREMENT: _spacing(hf_spacing_h, "--hf-spacing-h")},
+        plan = plan_prompts(data_dir, groups, mode_of(mode),
+                            {LF_INCREMENT: _spacing(lf_spacing_h, "--lf-spacing-h"),
+                             HF_INCREMENT: _spacing(hf_spacing_h, "--hf-spacing-h")},
                             seed, parse_day(start) if start else None, parse_day(end) if end else None, days,
                             max_prompts)
     except EvaluationError as exc:
@@ -199,11 +213,13 @@ def tune_ewma(
 
     if rules not in ("upstream", "head"):
         raise typer.BadParameter("use upstream or head", param_hint="--rules")
+    groups = {LF_INCREMENT: _validator_assets(lf_assets, "--lf-assets"),
+              HF_INCREMENT: _validator_assets(hf_assets, "--hf-assets")}
     settings = _settings()
     try:
-        plan = plan_prompts(data_dir, {LF_INCREMENT: _assets(lf_assets), HF_INCREMENT: _assets(hf_assets)},
-                            "walkforward", {LF_INCREMENT: _spacing(lf_spacing_h, "--lf-spacing-h"),
-                                            HF_INCREMENT: _spacing(hf_spacing_h, "--hf-spacing-h")},
+        plan = plan_prompts(data_dir, groups, "walkforward",
+                            {LF_INCREMENT: _spacing(lf_spacing_h, "--lf-spacing-h"),
+                             HF_INCREMENT: _spacing(hf_spacing_h, "--hf-spacing-h")},
                             seed, days=days, max_per_window=max_prompts)
     except EvaluationError as exc:
         raise typer.BadParameter(str(exc)) from None

@@ -29,12 +29,35 @@ def _parse_day(text: str) -> int:
     return int((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp())
 
 
+def history_root(path: Path) -> Path:
+    """The history store root for ``--store``: the data dir (store at DATA_DIR/history, as every other
+    command and SYNTH_DATA_DIR take it) or, when nothing else could be meant, the history root itself."""
+    from core.assets import ASSETS
+
+    if not path.exists():
+        raise typer.BadParameter(f"{path} does not exist", param_hint="--store")
+    if not path.is_dir():
+        raise typer.BadParameter(f"{path} is not a folder", param_hint="--store")
+    nested = path / "history"
+    asset_dirs = sorted(a for a in ASSETS if (path / a).is_dir())
+    if nested.is_dir() and asset_dirs:
+        raise typer.BadParameter(f"{path} holds both a history/ folder and asset folders ({', '.join(asset_dirs)}): "
+                                 f"pass the data dir or the history root alone", param_hint="--store")
+    if nested.is_dir():
+        return nested
+    if asset_dirs:
+        return path
+    raise typer.BadParameter(f"no history store at {path}: expected the data dir (with history/ inside, as "
+                             "SYNTH_DATA_DIR) or the history root (asset folders such as BTC/)", param_hint="--store")
+
+
 def train(
     model: Annotated[str, typer.Option("--model", help="hf | lf_crypto | lf_equity")],
     data_dir: Annotated[Path, typer.Option("--data-dir", help="CSV folder with manifest.json (held-out cut)",
                                            file_okay=False)] = DEFAULT_DATA,
-    store: Annotated[Path | None, typer.Option("--store", help="train from the history store at this root "
-                                                                "instead of --data-dir (needs --cut)")] = None,
+    store: Annotated[Path | None, typer.Option("--store", help="train from the history store of this data dir "
+                                                                "(DATA_DIR/history; the history root itself works "
+                                                                "too) instead of --data-dir (needs --cut)")] = None,
     cut: Annotated[str | None, typer.Option("--cut", help="with --store: nothing at or after this UTC time "
                                                            "is used")] = None,
     days: Annotated[float, typer.Option("--days", help="with --store: days of history before --cut")] = 180.0,
@@ -83,6 +106,7 @@ def train(
     from core.checkpoint import CheckpointError, checkpoint_path, load, save
     from core.datasets import MODEL_ASSETS, DatasetError, histories_from_cache, load_csv_dir
     from core.features import FeatureError
+    from core.history_store import HistoryStore, HistoryStoreError
     from core.training import (
         CLOSED_SCALE_CANDIDATES,
         DEFAULT_CRPS_EPOCHS,
@@ -100,16 +124,19 @@ def train(
     spec = FEATURE_SPECS[model]
     try:
         if store is not None:
-            from core.history_store import HistoryStore
+            from core.retraining import ResampledStore
 
             if cut is None:
                 raise typer.BadParameter("training from the store needs --cut (the held-out start)",
                                          param_hint="--cut")
             limit = _parse_day(cut)
-            files = histories_from_cache(HistoryStore(store), MODEL_ASSETS[model], spec.step,
+            root = history_root(store)
+            # As the retraining job reads it: native bars, else 5-minute bars made from the 1-minute ones.
+            files = histories_from_cache(ResampledStore(HistoryStore(root)), MODEL_ASSETS[model], spec.step,
                                          limit - int(days * 86_400), limit)
             if not files:
-                raise DatasetError(f"the store at {store} has no {spec.step}s history for {MODEL_ASSETS[model]}")
+                raise DatasetError(f"the store at {root} has no {spec.step}s history for "
+                                   f"{', '.join(MODEL_ASSETS[model])} in the {days:g} days before {cut}")
         else:
             if not data_dir.is_dir():
                 raise typer.BadParameter(f"{data_dir} is not a folder", param_hint="--data-dir")
@@ -127,7 +154,7 @@ def train(
             result_checkpoint = refit(model, files, selected, opts, console).checkpoint
         else:
             result_checkpoint = fit(model, files, opts, refit_after, console)
-    except (DatasetError, TrainingError, FeatureError, CheckpointError) as exc:
+    except (DatasetError, TrainingError, FeatureError, CheckpointError, HistoryStoreError) as exc:
         console.print(f"[red]training failed:[/] {exc}")
         raise typer.Exit(1) from None
     path = checkpoint_path(out, model)

@@ -101,6 +101,46 @@ def test_bad_arguments_are_refused(tmp_path: Path) -> None:
                          ).exit_code == 2
 
 
+def one_line(output: str) -> str:
+    """rich and typer wrap long lines, typer's errors inside a box."""
+    return " ".join(output.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())
+
+
+def test_unknown_assets_are_refused_and_nothing_matched_fails(csv_dir: Path, tmp_path: Path) -> None:
+    for command in (["import", str(csv_dir)], ["status"]):
+        unknown = runner.invoke(app, [*command, "--data-dir", str(tmp_path), "--asset", "FOO"])
+        said = one_line(unknown.output)
+        assert unknown.exit_code == 2 and "unknown asset(s) FOO" in said and "BTC" in said, unknown.output
+    assert not (tmp_path / "history").exists()
+
+    # Nothing to import: a known asset without a file in the folder, or a folder with no price file.
+    none = runner.invoke(app, ["import", str(csv_dir), "--data-dir", str(tmp_path), "--asset", "ETH"])
+    assert none.exit_code == 1 and "nothing imported" in one_line(none.output) and "ETH" in one_line(none.output)
+    (tmp_path / "empty").mkdir()
+    empty = runner.invoke(app, ["import", str(tmp_path / "empty"), "--data-dir", str(tmp_path)])
+    assert empty.exit_code == 1 and "nothing imported" in one_line(empty.output)
+
+    # Nothing in the store, or nothing for the asset asked: a non-zero exit, not an empty table.
+    blank = runner.invoke(app, ["status", "--data-dir", str(tmp_path)])
+    assert blank.exit_code == 1 and "no history in the store at" in one_line(blank.output), blank.output
+    assert runner.invoke(app, ["import", str(csv_dir), "--data-dir", str(tmp_path), "--asset", "btc"]).exit_code == 0
+    eth = runner.invoke(app, ["status", "--data-dir", str(tmp_path), "--asset", "eth"])
+    assert eth.exit_code == 1 and "no history for ETH in the store" in one_line(eth.output), eth.output
+    both = runner.invoke(app, ["status", "--data-dir", str(tmp_path), "--asset", "btc", "--asset", "ETH"])
+    assert both.exit_code == 0 and "no history for ETH" in one_line(both.output), both.output
+
+
+def test_a_file_stem_outside_the_registry_can_still_be_named(csv_dir: Path, tmp_path: Path) -> None:
+    """doge_1m.csv imports as DOGE (assets_for_stem): naming it is no error, in import and in status."""
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    write_csv(folder / "doge_1m.csv.gz", read_csv(csv_dir / "btc_1m.csv.gz", 60).tail(600))
+    imported = runner.invoke(app, ["import", str(folder), "--data-dir", str(tmp_path), "--asset", "doge"])
+    assert imported.exit_code == 0 and "DOGE" in imported.output, imported.output
+    status = runner.invoke(app, ["status", "--data-dir", str(tmp_path), "--asset", "DOGE"])
+    assert status.exit_code == 0 and "DOGE" in status.output, status.output
+
+
 def test_serve_fake_answers_in_the_provider_format(csv_dir: Path) -> None:
     port = free_port()
     replies: list[object] = []

@@ -96,6 +96,20 @@ def test_backtest_command_rejects_bad_options(shared_data: Path, tmp_path: Path)
         assert fragment in result.output
 
 
+def test_backtest_and_tuning_refuse_assets_no_validator_asks_for(shared_data: Path, tmp_path: Path) -> None:
+    """SPY has a price file, but validators ask for SPYX and SP500: it must not be scored as an asset."""
+    runner = CliRunner()
+    for command, option, name in (("backtest", "--lf-assets", "SPY"), ("backtest", "--hf-assets", "BTC,FOO"),
+                                  ("tune-ewma", "--lf-assets", "SPY"), ("tune-ewma", "--hf-assets", "doge")):
+        result = runner.invoke(app, [command, "--data-dir", str(shared_data), "--out", str(tmp_path / "x"),
+                                     option, name])
+        said = " ".join(result.output.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())
+        assert result.exit_code == 2, (command, option, result.output)
+        assert "unknown asset" in said and option in said and "SPYX" in said, said
+        assert name.split(",")[-1].upper() in said
+    assert not (tmp_path / "x").exists()
+
+
 def test_tune_command_writes_its_report(shared_data: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["tune-ewma", "--data-dir", str(shared_data), "--out", str(tmp_path),
                                       "--lf-assets", "BTC", "--hf-assets", "BTC", "--days", "10",

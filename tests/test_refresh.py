@@ -16,7 +16,14 @@ from core.fake_providers import FakeMarket, FakeServer, FakeServerThread, Manual
 from core.history_store import HistoryStore
 from core.market_data import build_snapshot
 from core.prices import PriceHistory
-from core.refresh import RefreshConfigError, cache_windows, refresh_asset, refresh_assets_sync
+from core.refresh import (
+    RefreshConfigError,
+    cache_windows,
+    durable_store,
+    refresh_asset,
+    refresh_assets_sync,
+    replays_prices,
+)
 from core.settings import Settings
 from core.sources.binance import BinanceSource
 from core.sources.http import HttpConfig
@@ -244,3 +251,28 @@ async def test_a_corrupt_store_partition_is_reported_and_the_cache_still_moves_o
     assert any(e.startswith("store span") for e in report.errors)
     span = cache.span("BTC", 60)
     assert span is not None and span[1] == (int(clock()) // 60 - 1) * 60  # the newest closed bar is cached
+
+
+def test_the_refresh_job_never_writes_replayed_prices_to_the_store(csv_dir: Path, redis_url: str,
+                                                                   tmp_path: Path) -> None:
+    """Replayed rows are old prices dated "now": in the store they would feed calibration and retraining."""
+    settings = Settings(redis_url=redis_url, price_provider="replay", replay_dir=csv_dir, data_dir=tmp_path,
+                        cache_days_hf=0.5, cache_days_lf=1.0)
+    assert replays_prices(settings) and durable_store(settings) is None
+    (btc,) = refresh_assets_sync(["BTC"], settings)
+    assert btc.provider == "replay" and btc.steps[0].new_in_cache > 100  # the cache is still refreshed
+    assert all(s.new_in_store == 0 and s.from_store == 0 for s in btc.steps)
+    assert HistoryStore.from_settings(settings).assets() == []
+    assert not (tmp_path / "history").exists()
+    live = Settings(data_dir=tmp_path, price_provider="binance")
+    store = durable_store(live)
+    assert not replays_prices(live) and store is not None and store.root == tmp_path / "history"
+
+
+async def test_a_replay_source_leaves_the_store_it_is_given_alone(csv_dir: Path, cache: RedisHistoryCache,
+                                                                   store: HistoryStore, settings: Settings,
+                                                                   clock: ManualClock) -> None:
+    """A per-asset replay override reaches refresh_asset with the real store: it is not written either."""
+    report = await refresh_asset("BTC", ReplaySource(csv_dir, clock), cache, store, settings, now=T0, steps=(60,))
+    assert report.steps[0].new_in_cache > 0 and report.steps[0].new_in_store == 0
+    assert store.days("BTC", 60) == []

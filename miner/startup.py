@@ -1,0 +1,90 @@
+"""Checks made before the miner loads anything heavy: each failure is one line for the operator.
+
+``StartupError`` carries that line; ``synth-miner serve`` prints it and exits non-zero (a usage
+error, exit 2, when it names the option at fault) instead of a traceback.
+"""
+
+from pathlib import Path
+
+import bittensor as bt
+from bittensor.utils import networking
+
+from core.assets import ASSETS, spec_for_any
+from core.csv_history import STEP_SUFFIX, find_file
+from core.settings import Settings
+from miner.access import MetagraphView
+
+
+class StartupError(RuntimeError):
+    """The miner cannot start as configured. ``option`` names the flag at fault, if one is."""
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
+
+
+def reason(exc: BaseException, limit: int = 300) -> str:
+    """An exception in one line: its type and message, whitespace collapsed."""
+    text = " ".join(str(exc).split())
+    return (f"{type(exc).__name__}: {text}" if text else type(exc).__name__)[:limit]
+
+
+def check_replay(settings: Settings) -> None:
+    """A replayed asset needs a folder holding its price files: without one every request would be
+    answered "no price" while the miner looks healthy."""
+    replayed = sorted(a for a in ASSETS if settings.provider_for(a) == "replay")
+    if not replayed:
+        return
+    option = "--replay-dir / SYNTH_REPLAY_DIR"
+    folder = settings.replay_dir
+    if folder is None:
+        raise StartupError("price provider 'replay' needs a folder of price CSVs", option)
+    if not folder.is_dir():
+        raise StartupError(f"replay folder {folder} does not exist", option)
+    if not any(find_file(folder, asset, step) for asset in replayed for step in STEP_SUFFIX):
+        example = spec_for_any("BTC" if "BTC" in replayed else replayed[0]).file_stems[0]
+        raise StartupError(f"replay folder {folder} holds no price file for any replayed asset "
+                           f"(expected names like {example}_1m.csv.gz or {example}_5m.csv)", option)
+
+
+def static_metagraph(settings: Settings) -> MetagraphView:
+    """The metagraph file's view (empty, unloaded, without one); an unusable file is a usage error."""
+    if settings.metagraph_file is None:
+        return MetagraphView()
+    try:
+        return MetagraphView.from_file(settings.metagraph_file)
+    except ValueError as exc:
+        raise StartupError(str(exc), "--metagraph-file / SYNTH_METAGRAPH_FILE") from None
+
+
+def load_wallet(settings: Settings) -> "bt.Wallet":
+    """The miner's wallet with its hotkey and coldkey (public) read. A local miner creates a
+    password-less one if missing; a production miner refuses to start without its keys."""
+    wallet = bt.Wallet(name=settings.wallet_name, hotkey=settings.wallet_hotkey, path=settings.wallet_path)
+    where = f"wallet {settings.wallet_name!r}, hotkey {settings.wallet_hotkey!r} under {Path(wallet.path)}"
+    try:
+        present = wallet.hotkey_file.exists_on_device() and wallet.coldkeypub_file.exists_on_device()
+        if settings.local and not present:
+            # A local miner needs an identity to sign replies, never a funded key.
+            wallet.create_if_non_existent(coldkey_use_password=False, hotkey_use_password=False, suppress=True)
+        elif not settings.local:
+            for kind, keyfile in (("hotkey", wallet.hotkey_file), ("coldkey public key", wallet.coldkeypub_file)):
+                if not keyfile.exists_on_device():
+                    raise StartupError(f"no {kind} at {keyfile.path} ({where}): create the wallet with btcli or "
+                                       "pass --wallet-path / --wallet-name / --wallet-hotkey")
+        # Read both keys now, not in the middle of starting the axon.
+        _ = (wallet.hotkey.ss58_address, wallet.coldkeypub.ss58_address)
+    except StartupError:
+        raise
+    except Exception as exc:  # KeyFileError, a permission error, a corrupt key file...
+        raise StartupError(f"cannot read {where}: {reason(exc)}") from None
+    return wallet
+
+
+def public_ip() -> str:
+    """The address to publish on the chain, looked up as bittensor does (outside web services)."""
+    try:
+        return str(networking.get_external_ip())
+    except Exception as exc:  # ExternalIPNotFound, or anything the lookup raises offline
+        raise StartupError(f"cannot determine the public IP ({reason(exc)}): pass --external-ip "
+                           "(SYNTH_AXON_EXTERNAL_IP)") from None

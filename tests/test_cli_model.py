@@ -1,0 +1,102 @@
+"""``synth-miner train --store``: which folder it reads. Training itself is stubbed (core.training.fit
+records what it was given and stops); tests/test_training.py trains through the CLI for real."""
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner, Result
+
+import core.training
+from core.csv_history import read_csv
+from core.history_store import HistoryStore
+from core.training import TrainingError
+from synth_miner.cli_model import app
+
+DAY = 86_400
+
+
+@pytest.fixture(scope="module")
+def cut(shared_data: Path) -> int:
+    return int(json.loads((shared_data / "manifest.json").read_text())["btc_1m"]["eval_start_ts"])
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, shared_data: Path, cut: int) -> Path:
+    """A data dir as SYNTH_DATA_DIR: the store at data/history holds two days of BTC 1-minute bars."""
+    store = HistoryStore(tmp_path / "data" / "history", durable=False)
+    store.append("BTC", read_csv(shared_data / "btc_1m.csv.gz", 60).between(cut - 2 * DAY, cut))
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def fitted(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """What fit was called with; it then stops the command (no model is trained here)."""
+    calls: list[dict[str, Any]] = []
+
+    def fake_fit(kind: str, files: dict[str, Any], *_: object, **__: object) -> None:
+        calls.append({"kind": kind, "files": files})
+        raise TrainingError("stub: stopped before training")
+
+    monkeypatch.setattr(core.training, "fit", fake_fit)
+    return calls
+
+
+def train(store: Path, cut: int, *extra: str) -> Result:
+    when = datetime.fromtimestamp(cut, UTC).strftime("%Y-%m-%dT%H:%M")
+    return CliRunner().invoke(app, ["train", "--model", "hf", "--store", str(store), "--cut", when, "--days", "3",
+                                    *extra])
+
+
+def said(result: Result) -> str:
+    """The output in one line: rich and typer wrap long lines, typer's errors inside a box."""
+    return " ".join(result.output.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())
+
+
+def squeezed(result: Result) -> str:
+    """No whitespace at all: a long path may be wrapped anywhere."""
+    return "".join(said(result).split())
+
+
+@pytest.mark.parametrize("where", ["data dir", "history root"])
+def test_train_store_takes_the_data_dir_as_every_command_does(data_dir: Path, cut: int, where: str,
+                                                              fitted: list[dict[str, Any]]) -> None:
+    result = train(data_dir if where == "data dir" else data_dir / "history", cut)
+    assert result.exit_code == 1 and "stub: stopped before training" in said(result), result.output
+    (call,) = fitted
+    btc = call["files"]["BTC"].history
+    assert call["kind"] == "hf" and set(call["files"]) == {"BTC"} and btc.step == 60
+    assert len(btc) == 2 * DAY // 60 and int(btc.ts[-1]) < cut
+
+
+def test_train_store_resamples_one_minute_bars_for_the_24h_models(data_dir: Path, cut: int,
+                                                                  fitted: list[dict[str, Any]]) -> None:
+    """As the retraining job reads the store: a store synced at 60 s still trains lf_crypto."""
+    result = train(data_dir, cut, "--model", "lf_crypto")
+    assert result.exit_code == 1 and "stub" in said(result), result.output
+    btc = fitted[0]["files"]["BTC"].history
+    assert fitted[0]["kind"] == "lf_crypto" and btc.step == 300 and len(btc) == 2 * DAY // 300
+
+
+def test_train_store_refuses_a_path_that_holds_no_store(tmp_path: Path, data_dir: Path, cut: int,
+                                                        fitted: list[dict[str, Any]]) -> None:
+    missing = train(tmp_path / "nowhere", cut)
+    assert missing.exit_code == 2 and "does not exist" in said(missing), missing.output
+    (tmp_path / "plain").mkdir()
+    plain = train(tmp_path / "plain", cut)
+    assert plain.exit_code == 2 and "no history store at" in said(plain), plain.output
+    (data_dir / "BTC").mkdir()  # a data dir that also looks like a history root: which one was meant?
+    both = train(data_dir, cut)
+    assert both.exit_code == 2 and "both a history/ folder and asset folders" in said(both), both.output
+    assert not fitted
+
+
+def test_train_store_says_when_the_store_lacks_the_window(data_dir: Path, cut: int,
+                                                          fitted: list[dict[str, Any]]) -> None:
+    early = train(data_dir, cut - 10 * DAY)
+    assert early.exit_code == 1 and "has no 60s history" in said(early), early.output
+    assert str(data_dir / "history") in squeezed(early) and not fitted
+    no_cut = CliRunner().invoke(app, ["train", "--model", "hf", "--store", str(data_dir)])
+    assert no_cut.exit_code == 2 and "--cut" in said(no_cut)

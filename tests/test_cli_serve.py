@@ -1,0 +1,242 @@
+"""``synth-miner serve`` as an operator meets it: what it logs when it starts, and how it refuses to.
+
+Every start failure is one clear line and a non-zero exit, found before the models load. The chain
+is reached only at a closed loopback port and the public-IP lookup is patched: nothing leaves the
+machine, whatever the code under test does.
+"""
+
+import asyncio
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bittensor.utils import networking
+from typer.testing import CliRunner
+
+import core.engines_registry
+from core.settings import Settings
+from miner.access import MetagraphView
+from miner.fallback import StatisticalForecaster, fallback_source
+from miner.runtime import build_app, serve
+from synth_miner.cli import app
+from synth_miner.devstack import free_port, make_wallet
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _keep_logging() -> Iterator[None]:
+    """serve() installs its own root handler (on the stream of the moment): put the old ones back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.fixture
+def no_models(tmp_path: Path) -> Path:
+    """A models folder without checkpoints: PatchTST cannot load, as on a box asked for a missing GPU."""
+    folder = tmp_path / "no-models"
+    folder.mkdir()
+    return folder
+
+
+def local_settings(tmp_path: Path, models_dir: Path, replay_dir: Path, **extra: Any) -> Settings:
+    return Settings(_env_file=None, local=True, axon_host="127.0.0.1", axon_port=free_port(),
+                    wallet_path=str(tmp_path / "wallets"), wallet_name="miner", data_dir=tmp_path / "data",
+                    artifacts_dir=tmp_path / "artifacts", models_dir=models_dir, price_provider="replay",
+                    replay_dir=replay_dir, engine="patchtst", log_level="INFO", **extra)
+
+
+# ------------------------------------------------------------------ 1. the engine named at start-up
+
+
+def test_startup_line_names_the_engine_actually_served(tmp_path: Path, no_models: Path, shared_data: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    stop = asyncio.Event()
+    stop.set()  # start fully (axon on loopback included), then stop at once
+    asyncio.run(serve(local_settings(tmp_path, no_models, shared_data), stop))
+    text = capsys.readouterr().err
+    line = next(x for x in text.splitlines() if "miner serving:" in x)
+    assert "engine ewma_t (patchtst unavailable)" in line, line
+    assert "engine patchtst," not in line
+
+
+# ------------------------------------------------------------------ 6. the models are loaded once
+
+
+def test_models_are_loaded_once_per_start(tmp_path: Path, shared_data: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    loads: list[Path | None] = []
+    real = core.engines_registry.engines_over
+
+    def counting(settings: Settings, models_dir: Path | None) -> Any:
+        loads.append(models_dir)
+        return real(settings, models_dir)
+
+    monkeypatch.setattr(core.engines_registry, "engines_over", counting)
+    built = build_app(local_settings(tmp_path, ROOT / "models", shared_data))
+    assert len(loads) == 1, "the fallback loaded every engine (PatchTST included) a second time"
+    assert built.forecaster is not None
+    pool, fallback = built.forecaster.current(), built.service.fallback.current()
+    assert fallback.default == "ewma_t"
+    assert fallback.engines["ewma_t"] is pool.engines["ewma_t"]  # shared, not a copy
+    assert fallback.scale is pool.scale  # and the same calibration
+
+
+def test_a_celery_miner_loads_no_model_for_its_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(core.engines_registry, "engines_over", lambda *a: pytest.fail("models loaded"))
+    settings = Settings(_env_file=None, artifacts_dir=tmp_path / "artifacts")
+    source = fallback_source(settings, None)
+    assert isinstance(source, StatisticalForecaster)
+    assert source.current().default == "ewma_t" and "patchtst" not in source.current().engines
+
+
+# ------------------------------------------------------------------ 2-4. refusals: one line, non-zero exit
+
+
+def run_serve(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """The real command in its own process (rich tracebacks and bittensor's __del__ noise included)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SYNTH_")}
+    clean.update({"PYTHONPATH": str(ROOT), "COLUMNS": "250", "SYNTH_DATA_DIR": str(tmp_path / "data"),
+                  "SYNTH_ARTIFACTS_DIR": str(tmp_path / "artifacts"), "SYNTH_MODELS_DIR": str(tmp_path / "no-models"),
+                  "SYNTH_WALLET_PATH": str(tmp_path / "wallets"), "SYNTH_LOG_LEVEL": "WARNING", **(env or {})})
+    (tmp_path / "no-models").mkdir(exist_ok=True)
+    try:
+        done = subprocess.run([sys.executable, "-m", "synth_miner.cli", "serve", "--port", str(free_port()), *args],
+                              env=clean, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired as exc:
+        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else str(exc.stderr)
+        pytest.fail(f"serve did not refuse to start: still running after 60 s\n{err[-3000:]}")
+    return done.returncode, done.stdout + done.stderr
+
+
+def flat(text: str) -> str:
+    """The output with rich's box drawing and line wrapping removed."""
+    return " ".join(text.replace("│", " ").replace("╭", " ").replace("╰", " ").split())
+
+
+def assert_short(text: str) -> None:
+    assert "Traceback" not in text and "Exception ignored" not in text, text[-3000:]
+    assert len(text.strip().splitlines()) <= 8, text[-3000:]
+
+
+def test_missing_wallet_is_named_before_anything_else(tmp_path: Path) -> None:
+    chain = f"ws://127.0.0.1:{free_port()}"  # closed: nothing leaves the machine, fixed or not
+    code, text = run_serve(tmp_path, "--wallet-name", "nobody", "--external-ip", "10.0.0.1", "--network", chain)
+    assert code == 1, text
+    assert_short(text)
+    assert f"no hotkey at {tmp_path / 'wallets' / 'nobody' / 'hotkeys' / 'default'}" in text, text
+
+
+def test_unreachable_chain_is_one_line(tmp_path: Path) -> None:
+    make_wallet(tmp_path / "wallets", "miner")
+    chain = f"ws://127.0.0.1:{free_port()}"
+    code, text = run_serve(tmp_path, "--wallet-name", "miner", "--external-ip", "10.0.0.1", "--network", chain)
+    assert code == 1, text
+    assert_short(text)
+    assert f"refusing to start: cannot reach the chain {chain} (ConnectionError" in text, text
+
+
+def test_unknown_public_ip_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline() -> str:
+        raise networking.ExternalIPNotFound()
+
+    make_wallet(tmp_path / "wallets", "miner")
+    monkeypatch.setattr(networking, "get_external_ip", offline)
+    monkeypatch.chdir(tmp_path)
+    for key in [k for k in os.environ if k.startswith("SYNTH_")]:
+        monkeypatch.delenv(key)
+    result = CliRunner().invoke(app, ["serve", "--wallet-path", str(tmp_path / "wallets"), "--wallet-name", "miner",
+                                      "--network", f"ws://127.0.0.1:{free_port()}", "--log-level", "WARNING"],
+                                env={"SYNTH_MODELS_DIR": str(tmp_path), "SYNTH_DATA_DIR": str(tmp_path / "data"),
+                                     "SYNTH_ARTIFACTS_DIR": str(tmp_path / "artifacts")})
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "refusing to start: cannot determine the public IP (ExternalIPNotFound): pass --external-ip" \
+        in result.output, result.output
+
+
+@pytest.mark.parametrize("content", [None, "not json", '{"hotkey": "5abc"}', '["5abc"]', '[{"stake": 1}]'])
+def test_bad_metagraph_file_is_a_usage_error(tmp_path: Path, content: str | None) -> None:
+    path = tmp_path / "metagraph.json"
+    if content is not None:
+        path.write_text(content)
+    code, text = run_serve(tmp_path, "--local", "--metagraph-file", str(path))
+    assert code == 2, text
+    assert_short(text)
+    assert f"Invalid value for --metagraph-file / SYNTH_METAGRAPH_FILE: metagraph file {path} is not a JSON list" \
+        in flat(text), text
+
+
+def test_a_metagraph_file_must_hold_a_list(tmp_path: Path) -> None:
+    path = tmp_path / "metagraph.json"
+    path.write_text("{}")  # iterates as an empty list: it used to load as an empty metagraph
+    with pytest.raises(ValueError, match="not a JSON list"):
+        MetagraphView.from_file(path)
+    path.write_text(json.dumps([{"hotkey": "5vali", "stake": 1.0, "validator_permit": True}]))
+    assert MetagraphView.from_file(path).get("5vali") is not None
+
+
+@pytest.mark.parametrize("folder", ["missing", "empty"])
+def test_replay_folder_without_prices_is_refused(tmp_path: Path, folder: str) -> None:
+    path = tmp_path / folder
+    if folder == "empty":
+        path.mkdir()
+        (path / "notes.txt").write_text("no prices here")
+    code, text = run_serve(tmp_path, "--local", "--replay-dir", str(path))
+    assert code == 2, text
+    assert_short(text)
+    expected = "does not exist" if folder == "missing" else "holds no price file for any replayed asset"
+    assert f"Invalid value for --replay-dir / SYNTH_REPLAY_DIR: replay folder {path} {expected}" in flat(text), text
+
+
+def test_unexpected_error_is_one_line_and_non_zero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    async def broken(settings: Settings, stop: asyncio.Event | None = None) -> None:
+        raise RuntimeError("disk\non fire")
+
+    monkeypatch.setattr("miner.runtime.serve", broken)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["serve", "--local"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.output.strip() == "miner stopped: RuntimeError: disk on fire", result.output
+    # A bug, unlike a refused configuration, keeps its traceback: in the log.
+    logged = [r for r in caplog.records if r.getMessage() == "the miner stopped on an unexpected error"]
+    assert len(logged) == 1 and logged[0].exc_info is not None
+
+
+# ------------------------------------------------------------------ 5. the bind address under --local
+
+
+@pytest.mark.parametrize(("args", "env", "dotenv", "host"), [
+    (["--local"], {}, None, "127.0.0.1"),  # the local default
+    (["--local", "--host", "0.0.0.0"], {}, None, "0.0.0.0"),  # an explicit flag wins
+    (["--local"], {"SYNTH_AXON_HOST": "0.0.0.0"}, None, "0.0.0.0"),  # and so does the environment
+    (["--local"], {}, "SYNTH_AXON_HOST=10.1.2.3\n", "10.1.2.3"),  # or .env
+    ([], {"SYNTH_LOCAL": "true"}, None, "127.0.0.1"),  # local mode from the environment: same default
+    ([], {}, None, "0.0.0.0"),  # production: every interface
+])
+def test_local_binds_loopback_unless_a_host_is_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     args: list[str], env: dict[str, str], dotenv: str | None,
+                                                     host: str) -> None:
+    seen: list[Settings] = []
+
+    async def record(settings: Settings, stop: asyncio.Event | None = None) -> None:
+        seen.append(settings)
+
+    monkeypatch.setattr("miner.runtime.serve", record)
+    monkeypatch.chdir(tmp_path)
+    for key in [k for k in os.environ if k.startswith("SYNTH_")]:
+        monkeypatch.delenv(key)
+    if dotenv:
+        (tmp_path / ".env").write_text(dotenv)
+    result = CliRunner().invoke(app, ["serve", *args], env=env)
+    assert result.exit_code == 0, result.output
+    assert [s.axon_host for s in seen] == [host]
