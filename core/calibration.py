@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 STATE_FORMAT = 1
 CALIBRATION_FILE = "calibration.json"
 MAX_JSON_INT = 2**1023  # larger integers overflow float(): refused as numbers
+SCALE_SANE = (0.01, 100.0)  # a loaded scale outside this is a corrupt file, whatever the search bounds
 HISTORY_KEPT = 100  # runs remembered per key: four days of hourly runs
 LIVE_PATHS = 1000  # paths the validators ask for; the search uses fewer (see ensemble_optimum)
 
@@ -341,8 +342,10 @@ def _entry(key: str, raw: object) -> Entry:
                   history=tuple(_move(m, where) for m in history))
     if entry.key != key:
         raise CalibrationError(f"{where}: fields name a different key {entry.key!r}")
-    if entry.scale <= 0 or entry.time_increment <= 0 or entry.samples < 0:
-        raise CalibrationError(f"{where}: scale and time_increment must be > 0 and samples >= 0")
+    if entry.time_increment <= 0 or entry.samples < 0:
+        raise CalibrationError(f"{where}: time_increment must be > 0 and samples >= 0")
+    if not SCALE_SANE[0] <= entry.scale <= SCALE_SANE[1]:  # e.g. 1e-300 would serve flat paths
+        raise CalibrationError(f"{where}: scale {entry.scale} is outside the sane range {list(SCALE_SANE)}")
     return entry
 
 

@@ -8,8 +8,10 @@ and raises ``CheckpointError`` on any mismatch: a server must never forecast wit
 mis-wired model (the failure that leads to silently wrong paths).
 """
 
+import math
 import os
-from dataclasses import asdict, dataclass, field, replace
+import tempfile
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +52,15 @@ def ewma_from_dict(raw: Any) -> EwmaConfig:
     """The EWMA-t base a checkpoint was trained on: pinned, so retuning the engine cannot shift it."""
     if not isinstance(raw, dict):
         raise CheckpointError("feature spec has no EWMA base")
-    fields = dict(raw)
-    fields["latent"] = LatentVol(**(fields.get("latent") or {}))
-    return EwmaConfig(**fields)
+    values = dict(raw)
+    values["latent"] = LatentVol(**(values.get("latent") or {}))
+    config = EwmaConfig(**values)
+    # The base every forecast is a correction of: a NaN or a non-positive value here serves NaN paths.
+    numbers = {k: v for k, v in asdict(config).items() if k != "latent"}
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+               for v in numbers.values()) or not config.nu > 2.0:
+        raise CheckpointError(f"EWMA base invalid (positive finite numbers and nu > 2 needed): {numbers}")
+    return config
 
 
 @dataclass
@@ -66,6 +74,7 @@ class Checkpoint:
     # Std multiplier on steps outside the US regular session (SESSION_KINDS only), picked on
     # validation: how much of the model's variance the overnight move really takes. 1 = none.
     closed_scale: float = 1.0
+    stale_slack_s: int = 0  # the feature spec's staleness slack the model was trained with
     # Further ensemble members (same config and inputs, other seeds); their laws are averaged with
     # the first member's (``state_dict``). Empty for a single model.
     members: list[dict[str, torch.Tensor]] = field(default_factory=list)
@@ -74,7 +83,7 @@ class Checkpoint:
 
     @property
     def spec(self) -> FeatureSpec:
-        return replace(FEATURE_SPECS[self.kind], ewma=self.ewma)
+        return replace(FEATURE_SPECS[self.kind], ewma=self.ewma, stale_slack_s=self.stale_slack_s)
 
     @property
     def assets(self) -> tuple[str, ...]:
@@ -102,11 +111,24 @@ class Checkpoint:
 
 
 def save(checkpoint: Checkpoint, path: Path) -> None:
-    """Write atomically (temp file + rename): a reader never sees half a checkpoint."""
+    """Write atomically (temp file + fsync + rename): a reader never sees half a checkpoint.
+
+    The temporary file has a unique name, so two writers of one path (the CLI and the retraining
+    job) cannot rename each other's half-written file into place, and it is removed on failure.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(checkpoint.payload(), tmp)
-    os.replace(tmp, path)
+    payload = checkpoint.payload()
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide the model from workers of another user
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
 
 
 def _expect(what: str, found: object, expected: object) -> None:
@@ -142,8 +164,12 @@ def from_payload(payload: dict[str, Any], expected_kind: str | None = None) -> C
         stored_spec = payload.get("feature_spec")
         if not isinstance(stored_spec, dict):
             raise CheckpointError("feature spec missing")
+        stored_spec = {"stale_slack_s": 0, **stored_spec}  # checkpoints before the slack used none
         ewma = ewma_from_dict(stored_spec.get("ewma"))
-        spec = replace(FEATURE_SPECS[kind], ewma=ewma)
+        slack = stored_spec["stale_slack_s"]
+        if isinstance(slack, bool) or not isinstance(slack, int) or slack < 0:
+            raise CheckpointError(f"feature spec: stale_slack_s must be a whole number of seconds >= 0, got {slack!r}")
+        spec = replace(FEATURE_SPECS[kind], ewma=ewma, stale_slack_s=slack)
         _expect("feature spec", stored_spec, spec_dict(spec))
         _expect("series", payload.get("series"), list(SERIES_NAMES))
         _expect("context features", payload.get("context_features"), context_feature_names(spec))
@@ -152,6 +178,10 @@ def from_payload(payload: dict[str, Any], expected_kind: str | None = None) -> C
         raw_cfg = payload.get("config")
         if not isinstance(raw_cfg, dict):
             raise CheckpointError("config missing")
+        expected_keys = {f.name for f in fields(PatchTSTConfig)}
+        if set(raw_cfg) != expected_keys:  # a missing field would silently take today's default
+            raise CheckpointError(f"config invalid: missing {sorted(expected_keys - set(raw_cfg))}, "
+                                  f"unknown {sorted(set(raw_cfg) - expected_keys)}")
         try:
             config = PatchTSTConfig(**raw_cfg)
             config.check()
@@ -186,7 +216,7 @@ def from_payload(payload: dict[str, Any], expected_kind: str | None = None) -> C
         if float(closed_scale) != 1.0 and kind not in SESSION_KINDS:
             raise CheckpointError(f"closed_scale {closed_scale} on {kind}, which has no session steps")
         return Checkpoint(kind=kind, config=config, state_dict=state, norm=NormStats(mean, std), ewma=ewma,
-                          latent=latent, closed_scale=float(closed_scale), members=members,
+                          latent=latent, closed_scale=float(closed_scale), stale_slack_s=slack, members=members,
                           data_window=dict(payload.get("data_window") or {}),
                           metrics=dict(payload.get("metrics") or {}))
     except CheckpointError:
@@ -198,7 +228,12 @@ def from_payload(payload: dict[str, Any], expected_kind: str | None = None) -> C
 def _weights(raw: Any, what: str) -> dict[str, torch.Tensor]:
     if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
         raise CheckpointError(f"{what} missing or not tensors")
-    if not all(bool(torch.isfinite(v).all()) for v in raw.values() if v.is_floating_point()):
+    # Every weight of the model is real floating point; an integer or complex tensor would be cast
+    # silently on loading (a complex NaN would even slip past the finiteness check below).
+    odd = sorted(k for k, v in raw.items() if not v.is_floating_point())
+    if odd:
+        raise CheckpointError(f"{what} holds non-floating-point tensors: {odd}")
+    if not all(bool(torch.isfinite(v).all()) for v in raw.values()):
         raise CheckpointError(f"{what} holds non-finite weights")
     return raw
 
@@ -207,7 +242,10 @@ def build_model(checkpoint: Checkpoint) -> LawModel:
     """The network (an ensemble when there are members) in eval mode; missing or extra weights raise."""
     nets = []
     for i, state in enumerate([checkpoint.state_dict, *checkpoint.members]):
-        net = PatchTST(checkpoint.config)
+        try:
+            net = PatchTST(checkpoint.config)
+        except Exception as exc:  # a Checkpoint built in code bypasses from_payload's config check
+            raise CheckpointError(f"config invalid: {type(exc).__name__}: {exc}") from exc
         try:
             net.load_state_dict(state, strict=True)
         except RuntimeError as exc:

@@ -269,14 +269,20 @@ def build_windows(kind: str, files: Mapping[str, FileSlice], stride_s: int, val_
 
 
 def split_train_val(windows: WindowSet) -> tuple[WindowSet, WindowSet]:
-    """Time-ordered per asset: training windows end before validation starts."""
+    """Time-ordered per asset: training windows end before validation starts.
+
+    Bar-exact: the last bar a training target reads (it opens at origin - lag + horizon * step) opens
+    before the asset's first validation bar, and a validation window's first grid bar opens at or
+    after it, so no bar is both a training target and a validation one.
+    """
     spec = FEATURE_SPECS[windows.kind]  # horizon and step are fixed per kind
     vocab = MODEL_ASSETS[windows.kind]
     starts = np.array([windows.val_start.get(a, np.iinfo(np.int64).max) for a in vocab]
                       + [np.iinfo(np.int64).max], np.int64)
     start = starts[windows.asset]
-    train = np.flatnonzero(windows.origin + spec.horizon * spec.step <= start)
-    val = np.flatnonzero(windows.origin >= start)
+    lag = realised_lag(spec.step)
+    train = np.flatnonzero(windows.origin - lag + spec.horizon * spec.step < start)
+    val = np.flatnonzero(windows.origin - lag >= start)
     return windows.subset(train), windows.subset(val)
 
 

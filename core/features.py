@@ -19,6 +19,7 @@ Returns are always between adjacent bars (``diff(ts) == step``); a return across
 exactly as ``PriceHistory.log_returns`` and the EWMA-t engine do.
 """
 
+import logging
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
@@ -32,6 +33,8 @@ from core.prices import PriceHistory
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
+
+log = logging.getLogger(__name__)
 
 FEATURE_VERSION = 2  # bump whenever a feature's meaning changes: old checkpoints then refuse to load
 NY = ZoneInfo("America/New_York")
@@ -55,19 +58,26 @@ class FeatureSpec:
     # EWMA base and the features are computed from what backtests and production give an engine.
     lookback_s: int = 14 * 86_400
     ewma: EwmaConfig = field(default_factory=EwmaConfig)  # the base the head corrects (pinned per checkpoint)
+    # Staleness below this does not count (pinned per checkpoint; 0 in those that predate it). Training
+    # sees bars up to the guard before the origin, but a live request comes ~120 s before its start and
+    # the newest cached bar may be a minute older than that: an unseen feature value there moved sigma
+    # by 6-14 % at 1-minute steps. Closures and outages (hours) still register.
+    stale_slack_s: int = 0
 
     @property
     def min_returns(self) -> int:
         return max(self.context_len, max(self.windows))
 
 
+STALE_SLACK_S = 180  # the live request lead (~120 s) and one bar's age: the normal serving delay
+
 FEATURE_SPECS: dict[str, FeatureSpec] = {
     "hf": FeatureSpec(step=60, horizon=60, context_len=480, windows=(15, 60, 240),
-                      coarse_windows=(48, 288), ewma=DEFAULT_CONFIGS[60]),
+                      coarse_windows=(48, 288), ewma=DEFAULT_CONFIGS[60], stale_slack_s=STALE_SLACK_S),
     "lf_crypto": FeatureSpec(step=300, horizon=288, context_len=576, windows=(12, 48, 288, 576),
-                             ewma=DEFAULT_CONFIGS[300]),
+                             ewma=DEFAULT_CONFIGS[300], stale_slack_s=STALE_SLACK_S),
     "lf_equity": FeatureSpec(step=300, horizon=288, context_len=384, windows=(12, 78, 390),
-                             ewma=DEFAULT_CONFIGS[300]),
+                             ewma=DEFAULT_CONFIGS[300], stale_slack_s=STALE_SLACK_S),
 }
 
 SERIES_NAMES = ("ret", "abs_ret")  # channels of the encoder input
@@ -156,6 +166,16 @@ def ny_local_seconds(ts: npt.ArrayLike) -> IntArray:
     return out
 
 
+CALENDAR_LAST_DAY = (date(2027, 12, 31) - date(1970, 1, 1)).days  # the lists above end with 2027
+
+
+@lru_cache(maxsize=1)
+def _warn_calendar_ended() -> None:
+    """Once per process: past the lists, NYSE holidays count as trading days until someone extends them."""
+    log.warning("the NYSE holiday calendar in core/features.py ends on 2027-12-31: later holidays and "
+                "early closes are treated as normal trading days; extend NYSE_HOLIDAYS and NYSE_HALF_DAYS")
+
+
 @dataclass(frozen=True)
 class UsSession:
     open: FloatArray  # 1 while the regular session is open
@@ -172,6 +192,8 @@ def us_session(ts: npt.ArrayLike) -> UsSession:
     minute = (local % 86_400) / 60.0
     weekday = (day + 3) % 7  # 1970-01-01 was a Thursday; 0 = Monday
     holidays, halves = _calendar_days()
+    if day.size and int(day.max()) > CALENDAR_LAST_DAY:
+        _warn_calendar_ended()
     trading = (weekday < 5) & ~np.isin(day, holidays)
     half = trading & np.isin(day, halves)
     close = np.where(half, HALF_CLOSE_MIN, CLOSE_MIN)
@@ -190,11 +212,19 @@ def step_starts(origins: npt.ArrayLike, step: int, horizon: int) -> IntArray:
     return out
 
 
+def hour_mark(starts: IntArray, step: int, period: int) -> FloatArray:
+    """1.0 where a 1-minute step starts on a multiple of ``period`` seconds; 0 at coarser steps."""
+    marks: FloatArray = ((starts % period == 0) & (step == 60)).astype(np.float64)
+    return marks
+
+
 def step_features(origins: npt.ArrayLike, step: int, horizon: int) -> FloatArray:
     """Calendar of each horizon step: float64[len(origins), horizon, len(STEP_FEATURE_NAMES)].
 
     Step h covers [origin + h*step, origin + (h+1)*step); its features describe the step's middle,
-    except the hour marks, which flag steps that contain a whole or half hour at their start.
+    except the hour marks, which flag 1-minute steps that start on a whole or half hour. At 5-minute
+    steps they stay 0: the LF models train on 5-minute bars whose origins sit at 240 s (mod 300), where
+    no step starts on the hour, so a live origin on a 5-minute mark would feed them untrained weights.
     """
     starts = step_starts(origins, step, horizon)  # (B, H)
     mid = starts + step // 2
@@ -207,7 +237,7 @@ def step_features(origins: npt.ArrayLike, step: int, horizon: int) -> FloatArray
     frac = np.broadcast_to((np.arange(horizon) + 0.5) / horizon, starts.shape)
     cols = [np.sin(tod), np.cos(tod), np.sin(2 * tod), np.cos(2 * tod), np.sin(3 * tod), np.cos(3 * tod),
             np.sin(ny_tod), np.cos(ny_tod), np.sin(dow), np.cos(dow), (weekday >= 5).astype(np.float64),
-            (starts % 3600 == 0).astype(np.float64), (starts % 1800 == 0).astype(np.float64),
+            hour_mark(starts, step, 3600), hour_mark(starts, step, 1800),
             session.open, session.since_open, session.to_close, session.trading_day, session.half_day, frac]
     return np.stack(cols, axis=-1)
 
@@ -291,8 +321,8 @@ def context_inputs(spec: FeatureSpec, native: Returns, origin: int,
     fast, slow = max(fast, VAR_FLOOR), max(slow, VAR_FLOOR)
     sd = np.sqrt(fast)
     r = native.r
-    # Staleness beyond one step (closures, outages); 0 for the normal serving delay.
-    stale = max(origin - int(native.known_ts[-1]) - spec.step, 0) / spec.step
+    # Staleness beyond one step and the slack (closures, outages); 0 for the normal serving delay.
+    stale = max(origin - int(native.known_ts[-1]) - spec.step - spec.stale_slack_s, 0) / spec.step
     values = [0.5 * np.log(fast / slow), np.log1p(stale)]
     for w in spec.windows:
         tail = r[-w:]

@@ -23,7 +23,7 @@ embedding) instead of PatchTST's flatten head, which at 288 steps would hold ~94
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, NamedTuple
 
 import torch
@@ -62,6 +62,19 @@ class PatchTSTConfig:
         return (self.context_len - self.patch_len) // self.stride + 1
 
     def check(self) -> None:
+        # A config also comes from a checkpoint file: wrong types or ranges must fail here, with a
+        # clear message, not later inside torch (or, worse, as NaN laws: max_log_sigma = 0 divides by 0).
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type is int:
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"{f.name} must be a positive integer, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.max_log_sigma > 0.0 or not self.max_mu >= 0.0:
+            raise ValueError(f"need max_log_sigma > 0 and max_mu >= 0, got {self.max_log_sigma}, {self.max_mu}")
         if self.context_len < self.patch_len or self.patch_len < 1 or self.stride < 1:
             raise ValueError(f"bad patching: context {self.context_len}, patch {self.patch_len}, stride {self.stride}")
         if self.d_model % self.n_heads:
@@ -103,8 +116,10 @@ class PatchEmbedding(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        # x: (B, C, L) -> patches (B, C, N, P): the newest patch ends on the newest return
-        patches = x.unfold(-1, self.patch_len, self.stride)
+        # x: (B, C, L) -> patches (B, C, N, P): the newest patch ends on the newest return. When
+        # (L - P) is not a multiple of the stride, the oldest returns are left out, never the newest.
+        skip = (x.shape[-1] - self.patch_len) % self.stride
+        patches = x[..., skip:].unfold(-1, self.patch_len, self.stride)
         tokens: Tensor = self.drop(self.proj(patches) + self.pos)  # (B, C, N, d)
         return tokens
 

@@ -27,7 +27,7 @@ from core.checkpoint import save
 from core.datasets import MODEL_ASSETS, DatasetError, histories_from_cache
 from core.evaluation import GRIDS, AssetHistory
 from core.features import FEATURE_SPECS
-from core.history_store import HistoryStore
+from core.history_store import HistoryStore, HistoryStoreError
 from core.prices import PriceHistory
 from core.settings import Settings
 from core.training import (
@@ -84,7 +84,11 @@ def gate_cases(settings: Settings, store: HistoryStore, kind: str, now: int) -> 
 def run_gate(settings: Settings, artifacts: ArtifactStore, history: HistoryStore, kind: str, checkpoint_file: Path,
              trained: DataWindow, now: int) -> dict[str, Any]:
     """Stage ``kind``'s retrained checkpoint over the current set, score it against the served model."""
-    cases = gate_cases(settings, history, kind, now)
+    try:
+        cases = gate_cases(settings, history, kind, now)
+    except HistoryStoreError as exc:  # a corrupt partition: no verdict, nothing published, the job goes on
+        log.error("retrained %s not gated: %s", kind, exc)
+        return {"cases": 0, "published": None, "reason": f"gate failed: history store unreadable: {exc}"}
     if not cases:
         return {"cases": 0, "published": None, "reason": "no scorable prompt in the held-back tail"}
     files = {checkpoint_file.name: checkpoint_file.read_bytes()}
@@ -124,7 +128,12 @@ def run_retrain_job(settings: Settings, now: int | None = None, options: TrainOp
     out_dir: Path = artifacts.staging_dir / f"models-{time.strftime('%Y%m%dT%H%M', time.gmtime(now))}"
     report: dict[str, Any] = {"staged": str(out_dir), "trained_to": cut, "models": {}}
     for kind, spec in FEATURE_SPECS.items():
-        files = histories_from_cache(reader, MODEL_ASSETS[kind], spec.step, start, cut)
+        try:
+            files = histories_from_cache(reader, MODEL_ASSETS[kind], spec.step, start, cut)
+        except HistoryStoreError as exc:  # one corrupt partition must not stop the other models
+            log.error("%s not retrained: %s", kind, exc)
+            report["models"][kind] = f"skipped: history store unreadable: {exc}"
+            continue
         if not files:
             report["models"][kind] = "skipped: no history in the store"
             continue

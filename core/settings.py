@@ -139,7 +139,7 @@ class Settings(BaseSettings):
     calibration_alpha_hf: Annotated[float, Field(gt=0, le=1, description="log-space EMA weight, 1 h")] = 0.4
     calibration_alpha_lf: Annotated[float, Field(gt=0, le=1, description="log-space EMA weight, 24 h")] = 0.2
     calibration_scale_min: Annotated[float, Field(gt=0, le=1, description="sigma_scale floor")] = 0.5
-    calibration_scale_max: Annotated[float, Field(ge=1, description="sigma_scale ceiling")] = 2.0
+    calibration_scale_max: Annotated[float, Field(ge=1, le=100, description="sigma_scale ceiling")] = 2.0
     calibration_max_move_hf: Annotated[float, Field(gt=0, lt=1, description="largest move per run, 1 h")] = 0.10
     calibration_max_move_lf: Annotated[float, Field(gt=0, lt=1, description="largest move per run, 24 h")] = 0.07
     calibration_min_samples_hf: Annotated[int, Field(ge=1, description="scored 1 h prompts to move")] = 150
@@ -150,7 +150,7 @@ class Settings(BaseSettings):
     calibration_spacing_lf_s: Annotated[int, Field(ge=60, description="one 24 h prompt per slot of this")] = 3600
     calibration_paths: Annotated[int, Field(ge=10, description="paths per prompt in the search")] = 200
     calibration_search_tol: Annotated[float, Field(gt=0, description="golden-section stop, log scale")] = 0.01
-    calibration_seed: Annotated[int, Field(description="prompt picks and common random numbers")] = 20_260_526
+    calibration_seed: Annotated[int, Field(ge=0, description="prompt picks and common random numbers")] = 20_260_526
     calibration_rules: Annotated[Literal["head", "upstream"], Field(description="validator rules")] = "upstream"
     champion_tolerance: Annotated[float, Field(ge=0, description="promote if CRPS <= champion*(1+tol)")] = 0.005
     artifacts_keep: Annotated[int, Field(ge=2, description="published versions kept, plus the current")] = 5

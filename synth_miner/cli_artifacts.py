@@ -72,14 +72,21 @@ def _store(artifacts_dir: Path | None, settings: Settings | None = None) -> Arti
 def histories_for(data_dir: Path | None, assets: list[str] | None, all_rows: bool, settings: Settings,
                   end: int | None) -> dict[str, AssetHistory]:
     """A CSV folder when one is given, else the history store the hourly job calibrates on."""
+    if assets:
+        assets = list(dict.fromkeys(a.upper() for a in assets))
+        unknown = [a for a in assets if a not in ASSETS]
+        if unknown:
+            raise typer.BadParameter(f"unknown asset(s) {', '.join(unknown)}; known: {', '.join(sorted(ASSETS))}",
+                                     param_hint="--asset")
     if data_dir is not None:
         return load_histories(data_dir, assets, all_rows)
     now = int(time.time()) if end is None else end
-    histories = store_histories(settings, now - now % 60, [a.upper() for a in assets] if assets else None)
+    histories = store_histories(settings, now - now % 60, assets or None)
     if not histories:
         raise typer.BadParameter(f"the history store in {settings.data_dir} holds no prices"
                                  f"{' for ' + ', '.join(assets) if assets else ''}: `synth-miner data import` or "
-                                 "`data sync` fills it, or pass a CSV folder", param_hint="--data-dir")
+                                 "`data sync` fills it, or pass a CSV folder with --data-dir",
+                                 param_hint="SYNTH_DATA_DIR")
     return histories
 
 
@@ -211,7 +218,7 @@ def rollback_cmd(
     to: Annotated[str | None, typer.Option(help="version to make current (default: the previous one)")] = None,
     artifacts_dir: DirOption = None,
 ) -> None:
-    """Point ``current`` back at an earlier (validated) version."""
+    """Point current back at an earlier (validated) version."""
     store = _store(artifacts_dir)
     before = store.current_version()
     try:

@@ -174,7 +174,11 @@ def test_state_json_round_trip_and_atomic_save(tmp_path: Path) -> None:
     (b'{"format": 2, "entries": {}}', "format"),
     (b'{"format": 1, "entries": []}', "must be objects"),
     ((b'{"format": 1, "entries": {"a:B:60": {"engine": "a", "asset": "B", "time_increment": 60, '
-      b'"scale": -1, "samples": 0}}}'), "must be > 0"),
+      b'"scale": -1, "samples": 0}}}'), "outside the sane range"),
+    ((b'{"format": 1, "entries": {"a:B:60": {"engine": "a", "asset": "B", "time_increment": 60, '
+      b'"scale": 1e-300, "samples": 0}}}'), "outside the sane range"),  # was served: flat paths
+    ((b'{"format": 1, "entries": {"a:B:0": {"engine": "a", "asset": "B", "time_increment": 0, '
+      b'"scale": 1, "samples": 0}}}'), "must be > 0"),
     ((b'{"format": 1, "entries": {"a:B:60": {"engine": "a", "asset": "C", "time_increment": 60, '
       b'"scale": 1, "samples": 0}}}'), "different key"),
     ((b'{"format": 1, "entries": {"a:B:60": {"engine": "a", "asset": "B", "time_increment": 60, '

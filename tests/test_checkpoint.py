@@ -20,7 +20,7 @@ from core.checkpoint import (
     save,
 )
 from core.engines.ewma import DEFAULT_CONFIGS, EwmaConfig
-from core.features import FEATURE_SPECS, NormStats, context_feature_names
+from core.features import FEATURE_SPECS, STALE_SLACK_S, NormStats, context_feature_names
 from core.model import PatchTST, PatchTSTEnsemble
 from core.path_sampling import LatentVol
 from core.training import model_config
@@ -99,6 +99,17 @@ def test_pinned_ewma_base_survives_a_retuned_engine(tmp_path: Path) -> None:
     assert loaded.spec.ewma == ck.ewma  # the base it was trained on, not today's default
 
 
+def test_the_staleness_slack_is_pinned_and_absent_means_none(tmp_path: Path) -> None:
+    ck = replace(make_checkpoint("hf"), stale_slack_s=STALE_SLACK_S)
+    save(ck, tmp_path / "hf.pt")
+    assert load(tmp_path / "hf.pt", expected_kind="hf")[0].spec.stale_slack_s == STALE_SLACK_S
+    older = make_checkpoint("lf_crypto").payload()
+    del older["feature_spec"]["stale_slack_s"]  # written before the slack existed: trained without one
+    assert from_payload(older).spec.stale_slack_s == 0
+    # The committed 1 h model was trained with the slack; the 24 h ones predate it and keep their inputs.
+    assert load(checkpoint_path(ROOT / "models", "hf"))[0].spec.stale_slack_s == STALE_SLACK_S
+
+
 Mutation = Callable[[dict[str, Any]], None]
 
 
@@ -171,6 +182,21 @@ MUTATIONS: dict[str, tuple[Mutation, str]] = {
     "member nan weight": (lambda p: p.__setitem__("members", [_nan_state(p["state_dict"])]), r"members\[0\] holds"),
     "member resized weight": (lambda p: p.__setitem__("members", [_resized_state(p["state_dict"])]),
                               "do not fit the config \\(member 1\\)"),
+    # A field absent from the file must not silently take today's default (it changes the laws).
+    "config missing field": (lambda p: p["config"].pop("max_log_sigma"), r"missing \['max_log_sigma'\]"),
+    "config float size": (_set(("config", "patch_len"), 24.0), "patch_len must be a positive integer"),
+    "config nan bound": (_set(("config", "max_log_sigma"), float("nan")), "max_log_sigma must be a finite"),
+    "config zero sigma bound": (_set(("config", "max_log_sigma"), 0.0), "max_log_sigma > 0"),
+    "config dropout": (_set(("config", "dropout"), 5.0), "dropout must be in"),
+    "complex weight": (lambda p: p["state_dict"].__setitem__("head.out.bias", torch.full((3,), complex("nan+0j"))),
+                       "non-floating-point"),
+    "integer weight": (lambda p: p["state_dict"].__setitem__("head.out.bias", torch.zeros(3, dtype=torch.int64)),
+                       "non-floating-point"),
+    "ewma nan": (_set(("feature_spec", "ewma", "half_life_bars"), float("nan")), "EWMA base invalid"),
+    "ewma negative var_mult": (_set(("feature_spec", "ewma", "var_mult"), -1.0), "EWMA base invalid"),
+    "ewma text": (_set(("feature_spec", "ewma", "reversion_bars"), "75"), "EWMA base invalid"),
+    "stale slack negative": (_set(("feature_spec", "stale_slack_s"), -60), "stale_slack_s"),
+    "stale slack text": (_set(("feature_spec", "stale_slack_s"), "180"), "stale_slack_s"),
 }
 
 
@@ -183,6 +209,33 @@ def test_every_mismatch_is_refused(tmp_path: Path, name: str) -> None:
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match=message):
         load(path)
+
+
+def test_a_checkpoint_built_in_code_with_a_bad_config_is_refused() -> None:
+    ck = make_checkpoint()
+    ck.config = replace(ck.config, dropout=2.0)  # bypasses from_payload: build_model must still say so
+    with pytest.raises(CheckpointError, match="config invalid"):
+        build_model(ck)
+
+
+def test_a_failed_save_leaves_the_old_checkpoint_and_no_temporary_file(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "lf_crypto.pt"
+    save(make_checkpoint(seed=0), path)
+    before = path.read_bytes()
+
+    def broken(obj: object, f: Any) -> None:
+        if isinstance(f, Path):
+            f.write_bytes(b"half a checkpoint")
+        else:
+            f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save(make_checkpoint(seed=1), path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lf_crypto.pt"]
 
 
 def test_wrong_kind_for_the_slot_is_refused(tmp_path: Path) -> None:

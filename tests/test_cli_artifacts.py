@@ -171,4 +171,8 @@ def test_calibrate_without_a_folder_reads_the_history_store_like_the_hourly_job(
     assert "ewma_t:BTC:60" in result.output and "nothing published" in result.output
     monkeypatch.setenv("SYNTH_DATA_DIR", str(tmp_path / "empty"))
     empty = CliRunner().invoke(app, args)
-    assert empty.exit_code == 2 and "holds no prices" in " ".join(empty.output.replace("│", " ").split())
+    text = " ".join(empty.output.replace("│", " ").split())
+    assert empty.exit_code == 2 and "holds no prices" in text and "SYNTH_DATA_DIR" in text
+    unknown = CliRunner().invoke(app, [*args[:3], "--asset", "FOO", *args[5:]])  # not "no prices": unknown
+    text = " ".join(unknown.output.replace("│", " ").split())
+    assert unknown.exit_code == 2 and "unknown asset(s) FOO; known:" in text, text

@@ -89,8 +89,11 @@ def test_step_features_shape_and_calendar() -> None:
     assert first[:12, col("us_open")].tolist() == [1.0] * 12  # 15:00..16:00
     assert first[12:, col("us_open")].max() == 0.0  # then the weekend
     assert first[-1, col("weekend")] == 1.0 and first[0, col("weekend")] == 0.0
-    assert first[0, col("on_hour")] == 1.0 and first[1, col("on_hour")] == 0.0
-    assert first[6, col("on_half_hour")] == 1.0
+    # Hour marks are a 1-minute feature: the LF models never see a 5-minute step start on the hour.
+    assert first[:, col("on_hour")].max() == 0.0 and first[:, col("on_half_hour")].max() == 0.0
+    minutes = step_features([origin - 17 * 60], 60, 60)[0]
+    assert np.flatnonzero(minutes[:, col("on_hour")]).tolist() == [17]
+    assert np.flatnonzero(minutes[:, col("on_half_hour")]).tolist() == [17, 47]
     assert np.allclose(first[:, col("horizon_frac")], (np.arange(288) + 0.5) / 288)
     # Steps are labelled by their middle: same calendar for the same clock time.
     calendar = [i for i, n in enumerate(STEP_FEATURE_NAMES) if n != "horizon_frac"]
@@ -162,7 +165,23 @@ def test_staleness_is_zero_when_fresh_and_grows_across_a_closure() -> None:
     name = context_feature_names(spec).index("log_stale")
     fresh = history_context(spec, h, int(h.ts[-1]) + 300 + 60).scalars[name]
     stale = history_context(spec, h, int(h.ts[-1]) + 300 + 17 * 3600).scalars[name]
-    assert fresh == 0.0 and stale == pytest.approx(np.log1p((17 * 3600 - 300) / 300))
+    slack = spec.stale_slack_s
+    assert fresh == 0.0 and stale == pytest.approx(np.log1p((17 * 3600 - 300 - slack) / 300))
+
+
+def test_the_live_serving_delay_is_not_staleness() -> None:
+    """A live request comes ~120 s before its start and the newest cached bar may be a minute older:
+    the model must see what training showed it (0), not a value it never saw."""
+    spec = FEATURE_SPECS["hf"]
+    h = synthetic(60, 3000, utc("2026-01-05T00:00:00"))
+    name = context_feature_names(spec).index("log_stale")
+    newest_close = int(h.ts[-1]) + 60
+    origin = newest_close + 180  # start - 60 s; the request came at start - 120 s, two minutes after the close
+    assert history_context(spec, h, origin).scalars[name] == 0.0
+    late = history_context(spec, h, origin + 600).scalars[name]  # ten minutes more: an outage registers
+    assert late == pytest.approx(np.log1p(9))  # 13 minutes past the close, less one step and the slack
+    legacy = replace(spec, stale_slack_s=0)  # checkpoints trained before the slack keep their inputs
+    assert history_context(legacy, h, origin).scalars[name] == pytest.approx(np.log1p(2))
 
 
 def test_norm_stats_fit_on_training_rows_only() -> None:
@@ -189,3 +208,15 @@ def test_real_data_context_is_finite(shared_data: Path) -> None:
         spec = FEATURE_SPECS[kind]
         inputs = history_context(spec, h.between(origin - spec.lookback_s, origin), origin)
         assert np.all(np.isfinite(inputs.scalars)) and np.all(inputs.base > 0)
+
+
+def test_a_day_past_the_nyse_calendar_is_reported_once(caplog: pytest.LogCaptureFixture) -> None:
+    from core.features import _warn_calendar_ended, us_session
+
+    _warn_calendar_ended.cache_clear()
+    with caplog.at_level("WARNING", logger="core.features"):
+        us_session([utc("2027-12-31T15:00:00")])
+        assert not caplog.records  # still inside the lists
+        us_session([utc("2028-07-04T15:00:00")])
+        us_session([utc("2028-12-25T15:00:00")])
+    assert len(caplog.records) == 1 and "ends on 2027-12-31" in caplog.records[0].getMessage()

@@ -98,6 +98,18 @@ def test_bad_configs_are_refused() -> None:
         PatchTST(PatchTSTConfig(nu_min=2.0))
     with pytest.raises(ValueError, match="patching"):
         PatchTST(PatchTSTConfig(context_len=8, patch_len=16))
+    # max_log_sigma = 0 would divide 0 by 0 in the head: every law NaN, silently.
+    with pytest.raises(ValueError, match="max_log_sigma > 0"):
+        PatchTST(PatchTSTConfig(max_log_sigma=0.0))
+    with pytest.raises(ValueError, match="max_mu >= 0"):
+        PatchTST(PatchTSTConfig(max_mu=-0.1))
+    with pytest.raises(ValueError, match="finite"):
+        PatchTST(PatchTSTConfig(nu_max=float("nan")))
+    with pytest.raises(ValueError, match="dropout"):
+        PatchTST(PatchTSTConfig(dropout=1.0))
+    for name, value in (("patch_len", 16.0), ("d_model", True), ("horizon", 0), ("n_assets", "4")):
+        with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
+            PatchTST(PatchTSTConfig(**{name: value}))
     cfg = model_config("hf")
     series, context, steps, asset = inputs(cfg)
     with pytest.raises(AssertionError, match="series"):
@@ -124,3 +136,21 @@ def test_ensemble_averages_laws_and_refuses_mixed_configs() -> None:
         PatchTSTEnsemble([PatchTST(cfg), PatchTST(model_config("hf", {"d_model": 16, "n_heads": 2}))])
     with pytest.raises(ValueError, match="at least one"):
         PatchTSTEnsemble([])
+
+
+def test_the_newest_returns_always_reach_a_patch() -> None:
+    """With (context - patch) not a multiple of the stride, the oldest returns are left out, never the newest."""
+    for patch_len, stride in ((16, 16), (16, 10), (24, 18)):
+        cfg = PatchTSTConfig(context_len=64, horizon=5, patch_len=patch_len, stride=stride, n_context=3, n_step=4)
+        embed = PatchTST(cfg).embed.eval()
+        x = torch.randn(1, 2, cfg.context_len)
+        newest, oldest = x.clone(), x.clone()
+        newest[..., -1] += 1.0
+        oldest[..., 0] += 1.0
+        with torch.no_grad():
+            base, moved = embed(x), embed(newest)
+            assert base.shape[2] == cfg.n_patches
+            assert not torch.equal(base[:, :, -1], moved[:, :, -1]), (patch_len, stride)  # in the newest patch
+            assert torch.equal(base[:, :, :-1], moved[:, :, :-1])
+            if (cfg.context_len - patch_len) % stride:
+                assert torch.equal(base, embed(oldest))  # the oldest return is the one left out

@@ -102,3 +102,22 @@ def test_the_gate_reports_every_outcome_and_publishes_only_a_model_that_does_not
     assert artifacts.load_current().manifest.data_window == trained
     second = run_gate(settings, artifacts, store, "hf", committed, trained, cut)
     assert second["champion"] == first["published"] and second["published"] == artifacts.current_version()
+
+
+def test_a_corrupt_store_partition_skips_the_model_instead_of_stopping_the_job(tmp_path: Path,
+                                                                               shared_data: Path) -> None:
+    cut = json.loads((shared_data / "manifest.json").read_text())["btc_1m"]["eval_start_ts"]
+    store = HistoryStore(tmp_path / "data" / "history")
+    store.append("BTC", read_csv(shared_data / "btc_1m.csv.gz", 60).between(cut - 3 * 86_400, cut))
+    store.partition("BTC", 60, (cut - 2 * 86_400) // 86_400).write_bytes(b"torn write")  # fails its header/CRC
+    settings = Settings(data_dir=tmp_path / "data", artifacts_dir=tmp_path / "artifacts", retrain_days=2,
+                        retrain_gate_days=1.1, retrain_gate_paths=50)
+    report = run_retrain_job(settings, now=cut, options=TrainOptions(epochs=1, arch=dict(TINY)))
+    for kind in ("hf", "lf_crypto"):  # both read BTC's 1-minute bars; lf_equity has no history at all
+        assert report["models"][kind].startswith("skipped: history store unreadable"), report["models"][kind]
+    assert report["models"]["lf_equity"].startswith("skipped")
+    artifacts = ArtifactStore.from_settings(settings)
+    gate = run_gate(settings, artifacts, store, "hf", settings.models_dir / "hf.pt",
+                    DataWindow(cut - 3 * 86_400, cut - 95_040), cut)
+    assert gate["published"] is None and gate["reason"].startswith("gate failed: history store unreadable")
+    assert artifacts.current_version() is None

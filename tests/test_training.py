@@ -15,6 +15,7 @@ from core.csv_history import write_csv
 from core.datasets import (
     DatasetError,
     FileSlice,
+    WindowSet,
     build_windows,
     load_csv_dir,
     read_training_file,
@@ -356,12 +357,39 @@ def test_refit_refuses_a_checkpoint_it_cannot_replay(tmp_path: Path) -> None:
         refit("hf", files, selected, tiny_options())
 
 
-def test_time_ordered_split_leaves_no_overlap(tmp_path: Path) -> None:
-    windows = build_windows("hf", hf_files(tmp_path), 1200, val_frac=0.3)
+@pytest.mark.parametrize("kind", ["hf", "lf_crypto"])
+def test_time_ordered_split_leaves_no_overlap(tmp_path: Path, kind: str) -> None:
+    spec = FEATURE_SPECS[kind]
+    if kind == "hf":
+        files = hf_files(tmp_path)
+    else:
+        h = seasonal_prices(300, 30 * 288, seed=3)
+        files = {"BTC": FileSlice("BTC", "btc_5m", h, START + 40 * 86_400, ())}
+    # Every origin, so the one whose target ends exactly on the first validation bar is built too.
+    windows = build_windows(kind, files, spec.step, val_frac=0.3)
     train_w, val_w = split_train_val(windows)
-    spec = FEATURE_SPECS["hf"]
     assert len(train_w) and len(val_w)
-    assert (train_w.origin + spec.horizon * spec.step).max() <= val_w.origin.min()
+    lag = spec.step - 60  # the grid price at t is the close of the bar opening at t - lag
+    last_train_bar = (train_w.origin - lag + spec.horizon * spec.step).max()
+    first_val_bar = (val_w.origin - lag).min()
+    assert first_val_bar == windows.val_start["BTC"]
+    assert last_train_bar < first_val_bar  # no bar is both a training target and a validation one
+    # Nothing between the two is lost: the next origin's target would reach the first validation bar.
+    assert last_train_bar + spec.step == first_val_bar
+
+
+def test_training_without_a_scorable_validation_prompt_fails_clearly(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import core.training
+
+    def unscorable(windows: WindowSet) -> tuple[WindowSet, WindowSet]:
+        train_w, val_w = split_train_val(windows)
+        val_w.scorable[:] = False  # e.g. equity validation windows whose 24 h end falls in a closure
+        return train_w, val_w
+
+    monkeypatch.setattr(core.training, "split_train_val", unscorable)
+    with pytest.raises(TrainingError, match="no validation prompt"):
+        train("hf", hf_files(tmp_path), tiny_options(epochs=1))
 
 
 def test_training_errors_are_typed(tmp_path: Path) -> None:
@@ -445,3 +473,12 @@ def test_training_from_the_history_store_stops_at_the_cut(tmp_path: Path) -> Non
     assert result.exit_code == 0, result.output
     checkpoint, _ = load(tmp_path / "models" / "hf.pt", expected_kind="hf")
     assert checkpoint.data_window["BTC"]["eval_start_ts"] == cut
+
+
+def test_hf_training_origins_cycle_through_every_minute_of_the_hour() -> None:
+    """Live 1 h prompts start on any minute: on :00/:30 only, the hour marks sat on fixed steps."""
+    from core.training import DEFAULT_STRIDE_S
+
+    stride = DEFAULT_STRIDE_S["hf"]
+    minutes = {(k * stride) % 3600 // 60 for k in range(60)}
+    assert len(minutes) == 60
