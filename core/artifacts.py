@@ -200,6 +200,48 @@ def _write_durably(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
+_OS_HINTS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+             errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+             errno.EPERM: "operation not permitted"}
+
+
+def _os_failure(action: str, exc: OSError) -> ArtifactError:
+    """An ArtifactError saying what could not be done and why, in words (disk full, read-only...)."""
+    hint = _OS_HINTS.get(exc.errno or 0)
+    where = f" ({exc.filename})" if exc.filename else ""
+    return ArtifactError(f"cannot {action}: {hint or exc.strerror or exc}{where}"
+                         + (f" [{exc.strerror}]" if hint and exc.strerror else ""))
+
+
+def _share_readable(directory: Path) -> None:
+    """Workers may run as another user: a published version must be readable (and its folder
+    searchable) by everyone, whatever the publisher's umask. Never narrows a mode."""
+    for path in [directory, *directory.iterdir()]:
+        mode = path.lstat().st_mode
+        wanted = mode | (0o555 if path.is_dir() else 0o444)
+        if path.is_symlink() or wanted == mode:
+            continue
+        try:
+            os.chmod(path, wanted & 0o7777)
+        except PermissionError as exc:  # someone else's file: it was readable enough for us to validate
+            log.warning("cannot make %s readable by other users: %s", path, exc)
+
+
+def _mkdir_shared(path: Path) -> None:
+    """mkdir -p, with the folders it creates searchable by every user (the workers' too)."""
+    missing = []
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    path.mkdir(parents=True, exist_ok=True)
+    for created in reversed(missing):
+        try:
+            os.chmod(created, (created.stat().st_mode | 0o555) & 0o7777)
+        except OSError as exc:
+            log.warning("cannot make %s searchable by other users: %s", created, exc)
+
+
 def _payload_names(directory: Path) -> list[str]:
     """Every file of a version directory except the manifest; anything else there is an error."""
     names = []
@@ -264,6 +306,8 @@ def read_set(directory: Path, loaders: Mapping[str, Loader], expected_version: s
         manifest = Manifest.from_json((directory / MANIFEST_FILE).read_bytes())
     except FileNotFoundError:
         raise ArtifactError(f"{directory}: missing {MANIFEST_FILE} (partial artifact)") from None
+    except OSError as exc:  # unreadable (permissions), a directory, an I/O error
+        raise ArtifactError(f"{directory / MANIFEST_FILE}: unreadable ({exc})") from None
     except ArtifactError as exc:
         raise ArtifactError(f"{directory / MANIFEST_FILE}: {exc}") from None
     if expected_version is not None and manifest.version != expected_version:
@@ -272,6 +316,8 @@ def read_set(directory: Path, loaders: Mapping[str, Loader], expected_version: s
         on_disk = set(_payload_names(directory))
     except FileNotFoundError:
         raise ArtifactError(f"{directory}: disappeared while being read") from None
+    except OSError as exc:
+        raise ArtifactError(f"{directory}: unreadable ({exc})") from None
     missing, extra = sorted(set(manifest.files) - on_disk), sorted(on_disk - set(manifest.files))
     if missing or extra:
         raise ArtifactError(f"{directory}: missing file(s) {missing}, unlisted file(s) {extra}")
@@ -446,7 +492,8 @@ class ArtifactStore:
     def stage(self, files: Mapping[str, bytes], data_window: DataWindow | None = None,
               notes: Mapping[str, str] | None = None, inherit: bool = False, version: str | None = None) -> Path:
         """Write ``staging/<version>/`` with its manifest. ``inherit`` copies the current version's
-        other files (hash-checked), e.g. the models when only the calibration changes."""
+        other files (hash-checked), e.g. the models when only the calibration changes. A write that
+        fails (disk full, read-only) removes the half-written folder and raises ArtifactError."""
         version = version or new_version()
         if not VERSION_NAME.match(version):
             raise ArtifactError(f"invalid version name {version!r}")
@@ -454,25 +501,37 @@ class ArtifactStore:
             if not FILE_NAME.match(name) or name == MANIFEST_FILE:
                 raise ArtifactError(f"invalid artifact file name {name!r}")
         directory = self.staging_dir / version
-        directory.mkdir(parents=True, exist_ok=False)
-        if inherit and (current := self.load_current_or_none()) is not None:
-            for name, entry in current.manifest.files.items():
-                if name not in files:
-                    try:
-                        data = (current.path / name).read_bytes()
-                    except OSError as exc:  # pruned under us: the caller stages again
-                        raise ArtifactError(f"{current.path / name}: unreadable while copying ({exc})") from None
-                    if hashlib.sha256(data).hexdigest() != entry.sha256:
-                        raise ArtifactError(f"{current.path / name} changed while being copied")
-                    _write_durably(directory / name, data)
-        for name, data in files.items():
-            _write_durably(directory / name, data)
-        write_manifest(directory, version, data_window, notes)
+        try:
+            _mkdir_shared(self.staging_dir)
+            directory.mkdir(exist_ok=False)
+        except FileExistsError:
+            raise ArtifactError(f"{directory} already exists: stage under another version name") from None
+        except OSError as exc:
+            raise _os_failure(f"stage {version} in {self.staging_dir}", exc) from None
+        try:
+            if inherit and (current := self.load_current_or_none()) is not None:
+                for name, entry in current.manifest.files.items():
+                    if name not in files:
+                        try:
+                            data = (current.path / name).read_bytes()
+                        except OSError as exc:  # pruned under us: the caller stages again
+                            raise ArtifactError(f"{current.path / name}: unreadable while copying ({exc})") from None
+                        if hashlib.sha256(data).hexdigest() != entry.sha256:
+                            raise ArtifactError(f"{current.path / name} changed while being copied")
+                        _write_durably(directory / name, data)
+            for name, data in files.items():
+                _write_durably(directory / name, data)
+            write_manifest(directory, version, data_window, notes)
+        except BaseException as exc:
+            shutil.rmtree(directory, ignore_errors=True)  # no half-written staging folder left behind
+            if isinstance(exc, OSError):
+                raise _os_failure(f"stage {version} in {directory}", exc) from None
+            raise
         return directory
 
-    def validate(self, directory: Path) -> ArtifactSet:
+    def validate(self, directory: Path, expected_version: str | None = None) -> ArtifactSet:
         """Everything a publish requires: hashes, every file loads, the sample forecast, extra checks."""
-        artifact = read_set(Path(directory), self.loaders)
+        artifact = read_set(Path(directory), self.loaders, expected_version)
         sample_forecast_check(artifact)
         model_checkpoint_check(artifact)
         for check in self.checks:
@@ -487,71 +546,121 @@ class ArtifactStore:
     # --- writing (under the lock) -------------------------------------------------------------------
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with (self.root / LOCK_FILE).open("a+b") as fh:
+        path = self.root / LOCK_FILE
+        try:
+            _mkdir_shared(self.root)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except PermissionError:  # another user's lock file: flock needs only a readable descriptor
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _os_failure(f"open the publish lock {path}", exc) from None
+        try:
+            st = os.fstat(fd)
+            if st.st_uid == os.geteuid() and st.st_mode & 0o044 != 0o044:
+                os.fchmod(fd, (st.st_mode | 0o444) & 0o7777)  # other users' publishers must be able to open it
             deadline = time.monotonic() + self.lock_timeout_s
             while True:
                 try:
-                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
                     if time.monotonic() > deadline:
-                        raise ArtifactError(f"another publisher has held {self.root / LOCK_FILE} "
+                        raise ArtifactError(f"another publisher has held {path} "
                                             f"for {self.lock_timeout_s:g} s") from None
                     time.sleep(0.02)
             try:
                 yield
             finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def _current_or_none(self) -> str | None:
+        """The current version, or None when ``current`` is missing or unusable (a publish repairs it)."""
+        try:
+            return self.current_version()
+        except ArtifactError as exc:
+            log.warning("%s", exc)
+            return None
 
     def publish(self, staging_dir: Path, expect_current: str | None = _ANY) -> str:
         """Validate ``staging_dir``, move it to ``versions/``, switch ``current`` to it, prune.
 
         ``expect_current``: refuse if the current version is no longer this one (a champion/challenger
-        decision taken against an older champion). A refused artifact leaves ``current`` untouched.
+        decision taken against an older champion). A refused artifact leaves ``current`` untouched and
+        the staging folder where it was (so a publish that failed on a full disk can be retried).
         """
         staging_dir = Path(staging_dir)
         with self._locked():
             if expect_current is not _ANY and self.current_version() != expect_current:
                 raise ArtifactError(f"current is {self.current_version()!r}, not {expect_current!r}: "
                                     "re-run the comparison")
+            previous = self._current_or_none()
             artifact = self.validate(staging_dir)
-            target = self.versions_dir / artifact.version
+            version = artifact.version
+            target = self.versions_dir / version
             if target.exists():
-                raise ArtifactError(f"version {artifact.version} is already published")
-            self.versions_dir.mkdir(parents=True, exist_ok=True)
-            self._move_in(staging_dir, target)
+                raise ArtifactError(f"version {version} is already published")
             try:
-                self.load(artifact.version)  # the moved copy is what `current` will serve
-            except ArtifactError:
-                shutil.rmtree(target, ignore_errors=True)
+                _mkdir_shared(self.versions_dir)
+                _share_readable(staging_dir)
+            except OSError as exc:
+                raise _os_failure(f"publish {version}", exc) from None
+            copied = self._move_in(staging_dir, target)
+            try:
+                self.load(version)  # the moved copy is what `current` will serve
+                self._switch(version)
+            except BaseException as exc:
+                self._move_back(target, staging_dir, copied)
+                if isinstance(exc, OSError):
+                    raise _os_failure(f"switch {self.current_link} to {version}", exc) from None
                 raise
-            self._switch(artifact.version)
-            self._prune_locked()
-        log.info("published artifact %s", artifact.version)
-        return artifact.version
+            if copied:
+                shutil.rmtree(staging_dir, ignore_errors=True)
+            try:
+                self._prune_locked(also_keep=previous)
+            except (OSError, ArtifactError) as exc:  # the publish itself is done: readers see the new version
+                log.warning("published %s, but pruning old versions failed (retried on the next publish): %s",
+                            version, exc)
+        log.info("published artifact %s", version)
+        return version
 
     def rollback(self, to: str | None = None) -> str:
-        """Make ``to`` (default: the version created just before the current one) current again."""
+        """Make ``to`` (default: the newest valid version created before the current one) current again."""
         with self._locked():
-            current = self.current_version()
+            current = self._current_or_none()
             kept = self.list_versions()
             names = [v.version for v in kept]
-            if to is None:
+            if to is not None:
+                if to not in names:
+                    raise ArtifactError(f"unknown version {to!r}; kept: {', '.join(names) or 'none'}")
+                # The directory name is what `current` will name: its manifest must agree (as load() checks).
+                self.validate(self.versions_dir / to, expected_version=to)
+            else:
                 if current is None or current not in names:
                     raise ArtifactError("nothing is current, so there is nothing to roll back from")
-                # The newest readable version created before the current one; a current version whose
+                # The newest valid version created before the current one; a current version whose
                 # manifest broke (the usual reason to roll back) has no date, so any readable one is older.
                 now = kept[names.index(current)]
                 older = [v for v in kept if v.problem is None and v.version != current
                          and (now.created is None or (v.created or "") < now.created)]
-                if not older:
-                    raise ArtifactError(f"no readable version older than {current} is kept: nothing to roll back to")
-                to = older[-1].version
-            if to not in names:
-                raise ArtifactError(f"unknown version {to!r}; kept: {', '.join(names) or 'none'}")
-            self.validate(self.versions_dir / to)
-            self._switch(to)
+                problems = []
+                for candidate in reversed(older):  # newest first; a corrupt one is skipped, not fatal
+                    try:
+                        self.validate(self.versions_dir / candidate.version, expected_version=candidate.version)
+                    except ArtifactError as exc:
+                        problems.append(str(exc))
+                        continue
+                    to = candidate.version
+                    break
+                if to is None:
+                    raise ArtifactError(f"no readable version older than {current} is kept: nothing to roll back to"
+                                        + (f" ({'; '.join(problems)})" if problems else ""))
+            try:
+                self._switch(to)
+            except OSError as exc:
+                raise _os_failure(f"roll back {self.current_link} to {to}", exc) from None
         log.warning("rolled back artifacts %s -> %s", current, to)
         return to
 
@@ -559,20 +668,45 @@ class ArtifactStore:
         with self._locked():
             return self._prune_locked()
 
-    def _move_in(self, source: Path, target: Path) -> None:
+    def _move_in(self, source: Path, target: Path) -> bool:
+        """Move a validated staging folder to ``versions/``; True when it had to be copied (another file
+        system), in which case the source is left for the caller to remove once the publish is done."""
         try:
             os.rename(source, target)
         except OSError as exc:
             if exc.errno != errno.EXDEV:
-                raise ArtifactError(f"cannot move {source} to {target}: {exc}") from None
+                raise _os_failure(f"move {source} to {target}", exc) from None
             incoming = self.versions_dir / f".incoming-{target.name}-{secrets.token_hex(4)}"
-            shutil.copytree(source, incoming)
-            for path in incoming.iterdir():
-                with path.open("rb") as fh:
-                    os.fsync(fh.fileno())
-            os.rename(incoming, target)
-            shutil.rmtree(source, ignore_errors=True)
-        _fsync_dir(self.versions_dir)
+            try:
+                shutil.copytree(source, incoming)
+                for path in incoming.iterdir():
+                    with path.open("rb") as fh:
+                        os.fsync(fh.fileno())
+                _fsync_dir(incoming)
+                os.rename(incoming, target)
+            except OSError as copy_exc:
+                shutil.rmtree(incoming, ignore_errors=True)
+                raise _os_failure(f"copy {source} to {target}", copy_exc) from None
+            copied = True
+        else:
+            copied = False
+        try:
+            _fsync_dir(self.versions_dir)
+        except OSError as exc:
+            log.warning("%s: fsync failed (%s)", self.versions_dir, exc)
+        return copied
+
+    def _move_back(self, target: Path, source: Path, copied: bool) -> None:
+        """Undo ``_move_in`` after a failed switch, so the staging folder can be published again."""
+        if self._current_or_none() == target.name:
+            return  # the switch did happen: the version is published and stays
+        if copied:
+            shutil.rmtree(target, ignore_errors=True)  # the staging original is still in place
+            return
+        try:
+            os.rename(target, source)
+        except OSError as exc:
+            log.error("could not move %s back to %s (%s): it stays there, unpublished", target, source, exc)
 
     def _switch(self, version: str) -> None:
         """Point ``current`` at ``version`` in one rename; readers see the old target or the new one."""
@@ -586,7 +720,10 @@ class ArtifactStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(self.root)
+        try:
+            _fsync_dir(self.root)
+        except OSError as exc:  # every reader already sees the new target; only durability is in doubt
+            log.warning("%s -> %s switched, but fsync of %s failed: %s", link, version, self.root, exc)
 
     @staticmethod
     def _retire_plain_current(link: Path) -> None:
@@ -596,20 +733,34 @@ class ArtifactStore:
                                 "version and publish it; nothing is deleted")
         shutil.rmtree(link)
 
-    def _prune_locked(self) -> list[str]:
+    def _prune_locked(self, also_keep: str | None = None) -> list[str]:
+        """Remove all but the newest ``keep`` versions, never the current one nor ``also_keep`` (the
+        version that was current until this publish: workers may still be loading it, and it is the
+        known-good way back when the newest ones are versions a rollback moved away from)."""
         current = self.current_version()
         names = [v.version for v in self.list_versions()]
-        keep = set(names[-self.keep:]) | ({current} if current else set())
-        removed = []
+        keep = set(names[-self.keep:]) | {v for v in (current, also_keep) if v}
+        removed: list[str] = []
         for name in names:
             if name in keep:
                 continue
             trash = self.versions_dir / f".trash-{name}-{secrets.token_hex(4)}"
-            os.rename(self.versions_dir / name, trash)
+            try:
+                os.rename(self.versions_dir / name, trash)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                if removed:
+                    log.info("pruned artifact versions %s", removed)
+                raise _os_failure(f"prune version {name}", exc) from None
             shutil.rmtree(trash, ignore_errors=True)
             removed.append(name)
-        for leftover in self.versions_dir.glob(".trash-*"):  # from an interrupted prune
+        # Left by an interrupted prune, copy or switch (each made only under this lock: none is live).
+        for leftover in [*self.versions_dir.glob(".trash-*"), *self.versions_dir.glob(".incoming-*")]:
             shutil.rmtree(leftover, ignore_errors=True)
+        for stale in self.root.glob(".current-*"):
+            if stale.is_symlink():
+                stale.unlink(missing_ok=True)
         if removed:
             log.info("pruned artifact versions %s", removed)
         return removed
@@ -622,13 +773,16 @@ class ArtifactWatcher:
     """For workers: ``poll()`` between tasks returns a newly loaded set only when ``current`` moved.
 
     A poll that finds nothing new costs one readlink. A new version that fails to load is logged and
-    skipped (the worker keeps serving the set it has) until ``current`` moves again.
+    skipped (the worker keeps serving the set it has); it is tried again every ``retry_s`` seconds
+    (a permission fixed, a transient I/O error) or at once when ``current`` moves again.
     """
 
-    def __init__(self, artifacts_dir: Path | ArtifactStore) -> None:
+    def __init__(self, artifacts_dir: Path | ArtifactStore, retry_s: float = 60.0) -> None:
         self.store = artifacts_dir if isinstance(artifacts_dir, ArtifactStore) else ArtifactStore(artifacts_dir)
         self.current: ArtifactSet | None = None
+        self.retry_s = retry_s
         self._seen: str | None = None
+        self._failed_at: float | None = None  # monotonic time of the last failed load of ``_seen``
 
     @property
     def version(self) -> str | None:
@@ -640,14 +794,19 @@ class ArtifactWatcher:
         except ArtifactError as exc:
             log.error("artifact link unreadable, keeping %s: %s", self.version, exc)
             return None
-        if version is None or version == self._seen:
+        if version is None:
+            return None
+        if version == self._seen and (self._failed_at is None
+                                      or time.monotonic() - self._failed_at < self.retry_s):
             return None
         self._seen = version
         try:
             loaded = self.store.load(version)
         except ArtifactError as exc:
+            self._failed_at = time.monotonic()
             log.error("artifact %s refused, keeping %s: %s", version, self.version, exc)
             return None
+        self._failed_at = None
         self.current = loaded
         return loaded
 

@@ -27,7 +27,7 @@ import orjson
 
 from core.csv_history import STEP_SUFFIX, load_asset
 from core.engines.base import Engine
-from core.engines_registry import build_engines, calibration_lookup
+from core.engines_registry import build_engines, calibration_lookup, served_engines
 from core.evaluation import AssetHistory, EvaluationError, snapshot_at
 from core.forecast import Forecaster, ScaleLookup, no_calibration
 from core.prices import PriceDataError
@@ -36,7 +36,7 @@ from core.response import FloatArray, ResponseError, check_paths, render_json, r
 from core.settings import Settings
 
 __all__ = ["BatchInputError", "BatchItem", "BatchOutcome", "BatchRunner", "BatchSummary", "PriceFolder",
-           "build_engines", "calibration_lookup", "parse_item", "parse_line", "run_file"]
+           "build_engines", "calibration_lookup", "parse_item", "parse_line", "run_file", "served_engines"]
 
 ASSET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")  # also keeps file lookups inside the folder
 FIELDS = ("asset", "start_time", "time_increment", "time_length", "num_simulations")
@@ -150,9 +150,12 @@ class BatchRunner:
     @classmethod
     def from_settings(cls, prices: PriceFolder, settings: Settings, seed: int | None, engine: str | None = None,
                       calibrated: bool = True, engines: Mapping[str, Engine] | None = None) -> BatchRunner:
-        return cls(prices, engines if engines is not None else build_engines(settings), engine or settings.engine,
-                   seed, int(settings.batch_lookback_days * 86_400), settings.max_num_simulations,
-                   calibration_lookup(settings) if calibrated else no_calibration)
+        if engines is None:  # models and calibration from one verified version of `current`
+            served, scale = served_engines(settings, calibrated)
+        else:
+            served, scale = dict(engines), (calibration_lookup(settings) if calibrated else no_calibration)
+        return cls(prices, served, engine or settings.engine, seed, int(settings.batch_lookback_days * 86_400),
+                   settings.max_num_simulations, scale)
 
     def run_item(self, item: BatchItem) -> BatchOutcome:
         began = time.perf_counter()

@@ -16,20 +16,25 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def served_models_dir(settings: Settings) -> Path | None:
-    """The current artifact version's folder when it carries model checkpoints (the weekly retraining
-    publishes them there after they pass its gate); None: the committed ``models/`` serve alone."""
+def served_artifact(settings: Settings) -> "ArtifactSet | None":
+    """The current artifact version, every file hash-verified and loaded; None before the first
+    publish, or when the current version does not load (corrupt, truncated, unreadable): then the
+    committed ``models/`` serve, unscaled, as a worker does; a refused set's models are never served."""
     from core.artifacts import ArtifactError, ArtifactStore
 
-    store = ArtifactStore.from_settings(settings)
     try:
-        version = store.current_version()
+        return ArtifactStore.from_settings(settings).load_current_or_none()
     except ArtifactError as exc:
         log.warning("artifacts unusable (%s): serving the committed models", exc)
         return None
-    if version is None:
-        return None
-    return models_in(store.versions_dir / version)
+
+
+def served_models_dir(settings: Settings) -> Path | None:
+    """The current artifact version's folder when it carries model checkpoints (the weekly retraining
+    publishes them there after they pass its gate) and it verifies; None: the committed ``models/``
+    serve alone."""
+    artifact = served_artifact(settings)
+    return None if artifact is None else models_in(artifact.path)
 
 
 def models_in(folder: Path) -> Path | None:
@@ -71,9 +76,18 @@ def forecaster_over(engines: dict[str, Engine], name: str, seed: int | None, sca
     return Forecaster(engines, default=name, seed=seed, scale=scale)
 
 
+def served_engines(settings: Settings, calibrated: bool = True) -> tuple[dict[str, Engine], ScaleLookup]:
+    """The engines and the calibration as served now, both from one verified load of ``current``
+    (resolving it twice could pair one version's models with the next version's calibration)."""
+    artifact = served_artifact(settings)
+    engines = engines_over(settings, None if artifact is None else models_in(artifact.path))
+    if artifact is None or not calibrated:
+        return engines, no_calibration
+    return engines, artifact.calibration.lookup_for(settings.calibration_engine)
+
+
 def build_forecaster(settings: Settings, engine: str | None = None) -> Forecaster:
-    return forecaster_over(build_engines(settings), engine or settings.engine, settings.seed,
-                           calibration_lookup(settings))
+    return forecaster_for(settings, served_artifact(settings), engine)
 
 
 def forecaster_for(settings: Settings, artifact: "ArtifactSet | None", engine: str | None = None) -> Forecaster:

@@ -15,7 +15,15 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from core.assets import ASSETS
-from core.batch import BatchInputError, BatchRunner, PriceFolder, build_engines, calibration_lookup, run_file
+from core.batch import (
+    BatchInputError,
+    BatchRunner,
+    PriceFolder,
+    build_engines,
+    calibration_lookup,
+    run_file,
+    served_engines,
+)
 from core.constants import HF_INCREMENT, LF_INCREMENT
 from core.evaluation import EvaluationError, Mode, iso, parse_day, plan_prompts
 from core.forecast import no_calibration
@@ -76,12 +84,11 @@ def forecast_batch(
 ) -> None:
     """Forecast every request of a JSONL file from a price folder, with no look-ahead, deterministically."""
     settings = _settings()
-    engines = build_engines(settings)
+    engines, scale = served_engines(settings, calibrated)  # models and calibration from one version
     name = engine or settings.engine
     if name not in engines:
         raise typer.BadParameter(f"unknown engine {name!r}; available: {', '.join(sorted(engines))}",
                                  param_hint="--engine")
-    scale = calibration_lookup(settings) if calibrated else no_calibration
     if calibrated and scale is no_calibration:  # asked for, but nothing published loads: say so
         console.print(f"[yellow]no published calibration loads from {settings.artifacts_dir}: paths are "
                       "unscaled (as with --no-calibration)[/yellow]")

@@ -1,5 +1,6 @@
 """Artifact versions: staging, validation, atomic publish/rollback, pruning, locking and reloads."""
 
+import errno
 import io
 import json
 import os
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 import core
+import core.artifacts as artifacts
 from core.artifacts import (
     MANIFEST_FILE,
     NORM_STATS_FILE,
@@ -414,3 +416,164 @@ def test_watcher_reloads_only_when_current_moves(store: ArtifactStore) -> None:
     assert watcher.poll() is None
     assert watcher.version == "v001"
     assert watcher.poll() is None  # not retried on every poll
+
+
+# ------------------------------------------------------------------------- failures, races, permissions
+
+
+def test_rollback_refuses_a_version_whose_manifest_names_another(store: ArtifactStore) -> None:
+    """`current` names the directory; load() insists the manifest agrees, so rollback must check it too."""
+    for tag in ("v001", "v002"):
+        store.publish(stage(store, tag))
+    path = store.root / "versions" / "v001" / MANIFEST_FILE
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"version": "v777"}))
+    with pytest.raises(ArtifactError, match="expected 'v001'"):
+        store.rollback(to="v001")
+    with pytest.raises(ArtifactError, match="nothing to roll back to"):
+        store.rollback()
+    assert store.current_version() == "v002"
+    assert_whole(store.load_current())
+
+
+def test_default_rollback_skips_a_corrupt_older_version(store: ArtifactStore) -> None:
+    for tag in ("v001", "v002", "v003"):
+        store.publish(stage(store, tag))
+    (store.root / "versions" / "v002" / WEIGHTS).write_bytes(b"garbage")
+    assert store.rollback() == "v001"
+    assert_whole(store.load_current())
+
+
+def test_a_failing_prune_does_not_fail_a_publish_that_switched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = ArtifactStore(tmp_path / "artifacts", keep=2)
+    for tag in ("v001", "v002"):
+        store.publish(stage(store, tag))
+    staged = stage(store, "v003")
+    rename = os.rename
+
+    def no_trash(src: object, dst: object) -> None:
+        if ".trash-" in str(dst):
+            raise PermissionError(errno.EACCES, "Permission denied", str(src))
+        rename(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "rename", no_trash)
+    assert store.publish(staged) == "v003"  # readers already see v003: the publish succeeded
+    assert store.current_version() == "v003"
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(ArtifactError, match="permission denied"):
+        monkeypatch.setattr(os, "rename", no_trash)
+        store.prune()
+    monkeypatch.setattr(os, "rename", rename)
+    assert store.prune() == ["v001"]
+
+
+def test_a_switch_that_fails_on_a_full_disk_can_be_retried(store: ArtifactStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    store.publish(stage(store, "v001"))
+    staged = stage(store, "v002")
+
+    def disk_full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "symlink", disk_full)
+    with pytest.raises(ArtifactError, match="disk is full"):
+        store.publish(staged)
+    assert store.current_version() == "v001" and staged.is_dir()
+    assert not (store.root / "versions" / "v002").exists()
+    monkeypatch.undo()
+    assert store.publish(staged) == "v002"
+    assert_whole(store.load_current())
+
+
+def test_a_full_disk_while_staging_is_a_clear_error_and_leaves_no_partial_folder(
+        store: ArtifactStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    def disk_full(path: Path, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(artifacts, "_write_durably", disk_full)
+    with pytest.raises(ArtifactError, match=r"cannot stage v001 .*disk is full"):
+        stage(store, "v001")
+    monkeypatch.undo()
+    assert not (store.root / "staging" / "v001").exists()
+    assert store.publish(stage(store, "v001")) == "v001"  # the same version name stages again
+
+
+def test_a_read_only_artifacts_folder_is_a_clear_error(store: ArtifactStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    staged = stage(store, "v001")
+
+    def read_only(*args: object, **kwargs: object) -> int:
+        raise OSError(errno.EROFS, "Read-only file system", str(store.root / ".publish.lock"))
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(ArtifactError, match="cannot open the publish lock .*read-only"):
+        store.publish(staged)
+
+
+def test_published_files_are_readable_by_workers_running_as_another_user(tmp_path: Path) -> None:
+    old = os.umask(0o077)  # a publisher with a private umask
+    try:
+        store = ArtifactStore(tmp_path / "artifacts")
+        store.publish(stage(store, "v001"))
+    finally:
+        os.umask(old)
+    version = store.root / "versions" / "v001"
+    for folder in (store.root, store.root / "versions", version):
+        assert folder.stat().st_mode & 0o055 == 0o055, folder
+    for path in version.iterdir():
+        assert path.stat().st_mode & 0o044 == 0o044, path
+    assert (store.root / ".publish.lock").stat().st_mode & 0o044 == 0o044  # another publisher can lock
+
+
+def test_an_unreadable_manifest_is_refused_and_the_watcher_keeps_serving(store: ArtifactStore) -> None:
+    watcher = ArtifactWatcher(store)
+    store.publish(stage(store, "v001"))
+    assert watcher.poll() is not None
+    store.publish(stage(store, "v002"))
+    manifest = store.root / "versions" / "v002" / MANIFEST_FILE
+    manifest.unlink()
+    manifest.mkdir()  # reading it raises IsADirectoryError, as EACCES would for another user's file
+    with pytest.raises(ArtifactError, match="unreadable"):
+        store.load_current()
+    assert watcher.poll() is None and watcher.version == "v001"
+
+
+def test_pruning_keeps_the_version_that_was_current_before_the_publish(tmp_path: Path) -> None:
+    """After a rollback the known-good version is the oldest one: the next publish must not prune it."""
+    store = ArtifactStore(tmp_path / "artifacts", keep=2)
+    for tag in ("v001", "v002"):
+        store.publish(stage(store, tag))
+    assert store.rollback() == "v001"
+    store.publish(stage(store, "v003"))
+    assert [v.version for v in store.list_versions()] == ["v001", "v002", "v003"]
+    assert store.rollback(to="v001") == "v001"
+    assert_whole(store.load_current())
+
+
+def test_leftovers_of_a_publisher_that_died_are_cleaned_up(store: ArtifactStore) -> None:
+    store.publish(stage(store, "v001"))
+    incoming = store.root / "versions" / ".incoming-v002-dead"
+    incoming.mkdir()
+    (incoming / WEIGHTS).write_bytes(b"x" * 1000)  # a half-copied version from another file system
+    os.symlink("versions/v002", store.root / ".current-123-dead")  # a switch that never happened
+    store.publish(stage(store, "v002"))
+    assert not incoming.exists() and not list(store.root.glob(".current-*"))
+    assert store.current_version() == "v002"
+
+
+def test_watcher_retries_a_refused_version_after_a_while(store: ArtifactStore) -> None:
+    """A version refused for a reason that goes away (a permission, an I/O error) is not skipped until
+    the next publish: it is tried again after ``retry_s``, and not on every poll before that."""
+    watcher = ArtifactWatcher(store, retry_s=3600.0)
+    store.publish(stage(store, "v001"))
+    assert watcher.poll() is not None
+    store.publish(stage(store, "v002"))
+    manifest = store.root / "versions" / "v002" / MANIFEST_FILE
+    good = manifest.read_bytes()
+    manifest.unlink()
+    manifest.mkdir()  # unreadable for now
+    assert watcher.poll() is None and watcher.version == "v001"
+    manifest.rmdir()
+    manifest.write_bytes(good)  # fixed
+    assert watcher.poll() is None  # within retry_s: not retried on every poll
+    watcher.retry_s = 0.0  # retry_s has passed
+    again = watcher.poll()
+    assert again is not None and again.version == "v002" and watcher.version == "v002"
+    assert watcher.poll() is None  # loaded: no reload until current moves

@@ -226,3 +226,61 @@ def test_parse_item_and_runner_errors_are_typed(tmp_path: Path) -> None:
     engines: dict[str, Engine] = build_engines(Settings())
     assert {"gbm", "ewma_t"} <= set(engines)
     assert Settings().engine in engines or Settings().engine == "patchtst"
+
+
+# ------------------------------------------------------------------------------ served artifact
+
+
+def publish_set(artifacts: Path, scale: float, model: Path | None = None) -> str:
+    from core.artifacts import ArtifactStore
+    from core.calibration import CALIBRATION_FILE, CalibrationState, Entry
+
+    state = CalibrationState({"ewma_t:BTC:60": Entry("ewma_t", "BTC", 60, scale=scale)})
+    files = {CALIBRATION_FILE: state.to_json()} | ({"hf.pt": model.read_bytes()} if model is not None else {})
+    store = ArtifactStore(artifacts)
+    return store.publish(store.stage(files))
+
+
+def test_from_settings_never_serves_the_models_of_a_corrupt_current_version(tmp_path: Path) -> None:
+    """A current version that fails its hash check is refused as a whole: neither its calibration nor
+    its (tampered) checkpoints serve; the committed models do, unscaled."""
+    pytest.importorskip("torch")
+    from tests.model_fixtures import write_checkpoints
+
+    artifacts = tmp_path / "artifacts"
+    version = publish_set(artifacts, 1.5, write_checkpoints(tmp_path / "retrained", ("hf",), perturb=0.3) / "hf.pt")
+    settings = Settings(artifacts_dir=artifacts, engine="patchtst", calibration_engine="ewma_t")
+    served = BatchRunner.from_settings(PriceFolder(tmp_path), settings, seed=1)
+    assert served.forecaster.models["hf"] == str(artifacts / "versions" / version / "hf.pt")
+    assert served.forecaster.scale("ewma_t", "BTC", 60) == 1.5
+    other = write_checkpoints(tmp_path / "other", ("hf",), perturb=0.7) / "hf.pt"
+    (artifacts / "versions" / version / "hf.pt").write_bytes(other.read_bytes())  # loads, but not what was published
+    refused = BatchRunner.from_settings(PriceFolder(tmp_path), settings, seed=1)
+    assert refused.forecaster.models["hf"] == str(settings.models_dir / "hf.pt")
+    assert refused.forecaster.scale("ewma_t", "BTC", 60) == 1.0
+
+
+def test_from_settings_takes_models_and_calibration_from_one_version(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A publish landing while the batch builds its engines must not pair one version's models with
+    the next version's calibration."""
+    pytest.importorskip("torch")
+    import core.engines_registry
+    from tests.model_fixtures import write_checkpoints
+
+    artifacts = tmp_path / "artifacts"
+    first = publish_set(artifacts, 1.5, write_checkpoints(tmp_path / "retrained", ("hf",), perturb=0.3) / "hf.pt")
+    real = core.engines_registry.engines_over
+    later: list[str] = []
+
+    def build_then_publish(settings: Settings, models_dir: Path | None) -> dict[str, Engine]:
+        engines = real(settings, models_dir)
+        if not later:
+            later.append(publish_set(artifacts, 1.8))  # the hourly calibration lands meanwhile
+        return engines
+
+    monkeypatch.setattr(core.engines_registry, "engines_over", build_then_publish)
+    settings = Settings(artifacts_dir=artifacts, engine="patchtst", calibration_engine="ewma_t")
+    runner = BatchRunner.from_settings(PriceFolder(tmp_path), settings, seed=1)
+    assert later and runner.forecaster.models["hf"] == str(artifacts / "versions" / first / "hf.pt")
+    assert runner.forecaster.scale("ewma_t", "BTC", 60) == 1.5

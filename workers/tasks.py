@@ -5,7 +5,7 @@ import time
 from typing import Any
 
 import redis
-from celery.signals import celeryd_after_setup, worker_process_init
+from celery.signals import celeryd_init, worker_process_init
 
 from core.constants import FORECAST_KILL_GRACE_S, TASK_FORECAST
 from core.prompts import ForecastRequest
@@ -50,9 +50,10 @@ def announce_jobs_only() -> None:
     HEARTBEAT.announce(client, "jobs", None, consumed_queues())
 
 
-@celeryd_after_setup.connect
+@celeryd_init.connect
 def _remember_node_name(sender: str, **_: Any) -> None:
-    """Heartbeats carry the worker's ``--hostname`` (as Flower shows it); set before the pool forks."""
+    """Heartbeats carry the worker's ``--hostname`` (as Flower shows it): set before any pool exists (a solo
+    pool announces while the worker is still being set up, before ``celeryd_after_setup``)."""
     HEARTBEAT.node = str(sender)
 
 
