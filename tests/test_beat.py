@@ -1,9 +1,12 @@
 """Two beat processes against one real Redis: each job runs exactly once per slot."""
 
 import json
+import re
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -11,39 +14,77 @@ from core.constants import BEAT_LOCK_KEY, BEAT_SCHEDULE_FILE, JOB_RUNS_KEY
 from synth_miner.devstack import Proc, cli, spawn, start_worker
 from tests.conftest import RedisServer
 
+SENDING = "Sending due task"  # Celery beat logs it for each task it sends
+LEADER = re.compile(r"^\[([\d-]+ [\d:,]+): INFO/MainProcess\] beat \S+ is now the leader", re.M)
+DUPLICATE = re.compile(r"^\[([\d-]+ [\d:,]+): INFO/MainProcess\] job refresh-cache slot (\d+) already claimed .*"
+                       r": skipping duplicate", re.M)
+
 
 def test_two_beats_run_each_slot_once(redis_server: RedisServer, redis_url: str, tmp_path: Path,
                                       shared_data: Path) -> None:
+    """Only the beat holding the lock sends: the jobs' slot claim would hide a second sender, so the worker
+    log must show no skipped duplicates (bar a takeover's one catch-up). When the leader dies the other
+    takes over."""
     env = {"SYNTH_REDIS_URL": redis_url, "SYNTH_BEAT_REFRESH_S": "3", "SYNTH_BEAT_CALIBRATE_S": "100000",
            "SYNTH_BEAT_RETRAIN_S": "100000", "SYNTH_BEAT_COMPACT_S": "100000", "SYNTH_BEAT_LOCK_TTL_S": "3",
            "SYNTH_PRICE_PROVIDER": "replay", "SYNTH_REPLAY_DIR": str(shared_data),
            "SYNTH_DATA_DIR": str(tmp_path / "data"), "SYNTH_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
-           "SYNTH_CALIBRATION_ASSETS": '["BTC"]'}
+           "SYNTH_CALIBRATION_ASSETS": '["BTC"]', "SYNTH_LOG_LEVEL": "INFO"}  # INFO: "skipping duplicate"
     worker = start_worker(tmp_path, env, queues="cpu", name="cpu1")
     beats = [spawn(cli("beat", "--schedule-file", str(tmp_path / f"beat{i}.db")), env, tmp_path / f"beat{i}.log")
              for i in range(2)]
     client = redis.Redis.from_url(redis_url)
+
+    def sends(beat: Proc) -> int:
+        return beat.text().count(SENDING)
+
+    def runs() -> list[dict[str, Any]]:
+        return [json.loads(r) for r in client.lrange(JOB_RUNS_KEY, 0, -1)]
+
+    def wait_for(what: str, done: Callable[[], bool], timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            logs = "\n".join(f"--- {p.log.name}\n{p.text()[-2000:]}" for p in [worker, *beats])
+            assert time.monotonic() < deadline, f"{what} did not happen:\n{logs}"
+            assert worker.proc.poll() is None, f"the worker exited:\n{logs}"
+            time.sleep(0.2)
+
+    def holder() -> Proc | None:
+        value = (client.get(BEAT_LOCK_KEY) or b"").decode()
+        return next((b for b in beats if f":{b.proc.pid}:" in value), None)
+
     try:
-        time.sleep(14)
-        assert client.get(BEAT_LOCK_KEY) is not None
+        wait_for("a leader sending 3 refreshes", lambda: (leader := holder()) is not None and sends(leader) >= 3
+                 and sum(r["job"] == "refresh-cache" for r in runs()) >= 3)
+        leader = holder()
+        assert leader is not None
+        standby = next(b for b in beats if b is not leader)
+        standby_before_kill = standby.text()
         # Kill the leader: the other beat takes over within the lock TTL and nothing runs twice.
-        holder = client.get(BEAT_LOCK_KEY).decode()  # type: ignore[union-attr]
-        leader = next(b for b in beats if f":{b.proc.pid}:" in holder)
         leader.stop()
         killed_at = time.time()
-        time.sleep(10)
+        wait_for("the standby taking over", lambda: holder() is standby and sends(standby) >= 3
+                 and sum(r["job"] == "refresh-cache" and r["slot"] > killed_at for r in runs()) >= 2)
     finally:
         for proc in beats:
             proc.stop()
         worker.stop()
-    runs = [json.loads(r) for r in client.lrange(JOB_RUNS_KEY, 0, -1)]
-    per_slot = Counter((r["job"], r["slot"]) for r in runs)
-    assert per_slot, f"no job ran:\n{worker.text()[-3000:]}"
+    # Before the kill only the lock holder sent anything; after it, only the new holder could.
+    assert SENDING not in standby_before_kill, standby_before_kill[-3000:]
+    standby_log = standby.text()
+    assert standby_log.index(SENDING) > standby_log.index("is now the leader"), standby_log[-3000:]
+    # The worker never had to drop a second sender's copy. The one duplicate a takeover may cause: the new
+    # leader's overdue entry fires at once and can name the slot the dead leader had just run.
+    skipped = DUPLICATE.findall(worker.text())
+    took_over = LEADER.search(standby_log)
+    assert took_over is not None and len(skipped) <= 1, (skipped, worker.text()[-3000:])
+    for stamp, slot in skipped:
+        assert stamp >= took_over.group(1) and int(slot) <= killed_at, (skipped, took_over.group(0), killed_at)
+    assert worker.text().count("'status': 'duplicate'") == len(skipped), worker.text()[-3000:]
+    per_slot = Counter((r["job"], r["slot"]) for r in runs())
     assert max(per_slot.values()) == 1, per_slot
     refresh_slots = sorted(slot for job, slot in per_slot if job == "refresh-cache")
     assert len(refresh_slots) >= 5, refresh_slots
-    late = [s for s in refresh_slots if s > killed_at]
-    assert late, "the second beat did not take over after the leader died"
 
 
 def test_a_restarted_beat_keeps_its_last_run_times(redis_url: str, tmp_path: Path) -> None:

@@ -1,7 +1,9 @@
 """``synth-miner train --store``: which folder it reads. Training itself is stubbed (core.training.fit
 records what it was given and stops); tests/test_training.py trains through the CLI for real."""
 
+import hashlib
 import json
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,25 @@ from core.training import TrainingError
 from synth_miner.cli_model import app
 
 DAY = 86_400
+REPO_MODELS = Path(__file__).resolve().parents[1] / "models"  # train's default --out, run from the checkout
+
+
+def committed_models() -> dict[str, tuple[int, str]]:
+    return {p.name: (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(REPO_MODELS.glob("*.pt"))}
+
+
+@pytest.fixture(autouse=True)
+def repo_models_untouched() -> Iterator[None]:
+    """Every command here writes to its own --out: the checkout's models/ is never written."""
+    before = committed_models()
+    yield
+    assert committed_models() == before, "a train command wrote to the repository's models/"
+
+
+@pytest.fixture
+def out(tmp_path: Path) -> Path:
+    return tmp_path / "models"
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +65,10 @@ def fitted(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     return calls
 
 
-def train(store: Path, cut: int, *extra: str) -> Result:
+def train(store: Path, cut: int, out: Path, *extra: str) -> Result:
     when = datetime.fromtimestamp(cut, UTC).strftime("%Y-%m-%dT%H:%M")
     return CliRunner().invoke(app, ["train", "--model", "hf", "--store", str(store), "--cut", when, "--days", "3",
-                                    *extra])
+                                    "--out", str(out), *extra])
 
 
 def said(result: Result) -> str:
@@ -61,9 +82,9 @@ def squeezed(result: Result) -> str:
 
 
 @pytest.mark.parametrize("where", ["data dir", "history root"])
-def test_train_store_takes_the_data_dir_as_every_command_does(data_dir: Path, cut: int, where: str,
+def test_train_store_takes_the_data_dir_as_every_command_does(data_dir: Path, cut: int, where: str, out: Path,
                                                               fitted: list[dict[str, Any]]) -> None:
-    result = train(data_dir if where == "data dir" else data_dir / "history", cut)
+    result = train(data_dir if where == "data dir" else data_dir / "history", cut, out)
     assert result.exit_code == 1 and "stub: stopped before training" in said(result), result.output
     (call,) = fitted
     btc = call["files"]["BTC"].history
@@ -71,32 +92,32 @@ def test_train_store_takes_the_data_dir_as_every_command_does(data_dir: Path, cu
     assert len(btc) == 2 * DAY // 60 and int(btc.ts[-1]) < cut
 
 
-def test_train_store_resamples_one_minute_bars_for_the_24h_models(data_dir: Path, cut: int,
+def test_train_store_resamples_one_minute_bars_for_the_24h_models(data_dir: Path, cut: int, out: Path,
                                                                   fitted: list[dict[str, Any]]) -> None:
     """As the retraining job reads the store: a store synced at 60 s still trains lf_crypto."""
-    result = train(data_dir, cut, "--model", "lf_crypto")
+    result = train(data_dir, cut, out, "--model", "lf_crypto")
     assert result.exit_code == 1 and "stub" in said(result), result.output
     btc = fitted[0]["files"]["BTC"].history
     assert fitted[0]["kind"] == "lf_crypto" and btc.step == 300 and len(btc) == 2 * DAY // 300
 
 
-def test_train_store_refuses_a_path_that_holds_no_store(tmp_path: Path, data_dir: Path, cut: int,
+def test_train_store_refuses_a_path_that_holds_no_store(tmp_path: Path, data_dir: Path, cut: int, out: Path,
                                                         fitted: list[dict[str, Any]]) -> None:
-    missing = train(tmp_path / "nowhere", cut)
+    missing = train(tmp_path / "nowhere", cut, out)
     assert missing.exit_code == 2 and "does not exist" in said(missing), missing.output
     (tmp_path / "plain").mkdir()
-    plain = train(tmp_path / "plain", cut)
+    plain = train(tmp_path / "plain", cut, out)
     assert plain.exit_code == 2 and "no history store at" in said(plain), plain.output
     (data_dir / "BTC").mkdir()  # a data dir that also looks like a history root: which one was meant?
-    both = train(data_dir, cut)
+    both = train(data_dir, cut, out)
     assert both.exit_code == 2 and "both a history/ folder and asset folders" in said(both), both.output
     assert not fitted
 
 
-def test_train_store_says_when_the_store_lacks_the_window(data_dir: Path, cut: int,
+def test_train_store_says_when_the_store_lacks_the_window(data_dir: Path, cut: int, out: Path,
                                                           fitted: list[dict[str, Any]]) -> None:
-    early = train(data_dir, cut - 10 * DAY)
+    early = train(data_dir, cut - 10 * DAY, out)
     assert early.exit_code == 1 and "has no 60s history" in said(early), early.output
     assert str(data_dir / "history") in squeezed(early) and not fitted
-    no_cut = CliRunner().invoke(app, ["train", "--model", "hf", "--store", str(data_dir)])
+    no_cut = CliRunner().invoke(app, ["train", "--model", "hf", "--store", str(data_dir), "--out", str(out)])
     assert no_cut.exit_code == 2 and "--cut" in said(no_cut)

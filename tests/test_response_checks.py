@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import struct
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -273,6 +272,4 @@ def full_size_response(ti: int, tl: int) -> list[object]:
 def test_full_size_rounded_response_passes_both(ti: int, tl: int) -> None:
     resp = full_size_response(ti, tl)
     assert validate_response_head(resp, START, ti, tl, 1000) == CORRECT
-    t0 = time.perf_counter()
     assert validate_response_upstream(resp, START, ti, tl, 1000) == CORRECT
-    assert time.perf_counter() - t0 < 2.0  # vectorised: tens of ms in practice

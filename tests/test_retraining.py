@@ -52,13 +52,14 @@ def test_retrain_from_store_stages_checkpoints(tmp_path: Path, shared_data: Path
         assert gate["cases"] == len(cases) > 0 and min(c.prompt.start_ts for c in cases) >= report["trained_to"]
         assert gate["challenger_crps"] > 0 and gate["champion_crps"] > 0
         assert gate["promote"] == (gate["challenger_crps"] <= gate["champion_crps"])
-        if gate["published"]:  # served from the artifact now, byte for byte what was trained
+        # Publishing is on (the default): a model that does not lose is served, one that loses is not.
+        assert bool(gate["published"]) == gate["promote"], gate
+        if gate["promote"]:  # served from the artifact now, byte for byte what was trained
             assert (artifacts.versions_dir / gate["published"] / f"{kind}.pt").read_bytes() == (
                 staged / f"{kind}.pt").read_bytes()
         else:  # kept in staging with the verdict; nothing served changed
             assert Path(gate["staged"], f"{kind}.pt").read_bytes() == (staged / f"{kind}.pt").read_bytes()
     assert report["models"]["hf"]["gate"]["champion"] == COMMITTED_MODELS  # the first model faces the committed one
-    print({kind: report["models"][kind]["gate"] for kind in ("hf", "lf_crypto")})
 
 
 def test_retrain_command_says_what_is_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,13 +1,14 @@
 """Every injected fault against every client: a typed error, or a successful retry. Never a wrong price."""
 
-import time
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
 import pytest
+from aiohttp import web
 
-from core.fake_providers import FakeMarket, FakeServer, ManualClock
+from core.fake_providers import FAULTS_KEY, FakeMarket, FakeServer, ManualClock, build_app
 from core.sources.base import PriceSource, ProviderError
 from core.sources.binance import BinanceSource
 from core.sources.http import (
@@ -139,15 +140,35 @@ async def test_missing_candles_stay_gaps(client: tuple[str, PriceSource], server
     assert len(hist) < len(truth)
 
 
-async def test_concurrent_pages_respect_the_per_host_limit(server: FakeServer, clock: ManualClock) -> None:
-    """Twelve Pyth pages with 0.1 s latency and a limit of 4 take at least three rounds."""
-    config = HttpConfig(timeout_s=2.0, retries=0, concurrency_per_host=4)
-    src = PythSource(server.url, server.url, config, clock, page_bars=120)
-    server.faults.latency_s = 0.1
-    started = time.perf_counter()
+async def test_concurrent_pages_respect_the_per_host_limit(market: FakeMarket, clock: ManualClock) -> None:
+    """Twelve Pyth pages under a per-host limit of 4: the fake counts the requests in flight at once,
+    and the most ever seen is exactly the limit (the pages do overlap, and never by more)."""
+    limit = 4
+    in_flight, most = 0, 0
+
+    @web.middleware
+    async def count_in_flight(request: web.Request, handler: Any) -> web.StreamResponse:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            await asyncio.sleep(0.3)  # long enough on a slow machine for every allowed page to arrive
+            return await handler(request)
+        finally:
+            in_flight -= 1
+
+    app = build_app("pyth", market)
+    app.middlewares.insert(0, count_in_flight)  # outermost: counts from arrival to the reply
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    config = HttpConfig(timeout_s=10.0, retries=0, concurrency_per_host=limit)
+    src = PythSource(url, url, config, clock, page_bars=120)
     try:
         await src.history("BTC", T0 - 24 * 3600 + 60, T0)
     finally:
         await src.close()
-    assert server.faults.requests == 12
-    assert time.perf_counter() - started >= 0.3
+        await runner.cleanup()
+    assert app[FAULTS_KEY].requests == 12
+    assert most == limit, f"at most {most} pages in flight at once; the limit is {limit}"

@@ -479,6 +479,8 @@ def test_hf_training_origins_cycle_through_every_minute_of_the_hour() -> None:
     """Live 1 h prompts start on any minute: on :00/:30 only, the hour marks sat on fixed steps."""
     from core.training import DEFAULT_STRIDE_S
 
-    stride = DEFAULT_STRIDE_S["hf"]
-    minutes = {(k * stride) % 3600 // 60 for k in range(60)}
-    assert len(minutes) == 60
+    h = seasonal_prices(60, 3 * 1440, seed=7)  # three days of 1-minute bars: a day of context, 29 h of origins
+    files = {"BTC": FileSlice("BTC", "btc_1m", h, int(h.ts[-1]) + 60, ())}
+    windows = build_windows("hf", files, DEFAULT_STRIDE_S["hf"])
+    minutes = (windows.origin % 3600) // 60
+    assert sorted(set(minutes.tolist())) == list(range(60)), np.bincount(minutes, minlength=60)
