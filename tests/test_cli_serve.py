@@ -226,6 +226,8 @@ def test_unexpected_error_is_one_line_and_non_zero(tmp_path: Path, monkeypatch: 
 def test_local_binds_loopback_unless_a_host_is_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                      args: list[str], env: dict[str, str], dotenv: str | None,
                                                      host: str) -> None:
+    """Where each source of the address leads, read from the settings handed to the miner (cheap: nothing
+    starts); test_the_real_axon_listens_where_the_flags_say checks the socket the real axon opens."""
     seen: list[Settings] = []
 
     async def record(settings: Settings, stop: asyncio.Event | None = None) -> None:
@@ -240,3 +242,90 @@ def test_local_binds_loopback_unless_a_host_is_given(tmp_path: Path, monkeypatch
     result = CliRunner().invoke(app, ["serve", *args], env=env)
     assert result.exit_code == 0, result.output
     assert [s.axon_host for s in seen] == [host]
+
+
+def tcp_listeners(port: int) -> list[str]:
+    """The addresses a socket listens on at ``port``, as the kernel reports them (IPv4 and IPv6)."""
+    found: list[str] = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
+                continue
+            if len(address) == 8:  # IPv4, host byte order (little-endian)
+                found.append(".".join(str(b) for b in reversed(bytes.fromhex(address))))
+            else:
+                found.append(f"ipv6:{address}")
+    return found
+
+
+async def connects(host: str, port: int) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+    except OSError:
+        return False
+    writer.close()
+    await writer.wait_closed()
+    return True
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads the kernel's socket table (Linux)")
+@pytest.mark.parametrize(("args", "bound", "other_loopback"), [
+    (["--local"], "127.0.0.1", False),  # the local default: loopback only
+    (["--local", "--host", "0.0.0.0"], "0.0.0.0", True),  # an explicit flag: every interface
+])
+def test_the_real_axon_listens_where_the_flags_say(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   shared_data: Path, args: list[str], bound: str,
+                                                   other_loopback: bool) -> None:
+    """The real command and the real axon: the kernel's listening socket, not the settings, is checked.
+    127.0.0.2 is a loopback address that a socket bound to 127.0.0.1 does not answer and one bound to
+    0.0.0.0 does, so the check needs no network interface beyond lo."""
+    port = free_port()
+    seen: dict[str, Any] = {}
+
+    async def probed(settings: Settings, stop: asyncio.Event | None = None) -> None:
+        stop = asyncio.Event()
+
+        async def probe() -> None:
+            try:
+                for _ in range(600):  # up to 30 s for the models and the axon thread
+                    if tcp_listeners(port):
+                        break
+                    await asyncio.sleep(0.05)
+                seen["listeners"] = tcp_listeners(port)
+                seen["127.0.0.1"] = await connects("127.0.0.1", port)
+                seen["127.0.0.2"] = await connects("127.0.0.2", port)
+            finally:
+                stop.set()
+
+        task = asyncio.create_task(probe())
+        try:
+            await serve(settings, stop)
+        finally:
+            task.cancel()
+        for _ in range(200):  # axon.stop() only asks uvicorn's thread to exit: give it up to 10 s
+            if not tcp_listeners(port):
+                break
+            await asyncio.sleep(0.05)
+        seen["after"] = tcp_listeners(port)
+
+    (tmp_path / "no-models").mkdir()
+    monkeypatch.setattr("miner.runtime.serve", probed)
+    monkeypatch.chdir(tmp_path)
+    for key in [k for k in os.environ if k.startswith("SYNTH_")]:
+        monkeypatch.delenv(key)
+    env = {"SYNTH_WALLET_PATH": str(tmp_path / "wallets"), "SYNTH_DATA_DIR": str(tmp_path / "data"),
+           "SYNTH_ARTIFACTS_DIR": str(tmp_path / "artifacts"), "SYNTH_MODELS_DIR": str(tmp_path / "no-models"),
+           "SYNTH_LOG_LEVEL": "WARNING"}
+    result = CliRunner().invoke(app, ["serve", *args, "--port", str(port), "--replay-dir", str(shared_data)],
+                                env=env)
+    assert result.exit_code == 0, result.output
+    assert seen["listeners"] == [bound], seen  # the kernel's word: loopback only, or every interface
+    assert seen["127.0.0.1"] is True, seen
+    assert seen["127.0.0.2"] is other_loopback, seen
+    assert seen["after"] == [], seen  # and the axon stopped with the miner
