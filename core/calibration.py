@@ -29,8 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -41,6 +39,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy.optimize import minimize_scalar
 
+from core.atomic_files import atomic_write
 from core.constants import LF_INCREMENT
 from core.engines.base import Engine, Float32Array, ParametricEngine
 from core.evaluation import (
@@ -412,17 +411,8 @@ class CalibrationState:
 
     def save(self, path: Path) -> None:
         """Atomic: a reader sees the old document or the new one, never half of one."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(self.to_json())
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as fh:
+            fh.write(self.to_json())
 
 
 # -------------------------------------------------------------------------------------------- a run

@@ -9,8 +9,6 @@ mis-wired model (the failure that leads to silently wrong paths).
 """
 
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.atomic_files import atomic_write
 from core.datasets import MODEL_ASSETS
 from core.engines.ewma import EwmaConfig
 from core.features import (
@@ -116,19 +115,9 @@ def save(checkpoint: Checkpoint, path: Path) -> None:
     The temporary file has a unique name, so two writers of one path (the CLI and the retraining
     job) cannot rename each other's half-written file into place, and it is removed on failure.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = checkpoint.payload()
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide the model from workers of another user
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(name, path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, mode=0o644) as fh:  # 0644: workers of another user load it
+        torch.save(payload, fh)
 
 
 def _expect(what: str, found: object, expected: object) -> None:

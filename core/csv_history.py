@@ -2,8 +2,6 @@
 
 import gzip
 import io
-import os
-import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -11,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from core.assets import spec_for_any
+from core.atomic_files import atomic_write
 from core.prices import MAX_EPOCH_S, PriceDataError, PriceHistory, bar_time_problem
 
 STEP_SUFFIX = {60: "1m", 300: "5m"}
@@ -86,22 +85,10 @@ def write_csv(path: Path, history: PriceHistory) -> None:
 
     Each call writes its own temp file: two writers of one path at once leave one whole file, never a mix.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     lines = "".join(f"{t},{c!r}\n" for t, c in zip(history.ts.tolist(), history.close.tolist()))
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp: Path | None = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            with gzip.open(raw, "wt") as fh:
-                fh.write("timestamp,close\n" + lines)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp makes it private; a data file is not
-        os.replace(tmp_name, path)
-        tmp = None
-    finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
+    with atomic_write(path, mode=0o644) as raw:  # 0644: a data file is not private
+        with gzip.open(raw, "wt") as fh:
+            fh.write("timestamp,close\n" + lines)
 
 
 def find_file(folder: Path, asset: str, step: int) -> Path | None:

@@ -1,5 +1,6 @@
 """Shared fixtures: a private redis-server per test session, shared data, no internet."""
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,3 +49,13 @@ def _no_internet() -> Iterator[None]:
 
     patch_bittensor_networking()
     yield
+
+
+@pytest.fixture
+def restored_root() -> Iterator[None]:
+    """Code under test (setup_logging, serve) installs its own root handler: put the old ones back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

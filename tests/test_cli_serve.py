@@ -7,11 +7,9 @@ machine, whatever the code under test does.
 
 import asyncio
 import json
-import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +28,8 @@ from synth_miner.devstack import free_port, make_wallet
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _keep_logging() -> Iterator[None]:
-    """serve() installs its own root handler (on the stream of the moment): put the old ones back."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+# serve() installs its own root handler (on the stream of the moment): every test puts the old ones back.
+pytestmark = pytest.mark.usefixtures("restored_root")
 
 
 @pytest.fixture

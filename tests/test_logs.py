@@ -1,20 +1,10 @@
 """Logging set-up: our modules' warnings survive bittensor's import, which mutes existing loggers."""
 
 import logging
-from collections.abc import Iterator
 
 import pytest
 
 from core.logs import setup_logging
-
-
-@pytest.fixture
-def restored_root() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def test_our_warnings_are_shown_after_bittensor_is_imported(restored_root: None,
