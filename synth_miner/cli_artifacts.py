@@ -41,6 +41,7 @@ from core.evaluation import (
 )
 from core.prices import PriceDataError
 from core.settings import Settings
+from synth_miner.cli_assets import checked_assets
 
 artifacts_app = typer.Typer(help="Versioned artifact sets (models, calibration): list, publish, roll back.",
                             no_args_is_help=True)
@@ -73,11 +74,7 @@ def histories_for(data_dir: Path | None, assets: list[str] | None, all_rows: boo
                   end: int | None) -> dict[str, AssetHistory]:
     """A CSV folder when one is given, else the history store the hourly job calibrates on."""
     if assets:
-        assets = list(dict.fromkeys(a.upper() for a in assets))
-        unknown = [a for a in assets if a not in ASSETS]
-        if unknown:
-            raise typer.BadParameter(f"unknown asset(s) {', '.join(unknown)}; known: {', '.join(sorted(ASSETS))}",
-                                     param_hint="--asset")
+        assets = checked_assets(assets, "--asset")
     if data_dir is not None:
         return load_histories(data_dir, assets, all_rows)
     now = int(time.time()) if end is None else end

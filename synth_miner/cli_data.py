@@ -20,6 +20,7 @@ from core.prices import PriceDataError
 from core.settings import Settings
 from core.sources.base import ProviderError
 from core.sources.registry import PROVIDERS, build_source
+from synth_miner.cli_assets import checked_assets
 
 app = typer.Typer(help="Market data: backfill the history store, import CSVs, status, local provider servers.",
                   no_args_is_help=True)
@@ -67,16 +68,8 @@ def _age(seconds: float | None) -> str:
 
 
 def known_assets(names: list[str] | None, also: set[str], option: str = "--asset") -> list[str] | None:
-    """``--asset`` values upper-cased (btc means BTC); a name neither in the registry nor in ``also`` (what
-    the folder or store at hand holds) is refused instead of silently matching nothing."""
-    if not names:
-        return None
-    wanted = list(dict.fromkeys(a.strip().upper() for a in names))
-    unknown = [a for a in wanted if a not in ASSETS and a not in also]
-    if unknown:
-        raise typer.BadParameter(f"unknown asset(s) {', '.join(unknown)}; known: {', '.join(sorted(ASSETS))}",
-                                 param_hint=option)
-    return wanted
+    """``--asset`` values checked (``also``: what the folder or store at hand holds); None when not given."""
+    return checked_assets(names, option, also) if names else None
 
 
 # --- sync -----------------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import typer
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from core.assets import ASSETS
 from core.batch import (
     BatchInputError,
     BatchRunner,
@@ -29,6 +28,7 @@ from core.evaluation import EvaluationError, Mode, iso, parse_day, plan_prompts
 from core.forecast import no_calibration
 from core.scoring import Rules
 from core.settings import Settings
+from synth_miner.cli_assets import checked_assets
 
 DEFAULT_DATA = Path("../shared/data")
 # The reference design: 24 h prompts on BTC/ETH/XAU/SPYX/NVDAX and 1 h prompts on BTC/ETH/XAU/SOL; with
@@ -52,14 +52,9 @@ def _assets(text: str) -> list[str]:
 
 
 def _validator_assets(text: str, option: str) -> list[str]:
-    """A comma list of assets validators ask for (upper-cased: btc means BTC); any other name is refused,
-    not scored under a name no validator uses (SPY's prices are asked for as SPYX and SP500)."""
-    names = list(dict.fromkeys(a.upper() for a in _assets(text)))
-    unknown = [a for a in names if a not in ASSETS]
-    if unknown:
-        raise typer.BadParameter(f"unknown asset(s) {', '.join(unknown)}; known: {', '.join(sorted(ASSETS))}",
-                                 param_hint=option)
-    return names
+    """A comma list of assets validators ask for; any other name is refused, not scored under a name no
+    validator uses (SPY's prices are asked for as SPYX and SP500)."""
+    return checked_assets(_assets(text), option)
 
 
 def _spacing(hours: float, name: str) -> int:
