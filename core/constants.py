@@ -14,6 +14,7 @@ CACHE_META_KEY = KEY_PREFIX + ":cache-meta:{asset}:{step}"  # span / freshness o
 LATEST_PRICE_KEY = KEY_PREFIX + ":latest:{asset}"  # newest anchor price with its publish time
 REFRESH_LOCK_KEY = KEY_PREFIX + ":refresh-lock:{asset}"  # one process refreshes an asset's cache at a time
 BEAT_LOCK_KEY = KEY_PREFIX + ":beat:lock"  # one beat schedules at a time
+BEAT_LAST_RUN_KEY = KEY_PREFIX + ":beat:last-run"  # job name -> when the leading beat last sent it (epoch s)
 JOB_SLOT_KEY = KEY_PREFIX + ":job:{name}:{slot}"  # a periodic job's claim on its slot: running (leased) or done
 JOB_ATTEMPTS_KEY = KEY_PREFIX + ":job-attempts:{name}:{slot}"  # claims taken on a slot (runs that started)
 CALIBRATION_KEY = KEY_PREFIX + ":calibration:last"  # summary of the last calibration run
@@ -30,6 +31,10 @@ MINUTE: Final = 60
 # A bar's close is only known once it has closed; the batch interface cuts history this long before
 # the prompt's start so nothing published after the request could leak in.
 LOOKAHEAD_GUARD_S: Final = 60
+# A bar is asked for only this long after its close: with our clock a second ahead of the exchange's (or
+# an exchange that finalises a moment late) the newest bar would still be open, and its moving close
+# would be stored for good, since later refreshes only fetch after the newest stored bar.
+BAR_CLOSE_GRACE_S: Final = 3
 
 # --- Result transport --------------------------------------------------------------------------------
 RESULT_DTYPE: Final = "<f4"  # float32 little-endian paths on the wire between worker and miner

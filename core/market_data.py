@@ -14,7 +14,7 @@ from core.sources.base import PriceSource
 
 log = logging.getLogger(__name__)
 
-FRESH_S = 150  # a cache whose newest close is older than this is refreshed before use
+FRESH_S = 150  # a cache whose next bar is overdue by more than this is refreshed before use
 RETRY_S = 30  # ...but at most this often: a market that is closed, or a lagging source, stays "old"
 EMPTY_RETRY_S = 3  # an asset with nothing cached is retried this often (it has no answer at all)
 
@@ -50,10 +50,18 @@ class MarketData:
         pause = EMPTY_RETRY_S if span is None else RETRY_S
         if time.monotonic() - self._attempted.get(asset, -pause) < pause:
             return False
-        return span is None or span[1] + 2 * 60 < now - FRESH_S
+        if span is None:
+            return True
+        step, (_, newest_open) = span
+        return newest_open + 2 * step < now - FRESH_S  # the bar after the newest closes at newest_open + 2 steps
 
-    def _span(self, asset: str) -> tuple[int, int] | None:
-        return self.cache.span(asset, 60) or self.cache.span(asset, 300)
+    def _span(self, asset: str) -> tuple[int, tuple[int, int]] | None:
+        """(step, span) of the finest history cached, or None."""
+        for step in (60, 300):
+            span = self.cache.span(asset, step)
+            if span is not None:
+                return step, span
+        return None
 
     async def snapshot(self, asset: str, lookback_s: int | None = None) -> MarketSnapshot:
         """History known now plus the anchor price; refreshes first if the cache is empty or stale."""

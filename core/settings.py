@@ -15,6 +15,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from core.assets import ASSETS, Provider
 from core.devices import DeviceChoice
 
+LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"  # what a worker started by hand without SYNTH_REDIS_URL meets on
+
 
 def default_models_dir() -> Path:
     """``./models`` when the working directory has one (Docker, a checkout), else the checkout's own."""
@@ -187,6 +189,12 @@ class Settings(BaseSettings):
     def embedded(self) -> bool:
         """No Redis configured: forecasts run in this process."""
         return not self.redis_url
+
+    @property
+    def pool_redis_url(self) -> str:
+        """The Redis a worker or beat process meets the miner in: this host's when unset (``celery -A workers.app``
+        started by hand), the same one for the broker, the jobs and the heartbeats."""
+        return self.redis_url or LOCAL_REDIS_URL
 
     def infer_queue(self, time_increment: int) -> str:
         return self.queue_infer_hf if time_increment < 300 else self.queue_infer_lf

@@ -48,12 +48,12 @@ class MinerData:
         shared, joined = self._shared(asset, lookback_s)
         try:
             # Shielded: a slow refresh goes on in the background and fills the cache for the next one.
-            snap = await asyncio.wait_for(asyncio.shield(shared), SHARED_TIMEOUT_S)
+            snap = await asyncio.wait_for(asyncio.shield(shared), _left(deadline, SHARED_TIMEOUT_S))
             if joined:  # refreshed for another window: read this request's own
-                snap = await self._cached(asset, lookback_s) or snap
+                snap = await self._cached(asset, lookback_s, deadline) or snap
         except Exception as exc:  # Redis down, provider down or slow with a stale or empty cache...
-            cached = await self._cached(asset, lookback_s)
-            log.warning("shared market data failed for %s (%s: %s); using %s", asset, type(exc).__name__, exc,
+            cached = await self._cached(asset, lookback_s, deadline)
+            log.warning("shared market data failed for %s (%s); using %s", asset, _why(exc),
                         "the shared cache as it is" if cached else "the miner's own copy")
             if cached is not None:
                 snap = cached
@@ -64,27 +64,34 @@ class MinerData:
                 try:
                     snap = await asyncio.wait_for(asyncio.shield(shared), max(0.0, left))
                     if joined:
-                        snap = await self._cached(asset, lookback_s) or snap
+                        snap = await self._cached(asset, lookback_s, deadline) or snap
                 except Exception as late:
-                    raise PriceDataError(f"no price for {asset} in time: {type(late).__name__}: {late}") from late
+                    raise PriceDataError(f"no price for {asset} in time: {_why(late)}") from late
         self._last[asset] = snap
         return snap
 
-    async def _cached(self, asset: str, lookback_s: int | None) -> MarketSnapshot | None:
+    async def _cached(self, asset: str, lookback_s: int | None,
+                      deadline: float | None = None) -> MarketSnapshot | None:
         """The shared cache without a refresh: a slow provider must not cost the request its deadline
         (the pool reads this same cache, so it can still answer)."""
         lookback = lookback_s or self.shared.window_for(asset)
+        budget = _left(deadline, CACHED_TIMEOUT_S)
+        if budget <= 0:
+            return None
         try:
             return await asyncio.wait_for(asyncio.to_thread(build_snapshot, self.shared.cache, asset,
-                                                            int(time.time()), lookback), CACHED_TIMEOUT_S)
+                                                            int(time.time()), lookback), budget)
         except Exception:
             return None
 
     async def fallback_snapshot(self, asset: str, deadline: float | None = None) -> MarketSnapshot:
         kept = self._last.get(asset)
         if kept is not None:
+            budget = _left(deadline, ANCHOR_TIMEOUT_S)
+            if budget <= 0:  # no time for a fresh anchor: the kept price is the best there is by the deadline
+                return kept
             try:
-                latest = await asyncio.wait_for(self.shared.sources(asset).latest(asset), ANCHOR_TIMEOUT_S)
+                latest = await asyncio.wait_for(self.shared.sources(asset).latest(asset), budget)
                 if latest.publish_time > kept.anchor_time:
                     # The refresh's check (core.refresh): a garbage print must not anchor the fallback either.
                     if not plausible_latest(latest, _newest_bar(kept), self.shared.settings.price_max_jump):
@@ -92,14 +99,14 @@ class MinerData:
                                             "newest close: not used as the anchor")
                     return replace(kept, anchor=latest.price, anchor_time=latest.publish_time)
             except Exception as exc:
-                log.warning("fresh anchor for %s unavailable (%s); keeping %ss-old price", asset, exc,
+                log.warning("fresh anchor for %s unavailable (%s); keeping %ss-old price", asset, _why(exc),
                             int(time.time() - kept.anchor_time))
             return kept
         budget = SHARED_TIMEOUT_S * 2 if deadline is None else max(0.0, deadline - time.time())
         try:
             return await asyncio.wait_for(self.emergency.snapshot(asset), budget)
         except (ProviderError, PriceDataError, TimeoutError) as exc:
-            raise PriceDataError(f"no price for {asset}: {type(exc).__name__}: {exc}") from exc
+            raise PriceDataError(f"no price for {asset}: {_why(exc)}") from exc
 
     async def warm(self, assets: list[str]) -> None:
         """Fill the shared cache for every asset at start-up so the first answers use real history."""
@@ -109,12 +116,22 @@ class MinerData:
                 self._last[asset] = await asyncio.wait_for(asyncio.shield(shared), SHARED_TIMEOUT_S * 4)
                 return None
             except Exception as exc:
-                return f"{asset} ({type(exc).__name__}: {exc})" if str(exc) else f"{asset} ({type(exc).__name__})"
+                return f"{asset} ({_why(exc)})"
 
         failed = [f for f in await asyncio.gather(*(one(a) for a in assets)) if f]
         log.info("warm-up: %d of %d assets have prices", len(assets) - len(failed), len(assets))
         if failed:
             log.warning("no price yet for: %s", "; ".join(failed))
+
+
+def _why(exc: BaseException) -> str:
+    """An exception in a few words; a timeout's message is empty, and "TimeoutError: " said nothing more."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _left(deadline: float | None, cap: float) -> float:
+    """Seconds a step may wait: its own cap, and never past the request's deadline (epoch seconds)."""
+    return cap if deadline is None else max(0.0, min(cap, deadline - time.time()))
 
 
 def _newest_bar(snap: MarketSnapshot) -> PriceHistory:

@@ -1,7 +1,9 @@
 """One request from receipt to a checked reply: check, share, enqueue, await, fall back, round, check.
 
 Identical requests (same asset, start time, grid and path count), as several validators send in the
-same minute, are computed once and the rendered reply is reused until the prompt starts.
+same minute, are computed once and the pool's rendered reply is reused until the prompt starts. A
+fallback reply is not reused (the pool may be back for the next asker), and a request that joins a
+computation working to a later deadline than its own falls back by its own deadline.
 """
 
 import asyncio
@@ -51,7 +53,9 @@ class MinerService:
         self.data = data
         self.pool = pool
         self.fallback = fallback
-        self._inflight: dict[str, asyncio.Task[Answer]] = {}
+        # Each computation in flight, with the deadline it works to (its first caller's).
+        self._inflight: dict[str, tuple[asyncio.Task[Answer], float]] = {}
+        self._snapshots: dict[str, MarketSnapshot] = {}  # the market data each computation forecasts from
         self._done: OrderedDict[str, Answer] = OrderedDict()
         self.counters: dict[str, int] = {"requests": 0, "fallbacks": 0, "shared": 0}
 
@@ -67,20 +71,37 @@ class MinerService:
         if done is not None:
             self.counters["shared"] += 1
             return done
-        task = self._inflight.get(key)
-        if task is None:
+        inflight = self._inflight.get(key)
+        if inflight is None:
             task = asyncio.create_task(self._compute(request, deadline))
-            self._inflight[key] = task
+            self._inflight[key] = (task, deadline)
             task.add_done_callback(functools.partial(self._finish, key))
-        else:
-            self.counters["shared"] += 1
-        return await asyncio.shield(task)
+            return await asyncio.shield(task)
+        self.counters["shared"] += 1
+        task, works_to = inflight
+        if works_to <= deadline:
+            return await asyncio.shield(task)
+        # The shared computation may answer after this caller has gone: wait for it only while this
+        # request's own fallback still fits before its deadline.
+        await asyncio.wait([task], timeout=max(0.0, deadline - self.settings.fallback_budget_s - time.time()))
+        if task.done():
+            return task.result()
+        began = time.perf_counter()
+        snapshot = self._snapshots.get(key)  # the shared computation's, when it has one by now
+        if snapshot is None:
+            snapshot = await self.data.fallback_snapshot(request.asset, deadline)
+        return await self._fallback(request, snapshot, "shared forecast not ready by this request's deadline",
+                                    began, "shared")
 
     def _finish(self, key: str, task: "asyncio.Task[Answer]") -> None:
         self._inflight.pop(key, None)
+        self._snapshots.pop(key, None)
         if task.cancelled() or task.exception() is not None:
             return
-        self._done[key] = task.result()
+        answer = task.result()
+        if answer.source != "pool":  # EWMA-t stood in (pool late or down): the next asker tries the pool again
+            return
+        self._done[key] = answer
         now = time.time()
         for started in [k for k, a in self._done.items() if a.request.start_ts < now]:
             del self._done[started]  # its prompt has begun: no validator asks for it any more
@@ -94,6 +115,7 @@ class MinerService:
         request_id = uuid.uuid4().hex
         pool_deadline = min(deadline - self.settings.fallback_budget_s, time.time() + self.settings.max_wait_s)
         snapshot = await self.data.snapshot(request.asset, self._lookback(request), deadline=pool_deadline)
+        self._snapshots[request.key()] = snapshot
         reason: str | None
         try:
             paths = await self.pool.forecast(request, snapshot, pool_deadline, request_id)
@@ -101,6 +123,10 @@ class MinerService:
             return Answer(request, body, "pool", None, time.perf_counter() - began)
         except Exception as exc:  # noqa: BLE001 - any pool failure: the fallback answers
             reason = f"{type(exc).__name__}: {exc}"
+        return await self._fallback(request, snapshot, reason, began, request_id)
+
+    async def _fallback(self, request: ForecastRequest, snapshot: MarketSnapshot, reason: str, began: float,
+                        request_id: str) -> Answer:
         self.counters["fallbacks"] += 1
         log.warning("fallback for %s (request %s): %s", request.key(), request_id, reason)
         body = await asyncio.to_thread(self._fallback_reply, request, snapshot)

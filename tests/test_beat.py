@@ -1,16 +1,20 @@
 """Two beat processes against one real Redis: each job runs exactly once per slot."""
 
+import base64
 import json
 import re
 import time
 from collections import Counter
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
-from core.constants import BEAT_LOCK_KEY, BEAT_SCHEDULE_FILE, JOB_RUNS_KEY
+from core.constants import BEAT_LOCK_KEY, BEAT_SCHEDULE_FILE, JOB_RUNS_KEY, TASK_RETRAIN
+from core.settings import Settings, get_settings
 from synth_miner.devstack import Proc, cli, spawn, start_worker
 from tests.conftest import RedisServer
 
@@ -123,3 +127,46 @@ def test_a_restarted_beat_keeps_its_last_run_times(redis_url: str, tmp_path: Pat
     with shelve.open(str(tmp_path / "data" / BEAT_SCHEDULE_FILE), flag="r") as store:
         retrain = store["entries"]["retrain"]
     assert retrain.last_run_at.timestamp() < second_began - 1, retrain  # the first beat's time, kept
+
+
+def test_a_standby_taking_over_does_not_rerun_a_job_the_leader_just_sent(redis_url: str, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each beat keeps its own schedule file, so a standby's last-run times are as old as its last time as the
+    leader. Taking over, it must not send at once a job the dead leader sent a moment ago (an hourly
+    calibration, a weekly 4-hour retrain): that is a second run within one period, in the next slot."""
+    from workers.app import create_app
+    from workers.beat import LeaderScheduler
+
+    period = 4.0
+    monkeypatch.setenv("SYNTH_REDIS_URL", redis_url)
+    monkeypatch.setenv("SYNTH_BEAT_LOCK_TTL_S", "3")
+    get_settings.cache_clear()
+    app = create_app(Settings(redis_url=redis_url, beat_retrain_s=period, beat_refresh_s=100_000,
+                              beat_calibrate_s=100_000, beat_compact_s=100_000))
+    client = redis.Redis.from_url(redis_url)
+    leader, standby = (LeaderScheduler(app=app, schedule_filename=str(tmp_path / f"beat{i}.db")) for i in range(2))
+    stale = datetime.now(timezone.utc) - timedelta(seconds=10 * period)
+    for scheduler in (leader, standby):  # retrain due in both (the standby's file is old); nothing else is
+        scheduler.schedule["retrain"].last_run_at = stale
+
+    def retrain_slots() -> list[int]:
+        messages = [json.loads(m) for m in client.lrange(Settings().queue_cpu, 0, -1)]
+        return [json.loads(base64.b64decode(m["body"]))[1]["slot"] for m in messages
+                if m["headers"]["task"] == TASK_RETRAIN]
+
+    try:
+        while not 1.0 <= time.time() % period <= 1.5:  # the leader sends early in a slot...
+            time.sleep(0.05)
+        for _ in range(5):
+            leader.tick()
+        assert len(retrain_slots()) == 1
+        leader.close()  # ...and stops (a deploy, a crash)
+        time.sleep(period - time.time() % period + 0.3)  # the standby takes over early in the next slot
+        for _ in range(5):
+            standby.tick()
+        assert standby.leader
+    finally:
+        leader.close()
+        standby.close()
+        get_settings.cache_clear()
+    assert len(retrain_slots()) == 1, f"retrain sent twice within {period} s: slots {retrain_slots()}"

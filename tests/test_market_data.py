@@ -1,16 +1,23 @@
-"""MarketData against a Redis that accepts connections and never answers: the event loop must stay free."""
+"""MarketData: a Redis that never answers must not stall the event loop; a cache is refreshed when a bar is overdue."""
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
 import redis
 
+from core import market_data
+from core.cache import MemoryHistoryCache
 from core.cache_redis import RedisHistoryCache
+from core.fake_providers import ManualClock
 from core.market_data import MarketData
+from core.refresh import RefreshReport
 from core.settings import Settings
 from core.sources.registry import sources_for
+from core.sources.replay import ReplaySource
 from tests.conftest import free_port
+from tests.provider_fixtures import T0, write_held_in
 
 SOCKET_TIMEOUT_S = 0.5
 
@@ -53,3 +60,35 @@ async def test_a_hung_redis_does_not_stall_the_event_loop() -> None:
     # A read made on the loop would stop the heartbeat for a whole socket timeout; in a thread it ticks on.
     gaps = [later - earlier for earlier, later in zip(ticks, ticks[1:])]
     assert ticks[0] < began and max(gaps) < SOCKET_TIMEOUT_S, (len(ticks), max(gaps))
+
+
+class CountingMarketData(MarketData):
+    """The real MarketData, counting the refreshes a snapshot decides to make."""
+
+    refreshes = 0
+
+    async def refresh(self, asset: str) -> RefreshReport:
+        self.refreshes += 1
+        return await super().refresh(asset)
+
+
+async def test_a_5_minute_only_cache_is_refreshed_when_a_bar_is_overdue_not_on_every_call(
+        tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A replay folder without 1-minute files: the cache holds 5-minute bars only, whose newest close is
+    # normally up to 5 minutes old. Judged by the 1-minute rule, it would read as stale on every request.
+    write_held_in(tmp_path, shared_data, ["btc"], days=1, with_5m=True)
+    (tmp_path / "btc_1m.csv.gz").unlink()
+    monkeypatch.setattr(market_data, "RETRY_S", 0)  # every request may refresh: only staleness decides
+    clock = ManualClock(T0)
+    data = CountingMarketData(MemoryHistoryCache(), lambda asset: ReplaySource(tmp_path, clock), 86_400, clock=clock)
+    await data.snapshot("BTC")
+    assert data.refreshes == 1  # empty cache
+    newest_close = data.cache.span("BTC", 300)[1] + 300  # type: ignore[index]
+    assert data.cache.span("BTC", 60) is None and T0 - 300 < newest_close <= T0
+    await data.snapshot("BTC")
+    clock.advance(newest_close + 300 + market_data.FRESH_S - T0)  # the next bar is due, not yet overdue
+    await data.snapshot("BTC")
+    assert data.refreshes == 1
+    clock.advance(1)
+    await data.snapshot("BTC")
+    assert data.refreshes == 2

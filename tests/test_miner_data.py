@@ -1,12 +1,18 @@
-"""MinerData's fallback against a local fake provider: a garbage print must not anchor a forecast."""
+"""MinerData: a garbage print must not anchor a fallback (local fake provider); a hung provider must not make a
+snapshot miss its deadline."""
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from core.cache import MemoryHistoryCache
 from core.fake_providers import FakeServer, ManualClock
 from core.market_data import MarketData
+from core.prices import MarketSnapshot, PriceDataError
 from core.settings import Settings
 from core.sources.registry import SourceRegistry, sources_for
 from miner.data import MinerData
@@ -45,3 +51,56 @@ async def test_fallback_takes_a_plausible_newer_anchor(miner: MinerData, clock: 
     snap = await miner.fallback_snapshot("BTC")
     assert snap.anchor_time == kept.anchor_time + 60
     assert snap.anchor == pytest.approx(kept.anchor, rel=0.1)
+
+
+SNAP = MarketSnapshot("BTC", None, None, 100.0, int(time.time()))
+
+
+class SlowShared:
+    """A shared market data whose refresh hangs (slow provider) and whose latest price is slow too."""
+
+    def __init__(self) -> None:
+        self.cache = MemoryHistoryCache()
+        self.settings = Settings(_env_file=None)
+
+    async def snapshot(self, asset: str, lookback_s: int | None = None) -> MarketSnapshot:
+        await asyncio.sleep(30)
+        raise AssertionError("unreachable")
+
+    def window_for(self, asset: str) -> int:
+        return 86_400
+
+    def sources(self, asset: str) -> Any:
+        async def latest(asset: str) -> Any:
+            await asyncio.sleep(30)
+        return SimpleNamespace(latest=latest)
+
+
+async def test_a_snapshot_is_ready_by_its_deadline_when_the_provider_hangs(caplog: pytest.LogCaptureFixture) -> None:
+    shared = SlowShared()
+    data = MinerData(shared, emergency=shared)  # type: ignore[arg-type]
+    data._last["BTC"] = SNAP  # an earlier request's snapshot
+    began = time.time()
+    snap = await data.snapshot("BTC", deadline=began + 0.5)
+    took = time.time() - began
+    assert snap is SNAP
+    assert took < 0.5 + 0.3, f"the snapshot took {took:.2f} s for a 0.5 s deadline"
+    assert "failed for BTC (TimeoutError)" in caplog.text  # not "(TimeoutError: )"
+
+
+async def test_the_anchor_timeout_is_named_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    shared = SlowShared()
+    data = MinerData(shared, emergency=shared)  # type: ignore[arg-type]
+    data._last["BTC"] = SNAP
+    assert await data.fallback_snapshot("BTC", deadline=time.time() + 0.2) is SNAP
+    assert "fresh anchor for BTC unavailable (TimeoutError)" in caplog.text  # it said "()"
+
+
+async def test_a_snapshot_with_nothing_known_gives_up_at_its_deadline() -> None:
+    shared = SlowShared()
+    data = MinerData(shared, emergency=shared)  # type: ignore[arg-type]
+    began = time.time()
+    with pytest.raises(PriceDataError, match=r"no price for BTC in time: TimeoutError$"):
+        await data.snapshot("BTC", deadline=began + 0.5)
+    took = time.time() - began
+    assert took < 0.5 + 0.3, f"the snapshot took {took:.2f} s for a 0.5 s deadline"

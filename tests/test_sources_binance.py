@@ -5,7 +5,7 @@ import pytest
 
 from core.fake_providers import FakeMarket, FakeServer, ManualClock
 from core.sources.binance import PAGE_LIMIT, BinanceSource, _parse_klines
-from core.sources.http import MalformedReplyError, ProviderHTTPError, UnsupportedAssetError
+from core.sources.http import MalformedReplyError, ProviderHTTPError, ProviderUnavailable, UnsupportedAssetError
 from tests.provider_fixtures import FAST_RETRIES, T0, fake_provider_fixtures, source_fixture
 
 # Ten days of BTC 1m before the held-out boundary.
@@ -77,6 +77,19 @@ async def test_a_client_error_is_not_retried(source: BinanceSource, server: Fake
         await source.history("BTC", T0 - 600, T0)
     assert err.value.status == 400
     assert server.faults.requests == 1
+
+
+async def test_a_429_retry_after_is_honoured_by_the_next_call_too(source: BinanceSource,
+                                                                  server: FakeServer) -> None:
+    """A refresh asks history, then latest: after a 429 asking for 30 s, latest must not hit Binance again."""
+    server.faults.set(status=429, retry_after_s=30.0)
+    with pytest.raises(ProviderUnavailable, match="Retry-After 30"):
+        await source.history("BTC", T0 - 600, T0)
+    with pytest.raises(ProviderUnavailable, match="Retry-After"):
+        await source.latest("BTC")
+    with pytest.raises(ProviderUnavailable, match="Retry-After"):
+        await source.history("ETH", T0 - 600, T0)
+    assert server.faults.requests == 1  # before the fix: 3, and Binance answers repeat offenders with a 418 ban
 
 
 def test_kline_times_must_describe_one_step() -> None:

@@ -1,6 +1,7 @@
 """The shared HTTP layer: backoff bounds, reply validators, one session per event loop."""
 
 import asyncio
+import email.utils
 import random
 import time
 from collections.abc import AsyncIterator
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 
+from core.constants import BAR_CLOSE_GRACE_S
 from core.prices import LatestPrice
 from core.sources.base import PriceSource
 from core.sources.http import (
@@ -19,6 +21,7 @@ from core.sources.http import (
     MalformedReplyError,
     ProviderUnavailable,
     StalePriceError,
+    _retry_after,
     build_history,
     check_fresh,
     closed_end,
@@ -45,6 +48,19 @@ def test_backoff_is_jittered_capped_and_floored_by_retry_after() -> None:
 def test_non_positive_or_non_finite_prices_are_bad(value: object) -> None:
     with pytest.raises(BadPriceError):
         parse_price(value, "test")
+
+
+@pytest.mark.parametrize("value", ["1e-320", 5e-324, 1e-40, "1e39", 1e300])
+def test_prices_a_float32_cannot_carry_are_bad(value: object) -> None:
+    """Paths are scored as float32 (validators refuse values that underflow to 0 or overflow): a subnormal
+    close (whose reciprocal is inf) or one past float32's range is garbage, not a price. Before the fix
+    they passed as "finite and positive"."""
+    with pytest.raises(BadPriceError, match="float32"):
+        parse_price(value, "test")
+
+
+def test_the_float32_range_itself_is_accepted() -> None:
+    assert parse_price("1e-30", "t") == 1e-30 and parse_price(3e38, "t") == 3e38
 
 
 @pytest.mark.parametrize("value", ["abc", None, True, [1.0], {"p": 1}])
@@ -90,7 +106,12 @@ def test_ranges_and_closed_ends() -> None:
     assert page_ranges(10, 10, 100) == []
     assert closed_end(10_000, 60, 1_030.0) == 1_020  # ts < 1020: [960, 1020) has closed, [1020, 1080) is open
     assert closed_end(500, 60, 1_030.0) == 500
-    assert closed_end(10_000, 300, 1_200.0) == 1_200  # the bar [900, 1200) closed exactly now
+    assert closed_end(10_000, 300, 1_200.0, grace_s=0) == 1_200  # the bar [900, 1200) closed exactly now
+    # ...but by default a bar is asked for only a few seconds after its close: a clock slightly ahead of
+    # the exchange's must not fetch (and store for good) a bar that is still open there.
+    assert closed_end(10_000, 300, 1_200.0) == 900
+    assert closed_end(10_000, 60, 1_021.0) == 960
+    assert closed_end(10_000, 60, 1_020.0 + BAR_CLOSE_GRACE_S) == 1_020
 
 
 def test_one_client_works_across_event_loops() -> None:
@@ -178,6 +199,55 @@ async def test_a_retry_after_that_fits_is_honoured_in_full(raw: RawServer) -> No
     finally:
         await client.close()
     assert len(raw.hits) == 2 and raw.hits[1] - raw.hits[0] >= 0.3
+
+
+async def test_a_long_retry_after_holds_every_later_request_to_that_host(raw: RawServer) -> None:
+    """Binance bans an IP that calls again before Retry-After: the next call (the refresh's ``latest``
+    right after a failed ``history``, another asset's page) must not be sent either."""
+    raw.status, raw.fail, raw.headers = 429, 99, {"Retry-After": "30"}
+    client = HttpClient("t", HttpConfig(timeout_s=2.0, retries=4, backoff_s=0.01, backoff_max_s=1.0))
+    try:
+        with pytest.raises(ProviderUnavailable, match="Retry-After 30 s"):
+            await client.get_json(f"{raw.url}/klines", [])
+        for path in ("klines", "ticker"):
+            with pytest.raises(ProviderUnavailable, match="Retry-After"):
+                await client.get_json(f"{raw.url}/{path}", [])
+    finally:
+        await client.close()
+    assert len(raw.hits) == 1  # before the fix: one request per call, each ignoring the server's request
+
+
+async def test_a_short_retry_after_delays_the_next_call(raw: RawServer) -> None:
+    raw.status, raw.fail, raw.headers = 503, 1, {"Retry-After": "0.4"}
+    client = HttpClient("t", HttpConfig(timeout_s=2.0, retries=0, backoff_s=0.001, backoff_max_s=1.0))
+    try:
+        with pytest.raises(ProviderUnavailable, match="HTTP 503"):
+            await client.get_json(f"{raw.url}/x", [])
+        assert await client.get_json(f"{raw.url}/x", []) == {}
+    finally:
+        await client.close()
+    assert len(raw.hits) == 2 and raw.hits[1] - raw.hits[0] >= 0.4
+
+
+async def test_a_retry_after_http_date_is_honoured(raw: RawServer) -> None:
+    """RFC 9110 allows Retry-After as an HTTP date: it is a wait like any other, not "absent"."""
+    raw.status, raw.fail = 503, 99
+    raw.headers = {"Retry-After": email.utils.formatdate(time.time() + 60, usegmt=True)}
+    client = HttpClient("t", HttpConfig(timeout_s=2.0, retries=4, backoff_s=0.001, backoff_max_s=1.0))
+    try:
+        with pytest.raises(ProviderUnavailable, match="Retry-After 5[89]"):
+            await client.get_json(f"{raw.url}/x", [])
+    finally:
+        await client.close()
+    assert len(raw.hits) == 1  # before the fix: five requests within 0.1 s
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("12", 12.0), ("0", 0.0), ("-3", None), ("nan", None), ("soon", None), (None, None),
+    ("Thu, 01 Jan 1970 00:00:00 GMT", 0.0),  # a date already past: no wait
+])
+def test_retry_after_values(value: str | None, expected: float | None) -> None:
+    assert _retry_after(value) == expected
 
 
 NOW = 1_900_000_030

@@ -3,15 +3,17 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from core.cache import MemoryHistoryCache
 from core.fake_providers import ManualClock
 from core.refresh import refresh_asset
 from core.settings import Settings
+from core.sources.base import ProviderError
 from core.sources.replay import ReplaySource
 from tests.provider_fixtures import T0, fake_provider_fixtures
 
-csv_dir, clock, market, server = fake_provider_fixtures("binance", ["btc"], days=2)
+csv_dir, clock, market, server = fake_provider_fixtures("binance", ["btc"], days=2, with_5m=True)
 
 
 async def test_the_shift_is_fixed_so_bars_keep_their_timestamps(csv_dir: Path, clock: ManualClock) -> None:
@@ -37,3 +39,12 @@ async def test_refreshing_a_replay_never_repeats_the_file_tail(csv_dir: Path, cl
         await refresh_asset("BTC", replay, cache, None, settings, now=int(clock()), steps=(60,))
     newest = cache.span("BTC", 60)
     assert newest is not None and newest[1] == span[1]  # before the fix, each refresh appended the tail again
+
+
+async def test_steps_other_than_1m_and_5m_are_refused(csv_dir: Path, clock: ManualClock) -> None:
+    """Like every live client: before the fix, step=900 (or 120) served the 5-minute rows labelled 900 s."""
+    replay = ReplaySource(csv_dir, clock)
+    assert (await replay.history("BTC", T0 - 7200, T0, step=300)).step == 300
+    for step in (120, 900):
+        with pytest.raises(ProviderError, match=f"step {step}"):
+            await replay.history("BTC", T0 - 7200, T0, step=step)

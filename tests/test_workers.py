@@ -87,3 +87,63 @@ def test_an_idle_process_keeps_announcing_itself(redis_url: str, monkeypatch: py
     time.sleep(0.2)
     assert json.loads(client.get(key))["artifact_version"] == "v2"  # type: ignore[arg-type]
     beat.stop()
+
+
+def test_the_model_info_metric_follows_a_reload(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``synth_worker_model_info`` names the artifact version served: after a worker reloads a newly published
+    one, the series names the new version (and only it), not the version the process started with."""
+    from tests.test_worker_reload import publish_scale
+    from workers import tasks
+    from workers.runtime import WorkerRuntime
+
+    class NoRedis:
+        def set(self, *_: object, **__: object) -> None:
+            pass
+
+    def served() -> list[dict[str, str]]:
+        return [s.labels for m in metrics.REGISTRY.collect() if m.name == "synth_worker_model_info" for s in m.samples
+                if s.value == 1]
+
+    artifacts = tmp_path / "artifacts"
+    first = publish_scale(artifacts, 1.0)
+    runtime = WorkerRuntime.load(Settings(redis_url="redis://127.0.0.1:1/0", artifacts_dir=artifacts,
+                                          engine="ewma_t"))
+    runtime.redis = NoRedis()  # type: ignore[assignment]
+    monkeypatch.setattr(tasks, "get_runtime", lambda: runtime)
+    monkeypatch.setattr(tasks, "consumes_inference", lambda: True)
+    tasks._load_runtime()  # worker_process_init
+    assert served() == [{"version": first, "engine": "ewma_t"}]
+    second = publish_scale(artifacts, 2.0)
+    tasks.announce(runtime)  # after a task: the forecaster reloaded the new version
+    assert runtime.artifact_version == second
+    assert served() == [{"version": second, "engine": "ewma_t"}]
+
+
+def test_without_a_redis_url_broker_jobs_beat_and_heartbeats_meet_on_one_redis(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``celery -A workers.app worker`` started by hand without SYNTH_REDIS_URL: the broker falls back to this
+    host's Redis, and so must the jobs' claims and the beat lock (not an empty URL that fails only once a job
+    runs). Nothing here connects: the clients are only built."""
+    from celery.beat import PersistentScheduler
+
+    from core.settings import get_settings
+    from workers import jobs
+    from workers.beat import LeaderScheduler
+
+    monkeypatch.delenv("SYNTH_REDIS_URL", raising=False)
+    get_settings.cache_clear()
+    settings = Settings(data_dir=tmp_path)
+    app = create_app(settings)
+
+    def where(client: redis.Redis) -> tuple[object, object, object]:
+        kw = client.connection_pool.connection_kwargs
+        return kw["host"], kw["port"], kw["db"]
+
+    try:
+        scheduler = LeaderScheduler(app=app, schedule_filename=str(tmp_path / "beat.db"))
+        beat_redis = where(scheduler.redis)
+        PersistentScheduler.close(scheduler)  # the schedule file only: no lock to release in Redis
+    finally:
+        get_settings.cache_clear()
+    assert app.conf.broker_url == settings.pool_redis_url == "redis://127.0.0.1:6379/0"
+    assert where(jobs._redis(settings)) == beat_redis == ("127.0.0.1", 6379, 0)

@@ -18,7 +18,7 @@ LONGEST_JOB_S = 4 * 3600  # retraining; the visibility timeout must exceed it
 
 
 def create_app(settings: Settings) -> Celery:
-    url = settings.redis_url or "redis://127.0.0.1:6379/0"
+    url = settings.pool_redis_url
     check_redis_url(url)  # raises InsecureRedisError: never a password-less Redis beyond this host
     app = Celery("synth_miner", broker=url, backend=url, include=["workers.tasks", "workers.jobs"])
     app.conf.update(

@@ -5,7 +5,11 @@ over when the lock expires (TTL ``beat_lock_ttl_s``, renewed every tick). Each s
 ``slot`` (its scheduled time floored to the period), which the task claims once in Redis.
 
 The schedule file keeps each job's last run across restarts, so its name is stable; two beats on one
-host that share it take turns (a file lock), since two writers would corrupt it.
+host that share it take turns (a file lock), since two writers would corrupt it. The leader also records
+each send in Redis (``BEAT_LAST_RUN_KEY``): a beat that becomes the leader goes on from those times, not from
+its own file, which is as old as its last time as the leader (it would send at once every job the old
+leader had just sent, in the next slot when a boundary fell between: an hourly calibration or a weekly
+retrain run twice within one period).
 """
 
 import fcntl
@@ -13,12 +17,14 @@ import logging
 import os
 import socket
 import time
+from datetime import datetime, timezone
 from typing import IO, Any
 
 import redis
 from celery.beat import PersistentScheduler, ScheduleEntry
+from celery.utils.time import maybe_make_aware
 
-from core.constants import BEAT_LOCK_KEY
+from core.constants import BEAT_LAST_RUN_KEY, BEAT_LOCK_KEY
 from core.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -32,7 +38,7 @@ class LeaderScheduler(PersistentScheduler):
         settings = get_settings()
         self.lock_ttl_ms = int(settings.beat_lock_ttl_s * 1000)
         self.identity = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
-        self.redis = redis.Redis.from_url(settings.redis_url or "", socket_timeout=2.0)
+        self.redis = redis.Redis.from_url(settings.pool_redis_url, socket_timeout=2.0)
         self.leader = False
         filename = kwargs.get("schedule_filename")
         self._file_lock = hold_file_lock(f"{filename}.lock") if filename else None
@@ -49,8 +55,26 @@ class LeaderScheduler(PersistentScheduler):
             log.warning("beat lock unavailable (%s): not scheduling", exc)
             return False
 
+    def _adopt_last_runs(self) -> bool:
+        """Take each job's last send from Redis where it is later than this beat's own record."""
+        try:
+            sent = self.redis.hgetall(BEAT_LAST_RUN_KEY)
+        except redis.RedisError as exc:
+            log.warning("beat last runs unavailable (%s): not scheduling", exc)
+            return False
+        for name, entry in self.schedule.items():
+            at = sent.get(name.encode())
+            if at is not None:
+                last = datetime.fromtimestamp(float(at), timezone.utc)
+                if last > maybe_make_aware(entry.last_run_at):
+                    entry.last_run_at = last
+        self._heap = None  # rebuilt from the adopted times on the next tick
+        return True
+
     def tick(self, *args: Any, **kwargs: Any) -> float:
-        self.leader = self._hold_lock()
+        was_leader, self.leader = self.leader, self._hold_lock()
+        if self.leader and not was_leader:
+            self.leader = self._adopt_last_runs()
         if not self.leader:
             return min(1.0, self.lock_ttl_ms / 3000)
         interval: float = super().tick(*args, **kwargs)
@@ -62,7 +86,14 @@ class LeaderScheduler(PersistentScheduler):
         if period > 0:
             # Slot = scheduled time floored to the period (a beat fires a little after the boundary).
             entry.kwargs = {**entry.kwargs, "slot": int((time.time() + 0.5 * min(period, 2.0)) // period * period)}
-        return super().apply_async(entry, producer, advance, **kwargs)
+        result = super().apply_async(entry, producer, advance, **kwargs)
+        sent = self.schedule.get(entry.name)
+        if sent is not None:
+            try:
+                self.redis.hset(BEAT_LAST_RUN_KEY, entry.name, maybe_make_aware(sent.last_run_at).timestamp())
+            except redis.RedisError as exc:
+                log.warning("beat: last run of %s not recorded (%s)", entry.name, exc)
+        return result
 
     def close(self) -> None:
         try:

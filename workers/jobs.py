@@ -52,7 +52,7 @@ RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpir
 
 
 def _redis(settings: Settings) -> "redis.Redis":
-    return redis.Redis.from_url(settings.redis_url or "", socket_timeout=5.0)
+    return redis.Redis.from_url(settings.pool_redis_url, socket_timeout=5.0)
 
 
 def slot_ttl_s(period_s: float) -> int:

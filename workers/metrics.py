@@ -23,6 +23,20 @@ HEARTBEAT_TTL_S = 120
 HEARTBEAT_EVERY_S = HEARTBEAT_TTL_S / 4  # an idle process re-announces itself this often
 
 
+_serving: tuple[str, str] | None = None
+
+
+def serving(version: str | None, engine: str) -> None:
+    """Point ``synth_worker_model_info`` at what this process serves now: a reload replaces the old series."""
+    global _serving
+    labels = (version or "none", engine)
+    if labels != _serving:
+        if _serving is not None:
+            MODEL_VERSION.remove(*_serving)
+        MODEL_VERSION.labels(*labels).set(1)
+        _serving = labels
+
+
 def serve_metrics(port: int | None) -> None:
     if port:
         start_http_server(port, registry=REGISTRY)

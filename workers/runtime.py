@@ -45,7 +45,7 @@ class WorkerRuntime:
 
     @classmethod
     def load(cls, settings: Settings) -> "WorkerRuntime":
-        client: "redis.Redis" = redis.Redis.from_url(settings.redis_url or "", socket_timeout=5.0)
+        client: "redis.Redis" = redis.Redis.from_url(settings.pool_redis_url, socket_timeout=5.0)
         runtime = cls(settings, client, RedisHistoryCache(client), LiveForecaster(settings))
         log.info("worker runtime loaded in pid %d: engine %s, artifacts %s", os.getpid(),
                  runtime.forecaster.default, runtime.artifact_version)

@@ -12,7 +12,7 @@ from core.prompts import ForecastRequest
 from core.settings import get_settings
 from core.transport import encode_error, encode_paths
 from workers.app import app
-from workers.metrics import HEARTBEAT, MODEL_VERSION, TASK_SECONDS, TASKS, serve_metrics
+from workers.metrics import HEARTBEAT, TASK_SECONDS, TASKS, serve_metrics, serving
 from workers.runtime import WorkerRuntime, get_runtime
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,9 @@ def consumed_queues() -> str:
 def announce(runtime: WorkerRuntime) -> None:
     """The heartbeat `synth-miner status` lists: engine, device, models and artifact this process serves."""
     forecaster = runtime.forecaster
-    HEARTBEAT.announce(runtime.redis, forecaster.default, runtime.artifact_version, consumed_queues(),
+    version = runtime.artifact_version  # after the forecaster: the version it was (re)loaded from
+    serving(version, forecaster.default)
+    HEARTBEAT.announce(runtime.redis, forecaster.default, version, consumed_queues(),
                        device=forecaster.device, models=forecaster.models)
 
 
@@ -43,10 +45,7 @@ def consumes_inference() -> bool:
 
 def announce_jobs_only() -> None:
     """A cpu-only worker's heartbeat: it runs the periodic jobs and serves no model."""
-    settings = get_settings()
-    if not settings.redis_url:
-        return
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5.0)
+    client = redis.Redis.from_url(get_settings().pool_redis_url, socket_timeout=5.0)
     HEARTBEAT.announce(client, "jobs", None, consumed_queues())
 
 
@@ -64,7 +63,6 @@ def _load_runtime(**_: Any) -> None:
         return
     runtime = get_runtime()
     serve_metrics(runtime.settings.worker_metrics_port)
-    MODEL_VERSION.labels(runtime.artifact_version or "none", runtime.forecaster.default).set(1)
     announce(runtime)
 
 

@@ -5,6 +5,8 @@ either returns history and prices it has checked, or raises. Nothing is silently
 """
 
 import asyncio
+import datetime
+import email.utils
 import logging
 import math
 import random
@@ -20,6 +22,7 @@ import orjson
 from yarl import URL
 
 from core.assets import ASSETS, AssetSpec
+from core.constants import BAR_CLOSE_GRACE_S
 from core.prices import LatestPrice, PriceDataError, PriceHistory
 from core.settings import Settings
 from core.sources.base import ProviderError
@@ -27,6 +30,8 @@ from core.sources.base import ProviderError
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32, about 1.2e-38
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # about 3.4e38
 
 
 # --- typed errors ------------------------------------------------------------------------------------
@@ -98,13 +103,18 @@ class _LoopState:
 
 
 class HttpClient:
-    """JSON over HTTP with per-call timeouts, jittered exponential backoff and a per-host limit."""
+    """JSON over HTTP with per-call timeouts, jittered exponential backoff, a per-host limit, and a per-host
+    hold while a server's Retry-After runs (every later call waits it out or is refused, not only the retry)."""
 
     def __init__(self, name: str, config: HttpConfig, rng: random.Random | None = None) -> None:
         self.name = name
         self.config = config
         self._rng = rng or random.Random()
         self._state: _LoopState | None = None
+        # host -> monotonic time before which it asked (Retry-After) not to be called again. Kept across
+        # calls and event loops: a refresh's ``latest`` right after its failed ``history``, or another
+        # asset's page, would otherwise hit a host that just answered 429 (Binance bans such IPs).
+        self._held_until: dict[str, float] = {}
 
     def _current(self) -> _LoopState:
         loop = asyncio.get_running_loop()
@@ -115,8 +125,7 @@ class HttpClient:
             self._state = state
         return state
 
-    def _limit(self, state: _LoopState, url: str) -> asyncio.Semaphore:
-        host = URL(url).host or ""
+    def _limit(self, state: _LoopState, host: str) -> asyncio.Semaphore:
         if host not in state.limits:
             state.limits[host] = asyncio.Semaphore(self.config.concurrency_per_host)
         return state.limits[host]
@@ -131,6 +140,21 @@ class HttpClient:
         delay = self._rng.uniform(0, cap)
         return delay if retry_after is None else max(delay, retry_after)
 
+    def _hold(self, host: str, retry_after: float) -> None:
+        until = time.monotonic() + retry_after
+        if until > self._held_until.get(host, 0.0):
+            self._held_until[host] = until
+
+    async def _wait_for_host(self, host: str, what: str) -> None:
+        """Sleep out what is left of a host's Retry-After; refuse at once when that is beyond ``backoff_max_s``."""
+        left = self._held_until.get(host, 0.0) - time.monotonic()
+        if left > self.config.backoff_max_s:
+            raise ProviderUnavailable(f"{self.name}: {what} not sent: the host asked for no requests for "
+                                      f"{left:.0f} s more (Retry-After), beyond the {self.config.backoff_max_s:g} s "
+                                      f"we may wait")
+        if left > 0:
+            await asyncio.sleep(left)
+
     async def get_json(self, url: str, params: Sequence[tuple[str, str]]) -> Any:
         return await self._request("GET", url, params=params)
 
@@ -140,6 +164,7 @@ class HttpClient:
     async def _request(self, method: str, url: str, params: Sequence[tuple[str, str]] | None = None,
                        payload: Any = None) -> Any:
         state = self._current()
+        host = URL(url).host or ""
         timeout = aiohttp.ClientTimeout(total=self.config.timeout_s)
         data = orjson.dumps(payload) if payload is not None else None
         headers = {"Content-Type": "application/json"} if data is not None else None
@@ -147,11 +172,15 @@ class HttpClient:
         for attempt in range(self.config.retries + 1):
             retry_after: float | None = None
             try:
-                async with self._limit(state, url), state.session.request(
-                        method, url, params=params, data=data, headers=headers, timeout=timeout) as resp:
-                    body = await resp.read()
-                    status = resp.status
-                    retry_after = _retry_after(resp.headers.get("Retry-After"))
+                async with self._limit(state, host):
+                    await self._wait_for_host(host, f"{method} {url}")
+                    async with state.session.request(method, url, params=params, data=data, headers=headers,
+                                                     timeout=timeout) as resp:
+                        body = await resp.read()
+                        status = resp.status
+                        retry_after = _retry_after(resp.headers.get("Retry-After"))
+                if retry_after is not None and status >= 400:  # 429, 5xx, Binance's 418 ban
+                    self._hold(host, retry_after)
             except TimeoutError:
                 failure = ProviderTimeout(f"{self.name}: {method} {url} timed out after {self.config.timeout_s} s "
                                           f"({attempt + 1} attempts)")
@@ -186,12 +215,22 @@ class HttpClient:
 
 
 def _retry_after(value: str | None) -> float | None:
-    """Retry-After in seconds; an HTTP date, a negative or a non-finite value counts as absent."""
-    try:
-        seconds = float(value) if value is not None else None
-    except ValueError:
+    """Retry-After in seconds, given as seconds or as an HTTP date (RFC 9110; a past date is 0).
+
+    A negative, non-finite or unreadable value counts as absent."""
+    if value is None:
         return None
-    return seconds if seconds is not None and math.isfinite(seconds) and seconds >= 0 else None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when.tzinfo is None:  # "-0000": UTC by RFC 5322
+            when = when.replace(tzinfo=datetime.UTC)
+        seconds = max(0.0, when.timestamp() - time.time())
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _decode(name: str, url: str, body: bytes) -> Any:
@@ -203,7 +242,7 @@ def _decode(name: str, url: str, body: bytes) -> Any:
 
 # --- reply validation ----------------------------------------------------------------------------------
 def parse_price(value: object, what: str) -> float:
-    """A price from a JSON number or decimal string; anything not finite and > 0 raises."""
+    """A price from a JSON number or decimal string; anything not finite, > 0 and within float32's range raises."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise MalformedReplyError(f"{what}: price {value!r} is not a number")
     try:
@@ -212,6 +251,8 @@ def parse_price(value: object, what: str) -> float:
         raise MalformedReplyError(f"{what}: price {value!r} is not a number") from None
     if not math.isfinite(price) or price <= 0:
         raise BadPriceError(f"{what}: price {value!r} is not finite and positive")
+    if not FLOAT32_TINY <= price <= FLOAT32_MAX:  # answers are scored as float32: 1e-320 would be 0 there
+        raise BadPriceError(f"{what}: price {value!r} is outside the float32 range paths are scored in")
     return price
 
 
@@ -281,9 +322,9 @@ def check_fresh(what: str, price: LatestPrice, now: float, max_age_s: float) -> 
     return price
 
 
-def closed_end(end: int, step: int, now: float) -> int:
-    """Cut ``end`` so only bars already closed at ``now`` (ts + step <= now) are asked for."""
-    last_open = int(now) // step * step - step  # the newest bar whose close is known
+def closed_end(end: int, step: int, now: float, grace_s: float = BAR_CLOSE_GRACE_S) -> int:
+    """Cut ``end`` so only bars closed at least ``grace_s`` before ``now`` (ts + step + grace <= now) are asked for."""
+    last_open = int(now - grace_s) // step * step - step  # the newest bar whose close is surely final
     return min(end, last_open + step)
 
 

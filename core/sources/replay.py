@@ -9,8 +9,10 @@ import numpy as np
 from core.csv_history import load_asset
 from core.prices import LatestPrice, PriceHistory
 from core.sources.base import ProviderError
+from core.sources.http import UnsupportedAssetError
 
 ALIGN = 300  # shift by whole 5-minute bars so 1m and 5m rows stay on their grids
+STEPS = (60, 300)  # the file steps a replay serves
 
 
 class ReplaySource:
@@ -47,6 +49,8 @@ class ReplaySource:
         return self._shifts[asset]
 
     def shifted(self, asset: str, step: int) -> PriceHistory:
+        if step not in STEPS:  # the files hold 1m and 5m rows: any other step would mislabel them
+            raise UnsupportedAssetError(f"replay: no history at step {step} s (only {', '.join(map(str, STEPS))})")
         m1, m5 = self._load(asset)
         shift = self._shift(asset)
         native = m1 if step == 60 else m5
