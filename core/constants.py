@@ -58,6 +58,9 @@ JOB_MAX_ATTEMPTS: Final = 3
 FORECAST_KILL_GRACE_S: Final = 5
 BEAT_SCHEDULE_FILE: Final = "beat-schedule.db"  # under Settings.data_dir unless beat_schedule_file is set
 
+# --- Miner process ---------------------------------------------------------------------------------------
+AXON_START_S: Final = 10.0  # uvicorn's thread must have bound the axon's socket by then, or serve refuses
+
 # --- Chain (production miner) ---------------------------------------------------------------------------
 METAGRAPH_REFRESH_S: Final = 600.0  # registrations and stakes change slowly
 # Until the first metagraph read succeeds every validator is refused, so that read is retried soon,

@@ -25,12 +25,6 @@ class ResponseError(ValueError):
     """A reply that a validator would reject; it is never sent."""
 
 
-def digit_budget(prices: FloatArray) -> npt.NDArray[np.int64]:
-    """Significant digits each price may keep: 8, minus the leading zeros printed below 1."""
-    exponent = np.floor(np.log10(prices)).astype(np.int64)
-    return np.where(exponent < 0, SIGNIFICANT_DIGITS + exponent, SIGNIFICANT_DIGITS)
-
-
 _POW10 = 10.0 ** np.arange(-30, 31)  # table lookup: np.power per element is the slow part
 _POW10_OFFSET = 30
 

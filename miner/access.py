@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import threading
 import time
 from collections import defaultdict, deque
@@ -49,13 +50,27 @@ class MetagraphView:
             rows = json.loads(path.read_text())
             if not isinstance(rows, list):
                 raise TypeError(f"the file holds a JSON {type(rows).__name__}, not a list")
-            neurons = {r["hotkey"]: Neuron(str(r["hotkey"]), float(r.get("stake", 0.0)),
-                                           bool(r.get("validator_permit", False))) for r in rows}
+            neurons = {n.hotkey: n for n in map(_neuron_row, rows)}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             detail = f"{type(exc).__name__}: {exc}" if isinstance(exc, (KeyError, AttributeError)) else str(exc)
             raise ValueError(f"metagraph file {path} is not a JSON list of {{hotkey, stake, validator_permit}} "
                              f"({' '.join(detail.split())[:200]})") from None
         return cls(neurons, loaded=True)
+
+
+def _neuron_row(row: object) -> Neuron:
+    """One row of a metagraph file, read strictly: ``bool("false")`` is True and NaN passes every
+    comparison, so a loose read would serve a caller the file says has no permit or no stake."""
+    if not isinstance(row, dict):
+        raise TypeError(f"a row is a JSON {type(row).__name__}, not an object")
+    hotkey, stake, permit = row["hotkey"], row.get("stake", 0.0), row.get("validator_permit", False)
+    if not isinstance(hotkey, str) or not hotkey:
+        raise TypeError(f"hotkey {hotkey!r} is not an address")
+    if isinstance(stake, bool) or not isinstance(stake, (int, float)) or not math.isfinite(stake):
+        raise TypeError(f"{hotkey}: stake {stake!r} is not a number")
+    if not isinstance(permit, bool):
+        raise TypeError(f"{hotkey}: validator_permit {permit!r} is not true or false")
+    return Neuron(hotkey, float(stake), permit)
 
 
 class RateLimiter:
@@ -98,7 +113,7 @@ class AccessPolicy:
         neuron = self.metagraph.get(hotkey)
         if neuron is None:
             return "hotkey not registered on the subnet"
-        if neuron.stake < self.settings.min_validator_stake:
+        if not neuron.stake >= self.settings.min_validator_stake:  # NaN (no number) never passes
             return f"stake {neuron.stake:.0f} below the minimum {self.settings.min_validator_stake:.0f}"
         if self.settings.force_validator_permit and not neuron.validator_permit:
             return "no validator permit"

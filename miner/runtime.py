@@ -4,12 +4,14 @@ import asyncio
 import gc
 import logging
 import signal
+import time
 from dataclasses import dataclass
 
 import bittensor as bt
 
 from core.assets import ASSETS
 from core.cache import HistoryCache, MemoryHistoryCache
+from core.constants import AXON_START_S
 from core.engines_registry import LiveForecaster
 from core.history_store import HistoryStore
 from core.logs import setup_logging
@@ -25,7 +27,7 @@ from miner.metrics import MinerMetrics, watch_queue_depth
 from miner.offline import patch_bittensor_networking
 from miner.pool import CeleryPool, EmbeddedPool, ForecastPool
 from miner.service import MinerService
-from miner.startup import StartupError, check_replay, load_wallet, public_ip, static_metagraph
+from miner.startup import StartupError, check_port, check_replay, load_wallet, public_ip, static_metagraph
 
 __all__ = ["MinerApp", "StartupError", "build_app", "load_wallet", "serve", "served_engine"]
 
@@ -88,6 +90,16 @@ def served_engine(app: MinerApp) -> str:
     return served if served == wanted else f"{served} ({wanted} unavailable)"
 
 
+async def listening(axon: "bt.Axon") -> bool:
+    """Whether uvicorn's thread has bound the axon's socket: a failed bind ends that thread silently."""
+    give_up = time.monotonic() + AXON_START_S
+    while not axon.fast_server.started:
+        if time.monotonic() > give_up:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Run the miner until ``stop`` is set (or SIGINT/SIGTERM). Whatever makes starting impossible
     (configuration, wallet, public IP, chain) raises StartupError before the models are loaded."""
@@ -97,6 +109,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     except InsecureRedisError as exc:
         raise StartupError(str(exc)) from None
     check_replay(settings)
+    check_port(settings.axon_host, settings.axon_port)
     metagraph = static_metagraph(settings)
     wallet = load_wallet(settings)
     subtensor: "bt.Subtensor | None" = None
@@ -123,6 +136,13 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         if not await first_metagraph(app.metagraph):
             log.error("serving without a metagraph: validators are refused until the first read succeeds")
     axon.start()
+    if not await listening(axon):
+        axon.stop()
+        for task in background:
+            task.cancel()
+        await app.pool.close()
+        raise StartupError(f"the axon is not listening on {settings.axon_host}:{settings.axon_port} after "
+                           f"{AXON_START_S:g} s (the port was taken meanwhile?)", "--port / SYNTH_AXON_PORT")
     log.info("miner serving: hotkey %s on %s:%d (%s mode, %s pool, engine %s, %s prices)", wallet.hotkey.ss58_address,
              settings.axon_host, settings.axon_port, "local" if settings.local else f"netuid {settings.netuid}",
              app.pool.name, served_engine(app), settings.price_provider)

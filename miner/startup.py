@@ -4,6 +4,7 @@
 error, exit 2, when it names the option at fault) instead of a traceback.
 """
 
+import socket
 from pathlib import Path
 
 import bittensor as bt
@@ -88,3 +89,16 @@ def public_ip() -> str:
     except Exception as exc:  # ExternalIPNotFound, or anything the lookup raises offline
         raise StartupError(f"cannot determine the public IP ({reason(exc)}): pass --external-ip "
                            "(SYNTH_AXON_EXTERNAL_IP)") from None
+
+
+def check_port(host: str, port: int) -> None:
+    """The axon's address must be free: bittensor binds it in a thread that dies silently, leaving a
+    miner that says it serves while nothing listens. Bound and released here, as uvicorn will bind it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no conflict
+            probe.bind((host, port))
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or reason(exc)} (another miner "
+                           "there? pick a free one)", "--port / SYNTH_AXON_PORT") from None

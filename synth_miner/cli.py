@@ -8,6 +8,7 @@ from typing import Annotated, Any, NoReturn, Optional
 import typer
 
 from core.settings import Settings
+from synth_miner.cli_settings import load_settings
 
 app = typer.Typer(help="Synth subnet (SN50) miner: PatchTST + Student-t price paths.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
@@ -16,14 +17,7 @@ app = typer.Typer(help="Synth subnet (SN50) miner: PatchTST + Student-t price pa
 def settings_with(**overrides: Any) -> Settings:
     """Settings from the environment and .env, with the CLI flags that were given on top; a bad value
     (a flag or a SYNTH_ variable) is a one-line usage error, not a traceback."""
-    from pydantic import ValidationError
-
-    given = {k: v for k, v in overrides.items() if v is not None and v != []}
-    try:
-        return Settings(**given)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise typer.BadParameter(problems) from None
+    return load_settings(**overrides)
 
 
 def require_redis(redis_url: str | None) -> None:
@@ -152,11 +146,10 @@ def flower(
     redis_url: Annotated[Optional[str], typer.Option(help="SYNTH_REDIS_URL")] = None,
 ) -> None:
     """Start Flower with basic auth (SYNTH_FLOWER_USER / SYNTH_FLOWER_PASSWORD; refuses to run without)."""
+    settings = settings_with(redis_url=redis_url)  # a bad SYNTH_ variable is a usage error, not a traceback
     export_env(redis_url=redis_url)
-    from core.settings import get_settings
     from workers.app import app as celery_app
 
-    settings = get_settings()
     if not settings.flower_password:
         raise typer.BadParameter("set SYNTH_FLOWER_PASSWORD: Flower is never served without authentication")
     celery_app.start(["flower", f"--port={port}", f"--address={address}",
@@ -193,6 +186,8 @@ def bench(
     repeat: Annotated[int, typer.Option(help="repetitions per stage timing")] = 20,
 ) -> None:
     """Benchmark every stage and the whole path (1 h and 24 h, several concurrencies) beside the floor axon."""
+    if not data_dir.is_dir():
+        raise typer.BadParameter(f"{data_dir} is not a folder of price CSV files", param_hint="--data-dir")
     from synth_miner.bench import print_report, run_bench
 
     print_report(run_bench(data_dir, artifacts_dir, list(concurrency), per_lane, repeat))

@@ -42,6 +42,7 @@ from core.evaluation import (
 from core.prices import PriceDataError
 from core.settings import Settings
 from synth_miner.cli_assets import checked_assets
+from synth_miner.cli_settings import load_settings
 
 artifacts_app = typer.Typer(help="Versioned artifact sets (models, calibration): list, publish, roll back.",
                             no_args_is_help=True)
@@ -54,7 +55,7 @@ DirOption = Annotated[Path | None, typer.Option("--dir", help="artifacts root (S
 
 
 def _settings(**overrides: Any) -> Settings:
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    return load_settings(**overrides)
 
 
 def _fail(message: str) -> typer.Exit:

@@ -21,6 +21,7 @@ from core.settings import Settings
 from core.sources.base import ProviderError
 from core.sources.registry import PROVIDERS, build_source
 from synth_miner.cli_assets import checked_assets
+from synth_miner.cli_settings import load_settings
 
 app = typer.Typer(help="Market data: backfill the history store, import CSVs, status, local provider servers.",
                   no_args_is_help=True)
@@ -31,10 +32,7 @@ CSV_NAME = re.compile(r"^(?P<stem>[a-z0-9]+)_(?P<res>1m|5m)\.csv(\.gz)?$", re.IG
 
 
 def _settings(data_dir: Path | None = None, **more: Any) -> Settings:
-    overrides: dict[str, Any] = {k: v for k, v in more.items() if v is not None}
-    if data_dir is not None:
-        overrides["data_dir"] = data_dir
-    return Settings(**overrides)
+    return load_settings(data_dir=data_dir, **more)
 
 
 def parse_time(text: str) -> int:
@@ -219,7 +217,10 @@ def _cache_status(url: str, assets: list[str], now: float) -> None:
 
     from core.cache_redis import RedisHistoryCache
 
-    client = redis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=2.0)
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=2.0)
+    except ValueError as exc:  # not a redis://, rediss:// or unix:// URL
+        raise typer.BadParameter(str(exc), param_hint="--redis-url / SYNTH_REDIS_URL") from None
     try:
         cache = RedisHistoryCache(client)
         table = Table("asset", "step", "first (UTC)", "last (UTC)", "rows", "gaps", "fresh", "latest", "latest age",
@@ -259,11 +260,16 @@ def serve_fake(
                                  param_hint="--provider")
     if not data_dir.is_dir():
         raise typer.BadParameter(f"{data_dir} is not a folder", param_hint="--data-dir")
+    if not 0 <= port <= 65_535:
+        raise typer.BadParameter(f"{port} is not a TCP port (0-65535)", param_hint="--port")
     market = FakeMarket(data_dir, lead_s=lead_s)
     try:
         asyncio.run(_serve(provider, market, host, port, duration))
     except KeyboardInterrupt:
         pass
+    except OSError as exc:  # the port is taken, the host is not this machine's, ...
+        typer.echo(f"fake {provider} cannot listen on {host}:{port}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 async def _serve(provider: FakeProvider, market: FakeMarket, host: str, port: int, duration: float | None) -> None:

@@ -6,9 +6,10 @@ Mount with ``cli_eval.register(app)``; each command is also a plain function.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -29,6 +30,7 @@ from core.forecast import no_calibration
 from core.scoring import Rules
 from core.settings import Settings
 from synth_miner.cli_assets import checked_assets
+from synth_miner.cli_settings import load_settings
 
 DEFAULT_DATA = Path("../shared/data")
 # The reference design: 24 h prompts on BTC/ETH/XAU/SPYX/NVDAX and 1 h prompts on BTC/ETH/XAU/SOL; with
@@ -43,8 +45,7 @@ console = Console()
 
 def _settings() -> Settings:
     """Settings from the environment and .env (read per command, so tests can change the environment)."""
-    overrides: dict[str, Any] = {}
-    return Settings(**overrides)
+    return load_settings()
 
 
 def _assets(text: str) -> list[str]:
@@ -58,6 +59,8 @@ def _validator_assets(text: str, option: str) -> list[str]:
 
 
 def _spacing(hours: float, name: str) -> int:
+    if not math.isfinite(hours):
+        raise typer.BadParameter(f"{hours} is not a number of hours", param_hint=name)
     seconds = round(hours * 3600 / 60) * 60
     if seconds < 60:
         raise typer.BadParameter(f"{name} must be at least one minute")

@@ -21,11 +21,11 @@ console = Console()
 DEFAULT_DATA = Path("../shared/data")
 
 
-def _parse_day(text: str) -> int:
+def _parse_day(text: str, option: str = "--cut") -> int:
     try:
         moment = datetime.fromisoformat(text.strip())
     except ValueError:
-        raise typer.BadParameter(f"not an ISO date or time: {text!r}", param_hint="--cut") from None
+        raise typer.BadParameter(f"not an ISO date or time: {text!r}", param_hint=option) from None
     return int((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp())
 
 
@@ -194,6 +194,7 @@ def retrain(
     from core.retraining import run_retrain_job
     from core.settings import Settings
 
+    now = None if at is None else _parse_day(at, "--at")  # a usage error before anything is set up
     overrides: dict[str, Any] = {"retrain_days": days, "retrain_gate_days": gate_days,
                                  "retrain_publish": publish, "retrain_members": members}
     try:
@@ -205,7 +206,7 @@ def retrain(
         import torch
 
         torch.set_num_threads(threads)
-    report = run_retrain_job(settings, now=None if at is None else _parse_day(at))
+    report = run_retrain_job(settings, now=now)
     trained = {k: v for k, v in report["models"].items() if isinstance(v, dict)}
     if as_json:
         console.print_json(json.dumps(report, default=str))

@@ -1,17 +1,21 @@
 """`synth-miner status`: the fleet at a glance (workers, queues, artifact version, calibration, cache)."""
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from rich.console import Console
 from rich.table import Table
 
 from core.assets import ASSETS
-from core.constants import JOB_RUNS_KEY, KEY_PREFIX
+from core.constants import JOB_RUNS_KEPT, JOB_RUNS_KEY, KEY_PREFIX
 from core.settings import Settings
+
+JOBS_SHOWN = 20  # the newest runs listed; the last calibration is looked for in every kept run
 
 
 def age(seconds: float | None) -> str:
@@ -24,11 +28,26 @@ def age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h ago"
 
 
+def redacted(url: str | None) -> str | None:
+    """The Redis URL with its password masked: ``status --json`` output ends up in logs and dashboards."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, hostport = netloc.rpartition("@")
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
+    query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url  # nothing to hide (urlunsplit would also rewrite unix:///path as unix:/path)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
 def collect(settings: Settings) -> dict[str, Any]:
     """Everything status shows, as plain data (also printed with --json)."""
     now = time.time()
-    report: dict[str, Any] = {"redis_url": settings.redis_url, "artifact_version": None, "workers": [],
-                              "queues": {}, "jobs": [], "cache": {}, "errors": []}
+    report: dict[str, Any] = {"redis_url": redacted(settings.redis_url), "artifact_version": None, "workers": [],
+                              "queues": {}, "jobs": [], "last_calibration": None, "cache": {}, "errors": []}
     try:
         from core.artifacts import current_version
 
@@ -52,7 +71,11 @@ def collect(settings: Settings) -> dict[str, Any]:
                 report["workers"].append(beat)
         for queue in (settings.queue_infer_hf, settings.queue_infer_lf, settings.queue_cpu):
             report["queues"][queue] = int(client.llen(queue))
-        report["jobs"] = [json.loads(r) for r in client.lrange(JOB_RUNS_KEY, 0, 19)]
+        # The cache refresh records a run every minute: an hourly calibration soon falls out of the newest
+        # few, so it is looked for in every kept run.
+        runs = [json.loads(r) for r in client.lrange(JOB_RUNS_KEY, 0, JOB_RUNS_KEPT - 1)]
+        report["jobs"] = runs[:JOBS_SHOWN]
+        report["last_calibration"] = next((j for j in runs if j.get("job") == "calibrate"), None)
         from core.cache_redis import RedisHistoryCache
 
         cache = RedisHistoryCache(client)
@@ -103,13 +126,15 @@ def render(report: dict[str, Any], console: Console) -> None:
     jobs = Table(title="recent periodic jobs")
     for col in ("job", "slot", "status", "seconds", "detail"):
         jobs.add_column(col)
-    last_calibration = next((j for j in report["jobs"] if j["job"] == "calibrate"), None)
+    last_calibration = report.get("last_calibration") or next(
+        (j for j in report["jobs"] if j["job"] == "calibrate"), None)
     for j in report["jobs"][:10]:
         jobs.add_row(j["job"], time.strftime("%H:%M:%S", time.gmtime(j["slot"])), j["status"], str(j.get("seconds")),
                      str(j.get("error") or "")[:60])
     console.print(jobs)
-    console.print(f"[bold]last calibration[/]: "
-                  f"{age(time.time() - last_calibration['started']) if last_calibration else 'never'}")
+    calibrated = "never" if last_calibration is None else (
+        f"{age(time.time() - last_calibration['started'])} ({last_calibration.get('status', '?')})")
+    console.print(f"[bold]last calibration[/]: {calibrated}")
     cache = Table(title="rolling cache")
     for col in ("asset", "step", "from", "to", "freshness"):
         cache.add_column(col)

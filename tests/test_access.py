@@ -59,3 +59,27 @@ def test_static_metagraph_file(tmp_path: Path) -> None:
     path.write_text("{not json")
     with pytest.raises(ValueError, match="metagraph file"):
         MetagraphView.from_file(path)
+
+
+@pytest.mark.parametrize("row", [
+    {"hotkey": "5v", "stake": 70_000, "validator_permit": "false"},  # a string is not a permit
+    {"hotkey": "5v", "stake": 70_000, "validator_permit": "no"},
+    {"hotkey": "5v", "stake": "NaN", "validator_permit": True},
+    {"hotkey": "5v", "stake": True, "validator_permit": True},
+    {"hotkey": 5, "stake": 70_000, "validator_permit": True},
+])
+def test_a_metagraph_file_row_that_does_not_say_what_it_means_is_refused(tmp_path: Path,
+                                                                        row: dict[str, object]) -> None:
+    path = tmp_path / "graph.json"
+    path.write_text(json.dumps([row]))
+    with pytest.raises(ValueError, match="metagraph file"):
+        MetagraphView.from_file(path)
+
+
+def test_a_stake_that_is_not_a_number_never_passes_the_minimum(tmp_path: Path) -> None:
+    path = tmp_path / "graph.json"
+    path.write_text('[{"hotkey": "5v", "stake": NaN, "validator_permit": true}]')  # json.loads accepts NaN
+    with pytest.raises(ValueError, match="metagraph file"):
+        MetagraphView.from_file(path)
+    graph = MetagraphView({"5v": Neuron("5v", float("nan"), True)}, loaded=True)  # as a chain read could give
+    assert "below the minimum" in (policy(graph, local=False).refuse("5v", True) or "")

@@ -176,3 +176,11 @@ def test_calibrate_without_a_folder_reads_the_history_store_like_the_hourly_job(
     unknown = CliRunner().invoke(app, [*args[:3], "--asset", "FOO", *args[5:]])  # not "no prices": unknown
     text = " ".join(unknown.output.replace("│", " ").split())
     assert unknown.exit_code == 2 and "unknown asset(s) FOO; known:" in text, text
+
+
+def test_a_bad_setting_in_the_environment_is_a_usage_error(app: typer.Typer, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SYNTH_ARTIFACTS_KEEP", "several")
+    for command in (["artifacts", "list", "--dir", str(tmp_path)], ["artifacts", "rollback", "--dir", str(tmp_path)]):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2 and "artifacts_keep" in result.output, (command, result.output)

@@ -1,6 +1,7 @@
 """``synth-miner data ...`` through typer's CliRunner, against real files, a real Redis and a local server."""
 
 import json
+import socket
 import threading
 import time
 import urllib.request
@@ -172,3 +173,27 @@ def test_helpers() -> None:
     assert parse_time("1767225600") == 1_767_225_600
     assert assets_for_stem("spy") == ["SPYX", "SP500"] and assets_for_stem("btc") == ["BTC"]
     assert assets_for_stem("doge") == ["DOGE"]
+
+
+def test_a_bad_redis_url_or_port_is_a_usage_error_not_a_traceback(csv_dir: Path, tmp_path: Path) -> None:
+    assert runner.invoke(app, ["import", str(csv_dir), "--data-dir", str(tmp_path)]).exit_code == 0
+    bad_url = runner.invoke(app, ["status", "--data-dir", str(tmp_path), "--redis-url", "http://127.0.0.1:1"])
+    assert bad_url.exit_code == 2, bad_url.output
+    assert "--redis-url" in one_line(bad_url.output) and "redis://" in one_line(bad_url.output), bad_url.output
+
+    too_big = runner.invoke(app, ["serve-fake", "--provider", "binance", "--port", "99999", "--data-dir",
+                                  str(csv_dir), "--duration", "0.1"])
+    assert too_big.exit_code == 2 and "--port" in one_line(too_big.output), too_big.output
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = runner.invoke(app, ["serve-fake", "--provider", "binance", "--port", str(taken.getsockname()[1]),
+                                   "--data-dir", str(csv_dir), "--duration", "0.1"])
+    assert busy.exit_code == 1 and not isinstance(busy.exception, OSError), busy.output
+    assert "address already in use" in one_line(busy.output), busy.output
+
+
+def test_a_bad_setting_in_the_environment_is_a_usage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SYNTH_RATE_LIMIT_PER_MINUTE", "abc")
+    result = runner.invoke(app, ["status", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "rate_limit_per_minute" in one_line(result.output), result.output

@@ -142,3 +142,20 @@ def test_forecast_batch_says_when_the_calibration_it_was_asked_for_is_missing(
     monkeypatch.setenv("SYNTH_ARTIFACTS_DIR", str(tmp_path / "no-artifacts"))
     result = batch(one_request(tmp_path), prices, tmp_path / "o.jsonl", "--seed", "1", "--engine", "ewma_t")
     assert result.exit_code == 0 and "no published calibration" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("spacing", ["nan", "inf", "-inf"])
+def test_a_spacing_that_is_not_a_number_of_hours_is_a_usage_error(shared_data: Path, tmp_path: Path,
+                                                                   spacing: str) -> None:
+    for command in ("backtest", "tune-ewma"):
+        result = CliRunner().invoke(app, [command, "--data-dir", str(shared_data), "--out", str(tmp_path / "x"),
+                                          "--lf-spacing-h", spacing])
+        assert result.exit_code == 2, (command, spacing, result.output)
+        assert "--lf-spacing-h" in result.output
+
+
+def test_a_bad_setting_in_the_environment_is_a_usage_error(prices: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SYNTH_BATCH_LOOKBACK_DAYS", "many")
+    result = batch(one_request(tmp_path), prices, tmp_path / "out.jsonl", "--seed", "1")
+    assert result.exit_code == 2 and "batch_lookback_days" in result.output, result.output

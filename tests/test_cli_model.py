@@ -121,3 +121,10 @@ def test_train_store_says_when_the_store_lacks_the_window(data_dir: Path, cut: i
     assert str(data_dir / "history") in squeezed(early) and not fitted
     no_cut = CliRunner().invoke(app, ["train", "--model", "hf", "--store", str(data_dir), "--out", str(out)])
     assert no_cut.exit_code == 2 and "--cut" in said(no_cut)
+
+
+def test_retrain_names_its_own_option_for_a_bad_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SYNTH_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("SYNTH_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
+    result = CliRunner().invoke(app, ["retrain", "--at", "next tuesday"])
+    assert result.exit_code == 2 and "--at" in result.output and "--cut" not in result.output, result.output

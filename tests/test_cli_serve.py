@@ -8,6 +8,7 @@ machine, whatever the code under test does.
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ import core.engines_registry
 from core.settings import Settings
 from miner.access import MetagraphView
 from miner.fallback import StatisticalForecaster, fallback_source
-from miner.runtime import build_app, serve
+from miner.runtime import StartupError, build_app, serve
 from synth_miner.cli import app
 from synth_miner.devstack import free_port, make_wallet
 
@@ -321,3 +322,38 @@ def test_the_real_axon_listens_where_the_flags_say(tmp_path: Path, monkeypatch: 
     assert seen["127.0.0.1"] is True, seen
     assert seen["127.0.0.2"] is other_loopback, seen
     assert seen["after"] == [], seen  # and the axon stopped with the miner
+
+
+def test_bench_without_its_price_folder_is_a_usage_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["bench", "--data-dir", str(tmp_path / "missing"), "--repeat", "1"])
+    assert result.exit_code == 2 and "--data-dir" in result.output, result.output
+
+
+def test_a_port_already_taken_is_refused_in_one_line(tmp_path: Path, shared_data: Path) -> None:
+    """bittensor binds the axon in a thread that dies silently: without the check the miner logged
+    "miner serving" and ran on with nothing listening."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        code, text = run_serve(tmp_path, "--local", "--port", str(port), "--replay-dir", str(shared_data))
+    assert code == 2, text[-3000:]
+    assert f"cannot listen on 127.0.0.1:{port}" in flat(text) and "--port" in flat(text), text[-3000:]
+    assert_short(text)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # uvicorn's thread exits
+def test_an_axon_that_never_binds_is_not_reported_as_serving(tmp_path: Path, shared_data: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """The port taken between the check and uvicorn's bind (another process was quicker): serve refuses
+    instead of running on with a dead axon."""
+    settings = local_settings(tmp_path, tmp_path, shared_data)  # no checkpoints there: EWMA-t, fast to start
+    monkeypatch.setattr("miner.runtime.check_port", lambda host, port: None)  # the race: free when checked...
+    monkeypatch.setattr("miner.runtime.AXON_START_S", 2.0)
+    with socket.socket() as holder:
+        holder.bind((settings.axon_host, settings.axon_port))  # ...taken when uvicorn binds
+        holder.listen()
+        with pytest.raises(StartupError, match=f"not listening on 127.0.0.1:{settings.axon_port}"):
+            asyncio.run(serve(settings, asyncio.Event()))
+    assert "miner serving:" not in capsys.readouterr().err

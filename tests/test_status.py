@@ -1,11 +1,16 @@
 """`synth-miner status` rendering: what an operator reads off the table (the collection runs for real in
 test_topology against a live stack)."""
 
+import json
 import time
+from pathlib import Path
 
+import redis
 from rich.console import Console
 
-from synth_miner.status import render
+from core.constants import JOB_RUNS_KEY
+from core.settings import Settings
+from synth_miner.status import collect, redacted, render
 
 
 def test_render_shows_each_workers_device_and_models_and_flags_problems() -> None:
@@ -41,3 +46,29 @@ def test_render_without_a_published_version_says_what_is_served() -> None:
     assert "none published (workers serve the committed checkpoints in models/)" in text
     row = text.split("cpu@host:7")[1].splitlines()[0]
     assert "None" not in row and "jobs" in row  # no Python None in the artifact column
+
+
+def test_last_calibration_is_found_behind_a_stream_of_minute_jobs(redis_url: str, tmp_path: Path) -> None:
+    """The cache refresh records a run every minute: an hourly calibration 30 minutes ago is 30 runs deep."""
+    client = redis.Redis.from_url(redis_url)
+    now = time.time()
+    client.lpush(JOB_RUNS_KEY, json.dumps({"job": "calibrate", "slot": int(now) - 1800, "status": "ok",
+                                           "started": now - 1800, "seconds": 40.0}))
+    for minute in range(29, -1, -1):
+        client.lpush(JOB_RUNS_KEY, json.dumps({"job": "refresh-cache", "slot": int(now) - 60 * minute, "status": "ok",
+                                               "started": now - 60 * minute, "seconds": 0.5}))
+    report = collect(Settings(_env_file=None, redis_url=redis_url, artifacts_dir=tmp_path))  # type: ignore[call-arg]
+    assert report["last_calibration"] is not None and report["last_calibration"]["status"] == "ok"
+    console = Console(record=True, width=160)
+    render(report, console)
+    line = next(x for x in console.export_text().splitlines() if x.startswith("last calibration"))
+    assert "30m ago" in line and "never" not in line, line
+
+
+def test_json_report_never_shows_the_redis_password(tmp_path: Path) -> None:
+    report = collect(Settings(_env_file=None, redis_url="redis://:s3cret@127.0.0.1:1/0",  # type: ignore[call-arg]
+                              artifacts_dir=tmp_path))
+    assert "s3cret" not in json.dumps(report, default=str)
+    assert report["redis_url"] == "redis://:***@127.0.0.1:1/0"
+    assert redacted("redis://user:pw@host:6380/1?password=pw2&db=1") == "redis://user:***@host:6380/1?password=***&db=1"
+    assert redacted("unix:///run/redis.sock") == "unix:///run/redis.sock" and redacted(None) is None
