@@ -78,6 +78,9 @@ for d = cut_day, math.floor(hi / per_day) do
         return 1
       end
     end
+    -- Every slot empty (the cut took all its bars, e.g. a closed market's last session): the new lo lies
+    -- beyond this day, where no later trim or clear starts, so drop the day now or it stays forever.
+    redis.call('DEL', key(d))
   end
 end
 redis.call('DEL', KEYS[1])

@@ -129,3 +129,17 @@ def test_refresh_lock_is_exclusive(cache: RedisHistoryCache) -> None:
     first.release()
     assert second.acquire()
     second.release()
+
+
+def test_trim_through_a_closed_market_leaves_no_orphan_day(cache: RedisHistoryCache, client: redis.Redis) -> None:
+    """A cut inside a day whose bars all lie before it (a session, then the market closed): that day is
+    emptied and the span moves past it, so the trim must delete it; no later trim or clear starts there."""
+    friday = bars(DAY0 + 14 * 3600 + 1800, 390)  # one regular session, 14:30-21:00 UTC
+    monday = bars(DAY0 + 3 * SECONDS_PER_DAY + 14 * 3600 + 1800, 390, seed=1)
+    cache.write("SPYX", friday)
+    cache.write("SPYX", monday)
+    cache.trim("SPYX", 60, DAY0 + 22 * 3600)  # the rolling window's edge passes Friday's close
+    assert cache.span("SPYX", 60) == (monday.first_ts, monday.last_ts)
+    assert not client.exists(cache.day_key("SPYX", 60, DAY0 // SECONDS_PER_DAY))
+    cache.clear(["SPYX"])
+    assert not client.keys("synth:cache*")

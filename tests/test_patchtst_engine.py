@@ -99,6 +99,21 @@ def test_inference_is_cached_per_asset_grid_and_minute(tmp_path: Path, histories
     assert engine.params(request("BTC", BTC_START, 60), snap) is not first  # evicted (LRU of 2)
 
 
+def test_a_start_within_the_same_minute_is_not_served_another_starts_laws(
+        tmp_path: Path, histories: dict[str, AssetHistory]) -> None:
+    """Start times off the minute (the batch interface takes any ISO time) have their own calendar
+    features: a request's laws must not depend on which request of the same minute came first."""
+    folder = write_checkpoints(tmp_path, ("hf",), perturb=0.3)
+    snap = snapshot_at("BTC", histories["BTC"], BTC_START, LOOKBACK)
+    late = request("BTC", BTC_START + 30, 60)
+    alone = PatchTSTEngine(folder).params(late, snap)
+    engine = PatchTSTEngine(folder)
+    on_the_minute = engine.params(request("BTC", BTC_START, 60), snap)
+    assert not np.allclose(on_the_minute.sigma, alone.sigma)  # the two starts do have different laws
+    after = engine.params(late, snap)
+    assert np.array_equal(after.sigma, alone.sigma) and np.array_equal(after.mu, alone.mu)
+
+
 def test_unusable_history_raises_and_the_forecaster_falls_back(tmp_path: Path,
                                                                 histories: dict[str, AssetHistory]) -> None:
     engine = PatchTSTEngine(write_checkpoints(tmp_path))

@@ -5,7 +5,7 @@ Routing: 1-minute grids go to the HF model; other grids to the asset's ``lf_rout
 the model, its checkpoint or the snapshot's history raises ``EngineError``, and the ``Forecaster``
 answers with EWMA-t instead: the engine never guesses.
 
-Inference runs once per (asset, grid, start minute): validators ask the same prompt several times,
+Inference runs once per (asset, grid, start time): validators ask the same prompt several times,
 so a small LRU keeps the last laws. One forward pass is a batch of one, cheap with a single torch
 thread (``benchmarks/bench_model.py`` measures it).
 """
@@ -109,7 +109,8 @@ class PatchTSTEngine(ParametricEngine):
         if request.time_increment != spec.step or request.n_steps != spec.horizon:
             raise EngineError(f"model {kind} forecasts {spec.horizon} steps of {spec.step}s, "
                               f"not {request.n_steps} of {request.time_increment}s")
-        key = (request.asset, request.time_increment, request.time_length, request.start_ts // 60)
+        # The exact start, not its minute: the context cut and the calendar features follow the second.
+        key = (request.asset, request.time_increment, request.time_length, request.start_ts)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
