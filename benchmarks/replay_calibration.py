@@ -91,7 +91,8 @@ def replay(origin: np.ndarray, objective: np.ndarray, horizon: int, recent: int,
     run = (int(origin[0]) // 3600 + 1) * 3600
     for i, start in enumerate(origin.tolist()):
         while run <= start:
-            known = np.flatnonzero(origin + horizon <= run)[-recent:]
+            # As recent_cases at ``run``: the last grid bar (opening at start + horizon) must have closed.
+            known = np.flatnonzero(origin < run - horizon - 60)[-recent:]
             if known.size >= rules.min_samples:
                 scale = next_scale(scale, fitted_scale(objective[known].mean(axis=0)), rules)
             run += 3600
@@ -136,6 +137,10 @@ def main() -> None:
         for name in totals:
             served, live = replay(tables["origin"][mine], tables[f"{name}_objective"][mine], horizon, recent,
                                   rules, spacing)
+            if not live.size:
+                print(f"{asset:<6} {name:<9} no prompt after the warm-up ({rules.min_samples} realised prompts "
+                      "needed): use more --days")
+                continue
             scored = tables[f"{name}_scored"][mine]
             calibrated = sum(float(np.interp(math.log(served[i]), np.log(GRID), scored[i])) for i in live)
             unscaled = float(scored[live, unit].sum())
@@ -143,6 +148,9 @@ def main() -> None:
             print(f"{asset:<6} {name:<9} {live.size:>7} {served[live].mean():>10.3f} [{served[live].min():.3f}, "
                   f"{served[live].max():.3f}] {calibrated / unscaled:>20.4f}")
     pt, ew = totals["patchtst"], totals["ewma_t"]
+    if not (pt[1] > 0 and ew[1] > 0):
+        print("all    nothing scored after the warm-up")
+        return
     print(f"all    calibrated/unscaled: patchtst {pt[0] / pt[1]:.4f}, ewma_t {ew[0] / ew[1]:.4f}; "
           f"patchtst/ewma_t unscaled {pt[1] / ew[1]:.4f}, both calibrated {pt[0] / ew[0]:.4f}")
 

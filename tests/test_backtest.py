@@ -126,3 +126,35 @@ def test_pit_is_uniform_for_a_calibrated_ensemble_and_skips_gaps() -> None:
     real[5] = np.nan
     high = pit_values(paths, real, 5)
     assert high.size == 10 and np.all(high == 1.0)  # two blocks touch the missing point
+
+
+# ------------------------------------------------------------------ benchmarks/replay_calibration.py
+
+
+def test_calibration_replay_uses_only_prompts_realised_before_each_run() -> None:
+    """The job (core.calibration.recent_cases) sees a prompt only once its last grid bar has closed
+    (start + horizon + 60 s, and strictly before the run); the replay must not use it earlier."""
+    from benchmarks.replay_calibration import GRID, replay
+    from core.calibration import UpdateRules
+
+    rules = UpdateRules(alpha=1.0, scale_min=0.5, scale_max=2.0, max_move=0.9, min_samples=1)
+    origin = np.array([0, 3600, 7200 + 1800])  # the first ends exactly at the 3600 s run
+    objective = np.tile((np.log(GRID) - np.log(GRID[0])) ** 2, (3, 1))  # every prompt wants the smallest scale
+    served, _ = replay(origin, objective, 3600, 10, rules, 900)
+    assert served[1] == 1.0  # its last price closes at 3660: unknown at the 3600 run
+    assert served[2] == pytest.approx(GRID[0])  # known at the 7200 run
+
+
+def test_calibration_replay_reports_an_asset_without_prompts_after_the_warm_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import benchmarks.replay_calibration as bench
+
+    n = 12  # 3 hours of 1 h prompts: far fewer than the job's warm-up (min_samples)
+    flat = np.ones((n, bench.GRID.size))
+    np.savez(tmp_path / "tables.npz", origin=1_700_000_000 + 900 * np.arange(n), asset=np.array(["BTC"] * n),
+             patchtst_objective=flat, patchtst_scored=flat, ewma_t_objective=flat, ewma_t_scored=flat)
+    monkeypatch.setattr("sys.argv", ["replay_calibration", "--kind", "hf", "--checkpoint", str(tmp_path / "x.pt"),
+                                     "--assets", "BTC", "--tables", str(tmp_path / "tables.npz")])
+    bench.main()  # used to crash on the empty selection (min() of an empty array)
+    out = capsys.readouterr().out
+    assert "no prompt after the warm-up" in out
