@@ -23,7 +23,7 @@ from typing import Any
 import redis
 
 from core.cache_redis import RedisHistoryCache
-from core.constants import SECONDS_PER_DAY
+from core.constants import BAR_CLOSE_GRACE_S, SECONDS_PER_DAY
 from core.history_store import HistoryStore, rebuild_cache
 from core.refresh import refresh_assets
 from core.settings import Settings
@@ -137,7 +137,8 @@ def main() -> None:
                     rebuild_cache(store, cache, a, DAYS * SECONDS_PER_DAY, steps=[60])
                 rebuild.append(time.perf_counter() - began)
 
-            time.sleep(max(0.0, 61 - time.time() % 60))  # one new minute for every asset
+            # One new minute for every asset, asked for once its close is final (BAR_CLOSE_GRACE_S later).
+            time.sleep(max(0.0, 60 + BAR_CLOSE_GRACE_S + 1 - time.time() % 60))
             seconds_tail, rows_tail, _ = warm(settings, cache, None, assets)
 
             now = int(time.time())
