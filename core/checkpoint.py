@@ -153,7 +153,9 @@ def from_payload(payload: dict[str, Any], expected_kind: str | None = None) -> C
         stored_spec = payload.get("feature_spec")
         if not isinstance(stored_spec, dict):
             raise CheckpointError("feature spec missing")
-        stored_spec = {"stale_slack_s": 0, **stored_spec}  # checkpoints before the slack used none
+        # Checkpoints before the slack used none; those before ``session_only`` were trained on the CSV
+        # files, regular hours only for equities, i.e. on exactly what the session filter keeps.
+        stored_spec = {"stale_slack_s": 0, "session_only": FEATURE_SPECS[kind].session_only, **stored_spec}
         ewma = ewma_from_dict(stored_spec.get("ewma"))
         slack = stored_spec["stale_slack_s"]
         if isinstance(slack, bool) or not isinstance(slack, int) or slack < 0:

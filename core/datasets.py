@@ -21,7 +21,7 @@ Order of operations, each a guard against a way of fooling ourselves:
 import itertools
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,6 +40,7 @@ from core.features import (
     context_feature_names,
     context_inputs,
     returns_of,
+    session_bars,
 )
 from core.prices import PriceHistory
 
@@ -248,6 +249,9 @@ def build_windows(kind: str, files: Mapping[str, FileSlice], stride_s: int, val_
             continue
         if file.history.step != spec.step:
             raise DatasetError(f"{file.stem}: step {file.history.step}s, model {kind} needs {spec.step}s")
+        file = replace(file, history=session_bars(spec, file.history))  # what serving will feed the model
+        if len(file.history) < 2:
+            continue
         val_start[asset] = int(file.history.ts[int(len(file.history) * (1.0 - val_frac))])
         for piece in split_pieces(file, spec.step):
             found, native = piece_windows(spec, piece, stride_s, offset)

@@ -63,6 +63,10 @@ class FeatureSpec:
     # the newest cached bar may be a minute older than that: an unseen feature value there moved sigma
     # by 6-14 % at 1-minute steps. Closures and outages (hours) still register.
     stale_slack_s: int = 0
+    # Inputs are regular-session bars only (the NYSE calendar below). The equity files hold regular
+    # hours only, while live tokenised equities and perps trade around the clock: their night and
+    # weekend bars, which no training window ever held, are dropped in serving as in training.
+    session_only: bool = False
 
     @property
     def min_returns(self) -> int:
@@ -77,7 +81,7 @@ FEATURE_SPECS: dict[str, FeatureSpec] = {
     "lf_crypto": FeatureSpec(step=300, horizon=288, context_len=576, windows=(12, 48, 288, 576),
                              ewma=DEFAULT_CONFIGS[300], stale_slack_s=STALE_SLACK_S),
     "lf_equity": FeatureSpec(step=300, horizon=288, context_len=384, windows=(12, 78, 390),
-                             ewma=DEFAULT_CONFIGS[300], stale_slack_s=STALE_SLACK_S),
+                             ewma=DEFAULT_CONFIGS[300], stale_slack_s=STALE_SLACK_S, session_only=True),
 }
 
 SERIES_NAMES = ("ret", "abs_ret")  # channels of the encoder input
@@ -240,6 +244,15 @@ def step_features(origins: npt.ArrayLike, step: int, horizon: int) -> FloatArray
             hour_mark(starts, step, 3600), hour_mark(starts, step, 1800),
             session.open, session.since_open, session.to_close, session.trading_day, session.half_day, frac]
     return np.stack(cols, axis=-1)
+
+
+def session_bars(spec: FeatureSpec, history: PriceHistory) -> PriceHistory:
+    """The bars a model's inputs may use: for a session-only model, those whose middle falls in the NYSE
+    regular session (a 24/7 feed's night and weekend bars dropped); otherwise all of them."""
+    if not spec.session_only or not len(history):
+        return history
+    keep = us_session(history.ts + history.step // 2).open == 1
+    return history if bool(keep.all()) else PriceHistory(history.step, history.ts[keep], history.close[keep])
 
 
 def us_closed_steps(origins: npt.ArrayLike, step: int, horizon: int) -> npt.NDArray[np.bool_]:

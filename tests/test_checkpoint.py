@@ -277,3 +277,17 @@ def test_committed_checkpoints_load_with_this_code(kind: str) -> None:
     for entry in checkpoint.data_window.values():
         assert entry["train_origins"] is None or entry["train_origins"][1] < entry["eval_start_ts"]
     assert model.get_num_params() == checkpoint.metrics["num_params"]
+
+
+def test_session_only_inputs_are_recorded_and_absent_means_the_kinds_own_rule(tmp_path: Path) -> None:
+    equity = make_checkpoint("lf_equity")
+    assert equity.payload()["feature_spec"]["session_only"] is True
+    assert make_checkpoint("lf_crypto").payload()["feature_spec"]["session_only"] is False
+    older = equity.payload()
+    del older["feature_spec"]["session_only"]  # written before the field: trained on the regular-hours files
+    assert from_payload(older).spec.session_only is True
+    claims = equity.payload()
+    claims["feature_spec"]["session_only"] = False  # trained on night bars the code would now drop
+    with pytest.raises(CheckpointError, match="feature spec"):
+        from_payload(claims)
+    assert load(checkpoint_path(ROOT / "models", "lf_equity"))[0].spec.session_only is True

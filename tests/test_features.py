@@ -22,6 +22,7 @@ from core.features import (
     history_context,
     ny_local_seconds,
     returns_of,
+    session_bars,
     step_features,
     us_closed_steps,
     us_session,
@@ -220,3 +221,16 @@ def test_a_day_past_the_nyse_calendar_is_reported_once(caplog: pytest.LogCapture
         us_session([utc("2028-07-04T15:00:00")])
         us_session([utc("2028-12-25T15:00:00")])
     assert len(caplog.records) == 1 and "ends on 2027-12-31" in caplog.records[0].getMessage()
+
+
+def test_session_bars_keep_the_regular_session_of_a_session_only_spec() -> None:
+    monday = 1770595200  # 2026-02-09 00:00 UTC, a Monday and a trading day
+    ts = np.arange(monday - 2 * 86_400, monday + 86_400, 300, dtype=np.int64)  # Saturday to Monday night
+    history = PriceHistory(300, ts, np.linspace(100.0, 101.0, ts.size))
+    kept = session_bars(FEATURE_SPECS["lf_equity"], history)
+    middles = kept.ts + 150
+    assert np.all(us_session(middles).open == 1)
+    local = ny_local_seconds(kept.ts) % 86_400
+    assert local.min() == 9 * 3600 + 30 * 60 and local.max() == 16 * 3600 - 300  # 09:30 .. 15:55 New York
+    assert len(kept) == 78  # one regular session of 5-minute bars: the weekend and the nights are gone
+    assert session_bars(FEATURE_SPECS["lf_crypto"], history) is history  # around the clock: every bar

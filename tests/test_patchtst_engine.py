@@ -1,5 +1,6 @@
 """The PatchTST engine: routing, EWMA-t equality at zero correction, valid paths, errors and fallback."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,9 @@ from core.engines.base import EngineError
 from core.engines.ewma import EwmaTEngine
 from core.engines.patchtst import PatchTSTEngine, route
 from core.evaluation import AssetHistory, snapshot_at
-from core.features import us_closed_steps
+from core.features import history_context, us_closed_steps
 from core.forecast import Forecaster, paths_usable
-from core.prices import MarketSnapshot
+from core.prices import MarketSnapshot, PriceHistory
 from core.prompts import ForecastRequest
 from core.settings import Settings
 from tests.model_fixtures import write_checkpoints
@@ -171,3 +172,40 @@ def test_each_kind_comes_from_the_first_folder_that_serves_it(
     settings = Settings(models_dir=committed)
     assert PatchTSTEngine.from_settings(settings, published).sources["hf"] == published / "hf.pt"
     assert PatchTSTEngine.from_settings(settings).sources["hf"] == committed / "hf.pt"
+
+
+def with_night_bars(snap: MarketSnapshot, seed: int) -> MarketSnapshot:
+    """The same snapshot as a 24/7 feed would give it: extra 5-minute bars through nights and weekends
+    (a slow random walk from each session's last close), the session bars untouched."""
+    m5 = snap.m5
+    assert m5 is not None
+    rng = np.random.default_rng(seed)
+    night = np.setdiff1d(np.arange(m5.ts[0], m5.ts[-1], 300, dtype=np.int64), m5.ts)
+    last = np.searchsorted(m5.ts, night, side="right") - 1
+    close = m5.close[last] * np.exp(rng.normal(0.0, 5e-4, night.size))
+    ts = np.concatenate([m5.ts, night])
+    order = np.argsort(ts)
+    full = PriceHistory(300, ts[order], np.concatenate([m5.close, close])[order])
+    return replace(snap, m1=None, m5=full)
+
+
+@pytest.mark.parametrize("start", [SPY_START, SPY_START + 10 * 3600, SPY_START + 4 * 86_400])  # open, night, Saturday
+def test_an_equity_model_sees_only_session_bars_of_a_24_7_feed(tmp_path: Path, histories: dict[str, AssetHistory],
+                                                               start: int) -> None:
+    """The lf_equity model trained on regular-hours bars: a live feed trading around the clock gives it the
+    same inputs, so the same laws, as the regular-hours history."""
+    engine = PatchTSTEngine(write_checkpoints(tmp_path, ("lf_equity",), perturb=0.05))
+    session = snapshot_at("SPYX", histories["SPYX"], start, LOOKBACK)
+    session = replace(session, m1=None)  # the 5-minute bars, as the files hold them
+    around_the_clock = with_night_bars(session, seed=1)
+    assert session.m5 is not None and around_the_clock.m5 is not None
+    assert len(around_the_clock.m5) > 2 * len(session.m5)
+    req = request("SPYX", start, 300)
+    ours = engine.params(req, session)
+    engine.clear_cache()
+    live = engine.params(req, around_the_clock)
+    assert np.array_equal(ours.sigma, live.sigma) and np.array_equal(ours.mu, live.mu)
+    # The same night bars do move a model that keeps every bar (the check above is not vacuous).
+    spec = engine.checkpoint("lf_equity").spec
+    kept_all = history_context(replace(spec, session_only=False), around_the_clock.m5, start - 60)
+    assert not np.allclose(kept_all.scalars, history_context(spec, session.m5, start - 60).scalars)

@@ -22,7 +22,7 @@ from core.datasets import (
     split_pieces,
     split_train_val,
 )
-from core.features import FEATURE_SPECS
+from core.features import FEATURE_SPECS, us_session
 from core.model import PatchTST, PatchTSTEnsemble, StudentTParams, unit_t_log_prob
 from core.path_sampling import LatentVol
 from core.prices import PriceHistory
@@ -138,6 +138,22 @@ def test_closures_are_allowed_for_equities_but_not_inside_returns(tmp_path: Path
     assert np.all(observed.sum(axis=1) >= 12)
     # Context returns are between adjacent bars only: no overnight jump among them.
     assert np.abs(windows.returns).max() < 20 * np.median(np.abs(windows.returns))
+
+
+def test_equity_windows_from_a_24_7_feed_are_those_of_its_regular_hours() -> None:
+    """A store filled from a feed trading around the clock trains the equity model on what serving feeds it:
+    the regular-session bars (the files it was first trained on hold nothing else)."""
+    h = seasonal_prices(300, 40 * 288, seed=5)
+    session = us_session(h.ts + 150).open == 1
+    assert 0 < session.sum() < 0.3 * len(h)
+    cut = START + 60 * 86_400
+    around_the_clock = build_windows("lf_equity", {"SPYX": FileSlice("SPYX", "spy_5m", h, cut, ())}, 1800)
+    regular = build_windows("lf_equity", {"SPYX": FileSlice("SPYX", "spy_5m", PriceHistory(300, h.ts[session],
+                                                                                         h.close[session]), cut, ())}, 1800)
+    assert len(regular) > 50
+    for name in ("origin", "scalars", "base", "log_path", "anchor", "returns"):
+        assert np.array_equal(getattr(around_the_clock, name), getattr(regular, name), equal_nan=True), name
+    assert around_the_clock.val_start == regular.val_start
 
 
 def test_increment_nll_matches_the_student_t_density() -> None:

@@ -25,7 +25,14 @@ from core.constants import LOOKAHEAD_GUARD_S
 from core.datasets import asset_row
 from core.devices import resolve_device
 from core.engines.base import EngineError, ParametricEngine, StepParams
-from core.features import FeatureError, history_context, sample_scale, step_features, us_closed_steps
+from core.features import (
+    FeatureError,
+    history_context,
+    sample_scale,
+    session_bars,
+    step_features,
+    us_closed_steps,
+)
 from core.model import LawModel, series_channels
 from core.prices import MarketSnapshot
 from core.prompts import ForecastRequest
@@ -128,6 +135,7 @@ class PatchTSTEngine(ParametricEngine):
         history = snapshot.best(spec.step)
         if history is None or history.step != spec.step:
             raise EngineError(f"{request.asset}: no {spec.step}s history for the {kind} model")
+        history = session_bars(spec, history)
         origin = request.start_ts - LOOKAHEAD_GUARD_S  # what the model saw in training: closes known by then
         try:
             inputs = history_context(spec, history, origin)
