@@ -43,6 +43,7 @@ class CheckpointError(RuntimeError):
 def spec_dict(spec: FeatureSpec) -> dict[str, Any]:
     d = asdict(spec)
     d["windows"], d["coarse_windows"] = list(spec.windows), list(spec.coarse_windows)
+    d["weekend_closed"] = list(spec.weekend_closed)
     d["ewma"]["latent"] = asdict(spec.ewma.latent)
     return d
 
@@ -153,9 +154,11 @@ def from_payload(payload: dict[str, Any], expected_kind: str | None = None) -> C
         stored_spec = payload.get("feature_spec")
         if not isinstance(stored_spec, dict):
             raise CheckpointError("feature spec missing")
-        # Checkpoints before the slack used none; those before ``session_only`` were trained on the CSV
-        # files, regular hours only for equities, i.e. on exactly what the session filter keeps.
-        stored_spec = {"stale_slack_s": 0, "session_only": FEATURE_SPECS[kind].session_only, **stored_spec}
+        # Checkpoints before the slack used none; those before ``session_only`` / ``weekend_closed`` were
+        # trained on the CSV files (regular hours for equities, weekdays for gold): what the filters keep.
+        default = spec_dict(FEATURE_SPECS[kind])
+        stored_spec = {"stale_slack_s": 0, "session_only": default["session_only"],
+                       "weekend_closed": default["weekend_closed"], **stored_spec}
         ewma = ewma_from_dict(stored_spec.get("ewma"))
         slack = stored_spec["stale_slack_s"]
         if isinstance(slack, bool) or not isinstance(slack, int) or slack < 0:

@@ -249,7 +249,7 @@ def build_windows(kind: str, files: Mapping[str, FileSlice], stride_s: int, val_
             continue
         if file.history.step != spec.step:
             raise DatasetError(f"{file.stem}: step {file.history.step}s, model {kind} needs {spec.step}s")
-        file = replace(file, history=session_bars(spec, file.history))  # what serving will feed the model
+        file = replace(file, history=session_bars(spec, asset, file.history))  # what serving will feed the model
         if len(file.history) < 2:
             continue
         val_start[asset] = int(file.history.ts[int(len(file.history) * (1.0 - val_frac))])

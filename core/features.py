@@ -67,6 +67,9 @@ class FeatureSpec:
     # hours only, while live tokenised equities and perps trade around the clock: their night and
     # weekend bars, which no training window ever held, are dropped in serving as in training.
     session_only: bool = False
+    # Assets whose files close for the weekend (gold: Friday 17:00 to Sunday 17:00 New York) while the
+    # live token trades through it: their weekend bars are dropped the same way.
+    weekend_closed: tuple[str, ...] = ()
 
     @property
     def min_returns(self) -> int:
@@ -77,9 +80,10 @@ STALE_SLACK_S = 180  # the live request lead (~120 s) and one bar's age: the nor
 
 FEATURE_SPECS: dict[str, FeatureSpec] = {
     "hf": FeatureSpec(step=60, horizon=60, context_len=480, windows=(15, 60, 240),
-                      coarse_windows=(48, 288), ewma=DEFAULT_CONFIGS[60], stale_slack_s=STALE_SLACK_S),
+                      coarse_windows=(48, 288), ewma=DEFAULT_CONFIGS[60], stale_slack_s=STALE_SLACK_S,
+                      weekend_closed=("XAU",)),
     "lf_crypto": FeatureSpec(step=300, horizon=288, context_len=576, windows=(12, 48, 288, 576),
-                             ewma=DEFAULT_CONFIGS[300], stale_slack_s=STALE_SLACK_S),
+                             ewma=DEFAULT_CONFIGS[300], stale_slack_s=STALE_SLACK_S, weekend_closed=("XAU",)),
     "lf_equity": FeatureSpec(step=300, horizon=288, context_len=384, windows=(12, 78, 390),
                              ewma=DEFAULT_CONFIGS[300], stale_slack_s=STALE_SLACK_S, session_only=True),
 }
@@ -246,12 +250,22 @@ def step_features(origins: npt.ArrayLike, step: int, horizon: int) -> FloatArray
     return np.stack(cols, axis=-1)
 
 
-def session_bars(spec: FeatureSpec, history: PriceHistory) -> PriceHistory:
-    """The bars a model's inputs may use: for a session-only model, those whose middle falls in the NYSE
-    regular session (a 24/7 feed's night and weekend bars dropped); otherwise all of them."""
-    if not spec.session_only or not len(history):
+WEEKEND_FROM, WEEKEND_TO = 4 * 1440 + 17 * 60, 6 * 1440 + 17 * 60  # Fri 17:00 .. Sun 17:00 New York, minutes
+
+
+def session_bars(spec: FeatureSpec, asset: str, history: PriceHistory) -> PriceHistory:
+    """The bars a model's inputs may use (by each bar's middle), as its training files held them: for a
+    session-only model, the NYSE regular session; for a weekend-closed asset, all but the weekend; else
+    every bar. A 24/7 feed's extra bars are dropped."""
+    if not len(history) or not (spec.session_only or asset in spec.weekend_closed):
         return history
-    keep = us_session(history.ts + history.step // 2).open == 1
+    middle = history.ts + history.step // 2
+    if spec.session_only:
+        keep = us_session(middle).open == 1
+    else:
+        local = ny_local_seconds(middle)
+        week_minute = ((local // 86_400 + 3) % 7) * 1440 + (local % 86_400) // 60  # from Monday 00:00
+        keep = (week_minute < WEEKEND_FROM) | (week_minute >= WEEKEND_TO)
     return history if bool(keep.all()) else PriceHistory(history.step, history.ts[keep], history.close[keep])
 
 

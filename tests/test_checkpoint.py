@@ -291,3 +291,9 @@ def test_session_only_inputs_are_recorded_and_absent_means_the_kinds_own_rule(tm
     with pytest.raises(CheckpointError, match="feature spec"):
         from_payload(claims)
     assert load(checkpoint_path(ROOT / "models", "lf_equity"))[0].spec.session_only is True
+    gold = make_checkpoint("lf_crypto").payload()
+    assert gold["feature_spec"]["weekend_closed"] == ["XAU"]
+    del gold["feature_spec"]["weekend_closed"]
+    assert from_payload(gold).spec.weekend_closed == ("XAU",)
+    for kind in ("hf", "lf_crypto"):
+        assert load(checkpoint_path(ROOT / "models", kind))[0].spec.weekend_closed == ("XAU",)

@@ -227,10 +227,22 @@ def test_session_bars_keep_the_regular_session_of_a_session_only_spec() -> None:
     monday = 1770595200  # 2026-02-09 00:00 UTC, a Monday and a trading day
     ts = np.arange(monday - 2 * 86_400, monday + 86_400, 300, dtype=np.int64)  # Saturday to Monday night
     history = PriceHistory(300, ts, np.linspace(100.0, 101.0, ts.size))
-    kept = session_bars(FEATURE_SPECS["lf_equity"], history)
+    kept = session_bars(FEATURE_SPECS["lf_equity"], "SPYX", history)
     middles = kept.ts + 150
     assert np.all(us_session(middles).open == 1)
     local = ny_local_seconds(kept.ts) % 86_400
     assert local.min() == 9 * 3600 + 30 * 60 and local.max() == 16 * 3600 - 300  # 09:30 .. 15:55 New York
     assert len(kept) == 78  # one regular session of 5-minute bars: the weekend and the nights are gone
-    assert session_bars(FEATURE_SPECS["lf_crypto"], history) is history  # around the clock: every bar
+    assert session_bars(FEATURE_SPECS["lf_crypto"], "BTC", history) is history  # around the clock: every bar
+
+
+@pytest.mark.parametrize("kind", ["hf", "lf_crypto"])
+def test_gold_loses_its_weekend_bars_only(kind: str) -> None:
+    friday = 1770336000  # 2026-02-06 00:00 UTC, a Friday (New York: UTC-5)
+    ts = np.arange(friday, friday + 4 * 86_400, 60, dtype=np.int64)  # Friday to Monday, every minute
+    history = PriceHistory(60, ts, np.full(ts.size, 2000.0))
+    kept = session_bars(FEATURE_SPECS[kind], "XAU", history)
+    gone = np.setdiff1d(ts, kept.ts)
+    # Friday 17:00 New York (22:00 UTC) to Sunday 17:00 New York (22:00 UTC): 48 hours of minutes.
+    assert gone.size == 48 * 60 and gone[0] == friday + 22 * 3600 and gone[-1] == friday + 70 * 3600 - 60
+    assert session_bars(FEATURE_SPECS[kind], "BTC", history) is history

@@ -12,7 +12,7 @@ from core.engines.base import EngineError
 from core.engines.ewma import EwmaTEngine
 from core.engines.patchtst import PatchTSTEngine, route
 from core.evaluation import AssetHistory, snapshot_at
-from core.features import history_context, us_closed_steps
+from core.features import WEEKEND_FROM, WEEKEND_TO, history_context, ny_local_seconds, us_closed_steps
 from core.forecast import Forecaster, paths_usable
 from core.prices import MarketSnapshot, PriceHistory
 from core.prompts import ForecastRequest
@@ -26,7 +26,7 @@ LOOKBACK = 14 * 86_400
 
 @pytest.fixture(scope="module")
 def histories(shared_data: Path) -> dict[str, AssetHistory]:
-    return {a: AssetHistory(*load_asset(shared_data, a)) for a in ("BTC", "SPYX")}
+    return {a: AssetHistory(*load_asset(shared_data, a)) for a in ("BTC", "SPYX", "XAU")}
 
 
 def request(asset: str, start: int, inc: int) -> ForecastRequest:
@@ -174,13 +174,17 @@ def test_each_kind_comes_from_the_first_folder_that_serves_it(
     assert PatchTSTEngine.from_settings(settings).sources["hf"] == committed / "hf.pt"
 
 
-def with_night_bars(snap: MarketSnapshot, seed: int) -> MarketSnapshot:
-    """The same snapshot as a 24/7 feed would give it: extra 5-minute bars through nights and weekends
-    (a slow random walk from each session's last close), the session bars untouched."""
+def with_night_bars(snap: MarketSnapshot, seed: int, weekend_only: bool = False) -> MarketSnapshot:
+    """The same snapshot as a 24/7 feed would give it: extra 5-minute bars through the closures (every
+    one, or the weekends only) as noise around the last close before each, the other bars untouched."""
     m5 = snap.m5
     assert m5 is not None
     rng = np.random.default_rng(seed)
     night = np.setdiff1d(np.arange(m5.ts[0], m5.ts[-1], 300, dtype=np.int64), m5.ts)
+    if weekend_only:
+        local = ny_local_seconds(night + 150)
+        week_minute = ((local // 86_400 + 3) % 7) * 1440 + (local % 86_400) // 60
+        night = night[(week_minute >= WEEKEND_FROM) & (week_minute < WEEKEND_TO)]
     last = np.searchsorted(m5.ts, night, side="right") - 1
     close = m5.close[last] * np.exp(rng.normal(0.0, 5e-4, night.size))
     ts = np.concatenate([m5.ts, night])
@@ -209,3 +213,18 @@ def test_an_equity_model_sees_only_session_bars_of_a_24_7_feed(tmp_path: Path, h
     spec = engine.checkpoint("lf_equity").spec
     kept_all = history_context(replace(spec, session_only=False), around_the_clock.m5, start - 60)
     assert not np.allclose(kept_all.scalars, history_context(spec, session.m5, start - 60).scalars)
+
+
+@pytest.mark.parametrize("start", [1771204620, 1771675200])  # Monday 01:17 UTC after a weekend; a Saturday noon
+def test_gold_sees_no_weekend_bars_of_a_24_7_feed(tmp_path: Path, histories: dict[str, AssetHistory],
+                                                  start: int) -> None:
+    """Gold trained on files that close for the weekend; live XAUT trades through it."""
+    engine = PatchTSTEngine(write_checkpoints(tmp_path, ("lf_crypto",), perturb=0.05))
+    files = replace(snapshot_at("XAU", histories["XAU"], start, LOOKBACK), m1=None)
+    around_the_clock = with_night_bars(files, seed=2, weekend_only=True)
+    assert files.m5 is not None and around_the_clock.m5 is not None
+    assert len(around_the_clock.m5) > len(files.m5) + 500  # the weekend's bars, at least
+    req = request("XAU", start, 300)
+    ours = engine.params(req, files)
+    engine.clear_cache()
+    assert np.array_equal(ours.sigma, engine.params(req, around_the_clock).sigma)

@@ -135,7 +135,7 @@ class PatchTSTEngine(ParametricEngine):
         history = snapshot.best(spec.step)
         if history is None or history.step != spec.step:
             raise EngineError(f"{request.asset}: no {spec.step}s history for the {kind} model")
-        history = session_bars(spec, history)
+        history = session_bars(spec, request.asset, history)
         origin = request.start_ts - LOOKAHEAD_GUARD_S  # what the model saw in training: closes known by then
         try:
             inputs = history_context(spec, history, origin)
