@@ -135,7 +135,7 @@ class FakeMarket:
             m1, m5 = self._load(asset)
             native = m1 if step == 60 else m5
             if native is None and step == 300 and m1 is not None:
-                native = m1.resample(300)
+                native = m1.resample(300, complete=False)
             if native is None:
                 native = PriceHistory.empty(step)
             self._bars[key] = PriceHistory(step, native.ts + np.int64(self.shift(asset)), native.close)

@@ -106,8 +106,11 @@ class PriceHistory:
         keep[:-1] = ts[1:] != ts[:-1]
         return PriceHistory(self.step, ts[keep], close[keep])
 
-    def resample(self, step: int) -> "PriceHistory":
-        """Coarser bars from complete windows only: a window with any missing bar is dropped."""
+    def resample(self, step: int, complete: bool = True) -> "PriceHistory":
+        """Coarser bars, each closing at its window's last bar. ``complete``: only windows holding every bar
+        (the 1 h model's 5-minute features were trained so); otherwise any bar makes a window, as an exchange
+        builds its coarser candles (the 5-minute files agree with that bar for bar, where complete windows
+        lose the 5-minute bars of every minute a 1-minute feed skipped)."""
         if step == self.step:
             return self
         if step % self.step:
@@ -119,7 +122,7 @@ class PriceHistory:
         # A complete window has `ratio` bars; its close is the close of its last bar.
         starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
         counts = np.diff(np.r_[starts, bucket.size])
-        full = counts == ratio
+        full = counts == ratio if complete else np.ones(starts.size, bool)
         last = (starts + counts - 1)[full]
         return PriceHistory(step, bucket[starts][full] * step, self.close[last])
 
@@ -155,5 +158,5 @@ class MarketSnapshot:
         if native is not None and len(native):
             return native
         if step == 300 and self.m1 is not None and len(self.m1):
-            return self.m1.resample(300)
+            return self.m1.resample(300, complete=False)  # standing in for 5-minute candles
         return self.m5 if step == 60 else self.m1

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 
 class ResampledStore:
-    """The store read at any step: native bars when stored, else complete windows of 1-minute bars."""
+    """The store read at any step: native bars when stored, else 1-minute bars resampled as an exchange would."""
 
     def __init__(self, store: HistoryStore) -> None:
         self.store = store
@@ -52,7 +52,7 @@ class ResampledStore:
         native = self.store.read(asset, step, start, end)
         if len(native) or step == 60:
             return native
-        return self.store.read(asset, 60, start, end).resample(step)
+        return self.store.read(asset, 60, start, end).resample(step, complete=False)
 
 
 def gate_s(settings: Settings) -> int:

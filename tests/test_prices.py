@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from core.prices import PriceDataError, PriceHistory
+from core.prices import MarketSnapshot, PriceDataError, PriceHistory
 
 
 def hist(ts: list[int], step: int = 60) -> PriceHistory:
@@ -39,3 +39,18 @@ def test_bad_prices_are_refused(close: list[float]) -> None:
 def test_unsorted_is_refused() -> None:
     with pytest.raises(PriceDataError):
         PriceHistory.from_arrays(60, [60, 0], [1.0, 2.0])
+
+
+def test_a_5_minute_stand_in_keeps_every_window_an_exchange_would() -> None:
+    # Minutes 0-4 complete; minute 7 missing from the second window; only minute 12 in the third.
+    h = PriceHistory.from_arrays(60, [0, 60, 120, 180, 240, 300, 360, 480, 540, 720], np.arange(1.0, 11.0))
+    assert h.resample(300).ts.tolist() == [0]  # complete windows only (the 1 h model's features)
+    candles = h.resample(300, complete=False)
+    assert candles.ts.tolist() == [0, 300, 600] and candles.close.tolist() == [5.0, 9.0, 10.0]
+
+
+def test_a_snapshot_without_5_minute_bars_stands_in_with_exchange_like_candles() -> None:
+    m1 = PriceHistory.from_arrays(60, [0, 60, 120, 180, 240, 300, 360, 420, 540], np.arange(1.0, 10.0))
+    snap = MarketSnapshot("BTC", m1, None, 9.0, 600)
+    best = snap.best(300)
+    assert best is not None and best.ts.tolist() == [0, 300] and best.close.tolist() == [5.0, 9.0]

@@ -55,7 +55,7 @@ def step_returns(snapshot: MarketSnapshot, step: int) -> tuple[FloatArray, float
     other = snapshot.m5 if step == 60 else snapshot.m1
     if other is not None:
         if step == 300:
-            resampled = other.resample(300).log_returns()
+            resampled = other.resample(300, complete=False).log_returns()
             if resampled.size >= MIN_RETURNS:
                 return resampled, 1.0
         return other.log_returns(), step / other.step

@@ -55,7 +55,7 @@ class ReplaySource:
         shift = self._shift(asset)
         native = m1 if step == 60 else m5
         if native is None and step == 300 and m1 is not None:
-            native = m1.resample(300)
+            native = m1.resample(300, complete=False)
         if native is None:
             raise ProviderError(f"no {step}s replay history for {asset}")
         return PriceHistory(step, native.ts + np.int64(shift), native.close)
