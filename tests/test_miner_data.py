@@ -84,7 +84,7 @@ async def test_a_snapshot_is_ready_by_its_deadline_when_the_provider_hangs(caplo
     snap = await data.snapshot("BTC", deadline=began + 0.5)
     took = time.time() - began
     assert snap is SNAP
-    assert took < 0.5 + 0.3, f"the snapshot took {took:.2f} s for a 0.5 s deadline"
+    assert took < 0.5 + 1.5, f"the snapshot took {took:.2f} s for a 0.5 s deadline"  # it took 3-5 s
     assert "failed for BTC (TimeoutError)" in caplog.text  # not "(TimeoutError: )"
 
 
@@ -103,4 +103,4 @@ async def test_a_snapshot_with_nothing_known_gives_up_at_its_deadline() -> None:
     with pytest.raises(PriceDataError, match=r"no price for BTC in time: TimeoutError$"):
         await data.snapshot("BTC", deadline=began + 0.5)
     took = time.time() - began
-    assert took < 0.5 + 0.3, f"the snapshot took {took:.2f} s for a 0.5 s deadline"
+    assert took < 0.5 + 1.5, f"the snapshot took {took:.2f} s for a 0.5 s deadline"  # it took 3-5 s

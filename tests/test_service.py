@@ -59,12 +59,13 @@ async def test_a_request_sharing_a_later_computation_still_answers_by_its_own_de
     svc = service(LatePool())
     request = ForecastRequest("BTC", int(time.time()) + 600, 60, 3600, 5)
     now = time.time()
-    first = asyncio.create_task(svc.answer(request, now + 3.0))  # a validator with a long timeout
+    first = asyncio.create_task(svc.answer(request, now + 6.0))  # a validator with a long timeout
     await asyncio.sleep(0.05)
     began = time.time()
     answer = await svc.answer(request, began + 0.8)  # an identical request whose caller waits less
     took = time.time() - began
-    assert took < 0.8 + 0.2, f"the second caller waited {took:.2f} s for a 0.8 s deadline"
+    # It used to wait for the shared computation's deadline (6 s); the margin is for a loaded CI machine.
+    assert took < 0.8 + 1.5, f"the second caller waited {took:.2f} s for a 0.8 s deadline"
     assert answer.source == "fallback"
     assert answer.body.startswith(f"[{request.start_ts},60,".encode())
     assert (await first).source == "fallback"
