@@ -110,7 +110,8 @@ class PriceHistory:
         """Coarser bars, each closing at its window's last bar. ``complete``: only windows holding every bar
         (the 1 h model's 5-minute features were trained so); otherwise any bar makes a window, as an exchange
         builds its coarser candles (the 5-minute files agree with that bar for bar, where complete windows
-        lose the 5-minute bars of every minute a 1-minute feed skipped)."""
+        lose the 5-minute bars of every minute a 1-minute feed skipped). The newest window counts only once
+        its last bar is there: until then it may still be forming, and its close would not be the bar's."""
         if step == self.step:
             return self
         if step % self.step:
@@ -122,7 +123,12 @@ class PriceHistory:
         # A complete window has `ratio` bars; its close is the close of its last bar.
         starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
         counts = np.diff(np.r_[starts, bucket.size])
-        full = counts == ratio if complete else np.ones(starts.size, bool)
+        if complete:
+            full = counts == ratio
+        else:
+            full = np.ones(starts.size, bool)
+            full[-1] = (self.ts[-1] + self.step) % step == 0  # the newest window has ended
+
         last = (starts + counts - 1)[full]
         return PriceHistory(step, bucket[starts][full] * step, self.close[last])
 

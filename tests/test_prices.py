@@ -42,15 +42,24 @@ def test_unsorted_is_refused() -> None:
 
 
 def test_a_5_minute_stand_in_keeps_every_window_an_exchange_would() -> None:
-    # Minutes 0-4 complete; minute 7 missing from the second window; only minute 12 in the third.
-    h = PriceHistory.from_arrays(60, [0, 60, 120, 180, 240, 300, 360, 480, 540, 720], np.arange(1.0, 11.0))
+    # Minutes 0-4 complete; minute 7 missing from the second window; only minute 12 in the third; the
+    # fourth has its last minute (19).
+    h = PriceHistory.from_arrays(60, [0, 60, 120, 180, 240, 300, 360, 480, 540, 720, 1140], np.arange(1.0, 12.0))
     assert h.resample(300).ts.tolist() == [0]  # complete windows only (the 1 h model's features)
     candles = h.resample(300, complete=False)
-    assert candles.ts.tolist() == [0, 300, 600] and candles.close.tolist() == [5.0, 9.0, 10.0]
+    assert candles.ts.tolist() == [0, 300, 600, 900] and candles.close.tolist() == [5.0, 9.0, 10.0, 11.0]
+
+
+def test_the_newest_window_is_a_candle_only_once_it_has_ended() -> None:
+    # At 12:03:03 the cache holds minutes up to 12:02: the 12:00 window is still forming.
+    forming = PriceHistory.from_arrays(60, [0, 60, 120, 180, 240, 300, 360, 420], np.arange(1.0, 9.0))
+    assert forming.resample(300, complete=False).ts.tolist() == [0]
+    ended = PriceHistory.from_arrays(60, [0, 60, 120, 180, 240, 300, 360, 420, 540], np.arange(1.0, 10.0))
+    assert ended.resample(300, complete=False).close.tolist() == [5.0, 9.0]
 
 
 def test_a_snapshot_without_5_minute_bars_stands_in_with_exchange_like_candles() -> None:
-    m1 = PriceHistory.from_arrays(60, [0, 60, 120, 180, 240, 300, 360, 420, 540], np.arange(1.0, 10.0))
-    snap = MarketSnapshot("BTC", m1, None, 9.0, 600)
+    m1 = PriceHistory.from_arrays(60, [0, 60, 120, 180, 240, 300, 360, 540, 600, 660], np.arange(1.0, 11.0))
+    snap = MarketSnapshot("BTC", m1, None, 10.0, 720)  # minute 8 skipped; the 10-minute window still forming
     best = snap.best(300)
-    assert best is not None and best.ts.tolist() == [0, 300] and best.close.tolist() == [5.0, 9.0]
+    assert best is not None and best.ts.tolist() == [0, 300] and best.close.tolist() == [5.0, 8.0]

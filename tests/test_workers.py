@@ -122,8 +122,8 @@ def test_the_model_info_metric_follows_a_reload(tmp_path: Path, monkeypatch: pyt
 def test_without_a_redis_url_broker_jobs_beat_and_heartbeats_meet_on_one_redis(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``celery -A workers.app worker`` started by hand without SYNTH_REDIS_URL: the broker falls back to this
-    host's Redis, and so must the jobs' claims and the beat lock (not an empty URL that fails only once a job
-    runs). Nothing here connects: the clients are only built."""
+    host's Redis, and so must the jobs' claims, the beat lock and the cache refresh (not an empty URL that
+    fails only once a job runs). Nothing here connects: the clients are only built."""
     from celery.beat import PersistentScheduler
 
     from core.settings import get_settings
@@ -147,3 +147,7 @@ def test_without_a_redis_url_broker_jobs_beat_and_heartbeats_meet_on_one_redis(
         get_settings.cache_clear()
     assert app.conf.broker_url == settings.pool_redis_url == "redis://127.0.0.1:6379/0"
     assert where(jobs._redis(settings)) == beat_redis == ("127.0.0.1", 6379, 0)
+    refreshed: list[str | None] = []  # the refresh job fills that same Redis (it used to refuse: no URL)
+    monkeypatch.setattr("core.refresh.refresh_assets_sync", lambda assets, s: refreshed.append(s.redis_url) or [])
+    assert jobs.refresh_work(settings) == {"assets": 0, "failed": {}}
+    assert refreshed == ["redis://127.0.0.1:6379/0"]

@@ -140,7 +140,8 @@ def refresh_work(settings: Settings) -> dict[str, Any]:
     from core.assets import ASSETS
     from core.refresh import refresh_assets_sync
 
-    reports = refresh_assets_sync(sorted(ASSETS), settings)
+    # The cache the workers forecast from: the pool's Redis, this host's when SYNTH_REDIS_URL is unset.
+    reports = refresh_assets_sync(sorted(ASSETS), settings.model_copy(update={"redis_url": settings.pool_redis_url}))
     failed = {r.asset: list(r.errors) for r in reports if r.errors}
     return {"assets": len(reports), "failed": failed}
 
