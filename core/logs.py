@@ -8,6 +8,13 @@ from contextvars import ContextVar
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 
+def reason(exc: BaseException, limit: int = 300) -> str:
+    """An exception in one line: its type and message, whitespace collapsed (a timeout's empty message
+    leaves the type alone, not "TimeoutError: ")."""
+    text = " ".join(str(exc).split())
+    return (f"{type(exc).__name__}: {text}" if text else type(exc).__name__)[:limit]
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,

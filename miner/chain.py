@@ -6,9 +6,10 @@ import logging
 import bittensor as bt
 
 from core.constants import METAGRAPH_FIRST_WAIT_S, METAGRAPH_REFRESH_S, METAGRAPH_RETRY_S
+from core.logs import reason
 from core.settings import Settings
 from miner.access import MetagraphView, Neuron
-from miner.startup import StartupError, reason
+from miner.startup import StartupError
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ import time
 from dataclasses import replace
 
 from core.cache import MemoryHistoryCache
+from core.logs import reason
 from core.market_data import MarketData, build_snapshot
 from core.price_checks import plausible_latest
 from core.prices import MarketSnapshot, PriceDataError, PriceHistory
@@ -53,7 +54,7 @@ class MinerData:
                 snap = await self._cached(asset, lookback_s, deadline) or snap
         except Exception as exc:  # Redis down, provider down or slow with a stale or empty cache...
             cached = await self._cached(asset, lookback_s, deadline)
-            log.warning("shared market data failed for %s (%s); using %s", asset, _why(exc),
+            log.warning("shared market data failed for %s (%s); using %s", asset, reason(exc),
                         "the shared cache as it is" if cached else "the miner's own copy")
             if cached is not None:
                 snap = cached
@@ -66,7 +67,7 @@ class MinerData:
                     if joined:
                         snap = await self._cached(asset, lookback_s, deadline) or snap
                 except Exception as late:
-                    raise PriceDataError(f"no price for {asset} in time: {_why(late)}") from late
+                    raise PriceDataError(f"no price for {asset} in time: {reason(late)}") from late
         self._last[asset] = snap
         return snap
 
@@ -99,14 +100,14 @@ class MinerData:
                                             "newest close: not used as the anchor")
                     return replace(kept, anchor=latest.price, anchor_time=latest.publish_time)
             except Exception as exc:
-                log.warning("fresh anchor for %s unavailable (%s); keeping %ss-old price", asset, _why(exc),
+                log.warning("fresh anchor for %s unavailable (%s); keeping %ss-old price", asset, reason(exc),
                             int(time.time() - kept.anchor_time))
             return kept
         budget = SHARED_TIMEOUT_S * 2 if deadline is None else max(0.0, deadline - time.time())
         try:
             return await asyncio.wait_for(self.emergency.snapshot(asset), budget)
         except (ProviderError, PriceDataError, TimeoutError) as exc:
-            raise PriceDataError(f"no price for {asset}: {_why(exc)}") from exc
+            raise PriceDataError(f"no price for {asset}: {reason(exc)}") from exc
 
     async def warm(self, assets: list[str]) -> None:
         """Fill the shared cache for every asset at start-up so the first answers use real history."""
@@ -116,17 +117,12 @@ class MinerData:
                 self._last[asset] = await asyncio.wait_for(asyncio.shield(shared), SHARED_TIMEOUT_S * 4)
                 return None
             except Exception as exc:
-                return f"{asset} ({_why(exc)})"
+                return f"{asset} ({reason(exc)})"
 
         failed = [f for f in await asyncio.gather(*(one(a) for a in assets)) if f]
         log.info("warm-up: %d of %d assets have prices", len(assets) - len(failed), len(assets))
         if failed:
             log.warning("no price yet for: %s", "; ".join(failed))
-
-
-def _why(exc: BaseException) -> str:
-    """An exception in a few words; a timeout's message is empty, and "TimeoutError: " said nothing more."""
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _left(deadline: float | None, cap: float) -> float:

@@ -12,6 +12,7 @@ from bittensor.utils import networking
 
 from core.assets import ASSETS, spec_for_any
 from core.csv_history import STEP_SUFFIX, find_file
+from core.logs import reason
 from core.settings import Settings
 from miner.access import MetagraphView
 
@@ -22,12 +23,6 @@ class StartupError(RuntimeError):
     def __init__(self, message: str, option: str | None = None) -> None:
         super().__init__(message)
         self.option = option
-
-
-def reason(exc: BaseException, limit: int = 300) -> str:
-    """An exception in one line: its type and message, whitespace collapsed."""
-    text = " ".join(str(exc).split())
-    return (f"{type(exc).__name__}: {text}" if text else type(exc).__name__)[:limit]
 
 
 def check_replay(settings: Settings) -> None:

@@ -14,16 +14,10 @@ app = typer.Typer(help="Synth subnet (SN50) miner: PatchTST + Student-t price pa
                   pretty_exceptions_show_locals=False)
 
 
-def settings_with(**overrides: Any) -> Settings:
-    """Settings from the environment and .env, with the CLI flags that were given on top; a bad value
-    (a flag or a SYNTH_ variable) is a one-line usage error, not a traceback."""
-    return load_settings(**overrides)
-
-
 def require_redis(redis_url: str | None) -> None:
     """Workers and beat exist only to meet the miner in Redis: without a URL they would quietly use
     whatever Redis listens on this host's default port."""
-    if not settings_with(redis_url=redis_url).redis_url:
+    if not load_settings(redis_url=redis_url).redis_url:
         raise typer.BadParameter("workers and beat meet the miner in Redis: set SYNTH_REDIS_URL or --redis-url "
                                  "(the miner without one runs its embedded pool and needs neither)")
 
@@ -62,7 +56,7 @@ def serve(
     from miner.runtime import StartupError
     from miner.runtime import serve as run
 
-    settings = settings_with(
+    settings = load_settings(
         local=local or None, redis_url=redis_url, axon_host=host, axon_port=port, axon_external_ip=external_ip,
         price_provider="replay" if replay_dir and not provider else provider, replay_dir=replay_dir,
         allowed_hotkeys=allow, metagraph_file=metagraph_file, wallet_path=wallet_path, wallet_name=wallet_name,
@@ -78,7 +72,7 @@ def serve(
     except Exception as exc:  # a bug, not a configuration: its traceback goes to the log, then one line
         import logging
 
-        from miner.startup import reason
+        from core.logs import reason
 
         logging.getLogger("miner").error("the miner stopped on an unexpected error", exc_info=True)
         fail(f"miner stopped: {reason(exc)}")
@@ -146,7 +140,7 @@ def flower(
     redis_url: Annotated[Optional[str], typer.Option(help="SYNTH_REDIS_URL")] = None,
 ) -> None:
     """Start Flower with basic auth (SYNTH_FLOWER_USER / SYNTH_FLOWER_PASSWORD; refuses to run without)."""
-    settings = settings_with(redis_url=redis_url)  # a bad SYNTH_ variable is a usage error, not a traceback
+    settings = load_settings(redis_url=redis_url)  # a bad SYNTH_ variable is a usage error, not a traceback
     export_env(redis_url=redis_url)
     from workers.app import app as celery_app
 
@@ -168,7 +162,7 @@ def status(
 
     from synth_miner.status import collect, render
 
-    report = collect(settings_with(redis_url=redis_url))
+    report = collect(load_settings(redis_url=redis_url))
     if as_json:
         print(jsonlib.dumps(report, default=str))
     else:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -54,17 +54,13 @@ PROMPT_INCREMENTS = {"high": 60, "low": 300}  # the validators' labels for 1 h a
 DirOption = Annotated[Path | None, typer.Option("--dir", help="artifacts root (SYNTH_ARTIFACTS_DIR)")]
 
 
-def _settings(**overrides: Any) -> Settings:
-    return load_settings(**overrides)
-
-
 def _fail(message: str) -> typer.Exit:
     errors.print(f"[red]error:[/] {message}")
     return typer.Exit(code=1)
 
 
 def _store(artifacts_dir: Path | None, settings: Settings | None = None) -> ArtifactStore:
-    settings = settings or _settings()
+    settings = settings or load_settings()
     return ArtifactStore(artifacts_dir or settings.artifacts_dir, keep=settings.artifacts_keep)
 
 
@@ -193,7 +189,7 @@ def publish_cmd(
     all_rows: Annotated[bool, typer.Option("--all-rows", help="ignore manifest.json's held-out split")] = False,
 ) -> None:
     """Validate a staged artifact and make it current (atomically); the current one stays on failure."""
-    settings = _settings()
+    settings = load_settings()
     store = _store(artifacts_dir, settings)
     try:
         if not gate:
@@ -263,7 +259,7 @@ def calibrate_cmd(
     all_rows: Annotated[bool, typer.Option("--all-rows", help="ignore manifest.json's held-out split")] = False,
 ) -> None:
     """Choose sigma_scale per (engine, asset, prompt type) by the validator CRPS on recent prompts."""
-    settings = _settings(
+    settings = load_settings(
         calibration_engine=engine, calibration_windows_hf=windows, calibration_windows_lf=windows,
         calibration_min_samples_hf=min_samples, calibration_min_samples_lf=min_samples, calibration_paths=paths)
     store = _store(artifacts_dir, settings)

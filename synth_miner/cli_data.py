@@ -6,7 +6,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -29,10 +29,6 @@ console = Console(width=160)
 
 DATA_DIR_HELP = "store root is DATA_DIR/history (default: SYNTH_DATA_DIR)"
 CSV_NAME = re.compile(r"^(?P<stem>[a-z0-9]+)_(?P<res>1m|5m)\.csv(\.gz)?$", re.IGNORECASE)
-
-
-def _settings(data_dir: Path | None = None, **more: Any) -> Settings:
-    return load_settings(data_dir=data_dir, **more)
 
 
 def parse_time(text: str) -> int:
@@ -90,7 +86,7 @@ def sync(
     start, end = parse_time(since), parse_time(until) if until else int(time.time())
     if start >= end:
         raise typer.BadParameter("--since must be before --until")
-    settings = _settings(data_dir)
+    settings = load_settings(data_dir=data_dir)
     name = provider or settings.provider_for(asset)
     store = HistoryStore.from_settings(settings)
     try:
@@ -137,7 +133,7 @@ def import_csv(
     files = [(path, match) for path in sorted(folder.iterdir()) if (match := CSV_NAME.match(path.name))]
     in_folder = {a for _, match in files for a in assets_for_stem(match["stem"])}
     only = known_assets(only, in_folder)
-    store = HistoryStore.from_settings(_settings(data_dir))
+    store = HistoryStore.from_settings(load_settings(data_dir=data_dir))
     table = Table("file", "asset", "step", "rows", "new", "span (UTC)", title=f"import into {store.root}")
     steps = {suffix: step for step, suffix in STEP_SUFFIX.items()}
     imported = 0
@@ -175,7 +171,7 @@ def status(
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help=DATA_DIR_HELP)] = None,
 ) -> None:
     """Per asset: span, rows, gaps and freshness of the store (and of the Redis cache when configured)."""
-    settings = _settings(data_dir, redis_url=redis_url)
+    settings = load_settings(data_dir=data_dir, redis_url=redis_url)
     store = HistoryStore.from_settings(settings)
     only = known_assets(only, set(store.assets()))
     now = time.time()

@@ -28,7 +28,6 @@ from core.constants import HF_INCREMENT, LF_INCREMENT
 from core.evaluation import EvaluationError, Mode, iso, parse_day, plan_prompts
 from core.forecast import no_calibration
 from core.scoring import Rules
-from core.settings import Settings
 from synth_miner.cli_assets import checked_assets
 from synth_miner.cli_settings import load_settings
 
@@ -41,11 +40,6 @@ DEFAULT_LF_SPACING_H = 24.0
 DEFAULT_HF_SPACING_H = 16.0
 
 console = Console()
-
-
-def _settings() -> Settings:
-    """Settings from the environment and .env (read per command, so tests can change the environment)."""
-    return load_settings()
 
 
 def _assets(text: str) -> list[str]:
@@ -81,7 +75,7 @@ def forecast_batch(
     = True,
 ) -> None:
     """Forecast every request of a JSONL file from a price folder, with no look-ahead, deterministically."""
-    settings = _settings()
+    settings = load_settings()  # per command, so tests can change the environment
     engines, scale = served_engines(settings, calibrated)  # models and calibration from one version
     name = engine or settings.engine
     if name not in engines:
@@ -142,7 +136,7 @@ def backtest(
         raise typer.BadParameter("must be >= 1", param_hint="--paths")
     groups = {LF_INCREMENT: _validator_assets(lf_assets, "--lf-assets"),
               HF_INCREMENT: _validator_assets(hf_assets, "--hf-assets")}
-    settings = _settings()
+    settings = load_settings()  # per command, so tests can change the environment
     available = build_engines(settings)
     names = _assets(engines_opt) if engines_opt else list(dict.fromkeys(["gbm", "ewma_t", settings.engine]))
     if not engines_opt:
@@ -220,7 +214,7 @@ def tune_ewma(
         raise typer.BadParameter("use upstream or head", param_hint="--rules")
     groups = {LF_INCREMENT: _validator_assets(lf_assets, "--lf-assets"),
               HF_INCREMENT: _validator_assets(hf_assets, "--hf-assets")}
-    settings = _settings()
+    settings = load_settings()  # per command, so tests can change the environment
     try:
         plan = plan_prompts(data_dir, groups, "walkforward",
                             {LF_INCREMENT: _spacing(lf_spacing_h, "--lf-spacing-h"),
