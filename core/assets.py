@@ -25,6 +25,9 @@ class AssetSpec:
     hyperliquid_coin: str | None = None
     data_stem: str | None = None  # file stem in ../shared/data style folders when not the asset name
     us_session: bool = False  # trades like a US equity (session features, weekend behaviour)
+    # Its files close for the weekend (CME gold: Friday 17:00 to Sunday 17:00 New York) while the live
+    # token trades through it.
+    weekend_closed: bool = False
 
     @property
     def file_stems(self) -> tuple[str, ...]:
@@ -63,7 +66,7 @@ ASSETS: dict[str, AssetSpec] = {a.name: a for a in (
     AssetSpec(name="XAU", market="commodity", lf_route="lf_crypto", upstream_source="hyperliquid",
               hourly_sigma=0.00312, coefficient=1.7371, pyth_symbol="Crypto.XAUT/USD",
               hermes_id="44465e17d2e9d390e70c999d5a11fda4f092847fcd2e3e5aa089d96c98a30e67",
-              hyperliquid_coin="xyz:GOLD"),
+              hyperliquid_coin="xyz:GOLD", weekend_closed=True),
     AssetSpec(name="WTIOIL", market="commodity", lf_route="lf_equity", upstream_source="hyperliquid",
               hourly_sigma=0.00639, coefficient=0.8475,
               hermes_id="67784f72e95ac01337edb7d7bd5bbd1c03669101b7068a620df228ed4e52ef14",

@@ -19,25 +19,20 @@ Returns are always between adjacent bars (``diff(ts) == step``); a return across
 exactly as ``PriceHistory.log_returns`` and the EWMA-t engine do.
 """
 
-import logging
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
-from functools import lru_cache
-from zoneinfo import ZoneInfo
 
 import numpy as np
 import numpy.typing as npt
 
+from core.assets import ASSETS
 from core.engines.ewma import DEFAULT_CONFIGS, EwmaConfig, ewma_variance
+from core.market_calendar import bars_in_hours, ny_local_seconds, us_session
 from core.prices import PriceHistory
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
-log = logging.getLogger(__name__)
-
 FEATURE_VERSION = 2  # bump whenever a feature's meaning changes: old checkpoints then refuse to load
-NY = ZoneInfo("America/New_York")
 VAR_FLOOR = 1e-14  # same floor as the EWMA-t engine's variance
 
 
@@ -63,7 +58,7 @@ class FeatureSpec:
     # the newest cached bar may be a minute older than that: an unseen feature value there moved sigma
     # by 6-14 % at 1-minute steps. Closures and outages (hours) still register.
     stale_slack_s: int = 0
-    # Inputs are regular-session bars only (the NYSE calendar below). The equity files hold regular
+    # Inputs are regular-session bars only (core.market_calendar). The equity files hold regular
     # hours only, while live tokenised equities and perps trade around the clock: their night and
     # weekend bars, which no training window ever held, are dropped in serving as in training.
     session_only: bool = False
@@ -76,14 +71,15 @@ class FeatureSpec:
         return max(self.context_len, max(self.windows))
 
 
+GOLD_WEEKEND = tuple(a.name for a in ASSETS.values() if a.weekend_closed)
 STALE_SLACK_S = 180  # the live request lead (~120 s) and one bar's age: the normal serving delay
 
 FEATURE_SPECS: dict[str, FeatureSpec] = {
     "hf": FeatureSpec(step=60, horizon=60, context_len=480, windows=(15, 60, 240),
                       coarse_windows=(48, 288), ewma=DEFAULT_CONFIGS[60], stale_slack_s=STALE_SLACK_S,
-                      weekend_closed=("XAU",)),
+                      weekend_closed=GOLD_WEEKEND),
     "lf_crypto": FeatureSpec(step=300, horizon=288, context_len=576, windows=(12, 48, 288, 576),
-                             ewma=DEFAULT_CONFIGS[300], stale_slack_s=STALE_SLACK_S, weekend_closed=("XAU",)),
+                             ewma=DEFAULT_CONFIGS[300], stale_slack_s=STALE_SLACK_S, weekend_closed=GOLD_WEEKEND),
     "lf_equity": FeatureSpec(step=300, horizon=288, context_len=384, windows=(12, 78, 390),
                              ewma=DEFAULT_CONFIGS[300], stale_slack_s=STALE_SLACK_S, session_only=True),
 }
@@ -106,112 +102,6 @@ STEP_FEATURE_NAMES: tuple[str, ...] = (
     "us_open", "us_since_open", "us_to_close", "us_trading_day", "us_half_day",
     "horizon_frac",
 )
-
-# --- US equity calendar -----------------------------------------------------------------------------
-# NYSE full closures and 13:00 early closes, 2021-2027 (published exchange calendars).
-NYSE_HOLIDAYS: frozenset[date] = frozenset(date.fromisoformat(d) for d in (
-    "2021-01-01", "2021-01-18", "2021-02-15", "2021-04-02", "2021-05-31", "2021-07-05", "2021-09-06",
-    "2021-11-25", "2021-12-24",
-    "2022-01-17", "2022-02-21", "2022-04-15", "2022-05-30", "2022-06-20", "2022-07-04", "2022-09-05",
-    "2022-11-24", "2022-12-26",
-    "2023-01-02", "2023-01-16", "2023-02-20", "2023-04-07", "2023-05-29", "2023-06-19", "2023-07-04",
-    "2023-09-04", "2023-11-23", "2023-12-25",
-    "2024-01-01", "2024-01-15", "2024-02-19", "2024-03-29", "2024-05-27", "2024-06-19", "2024-07-04",
-    "2024-09-02", "2024-11-28", "2024-12-25",
-    "2025-01-01", "2025-01-09", "2025-01-20", "2025-02-17", "2025-04-18", "2025-05-26", "2025-06-19",
-    "2025-07-04", "2025-09-01", "2025-11-27", "2025-12-25",
-    "2026-01-01", "2026-01-19", "2026-02-16", "2026-04-03", "2026-05-25", "2026-06-19", "2026-07-03",
-    "2026-09-07", "2026-11-26", "2026-12-25",
-    "2027-01-01", "2027-01-18", "2027-02-15", "2027-03-26", "2027-05-31", "2027-06-18", "2027-07-05",
-    "2027-09-06", "2027-11-25", "2027-12-24",
-))
-NYSE_HALF_DAYS: frozenset[date] = frozenset(date.fromisoformat(d) for d in (
-    "2021-11-26", "2022-11-25", "2023-07-03", "2023-11-24", "2024-07-03", "2024-11-29", "2024-12-24",
-    "2025-07-03", "2025-11-28", "2025-12-24", "2026-11-27", "2026-12-24", "2027-11-26",
-))
-OPEN_MIN, CLOSE_MIN, HALF_CLOSE_MIN = 9 * 60 + 30, 16 * 60, 13 * 60  # New York minutes after midnight
-SESSION_MIN = CLOSE_MIN - OPEN_MIN
-
-_TABLE_START = int(datetime(2018, 1, 1, tzinfo=UTC).timestamp())
-_TABLE_HOURS = 24 * 366 * 15  # 2018..2032
-
-
-@lru_cache(maxsize=1)
-def _ny_offset_table() -> IntArray:
-    """UTC offset of New York (seconds) per UTC hour: DST switches fall on whole UTC hours."""
-    base = datetime.fromtimestamp(_TABLE_START, UTC)
-    offsets = np.empty(_TABLE_HOURS, np.int64)
-    # Offsets only change twice a year: fill day by day and refine the two switch days hourly.
-    for day in range(_TABLE_HOURS // 24):
-        first = base + timedelta(days=day)
-        a, b = first.astimezone(NY).utcoffset(), (first + timedelta(hours=23)).astimezone(NY).utcoffset()
-        assert a is not None and b is not None
-        if a == b:
-            offsets[day * 24:(day + 1) * 24] = int(a.total_seconds())
-        else:
-            for h in range(24):
-                off = (first + timedelta(hours=h)).astimezone(NY).utcoffset()
-                assert off is not None
-                offsets[day * 24 + h] = int(off.total_seconds())
-    return offsets
-
-
-@lru_cache(maxsize=1)
-def _calendar_days() -> tuple[IntArray, IntArray]:
-    """Sorted NY day numbers (days since 1970-01-01) of holidays and of half days."""
-    epoch = date(1970, 1, 1)
-    return (np.array(sorted((d - epoch).days for d in NYSE_HOLIDAYS), np.int64),
-            np.array(sorted((d - epoch).days for d in NYSE_HALF_DAYS), np.int64))
-
-
-def ny_local_seconds(ts: npt.ArrayLike) -> IntArray:
-    """Unix seconds shifted to New York wall-clock time (vectorised zoneinfo lookup)."""
-    t = np.asarray(ts, dtype=np.int64)
-    hour = (t - _TABLE_START) // 3600
-    if t.size and (hour.min() < 0 or hour.max() >= _TABLE_HOURS):
-        raise FeatureError("timestamps outside 2018-2032 are not covered by the New York offset table")
-    out: IntArray = t + _ny_offset_table()[hour]
-    return out
-
-
-CALENDAR_LAST_DAY = (date(2027, 12, 31) - date(1970, 1, 1)).days  # the lists above end with 2027
-
-
-@lru_cache(maxsize=1)
-def _warn_calendar_ended() -> None:
-    """Once per process: past the lists, NYSE holidays count as trading days until someone extends them."""
-    log.warning("the NYSE holiday calendar in core/features.py ends on 2027-12-31: later holidays and "
-                "early closes are treated as normal trading days; extend NYSE_HOLIDAYS and NYSE_HALF_DAYS")
-
-
-@dataclass(frozen=True)
-class UsSession:
-    open: FloatArray  # 1 while the regular session is open
-    since_open: FloatArray  # minutes since the open / 390 (0 when closed)
-    to_close: FloatArray  # minutes to the close / 390 (0 when closed)
-    trading_day: FloatArray  # 1 on NYSE trading days (New York date)
-    half_day: FloatArray  # 1 on 13:00 early-close days
-
-
-def us_session(ts: npt.ArrayLike) -> UsSession:
-    """Regular-hours NYSE session state at each unix time."""
-    local = ny_local_seconds(ts)
-    day = local // 86_400
-    minute = (local % 86_400) / 60.0
-    weekday = (day + 3) % 7  # 1970-01-01 was a Thursday; 0 = Monday
-    holidays, halves = _calendar_days()
-    if day.size and int(day.max()) > CALENDAR_LAST_DAY:
-        _warn_calendar_ended()
-    trading = (weekday < 5) & ~np.isin(day, holidays)
-    half = trading & np.isin(day, halves)
-    close = np.where(half, HALF_CLOSE_MIN, CLOSE_MIN)
-    is_open = trading & (minute >= OPEN_MIN) & (minute < close)
-    f = np.float64
-    return UsSession(open=is_open.astype(f),
-                     since_open=np.where(is_open, (minute - OPEN_MIN) / SESSION_MIN, 0.0),
-                     to_close=np.where(is_open, (close - minute) / SESSION_MIN, 0.0),
-                     trading_day=trading.astype(f), half_day=half.astype(f))
-
 
 def step_starts(origins: npt.ArrayLike, step: int, horizon: int) -> IntArray:
     """int64[len(origins), horizon]: when each horizon step begins."""
@@ -250,23 +140,10 @@ def step_features(origins: npt.ArrayLike, step: int, horizon: int) -> FloatArray
     return np.stack(cols, axis=-1)
 
 
-WEEKEND_FROM, WEEKEND_TO = 4 * 1440 + 17 * 60, 6 * 1440 + 17 * 60  # Fri 17:00 .. Sun 17:00 New York, minutes
-
-
 def session_bars(spec: FeatureSpec, asset: str, history: PriceHistory) -> PriceHistory:
-    """The bars a model's inputs may use (by each bar's middle), as its training files held them: for a
-    session-only model, the NYSE regular session; for a weekend-closed asset, all but the weekend; else
-    every bar. A 24/7 feed's extra bars are dropped."""
-    if not len(history) or not (spec.session_only or asset in spec.weekend_closed):
-        return history
-    middle = history.ts + history.step // 2
-    if spec.session_only:
-        keep = us_session(middle).open == 1
-    else:
-        local = ny_local_seconds(middle)
-        week_minute = ((local // 86_400 + 3) % 7) * 1440 + (local % 86_400) // 60  # from Monday 00:00
-        keep = (week_minute < WEEKEND_FROM) | (week_minute >= WEEKEND_TO)
-    return history if bool(keep.all()) else PriceHistory(history.step, history.ts[keep], history.close[keep])
+    """The bars a model's inputs may use, as its training files held them (the hours its checkpoint pins):
+    a 24/7 feed's night or weekend bars are dropped."""
+    return bars_in_hours(history, session_only=spec.session_only, weekend_closed=asset in spec.weekend_closed)
 
 
 def us_closed_steps(origins: npt.ArrayLike, step: int, horizon: int) -> npt.NDArray[np.bool_]:

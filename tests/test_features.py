@@ -3,7 +3,6 @@
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from zoneinfo import ZoneInfo
 
 import numpy as np
 import pytest
@@ -20,13 +19,12 @@ from core.features import (
     context_feature_names,
     context_inputs,
     history_context,
-    ny_local_seconds,
     returns_of,
     session_bars,
     step_features,
     us_closed_steps,
-    us_session,
 )
+from core.market_calendar import ny_local_seconds, us_session
 from core.prices import PriceHistory
 
 
@@ -38,33 +36,6 @@ def col(name: str) -> int:
     return STEP_FEATURE_NAMES.index(name)
 
 
-def test_ny_offset_matches_zoneinfo_including_dst_switches() -> None:
-    ny = ZoneInfo("America/New_York")
-    rng = np.random.default_rng(1)
-    ts = rng.integers(utc("2021-01-01T00:00:00"), utc("2027-12-31T00:00:00"), 2000)
-    # Both 2026 switches (07:00 UTC on 8 March, 06:00 UTC on 1 November), either side.
-    ts = np.r_[ts, utc("2026-03-08T06:59:59"), utc("2026-03-08T07:00:00"), utc("2026-11-01T05:59:59"),
-               utc("2026-11-01T06:00:00")]
-    expected = [int(datetime.fromtimestamp(int(t), ny).replace(tzinfo=UTC).timestamp()) for t in ts]
-    assert ny_local_seconds(ts).tolist() == expected
-
-
-def test_session_open_on_a_regular_day_with_dst() -> None:
-    # 13:45 UTC is 09:45 in New York in summer time (open) but 08:45 in winter time (closed).
-    summer = us_session([utc("2025-03-10T13:45:00")])
-    winter = us_session([utc("2025-03-07T13:45:00")])
-    assert summer.open[0] == 1.0 and summer.since_open[0] == pytest.approx(15 / 390)
-    assert summer.to_close[0] == pytest.approx(375 / 390)
-    assert winter.open[0] == 0.0 and winter.trading_day[0] == 1.0 and winter.since_open[0] == 0.0
-
-
-def test_session_closed_on_holiday_and_weekend() -> None:
-    christmas = us_session([utc("2025-12-25T16:00:00")])  # 11:00 New York on a Thursday holiday
-    saturday = us_session([utc("2026-02-14T16:00:00")])
-    for state in (christmas, saturday):
-        assert state.open[0] == 0.0 and state.trading_day[0] == 0.0 and state.to_close[0] == 0.0
-
-
 def test_closed_steps_follow_the_session_at_each_step_middle() -> None:
     origin = int(datetime(2026, 3, 6, 15, 0, tzinfo=UTC).timestamp())  # Friday 10:00 New York (EST)
     closed = us_closed_steps([origin, origin + 600], 300, 288)
@@ -72,13 +43,6 @@ def test_closed_steps_follow_the_session_at_each_step_middle() -> None:
     mids = origin + 300 * np.arange(288) + 150
     assert np.array_equal(closed[0], us_session(mids).open == 0)
     assert not closed[0, :72].any() and closed[0, 72:].all()  # open until 16:00, then the weekend
-
-
-def test_half_day_closes_at_one_pm() -> None:
-    state = us_session([utc("2025-11-28T17:30:00"), utc("2025-11-28T18:30:00")])  # 12:30 and 13:30 New York
-    assert state.half_day.tolist() == [1.0, 1.0]
-    assert state.open.tolist() == [1.0, 0.0]
-    assert state.to_close[0] == pytest.approx(30 / 390)
 
 
 def test_step_features_shape_and_calendar() -> None:
@@ -209,18 +173,6 @@ def test_real_data_context_is_finite(shared_data: Path) -> None:
         spec = FEATURE_SPECS[kind]
         inputs = history_context(spec, h.between(origin - spec.lookback_s, origin), origin)
         assert np.all(np.isfinite(inputs.scalars)) and np.all(inputs.base > 0)
-
-
-def test_a_day_past_the_nyse_calendar_is_reported_once(caplog: pytest.LogCaptureFixture) -> None:
-    from core.features import _warn_calendar_ended, us_session
-
-    _warn_calendar_ended.cache_clear()
-    with caplog.at_level("WARNING", logger="core.features"):
-        us_session([utc("2027-12-31T15:00:00")])
-        assert not caplog.records  # still inside the lists
-        us_session([utc("2028-07-04T15:00:00")])
-        us_session([utc("2028-12-25T15:00:00")])
-    assert len(caplog.records) == 1 and "ends on 2027-12-31" in caplog.records[0].getMessage()
 
 
 def test_session_bars_keep_the_regular_session_of_a_session_only_spec() -> None:

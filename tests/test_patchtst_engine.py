@@ -12,8 +12,9 @@ from core.engines.base import EngineError
 from core.engines.ewma import EwmaTEngine
 from core.engines.patchtst import PatchTSTEngine, route
 from core.evaluation import AssetHistory, snapshot_at
-from core.features import WEEKEND_FROM, WEEKEND_TO, history_context, ny_local_seconds, us_closed_steps
+from core.features import history_context, us_closed_steps
 from core.forecast import Forecaster, paths_usable
+from core.market_calendar import outside_gold_weekend
 from core.prices import MarketSnapshot, PriceHistory
 from core.prompts import ForecastRequest
 from core.settings import Settings
@@ -182,9 +183,7 @@ def with_night_bars(snap: MarketSnapshot, seed: int, weekend_only: bool = False)
     rng = np.random.default_rng(seed)
     night = np.setdiff1d(np.arange(m5.ts[0], m5.ts[-1], 300, dtype=np.int64), m5.ts)
     if weekend_only:
-        local = ny_local_seconds(night + 150)
-        week_minute = ((local // 86_400 + 3) % 7) * 1440 + (local % 86_400) // 60
-        night = night[(week_minute >= WEEKEND_FROM) & (week_minute < WEEKEND_TO)]
+        night = night[~outside_gold_weekend(night + 150)]
     last = np.searchsorted(m5.ts, night, side="right") - 1
     close = m5.close[last] * np.exp(rng.normal(0.0, 5e-4, night.size))
     ts = np.concatenate([m5.ts, night])

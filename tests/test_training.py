@@ -22,7 +22,8 @@ from core.datasets import (
     split_pieces,
     split_train_val,
 )
-from core.features import FEATURE_SPECS, us_session
+from core.features import FEATURE_SPECS
+from core.market_calendar import us_session
 from core.model import PatchTST, PatchTSTEnsemble, StudentTParams, unit_t_log_prob
 from core.path_sampling import LatentVol
 from core.prices import PriceHistory
