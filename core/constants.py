@@ -48,11 +48,16 @@ TASK_RETRAIN: Final = "synth.retrain"
 TASK_COMPACT_STORE: Final = "synth.compact_store"
 JOB_RUNS_KEY: Final = KEY_PREFIX + ":jobs:runs"  # recent periodic-job runs, newest first (for `status`)
 JOB_RUNS_KEPT: Final = 500
+# Each job's newest run: a minute's cache refresh pushes a weekly retrain's verdict out of the 500 runs
+# above within about 8 hours, and `status` shows it from here instead.
+JOB_LAST_RUN_KEY: Final = KEY_PREFIX + ":jobs:last"
 # A job whose process keeps dying (a retrain OOM-killed each time) is re-delivered after every death:
 # give up on its slot after this many starts instead of looping all week.
 JOB_MAX_ATTEMPTS: Final = 3
 
 # --- Worker processes ------------------------------------------------------------------------------------
+HEARTBEAT_TTL_S: Final = 120  # a worker's heartbeat key outlives it this long
+HEARTBEAT_EVERY_S: Final = HEARTBEAT_TTL_S / 4  # an idle process re-announces itself this often
 # A forecast still running when the miner has stopped waiting (Settings.max_wait_s) is useless: its soft
 # time limit is that wait, and the hard limit kills a task that ignores the soft one this much later.
 FORECAST_KILL_GRACE_S: Final = 5

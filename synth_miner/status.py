@@ -12,10 +12,13 @@ from rich.console import Console
 from rich.table import Table
 
 from core.assets import ASSETS
-from core.constants import JOB_RUNS_KEPT, JOB_RUNS_KEY, KEY_PREFIX
+from core.constants import HEARTBEAT_EVERY_S, JOB_LAST_RUN_KEY, JOB_RUNS_KEPT, JOB_RUNS_KEY, KEY_PREFIX
 from core.settings import Settings
 
 JOBS_SHOWN = 20  # the newest runs listed; the last calibration is looked for in every kept run
+# A live process re-announces itself every HEARTBEAT_EVERY_S, but its key lives HEARTBEAT_TTL_S (4x): a
+# worker that stopped or died stays listed for up to two minutes, so an older heartbeat is flagged as such.
+STALE_AFTER_S = 2.5 * HEARTBEAT_EVERY_S
 
 
 def age(seconds: float | None) -> str:
@@ -67,15 +70,27 @@ def collect(settings: Settings) -> dict[str, Any]:
             raw = client.get(key)
             if raw:
                 beat = json.loads(raw)
-                beat["seen"] = age(now - float(beat["at"]))
+                silent = now - float(beat["at"])
+                beat["seen"] = age(silent)
+                beat["alive"] = silent < STALE_AFTER_S
+                if not beat["alive"]:
+                    report["errors"].append(f"worker {beat['name']}: no heartbeat for {silent:.0f}s (stopped or stuck)")
                 report["workers"].append(beat)
+        read = {q for w in report["workers"] if w["alive"] for q in str(w.get("queues", "")).split(",")}
         for queue in (settings.queue_infer_hf, settings.queue_infer_lf, settings.queue_cpu):
             report["queues"][queue] = int(client.llen(queue))
+            if queue not in read:  # an empty worker table alone is easy to read as "all well"
+                report["errors"].append(f"no live worker reads queue {queue}")
         # The cache refresh records a run every minute: an hourly calibration soon falls out of the newest
         # few, so it is looked for in every kept run.
         runs = [json.loads(r) for r in client.lrange(JOB_RUNS_KEY, 0, JOB_RUNS_KEPT - 1)]
         report["jobs"] = runs[:JOBS_SHOWN]
-        report["last_calibration"] = next((j for j in runs if j.get("job") == "calibrate"), None)
+        last = {(k.decode() if isinstance(k, bytes) else k): json.loads(v)
+                for k, v in client.hgetall(JOB_LAST_RUN_KEY).items()}
+        for run in reversed(runs):  # records from before the per-job key
+            last.setdefault(run["job"], run)
+        report["last_runs"] = dict(sorted(last.items()))
+        report["last_calibration"] = last.get("calibrate")
         from core.cache_redis import RedisHistoryCache
 
         cache = RedisHistoryCache(client)
@@ -107,6 +122,29 @@ def models_cell(models: dict[str, str] | None) -> str:
     return " ".join(f"{kind}:{origin(path)}" for kind, path in sorted(models.items())) or "-"
 
 
+def job_detail(run: dict[str, Any]) -> str:
+    """One line on what a job run did: its error, else what it published (per model for a retrain)."""
+    if run.get("error"):
+        return str(run["error"])
+    result = run.get("result")
+    if not isinstance(result, dict):
+        return ""
+
+    def verdict(outcome: Any) -> str:
+        if not isinstance(outcome, dict):
+            return str(outcome)  # e.g. "skipped: no history in the store"
+        gate = outcome.get("gate", outcome)
+        if not isinstance(gate, dict):
+            return str(gate)
+        return f"published {gate['published']}" if gate.get("published") else str(gate.get("reason") or "not published")
+
+    if isinstance(result.get("models"), dict):  # the retrain: one gate per model
+        return "; ".join(f"{kind}: {verdict(outcome)}" for kind, outcome in result["models"].items())
+    if "published" in result:  # the calibration
+        return verdict(result) if result["published"] else "nothing published"
+    return ""
+
+
 def render(report: dict[str, Any], console: Console) -> None:
     published = report["artifact_version"] or "none published (workers serve the committed checkpoints in models/)"
     console.print(f"[bold]artifact version[/]: {published}")
@@ -114,8 +152,9 @@ def render(report: dict[str, Any], console: Console) -> None:
     for col in ("name", "queues", "engine", "device", "models", "artifact", "seen"):
         workers.add_column(col)
     for w in report["workers"]:
+        seen = w["seen"] if w.get("alive", True) else f"[red]{w['seen']} (gone?)[/]"
         workers.add_row(w["name"], w.get("queues", ""), w["engine"], w.get("device", "?"), models_cell(w.get("models")),
-                        w.get("artifact_version") or "-", w["seen"])
+                        w.get("artifact_version") or "-", seen)
     console.print(workers)
     queues = Table(title="queues")
     queues.add_column("queue")
@@ -130,8 +169,17 @@ def render(report: dict[str, Any], console: Console) -> None:
         (j for j in report["jobs"] if j["job"] == "calibrate"), None)
     for j in report["jobs"][:10]:
         jobs.add_row(j["job"], time.strftime("%H:%M:%S", time.gmtime(j["slot"])), j["status"], str(j.get("seconds")),
-                     str(j.get("error") or "")[:60])
+                     job_detail(j)[:60])
     console.print(jobs)
+    if report.get("last_runs"):
+        each = Table(title="last run of each job")
+        for col in ("job", "started", "status", "seconds", "outcome"):
+            each.add_column(col)
+        for name, j in report["last_runs"].items():
+            started = j.get("started")
+            each.add_row(name, "?" if started is None else age(time.time() - float(started)), j.get("status", "?"),
+                         str(j.get("seconds")), job_detail(j)[:100])
+        console.print(each)
     calibrated = "never" if last_calibration is None else (
         f"{age(time.time() - last_calibration['started'])} ({last_calibration.get('status', '?')})")
     console.print(f"[bold]last calibration[/]: {calibrated}")

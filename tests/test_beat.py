@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis
 
-from core.constants import BEAT_LOCK_KEY, BEAT_SCHEDULE_FILE, JOB_RUNS_KEY, TASK_RETRAIN
+from core.constants import BEAT_LAST_RUN_KEY, BEAT_LOCK_KEY, BEAT_SCHEDULE_FILE, JOB_RUNS_KEY, TASK_RETRAIN
 from core.settings import Settings, get_settings
 from synth_miner.devstack import Proc, cli, spawn, start_worker
 from tests.conftest import RedisServer
@@ -172,3 +172,79 @@ def test_a_standby_taking_over_does_not_rerun_a_job_the_leader_just_sent(redis_u
         standby.close()
         get_settings.cache_clear()
     assert len(retrain_slots()) == 1, f"retrain sent twice within {period} s: slots {retrain_slots()}"
+
+
+def test_a_beat_with_a_fresh_schedule_file_goes_on_from_the_leaders_last_sends(redis_url: str, tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh schedule file (a new host, a Celery upgrade or a corrupt file resets it) dates every entry
+    to the beat's start, a time it never sent anything at: the sends the leader recorded in Redis must win,
+    or each such start puts the weekly retrain off by up to a week."""
+    from workers.app import create_app
+    from workers.beat import LeaderScheduler
+
+    period = 8.0
+    monkeypatch.setenv("SYNTH_REDIS_URL", redis_url)
+    monkeypatch.setenv("SYNTH_BEAT_LOCK_TTL_S", "3")
+    get_settings.cache_clear()
+    app = create_app(Settings(redis_url=redis_url, beat_retrain_s=period, beat_refresh_s=100_000,
+                              beat_calibrate_s=100_000, beat_compact_s=100_000))
+    client = redis.Redis.from_url(redis_url)
+    client.hset(BEAT_LAST_RUN_KEY, "retrain", time.time() - period + 1)  # the old leader's send: due in 1 s
+    beat = LeaderScheduler(app=app, schedule_filename=str(tmp_path / "fresh.db"))
+
+    def retrain_sent() -> bool:
+        return any(json.loads(m)["headers"]["task"] == TASK_RETRAIN for m in client.lrange(Settings().queue_cpu, 0, -1))
+
+    try:
+        deadline = time.monotonic() + 3.0  # well before the fresh file's own date makes it due (8 s)
+        while not retrain_sent() and time.monotonic() < deadline:
+            beat.tick()
+            time.sleep(0.1)
+        assert beat.leader
+    finally:
+        beat.close()
+        get_settings.cache_clear()
+    assert retrain_sent(), "the retrain the old leader left due was put off by the fresh schedule file"
+
+
+def test_a_send_that_fails_is_retried_on_the_next_tick_not_a_period_later(redis_url: str, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Celery's beat advances an entry before it sends it: a broker error at that moment used to skip the
+    job until its next period (a week for the retrain)."""
+    from celery.beat import PersistentScheduler
+
+    from workers.app import create_app
+    from workers.beat import LeaderScheduler
+
+    monkeypatch.setenv("SYNTH_REDIS_URL", redis_url)
+    monkeypatch.setenv("SYNTH_BEAT_LOCK_TTL_S", "3")
+    get_settings.cache_clear()
+    app = create_app(Settings(redis_url=redis_url, beat_retrain_s=7 * 86_400, beat_refresh_s=100_000,
+                              beat_calibrate_s=100_000, beat_compact_s=100_000))
+    client = redis.Redis.from_url(redis_url)
+    beat = LeaderScheduler(app=app, schedule_filename=str(tmp_path / "beat.db"))
+    beat.schedule["retrain"].last_run_at = datetime.now(timezone.utc) - timedelta(days=7, seconds=5)  # due
+    send = PersistentScheduler.apply_async
+    failures: list[str] = []
+
+    def flaky(self: PersistentScheduler, entry: Any, *args: Any, **kwargs: Any) -> Any:
+        if entry.name == "retrain" and not failures:
+            failures.append(entry.name)
+            raise redis.ConnectionError("broker restarting")
+        return send(self, entry, *args, **kwargs)
+
+    monkeypatch.setattr(PersistentScheduler, "apply_async", flaky)
+
+    def retrain_sent() -> bool:
+        return any(json.loads(m)["headers"]["task"] == TASK_RETRAIN for m in client.lrange(Settings().queue_cpu, 0, -1))
+
+    try:
+        deadline = time.monotonic() + 5.0
+        while not retrain_sent() and time.monotonic() < deadline:
+            beat.tick()
+            time.sleep(0.1)
+    finally:
+        beat.close()
+        get_settings.cache_clear()
+    assert failures == ["retrain"], "the first send did not fail: the test proves nothing"
+    assert retrain_sent(), "a failed send skipped the weekly retrain until next week"

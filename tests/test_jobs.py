@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 
-from core.constants import JOB_MAX_ATTEMPTS, JOB_RUNS_KEY, TASK_RETRAIN, WORKER_HEARTBEAT_KEY
+from core.constants import JOB_MAX_ATTEMPTS, JOB_RUNS_KEY, JOB_SLOT_KEY, TASK_RETRAIN, WORKER_HEARTBEAT_KEY
 from core.settings import Settings, get_settings
 from synth_miner.devstack import ROOT, spawn
 from tests.worker_apps import RETRAIN_STARTS_KEY
@@ -135,3 +135,26 @@ def test_a_retrain_sigkilled_in_a_real_worker_is_redelivered_and_run(redis_url: 
         assert "worker runtime loaded" not in worker.text()  # a cpu-only worker never loads the models
     finally:
         worker.stop()
+
+
+def test_a_run_whose_lease_lapsed_leaves_the_claim_of_the_run_that_took_over(job_env: dict[str, str],
+                                                                             redis_url: str) -> None:
+    """A run that outlived its lease (renewals failed through a Redis outage) must not mark done, on its
+    way out, a slot a re-delivered copy has claimed since: that copy's claim is its own."""
+    from workers.jobs import CLAIMED, RUNNING, claim_slot, run_once
+
+    client = redis.Redis.from_url(redis_url)
+    key = JOB_SLOT_KEY.format(name="retrain", slot=SLOT)
+
+    def outlived(_: Settings) -> dict[str, Any]:
+        client.delete(key)  # the lease lapsed...
+        assert claim_slot(client, "retrain", SLOT, WEEK, "other:1", 600) == CLAIMED  # ...and a copy took over
+        return {}
+
+    record = run_once("retrain", SLOT, WEEK, outlived)
+    assert client.get(key) == (RUNNING + "other:1").encode()  # still the copy's running claim
+    assert record["status"] == "ok" and record["lease_lost_to"] == RUNNING + "other:1", record
+    # A run that still owns its claim (or whose lapsed lease nobody took) marks its slot done.
+    assert run_once("retrain", SLOT + 1, WEEK, work_done([]))["status"] == "ok"
+    done = client.get(JOB_SLOT_KEY.format(name="retrain", slot=SLOT + 1))
+    assert isinstance(done, bytes) and done.startswith(b"done:"), done

@@ -8,9 +8,10 @@ from pathlib import Path
 import redis
 from rich.console import Console
 
-from core.constants import JOB_RUNS_KEY
+from core.constants import JOB_RUNS_KEPT, JOB_RUNS_KEY, WORKER_HEARTBEAT_KEY
 from core.settings import Settings
 from synth_miner.status import collect, redacted, render
+from workers.jobs import record_run
 
 
 def test_render_shows_each_workers_device_and_models_and_flags_problems() -> None:
@@ -65,6 +66,32 @@ def test_last_calibration_is_found_behind_a_stream_of_minute_jobs(redis_url: str
     assert "30m ago" in line and "never" not in line, line
 
 
+def test_a_weekly_retrain_verdict_outlives_the_minute_jobs_that_push_it_off_the_run_list(
+        redis_url: str, tmp_path: Path) -> None:
+    """500 runs kept are about 8 hours of minute refreshes: each job's newest run is kept apart."""
+    client = redis.Redis.from_url(redis_url)
+    now = time.time()
+    gate = {"published": "20261206-lf_crypto", "reason": "challenger 0.3% better"}
+    record_run(client, {"job": "retrain", "slot": int(now) - 3 * 86_400, "status": "ok", "started": now - 3 * 86_400,
+                        "seconds": 1980.0, "result": {"models": {"hf": "skipped: no history in the store",
+                                                                 "lf_crypto": {"seconds": 1900.0, "gate": gate}}}})
+    record_run(client, {"job": "calibrate", "slot": int(now) - 7200, "status": "error", "started": now - 7200,
+                        "seconds": 3.0, "error": "ArtifactError: disk full"})
+    for minute in range(JOB_RUNS_KEPT, 0, -1):
+        record_run(client, {"job": "refresh-cache", "slot": int(now) - 60 * minute, "status": "ok",
+                            "started": now - 60 * minute, "seconds": 0.5, "result": {"assets": 9, "failed": 0}})
+    report = collect(Settings(_env_file=None, redis_url=redis_url, artifacts_dir=tmp_path))  # type: ignore[call-arg]
+    assert all(j["job"] == "refresh-cache" for j in report["jobs"])
+    assert list(report["last_runs"]) == ["calibrate", "refresh-cache", "retrain"]
+    assert report["last_calibration"]["error"] == "ArtifactError: disk full"
+    console = Console(record=True, width=200)
+    render(report, console)
+    text = console.export_text()
+    retrain = next(x for x in text.splitlines() if "retrain" in x and "72.0h ago" in x)
+    assert "hf: skipped: no history in the store; lf_crypto: published 20261206-lf_crypto" in retrain
+    assert "disk full" in next(x for x in text.splitlines() if x.lstrip("│ ").startswith("calibrate"))
+
+
 def test_json_report_never_shows_the_redis_password(tmp_path: Path) -> None:
     report = collect(Settings(_env_file=None, redis_url="redis://:s3cret@127.0.0.1:1/0",  # type: ignore[call-arg]
                               artifacts_dir=tmp_path))
@@ -72,3 +99,25 @@ def test_json_report_never_shows_the_redis_password(tmp_path: Path) -> None:
     assert report["redis_url"] == "redis://:***@127.0.0.1:1/0"
     assert redacted("redis://user:pw@host:6380/1?password=pw2&db=1") == "redis://user:***@host:6380/1?password=***&db=1"
     assert redacted("unix:///run/redis.sock") == "unix:///run/redis.sock" and redacted(None) is None
+
+
+def test_a_stopped_worker_is_flagged_not_listed_as_serving(redis_url: str, tmp_path: Path) -> None:
+    """A worker's heartbeat key outlives it by up to two minutes (TTL 120 s, re-sent every 30 s): a stopped
+    one must not read as a healthy fleet, and a queue nobody reads any more is said out loud."""
+    client = redis.Redis.from_url(redis_url)
+    now = time.time()
+    for name, queues, at in (("hf@host:1", "infer.hf", now - 5), ("lf@host:2", "infer.lf", now - 90)):
+        client.set(WORKER_HEARTBEAT_KEY.format(name=name), json.dumps(
+            {"name": name, "queues": queues, "engine": "patchtst", "device": "cpu", "models": {},
+             "artifact_version": None, "pid": 1, "at": at}), ex=120)
+    report = collect(Settings(_env_file=None, redis_url=redis_url, artifacts_dir=tmp_path))  # type: ignore[call-arg]
+    alive = {w["name"]: w["alive"] for w in report["workers"]}
+    assert alive == {"hf@host:1": True, "lf@host:2": False}
+    assert any(e.startswith("worker lf@host:2: no heartbeat for 90s") for e in report["errors"]), report["errors"]
+    assert "no live worker reads queue infer.lf" in report["errors"]
+    assert "no live worker reads queue cpu" in report["errors"]
+    assert not any("infer.hf" in e for e in report["errors"])
+    assert not any(e.startswith("redis:") for e in report["errors"])  # the exit code still means "Redis unreadable"
+    console = Console(record=True, width=160)
+    render(report, console)
+    assert "(gone?)" in console.export_text().split("lf@host:2")[1].splitlines()[0]

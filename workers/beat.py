@@ -56,7 +56,8 @@ class LeaderScheduler(PersistentScheduler):
             return False
 
     def _adopt_last_runs(self) -> bool:
-        """Take each job's last send from Redis where it is later than this beat's own record."""
+        """Take each job's last send from Redis where it is later than this beat's own record, or where this
+        beat's file never sent the job (a fresh file dates it to the beat's start, not to a send)."""
         try:
             sent = self.redis.hgetall(BEAT_LAST_RUN_KEY)
         except redis.RedisError as exc:
@@ -66,7 +67,7 @@ class LeaderScheduler(PersistentScheduler):
             at = sent.get(name.encode())
             if at is not None:
                 last = datetime.fromtimestamp(float(at), timezone.utc)
-                if last > maybe_make_aware(entry.last_run_at):
+                if last > maybe_make_aware(entry.last_run_at) or not entry.total_run_count:
                     entry.last_run_at = last
         self._heap = None  # rebuilt from the adopted times on the next tick
         return True
@@ -86,7 +87,15 @@ class LeaderScheduler(PersistentScheduler):
         if period > 0:
             # Slot = scheduled time floored to the period (a beat fires a little after the boundary).
             entry.kwargs = {**entry.kwargs, "slot": int((time.time() + 0.5 * min(period, 2.0)) // period * period)}
-        result = super().apply_async(entry, producer, advance, **kwargs)
+        try:
+            result = super().apply_async(entry, producer, advance, **kwargs)
+        except Exception:
+            # Celery advanced the entry before sending: a broker blip at that moment would skip the run for a
+            # whole period (a week for the retrain). Put the unsent entry back: it is due again next tick.
+            if not advance and self.schedule.get(entry.name) is not entry:
+                self.schedule[entry.name] = entry
+                self._heap = None
+            raise
         sent = self.schedule.get(entry.name)
         if sent is not None:
             try:

@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -20,6 +21,7 @@ import redis
 
 from core.constants import (
     JOB_ATTEMPTS_KEY,
+    JOB_LAST_RUN_KEY,
     JOB_MAX_ATTEMPTS,
     JOB_RUNS_KEPT,
     JOB_RUNS_KEY,
@@ -49,6 +51,13 @@ return 'claimed'
 """
 # Renew only our own lease: after a lapse another process may have taken the slot over.
 RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+# Mark the slot done only if it is still ours (or lapsed and untaken): never over another run's claim.
+FINISH = """
+local held = redis.call('get', KEYS[1])
+if held and held ~= ARGV[1] then return held end
+redis.call('set', KEYS[1], ARGV[2], 'ex', ARGV[3])
+return 'ok'
+"""
 
 
 def _redis(settings: Settings) -> "redis.Redis":
@@ -85,11 +94,16 @@ def lease_renewed(client: "redis.Redis", job: str, slot: int, owner: str, lease_
     key, stop = JOB_SLOT_KEY.format(name=job, slot=slot), threading.Event()
 
     def renew() -> None:
+        lost = False
         while not stop.wait(lease_s / 3):
             try:
-                client.eval(RENEW, 1, key, RUNNING + owner, int(lease_s * 1000))
+                renewed = client.eval(RENEW, 1, key, RUNNING + owner, int(lease_s * 1000))
             except redis.RedisError as exc:
                 log.warning("job %s slot %d: lease not renewed (%s)", job, slot, exc)
+                continue
+            if not renewed and not lost:  # lapsed: say so once (a re-delivered copy may run the slot too)
+                lost = True
+                log.error("job %s slot %d: lease of %s lapsed; not renewed", job, slot, owner)
 
     thread = threading.Thread(target=renew, name=f"lease-{job}", daemon=True)
     thread.start()
@@ -102,8 +116,10 @@ def lease_renewed(client: "redis.Redis", job: str, slot: int, owner: str, lease_
 
 def record_run(client: "redis.Redis", record: dict[str, Any]) -> None:
     pipe = client.pipeline()
-    pipe.lpush(JOB_RUNS_KEY, json.dumps(record, default=str))
+    doc = json.dumps(record, default=str)
+    pipe.lpush(JOB_RUNS_KEY, doc)
     pipe.ltrim(JOB_RUNS_KEY, 0, JOB_RUNS_KEPT - 1)
+    pipe.hset(JOB_LAST_RUN_KEY, str(record["job"]), doc)
     pipe.execute()
 
 
@@ -111,7 +127,8 @@ def run_once(job: str, slot: int | None, period_s: float, work: Callable[[Settin
     settings = get_settings()
     client = _redis(settings)
     slot = int(time.time() // period_s * period_s) if slot is None else slot
-    owner = f"{socket.gethostname()}:{os.getpid()}"
+    # Unique per run: two runs in one process (a thread pool) must not pass for each other's lease.
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     held = take_slot(client, job, slot, period_s, owner, settings.job_lease_s)
     if held == EXHAUSTED:
         log.error("job %s slot %d: its process died %d times; not started again", job, slot, JOB_MAX_ATTEMPTS)
@@ -129,8 +146,14 @@ def run_once(job: str, slot: int | None, period_s: float, work: Callable[[Settin
         except Exception as exc:
             log.exception("job %s slot %d failed", job, slot)
             record.update(status="error", error=f"{type(exc).__name__}: {exc}")
-    # A failed run is done too: only a process that died runs its slot again.
-    client.set(JOB_SLOT_KEY.format(name=job, slot=slot), DONE + owner, ex=slot_ttl_s(period_s))
+    # A failed run is done too: only a process that died runs its slot again. A run whose lease lapsed
+    # and whose slot another run took over leaves that run's claim alone (it marks the slot itself).
+    finished = client.eval(FINISH, 1, JOB_SLOT_KEY.format(name=job, slot=slot), RUNNING + owner, DONE + owner,
+                           slot_ttl_s(period_s))
+    held = finished.decode() if isinstance(finished, bytes) else str(finished)
+    if held != "ok":
+        log.error("job %s slot %d: lease lost while running; the slot is held by %s", job, slot, held)
+        record["lease_lost_to"] = held
     record["seconds"] = round(time.time() - began, 3)
     record_run(client, record)
     return record

@@ -9,7 +9,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from core.constants import WORKER_HEARTBEAT_KEY
+from core.constants import HEARTBEAT_EVERY_S, HEARTBEAT_TTL_S, WORKER_HEARTBEAT_KEY
 
 log = logging.getLogger(__name__)
 
@@ -19,8 +19,6 @@ TASK_SECONDS = Histogram("synth_worker_task_seconds", "forecast task time", ["pr
 TASKS = Counter("synth_worker_tasks", "forecast tasks by outcome", ["outcome"], registry=REGISTRY)
 MODEL_VERSION = Gauge("synth_worker_model_info", "artifact version served (value 1)", ["version", "engine"],
                       registry=REGISTRY)
-HEARTBEAT_TTL_S = 120
-HEARTBEAT_EVERY_S = HEARTBEAT_TTL_S / 4  # an idle process re-announces itself this often
 
 
 _serving: tuple[str, str] | None = None
