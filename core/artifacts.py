@@ -59,6 +59,7 @@ from core.settings import Settings
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
+BUILT_ON_NOTE = "built_on"  # manifest note of an inherited set: the version whose other files it copied
 NORM_STATS_FILE = "norm_stats.json"
 MANIFEST_FORMAT = 1
 CURRENT, VERSIONS, STAGING, LOCK_FILE = "current", "versions", "staging", ".publish.lock"
@@ -492,7 +493,8 @@ class ArtifactStore:
     def stage(self, files: Mapping[str, bytes], data_window: DataWindow | None = None,
               notes: Mapping[str, str] | None = None, inherit: bool = False, version: str | None = None) -> Path:
         """Write ``staging/<version>/`` with its manifest. ``inherit`` copies the current version's
-        other files (hash-checked), e.g. the models when only the calibration changes. A write that
+        other files (hash-checked), e.g. the models when only the calibration changes, and notes that
+        version under ``BUILT_ON_NOTE`` ("" when none was current). A write that
         fails (disk full, read-only) removes the half-written folder and raises ArtifactError."""
         version = version or new_version()
         if not VERSION_NAME.match(version):
@@ -508,8 +510,12 @@ class ArtifactStore:
             raise ArtifactError(f"{directory} already exists: stage under another version name") from None
         except OSError as exc:
             raise _os_failure(f"stage {version} in {self.staging_dir}", exc) from None
+        notes = dict(notes or {})
         try:
-            if inherit and (current := self.load_current_or_none()) is not None:
+            current = self.load_current_or_none() if inherit else None
+            if inherit:  # what it was built on: only over that version may it be published (challenge())
+                notes[BUILT_ON_NOTE] = current.version if current is not None else ""
+            if current is not None:
                 for name, entry in current.manifest.files.items():
                     if name not in files:
                         try:

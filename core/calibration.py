@@ -548,7 +548,9 @@ def run_calibration_job(settings: Settings, now: int | None = None) -> dict[str,
     staging = store.stage({CALIBRATION_FILE: state.to_json()}, data_window=DataWindow(min(starts), end),
                           notes={"kind": "calibration"}, inherit=True)
     forecaster = artifact_forecaster(engines, settings, settings.calibration_engine)
-    decision = challenge(store, staging, run.all_cases(), forecaster, settings.champion_tolerance)
+    # The gate scores by the same rules as the search (it scored upstream whatever the setting).
+    decision = challenge(store, staging, run.all_cases(), forecaster, settings.champion_tolerance,
+                         settings.calibration_rules)
     summary["published"] = decision.challenger if decision.promote else None
     summary["decision"] = asdict(decision)
     return summary

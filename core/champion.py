@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.artifacts import ArtifactSet, ArtifactStore
+from core.artifacts import BUILT_ON_NOTE, ArtifactError, ArtifactSet, ArtifactStore
 from core.calibration import Case, score_cases
 from core.engines.base import Engine
 from core.evaluation import FloatArray
@@ -116,10 +116,19 @@ def challenge(store: ArtifactStore, staging_dir: Path, cases: Sequence[Case], fa
     """Validate the staged set, compare it with the current one, publish it if it does not lose.
 
     The publish is conditional on the champion still being current, so a comparison can never
-    promote a challenger over a version it was not compared with. A rejected set stays in staging.
+    promote a challenger over a version it was not compared with; a set that inherited the files of
+    another version than the current one is not compared at all. A rejected set stays in staging.
     """
     challenger = store.validate(staging_dir)
     champion = store.load_current_or_none()
+    built_on = challenger.manifest.notes.get(BUILT_ON_NOTE)
+    current = champion.version if champion is not None else ""
+    if built_on is not None and built_on != current:
+        # Another job published while this set was staged: publishing it would bring back the files it
+        # copied from the older set (the hourly calibration against a retrained model, or back).
+        return ChampionDecision(False, challenger.version, current or None, None, None, tolerance, 0, 0, 0,
+                                f"{challenger.version} was built on {built_on or 'no set'}, but {current or 'none'} "
+                                "is current now: the next run stages over it")
     decision = compare(challenger, champion, cases, factory, tolerance, rules, baseline)
     if decision.promote and publish:
         store.publish(staging_dir, expect_current=None if champion is None else champion.version)
@@ -133,10 +142,13 @@ COMMITTED_MODELS = "committed-models"  # the champion's name when no artifact ca
 
 def model_forecaster(settings: Settings, artifact: ArtifactSet | None) -> Forecaster:
     """What a worker serves with ``artifact`` current: its checkpoints, the committed models for the
-    kinds it lacks, its calibration (None: the committed models, uncalibrated)."""
+    kinds it lacks, its calibration (None: the committed models, uncalibrated). Raises ArtifactError
+    where PatchTST does not load at all (no checkpoint, no such device)."""
     from core.engines_registry import engines_over, forecaster_over
 
     engines = engines_over(settings, None if artifact is None else artifact.path)
+    if "patchtst" not in engines:  # both sides would be the EWMA-t fallback: a tie, any model published
+        raise ArtifactError("PatchTST does not load here (see the warning above): models cannot be gated")
     scale = no_calibration if artifact is None else artifact.calibration.lookup_for(settings.calibration_engine)
     return forecaster_over(engines, "patchtst", settings.calibration_seed, scale)
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from core.artifacts import ArtifactError, ArtifactStore, DataWindow, new_version
 from core.calibration import CALIBRATION_FILE, CalibrationState, Case, CasePlan, recent_cases
-from core.champion import COMMITTED_MODELS, challenge_models
+from core.champion import challenge_models
 from core.checkpoint import save
 from core.datasets import MODEL_ASSETS, DatasetError, histories_from_cache
 from core.evaluation import GRIDS, AssetHistory
@@ -92,10 +92,12 @@ def run_gate(settings: Settings, artifacts: ArtifactStore, history: HistoryStore
     if not cases:
         return {"cases": 0, "published": None, "reason": "no scorable prompt in the held-back tail"}
     files = {checkpoint_file.name: checkpoint_file.read_bytes()}
-    if artifacts.current_version() is None:
-        files[CALIBRATION_FILE] = CalibrationState().to_json()  # every artifact needs one
     staging: Path | None = None
     try:
+        # The set the staged one is built on (it inherits its other files): only over it may it be published.
+        parent = artifacts.current_version()
+        if parent is None:
+            files[CALIBRATION_FILE] = CalibrationState().to_json()  # every artifact needs one
         staging = artifacts.stage(files, data_window=trained, inherit=True, version=f"{new_version()}-{kind}",
                                   notes={"kind": "models", "models": kind, "gate_cases": str(len(cases))})
         decision = challenge_models(artifacts, staging, cases, settings, settings.retrain_tolerance,
@@ -110,8 +112,9 @@ def run_gate(settings: Settings, artifacts: ArtifactStore, history: HistoryStore
     if not settings.retrain_publish:
         return {**verdict, "reason": f"{decision.reason}; not published (SYNTH_RETRAIN_PUBLISH=false)"}
     try:
-        expect = None if decision.champion == COMMITTED_MODELS else decision.champion
-        return {**verdict, "staged": None, "published": artifacts.publish(staging, expect_current=expect)}
+        # Not the champion's version: one published between staging and the comparison (the hourly
+        # calibration) is a set this one was not built on, and publishing over it would revert it.
+        return {**verdict, "staged": None, "published": artifacts.publish(staging, expect_current=parent)}
     except ArtifactError as exc:  # e.g. calibration published meanwhile: next week's run decides again
         log.warning("retrained %s passed the gate but was not published: %s", kind, exc)
         return {**verdict, "reason": f"passed the gate, not published: {exc}"}

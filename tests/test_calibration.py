@@ -325,3 +325,27 @@ def test_only_the_calibration_engines_scales_are_applied(tmp_path: Path) -> None
     assert default("ewma_t", "ETH", 60) == 1.0  # no entry: unscaled
     model = load_scale_lookup(Settings(artifacts_dir=tmp_path / "artifacts", calibration_engine="patchtst"))
     assert model("patchtst", "BTC", 60) == 0.8 and model("ewma_t", "BTC", 60) == 1.0
+
+
+def test_job_gate_scores_with_the_configured_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SYNTH_CALIBRATION_RULES drives the search and the gate alike (the gate used to score upstream always)."""
+    import core.champion
+
+    settings = Settings(artifacts_dir=tmp_path / "artifacts", data_dir=tmp_path / "data",
+                        calibration_windows_hf=12, calibration_min_samples_hf=10, calibration_windows_lf=4,
+                        calibration_min_samples_lf=3, calibration_paths=40, cache_days_hf=0.5, cache_days_lf=1.0,
+                        calibration_rules="head")
+    m1 = t_history(4 * DAY // 60, MINUTE_SIGMA, 5.0, seed=12)
+    store = HistoryStore(settings.data_dir / "history", durable=False)
+    store.append("BTC", m1)
+    store.append("BTC", m1.resample(300))
+    seen: list[str] = []
+    real_compare = core.champion.compare
+
+    def spy(*args: object, **kwargs: object) -> core.champion.ChampionDecision:
+        seen.append(str(args[5] if len(args) > 5 else kwargs.get("rules", "upstream")))
+        return real_compare(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(core.champion, "compare", spy)
+    summary = run_calibration_job(settings, now=int(m1.ts[-1]) + 60)
+    assert summary["decision"] is not None and seen == ["head"]

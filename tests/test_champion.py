@@ -19,6 +19,7 @@ from core.champion import (
     decide,
     model_forecaster,
 )
+from core.engines.base import EngineError
 from core.engines.ewma import EwmaTEngine
 from core.engines.patchtst import PatchTSTEngine
 from core.engines_registry import build_engines
@@ -161,6 +162,31 @@ def test_promotion_is_refused_if_the_champion_changed_during_the_comparison(
     assert store.current_version() == "sneaky"
 
 
+def test_a_set_built_on_a_version_no_longer_current_is_not_compared_or_published(
+        tmp_path: Path, cases: list[Case]) -> None:
+    """The hourly calibration copies the current models into its staged set; a retrained model published
+    meanwhile would be reverted by publishing it (and the retrain gate the same the other way)."""
+    store = ArtifactStore(tmp_path / "artifacts")
+    challenge(store, stage_scale(store, "champ", 2.0), cases, factory(), 0.0)
+    state = CalibrationState({"ewma_t:ETH:60": Entry("ewma_t", "ETH", 60, scale=1.0)})
+    calibrated = store.stage({CALIBRATION_FILE: state.to_json()}, version="calibrated", inherit=True)
+    assert store.validate(calibrated).manifest.notes["built_on"] == "champ"
+    store.publish(stage_scale(store, "retrained", 2.0))  # another job publishes before the gate runs
+
+    def never(artifact: ArtifactSet | None) -> Forecaster:
+        raise AssertionError("a stale set is not compared")
+
+    decision = challenge(store, calibrated, cases, never, 0.0)
+    assert not decision.promote and decision.champion == "retrained" and decision.cases == 0
+    assert "built on champ" in decision.reason and "retrained is current" in decision.reason
+    assert store.current_version() == "retrained" and calibrated.exists()
+    # Staged over the current one, the same calibration is compared and, better, published.
+    again = store.stage({CALIBRATION_FILE: state.to_json()}, version="calibrated-2", inherit=True)
+    assert challenge(store, again, cases, factory(), 0.0).promote and store.current_version() == "calibrated-2"
+    first = ArtifactStore(tmp_path / "fresh")
+    assert first.validate(first.stage({CALIBRATION_FILE: state.to_json()}, inherit=True)).manifest.notes["built_on"] == ""
+
+
 # ------------------------------------------------------------------------------------ model sets
 
 
@@ -194,3 +220,20 @@ def test_a_retrained_model_is_published_only_if_it_does_not_lose_to_the_served_o
     # Later challengers face the published set.
     again = challenge_models(store, stage_model(store, "random-head-2", random_head), model_cases, settings, 0.0)
     assert not again.promote and again.champion == "same" and store.current_version() == "same"
+
+
+def test_a_model_gate_that_cannot_run_the_models_refuses_instead_of_comparing_the_fallbacks(
+        tmp_path: Path, model_cases: list[Case], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where PatchTST does not load for the gate (``SYNTH_DEVICE=cuda`` from a shared .env on the cpu worker),
+    both sides would be the EWMA-t fallback: a tie, and any retrained model, a random one included, published."""
+    def no_cuda(*_: object, **__: object) -> PatchTSTEngine:
+        raise EngineError("device cuda asked for, but torch sees no CUDA device")  # as on a cpu-only host
+
+    monkeypatch.setattr(PatchTSTEngine, "from_settings", no_cuda)
+    settings = Settings(artifacts_dir=tmp_path / "artifacts", calibration_seed=3, device="cuda")
+    store = ArtifactStore.from_settings(settings)
+    random_head = write_checkpoints(tmp_path / "random", ("hf",), perturb=0.3) / "hf.pt"
+    staged = stage_model(store, "random-head", random_head)
+    with pytest.raises(ArtifactError, match="PatchTST"):
+        challenge_models(store, staged, model_cases, settings, 0.0)
+    assert store.current_version() is None and staged.exists()

@@ -1,6 +1,7 @@
 """The ``artifacts`` and ``calibrate`` commands, run through typer's CliRunner on a real store and CSVs."""
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,7 @@ def test_calibrate_publishes_through_the_gate_without_touching_held_out_rows(
     assert entry.scale != 1.0 and len(entry.history) == 2 and all(m.applied for m in entry.history)
     manifest = Manifest.from_json((current.path / "manifest.json").read_bytes())
     assert manifest.data_window is not None and manifest.data_window.end <= EVAL_START
-    assert manifest.notes == {"kind": "calibration"}
+    assert manifest.notes == {"kind": "calibration", "built_on": ""}  # staged over no set: the first
 
 
 def test_calibrate_dry_run_writes_the_document_only(app: typer.Typer, data_dir: Path, tmp_path: Path) -> None:
@@ -184,3 +185,20 @@ def test_a_bad_setting_in_the_environment_is_a_usage_error(app: typer.Typer, tmp
     for command in (["artifacts", "list", "--dir", str(tmp_path)], ["artifacts", "rollback", "--dir", str(tmp_path)]):
         result = CliRunner().invoke(app, command)
         assert result.exit_code == 2 and "artifacts_keep" in result.output, (command, result.output)
+
+
+def test_calibrate_on_a_store_of_older_history_points_at_end_not_at_a_reimport(
+        app: typer.Typer, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calibration reads the store's last few weeks only: after importing ../shared/data (months old) the store
+    is not empty, and the refusal must say where its history ends and that --end reaches it."""
+    from core.csv_history import read_csv
+    from core.history_store import HistoryStore
+
+    HistoryStore(tmp_path / "data" / "history").append("BTC", read_csv(data_dir / "btc_1m.csv.gz", 60))
+    monkeypatch.setenv("SYNTH_DATA_DIR", str(tmp_path / "data"))
+    result = CliRunner().invoke(app, ["calibrate", "--dir", str(tmp_path / "artifacts"), "--asset", "BTC", "--dry-run"])
+    text = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and "holds no prices for BTC in the 21 days before" in text, text
+    newest = T0 + DAYS * DAY - 60
+    assert f"its newest bar is at {datetime.fromtimestamp(newest, UTC).isoformat()}" in text, text
+    assert f"--end {datetime.fromtimestamp(newest + 60, UTC).date().isoformat()}" in text, text  # after its close

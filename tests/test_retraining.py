@@ -3,6 +3,7 @@ the retrained model must not lose to the served one to be published."""
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -122,3 +123,33 @@ def test_a_corrupt_store_partition_skips_the_model_instead_of_stopping_the_job(t
                     DataWindow(cut - 3 * 86_400, cut - 95_040), cut)
     assert gate["published"] is None and gate["reason"].startswith("gate failed: history store unreadable")
     assert artifacts.current_version() is None
+
+
+def test_a_gate_never_publishes_over_a_calibration_published_while_it_ran(tmp_path: Path, shared_data: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The staged set inherits the calibration current when it was staged. If the hourly calibration
+    publishes before the gate loads its champion, the gate compares against (and would publish over) a set
+    its challenger was not built on: the calibration just published would be silently reverted."""
+    from core.calibration import CALIBRATION_FILE, CalibrationState, Entry
+
+    cut = json.loads((shared_data / "manifest.json").read_text())["btc_1m"]["eval_start_ts"]
+    store = HistoryStore(tmp_path / "data" / "history")
+    store.append("BTC", read_csv(shared_data / "btc_1m.csv.gz", 60).between(cut - 4 * 86_400, cut))
+    settings = Settings(data_dir=tmp_path / "data", artifacts_dir=tmp_path / "artifacts", retrain_gate_days=1.1,
+                        retrain_gate_paths=50)
+    artifacts = ArtifactStore.from_settings(settings)
+    calibrated = CalibrationState({"ewma_t:BTC:60": Entry("ewma_t", "BTC", 60, scale=1.2)}).to_json()
+    stage = artifacts.stage
+
+    def stage_then_calibration_publishes(files: dict[str, bytes], **kwargs: Any) -> Path:
+        staged = stage(files, **kwargs)
+        if (kwargs.get("notes") or {}).get("kind") == "models":  # the gate's set: calibration publishes now
+            artifacts.publish(stage({CALIBRATION_FILE: calibrated}, inherit=True, version="calibration-new"))
+        return staged
+
+    monkeypatch.setattr(artifacts, "stage", stage_then_calibration_publishes)
+    gate = run_gate(settings, artifacts, store, "hf", settings.models_dir / "hf.pt",
+                    DataWindow(cut - 4 * 86_400, cut - 95_040), cut)
+    assert gate["published"] is None, gate  # not published over a champion it was not staged on
+    assert artifacts.current_version() == "calibration-new"
+    assert (artifacts.versions_dir / "calibration-new" / CALIBRATION_FILE).read_bytes() == calibrated
