@@ -30,7 +30,7 @@ import numpy as np
 from core.engines.base import Engine
 from core.engines.ewma import EwmaConfig, EwmaTEngine
 from core.engines.gbm import GbmEngine
-from core.evaluation import AssetHistory, EvalPrompt, FloatArray, realised_prices, snapshot_at
+from core.evaluation import AssetHistory, EvalPrompt, EvaluationError, FloatArray, realised_prices, snapshot_at
 from core.forecast import rng_for
 from core.path_sampling import LatentVol
 from core.prices import MarketSnapshot
@@ -61,12 +61,17 @@ class TuningCase:
 
 def prepare_cases(prompts: Sequence[EvalPrompt], histories: Mapping[str, AssetHistory],
                   lookback_s: int) -> list[TuningCase]:
-    """Snapshots (no look-ahead) and realised prices, computed once for every candidate."""
+    """Snapshots (no look-ahead) and realised prices, computed once for every candidate; a prompt with
+    no bar in its lookback is left out (the backtest would count it invalid for every engine alike)."""
     cases = []
     for p in prompts:
         history = histories[p.asset]
         realised, _ = realised_prices(history, p.start_ts, p.time_increment, p.time_length)
-        cases.append(TuningCase(p, snapshot_at(p.asset, history, p.start_ts, lookback_s), realised))
+        try:
+            snapshot = snapshot_at(p.asset, history, p.start_ts, lookback_s)
+        except EvaluationError:
+            continue  # no bar in the lookback (data resumes at the start after a gap): nothing to forecast from
+        cases.append(TuningCase(p, snapshot, realised))
     return cases
 
 

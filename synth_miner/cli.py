@@ -141,6 +141,7 @@ def flower(
 ) -> None:
     """Start Flower with basic auth (SYNTH_FLOWER_USER / SYNTH_FLOWER_PASSWORD; refuses to run without)."""
     settings = load_settings(redis_url=redis_url)  # a bad SYNTH_ variable is a usage error, not a traceback
+    require_redis(redis_url)  # else Flower would quietly watch whatever Redis listens on this host's 6379
     export_env(redis_url=redis_url)
     from workers.app import app as celery_app
 

@@ -30,6 +30,7 @@ from core.champion import ChampionDecision, artifact_forecaster, challenge
 from core.csv_history import find_file, load_asset
 from core.engines_registry import build_engines
 from core.evaluation import (
+    GRIDS,
     AssetHistory,
     EvaluationError,
     data_end,
@@ -78,10 +79,28 @@ def histories_for(data_dir: Path | None, assets: list[str] | None, all_rows: boo
     histories = store_histories(settings, now - now % 60, assets or None)
     if not histories:
         raise typer.BadParameter(f"the history store in {settings.data_dir} holds no prices"
-                                 f"{' for ' + ', '.join(assets) if assets else ''}: `synth-miner data import` or "
-                                 "`data sync` fills it, or pass a CSV folder with --data-dir",
+                                 f"{' for ' + ', '.join(assets) if assets else ''} {stale_store_hint(settings, assets, now)}"
+                                 "`synth-miner data import` or `data sync` fills it, or pass a CSV folder with --data-dir",
                                  param_hint="SYNTH_DATA_DIR")
     return histories
+
+
+def stale_store_hint(settings: Settings, assets: list[str] | None, end: int) -> str:
+    """Calibration reads only the days before ``end``: a store filled with older history (an import of
+    ../shared/data) is not empty, and saying so points at --end instead of at a re-import."""
+    from core.history_store import HistoryStore, HistoryStoreError
+
+    days = max(CasePlan.for_prompt(settings, inc).span_s(inc) for inc in sorted(GRIDS)) / 86_400
+    store = HistoryStore.from_settings(settings)
+    try:
+        newest = max((span[1] for a in (assets or store.assets()) for step in (60, 300)
+                      if (span := store.span(a, step)) is not None), default=None)
+    except (HistoryStoreError, OSError):  # a damaged store: the refusal itself still says what to do
+        newest = None
+    before = f"in the {days:.0f} days before {iso(end)}"
+    if newest is None:
+        return before + ": "
+    return f"{before} (its newest bar is at {iso(newest)}: --end {iso(newest + 60)[:10]} calibrates on it); "
 
 
 def load_histories(folder: Path, assets: list[str] | None, all_rows: bool) -> dict[str, AssetHistory]:

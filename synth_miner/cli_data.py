@@ -79,8 +79,7 @@ def sync(
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help=DATA_DIR_HELP)] = None,
 ) -> None:
     """Backfill the history store from a provider."""
-    if asset not in ASSETS:
-        raise typer.BadParameter(f"unknown asset {asset!r}; known: {', '.join(sorted(ASSETS))}", param_hint="--asset")
+    asset = checked_assets([asset], "--asset")[0]  # btc means BTC, as in every other command
     if step not in STEP_SUFFIX:
         raise typer.BadParameter("step must be 60 or 300", param_hint="--step")
     start, end = parse_time(since), parse_time(until) if until else int(time.time())
@@ -130,7 +129,11 @@ def import_csv(
     """Import CSV history (the ../shared/data format): 1m files at step 60, 5m files at step 300."""
     if not folder.is_dir():
         raise typer.BadParameter(f"{folder} is not a folder")
-    files = [(path, match) for path in sorted(folder.iterdir()) if (match := CSV_NAME.match(path.name))]
+    try:
+        listing = sorted(folder.iterdir())
+    except OSError as exc:  # a folder this user may not list (permissions): one line, not a traceback
+        raise typer.BadParameter(f"{folder} cannot be read: {exc.strerror or exc}") from None
+    files = [(path, match) for path in listing if (match := CSV_NAME.match(path.name))]
     in_folder = {a for _, match in files for a in assets_for_stem(match["stem"])}
     only = known_assets(only, in_folder)
     store = HistoryStore.from_settings(load_settings(data_dir=data_dir))
@@ -173,16 +176,27 @@ def status(
     """Per asset: span, rows, gaps and freshness of the store (and of the Redis cache when configured)."""
     settings = load_settings(data_dir=data_dir, redis_url=redis_url)
     store = HistoryStore.from_settings(settings)
-    only = known_assets(only, set(store.assets()))
+    try:
+        stored = store.assets()
+    except OSError as exc:  # a store this user may not list (permissions): one line, not a traceback
+        raise typer.BadParameter(f"{store.root} cannot be read: {exc.strerror or exc}",
+                                 param_hint="--data-dir / SYNTH_DATA_DIR") from None
+    only = known_assets(only, set(stored))
     now = time.time()
     table = Table("asset", "step", "days", "first (UTC)", "last (UTC)", "rows", "gaps", "missing", "fresh",
                   title=f"history store {store.root}")
     summaries: list[StoreSummary] = []
     seen: set[str] = set()  # assets with a row in the table, a summary or an unreadable step
-    for asset in store.assets():
+    for asset in stored:
         if only and asset not in only:
             continue
-        for step in store.steps(asset):
+        try:
+            steps = store.steps(asset)
+        except OSError as exc:
+            seen.add(asset)
+            table.add_row(asset, "-", "-", "-", "-", "-", "-", "-", f"[red]unreadable: {exc.strerror or exc}[/red]")
+            continue
+        for step in steps:
             seen.add(asset)
             try:
                 summaries.append(store.summary(asset, step))
@@ -259,6 +273,9 @@ def serve_fake(
     if not 0 <= port <= 65_535:
         raise typer.BadParameter(f"{port} is not a TCP port (0-65535)", param_hint="--port")
     market = FakeMarket(data_dir, lead_s=lead_s)
+    if not market.assets():  # a mistyped folder would serve nothing but "unknown symbol" to every request
+        raise typer.BadParameter(f"{data_dir} holds no <stem>_<1m|5m>.csv(.gz) price file of a known asset",
+                                 param_hint="--data-dir")
     try:
         asyncio.run(_serve(provider, market, host, port, duration))
     except KeyboardInterrupt:

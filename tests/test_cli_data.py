@@ -197,3 +197,58 @@ def test_a_bad_setting_in_the_environment_is_a_usage_error(tmp_path: Path, monke
     monkeypatch.setenv("SYNTH_RATE_LIMIT_PER_MINUTE", "abc")
     result = runner.invoke(app, ["status", "--data-dir", str(tmp_path)])
     assert result.exit_code == 2 and "rate_limit_per_minute" in one_line(result.output), result.output
+
+
+def test_an_unreadable_csv_folder_is_one_line_not_a_traceback(csv_dir: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    listing = Path.iterdir
+
+    def denied(self: Path) -> object:  # chmod 000 does not stop root, which runs the tests in CI
+        if self == csv_dir:
+            raise PermissionError(13, "Permission denied", str(self))
+        return listing(self)
+
+    monkeypatch.setattr(Path, "iterdir", denied)
+    result = runner.invoke(app, ["import", str(csv_dir), "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2 and not isinstance(result.exception, OSError), result.exception
+    assert "cannot be read: Permission denied" in one_line(result.output), result.output
+
+
+def test_sync_takes_a_lower_case_asset_like_every_other_command(csv_dir: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    with FakeServerThread("binance", FakeMarket(csv_dir)) as fake:
+        monkeypatch.setenv("SYNTH_BINANCE_URL", fake.url)
+        result = runner.invoke(app, ["sync", "--asset", "btc", "--since", str(int(time.time()) - 3600),
+                                     "--provider", "binance", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert HistoryStore(tmp_path / "history").assets() == ["BTC"] and "BTC via binance" in result.output
+
+
+def test_an_unreadable_store_is_one_line_not_a_traceback(csv_dir: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    assert runner.invoke(app, ["import", str(csv_dir), "--data-dir", str(tmp_path)]).exit_code == 0
+    listing = Path.iterdir
+    denied_at = {tmp_path / "history"}
+
+    def denied(self: Path) -> object:
+        if self in denied_at:
+            raise PermissionError(13, "Permission denied", str(self))
+        return listing(self)
+
+    monkeypatch.setattr(Path, "iterdir", denied)
+    result = runner.invoke(app, ["status", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2 and not isinstance(result.exception, OSError), result.exception
+    assert "cannot be read: Permission denied" in one_line(result.output), result.output
+
+    denied_at = {tmp_path / "history" / "BTC"}  # one asset's folder: the others are still shown
+    result = runner.invoke(app, ["status", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 0 and not isinstance(result.exception, OSError), result.exception
+    btc = next(line for line in result.output.splitlines() if "BTC" in line)
+    assert "unreadable" in btc and "SPYX" in result.output
+
+
+def test_serve_fake_refuses_a_folder_without_price_files(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not prices\n")
+    result = runner.invoke(app, ["serve-fake", "--provider", "binance", "--port", "0", "--data-dir", str(tmp_path),
+                                 "--duration", "0.1"])
+    assert result.exit_code == 2 and "holds no" in one_line(result.output), result.output

@@ -109,3 +109,19 @@ def test_reported_objectives_belong_to_the_reported_configs_after_the_final_stag
     assert res.best_objective == pytest.approx(obj(res.best), rel=1e-12)
     assert res.start_objective == pytest.approx(obj(res.start), rel=1e-12)
     assert report.to_json()["results"]["60"]["objective_paths"] == 40
+
+
+def test_a_prompt_right_after_a_long_gap_is_skipped_not_fatal() -> None:
+    """A scorable prompt whose lookback holds no bar (data resumes at its start after a gap longer
+    than the lookback: SOL 24 h on 2025-03-01 with --days 400) used to crash tune-ewma."""
+    from core.evaluation import AssetHistory, EvalPrompt
+    from core.prices import PriceHistory
+
+    t0, day = 1_740_000_000 // 300 * 300, 86_400
+    ts = np.r_[t0 + np.arange(3 * 1440) * 60, t0 + 30 * day + np.arange(3 * 1440) * 60]
+    m1 = PriceHistory.from_arrays(60, ts, 100.0 * np.exp(np.cumsum(np.random.default_rng(0).normal(0, 1e-3, ts.size))))
+    history = {"SOL": AssetHistory(m1, None)}
+    ok = EvalPrompt("SOL", t0 + day, 60, 3600)
+    after_gap = EvalPrompt("SOL", t0 + 30 * day, 60, 3600)  # first and last points observed, nothing before
+    got = prepare_cases([ok, after_gap], history, LOOKBACK)
+    assert [c.prompt for c in got] == [ok]
