@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from core.assets import ASSETS
 from core.csv_history import STEP_SUFFIX, load_asset
 from core.engines.base import Engine
 from core.engines_registry import build_engines, calibration_lookup, served_engines
@@ -71,6 +72,9 @@ def parse_item(obj: object, max_num_simulations: int) -> BatchItem:
     asset = obj["asset"]
     if not isinstance(asset, str) or not ASSET_NAME.match(asset):
         raise BatchInputError(f"'asset' must be a ticker like 'BTC' (letters, digits, _ or -), got {asset!r}")
+    # "xau" finds xau_1m.csv.gz too, but as an unregistered name it would be forecast with the generic
+    # crypto spec (no gold weekend handling, no asset embedding, another seed): use the registry's name.
+    asset = asset.upper() if asset.upper() in ASSETS else asset
     try:
         # Any asset with price files may be forecast, trained on or not (core.assets.spec_for_any).
         request = check_request(asset, obj["start_time"], obj["time_increment"], obj["time_length"],

@@ -19,8 +19,6 @@ from core.batch import (
     BatchInputError,
     BatchRunner,
     PriceFolder,
-    build_engines,
-    calibration_lookup,
     run_file,
     served_engines,
 )
@@ -137,7 +135,9 @@ def backtest(
     groups = {LF_INCREMENT: _validator_assets(lf_assets, "--lf-assets"),
               HF_INCREMENT: _validator_assets(hf_assets, "--hf-assets")}
     settings = load_settings()  # per command, so tests can change the environment
-    available = build_engines(settings)
+    # Models and calibration from one load of `current`: resolving it twice (build_engines, then
+    # calibration_lookup) pairs one version's models with the next version's scales if a publish lands between.
+    available, scale = served_engines(settings, calibrated)
     names = _assets(engines_opt) if engines_opt else list(dict.fromkeys(["gbm", "ewma_t", settings.engine]))
     if not engines_opt:
         names = [n for n in names if n in available]
@@ -161,7 +161,7 @@ def backtest(
     rules_value: Rules = "upstream" if rules == "upstream" else "head"
     lookback_s = int(settings.batch_lookback_days * 86_400)
     result = run_backtest(plan.prompts, PriceFolder.from_histories(plan.histories), available, names, seed, paths,
-                          lookback_s, rules_value, calibration_lookup(settings) if calibrated else no_calibration,
+                          lookback_s, rules_value, scale,
                           console=console, max_num_simulations=max(paths, settings.max_num_simulations))
     config = {"mode": mode, "data_dir": str(data_dir), "engines": names, "rules": rules, "paths": paths,
               "seed": seed, "calibrated": calibrated, "lookback_days": settings.batch_lookback_days,

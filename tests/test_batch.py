@@ -216,6 +216,19 @@ def test_bad_lines_get_error_lines_and_the_rest_is_served(tmp_path: Path, source
     assert not out.with_name("resp.jsonl.tmp").exists()
 
 
+def test_a_registered_asset_in_another_case_is_served_as_that_asset(tmp_path: Path,
+                                                                  sources: dict[str, PriceHistory]) -> None:
+    """"btc" finds btc_1m.csv.gz as well: it must be forecast as BTC (its spec, model route and seed), not
+    as an unknown asset that happens to share the file."""
+    folder = write_folder(tmp_path / "case", sources)
+    assert parse_item(orjson.loads(request("l", "btc", START_HF, 60)), 100).request.asset == "BTC"
+    for engine in ("ewma_t", "gbm"):
+        upper, lower = run_lines(folder, engine, [request("x", "BTC", START_LF, 300),
+                                                  request("x", "btc", START_LF, 300)])
+        assert "response" in upper and upper == lower, engine
+    assert parse_item(orjson.loads(request("f", "foo", START_HF, 60)), 100).request.asset == "foo"
+
+
 def test_parse_item_and_runner_errors_are_typed(tmp_path: Path) -> None:
     with pytest.raises(BatchInputError, match="'id'"):
         parse_item({"id": True}, 10)

@@ -1,13 +1,13 @@
 """The evaluation CLI (synth_miner.cli_eval) through typer's CliRunner."""
 
+import inspect
 import json
 from pathlib import Path
 
 import orjson
 import pytest
 import typer
-from click.testing import Result
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from core.csv_history import read_csv, write_csv
 from core.evaluation import iso
@@ -159,3 +159,51 @@ def test_a_bad_setting_in_the_environment_is_a_usage_error(prices: Path, tmp_pat
     monkeypatch.setenv("SYNTH_BATCH_LOOKBACK_DAYS", "many")
     result = batch(one_request(tmp_path), prices, tmp_path / "out.jsonl", "--seed", "1")
     assert result.exit_code == 2 and "batch_lookback_days" in result.output, result.output
+
+
+def test_backtest_takes_models_and_calibration_from_one_version(shared_data: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A publish landing while `backtest --calibrated` builds its engines must not pair one version's
+    models with the next version's calibration (what the batch interface already guarantees)."""
+    import core.backtest
+    import core.engines_registry
+    from core.artifacts import ArtifactStore
+    from core.calibration import CALIBRATION_FILE, CalibrationState, Entry
+    from core.engines.base import Engine
+    from core.forecast import ScaleLookup
+    from core.settings import Settings
+
+    artifacts = tmp_path / "artifacts"
+
+    def publish(scale: float) -> str:
+        store = ArtifactStore(artifacts)
+        state = CalibrationState({"ewma_t:BTC:60": Entry("ewma_t", "BTC", 60, scale=scale)})
+        return store.publish(store.stage({CALIBRATION_FILE: state.to_json()}))
+
+    publish(1.5)
+    real = core.engines_registry.engines_over
+    later: list[str] = []
+
+    def build_then_publish(settings: Settings, models_dir: Path | None) -> dict[str, Engine]:
+        engines = real(settings, models_dir)
+        if not later:
+            later.append(publish(1.8))  # the hourly calibration lands meanwhile
+        return engines
+
+    used: list[ScaleLookup] = []
+    signature = inspect.signature(core.backtest.run_backtest)
+
+    def capture(*args: object, **kwargs: object) -> None:
+        used.append(signature.bind(*args, **kwargs).arguments["scale"])
+        raise typer.Exit(0)
+
+    monkeypatch.setattr(core.engines_registry, "engines_over", build_then_publish)
+    monkeypatch.setattr(core.backtest, "run_backtest", capture)
+    monkeypatch.setenv("SYNTH_ARTIFACTS_DIR", str(artifacts))
+    monkeypatch.setenv("SYNTH_CALIBRATION_ENGINE", "ewma_t")
+    result = CliRunner().invoke(app, ["backtest", "--data-dir", str(shared_data), "--out", str(tmp_path / "x"),
+                                      "--engines", "ewma_t", "--lf-assets", "BTC", "--hf-assets", "BTC",
+                                      "--max-prompts", "1", "--calibrated"])
+    assert result.exit_code == 0, result.output
+    assert later and len(used) == 1
+    assert used[0]("ewma_t", "BTC", 60) == 1.5
