@@ -232,10 +232,36 @@ def _weights(raw: Any, what: str) -> dict[str, torch.Tensor]:
     return raw
 
 
+ENCODER_LAYER_PREFIX = "encoder.layers.layers."
+
+
+def _check_fit(config: PatchTSTConfig, state: dict[str, torch.Tensor], where: str) -> None:
+    """Weights' names and shapes against the config's network, before any real allocation: a hand-edited
+    size (d_model = 8192, n_layers = 20000) would otherwise allocate and initialise gigabytes, or spin
+    for minutes, before the strict load refuses it (an OOM-killed or stalled worker, not an error)."""
+    # The layer count first: building even an empty (meta) network of 10^5 layers takes minutes.
+    layers = {k[len(ENCODER_LAYER_PREFIX):].split(".", 1)[0] for k in state if k.startswith(ENCODER_LAYER_PREFIX)}
+    if len(layers) != config.n_layers:
+        raise CheckpointError(f"weights do not fit the config{where}: {len(layers)} encoder layers, "
+                              f"config.n_layers = {config.n_layers}")
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            expected = {k: tuple(v.shape) for k, v in PatchTST(config).state_dict().items()}
+    except Exception as exc:  # a Checkpoint built in code bypasses from_payload's config check
+        raise CheckpointError(f"config invalid: {type(exc).__name__}: {exc}") from exc
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if found != expected:
+        missing, extra = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+        resized = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
+        raise CheckpointError(f"weights do not fit the config{where}: missing {missing[:5]}, "
+                              f"unexpected {extra[:5]}, resized {resized[:5]}")
+
+
 def build_model(checkpoint: Checkpoint) -> LawModel:
     """The network (an ensemble when there are members) in eval mode; missing or extra weights raise."""
     nets = []
     for i, state in enumerate([checkpoint.state_dict, *checkpoint.members]):
+        _check_fit(checkpoint.config, state, "" if i == 0 else f" (member {i})")
         try:
             net = PatchTST(checkpoint.config)
         except Exception as exc:  # a Checkpoint built in code bypasses from_payload's config check

@@ -1,6 +1,7 @@
 """Every engine by name, built once per process from settings (PatchTST when its checkpoints load)."""
 
 import logging
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -113,14 +114,23 @@ class LiveForecaster:
         if self.watcher.poll() is None:
             log.info("no artifact loaded from %s: committed models, sigma_scale = 1", settings.artifacts_dir)
         self._forecaster = forecaster_for(settings, self.watcher.current, engine)
+        # The embedded pool calls ``current`` from several threads. Unserialised, two threads reloading
+        # two versions published in quick succession could finish out of order: the older version's
+        # engines would then serve while the watcher counts the newer one as seen (never loaded again).
+        self._reloading = threading.Lock()
 
     @property
     def version(self) -> str | None:
         return self.watcher.version
 
     def current(self) -> Forecaster:
-        loaded = self.watcher.poll()
-        if loaded is not None:
-            log.info("artifact %s published: reloading engines and calibration", loaded.version)
-            self._forecaster = forecaster_for(self.settings, loaded, self.engine)
-        return self._forecaster
+        if not self._reloading.acquire(blocking=False):
+            return self._forecaster  # another thread is polling or reloading: serve what is loaded
+        try:
+            loaded = self.watcher.poll()
+            if loaded is not None:
+                log.info("artifact %s published: reloading engines and calibration", loaded.version)
+                self._forecaster = forecaster_for(self.settings, loaded, self.engine)
+            return self._forecaster
+        finally:
+            self._reloading.release()

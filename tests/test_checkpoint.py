@@ -218,6 +218,27 @@ def test_a_checkpoint_built_in_code_with_a_bad_config_is_refused() -> None:
         build_model(ck)
 
 
+@pytest.mark.parametrize("field, value", [("d_model", 1024), ("d_ff", 4096), ("n_layers", 40)])
+def test_a_hand_edited_size_is_refused_before_the_network_is_allocated(
+        field: str, value: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A size typed into a checkpoint (d_model = 32768, n_layers = 10^5) must be refused from the
+    weights' shapes, not after allocating and initialising that network: an OOM-killed or stalled worker."""
+    payload = make_checkpoint().payload()
+    payload["config"][field] = value
+    real_builds: list[str] = []
+
+    class Recording(PatchTST):
+        def __init__(self, cfg: Any) -> None:
+            if str(torch.get_default_device()) != "meta":
+                real_builds.append(field)
+            super().__init__(cfg)
+
+    monkeypatch.setattr("core.checkpoint.PatchTST", Recording)
+    with pytest.raises(CheckpointError, match="weights do not fit the config"):
+        build_model(from_payload(payload))
+    assert real_builds == []
+
+
 def test_a_failed_save_leaves_the_old_checkpoint_and_no_temporary_file(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "lf_crypto.pt"

@@ -116,6 +116,24 @@ def test_a_start_within_the_same_minute_is_not_served_another_starts_laws(
     assert np.array_equal(after.sigma, alone.sigma) and np.array_equal(after.mu, alone.mu)
 
 
+def test_a_prompt_asked_again_on_newer_history_is_not_served_the_older_snapshots_laws(
+        tmp_path: Path, histories: dict[str, AssetHistory]) -> None:
+    """Validators ask one prompt at different minutes; a worker's snapshot moves on each minute. The
+    laws must follow the snapshot each request came with, not the one the first request happened to see."""
+    folder = write_checkpoints(tmp_path, ("hf", "lf_crypto"), perturb=0.3)
+    for inc in (60, 300):
+        req = request("BTC", BTC_START, inc)
+        older = snapshot_at("BTC", histories["BTC"], BTC_START, LOOKBACK, guard_s=600)  # 9 bars fewer
+        newer = snapshot_at("BTC", histories["BTC"], BTC_START, LOOKBACK)
+        alone = PatchTSTEngine(folder).params(req, newer)
+        engine = PatchTSTEngine(folder)
+        first = engine.params(req, older)
+        assert not np.allclose(first.sigma, alone.sigma)  # the two snapshots do have different laws
+        after = engine.params(req, newer)
+        assert np.array_equal(after.sigma, alone.sigma) and np.array_equal(after.nu, alone.nu)
+        assert engine.params(req, newer) is after  # the same inputs still hit the cache
+
+
 def test_unusable_history_raises_and_the_forecaster_falls_back(tmp_path: Path,
                                                                 histories: dict[str, AssetHistory]) -> None:
     engine = PatchTSTEngine(write_checkpoints(tmp_path))

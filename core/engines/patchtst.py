@@ -5,11 +5,13 @@ Routing: 1-minute grids go to the HF model; other grids to the asset's ``lf_rout
 the model, its checkpoint or the snapshot's history raises ``EngineError``, and the ``Forecaster``
 answers with EWMA-t instead: the engine never guesses.
 
-Inference runs once per (asset, grid, start time): validators ask the same prompt several times,
-so a small LRU keeps the last laws. One forward pass is a batch of one, cheap with a single torch
-thread (``benchmarks/bench_model.py`` measures it).
+Inference runs once per (asset, grid, start time, model inputs): validators ask the same prompt
+several times, so a small LRU keeps the last laws (a newer snapshot's inputs are inferred afresh).
+One forward pass is a batch of one, cheap with a single torch thread (``benchmarks/bench_model.py``
+measures it).
 """
 
+import hashlib
 import logging
 import threading
 from collections import OrderedDict
@@ -26,6 +28,7 @@ from core.datasets import asset_row
 from core.devices import resolve_device
 from core.engines.base import EngineError, ParametricEngine, StepParams
 from core.features import (
+    ContextInputs,
     FeatureError,
     history_context,
     sample_scale,
@@ -39,7 +42,15 @@ from core.prompts import ForecastRequest
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
-CacheKey = tuple[str, int, int, int]
+CacheKey = tuple[str, int, int, int, bytes]
+
+
+def _digest(inputs: ContextInputs) -> bytes:
+    """The model inputs' fingerprint: with the request's asset and start, all the laws depend on."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in (inputs.series, inputs.scalars, inputs.base):
+        h.update(np.ascontiguousarray(part, dtype=np.float64).tobytes())
+    return h.digest()
 
 
 def route(request: ForecastRequest) -> str:
@@ -116,21 +127,24 @@ class PatchTSTEngine(ParametricEngine):
         if request.time_increment != spec.step or request.n_steps != spec.horizon:
             raise EngineError(f"model {kind} forecasts {spec.horizon} steps of {spec.step}s, "
                               f"not {request.n_steps} of {request.time_increment}s")
+        inputs = self._inputs(kind, checkpoint, request, snapshot)
         # The exact start, not its minute: the context cut and the calendar features follow the second.
-        key = (request.asset, request.time_increment, request.time_length, request.start_ts)
+        # The inputs' digest too: the same prompt asked again on a newer snapshot (another minute's
+        # history) has other inputs, and must not be served laws computed from the older one.
+        key = (request.asset, request.time_increment, request.time_length, request.start_ts, _digest(inputs))
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        laws = self._infer(kind, checkpoint, model, request, snapshot)
+        laws = self._infer(kind, checkpoint, model, request, inputs)
         with self._lock:
             self._cache[key] = laws
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         return laws
 
-    def _infer(self, kind: str, checkpoint: Checkpoint, model: LawModel, request: ForecastRequest,
-               snapshot: MarketSnapshot) -> StepParams:
+    def _inputs(self, kind: str, checkpoint: Checkpoint, request: ForecastRequest,
+                snapshot: MarketSnapshot) -> ContextInputs:
         spec = checkpoint.spec
         history = snapshot.best(spec.step)
         if history is None or history.step != spec.step:
@@ -138,9 +152,13 @@ class PatchTSTEngine(ParametricEngine):
         history = session_bars(spec, request.asset, history)
         origin = request.start_ts - LOOKAHEAD_GUARD_S  # what the model saw in training: closes known by then
         try:
-            inputs = history_context(spec, history, origin)
+            return history_context(spec, history, origin)
         except FeatureError as exc:
             raise EngineError(f"{request.asset}: {exc}") from exc
+
+    def _infer(self, kind: str, checkpoint: Checkpoint, model: LawModel, request: ForecastRequest,
+               inputs: ContextInputs) -> StepParams:
+        spec = checkpoint.spec
         f32 = torch.float32
         series = series_channels(torch.as_tensor(inputs.series, dtype=f32, device=self.device)[None])  # (1, C, L)
         context = torch.as_tensor(checkpoint.norm.apply(inputs.scalars)[None], dtype=f32, device=self.device)
