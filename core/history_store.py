@@ -12,6 +12,7 @@ Appends to one asset and step are serialised across processes by an ``flock`` on
 """
 
 import fcntl
+import logging
 import os
 import struct
 import tempfile
@@ -39,6 +40,8 @@ SUFFIX = ".day"
 EPOCH = date(1970, 1, 1)
 STEP_DIRS = {60: "1m", 300: "5m"}
 
+log = logging.getLogger(__name__)
+
 
 class HistoryStoreError(RuntimeError):
     """The on-disk history could not be read or written."""
@@ -50,6 +53,10 @@ class StoreWriteError(HistoryStoreError):
 
 class StoreReadError(HistoryStoreError):
     """A partition is corrupt or not a partition at all."""
+
+
+class StoreUnreadableError(StoreReadError):
+    """A partition could not be read (I/O or permission error): nothing is known about its bytes."""
 
 
 class StoreInputError(HistoryStoreError, ValueError):
@@ -152,7 +159,7 @@ class HistoryStore:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise StoreReadError(f"{path}: unreadable ({exc})") from exc
+            raise StoreUnreadableError(f"{path}: unreadable ({exc})") from exc
         per_day = SECONDS_PER_DAY // step
         if len(raw) != HEADER.size + per_day * SLOT.itemsize:
             raise StoreReadError(f"{path}: {len(raw)} bytes, expected {HEADER.size + per_day * SLOT.itemsize}")
@@ -227,18 +234,29 @@ class HistoryStore:
         day = history.ts // SECONDS_PER_DAY
         bounds = np.r_[0, np.flatnonzero(np.diff(day)) + 1, day.size]
         new = 0
+        # A day that cannot be read or written must not cost the other days their bars: the refresh owes
+        # the store only what is newer than its newest bar, so days skipped here would never be retried.
+        failed: list[HistoryStoreError] = []
         with self._locked(asset, step):
             for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
                 d = int(day[a])
                 slots = (history.ts[a:b] - d * SECONDS_PER_DAY) // step
-                old = self._slots(asset, step, d)
-                values = np.zeros(per_day, np.float64) if old is None else old.copy()
-                before = values[slots]
-                if old is not None and np.array_equal(before, history.close[a:b]):
+                try:
+                    old = self._slots(asset, step, d)
+                    values = np.zeros(per_day, np.float64) if old is None else old.copy()
+                    before = values[slots]
+                    if old is not None and np.array_equal(before, history.close[a:b]):
+                        continue
+                    values[slots] = history.close[a:b]
+                    self._write_partition(asset, step, d, values)
+                except HistoryStoreError as exc:
+                    failed.append(exc)
                     continue
                 new += int(np.count_nonzero(before <= 0))
-                values[slots] = history.close[a:b]
-                self._write_partition(asset, step, d, values)
+        if failed:
+            first = failed[0]
+            more = f" (and {len(failed) - 1} more day(s))" if len(failed) > 1 else ""
+            raise type(first)(f"{first}{more}; the other days were stored") from first
         return new
 
     def _write_partition(self, asset: str, step: int, day: int,
@@ -293,10 +311,11 @@ class CompactReport:
     empty_removed: int  # partitions holding no bar at all
     corrupt: int  # partitions set aside as ``*.corrupt`` (kept for inspection, no longer read)
     temp_removed: int  # temporary files left by writers that crashed
+    unreadable: int = 0  # partitions an I/O or permission error kept us from reading: left in place
 
     def as_dict(self) -> dict[str, int]:
         return {"partitions": self.partitions, "rows": self.rows, "empty_removed": self.empty_removed,
-                "corrupt": self.corrupt, "temp_removed": self.temp_removed}
+                "corrupt": self.corrupt, "unreadable": self.unreadable, "temp_removed": self.temp_removed}
 
 
 def compact(store: HistoryStore, temp_age_s: float = 3600.0) -> CompactReport:
@@ -305,7 +324,7 @@ def compact(store: HistoryStore, temp_age_s: float = 3600.0) -> CompactReport:
     Fixed-slot partitions never fragment, so there is nothing to merge; what can go wrong is a torn
     file from outside (the checksum finds it) or temp files of a writer killed before its rename.
     """
-    partitions = rows = empty = corrupt = temps = 0
+    partitions = rows = empty = corrupt = unreadable = temps = 0
     now = time.time()
     for asset in store.assets():
         for step in store.steps(asset):
@@ -320,6 +339,11 @@ def compact(store: HistoryStore, temp_age_s: float = 3600.0) -> CompactReport:
                     path = store.partition(asset, step, day)
                     try:
                         n = len(store.read_day(asset, step, day))
+                    except StoreUnreadableError as exc:
+                        # Not proof of corruption (EIO, EACCES): moved aside, its intact bars would no longer be read.
+                        log.warning("compact: %s", exc)
+                        unreadable += 1
+                        continue
                     except StoreReadError:
                         path.replace(path.with_name(path.name + ".corrupt"))
                         corrupt += 1
@@ -328,7 +352,7 @@ def compact(store: HistoryStore, temp_age_s: float = 3600.0) -> CompactReport:
                         path.unlink()
                         empty += 1
                     rows += n
-    return CompactReport(partitions, rows, empty, corrupt, temps)
+    return CompactReport(partitions, rows, empty, corrupt, temps, unreadable)
 
 
 def compact_store(settings: Settings) -> dict[str, int]:

@@ -163,6 +163,11 @@ async def _refresh_step(asset: str, step: int, window: int, source: PriceSource,
     if store is not None:
         try:
             stored = (await asyncio.to_thread(store.read, asset, step, tail, now)).known_at(now)
+            if span is not None and span[0] > lo:
+                # The head of the window too: history imported or synced after the cache filled (from a
+                # provider keeping only days), or a larger window, would otherwise never reach the cache.
+                head = await asyncio.to_thread(store.read, asset, step, lo, span[0])
+                stored = head.merge(stored) if len(head) else stored
             if len(stored):
                 from_store = await asyncio.to_thread(cache.write, asset, stored)
                 tail = max(tail, int(stored.ts[-1]) + step)

@@ -90,6 +90,22 @@ def test_corrupt_partitions_are_refused(tmp_path: Path) -> None:
         store.read_day("BTC", 60, DAY0 // SECONDS_PER_DAY)
 
 
+def test_a_corrupt_day_does_not_stop_an_append_writing_the_other_days(tmp_path: Path) -> None:
+    store = HistoryStore(tmp_path)
+    store.append("BTC", bars(DAY0, 100))
+    path = store.partition("BTC", 60, DAY0 // SECONDS_PER_DAY)
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    hist = bars(DAY0 - 600 * 60, 3 * 1440)  # the day before, the torn day, and the day after
+    with pytest.raises(StoreReadError, match="checksum.*other days were stored"):
+        store.append("BTC", hist)
+    for day in (DAY0 - SECONDS_PER_DAY, DAY0 + SECONDS_PER_DAY):
+        np.testing.assert_array_equal(store.read("BTC", 60, day, day + SECONDS_PER_DAY).ts,
+                                      hist.between(day, day + SECONDS_PER_DAY).ts)
+    assert path.read_bytes() == bytes(raw)  # the torn file is left for compact to set aside
+
+
 def test_bad_names_and_grids(tmp_path: Path) -> None:
     store = HistoryStore(tmp_path)
     with pytest.raises(ValueError, match="asset"):
@@ -145,10 +161,32 @@ def test_compact_sets_corrupt_partitions_aside_and_sweeps_debris(tmp_path: Path)
     debris.write_bytes(b"half")
     report = history_store.compact(store, temp_age_s=-1)
     assert report.as_dict() == {"partitions": 4, "rows": 100 + 5, "empty_removed": 1, "corrupt": 1,
-                                "temp_removed": 1}
+                                "unreadable": 0, "temp_removed": 1}
     assert broken.with_name(broken.name + ".corrupt").exists() and not debris.exists()
     assert len(store.read("BTC", 60, 0, 2 ** 40)) == 100  # the intact day still reads
     assert history_store.compact(store).corrupt == 0
+
+
+def test_compact_does_not_set_aside_a_partition_it_merely_could_not_read(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """An I/O or permission error says nothing about the file's bytes: moved aside, its bars would vanish."""
+    store = HistoryStore(tmp_path)
+    store.append("BTC", bars(DAY0, 100))
+    path = store.partition("BTC", 60, DAY0 // SECONDS_PER_DAY)
+    real_read = Path.read_bytes
+
+    def failing_read(self: Path) -> bytes:
+        if self == path:
+            raise PermissionError(13, "Permission denied")
+        return real_read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", failing_read)
+    with pytest.raises(StoreReadError, match="unreadable"):
+        store.read_day("BTC", 60, DAY0 // SECONDS_PER_DAY)
+    report = history_store.compact(store)
+    assert report.corrupt == 0 and report.unreadable == 1 and path.exists()
+    monkeypatch.setattr(Path, "read_bytes", real_read)
+    assert len(store.read("BTC", 60, 0, 2 ** 40)) == 100
 
 
 # --- input the store must refuse, and the CSV files it is imported from ---------------------------------------

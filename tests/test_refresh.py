@@ -276,3 +276,42 @@ async def test_a_replay_source_leaves_the_store_it_is_given_alone(csv_dir: Path,
     report = await refresh_asset("BTC", ReplaySource(csv_dir, clock), cache, store, settings, now=T0, steps=(60,))
     assert report.steps[0].new_in_cache > 0 and report.steps[0].new_in_store == 0
     assert store.days("BTC", 60) == []
+
+
+async def test_a_corrupt_partition_does_not_cost_the_store_the_days_after_it(
+        source: BinanceSource, cache: RedisHistoryCache, store: HistoryStore, settings: Settings,
+        clock: ManualClock) -> None:
+    """The newest partition is torn while the job is down; the bars of the days after it, fetched on its
+    return, must still reach the store (only the torn day's are refused), or they are never owed again."""
+    await refresh_asset("BTC", source, cache, store, settings, now=T0)
+    torn = max(store.days("BTC", 60))
+    part = store.partition("BTC", 60, torn)
+    raw = bytearray(part.read_bytes())
+    raw[-1] ^= 0xFF
+    part.write_bytes(bytes(raw))
+    clock.advance((torn + 1) * SECONDS_PER_DAY - T0 + 8 * 3600)  # back 8 h into the next UTC day
+    report = await refresh_asset("BTC", source, cache, store, settings, now=int(clock()))
+    assert any("StoreWriteError" in e or "StoreReadError" in e for e in report.errors)
+    for _ in range(2):  # later refreshes: nothing more is written for the day after the torn one
+        clock.advance(120)
+        await refresh_asset("BTC", source, cache, store, settings, now=int(clock()))
+    start = (torn + 1) * SECONDS_PER_DAY
+    in_cache = cache.read("BTC", 60, start, int(clock()))
+    assert len(in_cache) > 8 * 60
+    np.testing.assert_array_equal(store.read("BTC", 60, start, int(clock())).ts, in_cache.ts)
+
+
+async def test_history_the_store_gets_after_the_cache_filled_reaches_the_cache(
+        source: BinanceSource, cache: RedisHistoryCache, store: HistoryStore, settings: Settings,
+        market: FakeMarket, server: FakeServer) -> None:
+    """The provider kept only the last hours (Hyperliquid keeps 3.5 days) when the cache filled; the operator
+    then imports the older history into the store: the cache's window must be filled from it."""
+    expected = truth(market, T0)
+    recent = expected.between(T0 - 6 * 3600, T0)
+    cache.write("BTC", recent)  # what a provider with a short retention gave the first refresh
+    store.append("BTC", expected)  # ``synth-miner data import`` / ``data sync`` afterwards
+    server.faults.status = 503  # and whatever the provider holds, it is not asked for the head
+    report = await refresh_asset("BTC", source, cache, store, settings, now=T0)
+    assert report.steps[0].from_store == len(expected) - len(recent)
+    np.testing.assert_array_equal(cached(cache).ts, expected.ts)
+    np.testing.assert_array_equal(cached(cache).close, expected.close)
