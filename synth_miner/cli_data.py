@@ -4,6 +4,7 @@ import asyncio
 import re
 import sys
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -13,10 +14,12 @@ from rich.console import Console
 from rich.table import Table
 
 from core.assets import ASSETS
+from core.constants import SECONDS_PER_DAY
 from core.csv_history import STEP_SUFFIX, read_csv
 from core.fake_providers import FAKE_PROVIDERS, FakeMarket, FakeProvider, start_fake
 from core.history_store import HistoryStore, HistoryStoreError, StoreSummary
-from core.prices import PriceDataError
+from core.price_checks import screen_bars
+from core.prices import PriceDataError, PriceHistory
 from core.settings import Settings
 from core.sources.base import ProviderError
 from core.sources.registry import PROVIDERS, build_source
@@ -89,28 +92,56 @@ def sync(
     name = provider or settings.provider_for(asset)
     store = HistoryStore.from_settings(settings)
     try:
-        fetched, new, empty = asyncio.run(_sync(asset, name, settings, store, start, end, step,
-                                                max(60, int(chunk_days * 86_400))))
+        done = asyncio.run(_sync(asset, name, settings, store, start, end, step, max(60, int(chunk_days * 86_400))))
     except (ProviderError, HistoryStoreError, PriceDataError) as exc:
         console.print(f"[red]sync failed:[/red] {type(exc).__name__}: {exc}")
         raise typer.Exit(1) from None
-    console.print(f"{asset} via {name}: {_utc(start)} -> {_utc(end)} UTC, {fetched} bars fetched, {new} new in "
-                  f"{store.root}" + (f" ({empty} empty rounds: provider retention?)" if empty else ""))
+    console.print(f"{asset} via {name}: {_utc(start)} -> {_utc(end)} UTC, {done.fetched} bars fetched, {done.new} new "
+                  f"in {store.root}" + (f" ({done.empty} empty rounds: provider retention?)" if done.empty else ""))
+    if done.dropped:
+        console.print(f"[yellow]{done.dropped} implausible bar(s) dropped[/yellow] (ts {', '.join(done.dropped_ts)})")
+    if done.held_back:
+        console.print(f"{done.held_back} newest bar(s) not stored: their jump is not confirmed yet (the refresh "
+                      "fetches them again)")
+
+
+@dataclass
+class SyncReport:
+    fetched: int = 0
+    new: int = 0
+    empty: int = 0
+    dropped: int = 0
+    dropped_ts: list[str] = field(default_factory=list)  # the first few, for the operator
+    held_back: int = 0
 
 
 async def _sync(asset: str, provider: str, settings: Settings, store: HistoryStore, start: int, end: int,
-                step: int, chunk: int) -> tuple[int, int, int]:
+                step: int, chunk: int) -> SyncReport:
+    """Fetch chunk by chunk, screened like the refresh job's bars (core.price_checks): a provider's lone
+    x100 print would otherwise reach the store, then the cache, training and an anchor."""
     source = build_source(provider, settings)
-    fetched = new = empty = 0
+    report = SyncReport()
+    before = await asyncio.to_thread(store.read, asset, step, start - SECONDS_PER_DAY, start)
+    previous = float(before.close[-1]) if len(before) else None
+    pending = PriceHistory.empty(step)  # a chunk's unconfirmed newest bars, judged with the next chunk
     try:
         for a in range(start, end, chunk):
             hist = await source.history(asset, a, min(a + chunk, end), step)
-            fetched += len(hist)
-            empty += not len(hist)
-            new += await asyncio.to_thread(store.append, asset, hist)
+            report.fetched += len(hist)
+            report.empty += not len(hist)
+            bars = pending.merge(hist) if len(pending) else hist
+            screened = screen_bars(bars, previous, settings.price_max_jump, settings.price_confirm_bars)
+            report.dropped += len(screened.dropped)
+            report.dropped_ts += [str(t) for t in screened.dropped.ts[:5 - len(report.dropped_ts)].tolist()]
+            if len(screened.kept):
+                previous = float(screened.kept.close[-1])
+            held = screened.held_back
+            pending = PriceHistory(step, bars.ts[len(bars) - held:], bars.close[len(bars) - held:])
+            report.new += await asyncio.to_thread(store.append, asset, screened.kept)
     finally:
         await source.close()
-    return fetched, new, empty
+    report.held_back = len(pending)
+    return report
 
 
 # --- import -----------------------------------------------------------------------------------------------------

@@ -92,6 +92,27 @@ def test_sync_backfills_the_store_from_a_provider(csv_dir: Path, tmp_path: Path,
     assert failed.exit_code == 1 and "ProviderUnavailable" in failed.output
 
 
+def test_sync_screens_bars_like_the_refresh_so_a_lone_bad_print_never_reaches_the_store(
+        csv_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A provider's x100 print (a wrong exponent) is dropped, across chunk joins too; the good bars are stored."""
+    market = FakeMarket(csv_dir)
+    with FakeServerThread("binance", market) as fake:
+        monkeypatch.setenv("SYNTH_BINANCE_URL", fake.url)
+        fake.faults.set(spike_every=97)
+        now = int(time.time())
+        since = now - SECONDS_PER_DAY
+        result = runner.invoke(app, ["sync", "--asset", "BTC", "--since", str(since), "--provider", "binance",
+                                     "--data-dir", str(tmp_path), "--chunk-days", "0.25"])
+    assert result.exit_code == 0, result.output
+    stored = HistoryStore(tmp_path / "history").read("BTC", 60, 0, 2 ** 40)
+    truth = market.bars("BTC", 60).between(since, now)
+    spikes = truth.ts[truth.ts // 60 % 97 == 0]
+    assert len(spikes) > 10 and not np.isin(spikes, stored.ts).any()
+    assert np.isin(truth.ts, stored.ts).sum() >= len(truth) - len(spikes) - 2  # the clock may tick a minute
+    np.testing.assert_array_equal(stored.close, truth.close[np.isin(truth.ts, stored.ts)])  # no x100 close
+    assert "implausible bar(s) dropped" in result.output
+
+
 def test_bad_arguments_are_refused(tmp_path: Path) -> None:
     assert runner.invoke(app, ["sync", "--asset", "NOPE", "--since", "2026-01-01"]).exit_code == 2
     assert runner.invoke(app, ["sync", "--asset", "BTC", "--since", "yesterday"]).exit_code == 2
