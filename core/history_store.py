@@ -304,6 +304,14 @@ class HistoryStore:
             os.close(fd)  # closing the descriptor releases the lock
 
 
+def _aside_name(path: Path) -> Path:
+    """``<day>.corrupt``, numbered when a day of that name was set aside before (each kept for inspection)."""
+    aside, n = path.with_name(path.name + ".corrupt"), 1
+    while aside.exists():
+        aside, n = path.with_name(f"{path.name}.corrupt.{n}"), n + 1
+    return aside
+
+
 @dataclass(frozen=True)
 class CompactReport:
     partitions: int  # partitions checked
@@ -345,7 +353,7 @@ def compact(store: HistoryStore, temp_age_s: float = 3600.0) -> CompactReport:
                         unreadable += 1
                         continue
                     except StoreReadError:
-                        path.replace(path.with_name(path.name + ".corrupt"))
+                        path.replace(_aside_name(path))
                         corrupt += 1
                         continue
                     if n == 0:

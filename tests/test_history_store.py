@@ -165,6 +165,10 @@ def test_compact_sets_corrupt_partitions_aside_and_sweeps_debris(tmp_path: Path)
     assert broken.with_name(broken.name + ".corrupt").exists() and not debris.exists()
     assert len(store.read("BTC", 60, 0, 2 ** 40)) == 100  # the intact day still reads
     assert history_store.compact(store).corrupt == 0
+    store.append("BTC", bars(DAY0, 10))  # the day is written again, and damaged again
+    broken.write_bytes(broken.read_bytes()[:-8])
+    assert history_store.compact(store).corrupt == 1
+    assert broken.with_name(broken.name + ".corrupt").exists() and broken.with_name(broken.name + ".corrupt.1").exists()
 
 
 def test_compact_does_not_set_aside_a_partition_it_merely_could_not_read(tmp_path: Path,
