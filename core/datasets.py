@@ -98,7 +98,9 @@ def read_training_file(folder: Path, asset: str, step: int, manifest: Mapping[st
         raise DatasetError(f"{stem}: no eval_start_ts in the manifest; refusing to train on it")
     cut = int(entry["eval_start_ts"])
     history = read_csv(path, step)
-    history = history.between(int(np.iinfo(np.int64).min), cut)  # the cut comes before anything else
+    # The cut comes before anything else; a bar opening before it but closing after it (a cut off the
+    # bar grid) is held out too, since its close is a price from the held-out side.
+    history = history.between(int(np.iinfo(np.int64).min), cut).known_at(cut)
     starts = tuple(sorted(_parse_utc(s["start"]) for s in entry.get("segments", []) if "start" in s))
     return FileSlice(asset, stem, history, cut, starts)
 
@@ -111,10 +113,14 @@ class HistoryReader(Protocol):
 
 def histories_from_cache(cache: HistoryReader, assets: Iterable[str], step: int, start: int,
                          cut: int) -> dict[str, FileSlice]:
-    """The history store as a training source: rows in [start, cut), ``cut`` being the held-out start."""
+    """The history store as a training source: bars in [start, cut) that closed by ``cut``, the held-out start.
+
+    ``cut`` need not sit on the bar grid (the retraining job's is a whole minute): a 5-minute bar opening
+    before it may close after it, and its close is a price from the held-out side.
+    """
     out = {}
     for asset in assets:
-        history = cache.read(asset, step, start, cut)
+        history = cache.read(asset, step, start, cut).known_at(cut)
         if len(history):
             out[asset] = FileSlice(asset, asset.lower(), history, cut, ())
     return out

@@ -52,8 +52,11 @@ class LatentVol:
         return 0.0 if self.s == 0 else self.s**2 / (1.0 - self.rho**2)
 
     def __post_init__(self) -> None:
-        if not (0.0 <= self.rho < 1.0 and 0.0 <= self.s < np.inf):
-            raise SamplingError(f"latent vol needs 0 <= rho < 1 and finite s >= 0, got rho={self.rho}, s={self.s}")
+        # s is bounded so that s^2 / (1 - rho^2) and the float32 AR(1) recursion stay finite: a larger s
+        # overflowed (OverflowError, or inf - inf = NaN prices); any s near the bound already gives flat paths.
+        if not (0.0 <= self.rho < 1.0 and 0.0 <= self.s <= LOG_VOL_MAX):
+            raise SamplingError(f"latent vol needs 0 <= rho < 1 and 0 <= s <= {LOG_VOL_MAX:g}, "
+                                f"got rho={self.rho}, s={self.s}")
 
 
 def _checked_nu(nu: FloatArray | float, n_steps: int) -> FloatArray:

@@ -284,15 +284,18 @@ def nll_loss(p: StudentTParams, b: Batch) -> torch.Tensor:
 @dataclass(frozen=True)
 class Intervals:
     """The validator's scoring intervals in steps: changes between consecutive points ``k`` apart,
-    and changes from the start to a point (its ``_gaps`` and ``_abs`` terms)."""
+    changes from the start to a point (its ``_gaps`` terms), and the price at a point itself (its
+    ``_abs`` terms: the paths' level from the anchor against the realised level, not a change from the
+    realised start, which differs from the anchor by the move between the two)."""
 
     consecutive: tuple[int, ...]
     from_start: tuple[int, ...]
+    absolute: tuple[int, ...] = ()
 
 
 VALIDATOR_INTERVALS = {  # core.scoring's HF_INTERVALS / LF_INTERVALS, in steps of the prompt
-    60: Intervals(consecutive=(1, 2, 5, 15, 30), from_start=(60, *range(5, 65, 5))),
-    300: Intervals(consecutive=(1, 6, 36), from_start=(288,)),
+    60: Intervals(consecutive=(1, 2, 5, 15, 30), from_start=tuple(range(5, 65, 5)), absolute=(60,)),
+    300: Intervals(consecutive=(1, 6, 36), from_start=(), absolute=(288,)),
 }
 
 
@@ -327,6 +330,9 @@ def sample_crps_loss(p: StudentTParams, b: Batch, intervals: Intervals, members:
     if ends:
         real = b.log_path[:, ends] - b.log_path[:, :1]  # (B, E)
         per_window = per_window + _fair_crps(paths[..., ends], real, ranks).sum(-1)
+    levels = [k for k in intervals.absolute if k < paths.shape[-1]]
+    if levels:  # log price from the anchor, where every path starts (log_path is relative to it too)
+        per_window = per_window + _fair_crps(paths[..., levels], b.log_path[:, levels], ranks).sum(-1)
     if weight == "price":
         return (per_window * b.base0 / b.base0.mean()).mean()
     return per_window.mean()

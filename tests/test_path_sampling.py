@@ -10,6 +10,7 @@ import pytest
 from scipy import stats
 
 from core.path_sampling import (
+    LOG_VOL_MAX,
     MAX_LOG_MOVE,
     LatentVol,
     SamplingError,
@@ -99,6 +100,8 @@ def test_prices_positive_and_finite_for_any_sigma(sigma: float) -> None:
     (0.01, 1.0, 0.0, LatentVol(0.5, 30.0)),  # exp(latent log-vol) overflows: 0 * inf on the zero stratum
     (1e39, 1.0, -1e39, LatentVol()),  # +-inf steps and a -inf drift
     (1e300, 1e10, 0.0, LatentVol(0.9999, 1.0)),  # inf std times exp(-Var z) = 0: NaN std
+    (0.01, 1.0, 0.0, LatentVol(0.5, LOG_VOL_MAX)),  # the largest latent std accepted
+    (1e300, 1e10, 0.0, LatentVol(float(np.nextafter(1.0, 0.0)), LOG_VOL_MAX)),  # and its largest variance
 ])
 def test_huge_but_finite_parameters_never_give_nan_prices(sigma: float, scale: float, mu: float,
                                                            latent: LatentVol) -> None:
@@ -146,7 +149,9 @@ def test_bad_parameters_raise_typed_error(kwargs: dict[str, object], message: st
 
 
 def test_latent_vol_rejects_bad_parameters() -> None:
-    for rho, s in ((1.0, 0.1), (-0.1, 0.1), (0.5, -0.1), (0.5, float("inf"))):
+    # s beyond LOG_VOL_MAX overflowed: s**2 raised OverflowError, a float32 s of inf made NaN prices
+    for rho, s in ((1.0, 0.1), (-0.1, 0.1), (0.5, -0.1), (0.5, float("inf")), (0.5, float("nan")), (0.5, 1e39),
+                   (0.0, 1e200)):
         with pytest.raises(SamplingError):
             LatentVol(rho, s)
     assert issubclass(SamplingError, ValueError)

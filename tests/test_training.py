@@ -219,6 +219,25 @@ def test_price_weighted_crps_loss_weighs_windows_by_their_base_std() -> None:
     assert loss(only_first, "price") != pytest.approx(loss(flat, "std"), rel=1e-3)
 
 
+@pytest.mark.parametrize("step", [60, 300])
+def test_crps_loss_scores_the_abs_term_as_the_level_from_the_anchor(step: int) -> None:
+    """The validator's ``_abs`` term scores the price at a point, not its change from the realised start:
+    paths start at the anchor, so a move between the anchor and the start is part of what it scores."""
+    from core.training import VALIDATOR_INTERVALS
+
+    intervals = VALIDATOR_INTERVALS[step]
+    horizon = FEATURE_SPECS["hf" if step == 60 else "lf_crypto"].horizon
+    b, c = 3, 2.0  # the price moved by c (base stds) between the anchor and the start, then stayed flat
+    batch = Batch(series=torch.zeros(0), context=torch.zeros(0), steps=torch.zeros(0), asset=torch.zeros(0),
+                  log_path=torch.full((b, horizon + 1), c), base_rel=torch.ones(b, horizon), base0=torch.ones(b))
+    flat = StudentTParams(torch.zeros(b, horizon), torch.full((b, horizon), -30.0), torch.full((b, horizon), 5.0))
+    # Every change is 0 for paths and prices alike; the one abs term sees the level c.
+    assert float(sample_crps_loss(flat, batch, intervals, members=8)) == pytest.approx(c, rel=1e-4)
+    # And with the start observed at the anchor, the abs term and the gap terms agree (nothing to score).
+    batch.log_path[:] = 0.0
+    assert float(sample_crps_loss(flat, batch, intervals, members=8)) == pytest.approx(0.0, abs=1e-6)
+
+
 def hf_files(tmp_path: Path) -> dict[str, FileSlice]:
     h = seasonal_prices(60, 6 * 1440, seed=5)
     folder = write_folder(tmp_path / "data", {"btc_1m": h}, {"btc_1m": START + 5 * 86_400})
@@ -501,3 +520,21 @@ def test_hf_training_origins_cycle_through_every_minute_of_the_hour() -> None:
     windows = build_windows("hf", files, DEFAULT_STRIDE_S["hf"])
     minutes = (windows.origin % 3600) // 60
     assert sorted(set(minutes.tolist())) == list(range(60)), np.bincount(minutes, minlength=60)
+
+
+def test_training_from_the_store_never_reads_a_bar_closing_after_an_off_grid_cut() -> None:
+    """The retraining job's cut is a whole minute: a 5-minute bar opening before it closes after it,
+    and its close (a held-out price) must not become a training target."""
+    from core.datasets import histories_from_cache
+
+    class Store:
+        def read(self, asset: str, step: int, start: int, end: int) -> PriceHistory:
+            return seasonal_prices(300, 20 * 288, seed=8).between(start, end)
+
+    for minutes in range(5):
+        cut = START + 15 * 86_400 + 60 * minutes
+        history = histories_from_cache(Store(), ["BTC"], 300, START, cut)["BTC"].history
+        assert int(history.ts[-1]) + 300 <= cut < int(history.ts[-1]) + 600
+        windows = build_windows("lf_crypto", {"BTC": FileSlice("BTC", "btc", history, cut, ())}, 300)
+        last_close = windows.origin - 240 + FEATURE_SPECS["lf_crypto"].horizon * 300 + 300
+        assert last_close.max() <= cut
