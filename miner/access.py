@@ -80,10 +80,18 @@ class RateLimiter:
         self.per_minute = per_minute
         self._hits: dict[str, deque[float]] = defaultdict(deque)
         self._lock = threading.Lock()
+        self._sweep_at = 1024  # map size that triggers dropping idle hotkeys
 
     def allow(self, hotkey: str, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now
         with self._lock:
+            if len(self._hits) >= self._sweep_at:
+                # Every signed hotkey that got this far kept its entry for good (all of them where
+                # --local serves any signer): drop those idle for a window. Amortised: the next sweep
+                # waits until the map has doubled from what is left.
+                for idle in [k for k, h in self._hits.items() if not h or h[-1] <= now - 60.0]:
+                    del self._hits[idle]
+                self._sweep_at = max(1024, 2 * len(self._hits))
             hits = self._hits[hotkey]
             while hits and hits[0] <= now - 60.0:
                 hits.popleft()

@@ -273,6 +273,8 @@ class AxonHandlers:
         self.metrics.requests.labels(request.asset, prompt, answer.source).inc()
         self.metrics.latency.labels(prompt).observe(done - received)
         self.metrics.deadline_margin.labels(prompt).observe(max(0.0, deadline + self.settings.reply_margin_s - done))
+        if answer.shared:
+            self.metrics.shared.inc()
         if answer.source == "fallback":
             self.metrics.fallbacks.labels(fallback_reason(answer.reason)).inc()
         log.info("answered %s from %s in %.0f ms%s", request.key(), answer.source, (time.time() - received) * 1e3,

@@ -33,12 +33,14 @@ class MinerMetrics:
 def fallback_reason(reason: str | None) -> str:
     """A small, stable label set for the free-text reason."""
     text = (reason or "").lower()
-    if "deadline" in text or "timed out" in text or "timeout" in text:
-        return "timeout"
+    # Where it failed before how: a Redis that drops packets fails with "pool unavailable: TimeoutError:
+    # Timeout connecting", and a worker's error may name a timeout; both were counted as pool timeouts.
+    if "worker error" in text:  # the worker's own message follows: it may name anything
+        return "worker_error"
     if "unavailable" in text or "connection" in text:
         return "redis_down"
-    if "worker error" in text:
-        return "worker_error"
+    if "deadline" in text or "timed out" in text or "timeout" in text:
+        return "timeout"
     if "digits" in text or "shape" in text or "nan" in text or "prices" in text:
         return "invalid_paths"
     return "other"
@@ -48,10 +50,13 @@ async def watch_queue_depth(metrics: MinerMetrics, redis_url: str, queues: list[
     import redis.asyncio as aioredis
 
     client = aioredis.Redis.from_url(redis_url, socket_timeout=2.0)
-    while True:
-        for queue in queues:
-            try:
-                metrics.queue_depth.labels(queue).set(await client.llen(queue))
-            except Exception:
-                metrics.queue_depth.labels(queue).set(float("nan"))
-        await asyncio.sleep(every_s)
+    try:
+        while True:
+            for queue in queues:
+                try:
+                    metrics.queue_depth.labels(queue).set(await client.llen(queue))
+                except Exception:
+                    metrics.queue_depth.labels(queue).set(float("nan"))
+            await asyncio.sleep(every_s)
+    finally:  # cancelled at shutdown: close the connection rather than leave the socket to the collector
+        await client.aclose()

@@ -141,6 +141,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         for task in background:
             task.cancel()
         await app.pool.close()
+        app.service.close()
         raise StartupError(f"the axon is not listening on {settings.axon_host}:{settings.axon_port} after "
                            f"{AXON_START_S:g} s (the port was taken meanwhile?)", "--port / SYNTH_AXON_PORT")
     log.info("miner serving: hotkey %s on %s:%d (%s mode, %s pool, engine %s, %s prices)", wallet.hotkey.ss58_address,
@@ -167,3 +168,4 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         for task in background:
             task.cancel()
         await app.pool.close()
+        app.service.close()

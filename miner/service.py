@@ -12,7 +12,8 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -32,6 +33,11 @@ DONE_CACHE_SIZE = 256
 # A 24 h answer of 1000 paths keeps ~2.9 MB (its rendered body); 10 000 paths, ~29 MB. Distinct
 # prompts starting far ahead stay until evicted, so the count alone let memory grow to gigabytes.
 DONE_CACHE_BYTES = 256 * 2**20
+# Replies are rendered on the service's own threads: asyncio's default executor also runs the market
+# data's blocking calls (a refresh waiting up to a minute on an asset's Redis lock while its provider is
+# down), and a few stuck assets there left every other asset's reply, fallback included, queued past its
+# deadline.
+REPLY_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,7 @@ class Answer:
     source: str  # "pool" or "fallback"
     reason: str | None  # why the fallback answered
     compute_s: float
+    shared: bool = False  # taken from an identical request's computation (kept or in flight)
 
 
 class NoAnswerError(RuntimeError):
@@ -58,6 +65,7 @@ class MinerService:
         self._snapshots: dict[str, MarketSnapshot] = {}  # the market data each computation forecasts from
         self._done: OrderedDict[str, Answer] = OrderedDict()
         self.counters: dict[str, int] = {"requests": 0, "fallbacks": 0, "shared": 0}
+        self._replies = ThreadPoolExecutor(max_workers=REPLY_THREADS, thread_name_prefix="reply")
 
     def deadline_for(self, received: float, timeout: float | None) -> float:
         """When the reply must be ready: the caller's timeout less the margin to send it."""
@@ -70,7 +78,7 @@ class MinerService:
         done = self._done.get(key)
         if done is not None:
             self.counters["shared"] += 1
-            return done
+            return replace(done, shared=True)
         inflight = self._inflight.get(key)
         if inflight is None:
             task = asyncio.create_task(self._compute(request, deadline))
@@ -80,16 +88,18 @@ class MinerService:
         self.counters["shared"] += 1
         task, works_to = inflight
         if works_to <= deadline:
-            return await asyncio.shield(task)
+            return replace(await asyncio.shield(task), shared=True)
         # The shared computation may answer after this caller has gone: wait for it only while this
         # request's own fallback still fits before its deadline.
         await asyncio.wait([task], timeout=max(0.0, deadline - self.settings.fallback_budget_s - time.time()))
         if task.done():
-            return task.result()
+            return replace(task.result(), shared=True)
         began = time.perf_counter()
         snapshot = self._snapshots.get(key)  # the shared computation's, when it has one by now
         if snapshot is None:
-            snapshot = await self.data.fallback_snapshot(request.asset, deadline)
+            # Market data gets no more than in _compute: up to the deadline, a hung provider's anchor
+            # fetch left the fallback to be computed after it.
+            snapshot = await self.data.fallback_snapshot(request.asset, deadline - self.settings.fallback_budget_s)
         return await self._fallback(request, snapshot, "shared forecast not ready by this request's deadline",
                                     began, "shared")
 
@@ -118,8 +128,12 @@ class MinerService:
         self._snapshots[request.key()] = snapshot
         reason: str | None
         try:
-            paths = await self.pool.forecast(request, snapshot, pool_deadline, request_id)
-            body = await asyncio.to_thread(self._checked_reply, paths, request)
+            # The pool promises to be done by pool_deadline; held to it, with half the fallback's time as
+            # grace: a pool step off the loop (the Celery pool decodes on asyncio's default executor) can
+            # wait there behind stuck threads, and the request then had no answer at all.
+            paths = await asyncio.wait_for(self.pool.forecast(request, snapshot, pool_deadline, request_id),
+                                           max(0.0, pool_deadline - time.time()) + self.settings.fallback_budget_s / 2)
+            body = await self._off_loop(functools.partial(self._checked_reply, paths, request))
             return Answer(request, body, "pool", None, time.perf_counter() - began)
         except Exception as exc:  # noqa: BLE001 - any pool failure: the fallback answers
             reason = f"{type(exc).__name__}: {exc}"
@@ -129,8 +143,15 @@ class MinerService:
                         request_id: str) -> Answer:
         self.counters["fallbacks"] += 1
         log.warning("fallback for %s (request %s): %s", request.key(), request_id, reason)
-        body = await asyncio.to_thread(self._fallback_reply, request, snapshot)
+        body = await self._off_loop(functools.partial(self._fallback_reply, request, snapshot))
         return Answer(request, body, "fallback", reason, time.perf_counter() - began)
+
+    async def _off_loop(self, work: "functools.partial[bytes]") -> bytes:
+        return await asyncio.get_running_loop().run_in_executor(self._replies, work)
+
+    def close(self) -> None:
+        """Stop the reply threads (a reply being rendered finishes; none queued is started)."""
+        self._replies.shutdown(wait=False, cancel_futures=True)
 
     def _fallback_reply(self, request: ForecastRequest, snapshot: MarketSnapshot) -> bytes:
         return self._checked_reply(self.fallback.current().run(request, snapshot).paths, request)

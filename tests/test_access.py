@@ -50,6 +50,18 @@ def test_rate_limit_sliding_window() -> None:
     assert limiter.allow("k", now=61.0)
 
 
+def test_the_rate_limiter_forgets_hotkeys_idle_for_a_window() -> None:
+    """Each signed hotkey that reached the limiter kept an entry for good (any signer does in --local)."""
+    limiter = RateLimiter(per_minute=2)
+    for i in range(5000):
+        assert limiter.allow(f"old{i}", now=0.0)
+    assert limiter.allow("busy", now=59.0) and limiter.allow("busy", now=59.5)
+    for i in range(5000):
+        assert limiter.allow(f"new{i}", now=61.0)
+    assert len(limiter._hits) <= 5001 and "old0" not in limiter._hits
+    assert not limiter.allow("busy", now=62.0)  # a hotkey still within its window keeps its count
+
+
 def test_static_metagraph_file(tmp_path: Path) -> None:
     path = tmp_path / "graph.json"
     path.write_text(json.dumps([{"hotkey": "5v", "stake": 70_000, "validator_permit": True}]))

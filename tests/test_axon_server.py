@@ -8,6 +8,7 @@ request and the service must budget with the header's timeout.
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import aiohttp
@@ -17,15 +18,17 @@ import pytest
 from core.cache import MemoryHistoryCache
 from core.engines_registry import build_forecaster
 from core.market_data import MarketData
+from core.prompts import ForecastRequest
 from core.settings import Settings
 from core.sources.registry import sources_for
 from miner.access import AccessPolicy, MetagraphView
 from miner.axon_server import AxonHandlers, build_axon, with_caller_timeout
 from miner.data import MinerData
+from miner.metrics import MinerMetrics, fallback_reason, watch_queue_depth
 from miner.offline import patch_bittensor_networking
 from miner.pool import EmbeddedPool
 from miner.protocol import Simulation, SimulationInput
-from miner.service import MinerService
+from miner.service import Answer, MinerService
 from synth_miner.devstack import free_port, make_wallet, start_time_in
 
 
@@ -91,3 +94,63 @@ async def test_a_synth_shaped_request_is_budgeted_with_the_header_timeout(tmp_pa
         await dendrite.aclose_session()
         axon.stop()
         await service.pool.close()
+
+
+@pytest.mark.parametrize(("reason", "label"), [
+    # A Redis that drops packets times out connecting: the pool is down, not late.
+    ("PoolError: pool unavailable: TimeoutError: Timeout connecting to server", "redis_down"),
+    ("PoolError: pool unavailable: OperationalError: Error 111 connecting. Connection refused.", "redis_down"),
+    ("PoolError: worker error: TimeoutError: model load timed out", "worker_error"),
+    ("PoolError: pool did not answer before the deadline", "timeout"),
+    ("PoolError: embedded forecast timed out", "timeout"),
+    ("shared forecast not ready by this request's deadline", "timeout"),
+    ("ResponseError: paths contain NaN or inf", "invalid_paths"),
+])
+def test_fallback_reasons_are_labelled_by_where_the_pool_failed(reason: str, label: str) -> None:
+    assert fallback_reason(reason) == label
+
+
+async def test_the_queue_depth_watcher_closes_its_connection_when_cancelled(monkeypatch: pytest.MonkeyPatch) -> None:
+    import redis.asyncio as aioredis
+
+    class Client:
+        closed = False
+
+        async def llen(self, queue: str) -> int:
+            return 3
+
+        async def aclose(self) -> None:
+            Client.closed = True
+
+    monkeypatch.setattr(aioredis.Redis, "from_url", classmethod(lambda cls, url, **kw: Client()))
+    metrics = MinerMetrics()
+    watcher = asyncio.create_task(watch_queue_depth(metrics, "redis://unused", ["infer.hf"], every_s=0.01))
+    while metrics.registry.get_sample_value("synth_queue_depth", {"queue": "infer.hf"}) != 3:
+        await asyncio.sleep(0.01)
+    watcher.cancel()
+    await asyncio.gather(watcher, return_exceptions=True)
+    assert Client.closed  # it used to leave the socket open at shutdown
+
+
+async def test_a_shared_answer_is_counted_as_shared() -> None:
+    """synth_shared_requests_total was declared but never incremented: it read 0 whatever was shared."""
+    cfg = Settings(_env_file=None)
+    request = ForecastRequest("BTC", int(time.time()) + 120, 60, 3600, 1)
+    body = f"[{request.start_ts},60,[1.0]]".encode()
+
+    class Service:
+        def deadline_for(self, received: float, timeout: float | None) -> float:
+            return received + 10.0
+
+        async def answer(self, asked: ForecastRequest, deadline: float) -> Answer:
+            return Answer(asked, body, "pool", None, 0.0, shared=asked.num_simulations == 1)
+
+    metrics = MinerMetrics()
+    handlers = AxonHandlers(cfg, Service(), AccessPolicy(cfg, MetagraphView()),  # type: ignore[arg-type]
+                            asyncio.get_running_loop(), metrics)
+    for n in (1, 1, 2):
+        synapse = Simulation(simulation_input=SimulationInput(asset="BTC", start_time=start_time_in(120),
+                                                              time_increment=60, time_length=3600, num_simulations=n))
+        reply = await handlers.forward(synapse)
+        assert reply.status_code == 200
+    assert metrics.registry.get_sample_value("synth_shared_requests_total") == 2

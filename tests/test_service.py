@@ -1,7 +1,9 @@
 """MinerService under deadlines: a request never waits past its own deadline, even one sharing a computation."""
 
 import asyncio
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import Any
 
@@ -102,4 +104,113 @@ async def test_a_fallback_answer_is_not_kept_for_later_askers_but_a_pool_answer_
     assert first.source == "fallback" and pool.calls == 1
     second = await svc.answer(request, time.time() + 2.0)
     assert second.source == "pool" and pool.calls == 2
-    assert await svc.answer(request, time.time() + 2.0) is second and pool.calls == 2  # kept and shared
+    kept = await svc.answer(request, time.time() + 2.0)
+    assert kept.body is second.body and kept.shared and pool.calls == 2  # kept and shared
+
+
+class FastPool:
+    name = "fast"
+
+    async def forecast(self, request: ForecastRequest, snapshot: MarketSnapshot, deadline: float,
+                       request_id: str) -> Paths:
+        return np.full((request.num_simulations, request.n_points), 101.0, np.float32)
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_replies_are_built_even_while_the_default_executor_is_stuck() -> None:
+    """asyncio's default executor also runs the market data's blocking calls: a refresh waits there up to a
+    minute on an asset's Redis lock while that asset's provider is down. Replies for other assets used to
+    queue behind them, past their deadline, the fallback's included."""
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=2))
+    gate = threading.Event()
+    stuck = [asyncio.ensure_future(asyncio.to_thread(gate.wait, 60)) for _ in range(2)]
+    svc = service(FastPool())
+    try:
+        await asyncio.sleep(0.05)
+        request = ForecastRequest("BTC", int(time.time()) + 600, 60, 3600, 5)
+        answer = await asyncio.wait_for(svc.answer(request, time.time() + 5.0), 30.0)
+        assert answer.source == "pool"
+        svc.pool = LatePool()  # the fallback too
+        other = ForecastRequest("ETH", int(time.time()) + 600, 60, 3600, 5)
+        assert (await asyncio.wait_for(svc.answer(other, time.time() + 1.0), 30.0)).source == "fallback"
+    finally:
+        gate.set()
+        await asyncio.gather(*stuck)
+        svc.close()
+
+
+class HangingData(FakeData):
+    """The shared computation's market data hangs (a slow provider); the fallback's honours its deadline."""
+
+    def __init__(self) -> None:
+        self.fallback_deadlines: list[float | None] = []
+
+    async def snapshot(self, asset: str, lookback_s: int | None = None,
+                       deadline: float | None = None) -> MarketSnapshot:
+        await asyncio.sleep(max(0.0, (deadline or 0.0) - time.time()))
+        return SNAP
+
+    async def fallback_snapshot(self, asset: str, deadline: float | None = None) -> MarketSnapshot:
+        self.fallback_deadlines.append(deadline)
+        await asyncio.sleep(max(0.0, min(2.0, (deadline or 0.0) - time.time())))  # a fresh anchor, up to then
+        return SNAP
+
+
+async def test_a_joiner_without_a_snapshot_leaves_its_fallback_time_to_compute() -> None:
+    """The joiner's market data used to get up to its reply deadline itself: with a hung provider the
+    fallback was computed only after the deadline had passed."""
+    settings = Settings(_env_file=None, fallback_budget_s=1.0, reply_margin_s=0.0, max_wait_s=30.0)
+    data = HangingData()
+    svc = MinerService(settings, data, LatePool(), FlatFallback())  # type: ignore[arg-type]
+    request = ForecastRequest("BTC", int(time.time()) + 600, 60, 3600, 5)
+    first = asyncio.create_task(svc.answer(request, time.time() + 8.0))
+    await asyncio.sleep(0.05)
+    deadline = time.time() + 2.0
+    answer = await svc.answer(request, deadline)
+    assert data.fallback_deadlines == [deadline - settings.fallback_budget_s]
+    assert answer.source == "fallback"
+    assert time.time() < deadline + 0.5
+    for task, _ in list(svc._inflight.values()):  # the first caller's computation waits 8 s for nothing
+        task.cancel()
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    svc.close()
+
+
+async def test_an_answer_taken_from_an_identical_request_says_so() -> None:
+    svc = service(FastPool())
+    request = ForecastRequest("BTC", int(time.time()) + 600, 60, 3600, 5)
+    first, joined = await asyncio.gather(svc.answer(request, time.time() + 5.0), svc.answer(request, time.time() + 5.0))
+    kept = await svc.answer(request, time.time() + 5.0)
+    assert not first.shared and joined.shared and kept.shared
+    assert first.body is joined.body is kept.body
+    svc.close()
+
+
+class DecodingPool(FastPool):
+    """Answers at once, then decodes the paths on asyncio's default executor, as the Celery pool does."""
+
+    async def forecast(self, request: ForecastRequest, snapshot: MarketSnapshot, deadline: float,
+                       request_id: str) -> Paths:
+        return await asyncio.to_thread(np.full, (request.num_simulations, request.n_points), 101.0, np.float32)
+
+
+async def test_a_pool_that_overstays_its_deadline_is_not_waited_for() -> None:
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
+    gate = threading.Event()
+    stuck = asyncio.ensure_future(asyncio.to_thread(gate.wait, 60))
+    settings = Settings(_env_file=None, fallback_budget_s=1.0, reply_margin_s=0.0, max_wait_s=30.0)
+    svc = MinerService(settings, FakeData(), DecodingPool(), FlatFallback())  # type: ignore[arg-type]
+    try:
+        await asyncio.sleep(0.05)
+        request = ForecastRequest("BTC", int(time.time()) + 600, 60, 3600, 5)
+        answer = await asyncio.wait_for(svc.answer(request, time.time() + 2.0), 30.0)
+        assert answer.source == "fallback" and answer.reason is not None and "TimeoutError" in answer.reason
+    finally:
+        gate.set()
+        await stuck
+        svc.close()
