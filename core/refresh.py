@@ -7,15 +7,15 @@ own retention (Hyperliquid keeps about 3.5 days). A Celery task calls ``refresh_
 import asyncio
 import logging
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import redis
 
 from core.cache import HistoryCache
 from core.cache_redis import RedisHistoryCache
-from core.constants import SECONDS_PER_DAY
+from core.constants import REFRESH_LOCK_POLL_S, SECONDS_PER_DAY
 from core.history_store import HistoryStore, HistoryStoreError
 from core.price_checks import plausible_latest, screen_bars
 from core.prices import LatestPrice, PriceDataError, PriceHistory
@@ -84,16 +84,24 @@ def cache_windows(settings: Settings, steps: Sequence[int]) -> dict[int, int]:
     return {step: max(hf, lf) for step in steps}
 
 
-@contextmanager
-def _asset_lock(cache: HistoryCache, asset: str, settings: Settings) -> Iterator[None]:
-    """Hold the per-asset Redis lock when there is one; writes are idempotent, so a timeout goes on without."""
+@asynccontextmanager
+async def _asset_lock(cache: HistoryCache, asset: str, settings: Settings) -> AsyncIterator[None]:
+    """Hold the per-asset Redis lock when there is one; writes are idempotent, so a timeout goes on without.
+
+    Waited for with short non-blocking tries, not a blocking acquire on a thread: while a provider hangs,
+    its lock is held for up to a minute, and a blocked thread per waiting asset filled asyncio's default
+    executor, where the miner's other blocking calls queue too."""
     if not isinstance(cache, RedisHistoryCache):
         yield
         return
-    lock = cache.refresh_lock(asset, ttl_s=settings.refresh_lock_s, wait_s=settings.refresh_lock_s / 2)
+    lock = cache.refresh_lock(asset, ttl_s=settings.refresh_lock_s, wait_s=0.0)
+    give_up = time.monotonic() + settings.refresh_lock_s / 2
     held = False
     try:
-        held = bool(lock.acquire())
+        while not (held := bool(await asyncio.to_thread(lock.acquire, blocking=False))):
+            if time.monotonic() >= give_up:
+                break
+            await asyncio.sleep(REFRESH_LOCK_POLL_S)
     except redis.RedisError as exc:
         log.warning("refresh lock for %s unavailable (%s): going on without it", asset, exc)
     try:
@@ -101,7 +109,7 @@ def _asset_lock(cache: HistoryCache, asset: str, settings: Settings) -> Iterator
     finally:
         if held:
             try:
-                lock.release()
+                await asyncio.to_thread(lock.release)
             except redis.RedisError as exc:  # expired while we worked: someone else may hold it now
                 log.warning("refresh lock for %s lost: %s", asset, exc)
 
@@ -119,9 +127,7 @@ async def refresh_asset(asset: str, source: PriceSource, cache: HistoryCache, st
     windows = cache_windows(settings, steps)
     errors: list[str] = []
     done: list[StepRefresh] = []
-    lock = _asset_lock(cache, asset, settings)
-    await asyncio.to_thread(lock.__enter__)
-    try:
+    async with _asset_lock(cache, asset, settings):
         for step in steps:
             done.append(await _refresh_step(asset, step, windows[step], source, cache, store, now, errors,
                                             settings))
@@ -136,8 +142,6 @@ async def refresh_asset(asset: str, source: PriceSource, cache: HistoryCache, st
         except ProviderError as exc:
             latest = None
             errors.append(f"latest: {type(exc).__name__}: {exc}")
-    finally:
-        await asyncio.to_thread(lock.__exit__, None, None, None)
     for error in errors:
         log.warning("refresh %s via %s: %s", asset, source.name, error)
     return RefreshReport(asset, source.name, tuple(done), latest, tuple(errors), time.perf_counter() - started)

@@ -1,6 +1,7 @@
 """refresh_asset against a local Binance server, a real Redis and a disk store."""
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import IO
@@ -315,3 +316,24 @@ async def test_history_the_store_gets_after_the_cache_filled_reaches_the_cache(
     assert report.steps[0].from_store == len(expected) - len(recent)
     np.testing.assert_array_equal(cached(cache).ts, expected.ts)
     np.testing.assert_array_equal(cached(cache).close, expected.close)
+
+
+async def test_waiting_for_another_refreshs_lock_holds_no_executor_thread(
+        source: BinanceSource, cache: RedisHistoryCache, store: HistoryStore, settings: Settings,
+        clock: ManualClock) -> None:
+    """A provider outage keeps an asset's lock held for up to a minute: the refreshes waiting for it must
+    not each block a thread of asyncio's default executor, where the miner's other blocking calls queue."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=1))  # one stuck thread would block everything
+    holder = cache.refresh_lock("BTC", ttl_s=30, wait_s=0)
+    assert holder.acquire(blocking=False)  # another process is refreshing BTC
+    waiting = asyncio.create_task(refresh_asset("BTC", source, cache, store, settings, now=int(clock())))
+    await asyncio.sleep(0.5)
+    began = time.monotonic()
+    assert await asyncio.wait_for(asyncio.to_thread(lambda: 42), timeout=2.0) == 42  # the executor is free
+    assert time.monotonic() - began < 1.0 and not waiting.done()  # ...while the refresh still waits
+    holder.release()  # the other refresh ends: this one takes the lock and goes on
+    report = await asyncio.wait_for(waiting, timeout=10.0)
+    assert report.ok and len(cached(cache)) > 0
