@@ -62,6 +62,10 @@ HEARTBEAT_EVERY_S: Final = HEARTBEAT_TTL_S / 4  # an idle process re-announces i
 # A forecast still running when the miner has stopped waiting (Settings.max_wait_s) is useless: its soft
 # time limit is that wait, and the hard limit kills a task that ignores the soft one this much later.
 FORECAST_KILL_GRACE_S: Final = 5
+# A result is kept the time left until the deadline plus this (at most Settings.result_ttl_s): a miner
+# waiting on BLPOP gets it at once, and one pushed after the miner stopped waiting (1.16 MB for 24 h) is
+# gone soon. The grace also covers a worker clock a few seconds ahead of the miner's.
+LATE_RESULT_TTL_S: Final = 10
 BEAT_SCHEDULE_FILE: Final = "beat-schedule.db"  # under Settings.data_dir unless beat_schedule_file is set
 
 # --- Miner process ---------------------------------------------------------------------------------------

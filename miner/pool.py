@@ -3,7 +3,7 @@
 import asyncio
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Protocol
 
@@ -16,7 +16,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from core.constants import RESULT_KEY, TASK_FORECAST
-from core.forecast import ForecasterSource
+from core.forecast import ForecasterSource, ForecastResult
 from core.prices import MarketSnapshot
 from core.prompts import ForecastRequest
 from core.settings import Settings
@@ -46,16 +46,38 @@ class EmbeddedPool:
 
     name = "embedded"
 
-    def __init__(self, forecaster: ForecasterSource, threads: int = 2) -> None:
+    def __init__(self, forecaster: ForecasterSource, threads: int = 2, max_overrun: int = 4) -> None:
         self.forecaster = forecaster
-        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="forecast")
+        # A thread cannot be stopped: a forecast still running when its caller gave up keeps its thread.
+        # Such overruns get threads of their own (up to max_overrun) instead of the ``threads`` slots, or a
+        # few slow forecasts left every later request queued behind them until it timed out too.
+        self.max_overrun = max_overrun
+        self.executor = ThreadPoolExecutor(max_workers=threads + max_overrun, thread_name_prefix="forecast")
+        self._slots = asyncio.Semaphore(threads)
+        self._overrun: set[Future[ForecastResult]] = set()
+
+    def _run(self, request: ForecastRequest, snapshot: MarketSnapshot) -> ForecastResult:
+        # current() may load a newly published artifact (models): in the thread, never on the event loop.
+        return self.forecaster.current().run(request, snapshot)
 
     async def forecast(self, request: ForecastRequest, snapshot: MarketSnapshot, deadline: float,
                        request_id: str) -> Paths:
-        loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(self.executor, self.forecaster.current().run, request, snapshot)
+        left = deadline - time.time()
+        if left <= 0:  # a job started now would only take a thread past its deadline
+            raise PoolError("embedded forecast: no time left")
         try:
-            result = await asyncio.wait_for(job, timeout=max(0.0, deadline - time.time()))
+            async with asyncio.timeout_at(asyncio.get_running_loop().time() + left):
+                async with self._slots:
+                    self._overrun = {f for f in self._overrun if not f.done()}
+                    if len(self._overrun) >= self.max_overrun:  # fail now: the fallback answers at once
+                        raise PoolError(f"embedded pool: {len(self._overrun)} forecasts still running "
+                                        "past their deadline")
+                    job = self.executor.submit(self._run, request, snapshot)
+                    try:
+                        result = await asyncio.wrap_future(job)
+                    finally:
+                        if not job.done():  # timed out or cancelled while it runs: its slot is freed
+                            self._overrun.add(job)
         except TimeoutError:
             raise PoolError("embedded forecast timed out") from None
         return result.paths

@@ -7,10 +7,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
 
-from core.constants import WORKER_HEARTBEAT_KEY
+from core.constants import RESULT_KEY, WORKER_HEARTBEAT_KEY
+from core.prompts import ForecastRequest
 from core.settings import Settings
 from synth_miner.devstack import Proc, spawn
 from tests.worker_apps import SLEEP_LOG_KEY
@@ -151,3 +153,59 @@ def test_without_a_redis_url_broker_jobs_beat_and_heartbeats_meet_on_one_redis(
     monkeypatch.setattr("core.refresh.refresh_assets_sync", lambda assets, s: refreshed.append(s.redis_url) or [])
     assert jobs.refresh_work(settings) == {"assets": 0, "failed": {}}
     assert refreshed == ["redis://127.0.0.1:6379/0"]
+
+
+def test_a_worker_snapshot_follows_a_cache_refreshed_within_the_minute(redis_url: str) -> None:
+    """The miner refreshes the cache (new anchor, newly closed bar) right before it sends a request; a worker that
+    served the snapshot memoised earlier in the same minute forecast from the older anchor and history."""
+    from core.cache_redis import RedisHistoryCache
+    from core.prices import LatestPrice, PriceHistory
+    from workers.runtime import WorkerRuntime
+
+    client = redis.Redis.from_url(redis_url)
+    cache = RedisHistoryCache(client)
+    minute = int(time.time()) // 60 * 60
+    ts = np.arange(minute - 86_400, minute, 60, dtype=np.int64)
+    history = PriceHistory(60, ts, 60_000.0 + np.arange(len(ts), dtype=np.float64))
+    cache.write("BTC", history.between(minute - 86_400, minute - 60))  # the newest bar is not cached yet
+    cache.set_latest("BTC", LatestPrice(50_000.0, minute - 30))
+    runtime = WorkerRuntime(Settings(redis_url=redis_url), client, cache, None)  # type: ignore[arg-type]
+    first = runtime.snapshot("BTC", minute + 5, 86_400)
+    assert first.anchor == 50_000.0
+    cache.write("BTC", history.between(minute - 60, minute))  # the miner's refresh, 20 s into the minute
+    cache.set_latest("BTC", LatestPrice(51_000.0, minute + 20))
+    second = runtime.snapshot("BTC", minute + 30, 86_400)
+    assert (second.anchor, second.anchor_time) == (51_000.0, minute + 20)
+    assert second.m1 is not None and first.m1 is not None and len(second.m1) == len(first.m1) + 1
+    assert runtime.snapshot("BTC", minute + 40, 86_400) is second  # unchanged cache: the memo is still used
+
+
+def test_a_result_finished_after_the_deadline_does_not_stay_in_redis_for_minutes(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nobody reads a result pushed after the miner stopped waiting: it was kept ``result_ttl_s`` (120 s), 1.16 MB
+    for a 24 h forecast, so a backlogged worker filled Redis with throughput x 120 s of orphans."""
+    from core.forecast import ForecastResult
+    from workers import tasks
+    from workers.runtime import WorkerRuntime
+
+    class Late:
+        def current(self) -> "Late":
+            return self
+
+        def run(self, request: ForecastRequest, snapshot: object) -> ForecastResult:
+            time.sleep(1.0)  # past the deadline below
+            return ForecastResult(np.ones((request.num_simulations, request.n_points), np.float32), "test", None, 1.0)
+
+    client = redis.Redis.from_url(redis_url)
+    runtime = WorkerRuntime(Settings(redis_url=redis_url), client, None, Late())  # type: ignore[arg-type]
+    monkeypatch.setattr(runtime, "snapshot", lambda *_: None)
+    monkeypatch.setattr(tasks, "get_runtime", lambda: runtime)
+    monkeypatch.setattr(tasks, "announce", lambda _: None)
+    request = ForecastRequest("BTC", int(time.time()) + 600, 300, 86_400, 1000)
+    key = RESULT_KEY.format(request_id="late")
+    tasks.forecast.run(request.__dict__, key, time.time() + 0.3, "late")
+    assert client.llen(key) == 1
+    assert 0 < client.ttl(key) <= tasks.LATE_RESULT_TTL_S < runtime.settings.result_ttl_s
+    key = RESULT_KEY.format(request_id="in-time")  # one in time keeps the time left plus that grace
+    tasks.forecast.run(request.__dict__, key, time.time() + 20.0, "in-time")
+    assert 18 + tasks.LATE_RESULT_TTL_S <= client.ttl(key) <= 20 + tasks.LATE_RESULT_TTL_S

@@ -30,15 +30,23 @@ class WorkerRuntime:
     redis: "redis.Redis"
     cache: RedisHistoryCache
     live: LiveForecaster
-    _snapshots: "OrderedDict[tuple[str, int, int], MarketSnapshot]" = field(default_factory=OrderedDict)
+    _snapshots: "OrderedDict[tuple[str, int, int], tuple[object, MarketSnapshot]]" = field(
+        default_factory=OrderedDict)
 
     def snapshot(self, asset: str, now: int, lookback_s: int) -> MarketSnapshot:
-        """History and anchor per (asset, window, minute): requests in the same minute share one read."""
+        """History and anchor per (asset, window, minute): requests in the same minute share one read, as long
+        as the cache has not changed since. The miner refreshes it (new anchor, newly closed bar) right before
+        it sends a request, so a memo keyed on the minute alone served an anchor up to a minute old."""
         key = (asset, lookback_s, now // 60)
-        snap = self._snapshots.get(key)
-        if snap is None:
+        # Three small reads (the newest price and both spans) instead of days of bars.
+        version = (self.cache.latest(asset), self.cache.span(asset, 60), self.cache.span(asset, 300))
+        memo = self._snapshots.get(key)
+        if memo is not None and memo[0] == version:
+            snap = memo[1]
+        else:
             snap = build_snapshot(self.cache, asset, now, lookback_s)
-            self._snapshots[key] = snap
+            self._snapshots[key] = (version, snap)
+            self._snapshots.move_to_end(key)
             while len(self._snapshots) > SNAPSHOT_MEMO:
                 self._snapshots.popitem(last=False)
         return snap

@@ -1,13 +1,14 @@
 """Celery tasks. Forecast: read history from the Redis cache, run the engine, push float32 paths."""
 
 import logging
+import math
 import time
 from typing import Any
 
 import redis
 from celery.signals import celeryd_init, worker_process_init
 
-from core.constants import FORECAST_KILL_GRACE_S, TASK_FORECAST
+from core.constants import FORECAST_KILL_GRACE_S, LATE_RESULT_TTL_S, TASK_FORECAST
 from core.prompts import ForecastRequest
 from core.settings import get_settings
 from core.transport import encode_error, encode_paths
@@ -70,7 +71,6 @@ def _load_runtime(**_: Any) -> None:
           time_limit=FORECAST_SOFT_LIMIT_S + FORECAST_KILL_GRACE_S)
 def forecast(request: dict[str, Any], result_key: str, deadline: float, request_id: str) -> None:
     runtime = get_runtime()
-    ttl = runtime.settings.result_ttl_s
     try:
         if time.time() > deadline:
             raise TimeoutError("deadline passed before the task started")
@@ -86,6 +86,7 @@ def forecast(request: dict[str, Any], result_key: str, deadline: float, request_
         log.warning("request %s failed: %s", request_id, exc)
         blob = encode_error(f"{type(exc).__name__}: {exc}")
         TASKS.labels("error").inc()
+    ttl = min(runtime.settings.result_ttl_s, max(0, math.ceil(deadline - time.time())) + LATE_RESULT_TTL_S)
     pipe = runtime.redis.pipeline()
     pipe.rpush(result_key, blob)
     pipe.expire(result_key, ttl)
