@@ -37,8 +37,8 @@ class Settings(BaseSettings):
     local: bool = Field(False, description="no chain: static metagraph, no registration")
     axon_host: str = "0.0.0.0"
     axon_port: int = Field(8091, ge=1, le=65_535)
-    axon_external_ip: str | None = None
-    axon_external_port: int | None = None
+    axon_external_ip: str | None = Field(None, description="IP address published on the chain; unset = looked up")
+    axon_external_port: int | None = Field(None, ge=1, le=65_535)
     wallet_path: str = "~/.bittensor/wallets"
     wallet_name: str = "default"
     wallet_hotkey: str = "default"
@@ -160,13 +160,30 @@ class Settings(BaseSettings):
     # --- observability ------------------------------------------------------------------------------
     log_level: LogLevel = "INFO"
     log_json: bool = False
-    metrics_port: int | None = None
-    worker_metrics_port: int | None = Field(None, description="Prometheus port of a worker process")
+    metrics_port: int | None = Field(None, ge=1, le=65_535)
+    worker_metrics_port: int | None = Field(None, ge=1, le=65_535, description="Prometheus port of a worker process")
 
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_log_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("axon_external_ip", mode="before")
+    @classmethod
+    def _ip_address(cls, value: object) -> object:
+        """The chain stores an IP as an integer: a host name was dropped by bittensor without a word (the
+        axon never published). An empty value (``SYNTH_AXON_EXTERNAL_IP=`` in .env) means unset."""
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        if isinstance(value, str):
+            from ipaddress import ip_address
+
+            try:
+                return str(ip_address(value.strip()))
+            except ValueError:
+                raise ValueError(f"{value!r} is not an IP address (the chain publishes an IP, not a host name)") \
+                    from None
+        return value
 
     @field_validator("provider_overrides")
     @classmethod
@@ -207,7 +224,7 @@ def get_settings() -> Settings:
 
 
 class InsecureRedisError(ValueError):
-    """A Redis URL that would reach a server beyond this host without a password."""
+    """A Redis URL that would reach a server beyond this host without a password, or no Redis URL at all."""
 
 
 def check_redis_url(url: str | None) -> None:
@@ -222,6 +239,15 @@ def check_redis_url(url: str | None) -> None:
     from urllib.parse import parse_qs, urlsplit
 
     parts = urlsplit(url)
+    try:
+        _ = parts.port  # raises on a port that is not a number
+        valid = parts.scheme == "unix" or (parts.scheme in ("redis", "rediss") and bool(parts.netloc))
+    except ValueError:
+        valid = False
+    if not valid:
+        # Never echo the URL: a typo ("redis//:PASSWORD@host") leaves the password in what would be printed.
+        raise InsecureRedisError("SYNTH_REDIS_URL is not a Redis URL (redis://:PASSWORD@host:6379/0, rediss://... "
+                                 "or unix:///path): check its scheme and port")
     if parts.scheme == "unix":
         return
     host = (parts.hostname or "").lower()
@@ -231,7 +257,8 @@ def check_redis_url(url: str | None) -> None:
         loopback = False
     if loopback or parts.password or parse_qs(parts.query).get("password"):
         return
-    shown = f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}"
+    database = parts.path if parts.path.strip("/").isdigit() else ""  # nothing else of the URL is shown
+    shown = f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{database}"
     raise InsecureRedisError(
         f"SYNTH_REDIS_URL {shown} has no password and {host or 'its host'} is not loopback: run Redis with "
         "requirepass and put the password in the URL (redis://:PASSWORD@host:6379/0)")

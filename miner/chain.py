@@ -23,17 +23,28 @@ def read_metagraph(subtensor: "bt.Subtensor", netuid: int) -> dict[str, Neuron]:
 
 async def keep_metagraph_fresh(settings: Settings, view: MetagraphView, subtensor: "bt.Subtensor",
                                refresh_s: float = METAGRAPH_REFRESH_S,
-                               retry_s: tuple[float, float] = METAGRAPH_RETRY_S) -> None:
+                               retry_s: tuple[float, float] = METAGRAPH_RETRY_S, hotkey: str | None = None) -> None:
     """Refresh in a thread every ``refresh_s``; a failed refresh keeps the previous view.
 
     Until the first read succeeds the view is empty and every validator is refused, so that read is
     retried after ``retry_s[0]`` seconds, doubling up to ``retry_s[1]``, not after a full period.
+    A miner's ``hotkey`` missing from a read (deregistered) is logged once, as an error.
     """
     retry = retry_s[0]
+    registered = True
     while True:
         try:
-            view.replace(await asyncio.to_thread(read_metagraph, subtensor, settings.netuid))
+            neurons = await asyncio.to_thread(read_metagraph, subtensor, settings.netuid)
+            view.replace(neurons)
             log.info("metagraph refreshed: %d neurons", len(view))
+            if hotkey is not None and registered != (hotkey in neurons):
+                registered = not registered
+                if registered:
+                    log.warning("hotkey %s is registered on netuid %d again", hotkey, settings.netuid)
+                else:  # validators no longer query this miner: it would serve on, unseen, without a word
+                    log.error("hotkey %s is no longer registered on netuid %d of %s: no validator will query "
+                              "this miner until it is registered again (btcli subnets register)", hotkey,
+                              settings.netuid, settings.network)
         except Exception as exc:
             if view.loaded:
                 log.warning("metagraph refresh failed, keeping the previous one: %s", exc)
@@ -69,8 +80,16 @@ def connect_chain(settings: Settings, wallet: "bt.Wallet") -> "bt.Subtensor":
 
 
 def publish_axon(settings: Settings, axon: "bt.Axon", subtensor: "bt.Subtensor") -> None:
-    """Publish the axon's address on the chain."""
+    """Publish the axon's address on the chain.
+
+    Not ``axon.serve``: it drops the extrinsic's response, and bittensor turns every failure (a rate
+    limit, a bad address, a dropped websocket) into a response, so a miner nobody can find served on.
+    """
     try:
-        axon.serve(netuid=settings.netuid, subtensor=subtensor)
+        response = subtensor.serve_axon(netuid=settings.netuid, axon=axon)
     except Exception as exc:
         raise StartupError(f"cannot publish the axon on the chain {settings.network} ({reason(exc)})") from None
+    if not response.success:
+        detail = " ".join(str(response.message or "no reason given").split())[:300]
+        raise StartupError(f"cannot publish the axon at {axon.external_ip}:{axon.external_port} on netuid "
+                           f"{settings.netuid} of {settings.network} ({detail})")

@@ -27,7 +27,16 @@ from miner.metrics import MinerMetrics, watch_queue_depth
 from miner.offline import patch_bittensor_networking
 from miner.pool import CeleryPool, EmbeddedPool, ForecastPool
 from miner.service import MinerService
-from miner.startup import StartupError, check_port, check_replay, load_wallet, public_ip, static_metagraph
+from miner.startup import (
+    StartupError,
+    check_metrics_port,
+    check_port,
+    check_replay,
+    load_wallet,
+    metrics_host,
+    public_ip,
+    static_metagraph,
+)
 
 __all__ = ["MinerApp", "StartupError", "build_app", "load_wallet", "serve", "served_engine"]
 
@@ -110,6 +119,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         raise StartupError(str(exc)) from None
     check_replay(settings)
     check_port(settings.axon_host, settings.axon_port)
+    check_metrics_port(settings)
     metagraph = static_metagraph(settings)
     wallet = load_wallet(settings)
     subtensor: "bt.Subtensor | None" = None
@@ -125,46 +135,51 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     app = build_app(settings, metagraph)
     loop = asyncio.get_running_loop()
     metrics = MinerMetrics()
-    handlers = AxonHandlers(settings, app.service, AccessPolicy(settings, app.metagraph), loop, metrics)
-    axon = build_axon(settings, wallet, handlers)
     background: list[asyncio.Task[None]] = []
-    if subtensor is not None:
-        from miner.chain import first_metagraph, keep_metagraph_fresh, publish_axon
-
-        publish_axon(settings, axon, subtensor)
-        background.append(asyncio.create_task(keep_metagraph_fresh(settings, app.metagraph, subtensor)))
-        if not await first_metagraph(app.metagraph):
-            log.error("serving without a metagraph: validators are refused until the first read succeeds")
-    axon.start()
-    if not await listening(axon):
-        axon.stop()
-        for task in background:
-            task.cancel()
-        await app.pool.close()
-        app.service.close()
-        raise StartupError(f"the axon is not listening on {settings.axon_host}:{settings.axon_port} after "
-                           f"{AXON_START_S:g} s (the port was taken meanwhile?)", "--port / SYNTH_AXON_PORT")
-    log.info("miner serving: hotkey %s on %s:%d (%s mode, %s pool, engine %s, %s prices)", wallet.hotkey.ss58_address,
-             settings.axon_host, settings.axon_port, "local" if settings.local else f"netuid {settings.netuid}",
-             app.pool.name, served_engine(app), settings.price_provider)
-    background.append(asyncio.create_task(app.data.warm(sorted(ASSETS))))
-    if settings.metrics_port:
-        metrics.serve(settings.metrics_port, "127.0.0.1" if settings.local else "0.0.0.0")
-        if settings.redis_url:
-            queues = [settings.queue_infer_hf, settings.queue_infer_lf, settings.queue_cpu]
-            background.append(asyncio.create_task(watch_queue_depth(metrics, settings.redis_url, queues)))
-    gc.freeze()  # long-lived objects out of the collector: no random 100 ms pauses in replies
-    stop = stop or asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
+    axon: "bt.Axon | None" = None
+    # From here on whatever ends the miner (a failed start included) stops the axon, the tasks and the
+    # pool's and service's threads: a refused start must not leave the axon serving in this process.
     try:
+        handlers = AxonHandlers(settings, app.service, AccessPolicy(settings, app.metagraph), loop, metrics)
+        axon = build_axon(settings, wallet, handlers)
+        if subtensor is not None:
+            from miner.chain import first_metagraph, keep_metagraph_fresh, publish_axon
+
+            publish_axon(settings, axon, subtensor)
+            background.append(asyncio.create_task(keep_metagraph_fresh(settings, app.metagraph, subtensor,
+                                                                        hotkey=wallet.hotkey.ss58_address)))
+            if not await first_metagraph(app.metagraph):
+                log.error("serving without a metagraph: validators are refused until the first read succeeds")
+        axon.start()
+        if not await listening(axon):
+            raise StartupError(f"the axon is not listening on {settings.axon_host}:{settings.axon_port} after "
+                               f"{AXON_START_S:g} s (the port was taken meanwhile?)", "--port / SYNTH_AXON_PORT")
+        if settings.metrics_port:
+            try:
+                metrics.serve(settings.metrics_port, metrics_host(settings))
+            except OSError as exc:  # taken since check_metrics_port
+                raise StartupError(f"cannot listen on {metrics_host(settings)}:{settings.metrics_port}: "
+                                   f"{exc.strerror or exc}", "--metrics-port / SYNTH_METRICS_PORT") from None
+            if settings.redis_url:
+                queues = [settings.queue_infer_hf, settings.queue_infer_lf, settings.queue_cpu]
+                background.append(asyncio.create_task(watch_queue_depth(metrics, settings.redis_url, queues)))
+        log.info("miner serving: hotkey %s on %s:%d (%s mode, %s pool, engine %s, %s prices)",
+                 wallet.hotkey.ss58_address, settings.axon_host, settings.axon_port,
+                 "local" if settings.local else f"netuid {settings.netuid}", app.pool.name, served_engine(app),
+                 settings.price_provider)
+        background.append(asyncio.create_task(app.data.warm(sorted(ASSETS))))
+        gc.freeze()  # long-lived objects out of the collector: no random 100 ms pauses in replies
+        stop = stop or asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError):
+                pass
         await stop.wait()
     finally:
         log.info("miner stopping")
-        axon.stop()
+        if axon is not None:
+            axon.stop()
         for task in background:
             task.cancel()
         await app.pool.close()

@@ -5,6 +5,7 @@ error, exit 2, when it names the option at fault) instead of a traceback.
 """
 
 import socket
+import sys
 from pathlib import Path
 
 import bittensor as bt
@@ -68,6 +69,11 @@ def load_wallet(settings: Settings) -> "bt.Wallet":
                 if not keyfile.exists_on_device():
                     raise StartupError(f"no {kind} at {keyfile.path} ({where}): create the wallet with btcli or "
                                        "pass --wallet-path / --wallet-name / --wallet-hotkey")
+        if wallet.hotkey_file.is_encrypted() and not sys.stdin.isatty():
+            # bittensor would prompt on a closed stdin and report "Wrong password" for a password never given.
+            raise StartupError(f"the hotkey at {wallet.hotkey_file.path} is password-protected and there is no "
+                               "terminal to ask for it: the miner signs every reply with its hotkey, give it one "
+                               "without a password (btcli wallet new_hotkey --no-use-password)")
         # Read both keys now, not in the middle of starting the axon.
         _ = (wallet.hotkey.ss58_address, wallet.coldkeypub.ss58_address)
     except StartupError:
@@ -86,7 +92,7 @@ def public_ip() -> str:
                            "(SYNTH_AXON_EXTERNAL_IP)") from None
 
 
-def check_port(host: str, port: int) -> None:
+def check_port(host: str, port: int, option: str = "--port / SYNTH_AXON_PORT") -> None:
     """The axon's address must be free: bittensor binds it in a thread that dies silently, leaving a
     miner that says it serves while nothing listens. Bound and released here, as uvicorn will bind it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -96,4 +102,20 @@ def check_port(host: str, port: int) -> None:
             probe.bind((host, port))
     except OSError as exc:
         raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or reason(exc)} (another miner "
-                           "there? pick a free one)", "--port / SYNTH_AXON_PORT") from None
+                           "there? pick a free one)", option) from None
+
+
+def check_metrics_port(settings: Settings) -> None:
+    """The metrics port is bound once the axon serves: taken, the miner used to log "miner serving" and
+    then stop on an OSError traceback. Checked with the axon's port, before anything loads."""
+    if not settings.metrics_port:
+        return
+    option = "--metrics-port / SYNTH_METRICS_PORT"
+    if settings.metrics_port == settings.axon_port:
+        raise StartupError(f"the metrics port {settings.metrics_port} is the axon's port: pick another", option)
+    check_port(metrics_host(settings), settings.metrics_port, option)
+
+
+def metrics_host(settings: Settings) -> str:
+    """Where the metrics endpoint listens: loopback for a local miner, every interface in production."""
+    return "127.0.0.1" if settings.local else "0.0.0.0"

@@ -63,6 +63,11 @@ def serve(
         wallet_hotkey=wallet_hotkey, netuid=netuid, network=network, engine=engine, metrics_port=metrics_port,
         log_level=log_level)
     settings = local_host_default(settings)
+    if replay_dir and provider and provider != "replay" and not replays_any(settings):
+        # The folder would be ignored without a word: the operator asked for offline prices and got live ones.
+        raise typer.BadParameter(f"--replay-dir replays prices but --provider {provider} reads live ones: drop one "
+                                 "(or send assets to 'replay' with SYNTH_PROVIDER_OVERRIDES)",
+                                 param_hint="--replay-dir")
     try:
         asyncio.run(run(settings))
     except StartupError as exc:
@@ -76,6 +81,13 @@ def serve(
 
         logging.getLogger("miner").error("the miner stopped on an unexpected error", exc_info=True)
         fail(f"miner stopped: {reason(exc)}")
+
+
+def replays_any(settings: Settings) -> bool:
+    """Whether any asset's prices come from the replay folder."""
+    from core.assets import ASSETS
+
+    return any(settings.provider_for(asset) == "replay" for asset in ASSETS)
 
 
 def local_host_default(settings: Settings) -> Settings:

@@ -5,6 +5,7 @@ from typing import Any
 
 import typer
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from core.settings import Settings
 
@@ -17,3 +18,6 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise typer.BadParameter(problems) from None
+    except SettingsError as exc:  # a list or dict setting (SYNTH_ALLOWED_HOTKEYS...) that is not JSON
+        raise typer.BadParameter(f"{exc}: list and dict settings are JSON, e.g. "
+                                 '["5F..."] or {"XAU": "pyth"}') from None

@@ -4,11 +4,16 @@ on demand, read through the real refresh loop and access policy."""
 import asyncio
 from dataclasses import dataclass, field
 
+import bittensor as bt
 import pytest
+from bittensor.core.types import ExtrinsicResponse
+from bittensor_wallet.mock import get_mock_wallet
 
 from core.settings import Settings
 from miner.access import AccessPolicy, MetagraphView
-from miner.chain import first_metagraph, keep_metagraph_fresh, read_metagraph
+from miner.chain import first_metagraph, keep_metagraph_fresh, publish_axon, read_metagraph
+from miner.startup import StartupError
+from synth_miner.devstack import free_port
 
 
 @dataclass
@@ -81,3 +86,67 @@ async def test_a_failed_refresh_keeps_the_previous_view() -> None:
 
 async def test_first_metagraph_gives_up_after_its_wait() -> None:
     assert not await first_metagraph(MetagraphView(), wait_s=0.2)
+
+
+@dataclass
+class ServingSubtensor:
+    """``serve_axon`` answers as bittensor's does: failures come back as a response, never raised."""
+
+    response: ExtrinsicResponse | None = None
+    error: Exception | None = None
+    calls: list[int] = field(default_factory=list)
+
+    def serve_axon(self, netuid: int, axon: bt.Axon, certificate: object = None) -> ExtrinsicResponse:
+        self.calls.append(netuid)
+        if self.error is not None:
+            raise self.error
+        assert self.response is not None
+        return self.response
+
+
+def an_axon() -> bt.Axon:
+    port = free_port()
+    return bt.Axon(wallet=get_mock_wallet(), ip="127.0.0.1", port=port, external_ip="10.0.0.1", external_port=port)
+
+
+def test_a_refused_axon_publication_stops_the_start() -> None:
+    """bittensor's Axon.serve dropped the chain's refusal (a rate limit, a bad address): the miner then
+    served at an address no validator could find, having said nothing."""
+    settings = Settings(_env_file=None, netuid=50)  # type: ignore[call-arg]
+    axon = an_axon()
+    chain = ServingSubtensor(ExtrinsicResponse(False, "Subtensor returned `ServingRateLimitExceeded` error"))
+    with pytest.raises(StartupError, match=r"cannot publish the axon at 10\.0\.0\.1:\d+ on netuid 50 of finney "
+                                           r"\(Subtensor returned `ServingRateLimitExceeded` error\)"):
+        publish_axon(settings, axon, chain)  # type: ignore[arg-type]
+    assert chain.calls == [50]
+    with pytest.raises(StartupError, match=r"cannot publish the axon on the chain finney \(ConnectionError: gone\)"):
+        publish_axon(settings, axon, ServingSubtensor(error=ConnectionError("gone")))  # type: ignore[arg-type]
+    served = ServingSubtensor(ExtrinsicResponse(message="Axon already served"))
+    publish_axon(settings, axon, served)  # type: ignore[arg-type]
+    assert served.calls == [50]
+
+
+async def test_a_deregistered_hotkey_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    """A miner deregistered while it runs kept serving, unseen by every validator, and said nothing."""
+    settings = Settings(_env_file=None, netuid=50)  # type: ignore[call-arg]
+    chain, view = FlakySubtensor(0, GRAPH), MetagraphView()
+    task = asyncio.create_task(keep_metagraph_fresh(settings, view, chain,  # type: ignore[arg-type]
+                                                    refresh_s=0.02, retry_s=(0.02, 0.05), hotkey="5miner"))
+    try:
+        assert await first_metagraph(view, wait_s=5.0)
+        await asyncio.sleep(0.1)
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
+        chain.graph = Graph(["5vali", "5other"], [250_000.0, 10.0], [True, False])  # our slot was taken
+        calls = len(chain.calls)
+        await asyncio.sleep(0.2)
+        assert len(chain.calls) > calls + 2
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert errors == ["hotkey 5miner is no longer registered on netuid 50 of finney: no validator will query "
+                          "this miner until it is registered again (btcli subnets register)"], errors
+        chain.graph = GRAPH
+        await asyncio.sleep(0.1)
+        assert any("registered on netuid 50 again" in r.getMessage() for r in caplog.records)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task

@@ -104,7 +104,8 @@ def run_serve(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> 
     (tmp_path / "no-models").mkdir(exist_ok=True)
     try:
         done = subprocess.run([sys.executable, "-m", "synth_miner.cli", "serve", "--port", str(free_port()), *args],
-                              env=clean, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+                              env=clean, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL)  # no terminal, as under docker or pm2
     except subprocess.TimeoutExpired as exc:
         err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else str(exc.stderr)
         pytest.fail(f"serve did not refuse to start: still running after 60 s\n{err[-3000:]}")
@@ -357,3 +358,93 @@ def test_an_axon_that_never_binds_is_not_reported_as_serving(tmp_path: Path, sha
         with pytest.raises(StartupError, match=f"not listening on 127.0.0.1:{settings.axon_port}"):
             asyncio.run(serve(settings, asyncio.Event()))
     assert "miner serving:" not in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ 7. the metrics port, chain publication, options
+
+
+@pytest.mark.parametrize("same_as_axon", [False, True])
+def test_a_taken_metrics_port_is_refused_before_serving(tmp_path: Path, shared_data: Path, same_as_axon: bool,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """The metrics port was bound only after "miner serving" was logged: taken, the miner stopped on an
+    OSError traceback (its axon left running in the process), with no word of which port or option."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        settings = local_settings(tmp_path, tmp_path, shared_data, metrics_port=taken)
+        if same_as_axon:
+            settings = settings.model_copy(update={"metrics_port": settings.axon_port})
+        with pytest.raises(StartupError) as caught:
+            asyncio.run(serve(settings, asyncio.Event()))
+    assert caught.value.option == "--metrics-port / SYNTH_METRICS_PORT"
+    expected = "is the axon's port" if same_as_axon else f"cannot listen on 127.0.0.1:{taken}"
+    assert expected in str(caught.value), caught.value
+    assert "miner serving:" not in capsys.readouterr().err
+
+
+def test_a_refused_start_after_the_models_load_stops_what_it_started(tmp_path: Path, shared_data: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused chain publication (or any start failure once the app is built) left the pool and the
+    service's reply threads running in the process."""
+    import miner.chain
+    from miner.service import MinerService
+
+    make_wallet(tmp_path / "wallets", "miner")
+    closed: list[str] = []
+    real_close = MinerService.close
+
+    def close(self: MinerService) -> None:
+        closed.append("service")
+        real_close(self)
+
+    def refused(settings: Settings, axon: Any, subtensor: Any) -> None:
+        raise StartupError("cannot publish the axon (rate limited)")
+
+    monkeypatch.setattr(MinerService, "close", close)
+    monkeypatch.setattr(miner.chain, "connect_chain", lambda settings, wallet: object())
+    monkeypatch.setattr(miner.chain, "publish_axon", refused)
+    settings = local_settings(tmp_path, tmp_path, shared_data, axon_external_ip="127.0.0.1")
+    settings = settings.model_copy(update={"local": False})
+    with pytest.raises(StartupError, match="rate limited"):
+        asyncio.run(serve(settings, asyncio.Event()))
+    assert closed == ["service"]
+
+
+def test_replay_dir_with_a_live_provider_is_a_usage_error(tmp_path: Path, shared_data: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """--replay-dir beside --provider binance was dropped without a word: live prices were served."""
+    seen: list[Settings] = []
+
+    async def record(settings: Settings, stop: asyncio.Event | None = None) -> None:
+        seen.append(settings)
+
+    monkeypatch.setattr("miner.runtime.serve", record)
+    monkeypatch.chdir(tmp_path)
+    for key in [k for k in os.environ if k.startswith("SYNTH_")]:
+        monkeypatch.delenv(key)
+    result = CliRunner().invoke(app, ["serve", "--local", "--replay-dir", str(shared_data), "--provider", "binance"])
+    assert result.exit_code == 2 and not seen, result.output
+    assert "--replay-dir" in result.output and "binance" in result.output
+    for extra, env in ((["--provider", "replay"], {}), ([], {"SYNTH_PRICE_PROVIDER": "binance"}),
+                       (["--provider", "binance"], {"SYNTH_PROVIDER_OVERRIDES": '{"BTC": "replay"}'})):
+        result = CliRunner().invoke(app, ["serve", "--local", "--replay-dir", str(shared_data), *extra], env=env)
+        assert result.exit_code == 0, (extra, env, result.output)
+    assert [s.provider_for("ETH") for s in seen] == ["replay", "replay", "binance"]
+
+
+def test_a_password_protected_hotkey_without_a_terminal_is_named(tmp_path: Path) -> None:
+    """Without a terminal bittensor prompted anyway and refused with "Wrong password for decryption", for a
+    password nobody was asked."""
+    import bittensor as bt
+
+    wallet = bt.Wallet(name="miner", hotkey="default", path=str(tmp_path / "wallets"))
+    wallet.create_new_coldkey(use_password=False, overwrite=True, suppress=True)
+    keypair = bt.Keypair.create_from_mnemonic(bt.Keypair.generate_mnemonic())
+    wallet.hotkey_file.set_keypair(keypair, encrypt=True, overwrite=True, password="a-long-password-1")
+    code, text = run_serve(tmp_path, "--wallet-name", "miner", "--external-ip", "10.0.0.1",
+                           "--network", f"ws://127.0.0.1:{free_port()}")
+    assert code == 1, text
+    assert_short(text)
+    assert f"the hotkey at {wallet.hotkey_file.path} is password-protected and there is no terminal" in flat(text), text
+    assert "Wrong password" not in text

@@ -1,10 +1,13 @@
 """Settings refuse values the miner cannot serve with, and the CLI says so in one line."""
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 from typer.testing import CliRunner
 
-from core.settings import Settings
+from core.settings import InsecureRedisError, Settings, check_redis_url
 from synth_miner.cli import app
 
 
@@ -37,3 +40,39 @@ def test_status_fails_when_the_fleet_cannot_be_read() -> None:
     assert down.exit_code == 1 and "redis" in down.output
     garbage = CliRunner().invoke(app, ["status", "--redis-url", "notaurl"])
     assert garbage.exit_code == 1 and "Traceback" not in garbage.output
+
+
+@pytest.mark.parametrize(("name", "value"), [("SYNTH_ALLOWED_HOTKEYS", "5abc"),
+                                             ("SYNTH_PROVIDER_OVERRIDES", "{XAU: pyth}")])
+def test_a_setting_that_is_not_json_is_a_usage_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                     name: str, value: str) -> None:
+    """pydantic-settings raises its own SettingsError, not a ValidationError, for a list or dict variable
+    that is not JSON: serve ended on a traceback."""
+    monkeypatch.setattr("miner.runtime.serve", lambda *a, **k: pytest.fail("served"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(app, ["serve", "--local"])
+    assert result.exit_code == 2 and not isinstance(result.exception, SettingsError), result.output
+    field = name.removeprefix("SYNTH_").lower()
+    assert f'error parsing value for field "{field}"' in result.output and "JSON" in result.output, result.output
+
+
+@pytest.mark.parametrize("url", ["rediss//:s3cretpw@10.0.0.5/0", "redis://:s3cretpw@10.0.0.5:abc/0",
+                                 "http://:s3cretpw@10.0.0.5:6380/0", "redis:/:s3cretpw@127.0.0.1/0"])
+def test_a_malformed_redis_url_is_refused_without_its_password(url: str) -> None:
+    """A typo in the scheme put the whole URL, password included, in the refusal printed at start."""
+    with pytest.raises(InsecureRedisError, match="is not a Redis URL") as caught:
+        check_redis_url(url)
+    assert "s3cretpw" not in str(caught.value)
+
+
+def test_ports_and_the_published_address_are_checked() -> None:
+    """A host name as the external IP made bittensor drop the publication without a word, and a metrics
+    port out of range stopped the miner only after it had said it was serving."""
+    for bad in ({"metrics_port": 99_999}, {"axon_external_port": 0}, {"worker_metrics_port": 70_000},
+                {"axon_external_ip": "miner.example.com"}):
+        with pytest.raises(ValidationError):
+            Settings(_env_file=None, **bad)  # type: ignore[arg-type]
+    published = Settings(_env_file=None, axon_external_ip=" 203.0.113.7 ")  # type: ignore[call-arg]
+    assert published.axon_external_ip == "203.0.113.7"
+    assert Settings(_env_file=None, axon_external_ip="").axon_external_ip is None  # type: ignore[call-arg]
