@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     reply_margin_s: float = Field(2.0, description="time kept back before the deadline to send the reply")
     fallback_budget_s: float = Field(1.0, description="time kept for the in-process fallback")
     max_wait_s: float = Field(30.0, description="longest wait for the pool, even if the deadline is later")
-    result_ttl_s: int = 120
+    result_ttl_s: int = Field(120, ge=1)  # EXPIRE 0 would delete a result before the miner reads it
     worker_proc_alive_timeout_s: float = Field(
         60.0, gt=0, description="how long Celery lets a new worker process start (it loads torch and the models) "
                                 "before killing it; Celery's 4 s default killed it on busy CPUs")
@@ -167,6 +167,12 @@ class Settings(BaseSettings):
     @classmethod
     def _upper_log_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("metrics_port", "worker_metrics_port", "axon_external_port", mode="before")
+    @classmethod
+    def _zero_port_is_unset(cls, value: object) -> object:
+        """0 has always meant "off" (metrics) or "the axon's own port" (external port): kept so."""
+        return None if value in (0, "0") else value
 
     @field_validator("axon_external_ip", mode="before")
     @classmethod

@@ -53,8 +53,16 @@ class EmbeddedPool:
         # few slow forecasts left every later request queued behind them until it timed out too.
         self.max_overrun = max_overrun
         self.executor = ThreadPoolExecutor(max_workers=threads + max_overrun, thread_name_prefix="forecast")
-        self._slots = asyncio.Semaphore(threads)
+        self.threads = threads
+        self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None  # bound to one loop
         self._overrun: set[Future[ForecastResult]] = set()
+
+    def _slots_here(self) -> asyncio.Semaphore:
+        """The slots of the running event loop (an asyncio semaphore works in the loop it first waited in)."""
+        loop = asyncio.get_running_loop()
+        if self._slots is None or self._slots[0] is not loop:
+            self._slots = (loop, asyncio.Semaphore(self.threads))
+        return self._slots[1]
 
     def _run(self, request: ForecastRequest, snapshot: MarketSnapshot) -> ForecastResult:
         # current() may load a newly published artifact (models): in the thread, never on the event loop.
@@ -67,7 +75,7 @@ class EmbeddedPool:
             raise PoolError("embedded forecast: no time left")
         try:
             async with asyncio.timeout_at(asyncio.get_running_loop().time() + left):
-                async with self._slots:
+                async with self._slots_here():
                     self._overrun = {f for f in self._overrun if not f.done()}
                     if len(self._overrun) >= self.max_overrun:  # fail now: the fallback answers at once
                         raise PoolError(f"embedded pool: {len(self._overrun)} forecasts still running "

@@ -183,4 +183,3 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         for task in background:
             task.cancel()
         await app.pool.close()
-        app.service.close()

@@ -38,6 +38,9 @@ DONE_CACHE_BYTES = 256 * 2**20
 # down), and a few stuck assets there left every other asset's reply, fallback included, queued past its
 # deadline.
 REPLY_THREADS = 4
+# One pool for the process (threads start on demand): a service per test or tool does not leave idle
+# threads behind, and nothing shuts it down under a computation still in flight at exit.
+_REPLIES = ThreadPoolExecutor(max_workers=REPLY_THREADS, thread_name_prefix="reply")
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,6 @@ class MinerService:
         self._snapshots: dict[str, MarketSnapshot] = {}  # the market data each computation forecasts from
         self._done: OrderedDict[str, Answer] = OrderedDict()
         self.counters: dict[str, int] = {"requests": 0, "fallbacks": 0, "shared": 0}
-        self._replies = ThreadPoolExecutor(max_workers=REPLY_THREADS, thread_name_prefix="reply")
 
     def deadline_for(self, received: float, timeout: float | None) -> float:
         """When the reply must be ready: the caller's timeout less the margin to send it."""
@@ -97,9 +99,9 @@ class MinerService:
         began = time.perf_counter()
         snapshot = self._snapshots.get(key)  # the shared computation's, when it has one by now
         if snapshot is None:
-            # Market data gets no more than in _compute: up to the deadline, a hung provider's anchor
-            # fetch left the fallback to be computed after it.
-            snapshot = await self.data.fallback_snapshot(request.asset, deadline - self.settings.fallback_budget_s)
+            # Half the fallback's budget for market data, half to compute: up to the deadline, a hung
+            # provider's anchor fetch left the fallback to be computed after it.
+            snapshot = await self.data.fallback_snapshot(request.asset, deadline - self.settings.fallback_budget_s / 2)
         return await self._fallback(request, snapshot, "shared forecast not ready by this request's deadline",
                                     began, "shared")
 
@@ -147,11 +149,7 @@ class MinerService:
         return Answer(request, body, "fallback", reason, time.perf_counter() - began)
 
     async def _off_loop(self, work: "functools.partial[bytes]") -> bytes:
-        return await asyncio.get_running_loop().run_in_executor(self._replies, work)
-
-    def close(self) -> None:
-        """Stop the reply threads (a reply being rendered finishes; none queued is started)."""
-        self._replies.shutdown(wait=False, cancel_futures=True)
+        return await asyncio.get_running_loop().run_in_executor(_REPLIES, work)
 
     def _fallback_reply(self, request: ForecastRequest, snapshot: MarketSnapshot) -> bytes:
         return self._checked_reply(self.fallback.current().run(request, snapshot).paths, request)

@@ -4,6 +4,7 @@
 error, exit 2, when it names the option at fault) instead of a traceback.
 """
 
+import os
 import socket
 import sys
 from pathlib import Path
@@ -69,8 +70,10 @@ def load_wallet(settings: Settings) -> "bt.Wallet":
                 if not keyfile.exists_on_device():
                     raise StartupError(f"no {kind} at {keyfile.path} ({where}): create the wallet with btcli or "
                                        "pass --wallet-path / --wallet-name / --wallet-hotkey")
-        if wallet.hotkey_file.is_encrypted() and not sys.stdin.isatty():
-            # bittensor would prompt on a closed stdin and report "Wrong password" for a password never given.
+        hotkey_file = wallet.hotkey_file
+        if hotkey_file.is_encrypted() and not sys.stdin.isatty() and not os.environ.get(hotkey_file.env_var_name()):
+            # bittensor would prompt on a closed stdin and report "Wrong password" for a password never given
+            # (it reads one saved in the environment, BT_PW_..., without asking).
             raise StartupError(f"the hotkey at {wallet.hotkey_file.path} is password-protected and there is no "
                                "terminal to ask for it: the miner signs every reply with its hotkey, give it one "
                                "without a password (btcli wallet new_hotkey --no-use-password)")

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Column, Table
 
-from core.artifacts import ArtifactError, ArtifactStore, DataWindow
+from core.artifacts import BUILT_ON_NOTE, ArtifactError, ArtifactStore, DataWindow
 from core.assets import ASSETS
 from core.calibration import (
     CALIBRATION_FILE,
@@ -206,11 +206,20 @@ def publish_cmd(
     end: Annotated[str | None, typer.Option(help="--gate prompts end before this ISO time")] = None,
     tolerance: Annotated[float | None, typer.Option(help="promote if CRPS <= champion x (1 + this)")] = None,
     all_rows: Annotated[bool, typer.Option("--all-rows", help="ignore manifest.json's held-out split")] = False,
+    force: Annotated[bool, typer.Option("--force", help="publish a set staged on another version than the "
+                                        "current one (its inherited files replace the current ones)")] = False,
 ) -> None:
     """Validate a staged artifact and make it current (atomically); the current one stays on failure."""
     settings = load_settings()
     store = _store(artifacts_dir, settings)
     try:
+        staged = store.validate(staging)
+        built_on, current = staged.manifest.notes.get(BUILT_ON_NOTE), store.current_version() or ""
+        if built_on is not None and built_on != current and not force:
+            # E.g. `retrain --no-publish`, then an hourly calibration: publishing would bring its older one back.
+            raise _fail(f"{staged.version} was staged on {built_on or 'no published set'}, but {current} is current "
+                        f"now: publishing it would replace {current}'s other files (its calibration, its models) "
+                        f"with those it copied from {built_on or 'nothing'}. Stage it again, or pass --force")
         if not gate:
             console.print(f"published {store.publish(staging)}")
             return

@@ -101,8 +101,8 @@ def sync(
     if done.dropped:
         console.print(f"[yellow]{done.dropped} implausible bar(s) dropped[/yellow] (ts {', '.join(done.dropped_ts)})")
     if done.held_back:
-        console.print(f"{done.held_back} newest bar(s) not stored: their jump is not confirmed yet (the refresh "
-                      "fetches them again)")
+        console.print(f"{done.held_back} newest bar(s) not stored: no later bar confirms their jump (the refresh "
+                      "fetches recent ones again; for a past --until, sync a later range)")
 
 
 @dataclass
@@ -121,7 +121,10 @@ async def _sync(asset: str, provider: str, settings: Settings, store: HistorySto
     x100 print would otherwise reach the store, then the cache, training and an anchor."""
     source = build_source(provider, settings)
     report = SyncReport()
-    before = await asyncio.to_thread(store.read, asset, step, start - SECONDS_PER_DAY, start)
+    try:  # the reference for the first chunk's first bar; without it the chunk's own median is
+        before = await asyncio.to_thread(store.read, asset, step, start - SECONDS_PER_DAY, start)
+    except HistoryStoreError:  # a damaged day compaction has not set aside yet: not worth failing the sync
+        before = PriceHistory.empty(step)
     previous = float(before.close[-1]) if len(before) else None
     pending = PriceHistory.empty(step)  # a chunk's unconfirmed newest bars, judged with the next chunk
     try:

@@ -87,7 +87,7 @@ def collect(settings: Settings) -> dict[str, Any]:
         report["jobs"] = runs[:JOBS_SHOWN]
         last = {(k.decode() if isinstance(k, bytes) else k): json.loads(v)
                 for k, v in client.hgetall(JOB_LAST_RUN_KEY).items()}
-        for run in reversed(runs):  # records from before the per-job key
+        for run in runs:  # records from before the per-job key: the list is newest first
             last.setdefault(run["job"], run)
         report["last_runs"] = dict(sorted(last.items()))
         report["last_calibration"] = last.get("calibrate")

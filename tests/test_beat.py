@@ -211,7 +211,7 @@ def test_a_send_that_fails_is_retried_on_the_next_tick_not_a_period_later(redis_
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Celery's beat advances an entry before it sends it: a broker error at that moment used to skip the
     job until its next period (a week for the retrain)."""
-    from celery.beat import PersistentScheduler
+    from celery.beat import PersistentScheduler, SchedulingError
 
     from workers.app import create_app
     from workers.beat import LeaderScheduler
@@ -230,7 +230,7 @@ def test_a_send_that_fails_is_retried_on_the_next_tick_not_a_period_later(redis_
     def flaky(self: PersistentScheduler, entry: Any, *args: Any, **kwargs: Any) -> Any:
         if entry.name == "retrain" and not failures:
             failures.append(entry.name)
-            raise redis.ConnectionError("broker restarting")
+            raise SchedulingError("Couldn't apply scheduled task retrain: broker restarting")  # as Celery wraps it
         return send(self, entry, *args, **kwargs)
 
     monkeypatch.setattr(PersistentScheduler, "apply_async", flaky)

@@ -136,6 +136,25 @@ def test_artifacts_publish_refuses_a_corrupt_staging(app: typer.Typer, tmp_path:
     assert store.current_version() == "v001"
 
 
+def test_publishing_a_set_staged_on_an_older_version_by_hand_is_refused_unless_forced(
+        app: typer.Typer, tmp_path: Path) -> None:
+    """`retrain --no-publish`, an hourly calibration, then `artifacts publish`: the staged set's inherited
+    calibration would silently replace the newer one."""
+    root = tmp_path / "artifacts"
+    store = ArtifactStore(root)
+    store.publish(stage_scale(store, "v001", 1.0))
+    state = CalibrationState({"ewma_t:BTC:60": Entry("ewma_t", "BTC", 60, scale=1.1)})
+    models = store.stage({CALIBRATION_FILE: state.to_json()}, version="v002-hf", inherit=True)  # built on v001
+    store.publish(stage_scale(store, "v003-calibrated", 1.3))
+    runner = CliRunner()
+    refused = runner.invoke(app, ["artifacts", "publish", str(models), "--dir", str(root)])
+    assert refused.exit_code == 1 and "staged on v001, but v003-calibrated is current" in " ".join(refused.output.split())
+    assert store.current_version() == "v003-calibrated"
+    forced = runner.invoke(app, ["artifacts", "publish", str(models), "--dir", str(root), "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert store.current_version() == "v002-hf"
+
+
 def test_artifacts_publish_gate_rejects_a_worse_challenger(app: typer.Typer, data_dir: Path,
                                                            tmp_path: Path) -> None:
     root = tmp_path / "artifacts"

@@ -385,30 +385,30 @@ def test_a_taken_metrics_port_is_refused_before_serving(tmp_path: Path, shared_d
 
 def test_a_refused_start_after_the_models_load_stops_what_it_started(tmp_path: Path, shared_data: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """A refused chain publication (or any start failure once the app is built) left the pool and the
-    service's reply threads running in the process."""
+    """A refused chain publication (or any start failure once the app is built) left the pool (its threads)
+    and the axon running in the process."""
     import miner.chain
-    from miner.service import MinerService
+    from miner.pool import EmbeddedPool
 
     make_wallet(tmp_path / "wallets", "miner")
     closed: list[str] = []
-    real_close = MinerService.close
+    real_close = EmbeddedPool.close
 
-    def close(self: MinerService) -> None:
-        closed.append("service")
-        real_close(self)
+    async def close(self: EmbeddedPool) -> None:
+        closed.append("pool")
+        await real_close(self)
 
     def refused(settings: Settings, axon: Any, subtensor: Any) -> None:
         raise StartupError("cannot publish the axon (rate limited)")
 
-    monkeypatch.setattr(MinerService, "close", close)
+    monkeypatch.setattr(EmbeddedPool, "close", close)
     monkeypatch.setattr(miner.chain, "connect_chain", lambda settings, wallet: object())
     monkeypatch.setattr(miner.chain, "publish_axon", refused)
     settings = local_settings(tmp_path, tmp_path, shared_data, axon_external_ip="127.0.0.1")
     settings = settings.model_copy(update={"local": False})
     with pytest.raises(StartupError, match="rate limited"):
         asyncio.run(serve(settings, asyncio.Event()))
-    assert closed == ["service"]
+    assert closed == ["pool"]
 
 
 def test_replay_dir_with_a_live_provider_is_a_usage_error(tmp_path: Path, shared_data: Path,

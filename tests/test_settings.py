@@ -69,10 +69,19 @@ def test_a_malformed_redis_url_is_refused_without_its_password(url: str) -> None
 def test_ports_and_the_published_address_are_checked() -> None:
     """A host name as the external IP made bittensor drop the publication without a word, and a metrics
     port out of range stopped the miner only after it had said it was serving."""
-    for bad in ({"metrics_port": 99_999}, {"axon_external_port": 0}, {"worker_metrics_port": 70_000},
+    for bad in ({"metrics_port": 99_999}, {"axon_external_port": -1}, {"worker_metrics_port": 70_000},
                 {"axon_external_ip": "miner.example.com"}):
         with pytest.raises(ValidationError):
             Settings(_env_file=None, **bad)  # type: ignore[arg-type]
     published = Settings(_env_file=None, axon_external_ip=" 203.0.113.7 ")  # type: ignore[call-arg]
     assert published.axon_external_ip == "203.0.113.7"
     assert Settings(_env_file=None, axon_external_ip="").axon_external_ip is None  # type: ignore[call-arg]
+
+
+def test_port_zero_still_means_off_and_results_must_live() -> None:
+    """0 turned metrics off and meant "the axon's own port" before the ports were range-checked."""
+    settings = Settings(_env_file=None, metrics_port=0, worker_metrics_port="0", axon_external_port=0)  # type: ignore[arg-type]
+    assert settings.metrics_port is None and settings.worker_metrics_port is None
+    assert settings.axon_external_port is None
+    with pytest.raises(ValidationError):
+        Settings(_env_file=None, result_ttl_s=0)  # type: ignore[call-arg]

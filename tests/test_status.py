@@ -58,8 +58,10 @@ def test_last_calibration_is_found_behind_a_stream_of_minute_jobs(redis_url: str
     for minute in range(29, -1, -1):
         client.lpush(JOB_RUNS_KEY, json.dumps({"job": "refresh-cache", "slot": int(now) - 60 * minute, "status": "ok",
                                                "started": now - 60 * minute, "seconds": 0.5}))
+    client.rpush(JOB_RUNS_KEY, json.dumps({"job": "calibrate", "slot": int(now) - 9000, "status": "error",
+                                           "started": now - 9000, "seconds": 1.0}))  # an older run, kept deeper
     report = collect(Settings(_env_file=None, redis_url=redis_url, artifacts_dir=tmp_path))  # type: ignore[call-arg]
-    assert report["last_calibration"] is not None and report["last_calibration"]["status"] == "ok"
+    assert report["last_calibration"] is not None and report["last_calibration"]["status"] == "ok"  # the newest
     console = Console(record=True, width=160)
     render(report, console)
     line = next(x for x in console.export_text().splitlines() if x.startswith("last calibration"))

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from typing import IO, Any
 
 import redis
-from celery.beat import PersistentScheduler, ScheduleEntry
+from celery.beat import PersistentScheduler, ScheduleEntry, SchedulingError
 from celery.utils.time import maybe_make_aware
 
 from core.constants import BEAT_LAST_RUN_KEY, BEAT_LOCK_KEY
@@ -89,7 +89,7 @@ class LeaderScheduler(PersistentScheduler):
             entry.kwargs = {**entry.kwargs, "slot": int((time.time() + 0.5 * min(period, 2.0)) // period * period)}
         try:
             result = super().apply_async(entry, producer, advance, **kwargs)
-        except Exception:
+        except SchedulingError:  # the send failed (Celery wraps it); a failed save after a send is not one
             # Celery advanced the entry before sending: a broker blip at that moment would skip the run for a
             # whole period (a week for the retrain). Put the unsent entry back: it is due again next tick.
             if not advance and self.schedule.get(entry.name) is not entry:
