@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 class HistoryStoreError(RuntimeError):
     """The on-disk history could not be read or written."""
 
+    stored: int = 0  # an append's bars stored on the other days before it raised (see append)
+
 
 class StoreWriteError(HistoryStoreError):
     """A partition write failed; the previous partition is intact."""
@@ -256,7 +258,9 @@ class HistoryStore:
         if failed:
             first = failed[0]
             more = f" (and {len(failed) - 1} more day(s))" if len(failed) > 1 else ""
-            raise type(first)(f"{first}{more}; the other days were stored") from first
+            error = type(first)(f"{first}{more}; the other days were stored")
+            error.stored = new  # the caller's count of new bars stays true
+            raise error from first
         return new
 
     def _write_partition(self, asset: str, step: int, day: int,

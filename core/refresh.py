@@ -208,6 +208,7 @@ async def _refresh_step(asset: str, step: int, window: int, source: PriceSource,
             try:
                 new_in_store = await asyncio.to_thread(store.append, asset, to_store)
             except HistoryStoreError as exc:
+                new_in_store = exc.stored  # the other days' bars were written
                 errors.append(f"store write {step}s: {type(exc).__name__}: {exc}")
     if len(kept):
         new_in_cache = await asyncio.to_thread(cache.write, asset, kept)

@@ -293,6 +293,7 @@ async def test_a_corrupt_partition_does_not_cost_the_store_the_days_after_it(
     clock.advance((torn + 1) * SECONDS_PER_DAY - T0 + 8 * 3600)  # back 8 h into the next UTC day
     report = await refresh_asset("BTC", source, cache, store, settings, now=int(clock()))
     assert any("StoreWriteError" in e or "StoreReadError" in e for e in report.errors)
+    assert next(s for s in report.steps if s.step == 60).new_in_store > 7 * 60  # the next day's 8 h, counted (was 0)
     for _ in range(2):  # later refreshes: nothing more is written for the day after the torn one
         clock.advance(120)
         await refresh_asset("BTC", source, cache, store, settings, now=int(clock()))
