@@ -129,21 +129,27 @@ def test_a_restarted_beat_keeps_its_last_run_times(redis_url: str, tmp_path: Pat
     assert retrain.last_run_at.timestamp() < second_began - 1, retrain  # the first beat's time, kept
 
 
+def retrain_only_app(monkeypatch: pytest.MonkeyPatch, redis_url: str, retrain_s: float) -> tuple[Any, redis.Redis]:
+    """A Celery app whose beat schedules only the retrain (every ``retrain_s``), with a 3 s leader lock."""
+    from workers.app import create_app
+
+    monkeypatch.setenv("SYNTH_REDIS_URL", redis_url)
+    monkeypatch.setenv("SYNTH_BEAT_LOCK_TTL_S", "3")
+    get_settings.cache_clear()
+    app = create_app(Settings(redis_url=redis_url, beat_retrain_s=retrain_s, beat_refresh_s=100_000,
+                              beat_calibrate_s=100_000, beat_compact_s=100_000))
+    return app, redis.Redis.from_url(redis_url)
+
+
 def test_a_standby_taking_over_does_not_rerun_a_job_the_leader_just_sent(redis_url: str, tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Each beat keeps its own schedule file, so a standby's last-run times are as old as its last time as the
     leader. Taking over, it must not send at once a job the dead leader sent a moment ago (an hourly
     calibration, a weekly 4-hour retrain): that is a second run within one period, in the next slot."""
-    from workers.app import create_app
     from workers.beat import LeaderScheduler
 
     period = 8.0
-    monkeypatch.setenv("SYNTH_REDIS_URL", redis_url)
-    monkeypatch.setenv("SYNTH_BEAT_LOCK_TTL_S", "3")
-    get_settings.cache_clear()
-    app = create_app(Settings(redis_url=redis_url, beat_retrain_s=period, beat_refresh_s=100_000,
-                              beat_calibrate_s=100_000, beat_compact_s=100_000))
-    client = redis.Redis.from_url(redis_url)
+    app, client = retrain_only_app(monkeypatch, redis_url, period)
     leader, standby = (LeaderScheduler(app=app, schedule_filename=str(tmp_path / f"beat{i}.db")) for i in range(2))
     stale = datetime.now(timezone.utc) - timedelta(seconds=10 * period)
     for scheduler in (leader, standby):  # retrain due in both (the standby's file is old); nothing else is
@@ -179,16 +185,10 @@ def test_a_beat_with_a_fresh_schedule_file_goes_on_from_the_leaders_last_sends(r
     """A fresh schedule file (a new host, a Celery upgrade or a corrupt file resets it) dates every entry
     to the beat's start, a time it never sent anything at: the sends the leader recorded in Redis must win,
     or each such start puts the weekly retrain off by up to a week."""
-    from workers.app import create_app
     from workers.beat import LeaderScheduler
 
     period = 8.0
-    monkeypatch.setenv("SYNTH_REDIS_URL", redis_url)
-    monkeypatch.setenv("SYNTH_BEAT_LOCK_TTL_S", "3")
-    get_settings.cache_clear()
-    app = create_app(Settings(redis_url=redis_url, beat_retrain_s=period, beat_refresh_s=100_000,
-                              beat_calibrate_s=100_000, beat_compact_s=100_000))
-    client = redis.Redis.from_url(redis_url)
+    app, client = retrain_only_app(monkeypatch, redis_url, period)
     client.hset(BEAT_LAST_RUN_KEY, "retrain", time.time() - period + 1)  # the old leader's send: due in 1 s
     beat = LeaderScheduler(app=app, schedule_filename=str(tmp_path / "fresh.db"))
 
@@ -213,15 +213,9 @@ def test_a_send_that_fails_is_retried_on_the_next_tick_not_a_period_later(redis_
     job until its next period (a week for the retrain)."""
     from celery.beat import PersistentScheduler, SchedulingError
 
-    from workers.app import create_app
     from workers.beat import LeaderScheduler
 
-    monkeypatch.setenv("SYNTH_REDIS_URL", redis_url)
-    monkeypatch.setenv("SYNTH_BEAT_LOCK_TTL_S", "3")
-    get_settings.cache_clear()
-    app = create_app(Settings(redis_url=redis_url, beat_retrain_s=7 * 86_400, beat_refresh_s=100_000,
-                              beat_calibrate_s=100_000, beat_compact_s=100_000))
-    client = redis.Redis.from_url(redis_url)
+    app, client = retrain_only_app(monkeypatch, redis_url, 7 * 86_400)
     beat = LeaderScheduler(app=app, schedule_filename=str(tmp_path / "beat.db"))
     beat.schedule["retrain"].last_run_at = datetime.now(timezone.utc) - timedelta(days=7, seconds=5)  # due
     send = PersistentScheduler.apply_async

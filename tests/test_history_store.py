@@ -76,13 +76,19 @@ def test_a_failing_write_leaves_the_old_partition_intact(tmp_path: Path, monkeyp
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]  # no debris left behind
 
 
-def test_corrupt_partitions_are_refused(tmp_path: Path) -> None:
-    store = HistoryStore(tmp_path)
+def torn_day(store: HistoryStore) -> tuple[Path, bytes]:
+    """100 BTC bars on DAY0, then that day's file with its last byte flipped (a checksum mismatch)."""
     store.append("BTC", bars(DAY0, 100))
     path = store.partition("BTC", 60, DAY0 // SECONDS_PER_DAY)
     raw = bytearray(path.read_bytes())
     raw[-1] ^= 0xFF
     path.write_bytes(bytes(raw))
+    return path, bytes(raw)
+
+
+def test_corrupt_partitions_are_refused(tmp_path: Path) -> None:
+    store = HistoryStore(tmp_path)
+    path, _ = torn_day(store)
     with pytest.raises(StoreReadError, match="checksum"):
         store.read("BTC", 60, DAY0, DAY0 + 6000)
     path.write_bytes(b"timestamp,close\n")
@@ -92,11 +98,7 @@ def test_corrupt_partitions_are_refused(tmp_path: Path) -> None:
 
 def test_a_corrupt_day_does_not_stop_an_append_writing_the_other_days(tmp_path: Path) -> None:
     store = HistoryStore(tmp_path)
-    store.append("BTC", bars(DAY0, 100))
-    path = store.partition("BTC", 60, DAY0 // SECONDS_PER_DAY)
-    raw = bytearray(path.read_bytes())
-    raw[-1] ^= 0xFF
-    path.write_bytes(bytes(raw))
+    path, raw = torn_day(store)
     hist = bars(DAY0 - 600 * 60, 3 * 1440)  # the day before, the torn day, and the day after
     with pytest.raises(StoreReadError, match="checksum.*other days were stored") as raised:
         store.append("BTC", hist)
@@ -105,7 +107,7 @@ def test_a_corrupt_day_does_not_stop_an_append_writing_the_other_days(tmp_path: 
     for day in (DAY0 - SECONDS_PER_DAY, DAY0 + SECONDS_PER_DAY):
         np.testing.assert_array_equal(store.read("BTC", 60, day, day + SECONDS_PER_DAY).ts,
                                       hist.between(day, day + SECONDS_PER_DAY).ts)
-    assert path.read_bytes() == bytes(raw)  # the torn file is left for compact to set aside
+    assert path.read_bytes() == raw  # the torn file is left for compact to set aside
 
 
 def test_bad_names_and_grids(tmp_path: Path) -> None:
