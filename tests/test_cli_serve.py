@@ -209,6 +209,21 @@ def test_unexpected_error_is_one_line_and_non_zero(tmp_path: Path, monkeypatch: 
 # ------------------------------------------------------------------ 5. the bind address under --local
 
 
+def recorded_serves(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[Settings]:
+    """`serve` records the settings it would run with instead of serving, in a folder and an environment
+    without SYNTH_ variables."""
+    seen: list[Settings] = []
+
+    async def record(settings: Settings, stop: asyncio.Event | None = None) -> None:
+        seen.append(settings)
+
+    monkeypatch.setattr("miner.runtime.serve", record)
+    monkeypatch.chdir(tmp_path)
+    for key in [k for k in os.environ if k.startswith("SYNTH_")]:
+        monkeypatch.delenv(key)
+    return seen
+
+
 @pytest.mark.parametrize(("args", "env", "dotenv", "host"), [
     (["--local"], {}, None, "127.0.0.1"),  # the local default
     (["--local", "--host", "0.0.0.0"], {}, None, "0.0.0.0"),  # an explicit flag wins
@@ -222,15 +237,7 @@ def test_local_binds_loopback_unless_a_host_is_given(tmp_path: Path, monkeypatch
                                                      host: str) -> None:
     """Where each source of the address leads, read from the settings handed to the miner (cheap: nothing
     starts); test_the_real_axon_listens_where_the_flags_say checks the socket the real axon opens."""
-    seen: list[Settings] = []
-
-    async def record(settings: Settings, stop: asyncio.Event | None = None) -> None:
-        seen.append(settings)
-
-    monkeypatch.setattr("miner.runtime.serve", record)
-    monkeypatch.chdir(tmp_path)
-    for key in [k for k in os.environ if k.startswith("SYNTH_")]:
-        monkeypatch.delenv(key)
+    seen = recorded_serves(monkeypatch, tmp_path)
     if dotenv:
         (tmp_path / ".env").write_text(dotenv)
     result = CliRunner().invoke(app, ["serve", *args], env=env)
@@ -414,15 +421,7 @@ def test_a_refused_start_after_the_models_load_stops_what_it_started(tmp_path: P
 def test_replay_dir_with_a_live_provider_is_a_usage_error(tmp_path: Path, shared_data: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """--replay-dir beside --provider binance was dropped without a word: live prices were served."""
-    seen: list[Settings] = []
-
-    async def record(settings: Settings, stop: asyncio.Event | None = None) -> None:
-        seen.append(settings)
-
-    monkeypatch.setattr("miner.runtime.serve", record)
-    monkeypatch.chdir(tmp_path)
-    for key in [k for k in os.environ if k.startswith("SYNTH_")]:
-        monkeypatch.delenv(key)
+    seen = recorded_serves(monkeypatch, tmp_path)
     result = CliRunner().invoke(app, ["serve", "--local", "--replay-dir", str(shared_data), "--provider", "binance"])
     assert result.exit_code == 2 and not seen, result.output
     assert "--replay-dir" in result.output and "binance" in result.output

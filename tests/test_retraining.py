@@ -77,14 +77,19 @@ def test_retrain_command_says_what_is_missing(tmp_path: Path, monkeypatch: pytes
     assert {c.name for c in app.registered_commands} >= {"train", "retrain"}
 
 
-def test_the_gate_reports_every_outcome_and_publishes_only_a_model_that_does_not_lose(
-        tmp_path: Path, shared_data: Path) -> None:
+def btc_gate_setup(tmp_path: Path, shared_data: Path) -> tuple[int, HistoryStore, Settings, ArtifactStore]:
+    """A store holding BTC's 4 pre-cut days of 1-minute bars, settings with a 1.1-day gate, an empty artifact store."""
     cut = json.loads((shared_data / "manifest.json").read_text())["btc_1m"]["eval_start_ts"]
     store = HistoryStore(tmp_path / "data" / "history")
     store.append("BTC", read_csv(shared_data / "btc_1m.csv.gz", 60).between(cut - 4 * 86_400, cut))
     settings = Settings(data_dir=tmp_path / "data", artifacts_dir=tmp_path / "artifacts", retrain_gate_days=1.1,
                         retrain_gate_paths=50)
-    artifacts = ArtifactStore.from_settings(settings)
+    return int(cut), store, settings, ArtifactStore.from_settings(settings)
+
+
+def test_the_gate_reports_every_outcome_and_publishes_only_a_model_that_does_not_lose(
+        tmp_path: Path, shared_data: Path) -> None:
+    cut, store, settings, artifacts = btc_gate_setup(tmp_path, shared_data)
     trained = DataWindow(cut - 4 * 86_400, cut - 95_040)
     committed = settings.models_dir / "hf.pt"  # "retrained" into the committed weights: a tie, not a loss
     garbage = tmp_path / "garbage" / "hf.pt"
@@ -132,12 +137,7 @@ def test_a_gate_never_publishes_over_a_calibration_published_while_it_ran(tmp_pa
     its challenger was not built on: the calibration just published would be silently reverted."""
     from core.calibration import CALIBRATION_FILE, CalibrationState, Entry
 
-    cut = json.loads((shared_data / "manifest.json").read_text())["btc_1m"]["eval_start_ts"]
-    store = HistoryStore(tmp_path / "data" / "history")
-    store.append("BTC", read_csv(shared_data / "btc_1m.csv.gz", 60).between(cut - 4 * 86_400, cut))
-    settings = Settings(data_dir=tmp_path / "data", artifacts_dir=tmp_path / "artifacts", retrain_gate_days=1.1,
-                        retrain_gate_paths=50)
-    artifacts = ArtifactStore.from_settings(settings)
+    cut, store, settings, artifacts = btc_gate_setup(tmp_path, shared_data)
     calibrated = CalibrationState({"ewma_t:BTC:60": Entry("ewma_t", "BTC", 60, scale=1.2)}).to_json()
     stage = artifacts.stage
 
