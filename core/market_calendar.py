@@ -144,6 +144,28 @@ def us_session(ts: npt.ArrayLike) -> UsSession:
                      trading_day=trading.astype(f), half_day=half.astype(f))
 
 
+SECONDS_PER_WEEK = 7 * 86_400
+
+
+def new_york_week_shift(end: int, now: int) -> int:
+    """The smallest shift (seconds) that moves time ``end`` to or past ``now`` and keeps its New York
+    weekday and wall-clock time: whole weeks, plus the hour a DST change in between adds or removes.
+
+    Replayed equity and gold files keep their sessions and weekends this way; a shift of any other
+    length would move the regular-session bars into the night, where the session filter drops them.
+    """
+    def ny_offset(t: int) -> int:
+        return int(ny_local_seconds(t)) - t
+
+    weeks = max(0, -(-(now - end) // SECONDS_PER_WEEK))
+    while True:  # at most twice: the DST hour can leave the first candidate an hour short of now
+        shift = weeks * SECONDS_PER_WEEK
+        shift += ny_offset(end) - ny_offset(end + shift)
+        if end + shift >= now:
+            return shift
+        weeks += 1
+
+
 WEEKEND_FROM, WEEKEND_TO = 4 * 1440 + 17 * 60, 6 * 1440 + 17 * 60  # Fri 17:00 .. Sun 17:00 New York, minutes
 
 

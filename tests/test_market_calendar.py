@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from core.market_calendar import (
+    NY,
     _warn_calendar_ended,
     bars_in_hours,
     in_regular_session,
+    new_york_week_shift,
     ny_local_seconds,
     outside_gold_weekend,
     us_session,
@@ -95,3 +97,19 @@ def test_a_day_past_the_nyse_calendar_is_reported_once(caplog: pytest.LogCapture
         us_session([utc("2028-07-04T15:00:00")])
         us_session([utc("2028-12-25T15:00:00")])
     assert len(caplog.records) == 1 and "ends on 2027-12-31" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize("end_iso, now_iso", [
+    ("2026-02-06T16:00:00-05:00", "2026-12-07T02:50:00+00:00"),  # EST to EST
+    ("2026-07-10T16:00:00-04:00", "2026-12-07T02:50:00+00:00"),  # EDT file, EST now
+    ("2026-01-09T16:00:00-05:00", "2026-06-20T12:00:00+00:00"),  # EST file, EDT now
+    ("2026-07-10T16:00:00-04:00", "2026-07-10T20:00:00+00:00"),  # already at now: no shift
+])
+def test_the_new_york_week_shift_keeps_weekday_and_wall_clock_and_reaches_now(end_iso: str, now_iso: str) -> None:
+    end, now = int(datetime.fromisoformat(end_iso).timestamp()), int(datetime.fromisoformat(now_iso).timestamp())
+    shift = new_york_week_shift(end, now)
+    assert now <= end + shift < now + 7 * 86_400 + 3600 and shift % 300 == 0
+    before, after = (datetime.fromtimestamp(t, UTC).astimezone(NY) for t in (end, end + shift))
+    assert (after.weekday(), after.hour, after.minute) == (before.weekday(), before.hour, before.minute)
+    bars = np.arange(end - 5 * 86_400, end, 300, dtype=np.int64)  # the file's last regular sessions stay sessions
+    np.testing.assert_array_equal(in_regular_session(bars + 150), in_regular_session(bars + shift + 150))

@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 
 from core.cache import MemoryHistoryCache
+from core.csv_history import read_csv
 from core.fake_providers import ManualClock
+from core.market_calendar import in_regular_session
 from core.refresh import refresh_asset
 from core.settings import Settings
 from core.sources.base import ProviderError
 from core.sources.replay import ReplaySource
-from tests.provider_fixtures import T0, fake_provider_fixtures
+from tests.provider_fixtures import T0, fake_provider_fixtures, write_held_in
 
 csv_dir, clock, market, server = fake_provider_fixtures("binance", ["btc"], days=2, with_5m=True)
 
@@ -48,3 +50,53 @@ async def test_steps_other_than_1m_and_5m_are_refused(csv_dir: Path, clock: Manu
     for step in (120, 900):
         with pytest.raises(ProviderError, match=f"step {step}"):
             await replay.history("BTC", T0 - 7200, T0, step=step)
+
+
+async def test_an_unreadable_replay_file_is_a_provider_error(tmp_path: Path, clock: ManualClock) -> None:
+    """Sources fail with ProviderError (what the refresh and the miner catch). A bad CSV leaked the reader's
+    PriceDataError: ``latest`` raised it straight out of ``refresh_asset``, which reports failures instead."""
+    (tmp_path / "btc_1m.csv").write_text("time,price\n60,1.0\n")
+    replay = ReplaySource(tmp_path, clock)
+    with pytest.raises(ProviderError, match="btc_1m"):
+        await replay.history("BTC", T0 - 3600, T0)
+    with pytest.raises(ProviderError):
+        await replay.latest("BTC")
+    report = await refresh_asset("BTC", replay, MemoryHistoryCache(), None, Settings(), now=T0, steps=(60, 300))
+    assert not report.ok and report.latest is None and any(e.startswith("latest:") for e in report.errors)
+
+
+@pytest.fixture
+def spy_dir(tmp_path: Path, shared_data: Path) -> Path:
+    """Three weeks of SPY's regular-session 5-minute bars before its held-out boundary."""
+    return write_held_in(tmp_path, shared_data, ["spy"], days=21, with_5m=True)
+
+
+# Tuesday 2026-10-20, 12:00 UTC: the three weeks before it hold no NYSE holiday and no DST switch (a
+# whole-week shift cannot keep the session across one: bars before the switch land an hour off).
+OCT_20 = 1_792_497_630
+
+
+async def test_an_equity_replay_keeps_its_sessions_and_plays_its_last_week_as_the_clock_moves(
+        spy_dir: Path) -> None:
+    """Before the fix, a 5-minute shift moved the session bars into the New York night: the equity model's
+    session filter kept none of them and every SPYX forecast fell back to EWMA-t."""
+    clock = ManualClock(OCT_20)
+    replay = ReplaySource(spy_dir, clock)
+    file_bars = read_csv(spy_dir / "spy_5m.csv.gz", 300)
+    served = await replay.history("SPYX", 0, OCT_20, step=300)
+    assert 0 < len(served) < len(file_bars)  # the file's tail past "now" is not served yet
+    assert bool(in_regular_session(served.ts + 150).all())  # and every session bar is still a session bar
+    assert served.last_close_time is not None and served.last_close_time <= OCT_20
+    assert (await replay.latest("SPYX")).publish_time <= OCT_20
+    clock.advance(7 * 86_400)  # a week on, the rest of the file has been played, each row once
+    later = await replay.history("SPYX", 0, int(clock()), step=300)
+    np.testing.assert_array_equal(later.ts[:len(served)], served.ts)
+    assert len(later) == len(file_bars) and len(np.unique(later.ts)) == len(later)
+
+
+async def test_a_short_equity_file_keeps_the_five_minute_shift(tmp_path: Path, shared_data: Path,
+                                                              clock: ManualClock) -> None:
+    """Under two weeks of rows, a whole-week shift could hide most of the file: it is served whole."""
+    replay = ReplaySource(write_held_in(tmp_path, shared_data, ["spy"], days=5, with_5m=True), clock)
+    served = await replay.history("SPYX", 0, T0, step=300)
+    assert served.last_close_time is not None and T0 - 300 < served.last_close_time <= T0

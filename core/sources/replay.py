@@ -1,4 +1,10 @@
-"""Replayed prices: a CSV folder shifted in time so its newest row is "now". Runs the stack offline."""
+"""Replayed prices: a CSV folder shifted in time so its rows play up to "now". Runs the stack offline.
+
+Crypto files are shifted so their newest row is "now". Files that keep market hours (equities in the
+NYSE session, gold closed at weekends) are shifted by whole New York weeks instead, so their sessions
+stay sessions: "now" then lands inside the file's last week, and its later rows appear as the clock
+reaches them, like a live feed.
+"""
 
 import time
 from collections.abc import Callable
@@ -6,13 +12,18 @@ from pathlib import Path
 
 import numpy as np
 
+from core.assets import spec_for_any
 from core.csv_history import load_asset
-from core.prices import LatestPrice, PriceHistory
+from core.market_calendar import SECONDS_PER_WEEK, new_york_week_shift
+from core.prices import LatestPrice, PriceDataError, PriceHistory
 from core.sources.base import ProviderError
 from core.sources.http import UnsupportedAssetError
 
 ALIGN = 300  # shift by whole 5-minute bars so 1m and 5m rows stay on their grids
 STEPS = (60, 300)  # the file steps a replay serves
+# A file with market hours shorter than this keeps the 5-minute shift: a week-aligned one could hide
+# most of it until the clock reaches it.
+CALENDAR_MIN_SPAN_S = 2 * SECONDS_PER_WEEK
 
 
 class ReplaySource:
@@ -28,24 +39,36 @@ class ReplaySource:
 
     def _load(self, asset: str) -> tuple[PriceHistory | None, PriceHistory | None]:
         if asset not in self._files:
-            m1, m5 = load_asset(self.folder, asset)
+            try:
+                m1, m5 = load_asset(self.folder, asset)
+            except PriceDataError as exc:  # a source fails with ProviderError: what its callers catch
+                raise ProviderError(f"replay file for {asset} unreadable: {exc}") from exc
             if m1 is None and m5 is None:
                 raise ProviderError(f"no replay file for {asset} in {self.folder}")
             self._files[asset] = (m1, m5)
         return self._files[asset]
 
     def _shift(self, asset: str) -> int:
-        """Seconds to add to file times so the newest close lands within the 5 minutes before the first call.
+        """Seconds to add to file times so the newest close lands within the 5 minutes before the first call
+        (a file with market hours: the first whole New York week that reaches it, see the module doc).
 
         Fixed per asset (as ``FakeMarket.shift``): recomputed per call, the file's tail would be served
         again at every new "now", each refresh appending the same closes at later timestamps.
         """
         if asset not in self._shifts:
-            ends = [h.last_close_time for h in self._load(asset) if h is not None and len(h)]
-            if not ends:
+            files = [h for h in self._load(asset) if h is not None and len(h)]
+            if not files:
                 raise ProviderError(f"replay file for {asset} is empty")
+            end = max(int(h.ts[-1]) + h.step for h in files)
+            start = min(int(h.ts[0]) for h in files)
             now = int(self.clock())
-            self._shifts[asset] = (now - max(e for e in ends if e is not None)) // ALIGN * ALIGN
+            spec = spec_for_any(asset)
+            if (spec.us_session or spec.weekend_closed) and end - start >= CALENDAR_MIN_SPAN_S:
+                # Any other shift moves session bars into the night, where the models' session filter
+                # drops them all (an equity forecast then fell back to EWMA-t on every request).
+                self._shifts[asset] = new_york_week_shift(end, now)
+            else:
+                self._shifts[asset] = (now - end) // ALIGN * ALIGN
         return self._shifts[asset]
 
     def shifted(self, asset: str, step: int) -> PriceHistory:
@@ -58,7 +81,8 @@ class ReplaySource:
             native = m1.resample(300, complete=False)
         if native is None:
             raise ProviderError(f"no {step}s replay history for {asset}")
-        return PriceHistory(step, native.ts + np.int64(shift), native.close)
+        # Only rows closed by now: a week-aligned shift puts the file's tail in the future.
+        return PriceHistory(step, native.ts + np.int64(shift), native.close).known_at(int(self.clock()))
 
     async def history(self, asset: str, start: int, end: int, step: int = 60) -> PriceHistory:
         return self.shifted(asset, step).between(start, end)
