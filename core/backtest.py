@@ -24,7 +24,7 @@ from rich.table import Table
 
 from core.batch import BatchItem, BatchRunner, PriceFolder
 from core.engines.base import Engine
-from core.evaluation import EvalPrompt, FloatArray, grid_times, iso, realised_prices
+from core.evaluation import EvalPrompt, FloatArray, Lookback, grid_times, iso, realised_prices
 from core.forecast import ScaleLookup, no_calibration
 from core.plots import FAN_LEVELS, coverage, fan_chart, interval_chart, pit_chart
 from core.prices import IntArray
@@ -107,7 +107,7 @@ def _fan_picks(prompts: Sequence[EvalPrompt]) -> set[str]:
 
 
 def run_backtest(prompts: Sequence[EvalPrompt], prices: PriceFolder, engines: Mapping[str, Engine],
-                 names: Sequence[str], seed: int, num_simulations: int, lookback_s: int,
+                 names: Sequence[str], seed: int, num_simulations: int, lookback_s: Lookback,
                  rules: Rules = "upstream", scale: ScaleLookup = no_calibration, progress: bool = True,
                  console: Console | None = None, max_num_simulations: int = 10_000) -> BacktestResult:
     """Score every engine in ``names`` on every prompt; a bad prompt or engine never stops the run."""

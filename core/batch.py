@@ -8,7 +8,8 @@ Stable contract (used by our backtests and by external evaluation):
   output (``core.response``), or ``{"id", "error": "..."}`` for a line that cannot be served; the
   other lines are processed regardless, in input order;
 * no look-ahead: a request sees only bars closed ``LOOKAHEAD_GUARD_S`` before its start
-  (``core.evaluation.snapshot_at``) within ``Settings.batch_lookback_days``;
+  (``core.evaluation.snapshot_at``) within ``Settings.offline_lookback_s`` (the live cache window of
+  its grid unless ``batch_lookback_days`` is set);
 * deterministic: with a seed, a request's paths depend only on the seed, the request and the data it
   may see (``core.forecast.rng_for`` keys the RNG on the request itself).
 """
@@ -29,7 +30,7 @@ from core.assets import ASSETS
 from core.csv_history import STEP_SUFFIX, load_asset
 from core.engines.base import Engine
 from core.engines_registry import build_engines, calibration_lookup, served_engines
-from core.evaluation import AssetHistory, EvaluationError, snapshot_at
+from core.evaluation import AssetHistory, EvaluationError, Lookback, lookback_for, snapshot_at
 from core.forecast import Forecaster, ScaleLookup, no_calibration
 from core.prices import PriceDataError
 from core.prompts import ForecastRequest, RequestError, check_request
@@ -142,7 +143,7 @@ class BatchRunner:
     """Serves parsed requests from a price folder with one engine, seeded, no look-ahead."""
 
     def __init__(self, prices: PriceFolder, engines: Mapping[str, Engine], engine: str, seed: int | None,
-                 lookback_s: int, max_num_simulations: int, scale: ScaleLookup = no_calibration) -> None:
+                 lookback_s: Lookback, max_num_simulations: int, scale: ScaleLookup = no_calibration) -> None:
         if engine not in engines:
             raise BatchInputError(f"unknown engine {engine!r}; available: {', '.join(sorted(engines))}")
         self.prices = prices
@@ -158,14 +159,14 @@ class BatchRunner:
             served, scale = served_engines(settings, calibrated)
         else:
             served, scale = dict(engines), (calibration_lookup(settings) if calibrated else no_calibration)
-        return cls(prices, served, engine or settings.engine, seed, int(settings.batch_lookback_days * 86_400),
+        return cls(prices, served, engine or settings.engine, seed, settings.offline_lookback_s(),
                    settings.max_num_simulations, scale)
 
     def run_item(self, item: BatchItem) -> BatchOutcome:
         began = time.perf_counter()
         try:
             snapshot = snapshot_at(item.request.asset, self.prices.history(item.request.asset),
-                                   item.request.start_ts, self.lookback_s)
+                                   item.request.start_ts, lookback_for(self.lookback_s, item.request.time_increment))
             result = self.forecaster.run(item.request, snapshot)
             rounded = round_for_wire(result.paths)
             check_paths(rounded, item.request)

@@ -90,6 +90,17 @@ class AssetHistory:
         return int(hi - lo)
 
 
+# Seconds of history before a start: one for every grid, or per time_increment (Settings.offline_lookback_s).
+Lookback = int | Mapping[int, int]
+
+
+def lookback_for(lookback: Lookback, time_increment: int) -> int:
+    """The history a ``time_increment`` grid gets; a grid the mapping lacks gets its longest."""
+    if isinstance(lookback, int):
+        return lookback
+    return lookback.get(time_increment, max(lookback.values()))
+
+
 def snapshot_at(asset: str, history: AssetHistory, start_ts: int, lookback_s: int,
                 guard_s: int = LOOKAHEAD_GUARD_S) -> MarketSnapshot:
     """What an engine may see for a prompt starting at ``start_ts``: closes known at start - guard."""

@@ -13,6 +13,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.assets import ASSETS, Provider
+from core.constants import HF_INCREMENT, LF_INCREMENT
 from core.devices import DeviceChoice
 
 LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"  # what a worker started by hand without SYNTH_REDIS_URL meets on
@@ -70,7 +71,9 @@ class Settings(BaseSettings):
     http_retries: int = 4
     http_concurrency_per_host: int = 4
     max_price_age_s: float = 180.0
-    cache_days_hf: float = 3.0
+    # The 1 h model reads 24 h of open-market 5-minute returns: gold's files close Friday 17:00 to Sunday
+    # 17:00 New York, so on Sunday evening 3 days held under 24 h of them and XAU 1 h fell back to EWMA-t.
+    cache_days_hf: float = 4.0
     cache_days_lf: float = 14.0
     http_backoff_s: float = Field(0.25, description="base of the jittered exponential retry backoff")
     http_backoff_max_s: float = Field(5.0, description="longest wait between two attempts")
@@ -97,9 +100,10 @@ class Settings(BaseSettings):
     max_num_simulations: int = 10_000
     engine: EngineChoice = Field("patchtst", description="served engine; falls back to ewma_t if its models do not load")
     seed: int | None = Field(None, ge=0, description="fix the RNG (tests, backtests); None = fresh entropy")
-    batch_lookback_days: float = Field(
-        14.0, gt=0, description="history before the cut that forecast-batch and backtests give an engine "
-                                "(the rolling cache's default window, so offline runs see what production sees)")
+    batch_lookback_days: float | None = Field(
+        None, gt=0, description="history before the cut that forecast-batch, backtests and tuning give an "
+                                "engine; unset = each grid's live cache window (cache_days_hf for 1-minute "
+                                "grids, cache_days_lf otherwise), so offline runs see what production sees")
     models_dir: Path = Field(default_factory=lambda: default_models_dir(),
                              description="PatchTST checkpoints: hf.pt, lf_crypto.pt, lf_equity.pt")
     device: DeviceChoice = Field("auto", description="where PatchTST inference runs: auto = cuda when torch "
@@ -198,6 +202,13 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"provider_overrides names unknown assets: {unknown}")
         return value
+
+    def offline_lookback_s(self) -> dict[int, int]:
+        """time_increment -> seconds of history an offline forecast gets before its start."""
+        if self.batch_lookback_days is not None:
+            both = int(self.batch_lookback_days * 86_400)
+            return {HF_INCREMENT: both, LF_INCREMENT: both}
+        return {HF_INCREMENT: int(self.cache_days_hf * 86_400), LF_INCREMENT: int(self.cache_days_lf * 86_400)}
 
     def provider_for(self, asset: str) -> Provider:
         """The price source for one asset: per-asset override, then the global choice."""

@@ -30,7 +30,16 @@ import numpy as np
 from core.engines.base import Engine
 from core.engines.ewma import EwmaConfig, EwmaTEngine
 from core.engines.gbm import GbmEngine
-from core.evaluation import AssetHistory, EvalPrompt, EvaluationError, FloatArray, realised_prices, snapshot_at
+from core.evaluation import (
+    AssetHistory,
+    EvalPrompt,
+    EvaluationError,
+    FloatArray,
+    Lookback,
+    lookback_for,
+    realised_prices,
+    snapshot_at,
+)
 from core.forecast import rng_for
 from core.path_sampling import LatentVol
 from core.prices import MarketSnapshot
@@ -60,7 +69,7 @@ class TuningCase:
 
 
 def prepare_cases(prompts: Sequence[EvalPrompt], histories: Mapping[str, AssetHistory],
-                  lookback_s: int) -> list[TuningCase]:
+                  lookback_s: Lookback) -> list[TuningCase]:
     """Snapshots (no look-ahead) and realised prices, computed once for every candidate; a prompt with
     no bar in its lookback is left out (the backtest would count it invalid for every engine alike)."""
     cases = []
@@ -68,7 +77,7 @@ def prepare_cases(prompts: Sequence[EvalPrompt], histories: Mapping[str, AssetHi
         history = histories[p.asset]
         realised, _ = realised_prices(history, p.start_ts, p.time_increment, p.time_length)
         try:
-            snapshot = snapshot_at(p.asset, history, p.start_ts, lookback_s)
+            snapshot = snapshot_at(p.asset, history, p.start_ts, lookback_for(lookback_s, p.time_increment))
         except EvaluationError:
             continue  # no bar in the lookback (data resumes at the start after a gap): nothing to forecast from
         cases.append(TuningCase(p, snapshot, realised))
@@ -294,7 +303,7 @@ class TuningReport:
 
 
 def run_tuning(histories: Mapping[str, AssetHistory], prompts: Sequence[EvalPrompt], start: Mapping[int, EwmaConfig],
-               lookback_s: int, n_paths: int, seed: int, rules: Rules = "upstream", fit_share: float = 0.7,
+               lookback_s: Lookback, n_paths: int, seed: int, rules: Rules = "upstream", fit_share: float = 0.7,
                params: Sequence[str] = PARAMS, passes: int = 2, windows: Sequence[dict[str, Any]] = (),
                on_eval: Callable[[str], None] | None = None, final_paths: int | None = 1000) -> TuningReport:
     """Tune each prompt type present in ``prompts``. ``histories`` must already be cut at eval_start_ts."""

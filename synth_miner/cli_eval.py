@@ -82,7 +82,7 @@ def forecast_batch(
     if calibrated and scale is no_calibration:  # asked for, but nothing published loads: say so
         console.print(f"[yellow]no published calibration loads from {settings.artifacts_dir}: paths are "
                       "unscaled (as with --no-calibration)[/yellow]")
-    runner = BatchRunner(PriceFolder(prices_dir), engines, name, seed, int(settings.batch_lookback_days * 86_400),
+    runner = BatchRunner(PriceFolder(prices_dir), engines, name, seed, settings.offline_lookback_s(),
                          settings.max_num_simulations, scale)
     try:
         summary = run_file(runner, requests, out)
@@ -159,12 +159,13 @@ def backtest(
         console.print("[red]no prompts: nothing to score[/]")
         raise typer.Exit(1)
     rules_value: Rules = "upstream" if rules == "upstream" else "head"
-    lookback_s = int(settings.batch_lookback_days * 86_400)
+    lookback_s = settings.offline_lookback_s()
     result = run_backtest(plan.prompts, PriceFolder.from_histories(plan.histories), available, names, seed, paths,
                           lookback_s, rules_value, scale,
                           console=console, max_num_simulations=max(paths, settings.max_num_simulations))
     config = {"mode": mode, "data_dir": str(data_dir), "engines": names, "rules": rules, "paths": paths,
-              "seed": seed, "calibrated": calibrated, "lookback_days": settings.batch_lookback_days,
+              "seed": seed, "calibrated": calibrated,
+              "lookback_days": {"24h": lookback_s[LF_INCREMENT] / 86_400, "1h": lookback_s[HF_INCREMENT] / 86_400},
               "spacing_h": {"24h": lf_spacing_h, "1h": hf_spacing_h}, "max_prompts": max_prompts,
               "windows": [{"asset": w.asset, "prompt": "24h" if w.time_increment == LF_INCREMENT else "1h",
                            "start": iso(w.start), "end": iso(w.end)} for w in plan.windows]}
@@ -232,7 +233,7 @@ def tune_ewma(
         task = bar.add_task(f"tuning on {len(plan.prompts)} prompts", total=None)
         try:
             report = run_tuning(plan.histories, plan.prompts, DEFAULT_CONFIGS,
-                                int(settings.batch_lookback_days * 86_400), paths, seed, rules_value, fit_share,
+                                settings.offline_lookback_s(), paths, seed, rules_value, fit_share,
                                 _assets(params), passes, windows,
                                 on_eval=lambda msg: bar.update(task, description=f"tuning: {msg}"),
                                 final_paths=final_paths or None)

@@ -9,9 +9,11 @@ import pytest
 
 from core.batch import BatchInputError, BatchRunner, PriceFolder, build_engines, parse_item, run_file
 from core.csv_history import read_csv, write_csv
-from core.engines.base import Engine
+from core.engines.base import Engine, StepParams
+from core.engines.ewma import EwmaTEngine
 from core.evaluation import iso
-from core.prices import PriceHistory
+from core.prices import MarketSnapshot, PriceHistory
+from core.prompts import ForecastRequest
 from core.response import round_for_wire
 from core.response_checks import CORRECT, validate_response_head, validate_response_upstream
 from core.settings import Settings
@@ -297,3 +299,29 @@ def test_from_settings_takes_models_and_calibration_from_one_version(tmp_path: P
     runner = BatchRunner.from_settings(PriceFolder(tmp_path), settings, seed=1)
     assert later and runner.forecaster.models["hf"] == str(artifacts / "versions" / first / "hf.pt")
     assert runner.forecaster.scale("ewma_t", "BTC", 60) == 1.5
+
+
+@pytest.mark.parametrize("batch_days, hf_days, lf_days", [(None, 1.0, 2.5), (3.0, 3.0, 3.0)])
+def test_each_grid_sees_the_history_the_live_cache_holds_for_it(
+        tmp_path: Path, sources: dict[str, PriceHistory], batch_days: float | None, hf_days: float,
+        lf_days: float) -> None:
+    """Offline runs gave every grid 14 days while the miner's 1-minute cache held 3: a 1 h XAU forecast that
+    fell back to EWMA-t live for want of history (every Sunday evening) never did in a backtest. Unless
+    ``batch_lookback_days`` says otherwise, each grid now gets its own cache window."""
+    seen: dict[int, int] = {}
+
+    class Recording(EwmaTEngine):
+        name = "recording"
+
+        def params(self, request: ForecastRequest, snapshot: MarketSnapshot) -> StepParams:
+            firsts = [h.first_ts for h in (snapshot.m1, snapshot.m5) if h is not None and h.first_ts is not None]
+            seen[request.time_increment] = request.start_ts - min(firsts)
+            return super().params(request, snapshot)
+
+    folder = write_folder(tmp_path / "prices", {"btc_1m": sources["btc_1m"], "btc_5m": sources["btc_5m"]})
+    settings = Settings(cache_days_hf=1.0, cache_days_lf=2.5, batch_lookback_days=batch_days)
+    runner = BatchRunner.from_settings(PriceFolder(folder), settings, seed=1, engine="recording",
+                                       engines={"recording": Recording()}, calibrated=False)
+    for line in (request("hf", "BTC", START_HF, 60), request("lf", "BTC", START_LF, 300)):
+        assert runner.run_line(line).error is None
+    assert abs(seen[60] - hf_days * DAY) <= 600 and abs(seen[300] - lf_days * DAY) <= 600, seen

@@ -245,3 +245,17 @@ def test_gold_sees_no_weekend_bars_of_a_24_7_feed(tmp_path: Path, histories: dic
     ours = engine.params(req, files)
     engine.clear_cache()
     assert np.array_equal(ours.sigma, engine.params(req, around_the_clock).sigma)
+
+
+def test_gold_on_sunday_evening_gets_the_1h_model_from_the_default_cache_window() -> None:
+    """The 1 h model reads 24 h of open-market 5-minute returns and drops gold's weekend (Friday to Sunday
+    17:00 New York). With 3 days cached, a 24/7 feed on Sunday 17:30 held 22 h of them: XAU 1 h fell back
+    to EWMA-t every Sunday evening. The default window now spans the weekend and those 24 h."""
+    start = 1796596200  # Sunday 2026-12-06, 17:30 New York
+    ts = np.arange(start - 10 * 86_400, start, 60, dtype=np.int64)
+    closes = 4000.0 * np.exp(np.cumsum(np.random.default_rng(3).normal(0, 3e-4, ts.size)))
+    live = AssetHistory(PriceHistory(60, ts, closes), None)  # the live token trades through the weekend
+    lookback = int(Settings().cache_days_hf * 86_400)
+    engine = PatchTSTEngine(Path(__file__).resolve().parents[1] / "models")
+    params = engine.params(request("XAU", start, 60), snapshot_at("XAU", live, start, lookback))
+    assert params.sigma.shape == (60,) and np.all(params.sigma > 0)
