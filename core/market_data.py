@@ -71,6 +71,9 @@ class MarketData:
             report = await self.refresh(asset)
             if report.errors:
                 log.debug("refresh of %s incomplete, using what is cached: %s", asset, "; ".join(report.errors))
+            # A refresh may take seconds (retries, the asset lock): the latest price it fetched, published
+            # after the "now" taken before it, would otherwise read as from the future and be dropped.
+            now = int(self.clock())
         return await asyncio.to_thread(build_snapshot, self.cache, asset, now, lookback_s or self.window_for(asset))
 
 

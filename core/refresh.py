@@ -21,6 +21,7 @@ from core.price_checks import plausible_latest, screen_bars
 from core.prices import LatestPrice, PriceDataError, PriceHistory
 from core.settings import Settings
 from core.sources.base import PriceSource, ProviderError
+from core.sources.http import PartialHistoryError
 from core.sources.registry import sources_for
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,11 @@ async def _refresh_step(asset: str, step: int, window: int, source: PriceSource,
     if tail < now:
         try:
             fetched = (await source.history(asset, tail, now, step)).known_at(now)
+        except PartialHistoryError as exc:
+            # The bars before the failed page are unbroken from ``tail``: kept through the same screening,
+            # store and cache as a full fetch, the next refresh resumes right after them. Still an error.
+            fetched = exc.partial.known_at(now)
+            errors.append(f"history {step}s: {type(exc).__name__}: {exc}")
         except (ProviderError, PriceDataError) as exc:
             errors.append(f"history {step}s: {type(exc).__name__}: {exc}")
     # 3. Garbage prints never reach the store or the cache (core.price_checks).

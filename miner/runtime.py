@@ -18,7 +18,7 @@ from core.logs import setup_logging
 from core.market_data import MarketData
 from core.refresh import durable_store
 from core.settings import InsecureRedisError, Settings, check_redis_url
-from core.sources.registry import sources_for
+from core.sources.registry import SourceRegistry, sources_for
 from miner.access import AccessPolicy, MetagraphView
 from miner.axon_server import AxonHandlers, build_axon
 from miner.data import MinerData
@@ -71,6 +71,7 @@ class MinerApp:
     data: MinerData
     pool: ForecastPool
     metagraph: MetagraphView
+    sources: SourceRegistry  # closed at shutdown
     forecaster: LiveForecaster | None = None  # the embedded pool's; None: the Celery workers compute
 
 
@@ -86,7 +87,8 @@ def build_app(settings: Settings, metagraph: MetagraphView | None = None) -> Min
     fallback = fallback_source(settings, forecaster)
     if metagraph is None:
         metagraph = static_metagraph(settings)
-    return MinerApp(settings, MinerService(settings, data, pool, fallback), data, pool, metagraph, forecaster)
+    return MinerApp(settings, MinerService(settings, data, pool, fallback), data, pool, metagraph, sources,
+                    forecaster)
 
 
 def served_engine(app: MinerApp) -> str:
@@ -182,4 +184,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             axon.stop()
         for task in background:
             task.cancel()
-        await app.pool.close()
+        try:
+            await app.pool.close()
+        finally:  # the price sources' aiohttp sessions, even when the pool's close failed
+            await app.sources.close()

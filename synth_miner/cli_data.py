@@ -7,10 +7,11 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from core.assets import ASSETS
@@ -22,6 +23,7 @@ from core.price_checks import screen_bars
 from core.prices import PriceDataError, PriceHistory
 from core.settings import Settings
 from core.sources.base import ProviderError
+from core.sources.http import PartialHistoryError
 from core.sources.registry import PROVIDERS, build_source
 from synth_miner.cli_assets import checked_assets
 from synth_miner.cli_settings import load_settings
@@ -94,8 +96,10 @@ def sync(
     try:
         done = asyncio.run(_sync(asset, name, settings, store, start, end, step, max(60, int(chunk_days * 86_400))))
     except (ProviderError, HistoryStoreError, PriceDataError) as exc:
-        console.print(f"[red]sync failed:[/red] {type(exc).__name__}: {exc}")
-        raise typer.Exit(1) from None
+        _sync_failed(f"{type(exc).__name__}: {exc}")
+    if done.stopped is not None:  # the bars before the failed page are stored: say where to pick up
+        _sync_failed(f"{type(done.stopped).__name__}: {done.stopped}; {done.new} new bar(s) stored, rerun with "
+                     f"--since {done.resume} to resume")
     console.print(f"{asset} via {name}: {_utc(start)} -> {_utc(end)} UTC, {done.fetched} bars fetched, {done.new} new "
                   f"in {store.root}" + (f" ({done.empty} empty rounds: provider retention?)" if done.empty else ""))
     if done.dropped:
@@ -103,6 +107,12 @@ def sync(
     if done.held_back:
         console.print(f"{done.held_back} newest bar(s) not stored: no later bar confirms their jump (the refresh "
                       "fetches recent ones again; for a past --until, sync a later range)")
+
+
+def _sync_failed(reason: str) -> NoReturn:
+    # One line whatever its length (no wrapping) and the provider's text never read as markup.
+    console.print(f"[red]sync failed:[/red] {escape(reason)}", soft_wrap=True)
+    raise typer.Exit(1)
 
 
 @dataclass
@@ -113,6 +123,8 @@ class SyncReport:
     dropped: int = 0
     dropped_ts: list[str] = field(default_factory=list)  # the first few, for the operator
     held_back: int = 0
+    stopped: PartialHistoryError | None = None  # a page failed: the bars before it are stored, the rest not
+    resume: int | None = None  # with ``stopped``: the first bar not stored, where a rerun starts
 
 
 async def _sync(asset: str, provider: str, settings: Settings, store: HistoryStore, start: int, end: int,
@@ -129,7 +141,11 @@ async def _sync(asset: str, provider: str, settings: Settings, store: HistorySto
     pending = PriceHistory.empty(step)  # a chunk's unconfirmed newest bars, judged with the next chunk
     try:
         for a in range(start, end, chunk):
-            hist = await source.history(asset, a, min(a + chunk, end), step)
+            try:
+                hist = await source.history(asset, a, min(a + chunk, end), step)
+            except PartialHistoryError as exc:
+                # Unbroken from ``a`` up to the failed page: screened and stored like any chunk, then stop.
+                report.stopped, hist = exc, exc.partial
             report.fetched += len(hist)
             report.empty += not len(hist)
             bars = pending.merge(hist) if len(pending) else hist
@@ -141,6 +157,10 @@ async def _sync(asset: str, provider: str, settings: Settings, store: HistorySto
             held = screened.held_back
             pending = PriceHistory(step, bars.ts[len(bars) - held:], bars.close[len(bars) - held:])
             report.new += await asyncio.to_thread(store.append, asset, screened.kept)
+            if report.stopped is not None:
+                # Held-back bars were not stored: the rerun starts at them, or else at the failed page.
+                report.resume = int(pending.ts[0]) if len(pending) else report.stopped.missing[0]
+                return report
     finally:
         await source.close()
     report.held_back = len(pending)

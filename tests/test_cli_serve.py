@@ -447,3 +447,41 @@ def test_a_password_protected_hotkey_without_a_terminal_is_named(tmp_path: Path)
     assert_short(text)
     assert f"the hotkey at {wallet.hotkey_file.path} is password-protected and there is no terminal" in flat(text), text
     assert "Wrong password" not in text
+
+
+def test_shutdown_closes_every_price_source_even_when_one_close_fails(
+        tmp_path: Path, no_models: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The miner never closed its price sources (their aiohttp sessions) at shutdown; closing them, the
+    first that fails must not leave the others open."""
+    import miner.runtime
+    from core.sources.binance import BinanceSource
+    from core.sources.replay import ReplaySource
+
+    closed: list[str] = []
+
+    def closing(name: str) -> Any:
+        async def close(self: Any) -> None:
+            closed.append(name)
+            if len(closed) == 1:  # whichever is closed first fails
+                raise RuntimeError(f"{name}: close failed")
+        return close
+
+    real_build_app = miner.runtime.build_app
+
+    def build_app(settings: Settings, metagraph: MetagraphView | None = None) -> miner.runtime.MinerApp:
+        built = real_build_app(settings, metagraph)
+        for asset in ("BTC", "ETH"):  # what the first requests do: each provider's source is built
+            built.data.shared.sources(asset)
+        return built
+
+    monkeypatch.setattr(ReplaySource, "close", closing("replay"))
+    monkeypatch.setattr(BinanceSource, "close", closing("binance"))
+    monkeypatch.setattr(miner.runtime, "build_app", build_app)
+    settings = local_settings(tmp_path, no_models, shared_data, provider_overrides={"ETH": "binance"},
+                              binance_url=f"http://127.0.0.1:{free_port()}")  # never asked: nothing is served
+    stop = asyncio.Event()
+    stop.set()  # start fully, then stop at once
+    asyncio.run(serve(settings, stop))
+    assert sorted(closed) == ["binance", "replay"]
+    assert f"closing the {closed[0]} price source failed: RuntimeError" in capsys.readouterr().err

@@ -4,6 +4,7 @@ import asyncio
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
 
@@ -12,6 +13,7 @@ from core.cache import MemoryHistoryCache
 from core.cache_redis import RedisHistoryCache
 from core.fake_providers import ManualClock
 from core.market_data import MarketData
+from core.prices import LatestPrice, PriceHistory
 from core.refresh import RefreshReport
 from core.settings import Settings
 from core.sources.registry import sources_for
@@ -92,3 +94,35 @@ async def test_a_5_minute_only_cache_is_refreshed_when_a_bar_is_overdue_not_on_e
     clock.advance(1)
     await data.snapshot("BTC")
     assert data.refreshes == 2
+
+
+class SlowLatestSource:
+    """Closed 1-minute bars at 100, and a latest price whose call takes ``latency_s`` of the clock's time."""
+
+    name = "slow"
+
+    def __init__(self, clock: ManualClock, latency_s: float) -> None:
+        self.clock, self.latency_s = clock, latency_s
+
+    async def history(self, asset: str, start: int, end: int, step: int = 60) -> PriceHistory:
+        last = min(end, int(self.clock()) // step * step)  # bars closed by now: ts + step <= now
+        ts = np.arange(-(-start // step) * step, last - step + 1, step, dtype=np.int64)
+        return PriceHistory(step, ts, np.full(ts.size, 100.0))
+
+    async def latest(self, asset: str) -> LatestPrice:
+        self.clock.advance(self.latency_s)  # a retry or two: the price is published meanwhile
+        return LatestPrice(101.0, int(self.clock()) - 1)
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_the_latest_price_a_slow_refresh_fetched_is_the_anchor() -> None:
+    """The snapshot's "now" was taken before its refresh: a latest price published during a refresh longer
+    than a few seconds read as "from the future" and was dropped for an older close."""
+    clock = ManualClock(T0)
+    source = SlowLatestSource(clock, latency_s=20.0)
+    data = MarketData(MemoryHistoryCache(), lambda asset: source, 3600, clock=clock)
+    snap = await data.snapshot("BTC")
+    assert (snap.anchor, snap.anchor_time) == (101.0, T0 + 19)
+    assert snap.m1 is not None and snap.m1.last_close_time is not None and snap.m1.last_close_time <= T0

@@ -1,7 +1,7 @@
 """Every injected fault against every client: a typed error, or a successful retry. Never a wrong price."""
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -15,6 +15,7 @@ from core.sources.http import (
     BadPriceError,
     HttpConfig,
     MalformedReplyError,
+    PartialHistoryError,
     ProviderHTTPError,
     ProviderTimeout,
     ProviderUnavailable,
@@ -172,3 +173,43 @@ async def test_concurrent_pages_respect_the_per_host_limit(market: FakeMarket, c
         await runner.cleanup()
     assert app[FAULTS_KEY].requests == 12
     assert most == limit, f"at most {most} pages in flight at once; the limit is {limit}"
+
+
+@pytest.mark.parametrize("failed_page", [0, 4, 11])
+async def test_one_failed_page_keeps_the_pages_before_it_and_says_what_is_missing(
+        market: FakeMarket, clock: ManualClock, failed_page: int) -> None:
+    """Twelve Pyth pages, one answering 503 on every attempt: the bars of the pages before it are handed
+    over on the error (complete: the caller's next fetch resumes right after them), never those after it
+    (a hole behind newer bars would never be fetched again). Before the fix the whole request was lost."""
+    page_bars, start = 120, T0 // 60 * 60 - 12 * 120 * 60
+    bad_from = start + failed_page * page_bars * 60
+
+    @web.middleware
+    async def fail_one_page(request: web.Request,
+                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        if request.query.get("from") == str(bad_from):
+            return web.Response(status=503, text="fake: this page is down")
+        return await handler(request)
+
+    app = build_app("pyth", market)
+    app.middlewares.insert(0, fail_one_page)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    src = PythSource(url, url, CONFIG, clock, page_bars=page_bars)
+    try:
+        with pytest.raises(ProviderError) as err:
+            await src.history("BTC", start, T0)
+    finally:
+        await src.close()
+        await runner.cleanup()
+    if failed_page == 0:  # nothing before it: the page's own error, as for a one-page request
+        assert type(err.value) is ProviderUnavailable
+        return
+    assert isinstance(err.value, PartialHistoryError) and isinstance(err.value.cause, ProviderUnavailable)
+    assert err.value.missing == (bad_from, T0 // 60 * 60)
+    truth = market.bars("BTC", 60).between(start, bad_from)
+    np.testing.assert_array_equal(err.value.partial.ts, truth.ts)
+    np.testing.assert_allclose(err.value.partial.close, truth.close, rtol=1e-12)
+    assert "503" in str(err.value) and str(bad_from) in str(err.value)

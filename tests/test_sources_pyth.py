@@ -1,9 +1,14 @@
 """PythSource (Benchmarks history + Hermes latest) against the local Pyth server."""
 
-import numpy as np
-import pytest
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-from core.fake_providers import FakeMarket, FakeServer
+import numpy as np
+import orjson
+import pytest
+from aiohttp import web
+
+from core.fake_providers import FakeMarket, FakeServer, ManualClock, build_app
 from core.sources.http import (
     BadPriceError,
     MalformedReplyError,
@@ -53,6 +58,49 @@ async def test_mismatched_udf_arrays_are_refused(source: PythSource, server: Fak
     server.faults.mismatched = True
     with pytest.raises(MalformedReplyError, match="mismatched UDF array lengths"):
         await source.history("BTC", T0 - 3600, T0)
+
+
+def _broken_extras(reply: dict[str, Any], how: str) -> None:
+    for key in ("o", "h", "l", "v"):
+        if how == "null":
+            reply[key] = None
+        elif how == "short":
+            reply[key] = reply[key][:-1]
+        else:
+            reply[key] = "n/a"
+
+
+@pytest.mark.parametrize("how", ["null", "short", "not an array"])
+async def test_a_page_with_broken_open_high_low_volume_is_kept(market: FakeMarket, clock: ManualClock,
+                                                              how: str) -> None:
+    """The validator reads only ``t`` and ``c`` (protocol doc, section 5), and so does this client: a
+    page whose unused o/h/l/v arrays are null, short or not arrays was refused whole before."""
+
+    @web.middleware
+    async def break_extras(request: web.Request,
+                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        response = await handler(request)
+        assert isinstance(response, web.Response) and isinstance(response.body, bytes)
+        reply = orjson.loads(response.body)
+        if request.path.endswith("/history") and reply.get("s") == "ok":
+            _broken_extras(reply, how)
+        return web.Response(body=orjson.dumps(reply), content_type="application/json")
+
+    app = build_app("pyth", market)
+    app.middlewares.insert(0, break_extras)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    src = PythSource(url, url, FAST_RETRIES, clock, page_bars=PAGE_BARS)
+    try:
+        hist = await src.history("BTC", T0 - 86_400, T0)
+    finally:
+        await src.close()
+        await runner.cleanup()
+    truth = market.bars("BTC", 60).between(T0 - 86_400, T0).known_at(T0)
+    np.testing.assert_array_equal(hist.ts, truth.ts)
+    np.testing.assert_allclose(hist.close, truth.close, rtol=1e-12)
 
 
 async def test_hermes_latest_scales_by_the_exponent(source: PythSource, market: FakeMarket) -> None:

@@ -62,3 +62,25 @@ def test_registry_sources_talk_to_the_configured_hosts(tmp_path: Path, shared_da
         first, second = asyncio.run(latest_twice())
     assert first == second > 0
     assert fake.faults.requests == 2
+
+
+async def test_closing_the_registry_closes_every_source_even_when_one_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """It stopped at the first close that raised, leaving the other providers' HTTP sessions open."""
+    closed: list[str] = []
+
+    async def failing(self: BinanceSource) -> None:
+        closed.append("binance")
+        raise RuntimeError("session already gone")
+
+    async def replay_close(self: ReplaySource) -> None:
+        closed.append("replay")
+
+    monkeypatch.setattr(BinanceSource, "close", failing)
+    monkeypatch.setattr(ReplaySource, "close", replay_close)
+    registry = sources_for(Settings(price_provider="replay", replay_dir=tmp_path,
+                                    provider_overrides={"ETH": "binance"}))
+    registry("ETH"), registry("BTC")
+    await registry.close()
+    assert sorted(closed) == ["binance", "replay"]
+    assert "closing the binance price source failed: RuntimeError: session already gone" in caplog.text

@@ -12,7 +12,7 @@ import math
 import random
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +69,23 @@ class StalePriceError(ProviderError):
 
 class UnsupportedAssetError(ProviderError):
     """The provider has no symbol for this asset, or not at this step."""
+
+
+class PartialHistoryError(ProviderError):
+    """A page of a history request failed after the pages before it succeeded.
+
+    ``partial`` holds every bar of those earlier pages: complete up to ``missing[0]``, so a caller that
+    stores it and resumes from its newest bar loses nothing. ``missing`` is the ``[start, end)`` not
+    fetched and ``cause`` the failed page's own error. Pages after the failed one are never kept: a
+    hole behind newer bars would never be fetched again (the refresh resumes after its newest bar).
+    """
+
+    def __init__(self, partial: PriceHistory, missing: tuple[int, int], cause: ProviderError) -> None:
+        super().__init__(f"{cause} (bars before {missing[0]} fetched: {len(partial)}; "
+                         f"[{missing[0]}, {missing[1]}) missing)")
+        self.partial = partial
+        self.missing = missing
+        self.cause = cause
 
 
 # --- configuration -----------------------------------------------------------------------------------
@@ -337,26 +354,40 @@ def page_ranges(start: int, end: int, span: int) -> list[tuple[int, int]]:
     return [(a, min(a + span, end)) for a in range(start, end, span)]
 
 
-async def gather_pages(pages: Iterable[Awaitable[PriceHistory]], step: int) -> PriceHistory:
-    """Fetch pages concurrently; the first failure cancels the rest and is raised as is."""
-    try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(_as_coro(page)) for page in pages]
-    except BaseExceptionGroup as grouped:
-        raise _first_leaf(grouped) from None
+async def gather_pages(fetch: Callable[[int, int], Coroutine[Any, Any, PriceHistory]],
+                       ranges: Sequence[tuple[int, int]], step: int) -> PriceHistory:
+    """Fetch consecutive page ranges concurrently and merge them.
+
+    A failed page cancels only the pages after it; the ones before it finish. When some of those hold
+    bars, they come back on a ``PartialHistoryError`` (so a caller never mistakes them for the whole
+    range); otherwise the page's own error is raised as is.
+    """
+    tasks = [asyncio.create_task(fetch(a, b)) for a, b in ranges]
+
+    def cancel_later(index: int) -> Callable[[asyncio.Task[PriceHistory]], None]:
+        def done(task: asyncio.Task[PriceHistory]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                for later in tasks[index + 1:]:  # their bars could not be kept: stop spending requests
+                    later.cancel()
+        return done
+
+    for i, task in enumerate(tasks):
+        task.add_done_callback(cancel_later(i))
     result = PriceHistory.empty(step)
-    for task in tasks:
-        result = result.merge(task.result())
+    try:
+        for (a, _), task in zip(ranges, tasks, strict=True):
+            try:
+                page = await task
+            except ProviderError as exc:
+                if not len(result):
+                    raise
+                raise PartialHistoryError(result, (a, ranges[-1][1]), exc) from exc
+            result = result.merge(page)
+    finally:  # an error or the caller's cancellation: no page task outlives the call
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     return result
-
-
-async def _as_coro(page: Awaitable[PriceHistory]) -> PriceHistory:
-    return await page
-
-
-def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    first = group.exceptions[0]
-    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 async def fetch_range(fetch: Callable[[int, int], Awaitable[PriceHistory]], start: int, end: int,
@@ -442,8 +473,10 @@ class PagedSource(ABC):
         async def page(a: int, b: int) -> PriceHistory:
             return await self._page(code, step, a, b)
 
-        ranges = page_ranges(start, end, self.page_bars * step)
-        return await gather_pages((fetch_range(page, a, b, step) for a, b in ranges), step)
+        async def pages(a: int, b: int) -> PriceHistory:
+            return await fetch_range(page, a, b, step)
+
+        return await gather_pages(pages, page_ranges(start, end, self.page_bars * step), step)
 
     async def close(self) -> None:
         await self.http.close()

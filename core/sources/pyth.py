@@ -28,7 +28,6 @@ from core.sources.http import (
 
 RESOLUTIONS = {60: "1", 300: "5"}
 PAGE_BARS = 1440  # one day of minutes per Benchmarks call keeps each reply small
-UDF_ARRAYS = ("t", "o", "h", "l", "c", "v")
 
 
 class PythSource(PagedSource):
@@ -82,16 +81,16 @@ def _parse_udf(reply: Any, what: str) -> tuple[list[int], list[float]]:
         raise ProviderRejected(f"{what}: {reply.get('errmsg', 'error without a message')}")
     if status != "ok":
         raise MalformedReplyError(f"{what}: unknown UDF status {status!r}")
-    arrays = {key: reply[key] for key in UDF_ARRAYS if key in reply}
-    if "t" not in arrays or "c" not in arrays:
+    # Only ``t`` and ``c`` are read, as by the validator: a null or short o/h/l/v must not cost the page.
+    if "t" not in reply or "c" not in reply:
         raise MalformedReplyError(f"{what}: UDF reply lacks 't' or 'c'")
-    if not all(isinstance(v, list) for v in arrays.values()):
-        raise MalformedReplyError(f"{what}: UDF fields must be arrays")
-    lengths = {key: len(v) for key, v in arrays.items()}
-    if len(set(lengths.values())) != 1:
-        raise MalformedReplyError(f"{what}: mismatched UDF array lengths {lengths}")
-    ts = [parse_time(t, f"{what} t[{i}]") for i, t in enumerate(arrays["t"])]
-    close = [parse_price(c, f"{what} c[{i}]") for i, c in enumerate(arrays["c"])]
+    times, closes = reply["t"], reply["c"]
+    if not isinstance(times, list) or not isinstance(closes, list):
+        raise MalformedReplyError(f"{what}: UDF fields 't' and 'c' must be arrays")
+    if len(times) != len(closes):
+        raise MalformedReplyError(f"{what}: mismatched UDF array lengths t={len(times)} c={len(closes)}")
+    ts = [parse_time(t, f"{what} t[{i}]") for i, t in enumerate(times)]
+    close = [parse_price(c, f"{what} c[{i}]") for i, c in enumerate(closes)]
     return ts, close
 
 

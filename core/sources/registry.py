@@ -1,5 +1,7 @@
 """Build price sources from settings: one instance (and one HTTP session) per provider."""
 
+import asyncio
+import logging
 import time
 
 from core.assets import Provider
@@ -10,6 +12,8 @@ from core.sources.http import Clock, HttpConfig
 from core.sources.hyperliquid import HyperliquidSource
 from core.sources.pyth import PythSource
 from core.sources.replay import ReplaySource
+
+log = logging.getLogger(__name__)
 
 PROVIDERS: tuple[Provider, ...] = ("pyth", "binance", "hyperliquid", "replay")
 
@@ -50,9 +54,13 @@ class SourceRegistry:
         return self.source(self.settings.provider_for(asset))
 
     async def close(self) -> None:
-        built, self._built = self._built, {}
-        for source in built.values():
-            await source.close()
+        """Close every source built (its HTTP session): one that fails is logged, the others still close."""
+        built, self._built = list(self._built.values()), {}
+        results = await asyncio.gather(*(source.close() for source in built), return_exceptions=True)
+        for source, result in zip(built, results, strict=True):
+            if isinstance(result, Exception):
+                log.warning("closing the %s price source failed: %s: %s", source.name, type(result).__name__,
+                            result)
 
 
 def sources_for(settings: Settings, clock: Clock = time.time) -> SourceRegistry:
