@@ -67,6 +67,10 @@ FORECAST_KILL_GRACE_S: Final = 5
 # gone soon. The grace also covers a worker clock a few seconds ahead of the miner's.
 LATE_RESULT_TTL_S: Final = 10
 BEAT_SCHEDULE_FILE: Final = "beat-schedule.db"  # under Settings.data_dir unless beat_schedule_file is set
+# A send that failed (the queue's key holds another type, the broker rejects the message) is tried again after
+# the first delay, doubling to the last, and never later than one period of its job: Celery's beat re-sent it
+# at once, hundreds of times a second, each with a logged traceback.
+BEAT_SEND_RETRY_S: Final = (1.0, 300.0)
 
 # --- Miner process ---------------------------------------------------------------------------------------
 AXON_START_S: Final = 10.0  # uvicorn's thread must have bound the axon's socket by then, or serve refuses

@@ -242,3 +242,62 @@ def test_a_send_that_fails_is_retried_on_the_next_tick_not_a_period_later(redis_
         get_settings.cache_clear()
     assert failures == ["retrain"], "the first send did not fail: the test proves nothing"
     assert retrain_sent(), "a failed send skipped the weekly retrain until next week"
+
+
+def test_a_send_that_keeps_failing_is_retried_with_a_backoff_not_in_a_busy_loop(redis_url: str, tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Celery's beat ticks again at once after a send, and a failed send is put back due: a send that keeps
+    failing (here the queue's key holds a string, so every LPUSH is refused) was retried hundreds of times a
+    second, each with a logged traceback. It backs off instead, and goes out once the broker takes it again."""
+    from celery.beat import PersistentScheduler
+
+    from workers.beat import LeaderScheduler, send_retry_delay
+
+    app, client = retrain_only_app(monkeypatch, redis_url, 7 * 86_400)
+    beat = LeaderScheduler(app=app, schedule_filename=str(tmp_path / "beat.db"))
+    beat.schedule["retrain"].last_run_at = datetime.now(timezone.utc) - timedelta(days=7, seconds=5)  # due
+    queue = Settings().queue_cpu
+    client.set(queue, b"not a list")  # WRONGTYPE for every send, while the leader lock works
+    send = PersistentScheduler.apply_async
+    attempts: list[float] = []
+
+    def counted(self: PersistentScheduler, entry: Any, *args: Any, **kwargs: Any) -> Any:
+        if entry.name == "retrain":
+            attempts.append(time.monotonic())
+        return send(self, entry, *args, **kwargs)
+
+    monkeypatch.setattr(PersistentScheduler, "apply_async", counted)
+    due_since = beat.schedule["retrain"].last_run_at
+    saved: list[datetime] = []  # the retrain's last run each time the schedule file is saved
+    save = PersistentScheduler.sync
+
+    def recorded(self: PersistentScheduler) -> None:
+        saved.append(self.schedule["retrain"].last_run_at)
+        save(self)
+
+    monkeypatch.setattr(PersistentScheduler, "sync", recorded)
+
+    def run_beat(seconds: float) -> None:  # as celery.beat.Service.start does
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            interval = beat.tick()
+            if interval and interval > 0:
+                time.sleep(min(interval, max(0.0, end - time.monotonic())))
+
+    try:
+        run_beat(3.5)
+        failed = len(attempts)
+        # Celery saves the advanced entry around a send: the put-back is saved too, or a beat killed now
+        # would restart believing the retrain ran, and skip it for a week.
+        assert saved and saved[-1] == due_since, saved
+        client.delete(queue)  # the broker takes messages again
+        run_beat(min(send_retry_delay(failed, 7 * 86_400), 4.0) + 1.0)  # the last failure was before this
+        sent = [json.loads(m)["headers"]["task"] for m in client.lrange(queue, 0, -1)]
+    finally:
+        beat.close()
+        get_settings.cache_clear()
+    assert beat.leader
+    assert 2 <= failed <= 3, f"{failed} sends in 3.5 s: no backoff"  # at 0, 1 and 3 s
+    assert sent == [TASK_RETRAIN], sent  # sent once the broker recovered, once
+    assert [send_retry_delay(n, 7 * 86_400) for n in (1, 2, 3, 10, 50)] == [1.0, 2.0, 4.0, 300.0, 300.0]
+    assert send_retry_delay(10, 60.0) == 60.0  # never later than the job's own period

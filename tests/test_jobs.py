@@ -158,3 +158,16 @@ def test_a_run_whose_lease_lapsed_leaves_the_claim_of_the_run_that_took_over(job
     assert run_once("retrain", SLOT + 1, WEEK, work_done([]))["status"] == "ok"
     done = client.get(JOB_SLOT_KEY.format(name="retrain", slot=SLOT + 1))
     assert isinstance(done, bytes) and done.startswith(b"done:"), done
+
+
+def test_jobs_that_wait_an_hour_or_more_come_back_when_their_process_dies() -> None:
+    """The calibration and the compaction were acknowledged when an OOM kill took their process, so that
+    hour's calibration (that day's compaction) was lost; the retrain's re-delivery is run for real above.
+    The minute's refresh is left to the next minute."""
+    from core.constants import TASK_CALIBRATE, TASK_COMPACT_STORE, TASK_REFRESH_CACHE
+    from workers.jobs import app
+
+    for name in (TASK_CALIBRATE, TASK_RETRAIN, TASK_COMPACT_STORE):
+        task = app.tasks[name]
+        assert task.acks_late and task.reject_on_worker_lost, name
+    assert not app.tasks[TASK_REFRESH_CACHE].reject_on_worker_lost

@@ -22,9 +22,10 @@ from typing import IO, Any
 
 import redis
 from celery.beat import PersistentScheduler, ScheduleEntry, SchedulingError
+from celery.schedules import schedstate
 from celery.utils.time import maybe_make_aware
 
-from core.constants import BEAT_LAST_RUN_KEY, BEAT_LOCK_KEY
+from core.constants import BEAT_LAST_RUN_KEY, BEAT_LOCK_KEY, BEAT_SEND_RETRY_S
 from core.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ class LeaderScheduler(PersistentScheduler):
         self.leader = False
         filename = kwargs.get("schedule_filename")
         self._file_lock = hold_file_lock(f"{filename}.lock") if filename else None
+        self._send_failures: dict[str, int] = {}  # job name -> sends failed in a row
+        self._retry_at: dict[str, float] = {}  # job name -> monotonic time its failed send may be tried again
         super().__init__(*args, **kwargs)
 
     def _hold_lock(self) -> bool:
@@ -72,6 +75,12 @@ class LeaderScheduler(PersistentScheduler):
         self._heap = None  # rebuilt from the adopted times on the next tick
         return True
 
+    def is_due(self, entry: ScheduleEntry) -> schedstate:
+        wait = self._retry_at.get(entry.name, 0.0) - time.monotonic()
+        if wait > 0:  # its last send failed: not again before the backoff is over (other jobs still go)
+            return schedstate(False, wait)
+        return super().is_due(entry)
+
     def tick(self, *args: Any, **kwargs: Any) -> float:
         was_leader, self.leader = self.leader, self._hold_lock()
         if self.leader and not was_leader:
@@ -95,7 +104,19 @@ class LeaderScheduler(PersistentScheduler):
             if not advance and self.schedule.get(entry.name) is not entry:
                 self.schedule[entry.name] = entry
                 self._heap = None
+                # Due again at once, and Celery's beat ticks again at once after a send: without a backoff a
+                # send that keeps failing is retried in a busy loop.
+                failures = self._send_failures[entry.name] = self._send_failures.get(entry.name, 0) + 1
+                delay = send_retry_delay(failures, period)
+                self._retry_at[entry.name] = time.monotonic() + delay
+                log.warning("beat: sending %s failed (%d in a row): next try in %.0f s", entry.name, failures, delay)
+                try:  # Celery may have saved the advanced entry already: a beat killed now would skip the run
+                    self.sync()
+                except Exception as exc:  # the send's error is the one to raise
+                    log.warning("beat: schedule not saved after the failed send of %s (%s)", entry.name, exc)
             raise
+        self._send_failures.pop(entry.name, None)
+        self._retry_at.pop(entry.name, None)
         sent = self.schedule.get(entry.name)
         if sent is not None:
             try:
@@ -114,6 +135,14 @@ class LeaderScheduler(PersistentScheduler):
         if self._file_lock is not None:
             self._file_lock.close()  # after the schedule is synced and closed
             self._file_lock = None
+
+
+def send_retry_delay(failures: int, period_s: float) -> float:
+    """How long after its ``failures``-th failed send in a row a job is tried again: doubling from the first
+    delay to the last, and no longer than its period (a retry as often as the schedule itself costs nothing)."""
+    first, last = BEAT_SEND_RETRY_S
+    delay = min(last, first * 2.0 ** min(failures - 1, 32))
+    return min(delay, period_s) if period_s > 0 else delay
 
 
 def hold_file_lock(path: str) -> IO[bytes]:

@@ -3,7 +3,8 @@
 A claim is ``running`` while its job works, on a lease the job keeps renewing, then ``done``. A job
 whose process dies (OOM, SIGKILL at deploy) stops renewing: its lease lapses and the re-delivered task
 (``reject_on_worker_lost``, or the visibility timeout) runs the slot again, at most JOB_MAX_ATTEMPTS
-times; a ``done`` slot stays a duplicate.
+times; a ``done`` slot stays a duplicate. The minute's cache refresh is not re-delivered: the next
+minute's run does its work.
 """
 
 import json
@@ -192,7 +193,7 @@ def refresh_cache(job: str = "refresh-cache", period_s: float = 60.0, slot: int 
     return run_once(job, slot, period_s, refresh_work)
 
 
-@app.task(name=TASK_CALIBRATE, ignore_result=True, acks_late=True, time_limit=3000)
+@app.task(name=TASK_CALIBRATE, ignore_result=True, acks_late=True, reject_on_worker_lost=True, time_limit=3000)
 def calibrate(job: str = "calibrate", period_s: float = 3600.0, slot: int | None = None) -> dict[str, Any]:
     return run_once(job, slot, period_s, calibrate_work)
 
@@ -202,6 +203,6 @@ def retrain(job: str = "retrain", period_s: float = 604_800.0, slot: int | None 
     return run_once(job, slot, period_s, retrain_work)
 
 
-@app.task(name=TASK_COMPACT_STORE, ignore_result=True, acks_late=True, time_limit=1800)
+@app.task(name=TASK_COMPACT_STORE, ignore_result=True, acks_late=True, reject_on_worker_lost=True, time_limit=1800)
 def compact_store(job: str = "compact-store", period_s: float = 86_400.0, slot: int | None = None) -> dict[str, Any]:
     return run_once(job, slot, period_s, compact_work)
