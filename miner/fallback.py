@@ -6,6 +6,7 @@ miner never runs (Celery mode, where the workers compute).
 """
 
 import logging
+import threading
 
 from core.artifacts import ArtifactSet, ArtifactWatcher
 from core.forecast import FALLBACK_ENGINE, Forecaster, ForecasterSource, default_engines, no_calibration
@@ -42,17 +43,26 @@ class StatisticalForecaster:
         self.watcher = ArtifactWatcher(settings.artifacts_dir)
         self.watcher.poll()
         self._forecaster = self._build(self.watcher.current)
+        # The reply threads call ``current`` concurrently: unserialised, a thread still loading one version
+        # could overwrite the forecaster another had just built from a newer one, which the watcher then
+        # counts as seen (never loaded again). Same guard as LiveForecaster's.
+        self._reloading = threading.Lock()
 
     def _build(self, artifact: ArtifactSet | None) -> Forecaster:
         scale = artifact.calibration.lookup_for(self.settings.calibration_engine) if artifact else no_calibration
         return Forecaster(default_engines(), default=self.engine, seed=self.settings.seed, scale=scale)
 
     def current(self) -> Forecaster:
-        loaded = self.watcher.poll()
-        if loaded is not None:
-            log.info("artifact %s published: reloading the fallback's calibration", loaded.version)
-            self._forecaster = self._build(loaded)
-        return self._forecaster
+        if not self._reloading.acquire(blocking=False):
+            return self._forecaster  # another thread is polling or reloading: serve what is loaded
+        try:
+            loaded = self.watcher.poll()
+            if loaded is not None:
+                log.info("artifact %s published: reloading the fallback's calibration", loaded.version)
+                self._forecaster = self._build(loaded)
+            return self._forecaster
+        finally:
+            self._reloading.release()
 
 
 def fallback_source(settings: Settings, pool_forecaster: ForecasterSource | None) -> ForecasterSource:
