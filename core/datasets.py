@@ -200,7 +200,10 @@ def piece_windows(spec: FeatureSpec, piece: PriceHistory, stride_s: int, offset:
     first = first - first % stride_s + stride_s + lag
     for origin in range(first, last + 1, stride_s):
         known = origin - guard_s
-        ctx = native.known_by(known, spec.lookback_s)
+        # Bar-exact lookback, as the snapshot the engine gets holds it: known_by alone kept a return or two
+        # whose older bar opened before ``known - lookback_s`` (it moved the slow EWMA of equities and gold).
+        since = known - spec.lookback_s
+        ctx = native.known_by(known, spec.lookback_s).from_bars_since(since)
         if len(ctx) < spec.min_returns:
             continue
         grid = origin - lag + step * np.arange(horizon + 1, dtype=np.int64)  # bars giving the grid prices
@@ -210,7 +213,8 @@ def piece_windows(spec: FeatureSpec, piece: PriceHistory, stride_s: int, offset:
             continue
         try:
             inputs = context_inputs(spec, ctx, known,
-                                    coarse.known_by(known, spec.lookback_s) if coarse is not None else None)
+                                    coarse.known_by(known, spec.lookback_s).from_bars_since(since)
+                                    if coarse is not None else None)
         except FeatureError:
             continue
         anchor_pos = int(np.searchsorted(piece.ts, known - step, side="right")) - 1

@@ -62,8 +62,9 @@ class FeatureSpec:
     # hours only, while live tokenised equities and perps trade around the clock: their night and
     # weekend bars, which no training window ever held, are dropped in serving as in training.
     session_only: bool = False
-    # Assets whose files close for the weekend (gold: Friday 17:00 to Sunday 17:00 New York) while the
-    # live token trades through it: their weekend bars are dropped the same way.
+    # Assets whose files close for the weekend and a daily break (gold: Friday 16:50 to Sunday 18:05 and
+    # 16:50 to 18:05 daily, New York) while the live token trades through them: those bars are dropped
+    # the same way.
     weekend_closed: tuple[str, ...] = ()
 
     @property
@@ -175,6 +176,12 @@ class Returns:
         lo, hi = np.searchsorted(self.known_ts, [origin - lookback_s, origin], side="right")
         return Returns(self.step, self.r[lo:hi], self.known_ts[lo:hi])
 
+    def from_bars_since(self, start: int) -> "Returns":
+        """Returns whose two bars both open at or after ``start``: those a history cut there still holds
+        (``evaluation.snapshot_at`` and the live cache keep bars opening at most the lookback before the cut)."""
+        lo = int(np.searchsorted(self.known_ts, start + 2 * self.step, side="left"))
+        return Returns(self.step, self.r[lo:], self.known_ts[lo:])
+
 
 def returns_of(history: PriceHistory) -> Returns:
     if len(history) < 2:
@@ -251,8 +258,12 @@ def history_context(spec: FeatureSpec, history: PriceHistory, origin: int) -> Co
     if history.step != spec.step:
         raise FeatureError(f"history step {history.step}s, model needs {spec.step}s")
     known = history.known_at(origin)
-    native = returns_of(known).known_by(origin, spec.lookback_s)
-    coarse = returns_of(known.resample(300)).known_by(origin, spec.lookback_s) if spec.coarse_windows else None
+    # Bar-exact lookback, as training windows cut it: a live cache starts its window at "now", a little
+    # before the origin, and held a return more at the old edge (it moved the slow EWMA of gold and equities).
+    since = origin - spec.lookback_s
+    native = returns_of(known).known_by(origin, spec.lookback_s).from_bars_since(since)
+    coarse = (returns_of(known.resample(300)).known_by(origin, spec.lookback_s).from_bars_since(since)
+              if spec.coarse_windows else None)
     return context_inputs(spec, native, origin, coarse)
 
 

@@ -538,3 +538,36 @@ def test_training_from_the_store_never_reads_a_bar_closing_after_an_off_grid_cut
         windows = build_windows("lf_crypto", {"BTC": FileSlice("BTC", "btc", history, cut, ())}, 300)
         last_close = windows.origin - 240 + FEATURE_SPECS["lf_crypto"].horizon * 300 + 300
         assert last_close.max() <= cut
+
+
+def test_window_inputs_are_those_the_engine_builds_from_a_backtest_snapshot() -> None:
+    """A training window sees what ``snapshot_at`` (and the live cache) hands the engine at its origin: the
+    bars opening at most ``lookback_s`` before the cut. Equity bars span more sessions than the slow EWMA's
+    window holds, so one return older than that, which no snapshot carries, moved the base and the features."""
+    from core.evaluation import AssetHistory, snapshot_at
+    from core.features import history_context, session_bars
+
+    h = seasonal_prices(300, 40 * 288, seed=9)
+    session = us_session(h.ts + 150).open == 1
+    eq = PriceHistory(300, h.ts[session], h.close[session])
+    spec = FEATURE_SPECS["lf_equity"]
+    windows = build_windows("lf_equity", {"SPYX": FileSlice("SPYX", "spy_5m", eq, START + 60 * 86_400, ())}, 1800)
+    assert len(windows) > 200
+    widened = 0
+    for row in range(0, len(windows), 7):
+        origin = int(windows.origin[row])
+        snap = snapshot_at("SPYX", AssetHistory(None, eq), origin, spec.lookback_s)
+        assert snap.m5 is not None
+        served = history_context(spec, session_bars(spec, "SPYX", snap.m5), origin - 60)  # PatchTSTEngine._inputs
+        ctx_end = int(windows.ctx_end[row])
+        trained = windows.returns[ctx_end - spec.context_len:ctx_end] / windows.scale[row]
+        assert np.array_equal(served.series, trained), origin
+        assert np.array_equal(served.scalars, windows.scalars[row]), origin
+        assert np.array_equal(served.base, windows.base[row]), origin
+        # A live cache's window reaches further back (it starts at "now", before the origin): same inputs.
+        wider = snapshot_at("SPYX", AssetHistory(None, eq), origin, spec.lookback_s + 86_400).m5
+        assert wider is not None
+        widened += len(wider) > len(snap.m5)
+        live = history_context(spec, session_bars(spec, "SPYX", wider), origin - 60)
+        assert np.array_equal(live.scalars, served.scalars) and np.array_equal(live.base, served.base), origin
+    assert widened > 10  # windows whose wider history held older bars (the check is not vacuous)
