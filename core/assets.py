@@ -25,8 +25,8 @@ class AssetSpec:
     hyperliquid_coin: str | None = None
     data_stem: str | None = None  # file stem in ../shared/data style folders when not the asset name
     us_session: bool = False  # trades like a US equity (session features, weekend behaviour)
-    # Its files close for the weekend (CME gold: Friday 17:00 to Sunday 17:00 New York) while the live
-    # token trades through it.
+    # Its files close for the weekend and a daily break (CME gold: Friday 16:50 to Sunday 18:05, and 16:50
+    # to 18:05 each day, New York; core.market_calendar) while the live token trades through them.
     weekend_closed: bool = False
 
     @property

@@ -1,5 +1,5 @@
 """When the markets our training files come from are open: New York time, the NYSE regular session
-(holidays and early closes) and the CME gold weekend.
+(holidays and early closes) and the CME gold closures (daily break and weekend).
 
 The files hold what those markets traded: equities in NYSE regular hours, gold with its weekends
 closed, while live tokens and perps trade around the clock. The models read a live feed through
@@ -166,7 +166,10 @@ def new_york_week_shift(end: int, now: int) -> int:
         weeks += 1
 
 
-WEEKEND_FROM, WEEKEND_TO = 4 * 1440 + 17 * 60, 6 * 1440 + 17 * 60  # Fri 17:00 .. Sun 17:00 New York, minutes
+# The XAU files' own gaps (CME gold), measured: none of their bars from 16:50 to 18:05 New York on any day,
+# nor from Friday 16:50 to Sunday 18:05, while the live token trades through both.
+GOLD_BREAK_FROM, GOLD_BREAK_TO = 16 * 60 + 50, 18 * 60 + 5  # New York minutes after midnight
+WEEKEND_FROM, WEEKEND_TO = 4 * 1440 + GOLD_BREAK_FROM, 6 * 1440 + GOLD_BREAK_TO  # minutes from Monday 00:00
 
 
 def in_regular_session(ts: npt.ArrayLike) -> BoolArray:
@@ -175,20 +178,25 @@ def in_regular_session(ts: npt.ArrayLike) -> BoolArray:
     return open_
 
 
-def outside_gold_weekend(ts: npt.ArrayLike) -> BoolArray:
-    """True except from Friday 17:00 to Sunday 17:00 New York, when CME gold is closed."""
+def outside_gold_closures(ts: npt.ArrayLike) -> BoolArray:
+    """True except when CME gold is closed: daily from 16:50 to 18:05 New York, and from Friday 16:50 to
+    Sunday 18:05. A 24/7 feed's bars there (flat, or nearly) would give the models a staleness and
+    volatility no training window held: 0.45-1.85x the 1 h sigma around the daily break."""
     local = ny_local_seconds(ts)
-    week_minute = ((local // 86_400 + 3) % 7) * 1440 + (local % 86_400) // 60  # from Monday 00:00
-    keep: BoolArray = (week_minute < WEEKEND_FROM) | (week_minute >= WEEKEND_TO)
+    minute = (local % 86_400) // 60
+    week_minute = ((local // 86_400 + 3) % 7) * 1440 + minute  # from Monday 00:00
+    weekend = (week_minute >= WEEKEND_FROM) & (week_minute < WEEKEND_TO)
+    daily = (minute >= GOLD_BREAK_FROM) & (minute < GOLD_BREAK_TO)
+    keep: BoolArray = ~(weekend | daily)
     return keep
 
 
 def bars_in_hours(history: PriceHistory, session_only: bool, weekend_closed: bool) -> PriceHistory:
     """The bars (by each bar's middle) inside the hours: the regular session when ``session_only``, all
-    but the gold weekend when ``weekend_closed``, else every bar."""
+    but the gold closures when ``weekend_closed``, else every bar."""
     if not len(history) or not (session_only or weekend_closed):
         return history
     middle = history.ts + history.step // 2
-    keep = in_regular_session(middle) if session_only else outside_gold_weekend(middle)
+    keep = in_regular_session(middle) if session_only else outside_gold_closures(middle)
     return history if bool(keep.all()) else PriceHistory(history.step, history.ts[keep], history.close[keep])
 

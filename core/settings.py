@@ -71,8 +71,8 @@ class Settings(BaseSettings):
     http_retries: int = 4
     http_concurrency_per_host: int = 4
     max_price_age_s: float = 180.0
-    # The 1 h model reads 24 h of open-market 5-minute returns: gold's files close Friday 17:00 to Sunday
-    # 17:00 New York, so on Sunday evening 3 days held under 24 h of them and XAU 1 h fell back to EWMA-t.
+    # The 1 h model reads 24 h of open-market 5-minute returns: gold's files close Friday 16:50 to Sunday
+    # 18:05 New York, so on Sunday evening 3 days held under 24 h of them and XAU 1 h fell back to EWMA-t.
     cache_days_hf: float = 4.0
     cache_days_lf: float = 14.0
     http_backoff_s: float = Field(0.25, description="base of the jittered exponential retry backoff")

@@ -189,12 +189,15 @@ def test_session_bars_keep_the_regular_session_of_a_session_only_spec() -> None:
 
 
 @pytest.mark.parametrize("kind", ["hf", "lf_crypto"])
-def test_gold_loses_its_weekend_bars_only(kind: str) -> None:
+def test_gold_loses_its_closure_bars_only(kind: str) -> None:
     friday = 1770336000  # 2026-02-06 00:00 UTC, a Friday (New York: UTC-5)
     ts = np.arange(friday, friday + 4 * 86_400, 60, dtype=np.int64)  # Friday to Monday, every minute
     history = PriceHistory(60, ts, np.full(ts.size, 2000.0))
     kept = session_bars(FEATURE_SPECS[kind], "XAU", history)
     gone = np.setdiff1d(ts, kept.ts)
-    # Friday 17:00 New York (22:00 UTC) to Sunday 17:00 New York (22:00 UTC): 48 hours of minutes.
-    assert gone.size == 48 * 60 and gone[0] == friday + 22 * 3600 and gone[-1] == friday + 70 * 3600 - 60
+    # Friday 16:50 New York (21:50 UTC) to Sunday 18:05 (23:05 UTC), then Monday's 16:50 to 18:05 break.
+    weekend, monday = gone[gone < friday + 3 * 86_400], gone[gone >= friday + 3 * 86_400]
+    assert weekend.size == 49 * 60 + 15 and weekend[0] == friday + 21 * 3600 + 50 * 60
+    assert weekend[-1] == friday + 71 * 3600 + 4 * 60
+    assert monday.size == 75 and monday[0] == friday + 3 * 86_400 + 21 * 3600 + 50 * 60
     assert session_bars(FEATURE_SPECS[kind], "BTC", history) is history

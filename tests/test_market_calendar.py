@@ -14,7 +14,7 @@ from core.market_calendar import (
     in_regular_session,
     new_york_week_shift,
     ny_local_seconds,
-    outside_gold_weekend,
+    outside_gold_closures,
     us_session,
 )
 from core.prices import PriceHistory
@@ -69,11 +69,19 @@ def test_ny_offset_is_exact_outside_the_precomputed_years() -> None:
     assert ny_local_seconds(ts[3:4]).tolist() == expected[3:4]  # the table alone
 
 
-def test_gold_weekend_runs_from_friday_to_sunday_five_pm_new_york() -> None:
-    # Friday 16:55 and 17:00, Saturday noon, Sunday 16:55 and 17:00 New York (EST: UTC-5).
-    ts = [utc("2026-02-13T21:55:00"), utc("2026-02-13T22:00:00"), utc("2026-02-14T17:00:00"),
-          utc("2026-02-15T21:55:00"), utc("2026-02-15T22:00:00")]
-    assert outside_gold_weekend(ts).tolist() == [True, False, False, False, True]
+def test_gold_closes_daily_from_4_50_to_6_05_pm_and_from_friday_to_sunday_new_york() -> None:
+    """The XAU files' own gaps. The weekend ran Friday to Sunday 17:00 and the daily break was kept: a 24/7
+    feed's bars there gave the models a staleness and volatility no training window held."""
+    # Friday 16:49 and 16:50, Saturday noon, Sunday 18:04 and 18:05 New York (EST: UTC-5).
+    weekend = [utc("2026-02-13T21:49:00"), utc("2026-02-13T21:50:00"), utc("2026-02-14T17:00:00"),
+               utc("2026-02-15T23:04:00"), utc("2026-02-15T23:05:00")]
+    assert outside_gold_closures(weekend).tolist() == [True, False, False, False, True]
+    # Tuesday 16:49, 16:50, 17:30, 18:04, 18:05 New York, in summer time too (EDT: UTC-4).
+    for offset_h, day in ((5, "2026-02-10"), (4, "2026-07-14")):
+        times = [f"{16 + offset_h}:49", f"{16 + offset_h}:50", f"{17 + offset_h}:30", f"{18 + offset_h}:04",
+                 f"{18 + offset_h}:05"]
+        daily = [utc(f"{day}T{t}:00") for t in times]
+        assert outside_gold_closures(daily).tolist() == [True, False, False, False, True], day
 
 
 def test_bars_in_hours_keep_the_session_or_all_but_the_weekend_by_each_bars_middle() -> None:
@@ -84,8 +92,8 @@ def test_bars_in_hours_keep_the_session_or_all_but_the_weekend_by_each_bars_midd
     session = bars_in_hours(history, session_only=True, weekend_closed=False)
     assert np.all(in_regular_session(session.ts + 150)) and len(session) == 2 * 78  # Friday and Monday
     weekdays = bars_in_hours(history, session_only=False, weekend_closed=True)
-    assert np.all(outside_gold_weekend(weekdays.ts + 150))
-    assert len(history) - len(weekdays) == 2 * 288  # 48 hours of 5-minute bars
+    assert np.all(outside_gold_closures(weekdays.ts + 150))
+    assert len(history) - len(weekdays) == 591 + 15  # Friday 16:50 to Sunday 18:05, Monday's daily break
     assert np.array_equal(weekdays.close, history.close[np.isin(history.ts, weekdays.ts)])  # closes kept
 
 

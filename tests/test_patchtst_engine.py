@@ -14,7 +14,7 @@ from core.engines.patchtst import PatchTSTEngine, route
 from core.evaluation import AssetHistory, snapshot_at
 from core.features import history_context, us_closed_steps
 from core.forecast import Forecaster, paths_usable
-from core.market_calendar import outside_gold_weekend
+from core.market_calendar import outside_gold_closures
 from core.prices import MarketSnapshot, PriceHistory
 from core.prompts import ForecastRequest
 from core.settings import Settings
@@ -201,7 +201,7 @@ def with_night_bars(snap: MarketSnapshot, seed: int, weekend_only: bool = False)
     rng = np.random.default_rng(seed)
     night = np.setdiff1d(np.arange(m5.ts[0], m5.ts[-1], 300, dtype=np.int64), m5.ts)
     if weekend_only:
-        night = night[~outside_gold_weekend(night + 150)]
+        night = night[~outside_gold_closures(night + 150)]
     last = np.searchsorted(m5.ts, night, side="right") - 1
     close = m5.close[last] * np.exp(rng.normal(0.0, 5e-4, night.size))
     ts = np.concatenate([m5.ts, night])
@@ -232,10 +232,11 @@ def test_an_equity_model_sees_only_session_bars_of_a_24_7_feed(tmp_path: Path, h
     assert not np.allclose(kept_all.scalars, history_context(spec, session.m5, start - 60).scalars)
 
 
-@pytest.mark.parametrize("start", [1771204620, 1771675200])  # Monday 01:17 UTC after a weekend; a Saturday noon
-def test_gold_sees_no_weekend_bars_of_a_24_7_feed(tmp_path: Path, histories: dict[str, AssetHistory],
+# Monday 01:17 UTC after a weekend; a Saturday noon; Tuesday 18:30 New York, after the daily break
+@pytest.mark.parametrize("start", [1771204620, 1771675200, 1771371000])
+def test_gold_sees_no_closure_bars_of_a_24_7_feed(tmp_path: Path, histories: dict[str, AssetHistory],
                                                   start: int) -> None:
-    """Gold trained on files that close for the weekend; live XAUT trades through it."""
+    """Gold trained on files that close for the weekend and 16:50-18:05 daily; live XAUT trades through."""
     engine = PatchTSTEngine(write_checkpoints(tmp_path, ("lf_crypto",), perturb=0.05))
     files = replace(snapshot_at("XAU", histories["XAU"], start, LOOKBACK), m1=None)
     around_the_clock = with_night_bars(files, seed=2, weekend_only=True)
