@@ -34,6 +34,11 @@ def setup_logging(level: str = "INFO", as_json: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # bittensor logs through its own coloured console handler as well as through the root: each of its lines
+    # (every refused request) came twice, and the coloured copy broke JSON logs. The root's handler alone.
+    bittensor = logging.root.manager.loggerDict.get("bittensor")
+    if isinstance(bittensor, logging.Logger):
+        bittensor.handlers.clear()
     # Importing bittensor raises every logger that exists by then to CRITICAL: our own modules' warnings
     # (a refused artifact, an unavailable engine) would vanish. Ours follow the root level again.
     for name in list(logging.root.manager.loggerDict):

@@ -88,6 +88,9 @@ def train(
     device: Annotated[str, typer.Option(
         "--device", help="cpu (reproduces the committed checkpoints) | cuda | auto")] = "cpu",
     out: Annotated[Path, typer.Option("--out", help="folder for <model>.pt")] = Path("models"),
+    force: Annotated[bool, typer.Option(
+        "--force", help="replace an existing <model>.pt in --out (models/ holds the committed, served ones)")]
+    = False,
     stride_min: Annotated[int | None, typer.Option("--stride-min", help="minutes between training origins")]
     = None,
     batches_per_epoch: Annotated[int, typer.Option("--batches-per-epoch", min=1)] = 120,
@@ -122,6 +125,10 @@ def train(
     if threads:
         torch.set_num_threads(threads)
     spec = FEATURE_SPECS[model]
+    target = checkpoint_path(out, model)
+    if target.exists() and not force:  # before any training: the default --out is the served models' folder
+        raise typer.BadParameter(f"{target} exists: pass --out DIR for a new checkpoint, or --force to replace it",
+                                 param_hint="--out")
     try:
         if store is not None:
             from core.retraining import ResampledStore
@@ -157,7 +164,7 @@ def train(
     except (DatasetError, TrainingError, FeatureError, CheckpointError, HistoryStoreError) as exc:
         console.print(f"[red]training failed:[/] {exc}")
         raise typer.Exit(1) from None
-    path = checkpoint_path(out, model)
+    path = target
     save(result_checkpoint, path)
     m = result_checkpoint.metrics
     table = Table(title=f"{model}: {path} ({path.stat().st_size / 1024:.0f} KiB)")

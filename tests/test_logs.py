@@ -1,6 +1,7 @@
 """Logging set-up: our modules' warnings survive bittensor's import, which mutes existing loggers."""
 
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -18,3 +19,23 @@ def test_our_warnings_are_shown_after_bittensor_is_imported(restored_root: None,
     assert muted.getEffectiveLevel() == logging.INFO
     muted.warning("artifact refused")
     assert "artifact refused" in capsys.readouterr().err
+
+
+def test_a_bittensor_line_is_written_once_and_as_json() -> None:
+    """bittensor's own coloured console handler wrote every refused request a second time, which broke
+    JSON logs; its lines now go through our handler only. (A fresh process: bittensor's console handler
+    writes from a thread to the streams it found at import.)"""
+    import json
+    import subprocess
+    import sys
+
+    script = ("import time, bittensor\n"
+              "from core.logs import setup_logging\n"
+              "setup_logging('INFO', as_json=True)\n"
+              "bittensor.logging.error('SynapseException: num_simulations must be in [1, 10000]')\n"
+              "time.sleep(0.5)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if "num_simulations" in line]
+    assert len(lines) == 1, lines
+    assert json.loads(lines[0])["logger"] == "bittensor"

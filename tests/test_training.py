@@ -463,7 +463,13 @@ def test_cli_train_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     assert bad.exit_code != 0
     empty = tmp_path / "empty"
     write_folder(empty, {}, {})
-    failed = CliRunner().invoke(app, ["train", "--model", "hf", "--data-dir", str(empty), "--out", str(out)])
+    kept = (out / "hf.pt").read_bytes()
+    # The default --out is models/, the served checkpoints: an existing one is replaced only with --force,
+    # and the refusal comes before any training.
+    refused = CliRunner().invoke(app, ["train", "--model", "hf", "--data-dir", str(empty), "--out", str(out)])
+    assert refused.exit_code == 2 and "--force" in refused.output and (out / "hf.pt").read_bytes() == kept
+    failed = CliRunner().invoke(app, ["train", "--model", "hf", "--data-dir", str(empty), "--out", str(out),
+                                      "--force"])
     assert failed.exit_code == 1 and "training failed" in failed.output
     # --refit-from replays a checkpoint on every window; a refit checkpoint shows its window count.
     refitted = CliRunner().invoke(app, ["train", "--model", "hf", "--data-dir", str(tmp_path / "data"),
@@ -477,7 +483,7 @@ def test_cli_train_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     assert recent.exit_code == 0, recent.output
     assert load(tmp_path / "recent" / "hf.pt", expected_kind="hf")[0].metrics["refit_half_life_days"] == 2.0
     wrong = CliRunner().invoke(app, ["train", "--model", "lf_crypto", "--data-dir", str(tmp_path / "data"),
-                                     "--refit-from", str(out / "hf.pt")])
+                                     "--refit-from", str(out / "hf.pt"), "--out", str(tmp_path / "wrong")])
     assert wrong.exit_code == 1 and "training failed" in wrong.output
 
 
