@@ -49,6 +49,7 @@ from core.evaluation import (
     EvaluationError,
     FloatArray,
     Window,
+    iso,
     pick_prompts,
     realised_prices,
     snapshot_at,
@@ -513,11 +514,16 @@ def load_scale_lookup(settings: Settings) -> ScaleLookup:
     return ArtifactStore.from_settings(settings).load_current().calibration.lookup_for(settings.calibration_engine)
 
 
+def history_span_s(settings: Settings) -> int:
+    """Seconds of history before ``end`` that calibration's prompts (and their lookbacks) read."""
+    return max(CasePlan.for_prompt(settings, inc).span_s(inc) for inc in sorted(GRIDS))
+
+
 def store_histories(settings: Settings, end: int, assets: Sequence[str] | None = None) -> dict[str, AssetHistory]:
     """What calibration reads in production: the durable history store, as far back as its prompts need."""
     from core.history_store import HistoryStore
 
-    span = max(CasePlan.for_prompt(settings, inc).span_s(inc) for inc in sorted(GRIDS))
+    span = history_span_s(settings)
     history_store = HistoryStore.from_settings(settings)
     histories = {asset: AssetHistory(history_store.read(asset, 60, end - span, end) or None,
                                      history_store.read(asset, 300, end - span, end) or None)
@@ -542,6 +548,10 @@ def run_calibration_job(settings: Settings, now: int | None = None) -> dict[str,
     run = run_calibration(state, engines, settings.calibration_engine, histories, increments, end, settings, now)
     summary: dict[str, Any] = {"end": end, "outcomes": [asdict(o) for o in run.outcomes], "published": None}
     if not run.moved:
+        # Said in the summary: `synth-miner status` shows it as the job's outcome (it read "nothing published").
+        summary["reason"] = (no_history_reason(settings, end) if not histories
+                             else unmoved_reason(run.outcomes))
+        log.warning("calibration: nothing published: %s", summary["reason"])
         return summary
     starts = [c.prompt.start_ts for c in run.all_cases()]
     state.meta = {"calibrated_at": now, "end": end, "engine": settings.calibration_engine}
@@ -553,4 +563,23 @@ def run_calibration_job(settings: Settings, now: int | None = None) -> dict[str,
                          settings.calibration_rules)
     summary["published"] = decision.challenger if decision.promote else None
     summary["decision"] = asdict(decision)
+    summary["reason"] = decision.reason if decision.promote else f"not published: {decision.reason}"
     return summary
+
+
+def no_history_reason(settings: Settings, end: int) -> str:
+    """Why the job found no prompts at all. The gist comes first: status cuts the line at 100 characters."""
+    from core.refresh import replays_prices  # imported here, as the other core imports of this section
+
+    days = history_span_s(settings) / 86_400
+    empty = f"the history store holds no prices in the {days:.0f} days before {iso(end)} ({settings.data_dir})"
+    if replays_prices(settings):
+        # By design (core.refresh.durable_store): replayed rows are old prices dated now, kept out of the store.
+        return f"prices are replayed: the history store is not filled, nothing to calibrate on; {empty}"
+    return f"no prompts: {empty}; `synth-miner data import` or `data sync` fills it"
+
+
+def unmoved_reason(outcomes: Sequence[CalibrationOutcome]) -> str:
+    """Each key's own reason (too few prompts, most often) when no scale moved."""
+    return "no scale moved: " + "; ".join(
+        f"{o.key}: {o.reason if not o.moved else f'kept at {o.new:.4f}'}" for o in outcomes)

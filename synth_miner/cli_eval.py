@@ -247,6 +247,8 @@ def tune_ewma(
         fit, check = report.fit[inc], report.check[inc]
         console.print(f"[bold]{inc}s grid[/] ({report.prompts[inc][0]} fit / {report.prompts[inc][1]} check prompts, "
                       f"{res.evaluations} candidates)\n  {inc}: {config_literal(res.best)},")
+        if res.note:  # e.g. the start kept: the search found nothing better at the final path count
+            console.print(f"  [yellow]{res.note}[/]")
         for label, cmp in (("fit", fit), ("check", check)):
             if cmp is not None:
                 console.print(f"  {label}: CRPS × start {cmp.mean_vs_start:.4f} (geo {cmp.geo_vs_start:.4f}), "

@@ -140,8 +140,8 @@ def job_detail(run: dict[str, Any]) -> str:
 
     if isinstance(result.get("models"), dict):  # the retrain: one gate per model
         return "; ".join(f"{kind}: {verdict(outcome)}" for kind, outcome in result["models"].items())
-    if "published" in result:  # the calibration
-        return verdict(result) if result["published"] else "nothing published"
+    if "published" in result:  # the calibration: its reason says why not (summaries from before had none)
+        return verdict(result) if result["published"] else str(result.get("reason") or "nothing published")
     return ""
 
 

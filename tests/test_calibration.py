@@ -349,3 +349,26 @@ def test_job_gate_scores_with_the_configured_rules(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(core.champion, "compare", spy)
     summary = run_calibration_job(settings, now=int(m1.ts[-1]) + 60)
     assert summary["decision"] is not None and seen == ["head"]
+
+
+def test_a_job_with_nothing_to_calibrate_on_says_why(tmp_path: Path) -> None:
+    """The hourly job on an empty store reported ``ok`` / ``nothing published`` with no outcome and no
+    reason, while ``synth-miner calibrate`` on the same store refused clearly: the summary now says why."""
+    settings = Settings(artifacts_dir=tmp_path / "artifacts", data_dir=tmp_path / "data")
+    now = T0 + 40 * DAY
+    empty = run_calibration_job(settings, now=now)
+    assert empty["outcomes"] == [] and empty["published"] is None
+    assert empty["reason"].startswith("no prompts: the history store holds no prices in the 21 days before "
+                                      "2025-"), empty["reason"]
+    assert str(tmp_path / "data") in empty["reason"]
+    # Replayed prices never reach the store (core.refresh.durable_store): that is the reason to lead with.
+    replayed = run_calibration_job(settings.model_copy(update={"price_provider": "replay"}), now=now)
+    assert replayed["reason"].startswith("prices are replayed: the history store is not filled, nothing to "
+                                         "calibrate on"), replayed["reason"]
+    # A store with too little history: each key's own reason, not a bare "nothing published".
+    store = HistoryStore(settings.data_dir / "history", durable=False)
+    store.append("BTC", t_history(DAY // 60, MINUTE_SIGMA, 5.0, seed=13, start=now - DAY))
+    short = run_calibration_job(settings, now=now)
+    assert short["published"] is None and short["outcomes"]
+    assert short["reason"].startswith("no scale moved: ewma_t:BTC:60: "), short["reason"]
+    assert "prompts <" in short["reason"]

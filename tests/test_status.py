@@ -123,3 +123,23 @@ def test_a_stopped_worker_is_flagged_not_listed_as_serving(redis_url: str, tmp_p
     console = Console(record=True, width=160)
     render(report, console)
     assert "(gone?)" in console.export_text().split("lf@host:2")[1].splitlines()[0]
+
+
+def test_a_calibration_that_published_nothing_shows_why() -> None:
+    """The README promises each job's last run with "what it published, or why not": a calibration that
+    published nothing used to read only "nothing published", whatever the cause."""
+    from synth_miner.status import job_detail
+
+    now = time.time()
+    reason = "prices are replayed: the history store is not filled, nothing to calibrate on"
+    run = {"job": "calibrate", "slot": int(now) - 600, "status": "ok", "started": now - 600, "seconds": 0.2,
+           "result": {"end": int(now) - 600, "outcomes": [], "published": None, "reason": reason}}
+    assert job_detail(run) == reason
+    report = {"artifact_version": None, "workers": [], "queues": {}, "jobs": [run], "cache": {}, "errors": [],
+              "last_runs": {"calibrate": run}, "last_calibration": run}
+    console = Console(record=True, width=200)
+    render(report, console)
+    assert reason in console.export_text()
+    # Published, and the older summaries without a reason, read as before.
+    assert job_detail({**run, "result": {"published": "v8", "outcomes": []}}) == "published v8"
+    assert job_detail({**run, "result": {"published": None, "outcomes": []}}) == "nothing published"

@@ -125,3 +125,33 @@ def test_a_prompt_right_after_a_long_gap_is_skipped_not_fatal() -> None:
     after_gap = EvalPrompt("SOL", t0 + 30 * day, 60, 3600)  # first and last points observed, nothing before
     got = prepare_cases([ok, after_gap], history, LOOKBACK)
     assert [c.prompt for c in got] == [ok]
+
+
+def test_a_final_stage_worse_than_the_start_keeps_the_start(plan: Plan, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The few-path search's pick can score worse than the start at the final path count, and the final
+    search only moves from that pick: tune-ewma printed a "best" at CRPS × start 1.0093 on its own fit
+    prompts. Here the first stage's pick is made plainly worse (3x the variance)."""
+    import core.tuning
+
+    real = core.tuning.coordinate_search
+    stages: list[int] = []
+
+    def overshooting_first_stage(cases: list[TuningCase], start: EwmaConfig, inc: int, n_paths: int,
+                                 *args: object, **kwargs: object) -> core.tuning.TuningResult:
+        stages.append(n_paths)
+        res = real(cases, start, inc, n_paths, *args, **kwargs)  # type: ignore[arg-type]
+        if len(stages) == 1:
+            res.best = replace(start, var_mult=3.0 * start.var_mult)
+        return res
+
+    monkeypatch.setattr(core.tuning, "coordinate_search", overshooting_first_stage)
+    report = run_tuning(plan.histories, plan.prompts, DEFAULT_CONFIGS, LOOKBACK, n_paths=20, seed=0,
+                        params=("var_mult",), passes=1, final_paths=40)
+    assert stages == [20, 40]
+    res, fit = report.results[60], report.fit[60]
+    assert res.best == DEFAULT_CONFIGS[60] and res.kept_start
+    assert res.best_objective == res.start_objective and res.objective_paths == 40
+    assert "kept the start" in res.note
+    assert fit is not None and fit.geo_vs_start == pytest.approx(1.0) and fit.mean_vs_start == pytest.approx(1.0)
+    doc = report.to_json()["results"]["60"]
+    assert doc["kept_start"] and doc["best"] == doc["start"] and "kept the start" in doc["note"]
