@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -36,11 +36,13 @@ ForecasterFactory = Callable[[ArtifactSet | None], Forecaster]  # None: what ser
 
 def artifact_forecaster(engines: Mapping[str, Engine], settings: Settings,
                         engine: str | None = None) -> ForecasterFactory:
-    """Forecasters over shared engines that differ only by the artifact's calibration.
+    """Forecasters over shared engines that differ only by the artifact's calibration, run on ``engine``
+    (default ``settings.calibration_engine``: on any other engine the scales are 1.0, so every set ties).
 
-    Artifacts carrying models need a factory that builds their engines from the set's files.
+    Artifacts carrying models need a factory that builds their engines from the set's files
+    (``model_forecaster``; ``challenge_set`` picks the right one).
     """
-    name = engine or settings.engine
+    name = engine or settings.calibration_engine
     return lambda artifact: Forecaster(engines, default=name, seed=settings.calibration_seed,
                                        scale=no_calibration if artifact is None else
                                        artifact.calibration.lookup_for(settings.calibration_engine))
@@ -163,3 +165,48 @@ def challenge_models(store: ArtifactStore, staging_dir: Path, cases: Sequence[Ca
     """
     return challenge(store, staging_dir, cases, partial(model_forecaster, settings), tolerance, rules, publish,
                      baseline=COMMITTED_MODELS)
+
+
+# ------------------------------------------------------------------------------------- any staged set
+
+
+def model_files(artifact: ArtifactSet | None) -> dict[str, str]:
+    """The set's checkpoints (name -> sha256): what a worker serving it loads over the committed models."""
+    if artifact is None:
+        return {}
+    return {name: entry.sha256 for name, entry in artifact.manifest.files.items() if name.endswith(".pt")}
+
+
+def challenge_set(store: ArtifactStore, staging_dir: Path, cases: Sequence[Case], settings: Settings,
+                  tolerance: float, rules: Rules = "upstream", publish: bool = True) -> ChampionDecision:
+    """The gate for any staged set (``artifacts publish --gate``): each side scored as it would serve.
+
+    Its calibration is scored like the calibrate gate does (its scales on ``settings.calibration_engine``,
+    the only engine they change, over the models the set serves); when its checkpoints differ from the
+    champion's, its models are also scored like the retrain gate does (``challenge_models``: PatchTST
+    from each side's own files, the committed models defending before any). It is promoted only if it
+    loses neither, and published only over the version it was compared with.
+    """
+    from core.engines_registry import engines_over, models_in
+
+    challenger = store.validate(staging_dir)
+    champion = store.load_current_or_none()
+    expected = None if champion is None else champion.version
+    verdicts: list[ChampionDecision] = []
+    if model_files(challenger) != model_files(champion):
+        verdicts.append(challenge_models(store, staging_dir, cases, settings, tolerance, rules, publish=False))
+    # model_forecaster already applied the scales when PatchTST is the calibrated engine.
+    if not verdicts or (verdicts[0].promote and settings.calibration_engine != "patchtst"):
+        # Same checkpoints on both sides (or irrelevant to the calibrated engine): one shared engine set.
+        engines = engines_over(settings, models_in(challenger.path))
+        if settings.calibration_engine not in engines:  # PatchTST that does not load: no engine to score on
+            raise ArtifactError(f"the calibrated engine {settings.calibration_engine} does not load here (see the "
+                                "warning above): its scales cannot be gated")
+        verdicts.append(challenge(store, staging_dir, cases, artifact_forecaster(engines, settings), tolerance,
+                                  rules, publish=False))
+    decision = verdicts[-1]
+    if len(verdicts) == 2:  # say both verdicts: the printed scores are the calibration's
+        decision = replace(decision, reason=f"models: {verdicts[0].reason}; calibration: {decision.reason}")
+    if decision.promote and publish:
+        store.publish(staging_dir, expect_current=expected)
+    return decision

@@ -5,6 +5,7 @@ Mount with ``register(app)`` (adds the ``artifacts`` group and the ``calibrate``
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Annotated
@@ -26,7 +27,7 @@ from core.calibration import (
     run_calibration,
     store_histories,
 )
-from core.champion import ChampionDecision, artifact_forecaster, challenge
+from core.champion import ChampionDecision, artifact_forecaster, challenge, challenge_set
 from core.csv_history import find_file, load_asset
 from core.engines_registry import build_engines
 from core.evaluation import (
@@ -58,6 +59,17 @@ DirOption = Annotated[Path | None, typer.Option("--dir", help="artifacts root (S
 def _fail(message: str) -> typer.Exit:
     errors.print(f"[red]error:[/] {message}")
     return typer.Exit(code=1)
+
+
+class _Unlogged(logging.Filter):
+    """Drops the log records this command prints itself (those starting with ``prefix``)."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
 
 
 def _store(artifacts_dir: Path | None, settings: Settings | None = None) -> ArtifactStore:
@@ -190,9 +202,10 @@ def list_cmd(artifacts_dir: DirOption = None) -> None:
     table = Table("", Column("version", no_wrap=True), "created", "data window", "code", "notes")
     for v in versions:
         window = "-" if v.data_window is None else f"{iso(v.data_window.start)} .. {iso(v.data_window.end)}"
-        notes = v.problem or ", ".join(f"{k}={val}" for k, val in sorted(v.notes.items()))
+        notes = v.problem or ", ".join(f"{k}={val}" for k, val in sorted(v.notes.items()) if val)  # built_on=""
         table.add_row("*" if v.current else "", v.version, v.created or "?", window, v.code_version or "?", notes)
-    console.print(table)
+    # Off a terminal (a pipe, a log) rich assumes 80 columns and cuts versions and dates: print them whole.
+    (console if console.is_terminal else Console(width=max(console.width, 160))).print(table)
 
 
 @artifacts_app.command("publish")
@@ -215,6 +228,12 @@ def publish_cmd(
     try:
         staged = store.validate(staging)
         built_on, current = staged.manifest.notes.get(BUILT_ON_NOTE), store.current_version() or ""
+        if staged.version == current:  # e.g. versions/<current> passed again: not a staged-on mismatch
+            console.print(f"{current} is already current: nothing to publish")
+            return
+        if (store.versions_dir / staged.version).exists():
+            raise _fail(f"{staged.version} is already published (not current): `synth-miner artifacts rollback "
+                        f"--to {staged.version}` makes it current again")
         if built_on is not None and built_on != current and not force:
             # E.g. `retrain --no-publish`, then an hourly calibration: publishing would bring its older one back.
             raise _fail(f"{staged.version} was staged on {built_on or 'no published set'}, but {current} is current "
@@ -225,9 +244,10 @@ def publish_cmd(
             return
         histories = histories_for(data_dir, asset, all_rows, settings, _parse_end(end))
         cases = gate_cases(histories, sorted(PROMPT_INCREMENTS.values()), _parse_end(end), settings)
-        decision = challenge(store, staging, cases, artifact_forecaster(build_engines(settings), settings),
-                             settings.champion_tolerance if tolerance is None else tolerance,
-                             settings.calibration_rules)
+        # Each side as it would serve: its scales on the calibrated engine, its own models if it carries any.
+        decision = challenge_set(store, staging, cases, settings,
+                                 settings.champion_tolerance if tolerance is None else tolerance,
+                                 settings.calibration_rules)
     except ArtifactError as exc:
         raise _fail(str(exc)) from None
     print_decision(decision)
@@ -243,10 +263,16 @@ def rollback_cmd(
     """Point current back at an earlier (validated) version."""
     store = _store(artifacts_dir)
     before = store.current_version()
+    # The store logs the switch as a warning, which logging's last-resort handler (no logging set up
+    # here) prints to stderr too: the line below says it once.
+    said = _Unlogged("rolled back artifacts ")
+    logging.getLogger("core.artifacts").addFilter(said)
     try:
         after = store.rollback(to)
     except ArtifactError as exc:
         raise _fail(str(exc)) from None
+    finally:
+        logging.getLogger("core.artifacts").removeFilter(said)
     console.print(f"current: {before} -> {after}")
 
 

@@ -21,6 +21,7 @@ from core.champion import (
 )
 from core.engines.base import EngineError
 from core.engines.ewma import EwmaTEngine
+from core.engines.gbm import GbmEngine
 from core.engines.patchtst import PatchTSTEngine
 from core.engines_registry import build_engines
 from core.evaluation import AssetHistory
@@ -116,6 +117,18 @@ def test_scores_follow_the_artifact_calibration(tmp_path: Path, cases: list[Case
     wide_scores = backtest_scores(make(wide), cases, "upstream")
     assert np.isfinite(good_scores).all() and np.isfinite(wide_scores).all()
     assert wide_scores.mean() > 1.1 * good_scores.mean()  # three times the std is clearly worse
+
+
+def test_the_default_engine_is_the_one_the_scales_apply_to(tmp_path: Path, cases: list[Case]) -> None:
+    """Served on PatchTST (or any other engine), calibrated on EWMA-t: scoring the served engine would
+    apply scale 1.0 to both sides, and any calibration would tie with the champion (and be published)."""
+    store = ArtifactStore(tmp_path / "artifacts")
+    good = store.validate(stage_scale(store, "good", 1.0))
+    wide = store.validate(stage_scale(store, "wide", 3.0))
+    settings = Settings(engine="gbm", calibration_engine="ewma_t", calibration_seed=3)
+    make = artifact_forecaster({"gbm": GbmEngine(), "ewma_t": EwmaTEngine()}, settings)
+    assert backtest_scores(make(wide), cases, "upstream").mean() > 1.1 * backtest_scores(make(good), cases,
+                                                                                         "upstream").mean()
 
 
 def test_a_worse_challenger_is_rejected_and_the_champion_keeps_serving(

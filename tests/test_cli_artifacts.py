@@ -1,6 +1,7 @@
 """The ``artifacts`` and ``calibrate`` commands, run through typer's CliRunner on a real store and CSVs."""
 
 import json
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -170,6 +171,79 @@ def test_artifacts_publish_gate_rejects_a_worse_challenger(app: typer.Typer, dat
     assert "v002 rejected" in text and "champion v001" in text
     assert "over 13 prompts" in text  # 10 one-hour + 3 one-day prompts, both scored
     assert store.current_version() == "v001"
+
+
+GATE_ENV = {"SYNTH_CALIBRATION_WINDOWS_HF": "10", "SYNTH_CALIBRATION_WINDOWS_LF": "3", "SYNTH_CALIBRATION_PATHS": "40"}
+
+
+def gate(app: typer.Typer, staged: Path, root: Path, data_dir: Path) -> tuple[int, str, float, float]:
+    """``publish --gate``: exit code, output, challenger and champion mean CRPS."""
+    result = CliRunner().invoke(app, ["artifacts", "publish", str(staged), "--dir", str(root), "--gate",
+                                      "--data-dir", str(data_dir), "--asset", "BTC"], env=GATE_ENV)
+    text = " ".join(result.output.split())
+    found = re.search(r"mean CRPS ([0-9.]+) vs champion \S+ ([0-9.]+) over", text)
+    assert found is not None, text
+    return result.exit_code, text, float(found[1]), float(found[2])
+
+
+def test_publish_gate_scores_each_set_with_its_scales_on_the_engine_they_apply_to(
+        app: typer.Typer, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Served on PatchTST, calibrated on EWMA-t (the defaults): the gate once scored both sides on PatchTST,
+    where no scale applies, so every calibration tied with the champion and was promoted."""
+    monkeypatch.delenv("SYNTH_ENGINE")
+    root = tmp_path / "artifacts"
+    store = ArtifactStore(root)
+    store.publish(stage_scale(store, "v001", 1.0))
+    code, text, worse, champion = gate(app, stage_scale(store, "v002", 1.8), root, data_dir)
+    assert code == 1 and "v002 rejected" in text and worse > champion, text
+    assert store.current_version() == "v001"
+    code, text, other, champion_again = gate(app, stage_scale(store, "v003", 0.9), root, data_dir)
+    assert other != worse and champion_again == champion, text  # differing scales, differing scores
+
+
+def test_publish_gate_scores_a_set_carrying_models_with_its_own_models(
+        app: typer.Typer, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hand-staged retrained model (``retrain --no-publish``) is gated on its own checkpoint, not on the
+    served one on both sides (a tie: any model, a random one included, would be published)."""
+    from tests.model_fixtures import write_checkpoints
+
+    monkeypatch.delenv("SYNTH_ENGINE")
+    root = tmp_path / "artifacts"
+    store = ArtifactStore(root)
+    store.publish(stage_scale(store, "v001", 1.0))
+    random_head = write_checkpoints(tmp_path / "random", ("hf",), perturb=3.0) / "hf.pt"  # clearly worse
+    staged = store.stage({"hf.pt": random_head.read_bytes()}, version="v002-hf", inherit=True)
+    code, text, challenger, champion = gate(app, staged, root, data_dir)
+    assert code == 1 and "v002-hf rejected" in text and challenger > champion, text
+    assert store.current_version() == "v001" and staged.exists()
+
+
+def test_publishing_the_current_set_again_says_so(app: typer.Typer, tmp_path: Path) -> None:
+    root = tmp_path / "artifacts"
+    store = ArtifactStore(root)
+    store.publish(store.stage({CALIBRATION_FILE: CalibrationState().to_json()}, version="v001", inherit=True))
+    result = CliRunner().invoke(app, ["artifacts", "publish", str(store.versions_dir / "v001"), "--dir", str(root)])
+    assert result.exit_code == 0 and "v001 is already current: nothing to publish" in result.output, result.output
+    store.publish(stage_scale(store, "v002", 1.2))
+    result = CliRunner().invoke(app, ["artifacts", "publish", str(store.versions_dir / "v001"), "--dir", str(root)])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "v001 is already published (not current)" in text and "--to v001" in text
+
+
+def test_list_prints_whole_versions_and_no_empty_notes_and_rollback_says_it_once(
+        app: typer.Typer, tmp_path: Path) -> None:
+    root = tmp_path / "artifacts"
+    store = ArtifactStore(root)
+    first, second = "20260101T000000Z-1a2b3c", "20260102T000000Z-4d5e6f-hf"  # as new_version() names them
+    store.publish(store.stage({CALIBRATION_FILE: CalibrationState().to_json()}, version=first, inherit=True))
+    store.publish(store.stage({}, version=second, inherit=True))
+    listing = CliRunner().invoke(app, ["artifacts", "list", "--dir", str(root)])  # not a terminal
+    assert listing.exit_code == 0 and first in listing.output and second in listing.output, listing.output
+    assert "built_on=," not in listing.output and f"built_on={first}" in listing.output
+    assert all("built_on" not in line for line in listing.output.splitlines() if first in line and "*" not in line)
+    assert datetime.now(UTC).date().isoformat() + "T" in listing.output and "…" not in listing.output
+    rolled = CliRunner().invoke(app, ["artifacts", "rollback", "--dir", str(root)])
+    assert rolled.exit_code == 0 and rolled.output.count(f"{second} -> {first}") == 1, rolled.output
 
 
 def test_calibrate_without_a_folder_reads_the_history_store_like_the_hourly_job(
