@@ -3,6 +3,8 @@
 They serve a CSV folder (the ../shared/data format) shifted in time so its newest row lands at "now"
 (plus ``lead_s``: rows past "now" appear as the clock moves on, like a live feed). The shift is fixed
 per asset on first request, so the served history never slides under a client between two calls.
+Files that keep market hours (equities, gold) are shifted by whole New York weeks instead, as
+``core.sources.replay`` does: their newest row then lands up to a week past "now" + ``lead_s``.
 
 Faults are a mutable ``Faults`` object per app, changed directly by tests or over HTTP with
 ``POST /_faults`` (JSON body) and ``POST /_faults/reset``; ``GET /_faults`` shows them.
@@ -26,6 +28,7 @@ from core.assets import ASSETS
 from core.csv_history import find_file, load_asset
 from core.prices import PriceHistory
 from core.sources.http import Clock
+from core.sources.replay import market_hours_shift
 
 FakeProvider = Literal["binance", "hyperliquid", "pyth", "all"]
 FAKE_PROVIDERS: tuple[FakeProvider, ...] = ("binance", "hyperliquid", "pyth", "all")
@@ -88,7 +91,12 @@ class ManualClock:
 
 
 class FakeMarket:
-    """CSV history per asset, shifted so its newest close lands at now + ``lead_s`` (up to 5 min later)."""
+    """CSV history per asset, shifted so its newest close lands at now + ``lead_s`` (up to 5 min later).
+
+    A file with market hours spanning ``CALENDAR_MIN_SPAN_S`` or more (``market_hours_shift``) is shifted by
+    whole New York weeks so its sessions stay sessions: its newest close lands at or after now + ``lead_s``,
+    up to a week later; the rows past now appear as the clock reaches them.
+    """
 
     def __init__(self, folder: Path, clock: Clock = time.time, lead_s: int = 0) -> None:
         if not folder.is_dir():
@@ -123,9 +131,13 @@ class FakeMarket:
             if end is None:  # empty files: nothing to serve, nothing to shift
                 self._shift[asset] = 0
                 return 0
+            start = min(int(h.ts[0]) for h in (m1, m5) if h is not None and len(h))
             target = int(self.clock()) + self.lead_s
-            # Round up: the newest close lands in the coming 5 minutes, so the feed starts fresh.
-            self._shift[asset] = -(-(target - end) // ALIGN) * ALIGN
+            # A 5-minute shift moved equity session bars into the New York night (and gold's into its
+            # closures), where the models' hours filter dropped them all: every forecast fell back to EWMA-t.
+            calendar = market_hours_shift(asset, start, end, target)
+            # Else round up: the newest close lands in the coming 5 minutes, so the feed starts fresh.
+            self._shift[asset] = calendar if calendar is not None else -(-(target - end) // ALIGN) * ALIGN
         return self._shift[asset]
 
     def bars(self, asset: str, step: int) -> PriceHistory:

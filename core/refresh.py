@@ -21,10 +21,14 @@ from core.price_checks import plausible_latest, screen_bars
 from core.prices import LatestPrice, PriceDataError, PriceHistory
 from core.settings import Settings
 from core.sources.base import PriceSource, ProviderError
-from core.sources.http import PartialHistoryError
+from core.sources.http import PartialHistoryError, UnsupportedAssetError
 from core.sources.registry import sources_for
 
 log = logging.getLogger(__name__)
+
+# (source name, asset) pairs whose "no data for this asset" was logged at WARNING in this process. Permanent,
+# it was logged every minute (three lines per asset: ~17k a day for the assets a replay folder lacks).
+_no_data_reported: set[tuple[str, str]] = set()
 
 
 class RefreshConfigError(ValueError):
@@ -56,6 +60,20 @@ class RefreshReport:
     @property
     def ok(self) -> bool:
         return not self.errors
+
+
+class _Errors(list[str]):
+    """A refresh's error lines; ``no_data`` holds those saying the source has no data for the asset at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.no_data: set[str] = set()
+
+    def add(self, what: str, exc: Exception) -> None:
+        line = f"{what}: {type(exc).__name__}: {exc}"
+        self.append(line)
+        if isinstance(exc, UnsupportedAssetError):
+            self.no_data.add(line)
 
 
 def replays_prices(settings: Settings) -> bool:
@@ -126,7 +144,7 @@ async def refresh_asset(asset: str, source: PriceSource, cache: HistoryCache, st
     now = int(time.time()) if now is None else int(now)
     steps = tuple(steps) if steps is not None else default_steps(source)
     windows = cache_windows(settings, steps)
-    errors: list[str] = []
+    errors = _Errors()
     done: list[StepRefresh] = []
     async with _asset_lock(cache, asset, settings):
         for step in steps:
@@ -142,10 +160,26 @@ async def refresh_asset(asset: str, source: PriceSource, cache: HistoryCache, st
             await asyncio.to_thread(cache.set_latest, asset, latest)
         except ProviderError as exc:
             latest = None
-            errors.append(f"latest: {type(exc).__name__}: {exc}")
-    for error in errors:
-        log.warning("refresh %s via %s: %s", asset, source.name, error)
+            errors.add("latest", exc)
+    _log_errors(asset, source.name, errors)
     return RefreshReport(asset, source.name, tuple(done), latest, tuple(errors), time.perf_counter() - started)
+
+
+def _log_errors(asset: str, source: str, errors: _Errors) -> None:
+    """Every error at WARNING, except "no data for this asset": once per (source, asset) and process, then at
+    DEBUG (the report still carries it). The miner already lists at start the assets it has no price for."""
+    for error in errors:
+        if error not in errors.no_data:
+            log.warning("refresh %s via %s: %s", asset, source, error)
+    no_data = [e for e in errors if e in errors.no_data]
+    if not no_data:
+        return
+    if (source, asset) in _no_data_reported:
+        log.debug("refresh %s via %s: %s", asset, source, "; ".join(no_data))
+        return
+    _no_data_reported.add((source, asset))
+    log.warning("refresh %s via %s: %s (%s has no data for %s: from now on reported at DEBUG)", asset, source,
+                "; ".join(no_data), source, asset)
 
 
 def _newest_bar(asset: str, steps: Sequence[int], cache: HistoryCache) -> PriceHistory:
@@ -158,7 +192,7 @@ def _newest_bar(asset: str, steps: Sequence[int], cache: HistoryCache) -> PriceH
 
 
 async def _refresh_step(asset: str, step: int, window: int, source: PriceSource, cache: HistoryCache,
-                        store: HistoryStore | None, now: int, errors: list[str], settings: Settings) -> StepRefresh:
+                        store: HistoryStore | None, now: int, errors: _Errors, settings: Settings) -> StepRefresh:
     lo = -(-(now - window) // step) * step
     span = await asyncio.to_thread(cache.span, asset, step)
     tail = lo if span is None or span[1] < lo else span[1] + step
@@ -188,9 +222,9 @@ async def _refresh_step(asset: str, step: int, window: int, source: PriceSource,
             # The bars before the failed page are unbroken from ``tail``: kept through the same screening,
             # store and cache as a full fetch, the next refresh resumes right after them. Still an error.
             fetched = exc.partial.known_at(now)
-            errors.append(f"history {step}s: {type(exc).__name__}: {exc}")
+            errors.add(f"history {step}s", exc)
         except (ProviderError, PriceDataError) as exc:
-            errors.append(f"history {step}s: {type(exc).__name__}: {exc}")
+            errors.add(f"history {step}s", exc)
     # 3. Garbage prints never reach the store or the cache (core.price_checks).
     previous = await asyncio.to_thread(_newest_bar, asset, (step,), cache)
     screened = screen_bars(fetched, float(previous.close[-1]) if len(previous) else None,

@@ -1,7 +1,7 @@
 """The local provider servers: exact wire formats, time shift, fault control over HTTP."""
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from core.assets import ASSETS
+from core.constants import SECONDS_PER_DAY
 from core.csv_history import read_csv
-from core.fake_providers import ALIGN, FakeMarket, FakeServer, ManualClock, build_app
-from tests.provider_fixtures import T0, fake_provider_fixtures
+from core.fake_providers import ALIGN, FakeMarket, FakeServer, Faults, ManualClock, build_app
+from core.market_calendar import BoolArray, in_regular_session, outside_gold_closures
+from tests.provider_fixtures import T0, fake_provider_fixtures, write_held_in
 
 csv_dir, clock, market, server = fake_provider_fixtures("all", ["btc", "xau"], days=3)
 
@@ -40,6 +42,51 @@ def test_lead_keeps_rows_for_later_and_the_shift_stays_fixed(csv_dir: Path, cloc
     clock.advance(600)
     assert len(market.served("BTC", 60, 0, 2 ** 40, Faults())) == seen + 10  # ten new minutes appeared
     assert market.shift("BTC") == shift
+
+
+# Tuesday 2026-10-20, 12:00 UTC: the three weeks before it hold no NYSE holiday and no DST switch (as in
+# tests/test_sources_replay.py: a whole-week shift cannot keep the session across one).
+OCT_20 = 1_792_497_630
+
+
+@pytest.mark.parametrize(("stem", "asset", "in_hours"), [("spy", "SPYX", in_regular_session),
+                                                         ("xau", "XAU", outside_gold_closures)])
+def test_a_file_with_market_hours_keeps_them_and_plays_its_last_week_as_the_clock_moves(
+        tmp_path: Path, shared_data: Path, stem: str, asset: str, in_hours: Callable[[np.ndarray], BoolArray]) -> None:
+    """Before the fix, a 5-minute shift moved equity session bars into the New York night (and gold's into its
+    closures): the models' hours filter dropped them and every 24 h SPYX forecast and both XAU grids fell back
+    to EWMA-t ("need 390 returns at 300s, history has 0")."""
+    folder = write_held_in(tmp_path, shared_data, [stem], days=21, with_5m=True)
+    clock = ManualClock(OCT_20)
+    market = FakeMarket(folder, clock)
+    file_bars = read_csv(folder / f"{stem}_5m.csv.gz", 300)
+    served = market.served(asset, 300, 0, 2 ** 40, Faults())
+    assert 0 < len(served) < len(file_bars)  # the file's tail past "now" is not served yet
+    assert bool(in_hours(served.ts + 150).all())  # and every bar is still inside its market's hours
+    minutes = market.served(asset, 60, 0, 2 ** 40, Faults())
+    assert len(minutes) and bool(in_hours(minutes.ts + 30).all())
+    newest = market.newest_closed(asset, Faults())
+    assert newest is not None and newest[0] <= OCT_20
+    clock.advance(7 * SECONDS_PER_DAY)  # a week on, the rest of the file has been played, each row once
+    later = market.served(asset, 300, 0, 2 ** 40, Faults())
+    np.testing.assert_array_equal(later.ts[:len(served)], served.ts)
+    assert len(later) == len(file_bars) and len(np.unique(later.ts)) == len(later)
+
+
+def test_a_lead_keeps_at_least_that_much_of_an_equity_file_for_later(tmp_path: Path, shared_data: Path) -> None:
+    folder = write_held_in(tmp_path, shared_data, ["spy"], days=21)
+    lead = 3 * SECONDS_PER_DAY
+    market = FakeMarket(folder, ManualClock(OCT_20), lead_s=lead)
+    bars = market.bars("SPYX", 60)
+    assert bars.last_close_time is not None and bars.last_close_time >= OCT_20 + lead
+    assert bool(in_regular_session(bars.ts + 30).all())
+
+
+def test_a_short_equity_file_keeps_the_five_minute_shift(tmp_path: Path, shared_data: Path) -> None:
+    """Under two weeks of rows (CALENDAR_MIN_SPAN_S), a whole-week shift could hide most of the file."""
+    market = FakeMarket(write_held_in(tmp_path, shared_data, ["spy"], days=5), ManualClock(T0))
+    end = market.bars("SPYX", 60).last_close_time
+    assert end is not None and T0 <= end < T0 + ALIGN
 
 
 async def test_binance_klines_wire_format(server: FakeServer, http: aiohttp.ClientSession,

@@ -1,6 +1,7 @@
 """refresh_asset against a local Binance server, a real Redis and a disk store."""
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -11,7 +12,8 @@ import pytest
 import redis
 from aiohttp import web
 
-from core import history_store
+from core import history_store, refresh
+from core.cache import MemoryHistoryCache
 from core.cache_redis import RedisHistoryCache
 from core.constants import SECONDS_PER_DAY
 from core.fake_providers import FakeMarket, FakeServer, FakeServerThread, ManualClock, build_app, start_fake
@@ -387,3 +389,41 @@ async def test_a_failed_page_keeps_the_pages_before_it_and_the_next_refresh_fill
     finally:
         await source.close()
         await runner.cleanup()
+
+
+def _warnings(caplog: pytest.LogCaptureFixture, asset: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and asset in r.getMessage()]
+
+
+async def test_an_asset_the_source_has_no_data_for_warns_once_then_at_debug(
+        csv_dir: Path, settings: Settings, clock: ManualClock, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replayed prices without an XRP file logged three WARNING lines for XRP every minute, in the miner and
+    the cpu worker (about 17k lines a day); a permanent condition is worth one warning per process."""
+    monkeypatch.setattr(refresh, "_no_data_reported", set(), raising=False)
+    replay, cache = ReplaySource(csv_dir, clock), MemoryHistoryCache()
+    with caplog.at_level(logging.DEBUG, logger="core.refresh"):
+        first = await refresh_asset("XRP", replay, cache, None, settings, now=T0)
+        assert not first.ok and len(first.errors) == 3 and len(_warnings(caplog, "XRP")) == 1
+        assert "no replay file for XRP" in _warnings(caplog, "XRP")[0]
+        caplog.clear()
+        again = await refresh_asset("XRP", replay, cache, None, settings, now=T0 + 60)
+        assert not again.ok and len(again.errors) == 3  # still in the report
+        assert _warnings(caplog, "XRP") == []
+        assert any(r.levelno == logging.DEBUG and "no replay file for XRP" in r.getMessage() for r in caplog.records)
+        caplog.clear()
+        btc = await refresh_asset("BTC", replay, cache, None, settings, now=T0 + 60)
+        assert btc.ok and _warnings(caplog, "BTC") == []  # assets with a file are unaffected
+
+
+async def test_a_transient_provider_error_is_still_warned_at_every_refresh(
+        source: BinanceSource, server: FakeServer, settings: Settings, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(refresh, "_no_data_reported", set(), raising=False)
+    server.faults.set(status=503)
+    cache = MemoryHistoryCache()
+    with caplog.at_level(logging.DEBUG, logger="core.refresh"):
+        for now in (T0, T0 + 60):
+            caplog.clear()
+            report = await refresh_asset("BTC", source, cache, None, settings, now=now)
+            assert not report.ok and any("history 60s" in w and "503" in w for w in _warnings(caplog, "BTC"))

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 from core.cache import MemoryHistoryCache
-from core.csv_history import read_csv
+from core.csv_history import read_csv, write_csv
 from core.fake_providers import ManualClock
 from core.market_calendar import in_regular_session
 from core.refresh import refresh_asset
 from core.settings import Settings
 from core.sources.base import ProviderError
+from core.sources.http import UnsupportedAssetError
 from core.sources.replay import ReplaySource
 from tests.provider_fixtures import T0, fake_provider_fixtures, write_held_in
 
@@ -63,6 +64,27 @@ async def test_an_unreadable_replay_file_is_a_provider_error(tmp_path: Path, clo
         await replay.latest("BTC")
     report = await refresh_asset("BTC", replay, MemoryHistoryCache(), None, Settings(), now=T0, steps=(60, 300))
     assert not report.ok and report.latest is None and any(e.startswith("latest:") for e in report.errors)
+
+
+async def test_an_asset_without_a_file_is_unsupported(csv_dir: Path, clock: ManualClock) -> None:
+    """A permanent "no data for this asset" (UnsupportedAssetError, as a live provider without the symbol):
+    the refresh reports it once instead of three warnings per asset every minute."""
+    replay = ReplaySource(csv_dir, clock)
+    with pytest.raises(UnsupportedAssetError, match="no replay file for XRP"):
+        await replay.history("XRP", T0 - 3600, T0)
+    with pytest.raises(UnsupportedAssetError, match="XRP"):
+        await replay.latest("XRP")
+
+
+async def test_a_step_without_a_file_is_unsupported(tmp_path: Path, shared_data: Path, clock: ManualClock) -> None:
+    """A folder with 5-minute rows only has no 1-minute history: permanent too."""
+    m1 = read_csv(write_held_in(tmp_path, shared_data, ["btc"], days=1) / "btc_1m.csv.gz", 60)
+    (tmp_path / "m5").mkdir()
+    write_csv(tmp_path / "m5" / "btc_5m.csv.gz", m1.resample(300))
+    replay = ReplaySource(tmp_path / "m5", clock)
+    assert len(await replay.history("BTC", 0, 2 ** 40, step=300))
+    with pytest.raises(UnsupportedAssetError, match="no 60s replay history for BTC"):
+        await replay.history("BTC", 0, 2 ** 40, step=60)
 
 
 @pytest.fixture

@@ -26,6 +26,22 @@ STEPS = (60, 300)  # the file steps a replay serves
 CALENDAR_MIN_SPAN_S = 2 * SECONDS_PER_WEEK
 
 
+def market_hours_shift(asset: str, start: int, end: int, now: int) -> int | None:
+    """The shift for a file of ``asset`` spanning [start, end) that keeps its market hours, or None where the
+    caller's own 5-minute shift will do (an asset trading around the clock, or a file under
+    ``CALENDAR_MIN_SPAN_S``).
+
+    Whole New York weeks (``new_york_week_shift``) moving ``end`` to or past ``now``: any other shift moves
+    session bars into the night, where the models' session filter (gold's closure filter) drops them all and
+    every equity forecast and gold grid falls back to EWMA-t. The caller then serves only rows closed by now.
+    The one rule of ``ReplaySource`` and ``core.fake_providers.FakeMarket``.
+    """
+    spec = spec_for_any(asset)
+    if (spec.us_session or spec.weekend_closed) and end - start >= CALENDAR_MIN_SPAN_S:
+        return new_york_week_shift(end, now)
+    return None
+
+
 class ReplaySource:
     name = "replay"
 
@@ -43,8 +59,8 @@ class ReplaySource:
                 m1, m5 = load_asset(self.folder, asset)
             except PriceDataError as exc:  # a source fails with ProviderError: what its callers catch
                 raise ProviderError(f"replay file for {asset} unreadable: {exc}") from exc
-            if m1 is None and m5 is None:
-                raise ProviderError(f"no replay file for {asset} in {self.folder}")
+            if m1 is None and m5 is None:  # permanent: the refresh reports it once, not every minute
+                raise UnsupportedAssetError(f"no replay file for {asset} in {self.folder}")
             self._files[asset] = (m1, m5)
         return self._files[asset]
 
@@ -62,13 +78,8 @@ class ReplaySource:
             end = max(int(h.ts[-1]) + h.step for h in files)
             start = min(int(h.ts[0]) for h in files)
             now = int(self.clock())
-            spec = spec_for_any(asset)
-            if (spec.us_session or spec.weekend_closed) and end - start >= CALENDAR_MIN_SPAN_S:
-                # Any other shift moves session bars into the night, where the models' session filter
-                # drops them all (an equity forecast then fell back to EWMA-t on every request).
-                self._shifts[asset] = new_york_week_shift(end, now)
-            else:
-                self._shifts[asset] = (now - end) // ALIGN * ALIGN
+            calendar = market_hours_shift(asset, start, end, now)
+            self._shifts[asset] = calendar if calendar is not None else (now - end) // ALIGN * ALIGN
         return self._shifts[asset]
 
     def shifted(self, asset: str, step: int) -> PriceHistory:
@@ -79,8 +90,8 @@ class ReplaySource:
         native = m1 if step == 60 else m5
         if native is None and step == 300 and m1 is not None:
             native = m1.resample(300, complete=False)
-        if native is None:
-            raise ProviderError(f"no {step}s replay history for {asset}")
+        if native is None:  # e.g. 5-minute rows only: no 1-minute history, now or later
+            raise UnsupportedAssetError(f"no {step}s replay history for {asset}")
         # Only rows closed by now: a week-aligned shift puts the file's tail in the future.
         return PriceHistory(step, native.ts + np.int64(shift), native.close).known_at(int(self.clock()))
 
@@ -88,6 +99,7 @@ class ReplaySource:
         return self.shifted(asset, step).between(start, end)
 
     async def latest(self, asset: str) -> LatestPrice:
+        self._load(asset)  # no file at all: UnsupportedAssetError, as from ``history``
         best: tuple[int, float] | None = None
         for step in (60, 300):
             try:
