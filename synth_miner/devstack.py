@@ -3,6 +3,7 @@
 Used by the end-to-end tests and the benchmarks; nothing here is mocked.
 """
 
+import ctypes
 import os
 import shutil
 import signal
@@ -26,6 +27,18 @@ from miner.protocol import Simulation, SimulationInput
 patch_bittensor_networking()  # a local stack never asks outside hosts for its IP
 
 ROOT = Path(__file__).resolve().parents[1]
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# Resolved before any fork: the child only calls it.
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+
+
+def _own_session_dying_with_parent() -> None:
+    """``preexec_fn`` of every process the stack starts: its own session (a Ctrl-C in the terminal reaches
+    the caller, which stops the processes in order), and on Linux SIGKILLed when the thread that started it
+    dies. A test run killed by a timeout used to leave its Redis servers and workers running for good."""
+    os.setsid()
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def free_port() -> int:
@@ -67,7 +80,8 @@ class RedisServer:
             args += ["--requirepass", self.password]
         # Its own session: a Ctrl-C in the terminal reaches the caller, which stops Redis last (workers
         # shutting down while Redis was already gone retried it for ~14 s).
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     preexec_fn=_own_session_dying_with_parent)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -126,7 +140,7 @@ def spawn(args: list[str], env: dict[str, str], log: Path) -> Proc:
     full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
     handle = log.open("wb")
     proc = subprocess.Popen(args, env=full_env, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT,
-                            start_new_session=True)
+                            preexec_fn=_own_session_dying_with_parent)
     return Proc(proc, log)
 
 
