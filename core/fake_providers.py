@@ -59,6 +59,7 @@ class Faults:
     spike_every: int = 0  # bars whose index (ts // step) is a multiple of this are served x100: a wrong exponent
     stale_s: float = 0.0  # the feed lags: nothing newer than now - stale_s is served
     page_cap: int | None = None  # answer at most this many bars per call (a server capping below its docs)
+    down_from: tuple[int, ...] = ()  # history pages starting at these unix seconds answer 503, every time
     requests: int = 0  # data requests seen (a counter, not a fault)
 
     def set(self, **changes: Any) -> None:
@@ -214,6 +215,11 @@ async def _fault_middleware(request: web.Request, handler: Handler) -> web.Strea
     return await handler(request)
 
 
+def _page_down(faults: Faults, start_s: int) -> web.Response | None:
+    """The 503 a history page starting at ``start_s`` gets while ``down_from`` names it."""
+    return web.Response(status=503, text="fake: this page is down") if start_s in faults.down_from else None
+
+
 def _int_param(request: web.Request, name: str) -> int | None:
     raw = request.query.get(name)
     if raw is None:
@@ -244,6 +250,8 @@ async def _binance_klines(request: web.Request) -> web.Response:
     if faults.page_cap is not None:
         limit = min(limit, faults.page_cap)
     start_ms, end_ms = _int_param(request, "startTime"), _int_param(request, "endTime")
+    if start_ms is not None and (down := _page_down(faults, start_ms // 1000)):
+        return down
     if faults.malformed:
         return _json({"code": 0, "msg": "fake: not a list of klines"}, faults)
     if not market.has(asset):
@@ -309,6 +317,8 @@ async def _hyperliquid_info(request: web.Request) -> web.Response:
     coin = req.get("coin")
     if step is None or not isinstance(req.get("startTime"), int) or not isinstance(coin, str):
         return _hl_bad_request()
+    if down := _page_down(faults, int(req["startTime"]) // 1000):
+        return down
     if faults.malformed:
         return _json({"candles": "fake: not a list"}, faults)
     hl_asset = by_coin.get(coin)
@@ -346,6 +356,8 @@ async def _benchmarks_history(request: web.Request) -> web.Response:
         return _json({"s": "error", "errmsg": f"Symbol {request.query.get('symbol')!r} not found"}, faults)
     if step is None or start is None or end is None:
         return _json({"s": "error", "errmsg": "resolution, from and to are required"}, faults)
+    if down := _page_down(faults, start):
+        return down
     if faults.malformed:
         return _json({"s": "ok", "t": "fake: not an array"}, faults)
     hist = market.served(asset, step, start, end + 1, faults) if market.has(asset) else PriceHistory.empty(step)

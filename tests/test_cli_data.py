@@ -5,17 +5,13 @@ import socket
 import threading
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import redis
-from aiohttp import web
 from typer.testing import CliRunner
 
-import core.fake_providers
 from core.cache_redis import RedisHistoryCache
 from core.constants import SECONDS_PER_DAY
 from core.csv_history import read_csv, write_csv
@@ -103,29 +99,13 @@ def test_sync_stores_the_pages_before_a_failed_one_then_stops_and_a_rerun_resume
     rerun it names, the page healthy again, fills the rest with no gap and no duplicate."""
     now = int(time.time()) // 60 * 60
     since = now - SECONDS_PER_DAY
-    failing = {str((since + 1000 * 60) * 1000)}  # the second page's startTime (ms)
-
-    @web.middleware
-    async def fail_second_page(request: web.Request,
-                               handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        if request.query.get("startTime") in failing:
-            return web.Response(status=503, text="fake: this page is down")
-        return await handler(request)
-
-    real_build_app = core.fake_providers.build_app
-
-    def build_app(*args: Any, **kwargs: Any) -> web.Application:
-        app = real_build_app(*args, **kwargs)
-        app.middlewares.insert(0, fail_second_page)
-        return app
-
-    monkeypatch.setattr(core.fake_providers, "build_app", build_app)
     monkeypatch.setenv("SYNTH_HTTP_RETRIES", "0")
     market = FakeMarket(csv_dir)
     args = ["sync", "--asset", "BTC", "--provider", "binance", "--data-dir", str(tmp_path), "--chunk-days", "1"]
     store = HistoryStore(tmp_path / "history")
     with FakeServerThread("binance", market) as fake:
         monkeypatch.setenv("SYNTH_BINANCE_URL", fake.url)
+        fake.faults.set(down_from=(since + 1000 * 60,))  # the second page
         failed = runner.invoke(app, [*args, "--since", str(since)])
         assert failed.exit_code == 1, failed.output
         lines = failed.output.strip().splitlines()
@@ -137,7 +117,7 @@ def test_sync_stores_the_pages_before_a_failed_one_then_stops_and_a_rerun_resume
         resume = lines[0].rsplit("--since ", 1)[1].split()[0]
         assert int(resume) == since + 1000 * 60  # right after the stored bars
 
-        failing.clear()
+        fake.faults.reset()
         until = str(now - 60)  # a fixed end: the clock may tick over a minute during the run
         again = runner.invoke(app, [*args, "--since", resume, "--until", until])
     assert again.exit_code == 0, again.output

@@ -169,3 +169,27 @@ async def test_faults_are_set_and_reset_over_http(server: FakeServer, http: aioh
 def test_unknown_fake_provider(market: FakeMarket) -> None:
     with pytest.raises(ValueError, match="unknown fake provider"):
         build_app("coinbase", market)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("provider", ["binance", "hyperliquid", "pyth"])
+async def test_a_page_named_down_answers_503_and_the_others_are_served(
+        server: FakeServer, clock: ManualClock, provider: str) -> None:
+    """``down_from``: the history page starting at that second fails on every attempt, in each wire format."""
+    from core.sources.base import ProviderError
+    from core.sources.binance import BinanceSource
+    from core.sources.hyperliquid import HyperliquidSource
+    from core.sources.pyth import PythSource
+    from tests.provider_fixtures import FAST_RETRIES
+
+    src = {"binance": lambda: BinanceSource(server.url, FAST_RETRIES, clock),
+           "hyperliquid": lambda: HyperliquidSource(server.url, FAST_RETRIES, clock),
+           "pyth": lambda: PythSource(server.url, server.url, FAST_RETRIES, clock)}[provider]()
+    asset = "XAU" if provider == "hyperliquid" else "BTC"  # Hyperliquid lists no BTC coin here
+    start = T0 // 60 * 60 - 3600
+    server.faults.set(down_from=(start,))
+    try:
+        with pytest.raises(ProviderError, match="503"):
+            await src.history(asset, start, start + 1800)
+        assert len(await src.history(asset, start + 60, start + 1800)) > 0  # another page: served
+    finally:
+        await src.close()

@@ -3,20 +3,19 @@
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import IO
 
 import numpy as np
 import pytest
 import redis
-from aiohttp import web
 
 from core import history_store, refresh
 from core.cache import MemoryHistoryCache
 from core.cache_redis import RedisHistoryCache
 from core.constants import SECONDS_PER_DAY
-from core.fake_providers import FakeMarket, FakeServer, FakeServerThread, ManualClock, build_app, start_fake
+from core.fake_providers import FakeMarket, FakeServer, FakeServerThread, ManualClock, start_fake
 from core.history_store import HistoryStore
 from core.market_data import build_snapshot
 from core.prices import PriceHistory
@@ -345,50 +344,32 @@ async def test_waiting_for_another_refreshs_lock_holds_no_executor_thread(
 
 async def test_a_failed_page_keeps_the_pages_before_it_and_the_next_refresh_fills_the_rest(
         cache: RedisHistoryCache, store: HistoryStore, settings: Settings, market: FakeMarket,
-        clock: ManualClock) -> None:
+        server: FakeServer, source: BinanceSource, clock: ManualClock) -> None:
     """A cold refresh of three Binance pages whose second answers 503 on every attempt: the first page's
     bars reach the cache and the store (they were all lost before), the error is still reported, and the
     next refresh, the page healthy again, resumes right after them: no gap, no duplicate."""
     lo = -(-(T0 - WINDOW) // 60) * 60  # the window's first bar: the first page starts there
-    failing = {str((lo + 1000 * 60) * 1000)}  # the second page's startTime (ms)
+    server.faults.set(down_from=(lo + 1000 * 60,))  # the second page
+    report = await refresh_asset("BTC", source, cache, store, settings, now=T0)
+    first_page = truth(market, T0).between(lo, lo + 1000 * 60)
+    assert len(first_page) > 900
+    assert not report.ok and any("PartialHistoryError" in e and "503" in e for e in report.errors)
+    step = report.steps[0]
+    assert step.fetched == step.new_in_cache == step.new_in_store == len(first_page)
+    for got in (cached(cache), store.read("BTC", 60, 0, 2 ** 40)):
+        np.testing.assert_array_equal(got.ts, first_page.ts)
+        np.testing.assert_array_equal(got.close, first_page.close)
 
-    @web.middleware
-    async def fail_second_page(request: web.Request,
-                               handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        if request.query.get("startTime") in failing:
-            return web.Response(status=503, text="fake: this page is down")
-        return await handler(request)
-
-    app = build_app("binance", market)
-    app.middlewares.insert(0, fail_second_page)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    source = BinanceSource(f"http://127.0.0.1:{runner.addresses[0][1]}", HttpConfig.from_settings(settings), clock)
-    try:
-        report = await refresh_asset("BTC", source, cache, store, settings, now=T0)
-        first_page = truth(market, T0).between(lo, lo + 1000 * 60)
-        assert len(first_page) > 900
-        assert not report.ok and any("PartialHistoryError" in e and "503" in e for e in report.errors)
-        step = report.steps[0]
-        assert step.fetched == step.new_in_cache == step.new_in_store == len(first_page)
-        for got in (cached(cache), store.read("BTC", 60, 0, 2 ** 40)):
-            np.testing.assert_array_equal(got.ts, first_page.ts)
-            np.testing.assert_array_equal(got.close, first_page.close)
-
-        failing.clear()
-        clock.advance(120)
-        again = await refresh_asset("BTC", source, cache, store, settings, now=int(clock()))
-        assert again.ok, again.errors
-        # The cache holds the window (trimmed as it moved on), the store everything since the first bar.
-        since_lo = market.bars("BTC", 60).between(lo, int(clock())).known_at(int(clock()))
-        for got, expected in ((cached(cache), truth(market, clock())), (store.read("BTC", 60, 0, 2 ** 40), since_lo)):
-            np.testing.assert_array_equal(got.ts, expected.ts)  # no gap and no duplicate
-            np.testing.assert_array_equal(got.close, expected.close)
-        assert again.steps[0].fetched == len(since_lo) - len(first_page)  # only the rest was asked for
-    finally:
-        await source.close()
-        await runner.cleanup()
+    server.faults.reset()
+    clock.advance(120)
+    again = await refresh_asset("BTC", source, cache, store, settings, now=int(clock()))
+    assert again.ok, again.errors
+    # The cache holds the window (trimmed as it moved on), the store everything since the first bar.
+    since_lo = market.bars("BTC", 60).between(lo, int(clock())).known_at(int(clock()))
+    for got, expected in ((cached(cache), truth(market, clock())), (store.read("BTC", 60, 0, 2 ** 40), since_lo)):
+        np.testing.assert_array_equal(got.ts, expected.ts)  # no gap and no duplicate
+        np.testing.assert_array_equal(got.close, expected.close)
+    assert again.steps[0].fetched == len(since_lo) - len(first_page)  # only the rest was asked for
 
 
 def _warnings(caplog: pytest.LogCaptureFixture, asset: str) -> list[str]:

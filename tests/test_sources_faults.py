@@ -1,14 +1,14 @@
 """Every injected fault against every client: a typed error, or a successful retry. Never a wrong price."""
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
 import pytest
 from aiohttp import web
 
-from core.fake_providers import FAULTS_KEY, FakeMarket, FakeServer, ManualClock, build_app
+from core.fake_providers import FAULTS_KEY, FakeMarket, FakeServer, Faults, ManualClock, build_app, start_fake
 from core.sources.base import PriceSource, ProviderError
 from core.sources.binance import BinanceSource
 from core.sources.http import (
@@ -183,27 +183,14 @@ async def test_one_failed_page_keeps_the_pages_before_it_and_says_what_is_missin
     (a hole behind newer bars would never be fetched again). Before the fix the whole request was lost."""
     page_bars, start = 120, T0 // 60 * 60 - 12 * 120 * 60
     bad_from = start + failed_page * page_bars * 60
-
-    @web.middleware
-    async def fail_one_page(request: web.Request,
-                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        if request.query.get("from") == str(bad_from):
-            return web.Response(status=503, text="fake: this page is down")
-        return await handler(request)
-
-    app = build_app("pyth", market)
-    app.middlewares.insert(0, fail_one_page)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    src = PythSource(url, url, CONFIG, clock, page_bars=page_bars)
+    fake = await start_fake("pyth", market, faults=Faults(down_from=(bad_from,)))
+    src = PythSource(fake.url, fake.url, CONFIG, clock, page_bars=page_bars)
     try:
         with pytest.raises(ProviderError) as err:
             await src.history("BTC", start, T0)
     finally:
         await src.close()
-        await runner.cleanup()
+        await fake.stop()
     if failed_page == 0:  # nothing before it: the page's own error, as for a one-page request
         assert type(err.value) is ProviderUnavailable
         return
