@@ -103,7 +103,11 @@ def forecaster_for(settings: Settings, artifact: "ArtifactSet | None", engine: s
 class LiveForecaster:
     """A forecaster that follows ``artifacts/current``: between requests, a newly published version
     (models, calibration) is loaded once and swapped in; a version that fails to load is skipped and
-    the previous one keeps serving. A poll that finds nothing new costs one readlink."""
+    the previous one keeps serving. A poll that finds nothing new costs one readlink.
+
+    Subclasses change what a version builds (``_build``) and how a reload is logged (``reloads``)."""
+
+    reloads = "engines and calibration"
 
     def __init__(self, settings: Settings, engine: str | None = None) -> None:
         from core.artifacts import ArtifactWatcher
@@ -112,12 +116,18 @@ class LiveForecaster:
         self.engine = engine
         self.watcher = ArtifactWatcher(settings.artifacts_dir)
         if self.watcher.poll() is None:
-            log.info("no artifact loaded from %s: committed models, sigma_scale = 1", settings.artifacts_dir)
-        self._forecaster = forecaster_for(settings, self.watcher.current, engine)
+            self._unpublished()
+        self._forecaster = self._build(self.watcher.current)
         # The embedded pool calls ``current`` from several threads. Unserialised, two threads reloading
         # two versions published in quick succession could finish out of order: the older version's
         # engines would then serve while the watcher counts the newer one as seen (never loaded again).
         self._reloading = threading.Lock()
+
+    def _build(self, artifact: "ArtifactSet | None") -> Forecaster:
+        return forecaster_for(self.settings, artifact, self.engine)
+
+    def _unpublished(self) -> None:
+        log.info("no artifact loaded from %s: committed models, sigma_scale = 1", self.settings.artifacts_dir)
 
     @property
     def version(self) -> str | None:
@@ -129,8 +139,8 @@ class LiveForecaster:
         try:
             loaded = self.watcher.poll()
             if loaded is not None:
-                log.info("artifact %s published: reloading engines and calibration", loaded.version)
-                self._forecaster = forecaster_for(self.settings, loaded, self.engine)
+                log.info("artifact %s published: reloading %s", loaded.version, self.reloads)
+                self._forecaster = self._build(loaded)
             return self._forecaster
         finally:
             self._reloading.release()

@@ -5,14 +5,10 @@ only to serve EWMA-t, so each start loaded the models twice (embedded mode) or l
 miner never runs (Celery mode, where the workers compute).
 """
 
-import logging
-import threading
-
-from core.artifacts import ArtifactSet, ArtifactWatcher
+from core.artifacts import ArtifactSet
+from core.engines_registry import LiveForecaster
 from core.forecast import FALLBACK_ENGINE, Forecaster, ForecasterSource, default_engines, no_calibration
 from core.settings import Settings
-
-log = logging.getLogger(__name__)
 
 
 class EngineView:
@@ -34,35 +30,22 @@ class EngineView:
         return view
 
 
-class StatisticalForecaster:
-    """EWMA-t and GBM only, with the calibration of ``artifacts/current`` (reloaded when it moves)."""
+class StatisticalForecaster(LiveForecaster):
+    """EWMA-t and GBM only, with the calibration of ``artifacts/current`` (reloaded when it moves, under
+    LiveForecaster's guard: the reply threads call ``current`` concurrently)."""
+
+    reloads = "the fallback's calibration"
 
     def __init__(self, settings: Settings, engine: str = FALLBACK_ENGINE) -> None:
-        self.settings = settings
-        self.engine = engine
-        self.watcher = ArtifactWatcher(settings.artifacts_dir)
-        self.watcher.poll()
-        self._forecaster = self._build(self.watcher.current)
-        # The reply threads call ``current`` concurrently: unserialised, a thread still loading one version
-        # could overwrite the forecaster another had just built from a newer one, which the watcher then
-        # counts as seen (never loaded again). Same guard as LiveForecaster's.
-        self._reloading = threading.Lock()
+        super().__init__(settings, engine)
 
     def _build(self, artifact: ArtifactSet | None) -> Forecaster:
         scale = artifact.calibration.lookup_for(self.settings.calibration_engine) if artifact else no_calibration
-        return Forecaster(default_engines(), default=self.engine, seed=self.settings.seed, scale=scale)
+        return Forecaster(default_engines(), default=self.engine or FALLBACK_ENGINE, seed=self.settings.seed,
+                          scale=scale)
 
-    def current(self) -> Forecaster:
-        if not self._reloading.acquire(blocking=False):
-            return self._forecaster  # another thread is polling or reloading: serve what is loaded
-        try:
-            loaded = self.watcher.poll()
-            if loaded is not None:
-                log.info("artifact %s published: reloading the fallback's calibration", loaded.version)
-                self._forecaster = self._build(loaded)
-            return self._forecaster
-        finally:
-            self._reloading.release()
+    def _unpublished(self) -> None:
+        pass  # the served forecaster's start says it
 
 
 def fallback_source(settings: Settings, pool_forecaster: ForecasterSource | None) -> ForecasterSource:

@@ -7,7 +7,7 @@ from typing import cast
 
 import pytest
 
-import miner.fallback
+import core.artifacts
 from core.settings import Settings
 from miner.fallback import StatisticalForecaster
 
@@ -45,7 +45,7 @@ def test_a_slow_reload_does_not_undo_a_newer_one(tmp_path: Path, monkeypatch: py
     """The reply threads call ``current`` concurrently. A thread still loading version 1 used to overwrite
     the forecaster another thread had just built from version 2; the watcher counted version 2 as seen,
     so the fallback kept version 1's calibration until the next publish."""
-    monkeypatch.setattr(miner.fallback, "ArtifactWatcher", SlowLinkWatcher)
+    monkeypatch.setattr(core.artifacts, "ArtifactWatcher", SlowLinkWatcher)  # what LiveForecaster builds
     monkeypatch.setattr(StatisticalForecaster, "_build",
                         lambda self, artifact: f"forecaster-{artifact.version if artifact else None}")
     source = StatisticalForecaster(Settings(_env_file=None, artifacts_dir=tmp_path))
