@@ -142,10 +142,9 @@ class CasePlan:
     @classmethod
     def for_prompt(cls, settings: Settings, time_increment: int) -> CasePlan:
         hf = time_increment < LF_INCREMENT
-        days = settings.cache_days_hf if hf else settings.cache_days_lf
         return cls(count=settings.calibration_windows_hf if hf else settings.calibration_windows_lf,
                    spacing_s=settings.calibration_spacing_hf_s if hf else settings.calibration_spacing_lf_s,
-                   lookback_s=int(days * 86_400), n_paths=settings.calibration_paths,
+                   lookback_s=settings.cache_window_s(time_increment), n_paths=settings.calibration_paths,
                    seed=settings.calibration_seed)
 
     def span_s(self, time_increment: int) -> int:

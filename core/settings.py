@@ -203,12 +203,16 @@ class Settings(BaseSettings):
             raise ValueError(f"provider_overrides names unknown assets: {unknown}")
         return value
 
+    def cache_window_s(self, time_increment: int) -> int:
+        """Seconds of history the live cache gives a forecast on this grid (1-minute grids: cache_days_hf)."""
+        return int((self.cache_days_hf if time_increment < LF_INCREMENT else self.cache_days_lf) * 86_400)
+
     def offline_lookback_s(self) -> dict[int, int]:
         """time_increment -> seconds of history an offline forecast gets before its start."""
         if self.batch_lookback_days is not None:
             both = int(self.batch_lookback_days * 86_400)
             return {HF_INCREMENT: both, LF_INCREMENT: both}
-        return {HF_INCREMENT: int(self.cache_days_hf * 86_400), LF_INCREMENT: int(self.cache_days_lf * 86_400)}
+        return {inc: self.cache_window_s(inc) for inc in (HF_INCREMENT, LF_INCREMENT)}
 
     def provider_for(self, asset: str) -> Provider:
         """The price source for one asset: per-asset override, then the global choice."""

@@ -155,8 +155,7 @@ class MinerService:
         return self._checked_reply(self.fallback.current().run(request, snapshot).paths, request)
 
     def _lookback(self, request: ForecastRequest) -> int:
-        days = self.settings.cache_days_hf if request.is_hf else self.settings.cache_days_lf
-        return int(days * 86_400)
+        return self.settings.cache_window_s(request.time_increment)
 
     @staticmethod
     def _checked_reply(paths: npt.NDArray[np.float32], request: ForecastRequest) -> bytes:

@@ -76,7 +76,7 @@ def stage_timings(data_dir: Path, redis_url: str, settings: Settings, repeat: in
     out: dict[str, dict[str, float]] = {}
     for name, (inc, length) in PROMPTS.items():
         request = ForecastRequest("BTC", now + 120, inc, length, 1000)
-        lookback = int((settings.cache_days_hf if request.is_hf else settings.cache_days_lf) * 86_400)
+        lookback = settings.cache_window_s(request.time_increment)
         snapshot = build_snapshot(cache, "BTC", now, lookback)
         row: dict[str, float] = {}
         row["cache_read_ms"] = timeit(lambda: build_snapshot(cache, "BTC", now, lookback), repeat) * 1e3

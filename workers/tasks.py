@@ -75,8 +75,7 @@ def forecast(request: dict[str, Any], result_key: str, deadline: float, request_
         if time.time() > deadline:
             raise TimeoutError("deadline passed before the task started")
         req = ForecastRequest(**request)
-        days = runtime.settings.cache_days_hf if req.is_hf else runtime.settings.cache_days_lf
-        snapshot = runtime.snapshot(req.asset, int(time.time()), int(days * 86_400))
+        snapshot = runtime.snapshot(req.asset, int(time.time()), runtime.settings.cache_window_s(req.time_increment))
         result = runtime.forecaster.run(req, snapshot)
         blob = encode_paths(result.paths)
         TASK_SECONDS.labels(req.prompt.name, result.engine).observe(result.seconds)
