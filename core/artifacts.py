@@ -49,6 +49,7 @@ import numpy as np
 import core
 from core.assets import spec_for_any
 from core.calibration import CALIBRATION_FILE, CalibrationError, CalibrationState
+from core.constants import STAGING_KEEP_NEWEST, STAGING_KEEP_S
 from core.engines.ewma import EwmaTEngine
 from core.evaluation import GRIDS
 from core.prices import MarketSnapshot, PriceHistory
@@ -473,8 +474,9 @@ class ArtifactStore:
         return self.load_current() if self.current_version() is not None else None
 
     def list_versions(self) -> list[VersionInfo]:
-        """Published versions, oldest first (by manifest creation time). Manifests only, no hashing."""
-        current = self.current_version()
+        """Published versions, oldest first (by manifest creation time). Manifests only, no hashing.
+        A ``current`` link to garbage marks none current (and is logged): the list is what to roll back to."""
+        current = self._current_or_none()
         out: list[VersionInfo] = []
         if not self.versions_dir.is_dir():
             return out
@@ -491,10 +493,13 @@ class ArtifactStore:
 
     # --- staging ---------------------------------------------------------------------------------------
     def stage(self, files: Mapping[str, bytes], data_window: DataWindow | None = None,
-              notes: Mapping[str, str] | None = None, inherit: bool = False, version: str | None = None) -> Path:
+              notes: Mapping[str, str] | None = None, inherit: bool = False, version: str | None = None,
+              expect_current: str | None = _ANY) -> Path:
         """Write ``staging/<version>/`` with its manifest. ``inherit`` copies the current version's
         other files (hash-checked), e.g. the models when only the calibration changes, and notes that
-        version under ``BUILT_ON_NOTE`` ("" when none was current). A write that
+        version under ``BUILT_ON_NOTE`` ("" when none was current). ``expect_current`` (with ``inherit``):
+        refuse unless the current version is still this one (None: none), the set ``files`` were computed
+        from; otherwise the note would vouch for a set they never saw. A write that
         fails (disk full, read-only) removes the half-written folder and raises ArtifactError."""
         version = version or new_version()
         if not VERSION_NAME.match(version):
@@ -515,6 +520,9 @@ class ArtifactStore:
             current = self.load_current_or_none() if inherit else None
             if inherit:  # what it was built on: only over that version may it be published (challenge())
                 notes[BUILT_ON_NOTE] = current.version if current is not None else ""
+                if expect_current is not _ANY and (current.version if current else None) != expect_current:
+                    raise ArtifactError(f"current is {notes[BUILT_ON_NOTE] or None!r}, not {expect_current!r} that the "
+                                        f"new files were computed from (published meanwhile): {version} not staged")
             if current is not None:
                 for name, entry in current.manifest.files.items():
                     if name not in files:
@@ -533,7 +541,28 @@ class ArtifactStore:
             if isinstance(exc, OSError):
                 raise _os_failure(f"stage {version} in {directory}", exc) from None
             raise
+        self.prune_staging()
         return directory
+
+    def prune_staging(self, keep_s: float = STAGING_KEEP_S, keep_newest: int = STAGING_KEEP_NEWEST,
+                      now: float | None = None) -> list[str]:
+        """Remove staged sets (and the retrain's ``models-<stamp>`` checkpoints) older than ``keep_s``, except
+        the newest ``keep_newest``. Every hourly calibration the gate refuses leaves a whole set here (about
+        1 MB once models are published): without this, about 9 GB a year. Best effort: never fails a stage."""
+        now = time.time() if now is None else now
+        try:
+            entries = sorted((p.stat().st_mtime, p) for p in self.staging_dir.iterdir() if p.is_dir())
+        except OSError:
+            return []
+        removed = []
+        for mtime, path in entries[:max(0, len(entries) - keep_newest)]:
+            if now - mtime > keep_s:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path.name)
+        if removed:
+            log.info("staging: removed %d set(s) older than %.0f days: %s", len(removed), keep_s / 86_400,
+                     ", ".join(removed))
+        return removed
 
     def validate(self, directory: Path, expected_version: str | None = None) -> ArtifactSet:
         """Everything a publish requires: hashes, every file loads, the sample forecast, extra checks."""
@@ -598,6 +627,8 @@ class ArtifactStore:
         the staging folder where it was (so a publish that failed on a full disk can be retried).
         """
         staging_dir = Path(staging_dir)
+        if staging_dir.is_symlink():  # move the set, not a link to it (a linked version would stay editable)
+            staging_dir = staging_dir.resolve()
         with self._locked():
             if expect_current is not _ANY and self.current_version() != expect_current:
                 raise ArtifactError(f"current is {self.current_version()!r}, not {expect_current!r}: "
@@ -633,9 +664,16 @@ class ArtifactStore:
         return version
 
     def rollback(self, to: str | None = None) -> str:
-        """Make ``to`` (default: the newest valid version created before the current one) current again."""
+        """Make ``to`` current again. Default: the version the current one was built on (its
+        ``BUILT_ON_NOTE``: what was current when the calibration or the retrain staged it), else the newest
+        valid version created before the current one. Creation times alone would bring back a version a
+        rollback moved away from (v3 rolled back to v2, v4 published over v2: "before v4" is v3), and
+        depend on the clock of the host that staged each set."""
         with self._locked():
-            current = self._current_or_none()
+            try:
+                current, unusable = self.current_version(), False
+            except ArtifactError:  # a link to garbage (list_versions logs it): a rollback is how it gets repaired
+                current, unusable = None, True
             kept = self.list_versions()
             names = [v.version for v in kept]
             if to is not None:
@@ -644,25 +682,30 @@ class ArtifactStore:
                 # The directory name is what `current` will name: its manifest must agree (as load() checks).
                 self.validate(self.versions_dir / to, expected_version=to)
             else:
-                if current is None or current not in names:
+                if current is None and not unusable:
                     raise ArtifactError("nothing is current, so there is nothing to roll back from")
-                # The newest valid version created before the current one; a current version whose
-                # manifest broke (the usual reason to roll back) has no date, so any readable one is older.
-                now = kept[names.index(current)]
-                older = [v for v in kept if v.problem is None and v.version != current
-                         and (now.created is None or (v.created or "") < now.created)]
+                # A current version whose manifest broke (the usual reason to roll back), or a link to garbage
+                # or to a version no longer there, has no date: any readable one is older.
+                now = kept[names.index(current)] if current in names else None
+                created = None if now is None else now.created
+                older = [v.version for v in kept if v.problem is None and v.version != current
+                         and (created is None or (v.created or "") < created)]
+                candidates = older[::-1]  # newest first
+                base = None if now is None else now.notes.get(BUILT_ON_NOTE)
+                if base and base in names and base != current:
+                    candidates = [base, *(name for name in candidates if name != base)]
                 problems = []
-                for candidate in reversed(older):  # newest first; a corrupt one is skipped, not fatal
+                for candidate in candidates:  # a corrupt one is skipped, not fatal
                     try:
-                        self.validate(self.versions_dir / candidate.version, expected_version=candidate.version)
+                        self.validate(self.versions_dir / candidate, expected_version=candidate)
                     except ArtifactError as exc:
                         problems.append(str(exc))
                         continue
-                    to = candidate.version
+                    to = candidate
                     break
                 if to is None:
-                    raise ArtifactError(f"no readable version older than {current} is kept: nothing to roll back to"
-                                        + (f" ({'; '.join(problems)})" if problems else ""))
+                    raise ArtifactError(f"no readable version older than {current or 'the current link'} is kept: "
+                                        "nothing to roll back to" + (f" ({'; '.join(problems)})" if problems else ""))
             try:
                 self._switch(to)
             except OSError as exc:
@@ -742,10 +785,19 @@ class ArtifactStore:
     def _prune_locked(self, also_keep: str | None = None) -> list[str]:
         """Remove all but the newest ``keep`` versions, never the current one nor ``also_keep`` (the
         version that was current until this publish: workers may still be loading it, and it is the
-        known-good way back when the newest ones are versions a rollback moved away from)."""
+        known-good way back when the newest ones are versions a rollback moved away from), nor the
+        ``keep - 1`` sets the current one was built on in turn (where repeated rollbacks go)."""
         current = self.current_version()
-        names = [v.version for v in self.list_versions()]
+        infos = self.list_versions()
+        names = [v.version for v in infos]
         keep = set(names[-self.keep:]) | {v for v in (current, also_keep) if v}
+        built_on = {v.version: v.notes.get(BUILT_ON_NOTE) for v in infos}
+        step = current
+        for _ in range(self.keep - 1):
+            step = built_on.get(step) if step else None
+            if not step:
+                break
+            keep.add(step)
         removed: list[str] = []
         for name in names:
             if name in keep:
@@ -789,6 +841,7 @@ class ArtifactWatcher:
         self.retry_s = retry_s
         self._seen: str | None = None
         self._failed_at: float | None = None  # monotonic time of the last failed load of ``_seen``
+        self._link_problem: str | None = None  # logged once, not on every poll (workers poll per task)
 
     @property
     def version(self) -> str | None:
@@ -798,8 +851,11 @@ class ArtifactWatcher:
         try:
             version = self.store.current_version()
         except ArtifactError as exc:
-            log.error("artifact link unreadable, keeping %s: %s", self.version, exc)
+            if str(exc) != self._link_problem:
+                log.error("artifact link unreadable, keeping %s: %s", self.version, exc)
+            self._link_problem = str(exc)
             return None
+        self._link_problem = None
         if version is None:
             return None
         if version == self._seen and (self._failed_at is None

@@ -532,9 +532,9 @@ def store_histories(settings: Settings, end: int, assets: Sequence[str] | None =
 
 def run_calibration_job(settings: Settings, now: int | None = None) -> dict[str, Any]:
     """The hourly job: calibrate on the durable history store, stage, gate, publish. Returns a summary."""
-    from core.artifacts import ArtifactStore, DataWindow
+    from core.artifacts import ArtifactError, ArtifactStore, DataWindow
     from core.champion import artifact_forecaster, challenge
-    from core.engines_registry import build_engines
+    from core.engines_registry import engines_over, models_in
 
     now = int(time.time()) if now is None else now
     end = now - now % 60
@@ -543,7 +543,8 @@ def run_calibration_job(settings: Settings, now: int | None = None) -> dict[str,
     state = current.calibration.copy() if current is not None else CalibrationState()
     increments = sorted(GRIDS)
     histories = store_histories(settings, end)
-    engines = build_engines(settings)
+    # That set's models, not whatever is current by the time they load: the scales belong to this set.
+    engines = engines_over(settings, None if current is None else models_in(current.path))
     run = run_calibration(state, engines, settings.calibration_engine, histories, increments, end, settings, now)
     summary: dict[str, Any] = {"end": end, "outcomes": [asdict(o) for o in run.outcomes], "published": None}
     if not run.moved:
@@ -554,8 +555,16 @@ def run_calibration_job(settings: Settings, now: int | None = None) -> dict[str,
         return summary
     starts = [c.prompt.start_ts for c in run.all_cases()]
     state.meta = {"calibrated_at": now, "end": end, "engine": settings.calibration_engine}
-    staging = store.stage({CALIBRATION_FILE: state.to_json()}, data_window=DataWindow(min(starts), end),
-                          notes={"kind": "calibration"}, inherit=True)
+    try:
+        # Over the set the scales were computed from, or not at all: a retrain published meanwhile would
+        # otherwise get these scales (computed on the models it replaced) vouched for as its own.
+        staging = store.stage({CALIBRATION_FILE: state.to_json()}, data_window=DataWindow(min(starts), end),
+                              notes={"kind": "calibration"}, inherit=True,
+                              expect_current=None if current is None else current.version)
+    except ArtifactError as exc:
+        summary["reason"] = f"not published: {exc}"
+        log.warning("calibration: %s", summary["reason"])
+        return summary
     forecaster = artifact_forecaster(engines, settings, settings.calibration_engine)
     # The gate scores by the same rules as the search (it scored upstream whatever the setting).
     decision = challenge(store, staging, run.all_cases(), forecaster, settings.champion_tolerance,

@@ -55,10 +55,26 @@ JOB_LAST_RUN_KEY: Final = KEY_PREFIX + ":jobs:last"
 # A job whose process keeps dying (a retrain OOM-killed each time) is re-delivered after every death:
 # give up on its slot after this many starts instead of looping all week.
 JOB_MAX_ATTEMPTS: Final = 3
+# How long a job's claim, finish or record waits for an unreachable Redis: a share of its period (a minute's
+# refresh waits 15 s, not into the next minute's), at most JOB_REDIS_RETRY_MAX_S (a Redis restart, not a week).
+JOB_REDIS_RETRY_SHARE: Final = 0.25
+JOB_REDIS_RETRY_MAX_S: Final = 120.0
+JOB_REDIS_BACKOFF_S: Final = (0.5, 8.0)  # first and longest wait between two tries, doubling
+
+# --- Artifacts ----------------------------------------------------------------------------------------
+# Staged sets (refused calibrations, `retrain --no-publish` sets, the retrain's plain checkpoints) are kept
+# this long for inspection or a manual `artifacts publish`, and the newest few whatever their age.
+STAGING_KEEP_S: Final = 7 * 86_400
+STAGING_KEEP_NEWEST: Final = 5
 
 # --- Worker processes ------------------------------------------------------------------------------------
 HEARTBEAT_TTL_S: Final = 120  # a worker's heartbeat key outlives it this long
 HEARTBEAT_EVERY_S: Final = HEARTBEAT_TTL_S / 4  # an idle process re-announces itself this often
+# A process silent this long (2.5 missed announcements) counts as stopped or stuck: its key may outlive it
+# for up to HEARTBEAT_TTL_S, so `status` flags it and the miner stops sending it forecasts.
+HEARTBEAT_STALE_AFTER_S: Final = 2.5 * HEARTBEAT_EVERY_S
+# The miner reads the heartbeats (which queues have a live reader) at most this often, not per request.
+LIVE_READERS_CHECK_S: Final = 2.0
 # A forecast still running when the miner has stopped waiting (Settings.max_wait_s) is useless: its soft
 # time limit is that wait, and the hard limit kills a task that ignores the soft one this much later.
 FORECAST_KILL_GRACE_S: Final = 5

@@ -87,20 +87,30 @@ class FileSlice:
     segment_starts: tuple[int, ...]
 
 
+def held_out_start(manifest: Mapping[str, Any], stem: str) -> int | None:
+    """The file's ``eval_start_ts``: where its held-out rows begin (None when the manifest does not say)."""
+    entry = manifest.get(stem)
+    cut = entry.get("eval_start_ts") if isinstance(entry, Mapping) else None
+    return cut if isinstance(cut, int) else None
+
+
+def before_cut(history: PriceHistory, cut: int) -> PriceHistory:
+    """The bars known before ``cut``: a bar opening before it but closing after it (a cut off the bar grid)
+    is held out too, since its close is a price from the held-out side."""
+    return history.between(int(np.iinfo(np.int64).min), cut).known_at(cut)
+
+
 def read_training_file(folder: Path, asset: str, step: int, manifest: Mapping[str, Any]) -> FileSlice | None:
     """The asset's file at ``step``, cut at its held-out boundary; None when there is no file."""
     path = find_file(folder, asset, step)
     if path is None:
         return None
     stem = path.name.split(".")[0]
-    entry = manifest.get(stem)
-    if not isinstance(entry, Mapping) or not isinstance(entry.get("eval_start_ts"), int):
+    cut = held_out_start(manifest, stem)
+    if cut is None:
         raise DatasetError(f"{stem}: no eval_start_ts in the manifest; refusing to train on it")
-    cut = int(entry["eval_start_ts"])
-    history = read_csv(path, step)
-    # The cut comes before anything else; a bar opening before it but closing after it (a cut off the
-    # bar grid) is held out too, since its close is a price from the held-out side.
-    history = history.between(int(np.iinfo(np.int64).min), cut).known_at(cut)
+    history = before_cut(read_csv(path, step), cut)  # the cut comes before anything else
+    entry = manifest[stem]
     starts = tuple(sorted(_parse_utc(s["start"]) for s in entry.get("segments", []) if "start" in s))
     return FileSlice(asset, stem, history, cut, starts)
 

@@ -14,6 +14,7 @@ from core.engines.ewma import EwmaTEngine
 from core.engines.gbm import GbmEngine
 from core.prices import MarketSnapshot
 from core.prompts import ForecastRequest
+from core.response import WIRE_MAX, WIRE_MIN
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ def paths_usable(paths: Float32Array, request: ForecastRequest) -> str | None:
         return f"shape {paths.shape} != {(request.num_simulations, request.n_points)}"
     if not np.all(np.isfinite(paths)) or not np.all(paths > 0):
         return "non-finite or non-positive prices"
+    if paths.min() <= WIRE_MIN or paths.max() >= WIRE_MAX:  # finite, but no reply could carry them
+        return f"prices outside the sendable range ({WIRE_MIN:g}, {WIRE_MAX:g})"
     return None
 
 

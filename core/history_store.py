@@ -137,7 +137,7 @@ class HistoryStore:
             if p.is_dir():
                 step = by_dir.get(p.name) or (int(p.name[:-1]) if p.name.endswith("s") and p.name[:-1].isdigit()
                                               else None)
-                if step:
+                if step and step_dir(step) == p.name:  # 60s/ is not 1m/, the folder every access to step 60 uses
                     found.append(step)
         return sorted(found)
 
@@ -148,9 +148,12 @@ class HistoryStore:
         days = []
         for p in folder.glob(f"*{SUFFIX}"):
             try:
-                days.append((date.fromisoformat(p.stem) - EPOCH).days)
+                day = date.fromisoformat(p.stem)
             except ValueError:
                 continue
+            # Only the names ``partition`` gives: 20260527.day parses too, and listed it read the day twice.
+            if day.isoformat() == p.stem:
+                days.append((day - EPOCH).days)
         return sorted(days)
 
     # --- reading -----------------------------------------------------------------------------------------
@@ -173,7 +176,13 @@ class HistoryStore:
             raise StoreReadError(f"{path}: header says step {f_step} day {f_day} slots {slots}")
         if zlib.crc32(payload) != crc:
             raise StoreReadError(f"{path}: checksum mismatch (torn or altered file)")
-        return np.frombuffer(payload, dtype=SLOT).astype(np.float64)
+        values = np.frombuffer(payload, dtype=SLOT).astype(np.float64)
+        # The store writes 0.0 (a gap) or a finite price > 0: anything else came from elsewhere, checksum or not.
+        bad = np.flatnonzero(~((values == 0.0) | ((values > 0.0) & (values < np.inf))))
+        if bad.size:
+            raise StoreReadError(f"{path}: {bad.size} slot(s) hold no valid price (slot {int(bad[0])}: "
+                                 f"{float(values[bad[0]])!r})")
+        return values
 
     def read_day(self, asset: str, step: int, day: int) -> PriceHistory:
         values = self._slots(asset, step, day)

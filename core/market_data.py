@@ -29,7 +29,7 @@ class MarketData:
         self.cache = cache
         self.sources = sources
         self.window_s = window_s
-        self.steps_for = steps_for or (lambda asset: default_steps(self.sources(asset)))
+        self.steps_for = steps_for or (lambda asset: default_steps(self.sources(asset), self.settings))
         self.clock = clock
         self.store = store
         self.settings = settings or Settings()

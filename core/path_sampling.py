@@ -15,6 +15,7 @@ Cost: one Student-t variate per (path, step), plus one normal per (path, step) w
 other operation runs in place on that one array (see benchmarks/bench_sampler.py).
 """
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -24,10 +25,15 @@ import numpy.typing as npt
 from scipy.signal import lfilter
 from scipy.special import ndtri
 
+from core.response import WIRE_MAX, WIRE_MIN
+
 FloatArray = npt.NDArray[np.float64]
 Float32Array = npt.NDArray[np.float32]
 
-MAX_LOG_MOVE = 3.0  # a path never leaves [anchor/e^3, anchor*e^3]: keeps every price finite and printable
+MAX_LOG_MOVE = 3.0  # a path never leaves [anchor/e^3, anchor*e^3]: keeps every price finite
+# ...nor the prices a reply can carry (core.response), with a margin for the rounding: this binds only for
+# anchors within e^3 of the edges (from about 5e5 up: HEAD refuses every float from 1e7 up).
+SENDABLE_LOW, SENDABLE_HIGH = 1.01 * WIRE_MIN, 0.999 * WIRE_MAX
 # Bounds that keep every float32 intermediate finite whatever finite parameters come in (a wild model can
 # emit sigma = 1e40, finite in float64 but inf in float32, and inf - inf in the cumsum is NaN):
 STEP_MAX = 1e30  # |one-step log move|, far beyond MAX_LOG_MOVE; a cumsum of them stays finite
@@ -149,6 +155,14 @@ def latent_multiplier(rng: np.random.Generator, latent: LatentVol, size: tuple[i
     return z
 
 
+def log_move_bounds(anchor: float) -> tuple[float, float]:
+    """How far a path's log price may move from ``anchor``: +-MAX_LOG_MOVE, narrowed to stay sendable when the
+    anchor itself is (an anchor outside that range cannot be sent anyway: its paths keep the plain bounds)."""
+    if not SENDABLE_LOW <= anchor <= SENDABLE_HIGH:
+        return -MAX_LOG_MOVE, MAX_LOG_MOVE
+    return max(-MAX_LOG_MOVE, math.log(SENDABLE_LOW / anchor)), min(MAX_LOG_MOVE, math.log(SENDABLE_HIGH / anchor))
+
+
 def sample_paths(anchor: float, mu: FloatArray, sigma: FloatArray, nu: FloatArray | float,
                  n_paths: int, rng: np.random.Generator, latent: LatentVol = LatentVol(),
                  sigma_scale: float = 1.0, stratified: bool = True) -> Float32Array:
@@ -193,7 +207,7 @@ def sample_paths(anchor: float, mu: FloatArray, sigma: FloatArray, nu: FloatArra
     # step keeps the cumsum free of inf - inf (any step this large ends at +-MAX_LOG_MOVE regardless).
     np.clip(work, -STEP_MAX, STEP_MAX, out=work)
     np.cumsum(work, axis=1, out=work)
-    np.clip(work, -MAX_LOG_MOVE, MAX_LOG_MOVE, out=work)
+    np.clip(work, *log_move_bounds(anchor), out=work)
     np.exp(work, out=work)
     prices = np.empty((size[0], size[1] + 1), dtype=np.float32)
     prices[:, 0] = anchor

@@ -7,7 +7,7 @@ own retention (Hyperliquid keeps about 3.5 days). A Celery task calls ``refresh_
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -90,9 +90,16 @@ def durable_store(settings: Settings) -> HistoryStore | None:
     return None if replays_prices(settings) else HistoryStore.from_settings(settings)
 
 
-def default_steps(source: PriceSource) -> tuple[int, ...]:
-    """Replayed folders carry native 5-minute files; live providers are read at 1 minute only."""
-    return (60, 300) if source.name == "replay" else (60,)
+def default_steps(source: PriceSource, settings: Settings) -> tuple[int, ...]:
+    """Replayed folders carry native 5-minute files; live providers are read at 1 minute only, unless they
+    keep too few 1-minute bars for the 24 h window: Hyperliquid's 3.5 days of them left a new fleet serving
+    the equities' and gold's 24 h prompts from the fallback until the store held a week (the 24 h models
+    read 5 sessions / 2 weeks of 5-minute bars), while its 5-minute candles reach back 17 days."""
+    if source.name == "replay":
+        return (60, 300)
+    kept: Mapping[int, int] = getattr(source, "kept_s", None) or {}
+    short = kept.get(60, SECONDS_PER_DAY * 10_000) < settings.cache_days_lf * SECONDS_PER_DAY
+    return (60, 300) if short and 300 in getattr(source, "intervals", {}) else (60,)
 
 
 def cache_windows(settings: Settings, steps: Sequence[int]) -> dict[int, int]:
@@ -142,7 +149,7 @@ async def refresh_asset(asset: str, source: PriceSource, cache: HistoryCache, st
     if source.name == "replay":  # one asset replayed (a per-asset override): its rows never reach the store
         store = None
     now = int(time.time()) if now is None else int(now)
-    steps = tuple(steps) if steps is not None else default_steps(source)
+    steps = tuple(steps) if steps is not None else default_steps(source, settings)
     windows = cache_windows(settings, steps)
     errors = _Errors()
     done: list[StepRefresh] = []
@@ -259,13 +266,23 @@ async def _refresh_step(asset: str, step: int, window: int, source: PriceSource,
 
 
 def _owed_to_store(asset: str, step: int, lo: int, cache: HistoryCache, store: HistoryStore) -> PriceHistory:
-    """Cached bars newer than the store's newest (within the window): what a failed write left behind."""
+    """Cached bars the store lacks within the window: those newer than its newest (a failed write left them
+    behind), and those of the days before that it holds no partition for (a torn day that compaction set
+    aside: nothing newer than the store's newest would ever bring it back)."""
     cached = cache.span(asset, step)
-    stored = store.span(asset, step)
-    if cached is None or (stored is not None and stored[1] >= cached[1]):
+    if cached is None:
         return PriceHistory.empty(step)
-    start = lo if stored is None else max(lo, stored[1] + step)
-    return cache.read(asset, step, start, cached[1] + step)
+    stored = store.span(asset, step)
+    owed = PriceHistory.empty(step)
+    if stored is None or stored[1] < cached[1]:
+        start = lo if stored is None else max(lo, stored[1] + step)
+        owed = cache.read(asset, step, start, cached[1] + step)
+    if stored is not None:
+        held = set(store.days(asset, step))
+        first, last = max(lo, cached[0]) // SECONDS_PER_DAY, min(stored[1], cached[1]) // SECONDS_PER_DAY
+        for day in (d for d in range(first, last + 1) if d not in held):  # a listing; days without bars are cheap
+            owed = owed.merge(cache.read(asset, step, max(lo, day * SECONDS_PER_DAY), (day + 1) * SECONDS_PER_DAY))
+    return owed
 
 
 async def refresh_assets(assets: Sequence[str], settings: Settings, cache: HistoryCache,

@@ -4,7 +4,9 @@ Wire format: ``[start_ts, time_increment, path_1, ..., path_N]``, each path a li
 ``time_length // time_increment + 1`` prices. Validators (HEAD) count the printed digit characters of
 each price (``len(str(p).replace(".", "")) <= 8``, a leading ``0`` counts); UPSTREAM asks for at most
 8 significant digits, finite, float32-representable values. Rounding to the digit budget below
-satisfies both for every price in (1e-4, 1e7), a range the clamped sampler never leaves.
+satisfies both for every price in (1e-18, 1e7): below 1e-4 ``str()`` prints ``1.234e-05``, whose
+``e-05`` leaves HEAD 4 digits (a meme coin at 1e-6 keeps 4 significant digits). From 1e7 up no float
+passes HEAD ("12345678.0" has 9 characters), so such a price is refused.
 """
 
 from typing import Any
@@ -18,7 +20,11 @@ from core.prompts import ForecastRequest
 
 FloatArray = npt.NDArray[np.float64]
 
-WIRE_MIN, WIRE_MAX = 1e-4, 1e7  # outside this range str() switches notation or gains digits
+# From WIRE_MIN up the 4-digit rounding divides by at most 10**22, the largest power of ten exact in float64
+# (by 10**23 the quotient may miss the nearest double to the kept digits); from WIRE_MAX up str() has 9 characters.
+WIRE_MIN, WIRE_MAX = 1e-18, 1e7
+SCI_EXPONENT = -4  # str() switches to scientific notation below 10**SCI_EXPONENT...
+SCI_DIGITS = 4  # ...where "e-05" takes 4 of HEAD's 8 characters
 
 
 class ResponseError(ValueError):
@@ -35,8 +41,11 @@ def round_for_wire(prices: npt.ArrayLike) -> FloatArray:
     if not (np.all(np.isfinite(a)) and np.all(a > 0)):
         raise ResponseError("prices must be finite and > 0 before rounding")
     exponent = np.floor(np.log10(a)).astype(np.int64)
-    # decimals = budget - 1 - exponent, which is 7 below 1 and 7 - exponent from 1 up.
-    decimals = np.clip(SIGNIFICANT_DIGITS - 1 - np.maximum(exponent, 0), -_POW10_OFFSET, _POW10_OFFSET)
+    # decimals = budget - 1 - exponent, which is 7 below 1 and 7 - exponent from 1 up;
+    # in scientific notation (below 1e-4) 4 significant digits: 3 - exponent.
+    decimals = np.where(exponent < SCI_EXPONENT, SCI_DIGITS - 1 - exponent,
+                        SIGNIFICANT_DIGITS - 1 - np.maximum(exponent, 0))
+    decimals = np.clip(decimals, -_POW10_OFFSET, _POW10_OFFSET)
     scale = _POW10.take(decimals + _POW10_OFFSET)
     # Dividing an integer-valued float by a power of ten is correctly rounded, so repr() prints
     # exactly the kept digits; multiplying by 10**-k would not be.

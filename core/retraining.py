@@ -11,7 +11,8 @@ the model that serves now (the current artifact's, else the committed one), same
 as the validator scores them. A retrained model that does not lose (``retrain_tolerance``) is staged
 as an artifact (the current calibration and other models inherited) and published; workers load it
 between tasks. A losing one stays in ``artifacts/staging/`` with the verdict in the report, and the
-plain checkpoints of every run are kept in ``artifacts/staging/models-<stamp>/`` for inspection.
+plain checkpoints of every run are kept in ``artifacts/staging/models-<stamp>/`` for inspection (a week:
+``ArtifactStore.prune_staging``).
 """
 
 import logging
@@ -43,16 +44,20 @@ log = logging.getLogger(__name__)
 
 
 class ResampledStore:
-    """The store read at any step: native bars when stored, else 1-minute bars resampled as an exchange would."""
+    """The store read at any step: 1-minute bars resampled as an exchange would, and native bars where they
+    are stored (they win on equal times). Both, not either: after `data import` of 5-minute files the live
+    refresh keeps adding 1-minute bars only, and reading the native ones alone left the 24 h models training
+    on the imported past without the live weeks after it (and gated on lookbacks that stopped there)."""
 
     def __init__(self, store: HistoryStore) -> None:
         self.store = store
 
     def read(self, asset: str, step: int, start: int, end: int) -> PriceHistory:
         native = self.store.read(asset, step, start, end)
-        if len(native) or step == 60:
+        if step == 60:
             return native
-        return self.store.read(asset, 60, start, end).resample(step, complete=False)
+        resampled = self.store.read(asset, 60, start, end).resample(step, complete=False)
+        return resampled.merge(native) if len(native) else resampled
 
 
 def gate_s(settings: Settings) -> int:

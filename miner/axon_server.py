@@ -277,7 +277,8 @@ class AxonHandlers:
             self.metrics.shared.inc()
         if answer.source == "fallback":
             self.metrics.fallbacks.labels(fallback_reason(answer.reason)).inc()
-        log.info("answered %s from %s in %.0f ms%s", request.key(), answer.source, (time.time() - received) * 1e3,
+        log.info("answered %s from %s in %.0f ms%s%s", request.key(), answer.source, (time.time() - received) * 1e3,
+                 " (an identical request's answer)" if answer.shared else "",
                  f" (fallback: {answer.reason})" if answer.reason else "")
         return render_reply(synapse, answer.body)
 

@@ -37,6 +37,8 @@ def fallback_reason(reason: str | None) -> str:
     # Timeout connecting", and a worker's error may name a timeout; both were counted as pool timeouts.
     if "worker error" in text:  # the worker's own message follows: it may name anything
         return "worker_error"
+    if "no live worker" in text:  # nothing sent: no process announces the queue (stopped, killed, hung)
+        return "no_worker"
     if "unavailable" in text or "connection" in text:
         return "redis_down"
     if "deadline" in text or "timed out" in text or "timeout" in text:

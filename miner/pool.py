@@ -15,8 +15,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from core.constants import RESULT_KEY, TASK_FORECAST
+from core.constants import HEARTBEAT_STALE_AFTER_S, LIVE_READERS_CHECK_S, RESULT_KEY, TASK_FORECAST
 from core.forecast import ForecasterSource, ForecastResult
+from core.heartbeats import HEARTBEAT_PATTERN, live_queues, parse_heartbeat
 from core.prices import MarketSnapshot
 from core.prompts import ForecastRequest
 from core.settings import Settings
@@ -124,6 +125,29 @@ class CeleryPool:
         self.redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=None, socket_connect_timeout=1.0,
                                              health_check_interval=30, retry=Retry(NoBackoff(), 1),
                                              retry_on_error=[RedisConnectionError])
+        # Which queues a live worker reads, and when that was read (see _has_live_reader).
+        self._live: tuple[float, set[str]] | None = None
+        self._live_lock = asyncio.Lock()
+
+    async def _has_live_reader(self, queue: str, deadline: float) -> bool:
+        """Whether a live worker process announces ``queue`` in its heartbeat. Without one, a task sent now
+        would sit in the queue until the miner stops waiting (max_wait_s): the fallback answers at once
+        instead. Read at most every LIVE_READERS_CHECK_S, so a worker that comes up is used within that."""
+        async with self._live_lock:  # one read for a burst of requests
+            now = time.time()
+            if self._live is None or now - self._live[0] >= LIVE_READERS_CHECK_S:
+                async def read() -> set[str]:
+                    keys = [key async for key in self.redis.scan_iter(match=HEARTBEAT_PATTERN, count=1000)]
+                    raws = await self.redis.mget(keys) if keys else []
+                    beats = [beat for beat in map(parse_heartbeat, raws) if beat is not None]
+                    return live_queues(beats, time.time())
+
+                try:
+                    live = await asyncio.wait_for(read(), timeout=max(0.05, min(1.0, deadline - now)))
+                except TimeoutError:
+                    raise PoolError("pool unavailable: worker heartbeats not read within 1 s") from None
+                self._live = (now, live)
+            return queue in self._live[1]
 
     def _send(self, request: ForecastRequest, deadline: float, request_id: str, result_key: str) -> None:
         self.app.send_task(
@@ -138,7 +162,11 @@ class CeleryPool:
     async def forecast(self, request: ForecastRequest, snapshot: MarketSnapshot, deadline: float,
                        request_id: str) -> Paths:
         result_key = RESULT_KEY.format(request_id=request_id or uuid.uuid4().hex)
+        queue = self.settings.infer_queue(request.time_increment)
         try:
+            if not await self._has_live_reader(queue, deadline):
+                raise PoolError(f"no live worker reads queue {queue} (none has announced itself in the last "
+                                f"{HEARTBEAT_STALE_AFTER_S:.0f} s)")
             await asyncio.wait_for(asyncio.to_thread(self._send, request, deadline, request_id, result_key),
                                    timeout=max(0.05, min(2.0, deadline - time.time())))
             remaining = deadline - time.time()

@@ -29,7 +29,7 @@ from core.calibration import (
 )
 from core.champion import ChampionDecision, artifact_forecaster, challenge, challenge_set
 from core.csv_history import find_file, load_asset
-from core.engines_registry import build_engines
+from core.engines_registry import engines_over, models_in
 from core.evaluation import (
     GRIDS,
     AssetHistory,
@@ -240,7 +240,11 @@ def publish_cmd(
                         f"now: publishing it would replace {current}'s other files (its calibration, its models) "
                         f"with those it copied from {built_on or 'nothing'}. Stage it again, or pass --force")
         if not gate:
-            console.print(f"published {store.publish(staging)}")
+            if force or built_on is None:
+                version = store.publish(staging)
+            else:  # only over the version checked above: one published meanwhile (the hourly job) is not reverted
+                version = store.publish(staging, expect_current=current or None)
+            console.print(f"published {version}")
             return
         histories = histories_for(data_dir, asset, all_rows, settings, _parse_end(end))
         cases = gate_cases(histories, sorted(PROMPT_INCREMENTS.values()), _parse_end(end), settings)
@@ -262,7 +266,10 @@ def rollback_cmd(
 ) -> None:
     """Point current back at an earlier (validated) version."""
     store = _store(artifacts_dir)
-    before = store.current_version()
+    try:
+        before = store.current_version()
+    except ArtifactError:  # a link to garbage (the store logs it): rolling back is how it gets repaired
+        before = "(unusable link)"
     # The store logs the switch as a warning, which logging's last-resort handler (no logging set up
     # here) prints to stderr too: the line below says it once.
     said = _Unlogged("rolled back artifacts ")
@@ -325,7 +332,7 @@ def calibrate_cmd(
     except ArtifactError as exc:
         raise _fail(f"the current artifact does not load: {exc}") from None
     state = current.calibration.copy() if current is not None else CalibrationState()
-    engines = build_engines(settings)
+    engines = engines_over(settings, None if current is None else models_in(current.path))  # that set's models
     if settings.calibration_engine not in engines:
         raise typer.BadParameter(f"unknown engine {settings.calibration_engine!r}; available: {sorted(engines)}",
                                  param_hint="--engine")
@@ -354,7 +361,9 @@ def calibrate_cmd(
         return
     starts = [c.prompt.start_ts for c in cases]
     try:
+        # Over the set the scales were computed from, or not at all (another job may have published since).
         staging = store.stage({CALIBRATION_FILE: state.to_json()}, inherit=True, notes={"kind": "calibration"},
+                              expect_current=None if current is None else current.version,
                               data_window=DataWindow(min(starts), max(history_end(h, until)
                                                                        for h in histories.values())))
         decision = challenge(store, staging, cases, artifact_forecaster(engines, settings, settings.calibration_engine),

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -17,8 +17,9 @@ from rich.table import Table
 from core.assets import ASSETS
 from core.constants import SECONDS_PER_DAY
 from core.csv_history import STEP_SUFFIX, read_csv
+from core.datasets import DatasetError, before_cut, held_out_start, load_manifest
 from core.fake_providers import FAKE_PROVIDERS, FakeMarket, FakeProvider, start_fake
-from core.history_store import HistoryStore, HistoryStoreError, StoreSummary
+from core.history_store import HistoryStore, HistoryStoreError, StoreReadError, StoreSummary
 from core.price_checks import screen_bars
 from core.prices import PriceDataError, PriceHistory
 from core.settings import Settings
@@ -99,7 +100,11 @@ def sync(
         _sync_failed(f"{type(exc).__name__}: {exc}")
     if done.stopped is not None:  # the bars before the failed page are stored: say where to pick up
         _sync_failed(f"{type(done.stopped).__name__}: {done.stopped}; {done.new} new bar(s) stored, rerun with "
-                     f"--since {done.resume} to resume")
+                     f"--since {done.resume} to resume" + (f"; before it, {done.damaged[0]}" if done.damaged else ""))
+    if done.damaged:  # every other day is stored; the damaged ones only once compaction has set them aside
+        more = f" (and {len(done.damaged) - 1} more)" if len(done.damaged) > 1 else ""
+        _sync_failed(f"{done.damaged[0]}{more}; {done.new} new bar(s) stored; once the compact-store job has set "
+                     "the damaged partition(s) aside, rerun the same sync to fill their days")
     console.print(f"{asset} via {name}: {_utc(start)} -> {_utc(end)} UTC, {done.fetched} bars fetched, {done.new} new "
                   f"in {store.root}" + (f" ({done.empty} empty rounds: provider retention?)" if done.empty else ""))
     if done.dropped:
@@ -125,6 +130,7 @@ class SyncReport:
     held_back: int = 0
     stopped: PartialHistoryError | None = None  # a page failed: the bars before it are stored, the rest not
     resume: int | None = None  # with ``stopped``: the first bar not stored, where a rerun starts
+    damaged: list[str] = field(default_factory=list)  # why damaged partitions kept a round's bars out, each once
 
 
 async def _sync(asset: str, provider: str, settings: Settings, store: HistoryStore, start: int, end: int,
@@ -156,7 +162,14 @@ async def _sync(asset: str, provider: str, settings: Settings, store: HistorySto
                 previous = float(screened.kept.close[-1])
             held = screened.held_back
             pending = PriceHistory(step, bars.ts[len(bars) - held:], bars.close[len(bars) - held:])
-            report.new += await asyncio.to_thread(store.append, asset, screened.kept)
+            try:
+                report.new += await asyncio.to_thread(store.append, asset, screened.kept)
+            except StoreReadError as exc:
+                # A damaged day (its other days are stored): stopping here left every later day unsynced, and
+                # a rerun stopped at the same day until compaction set it aside.
+                report.new += exc.stored
+                if (said := f"{type(exc).__name__}: {exc}") not in report.damaged:  # one day spans several rounds
+                    report.damaged.append(said)
             if report.stopped is not None:
                 # Held-back bars were not stored: the rerun starts at them, or else at the failed page.
                 report.resume = int(pending.ts[0]) if len(pending) else report.stopped.missing[0]
@@ -179,10 +192,21 @@ def import_csv(
     folder: Annotated[Path, typer.Argument(help="folder of <stem>_<1m|5m>.csv(.gz) files")],
     only: Annotated[list[str] | None, typer.Option("--asset", help="import only these assets")] = None,
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help=DATA_DIR_HELP)] = None,
+    include_held_out: Annotated[bool, typer.Option(
+        "--include-held-out", help="also import the rows from each file's eval_start_ts in the folder's "
+        "manifest.json on (the weekly retrain would then train on the held-out windows)")] = False,
 ) -> None:
-    """Import CSV history (the ../shared/data format): 1m files at step 60, 5m files at step 300."""
+    """Import CSV history (the ../shared/data format): 1m files at step 60, 5m files at step 300. Rows from a
+    file's held-out boundary (``eval_start_ts`` in the folder's manifest.json) on are left out unless
+    --include-held-out: the store is what the weekly retrain trains on."""
     if not folder.is_dir():
         raise typer.BadParameter(f"{folder} is not a folder")
+    manifest: dict[str, Any] = {}
+    if (folder / "manifest.json").exists():
+        try:
+            manifest = load_manifest(folder)
+        except DatasetError as exc:  # unreadable: importing past held-out boundaries it may name is no default
+            raise typer.BadParameter(f"{exc} (--include-held-out imports every row regardless)") from None
     try:
         listing = sorted(folder.iterdir())
     except OSError as exc:  # a folder this user may not list (permissions): one line, not a traceback
@@ -191,7 +215,7 @@ def import_csv(
     in_folder = {a for _, match in files for a in assets_for_stem(match["stem"])}
     only = known_assets(only, in_folder)
     store = HistoryStore.from_settings(load_settings(data_dir=data_dir))
-    table = Table("file", "asset", "step", "rows", "new", "span (UTC)", title=f"import into {store.root}")
+    table = Table("file", "asset", "step", "rows", "new", "span (UTC)", "held out", title=f"import into {store.root}")
     steps = {suffix: step for step, suffix in STEP_SUFFIX.items()}
     imported = 0
     failed = False
@@ -202,14 +226,20 @@ def import_csv(
             continue
         try:
             hist = read_csv(path, step)
+            held = "-"
+            cut = None if include_held_out else held_out_start(manifest, path.name.split(".")[0].lower())
+            if cut is not None:
+                kept = before_cut(hist, cut)
+                held = f"{len(hist) - len(kept)} rows from {_utc(cut)}"
+                hist = kept
             for asset in targets:
                 new = store.append(asset, hist)
                 imported += 1
                 table.add_row(path.name, asset, str(step), str(len(hist)), str(new),
-                              f"{_utc(hist.first_ts)} -> {_utc(hist.last_ts)}")
+                              f"{_utc(hist.first_ts)} -> {_utc(hist.last_ts)}", held)
         except (PriceDataError, HistoryStoreError) as exc:
             failed = True
-            table.add_row(path.name, ",".join(targets), str(step), "-", "-", f"[red]{exc}[/red]")
+            table.add_row(path.name, ",".join(targets), str(step), "-", "-", f"[red]{exc}[/red]", "-")
     if not imported and not failed:
         wanted = f" for {', '.join(only)}" if only else ""
         console.print(f"[red]nothing imported:[/red] no <stem>_<1m|5m>.csv(.gz) file{wanted} in {folder}")

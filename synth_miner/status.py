@@ -12,13 +12,11 @@ from rich.console import Console
 from rich.table import Table
 
 from core.assets import ASSETS
-from core.constants import HEARTBEAT_EVERY_S, JOB_LAST_RUN_KEY, JOB_RUNS_KEPT, JOB_RUNS_KEY, KEY_PREFIX
+from core.constants import JOB_LAST_RUN_KEY, JOB_RUNS_KEPT, JOB_RUNS_KEY
+from core.heartbeats import HEARTBEAT_PATTERN, is_alive, live_queues, parse_heartbeat, silent_for
 from core.settings import Settings
 
 JOBS_SHOWN = 20  # the newest runs listed; the last calibration is looked for in every kept run
-# A live process re-announces itself every HEARTBEAT_EVERY_S, but its key lives HEARTBEAT_TTL_S (4x): a
-# worker that stopped or died stays listed for up to two minutes, so an older heartbeat is flagged as such.
-STALE_AFTER_S = 2.5 * HEARTBEAT_EVERY_S
 
 
 def age(seconds: float | None) -> str:
@@ -66,17 +64,17 @@ def collect(settings: Settings) -> dict[str, Any]:
         report["errors"].append(f"redis: {exc}")
         return report
     try:
-        for key in client.scan_iter(f"{KEY_PREFIX}:worker:*"):
-            raw = client.get(key)
-            if raw:
-                beat = json.loads(raw)
-                silent = now - float(beat["at"])
-                beat["seen"] = age(silent)
-                beat["alive"] = silent < STALE_AFTER_S
+        # A worker that stopped or died keeps its key for up to HEARTBEAT_TTL_S: an old one is flagged.
+        for key in client.scan_iter(HEARTBEAT_PATTERN):
+            beat = parse_heartbeat(client.get(key))
+            if beat is not None:
+                beat["seen"] = age(silent_for(beat, now))
+                beat["alive"] = is_alive(beat, now)
                 if not beat["alive"]:
-                    report["errors"].append(f"worker {beat['name']}: no heartbeat for {silent:.0f}s (stopped or stuck)")
+                    report["errors"].append(f"worker {beat.get('name', '?')}: no heartbeat for "
+                                            f"{silent_for(beat, now):.0f}s (stopped or stuck)")
                 report["workers"].append(beat)
-        read = {q for w in report["workers"] if w["alive"] for q in str(w.get("queues", "")).split(",")}
+        read = live_queues(report["workers"], now)
         for queue in (settings.queue_infer_hf, settings.queue_infer_lf, settings.queue_cpu):
             report["queues"][queue] = int(client.llen(queue))
             if queue not in read:  # an empty worker table alone is easy to read as "all well"
@@ -142,6 +140,9 @@ def job_detail(run: dict[str, Any]) -> str:
         return "; ".join(f"{kind}: {verdict(outcome)}" for kind, outcome in result["models"].items())
     if "published" in result:  # the calibration: its reason says why not (summaries from before had none)
         return verdict(result) if result["published"] else str(result.get("reason") or "nothing published")
+    failed = result.get("failed")
+    if isinstance(failed, dict) and failed:  # the refresh: it runs "ok" while some assets' providers fail
+        return f"{len(failed)} of {result.get('assets', '?')} assets not refreshed: {', '.join(sorted(failed))}"
     return ""
 
 

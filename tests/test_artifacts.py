@@ -3,9 +3,11 @@
 import errno
 import io
 import json
+import logging
 import os
 import threading
 import time
+from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
 
 import numpy as np
@@ -307,6 +309,23 @@ def test_only_the_last_n_versions_are_kept_plus_the_current_one(tmp_path: Path) 
         ArtifactStore(tmp_path / "x", keep=1)
 
 
+def test_staging_keeps_a_week_and_the_newest_sets_not_every_refused_calibration(store: ArtifactStore) -> None:
+    """Each hour the gate refuses leaves a whole set in staging/: they went on piling up for good."""
+    now = time.time()
+    for i in range(8):  # eight refused sets, 30 to 16 days old, and the retrain's plain checkpoints
+        os.utime(stage(store, f"v{i:03d}"), (now - (30 - 2 * i) * 86_400,) * 2)
+    checkpoints = store.staging_dir / "models-20261101T0000"
+    checkpoints.mkdir()
+    os.utime(checkpoints, (now - 40 * 86_400,) * 2)
+    recent = stage(store, "v100")
+    os.utime(recent, (now - 6 * 86_400,) * 2)  # a week old less a day: kept
+    latest = stage(store, "v101")  # staging it prunes the rest
+    left = sorted(p.name for p in store.staging_dir.iterdir())
+    # The newest five whatever their age (three of them weeks old), and nothing older than a week besides.
+    assert left == ["v005", "v006", "v007", "v100", "v101"], left
+    assert latest.is_dir() and store.publish(store.staging_dir / "v005") == "v005"  # what is kept still publishes
+
+
 def test_list_versions_reports_a_broken_manifest(store: ArtifactStore) -> None:
     store.publish(stage(store, "v001"))
     broken = store.root / "versions" / "v000"
@@ -577,3 +596,132 @@ def test_watcher_retries_a_refused_version_after_a_while(store: ArtifactStore) -
     again = watcher.poll()
     assert again is not None and again.version == "v002" and watcher.version == "v002"
     assert watcher.poll() is None  # loaded: no reload until current moves
+
+
+# ------------------------------------------------------------------------- rollback targets, bad links
+
+
+def stage_on_current(store: ArtifactStore, tag: str) -> Path:
+    """As the hourly calibration and the weekly retrain stage: over the current set (``built_on``)."""
+    return store.stage(files_for(tag), version=tag, inherit=True)
+
+
+def test_rollback_after_a_rollback_and_a_publish_does_not_bring_back_the_version_rolled_away_from(
+        store: ArtifactStore) -> None:
+    """v003 is bad: rolled back to v002, the hourly calibration then publishes v004 over v002. Rolling
+    v004 back must return to v002, not to v003 (created after v002, so "the newest created before")."""
+    for tag in ("v001", "v002", "v003"):
+        store.publish(stage_on_current(store, tag))
+    assert store.rollback() == "v002"
+    store.publish(stage_on_current(store, "v004"))
+    assert store.rollback() == "v002"
+    assert_whole(store.load_current())
+    assert store.rollback() == "v001"  # and a rollback after that one walks the chain back
+    assert store.rollback(to="v004") == "v004"  # --to still goes anywhere kept
+
+
+def test_rollback_returns_to_the_set_published_over_whatever_the_clocks_say(
+        store: ArtifactStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two hosts share the volume; the second one's clock is an hour behind, so the set it publishes
+    over v002 was "created" before v001 and v002."""
+    for tag in ("v001", "v002"):
+        store.publish(stage_on_current(store, tag))
+
+    class Behind:
+        @staticmethod
+        def now(tz: tzinfo | None = None) -> datetime:
+            return datetime.now(tz) - timedelta(hours=1)
+
+    monkeypatch.setattr(artifacts, "datetime", Behind)
+    store.publish(stage_on_current(store, "v003-other-host"))
+    monkeypatch.undo()
+    assert store.rollback() == "v002"
+
+
+def test_rollback_repairs_a_current_link_to_garbage_or_to_a_deleted_version(store: ArtifactStore) -> None:
+    for tag in ("v001", "v002"):
+        store.publish(stage(store, tag))
+    link = store.current_link
+    link.unlink()
+    link.symlink_to("versions/v009")  # an operator's `ln -sfn` to a version that is not there
+    assert store.rollback() == "v002"
+    assert_whole(store.load_current())
+    link.unlink()
+    link.symlink_to("/tmp/not a version!")
+    assert [v.version for v in store.list_versions()] == ["v001", "v002"]  # still lists what can be chosen
+    assert store.rollback() == "v002"
+    assert store.current_version() == "v002"
+
+
+def test_staging_over_an_expected_current_refuses_once_another_set_is_published(store: ArtifactStore) -> None:
+    """The calibration computes its scales from the set current when it starts: inheriting (and naming as
+    built_on) a set published since would let the gate publish them over a set they never saw."""
+    store.publish(stage(store, "v001"))
+    store.publish(stage(store, "v002"))
+    with pytest.raises(ArtifactError, match="not 'v001' that the new files were computed from"):
+        store.stage(files_for("v003"), version="v003", inherit=True, expect_current="v001")
+    assert not (store.staging_dir / "v003").exists()
+    staged = store.stage(files_for("v003"), version="v003", inherit=True, expect_current="v002")
+    assert store.validate(staged).manifest.notes["built_on"] == "v002"
+    fresh = ArtifactStore(store.root.parent / "fresh")
+    assert fresh.stage(files_for("v001"), version="v001", inherit=True, expect_current=None).is_dir()
+
+
+def test_a_current_link_to_garbage_is_logged_once_not_on_every_poll(
+        store: ArtifactStore, caplog: pytest.LogCaptureFixture) -> None:
+    """Workers poll before every task: a broken link must not write an error line per request."""
+    store.publish(stage(store, "v001"))
+    watcher = ArtifactWatcher(store)
+    assert watcher.poll() is not None
+    store.current_link.unlink()
+    store.current_link.symlink_to("/tmp/not a version!")
+    with caplog.at_level(logging.ERROR, logger="core.artifacts"):
+        for _ in range(50):
+            assert watcher.poll() is None
+    assert len([r for r in caplog.records if "unreadable" in r.getMessage()]) == 1
+    assert watcher.version == "v001"  # keeps serving
+    caplog.clear()
+    store.rollback(to="v001")
+    assert watcher.poll() is None  # v001 again: nothing to reload
+    store.current_link.unlink()
+    store.current_link.symlink_to("/tmp/still not one!")
+    with caplog.at_level(logging.ERROR, logger="core.artifacts"):
+        watcher.poll()
+    assert len([r for r in caplog.records if "unreadable" in r.getMessage()]) == 1  # broken again: said again
+
+
+def test_publishing_through_a_symlink_moves_the_set_itself(store: ArtifactStore, tmp_path: Path) -> None:
+    """`artifacts publish some/link`: the link used to be what moved into versions/ (a relative one then
+    pointed at itself and was refused as missing; an absolute one was published, so the "immutable" version
+    stayed an editable staging folder, and pruning it left a .trash-* link behind for good)."""
+    real = stage(store, "v001")
+    absolute = tmp_path / "latest"
+    absolute.symlink_to(real)
+    assert store.publish(absolute) == "v001"
+    published = store.versions_dir / "v001"
+    assert published.is_dir() and not published.is_symlink() and not real.exists()
+    relative = store.staging_dir / "newest"
+    relative.symlink_to(stage(store, "v002").name)
+    assert store.publish(relative) == "v002"
+    assert not (store.versions_dir / "v002").is_symlink()
+    assert_whole(store.load_current())
+
+
+def test_pruning_keeps_the_way_back_after_a_rollback(tmp_path: Path) -> None:
+    """v3 and v4 are bad: rolled back to v2, two sets are published over it. The newest-created versions
+    are then the bad ones; pruning by creation alone deleted v2, and rolling back twice landed on v4."""
+    store = ArtifactStore(tmp_path / "artifacts", keep=3)
+    for tag in ("v001", "v002", "v003", "v004"):
+        store.publish(stage_on_current(store, tag))
+    assert store.rollback(to="v002") == "v002"
+    for tag in ("v005", "v006"):
+        store.publish(stage_on_current(store, tag))
+    assert "v002" in [v.version for v in store.list_versions()]
+    assert store.rollback() == "v005"
+    assert store.rollback() == "v002"
+    assert_whole(store.load_current())
+    # A straight history keeps what it kept before: the newest `keep`, current included.
+    straight = ArtifactStore(tmp_path / "straight", keep=3)
+    for i in range(1, 7):
+        straight.publish(stage_on_current(straight, f"v{i:03d}"))
+    assert [v.version for v in straight.list_versions()] == ["v004", "v005", "v006"]

@@ -101,6 +101,8 @@ async def test_a_synth_shaped_request_is_budgeted_with_the_header_timeout(tmp_pa
     ("PoolError: pool unavailable: TimeoutError: Timeout connecting to server", "redis_down"),
     ("PoolError: pool unavailable: OperationalError: Error 111 connecting. Connection refused.", "redis_down"),
     ("PoolError: worker error: TimeoutError: model load timed out", "worker_error"),
+    ("PoolError: no live worker reads queue infer.lf (no heartbeat in the last 75 s)", "no_worker"),
+    ("PoolError: pool unavailable: worker heartbeats not read within 1 s", "redis_down"),
     ("PoolError: pool did not answer before the deadline", "timeout"),
     ("PoolError: embedded forecast timed out", "timeout"),
     ("shared forecast not ready by this request's deadline", "timeout"),

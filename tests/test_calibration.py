@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -312,6 +313,34 @@ def test_job_calibrates_from_the_history_store_and_publishes_through_the_gate(tm
     assert decision["champion_crps"] is not None and decision["challenger_crps"] is not None
     assert (second["published"] is not None) == decision["promote"]
     assert artifacts.current_version() == (second["published"] or first["published"])
+
+
+def test_job_does_not_publish_over_a_set_published_while_it_calibrated(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hour's search runs on the set current when it started; a retrain published meanwhile must not get
+    these scales (computed on the models it replaced) staged as if they were computed on it."""
+    from core import calibration
+
+    settings = Settings(artifacts_dir=tmp_path / "artifacts", data_dir=tmp_path / "data",
+                        calibration_windows_hf=12, calibration_min_samples_hf=10, calibration_windows_lf=4,
+                        calibration_min_samples_lf=3, calibration_paths=40, cache_days_hf=0.5, cache_days_lf=1.0,
+                        champion_tolerance=0.01)
+    m1 = t_history(4 * DAY // 60, MINUTE_SIGMA, 5.0, seed=12)
+    HistoryStore(settings.data_dir / "history", durable=False).append("BTC", m1)
+    artifacts = ArtifactStore(settings.artifacts_dir)
+    searched = calibration.run_calibration
+    meanwhile: list[str] = []
+
+    def search_while_a_retrain_publishes(*args: Any, **kwargs: Any) -> Any:
+        run = searched(*args, **kwargs)
+        retrained = {CALIBRATION_FILE: CalibrationState().to_json()}  # its own (empty) scales
+        meanwhile.append(artifacts.publish(artifacts.stage(retrained, notes={"kind": "retrain"})))
+        return run
+
+    monkeypatch.setattr(calibration, "run_calibration", search_while_a_retrain_publishes)
+    summary = run_calibration_job(settings, now=int(m1.ts[-1]) + 60)
+    assert summary["published"] is None and "published meanwhile" in summary["reason"], summary
+    assert artifacts.current_version() == meanwhile[0]  # the retrain's set stays, with no scales it never saw
 
 
 def test_only_the_calibration_engines_scales_are_applied(tmp_path: Path) -> None:

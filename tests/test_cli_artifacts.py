@@ -295,3 +295,70 @@ def test_calibrate_on_a_store_of_older_history_points_at_end_not_at_a_reimport(
     newest = T0 + DAYS * DAY - 60
     assert f"its newest bar is at {datetime.fromtimestamp(newest, UTC).isoformat()}" in text, text
     assert f"--end {datetime.fromtimestamp(newest + 60, UTC).date().isoformat()}" in text, text  # after its close
+
+
+def test_list_and_rollback_repair_a_current_link_to_garbage(app: typer.Typer, tmp_path: Path) -> None:
+    """`current` hand-edited to point at garbage: `list` must still show the versions, and `rollback --to`
+    (the way to repair it) must not die on reading the link it is about to replace."""
+    root = tmp_path / "artifacts"
+    store = ArtifactStore(root)
+    for version in ("v001", "v002"):
+        store.publish(stage_scale(store, version, 1.0))
+    store.current_link.unlink()
+    store.current_link.symlink_to("/tmp/not a version!")
+    runner = CliRunner()
+    listing = runner.invoke(app, ["artifacts", "list", "--dir", str(root)])
+    assert listing.exit_code == 0 and "v001" in listing.output and "v002" in listing.output, listing.output
+    rolled = runner.invoke(app, ["artifacts", "rollback", "--to", "v001", "--dir", str(root)])
+    assert rolled.exit_code == 0 and "-> v001" in rolled.output, (rolled.output, rolled.exception)
+    assert store.current_version() == "v001"
+
+
+def test_publish_cannot_revert_a_set_published_while_it_waited_for_the_lock(
+        app: typer.Typer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`artifacts publish` checks that the set was staged on the current version, then publishes: the hourly
+    calibration publishing in between (it holds the lock at that moment) must not be silently reverted."""
+    root = tmp_path / "artifacts"
+    store = ArtifactStore(root)
+    store.publish(stage_scale(store, "v001", 1.0))
+    state = CalibrationState({"ewma_t:BTC:60": Entry("ewma_t", "BTC", 60, scale=1.1)})
+    staged = store.stage({CALIBRATION_FILE: state.to_json()}, version="v002-hf", inherit=True)  # built on v001
+    rival = stage_scale(store, "v003-calibrated", 1.3)
+    publish = ArtifactStore.publish
+
+    def calibration_wins_the_lock(self: ArtifactStore, staging_dir: Path, *args: object, **kwargs: object) -> str:
+        if staging_dir == staged and store.current_version() == "v001":
+            publish(store, rival)  # the hourly job's publish, just before this one gets the lock
+        return publish(self, staging_dir, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ArtifactStore, "publish", calibration_wins_the_lock)
+    result = CliRunner().invoke(app, ["artifacts", "publish", str(staged), "--dir", str(root)])
+    assert result.exit_code == 1 and "v003-calibrated" in result.output, result.output
+    assert store.current_version() == "v003-calibrated" and staged.is_dir()
+
+
+def test_calibrate_does_not_publish_over_a_set_published_while_it_calibrated(
+        app: typer.Typer, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scales are computed from the set current when `calibrate` starts. If another job publishes
+    meanwhile, staging then inherited the new set and named it as built_on, so the gate let the scales
+    computed from the older set replace the new set's calibration."""
+    import synth_miner.cli_artifacts as cli
+
+    root = tmp_path / "artifacts"
+    store = ArtifactStore(root)
+    store.publish(stage_scale(store, "v001", 1.0))
+    rival = stage_scale(store, "v002-hourly", 0.97)
+    calibrate = cli.run_calibration
+
+    def hourly_job_publishes_meanwhile(*args: object, **kwargs: object) -> object:
+        if store.current_version() == "v001":
+            store.publish(rival)
+        return calibrate(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cli, "run_calibration", hourly_job_publishes_meanwhile)
+    result = CliRunner().invoke(app, calibrate_args(data_dir, root))
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "v002-hourly" in text and "v001" in text, (text, result.exception)
+    assert store.current_version() == "v002-hourly"
+    assert store.load_current().scale("ewma_t", "BTC", 60) == 0.97
+    assert not [p for p in store.staging_dir.iterdir() if not p.name.startswith(".")]  # nothing half-staged

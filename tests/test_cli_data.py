@@ -57,6 +57,29 @@ def test_import_then_status(csv_dir: Path, tmp_path: Path) -> None:
     assert "SP500" in status.output and "SPYX" in status.output
 
 
+def test_import_leaves_the_held_out_rows_out_unless_asked(shared_data: Path, tmp_path: Path) -> None:
+    """The store is what the weekly retrain trains on: `data import ../shared/data` must not hand it the
+    held-out windows (rows from each file's eval_start_ts), which only the final measurement may read."""
+    cut = json.loads((shared_data / "manifest.json").read_text())["btc_1m"]["eval_start_ts"]
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    rows = read_csv(shared_data / "btc_1m.csv.gz", 60).between(cut - 86_400, cut + 86_400)
+    write_csv(folder / "btc_1m.csv.gz", rows)
+    (folder / "manifest.json").write_text(json.dumps({"btc_1m": {"eval_start_ts": cut}}))
+    result = runner.invoke(app, ["import", str(folder), "--data-dir", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    stored = HistoryStore(tmp_path / "a" / "history").read("BTC", 60, 0, 2 ** 40)
+    assert stored.last_ts == cut - 60 and len(stored) == len(rows.between(0, cut))
+    assert "1440 rows from" in one_line(result.output), result.output
+    everything = runner.invoke(app, ["import", str(folder), "--data-dir", str(tmp_path / "b"), "--include-held-out"])
+    assert everything.exit_code == 0, everything.output
+    assert len(HistoryStore(tmp_path / "b" / "history").read("BTC", 60, 0, 2 ** 40)) == len(rows)
+    (folder / "manifest.json").write_text("{ not json")  # unreadable: nothing is imported past a cut it may name
+    bad = runner.invoke(app, ["import", str(folder), "--data-dir", str(tmp_path / "c")])
+    assert bad.exit_code == 2 and "unreadable" in one_line(bad.output), bad.output
+    assert not (tmp_path / "c" / "history").exists()
+
+
 def test_status_shows_the_cache_when_redis_is_given(csv_dir: Path, tmp_path: Path, redis_url: str) -> None:
     runner.invoke(app, ["import", str(csv_dir), "--data-dir", str(tmp_path), "--asset", "BTC"])
     client = redis.Redis.from_url(redis_url)
@@ -126,6 +149,39 @@ def test_sync_stores_the_pages_before_a_failed_one_then_stops_and_a_rerun_resume
     assert len(expected) > 1400
     np.testing.assert_array_equal(stored.ts, expected.ts)  # no gap, no duplicate
     np.testing.assert_array_equal(stored.close, expected.close)
+
+
+def test_sync_goes_on_past_a_damaged_partition_and_says_so(csv_dir: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torn day in the range (compaction runs daily; before the workers run, never): the sync stored the
+    days before it, then stopped, and its rerun stopped at the same day, so no later day was ever backfilled.
+    Now every other day is fetched and stored, and the command fails naming the damaged partition."""
+    now = int(time.time()) // 60 * 60
+    since, until = now - 3 * SECONDS_PER_DAY + 3600, now - 60  # a fixed end: the clock may tick during the run
+    torn_day = since // SECONDS_PER_DAY + 1  # a whole UTC day, and a whole one after it
+    store = HistoryStore(tmp_path / "history")
+    market = FakeMarket(csv_dir)
+    truth = market.bars("BTC", 60).between(since, until)
+    store.append("BTC", truth.between(torn_day * SECONDS_PER_DAY, (torn_day + 1) * SECONDS_PER_DAY))
+    part = store.partition("BTC", 60, torn_day)
+    raw = bytearray(part.read_bytes())
+    raw[-1] ^= 0xFF
+    part.write_bytes(bytes(raw))
+    with FakeServerThread("binance", market) as fake:
+        monkeypatch.setenv("SYNTH_BINANCE_URL", fake.url)
+        result = runner.invoke(app, ["sync", "--asset", "BTC", "--since", str(since), "--until", str(until),
+                                     "--provider", "binance", "--data-dir", str(tmp_path), "--chunk-days", "0.25"])
+    said = one_line(result.output)
+    assert result.exit_code == 1 and "checksum mismatch" in said and part.name in said, result.output
+    assert part.read_bytes() == raw  # left for compaction to set aside
+    after = truth.between((torn_day + 1) * SECONDS_PER_DAY, until)
+    assert len(after) > 1440
+    stored = store.read("BTC", 60, (torn_day + 1) * SECONDS_PER_DAY, until)
+    np.testing.assert_array_equal(stored.ts, after.ts)  # the days after the torn one (were not fetched)
+    np.testing.assert_array_equal(stored.close, after.close)
+    before = truth.between(since, torn_day * SECONDS_PER_DAY)
+    np.testing.assert_array_equal(store.read("BTC", 60, since, torn_day * SECONDS_PER_DAY).ts, before.ts)
+    assert f"{len(before) + len(after)} new bar(s) stored" in said, result.output
 
 
 def test_sync_screens_bars_like_the_refresh_so_a_lone_bad_print_never_reaches_the_store(

@@ -4,12 +4,14 @@ Then the faults of the walking skeleton: the worker stopped, and Redis stopped â
 and in time (the in-process fallback answers).
 """
 
+import asyncio
 import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from core.constants import LIVE_READERS_CHECK_S
 from core.prompts import parse_start_time
 from synth_miner.devstack import (
     Proc,
@@ -93,9 +95,12 @@ async def test_worker_stopped_fallback_in_time(stack: Stack) -> None:
     assert stack.worker is not None
     stack.worker.stop()
     stack.worker = None
+    await asyncio.sleep(LIVE_READERS_CHECK_S + 0.5)  # once the miner has read the heartbeats again
     seconds, source = await ask_valid(stack, "ETH", 300, 86_400, timeout=8)
     assert seconds < 8
     assert source == "fallback", stack.miner.text()[-3000:]
+    # The stopped worker removed its heartbeat: the miner sent nothing and did not wait for the pool.
+    assert "no live worker reads queue infer.lf" in stack.miner.text(), stack.miner.text()[-3000:]
 
 
 async def test_redis_stopped_fallback_in_time(stack: Stack) -> None:

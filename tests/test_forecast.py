@@ -24,6 +24,14 @@ class Garbage:
         return np.full((request.num_simulations, request.n_points), np.nan, np.float32)
 
 
+class Unsendable:
+    """Finite, positive paths no reply can carry: HEAD refuses every float from 1e7 up (9 characters)."""
+    name = "unsendable"
+
+    def forecast(self, request, snapshot, rng, sigma_scale=1.0):  # type: ignore[no-untyped-def]
+        return np.full((request.num_simulations, request.n_points), 2e7, np.float32)
+
+
 def test_seeded_runs_depend_only_on_seed_and_request() -> None:
     a = Forecaster(seed=7).run(REQ, SNAP).paths
     b = Forecaster(seed=7).run(REQ, SNAP).paths
@@ -32,7 +40,7 @@ def test_seeded_runs_depend_only_on_seed_and_request() -> None:
 
 
 def test_failing_or_garbage_engine_falls_back_to_ewma() -> None:
-    for bad in (Broken(), Garbage()):
+    for bad in (Broken(), Garbage(), Unsendable()):
         engines = {**default_engines(), bad.name: bad}
         result = Forecaster(engines, default=bad.name, seed=1).run(REQ, SNAP)
         assert result.engine == "ewma_t" and result.fallback_reason

@@ -4,6 +4,7 @@ import gc
 import gzip
 import multiprocessing
 import os
+import shutil
 import weakref
 from functools import partial
 from pathlib import Path
@@ -215,6 +216,42 @@ def test_a_stray_folder_in_the_store_root_does_not_break_compact(tmp_path: Path)
     (tmp_path / "BTC.bak" / "1m").mkdir(parents=True)  # an operator's backup copy
     assert store.assets() == ["BTC"]
     assert history_store.compact(store).rows == 10
+
+
+def test_a_file_or_folder_with_a_non_canonical_name_is_not_read_as_a_day_or_a_step(tmp_path: Path) -> None:
+    """``20260527.day`` (ISO basic form) parses as a date too: listed, it read 2026-05-27 twice (PriceDataError,
+    which the retraining and calibration jobs do not catch) and a date with no partition of its own made
+    compaction unlink a file that does not exist (FileNotFoundError: the job stopped for every asset)."""
+    store = HistoryStore(tmp_path)
+    hist = bars(DAY0, 100)
+    store.append("BTC", hist)
+    day = DAY0 // SECONDS_PER_DAY
+    path = store.partition("BTC", 60, day)
+    copy = path.with_name(day_name(day).replace("-", "") + ".day")
+    shutil.copy(path, copy)  # an operator's copy of the day
+    shutil.copy(path, path.with_name("20260101.day"))  # a date the store has no partition for
+    (tmp_path / "BTC" / "60s").mkdir()  # another name of step 60: only 1m/ is ever read
+    back = store.read("BTC", 60, 0, 2 ** 40)
+    np.testing.assert_array_equal(back.ts, hist.ts)
+    report = history_store.compact(store)
+    assert (report.partitions, report.rows, report.empty_removed, report.corrupt) == (1, 100, 0, 0)
+    assert copy.exists()  # not the store's file: left alone
+    assert store.days("BTC", 60) == [day] and store.steps("BTC") == [60]
+
+
+@pytest.mark.parametrize("bad", [np.inf, -2500.0, np.nan])
+def test_a_partition_holding_an_impossible_price_is_corrupt_not_a_gap_or_a_crash(tmp_path: Path, bad: float) -> None:
+    """A checksum only proves the bytes are the ones written: a slot neither 0.0 (a gap) nor a finite price > 0
+    was not written by the store. Before: inf raised PriceDataError from read (uncaught by the retraining job)
+    and from compact (the daily job died), a negative or NaN price was silently read as a gap."""
+    store = HistoryStore(tmp_path)
+    values = np.zeros(1440)
+    values[:3] = [2500.0, bad, 2501.0]
+    store._write_partition("BTC", 60, DAY0 // SECONDS_PER_DAY, values)
+    with pytest.raises(StoreReadError, match="no valid price"):
+        store.read("BTC", 60, 0, 2 ** 40)
+    assert history_store.compact(store).corrupt == 1  # set aside like a torn file
+    assert len(store.read("BTC", 60, 0, 2 ** 40)) == 0
 
 
 def test_the_rename_is_made_durable_by_syncing_the_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,6 +1,7 @@
 """Periodic-job slot claims against a real Redis: a slot runs once, and again only if its process died."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -8,15 +9,23 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from core.constants import JOB_MAX_ATTEMPTS, JOB_RUNS_KEY, JOB_SLOT_KEY, TASK_RETRAIN, WORKER_HEARTBEAT_KEY
+from core.constants import (
+    JOB_ATTEMPTS_KEY,
+    JOB_MAX_ATTEMPTS,
+    JOB_RUNS_KEY,
+    JOB_SLOT_KEY,
+    TASK_RETRAIN,
+    WORKER_HEARTBEAT_KEY,
+)
 from core.settings import Settings, get_settings
-from synth_miner.devstack import ROOT, spawn
+from synth_miner.devstack import ROOT, RedisServer, spawn
 from tests.worker_apps import RETRAIN_STARTS_KEY
 
 WEEK = 604_800.0
@@ -171,3 +180,170 @@ def test_jobs_that_wait_an_hour_or_more_come_back_when_their_process_dies() -> N
         task = app.tasks[name]
         assert task.acks_late and task.reject_on_worker_lost, name
     assert not app.tasks[TASK_REFRESH_CACHE].reject_on_worker_lost
+
+
+# --- A Redis blip (a restart, a stall) at a job's claim or at its record -------------------------------------
+
+BLIP_S = 1.5  # Redis is away this long: no longer than a refresh's bound (it waits seconds, the others minutes)
+FAST_BACKOFF_S = (0.1, 0.4)  # tests try again every few tenths of a second, not every few seconds
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RedisServer]:
+    """A private redis-server these tests stop and start again (the session's server stays up for the others).
+    Started from the test's thread: its processes die with the thread that started them (PR_SET_PDEATHSIG)."""
+    from workers import jobs
+
+    server = RedisServer(tmp_path).start()
+    monkeypatch.setenv("SYNTH_REDIS_URL", server.url)
+    monkeypatch.setenv("SYNTH_JOB_LEASE_S", "30")  # the claim outlives a blip: a restart hands it back as it was
+    monkeypatch.setattr(jobs, "JOB_REDIS_BACKOFF_S", FAST_BACKOFF_S)
+    get_settings.cache_clear()
+    yield server
+    get_settings.cache_clear()
+    server.stop()
+
+
+def shut_down(server: RedisServer) -> None:
+    """Stop the server as a restart does, its data saved (SHUTDOWN SAVE): it holds the same keys when back."""
+    redis.Redis.from_url(server.url).shutdown(save=True)
+    assert server.proc is not None
+    server.proc.wait(10)
+
+
+def runs(client: "redis.Redis") -> list[dict[str, Any]]:
+    return [json.loads(r) for r in client.lrange(JOB_RUNS_KEY, 0, -1)]
+
+
+def errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "workers.jobs" and r.levelno >= logging.ERROR]
+
+
+def test_a_claim_made_while_redis_restarts_waits_for_it_and_the_job_runs_once(
+        own_redis: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    """The slot is claimed while Redis is away (a restart): the claim is tried again until it is back, within
+    the job's bound, and the run goes on as usual. A refresh's bound is seconds: it runs every minute."""
+    from workers import jobs
+
+    calls: list[int] = []
+    shut_down(own_redis)
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(jobs.run_once, "refresh-cache", SLOT, 60.0, work_done(calls))
+        time.sleep(BLIP_S)
+        own_redis.start()
+        record = running.result(30)
+    assert record["status"] == "ok" and calls, record
+    assert any("Redis unreachable" in r.getMessage() for r in caplog.records)  # it did meet the outage
+    client = redis.Redis.from_url(own_redis.url)
+    assert [r["status"] for r in runs(client)] == ["ok"]
+    assert jobs.run_once("refresh-cache", SLOT, 60.0, work_done(calls))["status"] == "duplicate"
+    assert len(calls) == 1
+    assert jobs.redis_retry_s(60.0) <= 15.0 and jobs.redis_retry_s(WEEK) <= 300.0  # a refresh waits seconds
+
+
+def test_a_claim_while_redis_stays_down_fails_and_says_the_run_is_lost(
+        own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from workers import jobs
+
+    monkeypatch.setattr(jobs, "JOB_REDIS_RETRY_MAX_S", 1.0)
+    own_redis.stop()
+    calls: list[int] = []
+    began = time.monotonic()
+    with pytest.raises(redis.ConnectionError):
+        jobs.run_once("retrain", SLOT, WEEK, work_done(calls))
+    assert time.monotonic() - began >= 1.0  # it kept trying for its bound first
+    assert not calls
+    lost = errors(caplog)
+    assert len(lost) == 1 and f"retrain slot {SLOT}" in lost[0] and "lost" in lost[0], lost
+
+
+def test_a_record_made_while_redis_restarts_still_lands(own_redis: RedisServer) -> None:
+    """Redis restarts as the work ends (hours of retraining): the slot is still marked done and the run recorded."""
+    from workers import jobs
+
+    down = threading.Event()
+
+    def work(_: Settings) -> dict[str, Any]:
+        shut_down(own_redis)
+        down.set()
+        return {"trained": True}
+
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(jobs.run_once, "retrain", SLOT, WEEK, work)
+        assert down.wait(30)
+        time.sleep(BLIP_S)
+        own_redis.start()
+        record = running.result(30)
+    assert record["status"] == "ok" and "lease_lost_to" not in record, record
+    client = redis.Redis.from_url(own_redis.url)
+    assert [(r["status"], r["result"]) for r in runs(client)] == [("ok", {"trained": True})]
+    done = client.get(JOB_SLOT_KEY.format(name="retrain", slot=SLOT))
+    assert isinstance(done, bytes) and done.startswith(b"done:"), done
+
+
+def test_a_record_while_redis_stays_down_fails_and_logs_the_record(
+        own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from workers import jobs
+
+    monkeypatch.setattr(jobs, "JOB_REDIS_RETRY_MAX_S", 1.0)
+
+    def work(_: Settings) -> dict[str, Any]:
+        own_redis.stop()
+        return {"trained": True}
+
+    began = time.monotonic()
+    with pytest.raises(redis.ConnectionError):
+        jobs.run_once("retrain", SLOT, WEEK, work)
+    assert time.monotonic() - began >= 1.0
+    lost = errors(caplog)
+    # What the record would have held is in the log: the run's outcome is not lost with it.
+    assert len(lost) == 1 and f"retrain slot {SLOT}" in lost[0] and '"trained": true' in lost[0], lost
+
+
+def test_a_finish_whose_reply_was_lost_still_marks_the_slot_done_for_this_run(own_redis: RedisServer) -> None:
+    """A stalled Redis (SIGSTOP stands in for a hung host) runs, once it resumes, the finish the client timed
+    out on: the finish tried again finds the slot done by this very run, not taken by another."""
+    from workers import jobs
+
+    timeout = jobs._redis(get_settings()).connection_pool.connection_kwargs["socket_timeout"]
+    stalled = threading.Event()
+
+    def work(_: Settings) -> dict[str, Any]:
+        assert own_redis.proc is not None
+        own_redis.proc.send_signal(signal.SIGSTOP)
+        stalled.set()
+        return {"trained": True}
+
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(jobs.run_once, "retrain", SLOT, WEEK, work)
+        try:
+            assert stalled.wait(30)
+            time.sleep(timeout + 0.5)  # the finish times out, and is kept in the stalled server
+        finally:
+            assert own_redis.proc is not None
+            own_redis.proc.send_signal(signal.SIGCONT)
+        record = running.result(30)
+    assert record["status"] == "ok" and "lease_lost_to" not in record, record
+    client = redis.Redis.from_url(own_redis.url)
+    assert [r["status"] for r in runs(client)] == ["ok"]
+    done = client.get(JOB_SLOT_KEY.format(name="retrain", slot=SLOT))
+    assert isinstance(done, bytes) and done.startswith(b"done:"), done
+
+
+def test_a_call_tried_again_after_its_first_try_landed_is_not_done_twice(redis_url: str) -> None:
+    """A reply lost to a blip does not mean the call was lost: the claim, the finish and the record tried
+    again find their own first try, and take nothing from another run."""
+    from workers import jobs
+
+    client = redis.Redis.from_url(redis_url)
+    for _ in range(2):
+        assert jobs.claim_slot(client, "retrain", SLOT, WEEK, "me:1", 600) == jobs.CLAIMED
+    assert client.get(JOB_ATTEMPTS_KEY.format(name="retrain", slot=SLOT)) == b"1"
+    assert jobs.claim_slot(client, "retrain", SLOT, WEEK, "other:2", 600) == jobs.RUNNING + "me:1"
+    for _ in range(2):
+        assert jobs.finish_slot(client, "retrain", SLOT, WEEK, "me:1") == "ok"
+    assert jobs.finish_slot(client, "retrain", SLOT, WEEK, "other:2") == jobs.DONE + "me:1"
+    record = {"job": "retrain", "slot": SLOT, "status": "ok", "started": 1.5}
+    for _ in range(2):
+        jobs.record_run(client, record)
+    assert runs(client) == [record]

@@ -4,6 +4,8 @@ Every tolerance is a multiple of a standard error estimated from the sample itse
 paths give independent replicates), with fixed seeds so the tests are deterministic.
 """
 
+import json
+
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -16,10 +18,14 @@ from core.path_sampling import (
     SamplingError,
     latent_log_vol,
     latent_multiplier,
+    log_move_bounds,
     sample_paths,
     stratified_normal,
     unit_t,
 )
+from core.prompts import ForecastRequest
+from core.response import render_json, round_for_wire
+from core.response_checks import validate_response_head, validate_response_upstream
 from core.scoring import crps_ensemble
 
 FloatArray = npt.NDArray[np.float64]
@@ -110,6 +116,25 @@ def test_huge_but_finite_parameters_never_give_nan_prices(sigma: float, scale: f
                          latent, sigma_scale=scale)
     assert np.all(np.isfinite(paths)) and np.all(paths > 0) and np.all(paths[:, 0] == np.float32(100.0))
     assert np.all(np.abs(np.log(paths.astype(np.float64) / 100.0)) <= MAX_LOG_MOVE + 1e-5)
+
+
+@pytest.mark.parametrize("anchor", [2.0e6, 9.0e6, 3.0e-18])
+def test_paths_of_an_anchor_near_the_wire_limits_stay_sendable(anchor: float) -> None:
+    """HEAD refuses every float from 1e7 up ("12345678.0" has 9 characters): an asset at 2e6 whose paths were
+    allowed e^3 above it got no reply at all. Its paths are held inside what a reply can carry instead."""
+    request = ForecastRequest("BTC", 1_800_000_000, 300, 86_400, 1000)
+    paths = sample_paths(anchor, np.zeros(288), np.full(288, 0.2), 2.5, 1000, np.random.default_rng(3))
+    assert paths.max() < 1e7 and paths.min() > 1e-18
+    rendered = json.loads(render_json(request, round_for_wire(paths)))
+    shape = (request.start_ts, request.time_increment, request.time_length, request.num_simulations)
+    assert validate_response_head(rendered, *shape) == validate_response_upstream(rendered, *shape) == "CORRECT"
+
+
+def test_the_usual_anchors_keep_the_plain_bounds() -> None:
+    """The narrowing binds only within e^3 of the wire limits: every asset served today keeps +-MAX_LOG_MOVE
+    (and so its paths, bit for bit)."""
+    for anchor in (1e-16, 1e-4, 1.0, 3.0e4, 4.9e5):
+        assert log_move_bounds(anchor) == (-MAX_LOG_MOVE, MAX_LOG_MOVE)
 
 
 def test_extreme_anchors_stay_finite_in_float32() -> None:

@@ -1,6 +1,7 @@
 """The miner's Celery pool against a real Redis that restarts under it."""
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
@@ -8,11 +9,12 @@ import numpy as np
 import pytest
 import redis
 
-from core.constants import RESULT_KEY
+from core.constants import HEARTBEAT_STALE_AFTER_S, HEARTBEAT_TTL_S, RESULT_KEY, WORKER_HEARTBEAT_KEY
 from core.forecast import ForecastResult
 from core.prompts import ForecastRequest
 from core.settings import Settings
 from core.transport import encode_paths
+from miner import pool as pool_module
 from miner.pool import CeleryPool, EmbeddedPool, PoolError
 from synth_miner.devstack import RedisServer
 
@@ -24,12 +26,66 @@ async def test_the_first_read_after_a_redis_restart_reconnects(tmp_path: Path) -
         await pool.redis.ping()  # a pooled connection, as every earlier request leaves one
         server.stop()
         server.start()  # same port: the pooled connection is now closed by the server
+        announce(server.url, "infer.hf")  # the worker's next heartbeat (the restarted server kept no keys)
         paths = np.full((3, 5), 100.0, np.float32)
         # The worker's answer is already there, so the read alone decides the outcome.
         redis.Redis.from_url(server.url).rpush(RESULT_KEY.format(request_id="r1"), encode_paths(paths))
         request = ForecastRequest("BTC", int(time.time()) + 600, 60, 240, 3)
         got = await pool.forecast(request, None, time.time() + 5.0, "r1")  # type: ignore[arg-type]
         np.testing.assert_array_equal(got, paths)
+    finally:
+        await pool.close()
+        server.stop()
+
+
+def announce(url: str, queues: str, silent_s: float = 0.0, name: str = "w1@host:1") -> None:
+    """A worker process's heartbeat, last sent ``silent_s`` ago (as workers/metrics.py writes it)."""
+    redis.Redis.from_url(url).set(WORKER_HEARTBEAT_KEY.format(name=name),
+                                  json.dumps({"name": name, "queues": queues, "at": time.time() - silent_s}),
+                                  ex=HEARTBEAT_TTL_S)
+
+
+async def test_a_queue_no_live_worker_reads_fails_at_once_and_sends_nothing(tmp_path: Path) -> None:
+    """Without a live reader the task would wait in the queue until the miner gave up (max_wait_s, 30 s by
+    default) while the fallback could have answered at once. A worker that stopped announcing (killed, or
+    hung) keeps its key for a while: only a recent heartbeat counts."""
+    server = RedisServer(tmp_path).start()
+    settings = Settings(_env_file=None, redis_url=server.url)  # type: ignore[call-arg]
+    pool = CeleryPool(settings)
+    client = redis.Redis.from_url(server.url)
+    request = ForecastRequest("BTC", int(time.time()) + 600, 300, 86_400, 3)
+    try:
+        announce(server.url, f"{settings.queue_infer_hf},{settings.queue_cpu}")  # reads the other queues only
+        announce(server.url, settings.queue_infer_lf, silent_s=HEARTBEAT_STALE_AFTER_S + 5, name="w2@host:2")
+        client.set(WORKER_HEARTBEAT_KEY.format(name="w3@host:3"), b"not json")  # skipped, not fatal
+        began = time.monotonic()
+        with pytest.raises(PoolError, match=f"no live worker reads queue {settings.queue_infer_lf}"):
+            await pool.forecast(request, None, time.time() + 20.0, "r1")  # type: ignore[arg-type]
+        assert time.monotonic() - began < 10.0  # well before the 20 s deadline
+        assert client.llen(settings.queue_infer_lf) == 0  # nothing left queued for nobody
+    finally:
+        await pool.close()
+        server.stop()
+
+
+async def test_a_worker_that_comes_up_is_used_within_the_check_period(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pool_module, "LIVE_READERS_CHECK_S", 0.2)
+    server = RedisServer(tmp_path).start()
+    settings = Settings(_env_file=None, redis_url=server.url)  # type: ignore[call-arg]
+    pool = CeleryPool(settings)
+    client = redis.Redis.from_url(server.url)
+    request = ForecastRequest("BTC", int(time.time()) + 600, 300, 86_400, 3)
+    paths = np.full((3, 289), 100.0, np.float32)
+    try:
+        with pytest.raises(PoolError, match="no live worker"):
+            await pool.forecast(request, None, time.time() + 5.0, "r1")  # type: ignore[arg-type]
+        announce(server.url, settings.queue_infer_lf)
+        await asyncio.sleep(0.3)
+        client.rpush(RESULT_KEY.format(request_id="r2"), encode_paths(paths))  # the worker's answer
+        got = await pool.forecast(request, None, time.time() + 5.0, "r2")  # type: ignore[arg-type]
+        np.testing.assert_array_equal(got, paths)
+        assert client.llen(settings.queue_infer_lf) == 1  # this time the task was sent
     finally:
         await pool.close()
         server.stop()

@@ -16,12 +16,13 @@ from core.cache import MemoryHistoryCache
 from core.cache_redis import RedisHistoryCache
 from core.constants import SECONDS_PER_DAY
 from core.fake_providers import FakeMarket, FakeServer, FakeServerThread, ManualClock, start_fake
-from core.history_store import HistoryStore
+from core.history_store import HistoryStore, compact
 from core.market_data import build_snapshot
 from core.prices import PriceHistory
 from core.refresh import (
     RefreshConfigError,
     cache_windows,
+    default_steps,
     durable_store,
     refresh_asset,
     refresh_assets_sync,
@@ -32,7 +33,7 @@ from core.sources.binance import BinanceSource
 from core.sources.http import HttpConfig
 from core.sources.pyth import PythSource
 from core.sources.replay import ReplaySource
-from tests.provider_fixtures import T0, fake_provider_fixtures, redis_cache_fixtures
+from tests.provider_fixtures import T0, fake_provider_fixtures, redis_cache_fixtures, write_held_in
 
 WINDOW = 2 * SECONDS_PER_DAY
 
@@ -303,6 +304,14 @@ async def test_a_corrupt_partition_does_not_cost_the_store_the_days_after_it(
     in_cache = cache.read("BTC", 60, start, int(clock()))
     assert len(in_cache) > 8 * 60
     np.testing.assert_array_equal(store.read("BTC", 60, start, int(clock())).ts, in_cache.ts)
+    # The daily compaction sets the torn day aside; the cache still holds it, and the next refresh puts it back
+    # (it is older than the store's newest bar, so "newer than the store" alone never owed it again).
+    assert compact(store).corrupt == 1 and torn not in store.days("BTC", 60)
+    clock.advance(60)
+    await refresh_asset("BTC", source, cache, store, settings, now=int(clock()))
+    torn_day = cache.read("BTC", 60, torn * SECONDS_PER_DAY, start)
+    assert len(torn_day) > 0 and torn in store.days("BTC", 60)
+    np.testing.assert_array_equal(store.read("BTC", 60, torn * SECONDS_PER_DAY, start).ts, torn_day.ts)
 
 
 async def test_history_the_store_gets_after_the_cache_filled_reaches_the_cache(
@@ -408,3 +417,39 @@ async def test_a_transient_provider_error_is_still_warned_at_every_refresh(
             caplog.clear()
             report = await refresh_asset("BTC", source, cache, None, settings, now=now)
             assert not report.ok and any("history 60s" in w and "503" in w for w in _warnings(caplog, "BTC"))
+
+
+async def test_a_provider_keeping_days_of_minutes_also_fills_the_24h_window_at_5_minutes(
+        tmp_path: Path, shared_data: Path) -> None:
+    """Hyperliquid keeps its newest 5000 candles: 3.5 days at 1 minute, too few for the 24 h equity model
+    (5 sessions of 5-minute bars), so a new fleet answered every equity 24 h prompt from EWMA-t until the
+    store held a week. Its 5-minute candles reach back 17 days: the refresh fetches them too."""
+    from core.engines_registry import build_forecaster
+    from core.prompts import ForecastRequest
+    from core.sources.registry import build_source
+
+    clock = ManualClock(T0)
+    market = FakeMarket(write_held_in(tmp_path / "csv", shared_data, ["nvda"], 28, with_5m=True), clock)
+    server = await start_fake("hyperliquid", market)
+    settings = Settings(hyperliquid_url=server.url, data_dir=tmp_path, http_backoff_s=0.01)  # default windows
+    source = build_source("hyperliquid", settings, clock)
+    binance = build_source("binance", settings, clock)
+    forecaster = build_forecaster(settings, "patchtst")
+    request = ForecastRequest("NVDAX", T0 // 60 * 60 + 120, 300, 86_400, 100)
+    try:
+        assert default_steps(source, settings) == (60, 300) and default_steps(binance, settings) == (60,)
+        served = {}
+        for steps in ((60,), None):  # the 1-minute read alone, as before; then the default
+            cache = MemoryHistoryCache()
+            await refresh_asset("NVDAX", source, cache, None, settings, now=T0, steps=steps)
+            snapshot = build_snapshot(cache, "NVDAX", T0, settings.cache_window_s(300))
+            served[steps] = forecaster.run(request, snapshot)
+        m1, m5 = cache.span("NVDAX", 60), cache.span("NVDAX", 300)
+        assert m1 is not None and m1[1] - m1[0] < 3.5 * SECONDS_PER_DAY  # all the provider keeps
+        assert m5 is not None and m5[1] - m5[0] > 10 * SECONDS_PER_DAY  # the 14-day window, weekends aside
+        assert served[(60,)].engine == "ewma_t" and "returns" in str(served[(60,)].fallback_reason)
+        assert served[None].engine == "patchtst", served[None].fallback_reason
+    finally:
+        await source.close()
+        await binance.close()
+        await server.stop()

@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
 
+from core.engines.ewma import EwmaTEngine
+from core.prices import MarketSnapshot, PriceHistory
 from core.prompts import ForecastRequest
 from core.response import ResponseError, build_response, check_paths, check_response, render_json, round_for_wire
 from core.response_checks import validate_response_head, validate_response_upstream
@@ -55,3 +57,31 @@ def test_wrong_shape_and_header_are_refused() -> None:
     response[0] = float(response[0])
     with pytest.raises(ResponseError, match="ints"):
         check_response(response, REQ)
+
+
+def test_prices_below_1e_4_keep_the_4_significant_digits_head_allows() -> None:
+    # Below 1e-4 str() prints "1.2345e-05": the four characters of "e-05" leave HEAD four of its eight.
+    import json
+
+    prices = 10.0 ** np.random.default_rng(2).uniform(-18, -3.5, size=(50, 61))
+    rounded = round_for_wire(prices)
+    assert np.allclose(rounded, prices, rtol=5e-4, atol=0)
+    assert round_for_wire(np.array([1.23456789e-5, 9.87654321e-13])).tolist() == [1.235e-5, 9.877e-13]
+    check_paths(rounded, REQ)
+    response = json.loads(render_json(REQ, rounded))
+    args = (REQ.start_ts, REQ.time_increment, REQ.time_length, REQ.num_simulations)
+    assert validate_response_head(response, *args) == "CORRECT"
+    assert validate_response_upstream(response, *args) == "CORRECT"
+
+
+def test_a_meme_coin_forecast_is_served() -> None:
+    # Any asset with price files may be forecast (core.batch): one trading at 1e-6 was refused outright.
+    close = 1.2e-6 * np.exp(np.cumsum(np.random.default_rng(3).normal(0, 0.004, 3_000)))
+    m1 = PriceHistory.from_arrays(60, np.arange(close.size) * 60, close)
+    snap = MarketSnapshot("PEPE", m1, None, float(close[-1]), int(m1.ts[-1]) + 60)
+    for inc, length in ((300, 86_400), (60, 3_600)):
+        request = ForecastRequest("PEPE", int(m1.ts[-1]) + 120, inc, length, 1000)
+        response = build_response(request, EwmaTEngine().forecast(request, snap, np.random.default_rng(0)))
+        args = (request.start_ts, inc, length, 1000)
+        assert validate_response_head(response, *args) == "CORRECT"
+        assert validate_response_upstream(response, *args) == "CORRECT"

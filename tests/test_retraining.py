@@ -21,6 +21,22 @@ from synth_miner.cli_model import app
 TINY = {"d_model": 16, "n_heads": 2, "n_layers": 1, "d_ff": 32, "head_hidden": 16}
 
 
+def test_stored_5_minute_bars_and_later_1_minute_bars_are_read_together(tmp_path: Path, shared_data: Path) -> None:
+    """`data import` stores 5-minute files; the live refresh then adds 1-minute bars only. The 24 h models must
+    see both: the imported past and the live weeks after it (a native bar wins where both exist)."""
+    cut = json.loads((shared_data / "manifest.json").read_text())["btc_1m"]["eval_start_ts"]
+    minutes = read_csv(shared_data / "btc_1m.csv.gz", 60).between(cut - 4 * 86_400, cut)
+    store = HistoryStore(tmp_path / "history")
+    imported = minutes.between(cut - 4 * 86_400, cut - 2 * 86_400).resample(300)
+    store.append("BTC", imported)  # the imported 5-minute file ends two days before the cut
+    store.append("BTC", minutes.between(cut - 2 * 86_400 - 3600, cut))  # live 1-minute bars, an hour of overlap
+    read = ResampledStore(store).read("BTC", 300, cut - 4 * 86_400, cut)
+    assert read.first_ts == imported.first_ts and read.last_ts == cut - 300  # the live days are there too
+    assert len(read) == 4 * 288
+    overlap = read.between(cut - 2 * 86_400 - 3600, cut - 2 * 86_400)
+    assert len(overlap) == 12 and (overlap.close == imported.between(cut - 2 * 86_400 - 3600, cut).close).all()
+
+
 def test_retrain_from_store_stages_checkpoints(tmp_path: Path, shared_data: Path) -> None:
     manifest = json.loads((shared_data / "manifest.json").read_text())
     store = HistoryStore(tmp_path / "data" / "history")

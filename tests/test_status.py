@@ -143,3 +143,13 @@ def test_a_calibration_that_published_nothing_shows_why() -> None:
     # Published, and the older summaries without a reason, read as before.
     assert job_detail({**run, "result": {"published": "v8", "outcomes": []}}) == "published v8"
     assert job_detail({**run, "result": {"published": None, "outcomes": []}}) == "nothing published"
+
+
+def test_a_refresh_whose_providers_fail_for_some_assets_says_which() -> None:
+    """The refresh runs "ok" while a provider fails for some assets: the table read "ok" and nothing else."""
+    from synth_miner.status import job_detail
+
+    run = {"job": "refresh-cache", "slot": 0, "status": "ok", "started": 0.0, "seconds": 68.5,
+           "result": {"assets": 14, "failed": {"NVDAX": ["history 60s: TimeoutError"], "AAPLX": ["latest: stale"]}}}
+    assert job_detail(run) == "2 of 14 assets not refreshed: AAPLX, NVDAX"
+    assert job_detail({**run, "result": {"assets": 14, "failed": {}}}) == ""

@@ -1,11 +1,13 @@
 """Queues and observability on the real stack: routing per queue, miner metrics, worker heartbeats, status."""
 
+import asyncio
 import json
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
+from core.constants import LIVE_READERS_CHECK_S
 from synth_miner.devstack import (
     RedisServer,
     Validator,
@@ -40,14 +42,15 @@ async def test_routing_metrics_and_status(redis_server: RedisServer, redis_url: 
         assert "synth.forecast" in hf.text() and "SOL:" in hf.text()
         assert "SOL:" not in lf.text()
 
-        lf.stop()  # an LF request now times out in the pool and the fallback answers
+        lf.stop()  # no live process reads infer.lf now: the fallback answers, and nothing is sent
+        await asyncio.sleep(LIVE_READERS_CHECK_S + 0.5)  # once the miner has read the heartbeats again
         reply, _ = await validator.ask("ETH", 300, 86_400, 1000, start_time=start_time_in(120), timeout=8)
         assert_valid_reply(reply)
 
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
         assert 'synth_requests_total{asset="SOL",outcome="pool",prompt="high"} 1.0' in metrics
         assert 'synth_requests_total{asset="ETH",outcome="fallback",prompt="low"} 1.0' in metrics
-        assert 'synth_fallbacks_total{reason="timeout"} 1.0' in metrics
+        assert 'synth_fallbacks_total{reason="no_worker"} 1.0' in metrics
         for series in ("synth_request_seconds_bucket", "synth_deadline_margin_seconds_bucket",
                        "synth_invalid_replies_total", "synth_queue_depth"):
             assert series in metrics, series

@@ -91,6 +91,34 @@ def test_an_idle_process_keeps_announcing_itself(redis_url: str, monkeypatch: py
     beat.stop()
 
 
+def test_a_process_shutting_down_removes_its_heartbeat(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stopped worker's key would look alive for over a minute: the miner would keep sending it forecasts
+    that nobody computes, waiting out each one before the fallback answers."""
+    monkeypatch.setattr(metrics, "HEARTBEAT_EVERY_S", 0.05)
+    client = redis.Redis.from_url(redis_url)
+    beat = metrics.Heartbeat()
+    beat.node = "retiring@host"
+    beat.announce(client, "patchtst", "v1", "infer.lf")
+    key = WORKER_HEARTBEAT_KEY.format(name=f"retiring@host:{os.getpid()}")
+    assert client.get(key) is not None
+    beat.retire()
+    assert client.get(key) is None
+    beat.send()  # a late re-send (the idle thread, a task finishing) does not bring it back
+    time.sleep(0.2)
+    assert client.get(key) is None
+    beat.retire()  # twice (both shutdown signals of a solo worker): harmless
+
+
+def test_a_second_process_on_the_metrics_port_serves_on_without_them(caplog: pytest.LogCaptureFixture) -> None:
+    """Prefork children each start the endpoint: the second bind failed, and with it the process's set-up."""
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        with caplog.at_level("WARNING"):
+            metrics.serve_metrics(taken.getsockname()[1])
+    assert "worker metrics not served" in caplog.text
+
+
 def test_the_model_info_metric_follows_a_reload(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``synth_worker_model_info`` names the artifact version served: after a worker reloads a newly published
     one, the series names the new version (and only it), not the version the process started with."""

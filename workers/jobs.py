@@ -5,6 +5,9 @@ whose process dies (OOM, SIGKILL at deploy) stops renewing: its lease lapses and
 (``reject_on_worker_lost``, or the visibility timeout) runs the slot again, at most JOB_MAX_ATTEMPTS
 times; a ``done`` slot stays a duplicate. The minute's cache refresh is not re-delivered: the next
 minute's run does its work.
+
+A Redis that is away for a moment (a restart, a failover) costs no run: the claim, the finish and the record
+are tried again while it is unreachable, for a share of the job's period (``redis_retry_s``); the work is not.
 """
 
 import json
@@ -16,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
@@ -24,6 +27,9 @@ from core.constants import (
     JOB_ATTEMPTS_KEY,
     JOB_LAST_RUN_KEY,
     JOB_MAX_ATTEMPTS,
+    JOB_REDIS_BACKOFF_S,
+    JOB_REDIS_RETRY_MAX_S,
+    JOB_REDIS_RETRY_SHARE,
     JOB_RUNS_KEPT,
     JOB_RUNS_KEY,
     JOB_SLOT_KEY,
@@ -36,13 +42,24 @@ from core.settings import Settings, get_settings
 from workers.app import app
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# What a blip raises (BusyLoadingError, a restarted Redis still loading, is a ConnectionError); a script's
+# error would fail again.
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
 CLAIMED, EXHAUSTED, RUNNING, DONE = "claimed", "exhausted", "running:", "done:"
 
 # One script, so two claimants never both win: a held claim (done, or running on a live lease) is
 # returned as it is; otherwise count a start and take a fresh lease, unless the slot ran out of starts.
+# The claim of this very run (owners are unique) is a retry whose first try landed but whose reply was
+# lost (a timeout): still ours, on one start.
 CLAIM = """
 local held = redis.call('get', KEYS[1])
+if held == ARGV[1] then
+  redis.call('pexpire', KEYS[1], ARGV[2])
+  return 'claimed'
+end
 if held then return held end
 local starts = redis.call('incr', KEYS[2])
 redis.call('expire', KEYS[2], ARGV[3])
@@ -52,17 +69,53 @@ return 'claimed'
 """
 # Renew only our own lease: after a lapse another process may have taken the slot over.
 RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
-# Mark the slot done only if it is still ours (or lapsed and untaken): never over another run's claim.
+# Mark the slot done only if it is still ours (or lapsed and untaken, or done by a first try of this
+# finish whose reply was lost): never over another run's claim.
 FINISH = """
 local held = redis.call('get', KEYS[1])
-if held and held ~= ARGV[1] then return held end
+if held and held ~= ARGV[1] and held ~= ARGV[2] then return held end
 redis.call('set', KEYS[1], ARGV[2], 'ex', ARGV[3])
 return 'ok'
+"""
+# Push the run and make it its job's last, unless it is already (a retry whose first try landed).
+RECORD = """
+if redis.call('hget', KEYS[2], ARGV[1]) == ARGV[2] then return 0 end
+redis.call('lpush', KEYS[1], ARGV[2])
+redis.call('ltrim', KEYS[1], 0, tonumber(ARGV[3]) - 1)
+redis.call('hset', KEYS[2], ARGV[1], ARGV[2])
+return 1
 """
 
 
 def _redis(settings: Settings) -> "redis.Redis":
     return redis.Redis.from_url(settings.pool_redis_url, socket_timeout=5.0)
+
+
+def _text(reply: Any) -> str:
+    return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+
+def redis_retry_s(period_s: float) -> float:
+    """How long a job with this period keeps trying an unreachable Redis before it gives its run up."""
+    return min(JOB_REDIS_RETRY_MAX_S, JOB_REDIS_RETRY_SHARE * period_s)
+
+
+def retrying(call: Callable[[], T], within_s: float, what: str, lost: str) -> T:
+    """``call()``, tried again with doubling waits while Redis is unreachable, for ``within_s`` seconds; then
+    logs what giving up loses (``lost``) and raises the last error. Each try must be safe to repeat: a try
+    whose reply was lost may have landed."""
+    give_up, wait = time.monotonic() + within_s, JOB_REDIS_BACKOFF_S[0]
+    while True:
+        try:
+            return call()
+        except REDIS_DOWN as exc:
+            left = give_up - time.monotonic()
+            if left <= 0:
+                log.error("%s: Redis unreachable for %.0f s (%s): %s", what, within_s, exc, lost)
+                raise
+            log.warning("%s: Redis unreachable (%s); trying again in %.1f s", what, exc, min(wait, left))
+            time.sleep(min(wait, left))
+            wait = min(2 * wait, JOB_REDIS_BACKOFF_S[1])
 
 
 def slot_ttl_s(period_s: float) -> int:
@@ -75,15 +128,18 @@ def claim_slot(client: "redis.Redis", job: str, slot: int, period_s: float, owne
     or EXHAUSTED."""
     held = client.eval(CLAIM, 2, JOB_SLOT_KEY.format(name=job, slot=slot), JOB_ATTEMPTS_KEY.format(name=job, slot=slot),
                        RUNNING + owner, int(lease_s * 1000), slot_ttl_s(period_s), JOB_MAX_ATTEMPTS)
-    return held.decode() if isinstance(held, bytes) else str(held)
+    return _text(held)
 
 
-def take_slot(client: "redis.Redis", job: str, slot: int, period_s: float, owner: str, lease_s: float) -> str:
-    """Claim the slot. A running claim may be a dead process's (this task re-delivered after it was
-    killed): wait one lease for it to lapse before calling this task a duplicate."""
+def take_slot(client: "redis.Redis", job: str, slot: int, period_s: float, owner: str, lease_s: float,
+              retry_s: float) -> str:
+    """Claim the slot, each try through a Redis blip of up to ``retry_s``. A running claim may be a dead
+    process's (this task re-delivered after it was killed): wait one lease for it to lapse before calling
+    this task a duplicate."""
     give_up = time.monotonic() + lease_s + 1
     while True:
-        held = claim_slot(client, job, slot, period_s, owner, lease_s)
+        held = retrying(lambda: claim_slot(client, job, slot, period_s, owner, lease_s), retry_s,
+                        f"job {job} slot {slot}: claim", "not claimed, not run: this slot's run is lost")
         if not held.startswith(RUNNING) or time.monotonic() > give_up:
             return held
         time.sleep(min(1.0, lease_s / 4))
@@ -116,12 +172,31 @@ def lease_renewed(client: "redis.Redis", job: str, slot: int, owner: str, lease_
 
 
 def record_run(client: "redis.Redis", record: dict[str, Any]) -> None:
-    pipe = client.pipeline()
-    doc = json.dumps(record, default=str)
-    pipe.lpush(JOB_RUNS_KEY, doc)
-    pipe.ltrim(JOB_RUNS_KEY, 0, JOB_RUNS_KEPT - 1)
-    pipe.hset(JOB_LAST_RUN_KEY, str(record["job"]), doc)
-    pipe.execute()
+    client.eval(RECORD, 2, JOB_RUNS_KEY, JOB_LAST_RUN_KEY, str(record["job"]), json.dumps(record, default=str),
+                JOB_RUNS_KEPT)
+
+
+def finish_slot(client: "redis.Redis", job: str, slot: int, period_s: float, owner: str) -> str:
+    """'ok' once the slot is marked done for this run; else the claim of the run that took it over."""
+    return _text(client.eval(FINISH, 1, JOB_SLOT_KEY.format(name=job, slot=slot), RUNNING + owner, DONE + owner,
+                             slot_ttl_s(period_s)))
+
+
+def finish_run(client: "redis.Redis", job: str, slot: int, period_s: float, owner: str,
+               record: dict[str, Any]) -> None:
+    """Mark the slot done and record the run, each through a Redis blip; one that outlasts the bound loses
+    them, and the log keeps the record."""
+    where, retry_s = f"job {job} slot {slot}", redis_retry_s(period_s)
+    # A failed run is done too: only a process that died runs its slot again. A run whose lease lapsed
+    # and whose slot another run took over leaves that run's claim alone (it marks the slot itself).
+    held = retrying(lambda: finish_slot(client, job, slot, period_s, owner), retry_s, f"{where}: finish",
+                    "the slot is not marked done (its claim lapses unrenewed: a later delivery may run it again) "
+                    f"and the run is not recorded: {json.dumps(record, default=str)}")
+    if held != "ok":
+        log.error("job %s slot %d: lease lost while running; the slot is held by %s", job, slot, held)
+        record["lease_lost_to"] = held
+    retrying(lambda: record_run(client, record), retry_s, f"{where}: record",
+             f"the run is not recorded: {json.dumps(record, default=str)}")
 
 
 def run_once(job: str, slot: int | None, period_s: float, work: Callable[[Settings], dict[str, Any]]) -> dict[str, Any]:
@@ -130,10 +205,13 @@ def run_once(job: str, slot: int | None, period_s: float, work: Callable[[Settin
     slot = int(time.time() // period_s * period_s) if slot is None else slot
     # Unique per run: two runs in one process (a thread pool) must not pass for each other's lease.
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    held = take_slot(client, job, slot, period_s, owner, settings.job_lease_s)
+    retry_s = redis_retry_s(period_s)
+    held = take_slot(client, job, slot, period_s, owner, settings.job_lease_s, retry_s)
     if held == EXHAUSTED:
         log.error("job %s slot %d: its process died %d times; not started again", job, slot, JOB_MAX_ATTEMPTS)
-        record_run(client, {"job": job, "slot": slot, "status": "abandoned", "started": time.time()})
+        abandoned = {"job": job, "slot": slot, "status": "abandoned", "started": time.time()}
+        retrying(lambda: record_run(client, abandoned), retry_s, f"job {job} slot {slot}: record",
+                 "its 'abandoned' record is lost")
         return {"job": job, "slot": slot, "status": "abandoned"}
     if held != CLAIMED:
         log.info("job %s slot %d already claimed (%s): skipping duplicate", job, slot, held)
@@ -147,16 +225,8 @@ def run_once(job: str, slot: int | None, period_s: float, work: Callable[[Settin
         except Exception as exc:
             log.exception("job %s slot %d failed", job, slot)
             record.update(status="error", error=f"{type(exc).__name__}: {exc}")
-    # A failed run is done too: only a process that died runs its slot again. A run whose lease lapsed
-    # and whose slot another run took over leaves that run's claim alone (it marks the slot itself).
-    finished = client.eval(FINISH, 1, JOB_SLOT_KEY.format(name=job, slot=slot), RUNNING + owner, DONE + owner,
-                           slot_ttl_s(period_s))
-    held = finished.decode() if isinstance(finished, bytes) else str(finished)
-    if held != "ok":
-        log.error("job %s slot %d: lease lost while running; the slot is held by %s", job, slot, held)
-        record["lease_lost_to"] = held
-    record["seconds"] = round(time.time() - began, 3)
-    record_run(client, record)
+    record["seconds"] = round(time.time() - began, 3)  # the work's: not a blip's wait at the finish
+    finish_run(client, job, slot, period_s, owner, record)
     return record
 
 

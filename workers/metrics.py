@@ -36,9 +36,14 @@ def serving(version: str | None, engine: str) -> None:
 
 
 def serve_metrics(port: int | None) -> None:
-    if port:
+    if not port:
+        return
+    try:
         start_http_server(port, registry=REGISTRY)
-        log.info("worker metrics on :%d/metrics", port)
+    except OSError as exc:  # a second process on one host (prefork --concurrency > 1): it serves no metrics
+        log.warning("worker metrics not served on :%d (%s): one process per port", port, exc)
+        return
+    log.info("worker metrics on :%d/metrics", port)
 
 
 class Heartbeat:
@@ -67,18 +72,34 @@ class Heartbeat:
             self._thread.start()
 
     def send(self) -> None:
+        # Under the lock, so a send racing retire() cannot put the key back after it was removed.
         with self._lock:
             client, payload = self._client, {**self._payload, "at": time.time()}
-        if client is None:
-            return
-        try:
-            client.set(WORKER_HEARTBEAT_KEY.format(name=payload["name"]), json.dumps(payload),  # type: ignore[attr-defined]
-                       ex=HEARTBEAT_TTL_S)
-        except Exception as exc:  # Redis down: the next beat tries again
-            log.warning("heartbeat failed: %s", exc)
+            if client is None:
+                return
+            try:
+                client.set(WORKER_HEARTBEAT_KEY.format(name=payload["name"]), json.dumps(payload),  # type: ignore[attr-defined]
+                           ex=HEARTBEAT_TTL_S)
+            except Exception as exc:  # Redis down: the next beat tries again
+                log.warning("heartbeat failed: %s", exc)
 
     def stop(self) -> None:
         self._stopped.set()
+
+    def retire(self) -> None:
+        """Stop announcing and remove this process's heartbeat as it shuts down: `status` and the miner see it
+        gone at once, instead of a live-looking key for up to HEARTBEAT_STALE_AFTER_S (the miner would keep
+        sending it forecasts that nobody computes)."""
+        self.stop()
+        with self._lock:
+            client, name = self._client, self._payload.get("name")
+            self._client = None
+            if client is None or not name:
+                return
+            try:
+                client.delete(WORKER_HEARTBEAT_KEY.format(name=name))  # type: ignore[attr-defined]
+            except Exception as exc:  # Redis down: the key expires on its own
+                log.warning("heartbeat not removed: %s", exc)
 
     def _resend(self) -> None:
         while not self._stopped.wait(HEARTBEAT_EVERY_S):

@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 import redis
-from celery.signals import celeryd_init, worker_process_init
+from celery.signals import celeryd_init, worker_process_init, worker_process_shutdown, worker_shutdown
 
 from core.constants import FORECAST_KILL_GRACE_S, LATE_RESULT_TTL_S, TASK_FORECAST
 from core.prompts import ForecastRequest
@@ -65,6 +65,12 @@ def _load_runtime(**_: Any) -> None:
     runtime = get_runtime()
     serve_metrics(runtime.settings.worker_metrics_port)
     announce(runtime)
+
+
+@worker_process_shutdown.connect  # a prefork child
+@worker_shutdown.connect  # the worker itself: a solo pool's only process (a prefork parent never announced)
+def _retire_heartbeat(**_: Any) -> None:
+    HEARTBEAT.retire()
 
 
 @app.task(name=TASK_FORECAST, ignore_result=True, acks_late=False, soft_time_limit=FORECAST_SOFT_LIMIT_S,

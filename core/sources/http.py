@@ -442,6 +442,9 @@ class PagedSource(ABC):
     intervals: Mapping[int, str]
     interval_word: str
     page_bars: int
+    # How far back the provider keeps bars at each step, where it keeps only the newest ones (None: no limit
+    # known). The refresh then also fetches the coarser step, which reaches further back.
+    kept_s: Mapping[int, int] | None = None
 
     def __init__(self, base_url: str, config: HttpConfig, clock: Clock = time.time,
                  http: HttpClient | None = None) -> None:

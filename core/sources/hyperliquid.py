@@ -33,6 +33,7 @@ class HyperliquidSource(PagedSource):
     intervals = INTERVALS
     interval_word = "candle interval"
     page_bars = PAGE_LIMIT
+    kept_s = {step: PAGE_LIMIT * step for step in INTERVALS}  # the newest 5000 candles per interval: 3.5 / 17 days
 
     def coin(self, asset: str) -> str:
         return asset_code(asset, lambda spec: spec.hyperliquid_coin, "hyperliquid: no coin")

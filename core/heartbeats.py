@@ -1,0 +1,42 @@
+"""Worker heartbeats as read back from Redis: which processes are alive and which queues they read.
+
+Workers write one JSON document per process under ``WORKER_HEARTBEAT_KEY`` (see workers/metrics.py);
+`synth-miner status` lists them and the miner skips the pool for a queue no live process reads.
+"""
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from core.constants import HEARTBEAT_STALE_AFTER_S, WORKER_HEARTBEAT_KEY
+
+HEARTBEAT_PATTERN = WORKER_HEARTBEAT_KEY.format(name="*")
+
+
+def parse_heartbeat(raw: bytes | str | None) -> dict[str, Any] | None:
+    """One heartbeat document, or None for a key gone between SCAN and GET or holding something else."""
+    if not raw:
+        return None
+    try:
+        beat = json.loads(raw)
+        float(beat["at"])
+    except (ValueError, TypeError, KeyError):
+        return None
+    return beat if isinstance(beat, dict) else None
+
+
+def silent_for(beat: dict[str, Any], now: float) -> float:
+    return now - float(beat["at"])
+
+
+def is_alive(beat: dict[str, Any], now: float) -> bool:
+    return silent_for(beat, now) < HEARTBEAT_STALE_AFTER_S
+
+
+def queues_of(beat: dict[str, Any]) -> set[str]:
+    return {q for q in str(beat.get("queues") or "").split(",") if q}
+
+
+def live_queues(beats: Iterable[dict[str, Any]], now: float) -> set[str]:
+    """The queues at least one live process reads."""
+    return {q for beat in beats if is_alive(beat, now) for q in queues_of(beat)}
