@@ -2,14 +2,16 @@
 
 Every engine sees the same prompts, the same data and the same seed (the batch interface keys each
 request's RNG on the request), so per-prompt scores are paired and ratios between engines are
-estimated with a paired bootstrap over prompts. Scores use the wire-rounded paths, which is what a
-validator receives.
+estimated with a paired bootstrap that resamples whole UTC days of prompt starts (every asset's prompts
+of a day together: neighbouring prompts share most of their realised path). Scores use the wire-rounded
+paths, which is what a validator receives.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import zlib
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from core.batch import BatchItem, BatchRunner, PriceFolder
+from core.constants import SECONDS_PER_DAY
 from core.engines.base import Engine
 from core.evaluation import EvalPrompt, FloatArray, Lookback, grid_times, iso, realised_prices
 from core.forecast import ScaleLookup, no_calibration
@@ -178,21 +181,28 @@ class SummaryRow:
     intervals: dict[str, float]  # mean CRPS per scoring interval
 
 
-def paired_ratio(a: FloatArray, b: FloatArray, n_boot: int, rng: np.random.Generator) -> Ratio | None:
-    """mean(a) / mean(b) with a percentile bootstrap over the pairs (resampled together)."""
+def paired_ratio(a: FloatArray, b: FloatArray, n_boot: int, rng: np.random.Generator,
+                 blocks: IntArray | None = None) -> Ratio | None:
+    """mean(a) / mean(b) with a percentile bootstrap over the pairs, resampled together and by whole
+    ``blocks`` when given (a label per pair; each block's pairs are drawn as one). Single prompts made the
+    interval too narrow: 24 h prompts 4 h apart share 20 h of realised path (on the held-out run, 0.0025
+    wide by prompt against 0.0038 by day). With fewer than two blocks the pairs are resampled one by one."""
     if a.size == 0 or a.size != b.size or float(np.mean(b)) <= 0:
         return None
     value = float(np.mean(a) / np.mean(b))
     if a.size == 1 or n_boot <= 0:
         return Ratio(value, value, value, int(a.size))
-    idx = rng.integers(0, a.size, size=(n_boot, a.size))
-    boot = a[idx].mean(axis=1) / b[idx].mean(axis=1)
+    labels = np.arange(a.size) if blocks is None or np.unique(blocks).size < 2 else np.asarray(blocks)
+    _, block = np.unique(labels, return_inverse=True)
+    a_sum, b_sum = np.bincount(block, weights=a), np.bincount(block, weights=b)
+    idx = rng.integers(0, a_sum.size, size=(n_boot, a_sum.size))
+    boot = a_sum[idx].sum(axis=1) / b_sum[idx].sum(axis=1)  # equal pair counts: the ratio of the means
     lo, hi = np.percentile(boot, [2.5, 97.5])
     return Ratio(value, float(lo), float(hi), int(a.size))
 
 
 def _row(asset: str, label: str, engine: str, results: Sequence[PromptResult], baselines: Sequence[str],
-         n_boot: int, rng: np.random.Generator) -> SummaryRow:
+         n_boot: int, seed: int) -> SummaryRow:
     own = [r.scores[engine] for r in results]
     valid = np.array([s.total for s in own if s.valid], dtype=np.float64)
     ratios: dict[str, Ratio | None] = {}
@@ -200,10 +210,12 @@ def _row(asset: str, label: str, engine: str, results: Sequence[PromptResult], b
         if base == engine or not all(base in r.scores for r in results):
             ratios[base] = None  # itself, or a baseline that was not run
             continue
-        pairs = [(r.scores[engine].total, r.scores[base].total) for r in results
-                 if r.scores[engine].valid and r.scores[base].valid]
-        arr = np.array(pairs, dtype=np.float64).reshape(-1, 2)
-        ratios[base] = paired_ratio(arr[:, 0], arr[:, 1], n_boot, rng)
+        both = [r for r in results if r.scores[engine].valid and r.scores[base].valid]
+        arr = np.array([(r.scores[engine].total, r.scores[base].total) for r in both], dtype=np.float64).reshape(-1, 2)
+        days = np.array([r.prompt.start_ts // SECONDS_PER_DAY for r in both], dtype=np.int64)
+        # Its own stream per row and baseline: the interval does not move with the other engines or assets run.
+        rng = np.random.default_rng([seed, zlib.crc32(f"{asset}|{label}|{engine}|{base}".encode())])
+        ratios[base] = paired_ratio(arr[:, 0], arr[:, 1], n_boot, rng, days)
     sums: dict[str, list[float]] = defaultdict(list)
     for s in own:
         if s.valid:
@@ -219,19 +231,18 @@ def _row(asset: str, label: str, engine: str, results: Sequence[PromptResult], b
 def summarise(result: BacktestResult, baselines: Sequence[str] = BASELINES, n_boot: int = 2000,
               seed: int = 0) -> list[SummaryRow]:
     """A row per asset × prompt × engine, then pooled rows (asset ALL) per prompt and overall."""
-    rng = np.random.default_rng(seed)
     groups: dict[tuple[str, str], list[PromptResult]] = defaultdict(list)
     for r in result.prompts:
         groups[(r.prompt.asset, r.prompt.label)].append(r)
     labels = sorted({label for _, label in groups}, key=lambda s: (len(s), s), reverse=True)
     rows: list[SummaryRow] = []
     for key in sorted(groups, key=lambda k: (labels.index(k[1]), k[0])):
-        rows += [_row(key[0], key[1], e, groups[key], baselines, n_boot, rng) for e in result.engines]
+        rows += [_row(key[0], key[1], e, groups[key], baselines, n_boot, seed) for e in result.engines]
     for label in labels:
         pooled = [r for r in result.prompts if r.prompt.label == label]
-        rows += [_row(ALL, label, e, pooled, baselines, n_boot, rng) for e in result.engines]
+        rows += [_row(ALL, label, e, pooled, baselines, n_boot, seed) for e in result.engines]
     if len(labels) > 1:
-        rows += [_row(ALL, ALL, e, result.prompts, baselines, n_boot, rng) for e in result.engines]
+        rows += [_row(ALL, ALL, e, result.prompts, baselines, n_boot, seed) for e in result.engines]
     return rows
 
 
@@ -334,7 +345,7 @@ def write_report(result: BacktestResult, out_dir: Path, config: Mapping[str, Any
     md = [f"# Backtest ({result.rules} rules, {result.num_simulations} paths, seed {result.seed})\n",
           f"{len(result.prompts)} prompts, engines: {', '.join(result.engines)}; wall time {result.wall_s:.1f} s.\n",
           ("Ratios are mean CRPS / the baseline's mean CRPS over the prompts both answered validly, with a "
-          "paired bootstrap 95 % interval over prompts. Lower is better.\n"),
+          "paired bootstrap 95 % interval over whole UTC days of prompt starts. Lower is better.\n"),
           markdown_table(rows, baselines), markdown_intervals(rows)]
     written["table"] = out_dir / "table.md"
     written["table"].write_text("\n".join(md) + "\n")

@@ -316,15 +316,20 @@ def data_end(history: AssetHistory, step: int) -> int | None:
 
 def heldout_window(asset: str, time_increment: int, history: AssetHistory,
                    starts: Mapping[int, int | None]) -> Window | None:
-    """From the latest eval_start_ts of the files the prompt may read to the end of the data."""
+    """From the latest eval_start_ts of the files the prompt may read to the end of the data. A file without
+    one is all held out (``training_history`` drops it, the trainer refuses it), so it bounds nothing."""
     steps = (60,) if time_increment < 300 else (60, 300)
-    marks = [v for s, v in starts.items() if s in steps and v is not None]
-    if not marks:
+    if not any(s in starts for s in steps):
         return None
+    marks = [v for s, v in starts.items() if s in steps and v is not None]
     ends = [e for e in (data_end(history, s) for s in steps) if e is not None]
     if not ends:
         return None
-    return Window(asset, time_increment, max(marks), max(ends))
+    if marks:
+        return Window(asset, time_increment, max(marks), max(ends))
+    firsts = [h.first_ts for h in ((history.m1, history.m5) if 300 in steps else (history.m1,))
+              if h is not None and h.first_ts is not None]
+    return Window(asset, time_increment, min(firsts), max(ends))
 
 
 def training_history(history: AssetHistory, starts: Mapping[int, int | None]) -> AssetHistory:

@@ -1,14 +1,16 @@
 """One request from receipt to a checked reply: check, share, enqueue, await, fall back, round, check.
 
 Identical requests (same asset, start time, grid and path count), as several validators send in the
-same minute, are computed once and the pool's rendered reply is reused until the prompt starts. A
-fallback reply is not reused (the pool may be back for the next asker), and a request that joins a
-computation working to a later deadline than its own falls back by its own deadline.
+same minute, are computed once and the pool's rendered reply is reused until the prompt starts (for
+at most ``DONE_MAX_AGE_S``: a forecast kept longer is stale). A fallback reply is not reused (the pool
+may be back for the next asker), and a request that joins a computation working to a later deadline
+than its own falls back by its own deadline.
 """
 
 import asyncio
 import functools
 import logging
+import math
 import time
 import uuid
 from collections import OrderedDict
@@ -33,6 +35,10 @@ DONE_CACHE_SIZE = 256
 # A 24 h answer of 1000 paths keeps ~2.9 MB (its rendered body); 10 000 paths, ~29 MB. Distinct
 # prompts starting far ahead stay until evicted, so the count alone let memory grow to gigabytes.
 DONE_CACHE_BYTES = 256 * 2**20
+# Validators ask a prompt 50-120 s before it starts, so identical requests come within a minute or two of
+# the first. A kept answer older than this was forecast from prices a fresh one would not use: a prompt
+# asked hours ahead kept its forecast, anchored then, for every validator asking it at the usual time.
+DONE_MAX_AGE_S = 120.0
 # Replies are rendered on the service's own threads: asyncio's default executor also runs the market
 # data's blocking calls (a refresh waiting up to a minute on an asset's Redis lock while its provider is
 # down), and a few stuck assets there left every other asset's reply, fallback included, queued past its
@@ -51,6 +57,7 @@ class Answer:
     reason: str | None  # why the fallback answered
     compute_s: float
     shared: bool = False  # taken from an identical request's computation (kept or in flight)
+    as_of: float = 0.0  # time.time() when its computation read the market data: kept for sharing while recent
 
 
 class NoAnswerError(RuntimeError):
@@ -71,13 +78,17 @@ class MinerService:
 
     def deadline_for(self, received: float, timeout: float | None) -> float:
         """When the reply must be ready: the caller's timeout less the margin to send it."""
-        budget = float(timeout) if timeout and timeout > 0 else self.settings.max_wait_s
+        # A non-finite one (a body's 1e999) is no timeout: it made the deadline, and its metric, infinite.
+        budget = float(timeout) if timeout and math.isfinite(timeout) and timeout > 0 else self.settings.max_wait_s
         return received + budget - self.settings.reply_margin_s
 
     async def answer(self, request: ForecastRequest, deadline: float) -> Answer:
         self.counters["requests"] += 1
         key = request.key()
         done = self._done.get(key)
+        if done is not None and time.time() - done.as_of > DONE_MAX_AGE_S:
+            del self._done[key]
+            done = None
         if done is not None:
             self.counters["shared"] += 1
             return replace(done, shared=True)
@@ -115,15 +126,16 @@ class MinerService:
             return
         self._done[key] = answer
         now = time.time()
-        for started in [k for k, a in self._done.items() if a.request.start_ts < now]:
-            del self._done[started]  # its prompt has begun: no validator asks for it any more
+        # Its prompt has begun (no validator asks for it any more), or it is too old to be shared.
+        for gone in [k for k, a in self._done.items() if a.request.start_ts < now or now - a.as_of > DONE_MAX_AGE_S]:
+            del self._done[gone]
         kept = sum(len(a.body) for a in self._done.values())
         while self._done and (len(self._done) > DONE_CACHE_SIZE or kept > DONE_CACHE_BYTES):
             _, dropped = self._done.popitem(last=False)
             kept -= len(dropped.body)
 
     async def _compute(self, request: ForecastRequest, deadline: float) -> Answer:
-        began = time.perf_counter()
+        began, as_of = time.perf_counter(), time.time()
         request_id = uuid.uuid4().hex
         pool_deadline = min(deadline - self.settings.fallback_budget_s, time.time() + self.settings.max_wait_s)
         snapshot = await self.data.snapshot(request.asset, self._lookback(request), deadline=pool_deadline)
@@ -136,7 +148,7 @@ class MinerService:
             paths = await asyncio.wait_for(self.pool.forecast(request, snapshot, pool_deadline, request_id),
                                            max(0.0, pool_deadline - time.time()) + self.settings.fallback_budget_s / 2)
             body = await self._off_loop(functools.partial(self._checked_reply, paths, request))
-            return Answer(request, body, "pool", None, time.perf_counter() - began)
+            return Answer(request, body, "pool", None, time.perf_counter() - began, as_of=as_of)
         except Exception as exc:  # noqa: BLE001 - any pool failure: the fallback answers
             reason = f"{type(exc).__name__}: {exc}"
         return await self._fallback(request, snapshot, reason, began, request_id)
@@ -146,7 +158,7 @@ class MinerService:
         self.counters["fallbacks"] += 1
         log.warning("fallback for %s (request %s): %s", request.key(), request_id, reason)
         body = await self._off_loop(functools.partial(self._fallback_reply, request, snapshot))
-        return Answer(request, body, "fallback", reason, time.perf_counter() - began)
+        return Answer(request, body, "fallback", reason, time.perf_counter() - began, as_of=time.time())
 
     async def _off_loop(self, work: "functools.partial[bytes]") -> bytes:
         return await asyncio.get_running_loop().run_in_executor(_REPLIES, work)

@@ -10,6 +10,9 @@ from rich.console import Console
 from core.backtest import (
     ALL,
     BacktestResult,
+    EngineScore,
+    PromptResult,
+    Ratio,
     paired_ratio,
     pit_values,
     rich_table,
@@ -18,7 +21,7 @@ from core.backtest import (
     write_report,
 )
 from core.batch import PriceFolder, build_engines
-from core.evaluation import Plan, plan_prompts
+from core.evaluation import EvalPrompt, Plan, plan_prompts
 from core.settings import Settings
 
 LOOKBACK = 14 * 86_400
@@ -106,6 +109,44 @@ def test_paired_ratio_and_its_interval() -> None:
     assert r is not None and r.lo < r.value < r.hi and r.n == 40
     assert r.value == pytest.approx(a.mean() / b.mean())
     assert paired_ratio(np.empty(0), np.empty(0), 10, rng) is None
+
+
+def test_the_interval_resamples_whole_days_of_prompts() -> None:
+    """Prompts of one day share most of their realised path, so their ratios move together: resampling them
+    one by one made the interval too narrow. Drawn by day, it widens to what the days support."""
+    rng = np.random.default_rng(3)
+    days = np.repeat(np.arange(20), 6)  # 20 days of 6 prompts
+    b = rng.uniform(50, 150, days.size)
+    a = b * np.repeat(rng.uniform(0.9, 1.1, 20), 6)  # one ratio per day, shared by its prompts
+    by_prompt = paired_ratio(a, b, 4000, np.random.default_rng(1))
+    by_day = paired_ratio(a, b, 4000, np.random.default_rng(1), days)
+    assert by_prompt is not None and by_day is not None and by_day.value == by_prompt.value
+    assert by_day.hi - by_day.lo > 1.8 * (by_prompt.hi - by_prompt.lo)
+    one_day = paired_ratio(a, b, 4000, np.random.default_rng(1), np.zeros(days.size, np.int64))
+    assert one_day == by_prompt  # a single block: the pairs one by one, not an interval of zero width
+
+
+def synthetic_result(assets: list[str], engines: list[str]) -> BacktestResult:
+    """60 prompts per asset, 4 h apart, each engine's scores its own draw (the same whatever else is run)."""
+    result = BacktestResult(engines, "upstream", 0, 100)
+    for asset in assets:
+        totals = {e: np.random.default_rng([ord(c) for c in asset + e]).uniform(50, 150, 60) for e in engines}
+        for k in range(60):
+            prompt = EvalPrompt(asset, 1_700_000_000 + k * 4 * 3600, 300, 86_400)
+            scores = {e: EngineScore(float(totals[e][k]), True, {}, e, None, None, 0.0) for e in engines}
+            result.prompts.append(PromptResult(prompt, 300, 289, scores))
+    return result
+
+
+def test_a_rows_interval_does_not_move_with_the_other_rows_run() -> None:
+    """Every row drew from one shared stream, so adding an engine or an asset moved the others' intervals."""
+    def sol_vs_gbm(res: BacktestResult) -> Ratio | None:
+        return next(r.ratios["gbm"] for r in summarise(res, n_boot=500, seed=5) if (r.asset, r.engine) == ("SOL", "ewma_t"))
+
+    alone = sol_vs_gbm(synthetic_result(["SOL"], ["ewma_t", "gbm"]))
+    assert alone is not None and alone.lo < alone.value < alone.hi
+    assert sol_vs_gbm(synthetic_result(["BTC", "SOL"], ["ewma_t", "gbm"])) == alone  # another asset run first
+    assert sol_vs_gbm(synthetic_result(["SOL"], ["patchtst", "ewma_t", "gbm"])) == alone  # another engine
 
 
 def test_pit_is_uniform_for_a_calibrated_ensemble_and_skips_gaps() -> None:

@@ -240,3 +240,23 @@ def test_plan_reports_missing_assets_and_bad_modes(tmp_path: Path) -> None:
     (folder / "manifest.json").write_text("{not json")
     with pytest.raises(EvaluationError, match="manifest"):
         load_manifest(folder)
+
+
+def test_a_file_without_eval_start_is_all_held_out_in_heldout_mode(tmp_path: Path) -> None:
+    """A file the manifest gives no eval_start_ts is never trained on (training_history drops it, the
+    trainer refuses it): every row of it is held out, so held-out mode must place prompts on it, not skip it.
+    A file with a mark still bounds the window when both are read (24 h prompts)."""
+    folder = make_folder(tmp_path, None, T0 + 10 * DAY)
+    marks = eval_starts(folder, "BTC", load_manifest(folder))
+    history = AssetHistory(read_csv(folder / "btc_1m.csv.gz", 60), read_csv(folder / "btc_5m.csv.gz", 300))
+    hf = heldout_window("BTC", 60, history, marks)
+    assert hf is not None and hf.start == T0 and hf.end == T0 + 20 * DAY  # the whole 1-minute file
+    lf = heldout_window("BTC", 300, history, marks)
+    assert lf is not None and lf.start == T0 + 10 * DAY  # the 5-minute file's mark still applies
+    plan = plan_prompts(folder, {60: ["BTC"]}, "heldout", {60: 6 * 3600}, seed=0)
+    assert plan.prompts and not plan.skipped
+    assert training_history(history, marks).m1 is None  # and none of those rows is ever trained on
+    (tmp_path / "none").mkdir()
+    unmarked = make_folder(tmp_path / "none", None, None)
+    both = heldout_window("BTC", 300, history, eval_starts(unmarked, "BTC", load_manifest(unmarked)))
+    assert both is not None and both.start == T0 - 10 * DAY  # the earliest row of either file

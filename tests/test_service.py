@@ -210,3 +210,45 @@ async def test_a_pool_that_overstays_its_deadline_is_not_waited_for() -> None:
     finally:
         gate.set()
         await stuck
+
+
+class CountingPool(FastPool):
+    """Answers at once; each forecast is anchored at the price the snapshot had then (the call number)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def forecast(self, request: ForecastRequest, snapshot: MarketSnapshot, deadline: float,
+                       request_id: str) -> Paths:
+        self.calls += 1
+        return np.full((request.num_simulations, request.n_points), 100.0 + self.calls, np.float32)
+
+
+async def test_a_kept_answer_is_not_shared_once_it_is_stale(monkeypatch: Any) -> None:
+    """Validators ask a prompt 50-120 s before it starts, so identical requests come within a minute or two
+    of each other. A prompt asked far ahead (hours, days: legal, if odd) used to keep its answer, forecast
+    from that moment's prices, for every later asker until the prompt started: a validator asking at the
+    usual time got a forecast anchored hours in the past."""
+    import miner.service as service_module
+
+    pool = CountingPool()
+    svc = service(pool)
+    request = ForecastRequest("BTC", int(time.time()) + 6 * 3600, 60, 3600, 5)
+    early = await svc.answer(request, time.time() + 2.0)
+    assert early.source == "pool" and pool.calls == 1
+    assert (await svc.answer(request, time.time() + 2.0)).shared  # identical, moments later: shared
+    later = time.time() + 6 * 3600 - 120  # the validators ask it now
+    monkeypatch.setattr(service_module, "time", SimpleNamespace(time=lambda: later, perf_counter=time.perf_counter))
+    fresh = await svc.answer(request, later + 2.0)
+    assert fresh.source == "pool" and not fresh.shared and pool.calls == 2
+    assert fresh.body != early.body
+    assert (await svc.answer(request, later + 2.0)).body is fresh.body  # the fresh one is shared in turn
+
+
+def test_a_non_finite_timeout_counts_as_none() -> None:
+    """A body's ``"timeout": 1e999`` parses as inf: the deadline, and the margin metric, became infinite."""
+    svc = service(object())
+    budget = svc.settings.max_wait_s - svc.settings.reply_margin_s
+    for timeout in (float("inf"), float("nan"), None, 0.0, -5.0):
+        assert svc.deadline_for(1000.0, timeout) == 1000.0 + budget, timeout
+    assert svc.deadline_for(1000.0, 90.0) == 1000.0 + 90.0 - svc.settings.reply_margin_s
