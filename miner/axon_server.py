@@ -24,7 +24,7 @@ from core.settings import Settings
 from miner.access import AccessPolicy
 from miner.metrics import MinerMetrics, fallback_reason
 from miner.protocol import Simulation
-from miner.service import MinerService
+from miner.service import Answer, MinerService
 
 log = logging.getLogger(__name__)
 
@@ -275,12 +275,20 @@ class AxonHandlers:
         self.metrics.deadline_margin.labels(prompt).observe(max(0.0, deadline + self.settings.reply_margin_s - done))
         if answer.shared:
             self.metrics.shared.inc()
+        self.metrics.engines.labels(prompt, answer.source, answer.engine or "unknown").inc()
         if answer.source == "fallback":
             self.metrics.fallbacks.labels(fallback_reason(answer.reason)).inc()
-        log.info("answered %s from %s in %.0f ms%s%s", request.key(), answer.source, (time.time() - received) * 1e3,
-                 " (an identical request's answer)" if answer.shared else "",
-                 f" (fallback: {answer.reason})" if answer.reason else "")
+        log.info("answered %s from %s in %.0f ms%s", request.key(), provenance(answer), (time.time() - received) * 1e3,
+                 " (an identical request's answer)" if answer.shared else "")
         return render_reply(synapse, answer.body)
+
+
+def provenance(answer: Answer) -> str:
+    """Who computed an answer, for the log: "pool (patchtst)", "pool (ewma_t, standing in: ...)", "fallback (...)"."""
+    engine = answer.engine or "engine unknown"
+    if answer.reason is None:
+        return f"{answer.source} ({engine})"
+    return f"{answer.source} ({engine}, {'fallback' if answer.source == 'fallback' else 'standing in'}: {answer.reason})"
 
 
 def build_axon(settings: Settings, wallet: "bt.Wallet", handlers: AxonHandlers) -> "bt.Axon":

@@ -21,6 +21,10 @@ class MinerMetrics:
         self.deadline_margin = Histogram("synth_deadline_margin_seconds", "time left before the caller's deadline",
                                          ["prompt"], buckets=LATENCY_BUCKETS, registry=r)
         self.fallbacks = Counter("synth_fallbacks", "answers from the in-process fallback", ["reason"], registry=r)
+        # Which engine computed each answer: a worker whose model could not serve a request answers with its
+        # own EWMA-t, which the outcome above counts as "pool".
+        self.engines = Counter("synth_answers_by_engine", "answers by the engine that computed them",
+                               ["prompt", "source", "engine"], registry=r)
         self.invalid = Counter("synth_invalid_replies", "replies refused by the self-check (never sent)", registry=r)
         self.shared = Counter("synth_shared_requests", "requests answered from an identical one", registry=r)
         self.queue_depth = Gauge("synth_queue_depth", "messages waiting per Celery queue", ["queue"], registry=r)

@@ -7,8 +7,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Protocol
 
-import numpy as np
-import numpy.typing as npt
 import redis.asyncio as aioredis
 from celery import Celery
 from redis.asyncio.retry import Retry
@@ -21,9 +19,7 @@ from core.heartbeats import HEARTBEAT_PATTERN, live_queues, parse_heartbeat
 from core.prices import MarketSnapshot
 from core.prompts import ForecastRequest
 from core.settings import Settings
-from core.transport import decode_paths
-
-Paths = npt.NDArray[np.float32]
+from core.transport import ComputedPaths, decode_result
 
 
 class PoolError(RuntimeError):
@@ -34,8 +30,9 @@ class ForecastPool(Protocol):
     name: str
 
     async def forecast(self, request: ForecastRequest, snapshot: MarketSnapshot, deadline: float,
-                       request_id: str) -> Paths:
-        """Paths for the request, or PoolError; must return or raise by ``deadline`` (epoch seconds)."""
+                       request_id: str) -> ComputedPaths:
+        """Paths for the request and the engine that made them, or PoolError; must return or raise by
+        ``deadline`` (epoch seconds)."""
         ...
 
     async def close(self) -> None:
@@ -70,7 +67,7 @@ class EmbeddedPool:
         return self.forecaster.current().run(request, snapshot)
 
     async def forecast(self, request: ForecastRequest, snapshot: MarketSnapshot, deadline: float,
-                       request_id: str) -> Paths:
+                       request_id: str) -> ComputedPaths:
         left = deadline - time.time()
         if left <= 0:  # a job started now would only take a thread past its deadline
             raise PoolError("embedded forecast: no time left")
@@ -89,7 +86,7 @@ class EmbeddedPool:
                             self._overrun.add(job)
         except TimeoutError:
             raise PoolError("embedded forecast timed out") from None
-        return result.paths
+        return ComputedPaths(result.paths, result.engine, result.fallback_reason)
 
     async def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -160,7 +157,7 @@ class CeleryPool:
         )
 
     async def forecast(self, request: ForecastRequest, snapshot: MarketSnapshot, deadline: float,
-                       request_id: str) -> Paths:
+                       request_id: str) -> ComputedPaths:
         result_key = RESULT_KEY.format(request_id=request_id or uuid.uuid4().hex)
         queue = self.settings.infer_queue(request.time_increment)
         try:
@@ -182,7 +179,7 @@ class CeleryPool:
         if reply is None:
             raise PoolError("pool did not answer before the deadline")
         try:
-            return await asyncio.to_thread(decode_paths, bytes(reply[1]))  # type: ignore[arg-type]
+            return await asyncio.to_thread(decode_result, bytes(reply[1]))  # type: ignore[arg-type]
         except ValueError as exc:
             raise PoolError(str(exc)) from exc
 

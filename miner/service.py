@@ -3,7 +3,8 @@
 Identical requests (same asset, start time, grid and path count), as several validators send in the
 same minute, are computed once and the pool's rendered reply is reused until the prompt starts (for
 at most ``DONE_MAX_AGE_S``: a forecast kept longer is stale). A fallback reply is not reused (the pool
-may be back for the next asker), and a request that joins a computation working to a later deadline
+may be back for the next asker), nor one a worker's stand-in engine computed (its model may serve the
+next), and a request that joins a computation working to a later deadline
 than its own falls back by its own deadline.
 """
 
@@ -16,6 +17,7 @@ import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -29,6 +31,7 @@ from miner.data import MinerData
 from miner.pool import ForecastPool
 
 log = logging.getLogger(__name__)
+_Out = TypeVar("_Out")
 
 
 DONE_CACHE_SIZE = 256
@@ -54,10 +57,11 @@ class Answer:
     request: ForecastRequest
     body: bytes  # the rendered response list as JSON
     source: str  # "pool" or "fallback"
-    reason: str | None  # why the fallback answered
+    reason: str | None  # why the fallback answered, or why the pool's engine stood in for the one asked for
     compute_s: float
     shared: bool = False  # taken from an identical request's computation (kept or in flight)
     as_of: float = 0.0  # time.time() when its computation read the market data: kept for sharing while recent
+    engine: str = ""  # the engine that computed the paths ("" if a worker of an earlier release did not say)
 
 
 class NoAnswerError(RuntimeError):
@@ -122,8 +126,8 @@ class MinerService:
         if task.cancelled() or task.exception() is not None:
             return
         answer = task.result()
-        if answer.source != "pool":  # EWMA-t stood in (pool late or down): the next asker tries the pool again
-            return
+        if answer.source != "pool" or answer.reason is not None:  # EWMA-t stood in (pool late or down, or the
+            return  # worker's model unusable for it): the next asker tries the pool again
         self._done[key] = answer
         now = time.time()
         # Its prompt has begun (no validator asks for it any more), or it is too old to be shared.
@@ -145,10 +149,12 @@ class MinerService:
             # The pool promises to be done by pool_deadline; held to it, with half the fallback's time as
             # grace: a pool step off the loop (the Celery pool decodes on asyncio's default executor) can
             # wait there behind stuck threads, and the request then had no answer at all.
-            paths = await asyncio.wait_for(self.pool.forecast(request, snapshot, pool_deadline, request_id),
-                                           max(0.0, pool_deadline - time.time()) + self.settings.fallback_budget_s / 2)
-            body = await self._off_loop(functools.partial(self._checked_reply, paths, request))
-            return Answer(request, body, "pool", None, time.perf_counter() - began, as_of=as_of)
+            computed = await asyncio.wait_for(self.pool.forecast(request, snapshot, pool_deadline, request_id),
+                                              max(0.0, pool_deadline - time.time())
+                                              + self.settings.fallback_budget_s / 2)
+            body = await self._off_loop(functools.partial(self._checked_reply, computed.paths, request))
+            return Answer(request, body, "pool", computed.fallback_reason, time.perf_counter() - began, as_of=as_of,
+                          engine=computed.engine)
         except Exception as exc:  # noqa: BLE001 - any pool failure: the fallback answers
             reason = f"{type(exc).__name__}: {exc}"
         return await self._fallback(request, snapshot, reason, began, request_id)
@@ -157,14 +163,16 @@ class MinerService:
                         request_id: str) -> Answer:
         self.counters["fallbacks"] += 1
         log.warning("fallback for %s (request %s): %s", request.key(), request_id, reason)
-        body = await self._off_loop(functools.partial(self._fallback_reply, request, snapshot))
-        return Answer(request, body, "fallback", reason, time.perf_counter() - began, as_of=time.time())
+        body, engine = await self._off_loop(functools.partial(self._fallback_reply, request, snapshot))
+        return Answer(request, body, "fallback", reason, time.perf_counter() - began, as_of=time.time(),
+                      engine=engine)
 
-    async def _off_loop(self, work: "functools.partial[bytes]") -> bytes:
+    async def _off_loop(self, work: "functools.partial[_Out]") -> _Out:
         return await asyncio.get_running_loop().run_in_executor(_REPLIES, work)
 
-    def _fallback_reply(self, request: ForecastRequest, snapshot: MarketSnapshot) -> bytes:
-        return self._checked_reply(self.fallback.current().run(request, snapshot).paths, request)
+    def _fallback_reply(self, request: ForecastRequest, snapshot: MarketSnapshot) -> tuple[bytes, str]:
+        result = self.fallback.current().run(request, snapshot)
+        return self._checked_reply(result.paths, request), result.engine
 
     def _lookback(self, request: ForecastRequest) -> int:
         return self.settings.cache_window_s(request.time_increment)

@@ -102,7 +102,7 @@ def stage_timings(data_dir: Path, redis_url: str, settings: Settings, repeat: in
 
         def transport() -> None:
             key = "bench:transport"
-            client.rpush(key, encode_paths(paths))
+            client.rpush(key, encode_paths(paths, "patchtst"))
             reply = client.blpop([key], timeout=5)
             assert reply is not None
             decode_paths(bytes(reply[1]))  # type: ignore[arg-type]

@@ -22,7 +22,7 @@ from core.prompts import ForecastRequest
 from core.settings import Settings
 from core.sources.registry import sources_for
 from miner.access import AccessPolicy, MetagraphView
-from miner.axon_server import AxonHandlers, build_axon, with_caller_timeout
+from miner.axon_server import AxonHandlers, build_axon, provenance, with_caller_timeout
 from miner.data import MinerData
 from miner.metrics import MinerMetrics, fallback_reason, watch_queue_depth
 from miner.offline import patch_bittensor_networking
@@ -134,6 +134,16 @@ async def test_the_queue_depth_watcher_closes_its_connection_when_cancelled(monk
     assert Client.closed  # it used to leave the socket open at shutdown
 
 
+def test_the_log_says_which_engine_computed_an_answer_and_why_another_stood_in() -> None:
+    request = ForecastRequest("BTC", int(time.time()) + 120, 60, 3600, 1)
+    assert provenance(Answer(request, b"", "pool", None, 0.0, engine="patchtst")) == "pool (patchtst)"
+    assert provenance(Answer(request, b"", "pool", "history too short", 0.0, engine="ewma_t")) == \
+        "pool (ewma_t, standing in: history too short)"
+    assert provenance(Answer(request, b"", "fallback", "PoolError: late", 0.0, engine="ewma_t")) == \
+        "fallback (ewma_t, fallback: PoolError: late)"
+    assert provenance(Answer(request, b"", "pool", None, 0.0)) == "pool (engine unknown)"  # a P1 worker
+
+
 async def test_a_shared_answer_is_counted_as_shared() -> None:
     """synth_shared_requests_total was declared but never incremented: it read 0 whatever was shared."""
     cfg = Settings(_env_file=None)
@@ -145,7 +155,7 @@ async def test_a_shared_answer_is_counted_as_shared() -> None:
             return received + 10.0
 
         async def answer(self, asked: ForecastRequest, deadline: float) -> Answer:
-            return Answer(asked, body, "pool", None, 0.0, shared=asked.num_simulations == 1)
+            return Answer(asked, body, "pool", None, 0.0, shared=asked.num_simulations == 1, engine="patchtst")
 
     metrics = MinerMetrics()
     handlers = AxonHandlers(cfg, Service(), AccessPolicy(cfg, MetagraphView()),  # type: ignore[arg-type]
@@ -156,3 +166,5 @@ async def test_a_shared_answer_is_counted_as_shared() -> None:
         reply = await handlers.forward(synapse)
         assert reply.status_code == 200
     assert metrics.registry.get_sample_value("synth_shared_requests_total") == 2
+    assert metrics.registry.get_sample_value("synth_answers_by_engine_total",
+                                             {"prompt": "high", "source": "pool", "engine": "patchtst"}) == 3

@@ -32,7 +32,7 @@ async def test_the_first_read_after_a_redis_restart_reconnects(tmp_path: Path) -
         redis.Redis.from_url(server.url).rpush(RESULT_KEY.format(request_id="r1"), encode_paths(paths))
         request = ForecastRequest("BTC", int(time.time()) + 600, 60, 240, 3)
         got = await pool.forecast(request, None, time.time() + 5.0, "r1")  # type: ignore[arg-type]
-        np.testing.assert_array_equal(got, paths)
+        np.testing.assert_array_equal(got.paths, paths)
     finally:
         await pool.close()
         server.stop()
@@ -84,7 +84,7 @@ async def test_a_worker_that_comes_up_is_used_within_the_check_period(tmp_path: 
         await asyncio.sleep(0.3)
         client.rpush(RESULT_KEY.format(request_id="r2"), encode_paths(paths))  # the worker's answer
         got = await pool.forecast(request, None, time.time() + 5.0, "r2")  # type: ignore[arg-type]
-        np.testing.assert_array_equal(got, paths)
+        np.testing.assert_array_equal(got.paths, paths)
         assert client.llen(settings.queue_infer_lf) == 1  # this time the task was sent
     finally:
         await pool.close()
@@ -120,8 +120,8 @@ async def test_embedded_forecasts_past_their_deadline_leave_the_threads_to_later
         slow = await asyncio.gather(*(pool.forecast(small_request("SLOW"), None, time.time() + 0.3, f"s{i}")  # type: ignore[arg-type]
                                       for i in range(2)), return_exceptions=True)
         assert all(isinstance(r, PoolError) for r in slow), slow
-        paths = await pool.forecast(small_request("BTC"), None, time.time() + 2.0, "fast")  # type: ignore[arg-type]
-        assert paths.shape == (3, 5)
+        served = await pool.forecast(small_request("BTC"), None, time.time() + 2.0, "fast")  # type: ignore[arg-type]
+        assert served.paths.shape == (3, 5) and served.engine == "test"  # the forecaster's engine, not "pool"
     finally:
         await pool.close()
 
@@ -155,8 +155,8 @@ async def test_embedded_pool_loads_a_new_artifact_off_the_event_loop() -> None:
     tick = asyncio.create_task(ticker())
     try:
         await asyncio.sleep(0.05)
-        paths = await pool.forecast(small_request("BTC"), None, time.time() + 10.0, "r")  # type: ignore[arg-type]
-        assert paths.shape == (3, 5)
+        served = await pool.forecast(small_request("BTC"), None, time.time() + 10.0, "r")  # type: ignore[arg-type]
+        assert served.paths.shape == (3, 5)
         assert lag < 0.75, f"event loop stalled {lag:.2f} s"
     finally:
         tick.cancel()

@@ -12,7 +12,8 @@ import numpy as np
 from core.prices import MarketSnapshot
 from core.prompts import ForecastRequest
 from core.settings import Settings
-from miner.pool import Paths, PoolError
+from core.transport import ComputedPaths
+from miner.pool import PoolError
 from miner.service import MinerService
 
 SNAP = MarketSnapshot("BTC", None, None, 100.0, int(time.time()))
@@ -36,7 +37,7 @@ class LatePool:
         self.deadlines: list[float] = []
 
     async def forecast(self, request: ForecastRequest, snapshot: MarketSnapshot, deadline: float,
-                       request_id: str) -> Paths:
+                       request_id: str) -> ComputedPaths:
         self.deadlines.append(deadline)
         await asyncio.sleep(max(0.0, deadline - time.time()))
         raise PoolError("pool did not answer before the deadline")
@@ -48,7 +49,8 @@ class LatePool:
 class FlatFallback:
     def current(self) -> Any:
         def run(request: ForecastRequest, snapshot: MarketSnapshot) -> Any:
-            return SimpleNamespace(paths=np.full((request.num_simulations, request.n_points), 100.0, np.float32))
+            return SimpleNamespace(paths=np.full((request.num_simulations, request.n_points), 100.0, np.float32),
+                                   engine="ewma_t")
         return SimpleNamespace(run=run)
 
 
@@ -84,11 +86,11 @@ class FlakyPool:
         self.calls = 0
 
     async def forecast(self, request: ForecastRequest, snapshot: MarketSnapshot, deadline: float,
-                       request_id: str) -> Paths:
+                       request_id: str) -> ComputedPaths:
         self.calls += 1
         if self.calls == 1:
             raise PoolError("pool unavailable: ConnectionError")
-        return np.full((request.num_simulations, request.n_points), 101.0, np.float32)
+        return ComputedPaths(np.full((request.num_simulations, request.n_points), 101.0, np.float32), "patchtst")
 
     async def close(self) -> None:
         pass
@@ -108,12 +110,42 @@ async def test_a_fallback_answer_is_not_kept_for_later_askers_but_a_pool_answer_
     assert kept.body is second.body and kept.shared and pool.calls == 2  # kept and shared
 
 
+class StandInPool:
+    """A worker whose model could not serve the request answers with its own EWMA-t, and says so."""
+
+    name = "stand-in"
+
+    async def forecast(self, request: ForecastRequest, snapshot: MarketSnapshot, deadline: float,
+                       request_id: str) -> ComputedPaths:
+        return ComputedPaths(np.full((request.num_simulations, request.n_points), 99.0, np.float32), "ewma_t",
+                             "patchtst: need 288 returns, history has 40")
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_the_answer_names_its_engine_and_a_workers_stand_in_is_not_kept() -> None:
+    """A worker's EWMA-t stand-in used to read as the pool's model: it now says which engine computed it and
+    why, and is not reused for the next asker, whose request the model may serve."""
+    svc = service(StandInPool())
+    request = ForecastRequest("BTC", int(time.time()) + 600, 60, 3600, 5)
+    first = await svc.answer(request, time.time() + 2.0)
+    assert (first.source, first.engine, first.reason) == ("pool", "ewma_t", "patchtst: need 288 returns, history "
+                                                                             "has 40")
+    again = await svc.answer(request, time.time() + 2.0)
+    assert not again.shared  # computed anew
+    model = await service(FastPool()).answer(request, time.time() + 2.0)
+    assert (model.source, model.engine, model.reason) == ("pool", "patchtst", None)
+    fallback = await service(LatePool()).answer(request, time.time() + 1.0)
+    assert (fallback.source, fallback.engine) == ("fallback", "ewma_t") and fallback.reason
+
+
 class FastPool:
     name = "fast"
 
     async def forecast(self, request: ForecastRequest, snapshot: MarketSnapshot, deadline: float,
-                       request_id: str) -> Paths:
-        return np.full((request.num_simulations, request.n_points), 101.0, np.float32)
+                       request_id: str) -> ComputedPaths:
+        return ComputedPaths(np.full((request.num_simulations, request.n_points), 101.0, np.float32), "patchtst")
 
     async def close(self) -> None:
         pass
@@ -191,8 +223,9 @@ class DecodingPool(FastPool):
     """Answers at once, then decodes the paths on asyncio's default executor, as the Celery pool does."""
 
     async def forecast(self, request: ForecastRequest, snapshot: MarketSnapshot, deadline: float,
-                       request_id: str) -> Paths:
-        return await asyncio.to_thread(np.full, (request.num_simulations, request.n_points), 101.0, np.float32)
+                       request_id: str) -> ComputedPaths:
+        return ComputedPaths(await asyncio.to_thread(np.full, (request.num_simulations, request.n_points), 101.0,
+                                                   np.float32), "patchtst")
 
 
 async def test_a_pool_that_overstays_its_deadline_is_not_waited_for() -> None:
@@ -219,9 +252,10 @@ class CountingPool(FastPool):
         self.calls = 0
 
     async def forecast(self, request: ForecastRequest, snapshot: MarketSnapshot, deadline: float,
-                       request_id: str) -> Paths:
+                       request_id: str) -> ComputedPaths:
         self.calls += 1
-        return np.full((request.num_simulations, request.n_points), 100.0 + self.calls, np.float32)
+        return ComputedPaths(np.full((request.num_simulations, request.n_points), 100.0 + self.calls, np.float32),
+                             "patchtst")
 
 
 async def test_a_kept_answer_is_not_shared_once_it_is_stale(monkeypatch: Any) -> None:

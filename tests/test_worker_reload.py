@@ -53,10 +53,10 @@ async def test_worker_reloads_published_calibration(redis_url: str, tmp_path: Pa
             time.sleep(0.05)
 
     try:
-        before = spread(await pool.forecast(request, None, time.time() + 20, "reload-1"))  # type: ignore[arg-type]
+        before = spread((await pool.forecast(request, None, time.time() + 20, "reload-1")).paths)  # type: ignore[arg-type]
         assert versions(first) == {first}
         second = publish_scale(artifacts, 2.0)
-        after = spread(await pool.forecast(request, None, time.time() + 20, "reload-2"))  # type: ignore[arg-type]
+        after = spread((await pool.forecast(request, None, time.time() + 20, "reload-2")).paths)  # type: ignore[arg-type]
         assert versions(second) == {second}
         assert 1.9 < after / before < 2.1  # same seed and request: only the published scale changed
         assert worker.proc.poll() is None
@@ -81,12 +81,14 @@ async def test_worker_serves_a_model_published_in_an_artifact(redis_url: str, tm
     request = ForecastRequest("BTC", now + 600, 60, 3_600, 1000)
     random_head = write_checkpoints(tmp_path / "retrained", ("hf",), perturb=0.3) / "hf.pt"
     try:
-        committed = await pool.forecast(request, None, time.time() + 30, "model-1")  # type: ignore[arg-type]
+        served = await pool.forecast(request, None, time.time() + 30, "model-1")  # type: ignore[arg-type]
+        assert (served.engine, served.fallback_reason) == ("patchtst", None)  # the worker says who computed it
+        committed = served.paths
         store = ArtifactStore(artifacts)
         version = store.publish(store.stage({"hf.pt": random_head.read_bytes(),
                                              CALIBRATION_FILE: CalibrationState().to_json()}))
-        retrained = await pool.forecast(request, None, time.time() + 30, "model-2")  # type: ignore[arg-type]
-        again = await pool.forecast(request, None, time.time() + 30, "model-3")  # type: ignore[arg-type]
+        retrained = (await pool.forecast(request, None, time.time() + 30, "model-2")).paths  # type: ignore[arg-type]
+        again = (await pool.forecast(request, None, time.time() + 30, "model-3")).paths  # type: ignore[arg-type]
         assert committed.shape == retrained.shape == (1000, 61)
         assert not np.allclose(committed, retrained) and np.array_equal(retrained, again)
         log = worker.text()

@@ -83,7 +83,7 @@ def forecast(request: dict[str, Any], result_key: str, deadline: float, request_
         req = ForecastRequest(**request)
         snapshot = runtime.snapshot(req.asset, int(time.time()), runtime.settings.cache_window_s(req.time_increment))
         result = runtime.forecaster.run(req, snapshot)
-        blob = encode_paths(result.paths)
+        blob = encode_paths(result.paths, result.engine, result.fallback_reason)
         TASK_SECONDS.labels(req.prompt.name, result.engine).observe(result.seconds)
         TASKS.labels("fallback" if result.fallback_reason else "ok").inc()
         log.info("request %s %s: %s in %.0f ms", request_id, req.key(), result.engine, result.seconds * 1e3)
