@@ -491,7 +491,9 @@ async def test_answers_kept_for_sharing_stay_within_a_memory_budget(
     from core.prompts import check_request
 
     monkeypatch.setattr(service_module, "DONE_CACHE_BYTES", 3 * 2**20)
-    cfg = Settings(local=True, price_provider="replay", replay_dir=shared_data, seed=5)
+    # EWMA-t itself, not the model with EWMA-t standing in (this cache holds no history): a stand-in's answer
+    # is not kept for sharing.
+    cfg = Settings(local=True, price_provider="replay", replay_dir=shared_data, seed=5, engine="ewma_t")
     forecaster = build_forecaster(cfg)
     service = MinerService(cfg, MinerData(MarketData(MemoryHistoryCache(), sources_for(cfg), 3 * 86_400)),
                            EmbeddedPool(forecaster), forecaster)
