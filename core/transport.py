@@ -20,7 +20,7 @@ PATHS_MAGIC = b"P2"
 UNTAGGED_PATHS_MAGIC = b"P1"  # an earlier worker's blob: paths only
 ERROR_MAGIC = b"E1"
 _INT = np.dtype(RESULT_HEADER_DTYPE).itemsize
-TAG_MAX_BYTES = 2000
+TEXT_MAX_BYTES = 2000  # an error message, or an engine and its reason
 
 
 class TransportError(ValueError):
@@ -43,13 +43,13 @@ def encode_paths(paths: npt.NDArray[np.floating], engine: str = "", fallback_rea
     if "\0" in engine:
         raise TransportError("engine name holds a NUL byte")
     tag = (engine + ("" if fallback_reason is None else "\0" + fallback_reason)).encode("utf-8", "replace")
-    tag = tag[:TAG_MAX_BYTES].decode("utf-8", "ignore").encode("utf-8")  # cut on a character boundary
+    tag = tag[:TEXT_MAX_BYTES].decode("utf-8", "ignore").encode("utf-8")  # cut on a character boundary
     header = np.asarray([*paths.shape, len(tag)], dtype=RESULT_HEADER_DTYPE).tobytes()
     return PATHS_MAGIC + header + tag + np.ascontiguousarray(paths, dtype=RESULT_DTYPE).tobytes()
 
 
 def encode_error(message: str) -> bytes:
-    return ERROR_MAGIC + message.encode("utf-8", "replace")[:2000]
+    return ERROR_MAGIC + message.encode("utf-8", "replace")[:TEXT_MAX_BYTES]
 
 
 def decode_result(blob: bytes) -> ComputedPaths:
@@ -65,7 +65,7 @@ def decode_result(blob: bytes) -> ComputedPaths:
         raise TransportError("paths blob shorter than its header")
     n, m, *rest = (int(v) for v in np.frombuffer(blob, dtype=RESULT_HEADER_DTYPE, count=fields, offset=2))
     tag_len = rest[0] if rest else 0
-    if not 0 <= tag_len <= min(TAG_MAX_BYTES, len(blob) - start):
+    if not 0 <= tag_len <= min(TEXT_MAX_BYTES, len(blob) - start):
         raise TransportError(f"paths blob names a tag of {tag_len} bytes")
     body = len(blob) - start - tag_len
     if n <= 0 or m <= 0 or body != n * m * np.dtype(RESULT_DTYPE).itemsize:

@@ -4,8 +4,8 @@ Identical requests (same asset, start time, grid and path count), as several val
 same minute, are computed once and the pool's rendered reply is reused until the prompt starts (for
 at most ``DONE_MAX_AGE_S``: a forecast kept longer is stale). A fallback reply is not reused (the pool
 may be back for the next asker), nor one a worker's stand-in engine computed (its model may serve the
-next), and a request that joins a computation working to a later deadline
-than its own falls back by its own deadline.
+next), and a request that joins a computation working to a later deadline than its own falls back by its
+own deadline.
 """
 
 import asyncio
