@@ -15,7 +15,14 @@ import numpy as np
 import redis
 from redis.lock import Lock
 
-from core.constants import CACHE_KEY, CACHE_META_KEY, LATEST_PRICE_KEY, REFRESH_LOCK_KEY, SECONDS_PER_DAY
+from core.constants import (
+    CACHE_KEY,
+    CACHE_META_KEY,
+    CACHE_SOURCE_KEY,
+    LATEST_PRICE_KEY,
+    REFRESH_LOCK_KEY,
+    SECONDS_PER_DAY,
+)
 from core.prices import LatestPrice, PriceHistory
 
 SLOT = np.dtype("<f8")
@@ -207,6 +214,11 @@ class RedisHistoryCache:
         return cast(Lock, self.client.lock(REFRESH_LOCK_KEY.format(asset=asset), timeout=ttl_s,
                                            blocking_timeout=wait_s, thread_local=False))
 
+    def claim_source(self, asset: str, source: str) -> str | None:
+        """Record that ``source`` fills the asset's cache from now on; returns the one that did before."""
+        before = self.client.set(CACHE_SOURCE_KEY.format(asset=asset), source, get=True)
+        return None if before is None else bytes(cast(bytes, before)).decode(errors="replace")
+
     def day_keys(self, asset: str, step: int) -> list[str]:
         """Keys of the days the span covers (for memory reports and operators)."""
         span = self.span(asset, step)
@@ -216,7 +228,7 @@ class RedisHistoryCache:
                                                              span[1] // SECONDS_PER_DAY + 1)]
 
     def clear(self, assets: Sequence[str], steps: Sequence[int] = (60, 300)) -> None:
-        """Forget assets entirely (days, span and latest price)."""
+        """Forget assets entirely (days, span and latest price; the source they came from stays)."""
         for asset in assets:
             for step in steps:
                 self.trim(asset, step, 2 ** 62)

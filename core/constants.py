@@ -11,6 +11,7 @@ KEY_PREFIX: Final = "synth"
 RESULT_KEY = KEY_PREFIX + ":result:{request_id}"  # list the worker RPUSHes float32 paths onto
 CACHE_KEY = KEY_PREFIX + ":cache:{asset}:{step}:{day}"  # one hash per asset, step and UTC day
 CACHE_META_KEY = KEY_PREFIX + ":cache-meta:{asset}:{step}"  # span / freshness of the rolling cache
+CACHE_SOURCE_KEY = KEY_PREFIX + ":cache-source:{asset}"  # the provider the asset's cached bars came from
 LATEST_PRICE_KEY = KEY_PREFIX + ":latest:{asset}"  # newest anchor price with its publish time
 REFRESH_LOCK_KEY = KEY_PREFIX + ":refresh-lock:{asset}"  # one process refreshes an asset's cache at a time
 REFRESH_LOCK_POLL_S = 0.25  # a refresh waiting for another's lock tries again this often
@@ -82,6 +83,14 @@ FORECAST_KILL_GRACE_S: Final = 5
 # waiting on BLPOP gets it at once, and one pushed after the miner stopped waiting (1.16 MB for 24 h) is
 # gone soon. The grace also covers a worker clock a few seconds ahead of the miner's.
 LATE_RESULT_TTL_S: Final = 10
+# Hard time limits of the periodic jobs (Celery kills the process at them). Each has a soft limit
+# JOB_KILL_GRACE_S earlier: a run past it raises SoftTimeLimitExceeded and is recorded as an error with its
+# slot marked done, where the kill alone left no record and `status` kept showing the previous run.
+REFRESH_TIME_LIMIT_S: Final = 300
+CALIBRATE_TIME_LIMIT_S: Final = 3000
+RETRAIN_TIME_LIMIT_S: Final = 4 * 3600
+COMPACT_TIME_LIMIT_S: Final = 1800
+JOB_KILL_GRACE_S: Final = 60
 BEAT_SCHEDULE_FILE: Final = "beat-schedule.db"  # under Settings.data_dir unless beat_schedule_file is set
 # A send that failed (the queue's key holds another type, the broker rejects the message) is tried again after
 # the first delay, doubling to the last, and never later than one period of its job: Celery's beat re-sent it

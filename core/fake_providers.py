@@ -56,6 +56,7 @@ class Faults:
     mismatched: bool = False  # arrays of different lengths / a short row / a candle without a close
     missing_every: int = 0  # drop bars whose index (ts // step) is a multiple of this: missing candles
     bad_price: float | None = None  # the newest bar of each reply (and the latest price) gets this price
+    zero_at: tuple[int, ...] = ()  # history bars at these unix seconds close at 0 in every reply: a print kept bad
     spike_every: int = 0  # bars whose index (ts // step) is a multiple of this are served x100: a wrong exponent
     stale_s: float = 0.0  # the feed lags: nothing newer than now - stale_s is served
     page_cap: int | None = None  # answer at most this many bars per call (a server capping below its docs)
@@ -182,7 +183,9 @@ MARKET_KEY = web.AppKey("market", FakeMarket)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _bad(price: float, faults: Faults, newest: bool) -> float:
+def _bad(price: float, faults: Faults, newest: bool, ts: int | None = None) -> float:
+    if ts is not None and ts in faults.zero_at:
+        return 0.0
     return faults.bad_price if newest and faults.bad_price is not None else price
 
 
@@ -265,7 +268,7 @@ async def _binance_klines(request: web.Request) -> web.Response:
     rows: list[list[Any]] = []
     prev = float(hist.close[0]) if len(hist) else 0.0
     for i, (t, c) in enumerate(zip(hist.ts.tolist(), hist.close.tolist())):
-        c = _bad(c, faults, i == len(hist) - 1)
+        c = _bad(c, faults, i == len(hist) - 1, t)
         o = prev
         rows.append([t * 1000, _dec(o), _dec(max(o, c)), _dec(min(o, c)), _dec(c), "0.00000000",
                      t * 1000 + step * 1000 - 1, "0.00000000", 0, "0.00000000", "0.00000000", "0"])
@@ -335,7 +338,7 @@ async def _hyperliquid_info(request: web.Request) -> web.Response:
     candles: list[dict[str, Any]] = []
     prev = float(hist.close[0]) if len(hist) else 0.0
     for i, (t, c) in enumerate(zip(hist.ts.tolist(), hist.close.tolist())):
-        c = _bad(c, faults, i == len(hist) - 1)
+        c = _bad(c, faults, i == len(hist) - 1, t)
         candles.append({"t": t * 1000, "T": t * 1000 + step * 1000 - 1, "s": coin, "i": req["interval"],
                         "o": str(prev), "c": str(c), "h": str(max(prev, c)), "l": str(min(prev, c)),
                         "v": "0.0", "n": 0})
@@ -365,8 +368,8 @@ async def _benchmarks_history(request: web.Request) -> web.Response:
         hist = PriceHistory(step, hist.ts[: faults.page_cap], hist.close[: faults.page_cap])
     if not len(hist):
         return _json({"s": "no_data"}, faults)
-    close = hist.close.tolist()
-    close[-1] = _bad(close[-1], faults, True)
+    close = [_bad(c, faults, i == len(hist) - 1, t) for i, (t, c) in enumerate(zip(hist.ts.tolist(),
+                                                                                 hist.close.tolist()))]
     opens = [close[0], *close[:-1]]
     reply = {"s": "ok", "t": hist.ts.tolist(), "o": opens, "h": [max(o, c) for o, c in zip(opens, close)],
              "l": [min(o, c) for o, c in zip(opens, close)], "c": close, "v": [0.0] * len(close)}

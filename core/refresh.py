@@ -154,6 +154,7 @@ async def refresh_asset(asset: str, source: PriceSource, cache: HistoryCache, st
     errors = _Errors()
     done: list[StepRefresh] = []
     async with _asset_lock(cache, asset, settings):
+        await asyncio.to_thread(_forget_other_sources, asset, source.name, cache)
         for step in steps:
             done.append(await _refresh_step(asset, step, windows[step], source, cache, store, now, errors,
                                             settings))
@@ -170,6 +171,19 @@ async def refresh_asset(asset: str, source: PriceSource, cache: HistoryCache, st
             errors.add("latest", exc)
     _log_errors(asset, source.name, errors)
     return RefreshReport(asset, source.name, tuple(done), latest, tuple(errors), time.perf_counter() - started)
+
+
+def _forget_other_sources(asset: str, source: str, cache: HistoryCache) -> None:
+    """A shared cache filled by another source (replayed prices in a Redis the live fleet uses next, or
+    the asset's provider switched) is cleared: the refresh resumed after the other source's newest bar,
+    and the join (a replayed level against the live one) passed for a real move for the whole window.
+    The store, never written by a replay, refills what is real."""
+    if not isinstance(cache, RedisHistoryCache):
+        return  # a process's own memory: one source per process
+    before = cache.claim_source(asset, source)
+    if before is not None and before != source:
+        log.warning("%s: the cached history came from %s, now from %s: cleared and rebuilt", asset, before, source)
+        cache.clear([asset])
 
 
 def _log_errors(asset: str, source: str, errors: _Errors) -> None:

@@ -14,7 +14,8 @@ import redis
 from core import history_store, refresh
 from core.cache import MemoryHistoryCache
 from core.cache_redis import RedisHistoryCache
-from core.constants import SECONDS_PER_DAY
+from core.constants import BAR_CLOSE_GRACE_S, SECONDS_PER_DAY
+from core.csv_history import write_csv
 from core.fake_providers import FakeMarket, FakeServer, FakeServerThread, ManualClock, start_fake
 from core.history_store import HistoryStore, compact
 from core.market_data import build_snapshot
@@ -379,6 +380,71 @@ async def test_a_failed_page_keeps_the_pages_before_it_and_the_next_refresh_fill
         np.testing.assert_array_equal(got.ts, expected.ts)  # no gap and no duplicate
         np.testing.assert_array_equal(got.close, expected.close)
     assert again.steps[0].fetched == len(since_lo) - len(first_page)  # only the rest was asked for
+
+
+async def test_a_bad_print_the_provider_keeps_is_a_gap_and_the_cache_moves_on(
+        cache: RedisHistoryCache, store: HistoryStore, settings: Settings, market: FakeMarket,
+        server: FakeServer, source: BinanceSource, clock: ManualClock) -> None:
+    """A kline whose close stays 0 in every reply used to fail every page holding it: each refresh asked
+    again from that bar, and the cache (and the store) froze for the whole window while the anchor moved on.
+    Inside a page it is a gap; as the newest bar, the bars before it are kept and the next refresh, with a
+    good bar after it, drops it and moves on."""
+    inside = int(truth(market, T0).ts[-500])
+    server.faults.zero_at = (inside,)
+    report = await refresh_asset("BTC", source, cache, store, settings, now=T0)
+    assert report.ok, report.errors  # a lone bad row is logged, not an error of the refresh
+    expected = truth(market, T0)
+    expected = PriceHistory(60, expected.ts[expected.ts != inside], expected.close[expected.ts != inside])
+    for got in (cached(cache), store.read("BTC", 60, 0, 2 ** 40)):
+        np.testing.assert_array_equal(got.ts, expected.ts)
+        np.testing.assert_array_equal(got.close, expected.close)
+
+    newest = int(expected.ts[-1]) + 60  # the next bar to close: a bad print the provider keeps
+    server.faults.zero_at = (inside, newest)
+    clock.advance(newest + 60 + BAR_CLOSE_GRACE_S - clock())
+    stuck = await refresh_asset("BTC", source, cache, store, settings, now=int(clock()))
+    assert any(e.startswith("history 60s: BadPriceError: 1 of 1 rows unusable") for e in stuck.errors), stuck.errors
+    assert cached(cache).last_ts == newest - 60
+    for _ in range(3):  # the next bars arrive: the bad one is a gap behind them, and the cache keeps up
+        clock.advance(60)
+        again = await refresh_asset("BTC", source, cache, store, settings, now=int(clock()))
+        # (the latest price is refused while the bad kline is among the three it reads: the cache anchors)
+        assert not [e for e in again.errors if not e.startswith("latest")], again.errors
+        assert cached(cache).last_ts == truth(market, clock()).last_ts
+    assert newest not in cached(cache).ts and newest not in store.read("BTC", 60, 0, 2 ** 40).ts
+    clock.advance(3600)
+    assert (await refresh_asset("BTC", source, cache, store, settings, now=int(clock()))).ok
+    assert cached(cache).last_ts == truth(market, clock()).last_ts
+
+
+async def test_a_cache_filled_by_another_source_is_rebuilt_not_joined(
+        cache: RedisHistoryCache, store: HistoryStore, settings: Settings, market: FakeMarket,
+        source: BinanceSource, clock: ManualClock, csv_dir: Path, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Replayed prices written to a Redis the live fleet then uses: the live refresh resumed after the
+    replayed bars (stamped up to now), and the jump from the replayed level to the live one passed screening
+    as a confirmed move: a fake 50 % one-minute return in every live forecast's history for the window."""
+    replayed = tmp_path / "replayed"
+    replayed.mkdir()
+    live = market.bars("BTC", 60)
+    write_csv(replayed / "btc_1m.csv.gz", PriceHistory(60, live.ts, live.close * 0.6))  # another level
+    replay = ReplaySource(replayed, clock)
+    assert (await refresh_asset("BTC", replay, cache, None, settings, now=T0)).ok
+    assert len(cached(cache)) > 1000 and float(cached(cache).close[-1]) < 0.7 * float(truth(market, T0).close[-1])
+
+    clock.advance(300)
+    with caplog.at_level(logging.WARNING, logger="core.refresh"):
+        report = await refresh_asset("BTC", source, cache, store, settings, now=int(clock()))
+    assert report.ok, report.errors
+    got, expected = cached(cache), truth(market, clock())
+    np.testing.assert_array_equal(got.ts, expected.ts)
+    np.testing.assert_array_equal(got.close, expected.close)  # not one replayed bar left
+    assert "the cached history came from replay, now from binance: cleared and rebuilt" in caplog.text
+    caplog.clear()
+    clock.advance(60)
+    with caplog.at_level(logging.WARNING, logger="core.refresh"):
+        assert (await refresh_asset("BTC", source, cache, store, settings, now=int(clock()))).ok
+    assert "cleared" not in caplog.text  # the same source again: nothing to clear
 
 
 def _warnings(caplog: pytest.LogCaptureFixture, asset: str) -> list[str]:

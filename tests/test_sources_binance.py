@@ -94,6 +94,6 @@ async def test_a_429_retry_after_is_honoured_by_the_next_call_too(source: Binanc
 
 def test_kline_times_must_describe_one_step() -> None:
     with pytest.raises(MalformedReplyError, match="not one 60 s kline"):
-        _parse_klines([[60_000, "1", "1", "1", "1", "0", 60_000 + 299_999]], "test", 60)
+        _parse_klines([[60_000, "1", "1", "1", "1", "0", 60_000 + 299_999]], "test", 60).all_or_raise()
     with pytest.raises(MalformedReplyError, match="not an integer"):
-        _parse_klines([[True, "1", "1", "1", "1", "0", 59_999]], "test", 60)
+        _parse_klines([[True, "1", "1", "1", "1", "0", 59_999]], "test", 60).all_or_raise()

@@ -1,6 +1,7 @@
 """Every injected fault against every client: a typed error, or a successful retry. Never a wrong price."""
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -71,19 +72,23 @@ async def test_transient_failures_are_retried(client: tuple[str, PriceSource], s
     assert server.faults.requests == faults["status_count"] + 1
 
 
-FATAL = [
+FATAL_TO_A_PAGE = [
     pytest.param({"status": 503}, ProviderUnavailable, id="503-forever"),
     pytest.param({"status": 429}, ProviderUnavailable, id="429-forever"),
     pytest.param({"status": 403}, ProviderHTTPError, id="403"),
     pytest.param({"truncate": True}, MalformedReplyError, id="truncated-body"),
     pytest.param({"malformed": True}, MalformedReplyError, id="malformed-body"),
+]
+# One bad row (the fake spoils each reply's newest): a gap in a history page, an error for a latest price.
+BAD_NEWEST_ROW = [
     pytest.param({"mismatched": True}, MalformedReplyError, id="mismatched"),
     pytest.param({"bad_price": 0.0}, BadPriceError, id="zero-price"),
     pytest.param({"bad_price": -3.0}, BadPriceError, id="negative-price"),
 ]
+FATAL = FATAL_TO_A_PAGE + BAD_NEWEST_ROW
 
 
-@pytest.mark.parametrize(("faults", "error"), FATAL)
+@pytest.mark.parametrize(("faults", "error"), FATAL_TO_A_PAGE)
 async def test_faults_raise_typed_errors_for_history(client: tuple[str, PriceSource], server: FakeServer,
                                                      faults: dict[str, Any], error: type[ProviderError]) -> None:
     provider, src = client
@@ -91,6 +96,43 @@ async def test_faults_raise_typed_errors_for_history(client: tuple[str, PriceSou
     with pytest.raises(error):
         await one_page(src, ASSET[provider])
     assert server.faults.requests == (RETRIES + 1 if error is ProviderUnavailable else 1)
+
+
+@pytest.mark.parametrize(("faults", "error"), BAD_NEWEST_ROW + [
+    pytest.param({"bad_price": float("nan")}, ProviderError, id="nan-price")])
+async def test_a_bad_newest_row_keeps_the_bars_before_it(client: tuple[str, PriceSource], server: FakeServer,
+                                                         market: FakeMarket, faults: dict[str, Any],
+                                                         error: type[ProviderError]) -> None:
+    """The page keeps its other bars. The range is followed up from the dropped bar (its newest kept bar
+    ends early, as a server capping its pages answers), and the follow-up holding only the bad row fails:
+    the bars before it come back on a PartialHistoryError, and the refresh asks again from the bad bar.
+    Failing the whole page froze the cache: the refresh asked for it again from the same bar every minute.
+    (Pyth's mismatched fault is arrays of two lengths: the reply's shape, fatal to the page.)"""
+    provider, src = client
+    server.faults.set(**faults)
+    truth = market.bars(ASSET[provider], 60).between(T0 - 3600, T0).known_at(T0)
+    if provider == "pyth" and faults.get("mismatched"):
+        with pytest.raises(MalformedReplyError, match="mismatched UDF array lengths"):
+            await one_page(src, ASSET[provider])
+        return
+    with pytest.raises(PartialHistoryError) as failed:
+        await one_page(src, ASSET[provider])
+    assert isinstance(failed.value.cause, error), failed.value.cause
+    np.testing.assert_array_equal(failed.value.partial.ts, truth.ts[:-1])
+    np.testing.assert_array_equal(failed.value.partial.close, truth.close[:-1])
+    assert failed.value.missing[0] == truth.ts[-1]
+
+
+async def test_a_bad_row_inside_a_page_is_a_gap(client: tuple[str, PriceSource], server: FakeServer,
+                                                market: FakeMarket, caplog: pytest.LogCaptureFixture) -> None:
+    provider, src = client
+    truth = market.bars(ASSET[provider], 60).between(T0 - 3600, T0).known_at(T0)
+    server.faults.zero_at = (int(truth.ts[10]),)
+    with caplog.at_level(logging.WARNING, logger="core.sources.http"):
+        hist = await one_page(src, ASSET[provider])
+    np.testing.assert_array_equal(hist.ts, np.delete(truth.ts, 10))
+    np.testing.assert_array_equal(hist.close, np.delete(truth.close, 10))
+    assert f"1 of {len(truth)} rows dropped as gaps" in caplog.text, caplog.text
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -125,7 +167,7 @@ async def test_nan_prices_are_refused(provider: str, server: FakeServer, clock: 
     server.faults.bad_price = float("nan")
     try:
         with pytest.raises(BadPriceError):
-            await one_page(src, ASSET[provider])
+            await src.latest(ASSET[provider])
     finally:
         await src.close()
 

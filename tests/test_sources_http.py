@@ -2,6 +2,7 @@
 
 import asyncio
 import email.utils
+import logging
 import random
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from core.sources.http import (
     HttpConfig,
     MalformedReplyError,
     ProviderUnavailable,
+    Rows,
     StalePriceError,
     _retry_after,
     build_history,
@@ -79,17 +81,48 @@ def test_parse_price_and_int_accept_the_wire_forms() -> None:
             parse_int(bad, "t")
 
 
-def test_build_history_refuses_what_a_provider_must_not_send() -> None:
-    hist = build_history("t", 60, [180, 60, 120], [3.0, 1.0, 2.0], 60, 240)
+def rows_of(ts: list[int], close: list[float], bad: int = 0) -> Rows:
+    """A reply's rows as a parser reads them, ``bad`` of them unreadable (a zero close)."""
+    rows = Rows("t")
+    for t, c in zip(ts, close, strict=True):
+        rows.read(lambda t, c: (t, c), t, c)
+    for i in range(bad):
+        rows.read(lambda i: (0, parse_price("0", f"t row {i} close")), i)
+    return rows
+
+
+def test_build_history_sorts_and_drops_a_few_bad_rows_as_gaps(caplog: pytest.LogCaptureFixture) -> None:
+    hist = build_history(60, rows_of([180, 60, 120], [3.0, 1.0, 2.0]), 60, 240)
     np.testing.assert_array_equal(hist.ts, [60, 120, 180])  # sorted
+    # One bad print among good rows used to fail the page, and the refresh asked for it again from the same
+    # bar every minute: the cache froze for the whole window. Now it is a gap, and logged.
+    cases = [  # rows, closes, unreadable rows, bars kept, the log's "N of M rows"
+        ([60, 120, 180], [1.0, 2.0, 3.0], 1, [60, 120, 180], "1 of 4"),  # a zero close
+        ([60, 121, 180], [1.0, 2.0, 3.0], 0, [60, 180], "1 of 3"),  # off the grid
+        ([60, 120, 600], [1.0, 2.0, 3.0], 0, [60, 120], "1 of 3"),  # outside [0, 600)
+        ([60, 120, 120, 180, 240], [1.0, 2.0, 2.5, 3.0, 4.0], 0, [60, 180, 240], "2 of 5"),  # two closes: neither
+        ([60, 120, 120, 180], [1.0, 2.0, 2.0, 3.0], 0, [60, 120, 180], None),  # the same bar twice: kept once
+    ]
+    with caplog.at_level(logging.WARNING, logger="core.sources.http"):
+        for ts, close, bad, kept, dropped in cases:
+            caplog.clear()
+            np.testing.assert_array_equal(build_history(60, rows_of(ts, close, bad), 0, 600).ts, kept)
+            assert [r.getMessage().split(": ")[1] for r in caplog.records] == (
+                [f"{dropped} rows dropped as gaps"] if dropped else []), caplog.text
+
+
+def test_build_history_refuses_a_reply_mostly_made_of_bad_rows() -> None:
+    """Garbage, not a bad print: the first row's error, typed, and how many rows were unusable."""
+    with pytest.raises(BadPriceError, match="2 of 3 rows unusable"):
+        build_history(60, rows_of([60], [1.0], bad=2), 0, 600)
     with pytest.raises(MalformedReplyError, match="grid"):
-        build_history("t", 60, [61], [1.0], 0, 600)
+        build_history(60, rows_of([61], [1.0]), 0, 600)
     with pytest.raises(MalformedReplyError, match="outside"):
-        build_history("t", 60, [600], [1.0], 0, 600)
+        build_history(60, rows_of([600], [1.0]), 0, 600)
     with pytest.raises(MalformedReplyError, match="duplicate"):
-        build_history("t", 60, [60, 60], [1.0, 1.0], 0, 600)
-    with pytest.raises(MalformedReplyError, match="timestamps but"):
-        build_history("t", 60, [60, 120], [1.0], 0, 600)
+        build_history(60, rows_of([60, 60], [1.0, 2.0]), 0, 600)
+    with pytest.raises(BadPriceError):
+        Rows("t", problems=rows_of([], [], bad=1).problems).all_or_raise()  # a latest price: no bad row at all
 
 
 def test_check_fresh() -> None:

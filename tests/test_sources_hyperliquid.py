@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 
 from core.fake_providers import HYPERLIQUID_MAX_CANDLES, FakeMarket, FakeServer
-from core.sources.http import BadPriceError, MalformedReplyError, StalePriceError, UnsupportedAssetError
+from core.sources.http import (
+    BadPriceError,
+    MalformedReplyError,
+    PartialHistoryError,
+    StalePriceError,
+    UnsupportedAssetError,
+)
 from core.sources.hyperliquid import HyperliquidSource
 from tests.provider_fixtures import FAST_RETRIES, T0, fake_provider_fixtures, source_fixture
 
@@ -63,9 +69,12 @@ async def test_all_mids_are_checked(source: HyperliquidSource, server: FakeServe
 
 
 async def test_a_candle_without_close_is_malformed(source: HyperliquidSource, server: FakeServer) -> None:
-    server.faults.mismatched = True
-    with pytest.raises(MalformedReplyError, match="lacks 't' or 'c'"):
+    server.faults.mismatched = True  # the newest candle of each reply: the bars before it come back
+    with pytest.raises(PartialHistoryError, match="lacks 't' or 'c'") as failed:
         await source.history("XAU", T0 - 3600, T0)
+    assert isinstance(failed.value.cause, MalformedReplyError) and len(failed.value.partial) > 50
+    with pytest.raises(MalformedReplyError, match="lacks 't' or 'c'"):
+        await source.latest("XAU")
 
 
 async def test_assets_without_a_coin(source: HyperliquidSource) -> None:

@@ -11,6 +11,7 @@ from core.prices import LatestPrice, PriceHistory
 from core.sources.http import (
     MalformedReplyError,
     PagedSource,
+    Rows,
     asset_code,
     build_history,
     newest_closed,
@@ -41,33 +42,33 @@ class BinanceSource(PagedSource):
         params = [("symbol", symbol), ("interval", INTERVALS[step]), ("startTime", str(start * 1000)),
                   ("endTime", str(end * 1000 - 1)), ("limit", str(PAGE_LIMIT))]
         rows = await self.http.get_json(f"{self.base_url}/api/v3/klines", params)
-        what = f"binance klines {symbol} [{start}, {end})"
-        ts, close = _parse_klines(rows, what, step)
-        return build_history(what, step, ts, close, start, end)
+        return build_history(step, _parse_klines(rows, f"binance klines {symbol} [{start}, {end})", step), start, end)
 
     async def latest(self, asset: str) -> LatestPrice:
         symbol = self.symbol(asset)
         params = [("symbol", symbol), ("interval", "1m"), ("limit", str(LATEST_LIMIT))]
         rows = await self.http.get_json(f"{self.base_url}/api/v3/klines", params)
         what = f"binance latest {symbol}"
-        ts, close = _parse_klines(rows, what, 60)
+        ts, close = _parse_klines(rows, what, 60).all_or_raise()
         return newest_closed(what, ts, close, self.clock(), self.config.max_price_age_s,
                              MalformedReplyError(f"{what}: no closed 1-minute kline in the reply"))
 
 
-def _parse_klines(rows: Any, what: str, step: int) -> tuple[list[int], list[float]]:
+def _parse_klines(reply: Any, what: str, step: int) -> Rows:
     """Open time (field 0, ms) and close (field 4, decimal string) of each kline row."""
-    if not isinstance(rows, list):
-        raise MalformedReplyError(f"{what}: expected a list of klines, got {type(rows).__name__}")
-    ts: list[int] = []
-    close: list[float] = []
-    for i, row in enumerate(rows):
-        if not isinstance(row, list) or len(row) < 7:
-            raise MalformedReplyError(f"{what}: row {i} is not a kline array of 12 fields: {row!r:.80}")
-        open_ms = parse_time(row[0], f"{what} row {i} open time")
-        close_ms = parse_time(row[6], f"{what} row {i} close time")
-        if open_ms % 1000 or close_ms != open_ms + step * 1000 - 1:
-            raise MalformedReplyError(f"{what}: row {i} times {open_ms}..{close_ms} are not one {step} s kline")
-        ts.append(open_ms // 1000)
-        close.append(parse_price(row[4], f"{what} row {i} close"))
-    return ts, close
+    if not isinstance(reply, list):
+        raise MalformedReplyError(f"{what}: expected a list of klines, got {type(reply).__name__}")
+    rows = Rows(what)
+    for i, row in enumerate(reply):
+        rows.read(_kline, row, f"{what} row {i}", step)
+    return rows
+
+
+def _kline(row: Any, what: str, step: int) -> tuple[int, float]:
+    if not isinstance(row, list) or len(row) < 7:
+        raise MalformedReplyError(f"{what} is not a kline array of 12 fields: {row!r:.80}")
+    open_ms = parse_time(row[0], f"{what} open time")
+    close_ms = parse_time(row[6], f"{what} close time")
+    if open_ms % 1000 or close_ms != open_ms + step * 1000 - 1:
+        raise MalformedReplyError(f"{what} times {open_ms}..{close_ms} are not one {step} s kline")
+    return open_ms // 1000, parse_price(row[4], f"{what} close")

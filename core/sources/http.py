@@ -12,9 +12,9 @@ import math
 import random
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ParamSpec
 
 import aiohttp
 import numpy as np
@@ -30,6 +30,7 @@ from core.sources.base import ProviderError
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+_P = ParamSpec("_P")
 FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32, about 1.2e-38
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # about 3.4e38
 
@@ -305,24 +306,68 @@ def scaled(mantissa: int, expo: int, what: str) -> float:
         raise MalformedReplyError(f"{what}: {str(mantissa)[:40]}... x 10^{expo} overflows a float") from None
 
 
-def build_history(what: str, step: int, ts: Iterable[int], close: Iterable[float], start: int,
-                  end: int) -> PriceHistory:
-    """Bars with start <= ts < end from one reply: aligned to the step, no duplicates, sorted."""
-    try:
-        t = np.fromiter(ts, dtype=np.int64)
-    except OverflowError:  # a timestamp past int64: garbage, never a date
-        raise MalformedReplyError(f"{what}: a timestamp is out of range") from None
-    c = np.fromiter(close, dtype=np.float64)
-    if t.size != c.size:
-        raise MalformedReplyError(f"{what}: {t.size} timestamps but {c.size} prices")
-    if np.any(t % step):
-        raise MalformedReplyError(f"{what}: timestamps off the {step} s grid")
-    if np.any((t < start) | (t >= end)):
-        raise MalformedReplyError(f"{what}: bars outside the requested range [{start}, {end})")
+@dataclass
+class Rows:
+    """The (open time, close) rows of one reply as they are read, and why any row could not be."""
+
+    what: str
+    ts: list[int] = field(default_factory=list)
+    close: list[float] = field(default_factory=list)
+    problems: list["MalformedReplyError | BadPriceError"] = field(default_factory=list)
+
+    def read(self, parse: Callable[_P, tuple[int, float]], *args: _P.args, **kwargs: _P.kwargs) -> None:
+        """One row, ``parse(*args, **kwargs)``: a bad one (a zero or NaN close, a field that is not a number)
+        is noted, not raised."""
+        try:
+            t, c = parse(*args, **kwargs)
+        except (MalformedReplyError, BadPriceError) as exc:
+            self.problems.append(exc)
+            return
+        self.ts.append(t)
+        self.close.append(c)
+
+    def all_or_raise(self) -> tuple[list[int], list[float]]:
+        """Every row, or the first bad row's error: a latest price is only read from a clean reply."""
+        if self.problems:
+            raise self.problems[0]
+        return self.ts, self.close
+
+
+def build_history(step: int, rows: Rows, start: int, end: int) -> PriceHistory:
+    """Bars with start <= ts < end from one reply: aligned to the step, no duplicates, sorted.
+
+    A few bad rows (a zero or NaN close, a bar off the grid or outside the range, one timestamp with two
+    closes) are dropped as gaps and logged: failing the whole page kept the refresh asking for it again
+    from the same bar, and the cache froze for the whole window. A reply mostly made of bad rows is
+    garbage, not a bad print, and raises the first row's error.
+    """
+    what = rows.what
+    problems: list[MalformedReplyError | BadPriceError] = list(rows.problems)  # the first is raised for garbage
+    t = np.array(rows.ts, dtype=np.int64)  # parse_time keeps each within int64
+    c = np.array(rows.close, dtype=np.float64)
     order = np.argsort(t, kind="stable")
     t, c = t[order], c[order]
-    if t.size > 1 and np.any(t[1:] == t[:-1]):
-        raise MalformedReplyError(f"{what}: duplicate timestamps")
+    usable = np.ones(t.size, dtype=bool)
+    for bad, why in ((t % step != 0, f"off the {step} s grid"),
+                     ((t < start) | (t >= end), f"outside the requested range [{start}, {end})")):
+        problems.extend(MalformedReplyError(f"{what}: bar {ts} is {why}") for ts in t[bad & usable].tolist())
+        usable &= ~bad
+    t, c = t[usable], c[usable]
+    same_ts = np.flatnonzero(t[1:] == t[:-1]) if t.size > 1 else np.empty(0, dtype=np.intp)
+    if same_ts.size:  # the same bar twice is kept once; two different closes for one bar, neither
+        conflicted = np.unique(t[same_ts][c[same_ts] != c[same_ts + 1]])
+        problems.extend(MalformedReplyError(f"{what}: duplicate timestamp {ts} with different closes")
+                        for ts in t[np.isin(t, conflicted)].tolist())  # one per row dropped
+        first = np.ones(t.size, dtype=bool)
+        first[same_ts + 1] = False
+        keep = first & ~np.isin(t, conflicted)
+        t, c = t[keep], c[keep]
+    if problems:
+        read = len(rows.ts) + len(rows.problems)
+        if 2 * len(problems) > read:
+            raise type(problems[0])(f"{len(problems)} of {read} rows unusable, first: {problems[0]}")
+        log.warning("%s: %d of %d rows dropped as gaps: %s", what, len(problems), read,
+                    "; ".join(map(str, problems[:3])))
     try:
         return PriceHistory(step, t, c)
     except PriceDataError as exc:
@@ -379,9 +424,13 @@ async def gather_pages(fetch: Callable[[int, int], Coroutine[Any, Any, PriceHist
             try:
                 page = await task
             except ProviderError as exc:
+                cause, missing_from = exc, a
+                if isinstance(exc, PartialHistoryError):  # the range's own first bars came back
+                    result = result.merge(exc.partial)
+                    cause, missing_from = exc.cause, exc.missing[0]
                 if not len(result):
                     raise
-                raise PartialHistoryError(result, (a, ranges[-1][1]), exc) from exc
+                raise PartialHistoryError(result, (missing_from, ranges[-1][1]), cause) from exc
             result = result.merge(page)
     finally:  # an error or the caller's cancellation: no page task outlives the call
         for task in tasks:
@@ -395,12 +444,19 @@ async def fetch_range(fetch: Callable[[int, int], Awaitable[PriceHistory]], star
     """One page range, followed up while a server answers fewer rows than the range holds.
 
     Pages are sized to the provider's documented limit, so a full page normally ends at the range's
-    end; a server that caps lower still returns every bar, at the price of extra calls.
+    end; a server that caps lower still returns every bar, at the price of extra calls. A follow-up that
+    fails (one whose only row is a bad print the page before dropped) keeps the bars read before it, on a
+    ``PartialHistoryError``.
     """
     result = PriceHistory.empty(step)
     cursor = start
     while cursor < end:
-        page = await fetch(cursor, end)
+        try:
+            page = await fetch(cursor, end)
+        except ProviderError as exc:
+            if not len(result):
+                raise
+            raise PartialHistoryError(result, (cursor, end), exc) from exc
         if not len(page):
             break
         result = result.merge(page)

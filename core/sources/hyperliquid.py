@@ -14,6 +14,7 @@ from core.prices import LatestPrice, PriceHistory
 from core.sources.http import (
     MalformedReplyError,
     PagedSource,
+    Rows,
     StalePriceError,
     asset_code,
     build_history,
@@ -42,10 +43,9 @@ class HyperliquidSource(PagedSource):
         return self.coin(asset)
 
     async def _page(self, coin: str, step: int, start: int, end: int) -> PriceHistory:
-        ts, close = await self._candles(coin, step, start, end)
-        return build_history(f"hyperliquid candles {coin} [{start}, {end})", step, ts, close, start, end)
+        return build_history(step, await self._candles(coin, step, start, end), start, end)
 
-    async def _candles(self, coin: str, step: int, start: int, end: int) -> tuple[list[int], list[float]]:
+    async def _candles(self, coin: str, step: int, start: int, end: int) -> Rows:
         payload = {"type": "candleSnapshot",
                    "req": {"coin": coin, "interval": INTERVALS[step], "startTime": start * 1000,
                            "endTime": end * 1000 - 1}}
@@ -56,7 +56,7 @@ class HyperliquidSource(PagedSource):
         coin = self.coin(asset)
         now = self.clock()
         end = int(now) // 60 * 60 + 60
-        ts, close = await self._candles(coin, 60, end - LATEST_LOOKBACK_S, end)
+        ts, close = (await self._candles(coin, 60, end - LATEST_LOOKBACK_S, end)).all_or_raise()
         what = f"hyperliquid latest {coin}"
         return newest_closed(what, ts, close, now, self.config.max_price_age_s,
                              StalePriceError(f"{what}: no closed candle in the last {LATEST_LOOKBACK_S} s"))
@@ -69,21 +69,23 @@ class HyperliquidSource(PagedSource):
         return {str(coin): parse_price(mid, f"hyperliquid allMids {coin}") for coin, mid in reply.items()}
 
 
-def _parse_candles(reply: Any, what: str, coin: str, step: int) -> tuple[list[int], list[float]]:
+def _parse_candles(reply: Any, what: str, coin: str, step: int) -> Rows:
     if not isinstance(reply, list):
         raise MalformedReplyError(f"{what}: expected a list of candles, got {type(reply).__name__}")
-    ts: list[int] = []
-    close: list[float] = []
+    rows = Rows(what)
     for i, candle in enumerate(reply):
-        if not isinstance(candle, dict) or "t" not in candle or "c" not in candle:
-            raise MalformedReplyError(f"{what}: candle {i} lacks 't' or 'c': {candle!r:.80}")
-        open_ms = parse_time(candle["t"], f"{what} candle {i} t")
-        if open_ms % 1000:
-            raise MalformedReplyError(f"{what}: candle {i} open time {open_ms} is not whole seconds")
-        if "T" in candle and parse_int(candle["T"], f"{what} candle {i} T") != open_ms + step * 1000 - 1:
-            raise MalformedReplyError(f"{what}: candle {i} spans {candle['t']}..{candle['T']}, not {step} s")
-        if candle.get("s", coin) != coin or candle.get("i", INTERVALS[step]) != INTERVALS[step]:
-            raise MalformedReplyError(f"{what}: candle {i} is for {candle.get('s')!r} {candle.get('i')!r}")
-        ts.append(open_ms // 1000)
-        close.append(parse_price(candle["c"], f"{what} candle {i} close"))
-    return ts, close
+        rows.read(_candle, candle, f"{what} candle {i}", coin, step)
+    return rows
+
+
+def _candle(candle: Any, what: str, coin: str, step: int) -> tuple[int, float]:
+    if not isinstance(candle, dict) or "t" not in candle or "c" not in candle:
+        raise MalformedReplyError(f"{what} lacks 't' or 'c': {candle!r:.80}")
+    open_ms = parse_time(candle["t"], f"{what} t")
+    if open_ms % 1000:
+        raise MalformedReplyError(f"{what} open time {open_ms} is not whole seconds")
+    if "T" in candle and parse_int(candle["T"], f"{what} T") != open_ms + step * 1000 - 1:
+        raise MalformedReplyError(f"{what} spans {candle['t']}..{candle['T']}, not {step} s")
+    if candle.get("s", coin) != coin or candle.get("i", INTERVALS[step]) != INTERVALS[step]:
+        raise MalformedReplyError(f"{what} is for {candle.get('s')!r} {candle.get('i')!r}")
+    return open_ms // 1000, parse_price(candle["c"], f"{what} close")

@@ -17,6 +17,7 @@ from core.sources.http import (
     MalformedReplyError,
     PagedSource,
     ProviderRejected,
+    Rows,
     asset_code,
     build_history,
     check_fresh,
@@ -59,9 +60,7 @@ class PythSource(PagedSource):
         # UDF ranges include ``to``: ask up to the last second before ``end``.
         params = [("symbol", symbol), ("resolution", RESOLUTIONS[step]), ("from", str(start)), ("to", str(end - 1))]
         reply = await self.http.get_json(f"{self.benchmarks_url}/v1/shims/tradingview/history", params)
-        what = f"pyth benchmarks {symbol} [{start}, {end})"
-        ts, close = _parse_udf(reply, what)
-        return build_history(what, step, ts, close, start, end)
+        return build_history(step, _parse_udf(reply, f"pyth benchmarks {symbol} [{start}, {end})"), start, end)
 
     async def latest(self, asset: str) -> LatestPrice:
         feed = self.feed_id(asset)
@@ -71,12 +70,12 @@ class PythSource(PagedSource):
         return check_fresh(what, price, self.clock(), self.config.max_price_age_s)
 
 
-def _parse_udf(reply: Any, what: str) -> tuple[list[int], list[float]]:
+def _parse_udf(reply: Any, what: str) -> Rows:
     if not isinstance(reply, dict) or not isinstance(reply.get("s"), str):
         raise MalformedReplyError(f"{what}: expected a UDF object with a status 's', got {reply!r:.80}")
     status = reply["s"]
     if status == "no_data":
-        return [], []
+        return Rows(what)
     if status == "error":
         raise ProviderRejected(f"{what}: {reply.get('errmsg', 'error without a message')}")
     if status != "ok":
@@ -89,9 +88,14 @@ def _parse_udf(reply: Any, what: str) -> tuple[list[int], list[float]]:
         raise MalformedReplyError(f"{what}: UDF fields 't' and 'c' must be arrays")
     if len(times) != len(closes):
         raise MalformedReplyError(f"{what}: mismatched UDF array lengths t={len(times)} c={len(closes)}")
-    ts = [parse_time(t, f"{what} t[{i}]") for i, t in enumerate(times)]
-    close = [parse_price(c, f"{what} c[{i}]") for i, c in enumerate(closes)]
-    return ts, close
+    rows = Rows(what)
+    for i, (t, c) in enumerate(zip(times, closes, strict=True)):
+        rows.read(_udf_row, t, c, what, i)
+    return rows
+
+
+def _udf_row(t: object, c: object, what: str, i: int) -> tuple[int, float]:
+    return parse_time(t, f"{what} t[{i}]"), parse_price(c, f"{what} c[{i}]")
 
 
 def _parse_hermes(reply: Any, what: str, feed: str) -> LatestPrice:
