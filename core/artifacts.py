@@ -98,6 +98,12 @@ def _load_npz(data: bytes, name: str) -> object:
 DEFAULT_LOADERS: dict[str, Loader] = {".json": _load_json, ".pt": _load_torch, ".npz": _load_npz}
 
 
+def kept_as_bytes(data: bytes, name: str) -> object:
+    """A loader for files a reader never uses (the miner's EWMA-t fallback and checkpoints): still
+    hash-checked, not parsed. torch.load of every checkpoint cost the first fallback after a publish 2.5 s."""
+    return data
+
+
 # --------------------------------------------------------------------------------------------- manifest
 
 
@@ -136,8 +142,10 @@ class Manifest:
     def from_json(cls, data: bytes) -> Manifest:
         try:
             doc = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ArtifactError(f"manifest is not valid JSON ({exc})") from None
+        # Not only JSONDecodeError: deep nesting raises RecursionError, an integer of over 4300 digits a
+        # plain ValueError, and either escaped every ArtifactError handler (rollback included).
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise ArtifactError(f"manifest is not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
         if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
             raise ArtifactError(f"manifest must be an object with \"format\": {MANIFEST_FORMAT}")
         version, files, window = doc.get("version"), doc.get("files"), doc.get("data_window")
@@ -298,6 +306,19 @@ class VersionInfo:
     notes: Mapping[str, str]
     current: bool
     problem: str | None  # why the manifest could not be read (hashes are not checked here)
+    models: Mapping[str, str] = field(default_factory=dict)  # checkpoint file -> sha256 (none: the committed)
+
+
+def previous_models(versions: Sequence[VersionInfo], current: str | None) -> str | None:
+    """The newest readable version (``versions`` oldest first) serving other checkpoints than ``current``:
+    the way back from a retrained model. Every hourly calibration copies the current models forward, so
+    the version ``current`` was built on serves them too; a few hours after a retrain, only this one
+    still served the models before it."""
+    now = next((v for v in versions if v.version == current), None)
+    if now is None or now.problem is not None:
+        return None
+    return next((v.version for v in reversed(versions)
+                 if v.problem is None and v.version != current and v.models != now.models), None)
 
 
 def read_set(directory: Path, loaders: Mapping[str, Loader], expected_version: str | None = None) -> ArtifactSet:
@@ -486,7 +507,8 @@ class ArtifactStore:
             try:
                 m = Manifest.from_json((directory / MANIFEST_FILE).read_bytes())
                 out.append(VersionInfo(directory.name, m.created, m.code_version, m.data_window, m.notes,
-                                       directory.name == current, None))
+                                       directory.name == current, None,
+                                       {n: e.sha256 for n, e in m.files.items() if n.endswith(".pt")}))
             except (OSError, ArtifactError) as exc:
                 out.append(VersionInfo(directory.name, None, None, None, {}, directory.name == current, str(exc)))
         return sorted(out, key=lambda v: (v.created or "", v.version))
@@ -663,12 +685,15 @@ class ArtifactStore:
         log.info("published artifact %s", version)
         return version
 
-    def rollback(self, to: str | None = None) -> str:
+    def rollback(self, to: str | None = None, models: bool = False) -> str:
         """Make ``to`` current again. Default: the version the current one was built on (its
         ``BUILT_ON_NOTE``: what was current when the calibration or the retrain staged it), else the newest
         valid version created before the current one. Creation times alone would bring back a version a
         rollback moved away from (v3 rolled back to v2, v4 published over v2: "before v4" is v3), and
-        depend on the clock of the host that staged each set."""
+        depend on the clock of the host that staged each set. ``models``: the newest version serving other
+        checkpoints than the current one (``previous_models``, kept through pruning for this)."""
+        if models and to is not None:
+            raise ArtifactError("roll back either to a version or to the previous models, not both")
         with self._locked():
             try:
                 current, unusable = self.current_version(), False
@@ -676,7 +701,12 @@ class ArtifactStore:
                 current, unusable = None, True
             kept = self.list_versions()
             names = [v.version for v in kept]
-            if to is not None:
+            if models:
+                to = previous_models(kept, current)
+                if to is None:
+                    raise ArtifactError(f"no kept version serves other models than {current or 'the current link'}")
+                self.validate(self.versions_dir / to, expected_version=to)
+            elif to is not None:
                 if to not in names:
                     raise ArtifactError(f"unknown version {to!r}; kept: {', '.join(names) or 'none'}")
                 # The directory name is what `current` will name: its manifest must agree (as load() checks).
@@ -786,11 +816,13 @@ class ArtifactStore:
         """Remove all but the newest ``keep`` versions, never the current one nor ``also_keep`` (the
         version that was current until this publish: workers may still be loading it, and it is the
         known-good way back when the newest ones are versions a rollback moved away from), nor the
-        ``keep - 1`` sets the current one was built on in turn (where repeated rollbacks go)."""
+        ``keep - 1`` sets the current one was built on in turn (where repeated rollbacks go), nor the
+        newest one serving other models (``rollback(models=True)``: hourly calibrations would otherwise
+        prune the last set serving the models before a retrain within a few hours)."""
         current = self.current_version()
         infos = self.list_versions()
         names = [v.version for v in infos]
-        keep = set(names[-self.keep:]) | {v for v in (current, also_keep) if v}
+        keep = set(names[-self.keep:]) | {v for v in (current, also_keep, previous_models(infos, current)) if v}
         built_on = {v.version: v.notes.get(BUILT_ON_NOTE) for v in infos}
         step = current
         for _ in range(self.keep - 1):

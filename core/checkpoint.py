@@ -9,6 +9,7 @@ mis-wired model (the failure that leads to silently wrong paths).
 """
 
 import math
+import zipfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -126,9 +127,25 @@ def _expect(what: str, found: object, expected: object) -> None:
         raise CheckpointError(f"{what} mismatch: checkpoint has {found!r}, this code expects {expected!r}")
 
 
+def _check_crcs(path: Path) -> None:
+    """torch.load does not verify the archive's CRC-32s: a flipped bit in a weight loaded as a silently
+    different model (committed checkpoints carry no manifest hash). A file that is no zip archive is left to
+    torch.load, which refuses it."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:  # a truncated member raises as it is read
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from exc
+    if bad is not None:
+        raise CheckpointError(f"{path}: corrupt checkpoint ({bad} fails its CRC-32 check)")
+
+
 def read_payload(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
+    _check_crcs(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)  # no pickled code is executed
     except Exception as exc:  # torch raises many types for a corrupt or foreign file

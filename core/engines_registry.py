@@ -2,6 +2,7 @@
 
 import logging
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,7 +13,7 @@ from core.forecast import Forecaster, ScaleLookup, no_calibration
 from core.settings import Settings
 
 if TYPE_CHECKING:
-    from core.artifacts import ArtifactSet
+    from core.artifacts import ArtifactSet, Loader
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +109,14 @@ class LiveForecaster:
     Subclasses change what a version builds (``_build``) and how a reload is logged (``reloads``)."""
 
     reloads = "engines and calibration"
+    loaders: "Mapping[str, Loader]" = {}  # by file suffix, over the store's defaults
 
     def __init__(self, settings: Settings, engine: str | None = None) -> None:
-        from core.artifacts import ArtifactWatcher
+        from core.artifacts import ArtifactStore, ArtifactWatcher
 
         self.settings = settings
         self.engine = engine
-        self.watcher = ArtifactWatcher(settings.artifacts_dir)
+        self.watcher = ArtifactWatcher(ArtifactStore(settings.artifacts_dir, loaders=self.loaders))
         if self.watcher.poll() is None:
             self._unpublished()
         self._forecaster = self._build(self.watcher.current)

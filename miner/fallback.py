@@ -5,7 +5,7 @@ only to serve EWMA-t, so each start loaded the models twice (embedded mode) or l
 miner never runs (Celery mode, where the workers compute).
 """
 
-from core.artifacts import ArtifactSet
+from core.artifacts import ArtifactSet, kept_as_bytes
 from core.engines_registry import LiveForecaster
 from core.forecast import FALLBACK_ENGINE, Forecaster, ForecasterSource, default_engines, no_calibration
 from core.settings import Settings
@@ -35,6 +35,9 @@ class StatisticalForecaster(LiveForecaster):
     LiveForecaster's guard: the reply threads call ``current`` concurrently)."""
 
     reloads = "the fallback's calibration"
+    # Its reloads run on a reply thread, under the request's deadline: checkpoints it never serves are
+    # hash-checked, not loaded (torch's import and load made the first fallback after a publish 2.5 s late).
+    loaders = {".pt": kept_as_bytes}
 
     def __init__(self, settings: Settings, engine: str = FALLBACK_ENGINE) -> None:
         super().__init__(settings, engine)

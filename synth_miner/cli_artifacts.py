@@ -262,6 +262,8 @@ def publish_cmd(
 @artifacts_app.command("rollback")
 def rollback_cmd(
     to: Annotated[str | None, typer.Option(help="version to make current (default: the previous one)")] = None,
+    models: Annotated[bool, typer.Option("--models", help="back to the newest version serving other models than "
+                                         "the current one (undoes a retrain that hourly calibrations built on)")] = False,
     artifacts_dir: DirOption = None,
 ) -> None:
     """Point current back at an earlier (validated) version."""
@@ -275,7 +277,7 @@ def rollback_cmd(
     said = _Unlogged("rolled back artifacts ")
     logging.getLogger("core.artifacts").addFilter(said)
     try:
-        after = store.rollback(to)
+        after = store.rollback(to, models=models)
     except ArtifactError as exc:
         raise _fail(str(exc)) from None
     finally:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import core
 import core.artifacts as artifacts
@@ -26,6 +27,7 @@ from core.artifacts import (
     Manifest,
     current_version,
     new_staging_dir,
+    previous_models,
     publish,
     sha256_file,
     write_manifest,
@@ -269,6 +271,25 @@ def test_rollback_from_a_current_version_whose_manifest_broke(store: ArtifactSto
         store.publish(stage(store, tag))
     (store.root / "versions" / "v002" / MANIFEST_FILE).write_bytes(b"")
     assert store.rollback() == "v001" and store.current_version() == "v001"
+    assert_whole(store.load_current())
+
+
+@pytest.mark.parametrize("manifest", [b"[" * 100_000, b'{"format": ' + b"9" * 5000 + b"}"],
+                         ids=["nested-too-deep", "integer-too-long"])
+def test_a_manifest_json_cannot_parse_is_an_artifact_error(store: ArtifactStore, manifest: bytes) -> None:
+    """Deep nesting raises RecursionError and a 5000-digit integer a plain ValueError in json.loads: both
+    escaped every ArtifactError handler, rollback, listing and the watcher included."""
+    watcher = ArtifactWatcher(store)
+    store.publish(stage(store, "v001"))
+    assert watcher.poll() is not None
+    store.publish(stage(store, "v002"))
+    (store.root / "versions" / "v002" / MANIFEST_FILE).write_bytes(manifest)
+    assert watcher.poll() is None and watcher.version == "v001"  # refused: the loaded set keeps serving
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        store.load_current()
+    infos = {i.version: i for i in store.list_versions()}
+    assert infos["v002"].problem is not None and "not valid JSON" in infos["v002"].problem
+    assert store.rollback() == "v001"
     assert_whole(store.load_current())
 
 
@@ -604,6 +625,41 @@ def test_watcher_retries_a_refused_version_after_a_while(store: ArtifactStore) -
 def stage_on_current(store: ArtifactStore, tag: str) -> Path:
     """As the hourly calibration and the weekly retrain stage: over the current set (``built_on``)."""
     return store.stage(files_for(tag), version=tag, inherit=True)
+
+
+MODEL = "adapter.pt"
+
+
+def torch_file(value: float) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"w": torch.full((4,), value)}, buffer)
+    return buffer.getvalue()
+
+
+def test_the_models_before_a_retrain_survive_hourly_calibrations_and_a_rollback_brings_them_back(
+        store: ArtifactStore) -> None:
+    """Each hourly calibration copies the current models forward, and pruning keeps the newest five: five
+    hours after a retrain, no kept set served the models before it, and `rollback` only stepped back to a
+    set serving the retrained ones (the README promised it returned to the previous models)."""
+    old, new = torch_file(1.0), torch_file(2.0)  # a checkpoint-like torch file (a <kind>.pt is model-checked)
+    store.publish(store.stage({**files_for("v000"), MODEL: old}, version="v000", inherit=True))
+    store.publish(store.stage({**files_for("v001"), MODEL: new}, version="v001", inherit=True))  # the retrain
+    for i in range(2, 9):  # hourly calibrations over it
+        store.publish(stage_on_current(store, f"v{i:03d}"))
+    kept = [v.version for v in store.list_versions()]
+    assert "v000" in kept and "v001" not in kept, kept
+    assert previous_models(store.list_versions(), "v008") == "v000"
+    assert store.load("v007").files[MODEL]["w"][0] == 2.0  # type: ignore[index]
+    assert store.rollback() == "v007"  # the set v008 was built on: the retrained model still
+    with pytest.raises(ArtifactError, match="not both"):
+        store.rollback(to="v008", models=True)
+    assert store.rollback(models=True) == "v000"
+    assert store.load_current().files[MODEL]["w"][0] == 1.0  # type: ignore[index]
+    assert store.rollback(models=True) == "v008"  # and forward again: the newest serving the other models
+    (store.root / "versions" / "v000" / MODEL).write_bytes(new)  # corrupt: no longer its hash
+    with pytest.raises(ArtifactError):
+        store.rollback(models=True)
+    assert store.current_version() == "v008"
 
 
 def test_rollback_after_a_rollback_and_a_publish_does_not_bring_back_the_version_rolled_away_from(

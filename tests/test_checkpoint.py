@@ -1,5 +1,7 @@
 """Checkpoints: a faithful round trip, and every kind of mismatch refused with CheckpointError."""
 
+import struct
+import zipfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -278,6 +280,23 @@ def test_missing_corrupt_and_foreign_files_are_refused(tmp_path: Path) -> None:
     torch.save({"format_version": 1, "obj": EwmaConfig()}, tmp_path / "pickle.pt")
     with pytest.raises(CheckpointError, match="unreadable"):
         load(tmp_path / "pickle.pt")
+
+
+def test_a_flipped_bit_in_a_weight_is_refused(tmp_path: Path) -> None:
+    """torch.load does not check the archive's CRC-32s: the flipped weight loaded as another model."""
+    path = tmp_path / "lf_crypto.pt"
+    save(make_checkpoint(), path)
+    with zipfile.ZipFile(path) as archive:
+        member = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", raw[member.header_offset + 26:member.header_offset + 30])
+    raw[member.header_offset + 30 + name_len + extra_len + member.file_size // 2] ^= 0x40  # an exponent bit
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="CRC-32"):
+        load(path, expected_kind="lf_crypto")
+    path.write_bytes(bytes(raw[: len(raw) // 2]))  # truncated: no zip directory left
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load(path, expected_kind="lf_crypto")
 
 
 def test_payload_validation_is_usable_without_a_file() -> None:

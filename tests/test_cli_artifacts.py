@@ -124,6 +124,11 @@ def test_artifacts_publish_list_and_rollback(app: typer.Typer, tmp_path: Path) -
     assert store.current_version() == "v001"
     result = runner.invoke(app, ["artifacts", "rollback", "--dir", str(root)])
     assert result.exit_code == 1 and "nothing to roll back to" in result.output
+    # Both sets serve the committed models (neither carries a checkpoint): no other models to go back to.
+    result = runner.invoke(app, ["artifacts", "rollback", "--models", "--dir", str(root)])
+    assert result.exit_code == 1 and "no kept version serves other models than v001" in result.output
+    result = runner.invoke(app, ["artifacts", "rollback", "--models", "--to", "v002", "--dir", str(root)])
+    assert result.exit_code == 1 and "not both" in result.output
 
 
 def test_artifacts_publish_refuses_a_corrupt_staging(app: typer.Typer, tmp_path: Path) -> None:

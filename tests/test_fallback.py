@@ -8,8 +8,11 @@ from typing import cast
 import pytest
 
 import core.artifacts
+from core.artifacts import CALIBRATION_FILE, ArtifactStore
+from core.calibration import CalibrationState, Entry
 from core.settings import Settings
 from miner.fallback import StatisticalForecaster
+from synth_miner.devstack import ROOT
 
 
 @dataclass(frozen=True)
@@ -67,3 +70,25 @@ def test_a_slow_reload_does_not_undo_a_newer_one(tmp_path: Path, monkeypatch: py
         watcher.release.set()
         slow.join(10)
     assert served() == "forecaster-v2"
+
+
+def test_the_fallback_follows_calibration_without_loading_checkpoints(tmp_path: Path) -> None:
+    """Its reloads run on a reply thread under the request's deadline: the published set's checkpoints
+    (which it never serves) are hash-checked but not torch-loaded, and a corrupt one is still refused."""
+    settings = Settings(_env_file=None, artifacts_dir=tmp_path / "artifacts", calibration_engine="ewma_t")
+    store = ArtifactStore(settings.artifacts_dir)
+    checkpoint = (ROOT / "models" / "hf.pt").read_bytes()
+
+    def publish(scale: float, model: bytes) -> str:
+        calibration = CalibrationState({"ewma_t:BTC:60": Entry("ewma_t", "BTC", 60, scale=scale)})
+        return store.publish(store.stage({CALIBRATION_FILE: calibration.to_json(), "hf.pt": model}))
+
+    source = StatisticalForecaster(settings)
+    assert source.current().scale("ewma_t", "BTC", 60) == 1.0
+    first = publish(1.25, checkpoint)
+    assert source.current().scale("ewma_t", "BTC", 60) == 1.25
+    assert source.version == first and source.watcher.current is not None
+    assert source.watcher.current.files["hf.pt"] == checkpoint  # kept as bytes, never parsed
+    second = publish(0.8, checkpoint)
+    (store.versions_dir / second / "hf.pt").write_bytes(checkpoint[:-1] + b"?")  # no longer its hash
+    assert source.current().scale("ewma_t", "BTC", 60) == 1.25 and source.version == first
