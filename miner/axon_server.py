@@ -45,9 +45,10 @@ def reject(synapse: Simulation, status: int, message: str) -> typing.NoReturn:
 def header_safe(message: str, limit: int = 500) -> str:
     """bittensor echoes the status message in a header: there a line break or a trailing space (an
     exception with an empty message) makes uvicorn drop the connection without an answer, and a
-    character beyond latin-1 turns the 400 into a bare "500 Internal Server Error"."""
+    character beyond latin-1 turns the 400 into a bare "500 Internal Server Error". The cut at ``limit``
+    can end on a space too: stripped again after it."""
     text = " ".join(message.split()).encode("latin-1", "replace").decode("latin-1")
-    return text[:limit] or "error"
+    return text[:limit].rstrip() or "error"
 
 
 MAX_BODY_BYTES = 64 * 1024  # a Simulation request is ~1 KB; nothing a validator sends comes near this

@@ -18,6 +18,7 @@ import redis
 
 from core.constants import (
     JOB_ATTEMPTS_KEY,
+    JOB_KILL_GRACE_S,
     JOB_MAX_ATTEMPTS,
     JOB_RUNS_KEY,
     JOB_SLOT_KEY,
@@ -26,7 +27,7 @@ from core.constants import (
 )
 from core.settings import Settings, get_settings
 from synth_miner.devstack import ROOT, RedisServer, spawn
-from tests.worker_apps import RETRAIN_STARTS_KEY
+from tests.worker_apps import RETRAIN_HANG_KEY, RETRAIN_STARTS_KEY
 
 WEEK = 604_800.0
 SLOT = 1_767_225_600
@@ -142,8 +143,29 @@ def test_a_retrain_sigkilled_in_a_real_worker_is_redelivered_and_run(redis_url: 
         wait_for("the duplicate skipped", lambda: "skipping duplicate" in worker.text(), 30)
         assert client.llen(RETRAIN_STARTS_KEY) == 2 and client.llen(JOB_RUNS_KEY) == 1
         assert "worker runtime loaded" not in worker.text()  # a cpu-only worker never loads the models
+
+        # A run past its time limit: the soft limit stops the work, and the run is recorded with the slot
+        # done, where the hard limit's kill alone left no trace. Limits given at send time, as short as a
+        # test allows; the production ones are the tasks' own (test_periodic_tasks_stop_softly_first).
+        client.set(RETRAIN_HANG_KEY, 1)
+        sender.send_task(TASK_RETRAIN, kwargs={"job": "retrain", "period_s": WEEK, "slot": SLOT + int(WEEK)},
+                         queue="cpu", soft_time_limit=2, time_limit=20)
+        wait_for("the overrunning retrain's record", lambda: client.llen(JOB_RUNS_KEY) == 2, 30)
+        overrun = json.loads(client.lindex(JOB_RUNS_KEY, 0))  # type: ignore[arg-type]
+        assert overrun["status"] == "error" and "SoftTimeLimitExceeded" in overrun["error"], overrun
+        claim = client.get(JOB_SLOT_KEY.format(name="retrain", slot=SLOT + int(WEEK)))
+        assert claim is not None and bytes(claim).startswith(b"done:"), claim  # type: ignore[arg-type]
     finally:
         worker.stop()
+
+
+def test_periodic_tasks_stop_softly_first() -> None:
+    """Each periodic job has a soft limit before its hard one, with room left to record the run."""
+    import workers.jobs as job_tasks
+
+    for task in (job_tasks.refresh_cache, job_tasks.calibrate, job_tasks.retrain, job_tasks.compact_store):
+        assert task.soft_time_limit is not None and task.time_limit is not None, task.name
+        assert 0 < task.soft_time_limit <= task.time_limit - JOB_KILL_GRACE_S, task.name
 
 
 def test_a_run_whose_lease_lapsed_leaves_the_claim_of_the_run_that_took_over(job_env: dict[str, str],

@@ -2,7 +2,8 @@
 worker processes started as ``celery -A tests.worker_apps worker``.
 
 - ``test.sleep``: a task with the forecast's delivery options that sleeps and logs how long it waited;
-- the weekly retrain's work replaced by one that logs each start and, on the first, hangs until killed.
+- the weekly retrain's work replaced by one that logs each start and, on the first (or while
+  ``RETRAIN_HANG_KEY`` is set), hangs until killed or stopped by its time limit.
 """
 
 import json
@@ -16,10 +17,11 @@ from core.settings import Settings
 from workers import jobs
 from workers.app import app
 
-__all__ = ["app", "SLEEP_LOG_KEY", "RETRAIN_STARTS_KEY"]
+__all__ = ["app", "SLEEP_LOG_KEY", "RETRAIN_STARTS_KEY", "RETRAIN_HANG_KEY"]
 
 SLEEP_LOG_KEY = "test:sleep:log"
 RETRAIN_STARTS_KEY = "test:retrain:starts"
+RETRAIN_HANG_KEY = "test:retrain:hang"
 
 
 def _client() -> "redis.Redis":
@@ -33,11 +35,11 @@ def sleep(seconds: float, tag: str, sent: float) -> None:
     _client().rpush(SLEEP_LOG_KEY, json.dumps({"tag": tag, "pid": os.getpid(), "waited": started - sent}))
 
 
-def retrain_killed_on_first_start(settings: Settings) -> dict[str, Any]:
+def retrain_that_hangs(settings: Settings) -> dict[str, Any]:
     starts = int(_client().rpush(RETRAIN_STARTS_KEY, os.getpid()))
-    if starts == 1:
-        time.sleep(600)  # the test SIGKILLs this process here
+    if starts == 1 or _client().exists(RETRAIN_HANG_KEY):
+        time.sleep(600)  # the test SIGKILLs this process here, or the task's soft time limit stops it
     return {"starts": starts}
 
 
-jobs.retrain_work = retrain_killed_on_first_start
+jobs.retrain_work = retrain_that_hangs

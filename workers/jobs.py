@@ -24,7 +24,10 @@ from typing import Any, TypeVar
 import redis
 
 from core.constants import (
+    CALIBRATE_TIME_LIMIT_S,
+    COMPACT_TIME_LIMIT_S,
     JOB_ATTEMPTS_KEY,
+    JOB_KILL_GRACE_S,
     JOB_LAST_RUN_KEY,
     JOB_MAX_ATTEMPTS,
     JOB_REDIS_BACKOFF_S,
@@ -33,6 +36,8 @@ from core.constants import (
     JOB_RUNS_KEPT,
     JOB_RUNS_KEY,
     JOB_SLOT_KEY,
+    REFRESH_TIME_LIMIT_S,
+    RETRAIN_TIME_LIMIT_S,
     TASK_CALIBRATE,
     TASK_COMPACT_STORE,
     TASK_REFRESH_CACHE,
@@ -230,6 +235,11 @@ def run_once(job: str, slot: int | None, period_s: float, work: Callable[[Settin
     return record
 
 
+def time_limits(hard_s: int) -> dict[str, int]:
+    """A periodic task's Celery limits: the soft one raises in the run (recorded, slot done) before the kill."""
+    return {"soft_time_limit": hard_s - JOB_KILL_GRACE_S, "time_limit": hard_s}
+
+
 def refresh_work(settings: Settings) -> dict[str, Any]:
     from core.assets import ASSETS
     from core.refresh import refresh_assets_sync
@@ -258,21 +268,21 @@ def compact_work(settings: Settings) -> dict[str, Any]:
     return dict(compact_store(settings))
 
 
-@app.task(name=TASK_REFRESH_CACHE, ignore_result=True, acks_late=True, time_limit=300)
+@app.task(name=TASK_REFRESH_CACHE, ignore_result=True, acks_late=True, **time_limits(REFRESH_TIME_LIMIT_S))
 def refresh_cache(job: str = "refresh-cache", period_s: float = 60.0, slot: int | None = None) -> dict[str, Any]:
     return run_once(job, slot, period_s, refresh_work)
 
 
-@app.task(name=TASK_CALIBRATE, ignore_result=True, acks_late=True, reject_on_worker_lost=True, time_limit=3000)
+@app.task(name=TASK_CALIBRATE, ignore_result=True, acks_late=True, reject_on_worker_lost=True, **time_limits(CALIBRATE_TIME_LIMIT_S))
 def calibrate(job: str = "calibrate", period_s: float = 3600.0, slot: int | None = None) -> dict[str, Any]:
     return run_once(job, slot, period_s, calibrate_work)
 
 
-@app.task(name=TASK_RETRAIN, ignore_result=True, acks_late=True, reject_on_worker_lost=True, time_limit=4 * 3600)
+@app.task(name=TASK_RETRAIN, ignore_result=True, acks_late=True, reject_on_worker_lost=True, **time_limits(RETRAIN_TIME_LIMIT_S))
 def retrain(job: str = "retrain", period_s: float = 604_800.0, slot: int | None = None) -> dict[str, Any]:
     return run_once(job, slot, period_s, retrain_work)
 
 
-@app.task(name=TASK_COMPACT_STORE, ignore_result=True, acks_late=True, reject_on_worker_lost=True, time_limit=1800)
+@app.task(name=TASK_COMPACT_STORE, ignore_result=True, acks_late=True, reject_on_worker_lost=True, **time_limits(COMPACT_TIME_LIMIT_S))
 def compact_store(job: str = "compact-store", period_s: float = 86_400.0, slot: int | None = None) -> dict[str, Any]:
     return run_once(job, slot, period_s, compact_work)
