@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     metagraph_file: Path | None = Field(None, description="static metagraph JSON for --local mode")
     min_validator_stake: float = 65_000.0
     force_validator_permit: bool = True
-    rate_limit_per_minute: int = 120
+    rate_limit_per_minute: int = Field(120, ge=1, description="requests per validator hotkey and minute")
 
     # --- storage ------------------------------------------------------------------------------------
     artifacts_dir: Path = Path("artifacts")
@@ -75,17 +75,17 @@ class Settings(BaseSettings):
     # 18:05 New York, so on Sunday evening 3 days held under 24 h of them and XAU 1 h fell back to EWMA-t.
     cache_days_hf: float = 4.0
     cache_days_lf: float = 14.0
-    http_backoff_s: float = Field(0.25, description="base of the jittered exponential retry backoff")
-    http_backoff_max_s: float = Field(5.0, description="longest wait between two attempts")
-    refresh_lock_s: float = Field(120.0, description="a refresh holds its per-asset Redis lock at most this long")
+    http_backoff_s: float = Field(0.25, ge=0, description="base of the jittered exponential retry backoff")
+    http_backoff_max_s: float = Field(5.0, ge=0, description="longest wait between two attempts")
+    refresh_lock_s: float = Field(120.0, gt=0, description="a refresh holds its per-asset Redis lock at most this long")
     price_max_jump: float = Field(0.3, gt=0, description="log move from the last accepted close beyond which a "
                                   "new bar or latest print needs confirmation (core.price_checks)")
     price_confirm_bars: int = Field(2, ge=1, description="following bars that must stay near a jumped bar to accept it")
 
     # --- deadlines ------------------------------------------------------------------------------------
-    reply_margin_s: float = Field(2.0, description="time kept back before the deadline to send the reply")
-    fallback_budget_s: float = Field(1.0, description="time kept for the in-process fallback")
-    max_wait_s: float = Field(30.0, description="longest wait for the pool, even if the deadline is later")
+    reply_margin_s: float = Field(2.0, ge=0, description="time kept back before the deadline to send the reply")
+    fallback_budget_s: float = Field(1.0, gt=0, description="time kept for the in-process fallback")
+    max_wait_s: float = Field(30.0, gt=0, description="longest wait for the pool, even if the deadline is later")
     result_ttl_s: int = Field(120, ge=1)  # EXPIRE 0 would delete a result before the miner reads it
     worker_proc_alive_timeout_s: float = Field(
         60.0, gt=0, description="how long Celery lets a new worker process start (it loads torch and the models) "
@@ -97,7 +97,7 @@ class Settings(BaseSettings):
     queue_cpu: str = "cpu"
 
     # --- requests and engines -----------------------------------------------------------------------
-    max_num_simulations: int = 10_000
+    max_num_simulations: int = Field(10_000, ge=1)
     engine: EngineChoice = Field("patchtst", description="served engine; falls back to ewma_t if its models do not load")
     seed: int | None = Field(None, ge=0, description="fix the RNG (tests, backtests); None = fresh entropy")
     batch_lookback_days: float | None = Field(
@@ -110,10 +110,10 @@ class Settings(BaseSettings):
                                                      "sees one (a GPU worker), else cpu")
 
     # --- periodic jobs (Celery beat) -----------------------------------------------------------------
-    beat_refresh_s: float = Field(60.0, description="cache refresh period")
-    beat_calibrate_s: float = Field(3600.0, description="calibration period")
-    beat_retrain_s: float = Field(7 * 86_400.0, description="retraining period")
-    beat_compact_s: float = Field(86_400.0, description="history-store compaction period")
+    beat_refresh_s: float = Field(60.0, gt=0, description="cache refresh period")
+    beat_calibrate_s: float = Field(3600.0, gt=0, description="calibration period")
+    beat_retrain_s: float = Field(7 * 86_400.0, gt=0, description="retraining period")
+    beat_compact_s: float = Field(86_400.0, gt=0, description="history-store compaction period")
     beat_lock_ttl_s: float = Field(30.0, description="leader lock of the one beat allowed to schedule")
     # Beat's last-run times must survive restarts (pm2 changes the pid, docker the hostname): a fresh
     # file restarts every period, so the weekly retrain would wait a week again after each restart.

@@ -12,7 +12,11 @@ from synth_miner.cli import app
 
 
 @pytest.mark.parametrize("bad", [{"engine": "bogus"}, {"axon_port": 99_999}, {"log_level": "LOUD"},
-                                 {"seed": -1}, {"calibration_engine": "nope"}])
+                                 {"seed": -1}, {"calibration_engine": "nope"},
+                                 # A rate limit of 0 refused every validator; a zero wait or budget no answer in time.
+                                 {"rate_limit_per_minute": 0}, {"max_wait_s": 0}, {"fallback_budget_s": 0},
+                                 {"reply_margin_s": -1}, {"max_num_simulations": 0}, {"beat_refresh_s": 0},
+                                 {"refresh_lock_s": 0}, {"http_backoff_s": -0.1}])
 def test_unservable_values_are_refused(bad: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         Settings(_env_file=None, **bad)  # type: ignore[arg-type]
