@@ -29,7 +29,10 @@ class MinerData:
         self.shared = shared
         self.emergency = emergency or MarketData(MemoryHistoryCache(), shared.sources, 86_400, shared.steps_for,
                                                  settings=shared.settings)
-        self._last: dict[str, MarketSnapshot] = {}
+        self._last: dict[str, MarketSnapshot] = {}  # the newest snapshot of each asset, whatever its window
+        # ... and of each (asset, window) asked for: a 24 h request's fallback read the 1 h request's 4 days of
+        # history when that one came last, where its own window is 14.
+        self._by_window: dict[tuple[str, int], MarketSnapshot] = {}
         self._inflight: dict[str, asyncio.Future[MarketSnapshot]] = {}
 
     def _shared(self, asset: str, lookback_s: int | None) -> "tuple[asyncio.Future[MarketSnapshot], bool]":
@@ -59,7 +62,7 @@ class MinerData:
             if cached is not None:
                 snap = cached
             elif asset in self._last or shared.done():
-                return await self.fallback_snapshot(asset, deadline)
+                return await self.fallback_snapshot(asset, deadline, lookback_s)
             else:  # slow, not dead, and nothing else known: the same fetch gets the rest of the time
                 left = (deadline if deadline is not None else time.time() + SHARED_TIMEOUT_S) - time.time()
                 try:
@@ -69,6 +72,8 @@ class MinerData:
                 except Exception as late:
                     raise PriceDataError(f"no price for {asset} in time: {reason(late)}") from late
         self._last[asset] = snap
+        if lookback_s is not None:
+            self._by_window[asset, lookback_s] = snap
         return snap
 
     async def _cached(self, asset: str, lookback_s: int | None,
@@ -85,8 +90,12 @@ class MinerData:
         except Exception:
             return None
 
-    async def fallback_snapshot(self, asset: str, deadline: float | None = None) -> MarketSnapshot:
-        kept = self._last.get(asset)
+    async def fallback_snapshot(self, asset: str, deadline: float | None = None,
+                                lookback_s: int | None = None) -> MarketSnapshot:
+        """A kept snapshot (of ``lookback_s`` seconds when one is, else the asset's newest) with a fresh
+        anchor when one comes in time; the provider read directly when none is kept."""
+        kept = self._by_window.get((asset, lookback_s)) if lookback_s is not None else None
+        kept = kept or self._last.get(asset)
         if kept is not None:
             budget = _left(deadline, ANCHOR_TIMEOUT_S)
             if budget <= 0:  # no time for a fresh anchor: the kept price is the best there is by the deadline

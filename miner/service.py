@@ -116,7 +116,8 @@ class MinerService:
         if snapshot is None:
             # Half the fallback's budget for market data, half to compute: up to the deadline, a hung
             # provider's anchor fetch left the fallback to be computed after it.
-            snapshot = await self.data.fallback_snapshot(request.asset, deadline - self.settings.fallback_budget_s / 2)
+            snapshot = await self.data.fallback_snapshot(request.asset, deadline - self.settings.fallback_budget_s / 2,
+                                                         self._lookback(request))
         return await self._fallback(request, snapshot, "shared forecast not ready by this request's deadline",
                                     began, "shared")
 

@@ -53,6 +53,18 @@ async def test_fallback_takes_a_plausible_newer_anchor(miner: MinerData, clock: 
     assert snap.anchor == pytest.approx(kept.anchor, rel=0.1)
 
 
+async def test_a_fallback_reads_the_snapshot_of_its_own_window(miner: MinerData, clock: ManualClock) -> None:
+    """A 24 h request's fallback read whichever snapshot came last: after a 1 h request, 4 days of
+    history instead of its own 14 (here 1 h and 1 day)."""
+    day = await miner.snapshot("BTC", 86_400)
+    hour = await miner.snapshot("BTC", 3_600)
+    assert day.m1 is not None and hour.m1 is not None and len(day.m1) > 20 * len(hour.m1)
+    clock.advance(60)
+    for lookback, kept in ((86_400, day), (3_600, hour), (None, hour)):  # None: the asset's newest
+        snap = await miner.fallback_snapshot("BTC", lookback_s=lookback)
+        assert snap.m1 is kept.m1 and snap.anchor_time == kept.anchor_time + 60
+
+
 SNAP = MarketSnapshot("BTC", None, None, 100.0, int(time.time()))
 
 

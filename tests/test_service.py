@@ -24,7 +24,8 @@ class FakeData:
                        deadline: float | None = None) -> MarketSnapshot:
         return SNAP
 
-    async def fallback_snapshot(self, asset: str, deadline: float | None = None) -> MarketSnapshot:
+    async def fallback_snapshot(self, asset: str, deadline: float | None = None,
+                                lookback_s: int | None = None) -> MarketSnapshot:
         return SNAP
 
 
@@ -184,7 +185,8 @@ class HangingData(FakeData):
         await asyncio.sleep(max(0.0, (deadline or 0.0) - time.time()))
         return SNAP
 
-    async def fallback_snapshot(self, asset: str, deadline: float | None = None) -> MarketSnapshot:
+    async def fallback_snapshot(self, asset: str, deadline: float | None = None,
+                                lookback_s: int | None = None) -> MarketSnapshot:
         self.fallback_deadlines.append(deadline)
         await asyncio.sleep(max(0.0, min(2.0, (deadline or 0.0) - time.time())))  # a fresh anchor, up to then
         return SNAP
