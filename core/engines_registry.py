@@ -92,13 +92,24 @@ def build_forecaster(settings: Settings, engine: str | None = None) -> Forecaste
     return forecaster_for(settings, served_artifact(settings), engine)
 
 
+def scale_of(settings: Settings, artifact: "ArtifactSet | None") -> ScaleLookup:
+    """An artifact version's calibration of ``settings.calibration_engine`` (None: unscaled)."""
+    return artifact.calibration.lookup_for(settings.calibration_engine) if artifact is not None else no_calibration
+
+
+def checkpoints_of(artifact: "ArtifactSet | None") -> frozenset[tuple[str, str]]:
+    """The (checkpoint file, sha256) an artifact version carries: empty for the committed models alone."""
+    return frozenset() if artifact is None else frozenset(
+        (name, entry.sha256) for name, entry in artifact.manifest.files.items() if name.endswith(".pt"))
+
+
 def forecaster_for(settings: Settings, artifact: "ArtifactSet | None", engine: str | None = None) -> Forecaster:
     """The forecaster serving one loaded artifact version, its models and calibration both taken from
     it (None: the committed models, unscaled). Never re-reads ``current``: a publish in between would
     pair one version's models with another's calibration."""
     models_dir = models_in(artifact.path) if artifact is not None else None
-    scale = artifact.calibration.lookup_for(settings.calibration_engine) if artifact is not None else no_calibration
-    return forecaster_over(engines_over(settings, models_dir), engine or settings.engine, settings.seed, scale)
+    return forecaster_over(engines_over(settings, models_dir), engine or settings.engine, settings.seed,
+                           scale_of(settings, artifact))
 
 
 class LiveForecaster:
@@ -117,6 +128,7 @@ class LiveForecaster:
         self.settings = settings
         self.engine = engine
         self.watcher = ArtifactWatcher(ArtifactStore(settings.artifacts_dir, loaders=self.loaders))
+        self._checkpoints: frozenset[tuple[str, str]] | None = None  # those the loaded engines were built from
         if self.watcher.poll() is None:
             self._unpublished()
         self._forecaster = self._build(self.watcher.current)
@@ -126,7 +138,17 @@ class LiveForecaster:
         self._reloading = threading.Lock()
 
     def _build(self, artifact: "ArtifactSet | None") -> Forecaster:
-        return forecaster_for(self.settings, artifact, self.engine)
+        checkpoints = checkpoints_of(artifact)
+        if self._checkpoints == checkpoints:
+            kept = self._forecaster
+            # The hourly calibration copies the models forward: only its scales are new, and the loaded
+            # engines serve on (every worker rebuilt them all, on its next request, every hour).
+            forecaster = Forecaster(kept.engines, default=kept.default, seed=kept.seed,
+                                    scale=scale_of(self.settings, artifact))
+        else:
+            forecaster = forecaster_for(self.settings, artifact, self.engine)
+        self._checkpoints = checkpoints
+        return forecaster
 
     def _unpublished(self) -> None:
         log.info("no artifact loaded from %s: committed models, sigma_scale = 1", self.settings.artifacts_dir)

@@ -6,8 +6,8 @@ miner never runs (Celery mode, where the workers compute).
 """
 
 from core.artifacts import ArtifactSet, kept_as_bytes
-from core.engines_registry import LiveForecaster
-from core.forecast import FALLBACK_ENGINE, Forecaster, ForecasterSource, default_engines, no_calibration
+from core.engines_registry import LiveForecaster, scale_of
+from core.forecast import FALLBACK_ENGINE, Forecaster, ForecasterSource, default_engines
 from core.settings import Settings
 
 
@@ -43,9 +43,8 @@ class StatisticalForecaster(LiveForecaster):
         super().__init__(settings, engine)
 
     def _build(self, artifact: ArtifactSet | None) -> Forecaster:
-        scale = artifact.calibration.lookup_for(self.settings.calibration_engine) if artifact else no_calibration
         return Forecaster(default_engines(), default=self.engine or FALLBACK_ENGINE, seed=self.settings.seed,
-                          scale=scale)
+                          scale=scale_of(self.settings, artifact))
 
     def _unpublished(self) -> None:
         pass  # the served forecaster's start says it

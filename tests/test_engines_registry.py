@@ -3,6 +3,7 @@
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -15,6 +16,10 @@ from core.settings import Settings
 @dataclass
 class FakeSet:
     version: str
+
+    @property
+    def manifest(self) -> SimpleNamespace:  # each version carries a checkpoint of its own
+        return SimpleNamespace(files={f"{self.version}.pt": SimpleNamespace(sha256=self.version)})
 
 
 class FakeWatcher:

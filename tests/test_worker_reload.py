@@ -141,3 +141,31 @@ def test_a_reload_takes_models_and_calibration_from_one_version(tmp_path: Path,
     newest = live.current()  # the next task serves the newer version, whole
     assert live.version == later[0] and newest.scale("ewma_t", "BTC", 60) == 1.8
     assert newest.models["hf"].endswith("models/hf.pt")
+
+
+def test_a_calibration_publish_keeps_the_loaded_models_and_a_new_checkpoint_replaces_them(tmp_path: Path) -> None:
+    """The hourly calibration copies the models forward: every worker rebuilt all its PatchTST models from
+    the new version's copies on its next request, every hour. Same checkpoints now keep the loaded engine."""
+    from core.engines_registry import LiveForecaster
+
+    artifacts = tmp_path / "artifacts"
+    store = ArtifactStore(artifacts)
+    model = write_checkpoints(tmp_path / "retrained", ("hf",), perturb=0.3) / "hf.pt"
+
+    def calibrated(scale: float) -> bytes:
+        return CalibrationState({"ewma_t:BTC:60": Entry("ewma_t", "BTC", 60, scale=scale)}).to_json()
+
+    retrained = store.publish(store.stage({"hf.pt": model.read_bytes(), CALIBRATION_FILE: calibrated(1.0)}))
+    live = LiveForecaster(Settings(artifacts_dir=artifacts, engine="patchtst", seed=1))
+    first = live.current()
+    store.publish(store.stage({CALIBRATION_FILE: calibrated(1.4)}, inherit=True))  # the hourly job
+    hourly = live.current()
+    assert hourly is not first and hourly.scale("ewma_t", "BTC", 60) == 1.4
+    assert hourly.engines["patchtst"] is first.engines["patchtst"]  # not loaded again
+    assert hourly.models["hf"] == str(artifacts / "versions" / retrained / "hf.pt")  # the version that published it
+    other = write_checkpoints(tmp_path / "again", ("hf",), perturb=0.5) / "hf.pt"
+    again = store.publish(store.stage({"hf.pt": other.read_bytes()}, inherit=True))  # the next retrain
+    newest = live.current()
+    assert newest.engines["patchtst"] is not first.engines["patchtst"] and newest.scale("ewma_t", "BTC", 60) == 1.4
+    assert newest.models["hf"] == str(artifacts / "versions" / again / "hf.pt")
+    assert publish_scale(artifacts, 1.1) and live.current().models["hf"].endswith("models/hf.pt")  # committed again
