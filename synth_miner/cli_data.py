@@ -4,6 +4,7 @@ import asyncio
 import re
 import sys
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -181,6 +182,20 @@ async def _sync(asset: str, provider: str, settings: Settings, store: HistorySto
 
 
 # --- import -----------------------------------------------------------------------------------------------------
+def asset_cuts(manifest: Mapping[str, Any], stems: Iterable[str]) -> dict[str, int]:
+    """Per file stem (``spy``), the earliest held-out boundary of its files (``spy_1m``, ``spy_5m``).
+
+    Each file cut at its own boundary left the 1-minute file's rows past the 5-minute file's boundary
+    in the store, and the retrain resamples 5-minute bars from 1-minute ones: spy_5m's held-out week
+    came back into training that way."""
+    out: dict[str, int] = {}
+    for stem in set(stems):
+        found = [c for suffix in STEP_SUFFIX.values()
+                 if (c := held_out_start(manifest, f"{stem}_{suffix}".lower())) is not None]
+        if found:
+            out[stem] = min(found)
+    return out
+
 def assets_for_stem(stem: str) -> list[str]:
     """Registry assets whose files use this stem (spy -> SPYX and SP500), else the stem upper-cased."""
     found = [name for name, spec in ASSETS.items() if stem.lower() in spec.file_stems]
@@ -214,20 +229,28 @@ def import_csv(
     files = [(path, match) for path in listing if (match := CSV_NAME.match(path.name))]
     in_folder = {a for _, match in files for a in assets_for_stem(match["stem"])}
     only = known_assets(only, in_folder)
+    cuts = {} if include_held_out or not manifest else asset_cuts(manifest, [m["stem"].lower() for _, m in files])
     store = HistoryStore.from_settings(load_settings(data_dir=data_dir))
     table = Table("file", "asset", "step", "rows", "new", "span (UTC)", "held out", title=f"import into {store.root}")
     steps = {suffix: step for step, suffix in STEP_SUFFIX.items()}
-    imported = 0
+    imported = refused = 0
     failed = False
     for path, match in files:
         step = steps[match["res"].lower()]
         targets = [a for a in assets_for_stem(match["stem"]) if not only or a in only]
         if not targets:
             continue
+        file_stem = path.name.split(".")[0].lower()
+        if manifest and not include_held_out and held_out_start(manifest, file_stem) is None:
+            # As training refuses it: a file the manifest gives no boundary for may be all held out.
+            table.add_row(path.name, ",".join(targets), str(step), "-", "-", "-",
+                          "[yellow]refused: no eval_start_ts in the manifest[/yellow]")
+            refused += 1
+            continue
         try:
             hist = read_csv(path, step)
             held = "-"
-            cut = None if include_held_out else held_out_start(manifest, path.name.split(".")[0].lower())
+            cut = cuts.get(match["stem"].lower())
             if cut is not None:
                 kept = before_cut(hist, cut)
                 held = f"{len(hist) - len(kept)} rows from {_utc(cut)}"
@@ -240,12 +263,12 @@ def import_csv(
         except (PriceDataError, HistoryStoreError) as exc:
             failed = True
             table.add_row(path.name, ",".join(targets), str(step), "-", "-", f"[red]{exc}[/red]", "-")
-    if not imported and not failed:
+    if not imported and not failed and not refused:
         wanted = f" for {', '.join(only)}" if only else ""
         console.print(f"[red]nothing imported:[/red] no <stem>_<1m|5m>.csv(.gz) file{wanted} in {folder}")
         raise typer.Exit(1)
     console.print(table)
-    if failed:
+    if failed or not imported:
         raise typer.Exit(1)
 
 

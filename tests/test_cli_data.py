@@ -80,6 +80,33 @@ def test_import_leaves_the_held_out_rows_out_unless_asked(shared_data: Path, tmp
     assert not (tmp_path / "c" / "history").exists()
 
 
+def test_import_cuts_an_assets_files_at_their_earliest_boundary_and_refuses_files_without_one(
+        shared_data: Path, tmp_path: Path) -> None:
+    """The retrain resamples 5-minute bars from stored 1-minute ones: spy_1m, cut a week after spy_5m,
+    brought spy_5m's held-out week back into training that way; and tsla_1m, whose manifest entry gives no
+    boundary (training refuses it), was imported whole, held-out days included."""
+    from core.retraining import ResampledStore
+
+    manifest = json.loads((shared_data / "manifest.json").read_text())
+    cut_1m, cut_5m = manifest["spy_1m"]["eval_start_ts"], manifest["spy_5m"]["eval_start_ts"]
+    assert cut_5m < cut_1m and manifest["tsla_1m"]["eval_start_ts"] is None  # the shared folder's facts
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    for name in ("spy_1m", "spy_5m", "tsla_1m"):
+        (folder / f"{name}.csv.gz").write_bytes((shared_data / f"{name}.csv.gz").read_bytes())
+    (folder / "manifest.json").write_text(json.dumps({k: manifest[k] for k in ("spy_1m", "spy_5m", "tsla_1m")}))
+    result = runner.invoke(app, ["import", str(folder), "--data-dir", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    assert "refused: no eval_start_ts" in one_line(result.output) and "tsla_1m" in result.output
+    store = HistoryStore(tmp_path / "a" / "history")
+    assert store.read("TSLAX", 60, 0, 2 ** 40).first_ts is None  # nothing of it
+    assert store.read("SPYX", 60, 0, 2 ** 40).last_ts < cut_5m  # the asset's earliest boundary
+    resampled = ResampledStore(store).read("SPYX", 300, 0, 2 ** 40)
+    assert len(resampled) and int(resampled.ts[-1]) + 300 <= cut_5m
+    only_refused = runner.invoke(app, ["import", str(folder), "--asset", "TSLAX", "--data-dir", str(tmp_path / "b")])
+    assert only_refused.exit_code == 1 and "refused" in one_line(only_refused.output)
+
+
 def test_status_shows_the_cache_when_redis_is_given(csv_dir: Path, tmp_path: Path, redis_url: str) -> None:
     runner.invoke(app, ["import", str(csv_dir), "--data-dir", str(tmp_path), "--asset", "BTC"])
     client = redis.Redis.from_url(redis_url)
