@@ -216,13 +216,22 @@ class BatchSummary:
 def run_file(runner: BatchRunner, requests: Path, out: Path, on_line: Any = None) -> BatchSummary:
     """Stream a request file into an output file (written to a temp name, renamed when complete)."""
     began = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and out.resolve() == requests.resolve():  # renamed over the requests: the input was gone
+        raise BatchInputError(f"--out {out} is the requests file: give another file name")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BatchInputError(f"--out {out}: cannot create its folder ({exc.strerror or exc})") from None
     if out.is_dir():
         raise BatchInputError(f"--out {out} is a directory: give a file name")
     tmp = out.with_name(out.name + ".tmp")
     n = ok = errors = fallbacks = 0
     try:
-        with requests.open("rb") as src, tmp.open("wb") as dst:
+        dst_file = tmp.open("wb")
+    except OSError as exc:
+        raise BatchInputError(f"--out {out}: cannot be written ({exc.strerror or exc})") from None
+    try:
+        with requests.open("rb") as src, dst_file as dst:
             for outcome in runner.run_lines(src):
                 dst.write(outcome.line() + b"\n")
                 n += 1

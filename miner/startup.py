@@ -103,6 +103,9 @@ def check_port(host: str, port: int, option: str = "--port / SYNTH_AXON_PORT") -
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no conflict
             probe.bind((host, port))
+    except socket.gaierror as exc:  # the host is no address at all: not the port's fault
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or reason(exc)}",
+                           "--host / SYNTH_AXON_HOST") from None
     except OSError as exc:
         raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or reason(exc)} (another miner "
                            "there? pick a free one)", option) from None

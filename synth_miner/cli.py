@@ -188,13 +188,16 @@ def status(
 def bench(
     data_dir: Annotated[Path, typer.Option(help="CSV folder replayed by the stack")] = Path("../shared/data"),
     artifacts_dir: Annotated[Optional[Path], typer.Option(help="artifacts to serve (default: none)")] = None,
-    concurrency: Annotated[list[int], typer.Option(help="concurrent validators (repeatable)")] = [1, 8, 32],
-    per_lane: Annotated[int, typer.Option(help="sequential requests per validator")] = 3,
-    repeat: Annotated[int, typer.Option(help="repetitions per stage timing")] = 20,
+    concurrency: Annotated[list[int], typer.Option(help="concurrent validators (repeatable)", min=1)] = [1, 8, 32],
+    per_lane: Annotated[int, typer.Option(help="sequential requests per validator", min=1)] = 3,
+    repeat: Annotated[int, typer.Option(help="repetitions per stage timing", min=1)] = 20,
 ) -> None:
     """Benchmark every stage and the whole path (1 h and 24 h, several concurrencies) beside the floor axon."""
     if not data_dir.is_dir():
         raise typer.BadParameter(f"{data_dir} is not a folder of price CSV files", param_hint="--data-dir")
+    if not any(data_dir.glob("btc_1m.csv*")):  # the benchmark replays BTC's 1-minute file
+        raise typer.BadParameter(f"{data_dir} has no btc_1m.csv(.gz): the benchmark replays BTC",
+                                 param_hint="--data-dir")
     from synth_miner.bench import print_report, run_bench
 
     print_report(run_bench(data_dir, artifacts_dir, list(concurrency), per_lane, repeat))

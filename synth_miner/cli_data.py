@@ -94,6 +94,10 @@ def sync(
         raise typer.BadParameter("--since must be before --until")
     settings = load_settings(data_dir=data_dir)
     name = provider or settings.provider_for(asset)
+    if name == "replay":  # as the refresh job: shifted old rows would pass for real history, held-out ones too
+        raise typer.BadParameter("replayed prices are never written to the history store (the retrain trains "
+                                 "on it): sync from a live provider, or `data import` the CSV folder",
+                                 param_hint="--provider / SYNTH_PRICE_PROVIDER")
     store = HistoryStore.from_settings(settings)
     try:
         done = asyncio.run(_sync(asset, name, settings, store, start, end, step, max(60, int(chunk_days * 86_400))))

@@ -88,9 +88,11 @@ def forecast_batch(
         summary = run_file(runner, requests, out)
     except BatchInputError as exc:
         raise typer.BadParameter(str(exc), param_hint="--out") from None
-    console.print(f"{summary.lines} requests: {summary.ok} answered, {summary.errors} errors, "
-                  f"{summary.fallbacks} served by the fallback engine; engine {name}, seed {seed}; "
-                  f"{summary.seconds:.1f} s -> {out}")
+    # Off a terminal (a pipe, a log) rich wraps at 80 columns and split the output path: printed whole.
+    (console if console.is_terminal else Console(width=max(console.width, 400))).print(
+        f"{summary.lines} requests: {summary.ok} answered, {summary.errors} errors, "
+        f"{summary.fallbacks} served by the fallback engine; engine {name}, seed {seed}; "
+        f"{summary.seconds:.1f} s -> {out}")
 
 
 def backtest(

@@ -195,19 +195,14 @@ def retrain(
     it against the served model on the held-back newest prompts, publish the ones that do not lose."""
     import json
 
-    from pydantic import ValidationError
-
     from core.logs import setup_logging
     from core.retraining import run_retrain_job
-    from core.settings import Settings
+    from synth_miner.cli_settings import load_settings
 
     now = None if at is None else _parse_day(at, "--at")  # a usage error before anything is set up
     overrides: dict[str, Any] = {"retrain_days": days, "retrain_gate_days": gate_days,
                                  "retrain_publish": publish, "retrain_members": members}
-    try:
-        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        raise typer.BadParameter("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+    settings = load_settings(**overrides)  # a bad value, SYNTH_* list variables included: one usage line
     setup_logging(settings.log_level, settings.log_json)  # the job reports each model as it finishes
     if threads:
         import torch

@@ -56,7 +56,8 @@ def collect(settings: Settings) -> dict[str, Any]:
     except Exception as exc:
         report["errors"].append(f"artifacts: {exc}")
     if not settings.redis_url:
-        report["errors"].append("SYNTH_REDIS_URL is not set: embedded mode has no fleet to show")
+        # A "redis:" error, so `status` exits 1: on a host whose .env lacks the URL, `status || alert` never fired.
+        report["errors"].append("redis: SYNTH_REDIS_URL is not set: embedded mode has no fleet to show")
         return report
     try:
         client = redis.Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)

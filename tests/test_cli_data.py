@@ -364,6 +364,19 @@ def test_sync_takes_a_lower_case_asset_like_every_other_command(csv_dir: Path, t
     assert HistoryStore(tmp_path / "history").assets() == ["BTC"] and "BTC via binance" in result.output
 
 
+def test_sync_refuses_replayed_prices(csv_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shifted old rows (held-out ones too, from ../shared/data) passed for real history in the store the
+    retrain trains on; the refresh job never stores them either."""
+    monkeypatch.setenv("SYNTH_REPLAY_DIR", str(csv_dir))
+    for how in (["--provider", "replay"], []):
+        if not how:
+            monkeypatch.setenv("SYNTH_PRICE_PROVIDER", "replay")  # the README's offline fleet
+        result = runner.invoke(app, ["sync", "--asset", "BTC", "--since", str(int(time.time()) - 3600), *how,
+                                     "--data-dir", str(tmp_path)])
+        assert result.exit_code == 2 and "never written to the history store" in " ".join(result.output.split())
+    assert not (tmp_path / "history").exists() or HistoryStore(tmp_path / "history").assets() == []
+
+
 def test_an_unreadable_store_is_one_line_not_a_traceback(csv_dir: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     assert runner.invoke(app, ["import", str(csv_dir), "--data-dir", str(tmp_path)]).exit_code == 0

@@ -137,6 +137,24 @@ def test_forecast_batch_refuses_a_folder_as_output(prices: Path, tmp_path: Path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.jsonl"]  # no .tmp left behind
 
 
+def flat(output: str) -> str:
+    """A usage error's text without rich's box and line breaks."""
+    return " ".join(output.replace("\u2502", " ").split())
+
+
+def test_forecast_batch_never_writes_over_its_requests_and_says_when_out_cannot_be_written(
+        prices: Path, tmp_path: Path) -> None:
+    requests = one_request(tmp_path)
+    before = requests.read_bytes()
+    for out in (requests, tmp_path / "." / "r.jsonl"):  # the output renamed over the input destroyed it
+        over = batch(requests, prices, out, "--seed", "1", "--engine", "ewma_t", "--no-calibration")
+        assert over.exit_code == 2 and "is the requests file" in flat(over.output), over.output
+    assert requests.read_bytes() == before
+    under_a_file = batch(requests, prices, requests / "x.jsonl", "--seed", "1", "--engine", "ewma_t")
+    assert under_a_file.exit_code == 2 and "cannot create its folder" in flat(under_a_file.output)
+    assert "Traceback" not in under_a_file.output and requests.read_bytes() == before
+
+
 def test_forecast_batch_says_when_the_calibration_it_was_asked_for_is_missing(
         prices: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SYNTH_ARTIFACTS_DIR", str(tmp_path / "no-artifacts"))

@@ -128,3 +128,6 @@ def test_retrain_names_its_own_option_for_a_bad_time(tmp_path: Path, monkeypatch
     monkeypatch.setenv("SYNTH_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
     result = CliRunner().invoke(app, ["retrain", "--at", "next tuesday"])
     assert result.exit_code == 2 and "--at" in result.output and "--cut" not in result.output, result.output
+    monkeypatch.setenv("SYNTH_ALLOWED_HOTKEYS", "notjson")  # a list setting that is not JSON: not a traceback
+    result = CliRunner().invoke(app, ["retrain"])
+    assert result.exit_code == 2 and "list and dict settings are JSON" in result.output, result.output

@@ -335,6 +335,17 @@ def test_the_real_axon_listens_where_the_flags_say(tmp_path: Path, monkeypatch: 
 def test_bench_without_its_price_folder_is_a_usage_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["bench", "--data-dir", str(tmp_path / "missing"), "--repeat", "1"])
     assert result.exit_code == 2 and "--data-dir" in result.output, result.output
+    result = CliRunner().invoke(app, ["bench", "--data-dir", str(tmp_path), "--repeat", "1"])  # no btc_1m file
+    assert result.exit_code == 2 and "btc_1m" in flat(result.output), result.output
+    for option in ("--repeat", "--per-lane", "--concurrency"):  # 0 ran ~11 s, then a StatisticsError traceback
+        result = CliRunner().invoke(app, ["bench", "--data-dir", str(tmp_path), option, "0"])
+        assert result.exit_code == 2 and option in result.output, result.output
+
+
+def test_a_host_that_is_no_address_is_blamed_not_the_port(tmp_path: Path, shared_data: Path) -> None:
+    code, text = run_serve(tmp_path, "--local", "--host", "999.1.1.1", "--replay-dir", str(shared_data))
+    assert code == 2 and "--host" in flat(text) and "--port" not in flat(text), text[-3000:]
+    assert_short(text)
 
 
 def test_a_port_already_taken_is_refused_in_one_line(tmp_path: Path, shared_data: Path) -> None:

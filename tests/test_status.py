@@ -5,6 +5,7 @@ import json
 import time
 from pathlib import Path
 
+import pytest
 import redis
 from rich.console import Console
 
@@ -101,6 +102,18 @@ def test_json_report_never_shows_the_redis_password(tmp_path: Path) -> None:
     assert report["redis_url"] == "redis://:***@127.0.0.1:1/0"
     assert redacted("redis://user:pw@host:6380/1?password=pw2&db=1") == "redis://user:***@host:6380/1?password=***&db=1"
     assert redacted("unix:///run/redis.sock") == "unix:///run/redis.sock" and redacted(None) is None
+
+
+def test_status_without_a_redis_url_exits_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It cannot see the fleet at all: a monitor running `status || alert` must hear of it."""
+    from typer.testing import CliRunner
+
+    from synth_miner.cli import app
+
+    monkeypatch.delenv("SYNTH_REDIS_URL", raising=False)
+    monkeypatch.setenv("SYNTH_ARTIFACTS_DIR", str(tmp_path))
+    result = CliRunner().invoke(app, ["status", "--json"])
+    assert result.exit_code == 1 and "SYNTH_REDIS_URL is not set" in result.output, result.output
 
 
 def test_a_stopped_worker_is_flagged_not_listed_as_serving(redis_url: str, tmp_path: Path) -> None:
