@@ -216,8 +216,12 @@ class RedisHistoryCache:
 
     def claim_source(self, asset: str, source: str) -> str | None:
         """Record that ``source`` fills the asset's cache from now on; returns the one that did before."""
-        before = self.client.set(CACHE_SOURCE_KEY.format(asset=asset), source, get=True)
-        return None if before is None else bytes(cast(bytes, before)).decode(errors="replace")
+        key = CACHE_SOURCE_KEY.format(asset=asset)
+        pipe = self.client.pipeline()  # MULTI/EXEC: SET ... GET needs Redis 6.2, and GETSET is deprecated
+        pipe.get(key)
+        pipe.set(key, source)
+        before = cast(list[bytes | None], pipe.execute())[0]
+        return None if before is None else before.decode(errors="replace")
 
     def day_keys(self, asset: str, step: int) -> list[str]:
         """Keys of the days the span covers (for memory reports and operators)."""

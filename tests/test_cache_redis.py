@@ -143,3 +143,10 @@ def test_trim_through_a_closed_market_leaves_no_orphan_day(cache: RedisHistoryCa
     assert not client.exists(cache.day_key("SPYX", 60, DAY0 // SECONDS_PER_DAY))
     cache.clear(["SPYX"])
     assert not client.keys("synth:cache*")
+
+
+def test_claim_source_says_which_source_filled_the_asset_before(cache: RedisHistoryCache) -> None:
+    assert cache.claim_source("BTC", "replay") is None  # nothing cached from anywhere yet
+    assert cache.claim_source("BTC", "binance") == "replay"
+    assert cache.claim_source("BTC", "binance") == "binance"
+    assert cache.claim_source("ETH", "binance") is None  # per asset

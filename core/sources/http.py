@@ -1,7 +1,8 @@
 """HTTP plumbing shared by the provider clients: one session, per-host limits, retries, strict errors.
 
 Every way a provider can hand us a wrong price ends in a subclass of ``ProviderError``: a client
-either returns history and prices it has checked, or raises. Nothing is silently repaired.
+either returns history and prices it has checked, or raises. Nothing is silently repaired: a few
+unusable rows in a history page are dropped as gaps, and logged (``build_history``).
 """
 
 import asyncio
