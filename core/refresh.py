@@ -6,12 +6,14 @@ own retention (Hyperliquid keeps about 3.5 days). A Celery task calls ``refresh_
 
 import asyncio
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import redis
+from redis.lock import Lock
 
 from core.cache import HistoryCache
 from core.cache_redis import RedisHistoryCache
@@ -124,7 +126,7 @@ async def _asset_lock(cache: HistoryCache, asset: str, settings: Settings) -> As
     give_up = time.monotonic() + settings.refresh_lock_s / 2
     held = False
     try:
-        while not (held := bool(await asyncio.to_thread(lock.acquire, blocking=False))):
+        while not (held := await _try_lock(lock)):
             if time.monotonic() >= give_up:
                 break
             await asyncio.sleep(REFRESH_LOCK_POLL_S)
@@ -138,6 +140,33 @@ async def _asset_lock(cache: HistoryCache, asset: str, settings: Settings) -> As
                 await asyncio.to_thread(lock.release)
             except redis.RedisError as exc:  # expired while we worked: someone else may hold it now
                 log.warning("refresh lock for %s lost: %s", asset, exc)
+
+
+async def _try_lock(lock: Lock) -> bool:
+    """One non-blocking try, on a thread. Cancelled meanwhile (a miner stopping), the thread goes on: a lock it
+    takes after the refresh has gone is released at once, where it was left to block every other refresher
+    of the asset until its TTL."""
+    attempt = asyncio.ensure_future(asyncio.to_thread(lock.acquire, blocking=False))
+    try:
+        return bool(await asyncio.shield(attempt))
+    except asyncio.CancelledError:
+        attempt.add_done_callback(_release_if_taken(lock))
+        raise
+
+
+def _release_if_taken(lock: Lock) -> Callable[["asyncio.Future[bool]"], None]:
+    def release(attempt: "asyncio.Future[bool]") -> None:
+        if attempt.cancelled() or attempt.exception() is not None or not attempt.result():
+            return
+
+        def quietly() -> None:
+            try:
+                lock.release()
+            except redis.RedisError as exc:
+                log.warning("refresh lock taken after its refresh was cancelled not released: %s", exc)
+
+        threading.Thread(target=quietly, name="refresh-lock-release", daemon=True).start()  # not on the loop
+    return release
 
 
 async def refresh_asset(asset: str, source: PriceSource, cache: HistoryCache, store: HistoryStore | None,

@@ -27,6 +27,7 @@ from core.constants import (
 )
 from core.settings import Settings, get_settings
 from synth_miner.devstack import ROOT, RedisServer, spawn
+from tests.conftest import free_port
 from tests.worker_apps import RETRAIN_HANG_KEY, RETRAIN_STARTS_KEY
 
 WEEK = 604_800.0
@@ -277,6 +278,26 @@ def test_a_claim_while_redis_stays_down_fails_and_says_the_run_is_lost(
     assert not calls
     lost = errors(caplog)
     assert len(lost) == 1 and f"retrain slot {SLOT}" in lost[0] and "lost" in lost[0], lost
+
+
+def test_a_claim_while_the_primary_is_demoted_waits_for_it_and_the_job_runs(own_redis: RedisServer) -> None:
+    """A failover demotes the primary the URL names: every write is refused READONLY until it is promoted
+    again (or the address moves). That error was not retried, and the slot's run was dropped."""
+    from workers import jobs
+
+    client = redis.Redis.from_url(own_redis.url)
+    client.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))  # a replica of nothing: read-only
+    with pytest.raises(redis.exceptions.ReadOnlyError):
+        client.set("probe", 1)
+    promote = threading.Timer(BLIP_S, lambda: client.execute_command("REPLICAOF", "NO", "ONE"))
+    promote.start()
+    try:
+        calls: list[int] = []
+        record = jobs.run_once("calibrate", SLOT, 3600.0, work_done(calls))
+    finally:
+        promote.join()
+    assert record["status"] == "ok" and calls, record
+    assert [r["status"] for r in runs(client)] == ["ok"]
 
 
 def test_a_record_made_while_redis_restarts_still_lands(own_redis: RedisServer) -> None:

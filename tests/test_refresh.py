@@ -2,10 +2,11 @@
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 import pytest
@@ -350,6 +351,42 @@ async def test_waiting_for_another_refreshs_lock_holds_no_executor_thread(
     holder.release()  # the other refresh ends: this one takes the lock and goes on
     report = await asyncio.wait_for(waiting, timeout=10.0)
     assert report.ok and len(cached(cache)) > 0
+
+
+async def test_a_refresh_cancelled_while_its_lock_is_taken_leaves_it_free(
+        cache: RedisHistoryCache, store: HistoryStore, settings: Settings, source: BinanceSource,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The try runs on a thread that a cancellation does not stop: the lock it took after the refresh had
+    gone was held by nobody for its whole TTL, and every other refresher of the asset waited on it."""
+    real = cache.refresh_lock
+    taken = threading.Event()
+
+    class SlowLock:
+        def __init__(self, lock: Any) -> None:
+            self.lock = lock
+
+        def acquire(self, blocking: bool = False) -> bool:
+            time.sleep(0.5)  # a slow Redis round trip: the refresh is cancelled meanwhile
+            got = bool(self.lock.acquire(blocking=blocking))
+            taken.set()
+            return got
+
+        def release(self) -> None:
+            self.lock.release()
+
+    monkeypatch.setattr(cache, "refresh_lock", lambda *a, **k: SlowLock(real(*a, **k)))
+    refreshing = asyncio.create_task(refresh_asset("BTC", source, cache, store, settings, now=T0))
+    await asyncio.sleep(0.1)
+    refreshing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await refreshing
+    assert await asyncio.to_thread(taken.wait, 5)
+    other = real("BTC", ttl_s=30, wait_s=0)
+    deadline = time.monotonic() + 5
+    while not other.acquire(blocking=False):  # released at once, not after settings.refresh_lock_s
+        assert time.monotonic() < deadline, "the lock stayed held after its refresh was cancelled"
+        await asyncio.sleep(0.05)
+    other.release()
 
 
 async def test_a_failed_page_keeps_the_pages_before_it_and_the_next_refresh_fills_the_rest(

@@ -49,9 +49,9 @@ from workers.app import app
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# What a blip raises (BusyLoadingError, a restarted Redis still loading, is a ConnectionError); a script's
-# error would fail again.
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+# What a blip raises (BusyLoadingError, a restarted Redis still loading, is a ConnectionError; ReadOnlyError,
+# a primary demoted in a failover until the address moves to the new one); a script's error would fail again.
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError)
 
 CLAIMED, EXHAUSTED, RUNNING, DONE = "claimed", "exhausted", "running:", "done:"
 
