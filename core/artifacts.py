@@ -129,6 +129,11 @@ class Manifest:
     files: Mapping[str, FileEntry]
     notes: Mapping[str, str] = field(default_factory=dict)
 
+    @property
+    def checkpoints(self) -> dict[str, str]:
+        """The model checkpoint files it lists, with their sha256 (none: the committed models serve)."""
+        return {name: entry.sha256 for name, entry in self.files.items() if name.endswith(".pt")}
+
     def to_json(self) -> bytes:
         doc = {"format": MANIFEST_FORMAT, "version": self.version, "created": self.created,
                "code_version": self.code_version, "git_sha": self.git_sha,
@@ -507,8 +512,7 @@ class ArtifactStore:
             try:
                 m = Manifest.from_json((directory / MANIFEST_FILE).read_bytes())
                 out.append(VersionInfo(directory.name, m.created, m.code_version, m.data_window, m.notes,
-                                       directory.name == current, None,
-                                       {n: e.sha256 for n, e in m.files.items() if n.endswith(".pt")}))
+                                       directory.name == current, None, m.checkpoints))
             except (OSError, ArtifactError) as exc:
                 out.append(VersionInfo(directory.name, None, None, None, {}, directory.name == current, str(exc)))
         return sorted(out, key=lambda v: (v.created or "", v.version))

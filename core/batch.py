@@ -216,7 +216,7 @@ class BatchSummary:
 def run_file(runner: BatchRunner, requests: Path, out: Path, on_line: Any = None) -> BatchSummary:
     """Stream a request file into an output file (written to a temp name, renamed when complete)."""
     began = time.perf_counter()
-    if out.exists() and out.resolve() == requests.resolve():  # renamed over the requests: the input was gone
+    if out.exists() and out.samefile(requests):  # renamed over the requests: the input was gone
         raise BatchInputError(f"--out {out} is the requests file: give another file name")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

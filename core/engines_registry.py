@@ -99,8 +99,7 @@ def scale_of(settings: Settings, artifact: "ArtifactSet | None") -> ScaleLookup:
 
 def checkpoints_of(artifact: "ArtifactSet | None") -> frozenset[tuple[str, str]]:
     """The (checkpoint file, sha256) an artifact version carries: empty for the committed models alone."""
-    return frozenset() if artifact is None else frozenset(
-        (name, entry.sha256) for name, entry in artifact.manifest.files.items() if name.endswith(".pt"))
+    return frozenset() if artifact is None else frozenset(artifact.manifest.checkpoints.items())
 
 
 def forecaster_for(settings: Settings, artifact: "ArtifactSet | None", engine: str | None = None) -> Forecaster:

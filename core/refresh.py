@@ -5,10 +5,11 @@ own retention (Hyperliquid keeps about 3.5 days). A Celery task calls ``refresh_
 """
 
 import asyncio
+import functools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -150,23 +151,21 @@ async def _try_lock(lock: Lock) -> bool:
     try:
         return bool(await asyncio.shield(attempt))
     except asyncio.CancelledError:
-        attempt.add_done_callback(_release_if_taken(lock))
+        attempt.add_done_callback(functools.partial(_release_if_taken, lock))
         raise
 
 
-def _release_if_taken(lock: Lock) -> Callable[["asyncio.Future[bool]"], None]:
-    def release(attempt: "asyncio.Future[bool]") -> None:
-        if attempt.cancelled() or attempt.exception() is not None or not attempt.result():
-            return
+def _release_if_taken(lock: Lock, attempt: "asyncio.Future[bool]") -> None:
+    if not attempt.cancelled() and attempt.exception() is None and attempt.result():
+        threading.Thread(target=_release_quietly, args=(lock,), name="refresh-lock-release", daemon=True).start()
 
-        def quietly() -> None:
-            try:
-                lock.release()
-            except redis.RedisError as exc:
-                log.warning("refresh lock taken after its refresh was cancelled not released: %s", exc)
 
-        threading.Thread(target=quietly, name="refresh-lock-release", daemon=True).start()  # not on the loop
-    return release
+def _release_quietly(lock: Lock) -> None:
+    """Off the event loop (a done callback runs on it)."""
+    try:
+        lock.release()
+    except redis.RedisError as exc:
+        log.warning("refresh lock taken after its refresh was cancelled not released: %s", exc)
 
 
 async def refresh_asset(asset: str, source: PriceSource, cache: HistoryCache, store: HistoryStore | None,

@@ -19,7 +19,7 @@ class FakeSet:
 
     @property
     def manifest(self) -> SimpleNamespace:  # each version carries a checkpoint of its own
-        return SimpleNamespace(files={f"{self.version}.pt": SimpleNamespace(sha256=self.version)})
+        return SimpleNamespace(checkpoints={f"{self.version}.pt": self.version})
 
 
 class FakeWatcher:
