@@ -698,6 +698,8 @@ class ArtifactStore:
         checkpoints than the current one (``previous_models``, kept through pruning for this)."""
         if models and to is not None:
             raise ArtifactError("roll back either to a version or to the previous models, not both")
+        if not self.root.is_dir():  # a mistyped --dir: the lock would create it, and report "nothing is current"
+            raise ArtifactError(f"no artifact store at {self.root}")
         with self._locked():
             try:
                 current, unusable = self.current_version(), False

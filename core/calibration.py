@@ -41,7 +41,7 @@ from scipy.optimize import minimize_scalar
 
 from core.atomic_files import atomic_write
 from core.constants import LF_INCREMENT
-from core.engines.base import Engine, Float32Array, ParametricEngine
+from core.engines.base import Engine, EngineError, Float32Array, ParametricEngine
 from core.evaluation import (
     GRIDS,
     AssetHistory,
@@ -182,11 +182,17 @@ PathsFor = Callable[[int, Case], npt.NDArray[np.floating[Any]]]  # (index in the
 
 
 def score_cases(cases: Sequence[Case], paths_for: PathsFor, rules: Rules) -> FloatArray:
-    """Validator CRPS total per case; NaN where the response would be invalid."""
+    """Validator CRPS total per case; NaN where the response would be invalid or the engine cannot forecast."""
     out = np.full(len(cases), np.nan)
     for i, case in enumerate(cases):
         req = case.request
-        paths = np.asarray(paths_for(i, case), dtype=np.float64)  # the one float64 copy the scorer needs
+        try:
+            paths = np.asarray(paths_for(i, case), dtype=np.float64)  # the one float64 copy the scorer needs
+        except EngineError:
+            # E.g. PatchTST on a prompt whose history is too short for its context: live, the forecaster
+            # answers with EWMA-t; here the case is left unscored. It raised out of the whole run before,
+            # so one such prompt of one asset stopped every key's calibration.
+            continue
         score = score_prompt(paths, case.realised, req.time_increment, req.time_length, rules)
         if score.valid:
             out[i] = score.total
@@ -200,7 +206,15 @@ def scaled_paths(engine: Engine, case: Case, seed: int) -> Callable[[float], Flo
     """Paths for one case as a function of sigma_scale, the same random numbers for every scale."""
     if isinstance(engine, ParametricEngine) and type(engine).forecast is ParametricEngine.forecast:
         # Same result as engine.forecast, without recomputing the parameters for every candidate.
-        p = engine.params(case.request, case.snapshot)
+        try:
+            p = engine.params(case.request, case.snapshot)
+        except EngineError as exc:
+            error = exc  # raised when scored (score_cases leaves the case unscored), not while listing cases
+
+            def fail(s: float) -> Float32Array:
+                raise error
+
+            return fail
         return lambda s: sample_paths(case.snapshot.anchor, p.mu, p.sigma, p.nu, case.request.num_simulations,
                                       rng_for(case.request, seed), p.latent, s)
     return lambda s: engine.forecast(case.request, case.snapshot, rng_for(case.request, seed), s)

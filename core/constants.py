@@ -69,8 +69,11 @@ STAGING_KEEP_S: Final = 7 * 86_400
 STAGING_KEEP_NEWEST: Final = 5
 
 # --- Worker processes ------------------------------------------------------------------------------------
-HEARTBEAT_TTL_S: Final = 120  # a worker's heartbeat key outlives it this long
-HEARTBEAT_EVERY_S: Final = HEARTBEAT_TTL_S / 4  # an idle process re-announces itself this often
+HEARTBEAT_TTL_S: Final = 60  # a worker's heartbeat key outlives it this long
+# An idle process re-announces itself this often (a SET per process: cheap). It bounds how long a worker
+# killed without a goodbye (kill -9, OOM, a lost host) still looks alive: 30 s between beats kept the miner
+# sending its only worker's queue forecasts nobody computed, each waiting out its deadline, for 75 s.
+HEARTBEAT_EVERY_S: Final = 10.0
 # A process silent this long (2.5 missed announcements) counts as stopped or stuck: its key may outlive it
 # for up to HEARTBEAT_TTL_S, so `status` flags it and the miner stops sending it forecasts.
 HEARTBEAT_STALE_AFTER_S: Final = 2.5 * HEARTBEAT_EVERY_S
@@ -98,6 +101,9 @@ BEAT_SCHEDULE_FILE: Final = "beat-schedule.db"  # under Settings.data_dir unless
 BEAT_SEND_RETRY_S: Final = (1.0, 300.0)
 
 # --- Miner process ---------------------------------------------------------------------------------------
+# A request that joined an identical one's computation, which fell back (the pool late for that caller's
+# deadline), asks the pool itself when its own pool deadline is at least this much later.
+JOINER_POOL_RETRY_MIN_S: Final = 1.0
 AXON_START_S: Final = 10.0  # uvicorn's thread must have bound the axon's socket by then, or serve refuses
 
 # --- Chain (production miner) ---------------------------------------------------------------------------

@@ -77,6 +77,14 @@ class StoreSummary:
     missing_bars: int  # bars absent between the first and the last
 
 
+@dataclass(frozen=True)
+class Merged:
+    """What an append changed: bars not stored before, and stored bars given another close."""
+
+    new: int
+    replaced: int
+
+
 def step_dir(step: int) -> str:
     return STEP_DIRS.get(step, f"{step}s")
 
@@ -233,8 +241,13 @@ class HistoryStore:
     # --- writing -----------------------------------------------------------------------------------------
     def append(self, asset: str, history: PriceHistory) -> int:
         """Add (or overwrite) bars; returns how many were not stored before. Idempotent."""
+        return self.merge(asset, history).new
+
+    def merge(self, asset: str, history: PriceHistory) -> "Merged":
+        """``append``, also counting the stored bars whose close the history replaced with another: an
+        import over bars a live provider stored says how many it changed instead of changing them silently."""
         if not len(history):
-            return 0
+            return Merged(0, 0)
         step = history.step
         # Checked for every bar before any day is written: a bad last bar must not leave the first days stored.
         problem = bar_time_problem(step, history.ts)
@@ -244,7 +257,7 @@ class HistoryStore:
         per_day = SECONDS_PER_DAY // step
         day = history.ts // SECONDS_PER_DAY
         bounds = np.r_[0, np.flatnonzero(np.diff(day)) + 1, day.size]
-        new = 0
+        new = replaced = 0
         # A day that cannot be read or written must not cost the other days their bars: the refresh owes
         # the store only what is newer than its newest bar, so days skipped here would never be retried.
         failed: list[HistoryStoreError] = []
@@ -264,13 +277,14 @@ class HistoryStore:
                     failed.append(exc)
                     continue
                 new += int(np.count_nonzero(before <= 0))
+                replaced += int(np.count_nonzero((before > 0) & (before != history.close[a:b])))
         if failed:
             first = failed[0]
             more = f" (and {len(failed) - 1} more day(s))" if len(failed) > 1 else ""
             error = type(first)(f"{first}{more}; the other days were stored")
             error.stored = new  # the caller's count of new bars stays true
             raise error from first
-        return new
+        return Merged(new, replaced)
 
     def _write_partition(self, asset: str, step: int, day: int,
                          values: np.ndarray[Any, np.dtype[np.float64]]) -> None:

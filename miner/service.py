@@ -5,7 +5,8 @@ same minute, are computed once and the pool's rendered reply is reused until the
 at most ``DONE_MAX_AGE_S``: a forecast kept longer is stale). A fallback reply is not reused (the pool
 may be back for the next asker), nor one a worker's stand-in engine computed (its model may serve the
 next), and a request that joins a computation working to a later deadline than its own falls back by its
-own deadline.
+own deadline. One that joined a computation with an earlier deadline, which fell back, asks the pool
+again while its own deadline leaves time for it (``JOINER_POOL_RETRY_MIN_S``).
 """
 
 import asyncio
@@ -22,6 +23,7 @@ from typing import TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from core.constants import JOINER_POOL_RETRY_MIN_S
 from core.forecast import ForecasterSource
 from core.prices import MarketSnapshot
 from core.prompts import ForecastRequest
@@ -88,6 +90,9 @@ class MinerService:
 
     async def answer(self, request: ForecastRequest, deadline: float) -> Answer:
         self.counters["requests"] += 1
+        return await self._answer(request, deadline, retried=False)
+
+    async def _answer(self, request: ForecastRequest, deadline: float, retried: bool) -> Answer:
         key = request.key()
         done = self._done.get(key)
         if done is not None and time.time() - done.as_of > DONE_MAX_AGE_S:
@@ -105,7 +110,13 @@ class MinerService:
         self.counters["shared"] += 1
         task, works_to = inflight
         if works_to <= deadline:
-            return replace(await asyncio.shield(task), shared=True)
+            shared = await asyncio.shield(task)
+            # Its first caller's deadline left the pool too little time; this caller's may not. Retried
+            # once, as a new computation (or by joining one another joiner started).
+            if shared.source == "fallback" and not retried and self._pool_deadline(deadline) - max(
+                    self._pool_deadline(works_to), time.time()) >= JOINER_POOL_RETRY_MIN_S:
+                return await self._answer(request, deadline, retried=True)
+            return replace(shared, shared=True)
         # The shared computation may answer after this caller has gone: wait for it only while this
         # request's own fallback still fits before its deadline.
         await asyncio.wait([task], timeout=max(0.0, deadline - self.settings.fallback_budget_s - time.time()))
@@ -142,7 +153,7 @@ class MinerService:
     async def _compute(self, request: ForecastRequest, deadline: float) -> Answer:
         began, as_of = time.perf_counter(), time.time()
         request_id = uuid.uuid4().hex
-        pool_deadline = min(deadline - self.settings.fallback_budget_s, time.time() + self.settings.max_wait_s)
+        pool_deadline = self._pool_deadline(deadline)
         snapshot = await self.data.snapshot(request.asset, self._lookback(request), deadline=pool_deadline)
         self._snapshots[request.key()] = snapshot
         reason: str | None
@@ -174,6 +185,10 @@ class MinerService:
     def _fallback_reply(self, request: ForecastRequest, snapshot: MarketSnapshot) -> tuple[bytes, str]:
         result = self.fallback.current().run(request, snapshot)
         return self._checked_reply(result.paths, request), result.engine
+
+    def _pool_deadline(self, deadline: float) -> float:
+        """When the pool must be done, so that the fallback still fits before ``deadline``."""
+        return min(deadline - self.settings.fallback_budget_s, time.time() + self.settings.max_wait_s)
 
     def _lookback(self, request: ForecastRequest) -> int:
         return self.settings.cache_window_s(request.time_increment)

@@ -235,9 +235,10 @@ def import_csv(
     only = known_assets(only, in_folder)
     cuts = {} if include_held_out or not manifest else asset_cuts(manifest, [m["stem"].lower() for _, m in files])
     store = HistoryStore.from_settings(load_settings(data_dir=data_dir))
-    table = Table("file", "asset", "step", "rows", "new", "span (UTC)", "held out", title=f"import into {store.root}")
+    table = Table("file", "asset", "step", "rows", "new", "replaced", "span (UTC)", "held out",
+                  title=f"import into {store.root}")
     steps = {suffix: step for step, suffix in STEP_SUFFIX.items()}
-    imported = refused = 0
+    imported = refused = replaced = 0
     failed = False
     for path, match in files:
         step = steps[match["res"].lower()]
@@ -247,7 +248,7 @@ def import_csv(
         file_stem = path.name.split(".")[0].lower()
         if manifest and not include_held_out and held_out_start(manifest, file_stem) is None:
             # As training refuses it: a file the manifest gives no boundary for may be all held out.
-            table.add_row(path.name, ",".join(targets), str(step), "-", "-", "-",
+            table.add_row(path.name, ",".join(targets), str(step), "-", "-", "-", "-",
                           "[yellow]refused: no eval_start_ts in the manifest[/yellow]")
             refused += 1
             continue
@@ -260,18 +261,22 @@ def import_csv(
                 held = f"{len(hist) - len(kept)} rows from {_utc(cut)}"
                 hist = kept
             for asset in targets:
-                new = store.append(asset, hist)
+                merged = store.merge(asset, hist)
                 imported += 1
-                table.add_row(path.name, asset, str(step), str(len(hist)), str(new),
+                replaced += merged.replaced
+                table.add_row(path.name, asset, str(step), str(len(hist)), str(merged.new),
+                              f"[yellow]{merged.replaced}[/yellow]" if merged.replaced else "0",
                               f"{_utc(hist.first_ts)} -> {_utc(hist.last_ts)}", held)
         except (PriceDataError, HistoryStoreError) as exc:
             failed = True
-            table.add_row(path.name, ",".join(targets), str(step), "-", "-", f"[red]{exc}[/red]", "-")
+            table.add_row(path.name, ",".join(targets), str(step), "-", "-", "-", f"[red]{exc}[/red]", "-")
     if not imported and not failed and not refused:
         wanted = f" for {', '.join(only)}" if only else ""
         console.print(f"[red]nothing imported:[/red] no <stem>_<1m|5m>.csv(.gz) file{wanted} in {folder}")
         raise typer.Exit(1)
     console.print(table)
+    if replaced:  # another source's closes for the same bars (a live provider's, an earlier file's)
+        console.print(f"[yellow]{replaced} stored bar(s) had another close and now hold the file's[/yellow]")
     if failed or not imported:
         raise typer.Exit(1)
 

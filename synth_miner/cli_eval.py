@@ -122,7 +122,8 @@ def backtest(
     calibrated: Annotated[bool, typer.Option("--calibrated/--raw", help="apply the published sigma calibration")]
     = False,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="write the PNG figures")] = True,
-    bootstrap: Annotated[int, typer.Option("--bootstrap", help="bootstrap resamples for the ratio intervals")]
+    bootstrap: Annotated[int, typer.Option("--bootstrap", min=0,
+                                                help="bootstrap resamples for the ratio intervals (0: none)")]
     = 2000,
 ) -> None:
     """Score engines on validator-style prompts (held-out windows by default) and write table, JSON, PNGs."""

@@ -293,6 +293,14 @@ def test_a_manifest_json_cannot_parse_is_an_artifact_error(store: ArtifactStore,
     assert_whole(store.load_current())
 
 
+def test_rollback_of_a_missing_store_says_so_and_creates_nothing(tmp_path: Path) -> None:
+    """A mistyped --dir: the rollback names the folder instead of creating it and its lock file."""
+    missing = tmp_path / "artifcats"
+    with pytest.raises(ArtifactError, match="no artifact store at"):
+        ArtifactStore(missing).rollback()
+    assert not missing.exists()
+
+
 def test_rollback_walks_back_and_can_jump_forward(store: ArtifactStore) -> None:
     for tag in ("v001", "v002", "v003"):
         store.publish(stage(store, tag))

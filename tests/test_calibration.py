@@ -27,7 +27,7 @@ from core.calibration import (
     scale_key,
     search_scale,
 )
-from core.engines.base import ParametricEngine, StepParams
+from core.engines.base import EngineError, ParametricEngine, StepParams
 from core.evaluation import AssetHistory
 from core.forecast import Forecaster
 from core.history_store import HistoryStore
@@ -236,6 +236,37 @@ def test_a_key_that_scores_no_prompt_still_saves(tmp_path: Path) -> None:
     assert outcome.mean_crps_target is None and outcome.mean_crps_old is None
     state.save(tmp_path / CALIBRATION_FILE)  # raised "Out of range float values are not JSON compliant"
     assert CalibrationState.load(tmp_path / CALIBRATION_FILE).entries == state.entries
+
+
+class PickyEngine(FixedSigmaEngine):
+    """Refuses some prompts as PatchTST does one whose history is too short for its context."""
+
+    name = "picky"
+
+    def params(self, request: ForecastRequest, snapshot: MarketSnapshot) -> StepParams:
+        if request.start_ts // 60 % 2:  # about half the prompts
+            raise EngineError("need 480 returns at 60s, history has 12")
+        return super().params(request, snapshot)
+
+
+class PickyForecastEngine(PickyEngine):
+    """The same, through an engine of its own forecast (scored lazily, not through params)."""
+
+    def forecast(self, request: ForecastRequest, snapshot: MarketSnapshot, rng: np.random.Generator,
+                 sigma_scale: float = 1.0) -> npt.NDArray[np.float32]:
+        return ParametricEngine.forecast(self, request, snapshot, rng, sigma_scale)
+
+
+@pytest.mark.parametrize("engine", [PickyEngine(MINUTE_SIGMA, 5.0), PickyForecastEngine(MINUTE_SIGMA, 5.0)])
+def test_prompts_an_engine_cannot_forecast_are_left_unscored(engine: FixedSigmaEngine) -> None:
+    # One such prompt raised out of calibrate_key, and so out of the whole run (every asset and grid).
+    m1 = t_history(2 * DAY // 60, MINUTE_SIGMA, 5.0, seed=6)
+    cases = recent_cases("SOL", AssetHistory(m1, None), 60, int(m1.ts[-1]) + 60, CasePlan(12, 600, DAY, 20, 0))
+    refused = sum(c.request.start_ts // 60 % 2 for c in cases)
+    assert 0 < refused < len(cases)
+    rules = UpdateRules(alpha=0.4, scale_min=0.5, scale_max=2.0, max_move=0.1, min_samples=2)
+    outcome = calibrate_key(CalibrationState(), "picky", engine, "SOL", 60, cases, rules, now=7, seed=0)
+    assert outcome.moved and outcome.samples == len(cases) - refused
 
 
 def test_search_finds_a_smaller_scale_for_an_overdispersed_engine() -> None:

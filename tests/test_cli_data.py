@@ -49,6 +49,13 @@ def test_import_then_status(csv_dir: Path, tmp_path: Path) -> None:
 
     again = runner.invoke(app, ["import", str(csv_dir), "--data-dir", str(tmp_path), "--asset", "btc"])
     assert again.exit_code == 0 and "btc_1m" in again.output and "SPYX" not in again.output
+    assert "had another close" not in again.output
+
+    # Bars a live provider stored with other closes: the import replaces them and says how many.
+    store.append("BTC", type(btc)(60, btc.ts[:7], btc.close[:7] * 1.001))
+    over = runner.invoke(app, ["import", str(csv_dir), "--data-dir", str(tmp_path), "--asset", "btc"])
+    assert over.exit_code == 0 and "7 stored bar(s) had another close" in over.output, over.output
+    np.testing.assert_array_equal(store.read("BTC", 60, 0, 2 ** 40).close, btc.close)
 
     status = runner.invoke(app, ["status", "--data-dir", str(tmp_path)])
     assert status.exit_code == 0, status.output

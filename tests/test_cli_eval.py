@@ -89,7 +89,7 @@ def test_backtest_command_rejects_bad_options(shared_data: Path, tmp_path: Path)
     runner = CliRunner()
     for args, fragment in ((["--rules", "latest"], "upstream or head"), (["--mode", "later"], "walkforward"),
                            (["--engines", "gbm,oracle"], "unknown engine"),
-                           (["--mode", "range"], "range mode")):
+                           (["--mode", "range"], "range mode"), (["--bootstrap", "-1"], "--bootstrap")):
         result = runner.invoke(app, ["backtest", "--data-dir", str(shared_data), "--out", str(tmp_path / "x"),
                                      *args])
         assert result.exit_code == 2, (args, result.output)

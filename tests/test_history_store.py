@@ -19,7 +19,7 @@ from core.cache import MemoryHistoryCache
 from core.cache_redis import RedisHistoryCache
 from core.constants import SECONDS_PER_DAY
 from core.csv_history import read_csv, write_csv
-from core.history_store import HistoryStore, StoreReadError, StoreWriteError, day_name, rebuild_cache
+from core.history_store import HistoryStore, Merged, StoreReadError, StoreWriteError, day_name, rebuild_cache
 from core.prices import PriceDataError, PriceHistory
 from tests.provider_fixtures import random_walk_bars
 
@@ -56,6 +56,11 @@ def test_append_is_idempotent_and_later_values_win(tmp_path: Path) -> None:
     assert store.append("BTC", fix) == 0
     np.testing.assert_array_equal(store.read("BTC", 60, DAY0, DAY0 + 300).close, fix.close)
     assert store.append("BTC", bars(DAY0 + 300 * 60, 10, step=60)) == 10
+    # merge says which stored closes it changed: the same ones again change nothing, 2 others and 3 new do.
+    assert store.merge("BTC", fix) == Merged(0, 0)
+    again = PriceHistory(60, hist.ts[3:8], np.r_[fix.close[3:5] * 1.02, hist.close[5:8]])
+    assert store.merge("BTC", again) == Merged(0, 2)
+    assert store.merge("BTC", bars(DAY0 + 400 * 60, 3, step=60)) == Merged(3, 0)
 
 
 def test_a_failing_write_leaves_the_old_partition_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

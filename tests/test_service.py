@@ -78,6 +78,49 @@ async def test_a_request_sharing_a_later_computation_still_answers_by_its_own_de
 
 
 
+class SlowPool:
+    """A pool that needs ``takes`` seconds: late for a short deadline, in time for a longer one."""
+
+    name = "slow"
+
+    def __init__(self, takes: float) -> None:
+        self.takes = takes
+        self.deadlines: list[float] = []
+
+    async def forecast(self, request: ForecastRequest, snapshot: MarketSnapshot, deadline: float,
+                       request_id: str) -> ComputedPaths:
+        self.deadlines.append(deadline)
+        if time.time() + self.takes > deadline:
+            await asyncio.sleep(max(0.0, deadline - time.time()))
+            raise PoolError("pool did not answer before the deadline")
+        await asyncio.sleep(self.takes)
+        return ComputedPaths(np.full((request.num_simulations, request.n_points), 101.0, np.float32), "patchtst")
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_joiner_with_a_later_deadline_asks_the_pool_when_the_shared_computation_fell_back() -> None:
+    """The first caller's short timeout left the pool too little time; an identical request with a longer
+    one used to take that fallback too, though its own deadline left the pool time to answer."""
+    pool = SlowPool(takes=0.5)
+    svc = service(pool)
+    request = ForecastRequest("BTC", int(time.time()) + 600, 60, 3600, 5)
+    now = time.time()
+    first = asyncio.create_task(svc.answer(request, now + 0.6))  # pool deadline now + 0.3: too short
+    await asyncio.sleep(0.05)
+    joiner = await svc.answer(request, now + 4.0)
+    assert (await first).source == "fallback"
+    assert joiner.source == "pool" and len(pool.deadlines) == 2
+    # Without the time to spare, a joiner keeps the shared fallback (and the pool is not asked again).
+    svc = service(SlowPool(takes=0.5))
+    now = time.time()
+    first = asyncio.create_task(svc.answer(request, now + 0.6))
+    await asyncio.sleep(0.05)
+    close_behind = await svc.answer(request, now + 0.9)
+    assert close_behind.source == "fallback" and close_behind.shared and (await first).source == "fallback"
+
+
 class FlakyPool:
     """A pool down for its first request (a broker restart), answering again afterwards."""
 
