@@ -55,13 +55,18 @@ const bin = path.join(cwd, ".venv/bin/synth-miner");
 
 // One inference worker per GPU, pinned with CUDA_VISIBLE_DEVICES.
 const gpus = setting("SYNTH_GPUS", "0").split(",").filter((g) => g !== "");
-const gpuWorkers = gpus.map((gpu) => ({
+// Their metrics: each container of docker-compose has the port to itself, but here they share one host, and
+// every worker read the same SYNTH_WORKER_METRICS_PORT from .env: only the first served. The worker of the
+// i-th GPU listed serves on that port + i.
+const metricsBase = Number.parseInt(setting("SYNTH_WORKER_METRICS_PORT", ""), 10);
+const metricsPort = (i) => (metricsBase > 0 ? { SYNTH_WORKER_METRICS_PORT: String(metricsBase + i) } : {});
+const gpuWorkers = gpus.map((gpu, i) => ({
   name: `synth-worker-gpu${gpu}`,
   script: bin,
   args: `worker --queues infer.hf,infer.lf --concurrency 1 --pool prefork --hostname gpu${gpu}@%h`,
   interpreter: "none",
   cwd,
-  env: { ...env, CUDA_VISIBLE_DEVICES: gpu },
+  env: { ...env, CUDA_VISIBLE_DEVICES: gpu, ...metricsPort(i) },
   // PM2's default 1.6 s before SIGKILL would cut a forecast in flight (up to SYNTH_MAX_WAIT_S).
   kill_timeout: 60000,
   max_restarts: 50,

@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import orjson
@@ -32,6 +32,9 @@ from core.forecast import ScaleLookup, no_calibration
 from core.plots import FAN_LEVELS, coverage, fan_chart, interval_chart, pit_chart
 from core.prices import IntArray
 from core.scoring import Rules, score_prompt
+
+if TYPE_CHECKING:  # torch comes with it: only engines that carry checkpoints load it
+    from core.checkpoint import Checkpoint
 
 BASELINES = ("gbm", "ewma_t")
 PIT_HORIZONS = {"5min": 300, "1h": 3600}  # returns whose calibration the PIT charts show
@@ -107,6 +110,51 @@ def _fan_picks(prompts: Sequence[EvalPrompt]) -> set[str]:
     for p in prompts:
         groups[(p.asset, p.label)].append(p)
     return {g[len(g) // 2].id for g in groups.values()}
+
+
+@runtime_checkable
+class TrainedEngine(Protocol):
+    """An engine serving trained checkpoints (PatchTST), each saying what data it was fitted on."""
+
+    @property
+    def kinds(self) -> list[str]: ...
+
+    def checkpoint(self, kind: str) -> Checkpoint: ...
+
+
+def _seen_until(entry: Any) -> int | None:
+    """The newest forecast origin of one asset's data window (training, validation, or the selection run's)."""
+    if not isinstance(entry, Mapping):
+        return None
+    spans = [entry.get("train_origins"), entry.get("val_origins")]
+    if isinstance(selected := entry.get("selected_on"), Mapping):
+        spans += [selected.get("train_origins"), selected.get("val_origins")]
+    ends = [int(span[1]) for span in spans if isinstance(span, (list, tuple)) and len(span) == 2]
+    return max(ends, default=None)
+
+
+def prompts_seen_in_training(engines: Mapping[str, Engine], prompts: Sequence[EvalPrompt]) -> list[str]:
+    """One line per (engine, model, asset) whose checkpoint trained or selected on a horizon reaching into
+    these prompts: a held-out table over them flatters the model. The data README's split is per file, so
+    only the asset's own rows count (other assets' dates may overlap by design)."""
+    notes = []
+    for name, engine in engines.items():
+        if not isinstance(engine, TrainedEngine):
+            continue
+        for kind in engine.kinds:
+            checkpoint = engine.checkpoint(kind)
+            spec = checkpoint.spec
+            for asset, entry in sorted(checkpoint.data_window.items()):
+                last = _seen_until(entry)
+                if last is None:
+                    continue
+                until = last + spec.horizon * spec.step  # the realised prices of its newest window
+                mine = [p for p in prompts if p.asset == asset and p.time_increment == spec.step]
+                early = [p for p in mine if p.start_ts < until]
+                if early:
+                    notes.append(f"{name} {kind}: fitted on {asset} up to {iso(until)}; {len(early)} of the "
+                                 f"{len(mine)} {asset} {early[0].label} prompts start before that")
+    return notes
 
 
 def run_backtest(prompts: Sequence[EvalPrompt], prices: PriceFolder, engines: Mapping[str, Engine],

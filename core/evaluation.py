@@ -305,8 +305,20 @@ def eval_starts(folder: Path, asset: str, manifest: Mapping[str, int | None]) ->
     for step in (60, 300):
         path = find_file(folder, asset, step)
         if path is not None:
-            out[step] = manifest.get(path.name)
+            out[step] = manifest_cut(manifest, path.name)
     return out
+
+
+def manifest_cut(manifest: Mapping[str, int | None], name: str) -> int | None:
+    """The eval_start_ts of file ``name``: by its name, else by its stem (``btc_1m``), as ``core.datasets`` reads it.
+
+    By name alone, a gunzipped ``btc_1m.csv`` against the manifest's ``btc_1m.csv.gz`` had no boundary, so the
+    heldout mode scored the whole file, training rows included, while training still cut it at eval_start_ts.
+    """
+    if name in manifest:
+        return manifest[name]
+    stem = name.split(".")[0]
+    return next((cut for key, cut in manifest.items() if key.split(".")[0] == stem), None)
 
 
 def data_end(history: AssetHistory, step: int) -> int | None:

@@ -67,14 +67,16 @@ class Settings(BaseSettings):
     pyth_hermes_url: str = "https://hermes.pyth.network"
     binance_url: str = "https://api.binance.com"
     hyperliquid_url: str = "https://api.hyperliquid.xyz"
-    http_timeout_s: float = 10.0
-    http_retries: int = 4
-    http_concurrency_per_host: int = 4
-    max_price_age_s: float = 180.0
+    # Constrained as core.sources.http.HttpConfig refuses them: a bad value is refused at start, not at the
+    # first refresh (a zero age limit made every price stale: every request answered 503).
+    http_timeout_s: float = Field(10.0, gt=0)
+    http_retries: int = Field(4, ge=0, description="extra attempts after the first")
+    http_concurrency_per_host: int = Field(4, ge=1)
+    max_price_age_s: float = Field(180.0, gt=0, description="an older latest price is refused as stale")
     # The 1 h model reads 24 h of open-market 5-minute returns: gold's files close Friday 16:50 to Sunday
     # 18:05 New York, so on Sunday evening 3 days held under 24 h of them and XAU 1 h fell back to EWMA-t.
-    cache_days_hf: float = 4.0
-    cache_days_lf: float = 14.0
+    cache_days_hf: float = Field(4.0, gt=0)
+    cache_days_lf: float = Field(14.0, gt=0)
     http_backoff_s: float = Field(0.25, ge=0, description="base of the jittered exponential retry backoff")
     http_backoff_max_s: float = Field(5.0, ge=0, description="longest wait between two attempts")
     refresh_lock_s: float = Field(120.0, gt=0, description="a refresh holds its per-asset Redis lock at most this long")
@@ -114,7 +116,9 @@ class Settings(BaseSettings):
     beat_calibrate_s: float = Field(3600.0, gt=0, description="calibration period")
     beat_retrain_s: float = Field(7 * 86_400.0, gt=0, description="retraining period")
     beat_compact_s: float = Field(86_400.0, gt=0, description="history-store compaction period")
-    beat_lock_ttl_s: float = Field(30.0, description="leader lock of the one beat allowed to schedule")
+    # Redis refuses a lock TTL under 1 ms ("invalid expire time"): with 0 no beat ever became leader, and
+    # none scheduled a job, with only a warning per tick.
+    beat_lock_ttl_s: float = Field(30.0, ge=1, description="leader lock of the one beat allowed to schedule")
     # Beat's last-run times must survive restarts (pm2 changes the pid, docker the hostname): a fresh
     # file restarts every period, so the weekly retrain would wait a week again after each restart.
     beat_schedule_file: Path | None = Field(None, description="beat's state file; unset = <data_dir>/beat-schedule.db")

@@ -127,7 +127,14 @@ def backtest(
     = 2000,
 ) -> None:
     """Score engines on validator-style prompts (held-out windows by default) and write table, JSON, PNGs."""
-    from core.backtest import BASELINES, rich_table, run_backtest, summarise, write_report
+    from core.backtest import (
+        BASELINES,
+        prompts_seen_in_training,
+        rich_table,
+        run_backtest,
+        summarise,
+        write_report,
+    )
 
     if rules not in ("upstream", "head"):
         raise typer.BadParameter("use upstream or head", param_hint="--rules")
@@ -161,6 +168,11 @@ def backtest(
     if not plan.prompts:
         console.print("[red]no prompts: nothing to score[/]")
         raise typer.Exit(1)
+    # A model fitted past a held-out boundary (trained from a store that imported it, or on a --cut after it)
+    # would be scored on its own training data without a word: said before the run and kept in the report.
+    seen = prompts_seen_in_training({n: available[n] for n in names}, plan.prompts)
+    for note in seen:
+        console.print(f"[red]warning:[/] {note}" if mode == "heldout" else f"[dim]note: {note}[/]")
     rules_value: Rules = "upstream" if rules == "upstream" else "head"
     lookback_s = settings.offline_lookback_s()
     result = run_backtest(plan.prompts, PriceFolder.from_histories(plan.histories), available, names, seed, paths,
@@ -170,6 +182,7 @@ def backtest(
               "seed": seed, "calibrated": calibrated,
               "lookback_days": {"24h": lookback_s[LF_INCREMENT] / 86_400, "1h": lookback_s[HF_INCREMENT] / 86_400},
               "spacing_h": {"24h": lf_spacing_h, "1h": hf_spacing_h}, "max_prompts": max_prompts,
+              "seen_in_training": seen,
               "windows": [{"asset": w.asset, "prompt": "24h" if w.time_increment == LF_INCREMENT else "1h",
                            "start": iso(w.start), "end": iso(w.end)} for w in plan.windows]}
     baselines = [b for b in BASELINES if b in names]

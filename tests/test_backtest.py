@@ -15,6 +15,7 @@ from core.backtest import (
     Ratio,
     paired_ratio,
     pit_values,
+    prompts_seen_in_training,
     rich_table,
     run_backtest,
     summarise,
@@ -199,3 +200,19 @@ def test_calibration_replay_reports_an_asset_without_prompts_after_the_warm_up(
     bench.main()  # used to crash on the empty selection (min() of an empty array)
     out = capsys.readouterr().out
     assert "no prompt after the warm-up" in out
+
+
+def test_prompts_a_served_checkpoint_was_fitted_on_are_named(plan: Plan, shared_data: Path) -> None:
+    """The committed models never saw a held-out prompt; one started inside their data window is named."""
+    from core.engines.patchtst import PatchTSTEngine
+
+    engines = {"gbm": build_engines(Settings())["gbm"],
+               "patchtst": PatchTSTEngine(Path(__file__).resolve().parents[1] / "models")}
+    assert prompts_seen_in_training(engines, plan.prompts) == []
+    eval_start = json.loads((shared_data / "manifest.json").read_text())["btc_5m"]["eval_start_ts"]
+    inside = [EvalPrompt("BTC", eval_start - 3 * 86_400, 300, 86_400), EvalPrompt("BTC", eval_start, 300, 86_400),
+              EvalPrompt("BTC", eval_start - 3 * 86_400, 60, 3600)]
+    notes = prompts_seen_in_training(engines, inside)
+    assert len(notes) == 2, notes
+    assert notes[0].startswith("patchtst hf: fitted on BTC up to 2026-05-24T23:55") and "1 of the 1 BTC 1h" in notes[0]
+    assert notes[1].startswith("patchtst lf_crypto: fitted on BTC up to 2026-05-24") and "1 of the 2 BTC 24h" in notes[1]

@@ -152,6 +152,17 @@ def test_pm2_reads_the_same_env_file_as_compose_and_never_overrides_it(tmp_path:
     assert shell["synth-miner"]["env"]["SYNTH_REDIS_URL"] == "redis://:x@127.0.0.1:7000/1"
 
 
+def test_pm2_gives_each_gpu_worker_its_own_metrics_port(tmp_path: Path) -> None:
+    """Every PM2 worker read SYNTH_WORKER_METRICS_PORT from the one .env: on one host the second GPU worker's
+    bind failed and it served no metrics (compose's containers each have the port to themselves)."""
+    folder = ecosystem_in(tmp_path, "SYNTH_REDIS_PASSWORD=pw\nSYNTH_WORKER_METRICS_PORT=9101\nSYNTH_GPUS=0,1,3\n")
+    ports = {app["name"]: app["env"].get("SYNTH_WORKER_METRICS_PORT") for app in pm2_apps(folder, env={})}
+    assert {name: port for name, port in ports.items() if name.startswith("synth-worker-gpu")} == {
+        "synth-worker-gpu0": "9101", "synth-worker-gpu1": "9102", "synth-worker-gpu3": "9103"}
+    off = ecosystem_in(tmp_path, "SYNTH_REDIS_PASSWORD=pw\nSYNTH_WORKER_METRICS_PORT=0\nSYNTH_GPUS=0,1\n")
+    assert all("SYNTH_WORKER_METRICS_PORT" not in app["env"] for app in pm2_apps(off, env={}))  # 0 stays off
+
+
 def test_pm2_refuses_to_start_without_redis(tmp_path: Path) -> None:
     """Without a URL the miner would quietly run its embedded pool while every worker refused to start."""
     node = shutil.which("node")

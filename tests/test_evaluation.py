@@ -260,3 +260,23 @@ def test_a_file_without_eval_start_is_all_held_out_in_heldout_mode(tmp_path: Pat
     unmarked = make_folder(tmp_path / "none", None, None)
     both = heldout_window("BTC", 300, history, eval_starts(unmarked, "BTC", load_manifest(unmarked)))
     assert both is not None and both.start == T0 - 10 * DAY  # the earliest row of either file
+
+
+def test_a_file_under_another_extension_keeps_its_manifest_boundary(tmp_path: Path) -> None:
+    """A gunzipped ``btc_1m.csv`` is the manifest's ``btc_1m.csv.gz``: the trainer (core.datasets, by stem)
+    cuts it at eval_start_ts, so held-out mode must start there too, not score the training rows as held out."""
+    import gzip
+
+    from core.datasets import load_csv_dir
+
+    folder = make_folder(tmp_path, T0 + 12 * DAY, T0 + 10 * DAY)
+    for stem in ("btc_1m", "btc_5m"):
+        with gzip.open(folder / f"{stem}.csv.gz", "rb") as src:
+            (folder / f"{stem}.csv").write_bytes(src.read())
+        (folder / f"{stem}.csv.gz").unlink()
+    assert eval_starts(folder, "BTC", load_manifest(folder)) == {60: T0 + 12 * DAY, 300: T0 + 10 * DAY}
+    assert int(load_csv_dir(folder, "hf")["BTC"].history.ts.max()) < T0 + 12 * DAY  # what training sees
+    held = plan_prompts(folder, {60: ["BTC"], 300: ["BTC"]}, "heldout", {60: 6 * 3600, 300: 12 * 3600}, seed=0)
+    assert held.prompts and all(p.start_ts >= T0 + 12 * DAY for p in held.prompts)
+    walk = plan_prompts(folder, {60: ["BTC"]}, "walkforward", {60: 6 * 3600}, seed=0, days=8)
+    assert walk.prompts and all(p.start_ts + p.time_length + 60 <= T0 + 12 * DAY for p in walk.prompts)

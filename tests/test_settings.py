@@ -16,7 +16,12 @@ from synth_miner.cli import app
                                  # A rate limit of 0 refused every validator; a zero wait or budget no answer in time.
                                  {"rate_limit_per_minute": 0}, {"max_wait_s": 0}, {"fallback_budget_s": 0},
                                  {"reply_margin_s": -1}, {"max_num_simulations": 0}, {"beat_refresh_s": 0},
-                                 {"refresh_lock_s": 0}, {"http_backoff_s": -0.1}])
+                                 {"refresh_lock_s": 0}, {"http_backoff_s": -0.1},
+                                 # No beat ever became leader (Redis refuses a 0 ms lock); no history, every
+                                 # price stale, or no request sent: each refused at start, not once running.
+                                 {"beat_lock_ttl_s": 0}, {"cache_days_hf": 0}, {"cache_days_lf": -1},
+                                 {"max_price_age_s": 0}, {"http_timeout_s": 0}, {"http_retries": -1},
+                                 {"http_concurrency_per_host": 0}])
 def test_unservable_values_are_refused(bad: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         Settings(_env_file=None, **bad)  # type: ignore[arg-type]

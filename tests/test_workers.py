@@ -1,6 +1,7 @@
 """Celery worker settings that decide where a task waits, and how long a new worker process may take to start."""
 
 import json
+import math
 import os
 import socket
 import sys
@@ -11,9 +12,10 @@ import numpy as np
 import pytest
 import redis
 
-from core.constants import RESULT_KEY, WORKER_HEARTBEAT_KEY
+from core.constants import LATE_RESULT_TTL_S, RESULT_KEY, WORKER_HEARTBEAT_KEY
 from core.prompts import ForecastRequest
 from core.settings import Settings
+from core.transport import TransportError, decode_result
 from synth_miner.devstack import Proc, spawn
 from tests.worker_apps import SLEEP_LOG_KEY
 from workers import metrics
@@ -237,3 +239,47 @@ def test_a_result_finished_after_the_deadline_does_not_stay_in_redis_for_minutes
     key = RESULT_KEY.format(request_id="in-time")  # one in time keeps the time left plus that grace
     tasks.forecast.run(request.__dict__, key, time.time() + 20.0, "in-time")
     assert 18 + tasks.LATE_RESULT_TTL_S <= client.ttl(key) <= 20 + tasks.LATE_RESULT_TTL_S
+
+
+@pytest.mark.parametrize(("name", "change", "deadline_in_s", "refused"), [
+    ("oversized", {"num_simulations": 10**9}, 20.0, "num_simulations must be in"),
+    ("grid", {"time_increment": 7, "time_length": 70}, 20.0, "unsupported grid"),
+    ("asset", {"asset": "NOPE"}, 20.0, "unknown asset"),
+    ("extra-field", {"seed": 1}, 20.0, "a request is a mapping of"),
+    ("start", {"start_ts": "soon"}, 20.0, "start_ts must be an integer"),
+    ("nan-deadline", {}, math.nan, "deadline must be a unix time"),
+    ("inf-deadline", {}, math.inf, "deadline must be a unix time"),
+])
+def test_a_malformed_or_oversized_task_fails_with_a_result_and_never_reaches_the_engine(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch, name: str, change: dict[str, object], deadline_in_s: float,
+        refused: str) -> None:
+    """The worker took the task's request as it came: 10^9 paths went to the engine (the process, and its GPU,
+    lost to a MemoryError or the OOM killer), and a NaN or infinite deadline ran the forecast, then failed on
+    the result's TTL, so nothing was pushed and the miner waited out its whole wait."""
+    from workers import tasks
+    from workers.runtime import WorkerRuntime
+
+    class Engine:
+        def current(self) -> "Engine":
+            return self
+
+        def run(self, request: ForecastRequest, snapshot: object) -> None:
+            raise AssertionError(f"the engine was given {request}")
+
+    client = redis.Redis.from_url(redis_url)
+    runtime = WorkerRuntime(Settings(redis_url=redis_url), client, None, Engine())  # type: ignore[arg-type]
+    monkeypatch.setattr(runtime, "snapshot", lambda *_: None)
+    monkeypatch.setattr(tasks, "get_runtime", lambda: runtime)
+    monkeypatch.setattr(tasks, "announce", lambda _: None)
+    request = {**ForecastRequest("BTC", int(time.time()) + 600, 300, 86_400, 1000).__dict__, **change}
+    key = RESULT_KEY.format(request_id=name)
+    deadline = time.time() + deadline_in_s if math.isfinite(deadline_in_s) else deadline_in_s
+    tasks.forecast.run(request, key, deadline, name)
+    blob = client.lpop(key)
+    assert isinstance(blob, bytes)
+    with pytest.raises(TransportError, match=refused):
+        decode_result(blob)
+    if not math.isfinite(deadline_in_s):  # nobody can be waiting on it past the grace
+        client.rpush(key, b"x")
+        tasks.forecast.run(request, key, deadline, name)
+        assert 0 < client.ttl(key) <= LATE_RESULT_TTL_S

@@ -3,13 +3,14 @@
 import logging
 import math
 import time
+from datetime import datetime, timezone
 from typing import Any
 
 import redis
 from celery.signals import celeryd_init, worker_process_init, worker_process_shutdown, worker_shutdown
 
 from core.constants import FORECAST_KILL_GRACE_S, LATE_RESULT_TTL_S, TASK_FORECAST
-from core.prompts import ForecastRequest
+from core.prompts import ForecastRequest, RequestError, check_request
 from core.settings import get_settings
 from core.transport import encode_error, encode_paths
 from workers.app import app
@@ -21,6 +22,34 @@ log = logging.getLogger(__name__)
 # The miner never waits longer than max_wait_s for a result: past that a forecast only keeps the
 # worker's one process (its GPU) from the requests queued behind it.
 FORECAST_SOFT_LIMIT_S = get_settings().max_wait_s
+
+
+REQUEST_FIELDS = frozenset(ForecastRequest.__dataclass_fields__)
+
+
+def checked_request(request: object, max_num_simulations: int) -> ForecastRequest:
+    """The task's request, held to what the miner accepts (asset, grid, ``SYNTH_MAX_NUM_SIMULATIONS``): anything
+    that can write to the queue reaches the engine otherwise, and an oversized ``num_simulations`` (10^9 paths)
+    took the process, and the GPU behind it, down instead of failing this one task."""
+    if not isinstance(request, dict) or set(request) != REQUEST_FIELDS:
+        raise RequestError(f"a request is a mapping of {', '.join(sorted(REQUEST_FIELDS))}")
+    start_ts = request["start_ts"]
+    if not isinstance(start_ts, int) or isinstance(start_ts, bool):
+        raise RequestError(f"start_ts must be an integer, got {start_ts!r}")
+    try:
+        start_time = datetime.fromtimestamp(start_ts, timezone.utc).isoformat()
+    except (OverflowError, OSError, ValueError):
+        raise RequestError(f"start_ts {start_ts} is not a time") from None
+    return check_request(request["asset"], start_time, request["time_increment"], request["time_length"],
+                         request["num_simulations"], max_num_simulations)
+
+
+def finite_deadline(deadline: object) -> float:
+    """The unix time the miner stops waiting; anything else (NaN, infinity, a string) fails the task with a
+    result, instead of a TTL that cannot be computed and no result at all (the miner waited out its wait)."""
+    if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not math.isfinite(deadline):
+        raise RequestError(f"deadline must be a unix time, got {deadline!r}")
+    return float(deadline)
 
 
 def consumed_queues() -> str:
@@ -77,10 +106,12 @@ def _retire_heartbeat(**_: Any) -> None:
           time_limit=FORECAST_SOFT_LIMIT_S + FORECAST_KILL_GRACE_S)
 def forecast(request: dict[str, Any], result_key: str, deadline: float, request_id: str) -> None:
     runtime = get_runtime()
+    due = time.time()  # until the deadline is read: a result is then kept only LATE_RESULT_TTL_S
     try:
-        if time.time() > deadline:
+        due = finite_deadline(deadline)
+        if time.time() > due:
             raise TimeoutError("deadline passed before the task started")
-        req = ForecastRequest(**request)
+        req = checked_request(request, runtime.settings.max_num_simulations)
         snapshot = runtime.snapshot(req.asset, int(time.time()), runtime.settings.cache_window_s(req.time_increment))
         result = runtime.forecaster.run(req, snapshot)
         blob = encode_paths(result.paths, result.engine, result.fallback_reason)
@@ -91,7 +122,7 @@ def forecast(request: dict[str, Any], result_key: str, deadline: float, request_
         log.warning("request %s failed: %s", request_id, exc)
         blob = encode_error(f"{type(exc).__name__}: {exc}")
         TASKS.labels("error").inc()
-    ttl = min(runtime.settings.result_ttl_s, max(0, math.ceil(deadline - time.time())) + LATE_RESULT_TTL_S)
+    ttl = min(runtime.settings.result_ttl_s, max(0, math.ceil(due - time.time())) + LATE_RESULT_TTL_S)
     pipe = runtime.redis.pipeline()
     pipe.rpush(result_key, blob)
     pipe.expire(result_key, ttl)
