@@ -3,6 +3,8 @@
 import base64
 import json
 import re
+import signal
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -301,3 +303,61 @@ def test_a_send_that_keeps_failing_is_retried_with_a_backoff_not_in_a_busy_loop(
     assert sent == [TASK_RETRAIN], sent  # sent once the broker recovered, once
     assert [send_retry_delay(n, 7 * 86_400) for n in (1, 2, 3, 10, 50)] == [1.0, 2.0, 4.0, 300.0, 300.0]
     assert send_retry_delay(10, 60.0) == 60.0  # never later than the job's own period
+
+
+def test_a_run_whose_whole_worker_was_killed_is_sent_again_by_the_leader(redis_url: str, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """kill -9 of the whole worker (main process and child: an OOM kill of the container, a lost host) leaves
+    the task unacknowledged until the broker's visibility timeout, hours away: nothing re-queues it
+    (reject_on_worker_lost needs a live main process). The leader sees the slot started with no claim left,
+    and sends it again; a new worker runs it, once."""
+    from core.constants import JOB_ATTEMPTS_KEY, JOB_SLOT_KEY
+    from tests.worker_apps import RETRAIN_STARTS_KEY
+    from workers.beat import LeaderScheduler
+
+    week = 7 * 86_400.0
+    app, client = retrain_only_app(monkeypatch, redis_url, week)
+    env = {"SYNTH_REDIS_URL": redis_url, "SYNTH_JOB_LEASE_S": "2", "SYNTH_DATA_DIR": str(tmp_path / "data"),
+           "SYNTH_ARTIFACTS_DIR": str(tmp_path / "artifacts"), "SYNTH_LOG_LEVEL": "INFO"}
+
+    def worker(name: str) -> Proc:
+        proc = spawn([sys.executable, "-m", "celery", "-A", "tests.worker_apps", "worker", "-Q", "cpu", "-c", "1",
+                      "-P", "prefork", "-n", f"{name}@%h", "--without-gossip", "--without-mingle", "-l", "INFO"],
+                     env, tmp_path / f"{name}.log")
+        wait_for(f"{name} ready", lambda: " ready." in proc.text(), 60, proc)
+        return proc
+
+    def wait_for(what: str, done: Callable[[], bool], timeout: float, proc: Proc | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            if time.monotonic() > deadline or (proc is not None and proc.proc.poll() is not None):
+                raise AssertionError(f"{what} did not happen:\n{proc.text()[-4000:] if proc else ''}")
+            time.sleep(0.1)
+
+    slot = int(time.time() // week * week)
+    beat = LeaderScheduler(app=app, schedule_filename=str(tmp_path / "beat.db"))  # fresh file: nothing due
+    first = worker("first")
+    second: Proc | None = None
+    try:
+        app.send_task(TASK_RETRAIN, kwargs={"job": "retrain", "period_s": week, "slot": slot}, queue="cpu")
+        wait_for("first start", lambda: client.llen(RETRAIN_STARTS_KEY) == 1, 30, first)  # it hangs there
+        beat.tick()
+        assert client.llen(Settings().queue_cpu) == 0  # a live run: nothing sent again
+        first.stop(signal.SIGKILL)  # the whole process group, main process included
+        wait_for("the lease to lapse", lambda: not client.exists(JOB_SLOT_KEY.format(name="retrain", slot=slot)), 10)
+        second = worker("second")
+        for _ in range(3):  # sent once, however often the leader ticks before the copy is claimed
+            beat.tick()
+        wait_for("the copy's run", lambda: client.llen(JOB_RUNS_KEY) == 1, 60, second)
+        record = json.loads(client.lindex(JOB_RUNS_KEY, 0))  # type: ignore[arg-type]
+        assert record["status"] == "ok" and record["result"] == {"starts": 2}, record
+        assert int(client.get(JOB_ATTEMPTS_KEY.format(name="retrain", slot=slot))) == 2  # type: ignore[arg-type]
+        beat.tick()  # done: nothing more
+        time.sleep(1.0)
+        assert client.llen(RETRAIN_STARTS_KEY) == 2 and client.llen(Settings().queue_cpu) == 0
+    finally:
+        beat.close()
+        get_settings.cache_clear()
+        first.stop(signal.SIGKILL)
+        if second is not None:
+            second.stop()

@@ -25,10 +25,24 @@ from celery.beat import PersistentScheduler, ScheduleEntry, SchedulingError
 from celery.schedules import schedstate
 from celery.utils.time import maybe_make_aware
 
-from core.constants import BEAT_LAST_RUN_KEY, BEAT_LOCK_KEY, BEAT_SEND_RETRY_S
+from core.constants import (
+    BEAT_LAST_RUN_KEY,
+    BEAT_LOCK_KEY,
+    BEAT_SEND_RETRY_S,
+    JOB_ATTEMPTS_KEY,
+    JOB_MAX_ATTEMPTS,
+    JOB_SLOT_KEY,
+    TASK_CALIBRATE,
+    TASK_COMPACT_STORE,
+    TASK_RETRAIN,
+)
 from core.settings import get_settings
 
 log = logging.getLogger(__name__)
+
+# Jobs whose run, if its whole worker dies, the leader sends again within the slot (see _resend_orphans).
+# The minute's refresh is left to the next minute.
+RESENT_WHEN_ORPHANED = frozenset({TASK_CALIBRATE, TASK_RETRAIN, TASK_COMPACT_STORE})
 
 # Renew only if we still own it; release only if we own it (never steal another beat's lock).
 RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
@@ -45,6 +59,7 @@ class LeaderScheduler(PersistentScheduler):
         self._file_lock = hold_file_lock(f"{filename}.lock") if filename else None
         self._send_failures: dict[str, int] = {}  # job name -> sends failed in a row
         self._retry_at: dict[str, float] = {}  # job name -> monotonic time its failed send may be tried again
+        self._resent: dict[str, tuple[int, int]] = {}  # job name -> (slot, starts) last sent again for
         super().__init__(*args, **kwargs)
 
     def _hold_lock(self) -> bool:
@@ -87,8 +102,41 @@ class LeaderScheduler(PersistentScheduler):
             self.leader = self._adopt_last_runs()
         if not self.leader:
             return min(1.0, self.lock_ttl_ms / 3000)
+        self._resend_orphans()
         interval: float = super().tick(*args, **kwargs)
         return min(interval, self.lock_ttl_ms / 3000)
+
+    def _resend_orphans(self) -> None:
+        """Send again the current slot's run of a job whose process died with its whole worker (kill -9, an
+        OOM kill of the container, a lost host). ``reject_on_worker_lost`` re-queues a task only when the
+        worker's main process outlives its child; otherwise the message waits out the broker's visibility
+        timeout (hours, as long as the longest job), and that hour's calibration was lost. Such a run left
+        a start counted and no claim (its lease lapsed, it never finished). Each (slot, start count) is sent
+        once: the copy's own claim counts the next start, and the slot's start limit still holds."""
+        now = time.time()
+        for name, entry in self.schedule.items():
+            period = float(entry.kwargs.get("period_s", 0) or 0)
+            if entry.task not in RESENT_WHEN_ORPHANED or period <= 0:
+                continue
+            slot = int(now // period * period)
+            try:
+                starts = self.redis.get(JOB_ATTEMPTS_KEY.format(name=name, slot=slot))
+                held = self.redis.exists(JOB_SLOT_KEY.format(name=name, slot=slot))
+            except redis.RedisError as exc:
+                log.warning("beat: orphaned runs not checked (%s)", exc)
+                return
+            count = int(starts) if starts is not None else 0
+            if not count or held or count >= JOB_MAX_ATTEMPTS or self._resent.get(name) == (slot, count):
+                continue
+            try:
+                self.app.send_task(entry.task, kwargs={**entry.kwargs, "slot": slot},
+                                   queue=entry.options.get("queue"), expires=max(1.0, slot + period - now))
+            except Exception as exc:  # noqa: BLE001 - a broker blip: tried again next tick
+                log.warning("beat: %s slot %d not sent again (%s)", name, slot, exc)
+                continue
+            self._resent[name] = (slot, count)
+            log.warning("beat: %s slot %d started %d time(s) and its run is gone (its worker died): sent again",
+                        name, slot, count)
 
     def apply_async(self, entry: ScheduleEntry, producer: Any = None, advance: bool = True,
                     **kwargs: Any) -> Any:

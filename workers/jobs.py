@@ -2,7 +2,8 @@
 
 A claim is ``running`` while its job works, on a lease the job keeps renewing, then ``done``. A job
 whose process dies (OOM, SIGKILL at deploy) stops renewing: its lease lapses and the re-delivered task
-(``reject_on_worker_lost``, or the visibility timeout) runs the slot again, at most JOB_MAX_ATTEMPTS
+(``reject_on_worker_lost``; when the whole worker died, the beat leader's copy, see
+``workers.beat.LeaderScheduler._resend_orphans``) runs the slot again, at most JOB_MAX_ATTEMPTS
 times; a ``done`` slot stays a duplicate. The minute's cache refresh is not re-delivered: the next
 minute's run does its work.
 
