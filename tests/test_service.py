@@ -113,12 +113,14 @@ async def test_a_joiner_with_a_later_deadline_asks_the_pool_when_the_shared_comp
     assert (await first).source == "fallback"
     assert joiner.source == "pool" and len(pool.deadlines) == 2
     # Without the time to spare, a joiner keeps the shared fallback (and the pool is not asked again).
-    svc = service(SlowPool(takes=0.5))
+    pool = SlowPool(takes=0.5)
+    svc = service(pool)
     now = time.time()
     first = asyncio.create_task(svc.answer(request, now + 0.6))
     await asyncio.sleep(0.05)
     close_behind = await svc.answer(request, now + 0.9)
     assert close_behind.source == "fallback" and close_behind.shared and (await first).source == "fallback"
+    assert len(pool.deadlines) == 1
 
 
 class FlakyPool:
