@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -110,9 +110,14 @@ def read_training_file(folder: Path, asset: str, step: int, manifest: Mapping[st
     if cut is None:
         raise DatasetError(f"{stem}: no eval_start_ts in the manifest; refusing to train on it")
     history = before_cut(read_csv(path, step), cut)  # the cut comes before anything else
-    entry = manifest[stem]
-    starts = tuple(sorted(_parse_utc(s["start"]) for s in entry.get("segments", []) if "start" in s))
-    return FileSlice(asset, stem, history, cut, starts)
+    return FileSlice(asset, stem, history, cut, segment_starts(manifest, stem))
+
+
+def segment_starts(manifest: Mapping[str, Any], stem: str) -> tuple[int, ...]:
+    """Where the file's source segments begin (the manifest's segment table), in time order."""
+    entry = manifest.get(stem)
+    segments = entry.get("segments", []) if isinstance(entry, Mapping) else []
+    return tuple(sorted(_parse_utc(s["start"]) for s in segments if isinstance(s, Mapping) and "start" in s))
 
 
 class HistoryReader(Protocol):
@@ -121,18 +126,29 @@ class HistoryReader(Protocol):
     def read(self, asset: str, step: int, start: int, end: int) -> PriceHistory: ...
 
 
+@runtime_checkable
+class SourcedReader(HistoryReader, Protocol):
+    """A reader that knows where its bars change source (the history store: ``core.store_sources``)."""
+
+    def joins(self, asset: str) -> tuple[int, ...]: ...
+
+
 def histories_from_cache(cache: HistoryReader, assets: Iterable[str], step: int, start: int,
                          cut: int) -> dict[str, FileSlice]:
     """The history store as a training source: bars in [start, cut) that closed by ``cut``, the held-out start.
 
     ``cut`` need not sit on the bar grid (the retraining job's is a whole minute): a 5-minute bar opening
-    before it may close after it, and its close is a price from the held-out side.
+    before it may close after it, and its close is a price from the held-out side. Its source joins split
+    the pieces, as a CSV file's manifest segments do.
     """
     out = {}
     for asset in assets:
         history = cache.read(asset, step, start, cut).known_at(cut)
         if len(history):
-            out[asset] = FileSlice(asset, asset.lower(), history, cut, ())
+            # On this step's grid: a 5-minute bar resampled across a 1-minute join closes on the new source,
+            # so it begins the new piece.
+            joins = sorted({j - j % step for j in cache.joins(asset)}) if isinstance(cache, SourcedReader) else []
+            out[asset] = FileSlice(asset, asset.lower(), history, cut, tuple(joins))
     return out
 
 

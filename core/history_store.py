@@ -31,6 +31,7 @@ from core.cache import HistoryCache
 from core.constants import SECONDS_PER_DAY
 from core.prices import PriceHistory, bar_time_problem
 from core.settings import Settings
+from core.store_sources import edges, read_stretches, write_stretches, written
 
 MAGIC = b"SYNTHDAY"
 VERSION = 1
@@ -210,6 +211,10 @@ class HistoryStore:
         hist = PriceHistory(step, np.concatenate([p.ts for p in parts]), np.concatenate([p.close for p in parts]))
         return hist.between(start, end)
 
+    def joins(self, asset: str) -> tuple[int, ...]:
+        """Where the asset's stored bars change source, at either step (``core.store_sources``)."""
+        return tuple(sorted({t for step in self.steps(asset) for t in edges(read_stretches(self.folder(asset, step)), step)}))
+
     def span(self, asset: str, step: int) -> tuple[int, int] | None:
         days = self.days(asset, step)
         first = next((h for h in (self.read_day(asset, step, d) for d in days) if len(h)), None)
@@ -243,9 +248,11 @@ class HistoryStore:
         """Add (or overwrite) bars; returns how many were not stored before. Idempotent."""
         return self.merge(asset, history).new
 
-    def merge(self, asset: str, history: PriceHistory) -> "Merged":
+    def merge(self, asset: str, history: PriceHistory, source: str | None = None) -> "Merged":
         """``append``, also counting the stored bars whose close the history replaced with another: an
-        import over bars a live provider stored says how many it changed instead of changing them silently."""
+        import over bars a live provider stored says how many it changed instead of changing them silently.
+        ``source`` (a provider's name, an imported file's): recorded, so training does not span a change of
+        source (``joins``)."""
         if not len(history):
             return Merged(0, 0)
         step = history.step
@@ -278,6 +285,12 @@ class HistoryStore:
                     continue
                 new += int(np.count_nonzero(before <= 0))
                 replaced += int(np.count_nonzero((before > 0) & (before != history.close[a:b])))
+            if source is not None:  # under the lock: two writers of the step never lose a stretch
+                folder = self.folder(asset, step)
+                before_write = read_stretches(folder)
+                after = written(before_write, source, int(history.ts[0]), int(history.ts[-1]))
+                if after != before_write:
+                    write_stretches(folder, after)
         if failed:
             first = failed[0]
             more = f" (and {len(failed) - 1} more day(s))" if len(failed) > 1 else ""

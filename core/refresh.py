@@ -295,7 +295,8 @@ async def _refresh_step(asset: str, step: int, window: int, source: PriceSource,
         to_store = owed.merge(kept) if len(owed) else kept
         if len(to_store):
             try:
-                new_in_store = await asyncio.to_thread(store.append, asset, to_store)
+                merged = await asyncio.to_thread(store.merge, asset, to_store, source.name)  # joins recorded
+                new_in_store = merged.new
             except HistoryStoreError as exc:
                 new_in_store = exc.stored  # the other days' bars were written
                 errors.append(f"store write {step}s: {type(exc).__name__}: {exc}")

@@ -59,6 +59,9 @@ class ResampledStore:
         resampled = self.store.read(asset, 60, start, end).resample(step, complete=False)
         return resampled.merge(native) if len(native) else resampled
 
+    def joins(self, asset: str) -> tuple[int, ...]:
+        return self.store.joins(asset)
+
 
 def gate_s(settings: Settings) -> int:
     """The held-back tail: training ends this long before now, and the gate's prompts start after it."""

@@ -1,15 +1,17 @@
 """``synth-miner data ...``: backfill the history store, import CSVs, show status, run a fake provider."""
 
 import asyncio
+import itertools
 import re
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -18,9 +20,9 @@ from rich.table import Table
 from core.assets import ASSETS
 from core.constants import SECONDS_PER_DAY
 from core.csv_history import STEP_SUFFIX, read_csv
-from core.datasets import DatasetError, before_cut, held_out_start, load_manifest
+from core.datasets import DatasetError, before_cut, held_out_start, load_manifest, segment_starts
 from core.fake_providers import FAKE_PROVIDERS, FakeMarket, FakeProvider, start_fake
-from core.history_store import HistoryStore, HistoryStoreError, StoreReadError, StoreSummary
+from core.history_store import HistoryStore, HistoryStoreError, Merged, StoreReadError, StoreSummary
 from core.price_checks import screen_bars
 from core.prices import PriceDataError, PriceHistory
 from core.settings import Settings
@@ -168,7 +170,8 @@ async def _sync(asset: str, provider: str, settings: Settings, store: HistorySto
             held = screened.held_back
             pending = PriceHistory(step, bars.ts[len(bars) - held:], bars.close[len(bars) - held:])
             try:
-                report.new += await asyncio.to_thread(store.append, asset, screened.kept)
+                merged = await asyncio.to_thread(store.merge, asset, screened.kept, source.name)
+                report.new += merged.new
             except StoreReadError as exc:
                 # A damaged day (its other days are stored): stopping here left every later day unsynced, and
                 # a rerun stopped at the same day until compaction set it aside.
@@ -261,7 +264,7 @@ def import_csv(
                 held = f"{len(hist) - len(kept)} rows from {_utc(cut)}"
                 hist = kept
             for asset in targets:
-                merged = store.merge(asset, hist)
+                merged = merge_segments(store, asset, hist, path.name, segment_starts(manifest, file_stem))
                 imported += 1
                 replaced += merged.replaced
                 table.add_row(path.name, asset, str(step), str(len(hist)), str(merged.new),
@@ -279,6 +282,19 @@ def import_csv(
         console.print(f"[yellow]{replaced} stored bar(s) had another close and now hold the file's[/yellow]")
     if failed or not imported:
         raise typer.Exit(1)
+
+
+def merge_segments(store: HistoryStore, asset: str, hist: PriceHistory, name: str, starts: Sequence[int]) -> Merged:
+    """The file's bars, each of its manifest segments stored as a source of its own (``name#k``): training
+    from the store then splits at the file's source joins as training from the file does."""
+    edges = np.searchsorted(hist.ts, np.asarray(starts, np.int64), side="left").tolist()
+    bounds = sorted({0, len(hist), *[e for e in edges if 0 < e < len(hist)]})
+    new = replaced = 0
+    for k, (a, b) in enumerate(itertools.pairwise(bounds)):
+        merged = store.merge(asset, PriceHistory(hist.step, hist.ts[a:b], hist.close[a:b]),
+                             f"{name}#{k}" if len(bounds) > 2 else name)
+        new, replaced = new + merged.new, replaced + merged.replaced
+    return Merged(new, replaced)
 
 
 # --- status -----------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import socket
 import threading
 import time
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,33 @@ def test_import_leaves_the_held_out_rows_out_unless_asked(shared_data: Path, tmp
     bad = runner.invoke(app, ["import", str(folder), "--data-dir", str(tmp_path / "c")])
     assert bad.exit_code == 2 and "unreadable" in one_line(bad.output), bad.output
     assert not (tmp_path / "c" / "history").exists()
+
+
+def test_import_stores_each_manifest_segment_as_a_source_and_training_splits_at_its_start(
+        shared_data: Path, tmp_path: Path) -> None:
+    """A file joins several sources (the manifest's segments): training from the file splits at each join,
+    and training from the store it was imported into must too."""
+    from core.datasets import histories_from_cache
+    from core.retraining import ResampledStore
+
+    cut = json.loads((shared_data / "manifest.json").read_text())["btc_1m"]["eval_start_ts"]
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    write_csv(folder / "btc_1m.csv.gz", read_csv(shared_data / "btc_1m.csv.gz", 60).between(cut - 2 * 86_400, cut))
+    joined = cut - 86_400 + 7 * 60
+
+    def utc(ts: int) -> str:
+        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+    segments = [{"src": "feed a", "start": utc(cut - 2 * 86_400)}, {"src": "feed b", "start": utc(joined)}]
+    (folder / "manifest.json").write_text(json.dumps({"btc_1m": {"eval_start_ts": cut, "segments": segments}}))
+    result = runner.invoke(app, ["import", str(folder), "--data-dir", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    store = HistoryStore(tmp_path / "a" / "history")
+    assert joined in store.joins("BTC")
+    for step in (60, 300):
+        files = histories_from_cache(ResampledStore(store), ["BTC"], step, 0, cut)
+        assert joined - joined % step in files["BTC"].segment_starts
 
 
 def test_import_cuts_an_assets_files_at_their_earliest_boundary_and_refuses_files_without_one(

@@ -35,6 +35,7 @@ from core.sources.binance import BinanceSource
 from core.sources.http import HttpConfig
 from core.sources.pyth import PythSource
 from core.sources.replay import ReplaySource
+from core.store_sources import Stretch, read_stretches
 from tests.provider_fixtures import T0, fake_provider_fixtures, redis_cache_fixtures, write_held_in
 
 WINDOW = 2 * SECONDS_PER_DAY
@@ -92,6 +93,9 @@ async def test_cold_then_incremental_then_idempotent(source: BinanceSource, cach
 
     again = await refresh_asset("BTC", source, cache, store, settings, now=int(clock()))
     assert (again.steps[0].fetched, again.steps[0].new_in_cache, again.steps[0].new_in_store) == (0, 0, 0)
+    # The store knows its bars came from binance, one stretch: a later provider's would begin a new one.
+    stored = store.read("BTC", 60, 0, 2 ** 40)
+    assert read_stretches(store.folder("BTC", 60)) == [Stretch("binance", int(stored.ts[0]), int(stored.ts[-1]))]
 
 
 async def test_concurrent_refreshes_fetch_once_and_write_once(source: BinanceSource, redis_url: str,

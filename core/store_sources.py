@@ -1,0 +1,83 @@
+"""Which source wrote each stretch of an asset's stored bars, so that training never spans a source join.
+
+A provider switch (Binance to Hyperliquid), an imported CSV file, or a segment of one prices the asset
+from another feed, with a basis against the others (about -0.04 % for futures against spot, more between
+a CFD and a perp): a training window across the join learns a move that never happened. The cache is
+rebuilt on a switch (``core.refresh._forget_other_sources``), but the store keeps every source's bars and
+the weekly retrain reads them all, as ``core.datasets`` reads a CSV file's manifest segments.
+
+Each step folder of the store keeps ``sources.json``: the stretches ``[first, last]`` in time order, each
+owned by the source that wrote its bars last (later writes win, as in the partitions). Bars stored before
+this file existed belong to no stretch.
+"""
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.atomic_files import atomic_write
+
+SOURCES_FILE = "sources.json"
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stretch:
+    source: str
+    first: int  # the first bar's open time
+    last: int  # the last bar's open time
+
+
+def written(stretches: Sequence[Stretch], source: str, first: int, last: int) -> list[Stretch]:
+    """The stretches once ``source`` has written bars over ``[first, last]``: it owns that span, the parts of
+    others outside it keep theirs, and neighbours of one source are one stretch (a gap is no join)."""
+    kept: list[Stretch] = []
+    for s in stretches:
+        if s.last < first or s.first > last:
+            kept.append(s)
+            continue
+        if s.first < first:
+            kept.append(Stretch(s.source, s.first, first - 1))
+        if s.last > last:
+            kept.append(Stretch(s.source, last + 1, s.last))
+    merged: list[Stretch] = []
+    for s in sorted([*kept, Stretch(source, first, last)], key=lambda s: s.first):
+        if merged and merged[-1].source == s.source:
+            merged[-1] = Stretch(s.source, merged[-1].first, max(merged[-1].last, s.last))
+        else:
+            merged.append(s)
+    return merged
+
+
+def edges(stretches: Sequence[Stretch], step: int) -> list[int]:
+    """Where a stretch begins and where the bar after its last would begin: a piece of training data must
+    not span one. Both ends, since the store is also read merged with its other step (``ResampledStore``),
+    whose bars take over there, and the bars before a first stretch are of no known source."""
+    return sorted({s.first for s in stretches} | {s.last + step for s in stretches})
+
+
+def read_stretches(folder: Path) -> list[Stretch]:
+    """The folder's stretches; an unreadable or garbled file counts as none (and says so): the bars matter
+    more than where they came from."""
+    path = folder / SOURCES_FILE
+    try:
+        raw = json.loads(path.read_text())
+        out = [Stretch(str(s), int(a), int(b)) for s, a, b in raw]
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, TypeError) as exc:
+        log.warning("%s unusable (%s): its source joins are forgotten", path, exc)
+        return []
+    return sorted(out, key=lambda s: s.first)
+
+
+def write_stretches(folder: Path, stretches: Sequence[Stretch]) -> None:
+    path = folder / SOURCES_FILE
+    try:
+        with atomic_write(path, mode=0o644) as fh:
+            fh.write(json.dumps([[s.source, s.first, s.last] for s in stretches]).encode())
+    except OSError as exc:  # the bars are stored; only the record of their source is behind
+        log.warning("%s not written (%s): the newest source join is not recorded", path, exc)
