@@ -31,7 +31,7 @@ from core.cache import HistoryCache
 from core.constants import SECONDS_PER_DAY
 from core.prices import PriceHistory, bar_time_problem
 from core.settings import Settings
-from core.store_sources import edges, read_stretches, write_stretches, written
+from core.store_sources import Stretch, edges, read_stretches, write_stretches, written
 
 MAGIC = b"SYNTHDAY"
 VERSION = 1
@@ -211,9 +211,13 @@ class HistoryStore:
         hist = PriceHistory(step, np.concatenate([p.ts for p in parts]), np.concatenate([p.close for p in parts]))
         return hist.between(start, end)
 
+    def stretches(self, asset: str, step: int) -> list[Stretch]:
+        """Which source wrote which stretch of the step's bars, in time order (``core.store_sources``)."""
+        return read_stretches(self.folder(asset, step))
+
     def joins(self, asset: str) -> tuple[int, ...]:
         """Where the asset's stored bars change source, at either step (``core.store_sources``)."""
-        return tuple(sorted({t for step in self.steps(asset) for t in edges(read_stretches(self.folder(asset, step)), step)}))
+        return tuple(sorted({t for step in self.steps(asset) for t in edges(self.stretches(asset, step), step)}))
 
     def span(self, asset: str, step: int) -> tuple[int, int] | None:
         days = self.days(asset, step)

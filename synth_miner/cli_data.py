@@ -29,6 +29,7 @@ from core.settings import Settings
 from core.sources.base import ProviderError
 from core.sources.http import PartialHistoryError
 from core.sources.registry import PROVIDERS, build_source
+from core.store_sources import Stretch
 from synth_miner.cli_assets import checked_assets
 from synth_miner.cli_settings import load_settings
 
@@ -315,7 +316,7 @@ def status(
                                  param_hint="--data-dir / SYNTH_DATA_DIR") from None
     only = known_assets(only, set(stored))
     now = time.time()
-    table = Table("asset", "step", "days", "first (UTC)", "last (UTC)", "rows", "gaps", "missing", "fresh",
+    table = Table("asset", "step", "days", "first (UTC)", "last (UTC)", "rows", "gaps", "missing", "fresh", "source",
                   title=f"history store {store.root}")
     summaries: list[StoreSummary] = []
     seen: set[str] = set()  # assets with a row in the table, a summary or an unreadable step
@@ -326,25 +327,27 @@ def status(
             steps = store.steps(asset)
         except OSError as exc:
             seen.add(asset)
-            table.add_row(asset, "-", "-", "-", "-", "-", "-", "-", f"[red]unreadable: {exc.strerror or exc}[/red]")
+            table.add_row(asset, "-", "-", "-", "-", "-", "-", "-", f"[red]unreadable: {exc.strerror or exc}[/red]",
+                          "-")
             continue
         for step in steps:
             seen.add(asset)
             try:
                 summaries.append(store.summary(asset, step))
             except HistoryStoreError as exc:
-                table.add_row(asset, str(step), "-", "-", "-", "-", "-", "-", f"[red]{exc}[/red]")
+                table.add_row(asset, str(step), "-", "-", "-", "-", "-", "-", f"[red]{exc}[/red]", "-")
     for s in summaries:
         fresh = None if s.last_ts is None else now - (s.last_ts + s.step)
         table.add_row(s.asset, str(s.step), str(s.days), _utc(s.first_ts), _utc(s.last_ts), str(s.rows),
-                      str(s.gaps), str(s.missing_bars), _age(fresh))
+                      str(s.gaps), str(s.missing_bars), _age(fresh), _sources(store.stretches(s.asset, s.step)))
     empty = not seen
     if empty:  # nothing matched: say so instead of an empty table
         wanted = f" for {', '.join(only)}" if only else ""
         console.print(f"[red]no history{wanted} in the store at {store.root}[/red] (fill it with "
                       "`synth-miner data sync` or `data import`)")
     else:
-        console.print(table)
+        # Off a terminal (a pipe, a log) rich assumes 80 columns and cuts dates and sources: print them whole.
+        (console if console.is_terminal else Console(width=max(console.width, 160))).print(table)
         absent = [a for a in only or () if a not in seen]
         if absent:
             console.print(f"[yellow]no history for {', '.join(absent)} in the store[/yellow]")
@@ -352,6 +355,14 @@ def status(
         _cache_status(settings.redis_url, sorted({s.asset for s in summaries} | set(only or ())), now)
     if empty:
         raise typer.Exit(1)
+
+
+def _sources(stretches: Sequence[Stretch]) -> str:
+    """The newest bars' source, and how many stretches of others the training splits from it."""
+    if not stretches:
+        return "-"
+    newest = escape(stretches[-1].source)
+    return newest if len(stretches) == 1 else f"{newest} (+{len(stretches) - 1} earlier)"
 
 
 def _cache_status(url: str, assets: list[str], now: float) -> None:

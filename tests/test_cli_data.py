@@ -113,6 +113,8 @@ def test_import_stores_each_manifest_segment_as_a_source_and_training_splits_at_
     for step in (60, 300):
         files = histories_from_cache(ResampledStore(store), ["BTC"], step, 0, cut)
         assert joined - joined % step in files["BTC"].segment_starts
+    status = runner.invoke(app, ["status", "--data-dir", str(tmp_path / "a")])
+    assert status.exit_code == 0 and "btc_1m.csv.gz#1 (+1 earlier)" in one_line(status.output), status.output
 
 
 def test_import_cuts_an_assets_files_at_their_earliest_boundary_and_refuses_files_without_one(
