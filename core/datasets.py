@@ -117,7 +117,14 @@ def segment_starts(manifest: Mapping[str, Any], stem: str) -> tuple[int, ...]:
     """Where the file's source segments begin (the manifest's segment table), in time order."""
     entry = manifest.get(stem)
     segments = entry.get("segments", []) if isinstance(entry, Mapping) else []
-    return tuple(sorted(_parse_utc(s["start"]) for s in segments if isinstance(s, Mapping) and "start" in s))
+    starts = []
+    for segment in segments:
+        if isinstance(segment, Mapping) and "start" in segment:
+            try:
+                starts.append(_parse_utc(segment["start"]))
+            except (TypeError, ValueError) as exc:
+                raise DatasetError(f"{stem}: segment start {segment['start']!r} is not a time ({exc})") from None
+    return tuple(sorted(starts))
 
 
 class HistoryReader(Protocol):
@@ -130,7 +137,7 @@ class HistoryReader(Protocol):
 class SourcedReader(HistoryReader, Protocol):
     """A reader that knows where its bars change source (the history store: ``core.store_sources``)."""
 
-    def joins(self, asset: str) -> tuple[int, ...]: ...
+    def joins(self, asset: str, step: int) -> tuple[int, ...]: ...
 
 
 def histories_from_cache(cache: HistoryReader, assets: Iterable[str], step: int, start: int,
@@ -147,7 +154,7 @@ def histories_from_cache(cache: HistoryReader, assets: Iterable[str], step: int,
         if len(history):
             # On this step's grid: a 5-minute bar resampled across a 1-minute join closes on the new source,
             # so it begins the new piece.
-            joins = sorted({j - j % step for j in cache.joins(asset)}) if isinstance(cache, SourcedReader) else []
+            joins = sorted({j - j % step for j in cache.joins(asset, step)}) if isinstance(cache, SourcedReader) else []
             out[asset] = FileSlice(asset, asset.lower(), history, cut, tuple(joins))
     return out
 

@@ -213,11 +213,15 @@ class HistoryStore:
 
     def stretches(self, asset: str, step: int) -> list[Stretch]:
         """Which source wrote which stretch of the step's bars, in time order (``core.store_sources``)."""
-        return read_stretches(self.folder(asset, step))
+        try:
+            return read_stretches(self.folder(asset, step))
+        except OSError as exc:
+            raise StoreUnreadableError(f"{self.folder(asset, step)}: sources unreadable ({exc})") from exc
 
-    def joins(self, asset: str) -> tuple[int, ...]:
-        """Where the asset's stored bars change source, at either step (``core.store_sources``)."""
-        return tuple(sorted({t for step in self.steps(asset) for t in edges(self.stretches(asset, step), step)}))
+    def joins(self, asset: str, step: int | None = None) -> tuple[int, ...]:
+        """Where the asset's stored bars change source: those ``read`` returns at ``step`` (all steps: None)."""
+        wanted = self.steps(asset) if step is None else [s for s in self.steps(asset) if s == step]
+        return tuple(sorted({t for s in wanted for t in edges(self.stretches(asset, s), s)}))
 
     def span(self, asset: str, step: int) -> tuple[int, int] | None:
         days = self.days(asset, step)
@@ -272,6 +276,7 @@ class HistoryStore:
         # A day that cannot be read or written must not cost the other days their bars: the refresh owes
         # the store only what is newer than its newest bar, so days skipped here would never be retried.
         failed: list[HistoryStoreError] = []
+        days_held: list[tuple[int, int]] = []  # (first, last) bar of each day that holds these bars now
         with self._locked(asset, step):
             for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
                 d = int(day[a])
@@ -280,21 +285,20 @@ class HistoryStore:
                     old = self._slots(asset, step, d)
                     values = np.zeros(per_day, np.float64) if old is None else old.copy()
                     before = values[slots]
+                    days_held.append((int(history.ts[a]), int(history.ts[b - 1])))
                     if old is not None and np.array_equal(before, history.close[a:b]):
                         continue
                     values[slots] = history.close[a:b]
                     self._write_partition(asset, step, d, values)
                 except HistoryStoreError as exc:
+                    if days_held and days_held[-1][0] == int(history.ts[a]):
+                        days_held.pop()  # not written: still the other source's bars
                     failed.append(exc)
                     continue
                 new += int(np.count_nonzero(before <= 0))
                 replaced += int(np.count_nonzero((before > 0) & (before != history.close[a:b])))
-            if source is not None:  # under the lock: two writers of the step never lose a stretch
-                folder = self.folder(asset, step)
-                before_write = read_stretches(folder)
-                after = written(before_write, source, int(history.ts[0]), int(history.ts[-1]))
-                if after != before_write:
-                    write_stretches(folder, after)
+            if source is not None and days_held:  # under the lock: two writers never lose a stretch
+                self._record_source(asset, step, source, days_held)
         if failed:
             first = failed[0]
             more = f" (and {len(failed) - 1} more day(s))" if len(failed) > 1 else ""
@@ -302,6 +306,21 @@ class HistoryStore:
             error.stored = new  # the caller's count of new bars stays true
             raise error from first
         return Merged(new, replaced)
+
+    def _record_source(self, asset: str, step: int, source: str, days_held: Sequence[tuple[int, int]]) -> None:
+        """Day by day: bars owed from days before (a torn day the refresh rewrites) must not claim the days
+        between, which another source may hold. A failure here costs the record, never the bars."""
+        folder = self.folder(asset, step)
+        try:
+            before = read_stretches(folder)
+        except OSError as exc:
+            log.warning("%s %s s: sources not recorded (%s)", asset, step, exc)
+            return
+        after = before
+        for first, last in days_held:
+            after = written(after, source, first, last, step)
+        if after != before:
+            write_stretches(folder, after)
 
     def _write_partition(self, asset: str, step: int, day: int,
                          values: np.ndarray[Any, np.dtype[np.float64]]) -> None:

@@ -59,8 +59,10 @@ class ResampledStore:
         resampled = self.store.read(asset, 60, start, end).resample(step, complete=False)
         return resampled.merge(native) if len(native) else resampled
 
-    def joins(self, asset: str) -> tuple[int, ...]:
-        return self.store.joins(asset)
+    def joins(self, asset: str, step: int) -> tuple[int, ...]:
+        """Source joins of what ``read`` returns at ``step``: 1-minute bars alone, or both steps merged."""
+        both = set(self.store.joins(asset, 60)) | (set(self.store.joins(asset, step)) if step != 60 else set())
+        return tuple(sorted(both))
 
 
 def gate_s(settings: Settings) -> int:

@@ -31,18 +31,19 @@ class Stretch:
     last: int  # the last bar's open time
 
 
-def written(stretches: Sequence[Stretch], source: str, first: int, last: int) -> list[Stretch]:
-    """The stretches once ``source`` has written bars over ``[first, last]``: it owns that span, the parts of
-    others outside it keep theirs, and neighbours of one source are one stretch (a gap is no join)."""
+def written(stretches: Sequence[Stretch], source: str, first: int, last: int, step: int) -> list[Stretch]:
+    """The stretches once ``source`` has written bars over ``[first, last]`` (on a ``step`` grid): it owns
+    that span, the parts of others outside it keep theirs (cut on the grid: a cut off it made a false join a
+    bar early), and neighbours of one source are one stretch (a gap is no join)."""
     kept: list[Stretch] = []
     for s in stretches:
         if s.last < first or s.first > last:
             kept.append(s)
             continue
         if s.first < first:
-            kept.append(Stretch(s.source, s.first, first - 1))
+            kept.append(Stretch(s.source, s.first, first - step))
         if s.last > last:
-            kept.append(Stretch(s.source, last + 1, s.last))
+            kept.append(Stretch(s.source, last + step, s.last))
     merged: list[Stretch] = []
     for s in sorted([*kept, Stretch(source, first, last)], key=lambda s: s.first):
         if merged and merged[-1].source == s.source:
@@ -59,16 +60,28 @@ def edges(stretches: Sequence[Stretch], step: int) -> list[int]:
     return sorted({s.first for s in stretches} | {s.last + step for s in stretches})
 
 
+def _stretch(item: object) -> Stretch:
+    if (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in item[1:]) and item[1] <= item[2]):
+        return Stretch(item[0], item[1], item[2])
+    raise ValueError(f"not a [source, first, last] stretch: {item!r}")
+
+
 def read_stretches(folder: Path) -> list[Stretch]:
-    """The folder's stretches; an unreadable or garbled file counts as none (and says so): the bars matter
-    more than where they came from."""
+    """The folder's stretches. A garbled file counts as none, and says so: the bars matter more than where
+    they came from. A file that cannot be read (I/O, permissions) raises OSError: written over, every
+    join it records would be lost."""
     path = folder / SOURCES_FILE
     try:
-        raw = json.loads(path.read_text())
-        out = [Stretch(str(s), int(a), int(b)) for s, a, b in raw]
+        text = path.read_text()
     except FileNotFoundError:
         return []
-    except (OSError, ValueError, TypeError) as exc:
+    try:
+        raw = json.loads(text)
+        if not isinstance(raw, list):
+            raise ValueError("not a list")
+        out = [_stretch(item) for item in raw]
+    except ValueError as exc:  # JSONDecodeError included
         log.warning("%s unusable (%s): its source joins are forgotten", path, exc)
         return []
     return sorted(out, key=lambda s: s.first)

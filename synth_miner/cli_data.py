@@ -264,16 +264,17 @@ def import_csv(
                 kept = before_cut(hist, cut)
                 held = f"{len(hist) - len(kept)} rows from {_utc(cut)}"
                 hist = kept
+            starts = segment_starts(manifest, file_stem)
             for asset in targets:
-                merged = merge_segments(store, asset, hist, path.name, segment_starts(manifest, file_stem))
+                merged = merge_segments(store, asset, hist, path.name, starts)
                 imported += 1
                 replaced += merged.replaced
                 table.add_row(path.name, asset, str(step), str(len(hist)), str(merged.new),
                               f"[yellow]{merged.replaced}[/yellow]" if merged.replaced else "0",
                               f"{_utc(hist.first_ts)} -> {_utc(hist.last_ts)}", held)
-        except (PriceDataError, HistoryStoreError) as exc:
+        except (PriceDataError, HistoryStoreError, DatasetError) as exc:
             failed = True
-            table.add_row(path.name, ",".join(targets), str(step), "-", "-", "-", f"[red]{exc}[/red]", "-")
+            table.add_row(path.name, ",".join(targets), str(step), "-", "-", "-", f"[red]{escape(str(exc))}[/red]", "-")
     if not imported and not failed and not refused:
         wanted = f" for {', '.join(only)}" if only else ""
         console.print(f"[red]nothing imported:[/red] no <stem>_<1m|5m>.csv(.gz) file{wanted} in {folder}")
@@ -286,15 +287,29 @@ def import_csv(
 
 
 def merge_segments(store: HistoryStore, asset: str, hist: PriceHistory, name: str, starts: Sequence[int]) -> Merged:
-    """The file's bars, each of its manifest segments stored as a source of its own (``name#k``): training
-    from the store then splits at the file's source joins as training from the file does."""
-    edges = np.searchsorted(hist.ts, np.asarray(starts, np.int64), side="left").tolist()
-    bounds = sorted({0, len(hist), *[e for e in edges if 0 < e < len(hist)]})
+    """The file's bars, each of its manifest segments stored as a source of its own, named by the segment's
+    start (the same in a later import of the file that lacks its first rows): training from the store then
+    splits at the file's source joins as training from the file does. A day that cannot be written costs
+    only its own bars, as in ``HistoryStore.merge``: the error is raised once every segment was tried."""
+    cuts = np.searchsorted(hist.ts, np.asarray(starts, np.int64), side="left").tolist()
+    bounds = sorted({0, len(hist), *[c for c in cuts if 0 < c < len(hist)]})
     new = replaced = 0
-    for k, (a, b) in enumerate(itertools.pairwise(bounds)):
-        merged = store.merge(asset, PriceHistory(hist.step, hist.ts[a:b], hist.close[a:b]),
-                             f"{name}#{k}" if len(bounds) > 2 else name)
+    failed: list[HistoryStoreError] = []
+    for a, b in itertools.pairwise(bounds):
+        began = [t for t in starts if t <= int(hist.ts[a])]
+        label = f"{name}@{_utc(max(began))}" if began else name
+        try:
+            merged = store.merge(asset, PriceHistory(hist.step, hist.ts[a:b], hist.close[a:b]), label)
+        except HistoryStoreError as exc:
+            failed.append(exc)
+            new += exc.stored
+            continue
         new, replaced = new + merged.new, replaced + merged.replaced
+    if failed:
+        more = f" (and {len(failed) - 1} more segment(s))" if len(failed) > 1 else ""
+        error = type(failed[0])(f"{failed[0]}{more}")
+        error.stored = new
+        raise error from failed[0]
     return Merged(new, replaced)
 
 
@@ -346,8 +361,7 @@ def status(
         console.print(f"[red]no history{wanted} in the store at {store.root}[/red] (fill it with "
                       "`synth-miner data sync` or `data import`)")
     else:
-        # Off a terminal (a pipe, a log) rich assumes 80 columns and cuts dates and sources: print them whole.
-        (console if console.is_terminal else Console(width=max(console.width, 160))).print(table)
+        console.print(table)
         absent = [a for a in only or () if a not in seen]
         if absent:
             console.print(f"[yellow]no history for {', '.join(absent)} in the store[/yellow]")

@@ -2,6 +2,7 @@
 
 import base64
 import json
+import logging
 import re
 import signal
 import sys
@@ -306,7 +307,8 @@ def test_a_send_that_keeps_failing_is_retried_with_a_backoff_not_in_a_busy_loop(
 
 
 def test_a_run_whose_whole_worker_was_killed_is_sent_again_by_the_leader(redis_url: str, tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
     """kill -9 of the whole worker (main process and child: an OOM kill of the container, a lost host) leaves
     the task unacknowledged until the broker's visibility timeout, hours away: nothing re-queues it
     (reject_on_worker_lost needs a live main process). The leader sees the slot started with no claim left,
@@ -317,6 +319,7 @@ def test_a_run_whose_whole_worker_was_killed_is_sent_again_by_the_leader(redis_u
 
     week = 7 * 86_400.0
     app, client = retrain_only_app(monkeypatch, redis_url, week)
+    monkeypatch.setenv("SYNTH_JOB_LEASE_S", "2")  # the beat's, too: it waits a lease before calling a run dead
     env = {"SYNTH_REDIS_URL": redis_url, "SYNTH_JOB_LEASE_S": "2", "SYNTH_DATA_DIR": str(tmp_path / "data"),
            "SYNTH_ARTIFACTS_DIR": str(tmp_path / "artifacts"), "SYNTH_LOG_LEVEL": "INFO"}
 
@@ -346,9 +349,15 @@ def test_a_run_whose_whole_worker_was_killed_is_sent_again_by_the_leader(redis_u
         first.stop(signal.SIGKILL)  # the whole process group, main process included
         wait_for("the lease to lapse", lambda: not client.exists(JOB_SLOT_KEY.format(name="retrain", slot=slot)), 10)
         second = worker("second")
-        for _ in range(3):  # sent once, however often the leader ticks before the copy is claimed
-            beat.tick()
-        wait_for("the copy's run", lambda: client.llen(JOB_RUNS_KEY) == 1, 60, second)
+
+        def tick_until_run() -> bool:
+            beat.tick()  # sent once, however often the leader ticks before the copy is claimed
+            time.sleep(0.2)
+            return bool(client.llen(JOB_RUNS_KEY) == 1)
+
+        with caplog.at_level(logging.WARNING, logger="workers.beat"):
+            wait_for("the copy's run", tick_until_run, 60, second)
+        assert caplog.text.count("its run is gone (its worker died): sent again") == 1, caplog.text
         record = json.loads(client.lindex(JOB_RUNS_KEY, 0))  # type: ignore[arg-type]
         assert record["status"] == "ok" and record["result"] == {"starts": 2}, record
         assert int(client.get(JOB_ATTEMPTS_KEY.format(name="retrain", slot=slot))) == 2  # type: ignore[arg-type]

@@ -114,7 +114,42 @@ def test_import_stores_each_manifest_segment_as_a_source_and_training_splits_at_
         files = histories_from_cache(ResampledStore(store), ["BTC"], step, 0, cut)
         assert joined - joined % step in files["BTC"].segment_starts
     status = runner.invoke(app, ["status", "--data-dir", str(tmp_path / "a")])
-    assert status.exit_code == 0 and "btc_1m.csv.gz#1 (+1 earlier)" in one_line(status.output), status.output
+    assert status.exit_code == 0, status.output
+    assert f"btc_1m.csv.gz@{utc(joined)[:16]} (+1 earlier)" in one_line(status.output), status.output
+
+    # A later import of the file without its first segment's rows: the segment keeps its name, so it does
+    # not merge with the first one's stored stretch (the join stays).
+    write_csv(folder / "btc_1m.csv.gz", read_csv(shared_data / "btc_1m.csv.gz", 60).between(joined, cut))
+    assert runner.invoke(app, ["import", str(folder), "--data-dir", str(tmp_path / "a")]).exit_code == 0
+    assert joined in store.joins("BTC")
+
+    # A segment start that is no time: one line in the table, no traceback, nothing stored.
+    segments[1]["start"] = "2025-13-01 00:00:00"
+    (folder / "manifest.json").write_text(json.dumps({"btc_1m": {"eval_start_ts": cut, "segments": segments}}))
+    bad = runner.invoke(app, ["import", str(folder), "--data-dir", str(tmp_path / "b")])
+    assert bad.exit_code == 1 and "is not a time" in one_line(bad.output), bad.output
+    assert not HistoryStore(tmp_path / "b" / "history").assets()
+
+
+def test_import_stores_every_segment_around_a_day_it_cannot_write(shared_data: Path, tmp_path: Path) -> None:
+    """One corrupt day in the store: the file's other days, in its other segments too, are stored."""
+    cut = json.loads((shared_data / "manifest.json").read_text())["btc_1m"]["eval_start_ts"]
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    rows = read_csv(shared_data / "btc_1m.csv.gz", 60).between(cut - 4 * 86_400, cut)
+    write_csv(folder / "btc_1m.csv.gz", rows)
+    day = datetime.fromtimestamp(cut - 2 * 86_400, UTC).strftime("%Y-%m-%d %H:%M:%S")  # segment 2 from day 2
+    segments = [{"src": "a", "start": datetime.fromtimestamp(cut - 4 * 86_400, UTC).strftime("%Y-%m-%d %H:%M:%S")},
+                {"src": "b", "start": day}]
+    (folder / "manifest.json").write_text(json.dumps({"btc_1m": {"eval_start_ts": cut, "segments": segments}}))
+    store = HistoryStore(tmp_path / "data" / "history")
+    first_day = (cut - 4 * 86_400) // 86_400
+    store.partition("BTC", 60, first_day).parent.mkdir(parents=True)
+    store.partition("BTC", 60, first_day).write_bytes(b"torn")  # day 0: unreadable, so not written
+    result = runner.invoke(app, ["import", str(folder), "--data-dir", str(tmp_path / "data")])
+    assert result.exit_code == 1 and "4 bytes, expected" in one_line(result.output), result.output
+    stored = store.read("BTC", 60, cut - 3 * 86_400, cut)
+    assert len(stored) == len(rows.between(cut - 3 * 86_400, cut))  # days 1..3, both segments
 
 
 def test_import_cuts_an_assets_files_at_their_earliest_boundary_and_refuses_files_without_one(

@@ -192,6 +192,28 @@ def test_a_run_whose_lease_lapsed_leaves_the_claim_of_the_run_that_took_over(job
     assert isinstance(done, bytes) and done.startswith(b"done:"), done
 
 
+def test_a_live_run_whose_lease_lapsed_untaken_takes_it_back(job_env: dict[str, str], redis_url: str) -> None:
+    """Redis away longer than the lease (its keys kept): the claim expired while the run went on. Left so, the
+    beat leader would take the run for dead and send its slot again, a twin of a running retrain."""
+    from workers.jobs import RUNNING, run_once
+
+    client = redis.Redis.from_url(redis_url)
+    key = JOB_SLOT_KEY.format(name="retrain", slot=SLOT + 7)
+    seen: list[bytes | None] = []
+
+    def lapses(_: Settings) -> dict[str, Any]:
+        owner = client.get(key)
+        client.delete(key)  # the lease lapsed, and nobody took the slot
+        time.sleep(LEASE_S)  # a renewal comes every third of a lease
+        seen.append(client.get(key))  # type: ignore[arg-type]
+        return {"owner": owner}
+
+    record = run_once("retrain", SLOT + 7, WEEK, lapses)
+    assert record["status"] == "ok" and "lease_lost_to" not in record, record
+    assert seen[0] is not None and seen[0].startswith(RUNNING.encode()), seen
+    assert seen[0] == record["result"]["owner"]  # the same run's claim, back
+
+
 def test_jobs_that_wait_an_hour_or_more_come_back_when_their_process_dies() -> None:
     """The calibration and the compaction were acknowledged when an OOM kill took their process, so that
     hour's calibration (that day's compaction) was lost; the retrain's re-delivery is run for real above.

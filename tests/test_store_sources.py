@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 
 from core.datasets import histories_from_cache, split_pieces
-from core.history_store import HistoryStore
+from core.history_store import HistoryStore, StoreUnreadableError
 from core.prices import PriceHistory
 from core.retraining import ResampledStore
 from core.store_sources import SOURCES_FILE, Stretch, edges, read_stretches, write_stretches, written
 
 T0 = 1_750_000_000 // 86_400 * 86_400
+DAY = 86_400
 
 
 def bars(start: int, n: int, level: float = 100.0, step: int = 60) -> PriceHistory:
@@ -20,39 +21,62 @@ def bars(start: int, n: int, level: float = 100.0, step: int = 60) -> PriceHisto
 
 
 def test_one_source_appending_is_one_stretch_and_a_switch_is_a_join() -> None:
-    s = written([], "binance", 0, 60)
-    s = written(s, "binance", 120, 180)
+    s = written([], "binance", 0, 60, 60)
+    s = written(s, "binance", 120, 180, 60)
     assert s == [Stretch("binance", 0, 180)] and edges(s, 60) == [0, 240]
-    s = written(s, "hyperliquid", 240, 240)
+    s = written(s, "hyperliquid", 240, 240, 60)
     assert edges(s, 60) == [0, 240, 300]
-    s = written(s, "hyperliquid", 300, 600)  # the new provider goes on: no further join
+    s = written(s, "hyperliquid", 300, 600, 60)  # the new provider goes on: no further join
     assert s == [Stretch("binance", 0, 180), Stretch("hyperliquid", 240, 600)] and edges(s, 60) == [0, 240, 660]
 
 
-def test_a_backfill_and_an_overwrite_keep_the_stretches_in_time_order() -> None:
-    live = written([], "pyth", 1000, 2000)
-    older = written(live, "btc_1m.csv.gz#0", 0, 900)  # an import of older history, after the live start
-    assert edges(older, 60) == [0, 960, 1000, 2060]
-    middle = written(older, "binance", 1200, 1400)  # a sync over part of the live bars
-    assert middle == [Stretch("btc_1m.csv.gz#0", 0, 900), Stretch("pyth", 1000, 1199),
-                      Stretch("binance", 1200, 1400), Stretch("pyth", 1401, 2000)]
-    assert edges(middle, 60) == [0, 960, 1000, 1200, 1259, 1401, 1460, 2060]
-    assert written(middle, "pyth", 1200, 1400) == [Stretch("btc_1m.csv.gz#0", 0, 900), Stretch("pyth", 1000, 2000)]
+def test_a_backfill_and_an_overwrite_keep_the_stretches_in_time_order_and_on_the_grid() -> None:
+    live = written([], "pyth", 1020, 1980, 60)
+    older = written(live, "btc_1m.csv.gz", 0, 900, 60)  # an import of older history, after the live start
+    assert edges(older, 60) == [0, 960, 1020, 2040]
+    middle = written(older, "binance", 1200, 1380, 60)  # a sync over part of the live bars
+    assert middle == [Stretch("btc_1m.csv.gz", 0, 900), Stretch("pyth", 1020, 1140),
+                      Stretch("binance", 1200, 1380), Stretch("pyth", 1440, 1980)]
+    assert edges(middle, 60) == [0, 960, 1020, 1200, 1440, 2040]  # every one a bar time
+    assert written(middle, "pyth", 1200, 1380, 60) == [Stretch("btc_1m.csv.gz", 0, 900), Stretch("pyth", 1020, 1980)]
 
 
 def test_a_garbled_sources_file_is_forgotten_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     write_stretches(tmp_path, [Stretch("a", 0, 60), Stretch("b", 120, 180)])
     assert read_stretches(tmp_path) == [Stretch("a", 0, 60), Stretch("b", 120, 180)]
-    (tmp_path / SOURCES_FILE).write_text('[["a", 0]]')
-    with caplog.at_level(logging.WARNING, logger="core.store_sources"):
-        assert read_stretches(tmp_path) == []
-    assert "source joins are forgotten" in caplog.text
+    for garbled in ('[["a", 0]]', '{"a": [0, 60]}', '[["a", 1.5, 60]]', '[["a", true, 60]]', '[[null, 0, 60]]',
+                    '[["a", 120, 60]]', "not json"):
+        (tmp_path / SOURCES_FILE).write_text(garbled)
+        with caplog.at_level(logging.WARNING, logger="core.store_sources"):
+            assert read_stretches(tmp_path) == [], garbled
+        assert "source joins are forgotten" in caplog.text
+        caplog.clear()
     assert read_stretches(tmp_path / "absent") == []
 
 
-def test_the_store_records_joins_and_training_from_it_splits_there(tmp_path: Path) -> None:
+def test_an_unreadable_sources_file_is_not_written_over(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A read error is no garbled file: writing one stretch over it would lose every join it records."""
     store = HistoryStore(tmp_path, durable=False)
-    store.append("BTC", bars(T0, 600))  # bars of unknown source (a store older than sources.json): no join
+    store.merge("BTC", bars(T0, 10), "a")
+    store.merge("BTC", bars(T0 + 600, 10), "b")
+    path = store.folder("BTC", 60) / SOURCES_FILE
+    kept = path.read_bytes()
+    path.unlink()
+    path.mkdir()  # reading it now fails with IsADirectoryError
+    with caplog.at_level(logging.WARNING, logger="core.history_store"):
+        assert store.merge("BTC", bars(T0 + 1200, 10), "c").new == 10  # the bars are stored all the same
+    assert "sources not recorded" in caplog.text
+    with pytest.raises(StoreUnreadableError, match="sources unreadable"):
+        store.joins("BTC")  # training is told, not given pieces spanning joins
+    path.rmdir()
+    path.write_bytes(kept)
+    assert store.joins("BTC") == (T0, T0 + 600, T0 + 1200)
+
+
+def test_the_store_records_joins_and_training_from_it_splits_there(tmp_path: Path) -> None:
+    """Through the retrain's reader (both steps merged) and through the store itself (one step)."""
+    store = HistoryStore(tmp_path, durable=False)
+    store.append("BTC", bars(T0, 600))  # bars of unknown source (a store older than sources.json)
     store.merge("BTC", bars(T0 + 600 * 60, 600), "binance")
     assert store.joins("BTC") == (T0 + 600 * 60, T0 + 1200 * 60)  # the feed's stretch begins and ends there
     switch = T0 + 1200 * 60 + 3 * 60  # three minutes into a 5-minute bar
@@ -60,14 +84,32 @@ def test_the_store_records_joins_and_training_from_it_splits_there(tmp_path: Pat
     store.merge("BTC", bars(switch, 900, 100.05), "hyperliquid")  # another feed, another level
     store.merge("BTC", bars(T0, 12, step=300), "btc_5m.csv.gz")  # a native 5-minute import of the start
     assert store.joins("BTC") == (T0, T0 + 12 * 300, T0 + 600 * 60, switch, switch + 900 * 60)
+    assert store.joins("BTC", 60) == (T0 + 600 * 60, switch, switch + 900 * 60)
+    assert store.joins("BTC", 300) == (T0, T0 + 12 * 300)
     assert store.joins("ETH") == ()
 
-    cut = T0 + 3 * 86_400
+    cut = T0 + 3 * DAY
+    reader = ResampledStore(store)
+    one_minute = histories_from_cache(reader, ["BTC"], 60, T0, cut)["BTC"]
+    assert T0 + 12 * 300 not in one_minute.segment_starts  # a 5-minute import splits no 1-minute data
+    assert histories_from_cache(store, ["BTC"], 300, T0, cut)["BTC"].segment_starts == (T0, T0 + 12 * 300)
     for step in (60, 300):
-        piece_of = histories_from_cache(ResampledStore(store), ["BTC"], step, T0, cut)["BTC"]
-        pieces = split_pieces(piece_of, step)
+        pieces = split_pieces(histories_from_cache(reader, ["BTC"], step, T0, cut)["BTC"], step)
         split_at = switch - switch % step  # the 5-minute bar the switch falls in closes on the new feed
         ends = [int(p.ts[-1]) for p in pieces]
         assert split_at - step in ends, (step, ends)
         for p in pieces:  # no piece holds both feeds' levels
             assert np.ptp(p.close) == 0.0, (step, p.first_ts)
+
+
+def test_bars_owed_from_days_before_claim_only_their_own_days(tmp_path: Path) -> None:
+    """The refresh also stores cached bars of a day the store lost (a torn day set aside): one stretch from
+    that day to now would claim the imported days between, and lose their joins."""
+    store = HistoryStore(tmp_path, durable=False)
+    store.merge("BTC", bars(T0, 3 * 1440), "btc_1m.csv.gz")
+    store.merge("BTC", bars(T0 + 3 * DAY, 1440), "binance")
+    owed_and_new = bars(T0, 1440).merge(bars(T0 + 4 * DAY, 60))  # day 0 rewritten, and the newest hour
+    store.merge("BTC", owed_and_new, "binance")
+    assert store.stretches("BTC", 60) == [Stretch("binance", T0, T0 + DAY - 60),
+                                          Stretch("btc_1m.csv.gz", T0 + DAY, T0 + 3 * DAY - 60),
+                                          Stretch("binance", T0 + 3 * DAY, T0 + 4 * DAY + 59 * 60)]

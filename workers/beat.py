@@ -60,6 +60,8 @@ class LeaderScheduler(PersistentScheduler):
         self._send_failures: dict[str, int] = {}  # job name -> sends failed in a row
         self._retry_at: dict[str, float] = {}  # job name -> monotonic time its failed send may be tried again
         self._resent: dict[str, tuple[int, int]] = {}  # job name -> (slot, starts) last sent again for
+        self._orphaned: dict[str, tuple[int, int, float]] = {}  # job name -> (slot, starts, first seen)
+        self.lease_s = settings.job_lease_s
         super().__init__(*args, **kwargs)
 
     def _hold_lock(self) -> bool:
@@ -112,7 +114,9 @@ class LeaderScheduler(PersistentScheduler):
         worker's main process outlives its child; otherwise the message waits out the broker's visibility
         timeout (hours, as long as the longest job), and that hour's calibration was lost. Such a run left
         a start counted and no claim (its lease lapsed, it never finished). Each (slot, start count) is sent
-        once: the copy's own claim counts the next start, and the slot's start limit still holds."""
+        once: the copy's own claim counts the next start, and the slot's start limit still holds. Only after
+        a whole lease without a claim: a live run whose lease lapsed while Redis was away takes it back at
+        its next renewal (a third of a lease), and must not get a twin."""
         now = time.time()
         for name, entry in self.schedule.items():
             period = float(entry.kwargs.get("period_s", 0) or 0)
@@ -127,6 +131,13 @@ class LeaderScheduler(PersistentScheduler):
                 return
             count = int(starts) if starts is not None else 0
             if not count or held or count >= JOB_MAX_ATTEMPTS or self._resent.get(name) == (slot, count):
+                self._orphaned.pop(name, None)
+                continue
+            seen = self._orphaned.get(name)
+            if seen is None or seen[:2] != (slot, count):
+                self._orphaned[name] = (slot, count, now)
+                continue
+            if now - seen[2] < self.lease_s:
                 continue
             try:
                 self.app.send_task(entry.task, kwargs={**entry.kwargs, "slot": slot},
@@ -135,6 +146,7 @@ class LeaderScheduler(PersistentScheduler):
                 log.warning("beat: %s slot %d not sent again (%s)", name, slot, exc)
                 continue
             self._resent[name] = (slot, count)
+            self._orphaned.pop(name, None)
             log.warning("beat: %s slot %d started %d time(s) and its run is gone (its worker died): sent again",
                         name, slot, count)
 

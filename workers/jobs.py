@@ -73,8 +73,17 @@ if starts > tonumber(ARGV[4]) then return 'exhausted' end
 redis.call('set', KEYS[1], ARGV[1], 'px', ARGV[2])
 return 'claimed'
 """
-# Renew only our own lease: after a lapse another process may have taken the slot over.
-RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+# Renew our own lease; take it back if it lapsed untaken (Redis away longer than the lease: the beat leader
+# would take the run for dead and send the slot again); after a lapse another process may have taken it.
+RENEW = """
+local held = redis.call('get', KEYS[1])
+if held == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+if not held then
+  redis.call('set', KEYS[1], ARGV[1], 'px', ARGV[2])
+  return 2
+end
+return 0
+"""
 # Mark the slot done only if it is still ours (or lapsed and untaken, or done by a first try of this
 # finish whose reply was lost): never over another run's claim.
 FINISH = """
@@ -164,9 +173,11 @@ def lease_renewed(client: "redis.Redis", job: str, slot: int, owner: str, lease_
             except redis.RedisError as exc:
                 log.warning("job %s slot %d: lease not renewed (%s)", job, slot, exc)
                 continue
-            if not renewed and not lost:  # lapsed: say so once (a re-delivered copy may run the slot too)
+            if renewed == 2:
+                log.warning("job %s slot %d: lease of %s had lapsed; taken back", job, slot, owner)
+            elif not renewed and not lost:  # taken over: say so once (a re-delivered copy may run the slot too)
                 lost = True
-                log.error("job %s slot %d: lease of %s lapsed; not renewed", job, slot, owner)
+                log.error("job %s slot %d: lease of %s lapsed and the slot was taken over", job, slot, owner)
 
     thread = threading.Thread(target=renew, name=f"lease-{job}", daemon=True)
     thread.start()
