@@ -104,6 +104,8 @@ BEAT_SEND_RETRY_S: Final = (1.0, 300.0)
 # A request that joined an identical one's computation, which fell back (the pool late for that caller's
 # deadline), asks the pool itself when its own pool deadline is at least this much later.
 JOINER_POOL_RETRY_MIN_S: Final = 1.0
+# A pool failure this close to its deadline (or later) counts as the pool being late, not down.
+POOL_LATE_SLACK_S: Final = 0.1
 AXON_START_S: Final = 10.0  # uvicorn's thread must have bound the axon's socket by then, or serve refuses
 
 # --- Chain (production miner) ---------------------------------------------------------------------------

@@ -5,8 +5,8 @@ same minute, are computed once and the pool's rendered reply is reused until the
 at most ``DONE_MAX_AGE_S``: a forecast kept longer is stale). A fallback reply is not reused (the pool
 may be back for the next asker), nor one a worker's stand-in engine computed (its model may serve the
 next), and a request that joins a computation working to a later deadline than its own falls back by its
-own deadline. One that joined a computation with an earlier deadline, which fell back, asks the pool
-again while its own deadline leaves time for it (``JOINER_POOL_RETRY_MIN_S``).
+own deadline. One that joined a computation with an earlier deadline, which fell back because the pool
+was late, asks the pool again while its own deadline leaves time for it (``JOINER_POOL_RETRY_MIN_S``).
 """
 
 import asyncio
@@ -23,7 +23,7 @@ from typing import TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from core.constants import JOINER_POOL_RETRY_MIN_S
+from core.constants import JOINER_POOL_RETRY_MIN_S, POOL_LATE_SLACK_S
 from core.forecast import ForecasterSource
 from core.prices import MarketSnapshot
 from core.prompts import ForecastRequest
@@ -64,6 +64,7 @@ class Answer:
     shared: bool = False  # taken from an identical request's computation (kept or in flight)
     as_of: float = 0.0  # time.time() when its computation read the market data: kept for sharing while recent
     engine: str = ""  # the engine that computed the paths ("" if a worker of an earlier release did not say)
+    pool_late: bool = False  # the fallback answered because the pool ran out of time (not because it failed)
 
 
 class NoAnswerError(RuntimeError):
@@ -113,7 +114,8 @@ class MinerService:
             shared = await asyncio.shield(task)
             # Its first caller's deadline left the pool too little time; this caller's may not. Retried
             # once, as a new computation (or by joining one another joiner started).
-            if shared.source == "fallback" and not retried and self._pool_deadline(deadline) - max(
+            # A pool that failed at once (no live worker, Redis down) would fail again: only a late one is asked.
+            if shared.pool_late and not retried and self._pool_deadline(deadline) - max(
                     self._pool_deadline(works_to), time.time()) >= JOINER_POOL_RETRY_MIN_S:
                 return await self._answer(request, deadline, retried=True)
             return replace(shared, shared=True)
@@ -169,7 +171,8 @@ class MinerService:
                           engine=computed.engine)
         except Exception as exc:  # noqa: BLE001 - any pool failure: the fallback answers
             reason = f"{type(exc).__name__}: {exc}"
-        return await self._fallback(request, snapshot, reason, began, request_id)
+            late = time.time() >= pool_deadline - POOL_LATE_SLACK_S
+        return replace(await self._fallback(request, snapshot, reason, began, request_id), pool_late=late)
 
     async def _fallback(self, request: ForecastRequest, snapshot: MarketSnapshot, reason: str, began: float,
                         request_id: str) -> Answer:

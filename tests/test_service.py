@@ -123,6 +123,20 @@ async def test_a_joiner_with_a_later_deadline_asks_the_pool_when_the_shared_comp
     assert len(pool.deadlines) == 1
 
 
+async def test_a_joiner_does_not_ask_again_a_pool_that_failed_at_once() -> None:
+    """No live worker, Redis down: the pool fails at once and would again; the fallback computed for the first
+    asker is shared, not computed a second time while the miner is busiest."""
+    pool = FlakyPool()  # down for its first call: it fails at once
+    svc = service(pool)
+    request = ForecastRequest("BTC", int(time.time()) + 600, 60, 3600, 5)
+    now = time.time()
+    first = asyncio.create_task(svc.answer(request, now + 0.6))
+    joiner = asyncio.create_task(svc.answer(request, now + 4.0))  # joins before the first is computed
+    assert (await first).source == "fallback" and not (await first).pool_late
+    got = await joiner
+    assert got.source == "fallback" and got.shared and pool.calls == 1
+
+
 class FlakyPool:
     """A pool down for its first request (a broker restart), answering again afterwards."""
 
