@@ -78,6 +78,14 @@ class StoreSummary:
     missing_bars: int  # bars absent between the first and the last
 
 
+def combined_error(failed: Sequence[HistoryStoreError], stored: int, unit: str, tail: str = "") -> HistoryStoreError:
+    """The first of several failures, saying how many more there were, with the bars stored meanwhile."""
+    more = f" (and {len(failed) - 1} more {unit})" if len(failed) > 1 else ""
+    error = type(failed[0])(f"{failed[0]}{more}{tail}")
+    error.stored = stored  # the caller's count of new bars stays true
+    return error
+
+
 @dataclass(frozen=True)
 class Merged:
     """What an append changed: bars not stored before, and stored bars given another close."""
@@ -220,7 +228,7 @@ class HistoryStore:
 
     def joins(self, asset: str, step: int | None = None) -> tuple[int, ...]:
         """Where the asset's stored bars change source: those ``read`` returns at ``step`` (all steps: None)."""
-        wanted = self.steps(asset) if step is None else [s for s in self.steps(asset) if s == step]
+        wanted = self.steps(asset) if step is None else [step]  # a step never written has no stretch
         return tuple(sorted({t for s in wanted for t in edges(self.stretches(asset, s), s)}))
 
     def span(self, asset: str, step: int) -> tuple[int, int] | None:
@@ -285,26 +293,22 @@ class HistoryStore:
                     old = self._slots(asset, step, d)
                     values = np.zeros(per_day, np.float64) if old is None else old.copy()
                     before = values[slots]
-                    days_held.append((int(history.ts[a]), int(history.ts[b - 1])))
-                    if old is not None and np.array_equal(before, history.close[a:b]):
-                        continue
-                    values[slots] = history.close[a:b]
-                    self._write_partition(asset, step, d, values)
-                except HistoryStoreError as exc:
-                    if days_held and days_held[-1][0] == int(history.ts[a]):
-                        days_held.pop()  # not written: still the other source's bars
+                    unchanged = old is not None and np.array_equal(before, history.close[a:b])
+                    if not unchanged:
+                        values[slots] = history.close[a:b]
+                        self._write_partition(asset, step, d, values)
+                except HistoryStoreError as exc:  # not written: the day keeps its bars and their source
                     failed.append(exc)
+                    continue
+                days_held.append((int(history.ts[a]), int(history.ts[b - 1])))
+                if unchanged:
                     continue
                 new += int(np.count_nonzero(before <= 0))
                 replaced += int(np.count_nonzero((before > 0) & (before != history.close[a:b])))
             if source is not None and days_held:  # under the lock: two writers never lose a stretch
                 self._record_source(asset, step, source, days_held)
         if failed:
-            first = failed[0]
-            more = f" (and {len(failed) - 1} more day(s))" if len(failed) > 1 else ""
-            error = type(first)(f"{first}{more}; the other days were stored")
-            error.stored = new  # the caller's count of new bars stays true
-            raise error from first
+            raise combined_error(failed, new, "day(s)", "; the other days were stored") from failed[0]
         return Merged(new, replaced)
 
     def _record_source(self, asset: str, step: int, source: str, days_held: Sequence[tuple[int, int]]) -> None:

@@ -61,8 +61,7 @@ class ResampledStore:
 
     def joins(self, asset: str, step: int) -> tuple[int, ...]:
         """Source joins of what ``read`` returns at ``step``: 1-minute bars alone, or both steps merged."""
-        both = set(self.store.joins(asset, 60)) | (set(self.store.joins(asset, step)) if step != 60 else set())
-        return tuple(sorted(both))
+        return tuple(sorted({*self.store.joins(asset, 60), *self.store.joins(asset, step)}))
 
 
 def gate_s(settings: Settings) -> int:

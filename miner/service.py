@@ -112,9 +112,9 @@ class MinerService:
         task, works_to = inflight
         if works_to <= deadline:
             shared = await asyncio.shield(task)
-            # Its first caller's deadline left the pool too little time; this caller's may not. Retried
-            # once, as a new computation (or by joining one another joiner started).
-            # A pool that failed at once (no live worker, Redis down) would fail again: only a late one is asked.
+            # Its first caller's deadline left the pool too little time; this caller's may not. Retried once,
+            # as a new computation (or by joining one another joiner started). A pool that failed at once
+            # (no live worker, Redis down) would fail again: only a late one is asked.
             if shared.pool_late and not retried and self._pool_deadline(deadline) - max(
                     self._pool_deadline(works_to), time.time()) >= JOINER_POOL_RETRY_MIN_S:
                 return await self._answer(request, deadline, retried=True)

@@ -22,7 +22,14 @@ from core.constants import SECONDS_PER_DAY
 from core.csv_history import STEP_SUFFIX, read_csv
 from core.datasets import DatasetError, before_cut, held_out_start, load_manifest, segment_starts
 from core.fake_providers import FAKE_PROVIDERS, FakeMarket, FakeProvider, start_fake
-from core.history_store import HistoryStore, HistoryStoreError, Merged, StoreReadError, StoreSummary
+from core.history_store import (
+    HistoryStore,
+    HistoryStoreError,
+    Merged,
+    StoreReadError,
+    StoreSummary,
+    combined_error,
+)
 from core.price_checks import screen_bars
 from core.prices import PriceDataError, PriceHistory
 from core.settings import Settings
@@ -306,10 +313,7 @@ def merge_segments(store: HistoryStore, asset: str, hist: PriceHistory, name: st
             continue
         new, replaced = new + merged.new, replaced + merged.replaced
     if failed:
-        more = f" (and {len(failed) - 1} more segment(s))" if len(failed) > 1 else ""
-        error = type(failed[0])(f"{failed[0]}{more}")
-        error.stored = new
-        raise error from failed[0]
+        raise combined_error(failed, new, "segment(s)") from failed[0]
     return Merged(new, replaced)
 
 
