@@ -337,7 +337,7 @@ def status(
     now = time.time()
     table = Table("asset", "step", "days", "first (UTC)", "last (UTC)", "rows", "gaps", "missing", "fresh", "source",
                   title=f"history store {store.root}")
-    summaries: list[StoreSummary] = []
+    summaries: list[tuple[StoreSummary, str]] = []  # with the step's sources, read as it was
     seen: set[str] = set()  # assets with a row in the table, a summary or an unreadable step
     for asset in stored:
         if only and asset not in only:
@@ -351,14 +351,14 @@ def status(
             continue
         for step in steps:
             seen.add(asset)
-            try:
-                summaries.append(store.summary(asset, step))
+            try:  # an unreadable sources.json too is this row's error, not a traceback
+                summaries.append((store.summary(asset, step), _sources(store.stretches(asset, step))))
             except HistoryStoreError as exc:
                 table.add_row(asset, str(step), "-", "-", "-", "-", "-", "-", f"[red]{exc}[/red]", "-")
-    for s in summaries:
+    for s, sources in summaries:
         fresh = None if s.last_ts is None else now - (s.last_ts + s.step)
         table.add_row(s.asset, str(s.step), str(s.days), _utc(s.first_ts), _utc(s.last_ts), str(s.rows),
-                      str(s.gaps), str(s.missing_bars), _age(fresh), _sources(store.stretches(s.asset, s.step)))
+                      str(s.gaps), str(s.missing_bars), _age(fresh), sources)
     empty = not seen
     if empty:  # nothing matched: say so instead of an empty table
         wanted = f" for {', '.join(only)}" if only else ""
@@ -370,7 +370,7 @@ def status(
         if absent:
             console.print(f"[yellow]no history for {', '.join(absent)} in the store[/yellow]")
     if settings.redis_url:
-        _cache_status(settings.redis_url, sorted({s.asset for s in summaries} | set(only or ())), now)
+        _cache_status(settings.redis_url, sorted({s.asset for s, _ in summaries} | set(only or ())), now)
     if empty:
         raise typer.Exit(1)
 

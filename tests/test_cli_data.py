@@ -116,6 +116,14 @@ def test_import_stores_each_manifest_segment_as_a_source_and_training_splits_at_
     status = runner.invoke(app, ["status", "--data-dir", str(tmp_path / "a")])
     assert status.exit_code == 0, status.output
     assert f"btc_1m.csv.gz@{utc(joined)[:16]} (+1 earlier)" in one_line(status.output), status.output
+    sources = store.folder("BTC", 60) / "sources.json"
+    kept = sources.read_bytes()
+    sources.unlink()
+    sources.mkdir()  # unreadable: the row says so, no traceback
+    unreadable = runner.invoke(app, ["status", "--data-dir", str(tmp_path / "a")])
+    assert unreadable.exit_code == 0 and "sources unreadable" in one_line(unreadable.output), unreadable.output
+    sources.rmdir()
+    sources.write_bytes(kept)
 
     # A later import of the file without its first segment's rows: the segment keeps its name, so it does
     # not merge with the first one's stored stretch (the join stays).
