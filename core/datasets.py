@@ -137,7 +137,9 @@ class HistoryReader(Protocol):
 class SourcedReader(HistoryReader, Protocol):
     """A reader that knows where its bars change source (the history store: ``core.store_sources``)."""
 
-    def joins(self, asset: str, step: int) -> tuple[int, ...]: ...
+    def read_sourced(self, asset: str, step: int, start: int, end: int) -> tuple[PriceHistory, tuple[int, ...]]:
+        """``read``, and the bar times in it where the source changes."""
+        ...
 
 
 def histories_from_cache(cache: HistoryReader, assets: Iterable[str], step: int, start: int,
@@ -150,12 +152,13 @@ def histories_from_cache(cache: HistoryReader, assets: Iterable[str], step: int,
     """
     out = {}
     for asset in assets:
-        history = cache.read(asset, step, start, cut).known_at(cut)
+        if isinstance(cache, SourcedReader):
+            history, joins = cache.read_sourced(asset, step, start, cut)
+        else:
+            history, joins = cache.read(asset, step, start, cut), ()
+        history = history.known_at(cut)
         if len(history):
-            # On this step's grid: a 5-minute bar resampled across a 1-minute join closes on the new source,
-            # so it begins the new piece.
-            joins = sorted({j - j % step for j in cache.joins(asset, step)}) if isinstance(cache, SourcedReader) else []
-            out[asset] = FileSlice(asset, asset.lower(), history, cut, tuple(joins))
+            out[asset] = FileSlice(asset, asset.lower(), history, cut, joins)
     return out
 
 

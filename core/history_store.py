@@ -31,7 +31,7 @@ from core.cache import HistoryCache
 from core.constants import SECONDS_PER_DAY
 from core.prices import PriceHistory, bar_time_problem
 from core.settings import Settings
-from core.store_sources import Stretch, edges, read_stretches, write_stretches, written
+from core.store_sources import Stretch, changes, edges, owners, read_stretches, write_stretches, written
 
 MAGIC = b"SYNTHDAY"
 VERSION = 1
@@ -225,6 +225,11 @@ class HistoryStore:
             return read_stretches(self.folder(asset, step))
         except OSError as exc:
             raise StoreUnreadableError(f"{self.folder(asset, step)}: sources unreadable ({exc})") from exc
+
+    def read_sourced(self, asset: str, step: int, start: int, end: int) -> tuple[PriceHistory, tuple[int, ...]]:
+        """``read``, and the bar times in it where the source changes (``core.datasets.SourcedReader``)."""
+        history = self.read(asset, step, start, end)
+        return history, changes(history.ts, owners(self.stretches(asset, step), history.ts))
 
     def joins(self, asset: str, step: int | None = None) -> tuple[int, ...]:
         """Where the asset's stored bars change source: those ``read`` returns at ``step`` (all steps: None)."""

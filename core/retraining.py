@@ -21,6 +21,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from core.artifacts import ArtifactError, ArtifactStore, DataWindow, new_version
 from core.calibration import CALIBRATION_FILE, CalibrationState, Case, CasePlan, recent_cases
 from core.champion import challenge_models
@@ -31,6 +33,7 @@ from core.features import FEATURE_SPECS
 from core.history_store import HistoryStore, HistoryStoreError
 from core.prices import PriceHistory
 from core.settings import Settings
+from core.store_sources import changes, owners
 from core.training import (
     CLOSED_SCALE_CANDIDATES,
     DEFAULT_CRPS_EPOCHS,
@@ -53,15 +56,30 @@ class ResampledStore:
         self.store = store
 
     def read(self, asset: str, step: int, start: int, end: int) -> PriceHistory:
+        return self._merged(asset, step, start, end)[0]
+
+    def read_sourced(self, asset: str, step: int, start: int, end: int) -> tuple[PriceHistory, tuple[int, ...]]:
+        """``read``, and the bar times in it where the source changes: each bar is owned by the stretch that
+        wrote it, a resampled bar by that of its window's last minute (its close). So a native import's own
+        gap, filled by 1-minute bars of another feed, is two joins, and a fill from the same feed is none."""
+        merged, native, minute = self._merged(asset, step, start, end)
+        if step == 60:
+            return native, changes(native.ts, owners(self.store.stretches(asset, 60), native.ts))
+        owner = np.full(len(merged), "", dtype=object)
+        resampled = np.setdiff1d(merged.ts, native.ts, assume_unique=True)  # native bars win on equal times
+        closes = minute.ts[np.searchsorted(minute.ts, resampled + step, side="left") - 1]
+        owner[np.searchsorted(merged.ts, resampled)] = owners(self.store.stretches(asset, 60), closes)
+        owner[np.searchsorted(merged.ts, native.ts)] = owners(self.store.stretches(asset, step), native.ts)
+        return merged, changes(merged.ts, owner)
+
+    def _merged(self, asset: str, step: int, start: int, end: int) -> tuple[PriceHistory, PriceHistory, PriceHistory]:
+        """What ``read`` returns, with the native bars and the 1-minute bars it was made of."""
         native = self.store.read(asset, step, start, end)
         if step == 60:
-            return native
-        resampled = self.store.read(asset, 60, start, end).resample(step, complete=False)
-        return resampled.merge(native) if len(native) else resampled
-
-    def joins(self, asset: str, step: int) -> tuple[int, ...]:
-        """Source joins of what ``read`` returns at ``step``: 1-minute bars alone, or both steps merged."""
-        return tuple(sorted({*self.store.joins(asset, 60), *self.store.joins(asset, step)}))
+            return native, native, native
+        minute = self.store.read(asset, 60, start, end)
+        resampled = minute.resample(step, complete=False)
+        return (resampled.merge(native) if len(native) else resampled), native, minute
 
 
 def gate_s(settings: Settings) -> int:

@@ -16,6 +16,9 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from core.atomic_files import atomic_write
 
@@ -58,6 +61,24 @@ def edges(stretches: Sequence[Stretch], step: int) -> list[int]:
     not span one. Both ends, since the store is also read merged with its other step (``ResampledStore``),
     whose bars take over there, and the bars before a first stretch are of no known source."""
     return sorted({s.first for s in stretches} | {s.last + step for s in stretches})
+
+
+def owners(stretches: Sequence[Stretch], ts: np.ndarray[Any, Any]) -> np.ndarray[Any, np.dtype[np.object_]]:
+    """The source of each bar time: the stretch holding it, "" where none does (bars of unknown source)."""
+    ordered = sorted(stretches, key=lambda s: s.first)  # written() keeps them apart and in order
+    labels = np.array([s.source for s in ordered] + [""], dtype=object)
+    if not ordered:
+        return labels[np.zeros(len(ts), np.intp)]
+    firsts = np.array([s.first for s in ordered], np.int64)
+    lasts = np.array([s.last for s in ordered], np.int64)
+    i = np.searchsorted(firsts, ts, side="right") - 1
+    inside = (i >= 0) & (ts <= lasts[np.maximum(i, 0)])
+    return labels[np.where(inside, i, -1)]
+
+
+def changes(ts: np.ndarray[Any, Any], owner: np.ndarray[Any, np.dtype[np.object_]]) -> tuple[int, ...]:
+    """The bar times where the owning source differs from the bar before's: where a piece must begin."""
+    return tuple(int(t) for t in ts[1:][owner[1:] != owner[:-1]])
 
 
 def _stretch(item: object) -> Stretch:

@@ -92,7 +92,8 @@ def test_the_store_records_joins_and_training_from_it_splits_there(tmp_path: Pat
     reader = ResampledStore(store)
     one_minute = histories_from_cache(reader, ["BTC"], 60, T0, cut)["BTC"]
     assert T0 + 12 * 300 not in one_minute.segment_starts  # a 5-minute import splits no 1-minute data
-    assert histories_from_cache(store, ["BTC"], 300, T0, cut)["BTC"].segment_starts == (T0, T0 + 12 * 300)
+    native = histories_from_cache(store, ["BTC"], 300, T0, cut)["BTC"]  # the store alone: the import, one source
+    assert native.segment_starts == () and [len(p) for p in split_pieces(native, 300)] == [12]
     for step in (60, 300):
         pieces = split_pieces(histories_from_cache(reader, ["BTC"], step, T0, cut)["BTC"], step)
         split_at = switch - switch % step  # the 5-minute bar the switch falls in closes on the new feed
@@ -100,6 +101,28 @@ def test_the_store_records_joins_and_training_from_it_splits_there(tmp_path: Pat
         assert split_at - step in ends, (step, ends)
         for p in pieces:  # no piece holds both feeds' levels
             assert np.ptp(p.close) == 0.0, (step, p.first_ts)
+
+
+def test_a_gap_in_a_native_import_filled_from_another_feed_is_two_joins(tmp_path: Path) -> None:
+    """The 5-minute import's stretch spans its own gap, where the retrain's reader fills in 5-minute bars
+    resampled from the live feed's 1-minute bars: the feed changes twice inside the stretch."""
+    store = HistoryStore(tmp_path, durable=False)
+    store.merge("BTC", bars(T0, 1440, 100.0), "binance")
+    for first, n in ((0, 100), (120, 168)):  # bars 100 to 119 missing from the file
+        store.merge("BTC", bars(T0 + first * 300, n, 100.05, step=300), "btc_5m.csv.gz")
+    assert store.stretches("BTC", 300) == [Stretch("btc_5m.csv.gz", T0, T0 + 287 * 300)]  # a gap is no join
+    files = histories_from_cache(ResampledStore(store), ["BTC"], 300, T0, T0 + 2 * DAY)
+    assert files["BTC"].segment_starts == (T0 + 100 * 300, T0 + 120 * 300)
+    pieces = split_pieces(files["BTC"], 300)
+    assert [len(p) for p in pieces] == [100, 20, 168] and all(np.ptp(p.close) == 0.0 for p in pieces)
+
+    # The same feed at both steps (a sync that stored both): the fill is no join.
+    same = HistoryStore(tmp_path / "same", durable=False)
+    same.merge("BTC", bars(T0, 1440, 100.0), "binance")
+    for first, n in ((0, 100), (120, 168)):
+        same.merge("BTC", bars(T0 + first * 300, n, 100.0, step=300), "binance")
+    one = histories_from_cache(ResampledStore(same), ["BTC"], 300, T0, T0 + 2 * DAY)["BTC"]
+    assert one.segment_starts == () and [len(p) for p in split_pieces(one, 300)] == [288]
 
 
 def test_bars_owed_from_days_before_claim_only_their_own_days(tmp_path: Path) -> None:
