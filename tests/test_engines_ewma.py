@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from core.engines.ewma import EwmaTEngine, ewma_variance
 from core.engines.gbm import GbmEngine
@@ -15,6 +16,20 @@ def gbm_history(step: int, n: int, sigma: float, seed: int = 0) -> PriceHistory:
 def test_ewma_variance_recovers_constant_vol() -> None:
     returns = np.random.default_rng(0).normal(0, 0.002, 50_000)
     assert abs(np.sqrt(ewma_variance(returns, 2_000)) / 0.002 - 1) < 0.05
+
+
+def test_ewma_variance_weights_the_newest_returns_most() -> None:
+    """A shock's weight halves every half-life back: reversed weights (the oldest return counting most)
+    still recover a constant volatility, but lag every regime change by the whole window."""
+    half_life = 10.0
+
+    def with_shock(age: int) -> float:
+        returns = np.zeros(500)
+        returns[-1 - age] = 1.0
+        return ewma_variance(returns, half_life)
+
+    assert with_shock(10) / with_shock(0) == pytest.approx(0.5)
+    assert with_shock(20) / with_shock(0) == pytest.approx(0.25)
 
 
 def test_sigma_follows_history_at_the_prompt_step() -> None:

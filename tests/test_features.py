@@ -65,6 +65,17 @@ def test_step_features_shape_and_calendar() -> None:
     assert np.allclose(feats[1, :276][:, calendar], feats[0, 12:][:, calendar])
 
 
+def test_a_step_that_straddles_the_open_is_labelled_by_its_middle() -> None:
+    """The LF models' 5-minute steps start at 240 s (mod 300): the step from 09:29 to 09:34 New York is
+    mostly in the session, and the committed checkpoints learnt it as open. Labelled by its start, it
+    would read as closed and the calendar would shift half a step."""
+    origin = utc("2026-02-10T14:29:00")  # Tuesday 09:29 New York (EST)
+    first = step_features([origin], 300, 288)[0, 0]
+    assert first[col("us_open")] == 1.0 and first[col("us_since_open")] == pytest.approx(1.5 / 390)
+    middle = 2 * np.pi * ((origin + 150) % 86_400) / 86_400
+    assert first[col("tod_sin1")] == pytest.approx(np.sin(middle))
+
+
 def synthetic(step: int, n: int, start: int, seed: int = 0) -> PriceHistory:
     rng = np.random.default_rng(seed)
     ts = start + step * np.arange(n, dtype=np.int64)

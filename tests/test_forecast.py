@@ -39,6 +39,15 @@ def test_seeded_runs_depend_only_on_seed_and_request() -> None:
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
+def test_seeded_runs_of_different_requests_draw_different_numbers() -> None:
+    """Seeded backtests score many prompts: with one stream for every request, each prompt's (and each
+    asset's) paths would share their innovations and the prompts' errors would be perfectly correlated."""
+    later = ForecastRequest("BTC", REQ.start_ts + 60, 60, 3_600, 200)  # same snapshot, so the same laws
+    a = Forecaster(seed=7).run(REQ, SNAP).paths
+    b = Forecaster(seed=7).run(later, SNAP).paths
+    assert not np.array_equal(a, b)
+
+
 def test_failing_or_garbage_engine_falls_back_to_ewma() -> None:
     for bad in (Broken(), Garbage(), Unsendable()):
         engines = {**default_engines(), bad.name: bad}

@@ -58,6 +58,17 @@ def test_half_day_closes_at_one_pm() -> None:
     assert state.to_close[0] == pytest.approx(30 / 390)
 
 
+def test_the_session_runs_from_the_open_up_to_but_not_including_the_close() -> None:
+    """[09:30, close) New York: the closing instant itself (16:00, or 13:00 on a half day) is closed, as
+    the 5-minute equity files' last bar opens at 15:55."""
+    # 2025-03-10 is in summer time (UTC-4), 2025-11-28 a half day in winter time (UTC-5).
+    regular = us_session([utc("2025-03-10T13:29:59"), utc("2025-03-10T13:30:00"), utc("2025-03-10T19:59:59"),
+                          utc("2025-03-10T20:00:00")])
+    assert regular.open.tolist() == [0.0, 1.0, 1.0, 0.0]
+    half = us_session([utc("2025-11-28T17:59:59"), utc("2025-11-28T18:00:00")])
+    assert half.open.tolist() == [1.0, 0.0]
+
+
 def test_ny_offset_is_exact_outside_the_precomputed_years() -> None:
     """Before 2018 and after 2032 the table ends: zoneinfo answers instead of an error, DST included."""
     ny = ZoneInfo("America/New_York")

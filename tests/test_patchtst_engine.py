@@ -134,6 +134,20 @@ def test_a_prompt_asked_again_on_newer_history_is_not_served_the_older_snapshots
         assert engine.params(req, newer) is after  # the same inputs still hit the cache
 
 
+def test_bars_closing_after_the_guard_change_no_law(tmp_path: Path, histories: dict[str, AssetHistory]) -> None:
+    """Training windows see closes known LOOKAHEAD_GUARD_S before the origin: a snapshot that already holds
+    the bar closing at the start (a backtest or batch request without the guard) must get the same laws,
+    or serving feeds the model a bar it was never trained to have."""
+    engine = PatchTSTEngine(write_checkpoints(tmp_path, ("hf", "lf_crypto"), perturb=0.3))
+    for inc in (60, 300):
+        req = request("BTC", BTC_START, inc)
+        guarded = engine.params(req, snapshot_at("BTC", histories["BTC"], BTC_START, LOOKBACK))
+        late_snapshot = snapshot_at("BTC", histories["BTC"], BTC_START, LOOKBACK, guard_s=0)
+        assert late_snapshot.m1 is not None and int(late_snapshot.m1.ts[-1]) + 60 == BTC_START  # the late bar
+        late = engine.params(req, late_snapshot)
+        assert np.array_equal(late.sigma, guarded.sigma) and np.array_equal(late.nu, guarded.nu)
+
+
 def test_unusable_history_raises_and_the_forecaster_falls_back(tmp_path: Path,
                                                                 histories: dict[str, AssetHistory]) -> None:
     engine = PatchTSTEngine(write_checkpoints(tmp_path))

@@ -14,6 +14,7 @@ from scipy import stats
 from core.path_sampling import (
     LOG_VOL_MAX,
     MAX_LOG_MOVE,
+    NU_MIN,
     LatentVol,
     SamplingError,
     latent_log_vol,
@@ -205,6 +206,15 @@ def test_per_step_nu_gives_per_step_tails() -> None:
     draws = unit_t(np.random.default_rng(5), nu, (300_000, 2))
     for k in range(2):
         assert stats.kstest(draws[:, k] / np.sqrt((nu[k] - 2.0) / nu[k]), stats.t(nu[k]).cdf).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("nu", [0.5, 2.0])
+def test_nu_at_or_below_two_is_sampled_at_the_floor(nu: float) -> None:
+    """At nu = 2 the unit-variance rescale sqrt((nu - 2) / nu) is 0: a floor at 2 instead of NU_MIN would
+    silently turn every innovation into 0 (flat paths, the worst CRPS), not raise."""
+    draws = unit_t(np.random.default_rng(9), nu, (2_000, 3))
+    assert np.array_equal(draws, unit_t(np.random.default_rng(9), NU_MIN, (2_000, 3)))
+    assert np.all(draws != 0.0)
 
 
 def test_infinite_nu_is_gaussian() -> None:

@@ -91,6 +91,19 @@ def test_held_out_rows_never_reach_the_windows(tmp_path: Path) -> None:
     assert np.abs(windows.returns).max() < 0.1
 
 
+def test_a_windows_anchor_is_the_close_the_engines_snapshot_anchors_at() -> None:
+    """Targets are log prices relative to the anchor: it must be the last close known at origin - guard,
+    the snapshot's anchor at serving. A bar still open then would teach the model moves measured from a
+    price it cannot know."""
+    from core.evaluation import AssetHistory, snapshot_at
+
+    h = seasonal_prices(300, 12 * 288, seed=4)
+    windows = build_windows("lf_crypto", {"BTC": FileSlice("BTC", "btc_5m", h, START + 30 * 86_400, ())}, 3600)
+    assert len(windows) > 50
+    for origin, anchor in zip(windows.origin.tolist(), windows.anchor.tolist()):
+        assert anchor == snapshot_at("BTC", AssetHistory(None, h), origin, 14 * 86_400).anchor, origin
+
+
 def test_a_file_without_a_held_out_boundary_is_refused(tmp_path: Path) -> None:
     folder = write_folder(tmp_path / "data", {"btc_5m": seasonal_prices(300, 100, seed=2)}, {"btc_5m": None})
     with pytest.raises(DatasetError, match="eval_start_ts"):
