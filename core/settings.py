@@ -48,7 +48,7 @@ class Settings(BaseSettings):
 
     # --- access -------------------------------------------------------------------------------------
     allowed_hotkeys: list[str] = Field(default_factory=list,
-                                       description="validators allowed in --local mode; empty = any signed")
+                                       description="the only validator hotkeys served (on chain too); empty = no list")
     metagraph_file: Path | None = Field(None, description="static metagraph JSON for --local mode")
     min_validator_stake: float = 65_000.0
     force_validator_permit: bool = True

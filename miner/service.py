@@ -67,10 +67,6 @@ class Answer:
     pool_late: bool = False  # the fallback answered because the pool ran out of time (not because it failed)
 
 
-class NoAnswerError(RuntimeError):
-    """Not even the fallback could answer (no price known for the asset)."""
-
-
 class MinerService:
     def __init__(self, settings: Settings, data: MinerData, pool: ForecastPool, fallback: ForecasterSource) -> None:
         self.settings = settings

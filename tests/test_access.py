@@ -34,6 +34,16 @@ def test_chain_rules_registration_stake_and_permit() -> None:
     assert p.priority("5rich") == 100_000 and p.priority("5ghost") == 0.0
 
 
+def test_an_allow_list_also_binds_on_chain() -> None:
+    """An operator who lists the validators to serve means it in production too: a registered, staked hotkey
+    not on the list is refused, before the metagraph is even consulted."""
+    graph = MetagraphView({"5good": Neuron("5good", 100_000, True), "5other": Neuron("5other", 100_000, True)},
+                          loaded=True)
+    p = policy(graph, local=False, allowed_hotkeys=["5good"])
+    assert p.refuse("5good", True) is None
+    assert p.refuse("5other", True) == "hotkey not in the allow-list"
+
+
 def test_production_refuses_everyone_until_the_metagraph_is_read() -> None:
     graph = MetagraphView()
     p = policy(graph, local=False)

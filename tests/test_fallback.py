@@ -5,13 +5,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
+import numpy as np
 import pytest
 
 import core.artifacts
 from core.artifacts import CALIBRATION_FILE, ArtifactStore
 from core.calibration import CalibrationState, Entry
+from core.forecast import FALLBACK_ENGINE, Forecaster, default_engines
+from core.prices import MarketSnapshot, PriceHistory
+from core.prompts import ForecastRequest
 from core.settings import Settings
-from miner.fallback import StatisticalForecaster
+from miner.fallback import EngineView, StatisticalForecaster, fallback_source
 from synth_miner.devstack import ROOT
 
 
@@ -92,3 +96,34 @@ def test_the_fallback_follows_calibration_without_loading_checkpoints(tmp_path: 
     second = publish(0.8, checkpoint)
     (store.versions_dir / second / "hf.pt").write_bytes(checkpoint[:-1] + b"?")  # no longer its hash
     assert source.current().scale("ewma_t", "BTC", 60) == 1.25 and source.version == first
+
+
+class Published:
+    """The embedded pool's forecaster source: the forecaster it serves now (swapped when a new one is loaded)."""
+
+    def __init__(self, forecaster: Forecaster) -> None:
+        self.forecaster = forecaster
+
+    def current(self) -> Forecaster:
+        return self.forecaster
+
+
+def test_the_embedded_fallback_runs_ewma_t_over_the_pools_engines() -> None:
+    """In embedded mode the fallback shares the pool's loaded engines, but must run EWMA-t: the pool's own
+    default is the model that was just too late (or failed), and run again it makes the fallback late too."""
+    engines = default_engines()
+    pool = Published(Forecaster(engines, default="gbm", seed=7))
+    source = fallback_source(Settings(_env_file=None), pool)
+    assert isinstance(source, EngineView)
+    view = source.current()
+    assert view.default == FALLBACK_ENGINE and view.engines[FALLBACK_ENGINE] is engines[FALLBACK_ENGINE]
+    assert source.current() is view  # rebuilt only when the pool's forecaster changes
+    close = 100.0 * np.exp(np.cumsum(np.random.default_rng(0).normal(0, 0.001, 2_000)))
+    m1 = PriceHistory.from_arrays(60, np.arange(close.size) * 60, close)
+    snapshot = MarketSnapshot("BTC", m1, None, float(close[-1]), int(m1.ts[-1]) + 60)
+    request = ForecastRequest("BTC", int(m1.ts[-1]) + 120, 60, 3_600, 5)
+    result = view.run(request, snapshot)
+    assert (result.engine, result.fallback_reason, result.paths.shape) == (FALLBACK_ENGINE, None, (5, 61))
+    pool.forecaster = Forecaster(default_engines(), default="gbm", seed=8)  # a new artifact loaded
+    swapped = source.current()
+    assert swapped is not view and swapped.default == FALLBACK_ENGINE and swapped.seed == 8

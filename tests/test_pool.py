@@ -3,6 +3,7 @@
 import asyncio
 import json
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,29 @@ async def test_a_worker_that_comes_up_is_used_within_the_check_period(tmp_path: 
         got = await pool.forecast(request, None, time.time() + 5.0, "r2")  # type: ignore[arg-type]
         np.testing.assert_array_equal(got.paths, paths)
         assert client.llen(settings.queue_infer_lf) == 1  # this time the task was sent
+    finally:
+        await pool.close()
+        server.stop()
+
+
+async def test_a_task_expires_when_the_miner_stops_waiting(tmp_path: Path) -> None:
+    """A task still queued once the miner has fallen back must be revoked, not run: computed late, it holds the
+    worker (its GPU) from the requests queued behind it, which then fall back too."""
+    server = RedisServer(tmp_path).start()
+    settings = Settings(_env_file=None, redis_url=server.url)
+    pool = CeleryPool(settings)
+    client = redis.Redis.from_url(server.url)
+    request = ForecastRequest("BTC", int(time.time()) + 600, 300, 86_400, 3)
+    try:
+        announce(server.url, settings.queue_infer_lf)
+        client.rpush(RESULT_KEY.format(request_id="r1"), encode_paths(np.full((3, 289), 100.0, np.float32)))
+        deadline = time.time() + 5.0
+        await pool.forecast(request, None, deadline, "r1")  # type: ignore[arg-type]
+        raw = client.lindex(settings.queue_infer_lf, 0)
+        assert isinstance(raw, bytes)
+        headers = json.loads(raw)["headers"]
+        assert headers["id"] == "r1" and headers["expires"] is not None
+        assert datetime.fromisoformat(headers["expires"]).timestamp() == pytest.approx(deadline, abs=1e-3)
     finally:
         await pool.close()
         server.stop()

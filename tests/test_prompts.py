@@ -1,3 +1,6 @@
+import time
+from datetime import datetime
+
 import pytest
 
 from core.prompts import RequestError, check_request, parse_start_time
@@ -44,3 +47,32 @@ def test_bad_requests_raise_clear_errors(overrides: dict[str, object], needle: s
 def test_identical_requests_share_a_key() -> None:
     assert check().key() == check(start_time="2026-01-01T00:01:00Z").key()
     assert check().key() != check(asset="ETH").key()
+
+
+def test_the_largest_allowed_path_count_is_served() -> None:
+    """``max_num_simulations`` is the largest count served, not the first refused: with it set to the validators'
+    1000, an off-by-one there refused every real request."""
+    assert check(num_simulations=10_000).num_simulations == 10_000
+    served = check_request("BTC", "2026-01-01T00:01:00+00:00", 300, 86_400, 1000, max_num_simulations=1000)
+    assert served.num_simulations == 1000
+
+
+def test_start_ts_is_the_validators_truncated_timestamp() -> None:
+    """The validator expects ``response[0] == int(datetime.fromisoformat(start_time).timestamp())``: a start time
+    with a fraction of a second is truncated, as theirs is, not rounded to the next second."""
+    for text in ("2026-01-01T00:01:00.9+00:00", "2026-01-01T00:01:00.5+00:00", "2026-01-01T00:00:59.999999Z"):
+        expected = int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp())
+        assert parse_start_time(text) == expected, text
+    assert parse_start_time("2026-01-01T00:01:00.9") == 1767225660
+
+
+def test_a_naive_start_time_is_utc_whatever_the_hosts_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Naive times are UTC, as the validators' are: read in the host's zone, a miner on a machine set to local
+    time answered with a start timestamp hours off, which every validator rejects."""
+    monkeypatch.setenv("TZ", "IST-5:30")  # a POSIX zone: no tzdata needed
+    time.tzset()
+    try:
+        assert parse_start_time("2026-01-01T00:01:00") == 1767225660
+    finally:
+        monkeypatch.undo()
+        time.tzset()

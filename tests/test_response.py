@@ -5,7 +5,7 @@ from core.engines.ewma import EwmaTEngine
 from core.prices import MarketSnapshot, PriceHistory
 from core.prompts import ForecastRequest
 from core.response import ResponseError, build_response, check_paths, check_response, render_json, round_for_wire
-from core.response_checks import validate_response_head, validate_response_upstream
+from core.response_checks import head_point_error, validate_response_head, validate_response_upstream
 
 REQ = ForecastRequest("XRP", 1_767_225_660, 60, 3_600, 50)
 
@@ -85,3 +85,15 @@ def test_a_meme_coin_forecast_is_served() -> None:
         args = (request.start_ts, inc, length, 1000)
         assert validate_response_head(response, *args) == "CORRECT"
         assert validate_response_upstream(response, *args) == "CORRECT"
+
+
+def test_a_price_of_ten_million_or_more_is_refused_not_sent() -> None:
+    """From 1e7 up ``str()`` prints 9 digit characters ("15000000.0"), which HEAD rejects: such a reply must be
+    refused by the self-check (the fallback or an error answers), never sent to fail validation."""
+    paths = np.full((50, 61), 9_999_999.0)
+    args = (REQ.start_ts, REQ.time_increment, REQ.time_length, REQ.num_simulations)
+    assert validate_response_head(build_response(REQ, paths), *args) == "CORRECT"  # the largest that passes
+    paths[3, 7] = 1.5e7
+    assert head_point_error(float(round_for_wire(paths)[3, 7])) is not None  # what HEAD would say
+    with pytest.raises(ResponseError, match="must lie in"):
+        build_response(REQ, paths)

@@ -1,6 +1,7 @@
 """MinerService under deadlines: a request never waits past its own deadline, even one sharing a computation."""
 
 import asyncio
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +12,7 @@ import numpy as np
 
 from core.prices import MarketSnapshot
 from core.prompts import ForecastRequest
+from core.response_checks import validate_response_head
 from core.settings import Settings
 from core.transport import ComputedPaths
 from miner.pool import PoolError
@@ -299,8 +301,11 @@ async def test_a_pool_that_overstays_its_deadline_is_not_waited_for() -> None:
     try:
         await asyncio.sleep(0.05)
         request = ForecastRequest("BTC", int(time.time()) + 600, 60, 3600, 5)
-        answer = await asyncio.wait_for(svc.answer(request, time.time() + 2.0), 30.0)
+        deadline = time.time() + 2.0
+        answer = await asyncio.wait_for(svc.answer(request, deadline), 30.0)
         assert answer.source == "fallback" and answer.reason is not None and "TimeoutError" in answer.reason
+        # Held to its deadline plus half the fallback's budget (at 1.5 s): the fallback is computed by 2 s.
+        assert time.time() < deadline, f"answered {time.time() - deadline:.2f} s after the deadline"
     finally:
         gate.set()
         await stuck
@@ -347,3 +352,53 @@ def test_a_non_finite_timeout_counts_as_none() -> None:
     for timeout in (float("inf"), float("nan"), None, 0.0, -5.0):
         assert svc.deadline_for(1000.0, timeout) == 1000.0 + budget, timeout
     assert svc.deadline_for(1000.0, 90.0) == 1000.0 + 90.0 - svc.settings.reply_margin_s
+
+
+def test_the_reply_margin_is_kept_back_from_the_callers_timeout() -> None:
+    """The reply must be ready ``reply_margin_s`` before the caller gives up, to be sent in time: a deadline
+    past the caller's timeout is a reply the validator records as a time-out."""
+    settings = Settings(_env_file=None, reply_margin_s=2.0, max_wait_s=30.0)
+    svc = MinerService(settings, FakeData(), FastPool(), FlatFallback())  # type: ignore[arg-type]
+    assert svc.deadline_for(1000.0, 90.0) == 1088.0
+    assert svc.deadline_for(1000.0, None) == 1028.0
+
+
+class MisshapenPool(FastPool):
+    """A worker that reads the grid differently (another release): paths of the wrong shape."""
+
+    def __init__(self, paths: int, points: int) -> None:
+        self.less_paths, self.less_points = paths, points
+
+    async def forecast(self, request: ForecastRequest, snapshot: MarketSnapshot, deadline: float,
+                       request_id: str) -> ComputedPaths:
+        shape = (request.num_simulations - self.less_paths, request.n_points - self.less_points)
+        return ComputedPaths(np.full(shape, 101.0, np.float32), "patchtst")
+
+
+async def test_pool_paths_of_the_wrong_shape_are_never_sent() -> None:
+    """Validators reject a reply with a path too short or a path missing: the pool's paths are checked against
+    the request before rendering, and the fallback answers instead of a reply that scores as a miss."""
+    request = ForecastRequest("BTC", int(time.time()) + 600, 60, 3600, 5)
+    for less_paths, less_points in ((0, 1), (1, 0)):
+        answer = await service(MisshapenPool(less_paths, less_points)).answer(request, time.time() + 2.0)
+        assert answer.source == "fallback" and "ResponseError" in (answer.reason or ""), answer.reason
+        reply = json.loads(answer.body)
+        assert validate_response_head(reply, request.start_ts, 60, 3600, 5) == "CORRECT"
+
+
+async def test_a_joiner_falls_back_early_enough_to_send_its_reply_in_time() -> None:
+    """A joiner waits for a computation working to a later deadline only while its own fallback still fits:
+    waiting up to its deadline and computing the fallback after it made the reply late."""
+    settings = Settings(_env_file=None, fallback_budget_s=1.0, reply_margin_s=0.0, max_wait_s=30.0)
+    svc = MinerService(settings, FakeData(), LatePool(), FlatFallback())  # type: ignore[arg-type]
+    request = ForecastRequest("BTC", int(time.time()) + 600, 60, 3600, 5)
+    first = asyncio.create_task(svc.answer(request, time.time() + 8.0))
+    await asyncio.sleep(0.05)
+    deadline = time.time() + 1.5
+    answer = await svc.answer(request, deadline)
+    assert answer.source == "fallback"
+    assert time.time() < deadline, f"answered {time.time() - deadline:.2f} s after the deadline"
+    for task, _ in list(svc._inflight.values()):  # the first caller's computation waits 8 s for nothing
+        task.cancel()
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)

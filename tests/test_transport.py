@@ -18,6 +18,8 @@ def test_errors_and_garbage_are_typed() -> None:
         decode_paths(b"junk")
     with pytest.raises(TransportError, match="does not hold"):
         decode_paths(encode_paths(np.ones((3, 4), np.float32))[:-4])
+    with pytest.raises(TransportError, match="does not hold"):  # trailing bytes: not the shape it names
+        decode_paths(encode_paths(np.ones((3, 4), np.float32)) + bytes(4))
 
 
 def test_the_engine_and_its_stand_in_reason_travel_with_the_paths() -> None:

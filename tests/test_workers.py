@@ -249,6 +249,7 @@ def test_a_result_finished_after_the_deadline_does_not_stay_in_redis_for_minutes
     ("start", {"start_ts": "soon"}, 20.0, "start_ts must be an integer"),
     ("nan-deadline", {}, math.nan, "deadline must be a unix time"),
     ("inf-deadline", {}, math.inf, "deadline must be a unix time"),
+    ("expired", {}, -1.0, "deadline passed before the task started"),  # the miner has stopped waiting
 ])
 def test_a_malformed_or_oversized_task_fails_with_a_result_and_never_reaches_the_engine(
         redis_url: str, monkeypatch: pytest.MonkeyPatch, name: str, change: dict[str, object], deadline_in_s: float,
