@@ -126,3 +126,17 @@ async def test_the_latest_price_a_slow_refresh_fetched_is_the_anchor() -> None:
     snap = await data.snapshot("BTC")
     assert (snap.anchor, snap.anchor_time) == (101.0, T0 + 19)
     assert snap.m1 is not None and snap.m1.last_close_time is not None and snap.m1.last_close_time <= T0
+
+
+def test_a_snapshot_knows_only_what_was_published_by_its_now() -> None:
+    """A worker builds its snapshot at the request's "now", which may lag the refresh that filled the cache:
+    a bar still open then, or a latest price published after it, must not anchor the forecast, and the
+    anchor's time is the newest bar's close time (its open time plus a step), not its open time."""
+    cache = MemoryHistoryCache()
+    ts = np.arange(T0 // 60 * 60 - 600, T0 // 60 * 60, 60, dtype=np.int64)  # the last one closes at the minute
+    cache.write("BTC", PriceHistory(60, ts, 100.0 + np.arange(ts.size, dtype=np.float64)))
+    cache.set_latest("BTC", LatestPrice(500.0, int(ts[-1]) + 60))  # published at the minute too
+    now = int(ts[-1]) + 30  # half-way through the newest cached bar
+    snap = market_data.build_snapshot(cache, "BTC", now, 3600)
+    assert snap.m1 is not None and snap.m1.last_ts == ts[-2]
+    assert (snap.anchor, snap.anchor_time) == (100.0 + ts.size - 2, int(ts[-2]) + 60)

@@ -560,3 +560,44 @@ async def test_a_provider_keeping_days_of_minutes_also_fills_the_24h_window_at_5
         await source.close()
         await binance.close()
         await server.stop()
+
+
+async def test_a_lone_garbage_bar_in_a_one_minute_refresh_is_judged_against_the_cache(
+        source: BinanceSource, cache: RedisHistoryCache, store: HistoryStore, settings: Settings,
+        server: FakeServer, clock: ManualClock) -> None:
+    """The every-minute refresh fetches a single bar: judged only against the bars fetched with it, a x100
+    print is its own median and passes. The cache's newest close is the reference, so it is held back."""
+    assert (await refresh_asset("BTC", source, cache, store, settings, now=T0)).ok
+    before = cached(cache)
+    clock.advance(60)
+    server.faults.bad_price = float(before.close[-1]) * 100  # the one new kline, and the latest price
+    report = await refresh_asset("BTC", source, cache, store, settings, now=int(clock()))
+    step = report.steps[0]
+    assert (step.fetched, step.held_back, step.new_in_cache, step.new_in_store) == (1, 1, 0, 0)
+    assert cached(cache).last_ts == before.last_ts
+    assert float(store.read("BTC", 60, 0, 2 ** 40).close.max()) < float(before.close.max()) * 2
+
+
+async def test_bars_a_failed_store_write_missed_are_owed_to_the_store(
+        source: BinanceSource, cache: RedisHistoryCache, store: HistoryStore, settings: Settings,
+        market: FakeMarket, clock: ManualClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Minutes the cache got while the disk was full are written with the next refresh that can write: the
+    store resumes after its own newest bar, and would otherwise keep a hole that no later fetch fills."""
+    assert (await refresh_asset("BTC", source, cache, store, settings, now=T0)).ok
+    write_bytes = history_store._write_bytes
+
+    def full_disk(fh: IO[bytes], data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(history_store, "_write_bytes", full_disk)
+    clock.advance(180)
+    failed = await refresh_asset("BTC", source, cache, store, settings, now=int(clock()))
+    assert any("StoreWriteError" in e for e in failed.errors) and failed.steps[0].new_in_cache == 3
+    monkeypatch.setattr(history_store, "_write_bytes", write_bytes)
+    clock.advance(60)
+    again = await refresh_asset("BTC", source, cache, store, settings, now=int(clock()))
+    assert again.ok, again.errors
+    expected = truth(market, clock())
+    stored = store.read("BTC", 60, int(expected.ts[0]), int(clock()))
+    np.testing.assert_array_equal(stored.ts, expected.ts)  # no hole where the writes failed
+    np.testing.assert_array_equal(stored.close, expected.close)

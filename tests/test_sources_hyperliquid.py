@@ -11,7 +11,7 @@ from core.sources.http import (
     StalePriceError,
     UnsupportedAssetError,
 )
-from core.sources.hyperliquid import HyperliquidSource
+from core.sources.hyperliquid import HyperliquidSource, _parse_candles
 from tests.provider_fixtures import FAST_RETRIES, T0, fake_provider_fixtures, source_fixture
 
 # Eight days of XAU 1m before its held-out boundary, ending on a trading minute.
@@ -80,3 +80,14 @@ async def test_a_candle_without_close_is_malformed(source: HyperliquidSource, se
 async def test_assets_without_a_coin(source: HyperliquidSource) -> None:
     with pytest.raises(UnsupportedAssetError):
         await source.history("BTC", T0 - 600, T0)
+
+
+def test_a_candle_for_another_coin_or_interval_is_refused() -> None:
+    """A reply mixing in another coin's or another interval's candles (a proxy or cache in between serving
+    the wrong key) must not pass for this coin's prices: the candles say what they are, and it is checked."""
+    t = 1_900_000_020 // 60 * 60 * 1000
+    good = {"t": t, "T": t + 59_999, "s": "xyz:GOLD", "i": "1m", "c": "2650.5"}
+    assert _parse_candles([good], "test", "xyz:GOLD", 60).all_or_raise() == ([t // 1000], [2650.5])
+    for wrong in ({"s": "BTC"}, {"i": "5m"}):
+        with pytest.raises(MalformedReplyError, match="is for"):
+            _parse_candles([good | wrong], "test", "xyz:GOLD", 60).all_or_raise()
