@@ -405,6 +405,43 @@ def test_readers_never_see_a_mixed_or_partial_set_during_publish_and_rollback(tm
     assert not list(root.glob(".current-*")) and not list((root / "versions").glob(".*"))
 
 
+def test_a_reader_whose_version_is_pruned_mid_read_reads_the_new_current_one(store: ArtifactStore) -> None:
+    """The one hazard of a lock-free reader: the version it resolved is switched away from and pruned while
+    it reads. Its read fails (a file gone) and it must read the new target, not fail nor mix the two sets."""
+    store.publish(stage(store, "v001"))
+    store.publish(stage(store, "v002"))
+    store.rollback(to="v001")
+    pruned: list[str] = []
+
+    def prune_under_the_reader(data: bytes, name: str) -> object:
+        if not pruned:  # the reader is halfway through v001: its first file read, the others not yet
+            pruned.append(store.rollback(to="v002"))
+            os.rename(store.versions_dir / "v001", store.versions_dir / ".trash-v001-0000")  # as pruning does
+        return json.loads(data)
+
+    reader = ArtifactStore(store.root, loaders={".json": prune_under_the_reader})
+    artifact = reader.load_current()
+    assert pruned == ["v002"] and artifact.version == "v002"
+    assert_whole(artifact)
+
+
+def test_staging_refuses_an_inherited_file_that_changed_after_it_was_verified(store: ArtifactStore) -> None:
+    """A staged set copies the current one's other files after verifying them: a file that changed on disk in
+    between (bit rot, a hand edit) must not be copied, or the new manifest would vouch for the corrupt bytes
+    and the set would pass validation and be published."""
+    store.publish(stage(store, "v001"))
+    norm_stats = store.versions_dir / "v001" / NORM_STATS_FILE
+
+    def corrupt_after_verification(data: bytes, name: str) -> object:
+        norm_stats.write_bytes(norm_stats.read_bytes().replace(b"v001", b"v666"))  # verified, then changed
+        return artifacts._load_npz(data, name)
+
+    stager = ArtifactStore(store.root, loaders={".npz": corrupt_after_verification})
+    with pytest.raises(ArtifactError, match="changed while being copied"):
+        stager.stage({CALIBRATION_FILE: files_for("v002")[CALIBRATION_FILE]}, version="v002", inherit=True)
+    assert not (store.staging_dir / "v002").exists()
+
+
 def test_two_publishers_at_once_do_not_interleave(tmp_path: Path) -> None:
     root = tmp_path / "artifacts"
     stores = [ArtifactStore(root, keep=50) for _ in range(2)]

@@ -370,3 +370,42 @@ def test_a_run_whose_whole_worker_was_killed_is_sent_again_by_the_leader(redis_u
         first.stop(signal.SIGKILL)
         if second is not None:
             second.stop()
+
+
+def test_the_leader_sends_an_orphaned_run_again_only_unclaimed_for_a_lease_and_once(
+        redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A started slot with no claim is a run whose worker died, but only once a whole lease has gone by
+    unclaimed: a live run whose lease lapsed while Redis was away takes it back within a third of one, and
+    a copy sent before that would be its twin. A claim held (a live run) is never sent again, and a dead run
+    is sent again once, however often the leader ticks before a worker claims the copy."""
+    from core.constants import JOB_ATTEMPTS_KEY, JOB_SLOT_KEY
+    from workers.beat import LeaderScheduler
+
+    week = 7 * 86_400.0
+    app, client = retrain_only_app(monkeypatch, redis_url, week)
+    slot = int(time.time() // week * week)
+    claim = JOB_SLOT_KEY.format(name="retrain", slot=slot)
+    queue = Settings().queue_cpu
+    beat = LeaderScheduler(app=app, schedule_filename=str(tmp_path / "beat.db"))  # fresh file: nothing due
+
+    def ticks(n: int) -> list[int]:
+        """The retrain slots sent after ``n`` ticks of the leader."""
+        for _ in range(n):
+            beat.tick()
+        bodies = [json.loads(base64.b64decode(json.loads(m)["body"])) for m in client.lrange(queue, 0, -1)]
+        return [body[1]["slot"] for body in bodies]
+
+    try:
+        client.set(JOB_ATTEMPTS_KEY.format(name="retrain", slot=slot), 1)
+        client.set(claim, "running:live:1", px=600_000)
+        beat.lease_s = 0.0  # whatever the wait, a held claim is a live run
+        assert ticks(3) == []
+        client.delete(claim)  # its lease lapsed: the run died, or Redis was away and it will take it back
+        beat.lease_s = 600.0
+        assert ticks(3) == []  # not before a whole lease without a claim
+        beat.lease_s = 0.0  # the lease has gone by: the run is gone
+        assert ticks(1) == [slot]
+        assert ticks(4) == [slot]  # once: the copy's own claim counts the next start
+    finally:
+        beat.close()
+        get_settings.cache_clear()

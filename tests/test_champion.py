@@ -16,6 +16,7 @@ from core.champion import (
     backtest_scores,
     challenge,
     challenge_models,
+    challenge_set,
     decide,
     model_forecaster,
 )
@@ -250,3 +251,21 @@ def test_a_model_gate_that_cannot_run_the_models_refuses_instead_of_comparing_th
     with pytest.raises(ArtifactError, match="PatchTST"):
         challenge_models(store, staged, model_cases, settings, 0.0)
     assert store.current_version() is None and staged.exists()
+
+
+def test_a_set_whose_models_pass_but_whose_calibration_loses_is_not_published(
+        tmp_path: Path, model_cases: list[Case]) -> None:
+    """``artifacts publish --gate`` of a set carrying a checkpoint and a calibration gets two verdicts: it is
+    published only if it loses neither, so models that pass must not carry a worse calibration through."""
+    settings = Settings(artifacts_dir=tmp_path / "artifacts", calibration_seed=3)  # PatchTST served, EWMA-t scaled
+    store = ArtifactStore.from_settings(settings)
+    store.publish(stage_scale(store, "served", 1.0))  # the committed models, unscaled
+    wide = CalibrationState({"ewma_t:ETH:60": Entry("ewma_t", "ETH", 60, scale=3.0)})
+    staged = store.stage({"hf.pt": (settings.models_dir / "hf.pt").read_bytes(), CALIBRATION_FILE: wide.to_json()},
+                         version="same-model-wide-scales")
+    decision = challenge_set(store, staged, model_cases, settings, 0.0)
+    assert not decision.promote, decision
+    assert decision.reason.startswith("models: challenger") and "; calibration: challenger" in decision.reason
+    assert decision.challenger_crps is not None and decision.champion_crps is not None
+    assert decision.challenger_crps > decision.champion_crps  # the calibration's scores
+    assert store.current_version() == "served" and staged.exists()

@@ -69,6 +69,20 @@ def test_a_slot_whose_process_died_runs_again_and_a_done_slot_is_a_duplicate(job
     assert len(calls) == 1
 
 
+def test_a_done_slot_and_its_start_count_outlast_the_period(job_env: dict[str, str], redis_url: str) -> None:
+    """A duplicate can come late in its slot (a copy the broker re-delivers hours on, a beat's catch-up): the
+    done claim and the start count must outlive the whole period, or that late copy runs the week's retrain
+    again (and a slot whose process keeps dying gets its starts back)."""
+    from workers.jobs import run_once
+
+    calls: list[int] = []
+    assert run_once("retrain", SLOT, WEEK, work_done(calls))["status"] == "ok"
+    client = redis.Redis.from_url(redis_url)
+    for key in (JOB_SLOT_KEY.format(name="retrain", slot=SLOT), JOB_ATTEMPTS_KEY.format(name="retrain", slot=SLOT)):
+        assert client.ttl(key) > WEEK, (key, client.ttl(key))  # claimed within the slot: kept past its end
+    assert run_once("retrain", SLOT, WEEK, work_done(calls))["status"] == "duplicate" and len(calls) == 1
+
+
 def test_a_slot_running_in_a_live_process_is_a_duplicate(job_env: dict[str, str]) -> None:
     from workers.jobs import run_once
 

@@ -169,3 +169,46 @@ def test_a_gate_never_publishes_over_a_calibration_published_while_it_ran(tmp_pa
     assert gate["published"] is None, gate  # not published over a champion it was not staged on
     assert artifacts.current_version() == "calibration-new"
     assert (artifacts.versions_dir / "calibration-new" / CALIBRATION_FILE).read_bytes() == calibrated
+
+
+def fewer_gate_cases(settings: Settings) -> Settings:
+    """One gate prompt every 1.5 h of the 1.1-day tail (16, not 101): the verdicts, faster."""
+    return settings.model_copy(update={"calibration_spacing_hf_s": 5400})
+
+
+def test_a_retrained_model_that_loses_the_gate_is_staged_not_published(tmp_path: Path, shared_data: Path) -> None:
+    """The gate's whole point: a retrained model worse than the one serving stays in staging with the verdict;
+    the served set (here: none yet, the committed models) is left as it is."""
+    from tests.model_fixtures import write_checkpoints
+
+    cut, store, settings, artifacts = btc_gate_setup(tmp_path, shared_data)
+    random_head = write_checkpoints(tmp_path / "random", ("hf",), perturb=0.3) / "hf.pt"
+    gate = run_gate(fewer_gate_cases(settings), artifacts, store, "hf", random_head,
+                    DataWindow(cut - 4 * 86_400, cut - 95_040), cut)
+    assert gate["cases"] == 16 and gate["champion"] == COMMITTED_MODELS, gate
+    assert not gate["promote"] and gate["challenger_crps"] > gate["champion_crps"], gate
+    assert gate["published"] is None and artifacts.current_version() is None
+    assert Path(gate["staged"], "hf.pt").read_bytes() == random_head.read_bytes()
+
+
+def test_a_gate_never_publishes_over_a_calibration_published_after_its_comparison(
+        tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hourly calibration may publish after the gate compared its model with the served set but before it
+    publishes: the publish must still be over the set the model was staged on, or it reverts the calibration."""
+    from core.calibration import CALIBRATION_FILE, CalibrationState, Entry
+
+    cut, store, settings, artifacts = btc_gate_setup(tmp_path, shared_data)
+    calibrated = CalibrationState({"ewma_t:BTC:60": Entry("ewma_t", "BTC", 60, scale=1.2)}).to_json()
+    publish = artifacts.publish
+
+    def calibration_publishes_first(staging: Path, **kwargs: Any) -> str:
+        if artifacts.current_version() is None:  # the gate's publish: the calibration gets there first
+            publish(artifacts.stage({CALIBRATION_FILE: calibrated}, inherit=True, version="calibration-new"))
+        return publish(staging, **kwargs)
+
+    monkeypatch.setattr(artifacts, "publish", calibration_publishes_first)
+    gate = run_gate(fewer_gate_cases(settings), artifacts, store, "hf", settings.models_dir / "hf.pt",
+                    DataWindow(cut - 4 * 86_400, cut - 95_040), cut)
+    assert gate["promote"] and gate["published"] is None and "not published" in gate["reason"], gate
+    assert artifacts.current_version() == "calibration-new"
+    assert (artifacts.versions_dir / "calibration-new" / CALIBRATION_FILE).read_bytes() == calibrated
