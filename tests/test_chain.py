@@ -150,3 +150,11 @@ async def test_a_deregistered_hotkey_is_logged_once(caplog: pytest.LogCaptureFix
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+def test_a_refusal_without_a_message_still_stops_the_start() -> None:
+    """bittensor may refuse with no message at all: success=False alone must stop the start, the line then
+    says no reason was given instead of the miner serving unpublished."""
+    settings = Settings(_env_file=None, netuid=50)  # type: ignore[call-arg]
+    with pytest.raises(StartupError, match=r"on netuid 50 of finney \(no reason given\)"):
+        publish_axon(settings, an_axon(), ServingSubtensor(ExtrinsicResponse(False)))  # type: ignore[arg-type]

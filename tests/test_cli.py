@@ -24,3 +24,17 @@ def test_flower_without_a_redis_url_is_refused_like_the_worker_and_beat(monkeypa
     result = runner.invoke(app, ["flower"])
     assert result.exit_code == 2 and not started, result.output
     assert "SYNTH_REDIS_URL" in result.output
+
+
+def test_flower_with_an_empty_password_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``SYNTH_FLOWER_PASSWORD=`` (an empty line in .env) is no password: Flower must not start with the
+    basic auth ``admin:`` that anyone can type."""
+    import workers.app
+
+    started: list[list[str]] = []
+    monkeypatch.setattr(workers.app.app, "start", lambda argv: started.append(argv))
+    monkeypatch.setenv("SYNTH_FLOWER_PASSWORD", "")
+    monkeypatch.chdir(tmp_path)  # no .env from the checkout
+    result = runner.invoke(app, ["flower", "--redis-url", "redis://127.0.0.1:1/0"])
+    assert result.exit_code == 2 and not started, result.output
+    assert "SYNTH_FLOWER_PASSWORD" in result.output

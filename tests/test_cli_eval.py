@@ -225,3 +225,13 @@ def test_backtest_takes_models_and_calibration_from_one_version(shared_data: Pat
     assert result.exit_code == 0, result.output
     assert later and len(used) == 1
     assert used[0]("ewma_t", "BTC", 60) == 1.5
+
+
+def test_backtest_refuses_zero_paths(shared_data: Path, tmp_path: Path) -> None:
+    """typer has no lower bound on --paths: zero paths is refused in one line naming the option, before any
+    prompt is planned or report written."""
+    result = CliRunner().invoke(app, ["backtest", "--data-dir", str(shared_data), "--out", str(tmp_path / "x"),
+                                      "--paths", "0", "--max-prompts", "1", "--no-plots", "--bootstrap", "0",
+                                      "--engines", "gbm"])
+    assert result.exit_code == 2 and "--paths" in result.output, result.output
+    assert not (tmp_path / "x").exists()

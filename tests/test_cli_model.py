@@ -131,3 +131,17 @@ def test_retrain_names_its_own_option_for_a_bad_time(tmp_path: Path, monkeypatch
     monkeypatch.setenv("SYNTH_ALLOWED_HOTKEYS", "notjson")  # a list setting that is not JSON: not a traceback
     result = CliRunner().invoke(app, ["retrain"])
     assert result.exit_code == 2 and "list and dict settings are JSON" in result.output, result.output
+
+
+def test_train_never_replaces_a_checkpoint_without_force(tmp_path: Path, out: Path) -> None:
+    """The default --out is the served models' folder: an existing <model>.pt is replaced only with --force,
+    and the refusal comes before any data is read or any training starts."""
+    out.mkdir()
+    (out / "hf.pt").write_bytes(b"served")
+    missing = tmp_path / "no-such-folder"
+    refused = CliRunner().invoke(app, ["train", "--model", "hf", "--data-dir", str(missing), "--out", str(out)])
+    assert refused.exit_code == 2 and "--force" in said(refused), said(refused)
+    assert (out / "hf.pt").read_bytes() == b"served"
+    forced = CliRunner().invoke(app, ["train", "--model", "hf", "--data-dir", str(missing), "--out", str(out),
+                                      "--force"])
+    assert forced.exit_code == 2 and "isnotafolder" in squeezed(forced) and "--force" not in said(forced)

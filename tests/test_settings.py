@@ -21,7 +21,10 @@ from synth_miner.cli import app
                                  # price stale, or no request sent: each refused at start, not once running.
                                  {"beat_lock_ttl_s": 0}, {"cache_days_hf": 0}, {"cache_days_lf": -1},
                                  {"max_price_age_s": 0}, {"http_timeout_s": 0}, {"http_retries": -1},
-                                 {"http_concurrency_per_host": 0}])
+                                 {"http_concurrency_per_host": 0},
+                                 # keep 1 leaves no rollback target (the artifact store refuses it only when a
+                                 # job first opens it); a zero lease lapses at once: a live job could run twice.
+                                 {"artifacts_keep": 1}, {"job_lease_s": 0}])
 def test_unservable_values_are_refused(bad: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         Settings(_env_file=None, **bad)  # type: ignore[arg-type]
@@ -94,3 +97,12 @@ def test_port_zero_still_means_off_and_results_must_live() -> None:
     assert settings.axon_external_port is None
     with pytest.raises(ValidationError):
         Settings(_env_file=None, result_ttl_s=0)  # type: ignore[call-arg]
+
+
+def test_only_a_password_in_the_query_makes_an_outside_redis_acceptable() -> None:
+    """A query string with other options (TLS, timeouts) is not a password: such an open Redis beyond this
+    host must still be refused at start."""
+    for url in ("redis://10.0.0.7:6379/0?socket_timeout=5", "rediss://cache.internal/0?ssl_cert_reqs=none"):
+        with pytest.raises(InsecureRedisError, match="no password"):
+            check_redis_url(url)
+    check_redis_url("redis://10.0.0.7:6379/0?password=s3cret")
