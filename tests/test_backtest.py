@@ -13,6 +13,7 @@ from core.backtest import (
     EngineScore,
     PromptResult,
     Ratio,
+    _seen_until,
     paired_ratio,
     pit_values,
     prompts_seen_in_training,
@@ -216,3 +217,75 @@ def test_prompts_a_served_checkpoint_was_fitted_on_are_named(plan: Plan, shared_
     assert len(notes) == 2, notes
     assert notes[0].startswith("patchtst hf: fitted on BTC up to 2026-05-24T23:55") and "1 of the 1 BTC 1h" in notes[0]
     assert notes[1].startswith("patchtst lf_crypto: fitted on BTC up to 2026-05-24") and "1 of the 2 BTC 24h" in notes[1]
+
+
+def test_the_summary_interval_is_drawn_by_utc_day() -> None:
+    """The table's interval must come from whole-day blocks: prompts 4 h apart on one day share a ratio,
+    and blocks of any finer unit (an hour) narrow the interval back to the prompt-by-prompt one."""
+    result = BacktestResult(["ewma_t", "gbm"], "upstream", 0, 100)
+    rng = np.random.default_rng(7)
+    day_ratio = rng.uniform(0.9, 1.1, 20)
+    a_all, b_all = [], []
+    for k in range(120):  # 20 days of 6 prompts, 4 h apart, starting on a day boundary
+        b = float(rng.uniform(50, 150))
+        a = b * float(day_ratio[k // 6])
+        a_all.append(a)
+        b_all.append(b)
+        prompt = EvalPrompt("BTC", 1_699_920_000 + k * 4 * 3600, 300, 86_400)
+        scores = {"ewma_t": EngineScore(a, True, {}, "ewma_t", None, None, 0.0),
+                  "gbm": EngineScore(b, True, {}, "gbm", None, None, 0.0)}
+        result.prompts.append(PromptResult(prompt, 300, 289, scores))
+    row = next(r for r in summarise(result, n_boot=4000, seed=0) if (r.asset, r.engine) == ("BTC", "ewma_t"))
+    ratio = row.ratios["gbm"]
+    by_prompt = paired_ratio(np.array(a_all), np.array(b_all), 4000, np.random.default_rng(1))
+    assert ratio is not None and by_prompt is not None and ratio.n == 120
+    assert ratio.hi - ratio.lo > 1.8 * (by_prompt.hi - by_prompt.lo)
+
+
+def test_the_interval_is_a_95_percent_one() -> None:
+    """Against the delta-method standard error of a ratio of means, a 95 % interval is ±1.96 SE wide;
+    a 90 % one (±1.645 SE) would report a flatteringly tight ratio."""
+    rng = np.random.default_rng(11)
+    b = rng.uniform(50, 150, 400)
+    a = b * rng.uniform(0.8, 1.2, 400)
+    r = paired_ratio(a, b, 8000, np.random.default_rng(2))
+    assert r is not None
+    value = a.mean() / b.mean()
+    se = float(np.std(a - value * b, ddof=1) / np.sqrt(a.size) / b.mean())
+    assert 1.8 < (r.hi - r.lo) / 2 / se < 2.1
+
+
+def test_ratios_use_only_prompts_both_engines_answered() -> None:
+    """A prompt the baseline failed (-1.0, invalid) must leave the pair out, not enter the ratio."""
+    result = synthetic_result(["SOL"], ["ewma_t", "gbm"])
+    failed = {3, 10, 11}
+    for k in failed:
+        r = result.prompts[k]
+        r.scores["gbm"] = EngineScore(-1.0, False, {}, None, None, "boom", 0.0)
+    row = next(r for r in summarise(result, n_boot=200, seed=0) if (r.asset, r.engine) == ("SOL", "ewma_t"))
+    both = [r for k, r in enumerate(result.prompts) if k not in failed]
+    a = np.array([r.scores["ewma_t"].total for r in both])
+    b = np.array([r.scores["gbm"].total for r in both])
+    ratio = row.ratios["gbm"]
+    assert ratio is not None and ratio.n == len(both) == 57
+    assert ratio.value == pytest.approx(a.mean() / b.mean(), rel=1e-12)
+
+
+def test_every_engine_gets_the_same_seed_per_prompt(plan: Plan) -> None:
+    """Two names for one engine must score identically: each request's RNG depends on the seed and the
+    request only, so engines are paired path for path, never by their name."""
+    engines = build_engines(Settings())
+    both = {"gbm": engines["gbm"], "gbm_twin": engines["gbm"]}
+    hourly = [p for p in plan.prompts if p.time_increment == 60][:2]
+    res = run_backtest(hourly, PriceFolder.from_histories(plan.histories), both, ["gbm", "gbm_twin"],
+                       seed=1, num_simulations=50, lookback_s=LOOKBACK, progress=False)
+    for r in res.prompts:
+        assert r.scores["gbm"].valid and r.scores["gbm"].total == r.scores["gbm_twin"].total
+
+
+def test_a_refits_selection_window_counts_as_seen() -> None:
+    """A refit checkpoint records the windows its recipe was selected on under ``selected_on``; those count."""
+    entry = {"train_origins": [100, 200], "selected_on": {"train_origins": [50, 150], "val_origins": [160, 900]}}
+    assert _seen_until(entry) == 900
+    assert _seen_until({"train_origins": [1, 5], "val_origins": None}) == 5
+    assert _seen_until(None) is None

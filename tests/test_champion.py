@@ -65,6 +65,14 @@ def test_failing_a_prompt_the_champion_answers_is_never_promoted() -> None:
     assert d.cases == 2 and d.challenger_invalid == 1 and d.champion_invalid == 0
 
 
+def test_the_means_are_over_the_prompts_both_answered() -> None:
+    """A prompt the champion failed must not count in the challenger's mean: a hard prompt only the
+    challenger answered would make it look worse (and an easy one better) than it is, paired."""
+    d = decide("new", "old", np.array([10.0, 10.0, 100.0]), np.array([11.0, 11.0, np.nan]), 0.0)
+    assert d.promote and d.cases == 2 and d.champion_invalid == 1
+    assert d.challenger_crps == pytest.approx(10.0) and d.champion_crps == pytest.approx(11.0)
+
+
 def test_nothing_to_compare_on_keeps_the_champion() -> None:
     d = decide("new", "old", np.array([np.nan]), np.array([np.nan]), 0.0)
     assert not d.promote and d.cases == 0

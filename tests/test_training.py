@@ -590,3 +590,24 @@ def test_window_inputs_are_those_the_engine_builds_from_a_backtest_snapshot() ->
         live = history_context(spec, session_bars(spec, "SPYX", wider), origin - 60)
         assert np.array_equal(live.scalars, served.scalars) and np.array_equal(live.base, served.base), origin
     assert widened > 10  # windows whose wider history held older bars (the check is not vacuous)
+
+
+def test_the_kept_epoch_is_the_one_with_the_best_validation_crps(tmp_path: Path) -> None:
+    """Selection is on the validator's CRPS, not on the NLL it is trained with: the kept epoch, and the
+    score reported for it, are those of the lowest validation CRPS in the history."""
+    result = train("hf", hf_files(tmp_path), tiny_options(epochs=4, patience=10, seed=1))
+    m = result.checkpoint.metrics
+    crps = [row["val_crps"] for row in result.history]
+    nll = [row["val_nll"] for row in result.history]
+    assert int(np.argmin(crps)) != int(np.argmin(nll))  # the two criteria disagree here, so the pick tells
+    assert m["best_epochs"] == [int(np.argmin(crps))]
+    assert m["val_crps"] == min(crps)
+
+
+def test_a_latent_volatility_that_scores_worse_is_not_taken(tmp_path: Path) -> None:
+    """The latent-vol search may only lower the validation CRPS: a worse candidate leaves the model's own."""
+    wild = LatentVol(0.99, 0.5)
+    result = train("hf", hf_files(tmp_path), tiny_options(epochs=1, latent_grid=(wild,)))
+    ck, m = result.checkpoint, result.checkpoint.metrics
+    assert m["latent_search"]["0.99,0.5"] > m["val_crps"]
+    assert ck.latent != wild

@@ -155,3 +155,31 @@ def test_a_final_stage_worse_than_the_start_keeps_the_start(plan: Plan, monkeypa
     assert fit is not None and fit.geo_vs_start == pytest.approx(1.0) and fit.mean_vs_start == pytest.approx(1.0)
     doc = report.to_json()["results"]["60"]
     assert doc["kept_start"] and doc["best"] == doc["start"] and "kept the start" in doc["note"]
+
+
+def test_the_walk_forward_split_orders_by_time_whatever_the_input_order(cases: list[TuningCase]) -> None:
+    """Cases arrive in any order (several windows, grids, assets): the fit share must still be the earlier
+    prompts of each asset, or the check set would measure prompts the search was tuned after."""
+    shuffled = [cases[i] for i in np.random.default_rng(3).permutation(len(cases))]
+    fit, check = split_walk_forward(shuffled, 0.75)
+    assert check and len(fit) + len(check) == len(cases)
+    for asset in {c.prompt.asset for c in cases}:
+        last_fit = max(c.prompt.start_ts for c in fit if c.prompt.asset == asset)
+        assert all(c.prompt.start_ts > last_fit for c in check if c.prompt.asset == asset)
+
+
+def test_the_search_sees_only_the_fit_prompts(plan: Plan) -> None:
+    """The walk-forward check is meaningful only if the search never scored the check prompts: its
+    objectives are those of the fit prompts alone."""
+    start = {60: replace(DEFAULT_CONFIGS[60], var_mult=2.0)}
+    report = run_tuning(plan.histories, plan.prompts, start, LOOKBACK, n_paths=20, seed=0, params=("var_mult",),
+                        passes=1, final_paths=None)
+    res = report.results[60]
+    fit, check = split_walk_forward(prepare_cases(plan.prompts, plan.histories, LOOKBACK), 0.7)
+    assert check
+
+    def obj(cfg: EwmaConfig) -> float:
+        return float(np.mean(np.log(score_engine(EwmaTEngine({60: cfg}), fit, 20, 0))))
+
+    assert res.start_objective == pytest.approx(obj(res.start), rel=1e-12)
+    assert res.best_objective == pytest.approx(obj(res.best), rel=1e-12)
