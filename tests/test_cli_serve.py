@@ -496,3 +496,46 @@ def test_shutdown_closes_every_price_source_even_when_one_close_fails(
     asyncio.run(serve(settings, stop))
     assert sorted(closed) == ["binance", "replay"]
     assert f"closing the {closed[0]} price source failed: RuntimeError" in capsys.readouterr().err
+
+
+def test_a_miner_on_chain_starts_serving_only_once_its_first_metagraph_is_read(
+        tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Until the first metagraph read every validator is refused ("metagraph not read yet"): the axon starts
+    listening only after that read (here 0.5 s in), not as soon as the read is sent off."""
+    import miner.chain
+    import miner.runtime
+    from miner.access import Neuron
+
+    make_wallet(tmp_path / "wallets", "miner")
+    views: list[MetagraphView] = []
+    loaded_when_listening: list[bool] = []
+    real_listening = miner.runtime.listening
+
+    async def first_read_after_half_a_second(settings: Settings, view: MetagraphView, subtensor: Any,
+                                             **kwargs: Any) -> None:
+        views.append(view)
+        await asyncio.sleep(0.5)
+        view.replace({"validator": Neuron("validator", 1e6, True)})
+        await asyncio.Event().wait()  # refreshes, until cancelled at shutdown
+
+    async def listening(axon: Any) -> bool:
+        loaded_when_listening.append(views[0].loaded)
+        return await real_listening(axon)
+
+    monkeypatch.setattr(miner.chain, "connect_chain", lambda settings, wallet: object())
+    monkeypatch.setattr(miner.chain, "publish_axon", lambda settings, axon, subtensor: None)
+    monkeypatch.setattr(miner.chain, "keep_metagraph_fresh", first_read_after_half_a_second)
+    monkeypatch.setattr(miner.runtime, "listening", listening)
+    settings = local_settings(tmp_path, tmp_path, shared_data, axon_external_ip="127.0.0.1")
+    settings = settings.model_copy(update={"local": False})
+
+    async def serve_then_stop() -> None:
+        stop = asyncio.Event()
+        serving = asyncio.create_task(serve(settings, stop))
+        while not loaded_when_listening and not serving.done():
+            await asyncio.sleep(0.05)
+        stop.set()
+        await serving
+
+    asyncio.run(serve_then_stop())
+    assert loaded_when_listening == [True]
