@@ -31,7 +31,7 @@ from core.cache import HistoryCache
 from core.constants import SECONDS_PER_DAY
 from core.prices import PriceHistory, bar_time_problem
 from core.settings import Settings
-from core.store_sources import Stretch, changes, edges, owners, read_stretches, write_stretches, written
+from core.store_sources import Stretch, changes, owners, read_stretches, write_stretches, written
 
 MAGIC = b"SYNTHDAY"
 VERSION = 1
@@ -231,11 +231,6 @@ class HistoryStore:
         history = self.read(asset, step, start, end)
         return history, changes(history.ts, owners(self.stretches(asset, step), history.ts))
 
-    def joins(self, asset: str, step: int | None = None) -> tuple[int, ...]:
-        """Where the asset's stored bars change source: those ``read`` returns at ``step`` (all steps: None)."""
-        wanted = self.steps(asset) if step is None else [step]  # a step never written has no stretch
-        return tuple(sorted({t for s in wanted for t in edges(self.stretches(asset, s), s)}))
-
     def span(self, asset: str, step: int) -> tuple[int, int] | None:
         days = self.days(asset, step)
         first = next((h for h in (self.read_day(asset, step, d) for d in days) if len(h)), None)
@@ -273,7 +268,7 @@ class HistoryStore:
         """``append``, also counting the stored bars whose close the history replaced with another: an
         import over bars a live provider stored says how many it changed instead of changing them silently.
         ``source`` (a provider's name, an imported file's): recorded, so training does not span a change of
-        source (``joins``)."""
+        source (``read_sourced``)."""
         if not len(history):
             return Merged(0, 0)
         step = history.step

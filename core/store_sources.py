@@ -56,13 +56,6 @@ def written(stretches: Sequence[Stretch], source: str, first: int, last: int, st
     return merged
 
 
-def edges(stretches: Sequence[Stretch], step: int) -> list[int]:
-    """Where a stretch begins and where the bar after its last would begin: a piece of training data must
-    not span one. Both ends, since the store is also read merged with its other step (``ResampledStore``),
-    whose bars take over there, and the bars before a first stretch are of no known source."""
-    return sorted({s.first for s in stretches} | {s.last + step for s in stretches})
-
-
 def owners(stretches: Sequence[Stretch], ts: np.ndarray[Any, Any]) -> np.ndarray[Any, np.dtype[np.object_]]:
     """The source of each bar time: the stretch holding it, "" where none does (bars of unknown source)."""
     ordered = sorted(stretches, key=lambda s: s.first)  # written() keeps them apart and in order

@@ -154,11 +154,11 @@ def flower(
     """Start Flower with basic auth (SYNTH_FLOWER_USER / SYNTH_FLOWER_PASSWORD; refuses to run without)."""
     settings = load_settings(redis_url=redis_url)  # a bad SYNTH_ variable is a usage error, not a traceback
     require_redis(redis_url)  # else Flower would quietly watch whatever Redis listens on this host's 6379
+    if not settings.flower_password:  # refused before anything is set up
+        raise typer.BadParameter("set SYNTH_FLOWER_PASSWORD: Flower is never served without authentication")
     export_env(redis_url=redis_url)
     from workers.app import app as celery_app
 
-    if not settings.flower_password:
-        raise typer.BadParameter("set SYNTH_FLOWER_PASSWORD: Flower is never served without authentication")
     celery_app.start(["flower", f"--port={port}", f"--address={address}",
                       f"--basic-auth={settings.flower_user}:{settings.flower_password}"])
 

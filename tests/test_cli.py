@@ -1,5 +1,6 @@
 """The process commands of ``synth-miner`` (worker, beat, flower) refuse what would quietly go wrong."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,9 @@ def test_flower_with_an_empty_password_is_refused(monkeypatch: pytest.MonkeyPatc
     started: list[list[str]] = []
     monkeypatch.setattr(workers.app.app, "start", lambda argv: started.append(argv))
     monkeypatch.setenv("SYNTH_FLOWER_PASSWORD", "")
+    monkeypatch.delenv("SYNTH_REDIS_URL", raising=False)  # restored afterwards, whatever the command sets
     monkeypatch.chdir(tmp_path)  # no .env from the checkout
     result = runner.invoke(app, ["flower", "--redis-url", "redis://127.0.0.1:1/0"])
     assert result.exit_code == 2 and not started, result.output
     assert "SYNTH_FLOWER_PASSWORD" in result.output
+    assert "SYNTH_REDIS_URL" not in os.environ  # a refused start changes nothing for the rest of the process

@@ -109,7 +109,7 @@ def test_import_stores_each_manifest_segment_as_a_source_and_training_splits_at_
     result = runner.invoke(app, ["import", str(folder), "--data-dir", str(tmp_path / "a")])
     assert result.exit_code == 0, result.output
     store = HistoryStore(tmp_path / "a" / "history")
-    assert joined in store.joins("BTC")
+    assert joined in store.read_sourced("BTC", 60, 0, 2 ** 40)[1]
     for step in (60, 300):
         files = histories_from_cache(ResampledStore(store), ["BTC"], step, 0, cut)
         assert joined - joined % step in files["BTC"].segment_starts
@@ -129,7 +129,7 @@ def test_import_stores_each_manifest_segment_as_a_source_and_training_splits_at_
     # not merge with the first one's stored stretch (the join stays).
     write_csv(folder / "btc_1m.csv.gz", read_csv(shared_data / "btc_1m.csv.gz", 60).between(joined, cut))
     assert runner.invoke(app, ["import", str(folder), "--data-dir", str(tmp_path / "a")]).exit_code == 0
-    assert joined in store.joins("BTC")
+    assert joined in store.read_sourced("BTC", 60, 0, 2 ** 40)[1]
 
     # A segment start that is no time: one line in the table, no traceback, nothing stored.
     segments[1]["start"] = "2025-13-01 00:00:00"

@@ -10,7 +10,7 @@ from core.datasets import histories_from_cache, split_pieces
 from core.history_store import HistoryStore, StoreUnreadableError
 from core.prices import PriceHistory
 from core.retraining import ResampledStore
-from core.store_sources import SOURCES_FILE, Stretch, edges, read_stretches, write_stretches, written
+from core.store_sources import SOURCES_FILE, Stretch, changes, owners, read_stretches, write_stretches, written
 
 T0 = 1_750_000_000 // 86_400 * 86_400
 DAY = 86_400
@@ -23,21 +23,22 @@ def bars(start: int, n: int, level: float = 100.0, step: int = 60) -> PriceHisto
 def test_one_source_appending_is_one_stretch_and_a_switch_is_a_join() -> None:
     s = written([], "binance", 0, 60, 60)
     s = written(s, "binance", 120, 180, 60)
-    assert s == [Stretch("binance", 0, 180)] and edges(s, 60) == [0, 240]
+    assert s == [Stretch("binance", 0, 180)]
     s = written(s, "hyperliquid", 240, 240, 60)
-    assert edges(s, 60) == [0, 240, 300]
+    assert s == [Stretch("binance", 0, 180), Stretch("hyperliquid", 240, 240)]
     s = written(s, "hyperliquid", 300, 600, 60)  # the new provider goes on: no further join
-    assert s == [Stretch("binance", 0, 180), Stretch("hyperliquid", 240, 600)] and edges(s, 60) == [0, 240, 660]
+    assert s == [Stretch("binance", 0, 180), Stretch("hyperliquid", 240, 600)]
+    ts = np.arange(0, 720, 60, dtype=np.int64)  # bar by bar: one join, and the bar after the last is no one's
+    assert changes(ts, owners(s, ts)) == (240, 660)
 
 
 def test_a_backfill_and_an_overwrite_keep_the_stretches_in_time_order_and_on_the_grid() -> None:
     live = written([], "pyth", 1020, 1980, 60)
     older = written(live, "btc_1m.csv.gz", 0, 900, 60)  # an import of older history, after the live start
-    assert edges(older, 60) == [0, 960, 1020, 2040]
+    assert older == [Stretch("btc_1m.csv.gz", 0, 900), Stretch("pyth", 1020, 1980)]
     middle = written(older, "binance", 1200, 1380, 60)  # a sync over part of the live bars
     assert middle == [Stretch("btc_1m.csv.gz", 0, 900), Stretch("pyth", 1020, 1140),
                       Stretch("binance", 1200, 1380), Stretch("pyth", 1440, 1980)]
-    assert edges(middle, 60) == [0, 960, 1020, 1200, 1440, 2040]  # every one a bar time
     assert written(middle, "pyth", 1200, 1380, 60) == [Stretch("btc_1m.csv.gz", 0, 900), Stretch("pyth", 1020, 1980)]
 
 
@@ -67,10 +68,14 @@ def test_an_unreadable_sources_file_is_not_written_over(tmp_path: Path, caplog: 
         assert store.merge("BTC", bars(T0 + 1200, 10), "c").new == 10  # the bars are stored all the same
     assert "sources not recorded" in caplog.text
     with pytest.raises(StoreUnreadableError, match="sources unreadable"):
-        store.joins("BTC")  # training is told, not given pieces spanning joins
+        store.read_sourced("BTC", 60, 0, 2 ** 40)  # training is told, not given pieces spanning joins
     path.rmdir()
     path.write_bytes(kept)
-    assert store.joins("BTC") == (T0, T0 + 600, T0 + 1200)
+    assert store.read_sourced("BTC", 60, 0, 2 ** 40)[1] == (T0 + 600, T0 + 1200)
+
+
+def joins(store: HistoryStore, step: int) -> tuple[int, ...]:
+    return store.read_sourced("BTC", step, 0, 2 ** 40)[1]
 
 
 def test_the_store_records_joins_and_training_from_it_splits_there(tmp_path: Path) -> None:
@@ -78,15 +83,15 @@ def test_the_store_records_joins_and_training_from_it_splits_there(tmp_path: Pat
     store = HistoryStore(tmp_path, durable=False)
     store.append("BTC", bars(T0, 600))  # bars of unknown source (a store older than sources.json)
     store.merge("BTC", bars(T0 + 600 * 60, 600), "binance")
-    assert store.joins("BTC") == (T0 + 600 * 60, T0 + 1200 * 60)  # the feed's stretch begins and ends there
+    assert joins(store, 60) == (T0 + 600 * 60,)  # the feed's stretch begins after bars of no known source
     switch = T0 + 1200 * 60 + 3 * 60  # three minutes into a 5-minute bar
     store.merge("BTC", bars(T0 + 1200 * 60, 3, 100.0), "binance")
     store.merge("BTC", bars(switch, 900, 100.05), "hyperliquid")  # another feed, another level
     store.merge("BTC", bars(T0, 12, step=300), "btc_5m.csv.gz")  # a native 5-minute import of the start
-    assert store.joins("BTC") == (T0, T0 + 12 * 300, T0 + 600 * 60, switch, switch + 900 * 60)
-    assert store.joins("BTC", 60) == (T0 + 600 * 60, switch, switch + 900 * 60)
-    assert store.joins("BTC", 300) == (T0, T0 + 12 * 300)
-    assert store.joins("ETH") == ()
+    assert joins(store, 60) == (T0 + 600 * 60, switch)
+    assert joins(store, 300) == ()  # the store's own 5-minute bars: the import alone
+    eth, eth_joins = store.read_sourced("ETH", 60, 0, 2 ** 40)
+    assert len(eth) == 0 and eth_joins == ()
 
     cut = T0 + 3 * DAY
     reader = ResampledStore(store)
