@@ -57,6 +57,9 @@ class ForecastRequest:
         return f"{self.asset}:{self.start_ts}:{self.time_increment}:{self.time_length}:{self.num_simulations}"
 
 
+LAST_UTC_TS = int(datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp())
+
+
 def parse_start_time(value: str) -> int:
     """ISO-8601 -> unix seconds. Naive times are UTC, as the validators' are."""
     if not isinstance(value, str) or not value.strip():
@@ -70,7 +73,12 @@ def parse_start_time(value: str) -> int:
         raise RequestError(f"start_time is not ISO-8601: {value!r}") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
-    return int(moment.timestamp())
+    start_ts = int(moment.timestamp())
+    # A UTC time (the worker rebuilds the request from start_ts): an offset could push "0001-01-01" or
+    # "9999-12-31" out of what a UTC datetime holds, and the pool's worker would refuse what the miner took.
+    if not 0 <= start_ts <= LAST_UTC_TS:
+        raise RequestError(f"start_time {value!r} is outside 1970-01-01 to 9999-12-31 UTC")
+    return start_ts
 
 
 def check_request(asset: object, start_time: object, time_increment: object, time_length: object,

@@ -76,3 +76,17 @@ def test_a_naive_start_time_is_utc_whatever_the_hosts_zone(monkeypatch: pytest.M
     finally:
         monkeypatch.undo()
         time.tzset()
+
+
+@pytest.mark.parametrize("text", ["0001-01-01T00:00:00+01:00", "1969-12-31T23:59:59Z", "9999-12-31T23:30:00-01:00"])
+def test_a_start_time_no_utc_datetime_holds_is_refused_by_the_miner_as_by_the_worker(text: str) -> None:
+    """The worker rebuilds the request from its start_ts as a UTC time: a start the miner accepted but the
+    worker could not rebuild always fell back. Both now refuse it, with the same message."""
+    from workers.tasks import checked_request
+
+    with pytest.raises(RequestError, match="outside 1970-01-01 to 9999-12-31 UTC"):
+        check(start_time=text)
+    edge = check(start_time="9999-12-31T23:59:59Z")
+    request = {"asset": edge.asset, "start_ts": edge.start_ts, "time_increment": edge.time_increment,
+               "time_length": edge.time_length, "num_simulations": edge.num_simulations}
+    assert checked_request(request, 1000) == edge
