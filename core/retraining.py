@@ -62,9 +62,9 @@ class ResampledStore:
         """``read``, and the bar times in it where the source changes: each bar is owned by the stretch that
         wrote it, a resampled bar by that of its window's last minute (its close). So a native import's own
         gap, filled by 1-minute bars of another feed, is two joins, and a fill from the same feed is none."""
-        merged, native, minute = self._merged(asset, step, start, end)
         if step == 60:
-            return native, changes(native.ts, owners(self.store.stretches(asset, 60), native.ts))
+            return self.store.read_sourced(asset, 60, start, end)
+        merged, native, minute = self._merged(asset, step, start, end)
         owner = np.full(len(merged), "", dtype=object)
         resampled = np.setdiff1d(merged.ts, native.ts, assume_unique=True)  # native bars win on equal times
         closes = minute.ts[np.searchsorted(minute.ts, resampled + step, side="left") - 1]

@@ -57,13 +57,13 @@ def written(stretches: Sequence[Stretch], source: str, first: int, last: int, st
 
 
 def owners(stretches: Sequence[Stretch], ts: np.ndarray[Any, Any]) -> np.ndarray[Any, np.dtype[np.object_]]:
-    """The source of each bar time: the stretch holding it, "" where none does (bars of unknown source)."""
-    ordered = sorted(stretches, key=lambda s: s.first)  # written() keeps them apart and in order
-    labels = np.array([s.source for s in ordered] + [""], dtype=object)
-    if not ordered:
-        return labels[np.zeros(len(ts), np.intp)]
-    firsts = np.array([s.first for s in ordered], np.int64)
-    lasts = np.array([s.last for s in ordered], np.int64)
+    """The source of each bar time: the stretch holding it, "" where none does (bars of unknown source).
+    ``stretches`` apart and in time order, as ``written`` and ``read_stretches`` give them."""
+    if not stretches:
+        return np.full(len(ts), "", dtype=object)
+    labels = np.array([s.source for s in stretches] + [""], dtype=object)
+    firsts = np.array([s.first for s in stretches], np.int64)
+    lasts = np.array([s.last for s in stretches], np.int64)
     i = np.searchsorted(firsts, ts, side="right") - 1
     inside = (i >= 0) & (ts <= lasts[np.maximum(i, 0)])
     return labels[np.where(inside, i, -1)]
