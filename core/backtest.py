@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # torch comes with it: only engines that carry checkpoints lo
 BASELINES = ("gbm", "ewma_t")
 PIT_HORIZONS = {"5min": 300, "1h": 3600}  # returns whose calibration the PIT charts show
 ALL = "ALL"
+UNSEEN = "UNSEEN"  # pooled over the prompts on dates no serving model trained or selected on, for any asset
 
 
 @dataclass(frozen=True)
@@ -122,15 +123,20 @@ class TrainedEngine(Protocol):
     def checkpoint(self, kind: str) -> Checkpoint: ...
 
 
-def _seen_until(entry: Any) -> int | None:
-    """The newest forecast origin of one asset's data window (training, validation, or the selection run's)."""
+def _seen_spans(entry: Any) -> list[tuple[int, int]]:
+    """The (oldest, newest) forecast origins of each part of one asset's data window: training, validation,
+    and the selection run's."""
     if not isinstance(entry, Mapping):
-        return None
+        return []
     spans = [entry.get("train_origins"), entry.get("val_origins")]
     if isinstance(selected := entry.get("selected_on"), Mapping):
         spans += [selected.get("train_origins"), selected.get("val_origins")]
-    ends = [int(span[1]) for span in spans if isinstance(span, (list, tuple)) and len(span) == 2]
-    return max(ends, default=None)
+    return [(int(span[0]), int(span[1])) for span in spans if isinstance(span, (list, tuple)) and len(span) == 2]
+
+
+def _seen_until(entry: Any) -> int | None:
+    """The newest forecast origin of one asset's data window."""
+    return max((last for _, last in _seen_spans(entry)), default=None)
 
 
 def prompts_seen_in_training(engines: Mapping[str, Engine], prompts: Sequence[EvalPrompt]) -> list[str]:
@@ -155,6 +161,42 @@ def prompts_seen_in_training(engines: Mapping[str, Engine], prompts: Sequence[Ev
                     notes.append(f"{name} {kind}: fitted on {asset} up to {iso(until)}; {len(early)} of the "
                                  f"{len(mine)} {asset} {early[0].label} prompts start before that")
     return notes
+
+
+def prompts_on_trained_dates(engines: Mapping[str, Engine], prompts: Sequence[EvalPrompt]) -> tuple[set[str], list[str]]:
+    """The prompts whose realised prices fall on dates the model serving them trained or selected on, for
+    any of its assets, and a line per (engine, model) that has some.
+
+    The data README splits each file at its own boundary, so one asset's held-out days can lie inside
+    another asset's training days: a model fitted on BTC through May has seen the market of ETH's
+    February held-out window. Nothing of ETH leaks, but a shared market regime might flatter the ETH
+    rows; the prompts outside every such window give a table that cannot be flattered that way."""
+    from core.engines.patchtst import route  # only with a trained engine, which has loaded torch already
+
+    dated: set[str] = set()
+    notes = []
+    for name, engine in engines.items():
+        if not isinstance(engine, TrainedEngine):
+            continue
+        for kind in engine.kinds:
+            checkpoint = engine.checkpoint(kind)
+            spec = checkpoint.spec
+            reach = spec.horizon * spec.step  # a window's realised prices run that far past its origin
+            spans = [(asset, first, last + reach) for asset, entry in checkpoint.data_window.items()
+                     for first, last in _seen_spans(entry)]
+            mine = [p for p in prompts if route(p.request(1)) == kind]
+            hit: dict[str, set[str]] = defaultdict(set)  # prompt id -> the assets whose dates it falls on
+            for p in mine:
+                for asset, first, end in spans:
+                    if p.start_ts < end and p.start_ts + p.time_length > first:
+                        hit[p.id].add(asset)
+            if hit:
+                dated |= set(hit)
+                on = sorted({a for assets in hit.values() for a in assets})
+                which = sorted({p.asset for p in mine if p.id in hit})
+                notes.append(f"{name} {kind}: {len(hit)} of its {len(mine)} prompts ({', '.join(which)}) fall on "
+                             f"dates it was fitted on for {', '.join(on)}")
+    return dated, notes
 
 
 def run_backtest(prompts: Sequence[EvalPrompt], prices: PriceFolder, engines: Mapping[str, Engine],
@@ -277,8 +319,10 @@ def _row(asset: str, label: str, engine: str, results: Sequence[PromptResult], b
 
 
 def summarise(result: BacktestResult, baselines: Sequence[str] = BASELINES, n_boot: int = 2000,
-              seed: int = 0) -> list[SummaryRow]:
-    """A row per asset × prompt × engine, then pooled rows (asset ALL) per prompt and overall."""
+              seed: int = 0, trained_dates: frozenset[str] = frozenset()) -> list[SummaryRow]:
+    """A row per asset × prompt × engine, then pooled rows (asset ALL) per prompt and overall; with
+    ``trained_dates`` (prompt ids, see ``prompts_on_trained_dates``) also the pooled rows of the other
+    prompts (asset UNSEEN), when some prompts are left on both sides."""
     groups: dict[tuple[str, str], list[PromptResult]] = defaultdict(list)
     for r in result.prompts:
         groups[(r.prompt.asset, r.prompt.label)].append(r)
@@ -291,6 +335,14 @@ def summarise(result: BacktestResult, baselines: Sequence[str] = BASELINES, n_bo
         rows += [_row(ALL, label, e, pooled, baselines, n_boot, seed) for e in result.engines]
     if len(labels) > 1:
         rows += [_row(ALL, ALL, e, result.prompts, baselines, n_boot, seed) for e in result.engines]
+    unseen = [r for r in result.prompts if r.prompt.id not in trained_dates]
+    if unseen and len(unseen) < len(result.prompts):
+        unseen_labels = [label for label in labels if any(r.prompt.label == label for r in unseen)]
+        for label in unseen_labels:
+            pooled = [r for r in unseen if r.prompt.label == label]
+            rows += [_row(UNSEEN, label, e, pooled, baselines, n_boot, seed) for e in result.engines]
+        if len(unseen_labels) > 1:
+            rows += [_row(UNSEEN, ALL, e, unseen, baselines, n_boot, seed) for e in result.engines]
     return rows
 
 
@@ -360,7 +412,8 @@ def _clean(value: float) -> float | None:
     return None if not math.isfinite(value) else value
 
 
-def scores_json(result: BacktestResult, rows: Sequence[SummaryRow], config: Mapping[str, Any]) -> bytes:
+def scores_json(result: BacktestResult, rows: Sequence[SummaryRow], config: Mapping[str, Any],
+                trained_dates: frozenset[str] = frozenset()) -> bytes:
     prompts = []
     for r in result.prompts:
         prompts.append({
@@ -368,6 +421,7 @@ def scores_json(result: BacktestResult, rows: Sequence[SummaryRow], config: Mapp
             "start_ts": r.prompt.start_ts, "start_time": iso(r.prompt.start_ts),
             "time_increment": r.prompt.time_increment, "time_length": r.prompt.time_length,
             "realised_source_step": r.source_step, "observed_points": r.observed,
+            "on_trained_dates": r.prompt.id in trained_dates,
             "scores": {name: {"total": _clean(s.total), "valid": s.valid, "engine_used": s.engine_used,
                               "fallback_reason": s.fallback_reason, "error": s.error,
                               "seconds": round(s.seconds, 4),
@@ -385,27 +439,32 @@ def scores_json(result: BacktestResult, rows: Sequence[SummaryRow], config: Mapp
 
 
 def write_report(result: BacktestResult, out_dir: Path, config: Mapping[str, Any], plots: bool = True,
-                 baselines: Sequence[str] = BASELINES, n_boot: int = 2000) -> dict[str, Path]:
+                 baselines: Sequence[str] = BASELINES, n_boot: int = 2000,
+                 trained_dates: frozenset[str] = frozenset()) -> dict[str, Path]:
     """table.md, scores.json and the PNGs under ``out_dir``; returns what was written, by name."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = summarise(result, baselines, n_boot, result.seed)
+    rows = summarise(result, baselines, n_boot, result.seed, trained_dates)
     written: dict[str, Path] = {}
     md = [f"# Backtest ({result.rules} rules, {result.num_simulations} paths, seed {result.seed})\n",
           f"{len(result.prompts)} prompts, engines: {', '.join(result.engines)}; wall time {result.wall_s:.1f} s.\n",
           ("Ratios are mean CRPS / the baseline's mean CRPS over the prompts both answered validly, with a "
-          "paired bootstrap 95 % interval over whole UTC days of prompt starts. Lower is better.\n"),
-          markdown_table(rows, baselines), markdown_intervals(rows)]
+          "paired bootstrap 95 % interval over whole UTC days of prompt starts. Lower is better.\n")]
+    if any(row.asset == UNSEEN for row in rows):
+        md.append(f"{UNSEEN} rows pool the prompts whose realised prices fall on no date a served model was fitted "
+                  "or selected on, for any of its assets (each file is split at its own boundary, so one "
+                  "asset's held-out days can be another's training days).\n")
+    md += [markdown_table(rows, baselines), markdown_intervals(rows)]
     written["table"] = out_dir / "table.md"
     written["table"].write_text("\n".join(md) + "\n")
     written["scores"] = out_dir / "scores.json"
-    written["scores"].write_bytes(scores_json(result, rows, config))
+    written["scores"].write_bytes(scores_json(result, rows, config, trained_dates))
     if plots and result.prompts:
         for (asset, label), fan in sorted(result.fans.items()):
             written[f"fan_{asset}_{label}"] = fan_chart(out_dir / f"fan_{asset}_{label}.png", fan.times,
                                                         fan.realised, fan.bands, f"{asset} {label} prompt {fan.prompt.id}")
         by_label: dict[str, dict[str, dict[str, dict[str, float]]]] = defaultdict(dict)
         for row in rows:
-            if row.asset != ALL and row.intervals:
+            if row.asset not in (ALL, UNSEEN) and row.intervals:
                 by_label[row.prompt].setdefault(row.asset, {})[row.engine] = row.intervals
         for label, means in by_label.items():
             written[f"crps_intervals_{label}"] = interval_chart(out_dir / f"crps_intervals_{label}.png", means,

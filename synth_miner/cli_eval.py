@@ -129,6 +129,7 @@ def backtest(
     """Score engines on validator-style prompts (held-out windows by default) and write table, JSON, PNGs."""
     from core.backtest import (
         BASELINES,
+        prompts_on_trained_dates,
         prompts_seen_in_training,
         rich_table,
         run_backtest,
@@ -173,6 +174,10 @@ def backtest(
     seen = prompts_seen_in_training({n: available[n] for n in names}, plan.prompts)
     for note in seen:
         console.print(f"[red]warning:[/] {note}" if mode == "heldout" else f"[dim]note: {note}[/]")
+    dated, date_notes = prompts_on_trained_dates({n: available[n] for n in names}, plan.prompts)
+    trained_dates = frozenset(dated)
+    for note in date_notes:
+        console.print(f"[dim]note: {note}; the UNSEEN rows leave them out[/]")
     rules_value: Rules = "upstream" if rules == "upstream" else "head"
     lookback_s = settings.offline_lookback_s()
     result = run_backtest(plan.prompts, PriceFolder.from_histories(plan.histories), available, names, seed, paths,
@@ -182,14 +187,15 @@ def backtest(
               "seed": seed, "calibrated": calibrated,
               "lookback_days": {"24h": lookback_s[LF_INCREMENT] / 86_400, "1h": lookback_s[HF_INCREMENT] / 86_400},
               "spacing_h": {"24h": lf_spacing_h, "1h": hf_spacing_h}, "max_prompts": max_prompts,
-              "seen_in_training": seen,
+              "seen_in_training": seen, "on_trained_dates": date_notes,
               "windows": [{"asset": w.asset, "prompt": "24h" if w.time_increment == LF_INCREMENT else "1h",
                            "start": iso(w.start), "end": iso(w.end)} for w in plan.windows]}
     baselines = [b for b in BASELINES if b in names]
-    written = write_report(result, out, config, plots=plots, baselines=baselines, n_boot=bootstrap)
+    written = write_report(result, out, config, plots=plots, baselines=baselines, n_boot=bootstrap,
+                           trained_dates=trained_dates)
     # Off a terminal (a log file, CI) rich would wrap the table at 80 columns: print it at full width.
     wide = console if console.is_terminal else Console(width=max(console.width, 160))
-    wide.print(rich_table(summarise(result, baselines, bootstrap, seed), baselines,
+    wide.print(rich_table(summarise(result, baselines, bootstrap, seed, trained_dates), baselines,
                           title=f"{len(result.prompts)} prompts, {rules} rules, {paths} paths"))
     console.print(f"wall time {result.wall_s:.1f} s; wrote {len(written)} files to {out}")
 

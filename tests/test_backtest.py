@@ -9,6 +9,7 @@ from rich.console import Console
 
 from core.backtest import (
     ALL,
+    UNSEEN,
     BacktestResult,
     EngineScore,
     PromptResult,
@@ -16,6 +17,7 @@ from core.backtest import (
     _seen_until,
     paired_ratio,
     pit_values,
+    prompts_on_trained_dates,
     prompts_seen_in_training,
     rich_table,
     run_backtest,
@@ -217,6 +219,69 @@ def test_prompts_a_served_checkpoint_was_fitted_on_are_named(plan: Plan, shared_
     assert len(notes) == 2, notes
     assert notes[0].startswith("patchtst hf: fitted on BTC up to 2026-05-24T23:55") and "1 of the 1 BTC 1h" in notes[0]
     assert notes[1].startswith("patchtst lf_crypto: fitted on BTC up to 2026-05-24") and "1 of the 2 BTC 24h" in notes[1]
+
+
+def test_prompts_on_dates_another_asset_was_fitted_on_are_named(shared_data: Path) -> None:
+    """Each file is split at its own boundary, so the committed lf_crypto model, fitted on BTC into May 2026,
+    has seen the days of ETH's February held-out window; the equity model and BTC's own window are clear.
+    Only the parts of a data window count, not the years between them."""
+    from core.engines.patchtst import PatchTSTEngine
+
+    engines = {"ewma_t": build_engines(Settings())["ewma_t"],
+               "patchtst": PatchTSTEngine(Path(__file__).resolve().parents[1] / "models")}
+    manifest = json.loads((shared_data / "manifest.json").read_text())
+    eth, btc, spy, sol_1m = (manifest[f]["eval_start_ts"] for f in ("eth_5m", "btc_5m", "spy_5m", "sol_1m"))
+    day = 86_400
+    prompts = {"eth_24h": EvalPrompt("ETH", eth + day, 300, day),  # BTC's training days (lf_crypto)
+               "btc_24h": EvalPrompt("BTC", btc, 300, day),  # after every asset's data window
+               "spyx_24h": EvalPrompt("SPYX", spy + day + 14 * 3600, 300, day),  # equities end at one date
+               "sol_1h": EvalPrompt("SOL", sol_1m + day, 60, 3600),  # BTC and ETH 1 m trained through June 2025
+               # hf: BTC trained to 2025-06-28 and selected from 2026-03-02, XAU selected to 2026-02-13
+               "eth_1h_between": EvalPrompt("ETH", eth + day, 60, 3600),
+               "eth_1h_in_btc_val": EvalPrompt("ETH", eth + 20 * day, 60, 3600)}
+    dated, notes = prompts_on_trained_dates(engines, list(prompts.values()))
+    assert dated == {prompts[k].id for k in ("eth_24h", "sol_1h", "eth_1h_in_btc_val")}
+    assert len(notes) == 2, notes
+    assert notes[0].startswith("patchtst hf: 2 of its 3 prompts (ETH, SOL) fall on dates it was fitted on for BTC, ETH")
+    assert notes[1].startswith("patchtst lf_crypto: 1 of its 2 prompts (ETH) fall on dates it was fitted on for BTC")
+    assert prompts_on_trained_dates({"ewma_t": engines["ewma_t"]}, list(prompts.values())) == (set(), [])
+
+
+def test_the_unseen_rows_pool_only_the_prompts_off_trained_dates(result: BacktestResult, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    sol = frozenset(r.prompt.id for r in result.prompts if r.prompt.asset == "SOL")
+    assert len(sol) == 2
+    rows = summarise(result, n_boot=100, seed=0, trained_dates=sol)
+    unseen = {(r.prompt, r.engine): r for r in rows if r.asset == UNSEEN}
+    assert set(unseen) == {(label, e) for label in ("24h", "1h", ALL) for e in ("gbm", "ewma_t")}
+    kept = [r for r in result.prompts if r.prompt.id not in sol]
+    for (label, engine), row in unseen.items():
+        pool = [r for r in kept if label in (ALL, r.prompt.label)]
+        mine = [r.scores[engine].total for r in pool]
+        assert row.n == len(pool) == (6 if label == ALL else 2 if label == "1h" else 4)
+        assert row.mean == pytest.approx(np.mean(mine))
+        if engine == "ewma_t":
+            ratio = row.ratios["gbm"]
+            assert ratio is not None
+            assert ratio.value == pytest.approx(np.mean(mine) / np.mean([r.scores["gbm"].total for r in pool]))
+    # The other rows are those of the plain summary, and no subset (none or all dated) adds no row.
+    assert [r for r in rows if r.asset != UNSEEN] == summarise(result, n_boot=100, seed=0)
+    everything = frozenset(r.prompt.id for r in result.prompts)
+    for dated in (frozenset(), everything):
+        assert not [r for r in summarise(result, n_boot=100, seed=0, trained_dates=dated) if r.asset == UNSEEN]
+    import core.backtest
+    charted: list[str] = []  # the assets drawn in the per-interval charts: a pooled row is not an asset
+
+    def interval_chart(path: Path, means: dict[str, dict[str, dict[str, float]]], title: str) -> Path:
+        charted.extend(means)
+        return path
+
+    monkeypatch.setattr(core.backtest, "interval_chart", interval_chart)
+    write_report(result, tmp_path, {"mode": "heldout"}, n_boot=100, trained_dates=sol)
+    assert sorted(charted) == ["BTC", "BTC", "SOL", "SPYX"]
+    assert f"| {UNSEEN} | {ALL} | ewma_t |" in (tmp_path / "table.md").read_text()
+    doc = json.loads((tmp_path / "scores.json").read_text())
+    assert {p["id"] for p in doc["prompts"] if p["on_trained_dates"]} == sol
 
 
 def test_the_summary_interval_is_drawn_by_utc_day() -> None:

@@ -235,3 +235,23 @@ def test_backtest_refuses_zero_paths(shared_data: Path, tmp_path: Path) -> None:
                                       "--engines", "gbm"])
     assert result.exit_code == 2 and "--paths" in result.output, result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_backtest_names_prompts_on_dates_a_model_was_fitted_on_and_pools_the_others(shared_data: Path,
+                                                                                    tmp_path: Path) -> None:
+    """ETH's held-out days are inside the days lf_crypto was fitted on for BTC (each file is split at its own
+    boundary): the run says so, marks those prompts, and adds UNSEEN rows over the BTC prompts alone."""
+    out = tmp_path / "r"
+    result = CliRunner().invoke(app, ["backtest", "--data-dir", str(shared_data), "--out", str(out),
+                                      "--engines", "ewma_t,patchtst", "--lf-assets", "BTC,ETH", "--hf-assets", "BTC",
+                                      "--max-prompts", "2", "--paths", "50", "--bootstrap", "0", "--no-plots"])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())  # rich wraps at the runner's 80 columns
+    assert "patchtst lf_crypto: 2 of its 4 prompts (ETH) fall on dates it was fitted on for BTC" in said
+    doc = json.loads((out / "scores.json").read_text())
+    assert doc["config"]["seen_in_training"] == [] and len(doc["config"]["on_trained_dates"]) == 1
+    dated = {(p["asset"], p["prompt"]) for p in doc["prompts"] if p["on_trained_dates"]}
+    assert dated == {("ETH", "24h")}
+    unseen = {(row["prompt"], row["engine"]): row["n"] for row in doc["summary"] if row["asset"] == "UNSEEN"}
+    assert unseen == {(label, e): n for label, n in (("24h", 2), ("1h", 2), ("ALL", 4)) for e in ("ewma_t", "patchtst")}
+    assert "| UNSEEN | 24h | patchtst |" in (out / "table.md").read_text()
