@@ -230,16 +230,17 @@ def celery_transport(tmp: Path, env: dict[str, str], settings: Settings, repeat:
 
 
 def peak_rss_mb(pid: int) -> float:
-    """VmHWM of the worker process and its children (prefork)."""
-    total = 0.0
+    """The largest VmHWM of the worker process and its children: one model-holding process's peak (the bench's
+    solo worker has no children; a prefork pool's peaks are not summed, since they need not coincide)."""
+    peak = 0.0
     for candidate in [pid, *children(pid)]:
         try:
             for line in Path(f"/proc/{candidate}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
-                    total = max(total, int(line.split()[1]) / 1024)
+                    peak = max(peak, int(line.split()[1]) / 1024)
         except OSError:
             pass
-    return total
+    return peak
 
 
 def children(pid: int) -> list[int]:

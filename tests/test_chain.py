@@ -67,6 +67,30 @@ async def test_a_failed_first_read_is_retried_within_seconds_not_a_period() -> N
             await task
 
 
+class Stop(Exception):
+    """Raised by the stand-in sleep to end the refresh loop once it has waited enough times."""
+
+
+async def test_the_first_read_is_retried_at_doubling_waits_up_to_the_cap_then_every_period(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No wall clock: the loop's sleep records what it was asked to wait, the chain fails six reads."""
+    waits: list[float] = []
+
+    async def record(delay: float) -> None:
+        waits.append(delay)
+        if len(waits) == 9:
+            raise Stop
+
+    monkeypatch.setattr(asyncio, "sleep", record)
+    settings = Settings(_env_file=None, netuid=50)
+    view, chain = MetagraphView(), FlakySubtensor(6, GRAPH)
+    with pytest.raises(Stop):
+        await keep_metagraph_fresh(settings, view, chain,  # type: ignore[arg-type]
+                                   refresh_s=3600.0, retry_s=(1.0, 8.0))
+    assert waits == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 3600.0, 3600.0, 3600.0]
+    assert chain.calls == [50] * 9 and view.get("5vali") is not None
+
+
 async def test_a_failed_refresh_keeps_the_previous_view() -> None:
     settings = Settings(_env_file=None, netuid=50)  # type: ignore[call-arg]
     chain = FlakySubtensor(0, GRAPH)

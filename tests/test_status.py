@@ -4,12 +4,16 @@ test_topology against a live stack)."""
 import json
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import redis
 from rich.console import Console
 
+from core.cache_redis import RedisHistoryCache
 from core.constants import JOB_RUNS_KEPT, JOB_RUNS_KEY, WORKER_HEARTBEAT_KEY
+from core.prices import PriceHistory
 from core.settings import Settings
 from synth_miner.status import collect, redacted, render
 from workers.jobs import record_run
@@ -38,10 +42,11 @@ def test_render_shows_each_workers_device_and_models_and_flags_problems() -> Non
 
 
 def test_render_without_a_published_version_says_what_is_served() -> None:
-    report = {"artifact_version": None,
-              "workers": [{"name": "cpu@host:7", "queues": "cpu", "engine": "jobs", "device": "cpu", "models": {},
-                           "artifact_version": None, "seen": "3s"}],
-              "queues": {}, "jobs": [], "cache": {}, "errors": []}
+    report: dict[str, Any] = {
+        "artifact_version": None,
+        "workers": [{"name": "cpu@host:7", "queues": "cpu", "engine": "jobs", "device": "cpu", "models": {},
+                     "artifact_version": None, "seen": "3s"}],
+        "queues": {}, "jobs": [], "cache": {}, "errors": []}
     console = Console(record=True, width=160)
     render(report, console)
     text = console.export_text()
@@ -61,7 +66,7 @@ def test_last_calibration_is_found_behind_a_stream_of_minute_jobs(redis_url: str
                                                "started": now - 60 * minute, "seconds": 0.5}))
     client.rpush(JOB_RUNS_KEY, json.dumps({"job": "calibrate", "slot": int(now) - 9000, "status": "error",
                                            "started": now - 9000, "seconds": 1.0}))  # an older run, kept deeper
-    report = collect(Settings(_env_file=None, redis_url=redis_url, artifacts_dir=tmp_path))  # type: ignore[call-arg]
+    report = collect(Settings(_env_file=None, redis_url=redis_url, artifacts_dir=tmp_path))
     assert report["last_calibration"] is not None and report["last_calibration"]["status"] == "ok"  # the newest
     console = Console(record=True, width=160)
     render(report, console)
@@ -83,7 +88,7 @@ def test_a_weekly_retrain_verdict_outlives_the_minute_jobs_that_push_it_off_the_
     for minute in range(JOB_RUNS_KEPT, 0, -1):
         record_run(client, {"job": "refresh-cache", "slot": int(now) - 60 * minute, "status": "ok",
                             "started": now - 60 * minute, "seconds": 0.5, "result": {"assets": 9, "failed": 0}})
-    report = collect(Settings(_env_file=None, redis_url=redis_url, artifacts_dir=tmp_path))  # type: ignore[call-arg]
+    report = collect(Settings(_env_file=None, redis_url=redis_url, artifacts_dir=tmp_path))
     assert all(j["job"] == "refresh-cache" for j in report["jobs"])
     assert list(report["last_runs"]) == ["calibrate", "refresh-cache", "retrain"]
     assert report["last_calibration"]["error"] == "ArtifactError: disk full"
@@ -96,12 +101,44 @@ def test_a_weekly_retrain_verdict_outlives_the_minute_jobs_that_push_it_off_the_
 
 
 def test_json_report_never_shows_the_redis_password(tmp_path: Path) -> None:
-    report = collect(Settings(_env_file=None, redis_url="redis://:s3cret@127.0.0.1:1/0",  # type: ignore[call-arg]
+    report = collect(Settings(_env_file=None, redis_url="redis://:s3cret@127.0.0.1:1/0",
                               artifacts_dir=tmp_path))
     assert "s3cret" not in json.dumps(report, default=str)
     assert report["redis_url"] == "redis://:***@127.0.0.1:1/0"
     assert redacted("redis://user:pw@host:6380/1?password=pw2&db=1") == "redis://user:***@host:6380/1?password=***&db=1"
     assert redacted("unix:///run/redis.sock") == "unix:///run/redis.sock" and redacted(None) is None
+
+
+def test_a_password_holding_an_at_sign_is_masked_whole() -> None:
+    """The URL parser splits the host off at the last "@": a password with one must not leak its tail."""
+    assert redacted("redis://:p@ss@10.0.0.5:6379/0") == "redis://:***@10.0.0.5:6379/0"
+    assert redacted("redis://default:a@b:c@host/1") == "redis://default:***@host/1"
+
+
+def test_a_url_that_is_not_redis_is_a_redis_error_not_a_crash(tmp_path: Path) -> None:
+    report = collect(Settings(_env_file=None, redis_url="http://127.0.0.1:1/0", artifacts_dir=tmp_path))
+    assert len(report["errors"]) == 1 and report["errors"][0].startswith("redis: "), report["errors"]
+    assert "scheme" in report["errors"][0] and report["workers"] == []
+
+
+def test_cache_rows_prefer_minute_bars_and_age_from_the_last_bars_close(redis_url: str, tmp_path: Path) -> None:
+    """Freshness counts from the end of the newest bar; an asset replayed with only 5-minute bars shows those,
+    one with nothing cached reads empty."""
+    client = redis.Redis.from_url(redis_url)
+    cache = RedisHistoryCache(client)
+    last = int(time.time()) // 300 * 300 - 600  # the newest bar of each series opens here
+    cache.write("BTC", PriceHistory.from_arrays(60, last - 60 * np.arange(120)[::-1], np.full(120, 1e5)))
+    cache.write("BTC", PriceHistory.from_arrays(300, last - 300 * np.arange(24)[::-1], np.full(24, 1e5)))
+    cache.write("XAU", PriceHistory.from_arrays(300, last - 300 * np.arange(24)[::-1], np.full(24, 2e3)))
+    before = time.time()
+    report = collect(Settings(_env_file=None, redis_url=redis_url, artifacts_dir=tmp_path))
+    after = time.time()
+    btc, xau = report["cache"]["BTC"], report["cache"]["XAU"]
+    assert (btc["step"], btc["first"], btc["last"]) == (60, last - 60 * 119, last)
+    assert before - (last + 60) <= btc["freshness_s"] <= after - (last + 60)
+    assert (xau["step"], xau["first"], xau["last"]) == (300, last - 300 * 23, last)
+    assert before - (last + 300) <= xau["freshness_s"] <= after - (last + 300)
+    assert report["cache"]["ETH"] is None and not any(e.startswith("redis:") for e in report["errors"])
 
 
 def test_status_without_a_redis_url_exits_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -125,7 +162,7 @@ def test_a_stopped_worker_is_flagged_not_listed_as_serving(redis_url: str, tmp_p
         client.set(WORKER_HEARTBEAT_KEY.format(name=name), json.dumps(
             {"name": name, "queues": queues, "engine": "patchtst", "device": "cpu", "models": {},
              "artifact_version": None, "pid": 1, "at": at}), ex=120)
-    report = collect(Settings(_env_file=None, redis_url=redis_url, artifacts_dir=tmp_path))  # type: ignore[call-arg]
+    report = collect(Settings(_env_file=None, redis_url=redis_url, artifacts_dir=tmp_path))
     alive = {w["name"]: w["alive"] for w in report["workers"]}
     assert alive == {"hf@host:1": True, "lf@host:2": False}
     assert any(e.startswith("worker lf@host:2: no heartbeat for 90s") for e in report["errors"]), report["errors"]

@@ -1,13 +1,16 @@
 """Training data and training: the held-out cut, gap-free windows, the loss, a tiny run, the CLI."""
 
 import json
+import re
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import typer
+from rich.console import Console
 from typer.testing import CliRunner
 
 from core.checkpoint import load, save
@@ -321,6 +324,39 @@ def test_an_ensemble_trains_each_seed_and_is_kept_when_it_beats_ewma(tmp_path: P
     loaded, model = load(tmp_path / "hf.pt", expected_kind="hf")
     assert len(loaded.members) == len(ck.members)
     assert isinstance(model, PatchTSTEnsemble) == (m["members"] > 1)
+
+
+def test_an_ensemble_that_loses_to_ewma_gives_way_to_its_best_member(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The average must beat EWMA-t on validation: here its laws are made 50 times too wide (the members'
+    and EWMA-t's stay as trained), so it loses, and the best member by validation CRPS is kept alone."""
+    import core.training
+    from core.training import StepLaws
+    ensembles: list[PatchTSTEnsemble] = []
+
+    def widened(model: object, *args: Any, **kwargs: Any) -> StepLaws:
+        laws = predict(model, *args, **kwargs)  # type: ignore[arg-type]
+        if not isinstance(model, PatchTSTEnsemble):
+            return laws
+        ensembles.append(model)
+        return StepLaws(laws.mu, laws.sigma * 50.0, laws.nu)
+
+    monkeypatch.setattr(core.training, "predict", widened)
+    console = Console(record=True, width=200)
+    result = train("hf", hf_files(tmp_path), tiny_options(epochs=1, members=2), console)
+    ck, m = result.checkpoint, result.checkpoint.metrics
+    assert len(ensembles) == 1  # the average was scored on validation once
+    member_crps = m["member_val_crps"]
+    assert len(member_crps) == 2 and member_crps[0] != member_crps[1]
+    best = int(np.argmin(member_crps))
+    assert m["members"] == 1 and ck.members == [] and m["val_crps"] == member_crps[best]
+    assert m["phase_epochs"][0][0] == best and len(m["phase_epochs"]) == 1
+    kept = ensembles[0].members[best].state_dict()
+    assert all(torch.equal(value, kept[key].cpu()) for key, value in ck.state_dict.items())
+    other = ensembles[0].members[1 - best].state_dict()
+    assert not torch.equal(ck.state_dict["head.out.weight"], other["head.out.weight"].cpu())
+    shown = re.search(r"ensemble of 2: val CRPS [\d.]+ \(([\d.]+)x EWMA-t\)", console.export_text())
+    assert shown is not None and float(shown.group(1)) > 1.0  # the console says the average lost
 
 
 def test_refit_replays_the_selected_recipe_on_every_window(tmp_path: Path) -> None:
