@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from core.artifacts import ArtifactStore, Manifest
 from core.calibration import CALIBRATION_FILE, CalibrationState, Entry
-from core.csv_history import write_csv
+from core.csv_history import read_csv, write_csv
 from core.path_sampling import unit_t
 from core.prices import PriceHistory
 from synth_miner.cli_artifacts import register
@@ -181,10 +181,10 @@ def test_artifacts_publish_gate_rejects_a_worse_challenger(app: typer.Typer, dat
 GATE_ENV = {"SYNTH_CALIBRATION_WINDOWS_HF": "10", "SYNTH_CALIBRATION_WINDOWS_LF": "3", "SYNTH_CALIBRATION_PATHS": "40"}
 
 
-def gate(app: typer.Typer, staged: Path, root: Path, data_dir: Path) -> tuple[int, str, float, float]:
-    """``publish --gate``: exit code, output, challenger and champion mean CRPS."""
+def gate(app: typer.Typer, staged: Path, root: Path, data_dir: Path, *extra: str) -> tuple[int, str, float, float]:
+    """``publish --gate`` (and ``extra`` options): exit code, output, challenger and champion mean CRPS."""
     result = CliRunner().invoke(app, ["artifacts", "publish", str(staged), "--dir", str(root), "--gate",
-                                      "--data-dir", str(data_dir), "--asset", "BTC"], env=GATE_ENV)
+                                      "--data-dir", str(data_dir), "--asset", "BTC", *extra], env=GATE_ENV)
     text = " ".join(result.output.split())
     found = re.search(r"mean CRPS ([0-9.]+) vs champion \S+ ([0-9.]+) over", text)
     assert found is not None, text
@@ -367,3 +367,86 @@ def test_calibrate_does_not_publish_over_a_set_published_while_it_calibrated(
     assert store.current_version() == "v002-hourly"
     assert store.load_current().scale("ewma_t", "BTC", 60) == 0.97
     assert not [p for p in store.staging_dir.iterdir() if not p.name.startswith(".")]  # nothing half-staged
+
+
+def test_calibrate_end_bounds_its_prompts_and_the_published_data_window(
+        app: typer.Typer, data_dir: Path, tmp_path: Path) -> None:
+    """`calibrate --end` on a CSV folder: the prompts end by --end, not at the folder's held-out boundary a
+    day later, and the published set's data window runs from its earliest prompt (12 prompts one slot of
+    calibration_spacing_hf_s apart, the last realised by --end) to --end."""
+    from core.settings import Settings
+
+    end = T0 + 2 * DAY
+    artifacts = tmp_path / "artifacts"
+    result = CliRunner().invoke(app, calibrate_args(data_dir, artifacts, "--end", datetime.fromtimestamp(
+        end, UTC).date().isoformat()))
+    assert result.exit_code == 0 and "promoted" in result.output, result.output
+    current = ArtifactStore(artifacts).load_current()
+    window = Manifest.from_json((current.path / "manifest.json").read_bytes()).data_window
+    assert window is not None and window.end == end, window
+    last_start, spacing = end - 3600 - 60, Settings().calibration_spacing_hf_s
+    assert last_start - 12 * spacing <= window.start < last_start - 11 * spacing, window
+
+
+def test_publish_gate_with_end_scores_the_prompts_a_folder_ending_there_would(
+        app: typer.Typer, data_dir: Path, tmp_path: Path) -> None:
+    """`publish --gate --end`: both sides are scored on the prompts realised by --end, the very ones a folder
+    whose rows stop at --end gives (not on the folder's newest ones)."""
+    end = T0 + 2 * DAY + 6 * 3600
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    for name, step in (("btc_1m.csv.gz", 60), ("btc_5m.csv.gz", 300)):
+        write_csv(cut / name, read_csv(data_dir / name, step).between(T0, end))
+    (cut / "manifest.json").write_bytes((data_dir / "manifest.json").read_bytes())
+    root = tmp_path / "artifacts"
+    store = ArtifactStore(root)
+    store.publish(stage_scale(store, "v001", 1.0))
+    _, _, *at_end = gate(app, stage_scale(store, "v002", 1.8), root, data_dir, "--end",
+                         datetime.fromtimestamp(end, UTC).isoformat())
+    _, _, *cut_there = gate(app, stage_scale(store, "v003", 1.8), root, cut)
+    _, _, *newest = gate(app, stage_scale(store, "v004", 1.8), root, data_dir)
+    assert at_end == cut_there != newest
+    assert store.current_version() == "v001"
+
+
+def test_publish_gate_tolerance_option_overrides_the_setting(app: typer.Typer, data_dir: Path,
+                                                             tmp_path: Path) -> None:
+    """A challenger a few percent worse loses at the default tolerance (0.005) and is promoted at --tolerance 0.5."""
+    root = tmp_path / "artifacts"
+    store = ArtifactStore(root)
+    store.publish(stage_scale(store, "v001", 1.0))
+    code, text, worse, champion = gate(app, stage_scale(store, "v002", 1.8), root, data_dir)
+    assert code == 1 and champion < worse < champion * 1.5, text
+    code, text, again, _ = gate(app, stage_scale(store, "v003", 1.8), root, data_dir, "--tolerance", "0.5")
+    assert code == 0 and "v003 promoted" in text and "(tolerance 0.5)" in text and again == worse, text
+    assert store.current_version() == "v003"
+
+
+def test_calibrate_from_the_store_calibrates_only_the_assets_asked(
+        app: typer.Typer, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`calibrate --asset BTC` on a store that also holds ETH: no ETH scale is computed, nor published."""
+    from core.history_store import HistoryStore
+
+    store = HistoryStore(tmp_path / "data" / "history")
+    for asset in ("BTC", "ETH"):
+        store.append(asset, read_csv(data_dir / "btc_1m.csv.gz", 60))
+    monkeypatch.setenv("SYNTH_DATA_DIR", str(tmp_path / "data"))
+    end = datetime.fromtimestamp(EVAL_START, UTC).date().isoformat()
+    result = CliRunner().invoke(app, ["calibrate", "--dir", str(tmp_path / "artifacts"), "--asset", "BTC", "--prompt",
+                                      "high", "--windows", "12", "--min-samples", "10", "--paths", "40", "--end", end])
+    assert result.exit_code == 0 and "ewma_t:BTC:60" in result.output, result.output
+    assert "ETH" not in result.output
+    assert set(ArtifactStore(tmp_path / "artifacts").load_current().calibration.entries) == {"ewma_t:BTC:60"}
+
+
+def test_list_says_why_a_published_version_cannot_be_read(app: typer.Typer, tmp_path: Path) -> None:
+    """A version whose manifest broke is listed with the reason (rollback skips it), not as a healthy row."""
+    root = tmp_path / "artifacts"
+    store = ArtifactStore(root)
+    for version in ("v001", "v002"):
+        store.publish(stage_scale(store, version, 1.0))
+    (store.versions_dir / "v001" / "manifest.json").write_text("{ not json")
+    listing = CliRunner().invoke(app, ["artifacts", "list", "--dir", str(root)])
+    assert listing.exit_code == 0, listing.output
+    [row] = [line for line in listing.output.splitlines() if "v001" in line]
+    assert "manifest is not valid JSON" in row and "*" not in row, listing.output

@@ -18,6 +18,7 @@ from core.constants import SECONDS_PER_DAY
 from core.csv_history import read_csv, write_csv
 from core.fake_providers import FakeMarket, FakeServerThread
 from core.history_store import HistoryStore
+from core.prices import PriceHistory
 from synth_miner.cli_data import app, assets_for_stem, parse_time
 from tests.conftest import free_port
 
@@ -485,3 +486,103 @@ def test_serve_fake_refuses_a_folder_without_price_files(tmp_path: Path) -> None
     result = runner.invoke(app, ["serve-fake", "--provider", "binance", "--port", "0", "--data-dir", str(tmp_path),
                                  "--duration", "0.1"])
     assert result.exit_code == 2 and "holds no" in one_line(result.output), result.output
+
+
+def table_rows(output: str, title: str) -> list[dict[str, str]]:
+    """The rows of the rich table printed under ``title``, each as {column header: cell text}."""
+    lines = output.split(title, 1)[1].splitlines()
+    header = next(line for line in lines if line.startswith("┃"))
+    names = [cell.strip() for cell in header.strip("┃").split("┃")]
+    rows = []
+    for line in lines[lines.index(header) + 1:]:
+        if line.startswith("└"):
+            break
+        if line.startswith("│"):
+            rows.append(dict(zip(names, (cell.strip() for cell in line.strip("│").split("│")), strict=True)))
+    return rows
+
+
+def test_status_shows_rows_gaps_missing_bars_and_freshness_each_in_its_own_column(
+        tmp_path: Path, redis_url: str) -> None:
+    """The figures that tell an operator whether to backfill: 187 rows with 2 gaps that miss 13 bars, the
+    newest bar closed at the start of this minute (its age counts from its close, not its open), for the
+    store and for the cache alike."""
+    close_of_last = int(time.time()) // 60 * 60
+    ts = close_of_last - 60 * np.arange(200, 0, -1)
+    ts = np.delete(ts, [*range(50, 53), *range(100, 110)])  # 3 bars, then 10, absent
+    bars = PriceHistory.from_arrays(60, ts, 100.0 + np.arange(len(ts)) * 0.01)
+    HistoryStore(tmp_path / "history").append("BTC", bars)
+    client = redis.Redis.from_url(redis_url)
+    RedisHistoryCache(client).write("BTC", bars)
+    client.close()
+    before = time.time()
+    result = runner.invoke(app, ["status", "--data-dir", str(tmp_path), "--redis-url", redis_url])
+    after = time.time()
+    assert result.exit_code == 0, result.output
+    [stored] = table_rows(result.output, "history store")
+    [cached] = table_rows(result.output, "Redis cache")
+    assert (stored["rows"], stored["gaps"], stored["missing"]) == ("187", "2", "13"), stored
+    assert stored["days"] == str(len(set((ts // SECONDS_PER_DAY).tolist())))
+    assert (cached["rows"], cached["gaps"]) == ("187", "2"), cached
+    for age in (stored["fresh"], cached["fresh"]):
+        seconds, unit = age.split()
+        assert unit == "s" and before - close_of_last - 1 <= int(seconds) <= after - close_of_last + 1, age
+
+
+def test_sync_refuses_an_empty_range_and_a_step_other_than_60_or_300(tmp_path: Path) -> None:
+    """Refused before any provider is asked: --since equal to --until (nothing to fetch, yet it "succeeded"),
+    and a bar length the store has no files for."""
+    same = runner.invoke(app, ["sync", "--asset", "BTC", "--since", "2026-01-01", "--until", "2026-01-01T00:00",
+                               "--provider", "binance", "--data-dir", str(tmp_path)])
+    assert same.exit_code == 2 and "--since must be before --until" in one_line(same.output), same.output
+    odd = runner.invoke(app, ["sync", "--asset", "BTC", "--since", "2026-01-01", "--until", "2026-01-02",
+                              "--step", "120", "--provider", "binance", "--data-dir", str(tmp_path)],
+                        env={"SYNTH_BINANCE_URL": "http://127.0.0.1:1"})  # never the real one, whatever happens
+    assert odd.exit_code == 2 and "step must be 60 or 300" in one_line(odd.output), odd.output
+    assert not (tmp_path / "history").exists()
+
+
+def test_a_sync_stopped_by_a_failed_page_resumes_at_the_bar_it_held_back(
+        csv_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last bar before the failed page jumps and no later bar confirms it, so it is not stored: the rerun
+    the command names must start at that bar, not at the failed page, or the bar is never fetched again."""
+    minute = int(time.time()) // 60
+    held = (minute - 441) // 1000 * 1000 * 60  # the 1000th bar of the first page, the only x100 one in it
+    since = held - 999 * 60
+    monkeypatch.setenv("SYNTH_HTTP_RETRIES", "0")
+    market = FakeMarket(csv_dir)
+    args = ["sync", "--asset", "BTC", "--provider", "binance", "--data-dir", str(tmp_path), "--chunk-days", "1"]
+    store = HistoryStore(tmp_path / "history")
+    with FakeServerThread("binance", market) as fake:
+        monkeypatch.setenv("SYNTH_BINANCE_URL", fake.url)
+        fake.faults.set(down_from=(since + 1000 * 60,), spike_every=1000)
+        failed = runner.invoke(app, [*args, "--since", str(since)])
+        assert failed.exit_code == 1 and "PartialHistoryError" in failed.output, failed.output
+        resume = int(one_line(failed.output).rsplit("--since ", 1)[1].split()[0])
+        assert resume == held, failed.output
+        first_page = market.bars("BTC", 60).between(since, held)
+        np.testing.assert_array_equal(store.read("BTC", 60, 0, 2 ** 40).ts, first_page.ts)
+
+        fake.faults.reset()  # the page is back and the bar's real close is served
+        until = since + 1440 * 60
+        again = runner.invoke(app, [*args, "--since", str(resume), "--until", str(until)])
+    assert again.exit_code == 0, again.output
+    expected = market.bars("BTC", 60).between(since, until)
+    stored = store.read("BTC", 60, 0, 2 ** 40)
+    np.testing.assert_array_equal(stored.ts, expected.ts)  # no gap where the held-back bar was
+    np.testing.assert_array_equal(stored.close, expected.close)
+
+
+def test_include_held_out_imports_a_file_the_manifest_gives_no_boundary_for(csv_dir: Path, tmp_path: Path) -> None:
+    """Refused by default (it may be all held out), imported whole with --include-held-out, which imports every
+    row regardless of the manifest."""
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    rows = read_csv(csv_dir / "btc_1m.csv.gz", 60).tail(600)
+    write_csv(folder / "tsla_1m.csv.gz", rows)
+    (folder / "manifest.json").write_text(json.dumps({"tsla_1m": {"eval_start_ts": None}}))
+    refused = runner.invoke(app, ["import", str(folder), "--data-dir", str(tmp_path / "a")])
+    assert refused.exit_code == 1 and "refused: no eval_start_ts" in one_line(refused.output), refused.output
+    everything = runner.invoke(app, ["import", str(folder), "--data-dir", str(tmp_path / "b"), "--include-held-out"])
+    assert everything.exit_code == 0, everything.output
+    np.testing.assert_array_equal(HistoryStore(tmp_path / "b" / "history").read("TSLAX", 60, 0, 2 ** 40).ts, rows.ts)

@@ -93,6 +93,18 @@ def test_retrain_command_says_what_is_missing(tmp_path: Path, monkeypatch: pytes
     assert {c.name for c in app.registered_commands} >= {"train", "retrain"}
 
 
+def test_retrain_at_runs_as_if_it_were_that_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`retrain --at` (a store of old history, e.g. ../shared/data imported): the training stops a gate
+    before that time, not before now, and the staged models are named by it."""
+    monkeypatch.setenv("SYNTH_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("SYNTH_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
+    result = CliRunner().invoke(app, ["retrain", "--at", "2026-05-01T00:00", "--gate-days", "1.5", "--json"])
+    assert result.exit_code == 1, result.output  # an empty store: nothing retrained
+    report, _ = json.JSONDecoder().raw_decode(result.output)
+    assert report["trained_to"] == 1_777_593_600 - 36 * 3600  # 2026-05-01T00:00Z less the 1.5-day gate
+    assert Path(report["staged"]).name == "models-20260501T0000"
+
+
 def btc_gate_setup(tmp_path: Path, shared_data: Path) -> tuple[int, HistoryStore, Settings, ArtifactStore]:
     """A store holding BTC's 4 pre-cut days of 1-minute bars, settings with a 1.1-day gate, an empty artifact store."""
     cut = json.loads((shared_data / "manifest.json").read_text())["btc_1m"]["eval_start_ts"]
