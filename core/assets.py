@@ -88,13 +88,6 @@ ASSETS: dict[str, AssetSpec] = {a.name: a for a in (
 DEFAULT_HOURLY_SIGMA = 0.005  # the reference miner's default for assets missing from its table
 
 
-def get_asset(name: str) -> AssetSpec:
-    """The spec of a known asset; unknown names raise KeyError with the list of known ones."""
-    try:
-        return ASSETS[name]
-    except KeyError:
-        raise KeyError(f"unknown asset {name!r}; known: {', '.join(sorted(ASSETS))}") from None
-
 
 def spec_for_any(name: str) -> AssetSpec:
     """A spec for any asset name: engines must serve assets they were never configured for."""

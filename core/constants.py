@@ -19,7 +19,6 @@ BEAT_LOCK_KEY = KEY_PREFIX + ":beat:lock"  # one beat schedules at a time
 BEAT_LAST_RUN_KEY = KEY_PREFIX + ":beat:last-run"  # job name -> when the leading beat last sent it (epoch s)
 JOB_SLOT_KEY = KEY_PREFIX + ":job:{name}:{slot}"  # a periodic job's claim on its slot: running (leased) or done
 JOB_ATTEMPTS_KEY = KEY_PREFIX + ":job-attempts:{name}:{slot}"  # claims taken on a slot (runs that started)
-CALIBRATION_KEY = KEY_PREFIX + ":calibration:last"  # summary of the last calibration run
 WORKER_HEARTBEAT_KEY = KEY_PREFIX + ":worker:{name}"  # workers announce model version and pid
 
 # --- Protocol ----------------------------------------------------------------------------------------

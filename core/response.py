@@ -80,19 +80,3 @@ def render_json(request: ForecastRequest, rounded: FloatArray) -> bytes:
     head = orjson.dumps([int(request.start_ts), int(request.time_increment)])
     body = orjson.dumps(rounded, option=orjson.OPT_SERIALIZE_NUMPY)
     return head[:-1] + b"," + body[1:]
-
-
-def check_response(response: Any, request: ForecastRequest) -> None:
-    """Structural checks of the final list (types and lengths); points are checked by check_paths."""
-    if not isinstance(response, list) or len(response) < 2:
-        raise ResponseError("response must be a list [start_ts, time_increment, paths...]")
-    start, inc = response[0], response[1]
-    if type(start) is not int or type(inc) is not int:
-        raise ResponseError("start_ts and time_increment must be ints")
-    if start != request.start_ts or inc != request.time_increment:
-        raise ResponseError(f"header {start},{inc} does not match request {request.start_ts},{request.time_increment}")
-    if len(response) - 2 != request.num_simulations:
-        raise ResponseError(f"{len(response) - 2} paths, expected {request.num_simulations}")
-    for path in response[2:]:
-        if type(path) is not list or len(path) != request.n_points:
-            raise ResponseError(f"each path must be a list of {request.n_points} prices")

@@ -4,7 +4,7 @@ import pytest
 from core.engines.ewma import EwmaTEngine
 from core.prices import MarketSnapshot, PriceHistory
 from core.prompts import ForecastRequest
-from core.response import ResponseError, build_response, check_paths, check_response, render_json, round_for_wire
+from core.response import ResponseError, build_response, check_paths, render_json, round_for_wire
 from core.response_checks import head_point_error, validate_response_head, validate_response_upstream
 
 REQ = ForecastRequest("XRP", 1_767_225_660, 60, 3_600, 50)
@@ -32,7 +32,8 @@ def test_response_layout_is_ints_then_lists() -> None:
     response = build_response(REQ, np.full((50, 61), 2.5, dtype=np.float32))
     assert type(response[0]) is int and type(response[1]) is int
     assert all(type(p) is list and len(p) == 61 for p in response[2:])
-    check_response(response, REQ)
+    args = (REQ.start_ts, REQ.time_increment, REQ.time_length, REQ.num_simulations)
+    assert validate_response_head(response, *args) == validate_response_upstream(response, *args) == "CORRECT"
 
 
 def test_render_json_matches_the_list() -> None:
@@ -53,10 +54,12 @@ def test_garbage_prices_are_refused(bad: float) -> None:
 def test_wrong_shape_and_header_are_refused() -> None:
     with pytest.raises(ResponseError, match="shape"):
         check_paths(round_for_wire(np.ones((49, 61))), REQ)
-    response = build_response(REQ, np.ones((50, 61)))
-    response[0] = float(response[0])
-    with pytest.raises(ResponseError, match="ints"):
-        check_response(response, REQ)
+    args = (REQ.start_ts, REQ.time_increment, REQ.time_length, REQ.num_simulations)
+    for position, value in ((0, float(REQ.start_ts)), (1, 300)):  # what the validators refuse in a header
+        response = build_response(REQ, np.ones((50, 61)))
+        response[position] = value
+        assert validate_response_head(response, *args) != "CORRECT"
+        assert validate_response_upstream(response, *args) != "CORRECT"
 
 
 def test_prices_below_1e_4_keep_the_4_significant_digits_head_allows() -> None:
