@@ -76,3 +76,41 @@ async def test_miner_serves_from_cache_fed_by_provider_clients(redis_server: Red
         assert cache.latest(asset) is not None
     stored = HistoryStore(tmp_path / "data" / "history")
     assert stored.root.is_dir() and any(stored.root.joinpath("BTC").rglob("*"))
+
+
+async def test_a_miner_whose_redis_is_down_from_the_start_answers_from_the_provider(tmp_path: Path,
+                                                                                   shared_data: Path) -> None:
+    """No Redis at all (a wrong URL, or its host down when the miner starts): the warm-up fills nothing and
+    nothing is kept, so each first request reads the provider directly, in time, and the reply starts at the
+    market's price, not at a default."""
+    csv_dir = tmp_path / "csv"
+    training_slice(shared_data, csv_dir, "btc", 4)
+    market = FakeMarket(csv_dir)
+    binance = FakeServerThread("binance", market).start()
+    wallets = tmp_path / "wallets"
+    miner_wallet, vali = make_wallet(wallets, "miner"), make_wallet(wallets, "validator")
+    env = {"SYNTH_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "SYNTH_WALLET_PATH": str(wallets),
+           "SYNTH_WALLET_NAME": "miner", "SYNTH_PRICE_PROVIDER": "auto", "SYNTH_BINANCE_URL": binance.url,
+           "SYNTH_DATA_DIR": str(tmp_path / "data"), "SYNTH_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
+           "SYNTH_LOG_LEVEL": "INFO"}
+    port = free_port()
+    miner = start_miner(tmp_path, port, env)
+    validator = Validator(vali, miner_wallet.hotkey.ss58_address, port)
+    try:
+        for inc, length in ((60, 3_600), (300, 86_400)):
+            start = start_time_in(120)
+            began = time.monotonic()
+            reply, _ = await validator.ask("BTC", inc, length, 1000, start_time=start, timeout=30)
+            assert time.monotonic() - began < 20, miner.text()[-3000:]
+            assert_valid_reply(reply)
+            marker = f"answered BTC:{parse_start_time(start)}:{inc}:{length}:1000 from "
+            sources = [line.split(marker, 1)[1].split()[0] for line in miner.text().splitlines() if marker in line]
+            assert sources == ["fallback"], (sources, miner.text()[-3000:])
+            first = {path[0] for path in reply.simulation_output[2:]}
+            newest = market.bars("BTC", 60).close[-1]
+            assert len(first) == 1 and abs(first.pop() / newest - 1) < 0.01, (newest, miner.text()[-3000:])
+        assert miner.proc.poll() is None
+    finally:
+        await validator.close()
+        miner.stop()
+        binance.stop()
