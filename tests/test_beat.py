@@ -409,3 +409,41 @@ def test_the_leader_sends_an_orphaned_run_again_only_unclaimed_for_a_lease_and_o
     finally:
         beat.close()
         get_settings.cache_clear()
+
+
+def test_a_leader_whose_redis_goes_down_stops_scheduling_and_leads_again_once_it_is_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Its own Redis, which this test stops: while it is down every tick returns (no crash, no send, no
+    leadership claimed), and once it is back the beat takes the lock again and sends what is due."""
+    from workers.beat import LeaderScheduler
+
+    server = RedisServer(tmp_path).start()
+    period = 3600.0
+    app, client = retrain_only_app(monkeypatch, server.url, period)
+    beat = LeaderScheduler(app=app, schedule_filename=str(tmp_path / "beat.db"))
+
+    def make_due() -> None:
+        beat.schedule["retrain"].last_run_at = datetime.now(timezone.utc) - timedelta(seconds=2 * period)
+
+    def retrain_sends() -> int:
+        return sum(json.loads(m)["headers"]["task"] == TASK_RETRAIN for m in client.lrange(Settings().queue_cpu, 0, -1))
+
+    try:
+        make_due()
+        beat.tick()
+        assert beat.leader and retrain_sends() == 1
+        server.stop()
+        make_due()
+        with caplog.at_level(logging.WARNING, logger="workers.beat"):
+            waits = [beat.tick() for _ in range(3)]
+        assert not beat.leader and all(0 < wait <= 1.0 for wait in waits)
+        assert "beat lock unavailable" in caplog.text and "not scheduling" in caplog.text
+        server.start()  # the same port, empty: nothing survived the outage
+        beat.tick()
+        assert beat.leader and retrain_sends() == 1, "the due retrain was not sent once Redis was back"
+        assert client.get(BEAT_LOCK_KEY) == beat.identity.encode()
+    finally:
+        beat.close()
+        client.close()
+        server.stop()
+        get_settings.cache_clear()
