@@ -7,8 +7,10 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -203,7 +205,34 @@ def _truncated_npz(directory: Path) -> None:
     write_manifest(directory)
 
 
+def _edit_manifest(directory: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    path = directory / MANIFEST_FILE
+    doc = json.loads(path.read_bytes())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+
+
+def _manifest_of_another_format(directory: Path) -> None:
+    _edit_manifest(directory, lambda doc: doc.update(format=doc["format"] + 1))
+
+
+def _manifest_entry_without_a_size(directory: Path) -> None:
+    _edit_manifest(directory, lambda doc: doc["files"][WEIGHTS].pop("size"))
+
+
+def _manifest_entry_outside_the_directory(directory: Path) -> None:
+    _edit_manifest(directory, lambda doc: doc["files"].update({"../current/weights.npz": doc["files"][WEIGHTS]}))
+
+
+def _manifest_window_of_strings(directory: Path) -> None:
+    _edit_manifest(directory, lambda doc: doc.update(data_window={"start": "2026-01-01", "end": "2026-02-01"}))
+
+
 @pytest.mark.parametrize("corrupt, message", [
+    (_manifest_of_another_format, "manifest must be an object with \"format\""),
+    (_manifest_entry_without_a_size, "manifest entry 'weights.npz' must be"),
+    (_manifest_entry_outside_the_directory, "manifest entry '../current/weights.npz' must be"),
+    (_manifest_window_of_strings, "manifest 'data_window' must be null or"),
     (_bad_hash, "does not match the manifest hash"),
     (_truncated_json, "calibration.json: does not load .JSONDecodeError"),
     (_missing_file, r"missing file\(s\) \['weights.npz'\]"),
