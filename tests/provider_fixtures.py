@@ -6,18 +6,21 @@ nothing is imported only to be shadowed by a test's parameter.
 """
 
 import json
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 import redis
+from aiohttp import web
 
 from core.cache_redis import RedisHistoryCache
 from core.constants import SECONDS_PER_DAY
 from core.csv_history import read_csv, write_csv
-from core.fake_providers import FakeMarket, FakeProvider, FakeServer, ManualClock, start_fake
+from core.fake_providers import FAULTS_KEY, FakeMarket, FakeProvider, FakeServer, ManualClock, build_app, start_fake
 from core.prices import PriceHistory
 from core.sources.base import PriceSource
 from core.sources.http import HttpConfig
@@ -66,6 +69,34 @@ def fake_provider_fixtures(provider: FakeProvider, stems: Sequence[str], days: i
         await srv.stop()
 
     return csv_dir, clock, market, server
+
+
+@asynccontextmanager
+async def rewriting_fake(provider: FakeProvider, market: FakeMarket,
+                         rewrite: Callable[[web.Request, Any], Any]) -> AsyncIterator[FakeServer]:
+    """The local fake with each JSON data reply it answers 200 replaced by ``rewrite(request, reply)``: a
+    provider sending garbage in its own wire format, over real HTTP."""
+
+    @web.middleware
+    async def rewriting(request: web.Request,
+                        handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        response = await handler(request)
+        if request.path.startswith("/_faults") or response.status != 200:
+            return response
+        assert isinstance(response, web.Response) and isinstance(response.body, bytes)
+        return web.Response(body=orjson.dumps(rewrite(request, orjson.loads(response.body))),
+                            content_type="application/json")
+
+    app = build_app(provider, market)
+    app.middlewares.insert(0, rewriting)  # outermost: it sees what the fault middleware answered
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    server = FakeServer(runner, f"http://127.0.0.1:{runner.addresses[0][1]}", app[FAULTS_KEY])
+    try:
+        yield server
+    finally:
+        await server.stop()
 
 
 def source_fixture(make: Callable[[str, ManualClock], PriceSource]) -> Fixture:

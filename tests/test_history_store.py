@@ -215,6 +215,21 @@ def test_timestamps_in_milliseconds_are_refused_before_anything_is_written(tmp_p
         store.append("BTC", PriceHistory.from_arrays(60, [DAY0 + 30], [1.0]))
 
 
+@pytest.mark.parametrize(("history", "message"), [
+    (PriceHistory(60, np.r_[-60, bars(DAY0, 10).ts], np.r_[2500.0, bars(DAY0, 10).close]),
+     "timestamp -60 is before 1970"),
+    (PriceHistory.from_arrays(7, DAY0 + (-DAY0) % 7 + 7 * np.arange(10), np.full(10, 2500.0)),
+     "step 7 s does not divide a day"),
+], ids=["a bar before 1970", "a step that does not divide a day"])
+def test_bars_before_1970_or_on_a_step_that_does_not_divide_a_day_are_refused_before_anything_is_written(
+        tmp_path: Path, history: PriceHistory, message: str) -> None:
+    store = HistoryStore(tmp_path)
+    with pytest.raises(history_store.StoreInputError, match=f"{message}.*nothing stored"):
+        store.append("BTC", history)
+    assert store.days("BTC", history.step) == []
+    assert list(tmp_path.rglob(f"*{history_store.SUFFIX}")) == []
+
+
 def test_a_stray_folder_in_the_store_root_does_not_break_compact(tmp_path: Path) -> None:
     store = HistoryStore(tmp_path)
     store.append("BTC", bars(DAY0, 10))
@@ -285,6 +300,7 @@ def _write_csv(path: Path, text: str) -> Path:
     ("1767225600.5,100.0\n1767225660,101.0\n", "not whole unix seconds"),
     ("1767225630,100.0\n1767225690,101.0\n", "grid"),
     ("nan,100.0\n", "not whole unix seconds"),
+    ("-60,100.0\n0,101.0\n", "before 1970"),
 ])
 def test_csv_timestamps_that_are_not_unix_seconds_on_the_grid_are_refused(tmp_path: Path, body: str,
                                                                            message: str) -> None:
@@ -292,6 +308,32 @@ def test_csv_timestamps_that_are_not_unix_seconds_on_the_grid_are_refused(tmp_pa
     with pytest.raises(PriceDataError, match=message) as info:
         read_csv(path, 60)
     assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(("name", "raw", "message"), [
+    ("btc_1m.csv.gz", gzip.compress(b"timestamp,close\n" + b"1700000040,100.0\n" * 500)[:-40], "unreadable"),
+    ("btc_1m.csv.gz", b"timestamp,close\n1700000040,100.0\n", "unreadable"),
+    ("btc_1m.csv", b"timestamp,close\n1700000040,\xff\xfe\n", "unreadable"),
+    ("btc_1m.csv", b"timestamp,close\n1700000040,100.0\n1700000100,abc\n", "malformed row"),
+    ("btc_1m.csv", b"timestamp,close\n1700000040,100.0,5.0\n1700000100,101.0,6.0\n", "expected 2 columns, got 3"),
+], ids=["a truncated gzip", "plain text named .gz", "not utf-8", "a close that is not a number", "3 columns"])
+def test_a_corrupt_or_malformed_csv_is_refused_by_name_and_left_as_it_was(tmp_path: Path, name: str, raw: bytes,
+                                                                         message: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(raw)
+    with pytest.raises(PriceDataError, match=message) as info:
+        read_csv(path, 60)
+    assert str(path) in str(info.value)
+    assert path.read_bytes() == raw and [p.name for p in tmp_path.iterdir()] == [name]
+
+
+@pytest.mark.parametrize("body", ["", "\n", "\n  \n"], ids=["nothing", "a newline", "blank lines"])
+@pytest.mark.parametrize("name", ["btc_5m.csv", "btc_5m.csv.gz"])
+def test_a_csv_with_nothing_after_its_header_is_an_empty_history(tmp_path: Path, name: str, body: str) -> None:
+    raw = f"timestamp,close\n{body}".encode()
+    (tmp_path / name).write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+    empty = read_csv(tmp_path / name, 300)
+    assert len(empty) == 0 and empty.step == 300
 
 
 def test_upper_case_gz_names_are_read_as_gzip(tmp_path: Path) -> None:

@@ -41,6 +41,32 @@ def test_unsorted_is_refused() -> None:
         PriceHistory.from_arrays(60, [60, 0], [1.0, 2.0])
 
 
+@pytest.mark.parametrize(("ts", "close"), [
+    ([0, 60, 120], [1.0, 2.0]),
+    ([0], [1.0, 2.0]),
+    ([[0, 60]], [[1.0, 2.0]]),
+], ids=["more times", "more closes", "2-D"])
+def test_times_and_closes_that_are_not_two_1d_arrays_of_one_length_are_refused(ts: list[int],
+                                                                               close: list[float]) -> None:
+    with pytest.raises(PriceDataError, match="ts and close must be 1-D of one length"):
+        PriceHistory.from_arrays(60, ts, close)
+
+
+def test_merging_another_step_is_refused() -> None:
+    minutes, five = hist([0, 60, 120]), hist([0, 300], step=300)
+    with pytest.raises(PriceDataError, match="cannot merge step 300 into step 60"):
+        minutes.merge(five)
+    with pytest.raises(PriceDataError, match="cannot merge step 60 into step 300"):
+        five.merge(minutes)
+    assert minutes.ts.tolist() == [0, 60, 120] and five.ts.tolist() == [0, 300]
+
+
+@pytest.mark.parametrize(("step", "to"), [(60, 90), (300, 60), (300, 450)])
+def test_resampling_to_a_step_that_is_not_a_multiple_is_refused(step: int, to: int) -> None:
+    with pytest.raises(PriceDataError, match=f"cannot resample step {step} to {to}"):
+        hist([0, step, 2 * step], step=step).resample(to)
+
+
 def test_a_5_minute_stand_in_keeps_every_window_an_exchange_would() -> None:
     # Minutes 0-4 complete; minute 7 missing from the second window; only minute 12 in the third; the
     # fourth has its last minute (19).

@@ -1,9 +1,13 @@
 """HyperliquidSource against the local Hyperliquid server (gold 1m: real MT5 bars with their gaps)."""
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import pytest
+from aiohttp import web
 
-from core.fake_providers import HYPERLIQUID_MAX_CANDLES, FakeMarket, FakeServer
+from core.fake_providers import HYPERLIQUID_MAX_CANDLES, FakeMarket, FakeServer, ManualClock
 from core.sources.http import (
     BadPriceError,
     MalformedReplyError,
@@ -12,7 +16,7 @@ from core.sources.http import (
     UnsupportedAssetError,
 )
 from core.sources.hyperliquid import HyperliquidSource, _parse_candles
-from tests.provider_fixtures import FAST_RETRIES, T0, fake_provider_fixtures, source_fixture
+from tests.provider_fixtures import FAST_RETRIES, T0, fake_provider_fixtures, rewriting_fake, source_fixture
 
 # Eight days of XAU 1m before its held-out boundary, ending on a trading minute.
 csv_dir, clock, market, server = fake_provider_fixtures("hyperliquid", ["xau"], days=8)
@@ -75,6 +79,33 @@ async def test_a_candle_without_close_is_malformed(source: HyperliquidSource, se
     assert isinstance(failed.value.cause, MalformedReplyError) and len(failed.value.partial) > 50
     with pytest.raises(MalformedReplyError, match="lacks 't' or 'c'"):
         await source.latest("XAU")
+
+
+@pytest.mark.parametrize(("bend", "message"), [
+    (lambda candle: candle | {"t": candle["t"] + 500, "T": candle["T"] + 500}, "open time [0-9]+ is not whole seconds"),
+    (lambda candle: candle | {"T": candle["t"] + 300_000 - 1}, "spans [0-9]+..[0-9]+, not 60 s"),
+], ids=["open time off the second", "a 5-minute candle"])
+async def test_a_candle_off_whole_seconds_or_of_another_length_is_refused_and_the_bars_before_it_are_kept(
+        market: FakeMarket, clock: ManualClock, bend: Callable[[dict[str, Any]], dict[str, Any]],
+        message: str) -> None:
+    def bend_the_newest(request: web.Request, reply: Any) -> Any:
+        return [*reply[:-1], bend(reply[-1])] if isinstance(reply, list) and reply else reply
+
+    async with rewriting_fake("hyperliquid", market, bend_the_newest) as server:
+        src = HyperliquidSource(server.url, FAST_RETRIES, clock)
+        try:
+            with pytest.raises(MalformedReplyError, match=message):  # a latest price comes from a clean reply only
+                await src.latest("XAU")
+            # In history it is dropped as a gap; the follow-up asking for it again fails, keeping every bar before it.
+            with pytest.raises(PartialHistoryError, match=message) as failed:
+                await src.history("XAU", T0 - 3600, T0)
+        finally:
+            await src.close()
+    truth = market.bars("XAU", 60).between(T0 - 3600, T0).known_at(T0)
+    assert len(truth) > 30 and failed.value.missing[0] == truth.ts[-1]
+    assert isinstance(failed.value.cause, MalformedReplyError)
+    np.testing.assert_array_equal(failed.value.partial.ts, truth.ts[:-1])
+    np.testing.assert_allclose(failed.value.partial.close, truth.close[:-1], rtol=1e-12)
 
 
 async def test_assets_without_a_coin(source: HyperliquidSource) -> None:

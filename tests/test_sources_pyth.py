@@ -12,13 +12,14 @@ from core.fake_providers import FakeMarket, FakeServer, ManualClock, build_app
 from core.sources.http import (
     BadPriceError,
     MalformedReplyError,
+    PartialHistoryError,
     ProviderHTTPError,
     ProviderRejected,
     StalePriceError,
     UnsupportedAssetError,
 )
 from core.sources.pyth import PythSource
-from tests.provider_fixtures import FAST_RETRIES, T0, fake_provider_fixtures, source_fixture
+from tests.provider_fixtures import FAST_RETRIES, T0, fake_provider_fixtures, rewriting_fake, source_fixture
 
 PAGE_BARS = 500  # small pages so two days already need several
 
@@ -103,6 +104,39 @@ async def test_a_page_with_broken_open_high_low_volume_is_kept(market: FakeMarke
     np.testing.assert_allclose(hist.close, truth.close, rtol=1e-12)
 
 
+@pytest.mark.parametrize(("garble", "message"), [
+    (lambda reply: [reply], "expected a UDF object with a status 's'"),
+    (lambda reply: {k: v for k, v in reply.items() if k != "s"}, "expected a UDF object with a status 's'"),
+    (lambda reply: reply | {"s": 1}, "expected a UDF object with a status 's'"),
+    (lambda reply: reply | {"s": "partial"}, "unknown UDF status 'partial'"),
+    (lambda reply: reply | {"t": {str(i): t for i, t in enumerate(reply["t"])}}, "'t' and 'c' must be arrays"),
+    (lambda reply: reply | {"c": ",".join(map(str, reply["c"]))}, "'t' and 'c' must be arrays"),
+], ids=["a list", "no status", "a status not a string", "an unknown status", "t an object", "c a string"])
+async def test_a_benchmarks_reply_of_another_shape_is_refused_and_the_pages_before_it_are_kept(
+        market: FakeMarket, clock: ManualClock, garble: Callable[[dict[str, Any]], Any], message: str) -> None:
+    start = -(-(T0 - 86_400) // 60) * 60
+    cut = start + PAGE_BARS * 60  # the second page: from here on every history reply is garbage
+
+    def from_the_cut(request: web.Request, reply: Any) -> Any:
+        history = request.path.endswith("/history") and int(request.query["from"]) >= cut
+        return garble(reply) if history else reply
+
+    async with rewriting_fake("pyth", market, from_the_cut) as server:
+        src = PythSource(server.url, server.url, FAST_RETRIES, clock, page_bars=PAGE_BARS)
+        try:
+            with pytest.raises(MalformedReplyError, match=message):
+                await src.history("BTC", cut, cut + 3600)
+            with pytest.raises(PartialHistoryError, match=message) as failed:
+                await src.history("BTC", start, T0)
+        finally:
+            await src.close()
+    assert isinstance(failed.value.cause, MalformedReplyError) and failed.value.missing[0] == cut
+    truth = market.bars("BTC", 60).between(start, cut).known_at(T0)
+    assert len(truth) > 100
+    np.testing.assert_array_equal(failed.value.partial.ts, truth.ts)
+    np.testing.assert_allclose(failed.value.partial.close, truth.close, rtol=1e-12)
+
+
 async def test_hermes_latest_scales_by_the_exponent(source: PythSource, market: FakeMarket) -> None:
     latest = await source.latest("BTC")
     closed = market.bars("BTC", 60).known_at(T0)
@@ -126,6 +160,33 @@ async def test_hermes_missing_exponent_is_malformed(source: PythSource, server: 
     server.faults.mismatched = True
     with pytest.raises(MalformedReplyError, match="expo"):
         await source.latest("BTC")
+
+
+def _quote(**changes: object) -> Callable[[dict[str, Any]], Any]:
+    def change(reply: dict[str, Any]) -> Any:
+        reply["parsed"][0]["price"].update(changes)
+        return reply
+    return change
+
+
+@pytest.mark.parametrize(("garble", "message"), [
+    (lambda reply: reply | {"parsed": []}, "feed [0-9a-f]+ is not in the reply"),
+    (lambda reply: reply | {"parsed": [e | {"id": PythSource.feed_id("ETH")} for e in reply["parsed"]]},
+     "feed [0-9a-f]+ is not in the reply"),
+    (_quote(expo=11), "exponent 11 out of range"),
+    (_quote(expo=-31), "exponent -31 out of range"),
+    (_quote(conf="-1"), "confidence '-1' is negative"),
+], ids=["no entry", "another feed only", "exponent too large", "exponent too small", "negative confidence"])
+async def test_a_hermes_reply_without_our_feed_or_with_an_impossible_quote_is_refused(
+        market: FakeMarket, clock: ManualClock, garble: Callable[[dict[str, Any]], Any], message: str) -> None:
+    async with rewriting_fake("pyth", market, lambda request, reply: garble(reply)) as server:
+        src = PythSource(server.url, server.url, FAST_RETRIES, clock)
+        try:
+            with pytest.raises(MalformedReplyError, match=message) as failed:
+                await src.latest("BTC")
+        finally:
+            await src.close()
+    assert "pyth hermes BTC" in str(failed.value)
 
 
 async def test_feed_without_prices_is_a_404(source: PythSource) -> None:
