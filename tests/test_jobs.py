@@ -426,3 +426,61 @@ def test_a_call_tried_again_after_its_first_try_landed_is_not_done_twice(redis_u
     for _ in range(2):
         jobs.record_run(client, record)
     assert runs(client) == [record]
+
+
+def test_a_run_goes_on_through_a_redis_outage_and_takes_its_lapsed_lease_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Redis dies mid-run and comes back empty (no persistence): the renewals that fail are logged and the work
+    goes on; the first renewal that reaches it again finds no claim and takes it back, so the beat leader does
+    not take the run for dead, and the run marks its slot done."""
+    from workers import jobs
+
+    server = RedisServer(tmp_path).start()
+    monkeypatch.setenv("SYNTH_REDIS_URL", server.url)
+    monkeypatch.setenv("SYNTH_JOB_LEASE_S", str(LEASE_S))
+    get_settings.cache_clear()
+    key = JOB_SLOT_KEY.format(name="retrain", slot=SLOT)
+    held: list[bytes | None] = []
+
+    def through_an_outage(_: Settings) -> dict[str, Any]:
+        server.stop()
+        time.sleep(LEASE_S)  # renewals come every third of a lease: these fail
+        server.start()
+        time.sleep(LEASE_S)  # ...and these reach the empty server
+        held.append(redis.Redis.from_url(server.url).get(key))  # type: ignore[arg-type]
+        return {"went_on": True}
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="workers.jobs"):
+            record = jobs.run_once("retrain", SLOT, WEEK, through_an_outage)
+        done = redis.Redis.from_url(server.url).get(key)
+    finally:
+        server.stop()
+        get_settings.cache_clear()
+    assert record["status"] == "ok" and record["result"] == {"went_on": True} and "lease_lost_to" not in record
+    messages = [r.getMessage() for r in caplog.records if r.name == "workers.jobs"]
+    assert any(f"retrain slot {SLOT}: lease not renewed" in m for m in messages), messages
+    assert any("had lapsed; taken back" in m for m in messages), messages
+    assert held[0] is not None and held[0].startswith(jobs.RUNNING.encode())  # its own claim, back while it ran
+    assert isinstance(done, bytes) and done.startswith(b"done:"), done
+
+
+def test_a_run_whose_slot_was_taken_over_says_so_once(job_env: dict[str, str], redis_url: str,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Its lease lapsed and a re-delivered copy claimed the slot: every later renewal finds the copy's claim,
+    and the run says so once (an error: two copies of the job may be running), not at each renewal."""
+    from workers.jobs import CLAIMED, claim_slot, run_once
+
+    client = redis.Redis.from_url(redis_url)
+    key = JOB_SLOT_KEY.format(name="retrain", slot=SLOT + 9)
+
+    def taken_over(_: Settings) -> dict[str, Any]:
+        client.delete(key)
+        assert claim_slot(client, "retrain", SLOT + 9, WEEK, "other:2", 600) == CLAIMED
+        time.sleep(2 * LEASE_S)  # several renewals, each finding the copy's claim
+        return {}
+
+    record = run_once("retrain", SLOT + 9, WEEK, taken_over)
+    assert record["lease_lost_to"].endswith("other:2"), record
+    said = [m for m in errors(caplog) if "lapsed and the slot was taken over" in m]
+    assert len(said) == 1, errors(caplog)
