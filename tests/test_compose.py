@@ -337,7 +337,7 @@ def env_files(service: dict[str, Any]) -> list[str]:
 
 def test_every_fleet_process_reads_the_env_file_and_comes_back_after_a_crash_or_a_reboot() -> None:
     """The .env names the wallet, the engine and the network: a container without it serves Settings' defaults
-    (another wallet) while the same command run by hand, reading .env, serves the right one."""
+    (another wallet) while the PM2 fleet (ecosystem.config.js), reading .env, serves the right one."""
     for name, service in compose()["services"].items():
         assert service.get("restart") == "unless-stopped", name
         if name != "redis":
