@@ -13,7 +13,7 @@ import math
 import time
 import zlib
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -139,27 +139,31 @@ def _seen_until(entry: Any) -> int | None:
     return max((last for _, last in _seen_spans(entry)), default=None)
 
 
+def _served_checkpoints(engines: Mapping[str, Engine]) -> Iterator[tuple[str, str, Checkpoint]]:
+    """(engine name, model kind, checkpoint) for every model a trained engine serves."""
+    for name, engine in engines.items():
+        if isinstance(engine, TrainedEngine):
+            for kind in engine.kinds:
+                yield name, kind, engine.checkpoint(kind)
+
+
 def prompts_seen_in_training(engines: Mapping[str, Engine], prompts: Sequence[EvalPrompt]) -> list[str]:
     """One line per (engine, model, asset) whose checkpoint trained or selected on a horizon reaching into
     these prompts: a held-out table over them flatters the model. The data README's split is per file, so
     only the asset's own rows count (other assets' dates may overlap by design)."""
     notes = []
-    for name, engine in engines.items():
-        if not isinstance(engine, TrainedEngine):
-            continue
-        for kind in engine.kinds:
-            checkpoint = engine.checkpoint(kind)
-            spec = checkpoint.spec
-            for asset, entry in sorted(checkpoint.data_window.items()):
-                last = _seen_until(entry)
-                if last is None:
-                    continue
-                until = last + spec.horizon * spec.step  # the realised prices of its newest window
-                mine = [p for p in prompts if p.asset == asset and p.time_increment == spec.step]
-                early = [p for p in mine if p.start_ts < until]
-                if early:
-                    notes.append(f"{name} {kind}: fitted on {asset} up to {iso(until)}; {len(early)} of the "
-                                 f"{len(mine)} {asset} {early[0].label} prompts start before that")
+    for name, kind, checkpoint in _served_checkpoints(engines):
+        spec = checkpoint.spec
+        for asset, entry in sorted(checkpoint.data_window.items()):
+            last = _seen_until(entry)
+            if last is None:
+                continue
+            until = last + spec.horizon * spec.step  # the realised prices of its newest window
+            mine = [p for p in prompts if p.asset == asset and p.time_increment == spec.step]
+            early = [p for p in mine if p.start_ts < until]
+            if early:
+                notes.append(f"{name} {kind}: fitted on {asset} up to {iso(until)}; {len(early)} of the "
+                             f"{len(mine)} {asset} {early[0].label} prompts start before that")
     return notes
 
 
@@ -175,27 +179,23 @@ def prompts_on_trained_dates(engines: Mapping[str, Engine], prompts: Sequence[Ev
 
     dated: set[str] = set()
     notes = []
-    for name, engine in engines.items():
-        if not isinstance(engine, TrainedEngine):
-            continue
-        for kind in engine.kinds:
-            checkpoint = engine.checkpoint(kind)
-            spec = checkpoint.spec
-            reach = spec.horizon * spec.step  # a window's realised prices run that far past its origin
-            spans = [(asset, first, last + reach) for asset, entry in checkpoint.data_window.items()
-                     for first, last in _seen_spans(entry)]
-            mine = [p for p in prompts if route(p.request(1)) == kind]
-            hit: dict[str, set[str]] = defaultdict(set)  # prompt id -> the assets whose dates it falls on
-            for p in mine:
-                for asset, first, end in spans:
-                    if p.start_ts < end and p.start_ts + p.time_length > first:
-                        hit[p.id].add(asset)
-            if hit:
-                dated |= set(hit)
-                on = sorted({a for assets in hit.values() for a in assets})
-                which = sorted({p.asset for p in mine if p.id in hit})
-                notes.append(f"{name} {kind}: {len(hit)} of its {len(mine)} prompts ({', '.join(which)}) fall on "
-                             f"dates it was fitted on for {', '.join(on)}")
+    for name, kind, checkpoint in _served_checkpoints(engines):
+        spec = checkpoint.spec
+        reach = spec.horizon * spec.step  # a window's realised prices run that far past its origin
+        spans = [(asset, first, last + reach) for asset, entry in checkpoint.data_window.items()
+                 for first, last in _seen_spans(entry)]
+        mine = [p for p in prompts if route(p.request(1)) == kind]
+        hit: dict[str, set[str]] = defaultdict(set)  # prompt id -> the assets whose dates it falls on
+        for p in mine:
+            for asset, first, end in spans:
+                if p.start_ts < end and p.start_ts + p.time_length > first:
+                    hit[p.id].add(asset)
+        if hit:
+            dated |= set(hit)
+            on = sorted({a for assets in hit.values() for a in assets})
+            which = sorted({p.asset for p in mine if p.id in hit})
+            notes.append(f"{name} {kind}: {len(hit)} of its {len(mine)} prompts ({', '.join(which)}) fall on "
+                         f"dates it was fitted on for {', '.join(on)}")
     return dated, notes
 
 
