@@ -763,10 +763,14 @@ class ArtifactStore:
                 raise _os_failure(f"move {source} to {target}", exc) from None
             incoming = self.versions_dir / f".incoming-{target.name}-{secrets.token_hex(4)}"
             try:
-                shutil.copytree(source, incoming)
-                for path in incoming.iterdir():
-                    with path.open("rb") as fh:
+                # File by file, not copytree: a validated set holds plain files only, and copytree would
+                # collect a full disk's errors into one list instead of stopping with the first errno.
+                incoming.mkdir()
+                for path in source.iterdir():
+                    copied_file = Path(shutil.copy2(path, incoming / path.name))
+                    with copied_file.open("rb") as fh:
                         os.fsync(fh.fileno())
+                shutil.copystat(source, incoming)  # the folder's mode too: searchable by the workers' user
                 _fsync_dir(incoming)
                 os.rename(incoming, target)
             except OSError as copy_exc:

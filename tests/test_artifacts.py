@@ -5,9 +5,11 @@ import io
 import json
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any
@@ -595,6 +597,86 @@ def test_a_switch_that_fails_on_a_full_disk_can_be_retried(store: ArtifactStore,
     monkeypatch.undo()
     assert store.publish(staged) == "v002"
     assert_whole(store.load_current())
+
+
+@pytest.fixture
+def other_file_system(tmp_path: Path) -> Iterator[Path]:
+    """A folder on another file system than ``tmp_path`` (a tmpfs), where a rename gives EXDEV for real:
+    as a staging volume mounted apart from the artifact store would."""
+    for candidate in ("/dev/shm", "/run/user", "/run", "/var/tmp", "/tmp"):
+        try:
+            if os.stat(candidate).st_dev == os.stat(tmp_path).st_dev or not os.access(candidate, os.W_OK):
+                continue
+            folder = Path(tempfile.mkdtemp(prefix="synth-other-fs-", dir=candidate))
+        except OSError:
+            continue
+        yield folder
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    pytest.skip("no writable folder on another file system than the test's")
+
+
+def test_a_set_staged_on_another_file_system_is_copied_in_and_published(
+        store: ArtifactStore, other_file_system: Path) -> None:
+    store.publish(stage(store, "v001"))
+    staged = Path(shutil.move(str(stage(store, "v002")), other_file_system / "v002"))
+    with pytest.raises(OSError) as exdev:  # the premise: a plain rename cannot move it
+        os.rename(staged, store.root / "versions" / "probe")
+    assert exdev.value.errno == errno.EXDEV
+    umask = os.umask(0o077)  # a publisher with a private umask: workers running as another user still read it
+    try:
+        assert store.publish(staged) == "v002"
+    finally:
+        os.umask(umask)
+    assert_whole(store.load_current())
+    published = store.root / "versions" / "v002"
+    assert os.stat(published).st_dev == os.stat(store.root).st_dev  # a copy in the store, not a link out
+    assert all(path.stat().st_mode & 0o555 == 0o555 for path in [published, *published.iterdir()] if path.is_dir())
+    assert all(path.stat().st_mode & 0o444 == 0o444 for path in published.iterdir())
+    assert not staged.exists()  # the original goes once the copy serves
+    assert not list((store.root / "versions").glob(".incoming-*"))
+
+
+def test_a_copy_from_another_file_system_that_fails_leaves_nothing_half_published(
+        store: ArtifactStore, other_file_system: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk fills mid-copy: no half-copied folder in ``versions/``, ``current`` unchanged, the staged
+    original intact; once there is room the same folder publishes."""
+    store.publish(stage(store, "v001"))
+    staged = Path(shutil.move(str(stage(store, "v002")), other_file_system / "v002"))
+    copyfile = shutil.copyfile
+
+    def full_after_one_file(src: str, dst: str, **kwargs: Any) -> object:
+        if any(Path(dst).parent.iterdir()):
+            raise OSError(errno.ENOSPC, "No space left on device", dst)
+        return copyfile(src, dst, **kwargs)
+
+    monkeypatch.setattr(shutil, "copyfile", full_after_one_file)
+    with pytest.raises(ArtifactError, match=r"cannot copy .*v002.*disk is full"):
+        store.publish(staged)
+    assert store.current_version() == "v001" and sorted(os.listdir(store.root / "versions")) == ["v001"]
+    assert sorted(os.listdir(staged)) == sorted([*files_for("v002"), MANIFEST_FILE])
+    monkeypatch.undo()
+    assert store.publish(staged) == "v002"
+    assert_whole(store.load_current())
+
+
+def test_a_failed_switch_after_a_copy_keeps_the_original_and_drops_the_copy(
+        store: ArtifactStore, other_file_system: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store.publish(stage(store, "v001"))
+    staged = Path(shutil.move(str(stage(store, "v002")), other_file_system / "v002"))
+
+    def disk_full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "symlink", disk_full)
+    with pytest.raises(ArtifactError, match="disk is full"):
+        store.publish(staged)
+    assert store.current_version() == "v001" and not (store.root / "versions" / "v002").exists()
+    assert staged.is_dir() and (staged / MANIFEST_FILE).is_file()
+    monkeypatch.undo()
+    assert store.publish(staged) == "v002"
+    assert_whole(store.load_current())
+    assert not staged.exists()
 
 
 def test_a_full_disk_while_staging_is_a_clear_error_and_leaves_no_partial_folder(
