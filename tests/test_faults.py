@@ -283,6 +283,35 @@ async def test_worker_hangs_then_resumes(replay: Stack) -> None:
     assert replay.worker.proc.poll() is None
 
 
+async def test_redis_hangs_then_resumes(replay: Stack) -> None:
+    """A hung Redis host (SIGSTOP: connections stay open, nothing answers) is worse than a dead one: no
+    connection error comes. The request waiting on it, and new ones arriving together, are answered in
+    time by the fallback; once Redis resumes the pool serves again, with nothing lost."""
+    await replay.until_pool("ETH", 300, 86_400)
+    assert replay.redis.proc is not None
+    watcher = replay.client()
+    request = asyncio.create_task(replay.ask("ETH", 300, 86_400))
+    await wait_until(lambda: blocked_on_result(watcher))
+    watcher.close()
+    replay.redis.proc.send_signal(signal.SIGSTOP)
+    try:
+        reply, seconds, key = await request
+        assert_valid_reply(reply)
+        assert seconds < TIMEOUT and replay.outcome(key) == "fallback"
+        # A burst while it hangs: each request's send is bounded, and they do not queue behind each other.
+        burst = await asyncio.gather(*(replay.ask(asset, increment, length)
+                                       for asset, increment, length in [("BTC", 60, 3_600), ("XAU", 300, 86_400)] * 2))
+        for reply, seconds, key in burst:
+            assert_valid_reply(reply)
+            assert seconds < TIMEOUT and replay.outcome(key) == "fallback", (key, seconds)
+        assert replay.miner.proc.poll() is None
+    finally:
+        replay.redis.proc.send_signal(signal.SIGCONT)
+    await replay.until_pool("ETH", 300, 86_400)
+    await replay.until_pool("BTC", 60, 3_600)
+    assert replay.worker is not None and replay.worker.proc.poll() is None
+
+
 def served_version(stack: Stack) -> str:
     """The artifact version the running worker announces in its heartbeat (written after each task)."""
     assert stack.worker is not None
