@@ -187,7 +187,10 @@ class RedisHistoryCache:
         lo, hi = cast(list[bytes | None], self.client.hmget(self.meta_key(asset, step), ["lo", "hi"]))
         if lo is None or hi is None:
             return None
-        return int(lo), int(hi)
+        try:
+            return int(lo), int(hi)
+        except ValueError:  # a bare "invalid literal for int()" named neither the key nor the cache
+            raise CacheError(f"{self.meta_key(asset, step)} holds span {lo!r}..{hi!r}, not bar times") from None
 
     def trim(self, asset: str, step: int, before: int) -> None:
         before = -(-before // step) * step

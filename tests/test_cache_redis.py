@@ -141,6 +141,17 @@ def test_a_latest_price_that_is_no_price_is_refused_not_made_the_anchor(cache: R
     assert build_snapshot(cache, "BTC", now, SECONDS_PER_DAY).anchor == 100.5
 
 
+def test_a_span_that_is_no_bar_times_is_refused_by_name(cache: RedisHistoryCache, client: redis.Redis) -> None:
+    """Before: a bare ValueError ("invalid literal for int()") from every refresh and snapshot of the asset."""
+    hist = bars(DAY0, 100)
+    cache.write("BTC", hist)
+    client.hset(cache.meta_key("BTC", 60), "hi", b"1.7e9")
+    with pytest.raises(CacheError, match=f"{cache.meta_key('BTC', 60)} holds span"):
+        cache.span("BTC", 60)
+    assert cache.write("BTC", hist) == 0  # the next write replaces it
+    assert cache.span("BTC", 60) == (hist.first_ts, hist.last_ts)
+
+
 def test_refresh_lock_is_exclusive(cache: RedisHistoryCache) -> None:
     first = cache.refresh_lock("BTC", ttl_s=5, wait_s=0.1)
     second = cache.refresh_lock("BTC", ttl_s=5, wait_s=0.1)
