@@ -8,6 +8,7 @@ bars, counts the slots that were empty and updates the span in ``CACHE_META_KEY`
 concurrent refreshes from several processes are idempotent and never leave the span wrong.
 """
 
+import math
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -104,7 +105,7 @@ return 1
 
 
 class CacheError(RuntimeError):
-    """The cache holds something it could not have written (a day string of the wrong size)."""
+    """The cache holds something it could not have written (a day string of the wrong size, a price NaN)."""
 
 
 def slots_per_day(step: int) -> int:
@@ -186,7 +187,10 @@ class RedisHistoryCache:
         lo, hi = cast(list[bytes | None], self.client.hmget(self.meta_key(asset, step), ["lo", "hi"]))
         if lo is None or hi is None:
             return None
-        return int(lo), int(hi)
+        try:
+            return int(lo), int(hi)
+        except ValueError:  # a bare "invalid literal for int()" named neither the key nor the cache
+            raise CacheError(f"{self.meta_key(asset, step)} holds span {lo!r}..{hi!r}, not bar times") from None
 
     def trim(self, asset: str, step: int, before: int) -> None:
         before = -(-before // step) * step
@@ -204,8 +208,17 @@ class RedisHistoryCache:
         price, publish_time, confidence = fields
         if price is None or publish_time is None:
             return None
-        return LatestPrice(price=float(price), publish_time=int(publish_time),
-                           confidence=float(confidence) if confidence else None)
+        key = LATEST_PRICE_KEY.format(asset=asset)
+        try:
+            latest = LatestPrice(price=float(price), publish_time=int(publish_time),
+                                 confidence=float(confidence) if confidence else None)
+        except ValueError:
+            raise CacheError(f"{key} holds price {price!r} at {publish_time!r}, not a price and a time") from None
+        # set_latest writes only checked prints: NaN, inf or <= 0 here became every path's anchor (paths
+        # no reply could carry) where a refusal sends the miner to its own copy.
+        if not (math.isfinite(latest.price) and latest.price > 0):
+            raise CacheError(f"{key} holds price {latest.price!r}, not a price")
+        return latest
 
     # --- beyond the protocol ---------------------------------------------------------------------------
     def refresh_lock(self, asset: str, ttl_s: float, wait_s: float) -> Lock:

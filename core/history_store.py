@@ -387,10 +387,12 @@ class CompactReport:
     corrupt: int  # partitions set aside as ``*.corrupt`` (kept for inspection, no longer read)
     temp_removed: int  # temporary files left by writers that crashed
     unreadable: int = 0  # partitions an I/O or permission error kept us from reading: left in place
+    folders_skipped: int = 0  # step folders that could not be locked or changed (another user's, read-only)
 
     def as_dict(self) -> dict[str, int]:
         return {"partitions": self.partitions, "rows": self.rows, "empty_removed": self.empty_removed,
-                "corrupt": self.corrupt, "unreadable": self.unreadable, "temp_removed": self.temp_removed}
+                "corrupt": self.corrupt, "unreadable": self.unreadable, "temp_removed": self.temp_removed,
+                "folders_skipped": self.folders_skipped}
 
 
 def compact(store: HistoryStore, temp_age_s: float = 3600.0) -> CompactReport:
@@ -399,35 +401,42 @@ def compact(store: HistoryStore, temp_age_s: float = 3600.0) -> CompactReport:
     Fixed-slot partitions never fragment, so there is nothing to merge; what can go wrong is a torn
     file from outside (the checksum finds it) or temp files of a writer killed before its rename.
     """
-    partitions = rows = empty = corrupt = unreadable = temps = 0
+    partitions = rows = empty = corrupt = unreadable = temps = skipped = 0
     now = time.time()
     for asset in store.assets():
         for step in store.steps(asset):
             folder = store.folder(asset, step)
-            with store._locked(asset, step):
-                for tmp in folder.glob(".*.tmp"):
-                    if now - tmp.stat().st_mtime > temp_age_s:
-                        tmp.unlink(missing_ok=True)
-                        temps += 1
-                for day in store.days(asset, step):
-                    partitions += 1
-                    path = store.partition(asset, step, day)
-                    try:
-                        n = len(store.read_day(asset, step, day))
-                    except StoreUnreadableError as exc:
-                        # Not proof of corruption (EIO, EACCES): moved aside, its intact bars would no longer be read.
-                        log.warning("compact: %s", exc)
-                        unreadable += 1
-                        continue
-                    except StoreReadError:
-                        path.replace(_aside_name(path))
-                        corrupt += 1
-                        continue
-                    if n == 0:
-                        path.unlink()
-                        empty += 1
-                    rows += n
-    return CompactReport(partitions, rows, empty, corrupt, temps, unreadable)
+            try:
+                with store._locked(asset, step):
+                    for tmp in folder.glob(".*.tmp"):
+                        if now - tmp.stat().st_mtime > temp_age_s:
+                            tmp.unlink(missing_ok=True)
+                            temps += 1
+                    for day in store.days(asset, step):
+                        partitions += 1
+                        path = store.partition(asset, step, day)
+                        try:
+                            n = len(store.read_day(asset, step, day))
+                        except StoreUnreadableError as exc:
+                            # Not proof of corruption (EIO, EACCES): moved aside, its intact bars would no longer
+                            # be read.
+                            log.warning("compact: %s", exc)
+                            unreadable += 1
+                            continue
+                        except StoreReadError:
+                            path.replace(_aside_name(path))
+                            corrupt += 1
+                            continue
+                        if n == 0:
+                            path.unlink()
+                            empty += 1
+                        rows += n
+            except (HistoryStoreError, OSError) as exc:
+                # One folder this process may not lock or change must not cost the folders after it their
+                # upkeep: their torn days stayed in place, and the refresh rewrites a day only once set aside.
+                log.warning("compact: %s skipped (%s)", folder, exc)
+                skipped += 1
+    return CompactReport(partitions, rows, empty, corrupt, temps, unreadable, skipped)
 
 
 def compact_store(settings: Settings) -> dict[str, int]:

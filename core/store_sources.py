@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from core.atomic_files import atomic_write
+from core.prices import MAX_EPOCH_S
 
 SOURCES_FILE = "sources.json"
 
@@ -75,10 +76,12 @@ def changes(ts: np.ndarray[Any, Any], owner: np.ndarray[Any, np.dtype[np.object_
 
 
 def _stretch(item: object) -> Stretch:
+    # Bar times the store could hold (``bar_time_problem``): one beyond int64 made ``owners`` raise OverflowError.
     if (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in item[1:]) and item[1] <= item[2]):
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < MAX_EPOCH_S for v in item[1:])
+            and item[1] <= item[2]):
         return Stretch(item[0], item[1], item[2])
-    raise ValueError(f"not a [source, first, last] stretch: {item!r}")
+    raise ValueError(f"not a [source, first, last] stretch: {item!r}"[:200])
 
 
 def read_stretches(folder: Path) -> list[Stretch]:
@@ -87,18 +90,25 @@ def read_stretches(folder: Path) -> list[Stretch]:
     join it records would be lost."""
     path = folder / SOURCES_FILE
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         return []
     try:
-        raw = json.loads(text)
+        # Decoded here, not by read_text: bytes that are not UTF-8 (a torn or foreign file) raised
+        # UnicodeDecodeError out of every merge and refresh of the step. Nesting too deep: RecursionError.
+        raw = json.loads(data.decode())
         if not isinstance(raw, list):
             raise ValueError("not a list")
-        out = [_stretch(item) for item in raw]
-    except ValueError as exc:  # JSONDecodeError included
+        out = sorted((_stretch(item) for item in raw), key=lambda s: s.first)
+        # ``written`` keeps stretches apart: overlapping ones were not written by the store, and ``owners``
+        # would give the bars of the overlap to whichever starts later.
+        for before, after in zip(out, out[1:]):
+            if after.first <= before.last:
+                raise ValueError(f"stretches {before} and {after} overlap")
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError included
         log.warning("%s unusable (%s): its source joins are forgotten", path, exc)
         return []
-    return sorted(out, key=lambda s: s.first)
+    return out
 
 
 def write_stretches(folder: Path, stretches: Sequence[Stretch]) -> None:

@@ -386,7 +386,7 @@ def _sources(stretches: Sequence[Stretch]) -> str:
 def _cache_status(url: str, assets: list[str], now: float) -> None:
     import redis
 
-    from core.cache_redis import RedisHistoryCache
+    from core.cache_redis import CacheError, RedisHistoryCache
 
     try:
         client = redis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=2.0)
@@ -397,12 +397,20 @@ def _cache_status(url: str, assets: list[str], now: float) -> None:
         table = Table("asset", "step", "first (UTC)", "last (UTC)", "rows", "gaps", "fresh", "latest", "latest age",
                       title="Redis cache")
         for asset in assets or sorted(ASSETS):
-            latest = cache.latest(asset)
+            try:
+                latest = cache.latest(asset)
+            except CacheError as exc:  # the damaged entry is this asset's finding, not a traceback
+                table.add_row(asset, "-", "-", "-", "-", "-", "-", f"[red]{escape(str(exc))}[/red]", "-")
+                latest = None
             for step in (60, 300):
-                span = cache.span(asset, step)
-                if span is None:
+                try:
+                    span = cache.span(asset, step)
+                    hist = None if span is None else cache.read(asset, step, span[0], span[1] + 1)
+                except CacheError as exc:
+                    table.add_row(asset, str(step), "-", "-", "-", "-", f"[red]{escape(str(exc))}[/red]", "-", "-")
                     continue
-                hist = cache.read(asset, step, span[0], span[1] + 1)
+                if span is None or hist is None:
+                    continue
                 gaps = int((hist.ts[1:] - hist.ts[:-1] > step).sum()) if len(hist) > 1 else 0
                 table.add_row(asset, str(step), _utc(span[0]), _utc(span[1]), str(len(hist)), str(gaps),
                               _age(now - span[1] - step), f"{latest.price:.8g}" if latest else "-",

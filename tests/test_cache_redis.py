@@ -8,7 +8,8 @@ import pytest
 import redis
 
 from core.cache_redis import CacheError, RedisHistoryCache, slots_per_day
-from core.constants import SECONDS_PER_DAY
+from core.constants import LATEST_PRICE_KEY, SECONDS_PER_DAY
+from core.market_data import build_snapshot
 from core.prices import LatestPrice, PriceHistory
 from tests.provider_fixtures import random_walk_bars, redis_cache_fixtures
 
@@ -119,6 +120,36 @@ def test_refuses_text_clients_and_corrupt_days(redis_url: str, cache: RedisHisto
     client.set(cache.day_key("BTC", 60, DAY0 // SECONDS_PER_DAY), b"x" * 13)
     with pytest.raises(CacheError, match="13 bytes"):
         cache.read("BTC", 60, DAY0, DAY0 + 600)
+
+
+@pytest.mark.parametrize("price", [b"nan", b"inf", b"-2500.0", b"0", b"abc"])
+def test_a_latest_price_that_is_no_price_is_refused_not_made_the_anchor(cache: RedisHistoryCache,
+                                                                       client: redis.Redis, price: bytes) -> None:
+    """Before: NaN, inf, a negative price or 0 in the latest-price hash was returned as is and, being newer than
+    the newest close, became the anchor of every path (NaN or negative paths, refused only when the reply was
+    built); a price that is no number raised a bare ValueError. A CacheError sends the miner to its own copy."""
+    hist = bars(DAY0, 100)
+    cache.write("BTC", hist)
+    now = DAY0 + 101 * 60  # a minute after the newest close
+    client.hset(LATEST_PRICE_KEY.format(asset="BTC"), mapping={"price": price, "publish_time": now - 1,
+                                                               "confidence": b""})
+    with pytest.raises(CacheError, match=f"{LATEST_PRICE_KEY.format(asset='BTC')} holds price"):
+        cache.latest("BTC")
+    with pytest.raises(CacheError):
+        build_snapshot(cache, "BTC", now, SECONDS_PER_DAY)  # what a worker serves from
+    cache.set_latest("BTC", LatestPrice(100.5, now))  # the next refresh's print replaces it
+    assert build_snapshot(cache, "BTC", now, SECONDS_PER_DAY).anchor == 100.5
+
+
+def test_a_span_that_is_no_bar_times_is_refused_by_name(cache: RedisHistoryCache, client: redis.Redis) -> None:
+    """Before: a bare ValueError ("invalid literal for int()") from every refresh and snapshot of the asset."""
+    hist = bars(DAY0, 100)
+    cache.write("BTC", hist)
+    client.hset(cache.meta_key("BTC", 60), "hi", b"1.7e9")
+    with pytest.raises(CacheError, match=f"{cache.meta_key('BTC', 60)} holds span"):
+        cache.span("BTC", 60)
+    assert cache.write("BTC", hist) == 0  # the next write replaces it
+    assert cache.span("BTC", 60) == (hist.first_ts, hist.last_ts)
 
 
 def test_refresh_lock_is_exclusive(cache: RedisHistoryCache) -> None:

@@ -14,7 +14,7 @@ import redis
 from typer.testing import CliRunner
 
 from core.cache_redis import RedisHistoryCache
-from core.constants import SECONDS_PER_DAY
+from core.constants import LATEST_PRICE_KEY, SECONDS_PER_DAY
 from core.csv_history import read_csv, write_csv
 from core.fake_providers import FakeMarket, FakeServerThread
 from core.history_store import HistoryStore
@@ -198,6 +198,26 @@ def test_status_shows_the_cache_when_redis_is_given(csv_dir: Path, tmp_path: Pat
     assert "Redis cache" in result.output
     cache_rows = [line for line in result.output.split("Redis cache", 1)[1].splitlines() if "BTC" in line]
     assert cache_rows and " 60 " in cache_rows[0]
+
+
+def test_status_shows_a_damaged_cache_entry_as_its_assets_row(csv_dir: Path, tmp_path: Path, redis_url: str) -> None:
+    """Before: a day string of the wrong size (and a span or latest price that is no number, which the cache now
+    refuses too) ended `data status` in a CacheError traceback, no cache row printed."""
+    runner.invoke(app, ["import", str(csv_dir), "--data-dir", str(tmp_path), "--asset", "BTC"])
+    client = redis.Redis.from_url(redis_url)
+    cache = RedisHistoryCache(client)
+    hist = read_csv(csv_dir / "btc_1m.csv.gz", 60).tail(3600)
+    cache.write("BTC", hist)
+    cache.write("ETH", hist)
+    client.hset(LATEST_PRICE_KEY.format(asset="BTC"), mapping={"price": b"nan", "publish_time": 1, "confidence": b""})
+    client.set(cache.day_key("ETH", 60, int(hist.ts[-1]) // SECONDS_PER_DAY), b"x" * 13)
+    client.close()
+    result = runner.invoke(app, ["status", "--data-dir", str(tmp_path), "--redis-url", redis_url, "--asset", "BTC",
+                                 "--asset", "ETH"])
+    assert result.exit_code == 0, result.output
+    rows = result.output.split("Redis cache", 1)[1].splitlines()
+    assert any("synth:latest:BTC" in line for line in rows) and any("synth:cache:ETH" in line for line in rows)
+    assert [line for line in rows if "BTC" in line and " 60 " in line]  # its bars are still shown
 
 
 def test_sync_backfills_the_store_from_a_provider(csv_dir: Path, tmp_path: Path,

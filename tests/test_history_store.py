@@ -2,6 +2,7 @@
 
 import gc
 import gzip
+import logging
 import multiprocessing
 import os
 import shutil
@@ -171,7 +172,7 @@ def test_compact_sets_corrupt_partitions_aside_and_sweeps_debris(tmp_path: Path)
     debris.write_bytes(b"half")
     report = history_store.compact(store, temp_age_s=-1)
     assert report.as_dict() == {"partitions": 4, "rows": 100 + 5, "empty_removed": 1, "corrupt": 1,
-                                "unreadable": 0, "temp_removed": 1}
+                                "unreadable": 0, "temp_removed": 1, "folders_skipped": 0}
     assert broken.with_name(broken.name + ".corrupt").exists() and not debris.exists()
     assert len(store.read("BTC", 60, 0, 2 ** 40)) == 100  # the intact day still reads
     assert history_store.compact(store).corrupt == 0
@@ -201,6 +202,25 @@ def test_compact_does_not_set_aside_a_partition_it_merely_could_not_read(tmp_pat
     assert report.corrupt == 0 and report.unreadable == 1 and path.exists()
     monkeypatch.setattr(Path, "read_bytes", real_read)
     assert len(store.read("BTC", 60, 0, 2 ** 40)) == 100
+
+
+def test_a_folder_compact_cannot_lock_does_not_cost_the_others_their_upkeep(tmp_path: Path,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """Before: the first step folder that could not be locked or changed (another user's files, a read-only
+    mount; here a lock that is a folder) raised StoreWriteError out of compact, so every folder after it kept
+    its torn days: read errors at every refresh, and no refresh rewrites a day until it is set aside."""
+    store = HistoryStore(tmp_path)
+    store.append("AAA", bars(DAY0, 10))
+    path, _ = torn_day(store)  # BTC, listed after AAA
+    lock = store.folder("AAA", 60) / ".lock"
+    lock.unlink()
+    lock.mkdir()
+    with caplog.at_level(logging.WARNING, logger="core.history_store"):
+        report = history_store.compact(store)
+    assert (report.folders_skipped, report.corrupt, report.partitions) == (1, 1, 1)
+    assert f"{store.folder('AAA', 60)} skipped" in caplog.text
+    assert path.with_name(path.name + ".corrupt").exists() and not path.exists()
+    assert len(store.read("AAA", 60, 0, 2 ** 40)) == 10  # the skipped folder is left as it was
 
 
 # --- input the store must refuse, and the CSV files it is imported from ---------------------------------------

@@ -55,6 +55,29 @@ def test_a_garbled_sources_file_is_forgotten_with_a_warning(tmp_path: Path, capl
     assert read_stretches(tmp_path / "absent") == []
 
 
+@pytest.mark.parametrize("garbled", [
+    b"\xff\xfe\x00\x01torn",
+    b"[" * 100_000,
+    b'[["a", 0, 100000000000000000000000]]',
+    b'[["a", 0, 1800000000], ["b", 600, 1200]]',
+], ids=["not utf-8", "nested too deep", "a time beyond int64", "overlapping stretches"])
+def test_a_sources_file_the_store_could_not_have_written_is_forgotten_not_fatal(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, garbled: bytes) -> None:
+    """Before: UnicodeDecodeError and RecursionError escaped every merge with a source (after its bars were
+    written: the refresh then never updated the cache) and read_sourced; a time past int64 raised OverflowError
+    from read_sourced; overlapping stretches gave the overlap's bars to the later one."""
+    store = HistoryStore(tmp_path, durable=False)
+    store.merge("BTC", bars(T0, 10), "a")
+    (store.folder("BTC", 60) / SOURCES_FILE).write_bytes(garbled)
+    with caplog.at_level(logging.WARNING, logger="core.store_sources"):
+        assert read_stretches(store.folder("BTC", 60)) == []
+        assert store.read_sourced("BTC", 60, 0, 2 ** 40)[1] == ()
+        assert store.merge("BTC", bars(T0 + 600, 10), "b").new == 10
+    assert "source joins are forgotten" in caplog.text
+    assert store.stretches("BTC", 60) == [Stretch("b", T0 + 600, T0 + 1140)]  # recorded afresh from here on
+    assert joins(store, 60) == (T0 + 600,)
+
+
 def test_an_unreadable_sources_file_is_not_written_over(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A read error is no garbled file: writing one stretch over it would lose every join it records."""
     store = HistoryStore(tmp_path, durable=False)
