@@ -9,6 +9,7 @@ concurrent refreshes from several processes are idempotent and never leave the s
 """
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -250,6 +251,16 @@ class RedisHistoryCache:
             for step in steps:
                 self.trim(asset, step, 2 ** 62)
             self.client.delete(LATEST_PRICE_KEY.format(asset=asset))
+
+
+    def drop(self, asset: str) -> int:
+        """Delete every cached key of ``asset`` (days, spans, latest price, source), whatever they hold.
+        ``clear`` goes by the span, which a damaged entry makes unreadable: this is how one is repaired."""
+        name = re.sub(r"([*?\[\]\\])", r"\\\1", asset)  # a glob pattern: the asset matched literally
+        patterns = (CACHE_KEY.format(asset=name, step="*", day="*"), CACHE_META_KEY.format(asset=name, step="*"))
+        keys = [key for pattern in patterns for key in self.client.scan_iter(match=pattern, count=1000)]
+        return int(self.client.delete(*keys, LATEST_PRICE_KEY.format(asset=asset),
+                                      CACHE_SOURCE_KEY.format(asset=asset)))
 
 
 def _runs(history: PriceHistory) -> list[tuple[int, int, bytes]]:

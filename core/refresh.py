@@ -12,12 +12,13 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import redis
 from redis.lock import Lock
 
 from core.cache import HistoryCache
-from core.cache_redis import RedisHistoryCache
+from core.cache_redis import CacheError, RedisHistoryCache
 from core.constants import REFRESH_LOCK_POLL_S, SECONDS_PER_DAY
 from core.history_store import HistoryStore, HistoryStoreError
 from core.price_checks import plausible_latest, screen_bars
@@ -180,25 +181,50 @@ async def refresh_asset(asset: str, source: PriceSource, cache: HistoryCache, st
     steps = tuple(steps) if steps is not None else default_steps(source, settings)
     windows = cache_windows(settings, steps)
     errors = _Errors()
-    done: list[StepRefresh] = []
     async with _asset_lock(cache, asset, settings):
-        await asyncio.to_thread(_forget_other_sources, asset, source.name, cache)
-        for step in steps:
-            done.append(await _refresh_step(asset, step, windows[step], source, cache, store, now, errors,
-                                            settings))
-        latest: LatestPrice | None = None
         try:
-            latest = await source.latest(asset)
-            newest = await asyncio.to_thread(_newest_bar, asset, steps, cache)
-            if not plausible_latest(latest, newest, settings.price_max_jump):
-                raise ProviderError(f"latest price {latest.price:g} is implausibly far from the newest close "
-                                    f"{float(newest.close[-1]):g}: not used as the anchor")
-            await asyncio.to_thread(cache.set_latest, asset, latest)
-        except ProviderError as exc:
-            latest = None
-            errors.add("latest", exc)
+            await asyncio.to_thread(_forget_other_sources, asset, source.name, cache)
+            done, latest = await _refresh_steps(asset, steps, windows, source, cache, store, now, errors, settings)
+        except (CacheError, redis.ResponseError) as exc:
+            if not _damaged_cache(cache, exc):
+                raise
+            # Something the cache could not have written (a day of the wrong size, a span or key of another
+            # type): left in place it failed every refresh, and every forecast read, until someone cleared it.
+            # The store and the provider refill the window (a second failure is raised and reported).
+            dropped = await asyncio.to_thread(cast(RedisHistoryCache, cache).drop, asset)
+            log.warning("%s: cached history unusable (%s: %s): its %d keys dropped and rebuilt", asset,
+                        type(exc).__name__, exc, dropped)
+            errors = _Errors()
+            errors.append(f"cache: {type(exc).__name__}: {exc} (dropped and rebuilt)")
+            await asyncio.to_thread(_forget_other_sources, asset, source.name, cache)
+            done, latest = await _refresh_steps(asset, steps, windows, source, cache, store, now, errors, settings)
     _log_errors(asset, source.name, errors)
     return RefreshReport(asset, source.name, tuple(done), latest, tuple(errors), time.perf_counter() - started)
+
+
+async def _refresh_steps(asset: str, steps: Sequence[int], windows: Mapping[int, int], source: PriceSource,
+                         cache: HistoryCache, store: HistoryStore | None, now: int, errors: _Errors,
+                         settings: Settings) -> tuple[list[StepRefresh], LatestPrice | None]:
+    """Every step's bars, then the latest price (checked against the newest close before it anchors)."""
+    done = [await _refresh_step(asset, step, windows[step], source, cache, store, now, errors, settings)
+            for step in steps]
+    latest: LatestPrice | None = None
+    try:
+        latest = await source.latest(asset)
+        newest = await asyncio.to_thread(_newest_bar, asset, steps, cache)
+        if not plausible_latest(latest, newest, settings.price_max_jump):
+            raise ProviderError(f"latest price {latest.price:g} is implausibly far from the newest close "
+                                f"{float(newest.close[-1]):g}: not used as the anchor")
+        await asyncio.to_thread(cache.set_latest, asset, latest)
+    except ProviderError as exc:
+        latest = None
+        errors.add("latest", exc)
+    return done, latest
+
+
+def _damaged_cache(cache: HistoryCache, exc: Exception) -> bool:
+    """Whether ``exc`` says the shared cache holds an entry it could not have written (not Redis being down)."""
+    return isinstance(cache, RedisHistoryCache) and (isinstance(exc, CacheError) or "WRONGTYPE" in str(exc))
 
 
 def _forget_other_sources(asset: str, source: str, cache: HistoryCache) -> None:

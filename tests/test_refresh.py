@@ -15,7 +15,7 @@ import redis
 from core import history_store, refresh
 from core.cache import MemoryHistoryCache
 from core.cache_redis import RedisHistoryCache
-from core.constants import BAR_CLOSE_GRACE_S, SECONDS_PER_DAY
+from core.constants import BAR_CLOSE_GRACE_S, CACHE_SOURCE_KEY, LATEST_PRICE_KEY, SECONDS_PER_DAY
 from core.csv_history import write_csv
 from core.fake_providers import FakeMarket, FakeServer, FakeServerThread, ManualClock, start_fake
 from core.history_store import HistoryStore, compact
@@ -486,6 +486,76 @@ async def test_a_cache_filled_by_another_source_is_rebuilt_not_joined(
     with caplog.at_level(logging.WARNING, logger="core.refresh"):
         assert (await refresh_asset("BTC", source, cache, store, settings, now=int(clock()))).ok
     assert "cleared" not in caplog.text  # the same source again: nothing to clear
+
+
+def _damage(client: redis.Redis, cache: RedisHistoryCache, what: str) -> None:
+    day = int(cached(cache).ts[-1]) // SECONDS_PER_DAY
+    if what == "day of the wrong size":
+        client.set(cache.day_key("BTC", 60, day), b"x" * 13)
+    elif what == "span that is no bar time":
+        client.hset(cache.meta_key("BTC", 60), "lo", b"yesterday")
+    elif what == "day of another type":
+        client.delete(cache.day_key("BTC", 60, day))
+        client.rpush(cache.day_key("BTC", 60, day), b"x")
+    elif what == "span of another type":
+        client.delete(cache.meta_key("BTC", 300))
+        client.set(cache.meta_key("BTC", 300), b"x")
+    else:
+        key = (LATEST_PRICE_KEY if what.startswith("latest") else CACHE_SOURCE_KEY).format(asset="BTC")
+        client.delete(key)
+        client.rpush(key, b"x")
+
+
+@pytest.mark.parametrize("what", ["day of the wrong size", "span that is no bar time", "day of another type",
+                                  "span of another type", "latest price of another type",
+                                  "source of another type"])
+async def test_a_damaged_cache_entry_is_dropped_and_rebuilt_by_the_next_refresh(
+        what: str, source: BinanceSource, cache: RedisHistoryCache, client: redis.Redis, store: HistoryStore,
+        settings: Settings, market: FakeMarket, clock: ManualClock, caplog: pytest.LogCaptureFixture) -> None:
+    """An entry the cache could not have written failed every refresh (and every forecast read of the asset)
+    until someone cleared it by hand: the refresh now drops the asset's keys and rebuilds them, from the
+    store first. Another asset's keys are left alone. (A day key of another type reads as a gap: it is found
+    when the next bars are written to it, as here ten minutes later.)"""
+    assert (await refresh_asset("BTC", source, cache, store, settings, now=T0, steps=(60, 300))).ok
+    bystander = PriceHistory(60, np.array([T0 // 60 * 60 - 60]), np.array([2000.0]))
+    cache.write("BTCX", bystander)
+    _damage(client, cache, what)
+
+    clock.advance(600)
+    now = int(clock())
+    with caplog.at_level(logging.WARNING, logger="core.refresh"):
+        repaired = await refresh_asset("BTC", source, cache, store, settings, now=now, steps=(60, 300))
+    assert [e for e in repaired.errors if "dropped and rebuilt" in e] == list(repaired.errors), repaired.errors
+    assert "BTC: cached history unusable" in caplog.text
+    assert repaired.steps[0].from_store > 0  # rebuilt from the store, not fetched again
+    for step, window in cache_windows(settings, (60, 300)).items():
+        got, expected = cached(cache, step), truth(market, now, step, window)
+        np.testing.assert_array_equal(got.ts, expected.ts)
+        np.testing.assert_array_equal(got.close, expected.close)
+    assert repaired.latest is not None and cache.latest("BTC") == repaired.latest
+    np.testing.assert_array_equal(cache.read("BTCX", 60, 0, 2 ** 40).close, bystander.close)
+    assert cache.claim_source("BTC", "binance") == "binance"  # recorded again by the rebuild
+    again = await refresh_asset("BTC", source, cache, store, settings, now=now, steps=(60, 300))
+    assert again.ok, again.errors
+
+
+async def test_a_refresh_that_fails_on_redis_itself_drops_nothing(
+        source: BinanceSource, cache: RedisHistoryCache, client: redis.Redis, store: HistoryStore,
+        settings: Settings) -> None:
+    """Only an entry the cache could not have written is dropped; another Redis error (here a script the
+    server refuses to run while it is out of memory) is raised and reported, the cache kept as it is."""
+    assert (await refresh_asset("BTC", source, cache, store, settings, now=T0)).ok
+    before = cached(cache)
+    client.config_set("maxmemory", 1)
+    try:
+        with pytest.raises(redis.ResponseError, match="maxmemory"):
+            await refresh_asset("BTC", source, cache, store, settings, now=T0 + 600)
+    finally:
+        client.config_set("maxmemory", 0)
+    after = cached(cache)
+    np.testing.assert_array_equal(after.ts, before.ts)
+    np.testing.assert_array_equal(after.close, before.close)
+    assert cache.latest("BTC") is not None
 
 
 def _warnings(caplog: pytest.LogCaptureFixture, asset: str) -> list[str]:
