@@ -157,10 +157,14 @@ def latent_multiplier(rng: np.random.Generator, latent: LatentVol, size: tuple[i
 
 def log_move_bounds(anchor: float) -> tuple[float, float]:
     """How far a path's log price may move from ``anchor``: +-MAX_LOG_MOVE, narrowed to stay sendable when the
-    anchor itself is (an anchor outside that range cannot be sent anyway: its paths keep the plain bounds)."""
-    if not SENDABLE_LOW <= anchor <= SENDABLE_HIGH:
+    anchor itself is (an anchor outside that range cannot be sent anyway: its paths keep the plain bounds).
+
+    An anchor the wire carries but inside the rounding margin (9.99e6 to 1e7, 1e-18 to 1.01e-18) stops its paths
+    at itself on that side: a price no further out than the anchor rounds no further out either."""
+    if not WIRE_MIN < anchor < WIRE_MAX:
         return -MAX_LOG_MOVE, MAX_LOG_MOVE
-    return max(-MAX_LOG_MOVE, math.log(SENDABLE_LOW / anchor)), min(MAX_LOG_MOVE, math.log(SENDABLE_HIGH / anchor))
+    low, high = min(0.0, math.log(SENDABLE_LOW / anchor)), max(0.0, math.log(SENDABLE_HIGH / anchor))
+    return max(-MAX_LOG_MOVE, low), min(MAX_LOG_MOVE, high)
 
 
 def sample_paths(anchor: float, mu: FloatArray, sigma: FloatArray, nu: FloatArray | float,

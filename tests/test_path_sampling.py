@@ -131,6 +131,22 @@ def test_paths_of_an_anchor_near_the_wire_limits_stay_sendable(anchor: float) ->
     assert validate_response_head(rendered, *shape) == validate_response_upstream(rendered, *shape) == "CORRECT"
 
 
+@pytest.mark.parametrize("anchor", [9.995e6, 9_999_999.0, 1.005e-18])
+def test_a_sendable_anchor_between_the_margin_and_the_wire_limit_keeps_its_paths_sendable(anchor: float) -> None:
+    """An anchor the wire carries but closer to its limit than the rounding margin (9.99e6 to 1e7, 1e-18 to
+    1.01e-18) kept the plain +-e^3 bounds: about half of its paths crossed the limit, EWMA-t's as much as the
+    model's, and no reply was sent. They stop at the anchor on that side instead."""
+    request = ForecastRequest("BTC", 1_800_000_000, 60, 3600, 1000)
+    paths = sample_paths(anchor, np.zeros(60), np.full(60, 0.001), 5.0, 1000, np.random.default_rng(3))
+    if anchor > 1.0:
+        assert paths.max() == np.float32(anchor) and paths.min() < np.float32(anchor)
+    else:
+        assert paths.min() == np.float32(anchor) and paths.max() > np.float32(anchor)
+    rendered = json.loads(render_json(request, round_for_wire(paths)))
+    shape = (request.start_ts, request.time_increment, request.time_length, request.num_simulations)
+    assert validate_response_head(rendered, *shape) == validate_response_upstream(rendered, *shape) == "CORRECT"
+
+
 def test_the_usual_anchors_keep_the_plain_bounds() -> None:
     """The narrowing binds only within e^3 of the wire limits: every asset served today keeps +-MAX_LOG_MOVE
     (and so its paths, bit for bit)."""
