@@ -172,11 +172,14 @@ def test_a_spacing_that_is_not_a_number_of_hours_is_a_usage_error(shared_data: P
         assert "--lf-spacing-h" in result.output
 
 
+# "inf" passed the setting's "greater than 0" and crashed with an OverflowError traceback in int().
+@pytest.mark.parametrize("value", ["many", "inf", "nan"])
 def test_a_bad_setting_in_the_environment_is_a_usage_error(prices: Path, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SYNTH_BATCH_LOOKBACK_DAYS", "many")
+                                                            monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("SYNTH_BATCH_LOOKBACK_DAYS", value)
     result = batch(one_request(tmp_path), prices, tmp_path / "out.jsonl", "--seed", "1")
     assert result.exit_code == 2 and "batch_lookback_days" in result.output, result.output
+    assert not (tmp_path / "out.jsonl").exists()
 
 
 def test_backtest_takes_models_and_calibration_from_one_version(shared_data: Path, tmp_path: Path,
