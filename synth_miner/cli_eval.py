@@ -27,6 +27,7 @@ from core.evaluation import EvaluationError, Mode, iso, parse_day, plan_prompts
 from core.forecast import no_calibration
 from core.scoring import Rules
 from synth_miner.cli_assets import checked_assets
+from synth_miner.cli_checks import positive
 from synth_miner.cli_settings import load_settings
 
 DEFAULT_DATA = Path("../shared/data")
@@ -106,8 +107,8 @@ def backtest(
     start: Annotated[str | None, typer.Option("--start", help="first prompt start (ISO date), clamps windows")]
     = None,
     end: Annotated[str | None, typer.Option("--end", help="prompts start before this (ISO date)")] = None,
-    days: Annotated[float, typer.Option("--days", help="walkforward: days before each file's eval_start_ts")]
-    = 60.0,
+    days: Annotated[float, typer.Option("--days", help="walkforward: days before each file's eval_start_ts",
+                                        callback=positive)] = 60.0,
     lf_assets: Annotated[str, typer.Option("--lf-assets", help="24 h prompt assets")] = DEFAULT_LF_ASSETS,
     hf_assets: Annotated[str, typer.Option("--hf-assets", help="1 h prompt assets")] = DEFAULT_HF_ASSETS,
     lf_spacing_h: Annotated[float, typer.Option("--lf-spacing-h", help="one 24 h prompt per this many hours")]
@@ -211,7 +212,8 @@ def mode_of(text: str) -> Mode:
 def tune_ewma(
     out: Annotated[Path, typer.Option("--out", help="folder for tuning.json")] = Path("reports/tuning"),
     data_dir: Annotated[Path, typer.Option("--data-dir", exists=True, file_okay=False)] = DEFAULT_DATA,
-    days: Annotated[float, typer.Option("--days", help="days of pre-held-out data per asset")] = 90.0,
+    days: Annotated[float, typer.Option("--days", help="days of pre-held-out data per asset",
+                                        callback=positive)] = 90.0,
     lf_assets: Annotated[str, typer.Option("--lf-assets")] = "BTC,ETH,SOL,XAU,SPYX,NVDAX",
     hf_assets: Annotated[str, typer.Option("--hf-assets")] = DEFAULT_HF_ASSETS,
     lf_spacing_h: Annotated[float, typer.Option("--lf-spacing-h")] = 24.0,

@@ -422,6 +422,20 @@ def test_publish_gate_tolerance_option_overrides_the_setting(app: typer.Typer, d
     assert store.current_version() == "v003"
 
 
+@pytest.mark.parametrize("tolerance", ["-0.5", "nan", "inf"])
+def test_publish_gate_refuses_a_tolerance_that_is_no_tolerance_before_scoring(
+        app: typer.Typer, data_dir: Path, tmp_path: Path, tolerance: str) -> None:
+    """-0.5 scored every prompt, then died on a ValueError traceback; nan rejected every set as worse."""
+    root = tmp_path / "artifacts"
+    store = ArtifactStore(root)
+    store.publish(stage_scale(store, "v001", 1.0))
+    result = CliRunner().invoke(app, ["artifacts", "publish", str(stage_scale(store, "v002", 1.0)), "--dir",
+                                      str(root), "--gate", "--data-dir", str(data_dir), "--asset", "BTC",
+                                      "--tolerance", tolerance], env=GATE_ENV)
+    assert result.exit_code == 2 and "--tolerance" in result.output, result.output
+    assert "mean CRPS" not in result.output and store.current_version() == "v001"
+
+
 def test_calibrate_from_the_store_calibrates_only_the_assets_asked(
         app: typer.Typer, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`calibrate --asset BTC` on a store that also holds ETH: no ETH scale is computed, nor published."""

@@ -172,6 +172,16 @@ def test_a_spacing_that_is_not_a_number_of_hours_is_a_usage_error(shared_data: P
         assert "--lf-spacing-h" in result.output
 
 
+@pytest.mark.parametrize("days", ["nan", "inf", "0", "-5"])
+def test_days_that_are_not_a_number_of_days_are_a_usage_error(shared_data: Path, tmp_path: Path, days: str) -> None:
+    """nan and inf were ValueError and OverflowError tracebacks; 0 and -5 skipped every window as empty."""
+    for command in ("backtest", "tune-ewma"):
+        result = CliRunner().invoke(app, [command, "--data-dir", str(shared_data), "--out", str(tmp_path / "x"),
+                                          "--days", days])
+        assert result.exit_code == 2 and "--days" in result.output, (command, days, result.output)
+        assert not (tmp_path / "x").exists()
+
+
 # "inf" passed the setting's "greater than 0" and crashed with an OverflowError traceback in int().
 @pytest.mark.parametrize("value", ["many", "inf", "nan"])
 def test_a_bad_setting_in_the_environment_is_a_usage_error(prices: Path, tmp_path: Path,

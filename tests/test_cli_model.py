@@ -123,6 +123,18 @@ def test_train_store_says_when_the_store_lacks_the_window(data_dir: Path, cut: i
     assert no_cut.exit_code == 2 and "--cut" in said(no_cut)
 
 
+@pytest.mark.parametrize(("option", "value"), [("--days", "inf"), ("--days", "nan"), ("--lr", "nan"), ("--lr", "-1"),
+                                               ("--refit-half-life", "inf")])
+def test_train_refuses_numbers_that_are_not_numbers_before_training(data_dir: Path, cut: int, out: Path,
+                                                                   fitted: list[dict[str, Any]], option: str,
+                                                                   value: str) -> None:
+    """--days inf was an OverflowError traceback; a nan learning rate trained on nan losses; an infinite
+    half-life was refused by the refit, after the whole selection had trained."""
+    result = train(data_dir, cut, out, option, value)
+    assert result.exit_code == 2 and option in said(result), result.output
+    assert not fitted
+
+
 def test_retrain_names_its_own_option_for_a_bad_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SYNTH_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("SYNTH_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
