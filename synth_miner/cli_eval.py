@@ -115,7 +115,7 @@ def backtest(
     = DEFAULT_LF_SPACING_H,
     hf_spacing_h: Annotated[float, typer.Option("--hf-spacing-h", help="one 1 h prompt per this many hours")]
     = DEFAULT_HF_SPACING_H,
-    max_prompts: Annotated[int | None, typer.Option("--max-prompts", help="cap per asset × prompt type")]
+    max_prompts: Annotated[int | None, typer.Option("--max-prompts", min=1, help="cap per asset × prompt type")]
     = None,
     paths: Annotated[int, typer.Option("--paths", help="paths per forecast (validators ask 1000)")] = 1000,
     seed: Annotated[int, typer.Option("--seed", min=0, help="prompt placement and path RNG seed")] = 0,
@@ -218,17 +218,17 @@ def tune_ewma(
     hf_assets: Annotated[str, typer.Option("--hf-assets")] = DEFAULT_HF_ASSETS,
     lf_spacing_h: Annotated[float, typer.Option("--lf-spacing-h")] = 24.0,
     hf_spacing_h: Annotated[float, typer.Option("--hf-spacing-h")] = 12.0,
-    max_prompts: Annotated[int | None, typer.Option("--max-prompts", help="cap per asset × prompt type")]
+    max_prompts: Annotated[int | None, typer.Option("--max-prompts", min=1, help="cap per asset × prompt type")]
     = None,
-    paths: Annotated[int, typer.Option("--paths", help="paths per forecast while searching")] = 200,
+    paths: Annotated[int, typer.Option("--paths", min=1, help="paths per forecast while searching")] = 200,
     seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
     rules: Annotated[str, typer.Option("--rules", help="upstream | head")] = "upstream",
     fit_share: Annotated[float, typer.Option("--fit-share", help="earlier share of each asset's prompts to fit")]
     = 0.7,
     params: Annotated[str, typer.Option("--params", help="comma list of globals to tune")] =
     "var_mult,half_life_bars,long_half_life_bars,reversion_bars,nu,latent_s",
-    passes: Annotated[int, typer.Option("--passes", help="coordinate-search passes (coarse, then fine)")] = 2,
-    final_paths: Annotated[int, typer.Option("--final-paths", help="paths for the final var_mult pick and the "
+    passes: Annotated[int, typer.Option("--passes", min=0, help="coordinate-search passes (coarse, then fine)")] = 2,
+    final_paths: Annotated[int, typer.Option("--final-paths", min=0, help="paths for the final var_mult pick and the "
                                                                    "reported comparison (0 = --paths)")] = 1000,
 ) -> None:
     """Tune the EWMA-t globals per prompt type walk-forward on data before every file's eval_start_ts."""

@@ -93,7 +93,7 @@ def train(
     force: Annotated[bool, typer.Option(
         "--force", help="replace an existing <model>.pt in --out (models/ holds the committed, served ones)")]
     = False,
-    stride_min: Annotated[int | None, typer.Option("--stride-min", help="minutes between training origins")]
+    stride_min: Annotated[int | None, typer.Option("--stride-min", min=1, help="minutes between training origins")]
     = None,
     batches_per_epoch: Annotated[int, typer.Option("--batches-per-epoch", min=1)] = 120,
     batch_size: Annotated[int, typer.Option("--batch-size", min=2)] = 256,
@@ -102,7 +102,7 @@ def train(
                                              help="validation prompts scored with the validator CRPS per epoch")]
     = 160,
     paths: Annotated[int, typer.Option("--paths", min=2, help="paths per validation prompt")] = 1000,
-    threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's)")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads (default: torch's)")] = None,
     max_train_windows: Annotated[int | None, typer.Option("--max-train-windows", hidden=True)] = None,
 ) -> None:
     """Train one model (time-ordered split, early stopping on validation CRPS) and write its checkpoint."""
@@ -190,7 +190,7 @@ def retrain(
                                        "--no-publish stages it with the verdict")] = None,
     members: Annotated[int | None, typer.Option("--members", min=1, help="seeds per model")] = None,
     at: Annotated[str | None, typer.Option("--at", help="run as if it were this UTC time (default: now)")] = None,
-    threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's)")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads (default: torch's)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the job's report as JSON")] = False,
 ) -> None:
     """Run the weekly retraining job now: train every model on the history store (SYNTH_DATA_DIR), score

@@ -182,6 +182,19 @@ def test_days_that_are_not_a_number_of_days_are_a_usage_error(shared_data: Path,
         assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize(("command", "option", "value"), [
+    ("tune-ewma", "--paths", "0"), ("tune-ewma", "--final-paths", "-3"), ("tune-ewma", "--passes", "-1"),
+    ("tune-ewma", "--max-prompts", "-2"), ("tune-ewma", "--max-prompts", "0"), ("backtest", "--max-prompts", "-2")])
+def test_counts_below_their_least_are_a_usage_error(shared_data: Path, tmp_path: Path, command: str, option: str,
+                                                    value: str) -> None:
+    """--paths 0 and --final-paths -3 were SamplingError tracebacks, --max-prompts -2 a numpy ValueError;
+    --max-prompts 0 wrote an empty tuning report and exited 0, --passes -1 ran as 0."""
+    result = CliRunner().invoke(app, [command, "--data-dir", str(shared_data), "--out", str(tmp_path / "x"),
+                                      option, value])
+    assert result.exit_code == 2 and option in result.output, result.output
+    assert not (tmp_path / "x").exists()
+
+
 # "inf" passed the setting's "greater than 0" and crashed with an OverflowError traceback in int().
 @pytest.mark.parametrize("value", ["many", "inf", "nan"])
 def test_a_bad_setting_in_the_environment_is_a_usage_error(prices: Path, tmp_path: Path,

@@ -135,6 +135,23 @@ def test_train_refuses_numbers_that_are_not_numbers_before_training(data_dir: Pa
     assert not fitted
 
 
+@pytest.mark.parametrize(("option", "value"), [("--threads", "0"), ("--threads", "-1"), ("--stride-min", "-5")])
+def test_train_refuses_counts_below_one_before_training(data_dir: Path, cut: int, out: Path,
+                                                        fitted: list[dict[str, Any]], option: str, value: str) -> None:
+    """--threads -1 was torch's RuntimeError traceback (0 meant torch's default); --stride-min -5 read every
+    file, then said 'no usable windows'."""
+    result = train(data_dir, cut, out, option, value)
+    assert result.exit_code == 2 and option in said(result), result.output
+    assert not fitted
+
+
+def test_retrain_refuses_threads_below_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SYNTH_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("SYNTH_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
+    result = CliRunner().invoke(app, ["retrain", "--threads", "-1"])
+    assert result.exit_code == 2 and "--threads" in said(result), result.output
+
+
 def test_retrain_names_its_own_option_for_a_bad_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SYNTH_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("SYNTH_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
