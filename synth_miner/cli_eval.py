@@ -27,7 +27,7 @@ from core.evaluation import EvaluationError, Mode, iso, parse_day, plan_prompts
 from core.forecast import no_calibration
 from core.scoring import Rules
 from synth_miner.cli_assets import checked_assets
-from synth_miner.cli_checks import positive
+from synth_miner.cli_checks import positive, writable_folder
 from synth_miner.cli_settings import load_settings
 
 DEFAULT_DATA = Path("../shared/data")
@@ -181,6 +181,7 @@ def backtest(
         console.print(f"[dim]note: {note}; the UNSEEN rows leave them out[/]")
     rules_value: Rules = "upstream" if rules == "upstream" else "head"
     lookback_s = settings.offline_lookback_s()
+    writable_folder(out, "--out")
     result = run_backtest(plan.prompts, PriceFolder.from_histories(plan.histories), available, names, seed, paths,
                           lookback_s, rules_value, scale,
                           console=console, max_num_simulations=max(paths, settings.max_num_simulations))
@@ -251,6 +252,7 @@ def tune_ewma(
         console.print(f"[yellow]skipped[/] {note}")
     windows = [{"asset": w.asset, "time_increment": w.time_increment, "start": iso(w.start), "end": iso(w.end)}
                for w in plan.windows]
+    writable_folder(out, "--out")
     began = time.perf_counter()
     rules_value: Rules = "upstream" if rules == "upstream" else "head"
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:

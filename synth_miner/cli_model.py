@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from core.features import FEATURE_SPECS
-from synth_miner.cli_checks import non_negative, positive
+from synth_miner.cli_checks import non_negative, positive, writable_folder
 
 console = Console()
 DEFAULT_DATA = Path("../shared/data")
@@ -131,6 +131,7 @@ def train(
     if target.exists() and not force:  # before any training: the default --out is the served models' folder
         raise typer.BadParameter(f"{target} exists: pass --out DIR for a new checkpoint, or --force to replace it",
                                  param_hint="--out")
+    writable_folder(out, "--out")
     try:
         if store is not None:
             from core.retraining import ResampledStore

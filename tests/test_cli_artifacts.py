@@ -87,6 +87,18 @@ def test_calibrate_dry_run_writes_the_document_only(app: typer.Typer, data_dir: 
     assert ArtifactStore(tmp_path / "artifacts").current_version() is None
 
 
+def test_calibrate_refuses_an_output_it_cannot_write_before_calibrating(app: typer.Typer, data_dir: Path,
+                                                                       tmp_path: Path) -> None:
+    """Written after the calibration (and before its publish): a traceback then, the run lost."""
+    (tmp_path / "plain").write_text("a file")
+    for output, said in ((tmp_path / "plain" / "c.json", "is a file, not a folder"), (tmp_path, "is a folder")):
+        result = CliRunner().invoke(app, calibrate_args(data_dir, tmp_path / "artifacts", "--output", str(output)))
+        text = " ".join(result.output.replace("\u2502", " ").split())  # without rich's box and line breaks
+        assert result.exit_code == 2 and "--output" in text and said in text, result.output
+        assert "kept" not in result.output and "moved" not in result.output  # refused before any scale was fit
+    assert ArtifactStore(tmp_path / "artifacts").current_version() is None
+
+
 def test_calibrate_with_too_few_prompts_moves_nothing(app: typer.Typer, data_dir: Path, tmp_path: Path) -> None:
     args = calibrate_args(data_dir, tmp_path / "artifacts")
     args[args.index("--min-samples") + 1] = "50"

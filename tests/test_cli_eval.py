@@ -195,6 +195,19 @@ def test_counts_below_their_least_are_a_usage_error(shared_data: Path, tmp_path:
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("command", ["backtest", "tune-ewma"])
+def test_an_out_that_cannot_be_written_is_refused_before_the_run(shared_data: Path, tmp_path: Path,
+                                                                 command: str) -> None:
+    """Written once the whole run (hours for a full backtest) was done: a traceback then, the run lost."""
+    (tmp_path / "plain").write_text("a file")
+    quick = ["--engines", "gbm", "--no-plots", "--bootstrap", "0"] if command == "backtest" else ["--passes", "0"]
+    for out, said in ((tmp_path / "plain", "is a file"), (tmp_path / "plain" / "report", "cannot be written")):
+        result = CliRunner().invoke(app, [command, "--data-dir", str(shared_data), "--out", str(out),
+                                          "--max-prompts", "1", "--paths", "10", *quick])
+        assert result.exit_code == 2 and said in flat(result.output) and "--out" in result.output, result.output
+    assert (tmp_path / "plain").read_text() == "a file"
+
+
 # "inf" passed the setting's "greater than 0" and crashed with an OverflowError traceback in int().
 @pytest.mark.parametrize("value", ["many", "inf", "nan"])
 def test_a_bad_setting_in_the_environment_is_a_usage_error(prices: Path, tmp_path: Path,

@@ -152,6 +152,18 @@ def test_retrain_refuses_threads_below_one(tmp_path: Path, monkeypatch: pytest.M
     assert result.exit_code == 2 and "--threads" in said(result), result.output
 
 
+def test_train_refuses_an_out_it_cannot_write_before_training(tmp_path: Path, data_dir: Path, cut: int,
+                                                              fitted: list[dict[str, Any]]) -> None:
+    """The checkpoint is written once training is done (hours): an --out under a file, or a file, was a
+    traceback then, and the trained model was lost."""
+    plain = tmp_path / "plain"
+    plain.write_text("a file")
+    for out, text in ((plain, "is a file"), (plain / "models", "cannot be written")):
+        result = train(data_dir, cut, out)
+        assert result.exit_code == 2 and text in said(result) and "--out" in said(result), result.output
+    assert not fitted and plain.read_text() == "a file"
+
+
 def test_retrain_names_its_own_option_for_a_bad_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SYNTH_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("SYNTH_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
