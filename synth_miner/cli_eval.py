@@ -80,6 +80,10 @@ def forecast_batch(
     if name not in engines:
         raise typer.BadParameter(f"unknown engine {name!r}; available: {', '.join(sorted(engines))}",
                                  param_hint="--engine")
+    if not any(p.is_file() for res in ("1m", "5m") for p in prices_dir.glob(f"*_{res}.csv*")):
+        # A mistyped folder answered every request with an error line, and the command exited 0.
+        raise typer.BadParameter(f"{prices_dir} holds no <asset>_1m.csv(.gz) or <asset>_5m.csv(.gz) price file",
+                                 param_hint="--prices-dir")
     if calibrated and scale is no_calibration:  # asked for, but nothing published loads: say so
         console.print(f"[yellow]no published calibration loads from {settings.artifacts_dir}: paths are "
                       "unscaled (as with --no-calibration)[/yellow]")

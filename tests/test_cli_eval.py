@@ -72,6 +72,17 @@ def test_forecast_batch_refuses_unknown_engines_and_missing_inputs(prices: Path,
     assert not out.exists()
 
 
+def test_forecast_batch_refuses_a_prices_dir_without_price_files(tmp_path: Path) -> None:
+    """A mistyped folder answered every request with an error line and exited 0."""
+    empty = tmp_path / "prices"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not prices\n")
+    out = tmp_path / "o.jsonl"
+    result = batch(one_request(tmp_path), empty, out, "--seed", "1", "--engine", "ewma_t", "--no-calibration")
+    assert result.exit_code == 2 and "holds no" in flat(result.output) and "--prices-dir" in result.output, result.output
+    assert not out.exists()
+
+
 def test_backtest_command_tiny_run(shared_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "reports" / "tiny"
     result = CliRunner().invoke(app, ["backtest", "--data-dir", str(shared_data), "--out", str(out),
