@@ -31,7 +31,9 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SYNTH_", env_file=".env", extra="ignore")
+    # No inf or nan: every float here is a duration, a size or a limit (SYNTH_BATCH_LOOKBACK_DAYS=inf
+    # passed "greater than 0", then crashed in int()).
+    model_config = SettingsConfigDict(env_prefix="SYNTH_", env_file=".env", extra="ignore", allow_inf_nan=False)
 
     # --- wiring ---------------------------------------------------------------------------------
     redis_url: str | None = Field(None, description="Redis for the Celery pool; unset = embedded mode")

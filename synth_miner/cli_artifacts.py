@@ -44,6 +44,7 @@ from core.evaluation import (
 from core.prices import PriceDataError
 from core.settings import Settings
 from synth_miner.cli_assets import checked_assets
+from synth_miner.cli_checks import non_negative, writable_folder
 from synth_miner.cli_settings import load_settings
 
 artifacts_app = typer.Typer(help="Versioned artifact sets (models, calibration): list, publish, roll back.",
@@ -217,7 +218,8 @@ def publish_cmd(
                                                         "store, as the hourly job)")] = None,
     asset: Annotated[list[str] | None, typer.Option(help="asset scored by --gate (repeatable)")] = None,
     end: Annotated[str | None, typer.Option(help="--gate prompts end before this ISO time")] = None,
-    tolerance: Annotated[float | None, typer.Option(help="promote if CRPS <= champion x (1 + this)")] = None,
+    tolerance: Annotated[float | None, typer.Option(help="promote if CRPS <= champion x (1 + this)",
+                                                    callback=non_negative)] = None,
     all_rows: Annotated[bool, typer.Option("--all-rows", help="ignore manifest.json's held-out split")] = False,
     force: Annotated[bool, typer.Option("--force", help="publish a set staged on another version than the "
                                         "current one (its inherited files replace the current ones)")] = False,
@@ -327,6 +329,10 @@ def calibrate_cmd(
         calibration_min_samples_hf=min_samples, calibration_min_samples_lf=min_samples, calibration_paths=paths)
     store = _store(artifacts_dir, settings)
     increments = _increments(prompt)
+    if output is not None:
+        if output.is_dir():
+            raise typer.BadParameter(f"{output} is a folder: give a file name", param_hint="--output")
+        writable_folder(output.parent, "--output")
     until = _parse_end(end)
     histories = histories_for(data_dir, asset, all_rows, settings, until)
     try:

@@ -38,6 +38,7 @@ from core.sources.http import PartialHistoryError
 from core.sources.registry import PROVIDERS, build_source
 from core.store_sources import Stretch
 from synth_miner.cli_assets import checked_assets
+from synth_miner.cli_checks import positive
 from synth_miner.cli_settings import load_settings
 
 app = typer.Typer(help="Market data: backfill the history store, import CSVs, status, local provider servers.",
@@ -92,7 +93,8 @@ def sync(
     provider: Annotated[str | None, typer.Option("--provider", help=f"one of {', '.join(PROVIDERS)}; default: "
                                                  "the asset's configured provider")] = None,
     step: Annotated[int, typer.Option("--step", help="bar seconds: 60 or 300")] = 60,
-    chunk_days: Annotated[float, typer.Option("--chunk-days", help="days fetched per round")] = 7.0,
+    chunk_days: Annotated[float, typer.Option("--chunk-days", help="days fetched per round",
+                                               callback=positive)] = 7.0,
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help=DATA_DIR_HELP)] = None,
 ) -> None:
     """Backfill the history store from a provider."""
@@ -431,7 +433,8 @@ def serve_fake(
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
     lead_s: Annotated[int, typer.Option("--lead-s", help="seconds of rows still ahead of now at start: they "
                                         "appear as time passes, like a live feed")] = 86_400,
-    duration: Annotated[float | None, typer.Option("--duration", help="stop after this many seconds")] = None,
+    duration: Annotated[float | None, typer.Option("--duration", help="stop after this many seconds",
+                                                   callback=positive)] = None,
 ) -> None:
     """Serve a CSV folder in a provider's exact wire format (faults via POST /_faults)."""
     if provider not in FAKE_PROVIDERS:

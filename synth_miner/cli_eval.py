@@ -27,6 +27,7 @@ from core.evaluation import EvaluationError, Mode, iso, parse_day, plan_prompts
 from core.forecast import no_calibration
 from core.scoring import Rules
 from synth_miner.cli_assets import checked_assets
+from synth_miner.cli_checks import positive, writable_folder
 from synth_miner.cli_settings import load_settings
 
 DEFAULT_DATA = Path("../shared/data")
@@ -79,6 +80,10 @@ def forecast_batch(
     if name not in engines:
         raise typer.BadParameter(f"unknown engine {name!r}; available: {', '.join(sorted(engines))}",
                                  param_hint="--engine")
+    if not any(p.is_file() for res in ("1m", "5m") for p in prices_dir.glob(f"*_{res}.csv*")):
+        # A mistyped folder answered every request with an error line, and the command exited 0.
+        raise typer.BadParameter(f"{prices_dir} holds no <asset>_1m.csv(.gz) or <asset>_5m.csv(.gz) price file",
+                                 param_hint="--prices-dir")
     if calibrated and scale is no_calibration:  # asked for, but nothing published loads: say so
         console.print(f"[yellow]no published calibration loads from {settings.artifacts_dir}: paths are "
                       "unscaled (as with --no-calibration)[/yellow]")
@@ -106,15 +111,15 @@ def backtest(
     start: Annotated[str | None, typer.Option("--start", help="first prompt start (ISO date), clamps windows")]
     = None,
     end: Annotated[str | None, typer.Option("--end", help="prompts start before this (ISO date)")] = None,
-    days: Annotated[float, typer.Option("--days", help="walkforward: days before each file's eval_start_ts")]
-    = 60.0,
+    days: Annotated[float, typer.Option("--days", help="walkforward: days before each file's eval_start_ts",
+                                        callback=positive)] = 60.0,
     lf_assets: Annotated[str, typer.Option("--lf-assets", help="24 h prompt assets")] = DEFAULT_LF_ASSETS,
     hf_assets: Annotated[str, typer.Option("--hf-assets", help="1 h prompt assets")] = DEFAULT_HF_ASSETS,
     lf_spacing_h: Annotated[float, typer.Option("--lf-spacing-h", help="one 24 h prompt per this many hours")]
     = DEFAULT_LF_SPACING_H,
     hf_spacing_h: Annotated[float, typer.Option("--hf-spacing-h", help="one 1 h prompt per this many hours")]
     = DEFAULT_HF_SPACING_H,
-    max_prompts: Annotated[int | None, typer.Option("--max-prompts", help="cap per asset × prompt type")]
+    max_prompts: Annotated[int | None, typer.Option("--max-prompts", min=1, help="cap per asset × prompt type")]
     = None,
     paths: Annotated[int, typer.Option("--paths", help="paths per forecast (validators ask 1000)")] = 1000,
     seed: Annotated[int, typer.Option("--seed", min=0, help="prompt placement and path RNG seed")] = 0,
@@ -180,6 +185,7 @@ def backtest(
         console.print(f"[dim]note: {note}; the UNSEEN rows leave them out[/]")
     rules_value: Rules = "upstream" if rules == "upstream" else "head"
     lookback_s = settings.offline_lookback_s()
+    writable_folder(out, "--out")
     result = run_backtest(plan.prompts, PriceFolder.from_histories(plan.histories), available, names, seed, paths,
                           lookback_s, rules_value, scale,
                           console=console, max_num_simulations=max(paths, settings.max_num_simulations))
@@ -211,22 +217,23 @@ def mode_of(text: str) -> Mode:
 def tune_ewma(
     out: Annotated[Path, typer.Option("--out", help="folder for tuning.json")] = Path("reports/tuning"),
     data_dir: Annotated[Path, typer.Option("--data-dir", exists=True, file_okay=False)] = DEFAULT_DATA,
-    days: Annotated[float, typer.Option("--days", help="days of pre-held-out data per asset")] = 90.0,
+    days: Annotated[float, typer.Option("--days", help="days of pre-held-out data per asset",
+                                        callback=positive)] = 90.0,
     lf_assets: Annotated[str, typer.Option("--lf-assets")] = "BTC,ETH,SOL,XAU,SPYX,NVDAX",
     hf_assets: Annotated[str, typer.Option("--hf-assets")] = DEFAULT_HF_ASSETS,
     lf_spacing_h: Annotated[float, typer.Option("--lf-spacing-h")] = 24.0,
     hf_spacing_h: Annotated[float, typer.Option("--hf-spacing-h")] = 12.0,
-    max_prompts: Annotated[int | None, typer.Option("--max-prompts", help="cap per asset × prompt type")]
+    max_prompts: Annotated[int | None, typer.Option("--max-prompts", min=1, help="cap per asset × prompt type")]
     = None,
-    paths: Annotated[int, typer.Option("--paths", help="paths per forecast while searching")] = 200,
+    paths: Annotated[int, typer.Option("--paths", min=1, help="paths per forecast while searching")] = 200,
     seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
     rules: Annotated[str, typer.Option("--rules", help="upstream | head")] = "upstream",
     fit_share: Annotated[float, typer.Option("--fit-share", help="earlier share of each asset's prompts to fit")]
     = 0.7,
     params: Annotated[str, typer.Option("--params", help="comma list of globals to tune")] =
     "var_mult,half_life_bars,long_half_life_bars,reversion_bars,nu,latent_s",
-    passes: Annotated[int, typer.Option("--passes", help="coordinate-search passes (coarse, then fine)")] = 2,
-    final_paths: Annotated[int, typer.Option("--final-paths", help="paths for the final var_mult pick and the "
+    passes: Annotated[int, typer.Option("--passes", min=0, help="coordinate-search passes (coarse, then fine)")] = 2,
+    final_paths: Annotated[int, typer.Option("--final-paths", min=0, help="paths for the final var_mult pick and the "
                                                                    "reported comparison (0 = --paths)")] = 1000,
 ) -> None:
     """Tune the EWMA-t globals per prompt type walk-forward on data before every file's eval_start_ts."""
@@ -249,6 +256,7 @@ def tune_ewma(
         console.print(f"[yellow]skipped[/] {note}")
     windows = [{"asset": w.asset, "time_increment": w.time_increment, "start": iso(w.start), "end": iso(w.end)}
                for w in plan.windows]
+    writable_folder(out, "--out")
     began = time.perf_counter()
     rules_value: Rules = "upstream" if rules == "upstream" else "head"
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:

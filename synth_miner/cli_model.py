@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from core.features import FEATURE_SPECS
+from synth_miner.cli_checks import non_negative, positive, writable_folder
 
 console = Console()
 DEFAULT_DATA = Path("../shared/data")
@@ -60,7 +61,8 @@ def train(
                                                                 "too) instead of --data-dir (needs --cut)")] = None,
     cut: Annotated[str | None, typer.Option("--cut", help="with --store: nothing at or after this UTC time "
                                                            "is used")] = None,
-    days: Annotated[float, typer.Option("--days", help="with --store: days of history before --cut")] = 180.0,
+    days: Annotated[float, typer.Option("--days", help="with --store: days of history before --cut",
+                                        callback=positive)] = 180.0,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="NLL epochs (at most; early stopping)")] = 6,
     crps_epochs: Annotated[int | None, typer.Option("--crps-epochs", min=0,
                                                     help="sample-CRPS fine-tune epochs after the NLL phase "
@@ -81,9 +83,9 @@ def train(
                          "window; the other training options are ignored", dir_okay=False)]
     = None,
     refit_half_life: Annotated[float | None, typer.Option(
-        "--refit-half-life", min=0.0, help="days: the refit draws windows with weights halving every this many "
-                                           "days before each asset's newest (default: 180 for lf_crypto, 90 for "
-                                           "lf_equity, none for hf; 0 = every window alike)")] = None,
+        "--refit-half-life", callback=non_negative,
+        help="days: the refit draws windows with weights halving every this many days before each asset's newest "
+             "(default: 180 for lf_crypto, 90 for lf_equity, none for hf; 0 = every window alike)")] = None,
     seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
     device: Annotated[str, typer.Option(
         "--device", help="cpu (reproduces the committed checkpoints) | cuda | auto")] = "cpu",
@@ -91,16 +93,16 @@ def train(
     force: Annotated[bool, typer.Option(
         "--force", help="replace an existing <model>.pt in --out (models/ holds the committed, served ones)")]
     = False,
-    stride_min: Annotated[int | None, typer.Option("--stride-min", help="minutes between training origins")]
+    stride_min: Annotated[int | None, typer.Option("--stride-min", min=1, help="minutes between training origins")]
     = None,
     batches_per_epoch: Annotated[int, typer.Option("--batches-per-epoch", min=1)] = 120,
     batch_size: Annotated[int, typer.Option("--batch-size", min=2)] = 256,
-    lr: Annotated[float, typer.Option("--lr")] = 2e-3,
+    lr: Annotated[float, typer.Option("--lr", callback=positive)] = 2e-3,
     val_prompts: Annotated[int, typer.Option("--val-prompts", min=1,
                                              help="validation prompts scored with the validator CRPS per epoch")]
     = 160,
     paths: Annotated[int, typer.Option("--paths", min=2, help="paths per validation prompt")] = 1000,
-    threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's)")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads (default: torch's)")] = None,
     max_train_windows: Annotated[int | None, typer.Option("--max-train-windows", hidden=True)] = None,
 ) -> None:
     """Train one model (time-ordered split, early stopping on validation CRPS) and write its checkpoint."""
@@ -129,6 +131,7 @@ def train(
     if target.exists() and not force:  # before any training: the default --out is the served models' folder
         raise typer.BadParameter(f"{target} exists: pass --out DIR for a new checkpoint, or --force to replace it",
                                  param_hint="--out")
+    writable_folder(out, "--out")
     try:
         if store is not None:
             from core.retraining import ResampledStore
@@ -188,7 +191,7 @@ def retrain(
                                        "--no-publish stages it with the verdict")] = None,
     members: Annotated[int | None, typer.Option("--members", min=1, help="seeds per model")] = None,
     at: Annotated[str | None, typer.Option("--at", help="run as if it were this UTC time (default: now)")] = None,
-    threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's)")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads (default: torch's)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the job's report as JSON")] = False,
 ) -> None:
     """Run the weekly retraining job now: train every model on the history store (SYNTH_DATA_DIR), score

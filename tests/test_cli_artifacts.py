@@ -87,6 +87,18 @@ def test_calibrate_dry_run_writes_the_document_only(app: typer.Typer, data_dir: 
     assert ArtifactStore(tmp_path / "artifacts").current_version() is None
 
 
+def test_calibrate_refuses_an_output_it_cannot_write_before_calibrating(app: typer.Typer, data_dir: Path,
+                                                                       tmp_path: Path) -> None:
+    """Written after the calibration (and before its publish): a traceback then, the run lost."""
+    (tmp_path / "plain").write_text("a file")
+    for output, said in ((tmp_path / "plain" / "c.json", "is a file, not a folder"), (tmp_path, "is a folder")):
+        result = CliRunner().invoke(app, calibrate_args(data_dir, tmp_path / "artifacts", "--output", str(output)))
+        text = " ".join(result.output.replace("\u2502", " ").split())  # without rich's box and line breaks
+        assert result.exit_code == 2 and "--output" in text and said in text, result.output
+        assert "kept" not in result.output and "moved" not in result.output  # refused before any scale was fit
+    assert ArtifactStore(tmp_path / "artifacts").current_version() is None
+
+
 def test_calibrate_with_too_few_prompts_moves_nothing(app: typer.Typer, data_dir: Path, tmp_path: Path) -> None:
     args = calibrate_args(data_dir, tmp_path / "artifacts")
     args[args.index("--min-samples") + 1] = "50"
@@ -420,6 +432,20 @@ def test_publish_gate_tolerance_option_overrides_the_setting(app: typer.Typer, d
     code, text, again, _ = gate(app, stage_scale(store, "v003", 1.8), root, data_dir, "--tolerance", "0.5")
     assert code == 0 and "v003 promoted" in text and "(tolerance 0.5)" in text and again == worse, text
     assert store.current_version() == "v003"
+
+
+@pytest.mark.parametrize("tolerance", ["-0.5", "nan", "inf"])
+def test_publish_gate_refuses_a_tolerance_that_is_no_tolerance_before_scoring(
+        app: typer.Typer, data_dir: Path, tmp_path: Path, tolerance: str) -> None:
+    """-0.5 scored every prompt, then died on a ValueError traceback; nan rejected every set as worse."""
+    root = tmp_path / "artifacts"
+    store = ArtifactStore(root)
+    store.publish(stage_scale(store, "v001", 1.0))
+    result = CliRunner().invoke(app, ["artifacts", "publish", str(stage_scale(store, "v002", 1.0)), "--dir",
+                                      str(root), "--gate", "--data-dir", str(data_dir), "--asset", "BTC",
+                                      "--tolerance", tolerance], env=GATE_ENV)
+    assert result.exit_code == 2 and "--tolerance" in result.output, result.output
+    assert "mean CRPS" not in result.output and store.current_version() == "v001"
 
 
 def test_calibrate_from_the_store_calibrates_only_the_assets_asked(

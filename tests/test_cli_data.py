@@ -562,6 +562,24 @@ def test_sync_refuses_an_empty_range_and_a_step_other_than_60_or_300(tmp_path: P
     assert not (tmp_path / "history").exists()
 
 
+@pytest.mark.parametrize("days", ["inf", "nan", "0", "-1"])
+def test_sync_refuses_a_chunk_that_is_not_a_number_of_days(tmp_path: Path, days: str) -> None:
+    """inf and nan were tracebacks from int(); 0 and -1 quietly fetched a minute per round."""
+    result = runner.invoke(app, ["sync", "--asset", "BTC", "--since", "2026-01-01", "--until", "2026-01-02",
+                                 "--chunk-days", days, "--provider", "binance", "--data-dir", str(tmp_path)],
+                           env={"SYNTH_BINANCE_URL": "http://127.0.0.1:1"})  # never the real one, whatever happens
+    assert result.exit_code == 2 and "--chunk-days" in one_line(result.output), result.output
+    assert not (tmp_path / "history").exists()
+
+
+@pytest.mark.parametrize("duration", ["nan", "-1"])
+def test_serve_fake_refuses_a_duration_that_is_no_time(csv_dir: Path, duration: str) -> None:
+    """Both stopped at once and exited 0, as if the server had run."""
+    result = runner.invoke(app, ["serve-fake", "--provider", "binance", "--port", "0", "--data-dir", str(csv_dir),
+                                 "--duration", duration])
+    assert result.exit_code == 2 and "--duration" in one_line(result.output), result.output
+
+
 def test_a_sync_stopped_by_a_failed_page_resumes_at_the_bar_it_held_back(
         csv_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The last bar before the failed page jumps and no later bar confirms it, so it is not stored: the rerun

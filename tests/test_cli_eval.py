@@ -72,6 +72,17 @@ def test_forecast_batch_refuses_unknown_engines_and_missing_inputs(prices: Path,
     assert not out.exists()
 
 
+def test_forecast_batch_refuses_a_prices_dir_without_price_files(tmp_path: Path) -> None:
+    """A mistyped folder answered every request with an error line and exited 0."""
+    empty = tmp_path / "prices"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not prices\n")
+    out = tmp_path / "o.jsonl"
+    result = batch(one_request(tmp_path), empty, out, "--seed", "1", "--engine", "ewma_t", "--no-calibration")
+    assert result.exit_code == 2 and "holds no" in flat(result.output) and "--prices-dir" in result.output, result.output
+    assert not out.exists()
+
+
 def test_backtest_command_tiny_run(shared_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "reports" / "tiny"
     result = CliRunner().invoke(app, ["backtest", "--data-dir", str(shared_data), "--out", str(out),
@@ -172,11 +183,50 @@ def test_a_spacing_that_is_not_a_number_of_hours_is_a_usage_error(shared_data: P
         assert "--lf-spacing-h" in result.output
 
 
+@pytest.mark.parametrize("days", ["nan", "inf", "0", "-5"])
+def test_days_that_are_not_a_number_of_days_are_a_usage_error(shared_data: Path, tmp_path: Path, days: str) -> None:
+    """nan and inf were ValueError and OverflowError tracebacks; 0 and -5 skipped every window as empty."""
+    for command in ("backtest", "tune-ewma"):
+        result = CliRunner().invoke(app, [command, "--data-dir", str(shared_data), "--out", str(tmp_path / "x"),
+                                          "--days", days])
+        assert result.exit_code == 2 and "--days" in result.output, (command, days, result.output)
+        assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(("command", "option", "value"), [
+    ("tune-ewma", "--paths", "0"), ("tune-ewma", "--final-paths", "-3"), ("tune-ewma", "--passes", "-1"),
+    ("tune-ewma", "--max-prompts", "-2"), ("tune-ewma", "--max-prompts", "0"), ("backtest", "--max-prompts", "-2")])
+def test_counts_below_their_least_are_a_usage_error(shared_data: Path, tmp_path: Path, command: str, option: str,
+                                                    value: str) -> None:
+    """--paths 0 and --final-paths -3 were SamplingError tracebacks, --max-prompts -2 a numpy ValueError;
+    --max-prompts 0 wrote an empty tuning report and exited 0, --passes -1 ran as 0."""
+    result = CliRunner().invoke(app, [command, "--data-dir", str(shared_data), "--out", str(tmp_path / "x"),
+                                      option, value])
+    assert result.exit_code == 2 and option in result.output, result.output
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("command", ["backtest", "tune-ewma"])
+def test_an_out_that_cannot_be_written_is_refused_before_the_run(shared_data: Path, tmp_path: Path,
+                                                                 command: str) -> None:
+    """Written once the whole run (hours for a full backtest) was done: a traceback then, the run lost."""
+    (tmp_path / "plain").write_text("a file")
+    quick = ["--engines", "gbm", "--no-plots", "--bootstrap", "0"] if command == "backtest" else ["--passes", "0"]
+    for out, said in ((tmp_path / "plain", "is a file"), (tmp_path / "plain" / "report", "cannot be written")):
+        result = CliRunner().invoke(app, [command, "--data-dir", str(shared_data), "--out", str(out),
+                                          "--max-prompts", "1", "--paths", "10", *quick])
+        assert result.exit_code == 2 and said in flat(result.output) and "--out" in result.output, result.output
+    assert (tmp_path / "plain").read_text() == "a file"
+
+
+# "inf" passed the setting's "greater than 0" and crashed with an OverflowError traceback in int().
+@pytest.mark.parametrize("value", ["many", "inf", "nan"])
 def test_a_bad_setting_in_the_environment_is_a_usage_error(prices: Path, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SYNTH_BATCH_LOOKBACK_DAYS", "many")
+                                                            monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("SYNTH_BATCH_LOOKBACK_DAYS", value)
     result = batch(one_request(tmp_path), prices, tmp_path / "out.jsonl", "--seed", "1")
     assert result.exit_code == 2 and "batch_lookback_days" in result.output, result.output
+    assert not (tmp_path / "out.jsonl").exists()
 
 
 def test_backtest_takes_models_and_calibration_from_one_version(shared_data: Path, tmp_path: Path,

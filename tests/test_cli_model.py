@@ -123,6 +123,47 @@ def test_train_store_says_when_the_store_lacks_the_window(data_dir: Path, cut: i
     assert no_cut.exit_code == 2 and "--cut" in said(no_cut)
 
 
+@pytest.mark.parametrize(("option", "value"), [("--days", "inf"), ("--days", "nan"), ("--lr", "nan"), ("--lr", "-1"),
+                                               ("--refit-half-life", "inf")])
+def test_train_refuses_numbers_that_are_not_numbers_before_training(data_dir: Path, cut: int, out: Path,
+                                                                   fitted: list[dict[str, Any]], option: str,
+                                                                   value: str) -> None:
+    """--days inf was an OverflowError traceback; a nan learning rate trained on nan losses; an infinite
+    half-life was refused by the refit, after the whole selection had trained."""
+    result = train(data_dir, cut, out, option, value)
+    assert result.exit_code == 2 and option in said(result), result.output
+    assert not fitted
+
+
+@pytest.mark.parametrize(("option", "value"), [("--threads", "0"), ("--threads", "-1"), ("--stride-min", "-5")])
+def test_train_refuses_counts_below_one_before_training(data_dir: Path, cut: int, out: Path,
+                                                        fitted: list[dict[str, Any]], option: str, value: str) -> None:
+    """--threads -1 was torch's RuntimeError traceback (0 meant torch's default); --stride-min -5 read every
+    file, then said 'no usable windows'."""
+    result = train(data_dir, cut, out, option, value)
+    assert result.exit_code == 2 and option in said(result), result.output
+    assert not fitted
+
+
+def test_retrain_refuses_threads_below_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SYNTH_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("SYNTH_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
+    result = CliRunner().invoke(app, ["retrain", "--threads", "-1"])
+    assert result.exit_code == 2 and "--threads" in said(result), result.output
+
+
+def test_train_refuses_an_out_it_cannot_write_before_training(tmp_path: Path, data_dir: Path, cut: int,
+                                                              fitted: list[dict[str, Any]]) -> None:
+    """The checkpoint is written once training is done (hours): an --out under a file, or a file, was a
+    traceback then, and the trained model was lost."""
+    plain = tmp_path / "plain"
+    plain.write_text("a file")
+    for out, text in ((plain, "is a file"), (plain / "models", "cannot be written")):
+        result = train(data_dir, cut, out)
+        assert result.exit_code == 2 and text in said(result) and "--out" in said(result), result.output
+    assert not fitted and plain.read_text() == "a file"
+
+
 def test_retrain_names_its_own_option_for_a_bad_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SYNTH_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("SYNTH_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
