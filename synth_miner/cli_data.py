@@ -267,6 +267,14 @@ def import_csv(
             continue
         try:
             hist = read_csv(path, step)
+            now = int(time.time())
+            if len(hist) and int(hist.ts[-1]) > now:
+                # A time-shifted file, or local times written as UTC: once their time came, the refresh would
+                # serve these bars from the store and fetch only after them, so the real ones never replaced them.
+                ahead = len(hist) - int(np.searchsorted(hist.ts, now, side="right"))
+                raise PriceDataError(f"{ahead} row(s) start after now (the newest at {_utc(int(hist.ts[-1]))}): "
+                                     "a time-shifted file or local times? nothing of it imported")
+            hist = hist.known_at(now)  # a bar still in progress has no final close yet
             held = "-"
             cut = cuts.get(match["stem"].lower())
             if cut is not None:

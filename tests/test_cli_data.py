@@ -66,6 +66,33 @@ def test_import_then_status(csv_dir: Path, tmp_path: Path) -> None:
     assert "SP500" in status.output and "SPYX" in status.output
 
 
+def test_import_refuses_a_file_with_rows_after_now_and_leaves_out_a_bar_in_progress(
+        csv_dir: Path, tmp_path: Path) -> None:
+    """Rows stamped after now (a replay file shifted to end in the future, local times written as UTC) were
+    stored: once their time came, the refresh served them and fetched only after them, so the real bars never
+    replaced them. The file is refused whole, by name; the folder's other files are imported."""
+    btc = read_csv(csv_dir / "btc_1m.csv.gz", 60)
+    spy = read_csv(csv_dir / "spy_5m.csv.gz", 300)
+    now = int(time.time()) // 60 * 60
+    folder = tmp_path / "shifted"
+    folder.mkdir()
+    write_csv(folder / "btc_1m.csv.gz", PriceHistory(60, btc.ts - btc.ts[-1] + now + 7200, btc.close))
+    write_csv(folder / "spy_5m.csv.gz", spy)
+    result = runner.invoke(app, ["import", str(folder), "--data-dir", str(tmp_path)])
+    said = one_line(result.output)
+    assert result.exit_code == 1 and "120 row(s) start after now" in said and "nothing of it imported" in said, said
+    store = HistoryStore(tmp_path / "history")
+    assert len(store.read("BTC", 60, 0, 2 ** 41)) == 0
+    assert len(store.read("SPYX", 300, 0, 2 ** 41)) == len(spy)
+
+    # Ending in the minute under way: that bar's close is not final yet, the others are imported.
+    write_csv(folder / "btc_1m.csv.gz", PriceHistory(60, btc.ts - btc.ts[-1] + now, btc.close))
+    result = runner.invoke(app, ["import", str(folder), "--data-dir", str(tmp_path), "--asset", "BTC"])
+    assert result.exit_code == 0, result.output
+    stored = store.read("BTC", 60, 0, 2 ** 41)
+    assert len(stored) == len(btc) - 1 and int(stored.ts[-1]) == now - 60
+
+
 def test_import_leaves_the_held_out_rows_out_unless_asked(shared_data: Path, tmp_path: Path) -> None:
     """The store is what the weekly retrain trains on: `data import ../shared/data` must not hand it the
     held-out windows (rows from each file's eval_start_ts), which only the final measurement may read."""
