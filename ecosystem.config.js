@@ -75,8 +75,9 @@ const gpuWorkers = gpus.map((gpu, i) => ({
 
 module.exports = {
   apps: [
+    // kill_timeout: the miner answers its requests in flight before it exits (SYNTH_SHUTDOWN_GRACE_S).
     { name: "synth-miner", script: bin, args: "serve --port 8091 --metrics-port 9100", interpreter: "none",
-      cwd, env: noGpu, max_restarts: 50, restart_delay: 2000 },
+      cwd, env: noGpu, kill_timeout: 60000, max_restarts: 50, restart_delay: 2000 },
     ...gpuWorkers,
     // No GPU for the cpu worker: with SYNTH_DEVICE=auto it would otherwise take GPU 0 from an inference worker.
     // kill_timeout as docker-compose's stop_grace_period: a refresh or compaction in flight may end.

@@ -105,6 +105,7 @@ BEAT_SEND_RETRY_S: Final = (1.0, 300.0)
 JOINER_POOL_RETRY_MIN_S: Final = 1.0
 # A pool failure this close to its deadline (or later) counts as the pool being late, not down.
 POOL_LATE_SLACK_S: Final = 0.1
+DRAIN_POLL_S: Final = 0.05  # a stopping miner checks this often whether its requests in flight are answered
 AXON_START_S: Final = 10.0  # uvicorn's thread must have bound the axon's socket by then, or serve refuses
 
 # --- Chain (production miner) ---------------------------------------------------------------------------

@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     reply_margin_s: float = Field(2.0, ge=0, description="time kept back before the deadline to send the reply")
     fallback_budget_s: float = Field(1.0, gt=0, description="time kept for the in-process fallback")
     max_wait_s: float = Field(30.0, gt=0, description="longest wait for the pool, even if the deadline is later")
+    shutdown_grace_s: float = Field(
+        40.0, ge=0, description="on SIGTERM/SIGINT the miner stops listening and gives the requests in flight this "
+                                "long to be answered (a pool wait, max_wait_s, then the fallback) before it exits")
     result_ttl_s: int = Field(120, ge=1)  # EXPIRE 0 would delete a result before the miner reads it
     worker_proc_alive_timeout_s: float = Field(
         60.0, gt=0, description="how long Celery lets a new worker process start (it loads torch and the models) "

@@ -11,7 +11,7 @@ import bittensor as bt
 
 from core.assets import ASSETS
 from core.cache import HistoryCache, MemoryHistoryCache
-from core.constants import AXON_START_S
+from core.constants import AXON_START_S, DRAIN_POLL_S
 from core.engines_registry import LiveForecaster
 from core.history_store import HistoryStore
 from core.logs import setup_logging
@@ -111,6 +111,32 @@ async def listening(axon: "bt.Axon") -> bool:
     return True
 
 
+async def drain(axon: "bt.Axon", grace_s: float) -> None:
+    """Stop listening, then give the requests in flight up to ``grace_s`` to be answered. Their replies are
+    computed on this loop: a miner that went on to exit (a deploy, ``docker stop``) dropped every one of them,
+    which validators score as the worst. A second SIGINT or SIGTERM stops the wait."""
+    state = axon.fast_server.server_state  # read from uvicorn's thread: sizes only, atomic
+    in_flight = len(state.tasks)
+    axon.stop()  # uvicorn closes its socket, then each connection once its reply is sent
+    loop = asyncio.get_running_loop()
+    hurry = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, hurry.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    if in_flight:
+        log.warning("miner draining: %d request(s) in flight, answered within %.0f s (signal again to stop now)",
+                    in_flight, grace_s)
+    began = loop.time()
+    while (state.tasks or state.connections) and not hurry.is_set() and loop.time() - began < grace_s:
+        await asyncio.sleep(DRAIN_POLL_S)
+    if state.tasks:
+        log.warning("miner stopping with %d request(s) unanswered", len(state.tasks))
+    elif in_flight:
+        log.info("miner drained in %.1f s", loop.time() - began)
+
+
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Run the miner until ``stop`` is set (or SIGINT/SIGTERM). Whatever makes starting impossible
     (configuration, wallet, public IP, chain) raises StartupError before the models are loaded."""
@@ -181,7 +207,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     finally:
         log.info("miner stopping")
         if axon is not None:
-            axon.stop()
+            await drain(axon, settings.shutdown_grace_s)
         for task in background:
             task.cancel()
         try:

@@ -177,12 +177,15 @@ def test_pm2_refuses_to_start_without_redis(tmp_path: Path) -> None:
 
 
 def test_pm2_lets_jobs_in_flight_end_like_compose() -> None:
-    """PM2 kills after 1.6 s by default; compose's stop_grace_period lets a job or a forecast end."""
+    """PM2 kills after 1.6 s by default, Docker after 10 s; compose's stop_grace_period lets a job, a forecast
+    or the miner's requests in flight (answered within SYNTH_SHUTDOWN_GRACE_S of a SIGTERM) end."""
     apps = {app["name"]: app for app in pm2_apps()}
     services = compose()["services"]
-    for app_name, service in (("synth-worker-cpu", "worker-cpu"), ("synth-worker-gpu0", "worker-gpu0")):
+    for app_name, service in (("synth-worker-cpu", "worker-cpu"), ("synth-worker-gpu0", "worker-gpu0"),
+                              ("synth-miner", "miner")):
         grace = seconds(services[service]["stop_grace_period"])
         assert grace > 10 and apps[app_name].get("kill_timeout", 1600) >= grace * 1000, app_name
+    assert seconds(services["miner"]["stop_grace_period"]) > Settings.model_fields["shutdown_grace_s"].default
 
 
 def seconds(duration: str) -> float:

@@ -312,6 +312,45 @@ async def test_redis_hangs_then_resumes(replay: Stack) -> None:
     assert replay.worker is not None and replay.worker.proc.poll() is None
 
 
+async def test_a_miner_told_to_stop_answers_the_requests_in_flight_first(replay: Stack) -> None:
+    """A deploy or ``docker stop`` sends SIGTERM: the miner exited at once and every request in flight got no
+    reply (the worst score). It now stops listening and answers them first; a second signal stops the wait."""
+    assert replay.worker is not None
+    await replay.until_pool("BTC", 300, 86_400)
+    watcher = replay.client()
+    pid = replay.worker.proc.pid
+    os.killpg(pid, signal.SIGSTOP)  # the pool answers nothing: each request waits for its pool deadline
+    try:
+        asks = [asyncio.create_task(replay.ask(asset, 300, 86_400)) for asset in ("BTC", "ETH")]
+        await wait_until(lambda: sum(c.get("cmd") == "blpop" for c in watcher.client_list()) >= 2)
+        miner = replay.miner
+        miner.proc.send_signal(signal.SIGTERM)
+        for reply, seconds, key in await asyncio.gather(*asks):
+            assert_valid_reply(reply)
+            assert seconds < TIMEOUT and replay.outcome(key) == "fallback", (key, seconds)
+        assert await asyncio.to_thread(miner.proc.wait, 10) == 0
+        assert "miner draining: 2 request(s) in flight" in miner.text() and "miner drained in" in miner.text()
+
+        # Signalled twice (an operator's second Ctrl-C): it stops without waiting out a long request.
+        replay.restart_miner()
+        miner = replay.miner
+        ask = asyncio.create_task(replay.ask("SOL", 300, 86_400, timeout=60.0))
+        await wait_until(lambda: sum(c.get("cmd") == "blpop" for c in watcher.client_list()) >= 1)
+        miner.proc.send_signal(signal.SIGTERM)
+        await wait_until(lambda: "miner draining" in miner.text())
+        began = time.monotonic()
+        miner.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(miner.proc.wait, 10) == 0
+        assert time.monotonic() - began < 5 and "1 request(s) unanswered" in miner.text()
+        reply, _, _ = await ask
+        assert not reply.is_success
+    finally:
+        os.killpg(pid, signal.SIGCONT)
+        watcher.close()
+    replay.restart_miner()
+    await replay.until_pool("BTC", 300, 86_400)
+
+
 def served_version(stack: Stack) -> str:
     """The artifact version the running worker announces in its heartbeat (written after each task)."""
     assert stack.worker is not None
