@@ -28,7 +28,7 @@ from core.calibration import CALIBRATION_FILE, CalibrationState, Case, CasePlan,
 from core.champion import challenge_models
 from core.checkpoint import Checkpoint, save
 from core.datasets import MODEL_ASSETS, DatasetError, histories_from_cache
-from core.evaluation import GRIDS, AssetHistory
+from core.evaluation import GRIDS, AssetHistory, iso
 from core.features import FEATURE_SPECS
 from core.history_store import HistoryStore, HistoryStoreError
 from core.prices import PriceHistory
@@ -171,7 +171,11 @@ def run_retrain_job(settings: Settings, now: int | None = None, options: TrainOp
             report["models"][kind] = f"skipped: history store unreadable: {exc}"
             continue
         if not files:
-            report["models"][kind] = "skipped: no history in the store"
+            # Not "no history in the store": a young store's whole history may lie in the held-back tail, and
+            # a store of imported 5-minute files holds none the 1 h model can use.
+            bars = "1-minute bars" if spec.step == 60 else "bars"
+            report["models"][kind] = (f"skipped: no {bars} in the store before {iso(cut)}, "
+                                      f"{settings.retrain_gate_days:g} days before now (the gate's held-back tail)")
             continue
         try:
             crps_epochs = settings.retrain_crps_epochs

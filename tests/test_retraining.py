@@ -252,3 +252,19 @@ def test_a_model_trained_without_some_of_its_assets_is_not_published(tmp_path: P
     assert [p.name for p in artifacts.staging_dir.iterdir()] == [Path(report["staged"]).name]  # no staged set
     checkpoint, _ = load(Path(report["staged"]) / "hf.pt", expected_kind="hf")  # kept for inspection
     assert checkpoint.data_window["BTC"]["train_windows"] > 0
+
+
+def test_a_gate_longer_than_the_history_says_so_instead_of_an_empty_store(tmp_path: Path, shared_data: Path) -> None:
+    """Three days in the store and a five-day gate: every model was reported "skipped: no history in the store"
+    (status showed it so) while the store held three days; the report now says the history is all in the tail."""
+    cut = json.loads((shared_data / "manifest.json").read_text())["btc_1m"]["eval_start_ts"]
+    store = HistoryStore(tmp_path / "data" / "history", durable=False)
+    store.append("BTC", read_csv(shared_data / "btc_1m.csv.gz", 60).between(cut - 3 * 86_400, cut))
+    settings = Settings(data_dir=tmp_path / "data", artifacts_dir=tmp_path / "artifacts", retrain_gate_days=5)
+    report = run_retrain_job(settings, now=cut, options=TrainOptions(epochs=1, arch=dict(TINY)))
+    assert report["trained_to"] == cut - 5 * 86_400
+    for kind, bars in (("hf", "1-minute bars"), ("lf_crypto", "bars")):
+        assert report["models"][kind] == (f"skipped: no {bars} in the store before 2026-05-20T00:00:00+00:00, "
+                                          "5 days before now (the gate's held-back tail)"), report["models"][kind]
+    artifacts = ArtifactStore.from_settings(settings)
+    assert artifacts.current_version() is None and not artifacts.staging_dir.exists()  # nothing trained or staged
