@@ -26,9 +26,9 @@ import numpy as np
 from core.artifacts import ArtifactError, ArtifactStore, DataWindow, new_version
 from core.calibration import CALIBRATION_FILE, CalibrationState, Case, CasePlan, recent_cases
 from core.champion import challenge_models
-from core.checkpoint import save
+from core.checkpoint import Checkpoint, save
 from core.datasets import MODEL_ASSETS, DatasetError, histories_from_cache
-from core.evaluation import GRIDS, AssetHistory
+from core.evaluation import GRIDS, AssetHistory, iso
 from core.features import FEATURE_SPECS
 from core.history_store import HistoryStore, HistoryStoreError
 from core.prices import PriceHistory
@@ -147,6 +147,12 @@ def run_gate(settings: Settings, artifacts: ArtifactStore, history: HistoryStore
         return {**verdict, "reason": f"passed the gate, not published: {exc}"}
 
 
+def untrained_assets(kind: str, checkpoint: Checkpoint) -> list[str]:
+    """The model's own assets that no training window showed it (``Checkpoint.data_window`` per asset)."""
+    return [asset for asset in MODEL_ASSETS[kind]
+            if not (checkpoint.data_window.get(asset) or {}).get("train_windows")]
+
+
 def run_retrain_job(settings: Settings, now: int | None = None, options: TrainOptions | None = None) -> dict[str, Any]:
     now = int(time.time()) if now is None else now
     now -= now % 60
@@ -165,7 +171,11 @@ def run_retrain_job(settings: Settings, now: int | None = None, options: TrainOp
             report["models"][kind] = f"skipped: history store unreadable: {exc}"
             continue
         if not files:
-            report["models"][kind] = "skipped: no history in the store"
+            # Not "no history in the store": a young store's whole history may lie in the held-back tail, and
+            # a store of imported 5-minute files holds none the 1 h model can use.
+            bars = "1-minute bars" if spec.step == 60 else "bars"
+            report["models"][kind] = (f"skipped: no {bars} in the store before {iso(cut)}, "
+                                      f"{settings.retrain_gate_days:g} days before now (the gate's held-back tail)")
             continue
         try:
             crps_epochs = settings.retrain_crps_epochs
@@ -181,7 +191,17 @@ def run_retrain_job(settings: Settings, now: int | None = None, options: TrainOp
         best = {"val_crps": m["val_crps"], "val_ratio_vs_ewma": m["val_ratio_vs_ewma"], "members": m["members"],
                 "refit": bool(m.get("refit", False)), "refit_half_life_days": m.get("refit_half_life_days")}
         seconds = float(m["train_seconds"]) + float(m.get("selection_train_seconds") or 0.0)
-        gate = run_gate(settings, artifacts, history, kind, out_dir / f"{kind}.pt", DataWindow(start, cut), now)
+        unseen = untrained_assets(kind, checkpoint)
+        if unseen:
+            # The gate scores only the assets the store holds, but the model serves all of its own: one
+            # trained on BTC alone replaced the committed model for ETH, SOL and XAU too (their embedding
+            # rows never trained, never scored).
+            gate: dict[str, Any] = {
+                "cases": 0, "published": None,
+                "reason": f"not gated: no training window of {', '.join(unseen)} before the gate, which it would "
+                          "serve untrained; the served model stays (`synth-miner data import` or `data sync`)"}
+        else:
+            gate = run_gate(settings, artifacts, history, kind, out_dir / f"{kind}.pt", DataWindow(start, cut), now)
         report["models"][kind] = {"seconds": round(seconds, 1), "best": best, "gate": gate}
         log.info("retrained %s in %.0f s: %s; gate: %s", kind, seconds, best,
                  f"published {gate['published']}" if gate["published"] else gate["reason"])

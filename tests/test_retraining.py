@@ -13,6 +13,7 @@ from core.champion import COMMITTED_MODELS
 from core.checkpoint import load
 from core.csv_history import read_csv
 from core.history_store import HistoryStore
+from core.prices import PriceHistory
 from core.retraining import ResampledStore, gate_cases, run_gate, run_retrain_job
 from core.settings import Settings
 from core.training import REFIT_DEFAULT, REFIT_HALF_LIFE_DAYS, TrainOptions
@@ -42,10 +43,14 @@ def test_retrain_from_store_stages_checkpoints(tmp_path: Path, shared_data: Path
     store = HistoryStore(tmp_path / "data" / "history")
     cut = manifest["btc_1m"]["eval_start_ts"]  # gap-free Binance spot before it
     # Only pre-held-out rows enter the store, 1-minute bars only (as live providers deliver).
-    store.append("BTC", read_csv(shared_data / "btc_1m.csv.gz", 60).between(cut - 12 * 86_400, cut))
+    btc = read_csv(shared_data / "btc_1m.csv.gz", 60).between(cut - 12 * 86_400, cut)
+    store.append("BTC", btc)
+    # The crypto models' other assets too (a model trained without them is not published): BTC's bars rescaled.
+    for asset, factor in (("ETH", 0.03), ("SOL", 0.002), ("XAU", 0.04)):
+        store.append(asset, PriceHistory(60, btc.ts, btc.close * factor))
     assert len(ResampledStore(store).read("BTC", 300, cut - 86_400, cut)) == 288  # 5-minute bars from 1-minute
-    settings = Settings(data_dir=tmp_path / "data", artifacts_dir=tmp_path / "artifacts", retrain_days=12,
-                        retrain_gate_days=1.5, retrain_gate_paths=100)
+    settings = fewer_gate_cases(Settings(data_dir=tmp_path / "data", artifacts_dir=tmp_path / "artifacts",
+                                         retrain_days=12, retrain_gate_days=1.5, retrain_gate_paths=100))
     options = TrainOptions(epochs=1, batch_size=32, batches_per_epoch=4, val_prompts=4, n_paths=100,
                            stride_s=3600, arch=dict(TINY), val_frac=0.3)
     report = run_retrain_job(settings, now=cut, options=options)
@@ -224,3 +229,42 @@ def test_a_gate_never_publishes_over_a_calibration_published_after_its_compariso
     assert gate["promote"] and gate["published"] is None and "not published" in gate["reason"], gate
     assert artifacts.current_version() == "calibration-new"
     assert (artifacts.versions_dir / "calibration-new" / CALIBRATION_FILE).read_bytes() == calibrated
+
+
+def test_a_model_trained_without_some_of_its_assets_is_not_published(tmp_path: Path, shared_data: Path) -> None:
+    """A young store holding BTC alone: the 1 h model trained on it won the gate (BTC prompts only) and was
+    published, so ETH, SOL and XAU were served by a model that never saw them (their embedding rows untrained)
+    and was never scored on them. It is now kept in staging with the reason; the committed model serves on."""
+    cut = json.loads((shared_data / "manifest.json").read_text())["btc_1m"]["eval_start_ts"]
+    store = HistoryStore(tmp_path / "data" / "history", durable=False)
+    store.append("BTC", read_csv(shared_data / "btc_1m.csv.gz", 60).between(cut - int(2.7 * 86_400), cut))
+    settings = fewer_gate_cases(Settings(data_dir=tmp_path / "data", artifacts_dir=tmp_path / "artifacts",
+                                         retrain_gate_days=1.1, retrain_gate_paths=50))
+    options = TrainOptions(epochs=1, batch_size=32, batches_per_epoch=4, val_prompts=4, n_paths=100,
+                           stride_s=3600, arch=dict(TINY), val_frac=0.3)
+    report = run_retrain_job(settings, now=cut, options=options)
+    hf = report["models"]["hf"]
+    assert isinstance(hf, dict), hf  # trained: 1.6 days of BTC before the gate give it windows
+    assert hf["gate"]["published"] is None and hf["gate"]["cases"] == 0, hf["gate"]
+    assert "ETH, SOL, XAU" in hf["gate"]["reason"] and "untrained" in hf["gate"]["reason"]
+    artifacts = ArtifactStore.from_settings(settings)
+    assert artifacts.current_version() is None  # nothing published: the committed models serve on
+    assert [p.name for p in artifacts.staging_dir.iterdir()] == [Path(report["staged"]).name]  # no staged set
+    checkpoint, _ = load(Path(report["staged"]) / "hf.pt", expected_kind="hf")  # kept for inspection
+    assert checkpoint.data_window["BTC"]["train_windows"] > 0
+
+
+def test_a_gate_longer_than_the_history_says_so_instead_of_an_empty_store(tmp_path: Path, shared_data: Path) -> None:
+    """Three days in the store and a five-day gate: every model was reported "skipped: no history in the store"
+    (status showed it so) while the store held three days; the report now says the history is all in the tail."""
+    cut = json.loads((shared_data / "manifest.json").read_text())["btc_1m"]["eval_start_ts"]
+    store = HistoryStore(tmp_path / "data" / "history", durable=False)
+    store.append("BTC", read_csv(shared_data / "btc_1m.csv.gz", 60).between(cut - 3 * 86_400, cut))
+    settings = Settings(data_dir=tmp_path / "data", artifacts_dir=tmp_path / "artifacts", retrain_gate_days=5)
+    report = run_retrain_job(settings, now=cut, options=TrainOptions(epochs=1, arch=dict(TINY)))
+    assert report["trained_to"] == cut - 5 * 86_400
+    for kind, bars in (("hf", "1-minute bars"), ("lf_crypto", "bars")):
+        assert report["models"][kind] == (f"skipped: no {bars} in the store before 2026-05-20T00:00:00+00:00, "
+                                          "5 days before now (the gate's held-back tail)"), report["models"][kind]
+    artifacts = ArtifactStore.from_settings(settings)
+    assert artifacts.current_version() is None and not artifacts.staging_dir.exists()  # nothing trained or staged
