@@ -166,7 +166,8 @@ class MinerService:
             return Answer(request, body, "pool", computed.fallback_reason, time.perf_counter() - began, as_of=as_of,
                           engine=computed.engine)
         except Exception as exc:  # noqa: BLE001 - any pool failure: the fallback answers
-            reason = f"{type(exc).__name__}: {exc}"
+            # The wait above ending it says nothing ("TimeoutError: " in the log): say what happened.
+            reason = f"{type(exc).__name__}: {str(exc) or 'the pool held past its deadline (Redis or the worker hung)'}"
             late = time.time() >= pool_deadline - POOL_LATE_SLACK_S
         return replace(await self._fallback(request, snapshot, reason, began, request_id), pool_late=late)
 
