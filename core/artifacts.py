@@ -17,9 +17,9 @@ points at it, and never changes afterwards; a reader resolves ``current`` once (
 that version's directory only. The one hazard, pruning the version a slow reader is reading, makes
 the read fail its hash check and ``load_current`` retries on the new target.
 
-First use: the repository ships ``current/`` as a plain empty directory; the first publish removes it
-(dotfiles such as ``.gitkeep`` only) and puts the symlink in its place. A non-empty plain
-``current/`` is refused rather than deleted.
+First use: the repository ships no ``current`` (it is git-ignored); the first publish creates the symlink.
+A plain ``current/`` directory found there (one made by hand) is removed if it holds dotfiles such as
+``.gitkeep`` only; a non-empty one is refused rather than deleted.
 """
 
 from __future__ import annotations
@@ -469,7 +469,7 @@ class ArtifactStore:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            if exc.errno == errno.EINVAL:  # the plain directory the repository ships: nothing published yet
+            if exc.errno == errno.EINVAL:  # a plain directory made by hand: nothing published yet
                 return None
             raise ArtifactError(f"{self.current_link}: unreadable ({exc})") from None
         name = PurePosixPath(target).name

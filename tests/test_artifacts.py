@@ -66,7 +66,7 @@ def assert_whole(artifact: ArtifactSet) -> None:
 @pytest.fixture
 def store(tmp_path: Path) -> ArtifactStore:
     root = tmp_path / "artifacts"
-    (root / "current").mkdir(parents=True)  # as the repository ships it: a plain empty directory
+    (root / "current").mkdir(parents=True)  # a plain directory made by hand: the first publish replaces it
     (root / "current" / ".gitkeep").write_bytes(b"")
     return ArtifactStore(root, keep=5)
 
