@@ -73,6 +73,10 @@ HEARTBEAT_TTL_S: Final = 60  # a worker's heartbeat key outlives it this long
 # killed without a goodbye (kill -9, OOM, a lost host) still looks alive: 30 s between beats kept the miner
 # sending its only worker's queue forecasts nobody computed, each waiting out its deadline, for 75 s.
 HEARTBEAT_EVERY_S: Final = 10.0
+# After a beat that failed (Redis down, restarted empty, hung), the next one comes this soon: a full interval
+# left a live, idle worker looking dead for up to 10 s after Redis was back (the miner fell back, labelled
+# no_worker, and `status` said it was stopped or stuck).
+HEARTBEAT_RETRY_S: Final = 1.0
 # A process silent this long (2.5 missed announcements) counts as stopped or stuck: its key may outlive it
 # for up to HEARTBEAT_TTL_S, so `status` flags it and the miner stops sending it forecasts.
 HEARTBEAT_STALE_AFTER_S: Final = 2.5 * HEARTBEAT_EVERY_S

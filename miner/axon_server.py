@@ -267,6 +267,8 @@ class AxonHandlers:
             reject(synapse, 503, f"no price available: {exc}")
         except Exception as exc:  # the self-check refused even the fallback's reply: never send it
             self.metrics.invalid.inc()
+            # Counted with the others too: without it the 500s were missing from every ratio over requests.
+            self.metrics.requests.labels(request.asset, request.prompt.name, "invalid").inc()
             log.error("no valid reply for %s: %s", request.key(), exc)
             reject(synapse, 500, f"no valid reply could be built: {type(exc).__name__}")
         done = time.time()

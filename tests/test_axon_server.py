@@ -14,6 +14,7 @@ from pathlib import Path
 import aiohttp
 import bittensor as bt
 import pytest
+from bittensor.core.errors import SynapseException
 
 from core.cache import MemoryHistoryCache
 from core.engines_registry import build_forecaster
@@ -168,3 +169,28 @@ async def test_a_shared_answer_is_counted_as_shared() -> None:
     assert metrics.registry.get_sample_value("synth_shared_requests_total") == 2
     assert metrics.registry.get_sample_value("synth_answers_by_engine_total",
                                              {"prompt": "high", "source": "pool", "engine": "patchtst"}) == 3
+
+
+async def test_a_request_refused_by_the_self_check_is_counted_among_the_requests() -> None:
+    """A reply the self-check refused (a 500, nothing sent) was counted in synth_invalid_replies only: every
+    outcome ratio over synth_requests_total read 100 % answered while validators got errors."""
+    cfg = Settings(_env_file=None)
+
+    class Service:
+        def deadline_for(self, received: float, timeout: float | None) -> float:
+            return received + 10.0
+
+        async def answer(self, asked: ForecastRequest, deadline: float) -> Answer:
+            raise ValueError("prices carry more digits than validators accept")
+
+    metrics = MinerMetrics()
+    handlers = AxonHandlers(cfg, Service(), AccessPolicy(cfg, MetagraphView()),  # type: ignore[arg-type]
+                            asyncio.get_running_loop(), metrics)
+    synapse = Simulation(simulation_input=SimulationInput(asset="BTC", start_time=start_time_in(120),
+                                                          time_increment=60, time_length=3600, num_simulations=1))
+    with pytest.raises(SynapseException):
+        await handlers.forward(synapse)
+    assert synapse.axon is not None and synapse.axon.status_code == 500
+    assert metrics.registry.get_sample_value("synth_invalid_replies_total") == 1
+    assert metrics.registry.get_sample_value("synth_requests_total",
+                                             {"asset": "BTC", "prompt": "high", "outcome": "invalid"}) == 1

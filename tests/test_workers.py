@@ -16,7 +16,7 @@ from core.constants import LATE_RESULT_TTL_S, RESULT_KEY, WORKER_HEARTBEAT_KEY
 from core.prompts import ForecastRequest
 from core.settings import Settings
 from core.transport import TransportError, decode_result
-from synth_miner.devstack import Proc, spawn
+from synth_miner.devstack import Proc, RedisServer, spawn
 from tests.worker_apps import SLEEP_LOG_KEY
 from workers import metrics
 from workers.app import create_app
@@ -91,6 +91,35 @@ def test_an_idle_process_keeps_announcing_itself(redis_url: str, monkeypatch: py
     time.sleep(0.2)
     assert json.loads(client.get(key))["artifact_version"] == "v2"  # type: ignore[arg-type]
     beat.stop()
+
+
+def test_a_worker_announces_itself_again_as_soon_as_redis_is_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """After a failed beat the next one waited a whole interval: a live, idle worker was missing from Redis
+    for up to 10 s after it came back (restarted empty here), so the miner fell back as if no worker were
+    there (``no_worker``) and `status` called it stopped or stuck."""
+    monkeypatch.setattr(metrics, "HEARTBEAT_EVERY_S", 2.0)
+    monkeypatch.setattr(metrics, "HEARTBEAT_RETRY_S", 0.1)
+    server = RedisServer(tmp_path).start()
+    beat = metrics.Heartbeat()
+    try:
+        client = redis.Redis.from_url(server.url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        beat.announce(client, "patchtst", "v1", "infer.hf")
+        key = WORKER_HEARTBEAT_KEY.format(name=f"{beat.node}:{os.getpid()}")
+        assert client.get(key) is not None
+        server.stop()
+        deadline = time.monotonic() + 5
+        while "heartbeat failed" not in caplog.text:  # the idle thread's beat met the outage
+            assert time.monotonic() < deadline, "no beat was tried while Redis was down"
+            time.sleep(0.02)
+        server.start()  # the same port, empty: the key is gone
+        back = time.monotonic()
+        while client.get(key) is None:
+            assert time.monotonic() - back < 1.0, "the worker stayed unannounced after Redis came back"
+            time.sleep(0.02)
+    finally:
+        beat.stop()
+        server.stop()
 
 
 def test_a_process_shutting_down_removes_its_heartbeat(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,7 +9,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from core.constants import HEARTBEAT_EVERY_S, HEARTBEAT_TTL_S, WORKER_HEARTBEAT_KEY
+from core.constants import HEARTBEAT_EVERY_S, HEARTBEAT_RETRY_S, HEARTBEAT_TTL_S, WORKER_HEARTBEAT_KEY
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +71,20 @@ class Heartbeat:
             self._thread = threading.Thread(target=self._resend, name="heartbeat", daemon=True)
             self._thread.start()
 
-    def send(self) -> None:
+    def send(self) -> bool:
+        """Announce now; False when Redis did not take it."""
         # Under the lock, so a send racing retire() cannot put the key back after it was removed.
         with self._lock:
             client, payload = self._client, {**self._payload, "at": time.time()}
             if client is None:
-                return
+                return True
             try:
                 client.set(WORKER_HEARTBEAT_KEY.format(name=payload["name"]), json.dumps(payload),  # type: ignore[attr-defined]
                            ex=HEARTBEAT_TTL_S)
             except Exception as exc:  # Redis down: the next beat tries again
                 log.warning("heartbeat failed: %s", exc)
+                return False
+            return True
 
     def stop(self) -> None:
         self._stopped.set()
@@ -102,8 +105,9 @@ class Heartbeat:
                 log.warning("heartbeat not removed: %s", exc)
 
     def _resend(self) -> None:
-        while not self._stopped.wait(HEARTBEAT_EVERY_S):
-            self.send()
+        wait = HEARTBEAT_EVERY_S
+        while not self._stopped.wait(wait):
+            wait = HEARTBEAT_EVERY_S if self.send() else HEARTBEAT_RETRY_S
 
 
 HEARTBEAT = Heartbeat()  # one per process
