@@ -58,6 +58,7 @@ class Heartbeat:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
+        self._failures = 0  # beats failed in a row: retried every second, so only the first is a warning
 
     def announce(self, client: object, engine: str, version: str | None, queues: str = "",
                  device: str = "cpu", models: dict[str, str] | None = None) -> None:
@@ -82,8 +83,14 @@ class Heartbeat:
                 client.set(WORKER_HEARTBEAT_KEY.format(name=payload["name"]), json.dumps(payload),  # type: ignore[attr-defined]
                            ex=HEARTBEAT_TTL_S)
             except Exception as exc:  # Redis down: the next beat tries again
-                log.warning("heartbeat failed: %s", exc)
+                self._failures += 1
+                log.log(logging.WARNING if self._failures == 1 else logging.DEBUG,
+                        "heartbeat failed: %s (retried every %.0f s, logged again once it is back)", exc,
+                        HEARTBEAT_RETRY_S)
                 return False
+            if self._failures:
+                log.warning("heartbeat back after %d failed attempt(s)", self._failures)
+                self._failures = 0
             return True
 
     def stop(self) -> None:
