@@ -130,6 +130,35 @@ def test_a_worker_announces_itself_again_as_soon_as_redis_is_back(
         server.stop()
 
 
+def test_a_worker_started_while_redis_is_down_announces_itself_as_soon_as_redis_is_up(tmp_path: Path) -> None:
+    """A real worker (prefork, as deployed) started before its Redis: its first announcement fails, and the next
+    one came a whole interval (10 s) later, the retry after a failure being the idle thread's alone; the worker,
+    connected and ready, looked dead to the miner and to `status` all that time."""
+    server = RedisServer(tmp_path)  # its port chosen, not started yet
+    env = {"SYNTH_REDIS_URL": server.url, "SYNTH_LOG_LEVEL": "INFO", "SYNTH_DATA_DIR": str(tmp_path / "data"),
+           "SYNTH_ARTIFACTS_DIR": str(tmp_path / "artifacts")}
+    worker = spawn([sys.executable, "-m", "celery", "-A", "tests.worker_apps", "worker", "-Q", "cpu", "-c", "1",
+                    "-P", "prefork", "-n", "early@%h", "--without-gossip", "--without-mingle", "-l", "INFO"],
+                   env, tmp_path / "worker.log")
+    try:
+        deadline = time.monotonic() + 60
+        while "heartbeat failed" not in worker.text():
+            assert time.monotonic() < deadline and worker.proc.poll() is None, worker.text()[-3000:]
+            time.sleep(0.05)
+        server.start()
+        up = time.monotonic()
+        client = redis.Redis.from_url(server.url)
+        while not list(client.scan_iter(WORKER_HEARTBEAT_KEY.format(name="early@*"))):
+            assert time.monotonic() - up < 2.5, f"no heartbeat {time.monotonic() - up:.1f} s after Redis came up:\n" \
+                                                f"{worker.text()[-3000:]}"
+            time.sleep(0.05)
+        assert worker.proc.poll() is None
+        client.close()
+    finally:
+        worker.stop()
+        server.stop()
+
+
 def test_a_process_shutting_down_removes_its_heartbeat(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stopped worker's key would look alive for over a minute: the miner would keep sending it forecasts
     that nobody computes, waiting out each one before the fallback answers."""

@@ -59,6 +59,7 @@ class Heartbeat:
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
         self._failures = 0  # beats failed in a row: retried every second, so only the first is a warning
+        self._sent_at = 0.0  # monotonic time of the last beat Redis took, from any thread
 
     def announce(self, client: object, engine: str, version: str | None, queues: str = "",
                  device: str = "cpu", models: dict[str, str] | None = None) -> None:
@@ -88,6 +89,7 @@ class Heartbeat:
                         "heartbeat failed: %s (retried every %.0f s, logged again once it is back)", exc,
                         HEARTBEAT_RETRY_S)
                 return False
+            self._sent_at = time.monotonic()
             if self._failures:
                 log.warning("heartbeat back after %d failed attempt(s)", self._failures)
                 self._failures = 0
@@ -112,9 +114,12 @@ class Heartbeat:
                 log.warning("heartbeat not removed: %s", exc)
 
     def _resend(self) -> None:
-        wait = HEARTBEAT_EVERY_S
-        while not self._stopped.wait(wait):
-            wait = HEARTBEAT_EVERY_S if self.send() else HEARTBEAT_RETRY_S
+        # Looks every retry interval, beats every interval: a beat that failed outside this thread (the first
+        # announcement of a worker started while Redis was down, the one after a task) is tried again within
+        # a second too, not a whole interval later (the worker, ready, looked dead for 10 s more).
+        while not self._stopped.wait(min(HEARTBEAT_RETRY_S, HEARTBEAT_EVERY_S)):
+            if self._failures or time.monotonic() - self._sent_at >= HEARTBEAT_EVERY_S:
+                self.send()
 
 
 HEARTBEAT = Heartbeat()  # one per process
