@@ -4,6 +4,7 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
 import sys
 import time
@@ -177,6 +178,54 @@ def test_a_process_shutting_down_removes_its_heartbeat(redis_url: str, monkeypat
     beat.retire()  # twice (both shutdown signals of a solo worker): harmless
 
 
+@pytest.mark.parametrize("signals", [("SIGQUIT",), ("SIGINT", "SIGINT")])
+def test_a_solo_worker_stopped_cold_removes_its_heartbeat(redis_url: str, tmp_path: Path,
+                                                           signals: tuple[str, ...]) -> None:
+    """A cold shutdown (SIGQUIT, a second Ctrl-C) sends no ``worker_shutdown``: a real solo worker exited and left
+    its heartbeat, fresh, so the miner sent its queue forecasts nobody would compute for 25 s more and `status`
+    listed it alive (a warm stop and a prefork worker's children already removed theirs)."""
+    env = {"SYNTH_REDIS_URL": redis_url, "SYNTH_LOG_LEVEL": "INFO", "SYNTH_DATA_DIR": str(tmp_path / "data"),
+           "SYNTH_ARTIFACTS_DIR": str(tmp_path / "artifacts")}
+    worker = spawn([sys.executable, "-m", "celery", "-A", "tests.worker_apps", "worker", "-Q", "cpu", "-P", "solo",
+                    "-n", "cold@%h", "--without-gossip", "--without-mingle", "-l", "INFO"], env, tmp_path / "worker.log")
+    client = redis.Redis.from_url(redis_url)
+    pattern = WORKER_HEARTBEAT_KEY.format(name=f"cold@*:{worker.proc.pid}")
+    try:
+        deadline = time.monotonic() + 60
+        while " ready." not in worker.text() or not list(client.scan_iter(pattern)):
+            assert time.monotonic() < deadline and worker.proc.poll() is None, worker.text()[-3000:]
+            time.sleep(0.05)
+        for name in signals:
+            os.kill(worker.proc.pid, getattr(signal, name))
+            time.sleep(0.3)
+        assert worker.proc.wait(30) == 0
+        assert "Cold shutdown" in worker.text() or "cold shutdown" in worker.text(), worker.text()[-3000:]
+        assert not list(client.scan_iter(pattern)), "the stopped worker's heartbeat is still there"
+    finally:
+        worker.stop()
+        client.close()
+
+
+def test_a_fork_of_an_announced_process_leaves_its_heartbeat_alone(redis_url: str) -> None:
+    """The heartbeat is also retired at interpreter exit: a process forked from an announced one (a pool of its
+    own) inherits that hook, and its exit must not remove the announcement of the process that is still serving."""
+    client = redis.Redis.from_url(redis_url)
+    beat = metrics.Heartbeat()
+    beat.node = "parent@host"
+    beat.announce(client, "patchtst", "v1", "infer.hf")
+    key = WORKER_HEARTBEAT_KEY.format(name=f"parent@host:{os.getpid()}")
+    try:
+        pid = os.fork()
+        if pid == 0:  # the fork: what its exit hook would do, then out without the test runner's own exit
+            beat.retire()
+            os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert client.get(key) is not None
+    finally:
+        beat.retire()
+    assert client.get(key) is None
+
+
 def test_a_second_process_on_the_metrics_port_serves_on_without_them(caplog: pytest.LogCaptureFixture) -> None:
     """Prefork children each start the endpoint: the second bind failed, and with it the process's set-up."""
     with socket.socket() as taken:
@@ -196,6 +245,9 @@ def test_the_model_info_metric_follows_a_reload(tmp_path: Path, monkeypatch: pyt
 
     class NoRedis:
         def set(self, *_: object, **__: object) -> None:
+            pass
+
+        def delete(self, *_: object) -> None:  # the heartbeat is retired at interpreter exit too
             pass
 
     def served() -> list[dict[str, str]]:

@@ -106,8 +106,8 @@ class Heartbeat:
         with self._lock:
             client, name = self._client, self._payload.get("name")
             self._client = None
-            if client is None or not name:
-                return
+            if client is None or not name or self._payload.get("pid") != os.getpid():
+                return  # nothing announced, or a fork of the process that did (at exit): its key is not ours
             try:
                 client.delete(WORKER_HEARTBEAT_KEY.format(name=name))  # type: ignore[attr-defined]
             except Exception as exc:  # Redis down: the key expires on its own

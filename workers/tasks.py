@@ -1,5 +1,6 @@
 """Celery tasks. Forecast: read history from the Redis cache, run the engine, push float32 paths."""
 
+import atexit
 import logging
 import math
 import time
@@ -100,6 +101,11 @@ def _load_runtime(**_: Any) -> None:
 @worker_shutdown.connect  # the worker itself: a solo pool's only process (a prefork parent never announced)
 def _retire_heartbeat(**_: Any) -> None:
     HEARTBEAT.retire()
+
+
+# A cold shutdown (SIGQUIT, a second Ctrl-C) sends no worker_shutdown: a solo worker left its heartbeat behind,
+# alive to the miner (forecasts sent to nobody, each waiting out its pool wait) and to `status` for 25 s.
+atexit.register(HEARTBEAT.retire)
 
 
 @app.task(name=TASK_FORECAST, ignore_result=True, acks_late=False, soft_time_limit=FORECAST_SOFT_LIMIT_S,
