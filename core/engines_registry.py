@@ -2,6 +2,7 @@
 
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,6 +17,10 @@ if TYPE_CHECKING:
     from core.artifacts import ArtifactSet, Loader
 
 log = logging.getLogger(__name__)
+
+# A process whose engine did not load tries it again after the artifact retry interval, then twice as long after
+# each failed try up to this: one that lacks the models for good says so hourly, not every minute.
+ENGINE_RETRY_MAX_S = 3600.0
 
 
 def served_artifact(settings: Settings) -> "ArtifactSet | None":
@@ -131,6 +136,8 @@ class LiveForecaster:
         if self.watcher.poll() is None:
             self._unpublished()
         self._forecaster = self._build(self.watcher.current)
+        self._built_at = time.monotonic()
+        self._engine_retries = 0  # failed tries of the engine asked for since it last loaded
         # The embedded pool calls ``current`` from several threads. Unserialised, two threads reloading
         # two versions published in quick succession could finish out of order: the older version's
         # engines would then serve while the watcher counts the newer one as seen (never loaded again).
@@ -156,6 +163,10 @@ class LiveForecaster:
     def version(self) -> str | None:
         return self.watcher.version
 
+    def _wanted_missing(self) -> bool:
+        """Whether the engine asked for did not load, and its fallback serves instead."""
+        return self._forecaster.default != (self.engine or self.settings.engine)
+
     def current(self) -> Forecaster:
         if not self._reloading.acquire(blocking=False):
             return self._forecaster  # another thread is polling or reloading: serve what is loaded
@@ -164,6 +175,20 @@ class LiveForecaster:
             if loaded is not None:
                 log.info("artifact %s published: reloading %s", loaded.version, self.reloads)
                 self._forecaster = self._build(loaded)
+                self._built_at = time.monotonic()
+            elif self._wanted_missing() and time.monotonic() - self._built_at >= min(
+                    ENGINE_RETRY_MAX_S, self.watcher.retry_s * 2 ** min(self._engine_retries, 16)):
+                # Its checkpoints were unreadable, or its device not ready, when they were loaded (a volume
+                # mounted late, a GPU still held by the previous process): tried again like a refused artifact,
+                # where the fallback served until the process was restarted.
+                self._checkpoints = None  # the engines are built again, not only the calibration
+                self._forecaster = self._build(self.watcher.current)
+                self._built_at = time.monotonic()
+                if self._wanted_missing():
+                    self._engine_retries += 1
+                else:
+                    self._engine_retries = 0
+                    log.warning("engine %s loaded on a later try: serving it", self._forecaster.default)
             return self._forecaster
         finally:
             self._reloading.release()

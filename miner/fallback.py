@@ -49,6 +49,9 @@ class StatisticalForecaster(LiveForecaster):
     def _unpublished(self) -> None:
         pass  # the served forecaster's start says it
 
+    def _wanted_missing(self) -> bool:
+        return False  # its statistical engines need no checkpoint: nothing to try again
+
 
 def fallback_source(settings: Settings, pool_forecaster: ForecasterSource | None) -> ForecasterSource:
     """EWMA-t over the embedded pool's engines when there is one, else the statistical engines alone."""

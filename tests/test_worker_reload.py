@@ -169,3 +169,21 @@ def test_a_calibration_publish_keeps_the_loaded_models_and_a_new_checkpoint_repl
     assert newest.engines["patchtst"] is not first.engines["patchtst"] and newest.scale("ewma_t", "BTC", 60) == 1.4
     assert newest.models["hf"] == str(artifacts / "versions" / again / "hf.pt")
     assert publish_scale(artifacts, 1.1) and live.current().models["hf"].endswith("models/hf.pt")  # committed again
+
+
+def test_a_worker_whose_models_did_not_load_at_start_tries_them_again(tmp_path: Path) -> None:
+    """A worker started while its checkpoints were unreadable (a volume mounted late, the GPU not ready yet) served
+    the fallback engine until it was restarted, though a refused artifact is tried again every minute: the engine
+    asked for is now tried again as often, and served once it loads."""
+    from core.engines_registry import LiveForecaster
+
+    models = tmp_path / "models"
+    models.mkdir()
+    live = LiveForecaster(Settings(models_dir=models, artifacts_dir=tmp_path / "artifacts", engine="patchtst", seed=1))
+    assert live.current().default == "ewma_t"
+    write_checkpoints(models, ("hf",))  # readable now
+    assert live.current().default == "ewma_t"  # not tried again before the retry interval
+    live.watcher.retry_s = 0.0
+    served = live.current()
+    assert served.default == "patchtst" and served.models == {"hf": str(models / "hf.pt")}
+    assert live.current() is served  # loaded once: no retry while it serves
