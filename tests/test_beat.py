@@ -447,3 +447,65 @@ def test_a_leader_whose_redis_goes_down_stops_scheduling_and_leads_again_once_it
         client.close()
         server.stop()
         get_settings.cache_clear()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbled"])
+def test_a_broken_schedule_file_is_replaced_and_beat_goes_on_from_the_sends_in_redis(
+        damage: str, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A crash or a full disk mid-write leaves the dumb-dbm data file cut short or garbled: Celery recovers some
+    such files, but these raised EOFError or UnpicklingError from the scheduler's constructor, and beat exited
+    at every restart until someone deleted the file. It starts on a fresh file and goes on from Redis."""
+    from workers.beat import LeaderScheduler
+
+    period = 8.0
+    app, client = retrain_only_app(monkeypatch, redis_url, period)
+    filename = str(tmp_path / "beat.db")
+    LeaderScheduler(app=app, schedule_filename=filename).close()
+    data = Path(filename + ".dat")  # dbm.dumb's; gdbm's own errors are ones Celery already recovers from
+    if damage == "truncated":
+        data.write_bytes(b"")
+    else:
+        data.write_bytes((bytes(range(256)) * (data.stat().st_size // 256 + 1))[:data.stat().st_size])
+    client.hset(BEAT_LAST_RUN_KEY, "retrain", time.time() - period + 1)  # the leader's last send: due in 1 s
+
+    def retrain_sent() -> bool:
+        return any(json.loads(m)["headers"]["task"] == TASK_RETRAIN for m in client.lrange(Settings().queue_cpu, 0, -1))
+
+    with caplog.at_level(logging.ERROR, logger="workers.beat"):
+        beat = LeaderScheduler(app=app, schedule_filename=filename)
+    try:
+        assert f"schedule file {filename} is unreadable" in caplog.text, caplog.text
+        assert set(beat.schedule) >= {"retrain", "refresh-cache", "calibrate", "compact-store"}
+        deadline = time.monotonic() + 3.0  # before the fresh file's own date makes it due (8 s)
+        while not retrain_sent() and time.monotonic() < deadline:
+            beat.tick()
+            time.sleep(0.1)
+        assert beat.leader and retrain_sent(), "the retrain the leader left due was not sent"
+    finally:
+        beat.close()
+        get_settings.cache_clear()
+    import shelve
+
+    with shelve.open(filename, flag="r") as store:  # a sound file again
+        assert store["entries"]["retrain"].total_run_count == 1
+
+
+def test_a_beat_whose_schedule_file_cannot_be_written_schedules_from_memory(redis_url: str, tmp_path: Path) -> None:
+    """A data folder on a read-only mount (or a path that cannot be created): `synth-miner beat` died on the
+    folder or the file lock with a traceback at every restart, and no job ran. It says so and leads anyway,
+    with its last runs in memory and in Redis."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")  # mkdir and open under it fail with ENOTDIR, as a read-only mount fails with EROFS
+    env = {"SYNTH_REDIS_URL": redis_url, "SYNTH_DATA_DIR": str(tmp_path / "data"), "SYNTH_BEAT_LOCK_TTL_S": "3"}
+    client = redis.Redis.from_url(redis_url)
+    beat = spawn(cli("beat", "--schedule-file", str(blocker / "beat.db")), env, tmp_path / "beat.log")
+    try:
+        deadline = time.monotonic() + 30
+        while f":{beat.proc.pid}:" not in (client.get(BEAT_LOCK_KEY) or b"").decode():
+            assert time.monotonic() < deadline and beat.proc.poll() is None, beat.text()[-3000:]
+            time.sleep(0.1)
+    finally:
+        beat.stop()
+    assert "cannot write beside the schedule file" in beat.text(), beat.text()[-3000:]
+    assert "Traceback" not in beat.text(), beat.text()[-3000:]

@@ -12,9 +12,11 @@ leader had just sent, in the next slot when a boundary fell between: an hourly c
 retrain run twice within one period).
 """
 
+import contextlib
 import fcntl
 import logging
 import os
+import shelve
 import socket
 import time
 from datetime import datetime, timezone
@@ -56,13 +58,64 @@ class LeaderScheduler(PersistentScheduler):
         self.redis = redis.Redis.from_url(settings.pool_redis_url, socket_timeout=2.0)
         self.leader = False
         filename = kwargs.get("schedule_filename")
-        self._file_lock = hold_file_lock(f"{filename}.lock") if filename else None
+        self._in_memory = False  # the schedule file cannot be written: last runs live in memory and Redis
+        self._file_lock: IO[bytes] | None = None
+        if filename:
+            try:
+                self._file_lock = hold_file_lock(f"{filename}.lock")
+            except OSError as exc:  # a read-only mount, a missing folder: scheduling matters more than the file
+                self._in_memory = True
+                log.error("beat: cannot write beside the schedule file %s (%s): last runs are kept in memory and "
+                          "in Redis only", filename, exc)
         self._send_failures: dict[str, int] = {}  # job name -> sends failed in a row
         self._retry_at: dict[str, float] = {}  # job name -> monotonic time its failed send may be tried again
         self._resent: dict[str, tuple[int, int]] = {}  # job name -> (slot, starts) last sent again for
         self._orphaned: dict[str, tuple[int, int, float]] = {}  # job name -> (slot, starts, first seen)
         self.lease_s = settings.job_lease_s
         super().__init__(*args, **kwargs)
+
+    def setup_schedule(self) -> None:
+        """Celery's, on a file it can use. Celery removes some broken files and starts afresh, but not all: a
+        truncated or garbled dumb-dbm file (a crash or a full disk mid-write) raised EOFError or UnpicklingError,
+        and beat exited at every restart until someone deleted it. Such a file is replaced by a fresh one, and
+        a file that cannot be written (read-only mount, no space) by memory; either way the leader goes on from
+        the last sends recorded in Redis (``_adopt_last_runs``)."""
+        try:
+            super().setup_schedule()
+            return
+        except Exception as exc:  # noqa: BLE001 - whatever the file holds, beat must start
+            failure = exc
+        self._drop_store()
+        if not self._in_memory and not isinstance(failure, OSError):
+            log.error("beat: schedule file %s is unreadable (%r): starting a fresh one", self.schedule_filename,
+                      failure)
+            try:
+                self._remove_db()
+                super().setup_schedule()
+                return
+            except Exception as exc:  # noqa: BLE001
+                failure = exc
+                self._drop_store()
+        if not self._in_memory:
+            log.error("beat: schedule file %s cannot be written (%r): last runs are kept in memory and in Redis "
+                      "only", self.schedule_filename, failure)
+            self._in_memory = True
+        super().setup_schedule()
+
+    def _open_schedule(self) -> Any:
+        if not self._in_memory:
+            return super()._open_schedule()
+        store: shelve.Shelf[Any] = shelve.Shelf({}, writeback=True)
+        with contextlib.suppress(Exception):  # what a read-only file holds still counts
+            with shelve.open(self.schedule_filename, flag="r") as saved:
+                store.update(dict(saved))
+        return store
+
+    def _drop_store(self) -> None:
+        store = self.__dict__.pop("_store", None)  # Celery's class attribute (None) shows again
+        if store is not None:
+            with contextlib.suppress(Exception):
+                store.close()
 
     def _hold_lock(self) -> bool:
         try:
