@@ -509,3 +509,45 @@ def test_a_beat_whose_schedule_file_cannot_be_written_schedules_from_memory(redi
         beat.stop()
     assert "cannot write beside the schedule file" in beat.text(), beat.text()[-3000:]
     assert "Traceback" not in beat.text(), beat.text()[-3000:]
+
+
+def test_a_standby_taking_over_after_redis_restarted_empty_does_not_rerun_what_the_leader_sent(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis restarted without persistence loses the lock and the leader's last sends together, and a standby
+    (ticking every second, the leader up to every 10 s) usually takes the free lock first. It went on from its
+    own file, as old as its last time as the leader, and sent at once the retrain the leader had just sent (the
+    slot claims were lost too: it ran twice). A standby follows the leader's sends while it waits."""
+    from workers.beat import LeaderScheduler
+
+    server = RedisServer(tmp_path).start()
+    period = 3600.0
+    app, client = retrain_only_app(monkeypatch, server.url, period)
+    leader, standby = (LeaderScheduler(app=app, schedule_filename=str(tmp_path / f"beat{i}.db")) for i in range(2))
+    stale = datetime.now(timezone.utc) - timedelta(seconds=2 * period)
+    for scheduler in (leader, standby):  # the retrain is due in both files
+        scheduler.schedule["retrain"].last_run_at = stale
+
+    def retrain_sends() -> int:
+        return sum(json.loads(m)["headers"]["task"] == TASK_RETRAIN for m in client.lrange(Settings().queue_cpu, 0, -1))
+
+    try:
+        leader.tick()
+        assert leader.leader and retrain_sends() == 1
+        for _ in range(3):
+            standby.tick()
+        assert not standby.leader
+        server.stop()
+        server.start()  # the same port, empty: the lock, the last sends, the queue and the claims are gone
+        for _ in range(5):
+            standby.tick()  # first to find the lock free
+        assert standby.leader
+        leader.tick()
+        assert not leader.leader
+        resent = retrain_sends()
+    finally:
+        leader.close()
+        standby.close()
+        client.close()
+        server.stop()
+        get_settings.cache_clear()
+    assert resent == 0, "the new leader sent again the retrain the old one had just sent"

@@ -136,6 +136,10 @@ class LeaderScheduler(PersistentScheduler):
         except redis.RedisError as exc:
             log.warning("beat last runs unavailable (%s): not scheduling", exc)
             return False
+        self._adopt(sent)
+        return True
+
+    def _adopt(self, sent: dict[Any, Any]) -> None:
         for name, entry in self.schedule.items():
             at = sent.get(name.encode())
             if at is not None:
@@ -143,7 +147,6 @@ class LeaderScheduler(PersistentScheduler):
                 if last > maybe_make_aware(entry.last_run_at) or not entry.total_run_count:
                     entry.last_run_at = last
         self._heap = None  # rebuilt from the adopted times on the next tick
-        return True
 
     def is_due(self, entry: ScheduleEntry) -> schedstate:
         wait = self._retry_at.get(entry.name, 0.0) - time.monotonic()
@@ -156,6 +159,11 @@ class LeaderScheduler(PersistentScheduler):
         if self.leader and not was_leader:
             self.leader = self._adopt_last_runs()
         if not self.leader:
+            # Follow the leader's sends: Redis restarted empty loses them with the lock, and a standby taking the
+            # free lock then would go on from its own file (as old as its last time as the leader) and send again
+            # what the leader had just sent.
+            with contextlib.suppress(redis.RedisError):  # Redis away: the lock's warning says so
+                self._adopt(self.redis.hgetall(BEAT_LAST_RUN_KEY))
             return min(1.0, self.lock_ttl_ms / 3000)
         self._resend_orphans()
         interval: float = super().tick(*args, **kwargs)
