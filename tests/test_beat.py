@@ -551,3 +551,40 @@ def test_a_standby_taking_over_after_redis_restarted_empty_does_not_rerun_what_t
         server.stop()
         get_settings.cache_clear()
     assert resent == 0, "the new leader sent again the retrain the old one had just sent"
+
+
+def test_a_clock_gone_back_more_than_a_period_does_not_stop_a_job_for_as_long(
+        redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Beat waits until a job's last run plus its period: after the clock stepped back an hour (an NTP
+    correction, a VM restored from a snapshot) the last run lay an hour ahead, and the minute's refresh stopped
+    for that hour. A last run more than a period ahead is taken as now: the job runs again a period later."""
+    from workers.beat import LeaderScheduler
+
+    period = 1.5
+    app, client = retrain_only_app(monkeypatch, redis_url, period)
+    beat = LeaderScheduler(app=app, schedule_filename=str(tmp_path / "beat.db"))
+    beat.schedule["retrain"].last_run_at = datetime.now(timezone.utc) - timedelta(seconds=2 * period)  # due
+
+    def sends() -> int:
+        return sum(json.loads(m)["headers"]["task"] == TASK_RETRAIN for m in client.lrange(Settings().queue_cpu, 0, -1))
+
+    def run_beat(seconds: float) -> None:  # as celery.beat.Service.start does
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            interval = beat.tick()
+            if interval and interval > 0:
+                time.sleep(min(interval, max(0.0, end - time.monotonic())))
+
+    try:
+        beat.tick()
+        assert beat.leader and sends() == 1
+        wall = app.now
+        monkeypatch.setattr(app, "now", lambda: wall() - timedelta(hours=1))  # the clock steps back an hour
+        with caplog.at_level(logging.WARNING, logger="workers.beat"):
+            run_beat(2 * period + 0.5)
+        after = sends() - 1
+    finally:
+        beat.close()
+        get_settings.cache_clear()
+    assert 1 <= after <= 2, f"{after} sends in the {2 * period + 0.5} s after the clock went back an hour"
+    assert "ahead of the clock" in caplog.text, caplog.text

@@ -165,9 +165,25 @@ class LeaderScheduler(PersistentScheduler):
             with contextlib.suppress(redis.RedisError):  # Redis away: the lock's warning says so
                 self._adopt(self.redis.hgetall(BEAT_LAST_RUN_KEY))
             return min(1.0, self.lock_ttl_ms / 3000)
+        self._rewind_future_runs()
         self._resend_orphans()
         interval: float = super().tick(*args, **kwargs)
         return min(interval, self.lock_ttl_ms / 3000)
+
+    def _rewind_future_runs(self) -> None:
+        """A last run more than a period ahead of the clock: the clock went back (an NTP step, a VM restored from a
+        snapshot), or another host's clock ran ahead. Celery waits until that time: the minute's cache refresh
+        stopped for as long as the jump (an hour, a day). It is due a period from now instead. A smaller jump is
+        left alone: the job waits for its next slot, as the slots in between ran."""
+        now = self.app.now()
+        for name, entry in self.schedule.items():
+            period = float(entry.kwargs.get("period_s", 0) or 0)
+            ahead = (maybe_make_aware(entry.last_run_at) - now).total_seconds()
+            if period > 0 and ahead > period:
+                log.warning("beat: %s last ran %.0f s ahead of the clock (the clock went back?): due again in %.0f s",
+                            name, ahead, period)
+                entry.last_run_at = now
+                self._heap = None  # its events are as far ahead: rebuilt on this tick
 
     def _resend_orphans(self) -> None:
         """Send again the current slot's run of a job whose process died with its whole worker (kill -9, an
