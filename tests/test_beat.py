@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import redis
+from celery.utils.time import maybe_make_aware
 
 from core.constants import BEAT_LAST_RUN_KEY, BEAT_LOCK_KEY, BEAT_SCHEDULE_FILE, JOB_RUNS_KEY, TASK_RETRAIN
 from core.settings import Settings, get_settings
@@ -588,3 +589,43 @@ def test_a_clock_gone_back_more_than_a_period_does_not_stop_a_job_for_as_long(
         get_settings.cache_clear()
     assert 1 <= after <= 2, f"{after} sends in the {2 * period + 0.5} s after the clock went back an hour"
     assert "ahead of the clock" in caplog.text, caplog.text
+
+
+def test_the_leader_puts_back_the_last_sends_a_redis_restarted_empty_lost(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis restarted without persistence loses the leader's record of its sends. The weekly retrain's stayed
+    missing until its next send, a week on: a beat on a fresh file (a new host, a broken file) leading in that
+    week dated the retrain to its own start and put it off by up to a week. The leader that takes the lock
+    again puts its last sends back."""
+    from workers.beat import LeaderScheduler
+
+    server = RedisServer(tmp_path).start()
+    period = 7 * 86_400.0
+    app, client = retrain_only_app(monkeypatch, server.url, period)
+    leader = LeaderScheduler(app=app, schedule_filename=str(tmp_path / "leader.db"))
+    leader.schedule["retrain"].last_run_at = datetime.now(timezone.utc) - timedelta(seconds=period + 5)  # due
+    fresh: LeaderScheduler | None = None
+    try:
+        leader.tick()
+        assert leader.leader
+        sent_at = maybe_make_aware(leader.schedule["retrain"].last_run_at)
+        server.stop()
+        server.start()  # the same port, empty
+        for _ in range(3):
+            leader.tick()
+        assert leader.leader
+        restored = client.hget(BEAT_LAST_RUN_KEY, "retrain")
+        leader.close()  # a deploy moves beat to a new host, with a fresh schedule file
+        fresh = LeaderScheduler(app=app, schedule_filename=str(tmp_path / "fresh.db"))
+        fresh.tick()
+        assert fresh.leader
+        adopted = maybe_make_aware(fresh.schedule["retrain"].last_run_at)
+    finally:
+        leader.close()
+        if fresh is not None:
+            fresh.close()
+        client.close()
+        server.stop()
+        get_settings.cache_clear()
+    assert restored is not None and float(restored) == sent_at.timestamp(), f"retrain's last send in Redis: {restored!r}"
+    assert abs((adopted - sent_at).total_seconds()) < 0.01, f"retrain dated {adopted}, last sent {sent_at}"

@@ -57,6 +57,8 @@ class LeaderScheduler(PersistentScheduler):
         self.identity = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
         self.redis = redis.Redis.from_url(settings.pool_redis_url, socket_timeout=2.0)
         self.leader = False
+        self._lock_was_free = False  # the last lock taken was free: a first lead, or the lock lapsed or was lost
+        self._adopted: set[str] = set()  # jobs whose last send this beat took from Redis
         filename = kwargs.get("schedule_filename")
         self._in_memory = False  # the schedule file cannot be written: last runs live in memory and Redis
         self._file_lock: IO[bytes] | None = None
@@ -119,7 +121,8 @@ class LeaderScheduler(PersistentScheduler):
 
     def _hold_lock(self) -> bool:
         try:
-            if self.redis.set(BEAT_LOCK_KEY, self.identity, nx=True, px=self.lock_ttl_ms):
+            self._lock_was_free = bool(self.redis.set(BEAT_LOCK_KEY, self.identity, nx=True, px=self.lock_ttl_ms))
+            if self._lock_was_free:
                 if not self.leader:
                     log.info("beat %s is now the leader", self.identity)
                 return True
@@ -146,7 +149,22 @@ class LeaderScheduler(PersistentScheduler):
                 last = datetime.fromtimestamp(float(at), timezone.utc)
                 if last > maybe_make_aware(entry.last_run_at) or not entry.total_run_count:
                     entry.last_run_at = last
+                    self._adopted.add(name)
         self._heap = None  # rebuilt from the adopted times on the next tick
+
+    def _restore_last_runs(self) -> None:
+        """Put back the last sends Redis lost with the lock (restarted empty): otherwise the weekly retrain's
+        stayed missing until its next send, and a beat on a fresh file leading meanwhile (a new host, a broken
+        file) would put the retrain off by up to a week. Only what is missing: a newer record stays."""
+        known = {name: maybe_make_aware(entry.last_run_at).timestamp() for name, entry in self.schedule.items()
+                 if entry.total_run_count or name in self._adopted}
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for name, at in known.items():
+                    pipe.hsetnx(BEAT_LAST_RUN_KEY, name, at)
+                pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("beat: last runs not restored in Redis (%s)", exc)
 
     def is_due(self, entry: ScheduleEntry) -> schedstate:
         wait = self._retry_at.get(entry.name, 0.0) - time.monotonic()
@@ -158,6 +176,8 @@ class LeaderScheduler(PersistentScheduler):
         was_leader, self.leader = self.leader, self._hold_lock()
         if self.leader and not was_leader:
             self.leader = self._adopt_last_runs()
+        if self.leader and self._lock_was_free:
+            self._restore_last_runs()
         if not self.leader:
             # Follow the leader's sends: Redis restarted empty loses them with the lock, and a standby taking the
             # free lock then would go on from its own file (as old as its last time as the leader) and send again
