@@ -117,10 +117,12 @@ class Settings(BaseSettings):
                                                      "sees one (a GPU worker), else cpu")
 
     # --- periodic jobs (Celery beat) -----------------------------------------------------------------
-    beat_refresh_s: float = Field(60.0, gt=0, description="cache refresh period")
-    beat_calibrate_s: float = Field(3600.0, gt=0, description="calibration period")
-    beat_retrain_s: float = Field(7 * 86_400.0, gt=0, description="retraining period")
-    beat_compact_s: float = Field(86_400.0, gt=0, description="history-store compaction period")
+    # A job runs once per slot, and slots are whole seconds: under a second apart, two fell on one second and
+    # every other run was skipped as a duplicate.
+    beat_refresh_s: float = Field(60.0, ge=1, description="cache refresh period")
+    beat_calibrate_s: float = Field(3600.0, ge=1, description="calibration period")
+    beat_retrain_s: float = Field(7 * 86_400.0, ge=1, description="retraining period")
+    beat_compact_s: float = Field(86_400.0, ge=1, description="history-store compaction period")
     # Redis refuses a lock TTL under 1 ms ("invalid expire time"): with 0 no beat ever became leader, and
     # none scheduled a job, with only a warning per tick.
     beat_lock_ttl_s: float = Field(30.0, ge=1, description="leader lock of the one beat allowed to schedule")

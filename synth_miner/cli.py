@@ -141,7 +141,10 @@ def beat(
     settings = get_settings()
     # One name across restarts: the file holds each job's last run (a new one would delay the weekly retrain).
     state = schedule_file or settings.beat_schedule_file or settings.data_dir / BEAT_SCHEDULE_FILE
-    state.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        state.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only mount: the scheduler says so and keeps the last runs in memory and Redis
+        pass
     celery_app.start(["beat", f"--loglevel={loglevel}", f"--schedule={state}"])
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import redis
+from celery.utils.time import maybe_make_aware
 
 from core.constants import BEAT_LAST_RUN_KEY, BEAT_LOCK_KEY, BEAT_SCHEDULE_FILE, JOB_RUNS_KEY, TASK_RETRAIN
 from core.settings import Settings, get_settings
@@ -447,3 +448,184 @@ def test_a_leader_whose_redis_goes_down_stops_scheduling_and_leads_again_once_it
         client.close()
         server.stop()
         get_settings.cache_clear()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbled"])
+def test_a_broken_schedule_file_is_replaced_and_beat_goes_on_from_the_sends_in_redis(
+        damage: str, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A crash or a full disk mid-write leaves the dumb-dbm data file cut short or garbled: Celery recovers some
+    such files, but these raised EOFError or UnpicklingError from the scheduler's constructor, and beat exited
+    at every restart until someone deleted the file. It starts on a fresh file and goes on from Redis."""
+    from workers.beat import LeaderScheduler
+
+    period = 8.0
+    app, client = retrain_only_app(monkeypatch, redis_url, period)
+    filename = str(tmp_path / "beat.db")
+    LeaderScheduler(app=app, schedule_filename=filename).close()
+    data = Path(filename + ".dat")  # dbm.dumb's; gdbm's own errors are ones Celery already recovers from
+    if damage == "truncated":
+        data.write_bytes(b"")
+    else:
+        data.write_bytes((bytes(range(256)) * (data.stat().st_size // 256 + 1))[:data.stat().st_size])
+    client.hset(BEAT_LAST_RUN_KEY, "retrain", time.time() - period + 1)  # the leader's last send: due in 1 s
+
+    def retrain_sent() -> bool:
+        return any(json.loads(m)["headers"]["task"] == TASK_RETRAIN for m in client.lrange(Settings().queue_cpu, 0, -1))
+
+    with caplog.at_level(logging.ERROR, logger="workers.beat"):
+        beat = LeaderScheduler(app=app, schedule_filename=filename)
+    try:
+        assert f"schedule file {filename} is unreadable" in caplog.text, caplog.text
+        assert set(beat.schedule) >= {"retrain", "refresh-cache", "calibrate", "compact-store"}
+        deadline = time.monotonic() + 3.0  # before the fresh file's own date makes it due (8 s)
+        while not retrain_sent() and time.monotonic() < deadline:
+            beat.tick()
+            time.sleep(0.1)
+        assert beat.leader and retrain_sent(), "the retrain the leader left due was not sent"
+    finally:
+        beat.close()
+        get_settings.cache_clear()
+    import shelve
+
+    with shelve.open(filename, flag="r") as store:  # a sound file again
+        assert store["entries"]["retrain"].total_run_count == 1
+
+
+def test_a_beat_whose_schedule_file_cannot_be_written_schedules_from_memory(redis_url: str, tmp_path: Path) -> None:
+    """A data folder on a read-only mount (or a path that cannot be created): `synth-miner beat` died on the
+    folder or the file lock with a traceback at every restart, and no job ran. It says so and leads anyway,
+    with its last runs in memory and in Redis."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")  # mkdir and open under it fail with ENOTDIR, as a read-only mount fails with EROFS
+    env = {"SYNTH_REDIS_URL": redis_url, "SYNTH_DATA_DIR": str(tmp_path / "data"), "SYNTH_BEAT_LOCK_TTL_S": "3"}
+    client = redis.Redis.from_url(redis_url)
+    beat = spawn(cli("beat", "--schedule-file", str(blocker / "beat.db")), env, tmp_path / "beat.log")
+    try:
+        deadline = time.monotonic() + 30
+        while f":{beat.proc.pid}:" not in (client.get(BEAT_LOCK_KEY) or b"").decode():
+            assert time.monotonic() < deadline and beat.proc.poll() is None, beat.text()[-3000:]
+            time.sleep(0.1)
+    finally:
+        beat.stop()
+    assert "cannot write beside the schedule file" in beat.text(), beat.text()[-3000:]
+    assert "Traceback" not in beat.text(), beat.text()[-3000:]
+
+
+def test_a_standby_taking_over_after_redis_restarted_empty_does_not_rerun_what_the_leader_sent(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis restarted without persistence loses the lock and the leader's last sends together, and a standby
+    (ticking every second, the leader up to every 10 s) usually takes the free lock first. It went on from its
+    own file, as old as its last time as the leader, and sent at once the retrain the leader had just sent (the
+    slot claims were lost too: it ran twice). A standby follows the leader's sends while it waits."""
+    from workers.beat import LeaderScheduler
+
+    server = RedisServer(tmp_path).start()
+    period = 3600.0
+    app, client = retrain_only_app(monkeypatch, server.url, period)
+    leader, standby = (LeaderScheduler(app=app, schedule_filename=str(tmp_path / f"beat{i}.db")) for i in range(2))
+    stale = datetime.now(timezone.utc) - timedelta(seconds=2 * period)
+    for scheduler in (leader, standby):  # the retrain is due in both files
+        scheduler.schedule["retrain"].last_run_at = stale
+
+    def retrain_sends() -> int:
+        return sum(json.loads(m)["headers"]["task"] == TASK_RETRAIN for m in client.lrange(Settings().queue_cpu, 0, -1))
+
+    try:
+        leader.tick()
+        assert leader.leader and retrain_sends() == 1
+        for _ in range(3):
+            standby.tick()
+        assert not standby.leader
+        server.stop()
+        server.start()  # the same port, empty: the lock, the last sends, the queue and the claims are gone
+        for _ in range(5):
+            standby.tick()  # first to find the lock free
+        assert standby.leader
+        leader.tick()
+        assert not leader.leader
+        resent = retrain_sends()
+    finally:
+        leader.close()
+        standby.close()
+        client.close()
+        server.stop()
+        get_settings.cache_clear()
+    assert resent == 0, "the new leader sent again the retrain the old one had just sent"
+
+
+def test_a_clock_gone_back_more_than_a_period_does_not_stop_a_job_for_as_long(
+        redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Beat waits until a job's last run plus its period: after the clock stepped back an hour (an NTP
+    correction, a VM restored from a snapshot) the last run lay an hour ahead, and the minute's refresh stopped
+    for that hour. A last run more than a period ahead is taken as now: the job runs again a period later."""
+    from workers.beat import LeaderScheduler
+
+    period = 1.5
+    app, client = retrain_only_app(monkeypatch, redis_url, period)
+    beat = LeaderScheduler(app=app, schedule_filename=str(tmp_path / "beat.db"))
+    beat.schedule["retrain"].last_run_at = datetime.now(timezone.utc) - timedelta(seconds=2 * period)  # due
+
+    def sends() -> int:
+        return sum(json.loads(m)["headers"]["task"] == TASK_RETRAIN for m in client.lrange(Settings().queue_cpu, 0, -1))
+
+    def run_beat(seconds: float) -> None:  # as celery.beat.Service.start does
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            interval = beat.tick()
+            if interval and interval > 0:
+                time.sleep(min(interval, max(0.0, end - time.monotonic())))
+
+    try:
+        beat.tick()
+        assert beat.leader and sends() == 1
+        wall = app.now
+        monkeypatch.setattr(app, "now", lambda: wall() - timedelta(hours=1))  # the clock steps back an hour
+        with caplog.at_level(logging.WARNING, logger="workers.beat"):
+            run_beat(2 * period + 0.5)
+        after = sends() - 1
+    finally:
+        beat.close()
+        get_settings.cache_clear()
+    assert 1 <= after <= 2, f"{after} sends in the {2 * period + 0.5} s after the clock went back an hour"
+    assert "ahead of the clock" in caplog.text, caplog.text
+
+
+def test_the_leader_puts_back_the_last_sends_a_redis_restarted_empty_lost(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis restarted without persistence loses the leader's record of its sends. The weekly retrain's stayed
+    missing until its next send, a week on: a beat on a fresh file (a new host, a broken file) leading in that
+    week dated the retrain to its own start and put it off by up to a week. The leader that takes the lock
+    again puts its last sends back."""
+    from workers.beat import LeaderScheduler
+
+    server = RedisServer(tmp_path).start()
+    period = 7 * 86_400.0
+    app, client = retrain_only_app(monkeypatch, server.url, period)
+    leader = LeaderScheduler(app=app, schedule_filename=str(tmp_path / "leader.db"))
+    leader.schedule["retrain"].last_run_at = datetime.now(timezone.utc) - timedelta(seconds=period + 5)  # due
+    fresh: LeaderScheduler | None = None
+    try:
+        leader.tick()
+        assert leader.leader
+        sent_at = maybe_make_aware(leader.schedule["retrain"].last_run_at)
+        server.stop()
+        server.start()  # the same port, empty
+        for _ in range(3):
+            leader.tick()
+        assert leader.leader
+        restored = client.hget(BEAT_LAST_RUN_KEY, "retrain")
+        leader.close()  # a deploy moves beat to a new host, with a fresh schedule file
+        fresh = LeaderScheduler(app=app, schedule_filename=str(tmp_path / "fresh.db"))
+        fresh.tick()
+        assert fresh.leader
+        adopted = maybe_make_aware(fresh.schedule["retrain"].last_run_at)
+    finally:
+        leader.close()
+        if fresh is not None:
+            fresh.close()
+        client.close()
+        server.stop()
+        get_settings.cache_clear()
+    assert restored is not None and float(restored) == sent_at.timestamp(), f"retrain's last send in Redis: {restored!r}"
+    assert abs((adopted - sent_at).total_seconds()) < 0.01, f"retrain dated {adopted}, last sent {sent_at}"

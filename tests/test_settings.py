@@ -24,7 +24,10 @@ from synth_miner.cli import app
                                  {"http_concurrency_per_host": 0},
                                  # keep 1 leaves no rollback target (the artifact store refuses it only when a
                                  # job first opens it); a zero lease lapses at once: a live job could run twice.
-                                 {"artifacts_keep": 1}, {"job_lease_s": 0}])
+                                 {"artifacts_keep": 1}, {"job_lease_s": 0},
+                                 # Slots are whole seconds: two sends within one second shared a slot, and
+                                 # every other run was skipped as a duplicate.
+                                 {"beat_refresh_s": 0.5}, {"beat_compact_s": 0.999}])
 def test_unservable_values_are_refused(bad: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         Settings(_env_file=None, **bad)  # type: ignore[arg-type]

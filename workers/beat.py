@@ -12,9 +12,11 @@ leader had just sent, in the next slot when a boundary fell between: an hourly c
 retrain run twice within one period).
 """
 
+import contextlib
 import fcntl
 import logging
 import os
+import shelve
 import socket
 import time
 from datetime import datetime, timezone
@@ -55,8 +57,18 @@ class LeaderScheduler(PersistentScheduler):
         self.identity = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
         self.redis = redis.Redis.from_url(settings.pool_redis_url, socket_timeout=2.0)
         self.leader = False
+        self._lock_was_free = False  # the last lock taken was free: a first lead, or the lock lapsed or was lost
+        self._adopted: set[str] = set()  # jobs whose last send this beat took from Redis
         filename = kwargs.get("schedule_filename")
-        self._file_lock = hold_file_lock(f"{filename}.lock") if filename else None
+        self._in_memory = False  # the schedule file cannot be written: last runs live in memory and Redis
+        self._file_lock: IO[bytes] | None = None
+        if filename:
+            try:
+                self._file_lock = hold_file_lock(f"{filename}.lock")
+            except OSError as exc:  # a read-only mount, a missing folder: scheduling matters more than the file
+                self._in_memory = True
+                log.error("beat: cannot write beside the schedule file %s (%s): last runs are kept in memory and "
+                          "in Redis only", filename, exc)
         self._send_failures: dict[str, int] = {}  # job name -> sends failed in a row
         self._retry_at: dict[str, float] = {}  # job name -> monotonic time its failed send may be tried again
         self._resent: dict[str, tuple[int, int]] = {}  # job name -> (slot, starts) last sent again for
@@ -64,9 +76,53 @@ class LeaderScheduler(PersistentScheduler):
         self.lease_s = settings.job_lease_s
         super().__init__(*args, **kwargs)
 
+    def setup_schedule(self) -> None:
+        """Celery's, on a file it can use. Celery removes some broken files and starts afresh, but not all: a
+        truncated or garbled dumb-dbm file (a crash or a full disk mid-write) raised EOFError or UnpicklingError,
+        and beat exited at every restart until someone deleted it. Such a file is replaced by a fresh one, and
+        a file that cannot be written (read-only mount, no space) by memory; either way the leader goes on from
+        the last sends recorded in Redis (``_adopt_last_runs``)."""
+        try:
+            super().setup_schedule()
+            return
+        except Exception as exc:  # noqa: BLE001 - whatever the file holds, beat must start
+            failure = exc
+        self._drop_store()
+        if not self._in_memory and not isinstance(failure, OSError):
+            log.error("beat: schedule file %s is unreadable (%r): starting a fresh one", self.schedule_filename,
+                      failure)
+            try:
+                self._remove_db()
+                super().setup_schedule()
+                return
+            except Exception as exc:  # noqa: BLE001
+                failure = exc
+                self._drop_store()
+        if not self._in_memory:
+            log.error("beat: schedule file %s cannot be written (%r): last runs are kept in memory and in Redis "
+                      "only", self.schedule_filename, failure)
+            self._in_memory = True
+        super().setup_schedule()
+
+    def _open_schedule(self) -> Any:
+        if not self._in_memory:
+            return super()._open_schedule()
+        store: shelve.Shelf[Any] = shelve.Shelf({}, writeback=True)
+        with contextlib.suppress(Exception):  # what a read-only file holds still counts
+            with shelve.open(self.schedule_filename, flag="r") as saved:
+                store.update(dict(saved))
+        return store
+
+    def _drop_store(self) -> None:
+        store = self.__dict__.pop("_store", None)  # Celery's class attribute (None) shows again
+        if store is not None:
+            with contextlib.suppress(Exception):
+                store.close()
+
     def _hold_lock(self) -> bool:
         try:
-            if self.redis.set(BEAT_LOCK_KEY, self.identity, nx=True, px=self.lock_ttl_ms):
+            self._lock_was_free = bool(self.redis.set(BEAT_LOCK_KEY, self.identity, nx=True, px=self.lock_ttl_ms))
+            if self._lock_was_free:
                 if not self.leader:
                     log.info("beat %s is now the leader", self.identity)
                 return True
@@ -83,14 +139,32 @@ class LeaderScheduler(PersistentScheduler):
         except redis.RedisError as exc:
             log.warning("beat last runs unavailable (%s): not scheduling", exc)
             return False
+        self._adopt(sent)
+        return True
+
+    def _adopt(self, sent: dict[Any, Any]) -> None:
         for name, entry in self.schedule.items():
             at = sent.get(name.encode())
             if at is not None:
                 last = datetime.fromtimestamp(float(at), timezone.utc)
                 if last > maybe_make_aware(entry.last_run_at) or not entry.total_run_count:
                     entry.last_run_at = last
+                    self._adopted.add(name)
         self._heap = None  # rebuilt from the adopted times on the next tick
-        return True
+
+    def _restore_last_runs(self) -> None:
+        """Put back the last sends Redis lost with the lock (restarted empty): otherwise the weekly retrain's
+        stayed missing until its next send, and a beat on a fresh file leading meanwhile (a new host, a broken
+        file) would put the retrain off by up to a week. Only what is missing: a newer record stays."""
+        known = {name: maybe_make_aware(entry.last_run_at).timestamp() for name, entry in self.schedule.items()
+                 if entry.total_run_count or name in self._adopted}
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for name, at in known.items():
+                    pipe.hsetnx(BEAT_LAST_RUN_KEY, name, at)
+                pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("beat: last runs not restored in Redis (%s)", exc)
 
     def is_due(self, entry: ScheduleEntry) -> schedstate:
         wait = self._retry_at.get(entry.name, 0.0) - time.monotonic()
@@ -102,11 +176,34 @@ class LeaderScheduler(PersistentScheduler):
         was_leader, self.leader = self.leader, self._hold_lock()
         if self.leader and not was_leader:
             self.leader = self._adopt_last_runs()
+        if self.leader and self._lock_was_free:
+            self._restore_last_runs()
         if not self.leader:
+            # Follow the leader's sends: Redis restarted empty loses them with the lock, and a standby taking the
+            # free lock then would go on from its own file (as old as its last time as the leader) and send again
+            # what the leader had just sent.
+            with contextlib.suppress(redis.RedisError):  # Redis away: the lock's warning says so
+                self._adopt(self.redis.hgetall(BEAT_LAST_RUN_KEY))
             return min(1.0, self.lock_ttl_ms / 3000)
+        self._rewind_future_runs()
         self._resend_orphans()
         interval: float = super().tick(*args, **kwargs)
         return min(interval, self.lock_ttl_ms / 3000)
+
+    def _rewind_future_runs(self) -> None:
+        """A last run more than a period ahead of the clock: the clock went back (an NTP step, a VM restored from a
+        snapshot), or another host's clock ran ahead. Celery waits until that time: the minute's cache refresh
+        stopped for as long as the jump (an hour, a day). It is due a period from now instead. A smaller jump is
+        left alone: the job waits for its next slot, as the slots in between ran."""
+        now = self.app.now()
+        for name, entry in self.schedule.items():
+            period = float(entry.kwargs.get("period_s", 0) or 0)
+            ahead = (maybe_make_aware(entry.last_run_at) - now).total_seconds()
+            if period > 0 and ahead > period:
+                log.warning("beat: %s last ran %.0f s ahead of the clock (the clock went back?): due again in %.0f s",
+                            name, ahead, period)
+                entry.last_run_at = now
+                self._heap = None  # its events are as far ahead: rebuilt on this tick
 
     def _resend_orphans(self) -> None:
         """Send again the current slot's run of a job whose process died with its whole worker (kill -9, an
