@@ -5,7 +5,7 @@ import email.utils
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +20,7 @@ from core.sources.http import (
     HttpClient,
     HttpConfig,
     MalformedReplyError,
+    ProviderHTTPError,
     ProviderUnavailable,
     Rows,
     StalePriceError,
@@ -263,6 +264,42 @@ async def test_a_retry_after_http_date_is_honoured(raw: RawServer) -> None:
     finally:
         await client.close()
     assert len(raw.hits) == 1  # before the fix: five requests within 0.1 s
+
+
+async def start_app(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> tuple[web.AppRunner, str]:
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_a_redirect_to_another_host_is_not_followed(raw: RawServer, status: int, method: str) -> None:
+    """Prices are trusted from the configured host only. Before the fix aiohttp followed the redirect and the
+    other host's JSON came back as the provider's reply (outside its Retry-After hold and per-host limit)."""
+    raw.body = b'[["prices from elsewhere"]]'
+    asked: list[str] = []
+
+    async def redirect(request: web.Request) -> web.StreamResponse:
+        asked.append(request.path)
+        return web.Response(status=status, headers={"Location": f"{raw.url}/elsewhere"},
+                            body=b'{"moved": true}', content_type="application/json")
+
+    runner, url = await start_app(redirect)
+    client = HttpClient("t", HttpConfig(timeout_s=2.0, retries=2, backoff_s=0.001))
+    try:
+        with pytest.raises(ProviderHTTPError, match=f"HTTP {status}: redirect to .*/elsewhere' not followed"):
+            if method == "GET":
+                await client.get_json(f"{url}/api/v3/klines", [])
+            else:
+                await client.post_json(f"{url}/info", {"type": "allMids"})
+    finally:
+        await client.close()
+        await runner.cleanup()
+    assert len(asked) == 1 and raw.hits == []  # not retried, and the other host never asked
 
 
 @pytest.mark.parametrize(("value", "expected"), [

@@ -38,7 +38,7 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)  # about 3.4e38
 
 # --- typed errors ------------------------------------------------------------------------------------
 class ProviderHTTPError(ProviderError):
-    """The provider refused the request (a 4xx other than 429): retrying would not help."""
+    """The provider refused the request (a 4xx other than 429) or redirected it: retrying would not help."""
 
     def __init__(self, url: str, status: int, body: str) -> None:
         super().__init__(f"{url}: HTTP {status}: {body[:200]}")
@@ -193,11 +193,14 @@ class HttpClient:
             try:
                 async with self._limit(state, host):
                     await self._wait_for_host(host, f"{method} {url}")
+                    # Redirects are not followed: prices are trusted from the configured host only, and one
+                    # to another host would escape its Retry-After hold and per-host limit.
                     async with state.session.request(method, url, params=params, data=data, headers=headers,
-                                                     timeout=timeout) as resp:
+                                                     timeout=timeout, allow_redirects=False) as resp:
                         body = await resp.read()
                         status = resp.status
                         retry_after = _retry_after(resp.headers.get("Retry-After"))
+                        location = resp.headers.get("Location")
                 if retry_after is not None and status >= 400:  # 429, 5xx, Binance's 418 ban
                     self._hold(host, retry_after)
             except TimeoutError:
@@ -211,6 +214,9 @@ class HttpClient:
                                                   f"({attempt + 1} attempts)")
                 elif status >= 400:
                     raise ProviderHTTPError(f"{self.name}: {method} {url}", status, body.decode("utf-8", "replace"))
+                elif status >= 300:  # a 3xx body is no reply of ours, even when it parses as JSON
+                    raise ProviderHTTPError(f"{self.name}: {method} {url}", status,
+                                            f"redirect to {location!r} not followed: configure the URL it names")
                 else:
                     return _decode(self.name, url, body)
             if attempt < self.config.retries:
