@@ -36,6 +36,9 @@ LOOKAHEAD_GUARD_S: Final = 60
 # an exchange that finalises a moment late) the newest bar would still be open, and its moving close
 # would be stored for good, since later refreshes only fetch after the newest stored bar.
 BAR_CLOSE_GRACE_S: Final = 3
+# The most a provider reply may hold once decompressed. The largest one asked for (5000 Hyperliquid candles)
+# is under 1 MB; a reply streamed without end, or a gzip bomb, was read whole into memory (GBs a second).
+MAX_REPLY_BYTES: Final = 8 * 1024 * 1024
 
 # --- Result transport --------------------------------------------------------------------------------
 RESULT_DTYPE: Final = "<f4"  # float32 little-endian paths on the wire between worker and miner

@@ -5,6 +5,7 @@ import email.utils
 import logging
 import random
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -300,6 +301,48 @@ async def test_a_redirect_to_another_host_is_not_followed(raw: RawServer, status
         await client.close()
         await runner.cleanup()
     assert len(asked) == 1 and raw.hits == []  # not retried, and the other host never asked
+
+
+@pytest.mark.parametrize("reply", ["endless", "content-length", "gzip-bomb"])
+async def test_a_reply_too_large_is_not_read_into_memory(reply: str) -> None:
+    """A body streamed without end, one announcing 400 MB, a 20 KB gzip body inflating to 20 MB: before the fix
+    each was read whole into memory (over loopback, GBs within the timeout; 1 GB of RAM for a 1 MB bomb)."""
+    sent = 0
+    stopped = asyncio.Event()
+
+    async def huge(request: web.Request) -> web.StreamResponse:
+        nonlocal sent
+        if reply == "gzip-bomb":
+            bomb = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip framing
+            body = bomb.compress(b"[" + b" " * 20_000_000 + b"]") + bomb.flush()
+            return web.Response(body=body, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        if reply == "content-length":
+            resp.content_length = 400_000_000
+        await resp.prepare(request)
+        try:
+            while sent < 400_000_000:
+                await resp.write(b" " * 65536)
+                sent += 65536
+        except ConnectionError:  # the client hung up
+            pass
+        finally:
+            stopped.set()
+        return resp
+
+    runner, url = await start_app(huge)
+    client = HttpClient("t", HttpConfig(timeout_s=10.0, retries=2, backoff_s=0.001, max_reply_bytes=1 << 20))
+    began = time.monotonic()
+    try:
+        with pytest.raises(MalformedReplyError, match=f"reply larger than {1 << 20} bytes"):
+            await client.get_json(f"{url}/api/v3/klines", [])
+        assert time.monotonic() - began < 3.0  # refused, not timed out after 10 s (nor retried)
+        if reply != "gzip-bomb":
+            await asyncio.wait_for(stopped.wait(), 3.0)  # the connection was dropped, not drained
+            assert sent < 50_000_000
+    finally:
+        await client.close()
+        await runner.cleanup()
 
 
 @pytest.mark.parametrize(("value", "expected"), [

@@ -23,7 +23,7 @@ import orjson
 from yarl import URL
 
 from core.assets import ASSETS, AssetSpec
-from core.constants import BAR_CLOSE_GRACE_S
+from core.constants import BAR_CLOSE_GRACE_S, MAX_REPLY_BYTES
 from core.prices import LatestPrice, PriceDataError, PriceHistory
 from core.settings import Settings
 from core.sources.base import ProviderError
@@ -99,9 +99,10 @@ class HttpConfig:
     backoff_s: float = 0.25  # base of the exponential backoff
     backoff_max_s: float = 5.0
     max_price_age_s: float = 180.0
+    max_reply_bytes: int = MAX_REPLY_BYTES  # decompressed
 
     def __post_init__(self) -> None:
-        if self.timeout_s <= 0 or self.retries < 0 or self.concurrency_per_host < 1:
+        if self.timeout_s <= 0 or self.retries < 0 or self.concurrency_per_host < 1 or self.max_reply_bytes < 1:
             raise ValueError(f"invalid HTTP config {self}")
 
     @classmethod
@@ -197,7 +198,7 @@ class HttpClient:
                     # to another host would escape its Retry-After hold and per-host limit.
                     async with state.session.request(method, url, params=params, data=data, headers=headers,
                                                      timeout=timeout, allow_redirects=False) as resp:
-                        body = await resp.read()
+                        body = await self._read(resp, f"{method} {url}")
                         status = resp.status
                         retry_after = _retry_after(resp.headers.get("Retry-After"))
                         location = resp.headers.get("Location")
@@ -228,6 +229,22 @@ class HttpClient:
                 log.debug("%s; retrying in %.2f s", failure, delay)
                 await asyncio.sleep(delay)
         raise failure
+
+    async def _read(self, resp: aiohttp.ClientResponse, what: str) -> bytes:
+        """The whole body, decompressed, or MalformedReplyError past ``max_reply_bytes`` (the connection is then
+        dropped unread: retrying would only download it again)."""
+        limit = self.config.max_reply_bytes
+        too_large = MalformedReplyError(f"{self.name}: {what}: reply larger than {limit} bytes: not read")
+        if resp.content_length is not None and resp.content_length > limit:
+            raise too_large
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in resp.content.iter_any():  # decompressed as it arrives: a gzip bomb is counted too
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def close(self) -> None:
         state, self._state = self._state, None
