@@ -51,6 +51,17 @@ def _no_internet() -> Iterator[None]:
     yield
 
 
+@pytest.fixture(autouse=True)
+def _no_retry_after_holds() -> Iterator[None]:
+    """Retry-After holds are process-wide (core.sources.http): one test's 429 must not silence the next test's
+    server should it get the same loopback port."""
+    from core.sources.http import HOST_HOLDS
+
+    HOST_HOLDS.clear()
+    yield
+    HOST_HOLDS.clear()
+
+
 @pytest.fixture
 def restored_root() -> Iterator[None]:
     """Code under test (setup_logging, serve) installs its own root handler: put the old ones back."""

@@ -27,6 +27,7 @@ from core.refresh import (
     default_steps,
     durable_store,
     refresh_asset,
+    refresh_assets,
     refresh_assets_sync,
     replays_prices,
 )
@@ -594,6 +595,17 @@ async def test_a_transient_provider_error_is_still_warned_at_every_refresh(
             caplog.clear()
             report = await refresh_asset("BTC", source, cache, None, settings, now=now)
             assert not report.ok and any("history 60s" in w and "503" in w for w in _warnings(caplog, "BTC"))
+
+
+async def test_a_retry_after_is_honoured_by_the_next_refresh_run_too(server: FakeServer, settings: Settings) -> None:
+    """Each run of the refresh job builds new sources. Before the fix their new clients knew nothing of the
+    Retry-After Binance sent the run before: every run (each minute) hit it again, and Binance answers
+    repeat offenders with a 418 ban, longer each time. Now the hold outlives the run's clients."""
+    server.faults.set(status=429, retry_after_s=300.0)
+    for now in (T0, T0 + 60, T0 + 120):
+        [report] = await refresh_assets(["BTC"], settings, MemoryHistoryCache(), None, now=now)
+        assert not report.ok and all("Retry-After" in error for error in report.errors), report.errors
+    assert server.faults.requests == 1
 
 
 async def test_a_provider_keeping_days_of_minutes_also_fills_the_24h_window_at_5_minutes(

@@ -122,6 +122,14 @@ class _LoopState:
     limits: dict[str, asyncio.Semaphore] = field(default_factory=dict)
 
 
+# origin -> monotonic time before which it asked (Retry-After) not to be called again. Kept across calls,
+# event loops and clients: a refresh's ``latest`` right after its failed ``history``, another asset's page,
+# or the next run of the refresh job (which builds new clients every minute) would otherwise hit a host that
+# just answered 429 or 418 (Binance bans such IPs, longer for each repeat). The wait is asked of this address,
+# not of one client.
+HOST_HOLDS: dict[str, float] = {}
+
+
 class HttpClient:
     """JSON over HTTP with per-call timeouts, jittered exponential backoff, a per-host limit, and a per-host
     hold while a server's Retry-After runs (every later call waits it out or is refused, not only the retry)."""
@@ -131,10 +139,7 @@ class HttpClient:
         self.config = config
         self._rng = rng or random.Random()
         self._state: _LoopState | None = None
-        # host -> monotonic time before which it asked (Retry-After) not to be called again. Kept across
-        # calls and event loops: a refresh's ``latest`` right after its failed ``history``, or another
-        # asset's page, would otherwise hit a host that just answered 429 (Binance bans such IPs).
-        self._held_until: dict[str, float] = {}
+        self._held_until = HOST_HOLDS
 
     def _current(self) -> _LoopState:
         loop = asyncio.get_running_loop()
@@ -160,14 +165,14 @@ class HttpClient:
         delay = self._rng.uniform(0, cap)
         return delay if retry_after is None else max(delay, retry_after)
 
-    def _hold(self, host: str, retry_after: float) -> None:
+    def _hold(self, origin: str, retry_after: float) -> None:
         until = time.monotonic() + retry_after
-        if until > self._held_until.get(host, 0.0):
-            self._held_until[host] = until
+        if until > self._held_until.get(origin, 0.0):
+            self._held_until[origin] = until
 
-    async def _wait_for_host(self, host: str, what: str) -> None:
+    async def _wait_for_host(self, origin: str, what: str) -> None:
         """Sleep out what is left of a host's Retry-After; refuse at once when that is beyond ``backoff_max_s``."""
-        left = self._held_until.get(host, 0.0) - time.monotonic()
+        left = self._held_until.get(origin, 0.0) - time.monotonic()
         if left > self.config.backoff_max_s:
             raise ProviderUnavailable(f"{self.name}: {what} not sent: the host asked for no requests for "
                                       f"{left:.0f} s more (Retry-After), beyond the {self.config.backoff_max_s:g} s "
@@ -184,7 +189,9 @@ class HttpClient:
     async def _request(self, method: str, url: str, params: Sequence[tuple[str, str]] | None = None,
                        payload: Any = None) -> Any:
         state = self._current()
-        host = URL(url).host or ""
+        parsed = URL(url)
+        host = parsed.host or ""
+        origin = f"{parsed.scheme}://{host}:{parsed.port}"  # what a Retry-After hold is kept for
         timeout = aiohttp.ClientTimeout(total=self.config.timeout_s)
         data = orjson.dumps(payload) if payload is not None else None
         headers = {"Content-Type": "application/json"} if data is not None else None
@@ -193,7 +200,7 @@ class HttpClient:
             retry_after: float | None = None
             try:
                 async with self._limit(state, host):
-                    await self._wait_for_host(host, f"{method} {url}")
+                    await self._wait_for_host(origin, f"{method} {url}")
                     # Redirects are not followed: prices are trusted from the configured host only, and one
                     # to another host would escape its Retry-After hold and per-host limit.
                     async with state.session.request(method, url, params=params, data=data, headers=headers,
@@ -203,7 +210,7 @@ class HttpClient:
                         retry_after = _retry_after(resp.headers.get("Retry-After"))
                         location = resp.headers.get("Location")
                 if retry_after is not None and status >= 400:  # 429, 5xx, Binance's 418 ban
-                    self._hold(host, retry_after)
+                    self._hold(origin, retry_after)
             except TimeoutError:
                 failure = ProviderTimeout(f"{self.name}: {method} {url} timed out after {self.config.timeout_s} s "
                                           f"({attempt + 1} attempts)")
