@@ -1,9 +1,11 @@
 """BinanceSource against the local Binance server (real HTTP on loopback, real shared-data prices)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from core.fake_providers import FakeMarket, FakeServer, ManualClock
+from core.fake_providers import FakeMarket, FakeServer, ManualClock, start_fake
 from core.sources.binance import PAGE_LIMIT, BinanceSource, _parse_klines
 from core.sources.http import MalformedReplyError, ProviderHTTPError, ProviderUnavailable, UnsupportedAssetError
 from tests.provider_fixtures import FAST_RETRIES, T0, fake_provider_fixtures, source_fixture
@@ -62,6 +64,19 @@ async def test_latest_with_our_clock_slightly_behind_just_after_a_minute(server:
     closed = market.bars("BTC", 60).known_at(int(ours()))  # the newest kline closed by our clock
     assert latest.publish_time == closed.last_close_time
     assert latest.price == pytest.approx(float(closed.close[-1]), rel=1e-12)
+
+
+async def test_a_binance_clock_an_hour_ahead_is_named_in_the_latest_error(csv_dir: Path, clock: ManualClock) -> None:
+    """Its newest klines are an hour in the future. Before, the error said only "no closed 1-minute kline in
+    the reply", which reads as a lagging or empty feed; now it says the bars are ahead of our clock."""
+    fake = await start_fake("binance", FakeMarket(csv_dir, ManualClock(T0 + 3600)))
+    src = BinanceSource(fake.url, FAST_RETRIES, clock)
+    try:
+        with pytest.raises(MalformedReplyError, match=r"opens in the future, the oldest 3[45]\d\d s ahead"):
+            await src.latest("BTC")
+    finally:
+        await src.close()
+        await fake.stop()
 
 
 async def test_unknown_assets_and_steps_are_refused(source: BinanceSource) -> None:

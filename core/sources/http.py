@@ -511,6 +511,9 @@ def newest_closed(what: str, ts: Sequence[int], close: Sequence[float], now: flo
                   none_closed: ProviderError) -> LatestPrice:
     """The newest 1-minute bar already closed at ``now`` as a checked latest price; ``none_closed`` if none is."""
     closed = [(t, c) for t, c in zip(ts, close) if t + 60 <= now]
+    if not closed and ts and min(ts) - now > 60:  # not a bar in progress: one of the two clocks is wrong
+        raise MalformedReplyError(f"{what}: every bar in the reply opens in the future, the oldest "
+                                  f"{min(ts) - now:.0f} s ahead of our clock")
     if not closed:
         raise none_closed
     t, c = max(closed)
