@@ -9,6 +9,7 @@ request and the service must budget with the header's timeout.
 import asyncio
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -30,7 +31,17 @@ from miner.offline import patch_bittensor_networking
 from miner.pool import EmbeddedPool
 from miner.protocol import Simulation, SimulationInput
 from miner.service import Answer, MinerService
-from synth_miner.devstack import free_port, make_wallet, start_time_in
+from synth_miner.devstack import (
+    Proc,
+    Validator,
+    assert_valid_reply,
+    cli,
+    free_port,
+    make_wallet,
+    spawn,
+    start_time_in,
+    wait_port,
+)
 
 
 def body_with(timeout: float) -> bytes:
@@ -194,3 +205,43 @@ async def test_a_request_refused_by_the_self_check_is_counted_among_the_requests
     assert metrics.registry.get_sample_value("synth_invalid_replies_total") == 1
     assert metrics.registry.get_sample_value("synth_requests_total",
                                              {"asset": "BTC", "prompt": "high", "outcome": "invalid"}) == 1
+
+
+# --- held connections against a real miner process -------------------------------------------------------
+
+MINER_NOFILE = 256  # the miner's file descriptor limit here: a small-scale stand-in for the host's
+
+
+def start_small_miner(tmp: Path, shared_data: Path, env: dict[str, str] | None = None) -> tuple[Proc, Validator]:
+    """A miner process limited to MINER_NOFILE descriptors, serving one validator."""
+    root = tmp / "wallets"
+    miner, vali = make_wallet(root, "miner"), make_wallet(root, "validator")
+    port = free_port()
+    args = ["prlimit", f"--nofile={MINER_NOFILE}:{MINER_NOFILE}", "--", *cli("serve", "--local", "--port", str(port))]
+    proc = spawn(args, {"SYNTH_WALLET_PATH": str(root), "SYNTH_WALLET_NAME": "miner", "SYNTH_PRICE_PROVIDER": "replay",
+                        "SYNTH_REPLAY_DIR": str(shared_data), "SYNTH_REDIS_URL": "", "SYNTH_DATA_DIR": str(tmp / "data"),
+                        "SYNTH_ARTIFACTS_DIR": str(tmp / "artifacts"),
+                        "SYNTH_ALLOWED_HOTKEYS": json.dumps([vali.hotkey.ss58_address]), **(env or {})},
+                 tmp / "miner.log")
+    try:
+        wait_port(port, proc.proc, proc.log)
+    except RuntimeError:
+        proc.stop()
+        raise
+    return proc, Validator(vali, miner.hotkey.ss58_address, port)
+
+
+async def test_the_miner_signs_without_reading_its_key_file_again(tmp_path: Path, shared_data: Path) -> None:
+    """bittensor's Wallet read the hotkey file at every ``wallet.hotkey``: twice a request. Out of file
+    descriptors (held connections), that read failed and a validator whose connection got in still got a
+    500. The key is read once at start now: with the file gone, requests are still answered."""
+    proc, validator = start_small_miner(tmp_path, shared_data)
+    try:
+        key = tmp_path / "wallets" / "miner" / "hotkeys" / "default"
+        key.rename(key.with_name("moved"))
+        reply, seconds = await validator.ask("BTC", 60, 3_600, 100, timeout=20)
+        assert_valid_reply(reply)
+        assert seconds < 5
+    finally:
+        await validator.close()
+        proc.stop()
