@@ -8,6 +8,8 @@ request and the service must budget with the header's timeout.
 
 import asyncio
 import json
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -229,6 +231,80 @@ def start_small_miner(tmp: Path, shared_data: Path, env: dict[str, str] | None =
         proc.stop()
         raise
     return proc, Validator(vali, miner.hotkey.ss58_address, port)
+
+
+@pytest.fixture
+def held(tmp_path: Path, shared_data: Path) -> Iterator[tuple[Proc, Validator]]:
+    proc, validator = start_small_miner(tmp_path, shared_data, {"SYNTH_AXON_REQUEST_TIMEOUT_S": "3"})
+    try:
+        yield proc, validator
+    finally:
+        proc.stop()
+
+
+def hostile(port: int, kind: str) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    if kind == "slowloris":  # headers never finished
+        sock.sendall(b"POST /Simulation HTTP/1.1\r\nHost: x\r\nX-a: ")
+    elif kind == "slow body":  # a body declared and never sent
+        sock.sendall(b"POST /Simulation HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 900\r\n\r\n{")
+    sock.setblocking(False)
+    return sock  # "silent": opened, nothing sent
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    try:
+        while data := sock.recv(65_536):
+            del data
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:  # reset
+        return True
+
+
+async def test_held_connections_cannot_take_the_validators_place(held: tuple[Proc, Validator]) -> None:
+    """Connections opened and left silent, or with headers or a body never finished: uvicorn kept each
+    forever, and a few hundred used every file descriptor the miner had. The
+    validator then got a 500 (the axon could not read its key file) or no connection at all, for as long
+    as the attacker held them. Now the longest-waiting ones are closed past half the descriptor limit,
+    and every one that has not sent a whole request within the request timeout."""
+    proc, validator = held
+    kinds = ("silent", "slowloris", "slow body")  # (uvicorn closes idle keep-alive ones itself, after 5 s)
+    socks = [hostile(validator.port, kinds[i % len(kinds)]) for i in range(MINER_NOFILE + 64)]
+    stop = threading.Event()
+
+    def keep_opening() -> None:  # the attacker takes any descriptor that comes free
+        while not stop.wait(0.01):
+            socks.append(hostile(validator.port, "silent"))
+
+    opener = threading.Thread(target=keep_opening, daemon=True)
+    opener.start()
+    try:
+        for _ in range(2):  # the connection the validator keeps alive is reused for the second
+            reply, seconds = await validator.ask("BTC", 60, 3_600, 100, timeout=15)
+            assert_valid_reply(reply)
+            assert seconds < 5
+        stop.set()
+        opener.join()
+        more = [hostile(validator.port, "slowloris") for _ in range(8)]
+        await asyncio.sleep(0.5)
+        assert not any(closed_by_peer(s) for s in more)  # the newest are left alone...
+        await asyncio.sleep(3.5)  # (asleep, the validator's client sees its idle connection closed too)
+        assert all(closed_by_peer(s) for s in more)  # ...until the request timeout (3 s here)
+        assert sum(closed_by_peer(s) for s in socks) == len(socks)
+        socks += more
+        reply, seconds = await validator.ask("ETH", 300, 86_400, 1000, timeout=30)  # a several-MB reply
+        assert_valid_reply(reply)
+        assert seconds < 10
+    finally:
+        stop.set()
+        opener.join()
+        for sock in socks:
+            sock.close()
+        await validator.close()
+    assert proc.proc.poll() is None
 
 
 async def test_the_miner_signs_without_reading_its_key_file_again(tmp_path: Path, shared_data: Path) -> None:
