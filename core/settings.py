@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     axon_port: int = Field(8091, ge=1, le=65_535)
     axon_external_ip: str | None = Field(None, description="IP address published on the chain; unset = looked up")
     axon_external_port: int | None = Field(None, ge=1, le=65_535)
+    # A connection must deliver a whole request this soon after it opens (or after its previous reply): a
+    # validator sends its ~1 KB at once, a slowloris never finishes. The wait for the reply is not counted.
+    axon_request_timeout_s: float = Field(10.0, gt=0)
+    # Connections holding no request in progress (arriving, or kept alive idle) beyond this many: the one
+    # waiting longest is closed. Never more than half the process's file descriptor limit.
+    axon_max_waiting_connections: int = Field(512, ge=1)
     wallet_path: str = "~/.bittensor/wallets"
     wallet_name: str = "default"
     wallet_hotkey: str = "default"

@@ -8,15 +8,18 @@ import asyncio
 import json
 import logging
 import math
+import resource
 import time
 import typing
 
 import bittensor as bt
+import h11
 import orjson
 from bittensor.core.errors import SynapseException
 from bittensor.core.synapse import TerminalInfo
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from core.prices import PriceDataError
 from core.prompts import RequestError, check_request
@@ -294,11 +297,94 @@ def provenance(answer: Answer) -> str:
     return f"{answer.source} ({engine}, {'fallback' if answer.source == 'fallback' else 'standing in'}: {answer.reason})"
 
 
+class WaitingConnections:
+    """The axon's connections that hold no request in progress: one still arriving (nothing sent yet, headers
+    or body unfinished) or one kept alive after its reply. Such a connection costs nothing to hold but a file
+    descriptor, and uvicorn neither times out the first kind nor bounds how many there are: a few hundred
+    sockets opened and left silent (or fed a byte now and then) took every descriptor the process had,
+    forever, and validators were no longer served.
+
+    Here each must deliver a complete request within ``request_timeout_s`` of opening (or of its previous
+    reply), and when more than ``limit`` wait, the one waiting longest is closed. A validator's connection
+    waits for the milliseconds it takes to send its ~1 KB request; once the request is in, nothing here
+    touches it, however long its answer takes. Used only from uvicorn's event loop.
+    """
+
+    def __init__(self, request_timeout_s: float, limit: int) -> None:
+        self.request_timeout_s = request_timeout_s
+        self.limit = limit
+        self.since: dict[GuardedH11Protocol, float] = {}  # in the order they began waiting
+
+    def watch(self, conn: "GuardedH11Protocol") -> None:
+        if conn in self.since:
+            return
+        self.since[conn] = time.monotonic()
+        conn.deadline = conn.loop.call_later(self.request_timeout_s, conn.drop)
+        while len(self.since) > self.limit:
+            next(iter(self.since)).drop()
+
+    def forget(self, conn: "GuardedH11Protocol") -> None:
+        self.since.pop(conn, None)
+        if conn.deadline is not None:
+            conn.deadline.cancel()
+            conn.deadline = None
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, with its waiting connections in a :class:`WaitingConnections`."""
+
+    waiting: WaitingConnections  # set on the subclass guarded_protocol() makes, one per axon
+    deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.track()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self.track()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self.track()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.waiting.forget(self)
+        super().connection_lost(exc)
+
+    def track(self) -> None:
+        """Waiting unless a whole request is in (the app runs, or its reply is under way) or it is closing."""
+        if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
+            self.waiting.watch(self)
+        else:
+            self.waiting.forget(self)
+
+    def drop(self) -> None:
+        """Closed as uvicorn closes an idle keep-alive connection: what the last reply left buffered still
+        goes out first. An app waiting for the rest of the body gets ``http.disconnect``."""
+        self.waiting.forget(self)
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+def guarded_protocol(request_timeout_s: float, limit: int) -> type[GuardedH11Protocol]:
+    return type("AxonH11Protocol", (GuardedH11Protocol,), {"waiting": WaitingConnections(request_timeout_s, limit)})
+
+
+def waiting_limit(configured: int) -> int:
+    """At most half the process's file descriptors wait, whatever is configured: the rest stay for requests
+    being answered, the price sources, the pool and the logs."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return configured if soft == resource.RLIM_INFINITY else max(1, min(configured, soft // 2))
+
+
 def build_axon(settings: Settings, wallet: "bt.Wallet", handlers: AxonHandlers) -> "bt.Axon":
     external_ip = settings.axon_external_ip or ("127.0.0.1" if settings.local else None)
     axon = bt.Axon(wallet=wallet, ip=settings.axon_host, port=settings.axon_port, external_ip=external_ip,
                    external_port=settings.axon_external_port or settings.axon_port)
     axon.fast_server.config.host = settings.axon_host  # bittensor hard-codes 0.0.0.0
+    axon.fast_server.config.http = guarded_protocol(settings.axon_request_timeout_s,
+                                                    waiting_limit(settings.axon_max_waiting_connections))
     axon.attach(forward_fn=handlers.forward_fn, blacklist_fn=handlers.blacklist_fn,
                 priority_fn=handlers.priority_fn)
     serve_only(axon, Simulation.__name__)

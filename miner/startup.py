@@ -77,7 +77,12 @@ def load_wallet(settings: Settings) -> "bt.Wallet":
             raise StartupError(f"the hotkey at {wallet.hotkey_file.path} is password-protected and there is no "
                                "terminal to ask for it: the miner signs every reply with its hotkey, give it one "
                                "without a password (btcli wallet new_hotkey --no-use-password)")
-        # Read both keys now, not in the middle of starting the axon.
+        # Read both keys now, not in the middle of starting the axon, and keep them: a Wallet built from a
+        # path reads its key file again at every ``wallet.hotkey``, and the axon reads it twice per request
+        # (verify, sign). Out of file descriptors (held connections) that read failed: every validator got a
+        # 500, its request accepted and then refused.
+        wallet.unlock_hotkey()
+        wallet.unlock_coldkeypub()
         _ = (wallet.hotkey.ss58_address, wallet.coldkeypub.ss58_address)
     except StartupError:
         raise

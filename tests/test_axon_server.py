@@ -8,7 +8,10 @@ request and the service must budget with the header's timeout.
 
 import asyncio
 import json
+import socket
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -30,7 +33,17 @@ from miner.offline import patch_bittensor_networking
 from miner.pool import EmbeddedPool
 from miner.protocol import Simulation, SimulationInput
 from miner.service import Answer, MinerService
-from synth_miner.devstack import free_port, make_wallet, start_time_in
+from synth_miner.devstack import (
+    Proc,
+    Validator,
+    assert_valid_reply,
+    cli,
+    free_port,
+    make_wallet,
+    spawn,
+    start_time_in,
+    wait_port,
+)
 
 
 def body_with(timeout: float) -> bytes:
@@ -194,3 +207,117 @@ async def test_a_request_refused_by_the_self_check_is_counted_among_the_requests
     assert metrics.registry.get_sample_value("synth_invalid_replies_total") == 1
     assert metrics.registry.get_sample_value("synth_requests_total",
                                              {"asset": "BTC", "prompt": "high", "outcome": "invalid"}) == 1
+
+
+# --- held connections against a real miner process -------------------------------------------------------
+
+MINER_NOFILE = 256  # the miner's file descriptor limit here: a small-scale stand-in for the host's
+
+
+def start_small_miner(tmp: Path, shared_data: Path, env: dict[str, str] | None = None) -> tuple[Proc, Validator]:
+    """A miner process limited to MINER_NOFILE descriptors, serving one validator."""
+    root = tmp / "wallets"
+    miner, vali = make_wallet(root, "miner"), make_wallet(root, "validator")
+    port = free_port()
+    args = ["prlimit", f"--nofile={MINER_NOFILE}:{MINER_NOFILE}", "--", *cli("serve", "--local", "--port", str(port))]
+    proc = spawn(args, {"SYNTH_WALLET_PATH": str(root), "SYNTH_WALLET_NAME": "miner", "SYNTH_PRICE_PROVIDER": "replay",
+                        "SYNTH_REPLAY_DIR": str(shared_data), "SYNTH_REDIS_URL": "", "SYNTH_DATA_DIR": str(tmp / "data"),
+                        "SYNTH_ARTIFACTS_DIR": str(tmp / "artifacts"),
+                        "SYNTH_ALLOWED_HOTKEYS": json.dumps([vali.hotkey.ss58_address]), **(env or {})},
+                 tmp / "miner.log")
+    try:
+        wait_port(port, proc.proc, proc.log)
+    except RuntimeError:
+        proc.stop()
+        raise
+    return proc, Validator(vali, miner.hotkey.ss58_address, port)
+
+
+@pytest.fixture
+def held(tmp_path: Path, shared_data: Path) -> Iterator[tuple[Proc, Validator]]:
+    proc, validator = start_small_miner(tmp_path, shared_data, {"SYNTH_AXON_REQUEST_TIMEOUT_S": "3"})
+    try:
+        yield proc, validator
+    finally:
+        proc.stop()
+
+
+def hostile(port: int, kind: str) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    if kind == "slowloris":  # headers never finished
+        sock.sendall(b"POST /Simulation HTTP/1.1\r\nHost: x\r\nX-a: ")
+    elif kind == "slow body":  # a body declared and never sent
+        sock.sendall(b"POST /Simulation HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 900\r\n\r\n{")
+    sock.setblocking(False)
+    return sock  # "silent": opened, nothing sent
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    try:
+        while data := sock.recv(65_536):
+            del data
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:  # reset
+        return True
+
+
+async def test_held_connections_cannot_take_the_validators_place(held: tuple[Proc, Validator]) -> None:
+    """Connections opened and left silent, or with headers or a body never finished: uvicorn kept each
+    forever, and a few hundred used every file descriptor the miner had. The
+    validator then got a 500 (the axon could not read its key file) or no connection at all, for as long
+    as the attacker held them. Now the longest-waiting ones are closed past half the descriptor limit,
+    and every one that has not sent a whole request within the request timeout."""
+    proc, validator = held
+    kinds = ("silent", "slowloris", "slow body")  # (uvicorn closes idle keep-alive ones itself, after 5 s)
+    socks = [hostile(validator.port, kinds[i % len(kinds)]) for i in range(MINER_NOFILE + 64)]
+    stop = threading.Event()
+
+    def keep_opening() -> None:  # the attacker takes any descriptor that comes free
+        while not stop.wait(0.01):
+            socks.append(hostile(validator.port, "silent"))
+
+    opener = threading.Thread(target=keep_opening, daemon=True)
+    opener.start()
+    try:
+        for _ in range(2):  # the connection the validator keeps alive is reused for the second
+            reply, seconds = await validator.ask("BTC", 60, 3_600, 100, timeout=15)
+            assert_valid_reply(reply)
+            assert seconds < 5
+        stop.set()
+        opener.join()
+        more = [hostile(validator.port, "slowloris") for _ in range(8)]
+        await asyncio.sleep(0.5)
+        assert not any(closed_by_peer(s) for s in more)  # the newest are left alone...
+        await asyncio.sleep(3.5)  # (asleep, the validator's client sees its idle connection closed too)
+        assert all(closed_by_peer(s) for s in more)  # ...until the request timeout (3 s here)
+        assert sum(closed_by_peer(s) for s in socks) == len(socks)
+        socks += more
+        reply, seconds = await validator.ask("ETH", 300, 86_400, 1000, timeout=30)  # a several-MB reply
+        assert_valid_reply(reply)
+        assert seconds < 10
+    finally:
+        stop.set()
+        opener.join()
+        for sock in socks:
+            sock.close()
+        await validator.close()
+    assert proc.proc.poll() is None
+
+
+async def test_the_miner_signs_without_reading_its_key_file_again(tmp_path: Path, shared_data: Path) -> None:
+    """bittensor's Wallet read the hotkey file at every ``wallet.hotkey``: twice a request. Out of file
+    descriptors (held connections), that read failed and a validator whose connection got in still got a
+    500. The key is read once at start now: with the file gone, requests are still answered."""
+    proc, validator = start_small_miner(tmp_path, shared_data)
+    try:
+        key = tmp_path / "wallets" / "miner" / "hotkeys" / "default"
+        key.rename(key.with_name("moved"))
+        reply, seconds = await validator.ask("BTC", 60, 3_600, 100, timeout=20)
+        assert_valid_reply(reply)
+        assert seconds < 5
+    finally:
+        await validator.close()
+        proc.stop()
