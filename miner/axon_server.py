@@ -313,18 +313,18 @@ class WaitingConnections:
     def __init__(self, request_timeout_s: float, limit: int) -> None:
         self.request_timeout_s = request_timeout_s
         self.limit = limit
-        self.since: dict[GuardedH11Protocol, float] = {}  # in the order they began waiting
+        self.waiting: dict[GuardedH11Protocol, None] = {}  # an ordered set: oldest waiter first
 
     def watch(self, conn: "GuardedH11Protocol") -> None:
-        if conn in self.since:
+        if conn in self.waiting:
             return
-        self.since[conn] = time.monotonic()
+        self.waiting[conn] = None
         conn.deadline = conn.loop.call_later(self.request_timeout_s, conn.drop)
-        while len(self.since) > self.limit:
-            next(iter(self.since)).drop()
+        while len(self.waiting) > self.limit:
+            next(iter(self.waiting)).drop()
 
     def forget(self, conn: "GuardedH11Protocol") -> None:
-        self.since.pop(conn, None)
+        self.waiting.pop(conn, None)
         if conn.deadline is not None:
             conn.deadline.cancel()
             conn.deadline = None

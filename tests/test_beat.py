@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
@@ -22,10 +22,22 @@ from core.settings import Settings, get_settings
 from synth_miner.devstack import Proc, cli, spawn, start_worker
 from tests.conftest import RedisServer
 
+if TYPE_CHECKING:
+    from workers.beat import LeaderScheduler
+
 SENDING = "Sending due task"  # Celery beat logs it for each task it sends
 LEADER = re.compile(r"^\[([\d-]+ [\d:,]+): INFO/MainProcess\] beat \S+ is now the leader", re.M)
 DUPLICATE = re.compile(r"^\[([\d-]+ [\d:,]+): INFO/MainProcess\] job refresh-cache slot (\d+) already claimed .*"
                        r": skipping duplicate", re.M)
+
+
+def run_beat(beat: "LeaderScheduler", seconds: float) -> None:
+    """Tick ``beat`` for ``seconds``, sleeping what each tick asks, as celery.beat.Service.start does."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        interval = beat.tick()
+        if interval and interval > 0:
+            time.sleep(min(interval, max(0.0, end - time.monotonic())))
 
 
 def test_two_beats_run_each_slot_once(redis_server: RedisServer, redis_url: str, tmp_path: Path,
@@ -281,21 +293,14 @@ def test_a_send_that_keeps_failing_is_retried_with_a_backoff_not_in_a_busy_loop(
 
     monkeypatch.setattr(PersistentScheduler, "sync", recorded)
 
-    def run_beat(seconds: float) -> None:  # as celery.beat.Service.start does
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            interval = beat.tick()
-            if interval and interval > 0:
-                time.sleep(min(interval, max(0.0, end - time.monotonic())))
-
     try:
-        run_beat(3.5)
+        run_beat(beat, 3.5)
         failed = len(attempts)
         # Celery saves the advanced entry around a send: the put-back is saved too, or a beat killed now
         # would restart believing the retrain ran, and skip it for a week.
         assert saved and saved[-1] == due_since, saved
         client.delete(queue)  # the broker takes messages again
-        run_beat(min(send_retry_delay(failed, 7 * 86_400), 4.0) + 1.0)  # the last failure was before this
+        run_beat(beat, min(send_retry_delay(failed, 7 * 86_400), 4.0) + 1.0)  # the last failure was before this
         sent = [json.loads(m)["headers"]["task"] for m in client.lrange(queue, 0, -1)]
     finally:
         beat.close()
@@ -569,20 +574,13 @@ def test_a_clock_gone_back_more_than_a_period_does_not_stop_a_job_for_as_long(
     def sends() -> int:
         return sum(json.loads(m)["headers"]["task"] == TASK_RETRAIN for m in client.lrange(Settings().queue_cpu, 0, -1))
 
-    def run_beat(seconds: float) -> None:  # as celery.beat.Service.start does
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            interval = beat.tick()
-            if interval and interval > 0:
-                time.sleep(min(interval, max(0.0, end - time.monotonic())))
-
     try:
         beat.tick()
         assert beat.leader and sends() == 1
         wall = app.now
         monkeypatch.setattr(app, "now", lambda: wall() - timedelta(hours=1))  # the clock steps back an hour
         with caplog.at_level(logging.WARNING, logger="workers.beat"):
-            run_beat(2 * period + 0.5)
+            run_beat(beat, 2 * period + 0.5)
         after = sends() - 1
     finally:
         beat.close()

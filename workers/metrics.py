@@ -73,13 +73,13 @@ class Heartbeat:
             self._thread = threading.Thread(target=self._resend, name="heartbeat", daemon=True)
             self._thread.start()
 
-    def send(self) -> bool:
-        """Announce now; False when Redis did not take it."""
+    def send(self) -> None:
+        """Announce now; a failure is counted (``_failures``) and retried within a second by ``_resend``."""
         # Under the lock, so a send racing retire() cannot put the key back after it was removed.
         with self._lock:
             client, payload = self._client, {**self._payload, "at": time.time()}
             if client is None:
-                return True
+                return
             try:
                 client.set(WORKER_HEARTBEAT_KEY.format(name=payload["name"]), json.dumps(payload),  # type: ignore[attr-defined]
                            ex=HEARTBEAT_TTL_S)
@@ -88,12 +88,11 @@ class Heartbeat:
                 log.log(logging.WARNING if self._failures == 1 else logging.DEBUG,
                         "heartbeat failed: %s (retried every %.0f s, logged again once it is back)", exc,
                         HEARTBEAT_RETRY_S)
-                return False
+                return
             self._sent_at = time.monotonic()
             if self._failures:
                 log.warning("heartbeat back after %d failed attempt(s)", self._failures)
                 self._failures = 0
-            return True
 
     def stop(self) -> None:
         self._stopped.set()
