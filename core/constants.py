@@ -70,6 +70,12 @@ JOB_REDIS_BACKOFF_S: Final = (0.5, 8.0)  # first and longest wait between two tr
 STAGING_KEEP_S: Final = 7 * 86_400
 STAGING_KEEP_NEWEST: Final = 5
 
+# --- Retraining ------------------------------------------------------------------------------------------
+# An asset short of gate prompts whose newest stored bar closed this long before the gate has a stopped feed:
+# it is reported not gated and the others decide (it serves no fresh price either). A fresher one is short
+# of prompts through gaps, and the model is then not published (it would serve that asset ungated).
+GATE_FEED_STOPPED_S: Final = 6 * 3600
+
 # --- Worker processes ------------------------------------------------------------------------------------
 HEARTBEAT_TTL_S: Final = 60  # a worker's heartbeat key outlives it this long
 # An idle process re-announces itself this often (a SET per process: cheap). It bounds how long a worker

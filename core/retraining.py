@@ -16,8 +16,10 @@ plain checkpoints of every run are kept in ``artifacts/staging/models-<stamp>/``
 """
 
 import logging
+import math
 import time
-from dataclasses import asdict
+from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from core.artifacts import ArtifactError, ArtifactStore, DataWindow, new_version
 from core.calibration import CALIBRATION_FILE, CalibrationState, Case, CasePlan, recent_cases
 from core.champion import challenge_models
 from core.checkpoint import Checkpoint, save
+from core.constants import GATE_FEED_STOPPED_S
 from core.datasets import MODEL_ASSETS, DatasetError, histories_from_cache
 from core.evaluation import GRIDS, AssetHistory, iso
 from core.features import FEATURE_SPECS
@@ -108,16 +111,84 @@ def gate_cases(settings: Settings, store: HistoryStore, kind: str, now: int) -> 
     return cases
 
 
+def newest_close(store: HistoryStore, asset: str, now: int) -> int | None:
+    """When the asset's newest stored bar closed by ``now`` closed (None: it has none): its feed's last word."""
+    newest: int | None = None
+    for step in (60, 300):
+        for day in reversed([d for d in store.days(asset, step) if d * 86_400 < now]):
+            bars = store.read_day(asset, step, day).between(day * 86_400, now - step + 1)
+            if bars.last_ts is not None:
+                newest = max(newest or 0, int(bars.last_ts) + step)
+                break
+    return newest
+
+
+@dataclass(frozen=True)
+class GateCoverage:
+    """How well the gate's prompts cover the model's assets."""
+
+    prompts: dict[str, int]  # per asset of the model
+    need: int  # prompts each asset needs (Settings.retrain_gate_min_prompts)
+    stopped: dict[str, int | None]  # short assets whose feed stopped -> when their newest bar closed
+    short: tuple[str, ...]  # short assets whose feed runs: they block the model
+
+    def not_gated(self) -> dict[str, str]:
+        return {asset: "feed stopped: no bar in the store" if at is None else
+                f"feed stopped since {iso(at)}, {self.prompts[asset]} gate prompts" for asset, at in self.stopped.items()}
+
+
+def gate_coverage(settings: Settings, store: HistoryStore, kind: str, cases: list[Case], now: int) -> GateCoverage:
+    """Which of the model's assets have the prompts a verdict needs. A short one whose feed stopped is left
+    out (the others decide): it has no fresh price to serve either, and refusing every model until its feed
+    comes back would stop the retraining of all the others. A short one whose feed runs blocks the model."""
+    counts = Counter(c.prompt.asset for c in cases)
+    need = settings.retrain_gate_min_prompts
+    prompts = {asset: counts[asset] for asset in MODEL_ASSETS[kind]}
+    stopped: dict[str, int | None] = {}
+    short: list[str] = []
+    for asset, n in prompts.items():
+        if n >= need:
+            continue
+        newest = newest_close(store, asset, now)
+        if newest is None or newest <= now - GATE_FEED_STOPPED_S:
+            stopped[asset] = newest
+        else:
+            short.append(asset)
+    return GateCoverage(prompts, need, stopped, tuple(short))
+
+
+def short_reason(settings: Settings, kind: str, coverage: GateCoverage) -> str:
+    """Why too few prompts decide nothing, and what gives more: a longer gate, or a feed without gaps."""
+    step = FEATURE_SPECS[kind].step
+    plan = gate_plan(settings, step)
+    counts = ", ".join(f"{a} {coverage.prompts[a]}" for a in coverage.short)
+    said = (f"not gated: too few gate prompts ({counts}; {coverage.need} needed per asset, "
+            "SYNTH_RETRAIN_GATE_MIN_PROMPTS)")
+    if plan.count < coverage.need:
+        days = (GRIDS[step] + 60 + coverage.need * plan.spacing_s) / 86_400
+        return (f"{said}: a {settings.retrain_gate_days:g}-day gate holds at most {plan.count} per asset for "
+                f"{kind}; SYNTH_RETRAIN_GATE_DAYS >= {math.ceil(days * 100) / 100:g} gives {coverage.need}")
+    return f"{said}: gaps in the held-back tail; the served model stays"
+
+
 def run_gate(settings: Settings, artifacts: ArtifactStore, history: HistoryStore, kind: str, checkpoint_file: Path,
              trained: DataWindow, now: int) -> dict[str, Any]:
     """Stage ``kind``'s retrained checkpoint over the current set, score it against the served model."""
     try:
         cases = gate_cases(settings, history, kind, now)
+        coverage = gate_coverage(settings, history, kind, cases, now)
     except HistoryStoreError as exc:  # a corrupt partition: no verdict, nothing published, the job goes on
         log.error("retrained %s not gated: %s", kind, exc)
         return {"cases": 0, "published": None, "reason": f"gate failed: history store unreadable: {exc}"}
+    not_gated = coverage.not_gated()
+    cases = [c for c in cases if c.prompt.asset not in coverage.stopped]
+    said = {"prompts": coverage.prompts, "not_gated": not_gated}
+    if coverage.short:
+        return {"cases": len(cases), **said, "published": None, "reason": short_reason(settings, kind, coverage)}
     if not cases:
-        return {"cases": 0, "published": None, "reason": "no scorable prompt in the held-back tail"}
+        return {"cases": 0, **said, "published": None, "reason": "no scorable prompt in the held-back tail"}
+    if not_gated:
+        log.warning("retrained %s: %s", kind, "; ".join(f"{a} not gated: {why}" for a, why in not_gated.items()))
     files = {checkpoint_file.name: checkpoint_file.read_bytes()}
     staging: Path | None = None
     try:
@@ -133,11 +204,14 @@ def run_gate(settings: Settings, artifacts: ArtifactStore, history: HistoryStore
         log.error("retrained %s not gated: %s", kind, exc)
         return {"cases": len(cases), "staged": None if staging is None else str(staging), "published": None,
                 "reason": f"gate failed: {exc}"}
-    verdict = {**asdict(decision), "staged": str(staging), "published": None}
+    verdict = {**asdict(decision), **said, "staged": str(staging), "published": None}
+    if not_gated:  # said in the reason too: status shows a verdict's reason, not its fields
+        verdict["reason"] = f"{decision.reason}; not gated: " + ", ".join(
+            f"{a} ({why})" for a, why in not_gated.items())
     if not decision.promote:
         return verdict
     if not settings.retrain_publish:
-        return {**verdict, "reason": f"{decision.reason}; not published (SYNTH_RETRAIN_PUBLISH=false)"}
+        return {**verdict, "reason": f"{verdict['reason']}; not published (SYNTH_RETRAIN_PUBLISH=false)"}
     try:
         # Not the champion's version: one published between staging and the comparison (the hourly
         # calibration) is a set this one was not built on, and publishing over it would revert it.

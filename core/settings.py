@@ -146,6 +146,10 @@ class Settings(BaseSettings):
     retrain_gate_days: float = Field(3.0, gt=1.05, description="newest history the retraining holds back: a "
                                      "model is trained before it and must not lose its prompts to the served one")
     retrain_gate_paths: int = Field(1000, ge=10, description="paths per prompt when the gate scores both models")
+    # At the default 3-day gate the 24 h models get ~47 prompts per asset, the 1 h model ~280; at 1.1 days the 24 h
+    # ones got 2, and a verdict on 2 overlapping prompts is a coin toss.
+    retrain_gate_min_prompts: int = Field(24, ge=1, description="gate prompts each asset of a model needs; with "
+                                          "fewer the retrained model is not published (the report says why)")
     retrain_publish: bool = Field(True, description="publish a retrained model that passes the gate "
                                   "(false: stage it with the verdict for an operator)")
     retrain_tolerance: float = Field(0.0, ge=0, description="publish if gate CRPS <= served model's x (1 + this)")

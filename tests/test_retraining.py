@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -189,8 +190,9 @@ def test_a_gate_never_publishes_over_a_calibration_published_while_it_ran(tmp_pa
 
 
 def fewer_gate_cases(settings: Settings) -> Settings:
-    """One gate prompt every 1.5 h of the 1.1-day tail (16, not 101): the verdicts, faster."""
-    return settings.model_copy(update={"calibration_spacing_hf_s": 5400})
+    """One gate prompt every 1.5 h of the 1.1-day tail (16, not 101): the verdicts, faster. The floor on prompts
+    per asset is met by them (it is tested on its own below)."""
+    return settings.model_copy(update={"calibration_spacing_hf_s": 5400, "retrain_gate_min_prompts": 2})
 
 
 def test_a_retrained_model_that_loses_the_gate_is_staged_not_published(tmp_path: Path, shared_data: Path) -> None:
@@ -268,3 +270,74 @@ def test_a_gate_longer_than_the_history_says_so_instead_of_an_empty_store(tmp_pa
                                           "5 days before now (the gate's held-back tail)"), report["models"][kind]
     artifacts = ArtifactStore.from_settings(settings)
     assert artifacts.current_version() is None and not artifacts.staging_dir.exists()  # nothing trained or staged
+
+
+def four_asset_store(tmp_path: Path, shared_data: Path, stops: dict[str, int] | None = None,
+                     gaps: dict[str, tuple[int, int]] | None = None) -> tuple[int, HistoryStore]:
+    """BTC's 4 pre-cut days of 1-minute bars, and ETH, SOL, XAU as BTC rescaled: the crypto models' assets.
+    ``stops``: asset -> seconds before the cut its feed stopped; ``gaps``: asset -> a (start, end) hole."""
+    cut = int(json.loads((shared_data / "manifest.json").read_text())["btc_1m"]["eval_start_ts"])
+    store = HistoryStore(tmp_path / "data" / "history", durable=False)
+    btc = read_csv(shared_data / "btc_1m.csv.gz", 60).between(cut - 4 * 86_400, cut)
+    for asset, factor in (("BTC", 1.0), ("ETH", 0.03), ("SOL", 0.002), ("XAU", 0.04)):
+        bars = btc.between(cut - 4 * 86_400, cut - (stops or {}).get(asset, 0))
+        keep = np.ones(len(bars), bool)
+        if asset in (gaps or {}):
+            lo, hi = (gaps or {})[asset]
+            keep = (bars.ts < lo) | (bars.ts >= hi)
+        store.append(asset, PriceHistory(60, bars.ts[keep], bars.close[keep] * factor))
+    return cut, store
+
+
+def test_a_gate_on_too_few_prompts_per_asset_publishes_nothing_and_says_why(tmp_path: Path, shared_data: Path) -> None:
+    """A 1.1-day gate leaves the 24 h models (gate days - 1) x 24 = 2 prompts per asset: the retrained model was
+    published on 6 overlapping prompts, a coin toss. Under SYNTH_RETRAIN_GATE_MIN_PROMPTS per asset it is not,
+    and the report says how many it had, how many it needs and which gate would give them."""
+    cut, store = four_asset_store(tmp_path, shared_data)
+    settings = Settings(data_dir=tmp_path / "data", artifacts_dir=tmp_path / "artifacts", retrain_gate_days=1.1,
+                        retrain_gate_paths=50)
+    artifacts = ArtifactStore.from_settings(settings)
+    trained = DataWindow(cut - 4 * 86_400, cut - 95_040)
+    committed = settings.models_dir / "lf_crypto.pt"  # a tie with the served model: published on any count
+    gate = run_gate(settings, artifacts, store, "lf_crypto", committed, trained, cut)
+    assert gate["prompts"] == {"BTC": 2, "ETH": 2, "SOL": 2, "XAU": 2} and gate["published"] is None, gate
+    assert gate["reason"] == ("not gated: too few gate prompts (BTC 2, ETH 2, SOL 2, XAU 2; 24 needed per asset, "
+                              "SYNTH_RETRAIN_GATE_MIN_PROMPTS): a 1.1-day gate holds at most 2 per asset for "
+                              "lf_crypto; SYNTH_RETRAIN_GATE_DAYS >= 2.01 gives 24"), gate["reason"]
+    assert artifacts.current_version() is None and not artifacts.staging_dir.exists()  # nothing staged or served
+    assert len(gate_cases(settings.model_copy(update={"retrain_gate_days": 2.01}), store, "lf_crypto", cut)) \
+        == 4 * 24  # the gate the report names gives the floor
+    enough = run_gate(settings.model_copy(update={"retrain_gate_min_prompts": 2}), artifacts, store, "lf_crypto",
+                      committed, trained, cut)
+    assert enough["cases"] == 8 and enough["promote"] and enough["published"] == artifacts.current_version(), enough
+
+
+def test_an_asset_whose_feed_stopped_is_reported_not_gated_and_the_others_decide(tmp_path: Path,
+                                                                                 shared_data: Path) -> None:
+    """XAU's feed stopped two days ago: the gate had no XAU prompt, and the report said nothing of it (the
+    retrained model went on to serve XAU, never scored on it). It is now named, with when its feed stopped, and
+    the others decide. An asset short of prompts whose feed runs (a hole in the tail) blocks the model instead."""
+    cut, store = four_asset_store(tmp_path, shared_data, stops={"XAU": 2 * 86_400},
+                                  gaps={"SOL": (cut_of(shared_data) - 20 * 3600, cut_of(shared_data) - 2 * 3600)})
+    settings = fewer_gate_cases(Settings(data_dir=tmp_path / "data", artifacts_dir=tmp_path / "artifacts",
+                                         retrain_gate_days=1.1, retrain_gate_paths=50))
+    settings = settings.model_copy(update={"retrain_gate_min_prompts": 12})
+    artifacts = ArtifactStore.from_settings(settings)
+    trained = DataWindow(cut - 4 * 86_400, cut - 95_040)
+    blocked = run_gate(settings, artifacts, store, "hf", settings.models_dir / "hf.pt", trained, cut)
+    assert blocked["prompts"]["XAU"] == 0 and blocked["prompts"]["BTC"] == 16 and blocked["prompts"]["SOL"] < 12
+    assert blocked["published"] is None and artifacts.current_version() is None, blocked
+    assert f"(SOL {blocked['prompts']['SOL']}; 12 needed" in blocked["reason"], blocked["reason"]
+    assert "gaps in the held-back tail" in blocked["reason"]
+    stopped = "feed stopped since 2026-05-23T00:00:00+00:00, 0 gate prompts"
+    assert blocked["not_gated"] == {"XAU": stopped}
+
+    cut, store = four_asset_store(tmp_path / "no-hole", shared_data, stops={"XAU": 2 * 86_400})
+    gate = run_gate(settings, artifacts, store, "hf", settings.models_dir / "hf.pt", trained, cut)
+    assert gate["prompts"] == {"BTC": 16, "ETH": 16, "SOL": 16, "XAU": 0} and gate["cases"] == 48, gate
+    assert gate["promote"] and gate["published"] == artifacts.current_version(), gate
+    assert gate["not_gated"] == {"XAU": stopped} and gate["reason"].endswith(f"; not gated: XAU ({stopped})")
+
+
+def cut_of(shared_data: Path) -> int:
+    return int(json.loads((shared_data / "manifest.json").read_text())["btc_1m"]["eval_start_ts"])
