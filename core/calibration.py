@@ -4,7 +4,8 @@ One run, per key:
 
 1. Recent validator-style prompts are built from history with ``core.evaluation`` (the same prompts,
    realised prices and no-look-ahead snapshots as the backtest): one prompt per spacing slot, the
-   latest ones whose realised prices are already known at ``end``.
+   latest ones whose realised prices are already known at ``end``. A market that closes (equities, gold's
+   files) reaches further back for the prompts its latest slots lack (``CasePlan.session_reach``).
 2. A bounded Brent search (golden-section with parabolic steps) over log(sigma_scale) in
    [scale_min, scale_max] minimises the mean ``core.scoring.score_prompt`` total. Every candidate
    scale reuses the same random numbers per prompt (``core.forecast.rng_for``), so the objective is
@@ -39,8 +40,9 @@ import numpy as np
 import numpy.typing as npt
 from scipy.optimize import minimize_scalar
 
+from core.assets import ASSETS
 from core.atomic_files import atomic_write
-from core.constants import LF_INCREMENT
+from core.constants import CALIBRATION_SESSION_REACH, LF_INCREMENT
 from core.engines.base import Engine, EngineError, Float32Array, ParametricEngine
 from core.evaluation import (
     GRIDS,
@@ -138,6 +140,9 @@ class CasePlan:
     lookback_s: int  # history an engine sees before each prompt (the live cache window)
     n_paths: int
     seed: int  # picks the start inside each slot
+    # How many times the window a market that closes may reach back for the prompts its latest slots lack
+    # (CALIBRATION_SESSION_REACH); 1: never (the retrain gate, which must stay after the training data).
+    session_reach: int = CALIBRATION_SESSION_REACH
 
     @classmethod
     def for_prompt(cls, settings: Settings, time_increment: int) -> CasePlan:
@@ -147,9 +152,14 @@ class CasePlan:
                    lookback_s=settings.cache_window_s(time_increment), n_paths=settings.calibration_paths,
                    seed=settings.calibration_seed)
 
-    def span_s(self, time_increment: int) -> int:
+    def reach(self, asset: str | None) -> int:
+        """Windows the asset's prompts may span: ``session_reach`` for a market that closes, else 1."""
+        spec = ASSETS.get(asset or "")
+        return self.session_reach if spec is not None and (spec.us_session or spec.weekend_closed) else 1
+
+    def span_s(self, time_increment: int, asset: str | None = None) -> int:
         """History needed before ``end``: the prompts, their horizon and the lookback of the oldest."""
-        return self.count * self.spacing_s + GRIDS[time_increment] + self.lookback_s
+        return self.count * self.spacing_s * self.reach(asset) + GRIDS[time_increment] + self.lookback_s
 
 
 def known_before(history: AssetHistory, end: int) -> AssetHistory:
@@ -165,8 +175,15 @@ def recent_cases(asset: str, history: AssetHistory, time_increment: int, end: in
     known = known_before(history, end)
     last_start = end - time_length - 60  # the last grid bar opens at start + length and must have closed
     window = Window(asset, time_increment, last_start - plan.count * plan.spacing_s, last_start)
+    prompts = pick_prompts(known, window, plan.spacing_s, plan.seed, plan.count)
+    reach = plan.reach(asset)
+    if len(prompts) < plan.count and reach > 1:
+        # Equities' 140 daily slots hold ~29 session prompts: the older ones they lack, from further back (the
+        # latest slots' picks stay as they were).
+        older = Window(asset, time_increment, window.start - (reach - 1) * plan.count * plan.spacing_s, window.start)
+        prompts = pick_prompts(known, older, plan.spacing_s, plan.seed)[len(prompts) - plan.count:] + prompts
     cases = []
-    for prompt in pick_prompts(known, window, plan.spacing_s, plan.seed, plan.count):
+    for prompt in prompts:
         realised, source = realised_prices(known, prompt.start_ts, time_increment, time_length)
         if source is None or not np.isfinite(realised[-1]):
             continue  # the validator does not score a prompt without its last price
@@ -527,20 +544,21 @@ def load_scale_lookup(settings: Settings) -> ScaleLookup:
     return ArtifactStore.from_settings(settings).load_current().calibration.lookup_for(settings.calibration_engine)
 
 
-def history_span_s(settings: Settings) -> int:
-    """Seconds of history before ``end`` that calibration's prompts (and their lookbacks) read."""
-    return max(CasePlan.for_prompt(settings, inc).span_s(inc) for inc in sorted(GRIDS))
+def history_span_s(settings: Settings, asset: str | None = None) -> int:
+    """Seconds of history before ``end`` that calibration's prompts (and their lookbacks) read for ``asset``
+    (None: one whose market never closes)."""
+    return max(CasePlan.for_prompt(settings, inc).span_s(inc, asset) for inc in sorted(GRIDS))
 
 
 def store_histories(settings: Settings, end: int, assets: Sequence[str] | None = None) -> dict[str, AssetHistory]:
     """What calibration reads in production: the durable history store, as far back as its prompts need."""
     from core.history_store import HistoryStore
 
-    span = history_span_s(settings)
     history_store = HistoryStore.from_settings(settings)
+    spans = {asset: history_span_s(settings, asset) for asset in (assets or history_store.assets())}
     histories = {asset: AssetHistory(history_store.read(asset, 60, end - span, end) or None,
                                      history_store.read(asset, 300, end - span, end) or None)
-                 for asset in (assets or history_store.assets())}
+                 for asset, span in spans.items()}
     return {a: h for a, h in histories.items() if h.m1 is not None or h.m5 is not None}
 
 
@@ -567,6 +585,10 @@ def run_calibration_job(settings: Settings, now: int | None = None) -> dict[str,
                              else unmoved_reason(run.outcomes))
         log.warning("calibration: nothing published: %s", summary["reason"])
         return summary
+    kept = {o.key: o.reason for o in run.outcomes if not o.moved}
+    if kept:  # the keys that moved say nothing of those that did not (an equity short of session prompts)
+        summary["not_calibrated"] = kept
+        log.warning("calibration: %d key(s) not moved: %s", len(kept), "; ".join(f"{k}: {r}" for k, r in kept.items()))
     starts = [c.prompt.start_ts for c in run.all_cases()]
     state.meta = {"calibrated_at": now, "end": end, "engine": settings.calibration_engine}
     try:

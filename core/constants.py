@@ -76,6 +76,12 @@ STAGING_KEEP_NEWEST: Final = 5
 # of prompts through gaps, and the model is then not published (it would serve that asset ungated).
 GATE_FEED_STOPPED_S: Final = 6 * 3600
 
+# --- Calibration -----------------------------------------------------------------------------------------
+# A market that closes (NYSE hours: of 168 h a week, 26 start a scorable 24 h prompt, 27.5 a 1 h one) fills
+# about 1 in 6.5 of calibration's hourly slots: its prompts reach up to this many times the window back for the
+# ones its latest slots lack (140 daily ones: ~5.4 weeks). Without it equities never met the minimums.
+CALIBRATION_SESSION_REACH: Final = 7
+
 # --- Worker processes ------------------------------------------------------------------------------------
 HEARTBEAT_TTL_S: Final = 60  # a worker's heartbeat key outlives it this long
 # An idle process re-announces itself this often (a SET per process: cheap). It bounds how long a worker

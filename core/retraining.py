@@ -95,7 +95,7 @@ def gate_plan(settings: Settings, time_increment: int) -> CasePlan:
     base = CasePlan.for_prompt(settings, time_increment)
     room = gate_s(settings) - GRIDS[time_increment] - 60
     return CasePlan(count=room // base.spacing_s, spacing_s=base.spacing_s, lookback_s=base.lookback_s,
-                    n_paths=settings.retrain_gate_paths, seed=base.seed)
+                    n_paths=settings.retrain_gate_paths, seed=base.seed, session_reach=1)
 
 
 def gate_cases(settings: Settings, store: HistoryStore, kind: str, now: int) -> list[Case]:
@@ -168,7 +168,7 @@ def short_reason(settings: Settings, kind: str, coverage: GateCoverage) -> str:
         days = (GRIDS[step] + 60 + coverage.need * plan.spacing_s) / 86_400
         return (f"{said}: a {settings.retrain_gate_days:g}-day gate holds at most {plan.count} per asset for "
                 f"{kind}; SYNTH_RETRAIN_GATE_DAYS >= {math.ceil(days * 100) / 100:g} gives {coverage.need}")
-    return f"{said}: gaps in the held-back tail; the served model stays"
+    return f"{said}: gaps or market closures in the held-back tail; the served model stays"
 
 
 def run_gate(settings: Settings, artifacts: ArtifactStore, history: HistoryStore, kind: str, checkpoint_file: Path,

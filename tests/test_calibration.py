@@ -432,3 +432,33 @@ def test_a_job_with_nothing_to_calibrate_on_says_why(tmp_path: Path) -> None:
     assert short["published"] is None and short["outcomes"]
     assert short["reason"].startswith("no scale moved: ewma_t:BTC:60: "), short["reason"]
     assert "prompts <" in short["reason"]
+
+
+def test_a_market_that_closes_reaches_back_for_the_session_prompts_its_window_lacks(tmp_path: Path,
+                                                                                    shared_data: Path) -> None:
+    """SPY's regular-hours bars (as `data import` stores them) fill ~1 in 6.5 of the hourly slots: an equity key
+    scored 29 prompts of the 140 its window holds, under the 120 needed, at every run: never calibrated. Its
+    prompts now reach back (CasePlan.session_reach) for the older session prompts; a crypto key's do not."""
+    from core.csv_history import read_csv
+
+    now = 1_770_411_600  # Friday 2026-02-06 21:00Z, after the close; before the files' held-out split
+    settings = Settings(artifacts_dir=tmp_path / "artifacts", data_dir=tmp_path / "data", calibration_windows_lf=14,
+                        calibration_windows_hf=12,
+                        calibration_min_samples_lf=12, calibration_paths=40, cache_days_lf=2.0)
+    store = HistoryStore(settings.data_dir / "history", durable=False)
+    for step, res in ((60, "1m"), (300, "5m")):
+        store.append("SPYX", read_csv(shared_data / f"spy_{res}.csv.gz", step).between(now - 30 * DAY, now))
+    history = AssetHistory(store.read("SPYX", 60, now - 30 * DAY, now), store.read("SPYX", 300, now - 30 * DAY, now))
+    plan = CasePlan.for_prompt(settings, 300)
+    latest_slots = recent_cases("SPYX", history, 300, now, CasePlan(**{**plan.__dict__, "session_reach": 1}))
+    reached = recent_cases("SPYX", history, 300, now, plan)
+    assert len(latest_slots) < 12 <= len(reached) == 14, (len(latest_slots), len(reached))
+    assert [c.prompt.start_ts for c in reached[-len(latest_slots):]] == [c.prompt.start_ts for c in latest_slots]
+    assert plan.reach("SPYX") == 7 and plan.reach("BTC") == 1
+    summary = run_calibration_job(settings, now=now)
+    lf = next(o for o in summary["outcomes"] if o["key"] == "ewma_t:SPYX:300")
+    assert lf["moved"] and lf["samples"] == 14 and lf["reason"] == "ok", lf
+    # The 1 h key asks 12 prompts here, short of the default 150 needed:
+    # which the summary names although the other key moved and the set was published.
+    assert summary["published"] and summary["not_calibrated"] == {"ewma_t:SPYX:60": "12 prompts < 150 needed"}, \
+        summary

@@ -328,7 +328,7 @@ def test_an_asset_whose_feed_stopped_is_reported_not_gated_and_the_others_decide
     assert blocked["prompts"]["XAU"] == 0 and blocked["prompts"]["BTC"] == 16 and blocked["prompts"]["SOL"] < 12
     assert blocked["published"] is None and artifacts.current_version() is None, blocked
     assert f"(SOL {blocked['prompts']['SOL']}; 12 needed" in blocked["reason"], blocked["reason"]
-    assert "gaps in the held-back tail" in blocked["reason"]
+    assert "gaps or market closures in the held-back tail" in blocked["reason"]
     stopped = "feed stopped since 2026-05-23T00:00:00+00:00, 0 gate prompts"
     assert blocked["not_gated"] == {"XAU": stopped}
 
