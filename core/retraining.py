@@ -260,7 +260,12 @@ def run_retrain_job(settings: Settings, now: int | None = None, options: TrainOp
         except (TrainingError, DatasetError) as exc:  # too little or unusable history: say so, go on
             report["models"][kind] = f"skipped: {exc}"
             continue
-        save(checkpoint, out_dir / f"{kind}.pt")
+        try:
+            save(checkpoint, out_dir / f"{kind}.pt")
+        except OSError as exc:  # a full disk: this model's hours are lost, but say which and try the next one
+            log.error("retrained %s not saved: %s", kind, exc)
+            report["models"][kind] = f"skipped: checkpoint not saved in {out_dir}: {exc}"
+            continue
         m = checkpoint.metrics
         best = {"val_crps": m["val_crps"], "val_ratio_vs_ewma": m["val_ratio_vs_ewma"], "members": m["members"],
                 "refit": bool(m.get("refit", False)), "refit_half_life_days": m.get("refit_half_life_days")}

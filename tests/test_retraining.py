@@ -273,14 +273,14 @@ def test_a_gate_longer_than_the_history_says_so_instead_of_an_empty_store(tmp_pa
 
 
 def four_asset_store(tmp_path: Path, shared_data: Path, stops: dict[str, int] | None = None,
-                     gaps: dict[str, tuple[int, int]] | None = None) -> tuple[int, HistoryStore]:
-    """BTC's 4 pre-cut days of 1-minute bars, and ETH, SOL, XAU as BTC rescaled: the crypto models' assets.
+                     gaps: dict[str, tuple[int, int]] | None = None, days: int = 4) -> tuple[int, HistoryStore]:
+    """BTC's last pre-cut ``days`` of 1-minute bars, and ETH, SOL, XAU as BTC rescaled: the crypto models' assets.
     ``stops``: asset -> seconds before the cut its feed stopped; ``gaps``: asset -> a (start, end) hole."""
     cut = int(json.loads((shared_data / "manifest.json").read_text())["btc_1m"]["eval_start_ts"])
     store = HistoryStore(tmp_path / "data" / "history", durable=False)
-    btc = read_csv(shared_data / "btc_1m.csv.gz", 60).between(cut - 4 * 86_400, cut)
+    btc = read_csv(shared_data / "btc_1m.csv.gz", 60).between(cut - days * 86_400, cut)
     for asset, factor in (("BTC", 1.0), ("ETH", 0.03), ("SOL", 0.002), ("XAU", 0.04)):
-        bars = btc.between(cut - 4 * 86_400, cut - (stops or {}).get(asset, 0))
+        bars = btc.between(cut - days * 86_400, cut - (stops or {}).get(asset, 0))
         keep = np.ones(len(bars), bool)
         if asset in (gaps or {}):
             lo, hi = (gaps or {})[asset]
@@ -341,3 +341,28 @@ def test_an_asset_whose_feed_stopped_is_reported_not_gated_and_the_others_decide
 
 def cut_of(shared_data: Path) -> int:
     return int(json.loads((shared_data / "manifest.json").read_text())["btc_1m"]["eval_start_ts"])
+
+
+def test_a_checkpoint_the_disk_cannot_hold_is_reported_and_the_other_models_still_train(
+        tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk at the first model's save raised OSError out of the whole job: the other models were never
+    trained and the record named none. The model is now reported not saved, and the next ones go on."""
+    import core.retraining
+
+    cut, store = four_asset_store(tmp_path, shared_data, days=12)
+    settings = Settings(data_dir=tmp_path / "data", artifacts_dir=tmp_path / "artifacts", retrain_gate_days=1.1,
+                        retrain_gate_paths=50, retrain_gate_min_prompts=2)
+    save = core.retraining.save
+
+    def disk_full_for_hf(checkpoint: Any, path: Path) -> None:
+        if path.name == "hf.pt":  # as ENOSPC reads from the real save (atomic: nothing is left behind)
+            raise OSError(28, "No space left on device")
+        save(checkpoint, path)
+
+    monkeypatch.setattr(core.retraining, "save", disk_full_for_hf)
+    options = TrainOptions(epochs=1, batch_size=32, batches_per_epoch=2, val_prompts=4, n_paths=50, stride_s=3600,
+                           arch=dict(TINY), val_frac=0.3)
+    report = run_retrain_job(settings, now=cut, options=options)
+    assert report["models"]["hf"].startswith("skipped: checkpoint not saved in ") and "No space left" in \
+        report["models"]["hf"], report["models"]["hf"]
+    assert isinstance(report["models"]["lf_crypto"], dict) and (Path(report["staged"]) / "lf_crypto.pt").exists()
