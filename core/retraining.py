@@ -11,12 +11,13 @@ the model that serves now (the current artifact's, else the committed one), same
 as the validator scores them. A retrained model that does not lose (``retrain_tolerance``) is staged
 as an artifact (the current calibration and other models inherited) and published; workers load it
 between tasks. A losing one stays in ``artifacts/staging/`` with the verdict in the report, and the
-plain checkpoints of every run are kept in ``artifacts/staging/models-<stamp>/`` for inspection (a week:
+plain checkpoints of every run are kept in ``artifacts/staging/models-<stamp>-<random>/`` for inspection (a week:
 ``ArtifactStore.prune_staging``).
 """
 
 import logging
 import math
+import secrets
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -235,7 +236,9 @@ def run_retrain_job(settings: Settings, now: int | None = None, options: TrainOp
     history = HistoryStore.from_settings(settings)
     reader = ResampledStore(history)
     artifacts = ArtifactStore.from_settings(settings)
-    out_dir: Path = artifacts.staging_dir / f"models-{time.strftime('%Y%m%dT%H%M', time.gmtime(now))}"
+    # A random tail: `synth-miner retrain` and the beat's run in the same minute must not save over each other.
+    stamp = f"{time.strftime('%Y%m%dT%H%M', time.gmtime(now))}-{secrets.token_hex(3)}"
+    out_dir: Path = artifacts.staging_dir / f"models-{stamp}"
     report: dict[str, Any] = {"staged": str(out_dir), "trained_to": cut, "models": {}}
     for kind, spec in FEATURE_SPECS.items():
         try:

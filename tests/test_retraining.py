@@ -2,6 +2,7 @@
 the retrained model must not lose to the served one to be published."""
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,18 @@ def test_retrain_at_runs_as_if_it_were_that_time(tmp_path: Path, monkeypatch: py
     assert result.exit_code == 1, result.output  # an empty store: nothing retrained
     report, _ = json.JSONDecoder().raw_decode(result.output)
     assert report["trained_to"] == 1_777_593_600 - 36 * 3600  # 2026-05-01T00:00Z less the 1.5-day gate
-    assert Path(report["staged"]).name == "models-20260501T0000"
+    assert re.fullmatch(r"models-20260501T0000-[0-9a-f]{6}", Path(report["staged"]).name)
+
+
+def test_two_retrains_in_the_same_minute_stage_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`synth-miner retrain` and the beat's weekly run in the same minute: each saves its checkpoints in its
+    own folder (one folder per minute let the later run's models overwrite the other's before its gate)."""
+    monkeypatch.setenv("SYNTH_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("SYNTH_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
+    now = 1_777_593_600
+    first, second = (run_retrain_job(Settings(), now=now + s) for s in (0, 30))
+    assert first["staged"] != second["staged"]
+    assert all(Path(r["staged"]).name.startswith("models-20260501T0000-") for r in (first, second))
 
 
 def btc_gate_setup(tmp_path: Path, shared_data: Path) -> tuple[int, HistoryStore, Settings, ArtifactStore]:
