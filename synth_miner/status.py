@@ -18,6 +18,12 @@ from core.settings import Settings
 
 JOBS_SHOWN = 20  # the newest runs listed; the last calibration is looked for in every kept run
 
+# Exit codes, for `status || alert` and container health checks (2 is the CLI's own usage error).
+EXIT_OK = 0  # Redis read, and a live worker reads every inference queue
+EXIT_REDIS = 1  # Redis cannot be read (or no SYNTH_REDIS_URL: embedded mode has no fleet to check)
+EXIT_NO_INFERENCE = 3  # Redis read, but no live worker reads an inference queue: the miner answers those from
+# its in-process fallback (EWMA-t), not the fleet's models
+
 
 def age(seconds: float | None) -> str:
     if seconds is None:
@@ -48,7 +54,8 @@ def collect(settings: Settings) -> dict[str, Any]:
     """Everything status shows, as plain data (also printed with --json)."""
     now = time.time()
     report: dict[str, Any] = {"redis_url": redacted(settings.redis_url), "artifact_version": None, "workers": [],
-                              "queues": {}, "jobs": [], "last_calibration": None, "cache": {}, "errors": []}
+                              "queues": {}, "jobs": [], "last_calibration": None, "cache": {}, "errors": [],
+                              "unread_queues": [], "inference_queues": []}
     try:
         from core.artifacts import current_version
 
@@ -57,7 +64,8 @@ def collect(settings: Settings) -> dict[str, Any]:
         report["errors"].append(f"artifacts: {exc}")
     if not settings.redis_url:
         # A "redis:" error, so `status` exits 1: on a host whose .env lacks the URL, `status || alert` never fired.
-        report["errors"].append("redis: SYNTH_REDIS_URL is not set: embedded mode has no fleet to show")
+        report["errors"].append("redis: SYNTH_REDIS_URL is not set: embedded mode has no fleet to show "
+                                 "(its miner forecasts in-process: watch its metrics instead)")
         return report
     try:
         client = redis.Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
@@ -76,10 +84,13 @@ def collect(settings: Settings) -> dict[str, Any]:
                                             f"{silent_for(beat, now):.0f}s (stopped or stuck)")
                 report["workers"].append(beat)
         read = live_queues(report["workers"], now)
+        report["inference_queues"] = [settings.queue_infer_hf, settings.queue_infer_lf]
         for queue in (settings.queue_infer_hf, settings.queue_infer_lf, settings.queue_cpu):
             report["queues"][queue] = int(client.llen(queue))
             if queue not in read:  # an empty worker table alone is easy to read as "all well"
                 report["errors"].append(f"no live worker reads queue {queue}")
+                report["unread_queues"].append(queue)
+        report["unread_queues"].sort()
         # The cache refresh records a run every minute: an hourly calibration soon falls out of the newest
         # few, so it is looked for in every kept run.
         runs = [json.loads(r) for r in client.lrange(JOB_RUNS_KEY, 0, JOB_RUNS_KEPT - 1)]
@@ -105,6 +116,16 @@ def collect(settings: Settings) -> dict[str, Any]:
     except redis.RedisError as exc:
         report["errors"].append(f"redis: {exc}")
     return report
+
+
+def exit_code(report: dict[str, Any]) -> int:
+    """What `status` exits with: Redis unreadable first (nothing else is known then), then an inference queue
+    with no live reader."""
+    if any(error.startswith("redis:") for error in report["errors"]):
+        return EXIT_REDIS
+    if set(report.get("unread_queues", ())) & set(report.get("inference_queues", ())):
+        return EXIT_NO_INFERENCE
+    return EXIT_OK
 
 
 def models_cell(models: dict[str, str] | None) -> str:
@@ -199,3 +220,10 @@ def render(report: dict[str, Any], console: Console) -> None:
     console.print(cache)
     for error in report["errors"]:
         console.print(f"[red]! {error}[/]")
+    code = exit_code(report)
+    if code == EXIT_NO_INFERENCE:
+        unread = sorted(set(report["unread_queues"]) & set(report["inference_queues"]))
+        console.print(f"[red bold]no live worker reads {', '.join(unread)}: the miner answers those requests from "
+                      f"its in-process fallback, not the fleet's models (exit {code})[/]")
+    elif code == EXIT_REDIS:
+        console.print(f"[red bold]the fleet could not be read (exit {code})[/]")

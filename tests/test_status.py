@@ -16,6 +16,7 @@ from core.constants import JOB_RUNS_KEPT, JOB_RUNS_KEY, WORKER_HEARTBEAT_KEY
 from core.prices import PriceHistory
 from core.settings import Settings
 from synth_miner.status import collect, redacted, render
+from tests.conftest import free_port
 from workers.jobs import record_run
 
 
@@ -203,3 +204,52 @@ def test_a_refresh_whose_providers_fail_for_some_assets_says_which() -> None:
            "result": {"assets": 14, "failed": {"NVDAX": ["history 60s: TimeoutError"], "AAPLX": ["latest: stale"]}}}
     assert job_detail(run) == "2 of 14 assets not refreshed: AAPLX, NVDAX"
     assert job_detail({**run, "result": {"assets": 14, "failed": {}}}) == ""
+
+
+def announce(client: "redis.Redis", name: str, queues: str, at: float | None = None) -> None:
+    """The heartbeat a worker process writes (workers.metrics.Heartbeat's document)."""
+    client.set(WORKER_HEARTBEAT_KEY.format(name=name), json.dumps(
+        {"name": name, "queues": queues, "engine": "ewma_t", "device": "cpu", "models": {},
+         "artifact_version": None, "pid": 1, "at": time.time() if at is None else at}), ex=60)
+
+
+def run_status(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, redis_url: str, *args: str) -> Any:
+    from typer.testing import CliRunner
+
+    from synth_miner.cli import app
+
+    monkeypatch.setenv("SYNTH_REDIS_URL", redis_url)
+    monkeypatch.setenv("SYNTH_ARTIFACTS_DIR", str(tmp_path))
+    return CliRunner().invoke(app, ["status", *args])
+
+
+def test_status_exits_3_when_no_live_worker_reads_an_inference_queue(
+        redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`status || alert` is the operators' health check: a fleet with no live worker on an inference queue
+    answers those requests only from the miner's in-process fallback, and must not read as healthy (it exited
+    0). Exit 1 still means Redis could not be read."""
+    client = redis.Redis.from_url(redis_url)
+    result = run_status(monkeypatch, tmp_path, redis_url, "--json")
+    assert result.exit_code == 3, result.output
+    report = json.loads(result.output)
+    assert report["unread_queues"] == ["cpu", "infer.hf", "infer.lf"]
+    announce(client, "hf@host:1", "infer.hf")
+    assert run_status(monkeypatch, tmp_path, redis_url).exit_code == 3  # infer.lf still unread
+    announce(client, "lf@host:2", "infer.lf", at=time.time() - 60)  # a dead one does not count
+    result = run_status(monkeypatch, tmp_path, redis_url)
+    assert result.exit_code == 3 and "exit 3" in result.output, result.output
+    announce(client, "lf@host:3", "infer.lf")
+    result = run_status(monkeypatch, tmp_path, redis_url, "--json")
+    # The cpu queue unread is flagged (no cache refresh, no calibration) but forecasts are served.
+    assert result.exit_code == 0 and json.loads(result.output)["unread_queues"] == ["cpu"], result.output
+    server_gone = f"redis://127.0.0.1:{free_port()}/0"
+    assert run_status(monkeypatch, tmp_path, server_gone).exit_code == 1
+
+
+def test_status_help_documents_its_exit_codes() -> None:
+    from typer.testing import CliRunner
+
+    from synth_miner.cli import app
+
+    text = " ".join(CliRunner().invoke(app, ["status", "--help"], env={"COLUMNS": "200"}).output.split())
+    assert "Exit 1: Redis cannot be read" in text and "Exit 3: no live worker reads an inference queue" in text, text
