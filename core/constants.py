@@ -20,6 +20,9 @@ BEAT_LAST_RUN_KEY = KEY_PREFIX + ":beat:last-run"  # job name -> when the leadin
 JOB_SLOT_KEY = KEY_PREFIX + ":job:{name}:{slot}"  # a periodic job's claim on its slot: running (leased) or done
 JOB_ATTEMPTS_KEY = KEY_PREFIX + ":job-attempts:{name}:{slot}"  # claims taken on a slot (runs that started)
 WORKER_HEARTBEAT_KEY = KEY_PREFIX + ":worker:{name}"  # workers announce model version and pid
+# Tasks a worker discarded unrun, their ``expires`` passed while they waited (queue -> count, never reset):
+# a prefork worker discards them in its parent process, which serves no metrics.
+EXPIRED_TASKS_KEY = KEY_PREFIX + ":tasks:expired"
 
 # --- Protocol ----------------------------------------------------------------------------------------
 SIGNIFICANT_DIGITS: Final = 8  # validators reject more than 8 digits per price

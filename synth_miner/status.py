@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from core.assets import ASSETS
-from core.constants import JOB_LAST_RUN_KEY, JOB_RUNS_KEPT, JOB_RUNS_KEY
+from core.constants import EXPIRED_TASKS_KEY, JOB_LAST_RUN_KEY, JOB_RUNS_KEPT, JOB_RUNS_KEY
 from core.heartbeats import HEARTBEAT_PATTERN, is_alive, live_queues, parse_heartbeat, silent_for
 from core.settings import Settings
 
@@ -54,7 +54,7 @@ def collect(settings: Settings) -> dict[str, Any]:
     """Everything status shows, as plain data (also printed with --json)."""
     now = time.time()
     report: dict[str, Any] = {"redis_url": redacted(settings.redis_url), "artifact_version": None, "workers": [],
-                              "queues": {}, "jobs": [], "last_calibration": None, "cache": {}, "errors": [],
+                              "queues": {}, "expired": {}, "jobs": [], "last_calibration": None, "cache": {}, "errors": [],
                               "unread_queues": [], "inference_queues": []}
     try:
         from core.artifacts import current_version
@@ -91,6 +91,11 @@ def collect(settings: Settings) -> dict[str, Any]:
                 report["errors"].append(f"no live worker reads queue {queue}")
                 report["unread_queues"].append(queue)
         report["unread_queues"].sort()
+        # Tasks discarded unrun, past their expiry, since Redis was last emptied: requests the fleet was too
+        # slow for (a backlog, too few processes), each answered by the miner's fallback or not in time.
+        expired = {(k.decode() if isinstance(k, bytes) else k): int(v)
+                   for k, v in client.hgetall(EXPIRED_TASKS_KEY).items()}
+        report["expired"] = {queue: expired.pop(queue, 0) for queue in report["queues"]} | dict(sorted(expired.items()))
         # The cache refresh records a run every minute: an hourly calibration soon falls out of the newest
         # few, so it is looked for in every kept run.
         runs = [json.loads(r) for r in client.lrange(JOB_RUNS_KEY, 0, JOB_RUNS_KEPT - 1)]
@@ -182,8 +187,9 @@ def render(report: dict[str, Any], console: Console) -> None:
     queues = Table(title="queues")
     queues.add_column("queue")
     queues.add_column("waiting", justify="right")
+    queues.add_column("expired (discarded unrun)", justify="right")
     for name, depth in report["queues"].items():
-        queues.add_row(name, str(depth))
+        queues.add_row(name, str(depth), str(report.get("expired", {}).get(name, "-")))
     console.print(queues)
     jobs = Table(title="recent periodic jobs")
     for col in ("job", "slot", "status", "seconds", "detail"):
