@@ -1,6 +1,7 @@
 """`synth-miner status`: the fleet at a glance (workers, queues, artifact version, calibration, cache)."""
 
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -9,14 +10,16 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from core.assets import ASSETS
 from core.constants import EXPIRED_TASKS_KEY, JOB_LAST_RUN_KEY, JOB_RUNS_KEPT, JOB_RUNS_KEY
-from core.heartbeats import HEARTBEAT_PATTERN, is_alive, live_queues, parse_heartbeat, silent_for
+from core.heartbeats import HEARTBEAT_PATTERN, is_alive, live_queues, parse_heartbeat, queues_of, silent_for
 from core.settings import Settings
 
 JOBS_SHOWN = 20  # the newest runs listed; the last calibration is looked for in every kept run
+SCAN_COUNT = 1000  # keys per SCAN step: Redis's default of 10 took thousands of round trips on a full database
 
 # Exit codes, for `status || alert` and container health checks (2 is the CLI's own usage error).
 EXIT_OK = 0  # Redis read, and a live worker reads every inference queue
@@ -33,6 +36,25 @@ def age(seconds: float | None) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f}m ago"
     return f"{seconds / 3600:.1f}h ago"
+
+
+def finite(value: Any) -> float | None:
+    """A number a record holds, or None for anything else (a record written by hand or by another version)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def ago(started: Any) -> str:
+    at = finite(started)
+    return "?" if at is None else age(time.time() - at)
+
+
+def clock(at: Any, fmt: str) -> str:
+    seconds = finite(at)
+    return "?" if seconds is None or not 0 <= seconds < 1e11 else time.strftime(fmt, time.gmtime(seconds))
 
 
 def redacted(url: str | None) -> str | None:
@@ -73,16 +95,7 @@ def collect(settings: Settings) -> dict[str, Any]:
         report["errors"].append(f"redis: {exc}")
         return report
     try:
-        # A worker that stopped or died keeps its key for up to HEARTBEAT_TTL_S: an old one is flagged.
-        for key in client.scan_iter(HEARTBEAT_PATTERN):
-            beat = parse_heartbeat(client.get(key))
-            if beat is not None:
-                beat["seen"] = age(silent_for(beat, now))
-                beat["alive"] = is_alive(beat, now)
-                if not beat["alive"]:
-                    report["errors"].append(f"worker {beat.get('name', '?')}: no heartbeat for "
-                                            f"{silent_for(beat, now):.0f}s (stopped or stuck)")
-                report["workers"].append(beat)
+        read_heartbeats(client, report, now)
         read = live_queues(report["workers"], now)
         report["inference_queues"] = [settings.queue_infer_hf, settings.queue_infer_lf]
         for queue in (settings.queue_infer_hf, settings.queue_infer_lf, settings.queue_cpu):
@@ -98,10 +111,10 @@ def collect(settings: Settings) -> dict[str, Any]:
         report["expired"] = {queue: expired.pop(queue, 0) for queue in report["queues"]} | dict(sorted(expired.items()))
         # The cache refresh records a run every minute: an hourly calibration soon falls out of the newest
         # few, so it is looked for in every kept run.
-        runs = [json.loads(r) for r in client.lrange(JOB_RUNS_KEY, 0, JOB_RUNS_KEPT - 1)]
+        runs = job_records(client.lrange(JOB_RUNS_KEY, 0, JOB_RUNS_KEPT - 1), JOB_RUNS_KEY, report["errors"])
         report["jobs"] = runs[:JOBS_SHOWN]
-        last = {(k.decode() if isinstance(k, bytes) else k): json.loads(v)
-                for k, v in client.hgetall(JOB_LAST_RUN_KEY).items()}
+        last = {run["job"]: run for run in job_records(client.hvals(JOB_LAST_RUN_KEY), JOB_LAST_RUN_KEY,
+                                                      report["errors"])}
         for run in runs:  # records from before the per-job key: the list is newest first
             last.setdefault(run["job"], run)
         report["last_runs"] = dict(sorted(last.items()))
@@ -121,6 +134,64 @@ def collect(settings: Settings) -> dict[str, Any]:
     except redis.RedisError as exc:
         report["errors"].append(f"redis: {exc}")
     return report
+
+
+def worker_entry(beat: dict[str, Any], key: str, now: float) -> dict[str, Any]:
+    """A heartbeat's fields as status shows them, each of its type whatever the document held (a hand-written or
+    foreign one crashed the table), and nothing else (no NaN in --json)."""
+    models, version, pid = beat.get("models"), beat.get("artifact_version"), beat.get("pid")
+    entry: dict[str, Any] = {
+        "name": str(beat.get("name") or key.removeprefix(HEARTBEAT_PATTERN[:-1])),
+        "queues": ",".join(sorted(queues_of(beat))), "engine": str(beat.get("engine") or "?"),
+        "device": str(beat.get("device") or "?"),
+        "models": {str(k): str(v) for k, v in models.items()} if isinstance(models, dict) else None,
+        "artifact_version": None if version is None else str(version),
+        "pid": pid if isinstance(pid, int) and not isinstance(pid, bool) else None, "at": float(beat["at"])}
+    entry["seen"] = age(silent_for(entry, now))
+    entry["alive"] = is_alive(entry, now)
+    return entry
+
+
+def read_heartbeats(client: "redis.Redis", report: dict[str, Any], now: float) -> None:
+    """Every process's heartbeat into ``report["workers"]``; a key under the prefix that holds none is named in
+    the errors and skipped (it made status read as "Redis unreadable"). One pipelined read for them all."""
+    keys = list(client.scan_iter(HEARTBEAT_PATTERN, count=SCAN_COUNT))
+    with client.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.get(key)
+        replies = pipe.execute(raise_on_error=False)
+    for raw_key, raw in zip(keys, replies):
+        key = raw_key.decode(errors="replace") if isinstance(raw_key, bytes) else str(raw_key)
+        if raw is None:
+            continue  # expired between SCAN and GET
+        beat = None if isinstance(raw, Exception) else parse_heartbeat(raw)
+        if beat is None:
+            report["errors"].append(f"{key} holds no worker heartbeat (not a JSON document with a finite time "
+                                    f"\"at\"): ignored")
+            continue
+        # A worker that stopped or died keeps its key for up to HEARTBEAT_TTL_S: an old one is flagged.
+        worker = worker_entry(beat, key, now)
+        if not worker["alive"]:
+            report["errors"].append(f"worker {worker['name']}: no heartbeat for {silent_for(worker, now):.0f}s "
+                                    "(stopped or stuck)")
+        report["workers"].append(worker)
+
+
+def job_records(raws: list[Any], key: str, errors: list[str]) -> list[dict[str, Any]]:
+    """The job runs recorded under ``key``; one that is not a run's JSON record is counted in the errors."""
+    runs, unreadable = [], 0
+    for raw in raws:
+        try:
+            run = json.loads(raw)
+        except ValueError:
+            run = None
+        if isinstance(run, dict) and isinstance(run.get("job"), str):
+            runs.append(run)
+        else:
+            unreadable += 1
+    if unreadable:
+        errors.append(f"{key}: {unreadable} record(s) that are no job run: ignored")
+    return runs
 
 
 def exit_code(report: dict[str, Any]) -> int:
@@ -180,9 +251,11 @@ def render(report: dict[str, Any], console: Console) -> None:
     for col in ("name", "queues", "engine", "device", "models", "artifact", "seen"):
         workers.add_column(col)
     for w in report["workers"]:
-        seen = w["seen"] if w.get("alive", True) else f"[red]{w['seen']} (gone?)[/]"
-        workers.add_row(w["name"], w.get("queues", ""), w["engine"], w.get("device", "?"), models_cell(w.get("models")),
-                        w.get("artifact_version") or "-", seen)
+        seen = escape(str(w.get("seen", "?")))
+        seen = seen if w.get("alive", True) else f"[red]{seen} (gone?)[/]"
+        workers.add_row(*(escape(str(cell)) for cell in (
+            w.get("name", "?"), w.get("queues", ""), w.get("engine", "?"), w.get("device", "?"),
+            models_cell(w.get("models")), w.get("artifact_version") or "-")), seen)
     console.print(workers)
     queues = Table(title="queues")
     queues.add_column("queue")
@@ -195,22 +268,21 @@ def render(report: dict[str, Any], console: Console) -> None:
     for col in ("job", "slot", "status", "seconds", "detail"):
         jobs.add_column(col)
     last_calibration = report.get("last_calibration") or next(
-        (j for j in report["jobs"] if j["job"] == "calibrate"), None)
+        (j for j in report["jobs"] if j.get("job") == "calibrate"), None)
     for j in report["jobs"][:10]:
-        jobs.add_row(j["job"], time.strftime("%H:%M:%S", time.gmtime(j["slot"])), j["status"], str(j.get("seconds")),
-                     job_detail(j)[:60])
+        jobs.add_row(*(escape(str(cell)) for cell in (j.get("job"), clock(j.get("slot"), "%H:%M:%S"),
+                                                       j.get("status", "?"), j.get("seconds"), job_detail(j)[:60])))
     console.print(jobs)
     if report.get("last_runs"):
         each = Table(title="last run of each job")
         for col in ("job", "started", "status", "seconds", "outcome"):
             each.add_column(col)
         for name, j in report["last_runs"].items():
-            started = j.get("started")
-            each.add_row(name, "?" if started is None else age(time.time() - float(started)), j.get("status", "?"),
-                         str(j.get("seconds")), job_detail(j)[:100])
+            each.add_row(*(escape(str(cell)) for cell in (name, ago(j.get("started")), j.get("status", "?"),
+                                                           j.get("seconds"), job_detail(j)[:100])))
         console.print(each)
     calibrated = "never" if last_calibration is None else (
-        f"{age(time.time() - last_calibration['started'])} ({last_calibration.get('status', '?')})")
+        f"{ago(last_calibration.get('started'))} ({escape(str(last_calibration.get('status', '?')))})")
     console.print(f"[bold]last calibration[/]: {calibrated}")
     cache = Table(title="rolling cache")
     for col in ("asset", "step", "from", "to", "freshness"):
@@ -225,7 +297,7 @@ def render(report: dict[str, Any], console: Console) -> None:
                           time.strftime("%Y-%m-%d %H:%M", time.gmtime(span["last"])), f"[{color}]{age(fresh)}[/]")
     console.print(cache)
     for error in report["errors"]:
-        console.print(f"[red]! {error}[/]")
+        console.print(f"[red]! {escape(error)}[/]")
     code = exit_code(report)
     if code == EXIT_NO_INFERENCE:
         unread = sorted(set(report["unread_queues"]) & set(report["inference_queues"]))

@@ -253,3 +253,48 @@ def test_status_help_documents_its_exit_codes() -> None:
 
     text = " ".join(CliRunner().invoke(app, ["status", "--help"], env={"COLUMNS": "200"}).output.split())
     assert "Exit 1: Redis cannot be read" in text and "Exit 3: no live worker reads an inference queue" in text, text
+
+
+def strict_json(text: str) -> Any:
+    """JSON as a strict consumer reads it: NaN and Infinity are not JSON."""
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} in --json output")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_foreign_or_garbled_heartbeat_keys_neither_hide_the_fleet_nor_crash_status(
+        redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key of another type under the heartbeat prefix made status report Redis unreadable (WRONGTYPE, exit 1,
+    no queues, jobs or cache read); a heartbeat without a name or engine, or with models that are not a mapping,
+    crashed the table with a traceback; a NaN or infinite time read "nanh ago" or alive forever, and NaN went
+    out as invalid JSON."""
+    client = redis.Redis.from_url(redis_url)
+    announce(client, "hf@host:1", "infer.hf")
+    announce(client, "lf@host:2", "infer.lf")
+    now = time.time()
+    garbled = {"noname": {"at": now, "queues": "infer.hf"}, "models": {"name": "m", "at": now, "models": ["hf.pt"]},
+               "nan": {"name": "n", "at": float("nan"), "queues": "infer.lf"},
+               "inf": {"name": "i", "at": "inf", "queues": "infer.lf"}, "list": [1, 2]}
+    for name, doc in garbled.items():
+        client.set(WORKER_HEARTBEAT_KEY.format(name=name), json.dumps(doc), ex=60)
+    client.set(WORKER_HEARTBEAT_KEY.format(name="text"), "not json", ex=60)
+    client.hset(WORKER_HEARTBEAT_KEY.format(name="a-hash"), "at", now)  # another tool's key under the prefix
+    client.lpush(JOB_RUNS_KEY, "{truncated")  # a record that is not JSON
+    client.lpush(JOB_RUNS_KEY, json.dumps({"job": "calibrate", "slot": "soon", "started": None, "status": "[/]"}))
+    announce(client, "odd[/]name", "cpu")  # rich markup in a name or a status is shown, not parsed
+    result = run_status(monkeypatch, tmp_path, redis_url, "--json")
+    assert result.exit_code == 0, result.output
+    report = strict_json(result.output)
+    assert not any(e.startswith("redis:") for e in report["errors"]), report["errors"]
+    assert set(report["queues"]) == {"infer.hf", "infer.lf", "cpu"} and len(report["cache"]) > 0
+    names = {w["name"] for w in report["workers"]}
+    assert {"hf@host:1", "lf@host:2", "m"} <= names and "i" not in names and "n" not in names, report["workers"]
+    assert all(isinstance(w["engine"], str) for w in report["workers"])
+    assert next(w for w in report["workers"] if w["name"] == "m")["models"] is None  # shown "?", not a crash
+    assert any("synth:worker:a-hash" in e for e in report["errors"]), report["errors"]
+    assert any("synth:worker:nan" in e for e in report["errors"]), report["errors"]
+    table = run_status(monkeypatch, tmp_path, redis_url)
+    assert table.exit_code == 0 and "Traceback" not in table.output, table.output
+    assert "odd[/]name" in table.output
+    assert "nans" not in table.output and "nanh" not in table.output and "-inf" not in table.output
