@@ -86,6 +86,9 @@ HEARTBEAT_RETRY_S: Final = 1.0
 # A process silent this long (2.5 missed announcements) counts as stopped or stuck: its key may outlive it
 # for up to HEARTBEAT_TTL_S, so `status` flags it and the miner stops sending it forecasts.
 HEARTBEAT_STALE_AFTER_S: Final = 2.5 * HEARTBEAT_EVERY_S
+# A worker's clock this far from the reader's (judged by its heartbeat key's age in Redis) is named by `status`:
+# the miner judges heartbeats, deadlines and task expiries by the clocks.
+CLOCK_SKEW_WARN_S: Final = 5.0
 # The miner reads the heartbeats (which queues have a live reader) at most this often, not per request.
 LIVE_READERS_CHECK_S: Final = 2.0
 # A forecast still running when the miner has stopped waiting (Settings.max_wait_s) is useless: its soft

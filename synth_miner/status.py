@@ -14,11 +14,20 @@ from rich.markup import escape
 from rich.table import Table
 
 from core.assets import ASSETS
-from core.constants import EXPIRED_TASKS_KEY, JOB_LAST_RUN_KEY, JOB_RUNS_KEPT, JOB_RUNS_KEY
+from core.constants import (
+    CLOCK_SKEW_WARN_S,
+    EXPIRED_TASKS_KEY,
+    HEARTBEAT_STALE_AFTER_S,
+    HEARTBEAT_TTL_S,
+    JOB_LAST_RUN_KEY,
+    JOB_RUNS_KEPT,
+    JOB_RUNS_KEY,
+)
 from core.heartbeats import HEARTBEAT_PATTERN, is_alive, live_queues, parse_heartbeat, queues_of, silent_for
 from core.settings import Settings
 
 JOBS_SHOWN = 20  # the newest runs listed; the last calibration is looked for in every kept run
+DEAD_LISTED = 10  # silent workers named one by one; a fleet restarted over and over leaves hundreds for a minute
 SCAN_COUNT = 1000  # keys per SCAN step: Redis's default of 10 took thousands of round trips on a full database
 
 # Exit codes, for `status || alert` and container health checks (2 is the CLI's own usage error).
@@ -76,8 +85,8 @@ def collect(settings: Settings) -> dict[str, Any]:
     """Everything status shows, as plain data (also printed with --json)."""
     now = time.time()
     report: dict[str, Any] = {"redis_url": redacted(settings.redis_url), "artifact_version": None, "workers": [],
-                              "queues": {}, "expired": {}, "jobs": [], "last_calibration": None, "cache": {}, "errors": [],
-                              "unread_queues": [], "inference_queues": []}
+                              "queues": {}, "expired": {}, "jobs": [], "last_calibration": None, "cache": {},
+                              "errors": [], "unread_queues": [], "inference_queues": []}
     try:
         from core.artifacts import current_version
 
@@ -159,8 +168,10 @@ def read_heartbeats(client: "redis.Redis", report: dict[str, Any], now: float) -
     with client.pipeline(transaction=False) as pipe:
         for key in keys:
             pipe.get(key)
+            pipe.pttl(key)
         replies = pipe.execute(raise_on_error=False)
-    for raw_key, raw in zip(keys, replies):
+    silent: list[str] = []
+    for raw_key, raw, pttl in zip(keys, replies[::2], replies[1::2]):
         key = raw_key.decode(errors="replace") if isinstance(raw_key, bytes) else str(raw_key)
         if raw is None:
             continue  # expired between SCAN and GET
@@ -169,12 +180,33 @@ def read_heartbeats(client: "redis.Redis", report: dict[str, Any], now: float) -
             report["errors"].append(f"{key} holds no worker heartbeat (not a JSON document with a finite time "
                                     f"\"at\"): ignored")
             continue
-        # A worker that stopped or died keeps its key for up to HEARTBEAT_TTL_S: an old one is flagged.
         worker = worker_entry(beat, key, now)
-        if not worker["alive"]:
-            report["errors"].append(f"worker {worker['name']}: no heartbeat for {silent_for(worker, now):.0f}s "
-                                    "(stopped or stuck)")
+        skew = clock_skew(worker, pttl, now)
+        worker["clock_skew_s"] = None if skew is None else round(skew, 1)
+        if skew is not None:  # its own clock is off: its age is Redis's, and the clock is what to fix
+            worker["seen"] = age(max(0.0, silent_for(worker, now) + skew))
+            dead = "" if worker["alive"] else ", and the miner takes it for dead"
+            report["errors"].append(
+                f"worker {worker['name']}: its clock is {abs(skew):.0f}s {'ahead of' if skew > 0 else 'behind'} this "
+                f"host's (deadlines and expiries are off by as much{dead}): sync the clocks (NTP)")
+        elif not worker["alive"]:  # a worker that stopped or died keeps its key for up to HEARTBEAT_TTL_S
+            silent.append(f"worker {worker['name']}: no heartbeat for {silent_for(worker, now):.0f}s "
+                          "(stopped or stuck)")
         report["workers"].append(worker)
+    report["errors"].extend(sorted(silent)[:DEAD_LISTED])
+    if len(silent) > DEAD_LISTED:
+        report["errors"].append(f"... and {len(silent) - DEAD_LISTED} more workers silent for over "
+                                f"{HEARTBEAT_STALE_AFTER_S:.0f}s (all in --json)")
+
+
+def clock_skew(worker: dict[str, Any], pttl: Any, now: float) -> float | None:
+    """How far the worker's clock is ahead of this host's (negative: behind), judged by the key's age in Redis
+    (a heartbeat is written with HEARTBEAT_TTL_S), or None where it is within CLOCK_SKEW_WARN_S or cannot be
+    judged (a key written with another TTL)."""
+    if not isinstance(pttl, int) or not 0 < pttl <= HEARTBEAT_TTL_S * 1000:
+        return None
+    skew = (HEARTBEAT_TTL_S - pttl / 1000) - silent_for(worker, now)
+    return skew if abs(skew) > CLOCK_SKEW_WARN_S else None
 
 
 def job_records(raws: list[Any], key: str, errors: list[str]) -> list[dict[str, Any]]:
@@ -250,12 +282,18 @@ def render(report: dict[str, Any], console: Console) -> None:
     workers = Table(title="workers (heartbeats)")
     for col in ("name", "queues", "engine", "device", "models", "artifact", "seen"):
         workers.add_column(col)
+    dead = 0
     for w in report["workers"]:
+        dead += not w.get("alive", True)
+        if dead > DEAD_LISTED and not w.get("alive", True):
+            continue
         seen = escape(str(w.get("seen", "?")))
         seen = seen if w.get("alive", True) else f"[red]{seen} (gone?)[/]"
         workers.add_row(*(escape(str(cell)) for cell in (
             w.get("name", "?"), w.get("queues", ""), w.get("engine", "?"), w.get("device", "?"),
             models_cell(w.get("models")), w.get("artifact_version") or "-")), seen)
+    if dead > DEAD_LISTED:
+        workers.add_row(f"[red]... {dead - DEAD_LISTED} more gone (all in --json)[/]", *[""] * 6)
     console.print(workers)
     queues = Table(title="queues")
     queues.add_column("queue")

@@ -12,7 +12,7 @@ import redis
 from rich.console import Console
 
 from core.cache_redis import RedisHistoryCache
-from core.constants import JOB_RUNS_KEPT, JOB_RUNS_KEY, WORKER_HEARTBEAT_KEY
+from core.constants import HEARTBEAT_TTL_S, JOB_RUNS_KEPT, JOB_RUNS_KEY, WORKER_HEARTBEAT_KEY
 from core.prices import PriceHistory
 from core.settings import Settings
 from synth_miner.status import collect, redacted, render
@@ -206,11 +206,13 @@ def test_a_refresh_whose_providers_fail_for_some_assets_says_which() -> None:
     assert job_detail({**run, "result": {"assets": 14, "failed": {}}}) == ""
 
 
-def announce(client: "redis.Redis", name: str, queues: str, at: float | None = None) -> None:
-    """The heartbeat a worker process writes (workers.metrics.Heartbeat's document)."""
+def announce(client: "redis.Redis", name: str, queues: str, at: float | None = None, written_s_ago: float = 0) -> None:
+    """The heartbeat a worker process writes (workers.metrics.Heartbeat's document, its TTL), as if written
+    ``written_s_ago`` by Redis's clock; ``at`` is the worker's clock when it wrote it."""
     client.set(WORKER_HEARTBEAT_KEY.format(name=name), json.dumps(
         {"name": name, "queues": queues, "engine": "ewma_t", "device": "cpu", "models": {},
-         "artifact_version": None, "pid": 1, "at": time.time() if at is None else at}), ex=60)
+         "artifact_version": None, "pid": 1, "at": time.time() - written_s_ago if at is None else at}),
+        px=int((HEARTBEAT_TTL_S - written_s_ago) * 1000))
 
 
 def run_status(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, redis_url: str, *args: str) -> Any:
@@ -235,7 +237,7 @@ def test_status_exits_3_when_no_live_worker_reads_an_inference_queue(
     assert report["unread_queues"] == ["cpu", "infer.hf", "infer.lf"]
     announce(client, "hf@host:1", "infer.hf")
     assert run_status(monkeypatch, tmp_path, redis_url).exit_code == 3  # infer.lf still unread
-    announce(client, "lf@host:2", "infer.lf", at=time.time() - 60)  # a dead one does not count
+    announce(client, "lf@host:2", "infer.lf", written_s_ago=40)  # a dead one does not count
     result = run_status(monkeypatch, tmp_path, redis_url)
     assert result.exit_code == 3 and "exit 3" in result.output, result.output
     announce(client, "lf@host:3", "infer.lf")
@@ -298,3 +300,49 @@ def test_foreign_or_garbled_heartbeat_keys_neither_hide_the_fleet_nor_crash_stat
     assert table.exit_code == 0 and "Traceback" not in table.output, table.output
     assert "odd[/]name" in table.output
     assert "nans" not in table.output and "nanh" not in table.output and "-inf" not in table.output
+
+
+def test_a_worker_whose_clock_is_off_is_named_as_such_not_as_stopped(redis_url: str, tmp_path: Path) -> None:
+    """Heartbeats carry the worker's own clock: one an hour behind read "no heartbeat for 3600s (stopped or
+    stuck)" while it beat every 10 s, and one an hour ahead read "-3600s ago". The key's age in Redis (its TTL
+    left) tells the two apart: the clock is named, with how far off it is."""
+    client = redis.Redis.from_url(redis_url)
+    announce(client, "behind@host:1", "infer.hf", at=time.time() - 3600)
+    announce(client, "ahead@host:2", "infer.lf", at=time.time() + 3600)
+    announce(client, "dead@host:3", "infer.lf", written_s_ago=40)
+    report = collect(Settings(_env_file=None, redis_url=redis_url, artifacts_dir=tmp_path))
+    errors = "\n".join(report["errors"])
+    assert "worker behind@host:1: its clock is 3600s behind this host's" in errors, errors
+    assert "worker ahead@host:2: its clock is 3600s ahead of this host's" in errors, errors
+    assert "no heartbeat for 3600s" not in errors and "-3600s ago" not in json.dumps(report)
+    assert "worker dead@host:3: no heartbeat for 40s (stopped or stuck)" in errors and "dead@host:3: its" not in errors
+    skew = {w["name"]: w["clock_skew_s"] for w in report["workers"]}
+    assert skew["behind@host:1"] == pytest.approx(-3600, abs=3) and skew["ahead@host:2"] == pytest.approx(3600, abs=3)
+    assert skew["dead@host:3"] is None
+    seen = {w["name"]: w["seen"] for w in report["workers"]}
+    assert seen["behind@host:1"] == seen["ahead@host:2"] == "0s ago", seen  # by Redis's clock
+
+
+def test_hundreds_of_dead_heartbeats_on_a_full_database_read_fast_and_flag_briefly(
+        redis_url: str, tmp_path: Path) -> None:
+    """A fleet restarted over and over leaves a key per dead process for a minute: one error line each buried the
+    rest; and SCAN's default 10 keys a step took thousands of round trips on a database holding the cache."""
+    client = redis.Redis.from_url(redis_url)
+    with client.pipeline(transaction=False) as pipe:
+        for i in range(50_000):
+            pipe.set(f"synth:filler:{i}", 1)
+        pipe.execute()
+    for i in range(300):
+        announce(client, f"old{i:03d}@host:{i}", "infer.hf", written_s_ago=40)
+    announce(client, "live@host:1", "infer.hf,infer.lf")
+    client.config_resetstat()
+    report = collect(Settings(_env_file=None, redis_url=redis_url, artifacts_dir=tmp_path))
+    scans = client.info("commandstats")["cmdstat_scan"]["calls"]
+    assert scans < 200, f"{scans} SCAN calls for 50k keys"
+    assert len(report["workers"]) == 301 and report["unread_queues"] == ["cpu"]
+    silent = [e for e in report["errors"] if "no heartbeat" in e or "more workers" in e]
+    assert len(silent) <= 11 and "and 290 more workers silent" in silent[-1], silent
+    console = Console(record=True, width=160)
+    render(report, console)
+    text = console.export_text()
+    assert text.count("(gone?)") == 10 and "... 290 more gone" in text, text
