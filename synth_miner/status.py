@@ -6,7 +6,6 @@ import re
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from rich.console import Console
@@ -67,18 +66,26 @@ def clock(at: Any, fmt: str) -> str:
 
 
 def redacted(url: str | None) -> str | None:
-    """The Redis URL with its password masked: ``status --json`` output ends up in logs and dashboards."""
+    """The Redis URL with its password masked: ``status --json`` output ends up in logs and dashboards. Everything
+    up to the last "@" is the user and password: a password holding "/", "?" or "#" (not percent-encoded) cut
+    the URL parser's host short, and it found no password to mask."""
     if not url:
         return url
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if parts.password is not None:
-        userinfo, _, hostport = netloc.rpartition("@")
-        netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
-    query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2***", parts.query)
-    if (netloc, query) == (parts.netloc, parts.query):
-        return url  # nothing to hide (urlunsplit would also rewrite unix:///path as unix:/path)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    masked = re.sub(r"([?&]password=)[^&]*", r"\1***", url)
+    scheme, sep, rest = masked.partition("://")
+    userinfo, at, hostpart = rest.rpartition("@")
+    if sep and at and ":" in userinfo:
+        masked = f"{scheme}://{userinfo.split(':', 1)[0]}:***@{hostpart}"
+    return masked
+
+
+def url_problem(url: str) -> str | None:
+    """Why the URL cannot be read as the operator meant it, without quoting any of it (a password may be in it)."""
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    if any(c in userinfo for c in "/?#"):  # the parser ends the host at the first of them: a piece of the password
+        return ("SYNTH_REDIS_URL holds '/', '?' or '#' before its last '@': percent-encode them in the password "
+                "(%2F, %3F, %23)")
+    return None
 
 
 def collect(settings: Settings) -> dict[str, Any]:
@@ -98,10 +105,15 @@ def collect(settings: Settings) -> dict[str, Any]:
         report["errors"].append("redis: SYNTH_REDIS_URL is not set: embedded mode has no fleet to show "
                                  "(its miner forecasts in-process: watch its metrics instead)")
         return report
+    problem = url_problem(settings.redis_url)
+    if problem is not None:
+        report["errors"].append(f"redis: {problem}")
+        return report
     try:
         client = redis.Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
-    except ValueError as exc:  # not a redis:// URL
-        report["errors"].append(f"redis: {exc}")
+    except ValueError:  # redis-py's message may quote the URL (its port): it is not repeated
+        report["errors"].append("redis: SYNTH_REDIS_URL is not a Redis URL: check its scheme (redis://, rediss://, "
+                                "unix://) and port, and percent-encode a password holding '/', '?', '#' or '%'")
         return report
     try:
         read_heartbeats(client, report, now)

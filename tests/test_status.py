@@ -346,3 +346,18 @@ def test_hundreds_of_dead_heartbeats_on_a_full_database_read_fast_and_flag_brief
     render(report, console)
     text = console.export_text()
     assert text.count("(gone?)") == 10 and "... 290 more gone" in text, text
+
+
+@pytest.mark.parametrize("password", ["Zq7/Xk9", "Zq7#Xk9", "Zq7?Xk9", "Zq7@Xk9/Yw4"])
+def test_a_password_holding_a_url_delimiter_is_never_shown(tmp_path: Path, password: str) -> None:
+    """A generated password (base64 holds "/") that was not percent-encoded: the URL parser cut the host off at the
+    "/", "#" or "?", found no password to mask, and --json printed the URL whole; the error quoted a piece of the
+    password as the port it could not read, or as the host it could not reach."""
+    report = collect(Settings(_env_file=None, redis_url=f"redis://:{password}@127.0.0.1:6379/0",
+                              artifacts_dir=tmp_path))
+    text = json.dumps(report, default=str)
+    assert not any(piece in text for piece in ("Zq7", "Xk9", "Yw4")), text
+    assert report["redis_url"] == "redis://:***@127.0.0.1:6379/0"
+    assert len(report["errors"]) == 1 and report["errors"][0].startswith("redis: "), report["errors"]
+    assert "percent-encode" in report["errors"][0]
+    assert redacted("redis://h:6379/0?password=a@b&db=1") == "redis://h:6379/0?password=***&db=1"
