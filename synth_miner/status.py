@@ -152,8 +152,12 @@ def collect(settings: Settings) -> dict[str, Any]:
                     break
             else:
                 report["cache"][asset] = None
+    except (redis.AuthenticationError, redis.AuthenticationWrongNumberOfArgsError) as exc:
+        report["errors"].append(f"redis: {exc} (check the password in SYNTH_REDIS_URL)")
     except redis.RedisError as exc:
-        report["errors"].append(f"redis: {exc}")
+        # A server with requirepass answers a client without a password with a plain error reply, not an auth error.
+        hint = " (check the password in SYNTH_REDIS_URL)" if str(exc).startswith("Authentication required") else ""
+        report["errors"].append(f"redis: {exc}{hint}")
     return report
 
 

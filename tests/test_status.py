@@ -16,7 +16,7 @@ from core.constants import HEARTBEAT_TTL_S, JOB_RUNS_KEPT, JOB_RUNS_KEY, WORKER_
 from core.prices import PriceHistory
 from core.settings import Settings
 from synth_miner.status import collect, redacted, render
-from tests.conftest import free_port
+from tests.conftest import RedisServer, free_port
 from workers.jobs import record_run
 
 
@@ -361,3 +361,18 @@ def test_a_password_holding_a_url_delimiter_is_never_shown(tmp_path: Path, passw
     assert len(report["errors"]) == 1 and report["errors"][0].startswith("redis: "), report["errors"]
     assert "percent-encode" in report["errors"][0]
     assert redacted("redis://h:6379/0?password=a@b&db=1") == "redis://h:6379/0?password=***&db=1"
+
+
+def test_a_wrong_or_missing_redis_password_says_to_check_the_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis with requirepass (as deployed): a wrong password or none read only "invalid username-password pair" or
+    "Authentication required", not where the password comes from."""
+    server = RedisServer(tmp_path, password="right").start()
+    try:
+        for url in (server.url.replace(":right@", ":wrong@"), server.url.replace(":right@", "")):
+            result = run_status(monkeypatch, tmp_path, url, "--json")
+            assert result.exit_code == 1, result.output
+            error = json.loads(result.output)["errors"][-1]
+            assert error.startswith("redis: ") and "check the password in SYNTH_REDIS_URL" in error, error
+        assert run_status(monkeypatch, tmp_path, server.url).exit_code == 3  # read: no worker
+    finally:
+        server.stop()
