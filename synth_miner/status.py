@@ -92,7 +92,7 @@ def collect(settings: Settings) -> dict[str, Any]:
     """Everything status shows, as plain data (also printed with --json)."""
     now = time.time()
     report: dict[str, Any] = {"redis_url": redacted(settings.redis_url), "artifact_version": None, "workers": [],
-                              "queues": {}, "expired": {}, "jobs": [], "last_calibration": None, "cache": {},
+                              "queues": {}, "expired": {}, "jobs": [], "last_runs": {}, "last_calibration": None, "cache": {},
                               "errors": [], "unread_queues": [], "inference_queues": []}
     try:
         from core.artifacts import current_version

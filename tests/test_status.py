@@ -152,6 +152,10 @@ def test_status_without_a_redis_url_exits_1(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setenv("SYNTH_ARTIFACTS_DIR", str(tmp_path))
     result = CliRunner().invoke(app, ["status", "--json"])
     assert result.exit_code == 1 and "SYNTH_REDIS_URL is not set" in result.output, result.output
+    # The same keys whether Redis was read or not: a dashboard reading --json finds each one.
+    assert set(json.loads(result.output)) == {"redis_url", "artifact_version", "workers", "queues", "expired", "jobs",
+                                              "last_runs", "last_calibration", "cache", "errors", "unread_queues",
+                                              "inference_queues"}
 
 
 def test_a_stopped_worker_is_flagged_not_listed_as_serving(redis_url: str, tmp_path: Path) -> None:
@@ -235,6 +239,7 @@ def test_status_exits_3_when_no_live_worker_reads_an_inference_queue(
     assert result.exit_code == 3, result.output
     report = json.loads(result.output)
     assert report["unread_queues"] == ["cpu", "infer.hf", "infer.lf"]
+    assert set(report) == set(collect(Settings(_env_file=None, redis_url=None, artifacts_dir=tmp_path)))  # one schema
     announce(client, "hf@host:1", "infer.hf")
     assert run_status(monkeypatch, tmp_path, redis_url).exit_code == 3  # infer.lf still unread
     announce(client, "lf@host:2", "infer.lf", written_s_ago=40)  # a dead one does not count
