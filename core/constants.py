@@ -20,6 +20,9 @@ BEAT_LAST_RUN_KEY = KEY_PREFIX + ":beat:last-run"  # job name -> when the leadin
 JOB_SLOT_KEY = KEY_PREFIX + ":job:{name}:{slot}"  # a periodic job's claim on its slot: running (leased) or done
 JOB_ATTEMPTS_KEY = KEY_PREFIX + ":job-attempts:{name}:{slot}"  # claims taken on a slot (runs that started)
 WORKER_HEARTBEAT_KEY = KEY_PREFIX + ":worker:{name}"  # workers announce model version and pid
+# Tasks a worker discarded unrun, their ``expires`` passed while they waited (queue -> count, never reset):
+# a prefork worker discards them in its parent process, which serves no metrics.
+EXPIRED_TASKS_KEY = KEY_PREFIX + ":tasks:expired"
 
 # --- Protocol ----------------------------------------------------------------------------------------
 SIGNIFICANT_DIGITS: Final = 8  # validators reject more than 8 digits per price
@@ -95,6 +98,9 @@ HEARTBEAT_RETRY_S: Final = 1.0
 # A process silent this long (2.5 missed announcements) counts as stopped or stuck: its key may outlive it
 # for up to HEARTBEAT_TTL_S, so `status` flags it and the miner stops sending it forecasts.
 HEARTBEAT_STALE_AFTER_S: Final = 2.5 * HEARTBEAT_EVERY_S
+# A worker's clock this far from the reader's (judged by its heartbeat key's age in Redis) is named by `status`:
+# the miner judges heartbeats, deadlines and task expiries by the clocks.
+CLOCK_SKEW_WARN_S: Final = 5.0
 # The miner reads the heartbeats (which queues have a live reader) at most this often, not per request.
 LIVE_READERS_CHECK_S: Final = 2.0
 # A forecast still running when the miner has stopped waiting (Settings.max_wait_s) is useless: its soft

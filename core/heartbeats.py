@@ -5,6 +5,7 @@ Workers write one JSON document per process under ``WORKER_HEARTBEAT_KEY`` (see 
 """
 
 import json
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,10 +20,14 @@ def parse_heartbeat(raw: bytes | str | None) -> dict[str, Any] | None:
         return None
     try:
         beat = json.loads(raw)
-        float(beat["at"])
-    except (ValueError, TypeError, KeyError):
+        at = float(beat["at"])
+    except (ValueError, TypeError, KeyError, IndexError):
         return None
-    return beat if isinstance(beat, dict) else None
+    # A NaN or infinite time read as never stale (alive for as long as the key lasted) or as NaN seconds silent.
+    if not isinstance(beat, dict) or not math.isfinite(at):
+        return None
+    beat["at"] = at
+    return beat
 
 
 def silent_for(beat: dict[str, Any], now: float) -> float:
@@ -34,7 +39,8 @@ def is_alive(beat: dict[str, Any], now: float) -> bool:
 
 
 def queues_of(beat: dict[str, Any]) -> set[str]:
-    return {q for q in str(beat.get("queues") or "").split(",") if q}
+    queues = beat.get("queues")  # comma-separated; anything else announces none
+    return {q for q in queues.split(",") if q} if isinstance(queues, str) else set()
 
 
 def live_queues(beats: Iterable[dict[str, Any]], now: float) -> set[str]:

@@ -5,6 +5,8 @@ import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from core.constants import EXPIRED_TASKS_KEY
+
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 60, 120)
@@ -28,6 +30,9 @@ class MinerMetrics:
         self.invalid = Counter("synth_invalid_replies", "replies refused by the self-check (never sent)", registry=r)
         self.shared = Counter("synth_shared_requests", "requests answered from an identical one", registry=r)
         self.queue_depth = Gauge("synth_queue_depth", "messages waiting per Celery queue", ["queue"], registry=r)
+        # The workers' count in Redis (a prefork worker discards them in its parent, which serves no metrics).
+        self.expired = Gauge("synth_expired_tasks", "tasks the workers discarded unrun, past their expiry "
+                             "(since Redis was last emptied)", ["queue"], registry=r)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
         start_http_server(port, addr=host, registry=self.registry)
@@ -63,6 +68,12 @@ async def watch_queue_depth(metrics: MinerMetrics, redis_url: str, queues: list[
                     metrics.queue_depth.labels(queue).set(await client.llen(queue))
                 except Exception:
                     metrics.queue_depth.labels(queue).set(float("nan"))
+            try:
+                expired = await client.hgetall(EXPIRED_TASKS_KEY)
+            except Exception:  # Redis away: the depths above say so (NaN); the counts stay as last read
+                expired = {}
+            for field, count in expired.items():
+                metrics.expired.labels(field.decode() if isinstance(field, bytes) else field).set(int(count))
             await asyncio.sleep(every_s)
     finally:  # cancelled at shutdown: close the connection rather than leave the socket to the collector
         await client.aclose()

@@ -171,20 +171,29 @@ def status(
     redis_url: Annotated[Optional[str], typer.Option(help="SYNTH_REDIS_URL")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
 ) -> None:
-    """The fleet at a glance: workers, queues, artifact version, last calibration, cache freshness."""
+    """The fleet at a glance: workers, queues, artifact version, last calibration, cache freshness.
+
+    Exit 0: Redis was read and a live worker reads every inference queue.
+
+    Exit 1: Redis cannot be read, or SYNTH_REDIS_URL is not set (embedded mode has no fleet to check).
+
+    Exit 2: a usage error (a bad option or SYNTH_ setting).
+
+    Exit 3: no live worker reads an inference queue: the miner answers it from its in-process fallback."""
     import json as jsonlib
 
     from rich.console import Console
 
-    from synth_miner.status import collect, render
+    from synth_miner.status import collect, exit_code, render
 
     report = collect(load_settings(redis_url=redis_url))
     if as_json:
         print(jsonlib.dumps(report, default=str))
     else:
         render(report, Console())
-    if any(error.startswith("redis:") for error in report["errors"]):
-        raise typer.Exit(1)  # the fleet could not be read: monitoring must see a failure
+    code = exit_code(report)  # `status || alert`: monitoring must see a fleet it cannot read or that cannot serve
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

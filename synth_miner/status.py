@@ -1,22 +1,39 @@
 """`synth-miner status`: the fleet at a glance (workers, queues, artifact version, calibration, cache)."""
 
 import json
+import math
 import re
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from core.assets import ASSETS
-from core.constants import JOB_LAST_RUN_KEY, JOB_RUNS_KEPT, JOB_RUNS_KEY
-from core.heartbeats import HEARTBEAT_PATTERN, is_alive, live_queues, parse_heartbeat, silent_for
+from core.constants import (
+    CLOCK_SKEW_WARN_S,
+    EXPIRED_TASKS_KEY,
+    HEARTBEAT_STALE_AFTER_S,
+    HEARTBEAT_TTL_S,
+    JOB_LAST_RUN_KEY,
+    JOB_RUNS_KEPT,
+    JOB_RUNS_KEY,
+)
+from core.heartbeats import HEARTBEAT_PATTERN, is_alive, live_queues, parse_heartbeat, queues_of, silent_for
 from core.settings import Settings
 
 JOBS_SHOWN = 20  # the newest runs listed; the last calibration is looked for in every kept run
+DEAD_LISTED = 10  # silent workers named one by one; a fleet restarted over and over leaves hundreds for a minute
+SCAN_COUNT = 1000  # keys per SCAN step: Redis's default of 10 took thousands of round trips on a full database
+
+# Exit codes, for `status || alert` and container health checks (2 is the CLI's own usage error).
+EXIT_OK = 0  # Redis read, and a live worker reads every inference queue
+EXIT_REDIS = 1  # Redis cannot be read (or no SYNTH_REDIS_URL: embedded mode has no fleet to check)
+EXIT_NO_INFERENCE = 3  # Redis read, but no live worker reads an inference queue: the miner answers those from
+# its in-process fallback (EWMA-t), not the fleet's models
 
 
 def age(seconds: float | None) -> str:
@@ -29,26 +46,54 @@ def age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h ago"
 
 
+def finite(value: Any) -> float | None:
+    """A number a record holds, or None for anything else (a record written by hand or by another version)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def ago(started: Any) -> str:
+    at = finite(started)
+    return "?" if at is None else age(time.time() - at)
+
+
+def clock(at: Any, fmt: str) -> str:
+    seconds = finite(at)
+    return "?" if seconds is None or not 0 <= seconds < 1e11 else time.strftime(fmt, time.gmtime(seconds))
+
+
 def redacted(url: str | None) -> str | None:
-    """The Redis URL with its password masked: ``status --json`` output ends up in logs and dashboards."""
+    """The Redis URL with its password masked: ``status --json`` output ends up in logs and dashboards. Everything
+    up to the last "@" is the user and password: a password holding "/", "?" or "#" (not percent-encoded) cut
+    the URL parser's host short, and it found no password to mask."""
     if not url:
         return url
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if parts.password is not None:
-        userinfo, _, hostport = netloc.rpartition("@")
-        netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
-    query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2***", parts.query)
-    if (netloc, query) == (parts.netloc, parts.query):
-        return url  # nothing to hide (urlunsplit would also rewrite unix:///path as unix:/path)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    masked = re.sub(r"([?&]password=)[^&]*", r"\1***", url)
+    scheme, sep, rest = masked.partition("://")
+    userinfo, at, hostpart = rest.rpartition("@")
+    if sep and at and ":" in userinfo:
+        masked = f"{scheme}://{userinfo.split(':', 1)[0]}:***@{hostpart}"
+    return masked
+
+
+def url_problem(url: str) -> str | None:
+    """Why the URL cannot be read as the operator meant it, without quoting any of it (a password may be in it)."""
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    if any(c in userinfo for c in "/?#"):  # the parser ends the host at the first of them: a piece of the password
+        return ("SYNTH_REDIS_URL holds '/', '?' or '#' before its last '@': percent-encode them in the password "
+                "(%2F, %3F, %23)")
+    return None
 
 
 def collect(settings: Settings) -> dict[str, Any]:
     """Everything status shows, as plain data (also printed with --json)."""
     now = time.time()
     report: dict[str, Any] = {"redis_url": redacted(settings.redis_url), "artifact_version": None, "workers": [],
-                              "queues": {}, "jobs": [], "last_calibration": None, "cache": {}, "errors": []}
+                              "queues": {}, "expired": {}, "jobs": [], "last_runs": {}, "last_calibration": None, "cache": {},
+                              "errors": [], "unread_queues": [], "inference_queues": []}
     try:
         from core.artifacts import current_version
 
@@ -57,35 +102,40 @@ def collect(settings: Settings) -> dict[str, Any]:
         report["errors"].append(f"artifacts: {exc}")
     if not settings.redis_url:
         # A "redis:" error, so `status` exits 1: on a host whose .env lacks the URL, `status || alert` never fired.
-        report["errors"].append("redis: SYNTH_REDIS_URL is not set: embedded mode has no fleet to show")
+        report["errors"].append("redis: SYNTH_REDIS_URL is not set: embedded mode has no fleet to show "
+                                 "(its miner forecasts in-process: watch its metrics instead)")
+        return report
+    problem = url_problem(settings.redis_url)
+    if problem is not None:
+        report["errors"].append(f"redis: {problem}")
         return report
     try:
         client = redis.Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
-    except ValueError as exc:  # not a redis:// URL
-        report["errors"].append(f"redis: {exc}")
+    except ValueError:  # redis-py's message may quote the URL (its port): it is not repeated
+        report["errors"].append("redis: SYNTH_REDIS_URL is not a Redis URL: check its scheme (redis://, rediss://, "
+                                "unix://) and port, and percent-encode a password holding '/', '?', '#' or '%'")
         return report
     try:
-        # A worker that stopped or died keeps its key for up to HEARTBEAT_TTL_S: an old one is flagged.
-        for key in client.scan_iter(HEARTBEAT_PATTERN):
-            beat = parse_heartbeat(client.get(key))
-            if beat is not None:
-                beat["seen"] = age(silent_for(beat, now))
-                beat["alive"] = is_alive(beat, now)
-                if not beat["alive"]:
-                    report["errors"].append(f"worker {beat.get('name', '?')}: no heartbeat for "
-                                            f"{silent_for(beat, now):.0f}s (stopped or stuck)")
-                report["workers"].append(beat)
+        read_heartbeats(client, report, now)
         read = live_queues(report["workers"], now)
+        report["inference_queues"] = [settings.queue_infer_hf, settings.queue_infer_lf]
         for queue in (settings.queue_infer_hf, settings.queue_infer_lf, settings.queue_cpu):
             report["queues"][queue] = int(client.llen(queue))
             if queue not in read:  # an empty worker table alone is easy to read as "all well"
                 report["errors"].append(f"no live worker reads queue {queue}")
+                report["unread_queues"].append(queue)
+        report["unread_queues"].sort()
+        # Tasks discarded unrun, past their expiry, since Redis was last emptied: requests the fleet was too
+        # slow for (a backlog, too few processes), each answered by the miner's fallback or not in time.
+        expired = {(k.decode() if isinstance(k, bytes) else k): int(v)
+                   for k, v in client.hgetall(EXPIRED_TASKS_KEY).items()}
+        report["expired"] = {queue: expired.pop(queue, 0) for queue in report["queues"]} | dict(sorted(expired.items()))
         # The cache refresh records a run every minute: an hourly calibration soon falls out of the newest
         # few, so it is looked for in every kept run.
-        runs = [json.loads(r) for r in client.lrange(JOB_RUNS_KEY, 0, JOB_RUNS_KEPT - 1)]
+        runs = job_records(client.lrange(JOB_RUNS_KEY, 0, JOB_RUNS_KEPT - 1), JOB_RUNS_KEY, report["errors"])
         report["jobs"] = runs[:JOBS_SHOWN]
-        last = {(k.decode() if isinstance(k, bytes) else k): json.loads(v)
-                for k, v in client.hgetall(JOB_LAST_RUN_KEY).items()}
+        last = {run["job"]: run for run in job_records(client.hvals(JOB_LAST_RUN_KEY), JOB_LAST_RUN_KEY,
+                                                      report["errors"])}
         for run in runs:  # records from before the per-job key: the list is newest first
             last.setdefault(run["job"], run)
         report["last_runs"] = dict(sorted(last.items()))
@@ -102,9 +152,104 @@ def collect(settings: Settings) -> dict[str, Any]:
                     break
             else:
                 report["cache"][asset] = None
+    except (redis.AuthenticationError, redis.AuthenticationWrongNumberOfArgsError) as exc:
+        report["errors"].append(f"redis: {exc} (check the password in SYNTH_REDIS_URL)")
     except redis.RedisError as exc:
-        report["errors"].append(f"redis: {exc}")
+        # A server with requirepass answers a client without a password with a plain error reply, not an auth error.
+        hint = " (check the password in SYNTH_REDIS_URL)" if str(exc).startswith("Authentication required") else ""
+        report["errors"].append(f"redis: {exc}{hint}")
     return report
+
+
+def worker_entry(beat: dict[str, Any], key: str, now: float) -> dict[str, Any]:
+    """A heartbeat's fields as status shows them, each of its type whatever the document held (a hand-written or
+    foreign one crashed the table), and nothing else (no NaN in --json)."""
+    models, version, pid = beat.get("models"), beat.get("artifact_version"), beat.get("pid")
+    entry: dict[str, Any] = {
+        "name": str(beat.get("name") or key.removeprefix(HEARTBEAT_PATTERN[:-1])),
+        "queues": ",".join(sorted(queues_of(beat))), "engine": str(beat.get("engine") or "?"),
+        "device": str(beat.get("device") or "?"),
+        "models": {str(k): str(v) for k, v in models.items()} if isinstance(models, dict) else None,
+        "artifact_version": None if version is None else str(version),
+        "pid": pid if isinstance(pid, int) and not isinstance(pid, bool) else None, "at": float(beat["at"])}
+    entry["seen"] = age(silent_for(entry, now))
+    entry["alive"] = is_alive(entry, now)
+    return entry
+
+
+def read_heartbeats(client: "redis.Redis", report: dict[str, Any], now: float) -> None:
+    """Every process's heartbeat into ``report["workers"]``; a key under the prefix that holds none is named in
+    the errors and skipped (it made status read as "Redis unreadable"). One pipelined read for them all."""
+    keys = list(client.scan_iter(HEARTBEAT_PATTERN, count=SCAN_COUNT))
+    with client.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.get(key)
+            pipe.pttl(key)
+        replies = pipe.execute(raise_on_error=False)
+    silent: list[str] = []
+    for raw_key, raw, pttl in zip(keys, replies[::2], replies[1::2]):
+        key = raw_key.decode(errors="replace") if isinstance(raw_key, bytes) else str(raw_key)
+        if raw is None:
+            continue  # expired between SCAN and GET
+        beat = None if isinstance(raw, Exception) else parse_heartbeat(raw)
+        if beat is None:
+            report["errors"].append(f"{key} holds no worker heartbeat (not a JSON document with a finite time "
+                                    f"\"at\"): ignored")
+            continue
+        worker = worker_entry(beat, key, now)
+        skew = clock_skew(worker, pttl, now)
+        worker["clock_skew_s"] = None if skew is None else round(skew, 1)
+        if skew is not None:  # its own clock is off: its age is Redis's, and the clock is what to fix
+            worker["seen"] = age(max(0.0, silent_for(worker, now) + skew))
+            dead = "" if worker["alive"] else ", and the miner takes it for dead"
+            report["errors"].append(
+                f"worker {worker['name']}: its clock is {abs(skew):.0f}s {'ahead of' if skew > 0 else 'behind'} this "
+                f"host's (deadlines and expiries are off by as much{dead}): sync the clocks (NTP)")
+        elif not worker["alive"]:  # a worker that stopped or died keeps its key for up to HEARTBEAT_TTL_S
+            silent.append(f"worker {worker['name']}: no heartbeat for {silent_for(worker, now):.0f}s "
+                          "(stopped or stuck)")
+        report["workers"].append(worker)
+    report["errors"].extend(sorted(silent)[:DEAD_LISTED])
+    if len(silent) > DEAD_LISTED:
+        report["errors"].append(f"... and {len(silent) - DEAD_LISTED} more workers silent for over "
+                                f"{HEARTBEAT_STALE_AFTER_S:.0f}s (all in --json)")
+
+
+def clock_skew(worker: dict[str, Any], pttl: Any, now: float) -> float | None:
+    """How far the worker's clock is ahead of this host's (negative: behind), judged by the key's age in Redis
+    (a heartbeat is written with HEARTBEAT_TTL_S), or None where it is within CLOCK_SKEW_WARN_S or cannot be
+    judged (a key written with another TTL)."""
+    if not isinstance(pttl, int) or not 0 < pttl <= HEARTBEAT_TTL_S * 1000:
+        return None
+    skew = (HEARTBEAT_TTL_S - pttl / 1000) - silent_for(worker, now)
+    return skew if abs(skew) > CLOCK_SKEW_WARN_S else None
+
+
+def job_records(raws: list[Any], key: str, errors: list[str]) -> list[dict[str, Any]]:
+    """The job runs recorded under ``key``; one that is not a run's JSON record is counted in the errors."""
+    runs, unreadable = [], 0
+    for raw in raws:
+        try:
+            run = json.loads(raw)
+        except ValueError:
+            run = None
+        if isinstance(run, dict) and isinstance(run.get("job"), str):
+            runs.append(run)
+        else:
+            unreadable += 1
+    if unreadable:
+        errors.append(f"{key}: {unreadable} record(s) that are no job run: ignored")
+    return runs
+
+
+def exit_code(report: dict[str, Any]) -> int:
+    """What `status` exits with: Redis unreadable first (nothing else is known then), then an inference queue
+    with no live reader."""
+    if any(error.startswith("redis:") for error in report["errors"]):
+        return EXIT_REDIS
+    if set(report.get("unread_queues", ())) & set(report.get("inference_queues", ())):
+        return EXIT_NO_INFERENCE
+    return EXIT_OK
 
 
 def models_cell(models: dict[str, str] | None) -> str:
@@ -153,37 +298,45 @@ def render(report: dict[str, Any], console: Console) -> None:
     workers = Table(title="workers (heartbeats)")
     for col in ("name", "queues", "engine", "device", "models", "artifact", "seen"):
         workers.add_column(col)
+    dead = 0
     for w in report["workers"]:
-        seen = w["seen"] if w.get("alive", True) else f"[red]{w['seen']} (gone?)[/]"
-        workers.add_row(w["name"], w.get("queues", ""), w["engine"], w.get("device", "?"), models_cell(w.get("models")),
-                        w.get("artifact_version") or "-", seen)
+        dead += not w.get("alive", True)
+        if dead > DEAD_LISTED and not w.get("alive", True):
+            continue
+        seen = escape(str(w.get("seen", "?")))
+        seen = seen if w.get("alive", True) else f"[red]{seen} (gone?)[/]"
+        workers.add_row(*(escape(str(cell)) for cell in (
+            w.get("name", "?"), w.get("queues", ""), w.get("engine", "?"), w.get("device", "?"),
+            models_cell(w.get("models")), w.get("artifact_version") or "-")), seen)
+    if dead > DEAD_LISTED:
+        workers.add_row(f"[red]... {dead - DEAD_LISTED} more gone (all in --json)[/]", *[""] * 6)
     console.print(workers)
     queues = Table(title="queues")
     queues.add_column("queue")
     queues.add_column("waiting", justify="right")
+    queues.add_column("expired (discarded unrun)", justify="right")
     for name, depth in report["queues"].items():
-        queues.add_row(name, str(depth))
+        queues.add_row(name, str(depth), str(report.get("expired", {}).get(name, "-")))
     console.print(queues)
     jobs = Table(title="recent periodic jobs")
     for col in ("job", "slot", "status", "seconds", "detail"):
         jobs.add_column(col)
     last_calibration = report.get("last_calibration") or next(
-        (j for j in report["jobs"] if j["job"] == "calibrate"), None)
+        (j for j in report["jobs"] if j.get("job") == "calibrate"), None)
     for j in report["jobs"][:10]:
-        jobs.add_row(j["job"], time.strftime("%H:%M:%S", time.gmtime(j["slot"])), j["status"], str(j.get("seconds")),
-                     job_detail(j)[:60])
+        jobs.add_row(*(escape(str(cell)) for cell in (j.get("job"), clock(j.get("slot"), "%H:%M:%S"),
+                                                       j.get("status", "?"), j.get("seconds"), job_detail(j)[:60])))
     console.print(jobs)
     if report.get("last_runs"):
         each = Table(title="last run of each job")
         for col in ("job", "started", "status", "seconds", "outcome"):
             each.add_column(col)
         for name, j in report["last_runs"].items():
-            started = j.get("started")
-            each.add_row(name, "?" if started is None else age(time.time() - float(started)), j.get("status", "?"),
-                         str(j.get("seconds")), job_detail(j)[:100])
+            each.add_row(*(escape(str(cell)) for cell in (name, ago(j.get("started")), j.get("status", "?"),
+                                                           j.get("seconds"), job_detail(j)[:100])))
         console.print(each)
     calibrated = "never" if last_calibration is None else (
-        f"{age(time.time() - last_calibration['started'])} ({last_calibration.get('status', '?')})")
+        f"{ago(last_calibration.get('started'))} ({escape(str(last_calibration.get('status', '?')))})")
     console.print(f"[bold]last calibration[/]: {calibrated}")
     cache = Table(title="rolling cache")
     for col in ("asset", "step", "from", "to", "freshness"):
@@ -198,4 +351,11 @@ def render(report: dict[str, Any], console: Console) -> None:
                           time.strftime("%Y-%m-%d %H:%M", time.gmtime(span["last"])), f"[{color}]{age(fresh)}[/]")
     console.print(cache)
     for error in report["errors"]:
-        console.print(f"[red]! {error}[/]")
+        console.print(f"[red]! {escape(error)}[/]")
+    code = exit_code(report)
+    if code == EXIT_NO_INFERENCE:
+        unread = sorted(set(report["unread_queues"]) & set(report["inference_queues"]))
+        console.print(f"[red bold]no live worker reads {', '.join(unread)}: the miner answers those requests from "
+                      f"its in-process fallback, not the fleet's models (exit {code})[/]")
+    elif code == EXIT_REDIS:
+        console.print(f"[red bold]the fleet could not be read (exit {code})[/]")

@@ -148,6 +148,27 @@ async def test_the_queue_depth_watcher_closes_its_connection_when_cancelled(monk
     assert Client.closed  # it used to leave the socket open at shutdown
 
 
+async def test_the_miner_shows_the_expired_tasks_the_workers_counted_in_redis(redis_url: str) -> None:
+    """A prefork worker discards an expired forecast in its parent, which serves no metrics: the miner's own
+    metrics show the workers' count from Redis beside the queue depths."""
+    import redis
+
+    from core.constants import EXPIRED_TASKS_KEY
+
+    redis.Redis.from_url(redis_url).hset(EXPIRED_TASKS_KEY, mapping={"infer.hf": 4, "infer.lf": 1})
+    metrics = MinerMetrics()
+    watcher = asyncio.create_task(watch_queue_depth(metrics, redis_url, ["infer.hf", "infer.lf"], every_s=0.01))
+    try:
+        deadline = time.monotonic() + 5
+        while metrics.registry.get_sample_value("synth_expired_tasks", {"queue": "infer.lf"}) != 1:
+            assert time.monotonic() < deadline, "the expired counts never showed"
+            await asyncio.sleep(0.01)
+        assert metrics.registry.get_sample_value("synth_expired_tasks", {"queue": "infer.hf"}) == 4
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+
+
 def test_the_log_says_which_engine_computed_an_answer_and_why_another_stood_in() -> None:
     request = ForecastRequest("BTC", int(time.time()) + 120, 60, 3600, 1)
     assert provenance(Answer(request, b"", "pool", None, 0.0, engine="patchtst")) == "pool (patchtst)"

@@ -417,6 +417,48 @@ def test_the_leader_sends_an_orphaned_run_again_only_unclaimed_for_a_lease_and_o
         get_settings.cache_clear()
 
 
+def test_a_clock_jumping_forward_does_not_cut_short_the_lease_an_orphaned_run_is_given(
+        redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wait of a whole lease before a started, unclaimed run is sent again was timed with the wall clock: a
+    forward step (NTP, a VM resumed) during that wait sent a copy at once, a twin of a live run whose lease had
+    only lapsed while Redis was away. The wait is real time now; the slot still follows the wall clock."""
+    import types
+
+    from core.constants import JOB_ATTEMPTS_KEY
+    from workers import beat as beat_module
+    from workers.beat import LeaderScheduler
+
+    week, jump, lease = 7 * 86_400.0, 120.0, 60.0
+    app, client = retrain_only_app(monkeypatch, redis_url, week)
+    slot = int(time.time() // week * week)
+    if int((time.time() + jump) // week * week) != slot:
+        pytest.skip("the jump would cross a week's slot boundary")
+    queue = Settings().queue_cpu
+    beat = LeaderScheduler(app=app, schedule_filename=str(tmp_path / "beat.db"))  # fresh file: nothing due
+
+    def sent_slots() -> list[int]:
+        bodies = [json.loads(base64.b64decode(json.loads(m)["body"])) for m in client.lrange(queue, 0, -1)]
+        return [body[1]["slot"] for body in bodies]
+
+    try:
+        client.set(JOB_ATTEMPTS_KEY.format(name="retrain", slot=slot), 1)  # started; its claim lapsed
+        beat.lease_s = lease
+        beat.tick()  # the leader sees the slot unclaimed: the lease's wait starts
+        ahead = types.SimpleNamespace(time=lambda: time.time() + jump, monotonic=time.monotonic,
+                                      time_ns=time.time_ns)
+        monkeypatch.setattr(beat_module, "time", ahead)  # the wall clock steps two minutes forward
+        for _ in range(3):
+            beat.tick()
+        assert sent_slots() == [], "sent again after a second of real time: the clock's jump was taken as the lease"
+        beat.lease_s = 0.5  # a real lease goes by: the run is gone and is sent again, in the wall clock's slot
+        time.sleep(0.6)
+        beat.tick()
+        assert sent_slots() == [slot]
+    finally:
+        beat.close()
+        get_settings.cache_clear()
+
+
 def test_a_leader_whose_redis_goes_down_stops_scheduling_and_leads_again_once_it_is_back(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Its own Redis, which this test stops: while it is down every tick returns (no crash, no send, no

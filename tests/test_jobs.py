@@ -484,3 +484,21 @@ def test_a_run_whose_slot_was_taken_over_says_so_once(job_env: dict[str, str], r
     assert record["lease_lost_to"].endswith("other:2"), record
     said = [m for m in errors(caplog) if "lapsed and the slot was taken over" in m]
     assert len(said) == 1, errors(caplog)
+
+
+def test_a_runs_recorded_seconds_are_real_time_whatever_the_wall_clock_does(
+        job_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`status` shows each run's seconds: they were the wall clock's difference, so a clock stepped an hour
+    forward (or back) mid-run recorded a 0.1 s job as 3600 s (or negative)."""
+    import types
+
+    from workers import jobs
+
+    def work(_: Settings) -> dict[str, Any]:
+        monkeypatch.setattr(jobs, "time", types.SimpleNamespace(time=lambda: time.time() + 3600,
+                                                                monotonic=time.monotonic, sleep=time.sleep))
+        time.sleep(0.1)
+        return {}
+
+    record = jobs.run_once("retrain", SLOT, WEEK, work)
+    assert record["status"] == "ok" and 0.1 <= record["seconds"] < 5, record

@@ -12,10 +12,11 @@ import redis
 from rich.console import Console
 
 from core.cache_redis import RedisHistoryCache
-from core.constants import JOB_RUNS_KEPT, JOB_RUNS_KEY, WORKER_HEARTBEAT_KEY
+from core.constants import HEARTBEAT_TTL_S, JOB_RUNS_KEPT, JOB_RUNS_KEY, WORKER_HEARTBEAT_KEY
 from core.prices import PriceHistory
 from core.settings import Settings
 from synth_miner.status import collect, redacted, render
+from tests.conftest import RedisServer, free_port
 from workers.jobs import record_run
 
 
@@ -151,6 +152,10 @@ def test_status_without_a_redis_url_exits_1(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setenv("SYNTH_ARTIFACTS_DIR", str(tmp_path))
     result = CliRunner().invoke(app, ["status", "--json"])
     assert result.exit_code == 1 and "SYNTH_REDIS_URL is not set" in result.output, result.output
+    # The same keys whether Redis was read or not: a dashboard reading --json finds each one.
+    assert set(json.loads(result.output)) == {"redis_url", "artifact_version", "workers", "queues", "expired", "jobs",
+                                              "last_runs", "last_calibration", "cache", "errors", "unread_queues",
+                                              "inference_queues"}
 
 
 def test_a_stopped_worker_is_flagged_not_listed_as_serving(redis_url: str, tmp_path: Path) -> None:
@@ -203,3 +208,176 @@ def test_a_refresh_whose_providers_fail_for_some_assets_says_which() -> None:
            "result": {"assets": 14, "failed": {"NVDAX": ["history 60s: TimeoutError"], "AAPLX": ["latest: stale"]}}}
     assert job_detail(run) == "2 of 14 assets not refreshed: AAPLX, NVDAX"
     assert job_detail({**run, "result": {"assets": 14, "failed": {}}}) == ""
+
+
+def announce(client: "redis.Redis", name: str, queues: str, at: float | None = None, written_s_ago: float = 0) -> None:
+    """The heartbeat a worker process writes (workers.metrics.Heartbeat's document, its TTL), as if written
+    ``written_s_ago`` by Redis's clock; ``at`` is the worker's clock when it wrote it."""
+    client.set(WORKER_HEARTBEAT_KEY.format(name=name), json.dumps(
+        {"name": name, "queues": queues, "engine": "ewma_t", "device": "cpu", "models": {},
+         "artifact_version": None, "pid": 1, "at": time.time() - written_s_ago if at is None else at}),
+        px=int((HEARTBEAT_TTL_S - written_s_ago) * 1000))
+
+
+def run_status(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, redis_url: str, *args: str) -> Any:
+    from typer.testing import CliRunner
+
+    from synth_miner.cli import app
+
+    monkeypatch.setenv("SYNTH_REDIS_URL", redis_url)
+    monkeypatch.setenv("SYNTH_ARTIFACTS_DIR", str(tmp_path))
+    return CliRunner().invoke(app, ["status", *args])
+
+
+def test_status_exits_3_when_no_live_worker_reads_an_inference_queue(
+        redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`status || alert` is the operators' health check: a fleet with no live worker on an inference queue
+    answers those requests only from the miner's in-process fallback, and must not read as healthy (it exited
+    0). Exit 1 still means Redis could not be read."""
+    client = redis.Redis.from_url(redis_url)
+    result = run_status(monkeypatch, tmp_path, redis_url, "--json")
+    assert result.exit_code == 3, result.output
+    report = json.loads(result.output)
+    assert report["unread_queues"] == ["cpu", "infer.hf", "infer.lf"]
+    assert set(report) == set(collect(Settings(_env_file=None, redis_url=None, artifacts_dir=tmp_path)))  # one schema
+    announce(client, "hf@host:1", "infer.hf")
+    assert run_status(monkeypatch, tmp_path, redis_url).exit_code == 3  # infer.lf still unread
+    announce(client, "lf@host:2", "infer.lf", written_s_ago=40)  # a dead one does not count
+    result = run_status(monkeypatch, tmp_path, redis_url)
+    assert result.exit_code == 3 and "exit 3" in result.output, result.output
+    announce(client, "lf@host:3", "infer.lf")
+    result = run_status(monkeypatch, tmp_path, redis_url, "--json")
+    # The cpu queue unread is flagged (no cache refresh, no calibration) but forecasts are served.
+    assert result.exit_code == 0 and json.loads(result.output)["unread_queues"] == ["cpu"], result.output
+    server_gone = f"redis://127.0.0.1:{free_port()}/0"
+    assert run_status(monkeypatch, tmp_path, server_gone).exit_code == 1
+
+
+def test_status_help_documents_its_exit_codes() -> None:
+    from typer.testing import CliRunner
+
+    from synth_miner.cli import app
+
+    text = " ".join(CliRunner().invoke(app, ["status", "--help"], env={"COLUMNS": "200"}).output.split())
+    assert "Exit 1: Redis cannot be read" in text and "Exit 3: no live worker reads an inference queue" in text, text
+
+
+def strict_json(text: str) -> Any:
+    """JSON as a strict consumer reads it: NaN and Infinity are not JSON."""
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} in --json output")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_foreign_or_garbled_heartbeat_keys_neither_hide_the_fleet_nor_crash_status(
+        redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key of another type under the heartbeat prefix made status report Redis unreadable (WRONGTYPE, exit 1,
+    no queues, jobs or cache read); a heartbeat without a name or engine, or with models that are not a mapping,
+    crashed the table with a traceback; a NaN or infinite time read "nanh ago" or alive forever, and NaN went
+    out as invalid JSON."""
+    client = redis.Redis.from_url(redis_url)
+    announce(client, "hf@host:1", "infer.hf")
+    announce(client, "lf@host:2", "infer.lf")
+    now = time.time()
+    garbled = {"noname": {"at": now, "queues": "infer.hf"}, "models": {"name": "m", "at": now, "models": ["hf.pt"]},
+               "nan": {"name": "n", "at": float("nan"), "queues": "infer.lf"},
+               "inf": {"name": "i", "at": "inf", "queues": "infer.lf"}, "list": [1, 2]}
+    for name, doc in garbled.items():
+        client.set(WORKER_HEARTBEAT_KEY.format(name=name), json.dumps(doc), ex=60)
+    client.set(WORKER_HEARTBEAT_KEY.format(name="text"), "not json", ex=60)
+    client.hset(WORKER_HEARTBEAT_KEY.format(name="a-hash"), "at", now)  # another tool's key under the prefix
+    client.lpush(JOB_RUNS_KEY, "{truncated")  # a record that is not JSON
+    client.lpush(JOB_RUNS_KEY, json.dumps({"job": "calibrate", "slot": "soon", "started": None, "status": "[/]"}))
+    announce(client, "odd[/]name", "cpu")  # rich markup in a name or a status is shown, not parsed
+    result = run_status(monkeypatch, tmp_path, redis_url, "--json")
+    assert result.exit_code == 0, result.output
+    report = strict_json(result.output)
+    assert not any(e.startswith("redis:") for e in report["errors"]), report["errors"]
+    assert set(report["queues"]) == {"infer.hf", "infer.lf", "cpu"} and len(report["cache"]) > 0
+    names = {w["name"] for w in report["workers"]}
+    assert {"hf@host:1", "lf@host:2", "m"} <= names and "i" not in names and "n" not in names, report["workers"]
+    assert all(isinstance(w["engine"], str) for w in report["workers"])
+    assert next(w for w in report["workers"] if w["name"] == "m")["models"] is None  # shown "?", not a crash
+    assert any("synth:worker:a-hash" in e for e in report["errors"]), report["errors"]
+    assert any("synth:worker:nan" in e for e in report["errors"]), report["errors"]
+    table = run_status(monkeypatch, tmp_path, redis_url)
+    assert table.exit_code == 0 and "Traceback" not in table.output, table.output
+    assert "odd[/]name" in table.output
+    assert "nans" not in table.output and "nanh" not in table.output and "-inf" not in table.output
+
+
+def test_a_worker_whose_clock_is_off_is_named_as_such_not_as_stopped(redis_url: str, tmp_path: Path) -> None:
+    """Heartbeats carry the worker's own clock: one an hour behind read "no heartbeat for 3600s (stopped or
+    stuck)" while it beat every 10 s, and one an hour ahead read "-3600s ago". The key's age in Redis (its TTL
+    left) tells the two apart: the clock is named, with how far off it is."""
+    client = redis.Redis.from_url(redis_url)
+    announce(client, "behind@host:1", "infer.hf", at=time.time() - 3600)
+    announce(client, "ahead@host:2", "infer.lf", at=time.time() + 3600)
+    announce(client, "dead@host:3", "infer.lf", written_s_ago=40)
+    report = collect(Settings(_env_file=None, redis_url=redis_url, artifacts_dir=tmp_path))
+    errors = "\n".join(report["errors"])
+    assert "worker behind@host:1: its clock is 3600s behind this host's" in errors, errors
+    assert "worker ahead@host:2: its clock is 3600s ahead of this host's" in errors, errors
+    assert "no heartbeat for 3600s" not in errors and "-3600s ago" not in json.dumps(report)
+    assert "worker dead@host:3: no heartbeat for 40s (stopped or stuck)" in errors and "dead@host:3: its" not in errors
+    skew = {w["name"]: w["clock_skew_s"] for w in report["workers"]}
+    assert skew["behind@host:1"] == pytest.approx(-3600, abs=3) and skew["ahead@host:2"] == pytest.approx(3600, abs=3)
+    assert skew["dead@host:3"] is None
+    seen = {w["name"]: w["seen"] for w in report["workers"]}
+    assert seen["behind@host:1"] == seen["ahead@host:2"] == "0s ago", seen  # by Redis's clock
+
+
+def test_hundreds_of_dead_heartbeats_on_a_full_database_read_fast_and_flag_briefly(
+        redis_url: str, tmp_path: Path) -> None:
+    """A fleet restarted over and over leaves a key per dead process for a minute: one error line each buried the
+    rest; and SCAN's default 10 keys a step took thousands of round trips on a database holding the cache."""
+    client = redis.Redis.from_url(redis_url)
+    with client.pipeline(transaction=False) as pipe:
+        for i in range(50_000):
+            pipe.set(f"synth:filler:{i}", 1)
+        pipe.execute()
+    for i in range(300):
+        announce(client, f"old{i:03d}@host:{i}", "infer.hf", written_s_ago=40)
+    announce(client, "live@host:1", "infer.hf,infer.lf")
+    client.config_resetstat()
+    report = collect(Settings(_env_file=None, redis_url=redis_url, artifacts_dir=tmp_path))
+    scans = client.info("commandstats")["cmdstat_scan"]["calls"]
+    assert scans < 200, f"{scans} SCAN calls for 50k keys"
+    assert len(report["workers"]) == 301 and report["unread_queues"] == ["cpu"]
+    silent = [e for e in report["errors"] if "no heartbeat" in e or "more workers" in e]
+    assert len(silent) <= 11 and "and 290 more workers silent" in silent[-1], silent
+    console = Console(record=True, width=160)
+    render(report, console)
+    text = console.export_text()
+    assert text.count("(gone?)") == 10 and "... 290 more gone" in text, text
+
+
+@pytest.mark.parametrize("password", ["Zq7/Xk9", "Zq7#Xk9", "Zq7?Xk9", "Zq7@Xk9/Yw4"])
+def test_a_password_holding_a_url_delimiter_is_never_shown(tmp_path: Path, password: str) -> None:
+    """A generated password (base64 holds "/") that was not percent-encoded: the URL parser cut the host off at the
+    "/", "#" or "?", found no password to mask, and --json printed the URL whole; the error quoted a piece of the
+    password as the port it could not read, or as the host it could not reach."""
+    report = collect(Settings(_env_file=None, redis_url=f"redis://:{password}@127.0.0.1:6379/0",
+                              artifacts_dir=tmp_path))
+    text = json.dumps(report, default=str)
+    assert not any(piece in text for piece in ("Zq7", "Xk9", "Yw4")), text
+    assert report["redis_url"] == "redis://:***@127.0.0.1:6379/0"
+    assert len(report["errors"]) == 1 and report["errors"][0].startswith("redis: "), report["errors"]
+    assert "percent-encode" in report["errors"][0]
+    assert redacted("redis://h:6379/0?password=a@b&db=1") == "redis://h:6379/0?password=***&db=1"
+
+
+def test_a_wrong_or_missing_redis_password_says_to_check_the_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis with requirepass (as deployed): a wrong password or none read only "invalid username-password pair" or
+    "Authentication required", not where the password comes from."""
+    server = RedisServer(tmp_path, password="right").start()
+    try:
+        for url in (server.url.replace(":right@", ":wrong@"), server.url.replace(":right@", "")):
+            result = run_status(monkeypatch, tmp_path, url, "--json")
+            assert result.exit_code == 1, result.output
+            error = json.loads(result.output)["errors"][-1]
+            assert error.startswith("redis: ") and "check the password in SYNTH_REDIS_URL" in error, error
+        assert run_status(monkeypatch, tmp_path, server.url).exit_code == 3  # read: no worker
+    finally:
+        server.stop()

@@ -402,3 +402,45 @@ def test_a_malformed_or_oversized_task_fails_with_a_result_and_never_reaches_the
         client.rpush(key, b"x")
         tasks.forecast.run(request, key, deadline, name)
         assert 0 < client.ttl(key) <= LATE_RESULT_TTL_S
+
+
+def test_expired_forecasts_a_prefork_worker_discards_are_counted_in_redis(redis_url: str, tmp_path: Path) -> None:
+    """A forecast that waited in the queue past its deadline (``expires``) is discarded by the worker's parent
+    process, which serves no metrics: those lost requests showed nowhere. They are counted per queue in Redis,
+    where `status` and the miner's metrics read them."""
+    from datetime import datetime, timezone
+
+    from core.constants import EXPIRED_TASKS_KEY, TASK_FORECAST
+    from synth_miner.status import collect
+
+    (tmp_path / "no-models").mkdir()
+    env = {"SYNTH_REDIS_URL": redis_url, "SYNTH_MODELS_DIR": str(tmp_path / "no-models"), "SYNTH_LOG_LEVEL": "INFO",
+           "SYNTH_ARTIFACTS_DIR": str(tmp_path / "artifacts"), "SYNTH_DATA_DIR": str(tmp_path / "data")}
+    worker = spawn([sys.executable, "-m", "celery", "-A", "tests.worker_apps", "worker", "-Q", "infer.hf", "-c", "1",
+                    "-P", "prefork", "-n", "expiry@%h", "--without-gossip", "--without-mingle", "-l", "INFO"], env,
+                   tmp_path / "worker.log")
+    client = redis.Redis.from_url(redis_url)
+    sender = create_app(Settings(redis_url=redis_url))
+    request = ForecastRequest("BTC", int(time.time()) + 600, 60, 3_600, 100).__dict__
+    try:
+        deadline = time.monotonic() + 90
+        while "worker runtime loaded" not in worker.text():
+            assert time.monotonic() < deadline and worker.proc.poll() is None, worker.text()[-3000:]
+            time.sleep(0.2)
+        sender.send_task("test.sleep", args=[2.0, "busy", time.time()], queue="infer.hf")  # its only process
+        for i in range(3):  # as the miner sends them: expiring at the deadline it waits until
+            due = time.time() + 0.5
+            sender.send_task(TASK_FORECAST, kwargs={"request": request, "result_key": f"test:r{i}", "deadline": due,
+                                                    "request_id": f"late{i}"},
+                             queue="infer.hf", expires=datetime.fromtimestamp(due, tz=timezone.utc), task_id=f"late{i}")
+        deadline = time.monotonic() + 30
+        while worker.text().count("Discarding revoked task") < 3:
+            assert time.monotonic() < deadline and worker.proc.poll() is None, worker.text()[-3000:]
+            time.sleep(0.1)
+        time.sleep(0.3)  # the counter is written right after the discard's log line
+    finally:
+        worker.stop()
+    assert not any(client.exists(f"test:r{i}") for i in range(3))  # never computed
+    assert {k.decode(): int(v) for k, v in client.hgetall(EXPIRED_TASKS_KEY).items()} == {"infer.hf": 3}
+    report = collect(Settings(_env_file=None, redis_url=redis_url, artifacts_dir=tmp_path / "artifacts"))
+    assert report["expired"] == {"infer.hf": 3, "infer.lf": 0, "cpu": 0}, report

@@ -72,7 +72,9 @@ class LeaderScheduler(PersistentScheduler):
         self._send_failures: dict[str, int] = {}  # job name -> sends failed in a row
         self._retry_at: dict[str, float] = {}  # job name -> monotonic time its failed send may be tried again
         self._resent: dict[str, tuple[int, int]] = {}  # job name -> (slot, starts) last sent again for
-        self._orphaned: dict[str, tuple[int, int, float]] = {}  # job name -> (slot, starts, first seen)
+        # job name -> (slot, starts, monotonic time first seen): the lease's wait in real time, as a wall clock
+        # stepping forward meanwhile would cut it short and send a live run's twin
+        self._orphaned: dict[str, tuple[int, int, float]] = {}
         self.lease_s = settings.job_lease_s
         super().__init__(*args, **kwargs)
 
@@ -213,8 +215,9 @@ class LeaderScheduler(PersistentScheduler):
         a start counted and no claim (its lease lapsed, it never finished). Each (slot, start count) is sent
         once: the copy's own claim counts the next start, and the slot's start limit still holds. Only after
         a whole lease without a claim: a live run whose lease lapsed while Redis was away takes it back at
-        its next renewal (a third of a lease), and must not get a twin."""
-        now = time.time()
+        its next renewal (a third of a lease), and must not get a twin. The slot follows the wall clock, as the
+        schedule does; the lease's wait is timed with the monotonic one."""
+        now, elapsed = time.time(), time.monotonic()
         for name, entry in self.schedule.items():
             period = float(entry.kwargs.get("period_s", 0) or 0)
             if entry.task not in RESENT_WHEN_ORPHANED or period <= 0:
@@ -232,9 +235,9 @@ class LeaderScheduler(PersistentScheduler):
                 continue
             seen = self._orphaned.get(name)
             if seen is None or seen[:2] != (slot, count):
-                self._orphaned[name] = (slot, count, now)
+                self._orphaned[name] = (slot, count, elapsed)
                 continue
-            if now - seen[2] < self.lease_s:
+            if elapsed - seen[2] < self.lease_s:
                 continue
             try:
                 self.app.send_task(entry.task, kwargs={**entry.kwargs, "slot": slot},

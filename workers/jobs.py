@@ -233,16 +233,16 @@ def run_once(job: str, slot: int | None, period_s: float, work: Callable[[Settin
     if held != CLAIMED:
         log.info("job %s slot %d already claimed (%s): skipping duplicate", job, slot, held)
         return {"job": job, "slot": slot, "status": "duplicate"}
-    began = time.time()
+    began = time.monotonic()  # the run's length in real time: a clock step mid-run recorded hours (or < 0)
     record: dict[str, Any] = {"job": job, "slot": slot, "worker": socket.gethostname(), "pid": os.getpid(),
-                              "started": began}
+                              "started": time.time()}
     with lease_renewed(client, job, slot, owner, settings.job_lease_s):
         try:
             record.update(status="ok", result=work(settings))
         except Exception as exc:
             log.exception("job %s slot %d failed", job, slot)
             record.update(status="error", error=f"{type(exc).__name__}: {exc}")
-    record["seconds"] = round(time.time() - began, 3)  # the work's: not a blip's wait at the finish
+    record["seconds"] = round(time.monotonic() - began, 3)  # the work's: not a blip's wait at the finish
     finish_run(client, job, slot, period_s, owner, record)
     return record
 

@@ -9,7 +9,13 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from core.constants import HEARTBEAT_EVERY_S, HEARTBEAT_RETRY_S, HEARTBEAT_TTL_S, WORKER_HEARTBEAT_KEY
+from core.constants import (
+    EXPIRED_TASKS_KEY,
+    HEARTBEAT_EVERY_S,
+    HEARTBEAT_RETRY_S,
+    HEARTBEAT_TTL_S,
+    WORKER_HEARTBEAT_KEY,
+)
 
 log = logging.getLogger(__name__)
 
@@ -17,6 +23,10 @@ REGISTRY = CollectorRegistry()
 TASK_SECONDS = Histogram("synth_worker_task_seconds", "forecast task time", ["prompt", "engine"],
                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30), registry=REGISTRY)
 TASKS = Counter("synth_worker_tasks", "forecast tasks by outcome", ["outcome"], registry=REGISTRY)
+# Served by a solo worker only: a prefork worker discards expired tasks in its parent, which serves no metrics,
+# so every discard is also counted in Redis (EXPIRED_TASKS_KEY), for `status` and the miner's metrics.
+EXPIRED = Counter("synth_worker_expired_tasks", "tasks discarded unrun, their expiry passed in the queue", ["queue"],
+                  registry=REGISTRY)
 MODEL_VERSION = Gauge("synth_worker_model_info", "artifact version served (value 1)", ["version", "engine"],
                       registry=REGISTRY)
 
@@ -33,6 +43,15 @@ def serving(version: str | None, engine: str) -> None:
             MODEL_VERSION.remove(*_serving)
         MODEL_VERSION.labels(*labels).set(1)
         _serving = labels
+
+
+def count_expired(client: object, queue: str) -> None:
+    """One task discarded unrun (the miner had stopped waiting for it): counted here and in Redis."""
+    EXPIRED.labels(queue).inc()
+    try:
+        client.hincrby(EXPIRED_TASKS_KEY, queue, 1)  # type: ignore[attr-defined]
+    except Exception as exc:  # Redis away: the task is lost either way, the count only undercounts
+        log.warning("expired task on %s not counted in Redis: %s", queue, exc)
 
 
 def serve_metrics(port: int | None) -> None:

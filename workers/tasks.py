@@ -8,14 +8,14 @@ from datetime import datetime, timezone
 from typing import Any
 
 import redis
-from celery.signals import celeryd_init, worker_process_init, worker_process_shutdown, worker_shutdown
+from celery.signals import celeryd_init, task_revoked, worker_process_init, worker_process_shutdown, worker_shutdown
 
 from core.constants import FORECAST_KILL_GRACE_S, LATE_RESULT_TTL_S, TASK_FORECAST
 from core.prompts import ForecastRequest, RequestError, check_request
 from core.settings import get_settings
 from core.transport import encode_error, encode_paths
 from workers.app import app
-from workers.metrics import HEARTBEAT, TASK_SECONDS, TASKS, serve_metrics, serving
+from workers.metrics import HEARTBEAT, TASK_SECONDS, TASKS, count_expired, serve_metrics, serving
 from workers.runtime import WorkerRuntime, get_runtime
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,24 @@ def _load_runtime(**_: Any) -> None:
     runtime = get_runtime()
     serve_metrics(runtime.settings.worker_metrics_port)
     announce(runtime)
+
+
+_discards: "redis.Redis | None" = None  # the client of the process that discards expired tasks (prefork: the parent)
+
+
+@task_revoked.connect
+def _count_expired(request: Any = None, expired: bool = False, **_: Any) -> None:
+    """A task whose ``expires`` passed while it waited is discarded unrun where it is received (a prefork
+    worker's parent process): each one is a request the miner answered without the fleet, or not at all."""
+    global _discards
+    if not expired:
+        return
+    delivery = getattr(request, "delivery_info", None) or {}
+    queue = str(delivery.get("routing_key") or "?")
+    if _discards is None:  # short timeouts: this runs on the worker's consumer thread
+        _discards = redis.Redis.from_url(get_settings().pool_redis_url, socket_timeout=1.0,
+                                         socket_connect_timeout=1.0)
+    count_expired(_discards, queue)
 
 
 @worker_process_shutdown.connect  # a prefork child
