@@ -269,6 +269,15 @@ class InsecureRedisError(ValueError):
     """A Redis URL that would reach a server beyond this host without a password, or no Redis URL at all."""
 
 
+def redis_url_problem(url: str) -> str | None:
+    """Why the URL cannot be read as the operator meant it, without quoting any of it (a password may be in it)."""
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    if any(c in userinfo for c in "/?#"):  # the parser ends the host at the first of them: a piece of the password
+        return ("SYNTH_REDIS_URL holds '/', '?' or '#' before its last '@': percent-encode them in the password "
+                "(%2F, %3F, %23)")
+    return None
+
+
 def check_redis_url(url: str | None) -> None:
     """Refuse a password-less Redis URL unless it stays on this host (loopback or a unix socket).
 
@@ -280,6 +289,9 @@ def check_redis_url(url: str | None) -> None:
     from ipaddress import ip_address
     from urllib.parse import parse_qs, urlsplit
 
+    problem = redis_url_problem(url)
+    if problem is not None:  # "redis://u:p@x/y@host" parses as host "x": a connection to the wrong place
+        raise InsecureRedisError(problem)
     parts = urlsplit(url)
     try:
         _ = parts.port  # raises on a port that is not a number

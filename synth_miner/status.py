@@ -23,7 +23,7 @@ from core.constants import (
     JOB_RUNS_KEY,
 )
 from core.heartbeats import HEARTBEAT_PATTERN, is_alive, live_queues, parse_heartbeat, queues_of, silent_for
-from core.settings import Settings
+from core.settings import Settings, redis_url_problem
 
 JOBS_SHOWN = 20  # the newest runs listed; the last calibration is looked for in every kept run
 DEAD_LISTED = 10  # silent workers named one by one; a fleet restarted over and over leaves hundreds for a minute
@@ -79,15 +79,6 @@ def redacted(url: str | None) -> str | None:
     return masked
 
 
-def url_problem(url: str) -> str | None:
-    """Why the URL cannot be read as the operator meant it, without quoting any of it (a password may be in it)."""
-    userinfo = url.partition("://")[2].rpartition("@")[0]
-    if any(c in userinfo for c in "/?#"):  # the parser ends the host at the first of them: a piece of the password
-        return ("SYNTH_REDIS_URL holds '/', '?' or '#' before its last '@': percent-encode them in the password "
-                "(%2F, %3F, %23)")
-    return None
-
-
 def collect(settings: Settings) -> dict[str, Any]:
     """Everything status shows, as plain data (also printed with --json)."""
     now = time.time()
@@ -105,7 +96,7 @@ def collect(settings: Settings) -> dict[str, Any]:
         report["errors"].append("redis: SYNTH_REDIS_URL is not set: embedded mode has no fleet to show "
                                  "(its miner forecasts in-process: watch its metrics instead)")
         return report
-    problem = url_problem(settings.redis_url)
+    problem = redis_url_problem(settings.redis_url)
     if problem is not None:
         report["errors"].append(f"redis: {problem}")
         return report

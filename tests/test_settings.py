@@ -81,6 +81,17 @@ def test_a_malformed_redis_url_is_refused_without_its_password(url: str) -> None
     assert "s3cretpw" not in str(caught.value)
 
 
+@pytest.mark.parametrize("url", ["redis://user:pw@x/y@10.0.0.5:6379/0", "redis://:Ab3?Zq@10.0.0.5:6379/0",
+                                 "rediss://:Ab3#Zq@cache.internal/0", "redis://:12/Zq@10.0.0.5/0"])
+def test_a_password_holding_slash_question_mark_or_hash_unencoded_is_refused(url: str) -> None:
+    """The URL parser ends the host at the first '/', '?' or '#': "redis://user:pw@x/y@10.0.0.5" was taken as
+    host "x" with password "pw", and the workers and miner went to the wrong place. Refused, quoting none of it."""
+    with pytest.raises(InsecureRedisError, match="percent-encode") as caught:
+        check_redis_url(url)
+    assert "Zq" not in str(caught.value) and "pw" not in str(caught.value)
+    check_redis_url(url.replace("/y@", "%2Fy@").replace("?Zq", "%3FZq").replace("#Zq", "%23Zq").replace("/Zq", "%2FZq"))
+
+
 def test_ports_and_the_published_address_are_checked() -> None:
     """A host name as the external IP made bittensor drop the publication without a word, and a metrics
     port out of range stopped the miner only after it had said it was serving."""
