@@ -9,7 +9,7 @@ from typing import Final
 # --- Redis keys (all under one prefix so an operator can find or flush them) -----------------------
 KEY_PREFIX: Final = "synth"
 RESULT_KEY = KEY_PREFIX + ":result:{request_id}"  # list the worker RPUSHes float32 paths onto
-CACHE_KEY = KEY_PREFIX + ":cache:{asset}:{step}:{day}"  # one hash per asset, step and UTC day
+CACHE_KEY = KEY_PREFIX + ":cache:{asset}:{step}:{day}"  # one string of float64 slots per asset, step and UTC day
 CACHE_META_KEY = KEY_PREFIX + ":cache-meta:{asset}:{step}"  # span / freshness of the rolling cache
 CACHE_SOURCE_KEY = KEY_PREFIX + ":cache-source:{asset}"  # the provider the asset's cached bars came from
 LATEST_PRICE_KEY = KEY_PREFIX + ":latest:{asset}"  # newest anchor price with its publish time

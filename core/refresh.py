@@ -269,6 +269,8 @@ def _newest_bar(asset: str, steps: Sequence[int], cache: HistoryCache) -> PriceH
 async def _refresh_step(asset: str, step: int, window: int, source: PriceSource, cache: HistoryCache,
                         store: HistoryStore | None, now: int, errors: _Errors, settings: Settings) -> StepRefresh:
     lo = -(-(now - window) // step) * step
+    if isinstance(cache, RedisHistoryCache):  # a damaged day raises CacheError: dropped and rebuilt by the caller
+        await asyncio.to_thread(cache.verify, asset, step)
     span = await asyncio.to_thread(cache.span, asset, step)
     tail = lo if span is None or span[1] < lo else span[1] + step
 

@@ -238,12 +238,19 @@ def test_status_shows_a_damaged_cache_entry_as_its_assets_row(csv_dir: Path, tmp
     cache.write("ETH", hist)
     client.hset(LATEST_PRICE_KEY.format(asset="BTC"), mapping={"price": b"nan", "publish_time": 1, "confidence": b""})
     client.set(cache.day_key("ETH", 60, int(hist.ts[-1]) // SECONDS_PER_DAY), b"x" * 13)
+    # A day of another type read as a day of gaps: SOL's row showed the hour as 0 rows, nothing damaged.
+    cache.write("SOL", hist)
+    sol_day = cache.day_key("SOL", 60, int(hist.ts[-1]) // SECONDS_PER_DAY)
+    client.delete(sol_day)
+    client.hset(sol_day, "0", b"100.0")
     client.close()
     result = runner.invoke(app, ["status", "--data-dir", str(tmp_path), "--redis-url", redis_url, "--asset", "BTC",
-                                 "--asset", "ETH"])
+                                 "--asset", "ETH", "--asset", "SOL"])
     assert result.exit_code == 0, result.output
     rows = result.output.split("Redis cache", 1)[1].splitlines()
     assert any("synth:latest:BTC" in line for line in rows) and any("synth:cache:ETH" in line for line in rows)
+    table = one_line(result.output.split("Redis cache", 1)[1])  # the cell wraps: its halves are apart
+    assert f"SOL 60 - - - - {sol_day} is a Redis" in table and "hash, not a day of bars" in table
     assert [line for line in rows if "BTC" in line and " 60 " in line]  # its bars are still shown
 
 

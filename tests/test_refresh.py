@@ -498,6 +498,15 @@ def _damage(client: redis.Redis, cache: RedisHistoryCache, what: str) -> None:
     elif what == "day of another type":
         client.delete(cache.day_key("BTC", 60, day))
         client.rpush(cache.day_key("BTC", 60, day), b"x")
+    elif what.startswith("past day"):  # a day inside the window that no write or trim touches again
+        past = int(cached(cache, 300).ts[-1]) // SECONDS_PER_DAY - 1
+        assert cached(cache, 300).ts[0] < past * SECONDS_PER_DAY
+        key = cache.day_key("BTC", 300, past)
+        if what == "past day of another type":
+            client.delete(key)
+            client.hset(key, "0", b"100.0")
+        else:
+            client.setrange(key, 8 * 100, np.array([np.nan], dtype="<f8").tobytes())
     elif what == "span of another type":
         client.delete(cache.meta_key("BTC", 300))
         client.set(cache.meta_key("BTC", 300), b"x")
@@ -508,15 +517,16 @@ def _damage(client: redis.Redis, cache: RedisHistoryCache, what: str) -> None:
 
 
 @pytest.mark.parametrize("what", ["day of the wrong size", "span that is no bar time", "day of another type",
-                                  "span of another type", "latest price of another type",
+                                  "past day of another type", "past day with a NaN slot", "span of another type", "latest price of another type",
                                   "source of another type"])
 async def test_a_damaged_cache_entry_is_dropped_and_rebuilt_by_the_next_refresh(
         what: str, source: BinanceSource, cache: RedisHistoryCache, client: redis.Redis, store: HistoryStore,
         settings: Settings, market: FakeMarket, clock: ManualClock, caplog: pytest.LogCaptureFixture) -> None:
     """An entry the cache could not have written failed every refresh (and every forecast read of the asset)
     until someone cleared it by hand: the refresh now drops the asset's keys and rebuilds them, from the
-    store first. Another asset's keys are left alone. (A day key of another type reads as a gap: it is found
-    when the next bars are written to it, as here ten minutes later.)"""
+    store first. Another asset's keys are left alone. A past day of another type (or a NaN slot) read as a gap
+    and was found only if bars were written into that day again, which for a day inside the window never
+    happens: the refresh now reads its whole window, so every damaged day is found within a minute."""
     assert (await refresh_asset("BTC", source, cache, store, settings, now=T0, steps=(60, 300))).ok
     bystander = PriceHistory(60, np.array([T0 // 60 * 60 - 60]), np.array([2000.0]))
     cache.write("BTCX", bystander)
