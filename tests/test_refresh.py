@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import re
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -34,6 +35,7 @@ from core.refresh import (
 from core.settings import Settings
 from core.sources.binance import BinanceSource
 from core.sources.http import HttpConfig
+from core.sources.hyperliquid import HyperliquidSource
 from core.sources.pyth import PythSource
 from core.sources.replay import ReplaySource
 from core.store_sources import Stretch, read_stretches
@@ -693,3 +695,54 @@ async def test_bars_a_failed_store_write_missed_are_owed_to_the_store(
     stored = store.read("BTC", 60, int(expected.ts[0]), int(clock()))
     np.testing.assert_array_equal(stored.ts, expected.ts)  # no hole where the writes failed
     np.testing.assert_array_equal(stored.close, expected.close)
+
+
+def _live_source(provider: str, url: str, clock: ManualClock) -> BinanceSource | HyperliquidSource | PythSource:
+    config = HttpConfig(timeout_s=2.0, retries=1, backoff_s=0.01, backoff_max_s=0.02)
+    if provider == "binance":
+        return BinanceSource(url, config, clock)
+    if provider == "hyperliquid":
+        return HyperliquidSource(url, config, clock)
+    return PythSource(url, url, config, clock)
+
+
+@pytest.mark.parametrize("ahead_s", [300, 3600])
+@pytest.mark.parametrize("provider", ["binance", "hyperliquid", "pyth"])
+async def test_a_provider_whose_clock_runs_ahead_has_none_of_its_bars_stored(
+        provider: str, ahead_s: int, csv_dir: Path, tmp_path: Path, shared_data: Path, cache: RedisHistoryCache,
+        store: HistoryStore, settings: Settings) -> None:
+    """A provider whose clock runs ahead stamps each bar later than it closed: asked for the bars up to our now,
+    it answers bars that are really ``ahead_s`` older, which were stored as dated, in the cache and for good in
+    the store (training, calibration), while only ``latest`` was refused (and Hyperliquid's not even that). Its
+    reply now says by how much its clock runs ahead, and nothing of it is stored until the clocks agree."""
+    asset, folder, now = "BTC", csv_dir, T0
+    if provider == "hyperliquid":  # no BTC there: gold, on a Tuesday (T0 is a Sunday, gold closed)
+        asset, now = "XAU", T0 + 2 * SECONDS_PER_DAY
+        folder = write_held_in(tmp_path / "xau", shared_data, ["xau"], days=8)
+    clock = ManualClock(now)
+    fake = await start_fake("all", FakeMarket(folder, ManualClock(now + ahead_s), lead_s=SECONDS_PER_DAY))
+    src = _live_source(provider, fake.url, clock)
+    try:
+        report = await refresh_asset(asset, src, cache, store, settings, now=now)
+    finally:
+        await src.close()
+        await fake.stop()
+    assert len(cache.read(asset, 60, 0, 2 ** 40)) == 0 and cache.latest(asset) is None
+    assert store.span(asset, 60) is None
+    assert report.steps[0].fetched == 0 and report.latest is None
+    [said] = [e for e in report.errors if "ahead of our clock" in e]
+    assert f"{provider} clock runs" in said and "its bars are not stored" in said, report.errors
+    shown = int(re.search(r"(\d+) s ahead of our clock", said).group(1))  # type: ignore[union-attr]
+    assert ahead_s - 120 <= shown <= ahead_s + 60  # the newest bar opens up to a bar after its clock's minute
+
+
+async def test_a_replay_whose_clock_runs_ahead_of_the_refresh_has_none_of_its_rows_cached(
+        csv_dir: Path, cache: RedisHistoryCache, settings: Settings) -> None:
+    """The refresh checks every source's stamps against its own now, not only the live clients (which check
+    against their own clock): a replay played an hour ahead had its rows up to now cached, and its latest price,
+    published an hour ahead, kept every real print after it out of the cache for that hour."""
+    replay = ReplaySource(csv_dir, ManualClock(T0 + 3600))
+    report = await refresh_asset("BTC", replay, cache, None, settings, now=T0, steps=(60,))
+    assert len(cached(cache)) == 0 and cache.latest("BTC") is None
+    [said] = [e for e in report.errors if "ahead of our clock" in e]
+    assert said.startswith("latest: replay clock runs 3") and "its bars are not stored" in said
