@@ -25,7 +25,7 @@ from core.constants import (
     REFRESH_LOCK_KEY,
     SECONDS_PER_DAY,
 )
-from core.prices import LatestPrice, PriceHistory
+from core.prices import LatestPrice, PriceHistory, bar_time_problem
 
 SLOT = np.dtype("<f8")
 SLOT_BYTES = SLOT.itemsize
@@ -202,8 +202,11 @@ class RedisHistoryCache:
         if not len(history):
             return 0
         step = history.step
-        if np.any(history.ts % step):
-            raise ValueError(f"timestamps off the {step} s grid")
+        # As the store: a bar in milliseconds landed in the year 52,000 and moved the span's end there, so every
+        # later refresh asked for nothing (its tail lay past now) and the cache froze.
+        problem = bar_time_problem(step, history.ts)
+        if problem is not None:
+            raise ValueError(f"{asset} {step} s: {problem}; nothing cached")
         keys: list[str] = [self.meta_key(asset, step)]
         args: list[Any] = [int(history.ts[0]), int(history.ts[-1]), slots_per_day(step) * SLOT_BYTES]
         for day, offset, payload in _runs(history):

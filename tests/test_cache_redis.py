@@ -225,3 +225,17 @@ def test_a_slot_holding_no_price_is_refused_not_read_as_a_gap(cache: RedisHistor
     client.setrange(key, 7 * 8, np.array([value], dtype="<f8").tobytes())
     with pytest.raises(CacheError, match=f"{key} slot 7 holds {value!r}, not a price"):
         cache.read("BTC", 60, DAY0, DAY0 + 600)
+
+
+@pytest.mark.parametrize(("ts", "why"), [(DAY0 * 1000, "milliseconds"), (-60, "before 1970")])
+def test_bars_not_in_unix_seconds_are_refused_before_anything_is_written(cache: RedisHistoryCache,
+                                                                         client: redis.Redis, ts: int,
+                                                                         why: str) -> None:
+    """Before: a bar stamped in milliseconds was written to day 20,600,000 and the span's end moved to the year
+    52,000, so every later refresh asked for nothing (its tail lay past now) and the cache froze. The store
+    already refused such bars; the cache now does too, and writes none of the batch."""
+    good = bars(DAY0, 10)
+    bad = PriceHistory(60, np.r_[good.ts, ts] if ts > 0 else np.r_[ts, good.ts], np.r_[good.close, 1.0])
+    with pytest.raises(ValueError, match=why):
+        cache.write("BTC", bad)
+    assert cache.span("BTC", 60) is None and not client.keys("synth:cache*")
