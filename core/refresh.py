@@ -296,9 +296,15 @@ async def _refresh_step(asset: str, step: int, window: int, source: PriceSource,
                         store: HistoryStore | None, now: int, errors: _Errors, settings: Settings,
                         fetch: bool = True) -> StepRefresh:
     lo = -(-(now - window) // step) * step
-    if isinstance(cache, RedisHistoryCache):  # a damaged day raises CacheError: dropped and rebuilt by the caller
-        await asyncio.to_thread(cache.verify, asset, step)
     span = await asyncio.to_thread(cache.span, asset, step)
+    if isinstance(cache, RedisHistoryCache):  # damage raises CacheError: the caller drops and rebuilds the asset
+        await asyncio.to_thread(cache.verify, asset, step)
+        ahead = -1 if span is None else span[1] + step - max(now, int(time.time()))
+        if ahead > PROVIDER_CLOCK_AHEAD_TOLERANCE_S:
+            # A bar not closed yet by our clock (a replay or a process whose clock ran ahead wrote it): the tail
+            # starts after the newest bar, so nothing was fetched again until our clock passed it.
+            raise CacheError(f"{cache.meta_key(asset, step)}: the newest cached bar closes {ahead} s after our "
+                             "clock")
     tail = lo if span is None or span[1] < lo else span[1] + step
 
     # 1. The store first: after a restart it holds everything up to the last refresh.

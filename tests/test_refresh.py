@@ -746,3 +746,23 @@ async def test_a_replay_whose_clock_runs_ahead_of_the_refresh_has_none_of_its_ro
     assert len(cached(cache)) == 0 and cache.latest("BTC") is None
     [said] = [e for e in report.errors if "ahead of our clock" in e]
     assert said.startswith("latest: replay clock runs 3") and "its bars are not stored" in said
+
+
+async def test_a_cached_bar_from_the_future_is_dropped_not_left_to_freeze_the_refresh(
+        source: BinanceSource, cache: RedisHistoryCache, store: HistoryStore, settings: Settings,
+        market: FakeMarket, clock: ManualClock, caplog: pytest.LogCaptureFixture) -> None:
+    """A bar stamped a day ahead in the shared cache (written by a replay or a process whose clock ran ahead):
+    the refresh resumed after the cache's newest bar, past now, so it fetched nothing and said ok, and the cache
+    stayed frozen until our clock reached that bar. It is now found, dropped and rebuilt from the store."""
+    assert (await refresh_asset("BTC", source, cache, store, settings, now=T0)).ok
+    future = T0 // 60 * 60 + SECONDS_PER_DAY
+    cache.write("BTC", PriceHistory(60, np.array([future]), np.array([float(cached(cache).close[-1])])))
+    clock.advance(600)
+    now = int(clock())
+    with caplog.at_level(logging.WARNING, logger="core.refresh"):
+        report = await refresh_asset("BTC", source, cache, store, settings, now=now)
+    assert [e for e in report.errors if "dropped and rebuilt" in e] == list(report.errors) != []
+    assert "the newest cached bar closes" in caplog.text
+    got, expected = cached(cache), truth(market, now)
+    np.testing.assert_array_equal(got.ts, expected.ts)  # the ten new minutes, and nothing from the future
+    np.testing.assert_array_equal(got.close, expected.close)
