@@ -24,7 +24,7 @@ from yarl import URL
 
 from core.assets import ASSETS, AssetSpec
 from core.constants import BAR_CLOSE_GRACE_S, MAX_REPLY_BYTES, PROVIDER_CLOCK_AHEAD_TOLERANCE_S
-from core.prices import LatestPrice, PriceDataError, PriceHistory
+from core.prices import MAX_EPOCH_S, LatestPrice, PriceDataError, PriceHistory
 from core.settings import Settings
 from core.sources.base import ProviderError
 
@@ -388,7 +388,8 @@ def build_history(step: int, rows: Rows, start: int, end: int) -> PriceHistory:
     order = np.argsort(t, kind="stable")
     t, c = t[order], c[order]
     usable = np.ones(t.size, dtype=bool)
-    for bad, why in ((t % step != 0, f"off the {step} s grid"),
+    for bad, why in ((t >= MAX_EPOCH_S, "not in unix seconds (milliseconds?)"),
+                     (t % step != 0, f"off the {step} s grid"),
                      ((t < start) | (t >= end), f"outside the requested range [{start}, {end})")):
         problems.extend(MalformedReplyError(f"{what}: bar {ts} is {why}") for ts in t[bad & usable].tolist())
         usable &= ~bad
