@@ -1,6 +1,7 @@
 """``synth-miner data ...`` through typer's CliRunner, against real files, a real Redis and a local server."""
 
 import json
+import re
 import socket
 import threading
 import time
@@ -275,6 +276,19 @@ def test_sync_backfills_the_store_from_a_provider(csv_dir: Path, tmp_path: Path,
         failed = runner.invoke(app, ["sync", "--asset", "BTC", "--since", since, "--provider", "binance",
                                      "--data-dir", str(tmp_path)])
     assert failed.exit_code == 1 and "ProviderUnavailable" in failed.output
+
+
+def test_sync_from_a_provider_whose_clock_runs_ahead_stores_nothing(csv_dir: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its bars are stamped an hour later than they closed: `data sync` stored two days of them as dated, for
+    good (training and calibration read the store). It now says by how much the clock runs ahead, and stops."""
+    with FakeServerThread("binance", FakeMarket(csv_dir, lambda: time.time() + 3600)) as fake:
+        monkeypatch.setenv("SYNTH_BINANCE_URL", fake.url)
+        result = runner.invoke(app, ["sync", "--asset", "BTC", "--since", str(int(time.time()) - 2 * SECONDS_PER_DAY),
+                                     "--provider", "binance", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert re.search(r"binance clock runs 3[45]\d\d s ahead of our clock: nothing synced", one_line(result.output))
+    assert HistoryStore(tmp_path / "history").span("BTC", 60) is None
 
 
 def test_sync_stores_the_pages_before_a_failed_one_then_stops_and_a_rerun_resumes(
