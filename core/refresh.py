@@ -19,7 +19,12 @@ from redis.lock import Lock
 
 from core.cache import HistoryCache
 from core.cache_redis import CacheError, RedisHistoryCache
-from core.constants import PROVIDER_CLOCK_AHEAD_TOLERANCE_S, REFRESH_LOCK_POLL_S, SECONDS_PER_DAY
+from core.constants import (
+    LATEST_PRICE_KEY,
+    PROVIDER_CLOCK_AHEAD_TOLERANCE_S,
+    REFRESH_LOCK_POLL_S,
+    SECONDS_PER_DAY,
+)
 from core.history_store import HistoryStore, HistoryStoreError
 from core.price_checks import plausible_latest, screen_bars
 from core.prices import LatestPrice, PriceDataError, PriceHistory
@@ -207,6 +212,12 @@ async def _refresh_steps(asset: str, steps: Sequence[int], windows: Mapping[int,
                          settings: Settings) -> tuple[list[StepRefresh], LatestPrice | None]:
     """The latest price first (it shows a provider whose clock runs ahead: none of its bars is then stored),
     every step's bars, then the latest price checked against the newest close before it anchors."""
+    if isinstance(cache, RedisHistoryCache):
+        held = await asyncio.to_thread(cache.latest, asset)
+        if held is not None and _past_now(held.publish_time, now) > PROVIDER_CLOCK_AHEAD_TOLERANCE_S:
+            # set_latest keeps the newest publish time: this one refused every real print until our clock passed it.
+            raise CacheError(f"{LATEST_PRICE_KEY.format(asset=asset)}: the cached latest price is published "
+                             f"{_past_now(held.publish_time, now)} s after our clock")
     latest: LatestPrice | None = None
     clock_ahead = False
     try:
@@ -238,9 +249,14 @@ def _check_clock(stamp: int, now: int, what: str) -> None:
     """ClockAheadError when ``stamp`` lies beyond the tolerance past our clock. Sources check their replies against
     their own clock; this holds for any source (a replay too) and for a refresh that waited for its lock, whose
     ``now`` is older than the clock: the later of the two counts."""
-    ahead = stamp - max(now, int(time.time()))
+    ahead = _past_now(stamp, now)
     if ahead > PROVIDER_CLOCK_AHEAD_TOLERANCE_S:
         raise ClockAheadError(f"{what} {ahead} s after our clock", ahead)
+
+
+def _past_now(stamp: int, now: int) -> int:
+    """Seconds ``stamp`` lies after our clock: the refresh's ``now`` or, after a wait for the lock, the clock."""
+    return stamp - max(now, int(time.time()))
 
 
 def _clock_ahead_line(source: str, what: str, exc: ClockAheadError) -> str:
@@ -299,7 +315,7 @@ async def _refresh_step(asset: str, step: int, window: int, source: PriceSource,
     span = await asyncio.to_thread(cache.span, asset, step)
     if isinstance(cache, RedisHistoryCache):  # damage raises CacheError: the caller drops and rebuilds the asset
         await asyncio.to_thread(cache.verify, asset, step)
-        ahead = -1 if span is None else span[1] + step - max(now, int(time.time()))
+        ahead = -1 if span is None else _past_now(span[1] + step, now)
         if ahead > PROVIDER_CLOCK_AHEAD_TOLERANCE_S:
             # A bar not closed yet by our clock (a replay or a process whose clock ran ahead wrote it): the tail
             # starts after the newest bar, so nothing was fetched again until our clock passed it.

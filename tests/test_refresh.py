@@ -21,7 +21,7 @@ from core.csv_history import write_csv
 from core.fake_providers import FakeMarket, FakeServer, FakeServerThread, ManualClock, start_fake
 from core.history_store import HistoryStore, compact
 from core.market_data import build_snapshot
-from core.prices import PriceHistory
+from core.prices import LatestPrice, PriceHistory
 from core.refresh import (
     RefreshConfigError,
     cache_windows,
@@ -766,3 +766,18 @@ async def test_a_cached_bar_from_the_future_is_dropped_not_left_to_freeze_the_re
     got, expected = cached(cache), truth(market, now)
     np.testing.assert_array_equal(got.ts, expected.ts)  # the ten new minutes, and nothing from the future
     np.testing.assert_array_equal(got.close, expected.close)
+
+
+async def test_a_cached_latest_price_from_the_future_is_dropped_not_left_to_hold_back_every_print(
+        source: BinanceSource, cache: RedisHistoryCache, store: HistoryStore, settings: Settings,
+        clock: ManualClock) -> None:
+    """set_latest keeps the newest publish time: a print stamped a day ahead (a replay or a process whose clock
+    ran ahead) refused every real print after it for that day, and snapshots skipped it for the newest close,
+    up to a minute older. It is now dropped with the asset's keys and rebuilt."""
+    assert (await refresh_asset("BTC", source, cache, store, settings, now=T0)).ok
+    cache.set_latest("BTC", LatestPrice(1.0, T0 + SECONDS_PER_DAY))
+    clock.advance(600)
+    report = await refresh_asset("BTC", source, cache, store, settings, now=int(clock()))
+    assert [e for e in report.errors if "dropped and rebuilt" in e] == list(report.errors) != []
+    assert report.latest is not None and cache.latest("BTC") == report.latest
+    assert report.latest.publish_time <= int(clock())
