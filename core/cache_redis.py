@@ -25,7 +25,7 @@ from core.constants import (
     REFRESH_LOCK_KEY,
     SECONDS_PER_DAY,
 )
-from core.prices import LatestPrice, PriceHistory
+from core.prices import LatestPrice, PriceHistory, bar_time_problem
 
 SLOT = np.dtype("<f8")
 SLOT_BYTES = SLOT.itemsize
@@ -153,16 +153,23 @@ class RedisHistoryCache:
             return PriceHistory.empty(step)
         per_day = slots_per_day(step)
         days = list(range(start // SECONDS_PER_DAY, (end - 1) // SECONDS_PER_DAY + 1))
-        blobs = cast(list[bytes | None], self.client.mget([self.day_key(asset, step, d) for d in days]))
+        keys = [self.day_key(asset, step, d) for d in days]
+        blobs = cast(list[bytes | None], self.client.mget(keys))
+        self._check_absent([key for key, blob in zip(keys, blobs) if blob is None])
         ts_parts: list[np.ndarray[Any, np.dtype[np.int64]]] = []
         close_parts: list[np.ndarray[Any, np.dtype[np.float64]]] = []
-        for day, blob in zip(days, blobs):
+        for day, key, blob in zip(days, keys, blobs):
             if not blob:
                 continue
             if len(blob) % SLOT_BYTES or len(blob) > per_day * SLOT_BYTES:
-                raise CacheError(f"{self.day_key(asset, step, day)} holds {len(blob)} bytes, not {per_day} slots")
+                raise CacheError(f"{key} holds {len(blob)} bytes, not {per_day} slots")
             values = np.frombuffer(blob, dtype=SLOT).astype(np.float64)
-            present = np.flatnonzero(np.isfinite(values) & (values > 0))
+            # The cache writes 0.0 (a gap) or a checked price: NaN, inf or a negative slot came from elsewhere.
+            bad = np.flatnonzero(~((values == 0.0) | (np.isfinite(values) & (values > 0))))
+            if bad.size:
+                raise CacheError(f"{key} slot {int(bad[0])} holds {float(values[bad[0]])!r}, not a price "
+                                 f"({bad.size} such slot(s))")
+            present = np.flatnonzero(values > 0)
             ts_parts.append(day * SECONDS_PER_DAY + present.astype(np.int64) * step)
             close_parts.append(values[present])
         if not ts_parts:
@@ -170,13 +177,36 @@ class RedisHistoryCache:
         hist = PriceHistory(step, np.concatenate(ts_parts), np.concatenate(close_parts))
         return hist.between(start, end)
 
+    def _check_absent(self, keys: Sequence[str]) -> None:
+        """MGET answers nil for a key of another type as for a missing one: such a day (a hash SET by hand, a
+        partial restore) read as a day of gaps, found only once bars were written into it again, which for a day
+        already past never happens. One TYPE per day MGET found nothing for, pipelined."""
+        if not keys:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.type(key)
+        for key, kind in zip(keys, cast(list[bytes], pipe.execute())):
+            if kind not in (b"none", b"string"):  # "string": created between the MGET and the TYPE, read next time
+                raise CacheError(f"{key} is a Redis {kind.decode(errors='replace')}, not a day of bars")
+
+    def verify(self, asset: str, step: int) -> int:
+        """Read every cached day of ``asset`` at ``step``; a CacheError names the first damaged one. Returns the
+        bars cached. What the refresh runs each time: a day inside the window is read by forecasts but never
+        written or trimmed again, so its damage would otherwise last until it left the window (14 days)."""
+        span = self.span(asset, step)
+        return 0 if span is None else len(self.read(asset, step, span[0], span[1] + step))
+
     def write(self, asset: str, history: PriceHistory) -> int:
         """Set every bar of ``history``; returns how many of its slots were empty before. Atomic."""
         if not len(history):
             return 0
         step = history.step
-        if np.any(history.ts % step):
-            raise ValueError(f"timestamps off the {step} s grid")
+        # As the store: a bar in milliseconds landed in the year 52,000 and moved the span's end there, so every
+        # later refresh asked for nothing (its tail lay past now) and the cache froze.
+        problem = bar_time_problem(step, history.ts)
+        if problem is not None:
+            raise ValueError(f"{asset} {step} s: {problem}; nothing cached")
         keys: list[str] = [self.meta_key(asset, step)]
         args: list[Any] = [int(history.ts[0]), int(history.ts[-1]), slots_per_day(step) * SLOT_BYTES]
         for day, offset, payload in _runs(history):

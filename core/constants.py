@@ -9,7 +9,7 @@ from typing import Final
 # --- Redis keys (all under one prefix so an operator can find or flush them) -----------------------
 KEY_PREFIX: Final = "synth"
 RESULT_KEY = KEY_PREFIX + ":result:{request_id}"  # list the worker RPUSHes float32 paths onto
-CACHE_KEY = KEY_PREFIX + ":cache:{asset}:{step}:{day}"  # one hash per asset, step and UTC day
+CACHE_KEY = KEY_PREFIX + ":cache:{asset}:{step}:{day}"  # one string of float64 slots per asset, step and UTC day
 CACHE_META_KEY = KEY_PREFIX + ":cache-meta:{asset}:{step}"  # span / freshness of the rolling cache
 CACHE_SOURCE_KEY = KEY_PREFIX + ":cache-source:{asset}"  # the provider the asset's cached bars came from
 LATEST_PRICE_KEY = KEY_PREFIX + ":latest:{asset}"  # newest anchor price with its publish time
@@ -39,6 +39,10 @@ LOOKAHEAD_GUARD_S: Final = 60
 # an exchange that finalises a moment late) the newest bar would still be open, and its moving close
 # would be stored for good, since later refreshes only fetch after the newest stored bar.
 BAR_CLOSE_GRACE_S: Final = 3
+# A provider bar opening, or a print published, further than this past our clock says the provider's clock runs
+# ahead (a correct one's newest bar opens at or before now): its bars are then stamped later than they closed,
+# and asked for the bars up to now it answers older ones. Nothing of it is stored until the clocks agree.
+PROVIDER_CLOCK_AHEAD_TOLERANCE_S: Final = 60
 # The most a provider reply may hold once decompressed. The largest one asked for (5000 Hyperliquid candles)
 # is under 1 MB; a reply streamed without end, or a gzip bomb, was read whole into memory (GBs a second).
 MAX_REPLY_BYTES: Final = 8 * 1024 * 1024

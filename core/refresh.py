@@ -19,13 +19,18 @@ from redis.lock import Lock
 
 from core.cache import HistoryCache
 from core.cache_redis import CacheError, RedisHistoryCache
-from core.constants import REFRESH_LOCK_POLL_S, SECONDS_PER_DAY
+from core.constants import (
+    LATEST_PRICE_KEY,
+    PROVIDER_CLOCK_AHEAD_TOLERANCE_S,
+    REFRESH_LOCK_POLL_S,
+    SECONDS_PER_DAY,
+)
 from core.history_store import HistoryStore, HistoryStoreError
 from core.price_checks import plausible_latest, screen_bars
 from core.prices import LatestPrice, PriceDataError, PriceHistory
 from core.settings import Settings
 from core.sources.base import PriceSource, ProviderError
-from core.sources.http import PartialHistoryError, UnsupportedAssetError
+from core.sources.http import ClockAheadError, PartialHistoryError, UnsupportedAssetError
 from core.sources.registry import sources_for
 
 log = logging.getLogger(__name__)
@@ -205,21 +210,58 @@ async def refresh_asset(asset: str, source: PriceSource, cache: HistoryCache, st
 async def _refresh_steps(asset: str, steps: Sequence[int], windows: Mapping[int, int], source: PriceSource,
                          cache: HistoryCache, store: HistoryStore | None, now: int, errors: _Errors,
                          settings: Settings) -> tuple[list[StepRefresh], LatestPrice | None]:
-    """Every step's bars, then the latest price (checked against the newest close before it anchors)."""
-    done = [await _refresh_step(asset, step, windows[step], source, cache, store, now, errors, settings)
-            for step in steps]
+    """The latest price first (it shows a provider whose clock runs ahead: none of its bars is then stored),
+    every step's bars, then the latest price checked against the newest close before it anchors."""
+    if isinstance(cache, RedisHistoryCache):
+        held = await asyncio.to_thread(cache.latest, asset)
+        if held is not None and _past_now(held.publish_time, now) > PROVIDER_CLOCK_AHEAD_TOLERANCE_S:
+            # set_latest keeps the newest publish time: this one refused every real print until our clock passed it.
+            raise CacheError(f"{LATEST_PRICE_KEY.format(asset=asset)}: the cached latest price is published "
+                             f"{_past_now(held.publish_time, now)} s after our clock")
     latest: LatestPrice | None = None
+    clock_ahead = False
     try:
         latest = await source.latest(asset)
-        newest = await asyncio.to_thread(_newest_bar, asset, steps, cache)
-        if not plausible_latest(latest, newest, settings.price_max_jump):
-            raise ProviderError(f"latest price {latest.price:g} is implausibly far from the newest close "
-                                f"{float(newest.close[-1]):g}: not used as the anchor")
-        await asyncio.to_thread(cache.set_latest, asset, latest)
+        _check_clock(latest.publish_time, now, "its latest price is published")
+    except ClockAheadError as exc:
+        latest, clock_ahead = None, True
+        errors.append(_clock_ahead_line(source.name, "latest", exc))
     except ProviderError as exc:
         latest = None
         errors.add("latest", exc)
+    done = [await _refresh_step(asset, step, windows[step], source, cache, store, now, errors, settings,
+                                fetch=not clock_ahead)
+            for step in steps]
+    if latest is not None:
+        try:
+            newest = await asyncio.to_thread(_newest_bar, asset, steps, cache)
+            if not plausible_latest(latest, newest, settings.price_max_jump):
+                raise ProviderError(f"latest price {latest.price:g} is implausibly far from the newest close "
+                                    f"{float(newest.close[-1]):g}: not used as the anchor")
+            await asyncio.to_thread(cache.set_latest, asset, latest)
+        except ProviderError as exc:
+            latest = None
+            errors.add("latest", exc)
     return done, latest
+
+
+def _check_clock(stamp: int, now: int, what: str) -> None:
+    """ClockAheadError when ``stamp`` lies beyond the tolerance past our clock. Sources check their replies against
+    their own clock; this holds for any source (a replay too) and for a refresh that waited for its lock, whose
+    ``now`` is older than the clock: the later of the two counts."""
+    ahead = _past_now(stamp, now)
+    if ahead > PROVIDER_CLOCK_AHEAD_TOLERANCE_S:
+        raise ClockAheadError(f"{what} {ahead} s after our clock", ahead)
+
+
+def _past_now(stamp: int, now: int) -> int:
+    """Seconds ``stamp`` lies after our clock: the refresh's ``now`` or, after a wait for the lock, the clock."""
+    return stamp - max(now, int(time.time()))
+
+
+def _clock_ahead_line(source: str, what: str, exc: ClockAheadError) -> str:
+    return (f"{what}: {source} clock runs {exc.ahead_s:.0f} s ahead of our clock: its bars are not stored "
+            f"until the clocks agree ({exc})")
 
 
 def _damaged_cache(cache: HistoryCache, exc: Exception) -> bool:
@@ -267,9 +309,18 @@ def _newest_bar(asset: str, steps: Sequence[int], cache: HistoryCache) -> PriceH
 
 
 async def _refresh_step(asset: str, step: int, window: int, source: PriceSource, cache: HistoryCache,
-                        store: HistoryStore | None, now: int, errors: _Errors, settings: Settings) -> StepRefresh:
+                        store: HistoryStore | None, now: int, errors: _Errors, settings: Settings,
+                        fetch: bool = True) -> StepRefresh:
     lo = -(-(now - window) // step) * step
     span = await asyncio.to_thread(cache.span, asset, step)
+    if isinstance(cache, RedisHistoryCache):  # damage raises CacheError: the caller drops and rebuilds the asset
+        await asyncio.to_thread(cache.verify, asset, step)
+        ahead = -1 if span is None else _past_now(span[1] + step, now)
+        if ahead > PROVIDER_CLOCK_AHEAD_TOLERANCE_S:
+            # A bar not closed yet by our clock (a replay or a process whose clock ran ahead wrote it): the tail
+            # starts after the newest bar, so nothing was fetched again until our clock passed it.
+            raise CacheError(f"{cache.meta_key(asset, step)}: the newest cached bar closes {ahead} s after our "
+                             "clock")
     tail = lo if span is None or span[1] < lo else span[1] + step
 
     # 1. The store first: after a restart it holds everything up to the last refresh.
@@ -290,14 +341,21 @@ async def _refresh_step(asset: str, step: int, window: int, source: PriceSource,
 
     # 2. The provider fills only what is still missing, store first so history outlives Redis.
     fetched = PriceHistory.empty(step)
-    if tail < now:
+    if tail < now and fetch:
         try:
-            fetched = (await source.history(asset, tail, now, step)).known_at(now)
-        except PartialHistoryError as exc:
-            # The bars before the failed page are unbroken from ``tail``: kept through the same screening,
-            # store and cache as a full fetch, the next refresh resumes right after them. Still an error.
-            fetched = exc.partial.known_at(now)
-            errors.add(f"history {step}s", exc)
+            try:
+                fetched = await source.history(asset, tail, now, step)
+            except PartialHistoryError as exc:
+                # The bars before the failed page are unbroken from ``tail``: kept through the same screening,
+                # store and cache as a full fetch, the next refresh resumes right after them. Still an error.
+                fetched = exc.partial
+                errors.add(f"history {step}s", exc)
+            if len(fetched):
+                _check_clock(int(fetched.ts[-1]), now, "its newest bar opens")
+            fetched = fetched.known_at(now)
+        except ClockAheadError as exc:
+            fetched = PriceHistory.empty(step)
+            errors.append(_clock_ahead_line(source.name, f"history {step}s", exc))
         except (ProviderError, PriceDataError) as exc:
             errors.add(f"history {step}s", exc)
     # 3. Garbage prints never reach the store or the cache (core.price_checks).

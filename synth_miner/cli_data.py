@@ -33,8 +33,8 @@ from core.history_store import (
 from core.price_checks import screen_bars
 from core.prices import PriceDataError, PriceHistory
 from core.settings import Settings
-from core.sources.base import ProviderError
-from core.sources.http import PartialHistoryError
+from core.sources.base import PriceSource, ProviderError
+from core.sources.http import ClockAheadError, PartialHistoryError
 from core.sources.registry import PROVIDERS, build_source
 from core.store_sources import Stretch
 from synth_miner.cli_assets import checked_assets
@@ -137,6 +137,19 @@ def _sync_failed(reason: str) -> NoReturn:
     raise typer.Exit(1)
 
 
+async def _check_provider_clock(source: PriceSource, asset: str) -> None:
+    """A provider whose clock runs ahead stamps every bar later than it closed (the refresh stores none of its
+    bars, core.refresh): its latest price shows it, and then nothing is synced. Any other failure of the latest
+    price (a closed market, a stale feed) says nothing about the history, which is fetched as before."""
+    try:
+        await source.latest(asset)
+    except ClockAheadError as exc:
+        raise ClockAheadError(f"{source.name} clock runs {exc.ahead_s:.0f} s ahead of our clock: nothing synced "
+                              f"({exc})", exc.ahead_s) from exc
+    except ProviderError:
+        pass
+
+
 @dataclass
 class SyncReport:
     fetched: int = 0
@@ -163,6 +176,7 @@ async def _sync(asset: str, provider: str, settings: Settings, store: HistorySto
     previous = float(before.close[-1]) if len(before) else None
     pending = PriceHistory.empty(step)  # a chunk's unconfirmed newest bars, judged with the next chunk
     try:
+        await _check_provider_clock(source, asset)
         for a in range(start, end, chunk):
             try:
                 hist = await source.history(asset, a, min(a + chunk, end), step)

@@ -181,3 +181,61 @@ def test_claim_source_says_which_source_filled_the_asset_before(cache: RedisHist
     assert cache.claim_source("BTC", "binance") == "replay"
     assert cache.claim_source("BTC", "binance") == "binance"
     assert cache.claim_source("ETH", "binance") is None  # per asset
+
+
+def _retype(client: redis.Redis, key: str, kind: str) -> None:
+    """``key`` replaced by a value of another Redis type (a wrong SET by hand, a partial restore)."""
+    client.delete(key)
+    if kind == "hash":
+        client.hset(key, "slot", b"100.0")
+    elif kind == "list":
+        client.rpush(key, b"x")
+    elif kind == "set":
+        client.sadd(key, b"x")
+    else:
+        client.zadd(key, {b"x": 1.0})
+
+
+@pytest.mark.parametrize("kind", ["hash", "list", "set", "zset"])
+def test_a_day_of_another_type_is_refused_by_name_not_read_as_a_gap(cache: RedisHistoryCache, client: redis.Redis,
+                                                                    kind: str) -> None:
+    """MGET answers nil for a key of another type: the day read as a whole day of gaps, and the forecast went on
+    without it (its returns and session features computed across a missing day) until a later write into that
+    day failed with WRONGTYPE, which for a day already past never came. A CacheError names the key instead."""
+    hist = bars(DAY0, 3 * 1440)
+    cache.write("BTC", hist)
+    key = cache.day_key("BTC", 60, DAY0 // SECONDS_PER_DAY + 1)
+    _retype(client, key, kind)
+    with pytest.raises(CacheError, match=f"{key} is a Redis {kind}, not a day of bars"):
+        cache.read("BTC", 60, DAY0, DAY0 + 3 * SECONDS_PER_DAY)
+    with pytest.raises(CacheError, match=f"{key} is a Redis {kind}"):
+        build_snapshot(cache, "BTC", DAY0 + 3 * SECONDS_PER_DAY, 3 * SECONDS_PER_DAY)
+    assert len(cache.read("BTC", 60, DAY0, DAY0 + SECONDS_PER_DAY)) == 1440  # the days around it still read
+    client.delete(key)  # a day simply absent is a gap, as before
+    assert len(cache.read("BTC", 60, DAY0, DAY0 + 3 * SECONDS_PER_DAY)) == 2 * 1440
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -2500.0])
+def test_a_slot_holding_no_price_is_refused_not_read_as_a_gap(cache: RedisHistoryCache, client: redis.Redis,
+                                                              value: float) -> None:
+    """The cache writes 0.0 (a gap) or a checked price: NaN, inf or a negative slot came from elsewhere (bytes
+    set by hand, a restore of another layout) and read as a silent gap."""
+    cache.write("BTC", bars(DAY0, 100))
+    key = cache.day_key("BTC", 60, DAY0 // SECONDS_PER_DAY)
+    client.setrange(key, 7 * 8, np.array([value], dtype="<f8").tobytes())
+    with pytest.raises(CacheError, match=f"{key} slot 7 holds {value!r}, not a price"):
+        cache.read("BTC", 60, DAY0, DAY0 + 600)
+
+
+@pytest.mark.parametrize(("ts", "why"), [(DAY0 * 1000, "milliseconds"), (-60, "before 1970")])
+def test_bars_not_in_unix_seconds_are_refused_before_anything_is_written(cache: RedisHistoryCache,
+                                                                         client: redis.Redis, ts: int,
+                                                                         why: str) -> None:
+    """Before: a bar stamped in milliseconds was written to day 20,600,000 and the span's end moved to the year
+    52,000, so every later refresh asked for nothing (its tail lay past now) and the cache froze. The store
+    already refused such bars; the cache now does too, and writes none of the batch."""
+    good = bars(DAY0, 10)
+    bad = PriceHistory(60, np.r_[good.ts, ts] if ts > 0 else np.r_[ts, good.ts], np.r_[good.close, 1.0])
+    with pytest.raises(ValueError, match=why):
+        cache.write("BTC", bad)
+    assert cache.span("BTC", 60) is None and not client.keys("synth:cache*")

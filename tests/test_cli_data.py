@@ -1,6 +1,7 @@
 """``synth-miner data ...`` through typer's CliRunner, against real files, a real Redis and a local server."""
 
 import json
+import re
 import socket
 import threading
 import time
@@ -238,12 +239,19 @@ def test_status_shows_a_damaged_cache_entry_as_its_assets_row(csv_dir: Path, tmp
     cache.write("ETH", hist)
     client.hset(LATEST_PRICE_KEY.format(asset="BTC"), mapping={"price": b"nan", "publish_time": 1, "confidence": b""})
     client.set(cache.day_key("ETH", 60, int(hist.ts[-1]) // SECONDS_PER_DAY), b"x" * 13)
+    # A day of another type read as a day of gaps: SOL's row showed the hour as 0 rows, nothing damaged.
+    cache.write("SOL", hist)
+    sol_day = cache.day_key("SOL", 60, int(hist.ts[-1]) // SECONDS_PER_DAY)
+    client.delete(sol_day)
+    client.hset(sol_day, "0", b"100.0")
     client.close()
     result = runner.invoke(app, ["status", "--data-dir", str(tmp_path), "--redis-url", redis_url, "--asset", "BTC",
-                                 "--asset", "ETH"])
+                                 "--asset", "ETH", "--asset", "SOL"])
     assert result.exit_code == 0, result.output
     rows = result.output.split("Redis cache", 1)[1].splitlines()
     assert any("synth:latest:BTC" in line for line in rows) and any("synth:cache:ETH" in line for line in rows)
+    table = one_line(result.output.split("Redis cache", 1)[1])  # the cell wraps: its halves are apart
+    assert f"SOL 60 - - - - {sol_day} is a Redis" in table and "hash, not a day of bars" in table
     assert [line for line in rows if "BTC" in line and " 60 " in line]  # its bars are still shown
 
 
@@ -268,6 +276,19 @@ def test_sync_backfills_the_store_from_a_provider(csv_dir: Path, tmp_path: Path,
         failed = runner.invoke(app, ["sync", "--asset", "BTC", "--since", since, "--provider", "binance",
                                      "--data-dir", str(tmp_path)])
     assert failed.exit_code == 1 and "ProviderUnavailable" in failed.output
+
+
+def test_sync_from_a_provider_whose_clock_runs_ahead_stores_nothing(csv_dir: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its bars are stamped an hour later than they closed: `data sync` stored two days of them as dated, for
+    good (training and calibration read the store). It now says by how much the clock runs ahead, and stops."""
+    with FakeServerThread("binance", FakeMarket(csv_dir, lambda: time.time() + 3600)) as fake:
+        monkeypatch.setenv("SYNTH_BINANCE_URL", fake.url)
+        result = runner.invoke(app, ["sync", "--asset", "BTC", "--since", str(int(time.time()) - 2 * SECONDS_PER_DAY),
+                                     "--provider", "binance", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert re.search(r"binance clock runs 3[45]\d\d s ahead of our clock: nothing synced", one_line(result.output))
+    assert HistoryStore(tmp_path / "history").span("BTC", 60) is None
 
 
 def test_sync_stores_the_pages_before_a_failed_one_then_stops_and_a_rerun_resumes(

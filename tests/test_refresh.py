@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import re
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -20,7 +21,7 @@ from core.csv_history import write_csv
 from core.fake_providers import FakeMarket, FakeServer, FakeServerThread, ManualClock, start_fake
 from core.history_store import HistoryStore, compact
 from core.market_data import build_snapshot
-from core.prices import PriceHistory
+from core.prices import LatestPrice, PriceHistory
 from core.refresh import (
     RefreshConfigError,
     cache_windows,
@@ -34,6 +35,7 @@ from core.refresh import (
 from core.settings import Settings
 from core.sources.binance import BinanceSource
 from core.sources.http import HttpConfig
+from core.sources.hyperliquid import HyperliquidSource
 from core.sources.pyth import PythSource
 from core.sources.replay import ReplaySource
 from core.store_sources import Stretch, read_stretches
@@ -498,6 +500,15 @@ def _damage(client: redis.Redis, cache: RedisHistoryCache, what: str) -> None:
     elif what == "day of another type":
         client.delete(cache.day_key("BTC", 60, day))
         client.rpush(cache.day_key("BTC", 60, day), b"x")
+    elif what.startswith("past day"):  # a day inside the window that no write or trim touches again
+        past = int(cached(cache, 300).ts[-1]) // SECONDS_PER_DAY - 1
+        assert cached(cache, 300).ts[0] < past * SECONDS_PER_DAY
+        key = cache.day_key("BTC", 300, past)
+        if what == "past day of another type":
+            client.delete(key)
+            client.hset(key, "0", b"100.0")
+        else:
+            client.setrange(key, 8 * 100, np.array([np.nan], dtype="<f8").tobytes())
     elif what == "span of another type":
         client.delete(cache.meta_key("BTC", 300))
         client.set(cache.meta_key("BTC", 300), b"x")
@@ -508,15 +519,16 @@ def _damage(client: redis.Redis, cache: RedisHistoryCache, what: str) -> None:
 
 
 @pytest.mark.parametrize("what", ["day of the wrong size", "span that is no bar time", "day of another type",
-                                  "span of another type", "latest price of another type",
+                                  "past day of another type", "past day with a NaN slot", "span of another type", "latest price of another type",
                                   "source of another type"])
 async def test_a_damaged_cache_entry_is_dropped_and_rebuilt_by_the_next_refresh(
         what: str, source: BinanceSource, cache: RedisHistoryCache, client: redis.Redis, store: HistoryStore,
         settings: Settings, market: FakeMarket, clock: ManualClock, caplog: pytest.LogCaptureFixture) -> None:
     """An entry the cache could not have written failed every refresh (and every forecast read of the asset)
     until someone cleared it by hand: the refresh now drops the asset's keys and rebuilds them, from the
-    store first. Another asset's keys are left alone. (A day key of another type reads as a gap: it is found
-    when the next bars are written to it, as here ten minutes later.)"""
+    store first. Another asset's keys are left alone. A past day of another type (or a NaN slot) read as a gap
+    and was found only if bars were written into that day again, which for a day inside the window never
+    happens: the refresh now reads its whole window, so every damaged day is found within a minute."""
     assert (await refresh_asset("BTC", source, cache, store, settings, now=T0, steps=(60, 300))).ok
     bystander = PriceHistory(60, np.array([T0 // 60 * 60 - 60]), np.array([2000.0]))
     cache.write("BTCX", bystander)
@@ -683,3 +695,89 @@ async def test_bars_a_failed_store_write_missed_are_owed_to_the_store(
     stored = store.read("BTC", 60, int(expected.ts[0]), int(clock()))
     np.testing.assert_array_equal(stored.ts, expected.ts)  # no hole where the writes failed
     np.testing.assert_array_equal(stored.close, expected.close)
+
+
+def _live_source(provider: str, url: str, clock: ManualClock) -> BinanceSource | HyperliquidSource | PythSource:
+    config = HttpConfig(timeout_s=2.0, retries=1, backoff_s=0.01, backoff_max_s=0.02)
+    if provider == "binance":
+        return BinanceSource(url, config, clock)
+    if provider == "hyperliquid":
+        return HyperliquidSource(url, config, clock)
+    return PythSource(url, url, config, clock)
+
+
+@pytest.mark.parametrize("ahead_s", [300, 3600])
+@pytest.mark.parametrize("provider", ["binance", "hyperliquid", "pyth"])
+async def test_a_provider_whose_clock_runs_ahead_has_none_of_its_bars_stored(
+        provider: str, ahead_s: int, csv_dir: Path, tmp_path: Path, shared_data: Path, cache: RedisHistoryCache,
+        store: HistoryStore, settings: Settings) -> None:
+    """A provider whose clock runs ahead stamps each bar later than it closed: asked for the bars up to our now,
+    it answers bars that are really ``ahead_s`` older, which were stored as dated, in the cache and for good in
+    the store (training, calibration), while only ``latest`` was refused (and Hyperliquid's not even that). Its
+    reply now says by how much its clock runs ahead, and nothing of it is stored until the clocks agree."""
+    asset, folder, now = "BTC", csv_dir, T0
+    if provider == "hyperliquid":  # no BTC there: gold, on a Tuesday (T0 is a Sunday, gold closed)
+        asset, now = "XAU", T0 + 2 * SECONDS_PER_DAY
+        folder = write_held_in(tmp_path / "xau", shared_data, ["xau"], days=8)
+    clock = ManualClock(now)
+    fake = await start_fake("all", FakeMarket(folder, ManualClock(now + ahead_s), lead_s=SECONDS_PER_DAY))
+    src = _live_source(provider, fake.url, clock)
+    try:
+        report = await refresh_asset(asset, src, cache, store, settings, now=now)
+    finally:
+        await src.close()
+        await fake.stop()
+    assert len(cache.read(asset, 60, 0, 2 ** 40)) == 0 and cache.latest(asset) is None
+    assert store.span(asset, 60) is None
+    assert report.steps[0].fetched == 0 and report.latest is None
+    [said] = [e for e in report.errors if "ahead of our clock" in e]
+    assert f"{provider} clock runs" in said and "its bars are not stored" in said, report.errors
+    shown = int(re.search(r"(\d+) s ahead of our clock", said).group(1))  # type: ignore[union-attr]
+    assert ahead_s - 120 <= shown <= ahead_s + 60  # the newest bar opens up to a bar after its clock's minute
+
+
+async def test_a_replay_whose_clock_runs_ahead_of_the_refresh_has_none_of_its_rows_cached(
+        csv_dir: Path, cache: RedisHistoryCache, settings: Settings) -> None:
+    """The refresh checks every source's stamps against its own now, not only the live clients (which check
+    against their own clock): a replay played an hour ahead had its rows up to now cached, and its latest price,
+    published an hour ahead, kept every real print after it out of the cache for that hour."""
+    replay = ReplaySource(csv_dir, ManualClock(T0 + 3600))
+    report = await refresh_asset("BTC", replay, cache, None, settings, now=T0, steps=(60,))
+    assert len(cached(cache)) == 0 and cache.latest("BTC") is None
+    [said] = [e for e in report.errors if "ahead of our clock" in e]
+    assert said.startswith("latest: replay clock runs 3") and "its bars are not stored" in said
+
+
+async def test_a_cached_bar_from_the_future_is_dropped_not_left_to_freeze_the_refresh(
+        source: BinanceSource, cache: RedisHistoryCache, store: HistoryStore, settings: Settings,
+        market: FakeMarket, clock: ManualClock, caplog: pytest.LogCaptureFixture) -> None:
+    """A bar stamped a day ahead in the shared cache (written by a replay or a process whose clock ran ahead):
+    the refresh resumed after the cache's newest bar, past now, so it fetched nothing and said ok, and the cache
+    stayed frozen until our clock reached that bar. It is now found, dropped and rebuilt from the store."""
+    assert (await refresh_asset("BTC", source, cache, store, settings, now=T0)).ok
+    future = T0 // 60 * 60 + SECONDS_PER_DAY
+    cache.write("BTC", PriceHistory(60, np.array([future]), np.array([float(cached(cache).close[-1])])))
+    clock.advance(600)
+    now = int(clock())
+    with caplog.at_level(logging.WARNING, logger="core.refresh"):
+        report = await refresh_asset("BTC", source, cache, store, settings, now=now)
+    assert [e for e in report.errors if "dropped and rebuilt" in e] == list(report.errors) != []
+    assert "the newest cached bar closes" in caplog.text
+    got, expected = cached(cache), truth(market, now)
+    np.testing.assert_array_equal(got.ts, expected.ts)  # the ten new minutes, and nothing from the future
+    np.testing.assert_array_equal(got.close, expected.close)
+
+
+async def test_a_cached_latest_price_from_the_future_is_dropped_not_left_to_hold_back_every_print(
+        source: BinanceSource, cache: RedisHistoryCache, store: HistoryStore, settings: Settings,
+        clock: ManualClock) -> None:
+    """set_latest keeps the newest publish time: a print stamped a day ahead (a replay or a process whose clock
+    ran ahead) refused every real print after it for that day, and snapshots skipped it for the newest close,
+    up to a minute older. It is now dropped with the asset's keys and rebuilt."""
+    assert (await refresh_asset("BTC", source, cache, store, settings, now=T0)).ok
+    cache.set_latest("BTC", LatestPrice(1.0, T0 + SECONDS_PER_DAY))
+    clock.advance(600)
+    report = await refresh_asset("BTC", source, cache, store, settings, now=int(clock()))
+    assert [e for e in report.errors if "dropped and rebuilt" in e] == list(report.errors) != []
+    assert report.latest is not None and cache.latest("BTC") == report.latest
+    assert report.latest.publish_time <= int(clock())

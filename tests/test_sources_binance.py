@@ -7,7 +7,13 @@ import pytest
 
 from core.fake_providers import FakeMarket, FakeServer, ManualClock, start_fake
 from core.sources.binance import PAGE_LIMIT, BinanceSource, _parse_klines
-from core.sources.http import MalformedReplyError, ProviderHTTPError, ProviderUnavailable, UnsupportedAssetError
+from core.sources.http import (
+    ClockAheadError,
+    MalformedReplyError,
+    ProviderHTTPError,
+    ProviderUnavailable,
+    UnsupportedAssetError,
+)
 from tests.provider_fixtures import FAST_RETRIES, T0, fake_provider_fixtures, source_fixture
 
 # Ten days of BTC 1m before the held-out boundary.
@@ -66,17 +72,22 @@ async def test_latest_with_our_clock_slightly_behind_just_after_a_minute(server:
     assert latest.price == pytest.approx(float(closed.close[-1]), rel=1e-12)
 
 
-async def test_a_binance_clock_an_hour_ahead_is_named_in_the_latest_error(csv_dir: Path, clock: ManualClock) -> None:
-    """Its newest klines are an hour in the future. Before, the error said only "no closed 1-minute kline in
-    the reply", which reads as a lagging or empty feed; now it says the bars are ahead of our clock."""
-    fake = await start_fake("binance", FakeMarket(csv_dir, ManualClock(T0 + 3600)))
+@pytest.mark.parametrize("ahead_s", [120, 3600])
+async def test_a_binance_clock_running_ahead_is_named_in_the_latest_error(csv_dir: Path, clock: ManualClock,
+                                                                          ahead_s: int) -> None:
+    """Its newest klines are in the future. Before, the error said only "no closed 1-minute kline in the reply",
+    which reads as a lagging or empty feed, and two minutes ahead (the oldest of its three klines not yet in the
+    future) it still said so after the hour-ahead fix; now it says by how much its clock runs ahead (the
+    refresh then stores none of its bars)."""
+    fake = await start_fake("binance", FakeMarket(csv_dir, ManualClock(T0 + ahead_s)))
     src = BinanceSource(fake.url, FAST_RETRIES, clock)
     try:
-        with pytest.raises(MalformedReplyError, match=r"opens in the future, the oldest 3[45]\d\d s ahead"):
+        with pytest.raises(ClockAheadError, match=r"its newest bar opens \d+ s after our clock") as err:
             await src.latest("BTC")
     finally:
         await src.close()
         await fake.stop()
+    assert ahead_s - 60 < err.value.ahead_s <= ahead_s
 
 
 async def test_unknown_assets_and_steps_are_refused(source: BinanceSource) -> None:

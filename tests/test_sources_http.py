@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from core.constants import BAR_CLOSE_GRACE_S
+from core.constants import BAR_CLOSE_GRACE_S, PROVIDER_CLOCK_AHEAD_TOLERANCE_S
 from core.prices import LatestPrice
 from core.sources.base import PriceSource
 from core.sources.http import (
     BadPriceError,
+    ClockAheadError,
     HttpClient,
     HttpConfig,
     MalformedReplyError,
@@ -132,8 +133,10 @@ def test_check_fresh() -> None:
     assert check_fresh("t", LatestPrice(1.0, int(now) - 100), now, 180).price == 1.0
     with pytest.raises(StalePriceError, match="181 s old"):
         check_fresh("t", LatestPrice(1.0, int(now) - 181), now, 180)
-    with pytest.raises(MalformedReplyError, match="future"):
+    with pytest.raises(ClockAheadError, match="3600 s in the future") as err:
         check_fresh("t", LatestPrice(1.0, int(now) + 3600), now, 180)
+    assert err.value.ahead_s == 3600 and isinstance(err.value, MalformedReplyError)
+    assert check_fresh("t", LatestPrice(1.0, int(now) + PROVIDER_CLOCK_AHEAD_TOLERANCE_S), now, 180).price == 1.0
 
 
 def test_ranges_and_closed_ends() -> None:

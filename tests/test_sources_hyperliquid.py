@@ -1,15 +1,17 @@
 """HyperliquidSource against the local Hyperliquid server (gold 1m: real MT5 bars with their gaps)."""
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from aiohttp import web
 
-from core.fake_providers import HYPERLIQUID_MAX_CANDLES, FakeMarket, FakeServer, ManualClock
+from core.fake_providers import HYPERLIQUID_MAX_CANDLES, FakeMarket, FakeServer, ManualClock, start_fake
 from core.sources.http import (
     BadPriceError,
+    ClockAheadError,
     MalformedReplyError,
     PartialHistoryError,
     StalePriceError,
@@ -53,6 +55,23 @@ async def test_latest_is_the_newest_closed_candle(source: HyperliquidSource, mar
     closed = market.bars("XAU", 60).known_at(T0)
     assert latest.publish_time == closed.last_close_time
     assert latest.price == pytest.approx(float(closed.close[-1]), rel=1e-12)
+
+
+@pytest.mark.parametrize("ahead_s", [150, 3600])
+async def test_a_hyperliquid_clock_running_ahead_is_refused_with_its_skew(csv_dir: Path, clock: ManualClock,
+                                                                          ahead_s: int) -> None:
+    """Before: the latest query asked for candles up to our now only, and a Hyperliquid whose clock ran an hour
+    ahead answered the candles it had stamped then, an hour old, taken as fresh. It now asks past now too: the
+    candles stamped in the future show the skew, and the reply is refused."""
+    fake = await start_fake("hyperliquid", FakeMarket(csv_dir, ManualClock(T0 + ahead_s)))
+    src = HyperliquidSource(fake.url, FAST_RETRIES, clock)
+    try:
+        with pytest.raises(ClockAheadError, match=r"its newest bar opens \d+ s after our clock") as err:
+            await src.latest("XAU")
+    finally:
+        await src.close()
+        await fake.stop()
+    assert ahead_s - 60 < err.value.ahead_s <= ahead_s
 
 
 async def test_latest_without_recent_candles_is_stale(source: HyperliquidSource, server: FakeServer) -> None:

@@ -111,7 +111,9 @@ async def test_a_page_with_broken_open_high_low_volume_is_kept(market: FakeMarke
     (lambda reply: reply | {"s": "partial"}, "unknown UDF status 'partial'"),
     (lambda reply: reply | {"t": {str(i): t for i, t in enumerate(reply["t"])}}, "'t' and 'c' must be arrays"),
     (lambda reply: reply | {"c": ",".join(map(str, reply["c"]))}, "'t' and 'c' must be arrays"),
-], ids=["a list", "no status", "a status not a string", "an unknown status", "t an object", "c a string"])
+    (lambda reply: reply | {"t": [t * 1000 for t in reply["t"]]}, r"not in unix seconds \(milliseconds\?\)"),
+], ids=["a list", "no status", "a status not a string", "an unknown status", "t an object", "c a string",
+        "t in milliseconds"])
 async def test_a_benchmarks_reply_of_another_shape_is_refused_and_the_pages_before_it_are_kept(
         market: FakeMarket, clock: ManualClock, garble: Callable[[dict[str, Any]], Any], message: str) -> None:
     start = -(-(T0 - 86_400) // 60) * 60

@@ -23,8 +23,8 @@ import orjson
 from yarl import URL
 
 from core.assets import ASSETS, AssetSpec
-from core.constants import BAR_CLOSE_GRACE_S, MAX_REPLY_BYTES
-from core.prices import LatestPrice, PriceDataError, PriceHistory
+from core.constants import BAR_CLOSE_GRACE_S, MAX_REPLY_BYTES, PROVIDER_CLOCK_AHEAD_TOLERANCE_S
+from core.prices import MAX_EPOCH_S, LatestPrice, PriceDataError, PriceHistory
 from core.settings import Settings
 from core.sources.base import ProviderError
 
@@ -55,6 +55,15 @@ class ProviderTimeout(ProviderUnavailable):
 
 class MalformedReplyError(ProviderError):
     """The body is not what the provider's wire format promises (bad JSON, wrong shape, lengths...)."""
+
+
+class ClockAheadError(MalformedReplyError):
+    """The provider stamps its prices later than our clock allows: its clock runs ``ahead_s`` seconds ahead
+    (at least). Its history bars are mislabelled by as much, so the refresh stores none of them."""
+
+    def __init__(self, message: str, ahead_s: float) -> None:
+        super().__init__(message)
+        self.ahead_s = ahead_s
 
 
 class ProviderRejected(ProviderError):
@@ -379,7 +388,8 @@ def build_history(step: int, rows: Rows, start: int, end: int) -> PriceHistory:
     order = np.argsort(t, kind="stable")
     t, c = t[order], c[order]
     usable = np.ones(t.size, dtype=bool)
-    for bad, why in ((t % step != 0, f"off the {step} s grid"),
+    for bad, why in ((t >= MAX_EPOCH_S, "not in unix seconds (milliseconds?)"),
+                     (t % step != 0, f"off the {step} s grid"),
                      ((t < start) | (t >= end), f"outside the requested range [{start}, {end})")):
         problems.extend(MalformedReplyError(f"{what}: bar {ts} is {why}") for ts in t[bad & usable].tolist())
         usable &= ~bad
@@ -410,8 +420,8 @@ def check_fresh(what: str, price: LatestPrice, now: float, max_age_s: float) -> 
     age = now - price.publish_time
     if age > max_age_s:
         raise StalePriceError(f"{what}: latest price is {age:.0f} s old (limit {max_age_s:.0f} s)")
-    if age < -60:  # more than a minute ahead of our clock: one of the two clocks is wrong
-        raise MalformedReplyError(f"{what}: publish_time {price.publish_time} is {-age:.0f} s in the future")
+    if age < -PROVIDER_CLOCK_AHEAD_TOLERANCE_S:  # one of the two clocks is wrong
+        raise ClockAheadError(f"{what}: publish_time {price.publish_time} is {-age:.0f} s in the future", -age)
     return price
 
 
@@ -509,11 +519,15 @@ def asset_code(asset: str, code: Callable[[AssetSpec], str | None], missing: str
 
 def newest_closed(what: str, ts: Sequence[int], close: Sequence[float], now: float, max_age_s: float,
                   none_closed: ProviderError) -> LatestPrice:
-    """The newest 1-minute bar already closed at ``now`` as a checked latest price; ``none_closed`` if none is."""
+    """The newest 1-minute bar already closed at ``now`` as a checked latest price; ``none_closed`` if none is.
+
+    A bar opening past ``now`` (beyond the tolerance) is no bar in progress: the provider's clock runs ahead,
+    and its closed bars are older than their stamps, so the reply is refused even when some bars closed."""
+    ahead = max(ts, default=now) - now
+    if ahead > PROVIDER_CLOCK_AHEAD_TOLERANCE_S:
+        raise ClockAheadError(f"{what}: its newest bar opens {ahead:.0f} s after our clock, "
+                              f"{len([t for t in ts if t > now])} of its {len(ts)} bars in the future", ahead)
     closed = [(t, c) for t, c in zip(ts, close) if t + 60 <= now]
-    if not closed and ts and min(ts) - now > 60:  # not a bar in progress: one of the two clocks is wrong
-        raise MalformedReplyError(f"{what}: every bar in the reply opens in the future, the oldest "
-                                  f"{min(ts) - now:.0f} s ahead of our clock")
     if not closed:
         raise none_closed
     t, c = max(closed)

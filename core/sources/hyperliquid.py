@@ -27,6 +27,10 @@ from core.sources.http import (
 INTERVALS = {60: "1m", 300: "5m"}
 PAGE_LIMIT = 5000  # candles per candleSnapshot reply
 LATEST_LOOKBACK_S = 600  # the latest-price query asks for the last 10 minutes
+# ...and up to a day past now: a correct Hyperliquid has nothing there but its open candle, one whose clock runs
+# ahead shows its newest candle, so the skew is seen and measured (``newest_closed``). Asked only up to now, a
+# clock an hour ahead answered candles an hour old, taken for the newest ones.
+LATEST_LOOKAHEAD_S = 86_400
 
 
 class HyperliquidSource(PagedSource):
@@ -56,7 +60,7 @@ class HyperliquidSource(PagedSource):
         coin = self.coin(asset)
         now = self.clock()
         end = int(now) // 60 * 60 + 60
-        ts, close = (await self._candles(coin, 60, end - LATEST_LOOKBACK_S, end)).all_or_raise()
+        ts, close = (await self._candles(coin, 60, end - LATEST_LOOKBACK_S, end + LATEST_LOOKAHEAD_S)).all_or_raise()
         what = f"hyperliquid latest {coin}"
         return newest_closed(what, ts, close, now, self.config.max_price_age_s,
                              StalePriceError(f"{what}: no closed candle in the last {LATEST_LOOKBACK_S} s"))
