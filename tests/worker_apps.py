@@ -3,25 +3,31 @@ worker processes started as ``celery -A tests.worker_apps worker``.
 
 - ``test.sleep``: a task with the forecast's delivery options that sleeps and logs how long it waited;
 - the weekly retrain's work replaced by one that logs each start and, on the first (or while
-  ``RETRAIN_HANG_KEY`` is set), hangs until killed or stopped by its time limit.
+  ``RETRAIN_HANG_KEY`` is set), hangs until killed or stopped by its time limit;
+- with ``CLOCK_OFFSET_ENV`` set (seconds, negative: behind), a process whose wall clock is that far off the
+  host's, as seen by Python: its heartbeats' "at", its tasks' deadline checks and Celery's ``expires`` check.
+  (libfaketime would skew the whole process, but it is not installed where the tests run.)
 """
 
 import json
 import os
 import time
+from datetime import datetime, tzinfo
 from typing import Any
 
+import celery.worker.request
 import redis
 
 from core.settings import Settings
 from workers import jobs
 from workers.app import app
 
-__all__ = ["app", "SLEEP_LOG_KEY", "RETRAIN_STARTS_KEY", "RETRAIN_HANG_KEY"]
+__all__ = ["app", "SLEEP_LOG_KEY", "RETRAIN_STARTS_KEY", "RETRAIN_HANG_KEY", "CLOCK_OFFSET_ENV"]
 
 SLEEP_LOG_KEY = "test:sleep:log"
 RETRAIN_STARTS_KEY = "test:retrain:starts"
 RETRAIN_HANG_KEY = "test:retrain:hang"
+CLOCK_OFFSET_ENV = "TEST_CLOCK_OFFSET_S"
 
 
 def _client() -> "redis.Redis":
@@ -43,3 +49,24 @@ def retrain_that_hangs(settings: Settings) -> dict[str, Any]:
 
 
 jobs.retrain_work = retrain_that_hangs
+
+
+def skew_clock(offset_s: float) -> None:
+    """This process's wall clock ``offset_s`` off the host's: ``time.time`` (heartbeats, workers.tasks' deadline
+    check) and the ``datetime.now`` Celery judges a task's ``expires`` by (celery.worker.request)."""
+    real = time.time
+
+    def skewed() -> float:
+        return real() + offset_s
+
+    class SkewedDatetime(datetime):
+        @classmethod
+        def now(cls, tz: tzinfo | None = None) -> "SkewedDatetime":
+            return cls.fromtimestamp(skewed(), tz)
+
+    time.time = skewed
+    celery.worker.request.datetime = SkewedDatetime  # type: ignore[misc]
+
+
+if os.environ.get(CLOCK_OFFSET_ENV):
+    skew_clock(float(os.environ[CLOCK_OFFSET_ENV]))
