@@ -17,12 +17,11 @@ from core.constants import (
     CLOCK_SKEW_WARN_S,
     EXPIRED_TASKS_KEY,
     HEARTBEAT_STALE_AFTER_S,
-    HEARTBEAT_TTL_S,
     JOB_LAST_RUN_KEY,
     JOB_RUNS_KEPT,
     JOB_RUNS_KEY,
 )
-from core.heartbeats import HEARTBEAT_PATTERN, is_alive, live_queues, parse_heartbeat, queues_of, silent_for
+from core.heartbeats import HEARTBEAT_PATTERN, Reading, key_age, live_readers, parse_heartbeat, queues_of
 from core.settings import Settings, redis_url_problem
 
 JOBS_SHOWN = 20  # the newest runs listed; the last calibration is looked for in every kept run
@@ -107,8 +106,7 @@ def collect(settings: Settings) -> dict[str, Any]:
                                 "unix://) and port, and percent-encode a password holding '/', '?', '#' or '%'")
         return report
     try:
-        read_heartbeats(client, report, now)
-        read = live_queues(report["workers"], now)
+        read = set(live_readers(read_heartbeats(client, report)))
         report["inference_queues"] = [settings.queue_infer_hf, settings.queue_infer_lf]
         for queue in (settings.queue_infer_hf, settings.queue_infer_lf, settings.queue_cpu):
             report["queues"][queue] = int(client.llen(queue))
@@ -152,31 +150,34 @@ def collect(settings: Settings) -> dict[str, Any]:
     return report
 
 
-def worker_entry(beat: dict[str, Any], key: str, now: float) -> dict[str, Any]:
+def worker_entry(reading: Reading, key: str) -> dict[str, Any]:
     """A heartbeat's fields as status shows them, each of its type whatever the document held (a hand-written or
     foreign one crashed the table), and nothing else (no NaN in --json)."""
+    beat = reading.beat
     models, version, pid = beat.get("models"), beat.get("artifact_version"), beat.get("pid")
-    entry: dict[str, Any] = {
+    return {
         "name": str(beat.get("name") or key.removeprefix(HEARTBEAT_PATTERN[:-1])),
         "queues": ",".join(sorted(queues_of(beat))), "engine": str(beat.get("engine") or "?"),
         "device": str(beat.get("device") or "?"),
         "models": {str(k): str(v) for k, v in models.items()} if isinstance(models, dict) else None,
         "artifact_version": None if version is None else str(version),
-        "pid": pid if isinstance(pid, int) and not isinstance(pid, bool) else None, "at": float(beat["at"])}
-    entry["seen"] = age(silent_for(entry, now))
-    entry["alive"] = is_alive(entry, now)
-    return entry
+        "pid": pid if isinstance(pid, int) and not isinstance(pid, bool) else None, "at": float(beat["at"]),
+        # By the key's age in Redis, as the miner judges it (core.heartbeats), not by the worker's clock.
+        "seen": age(reading.silent_s), "alive": reading.alive}
 
 
-def read_heartbeats(client: "redis.Redis", report: dict[str, Any], now: float) -> None:
-    """Every process's heartbeat into ``report["workers"]``; a key under the prefix that holds none is named in
-    the errors and skipped (it made status read as "Redis unreadable"). One pipelined read for them all."""
+def read_heartbeats(client: "redis.Redis", report: dict[str, Any]) -> list[Reading]:
+    """Every process's heartbeat into ``report["workers"]``, and returned as read; a key under the prefix that
+    holds none is named in the errors and skipped (it made status read as "Redis unreadable"). One pipelined read
+    for them all."""
     keys = list(client.scan_iter(HEARTBEAT_PATTERN, count=SCAN_COUNT))
     with client.pipeline(transaction=False) as pipe:
         for key in keys:
             pipe.get(key)
             pipe.pttl(key)
         replies = pipe.execute(raise_on_error=False)
+    now = time.time()  # as the ages were read: one taken before (collect's) put every skew off by the wait
+    readings: list[Reading] = []
     silent: list[str] = []
     for raw_key, raw, pttl in zip(keys, replies[::2], replies[1::2]):
         key = raw_key.decode(errors="replace") if isinstance(raw_key, bytes) else str(raw_key)
@@ -187,33 +188,26 @@ def read_heartbeats(client: "redis.Redis", report: dict[str, Any], now: float) -
             report["errors"].append(f"{key} holds no worker heartbeat (not a JSON document with a finite time "
                                     f"\"at\"): ignored")
             continue
-        worker = worker_entry(beat, key, now)
-        skew = clock_skew(worker, pttl, now)
-        worker["clock_skew_s"] = None if skew is None else round(skew, 1)
-        if skew is not None:  # its own clock is off: its age is Redis's, and the clock is what to fix
-            worker["seen"] = age(max(0.0, silent_for(worker, now) + skew))
-            dead = "" if worker["alive"] else ", and the miner takes it for dead"
+        reading = Reading(beat, key_age(pttl), now)
+        worker = worker_entry(reading, key)
+        skew = reading.skew_s
+        worker["clock_skew_s"] = None if skew is None or abs(skew) <= CLOCK_SKEW_WARN_S else round(skew, 1)
+        if worker["clock_skew_s"] is not None and skew is not None:  # its age is Redis's: the clock is what to fix
+            effect = (f"it discards as expired a task sent with less than that left, so the miner sends it no request "
+                      f"with less than {skew:.0f}s left" if skew > 0 else
+                      "it runs tasks past their expiry by as much, after the miner stopped waiting")
             report["errors"].append(
                 f"worker {worker['name']}: its clock is {abs(skew):.0f}s {'ahead of' if skew > 0 else 'behind'} this "
-                f"host's (deadlines and expiries are off by as much{dead}): sync the clocks (NTP)")
-        elif not worker["alive"]:  # a worker that stopped or died keeps its key for up to HEARTBEAT_TTL_S
-            silent.append(f"worker {worker['name']}: no heartbeat for {silent_for(worker, now):.0f}s "
-                          "(stopped or stuck)")
+                f"host's ({effect}): sync the clocks (NTP)")
+        if not worker["alive"]:  # a worker that stopped or died keeps its key for up to HEARTBEAT_TTL_S
+            silent.append(f"worker {worker['name']}: no heartbeat for {reading.silent_s:.0f}s (stopped or stuck)")
         report["workers"].append(worker)
+        readings.append(reading)
     report["errors"].extend(sorted(silent)[:DEAD_LISTED])
     if len(silent) > DEAD_LISTED:
         report["errors"].append(f"... and {len(silent) - DEAD_LISTED} more workers silent for over "
                                 f"{HEARTBEAT_STALE_AFTER_S:.0f}s (all in --json)")
-
-
-def clock_skew(worker: dict[str, Any], pttl: Any, now: float) -> float | None:
-    """How far the worker's clock is ahead of this host's (negative: behind), judged by the key's age in Redis
-    (a heartbeat is written with HEARTBEAT_TTL_S), or None where it is within CLOCK_SKEW_WARN_S or cannot be
-    judged (a key written with another TTL)."""
-    if not isinstance(pttl, int) or not 0 < pttl <= HEARTBEAT_TTL_S * 1000:
-        return None
-    skew = (HEARTBEAT_TTL_S - pttl / 1000) - silent_for(worker, now)
-    return skew if abs(skew) > CLOCK_SKEW_WARN_S else None
+    return readings
 
 
 def job_records(raws: list[Any], key: str, errors: list[str]) -> list[dict[str, Any]]:

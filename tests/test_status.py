@@ -15,7 +15,7 @@ from core.cache_redis import RedisHistoryCache
 from core.constants import HEARTBEAT_TTL_S, JOB_RUNS_KEPT, JOB_RUNS_KEY, WORKER_HEARTBEAT_KEY
 from core.prices import PriceHistory
 from core.settings import Settings
-from synth_miner.status import collect, redacted, render
+from synth_miner.status import collect, exit_code, redacted, render
 from tests.conftest import RedisServer, free_port
 from workers.jobs import record_run
 
@@ -326,6 +326,12 @@ def test_a_worker_whose_clock_is_off_is_named_as_such_not_as_stopped(redis_url: 
     assert skew["dead@host:3"] is None
     seen = {w["name"]: w["seen"] for w in report["workers"]}
     assert seen["behind@host:1"] == seen["ahead@host:2"] == "0s ago", seen  # by Redis's clock
+    # Alive as the miner judges it (by the key's age): the one behind serves infer.hf, so status must not say
+    # the miner answers those from its fallback (exit 3).
+    alive = {w["name"]: w["alive"] for w in report["workers"]}
+    assert alive == {"behind@host:1": True, "ahead@host:2": True, "dead@host:3": False}, alive
+    assert report["unread_queues"] == ["cpu"] and exit_code(report) == 0, report["errors"]
+    assert "the miner sends it no request with less than 3600s left" in errors, errors
 
 
 def test_hundreds_of_dead_heartbeats_on_a_full_database_read_fast_and_flag_briefly(
