@@ -105,6 +105,14 @@ HEARTBEAT_STALE_AFTER_S: Final = 2.5 * HEARTBEAT_EVERY_S
 # A worker's clock this far from the reader's (judged by its heartbeat key's age in Redis) is named by `status`:
 # the miner judges heartbeats, deadlines and task expiries by the clocks.
 CLOCK_SKEW_WARN_S: Final = 5.0
+# A worker's clock ahead of the miner's by A judges every task's ``expires`` (the pool's deadline, see miner/pool.py)
+# A sooner: it discards unrun, as expired, a task sent with less than A left. The miner sends a request only where a
+# live reader of its queue is on time, or ahead by less than the time left minus this; else it falls back at once
+# instead of waiting out a task nobody will run. The margin covers the skew's measurement (a beat's "at" is taken
+# before its SET, PTTL and the miner's clock a round trip apart: milliseconds) and the task's way to an idle worker.
+CLOCK_AHEAD_MARGIN_S: Final = 0.5
+# The miner warns of a worker whose clock is off (over CLOCK_SKEW_WARN_S) at most this often per worker.
+CLOCK_SKEW_LOG_EVERY_S: Final = 60.0
 # The miner reads the heartbeats (which queues have a live reader) at most this often, not per request.
 LIVE_READERS_CHECK_S: Final = 2.0
 # A forecast still running when the miner has stopped waiting (Settings.max_wait_s) is useless: its soft

@@ -84,16 +84,3 @@ def live_readers(readings: Iterable[Reading]) -> dict[str, float]:
             for queue in queues_of(reading.beat):
                 readers[queue] = min(readers.get(queue, math.inf), reading.ahead_s)
     return readers
-
-
-def silent_for(beat: dict[str, Any], now: float) -> float:
-    return now - float(beat["at"])
-
-
-def is_alive(beat: dict[str, Any], now: float) -> bool:
-    return silent_for(beat, now) < HEARTBEAT_STALE_AFTER_S
-
-
-def live_queues(beats: Iterable[dict[str, Any]], now: float) -> set[str]:
-    """The queues at least one live process reads."""
-    return {q for beat in beats if is_alive(beat, now) for q in queues_of(beat)}

@@ -1,6 +1,7 @@
 """Where forecasts are computed: an in-process executor (embedded mode) or the Celery pool on Redis."""
 
 import asyncio
+import logging
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -13,13 +14,23 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from core.constants import HEARTBEAT_STALE_AFTER_S, LIVE_READERS_CHECK_S, RESULT_KEY, TASK_FORECAST
+from core.constants import (
+    CLOCK_AHEAD_MARGIN_S,
+    CLOCK_SKEW_LOG_EVERY_S,
+    CLOCK_SKEW_WARN_S,
+    HEARTBEAT_STALE_AFTER_S,
+    LIVE_READERS_CHECK_S,
+    RESULT_KEY,
+    TASK_FORECAST,
+)
 from core.forecast import ForecasterSource, ForecastResult
-from core.heartbeats import HEARTBEAT_PATTERN, live_queues, parse_heartbeat
+from core.heartbeats import HEARTBEAT_PATTERN, Reading, key_age, live_readers, parse_heartbeat
 from core.prices import MarketSnapshot
 from core.prompts import ForecastRequest
 from core.settings import Settings
 from core.transport import ComputedPaths, decode_result
+
+log = logging.getLogger(__name__)
 
 
 class PoolError(RuntimeError):
@@ -122,29 +133,71 @@ class CeleryPool:
         self.redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=None, socket_connect_timeout=1.0,
                                              health_check_interval=30, retry=Retry(NoBackoff(), 1),
                                              retry_on_error=[RedisConnectionError])
-        # Which queues a live worker reads, and when that was read (see _has_live_reader).
-        self._live: tuple[float, set[str]] | None = None
+        # When the heartbeats were read, and each queue a live worker reads with how far its least-ahead reader's
+        # clock runs ahead of this host's (see _check_reader).
+        self._live: tuple[float, dict[str, float]] | None = None
         self._live_lock = asyncio.Lock()
+        self._skew_warned: dict[str, float] = {}  # worker name -> when its clock was last warned of (monotonic)
 
-    async def _has_live_reader(self, queue: str, deadline: float) -> bool:
-        """Whether a live worker process announces ``queue`` in its heartbeat. Without one, a task sent now
-        would sit in the queue until the miner stops waiting (max_wait_s): the fallback answers at once
-        instead. Read at most every LIVE_READERS_CHECK_S, so a worker that comes up is used within that."""
+    async def _check_reader(self, queue: str, deadline: float) -> None:
+        """PoolError unless a live worker process that would run it reads ``queue``. Without one, a task sent now
+        would sit in the queue, or be discarded as expired by a worker whose clock runs ahead, while the miner
+        waits up to max_wait_s: the fallback answers at once instead. Liveness is the heartbeat key's age in
+        Redis, not the worker's clock. Read at most every LIVE_READERS_CHECK_S, so a worker that comes up is used
+        within that."""
         async with self._live_lock:  # one read for a burst of requests
             now = time.time()
             if self._live is None or now - self._live[0] >= LIVE_READERS_CHECK_S:
-                async def read() -> set[str]:
-                    keys = [key async for key in self.redis.scan_iter(match=HEARTBEAT_PATTERN, count=1000)]
-                    raws = await self.redis.mget(keys) if keys else []
-                    beats = [beat for beat in map(parse_heartbeat, raws) if beat is not None]
-                    return live_queues(beats, time.time())
-
                 try:
-                    live = await asyncio.wait_for(read(), timeout=max(0.05, min(1.0, deadline - now)))
+                    readers = await asyncio.wait_for(self._read_readers(),
+                                                     timeout=max(0.05, min(1.0, deadline - now)))
                 except TimeoutError:
                     raise PoolError("pool unavailable: worker heartbeats not read within 1 s") from None
-                self._live = (now, live)
-            return queue in self._live[1]
+                self._live = (now, readers)
+            ahead = self._live[1].get(queue)
+        if ahead is None:
+            raise PoolError(f"no live worker reads queue {queue} (none has announced itself in the last "
+                            f"{HEARTBEAT_STALE_AFTER_S:.0f} s)")
+        left = deadline - time.time()
+        if ahead > 0 and left - ahead < CLOCK_AHEAD_MARGIN_S:
+            raise PoolError(f"every live worker reading queue {queue} has its clock {ahead:.0f} s or more ahead of "
+                            f"the miner's: it would discard a task with {left:.1f} s left as expired")
+
+    async def _read_readers(self) -> dict[str, float]:
+        """The heartbeats and their keys' TTL left, in one pipelined round trip after the SCAN."""
+        keys = [key async for key in self.redis.scan_iter(match=HEARTBEAT_PATTERN, count=1000)]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.get(key)
+                pipe.pttl(key)
+            replies = await pipe.execute(raise_on_error=False) if keys else []
+        now = time.time()
+        readings = []
+        for raw, pttl in zip(replies[::2], replies[1::2]):
+            beat = None if isinstance(raw, Exception) else parse_heartbeat(raw)
+            if beat is not None:  # a key gone between SCAN and GET, or not a heartbeat: skipped
+                readings.append(Reading(beat, key_age(pttl), now))
+        self._warn_of_skewed_clocks(readings)
+        return live_readers(readings)
+
+    def _warn_of_skewed_clocks(self, readings: list[Reading]) -> None:
+        """A warning per live worker whose clock is off, at most every CLOCK_SKEW_LOG_EVERY_S per worker."""
+        now = time.monotonic()
+        self._skew_warned = {name: at for name, at in self._skew_warned.items()
+                             if now - at < CLOCK_SKEW_LOG_EVERY_S}  # names of processes long gone are dropped
+        for reading in readings:
+            skew, name = reading.skew_s, str(reading.beat.get("name") or "?")
+            if not reading.alive or skew is None or abs(skew) <= CLOCK_SKEW_WARN_S or name in self._skew_warned:
+                continue
+            self._skew_warned[name] = now
+            if skew > 0:
+                log.warning("worker %s: its clock is %.0f s ahead of the miner's: it discards as expired every task "
+                            "sent with less than that left, so it is sent none of those (the fallback answers "
+                            "them): sync the clocks (NTP)", name, skew)
+            else:
+                log.warning("worker %s: its clock is %.0f s behind the miner's: still used (its heartbeat's age in "
+                            "Redis says it is alive), but it runs tasks past their expiry by as much: sync the "
+                            "clocks (NTP)", name, -skew)
 
     def _send(self, request: ForecastRequest, deadline: float, request_id: str, result_key: str) -> None:
         self.app.send_task(
@@ -161,9 +214,7 @@ class CeleryPool:
         result_key = RESULT_KEY.format(request_id=request_id or uuid.uuid4().hex)
         queue = self.settings.infer_queue(request.time_increment)
         try:
-            if not await self._has_live_reader(queue, deadline):
-                raise PoolError(f"no live worker reads queue {queue} (none has announced itself in the last "
-                                f"{HEARTBEAT_STALE_AFTER_S:.0f} s)")
+            await self._check_reader(queue, deadline)
             await asyncio.wait_for(asyncio.to_thread(self._send, request, deadline, request_id, result_key),
                                    timeout=max(0.05, min(2.0, deadline - time.time())))
             remaining = deadline - time.time()

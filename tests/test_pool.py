@@ -2,7 +2,9 @@
 
 import asyncio
 import json
+import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -10,14 +12,23 @@ import numpy as np
 import pytest
 import redis
 
-from core.constants import HEARTBEAT_STALE_AFTER_S, HEARTBEAT_TTL_S, RESULT_KEY, WORKER_HEARTBEAT_KEY
+from core.cache_redis import RedisHistoryCache
+from core.constants import (
+    EXPIRED_TASKS_KEY,
+    HEARTBEAT_STALE_AFTER_S,
+    HEARTBEAT_TTL_S,
+    RESULT_KEY,
+    WORKER_HEARTBEAT_KEY,
+)
 from core.forecast import ForecastResult
 from core.prompts import ForecastRequest
 from core.settings import Settings
+from core.sources.replay import ReplaySource
 from core.transport import encode_paths
 from miner import pool as pool_module
 from miner.pool import CeleryPool, EmbeddedPool, PoolError
-from synth_miner.devstack import RedisServer
+from synth_miner.devstack import Proc, RedisServer, spawn
+from tests.worker_apps import CLOCK_OFFSET_ENV
 
 
 async def test_the_first_read_after_a_redis_restart_reconnects(tmp_path: Path) -> None:
@@ -40,10 +51,11 @@ async def test_the_first_read_after_a_redis_restart_reconnects(tmp_path: Path) -
 
 
 def announce(url: str, queues: str, silent_s: float = 0.0, name: str = "w1@host:1") -> None:
-    """A worker process's heartbeat, last sent ``silent_s`` ago (as workers/metrics.py writes it)."""
+    """A worker process's heartbeat, last sent ``silent_s`` ago (as workers/metrics.py writes it: its TTL left is
+    what Redis measures the age by)."""
     redis.Redis.from_url(url).set(WORKER_HEARTBEAT_KEY.format(name=name),
                                   json.dumps({"name": name, "queues": queues, "at": time.time() - silent_s}),
-                                  ex=HEARTBEAT_TTL_S)
+                                  px=int((HEARTBEAT_TTL_S - silent_s) * 1000))
 
 
 async def test_a_queue_no_live_worker_reads_fails_at_once_and_sends_nothing(tmp_path: Path) -> None:
@@ -185,3 +197,100 @@ async def test_embedded_pool_loads_a_new_artifact_off_the_event_loop() -> None:
     finally:
         tick.cancel()
         await pool.close()
+
+
+# --- workers whose clock is off ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def btc_cache(redis_url: str, shared_data: Path) -> str:
+    """Three days of BTC minutes in the cache, so a worker computes real paths."""
+    now = int(time.time())
+    history = ReplaySource(shared_data).shifted("BTC", 60).between(now - 3 * 86_400, now)
+    RedisHistoryCache(redis.Redis.from_url(redis_url)).write("BTC", history)
+    return redis_url
+
+
+def start_skewed_worker(tmp_path: Path, redis_url: str, offset_s: float) -> Proc:
+    """A real Celery worker (the production forecast task, ewma_t) reading infer.hf, whose wall clock is
+    ``offset_s`` off this host's (tests/worker_apps.py skews it); returns once its first heartbeat is in Redis."""
+    env = {"SYNTH_REDIS_URL": redis_url, "SYNTH_ENGINE": "ewma_t", "SYNTH_SEED": "3", "SYNTH_LOG_LEVEL": "INFO",
+           "SYNTH_DATA_DIR": str(tmp_path / "data"), "SYNTH_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
+           CLOCK_OFFSET_ENV: str(offset_s)}
+    worker = spawn([sys.executable, "-m", "celery", "-A", "tests.worker_apps", "worker", "-Q", "infer.hf", "-P",
+                    "solo", "-n", "skewed@%h", "--without-gossip", "--without-mingle", "-l", "INFO"],
+                   env, tmp_path / "worker.log")
+    client = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + 90
+    while not any(client.scan_iter(WORKER_HEARTBEAT_KEY.format(name="skewed@*"))) or " ready." not in worker.text():
+        if worker.proc.poll() is not None or time.monotonic() > deadline:
+            worker.stop()
+            raise AssertionError(f"worker not ready:\n{worker.text()[-4000:]}")
+        time.sleep(0.2)
+    return worker
+
+
+@pytest.fixture
+def pool(btc_cache: str) -> Iterator[CeleryPool]:
+    yield CeleryPool(Settings(_env_file=None, redis_url=btc_cache))  # type: ignore[call-arg]
+
+
+async def ask(pool: CeleryPool, left_s: float, n: int, tag: str) -> tuple[int, list[float], list[str]]:
+    """``n`` requests in turn, each with ``left_s`` to the pool's deadline (the task's ``expires``): how many the
+    pool served, the seconds each took, and why the others fell back."""
+    served, seconds, reasons = 0, [], []
+    for i in range(n):
+        request = ForecastRequest("BTC", int(time.time()) + 600, 60, 3_600, 50)
+        began = time.monotonic()
+        try:
+            got = await pool.forecast(request, None, time.time() + left_s, f"{tag}-{i}")  # type: ignore[arg-type]
+            assert got.paths.shape == (50, 61) and got.engine == "ewma_t"
+            served += 1
+        except PoolError as exc:
+            reasons.append(str(exc))
+        seconds.append(time.monotonic() - began)
+    print(f"{tag}: {left_s:.0f} s left: served {served}/{n}, fallback {1 - served / n:.0%}, "
+          f"{max(seconds):.2f} s at most; {sorted(set(reasons))}")
+    return served, seconds, reasons
+
+
+def skew_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "miner.pool" and "clock" in r.getMessage()]
+
+
+async def test_a_worker_whose_clock_is_behind_is_used(tmp_path: Path, pool: CeleryPool, caplog: pytest.LogCaptureFixture,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A healthy worker whose clock is 40 s behind wrote heartbeats 40 s "old" by the miner's clock: the miner took
+    it for dead and answered every request from its fallback. Its key's age in Redis says it beat just now."""
+    monkeypatch.setattr(pool_module, "LIVE_READERS_CHECK_S", 0.0)  # the heartbeats read for every request
+    worker = start_skewed_worker(tmp_path, pool.settings.redis_url or "", -40.0)
+    try:
+        served, _, reasons = await ask(pool, 10.0, 5, "behind")
+        assert served == 5, reasons
+        warned = skew_warnings(caplog)  # named once, not per read
+        assert len(warned) == 1 and warned[0].startswith("worker skewed@") and "40 s behind" in warned[0], warned
+    finally:
+        await pool.close()
+        worker.stop()
+
+
+async def test_a_worker_whose_clock_is_ahead_is_not_waited_for_on_tasks_it_would_expire(
+        tmp_path: Path, pool: CeleryPool, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker 15 s ahead discards as expired (by its own clock) every task with less than 15 s to its expiry:
+    the miner took it for live and waited out each such request before falling back. It now falls back at once
+    for those, and still sends the worker the requests it has time for."""
+    monkeypatch.setattr(pool_module, "LIVE_READERS_CHECK_S", 0.0)
+    worker = start_skewed_worker(tmp_path, pool.settings.redis_url or "", 15.0)
+    client = redis.Redis.from_url(pool.settings.redis_url or "")
+    try:
+        served, seconds, reasons = await ask(pool, 6.0, 3, "ahead-short")
+        assert served == 0 and max(seconds) < 1.0, (seconds, reasons)
+        assert all("clock" in r and "ahead" in r for r in reasons), reasons
+        assert not client.hgetall(EXPIRED_TASKS_KEY)  # none sent for the worker to discard
+        served, _, reasons = await ask(pool, 25.0, 2, "ahead-long")
+        assert served == 2, reasons
+        warned = skew_warnings(caplog)
+        assert len(warned) == 1 and warned[0].startswith("worker skewed@") and "15 s ahead" in warned[0], warned
+    finally:
+        await pool.close()
+        worker.stop()
