@@ -107,9 +107,9 @@ HEARTBEAT_STALE_AFTER_S: Final = 2.5 * HEARTBEAT_EVERY_S
 CLOCK_SKEW_WARN_S: Final = 5.0
 # A worker's clock ahead of the miner's by A judges every task's ``expires`` (the pool's deadline, see miner/pool.py)
 # A sooner: it discards unrun, as expired, a task sent with less than A left. The miner sends a request only where a
-# live reader of its queue is on time, or ahead by less than the time left minus this; else it falls back at once
-# instead of waiting out a task nobody will run. The margin covers the skew's measurement (a beat's "at" is taken
-# before its SET, PTTL and the miner's clock a round trip apart: milliseconds) and the task's way to an idle worker.
+# live reader of its queue is ahead by less than this (measurement noise: a beat's "at" is taken before its SET, PTTL
+# and the miner's clock a round trip apart, milliseconds), or by less than the time left minus this (the task's way
+# to an idle worker); else it falls back at once instead of waiting out a task nobody will run.
 CLOCK_AHEAD_MARGIN_S: Final = 0.5
 # The miner warns of a worker whose clock is off (over CLOCK_SKEW_WARN_S) at most this often per worker.
 CLOCK_SKEW_LOG_EVERY_S: Final = 60.0

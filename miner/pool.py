@@ -159,7 +159,8 @@ class CeleryPool:
             raise PoolError(f"no live worker reads queue {queue} (none has announced itself in the last "
                             f"{HEARTBEAT_STALE_AFTER_S:.0f} s)")
         left = deadline - time.time()
-        if ahead > 0 and left - ahead < CLOCK_AHEAD_MARGIN_S:
+        # A lead under the margin is measurement noise: a synced fleet keeps the deadlines it always had.
+        if ahead >= CLOCK_AHEAD_MARGIN_S and left - ahead < CLOCK_AHEAD_MARGIN_S:
             raise PoolError(f"every live worker reading queue {queue} has its clock {ahead:.0f} s or more ahead of "
                             f"the miner's: it would discard a task with {left:.1f} s left as expired")
 

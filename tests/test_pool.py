@@ -127,6 +127,24 @@ async def test_a_task_expires_when_the_miner_stops_waiting(tmp_path: Path) -> No
         server.stop()
 
 
+async def test_a_worker_on_time_is_sent_a_request_with_little_time_left(tmp_path: Path) -> None:
+    """The clock check must not cost a synced fleet its short requests: a skew of milliseconds measured "ahead" is
+    noise, not a worker that would discard the task."""
+    server = RedisServer(tmp_path).start()
+    settings = Settings(_env_file=None, redis_url=server.url)  # type: ignore[call-arg]
+    pool = CeleryPool(settings)
+    client = redis.Redis.from_url(server.url)
+    try:
+        announce(server.url, settings.queue_infer_lf)
+        client.rpush(RESULT_KEY.format(request_id="r1"), encode_paths(np.full((3, 289), 100.0, np.float32)))
+        request = ForecastRequest("BTC", int(time.time()) + 600, 300, 86_400, 3)
+        got = await pool.forecast(request, None, time.time() + 0.4, "r1")  # type: ignore[arg-type]
+        assert got.paths.shape == (3, 289) and client.llen(settings.queue_infer_lf) == 1
+    finally:
+        await pool.close()
+        server.stop()
+
+
 class SlowForecaster:
     """A forecaster source whose runs take ``delay[asset]`` seconds and whose ``current()`` takes ``reload_s``
     (a newly published artifact being loaded)."""
