@@ -331,10 +331,12 @@ class WaitingConnections:
 
 
 class GuardedH11Protocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol, with its waiting connections in a :class:`WaitingConnections`."""
+    """uvicorn's HTTP/1.1 protocol, with its waiting connections in a :class:`WaitingConnections`, and cut
+    when its peer stops reading what it is sent (see :meth:`watch_writes`)."""
 
     waiting: WaitingConnections  # set on the subclass guarded_protocol() makes, one per axon
     deadline: asyncio.TimerHandle | None = None
+    stalled: asyncio.TimerHandle | None = None  # the next check that the peer reads what is queued
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -350,7 +352,18 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.waiting.forget(self)
+        if self.stalled is not None:
+            self.stalled.cancel()
+            self.stalled = None
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.watch_writes()
+
+    def timeout_keep_alive_handler(self) -> None:
+        super().timeout_keep_alive_handler()
+        self.watch_writes()
 
     def track(self) -> None:
         """Waiting unless a whole request is in (the app runs, or its reply is under way) or it is closing."""
@@ -361,10 +374,33 @@ class GuardedH11Protocol(H11Protocol):
 
     def drop(self) -> None:
         """Closed as uvicorn closes an idle keep-alive connection: what the last reply left buffered still
-        goes out first. An app waiting for the rest of the body gets ``http.disconnect``."""
+        goes out first (if the peer reads it). An app waiting for the rest of the body gets ``http.disconnect``."""
         self.waiting.forget(self)
         if not self.transport.is_closing():
             self.transport.close()
+        self.watch_writes()
+
+    def watch_writes(self) -> None:
+        """While a reply is queued here for the peer, the peer must read some of it every request timeout.
+
+        A client that never reads (or reads a byte a second) stopped the reply's writer at uvicorn's
+        buffer limit, a request in progress forever, never counted among the waiting; and a connection
+        closed with its reply still queued stays open until it is sent. Pipelined requests filled such
+        connections one by one, each holding a descriptor for good. A validator's client reads on.
+        """
+        if self.stalled is None and self.transport.get_write_buffer_size():
+            self.stalled = self.loop.call_later(self.waiting.request_timeout_s, self.check_reading,
+                                                self.transport.get_write_buffer_size())
+
+    def check_reading(self, queued_before: int) -> None:
+        self.stalled = None
+        queued = self.transport.get_write_buffer_size()
+        if queued and queued >= queued_before:
+            log.info("cut %s: it read nothing of its reply for %.0f s", self.client, self.waiting.request_timeout_s)
+            self.waiting.forget(self)
+            self.transport.abort()
+        else:
+            self.watch_writes()
 
 
 def guarded_protocol(request_timeout_s: float, limit: int) -> type[GuardedH11Protocol]:

@@ -8,6 +8,7 @@ request and the service must budget with the header's timeout.
 
 import asyncio
 import json
+import os
 import socket
 import threading
 import time
@@ -321,3 +322,51 @@ async def test_the_miner_signs_without_reading_its_key_file_again(tmp_path: Path
     finally:
         await validator.close()
         proc.stop()
+
+
+def unread_request(validator: Validator, time_length: int, num_simulations: int) -> socket.socket:
+    """A signed request for a reply of the given size, from a client that then never reads."""
+    synapse = Simulation(simulation_input=SimulationInput(asset="BTC", start_time=start_time_in(120),
+                                                          time_increment=300, time_length=time_length,
+                                                          num_simulations=num_simulations))
+    prepared = validator.dendrite.preprocess_synapse_for_request(validator.axon_info(), synapse, 20.0)
+    body = json.dumps(prepared.model_dump(mode="json")).encode()
+    head = "".join(f"{k}: {v}\r\n" for k, v in prepared.to_headers().items())
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the window a non-reader soon fills
+    sock.connect(("127.0.0.1", validator.port))
+    sock.sendall(f"POST /Simulation HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{head}"
+                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    sock.setblocking(False)
+    return sock
+
+
+def open_descriptors(proc: Proc) -> int:
+    return len(os.listdir(f"/proc/{proc.proc.pid}/fd"))
+
+
+async def test_a_client_that_never_reads_its_reply_is_cut(held: tuple[Proc, Validator]) -> None:
+    """A client that asks and never reads (or reads a byte now and then): its reply waited in the miner's
+    buffer forever, and neither the request timeout nor the waiting-connection limit touched it, so such
+    connections each held a descriptor (and the reply's megabytes) for good; pipelined refusals fill one
+    the same way. Now a peer that reads nothing of a queued reply for the request timeout (3 s here) is cut.
+    A validator reading normally meanwhile gets its answers."""
+    proc, validator = held
+    assert_valid_reply((await validator.ask("ETH", 60, 3_600, 100, timeout=15))[0])  # its connection, kept alive
+    idle = open_descriptors(proc)
+    readers = [unread_request(validator, 86_400, 1000) for _ in range(4)]  # ~2.8 MB replies
+    try:
+        await asyncio.sleep(1.0)
+        assert open_descriptors(proc) >= idle + len(readers)
+        began = time.monotonic()
+        while open_descriptors(proc) > idle and time.monotonic() - began < 10:
+            reply, seconds = await validator.ask("ETH", 60, 3_600, 100, timeout=15)
+            assert_valid_reply(reply)
+            assert seconds < 5
+            await asyncio.sleep(0.2)
+        assert open_descriptors(proc) <= idle, "the non-readers' connections are still open"
+    finally:
+        for sock in readers:
+            sock.close()
+        await validator.close()
+    assert proc.proc.poll() is None
