@@ -191,10 +191,12 @@ class RequestGuard:
 
     @staticmethod
     async def _refuse(send: Send, status: int, message: str) -> None:
+        """Closes the connection too: most refusals come before the body is read, and uvicorn read on and
+        discarded whatever the client kept sending (an endless chunked body: for the whole request timeout)."""
         body = json.dumps({"message": message}).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
+                                (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
 
 
