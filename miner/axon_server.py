@@ -8,7 +8,9 @@ import asyncio
 import json
 import logging
 import math
+import re
 import resource
+import threading
 import time
 import typing
 
@@ -21,6 +23,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from core.constants import AXON_REFUSAL_LINES_PER_MINUTE
 from core.prices import PriceDataError
 from core.prompts import RequestError, check_request
 from core.settings import Settings
@@ -198,6 +201,54 @@ class RequestGuard:
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
+
+
+class RefusalLines(logging.Filter):
+    """Each refused request wrote two log lines (ours, and bittensor's ERROR "BlacklistedException#<uuid>: ..."):
+    a flood wrote ~300 bytes per refusal, ~1 GB an hour at the rate the axon refuses, to a log nothing rotates.
+    Per kind and minute the first ``per_minute`` go through; the next one after that minute says how many were
+    left out. The refusals are all counted in the metrics anyway."""
+
+    BITTENSOR = re.compile(r"(\w+)#[0-9a-f-]{36}: ")  # bittensor's line for any request it answered with an error
+
+    def __init__(self, per_minute: int = AXON_REFUSAL_LINES_PER_MINUTE, window_s: float = 60.0) -> None:
+        super().__init__()
+        self.per_minute = per_minute
+        self.window_s = window_s
+        self.windows: dict[str, tuple[float, int, int]] = {}  # kind -> (window start, lines let through, left out)
+        self.lock = threading.Lock()  # the axon's thread and the miner's loop both log
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = self.kind(record)
+        if kind is None:
+            return True
+        now = time.monotonic()
+        with self.lock:
+            start, passed, left_out = self.windows.get(kind, (now, 0, 0))
+            if now - start >= self.window_s:
+                start, passed = now, 0
+            if passed >= self.per_minute:
+                self.windows[kind] = (start, passed, left_out + 1)
+                return False
+            self.windows[kind] = (start, passed + 1, 0)
+        if left_out:
+            record.msg, record.args = f"{record.getMessage()} (and {left_out} more like it not logged)", ()
+        return True
+
+    def kind(self, record: logging.LogRecord) -> str | None:
+        if record.name == __name__:
+            return str(record.msg) if str(record.msg).startswith("refused ") else None
+        match = self.BITTENSOR.match(record.getMessage()) if record.name == "bittensor" else None
+        return match.group(1) if match else None
+
+
+REFUSAL_LINES = RefusalLines()
+
+
+def quiet_refusals() -> None:
+    for logger in (log, logging.getLogger("bittensor")):
+        if REFUSAL_LINES not in logger.filters:
+            logger.addFilter(REFUSAL_LINES)
 
 
 def render_reply(synapse: Simulation, paths_json: bytes) -> Response:
@@ -427,6 +478,7 @@ def build_axon(settings: Settings, wallet: "bt.Wallet", handlers: AxonHandlers) 
                 priority_fn=handlers.priority_fn)
     serve_only(axon, Simulation.__name__)
     axon.app.add_middleware(RequestGuard, name=Simulation.__name__)
+    quiet_refusals()
     return axon
 
 

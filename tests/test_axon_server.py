@@ -8,6 +8,7 @@ request and the service must budget with the header's timeout.
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import threading
@@ -27,7 +28,7 @@ from core.prompts import ForecastRequest
 from core.settings import Settings
 from core.sources.registry import sources_for
 from miner.access import AccessPolicy, MetagraphView
-from miner.axon_server import AxonHandlers, build_axon, provenance, with_caller_timeout
+from miner.axon_server import AxonHandlers, RefusalLines, build_axon, provenance, with_caller_timeout
 from miner.data import MinerData
 from miner.metrics import MinerMetrics, fallback_reason, watch_queue_depth
 from miner.offline import patch_bittensor_networking
@@ -370,3 +371,28 @@ async def test_a_client_that_never_reads_its_reply_is_cut(held: tuple[Proc, Vali
             sock.close()
         await validator.close()
     assert proc.proc.poll() is None
+
+
+def test_refusal_lines_are_few_per_minute_and_say_how_many_were_left_out(caplog: pytest.LogCaptureFixture) -> None:
+    """A flood of refused requests wrote two lines each, ours and bittensor's ERROR: ~300 bytes a refusal."""
+    quiet = RefusalLines(per_minute=2, window_s=0.3)
+    ours, theirs = logging.getLogger("miner.axon_server"), logging.getLogger("bittensor")
+    for logger in (ours, theirs):
+        logger.addFilter(quiet)
+    try:
+        with caplog.at_level(logging.INFO):
+            for i in range(10):
+                ours.info("refused %s: %s", f"5Stranger{i}", "hotkey not in the allow-list")
+                theirs.error(f"BlacklistedException#{'0' * 8}-0000-0000-0000-{i:012d}: Forbidden. Key is blacklisted")
+                ours.info("answered BTC in %d ms", i)  # not a refusal: always logged
+            time.sleep(0.35)
+            ours.info("refused %s: %s", "5Late", "unsigned request")
+        lines = [r.getMessage() for r in caplog.records]
+    finally:
+        for logger in (ours, theirs):
+            logger.removeFilter(quiet)
+    assert sum(line.startswith("answered") for line in lines) == 10
+    assert [line for line in lines if line.startswith("refused")] == [
+        "refused 5Stranger0: hotkey not in the allow-list", "refused 5Stranger1: hotkey not in the allow-list",
+        "refused 5Late: unsigned request (and 8 more like it not logged)"]
+    assert sum(line.startswith("BlacklistedException#") for line in lines) == 2

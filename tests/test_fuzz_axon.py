@@ -574,15 +574,17 @@ def raw_request(headers: dict[str, str], body: dict[str, Any]) -> bytes:
 
 async def test_a_flood_of_refused_requests_does_no_forecast_and_leaves_the_validator_served(miners: Miners) -> None:
     """Thousands of unsigned, forged and stranger-signed requests at once. Each refusal cost the miner 4-5 ms
-    of CPU (bittensor rebuilt the synapse's JSON schema for every error reply); it is now ~1.5 ms. None of
-    them gets any forecast work, and the validator asking meanwhile gets valid replies."""
+    of CPU (bittensor rebuilt the synapse's JSON schema for every error reply) and two log lines; it is now
+    ~1 ms and a few lines a minute. None of them gets any forecast work, and the validator asking meanwhile
+    gets valid replies."""
     miner = miners.fuzzed
     headers, body = signed(miner.validator("validator"))
     forged = {**headers, "bt_header_dendrite_signature": "0x" + "ab" * 64}
     stranger, _ = signed(miner.validator("stranger"))
     unsigned = {k: v for k, v in stranger.items() if k != "bt_header_dendrite_signature"}
     requests = [raw_request(h, body) for h in (forged, stranger, unsigned)] * 500
-    answered_before, cpu_before = miner.proc.text().count(" answered "), miner_cpu_s(miner)
+    log_before = miner.proc.text()
+    answered_before, cpu_before = log_before.count(" answered "), miner_cpu_s(miner)
     flood = asyncio.create_task(refused_flood(miner.port, requests, lanes=50))
     validator = miner.validator("validator")
     latencies = []
@@ -596,7 +598,10 @@ async def test_a_flood_of_refused_requests_does_no_forecast_and_leaves_the_valid
         await validator.close()
     cpu_per_refusal = (miner_cpu_s(miner) - cpu_before) / len(requests)
     assert statuses == {401: 500, 403: 1000}
-    assert miner.proc.text().count(" answered ") - answered_before == len(latencies)  # the validator's only
+    log = miner.proc.text()
+    assert log.count(" answered ") - answered_before == len(latencies)  # the validator's only
+    # Two lines a refusal before (ours, bittensor's ERROR); now a few per kind and minute.
+    assert log.count("\n") - log_before.count("\n") < len(latencies) + 150
     assert latencies and max(latencies) < 10
     assert cpu_per_refusal < 0.003, cpu_per_refusal  # 4-5 ms before
 
