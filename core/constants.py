@@ -144,6 +144,8 @@ JOINER_POOL_RETRY_MIN_S: Final = 1.0
 POOL_LATE_SLACK_S: Final = 0.1
 DRAIN_POLL_S: Final = 0.05  # a stopping miner checks this often whether its requests in flight are answered
 AXON_START_S: Final = 10.0  # uvicorn's thread must have bound the axon's socket by then, or serve refuses
+# Log lines about refused requests, per kind and minute; the rest are counted into the next one logged.
+AXON_REFUSAL_LINES_PER_MINUTE: Final = 20
 
 # --- Chain (production miner) ---------------------------------------------------------------------------
 METAGRAPH_REFRESH_S: Final = 600.0  # registrations and stakes change slowly

@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     axon_external_port: int | None = Field(None, ge=1, le=65_535)
     # A connection must deliver a whole request this soon after it opens (or after its previous reply): a
     # validator sends its ~1 KB at once, a slowloris never finishes. The wait for the reply is not counted.
+    # Also: a peer must read some of a reply queued for it within this time, or it is cut.
     axon_request_timeout_s: float = Field(10.0, gt=0)
     # Connections holding no request in progress (arriving, or kept alive idle) beyond this many: the one
     # waiting longest is closed. Never more than half the process's file descriptor limit.

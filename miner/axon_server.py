@@ -8,7 +8,9 @@ import asyncio
 import json
 import logging
 import math
+import re
 import resource
+import threading
 import time
 import typing
 
@@ -21,6 +23,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from core.constants import AXON_REFUSAL_LINES_PER_MINUTE
 from core.prices import PriceDataError
 from core.prompts import RequestError, check_request
 from core.settings import Settings
@@ -191,11 +194,61 @@ class RequestGuard:
 
     @staticmethod
     async def _refuse(send: Send, status: int, message: str) -> None:
+        """Closes the connection too: most refusals come before the body is read, and uvicorn read on and
+        discarded whatever the client kept sending (an endless chunked body: for the whole request timeout)."""
         body = json.dumps({"message": message}).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
+                                (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
+
+
+class RefusalLines(logging.Filter):
+    """Each refused request wrote two log lines (ours, and bittensor's ERROR "BlacklistedException#<uuid>: ..."):
+    a flood wrote ~300 bytes per refusal, ~1 GB an hour at the rate the axon refuses, to a log nothing rotates.
+    Per kind and minute the first ``per_minute`` go through; the next one after that minute says how many were
+    left out. The refusals are all counted in the metrics anyway."""
+
+    BITTENSOR = re.compile(r"(\w+)#[0-9a-f-]{36}: ")  # bittensor's line for any request it answered with an error
+
+    def __init__(self, per_minute: int = AXON_REFUSAL_LINES_PER_MINUTE, window_s: float = 60.0) -> None:
+        super().__init__()
+        self.per_minute = per_minute
+        self.window_s = window_s
+        self.windows: dict[str, tuple[float, int, int]] = {}  # kind -> (window start, lines let through, left out)
+        self.lock = threading.Lock()  # the axon's thread and the miner's loop both log
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = self.kind(record)
+        if kind is None:
+            return True
+        now = time.monotonic()
+        with self.lock:
+            start, passed, left_out = self.windows.get(kind, (now, 0, 0))
+            if now - start >= self.window_s:
+                start, passed = now, 0
+            if passed >= self.per_minute:
+                self.windows[kind] = (start, passed, left_out + 1)
+                return False
+            self.windows[kind] = (start, passed + 1, 0)
+        if left_out:
+            record.msg, record.args = f"{record.getMessage()} (and {left_out} more like it not logged)", ()
+        return True
+
+    def kind(self, record: logging.LogRecord) -> str | None:
+        if record.name == __name__:
+            return str(record.msg) if str(record.msg).startswith("refused ") else None
+        match = self.BITTENSOR.match(record.getMessage()) if record.name == "bittensor" else None
+        return match.group(1) if match else None
+
+
+REFUSAL_LINES = RefusalLines()
+
+
+def quiet_refusals() -> None:
+    for logger in (log, logging.getLogger("bittensor")):
+        if REFUSAL_LINES not in logger.filters:
+            logger.addFilter(REFUSAL_LINES)
 
 
 def render_reply(synapse: Simulation, paths_json: bytes) -> Response:
@@ -331,10 +384,12 @@ class WaitingConnections:
 
 
 class GuardedH11Protocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol, with its waiting connections in a :class:`WaitingConnections`."""
+    """uvicorn's HTTP/1.1 protocol, with its waiting connections in a :class:`WaitingConnections`, and cut
+    when its peer stops reading what it is sent (see :meth:`watch_writes`)."""
 
     waiting: WaitingConnections  # set on the subclass guarded_protocol() makes, one per axon
     deadline: asyncio.TimerHandle | None = None
+    stalled: asyncio.TimerHandle | None = None  # the next check that the peer reads what is queued
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -350,7 +405,18 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.waiting.forget(self)
+        if self.stalled is not None:
+            self.stalled.cancel()
+            self.stalled = None
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.watch_writes()
+
+    def timeout_keep_alive_handler(self) -> None:
+        super().timeout_keep_alive_handler()
+        self.watch_writes()
 
     def track(self) -> None:
         """Waiting unless a whole request is in (the app runs, or its reply is under way) or it is closing."""
@@ -361,10 +427,33 @@ class GuardedH11Protocol(H11Protocol):
 
     def drop(self) -> None:
         """Closed as uvicorn closes an idle keep-alive connection: what the last reply left buffered still
-        goes out first. An app waiting for the rest of the body gets ``http.disconnect``."""
+        goes out first (if the peer reads it). An app waiting for the rest of the body gets ``http.disconnect``."""
         self.waiting.forget(self)
         if not self.transport.is_closing():
             self.transport.close()
+        self.watch_writes()
+
+    def watch_writes(self) -> None:
+        """While a reply is queued here for the peer, the peer must read some of it every request timeout.
+
+        A client that never reads (or reads a byte a second) stopped the reply's writer at uvicorn's
+        buffer limit, a request in progress forever, never counted among the waiting; and a connection
+        closed with its reply still queued stays open until it is sent. Pipelined requests filled such
+        connections one by one, each holding a descriptor for good. A validator's client reads on.
+        """
+        if self.stalled is None and self.transport.get_write_buffer_size():
+            self.stalled = self.loop.call_later(self.waiting.request_timeout_s, self.check_reading,
+                                                self.transport.get_write_buffer_size())
+
+    def check_reading(self, queued_before: int) -> None:
+        self.stalled = None
+        queued = self.transport.get_write_buffer_size()
+        if queued and queued >= queued_before:
+            log.info("cut %s: it read nothing of its reply for %.0f s", self.client, self.waiting.request_timeout_s)
+            self.waiting.forget(self)
+            self.transport.abort()
+        else:
+            self.watch_writes()
 
 
 def guarded_protocol(request_timeout_s: float, limit: int) -> type[GuardedH11Protocol]:
@@ -389,6 +478,7 @@ def build_axon(settings: Settings, wallet: "bt.Wallet", handlers: AxonHandlers) 
                 priority_fn=handlers.priority_fn)
     serve_only(axon, Simulation.__name__)
     axon.app.add_middleware(RequestGuard, name=Simulation.__name__)
+    quiet_refusals()
     return axon
 
 

@@ -5,6 +5,7 @@ the validators type it: ``tuple[int | list[int | float], ...] | None`` behind a 
 hands back the raw value when it does not fit, so a validator sees exactly what was on the wire.
 """
 
+import functools
 import typing
 
 import bittensor as bt
@@ -39,3 +40,14 @@ class Simulation(bt.Synapse):
 
     def deserialize(self) -> typing.Any:
         return self.simulation_output
+
+    def get_required_fields(self) -> list[str]:
+        """bittensor rebuilds the class's whole JSON schema for this at every ``to_headers()``, which the
+        axon calls for every reply, refusals included: ~2 ms each, 80 % of what a refused request cost.
+        The schema of a class never changes: built once."""
+        return list(required_fields(type(self)))
+
+
+@functools.cache
+def required_fields(cls: type[bt.Synapse]) -> tuple[str, ...]:
+    return tuple(cls.model_json_schema().get("required", []))

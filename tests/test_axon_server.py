@@ -8,6 +8,8 @@ request and the service must budget with the header's timeout.
 
 import asyncio
 import json
+import logging
+import os
 import socket
 import threading
 import time
@@ -26,7 +28,7 @@ from core.prompts import ForecastRequest
 from core.settings import Settings
 from core.sources.registry import sources_for
 from miner.access import AccessPolicy, MetagraphView
-from miner.axon_server import AxonHandlers, build_axon, provenance, with_caller_timeout
+from miner.axon_server import AxonHandlers, RefusalLines, build_axon, provenance, with_caller_timeout
 from miner.data import MinerData
 from miner.metrics import MinerMetrics, fallback_reason, watch_queue_depth
 from miner.offline import patch_bittensor_networking
@@ -342,3 +344,84 @@ async def test_the_miner_signs_without_reading_its_key_file_again(tmp_path: Path
     finally:
         await validator.close()
         proc.stop()
+
+
+def unread_request(validator: Validator, time_length: int, num_simulations: int) -> socket.socket:
+    """A signed request for a reply of the given size, from a client that then never reads."""
+    synapse = Simulation(simulation_input=SimulationInput(asset="BTC", start_time=start_time_in(120),
+                                                          time_increment=300, time_length=time_length,
+                                                          num_simulations=num_simulations))
+    prepared = validator.dendrite.preprocess_synapse_for_request(validator.axon_info(), synapse, 20.0)
+    body = json.dumps(prepared.model_dump(mode="json")).encode()
+    head = "".join(f"{k}: {v}\r\n" for k, v in prepared.to_headers().items())
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the window a non-reader soon fills
+    sock.connect(("127.0.0.1", validator.port))
+    sock.sendall(f"POST /Simulation HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{head}"
+                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    sock.setblocking(False)
+    return sock
+
+
+def open_descriptors(proc: Proc) -> int:
+    return len(os.listdir(f"/proc/{proc.proc.pid}/fd"))
+
+
+async def test_a_client_that_never_reads_its_reply_is_cut(held: tuple[Proc, Validator]) -> None:
+    """A client that asks and never reads (or reads a byte now and then): its reply waited in the miner's
+    buffer forever, and neither the request timeout nor the waiting-connection limit touched it, so such
+    connections each held a descriptor (and the reply's megabytes) for good; pipelined refusals fill one
+    the same way. Now a peer that reads nothing of a queued reply for the request timeout (3 s here) is cut.
+    A validator reading normally meanwhile gets its answers."""
+    proc, validator = held
+    assert_valid_reply((await validator.ask("ETH", 60, 3_600, 100, timeout=15))[0])  # its connection, kept alive
+    idle = open_descriptors(proc)
+    readers = [unread_request(validator, 86_400, 1000) for _ in range(4)]  # ~2.8 MB replies
+    sipping = readers[2:]  # these read a byte a second
+    try:
+        await asyncio.sleep(1.0)
+        assert open_descriptors(proc) >= idle + len(readers)
+        began = sipped = time.monotonic()
+        while open_descriptors(proc) > idle and time.monotonic() - began < 12:
+            reply, seconds = await validator.ask("ETH", 60, 3_600, 100, timeout=15)
+            assert_valid_reply(reply)
+            assert seconds < 5
+            if time.monotonic() - sipped >= 1:
+                sipped = time.monotonic()
+                for sock in sipping:
+                    try:
+                        sock.recv(1)
+                    except OSError:  # cut (reset), or nothing arrived
+                        pass
+            await asyncio.sleep(0.2)
+        assert open_descriptors(proc) <= idle, "the non-readers' connections are still open"
+    finally:
+        for sock in readers:
+            sock.close()
+        await validator.close()
+    assert proc.proc.poll() is None
+
+
+def test_refusal_lines_are_few_per_minute_and_say_how_many_were_left_out(caplog: pytest.LogCaptureFixture) -> None:
+    """A flood of refused requests wrote two lines each, ours and bittensor's ERROR: ~300 bytes a refusal."""
+    quiet = RefusalLines(per_minute=2, window_s=0.3)
+    ours, theirs = logging.getLogger("miner.axon_server"), logging.getLogger("bittensor")
+    for logger in (ours, theirs):
+        logger.addFilter(quiet)
+    try:
+        with caplog.at_level(logging.INFO):
+            for i in range(10):
+                ours.info("refused %s: %s", f"5Stranger{i}", "hotkey not in the allow-list")
+                theirs.error(f"BlacklistedException#{'0' * 8}-0000-0000-0000-{i:012d}: Forbidden. Key is blacklisted")
+                ours.info("answered BTC in %d ms", i)  # not a refusal: always logged
+            time.sleep(0.35)
+            ours.info("refused %s: %s", "5Late", "unsigned request")
+        lines = [r.getMessage() for r in caplog.records]
+    finally:
+        for logger in (ours, theirs):
+            logger.removeFilter(quiet)
+    assert sum(line.startswith("answered") for line in lines) == 10
+    assert [line for line in lines if line.startswith("refused")] == [
+        "refused 5Stranger0: hotkey not in the allow-list", "refused 5Stranger1: hotkey not in the allow-list",
+        "refused 5Late: unsigned request (and 8 more like it not logged)"]
+    assert sum(line.startswith("BlacklistedException#") for line in lines) == 2

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import http.client
 import json
+import os
 import re
 import socket
 import time
@@ -530,3 +531,96 @@ async def test_still_serving_after_the_fuzzing(miners: Miners) -> None:
         await validator.close()
     log = miners.fuzzed.proc.text()
     assert "Internal Server Error" not in log and "Traceback" not in log, log[-3000:]
+
+
+# --- floods and oversized input, with a validator asking throughout ---------------------------------------
+
+
+def miner_cpu_s(miner: Miner) -> float:
+    fields = Path(f"/proc/{miner.proc.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def refused_flood(port: int, requests: list[bytes], lanes: int) -> dict[int, int]:
+    """Sends every request, ``lanes`` keep-alive connections at a time; counts the answers by status."""
+    statuses: dict[int, int] = {}
+    todo = list(requests)
+
+    async def lane() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            while todo:
+                writer.write(todo.pop())
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), ANSWER_WITHIN_S)
+                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                await reader.readexactly(int(length.group(1)) if length else 0)
+                status = int(head.split(b" ", 2)[1])
+                statuses[status] = statuses.get(status, 0) + 1
+                if re.search(rb"(?i)\r\nconnection: *close", head):
+                    writer.close()
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(lane() for _ in range(lanes)))
+    return statuses
+
+
+def raw_request(headers: dict[str, str], body: dict[str, Any]) -> bytes:
+    data = json.dumps(body).encode()
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items() if k.lower() != "content-length")
+    return f"POST /Simulation HTTP/1.1\r\nHost: x\r\n{head}Content-Length: {len(data)}\r\n\r\n".encode() + data
+
+
+async def test_a_flood_of_refused_requests_does_no_forecast_and_leaves_the_validator_served(miners: Miners) -> None:
+    """Thousands of unsigned, forged and stranger-signed requests at once. Each refusal cost the miner 4-5 ms
+    of CPU (bittensor rebuilt the synapse's JSON schema for every error reply) and two log lines; it is now
+    ~1 ms and a few lines a minute. None of them gets any forecast work, and the validator asking meanwhile
+    gets valid replies."""
+    miner = miners.fuzzed
+    headers, body = signed(miner.validator("validator"))
+    forged = {**headers, "bt_header_dendrite_signature": "0x" + "ab" * 64}
+    stranger, _ = signed(miner.validator("stranger"))
+    unsigned = {k: v for k, v in stranger.items() if k != "bt_header_dendrite_signature"}
+    requests = [raw_request(h, body) for h in (forged, stranger, unsigned)] * 500
+    log_before = miner.proc.text()
+    answered_before, cpu_before = log_before.count(" answered "), miner_cpu_s(miner)
+    flood = asyncio.create_task(refused_flood(miner.port, requests, lanes=50))
+    validator = miner.validator("validator")
+    latencies = []
+    try:
+        while not flood.done():
+            reply, seconds = await validator.ask("BTC", 60, 3_600, 100, timeout=15)
+            assert_valid_reply(reply)
+            latencies.append(seconds)
+        statuses = await flood
+    finally:
+        await validator.close()
+    cpu_per_refusal = (miner_cpu_s(miner) - cpu_before) / len(requests)
+    assert statuses == {401: 500, 403: 1000}
+    log = miner.proc.text()
+    assert log.count(" answered ") - answered_before == len(latencies)  # the validator's only
+    # Two lines a refusal before (ours, bittensor's ERROR); now a few per kind and minute.
+    assert log.count("\n") - log_before.count("\n") < len(latencies) + 150
+    assert latencies and max(latencies) < 10
+    assert cpu_per_refusal < 0.003, cpu_per_refusal  # 4-5 ms before
+
+
+def test_an_endless_chunked_body_is_refused_and_cut_at_once(miners: Miners) -> None:
+    """A body over the limit gets its 413, and the connection is closed with it: uvicorn used to read on and
+    discard whatever the client kept sending until the request timeout (10 s of a fast sender's stream)."""
+    headers, _ = signed(miners.fuzzed.validator("validator"))
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    chunk = b"10000\r\n" + b"x" * 0x10000 + b"\r\n"
+    with socket.create_connection(("127.0.0.1", miners.fuzzed.port), timeout=ANSWER_WITHIN_S) as sock:
+        sock.sendall(f"POST /Simulation HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n{head}\r\n".encode())
+        began, sent = time.monotonic(), 0
+        try:
+            while time.monotonic() - began < ANSWER_WITHIN_S:
+                sent += sock.send(chunk)
+        except OSError:  # reset: the miner closed while we were still sending
+            pass
+        seconds = time.monotonic() - began
+        answer = sock.recv(65_536)
+    assert seconds < 3 and sent < 4 * MAX_BODY_BYTES + 8 * 2**20, (seconds, sent)  # not 10 s of streaming
+    assert not answer or answer.startswith(b"HTTP/1.1 413"), answer[:100]
