@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 
+import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from core.constants import (
@@ -45,11 +46,11 @@ def serving(version: str | None, engine: str) -> None:
         _serving = labels
 
 
-def count_expired(client: object, queue: str) -> None:
+def count_expired(client: redis.Redis, queue: str) -> None:
     """One task discarded unrun (the miner had stopped waiting for it): counted here and in Redis."""
     EXPIRED.labels(queue).inc()
     try:
-        client.hincrby(EXPIRED_TASKS_KEY, queue, 1)  # type: ignore[attr-defined]
+        client.hincrby(EXPIRED_TASKS_KEY, queue, 1)
     except Exception as exc:  # Redis away: the task is lost either way, the count only undercounts
         log.warning("expired task on %s not counted in Redis: %s", queue, exc)
 
