@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 import time
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +29,15 @@ from core.prompts import ForecastRequest
 from core.settings import Settings
 from core.sources.registry import sources_for
 from miner.access import AccessPolicy, MetagraphView
-from miner.axon_server import AxonHandlers, RefusalLines, build_axon, provenance, with_caller_timeout
+from miner.axon_server import (
+    AxonHandlers,
+    RefusalLines,
+    RequestGuard,
+    build_axon,
+    caller_fields,
+    provenance,
+    with_caller_timeout,
+)
 from miner.data import MinerData
 from miner.metrics import MinerMetrics, fallback_reason, watch_queue_depth
 from miner.offline import patch_bittensor_networking
@@ -110,6 +119,129 @@ async def test_a_synth_shaped_request_is_budgeted_with_the_header_timeout(tmp_pa
         await dendrite.aclose_session()
         axon.stop()
         await service.pool.close()
+
+
+DENDRITE_HEADERS = {"bt_header_dendrite_hotkey": "5Vali", "bt_header_dendrite_signature": "0xab",
+                    "bt_header_dendrite_nonce": "17", "bt_header_dendrite_uuid": "u-1"}
+
+
+@pytest.mark.parametrize("edits", [
+    {},
+    {"bt_header_dendrite_signature": None},
+    {"bt_header_dendrite_hotkey": None, "bt_header_dendrite_nonce": None},
+    {"bt_header_dendrite_signature": ""},
+    {"x-bt_header_dendrite_hotkey": "5Other"},  # bittensor reads any name that contains the prefix: last wins
+    {"bt_header_axon_bt_header_dendrite_nonce": "3", "bt_header_dendrite_nonce": None},  # the axon's prefix first
+    {"abt_header_dendrite_signaturebt_header_dendrite_x": "0xcd"},  # split on the prefix: the second part
+])
+def test_the_guard_reads_the_caller_as_bittensor_does(edits: dict[str, str | None]) -> None:
+    headers = {**DENDRITE_HEADERS, **{k: v for k, v in edits.items() if v is not None}}
+    headers = {k: v for k, v in headers.items() if edits.get(k, "") is not None}
+    raw = caller_fields({k.encode(): v.encode() for k, v in headers.items()})
+    try:
+        dendrite = Simulation.from_headers(headers).dendrite
+    except Exception:  # bittensor cannot parse them: the guard answers 400 unless it refused first
+        return
+    assert dendrite is not None
+    for field in ("hotkey", "signature", "nonce"):
+        value = raw.get(field.encode())
+        assert (None if value is None else type(getattr(dendrite, field) or "")(value.decode())) \
+            == getattr(dendrite, field), field
+
+
+def serve_axon(cfg: Settings, wallet: "bt.Wallet", service: MinerService, guard_refuses: bool) -> tuple["bt.Axon",
+                                                                                                       MinerMetrics]:
+    """An in-process axon; without ``guard_refuses`` bittensor's own middleware refuses, as before the guard did."""
+    metrics = MinerMetrics()
+    axon = build_axon(cfg, wallet, AxonHandlers(cfg, service, AccessPolicy(cfg, MetagraphView()),
+                                                asyncio.get_running_loop(), metrics))
+    if not guard_refuses:
+        for middleware in axon.app.user_middleware:
+            if typing.cast(object, middleware.cls) is RequestGuard:
+                middleware.kwargs["refuse"] = None
+    axon.start()
+    return axon, metrics
+
+
+async def test_the_guard_refuses_unwanted_callers_as_bittensor_would_without_bittensor(
+        tmp_path: Path, shared_data: Path) -> None:
+    """Unsigned, stranger-signed and nonce-less requests: the guard answers them from the raw headers, and a
+    real dendrite reading its reply ends with what bittensor's own refusal gave it (status, message, 403 =
+    blacklisted, 401 = failed verification), counted once in the metrics; bittensor's middleware never runs
+    (its reply carries the axon's signature, the guard's none). Everything else still reaches bittensor."""
+    patch_bittensor_networking("127.0.0.1")
+    wallets = {name: make_wallet(tmp_path, name) for name in ("miner", "vali", "stranger")}
+    vali_key = wallets["vali"].hotkey.ss58_address
+    ports = free_port(), free_port()
+    services, axons = [], []
+    for port, guard_refuses in zip(ports, (True, False)):
+        cfg = Settings(_env_file=None, local=True, axon_host="127.0.0.1", axon_port=port,  # type: ignore[call-arg]
+                       allowed_hotkeys=[vali_key], price_provider="replay", replay_dir=shared_data)
+        forecaster = build_forecaster(cfg)
+        services.append(MinerService(cfg, MinerData(MarketData(MemoryHistoryCache(), sources_for(cfg), 86_400)),
+                                     EmbeddedPool(forecaster), forecaster))
+        axons.append(serve_axon(cfg, wallets["miner"], services[-1], guard_refuses))
+    dendrites = {name: bt.Dendrite(wallet=wallets[name]) for name in ("vali", "stranger")}
+
+    def prepared(name: str, port: int) -> Simulation:
+        synapse = Simulation(simulation_input=SimulationInput(asset="BTC", start_time=start_time_in(120),
+                                                              time_increment=60, time_length=3600, num_simulations=10))
+        info = bt.AxonInfo(version=0, ip="127.0.0.1", port=port, ip_type=4,
+                           hotkey=wallets["miner"].hotkey.ss58_address, coldkey="")
+        return typing.cast(Simulation, dendrites[name].preprocess_synapse_for_request(info, synapse, 12.0))
+
+    def drop(*names: str) -> "typing.Callable[[dict[str, str]], dict[str, str]]":
+        return lambda h: {k: v for k, v in h.items() if k not in names}
+
+    cases = {  # name: (signer, header edit, status, the guard answers)
+        "stranger": ("stranger", dict, 403, True),
+        "unsigned": ("vali", drop("bt_header_dendrite_signature"), 403, True),
+        "no hotkey": ("vali", drop("bt_header_dendrite_hotkey"), 403, True),
+        "empty signature": ("vali", lambda h: {**h, "bt_header_dendrite_signature": ""}, 403, True),
+        "stranger without nonce": ("stranger", drop("bt_header_dendrite_nonce"), 403, True),
+        "no nonce": ("vali", drop("bt_header_dendrite_nonce"), 401, True),
+        # bittensor reads the validator's hotkey here: its blacklist passes, the signature check fails.
+        "smuggled hotkey": ("stranger", lambda h: {**h, "x-bt_header_dendrite_hotkey": vali_key}, 401, False),
+        "forged": ("vali", lambda h: {**h, "bt_header_dendrite_signature": "0x" + "ab" * 64}, 401, False),
+    }
+    try:
+        await asyncio.sleep(0.5)
+        async with aiohttp.ClientSession() as http:
+            for name, (signer, edit, status, by_guard) in cases.items():
+                seen = []
+                for port in ports:
+                    synapse = prepared(signer, port)
+                    headers = edit({k: str(v) for k, v in synapse.to_headers().items()})
+                    async with http.post(f"http://127.0.0.1:{port}/Simulation", headers=headers,
+                                         json=synapse.model_dump(mode="json")) as reply:
+                        dendrites[signer].process_server_response(reply, await reply.json(), synapse)
+                        signed_by_axon = "bt_header_axon_signature" in reply.headers
+                    assert synapse.dendrite is not None
+                    message = (synapse.dendrite.status_message or "").split(" with ", 2)  # not the nonce it names
+                    seen.append((reply.status, synapse.dendrite.status_code, " with ".join(message[:2]),
+                                 synapse.is_blacklist, synapse.failed_verification))
+                    if port == ports[0]:
+                        assert signed_by_axon != by_guard, (name, "answered by bittensor" if signed_by_axon else
+                                                            "answered by the guard")
+                assert seen[0] == seen[1], name
+                assert seen[0][:2] == (status, status), (name, seen[0])
+        for _, metrics in axons:  # each 403 counted once as refused, whoever refused it
+            assert metrics.registry.get_sample_value("synth_requests_total", {
+                "asset": "-", "prompt": "-", "outcome": "refused"}) == 5
+        honest = Validator(wallets["vali"], wallets["miner"].hotkey.ss58_address, ports[0])
+        try:
+            answer, _ = await honest.ask("BTC", 60, 3600, 10, timeout=30)
+        finally:
+            await honest.close()
+        assert_valid_reply(answer)
+        assert [s.counters["requests"] for s in services] == [1, 0]  # the validator's only
+    finally:
+        for dendrite in dendrites.values():
+            await dendrite.aclose_session()
+        for axon, _ in axons:
+            axon.stop()
+        for service in services:
+            await service.pool.close()
 
 
 @pytest.mark.parametrize(("reason", "label"), [
