@@ -42,10 +42,14 @@ class Settings(BaseSettings):
     axon_port: int = Field(8091, ge=1, le=65_535)
     axon_external_ip: str | None = Field(None, description="IP address published on the chain; unset = looked up")
     axon_external_port: int | None = Field(None, ge=1, le=65_535)
-    # A connection must deliver a whole request this soon after it opens (or after its previous reply): a
+    # A connection must deliver a whole request this soon after it opens (or after its next one began): a
     # validator sends its ~1 KB at once, a slowloris never finishes. The wait for the reply is not counted.
     # Also: a peer must read some of a reply queued for it within this time, or it is cut.
     axon_request_timeout_s: float = Field(10.0, gt=0)
+    # How long a connection kept alive after a reply may stay idle before its next request starts. Longer than
+    # clients keep theirs (aiohttp, the dendrite's client: 15 s): closed first by us, a connection the client's
+    # busy loop had not yet seen closed took its next request, which failed unanswered.
+    axon_keep_alive_s: float = Field(20.0, gt=0)
     # Connections holding no request in progress (arriving, or kept alive idle) beyond this many: the one
     # waiting longest is closed. Never more than half the process's file descriptor limit.
     axon_max_waiting_connections: int = Field(512, ge=1)

@@ -419,22 +419,28 @@ class WaitingConnections:
     sockets opened and left silent (or fed a byte now and then) took every descriptor the process had,
     forever, and validators were no longer served.
 
-    Here each must deliver a complete request within ``request_timeout_s`` of opening (or of its previous
-    reply), and when more than ``limit`` wait, the one waiting longest is closed. A validator's connection
-    waits for the milliseconds it takes to send its ~1 KB request; once the request is in, nothing here
-    touches it, however long its answer takes. Used only from uvicorn's event loop.
+    Here each must deliver a complete request within ``request_timeout_s`` of opening, or of the first byte
+    after a reply (a connection kept alive may idle ``keep_alive_s`` before that byte), and when more than
+    ``limit`` wait, the one waiting longest is closed. A validator's connection waits for the milliseconds it
+    takes to send its ~1 KB request; once the request is in, nothing here touches it, however long its answer
+    takes. Used only from uvicorn's event loop.
     """
 
-    def __init__(self, request_timeout_s: float, limit: int) -> None:
+    def __init__(self, request_timeout_s: float, limit: int, keep_alive_s: float | None = None) -> None:
         self.request_timeout_s = request_timeout_s
+        self.keep_alive_s = request_timeout_s if keep_alive_s is None else keep_alive_s
         self.limit = limit
         self.waiting: dict[GuardedH11Protocol, None] = {}  # an ordered set: oldest waiter first
 
-    def watch(self, conn: "GuardedH11Protocol") -> None:
+    def watch(self, conn: "GuardedH11Protocol", idle: bool = False) -> None:
+        """``idle``: kept alive after a reply, nothing of the next request received yet."""
         if conn in self.waiting:
-            return
+            if idle or not conn.idle:
+                return
+            self.forget(conn)  # the next request has begun: it has the request timeout from now
         self.waiting[conn] = None
-        conn.deadline = conn.loop.call_later(self.request_timeout_s, conn.drop)
+        conn.idle = idle
+        conn.deadline = conn.loop.call_later(self.keep_alive_s if idle else self.request_timeout_s, conn.drop)
         while len(self.waiting) > self.limit:
             next(iter(self.waiting)).drop()
 
@@ -451,6 +457,7 @@ class GuardedH11Protocol(H11Protocol):
 
     waiting: WaitingConnections  # set on the subclass guarded_protocol() makes, one per axon
     deadline: asyncio.TimerHandle | None = None
+    idle = False  # waiting kept alive after a reply, with nothing of the next request received (WaitingConnections)
     stalled: asyncio.TimerHandle | None = None  # the next check that the peer reads what is queued
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -463,7 +470,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        self.track()
+        self.track(idle=True)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.waiting.forget(self)
@@ -480,10 +487,10 @@ class GuardedH11Protocol(H11Protocol):
         super().timeout_keep_alive_handler()
         self.watch_writes()
 
-    def track(self) -> None:
+    def track(self, idle: bool = False) -> None:
         """Waiting unless a whole request is in (the app runs, or its reply is under way) or it is closing."""
         if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
-            self.waiting.watch(self)
+            self.waiting.watch(self, idle)
         else:
             self.waiting.forget(self)
 
@@ -518,8 +525,9 @@ class GuardedH11Protocol(H11Protocol):
             self.watch_writes()
 
 
-def guarded_protocol(request_timeout_s: float, limit: int) -> type[GuardedH11Protocol]:
-    return type("AxonH11Protocol", (GuardedH11Protocol,), {"waiting": WaitingConnections(request_timeout_s, limit)})
+def guarded_protocol(request_timeout_s: float, limit: int, keep_alive_s: float | None = None) -> type[GuardedH11Protocol]:
+    waiting = WaitingConnections(request_timeout_s, limit, keep_alive_s)
+    return type("AxonH11Protocol", (GuardedH11Protocol,), {"waiting": waiting})
 
 
 def waiting_limit(configured: int) -> int:
@@ -535,7 +543,10 @@ def build_axon(settings: Settings, wallet: "bt.Wallet", handlers: AxonHandlers) 
                    external_port=settings.axon_external_port or settings.axon_port)
     axon.fast_server.config.host = settings.axon_host  # bittensor hard-codes 0.0.0.0
     axon.fast_server.config.http = guarded_protocol(settings.axon_request_timeout_s,
-                                                    waiting_limit(settings.axon_max_waiting_connections))
+                                                    waiting_limit(settings.axon_max_waiting_connections),
+                                                    settings.axon_keep_alive_s)
+    # uvicorn's own idle close (5 s by default) would still come before the clients' (aiohttp: 15 s)
+    axon.fast_server.config.timeout_keep_alive = math.ceil(settings.axon_keep_alive_s)
     axon.attach(forward_fn=handlers.forward_fn, blacklist_fn=handlers.blacklist_fn,
                 priority_fn=handlers.priority_fn)
     serve_only(axon, Simulation.__name__)

@@ -33,6 +33,7 @@ from miner.axon_server import (
     AxonHandlers,
     RefusalLines,
     RequestGuard,
+    WaitingConnections,
     build_axon,
     caller_fields,
     provenance,
@@ -390,7 +391,8 @@ def start_small_miner(tmp: Path, shared_data: Path, env: dict[str, str] | None =
 
 @pytest.fixture
 def held(tmp_path: Path, shared_data: Path) -> Iterator[tuple[Proc, Validator]]:
-    proc, validator = start_small_miner(tmp_path, shared_data, {"SYNTH_AXON_REQUEST_TIMEOUT_S": "3"})
+    proc, validator = start_small_miner(tmp_path, shared_data, {"SYNTH_AXON_REQUEST_TIMEOUT_S": "3",
+                                                                "SYNTH_AXON_KEEP_ALIVE_S": "3"})
     try:
         yield proc, validator
     finally:
@@ -426,7 +428,7 @@ async def test_held_connections_cannot_take_the_validators_place(held: tuple[Pro
     as the attacker held them. Now the longest-waiting ones are closed past half the descriptor limit,
     and every one that has not sent a whole request within the request timeout."""
     proc, validator = held
-    kinds = ("silent", "slowloris", "slow body")  # (uvicorn closes idle keep-alive ones itself, after 5 s)
+    kinds = ("silent", "slowloris", "slow body")  # (idle kept-alive ones close after SYNTH_AXON_KEEP_ALIVE_S)
     socks = [hostile(validator.port, kinds[i % len(kinds)]) for i in range(MINER_NOFILE + 64)]
     stop = threading.Event()
 
@@ -460,6 +462,58 @@ async def test_held_connections_cannot_take_the_validators_place(held: tuple[Pro
             sock.close()
         await validator.close()
     assert proc.proc.poll() is None
+
+
+class Waiter:
+    """What WaitingConnections keeps of a connection: its loop, its timer, and how it is dropped."""
+
+    idle = False
+    deadline: asyncio.TimerHandle | None = None
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, waiting: WaitingConnections) -> None:
+        self.loop, self.waiting, self.dropped_at = loop, waiting, None
+        self.began = loop.time()
+
+    def drop(self) -> None:
+        self.waiting.forget(self)  # type: ignore[arg-type]
+        self.dropped_at = self.loop.time() - self.began
+
+
+async def test_a_kept_alive_connection_idles_longer_but_its_next_request_has_the_request_timeout() -> None:
+    """Idle after a reply: keep_alive_s. Once a byte of the next request is in, that request must be whole
+    within request_timeout_s of it, as on a new connection (a slowloris gains nothing by asking once first)."""
+    loop = asyncio.get_running_loop()
+    waiting = WaitingConnections(request_timeout_s=0.3, limit=10, keep_alive_s=1.5)
+    fresh, kept, resumed = (Waiter(loop, waiting) for _ in range(3))
+    waiting.watch(fresh)  # type: ignore[arg-type]
+    waiting.watch(kept, idle=True)  # type: ignore[arg-type]
+    waiting.watch(resumed, idle=True)  # type: ignore[arg-type]
+    await asyncio.sleep(0.1)
+    waiting.watch(resumed)  # type: ignore[arg-type]  # the first bytes of its next request
+    waiting.watch(resumed)  # type: ignore[arg-type]  # more of them: the timer is not re-armed
+    await asyncio.sleep(2.0)
+    # Timers never fire early; a loaded host only makes them late, and the windows are a second apart.
+    assert fresh.dropped_at is not None and 0.28 <= fresh.dropped_at < 1.2
+    assert resumed.dropped_at is not None and 0.38 <= resumed.dropped_at < 1.3  # 0.1 idle, then 0.3 for the request
+    assert kept.dropped_at is not None and kept.dropped_at >= 1.48
+    assert not waiting.waiting
+
+
+async def test_a_validator_whose_loop_was_busy_reuses_its_kept_alive_connection(tmp_path: Path,
+                                                                                 shared_data: Path) -> None:
+    """The dendrite's client (aiohttp) keeps an idle connection 15 s; uvicorn closed it after 5 s. A validator
+    whose event loop was busy meanwhile (scoring other miners' replies) had not seen the close, sent its next
+    request on the dead socket and got "Server disconnected" with no answer (the chaos soak's one miss).
+    Kept alive SYNTH_AXON_KEEP_ALIVE_S (20 s) now: the client gives its connection up first."""
+    proc, validator = start_small_miner(tmp_path, shared_data)
+    try:
+        for _ in range(2):
+            reply, _ = await validator.ask("BTC", 60, 3_600, 100, timeout=15)
+            assert_valid_reply(reply)
+            time.sleep(7)  # the loop busy, not awaiting: the axon's close could not be seen before the next ask
+    finally:
+        await validator.close()
+        proc.stop()
 
 
 async def test_the_miner_signs_without_reading_its_key_file_again(tmp_path: Path, shared_data: Path) -> None:
@@ -503,7 +557,8 @@ async def test_a_client_that_never_reads_its_reply_is_cut(held: tuple[Proc, Vali
     """A client that asks and never reads (or reads a byte now and then): its reply waited in the miner's
     buffer forever, and neither the request timeout nor the waiting-connection limit touched it, so such
     connections each held a descriptor (and the reply's megabytes) for good; pipelined refusals fill one
-    the same way. Now a peer that reads nothing of a queued reply for the request timeout (3 s here) is cut.
+    the same way. Now a peer that reads nothing of a queued reply for the request timeout (3 s here) is cut,
+    and one whose whole reply the kernel's buffers took is closed as idle after the keep-alive (3 s here).
     A validator reading normally meanwhile gets its answers."""
     proc, validator = held
     assert_valid_reply((await validator.ask("ETH", 60, 3_600, 100, timeout=15))[0])  # its connection, kept alive
