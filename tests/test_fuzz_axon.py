@@ -12,7 +12,6 @@ import asyncio
 import base64
 import http.client
 import json
-import os
 import re
 import socket
 import time
@@ -536,11 +535,6 @@ async def test_still_serving_after_the_fuzzing(miners: Miners) -> None:
 # --- floods and oversized input, with a validator asking throughout ---------------------------------------
 
 
-def miner_cpu_s(miner: Miner) -> float:
-    fields = Path(f"/proc/{miner.proc.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def refused_flood(port: int, requests: list[bytes], lanes: int) -> dict[int, int]:
     """Sends every request, ``lanes`` keep-alive connections at a time; counts the answers by status."""
     statuses: dict[int, int] = {}
@@ -575,7 +569,6 @@ def raw_request(headers: dict[str, str], body: dict[str, Any]) -> bytes:
 @dataclass
 class Flood:
     statuses: dict[int, int]
-    cpu_per_refusal: float  # seconds of the miner's CPU per refused request (the validator's requests included)
     latencies: list[float]  # the validator's, all valid replies
     log: str  # what the miner logged meanwhile
     answered: int  # forecasts the miner answered meanwhile
@@ -583,7 +576,6 @@ class Flood:
 
 async def flood_while_a_validator_asks(miner: Miner, requests: list[bytes]) -> Flood:
     log_before = miner.proc.text()
-    cpu_before = miner_cpu_s(miner)
     flood = asyncio.create_task(refused_flood(miner.port, requests, lanes=50))
     validator = miner.validator("validator")
     latencies = []
@@ -595,16 +587,15 @@ async def flood_while_a_validator_asks(miner: Miner, requests: list[bytes]) -> F
         statuses = await flood
     finally:
         await validator.close()
-    cpu_per_refusal = (miner_cpu_s(miner) - cpu_before) / len(requests)
     log = miner.proc.text()[len(log_before):]
-    return Flood(statuses, cpu_per_refusal, latencies, log, log.count(" answered "))
+    return Flood(statuses, latencies, log, log.count(" answered "))
 
 
 async def test_a_flood_of_refused_requests_does_no_forecast_and_leaves_the_validator_served(miners: Miners) -> None:
-    """Thousands of unsigned, forged and stranger-signed requests at once. Each refusal cost the miner 4-5 ms
-    of CPU (bittensor rebuilt the synapse's JSON schema for every error reply) and two log lines; it is now
-    ~1 ms and a few lines a minute. None of them gets any forecast work, and the validator asking meanwhile
-    gets valid replies."""
+    """Thousands of unsigned, forged and stranger-signed requests at once: each gets its status and no
+    forecast work, the log gets a few lines a minute (it was two a refusal), and the validator asking
+    meanwhile gets valid replies. The CPU a refusal costs is measured by benchmarks/axon_flood.py (bittensor's
+    schema rebuild per error reply, which made it 4-5 ms, is kept out by tests/test_protocol.py)."""
     miner = miners.fuzzed
     headers, body = signed(miner.validator("validator"))
     forged = {**headers, "bt_header_dendrite_signature": "0x" + "ab" * 64}
@@ -616,14 +607,13 @@ async def test_a_flood_of_refused_requests_does_no_forecast_and_leaves_the_valid
     # Two lines a refusal before (ours, bittensor's ERROR); now a few per kind and minute.
     assert flood.log.count("\n") < len(flood.latencies) + 150
     assert flood.latencies and max(flood.latencies) < 10
-    assert flood.cpu_per_refusal < 0.003, flood.cpu_per_refusal  # 4-5 ms before
 
 
 async def test_strangers_and_unsigned_requests_are_refused_before_bittensor_parses_them(miners: Miners) -> None:
     """A stranger's, an unsigned or a nonce-less request is refused by the RequestGuard from its raw headers,
-    with bittensor's status: before, each cost ~0.9 ms of CPU (our guard parsed the headers and the body, then
-    bittensor parsed the headers again, signed, logged and turned the synapse back into headers), now ~0.3 ms
-    with the validator's own requests included. bittensor's middleware never sees them: it logs no line."""
+    with bittensor's status; bittensor's middleware never sees them: it logs no line. (That the guard's
+    replies carry no axon signature is proven in tests/test_axon_server.py; the CPU each refusal costs is
+    measured by benchmarks/axon_flood.py.)"""
     miner = miners.fuzzed
     stranger, body = signed(miner.validator("stranger"))
     unsigned = {k: v for k, v in stranger.items() if k != "bt_header_dendrite_signature"}
@@ -634,7 +624,6 @@ async def test_strangers_and_unsigned_requests_are_refused_before_bittensor_pars
     assert flood.statuses == {403: 1000, 401: 500}
     assert flood.answered == len(flood.latencies) and flood.latencies and max(flood.latencies) < 10
     assert "BlacklistedException" not in flood.log and "NotVerifiedException" not in flood.log, flood.log[-2000:]
-    assert flood.cpu_per_refusal < 0.0006, flood.cpu_per_refusal  # ~0.9 ms before
 
 
 def test_an_endless_chunked_body_is_refused_and_cut_at_once(miners: Miners) -> None:
