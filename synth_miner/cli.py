@@ -184,7 +184,8 @@ def status(
 
     from rich.console import Console
 
-    from synth_miner.status import collect, exit_code, render
+    from synth_miner.status import collect, exit_code
+    from synth_miner.status_view import render
 
     report = collect(load_settings(redis_url=redis_url))
     if as_json:

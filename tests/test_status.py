@@ -1,5 +1,5 @@
-"""`synth-miner status` rendering: what an operator reads off the table (the collection runs for real in
-test_topology against a live stack)."""
+"""`synth-miner status` (``synth_miner.status`` collects, ``synth_miner.status_view`` renders): what an operator
+reads off the table (the collection runs for real in test_topology against a live stack)."""
 
 import json
 import time
@@ -15,7 +15,8 @@ from core.cache_redis import RedisHistoryCache
 from core.constants import HEARTBEAT_TTL_S, JOB_RUNS_KEPT, JOB_RUNS_KEY, WORKER_HEARTBEAT_KEY
 from core.prices import PriceHistory
 from core.settings import Settings
-from synth_miner.status import collect, exit_code, redacted, render
+from synth_miner.status import collect, exit_code, redacted
+from synth_miner.status_view import render
 from tests.conftest import RedisServer, free_port
 from workers.jobs import record_run
 
@@ -183,7 +184,7 @@ def test_a_stopped_worker_is_flagged_not_listed_as_serving(redis_url: str, tmp_p
 def test_a_calibration_that_published_nothing_shows_why() -> None:
     """The README promises each job's last run with "what it published, or why not": a calibration that
     published nothing used to read only "nothing published", whatever the cause."""
-    from synth_miner.status import job_detail
+    from synth_miner.status_view import job_detail
 
     now = time.time()
     reason = "prices are replayed: the history store is not filled, nothing to calibrate on"
@@ -202,7 +203,7 @@ def test_a_calibration_that_published_nothing_shows_why() -> None:
 
 def test_a_refresh_whose_providers_fail_for_some_assets_says_which() -> None:
     """The refresh runs "ok" while a provider fails for some assets: the table read "ok" and nothing else."""
-    from synth_miner.status import job_detail
+    from synth_miner.status_view import job_detail
 
     run = {"job": "refresh-cache", "slot": 0, "status": "ok", "started": 0.0, "seconds": 68.5,
            "result": {"assets": 14, "failed": {"NVDAX": ["history 60s: TimeoutError"], "AAPLX": ["latest: stale"]}}}
