@@ -23,7 +23,7 @@ from core.csv_history import read_csv, write_csv
 from core.fake_providers import FAULTS_KEY, FakeMarket, FakeProvider, FakeServer, ManualClock, build_app, start_fake
 from core.prices import PriceHistory
 from core.sources.base import PriceSource
-from core.sources.http import HttpConfig
+from core.sources.http import ClockAheadError, HttpConfig
 
 T0 = 1_900_000_030  # not on a minute: the still-open bar must never be returned
 FAST_RETRIES = HttpConfig(timeout_s=2.0, retries=2, backoff_s=0.01, backoff_max_s=0.05)
@@ -109,6 +109,21 @@ def source_fixture(make: Callable[[str, ManualClock], PriceSource]) -> Fixture:
         await src.close()
 
     return source
+
+
+async def latest_from_a_clock_ahead(provider: FakeProvider, make: Callable[[str], PriceSource], csv_dir: Path,
+                                    ahead_s: int, asset: str) -> ClockAheadError:
+    """What ``latest`` raises against a local ``provider`` whose clock runs ``ahead_s`` ahead of ours: the error
+    must say how far its newest bar lies past our clock."""
+    fake = await start_fake(provider, FakeMarket(csv_dir, ManualClock(T0 + ahead_s)))
+    src = make(fake.url)
+    try:
+        with pytest.raises(ClockAheadError, match=r"its newest bar opens \d+ s after our clock") as err:
+            await src.latest(asset)
+    finally:
+        await src.close()
+        await fake.stop()
+    return err.value
 
 
 def redis_cache_fixtures() -> tuple[Fixture, Fixture]:

@@ -5,16 +5,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.fake_providers import FakeMarket, FakeServer, ManualClock, start_fake
+from core.fake_providers import FakeMarket, FakeServer, ManualClock
 from core.sources.binance import PAGE_LIMIT, BinanceSource, _parse_klines
 from core.sources.http import (
-    ClockAheadError,
     MalformedReplyError,
     ProviderHTTPError,
     ProviderUnavailable,
     UnsupportedAssetError,
 )
-from tests.provider_fixtures import FAST_RETRIES, T0, fake_provider_fixtures, source_fixture
+from tests.provider_fixtures import (
+    FAST_RETRIES,
+    T0,
+    fake_provider_fixtures,
+    latest_from_a_clock_ahead,
+    source_fixture,
+)
 
 # Ten days of BTC 1m before the held-out boundary.
 csv_dir, clock, market, server = fake_provider_fixtures("binance", ["btc"], days=10)
@@ -79,15 +84,9 @@ async def test_a_binance_clock_running_ahead_is_named_in_the_latest_error(csv_di
     which reads as a lagging or empty feed, and two minutes ahead (the oldest of its three klines not yet in the
     future) it still said so after the hour-ahead fix; now it says by how much its clock runs ahead (the
     refresh then stores none of its bars)."""
-    fake = await start_fake("binance", FakeMarket(csv_dir, ManualClock(T0 + ahead_s)))
-    src = BinanceSource(fake.url, FAST_RETRIES, clock)
-    try:
-        with pytest.raises(ClockAheadError, match=r"its newest bar opens \d+ s after our clock") as err:
-            await src.latest("BTC")
-    finally:
-        await src.close()
-        await fake.stop()
-    assert ahead_s - 60 < err.value.ahead_s <= ahead_s
+    err = await latest_from_a_clock_ahead("binance", lambda url: BinanceSource(url, FAST_RETRIES, clock), csv_dir, ahead_s,
+                                          "BTC")
+    assert ahead_s - 60 < err.ahead_s <= ahead_s
 
 
 async def test_unknown_assets_and_steps_are_refused(source: BinanceSource) -> None:

@@ -8,17 +8,23 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from core.fake_providers import HYPERLIQUID_MAX_CANDLES, FakeMarket, FakeServer, ManualClock, start_fake
+from core.fake_providers import HYPERLIQUID_MAX_CANDLES, FakeMarket, FakeServer, ManualClock
 from core.sources.http import (
     BadPriceError,
-    ClockAheadError,
     MalformedReplyError,
     PartialHistoryError,
     StalePriceError,
     UnsupportedAssetError,
 )
 from core.sources.hyperliquid import HyperliquidSource, _parse_candles
-from tests.provider_fixtures import FAST_RETRIES, T0, fake_provider_fixtures, rewriting_fake, source_fixture
+from tests.provider_fixtures import (
+    FAST_RETRIES,
+    T0,
+    fake_provider_fixtures,
+    latest_from_a_clock_ahead,
+    rewriting_fake,
+    source_fixture,
+)
 
 # Eight days of XAU 1m before its held-out boundary, ending on a trading minute.
 csv_dir, clock, market, server = fake_provider_fixtures("hyperliquid", ["xau"], days=8)
@@ -63,15 +69,9 @@ async def test_a_hyperliquid_clock_running_ahead_is_refused_with_its_skew(csv_di
     """Before: the latest query asked for candles up to our now only, and a Hyperliquid whose clock ran an hour
     ahead answered the candles it had stamped then, an hour old, taken as fresh. It now asks past now too: the
     candles stamped in the future show the skew, and the reply is refused."""
-    fake = await start_fake("hyperliquid", FakeMarket(csv_dir, ManualClock(T0 + ahead_s)))
-    src = HyperliquidSource(fake.url, FAST_RETRIES, clock)
-    try:
-        with pytest.raises(ClockAheadError, match=r"its newest bar opens \d+ s after our clock") as err:
-            await src.latest("XAU")
-    finally:
-        await src.close()
-        await fake.stop()
-    assert ahead_s - 60 < err.value.ahead_s <= ahead_s
+    err = await latest_from_a_clock_ahead("hyperliquid", lambda url: HyperliquidSource(url, FAST_RETRIES, clock), csv_dir, ahead_s,
+                                          "XAU")
+    assert ahead_s - 60 < err.ahead_s <= ahead_s
 
 
 async def test_latest_without_recent_candles_is_stale(source: HyperliquidSource, server: FakeServer) -> None:
