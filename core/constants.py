@@ -20,6 +20,10 @@ BEAT_LAST_RUN_KEY = KEY_PREFIX + ":beat:last-run"  # job name -> when the leadin
 JOB_SLOT_KEY = KEY_PREFIX + ":job:{name}:{slot}"  # a periodic job's claim on its slot: running (leased) or done
 JOB_ATTEMPTS_KEY = KEY_PREFIX + ":job-attempts:{name}:{slot}"  # claims taken on a slot (runs that started)
 WORKER_HEARTBEAT_KEY = KEY_PREFIX + ":worker:{name}"  # workers announce model version and pid
+# A provider host's Retry-After (429, 5xx, Binance's 418 ban), one key per origin (scheme://host:port): its TTL is
+# the wait left, by Redis's clock, and its value says who was told what (core.sources.holds). Shared, because every
+# process of the fleet calls the same providers from the same IPs.
+HOST_HOLD_KEY = KEY_PREFIX + ":host-hold:{origin}"
 # Tasks a worker discarded unrun, their ``expires`` passed while they waited (queue -> count, never reset):
 # a prefork worker discards them in its parent process, which serves no metrics.
 EXPIRED_TASKS_KEY = KEY_PREFIX + ":tasks:expired"
@@ -46,6 +50,13 @@ PROVIDER_CLOCK_AHEAD_TOLERANCE_S: Final = 60
 # The most a provider reply may hold once decompressed. The largest one asked for (5000 Hyperliquid candles)
 # is under 1 MB; a reply streamed without end, or a gzip bomb, was read whole into memory (GBs a second).
 MAX_REPLY_BYTES: Final = 8 * 1024 * 1024
+# The shared Retry-After holds are looked up before every provider request: a Redis slower than this is taken
+# for down (the holds are then this process's own), and tried again this long after it failed.
+HOST_HOLD_REDIS_TIMEOUT_S: Final = 1.0
+HOST_HOLD_REDIS_RETRY_S: Final = 30.0
+# The longest hold written to Redis (Binance's bans last up to 3 days): an absurd Retry-After (1e300 s) is an
+# expiry Redis refuses, which read as Redis being down.
+HOST_HOLD_MAX_S: Final = 7 * SECONDS_PER_DAY
 
 # --- Result transport --------------------------------------------------------------------------------
 RESULT_DTYPE: Final = "<f4"  # float32 little-endian paths on the wire between worker and miner

@@ -220,6 +220,9 @@ async def _refresh_steps(asset: str, steps: Sequence[int], windows: Mapping[int,
                              f"{_past_now(held.publish_time, now)} s after our clock")
     latest: LatestPrice | None = None
     clock_ahead = False
+    # A Retry-After on ``latest`` holds this run's history back too where it comes from the same host: the host
+    # asked for no requests, not for fewer of one kind (Binance weighs and bans per IP, every endpoint alike).
+    # Pyth's history comes from another host (Benchmarks) and is still fetched.
     try:
         latest = await source.latest(asset)
         _check_clock(latest.publish_time, now, "its latest price is published")
@@ -414,7 +417,9 @@ def _owed_to_store(asset: str, step: int, lo: int, cache: HistoryCache, store: H
 
 async def refresh_assets(assets: Sequence[str], settings: Settings, cache: HistoryCache,
                          store: HistoryStore | None, now: int | None = None) -> list[RefreshReport]:
-    """Refresh several assets concurrently with sources built from settings (closed at the end)."""
+    """Refresh several assets concurrently with sources built from settings (closed at the end). With a Redis in
+    the settings their Retry-After holds are the fleet's (core.sources.holds): another process's 429 or ban keeps
+    these sources off that host too."""
     sources = sources_for(settings)
     try:
         async def one(asset: str) -> RefreshReport:

@@ -34,6 +34,7 @@ from core.price_checks import screen_bars
 from core.prices import PriceDataError, PriceHistory
 from core.settings import Settings
 from core.sources.base import PriceSource, ProviderError
+from core.sources.holds import host_holds
 from core.sources.http import ClockAheadError, PartialHistoryError
 from core.sources.registry import PROVIDERS, build_source
 from core.store_sources import Stretch
@@ -166,8 +167,10 @@ class SyncReport:
 async def _sync(asset: str, provider: str, settings: Settings, store: HistoryStore, start: int, end: int,
                 step: int, chunk: int) -> SyncReport:
     """Fetch chunk by chunk, screened like the refresh job's bars (core.price_checks): a provider's lone
-    x100 print would otherwise reach the store, then the cache, training and an anchor."""
-    source = build_source(provider, settings)
+    x100 print would otherwise reach the store, then the cache, training and an anchor. A fleet's Retry-After
+    holds (SYNTH_REDIS_URL) bind it too: it calls the providers from the same IP."""
+    holds = host_holds(settings.redis_url)
+    source = build_source(provider, settings, holds=holds)
     report = SyncReport()
     try:  # the reference for the first chunk's first bar; without it the chunk's own median is
         before = await asyncio.to_thread(store.read, asset, step, start - SECONDS_PER_DAY, start)
@@ -208,6 +211,7 @@ async def _sync(asset: str, provider: str, settings: Settings, store: HistorySto
                 return report
     finally:
         await source.close()
+        holds.close()
     report.held_back = len(pending)
     return report
 

@@ -1,9 +1,10 @@
-"""`synth-miner status`: the fleet at a glance (workers, queues, artifact version, calibration, cache)."""
+"""`synth-miner status`: the fleet at a glance (workers, queues, artifacts, calibration, cache, provider holds)."""
 
 import json
 import math
 import re
 import time
+from dataclasses import asdict
 from typing import Any
 
 import redis
@@ -19,6 +20,7 @@ from core.constants import (
 )
 from core.heartbeats import HEARTBEAT_PATTERN, Reading, key_age, live_readers, parse_heartbeat, queues_of
 from core.settings import Settings, redis_url_problem
+from core.sources.holds import read_holds
 
 JOBS_SHOWN = 20  # the newest runs listed; the last calibration is looked for in every kept run
 DEAD_LISTED = 10  # silent workers named one by one; a fleet restarted over and over leaves hundreds for a minute
@@ -69,7 +71,7 @@ def collect(settings: Settings) -> dict[str, Any]:
     now = time.time()
     report: dict[str, Any] = {"redis_url": redacted(settings.redis_url), "artifact_version": None, "workers": [],
                               "queues": {}, "expired": {}, "jobs": [], "last_runs": {}, "last_calibration": None, "cache": {},
-                              "errors": [], "unread_queues": [], "inference_queues": []}
+                              "provider_holds": [], "errors": [], "unread_queues": [], "inference_queues": []}
     try:
         from core.artifacts import current_version
 
@@ -127,6 +129,10 @@ def collect(settings: Settings) -> dict[str, Any]:
                     break
             else:
                 report["cache"][asset] = None
+        # Hosts that asked the fleet, with a Retry-After, to send nothing for a while (Binance: 418 = IP banned).
+        holds, unreadable = read_holds(client, SCAN_COUNT)
+        report["provider_holds"] = [asdict(hold) for hold in holds]
+        report["errors"].extend(unreadable)
     except (redis.AuthenticationError, redis.AuthenticationWrongNumberOfArgsError) as exc:
         report["errors"].append(f"redis: {exc} (check the password in SYNTH_REDIS_URL)")
     except redis.RedisError as exc:

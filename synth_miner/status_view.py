@@ -61,6 +61,24 @@ def job_detail(run: dict[str, Any]) -> str:
     return ""
 
 
+def render_holds(holds: list[dict[str, Any]], console: Console) -> None:
+    """The provider hosts the fleet sends nothing to until their Retry-After lapses (a 418 is Binance's IP ban)."""
+    if not holds:
+        console.print("[bold]provider holds (Retry-After)[/]: none")
+        return
+    table = Table(title="provider holds (Retry-After): no request is sent to these hosts until they lapse")
+    for col in ("host", "client", "answered", "asked", "left"):
+        table.add_column(col)
+    for hold in holds:
+        status = hold.get("status")
+        asked, left = finite(hold.get("asked_s")), finite(hold.get("left_s"))
+        table.add_row(*(escape(str(cell)) for cell in (
+            hold.get("origin", "?"), hold.get("by") or "?",
+            "?" if status is None else f"HTTP {status}" + (" (IP banned)" if status == 418 else ""),
+            "?" if asked is None else f"{asked:.0f}s", "?" if left is None else f"{left:.0f}s")))
+    console.print(table)
+
+
 def render(report: dict[str, Any], console: Console) -> None:
     published = report["artifact_version"] or "none published (workers serve the committed checkpoints in models/)"
     console.print(f"[bold]artifact version[/]: {published}")
@@ -119,6 +137,7 @@ def render(report: dict[str, Any], console: Console) -> None:
             cache.add_row(asset, f"{span['step']}s", time.strftime("%Y-%m-%d %H:%M", time.gmtime(span["first"])),
                           time.strftime("%Y-%m-%d %H:%M", time.gmtime(span["last"])), f"[{color}]{age(fresh)}[/]")
     console.print(cache)
+    render_holds(report.get("provider_holds") or [], console)
     for error in report["errors"]:
         console.print(f"[red]! {escape(error)}[/]")
     code = exit_code(report)

@@ -53,9 +53,9 @@ def _no_internet() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def _no_retry_after_holds() -> Iterator[None]:
-    """Retry-After holds are process-wide (core.sources.http): one test's 429 must not silence the next test's
-    server should it get the same loopback port."""
-    from core.sources.http import HOST_HOLDS
+    """Retry-After holds are process-wide (core.sources.holds): one test's 429 must not silence the next test's
+    server should it get the same loopback port. Shared ones live in the test's Redis, emptied per test."""
+    from core.sources.holds import HOST_HOLDS
 
     HOST_HOLDS.clear()
     yield

@@ -18,7 +18,7 @@ from core.cache import MemoryHistoryCache
 from core.cache_redis import RedisHistoryCache
 from core.constants import BAR_CLOSE_GRACE_S, CACHE_SOURCE_KEY, LATEST_PRICE_KEY, SECONDS_PER_DAY
 from core.csv_history import write_csv
-from core.fake_providers import FakeMarket, FakeServer, FakeServerThread, ManualClock, start_fake
+from core.fake_providers import FakeMarket, FakeServer, FakeServerThread, Faults, ManualClock, start_fake
 from core.history_store import HistoryStore, compact
 from core.market_data import build_snapshot
 from core.prices import LatestPrice, PriceHistory
@@ -618,6 +618,30 @@ async def test_a_retry_after_is_honoured_by_the_next_refresh_run_too(server: Fak
         [report] = await refresh_assets(["BTC"], settings, MemoryHistoryCache(), None, now=now)
         assert not report.ok and all("Retry-After" in error for error in report.errors), report.errors
     assert server.faults.requests == 1
+
+
+async def test_a_retry_after_on_latest_holds_back_the_history_from_that_host_only(
+        source: BinanceSource, server: FakeServer, settings: Settings, market: FakeMarket,
+        clock: ManualClock) -> None:
+    """The refresh asks for the latest price first. Binance's answer to it, 429 with a Retry-After, is for every
+    request from this IP (its limits and bans are per IP, across endpoints): the history is not asked for either.
+    Pyth's latest price comes from Hermes, its history from Benchmarks: a hold on the one leaves the other be."""
+    server.faults.set(status=429, status_count=1, retry_after_s=300.0)
+    report = await refresh_asset("BTC", source, MemoryHistoryCache(), None, settings, now=T0)
+    assert server.faults.requests == 1
+    assert any(e.startswith("history 60s") and "asked for no requests" in e for e in report.errors), report.errors
+
+    hermes = await start_fake("pyth", market, faults=Faults(status=429, retry_after_s=300.0))
+    benchmarks = await start_fake("pyth", market)
+    pyth = PythSource(benchmarks.url, hermes.url, HttpConfig.from_settings(settings), clock)
+    try:
+        held = await refresh_asset("BTC", pyth, MemoryHistoryCache(), None, settings, now=T0)
+    finally:
+        await pyth.close()
+        await hermes.stop()
+        await benchmarks.stop()
+    assert held.latest is None and [e.split(":")[0] for e in held.errors] == ["latest"], held.errors
+    assert hermes.faults.requests == 1 and held.steps[0].fetched > 0 and benchmarks.faults.requests > 0
 
 
 async def test_a_provider_keeping_days_of_minutes_also_fills_the_24h_window_at_5_minutes(

@@ -1,6 +1,7 @@
 """`synth-miner status` (``synth_miner.status`` collects, ``synth_miner.status_view`` renders): what an operator
 reads off the table (the collection runs for real in test_topology against a live stack)."""
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from core.cache_redis import RedisHistoryCache
 from core.constants import HEARTBEAT_TTL_S, JOB_RUNS_KEPT, JOB_RUNS_KEY, WORKER_HEARTBEAT_KEY
 from core.prices import PriceHistory
 from core.settings import Settings
+from core.sources.holds import LocalHostHolds, RedisHostHolds, hold_key
 from synth_miner.status import collect, exit_code, redacted
 from synth_miner.status_view import render
 from tests.conftest import RedisServer, free_port
@@ -155,8 +157,8 @@ def test_status_without_a_redis_url_exits_1(tmp_path: Path, monkeypatch: pytest.
     assert result.exit_code == 1 and "SYNTH_REDIS_URL is not set" in result.output, result.output
     # The same keys whether Redis was read or not: a dashboard reading --json finds each one.
     assert set(json.loads(result.output)) == {"redis_url", "artifact_version", "workers", "queues", "expired", "jobs",
-                                              "last_runs", "last_calibration", "cache", "errors", "unread_queues",
-                                              "inference_queues"}
+                                              "last_runs", "last_calibration", "cache", "provider_holds", "errors",
+                                              "unread_queues", "inference_queues"}
 
 
 def test_a_stopped_worker_is_flagged_not_listed_as_serving(redis_url: str, tmp_path: Path) -> None:
@@ -209,6 +211,34 @@ def test_a_refresh_whose_providers_fail_for_some_assets_says_which() -> None:
            "result": {"assets": 14, "failed": {"NVDAX": ["history 60s: TimeoutError"], "AAPLX": ["latest: stale"]}}}
     assert job_detail(run) == "2 of 14 assets not refreshed: AAPLX, NVDAX"
     assert job_detail({**run, "result": {"assets": 14, "failed": {}}}) == ""
+
+
+def test_status_shows_the_provider_hosts_that_asked_the_fleet_to_wait(redis_url: str, tmp_path: Path) -> None:
+    """A Retry-After one process heard holds the whole fleet off that host: the operator sees which host, who was
+    told, how long it asked for and how long is left (418: Binance banned the IP). A hold key holding something
+    else is named, not a crash."""
+    client = redis.Redis.from_url(redis_url)
+    binance, hermes = "https://api.binance.com:443", "https://hermes.pyth.network:443"
+    asyncio.run(RedisHostHolds(client, LocalHostHolds({})).hold(binance, 120.0, 418, "binance"))
+    client.set(hold_key(hermes), b"garbage", px=60_000)
+    report = collect(Settings(_env_file=None, redis_url=redis_url, artifacts_dir=tmp_path))
+    [hold] = report["provider_holds"]
+    assert {k: hold[k] for k in ("origin", "by", "status", "asked_s")} == {
+        "origin": binance, "by": "binance", "status": 418, "asked_s": 120.0}
+    assert 110 < hold["left_s"] <= 120
+    assert [e for e in report["errors"] if "host-hold" in e] == [
+        f"{hold_key(hermes)} is no Retry-After hold (its value b'garbage' is no hold): ignored"]
+    json.dumps(report)  # what --json prints
+    console = Console(record=True, width=200)
+    render(report, console)
+    row = next(x for x in console.export_text().splitlines() if binance in x)
+    assert "binance" in row and "HTTP 418 (IP banned)" in row and "120s" in row, row
+
+    client.delete(hold_key(binance), hold_key(hermes))
+    console = Console(record=True, width=200)
+    render(collect(Settings(_env_file=None, redis_url=redis_url, artifacts_dir=tmp_path)), console)
+    assert "provider holds (Retry-After): none" in console.export_text()
+    client.close()
 
 
 def announce(client: "redis.Redis", name: str, queues: str, at: float | None = None, written_s_ago: float = 0) -> None:

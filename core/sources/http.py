@@ -27,6 +27,7 @@ from core.constants import BAR_CLOSE_GRACE_S, MAX_REPLY_BYTES, PROVIDER_CLOCK_AH
 from core.prices import MAX_EPOCH_S, LatestPrice, PriceDataError, PriceHistory
 from core.settings import Settings
 from core.sources.base import ProviderError
+from core.sources.holds import HostHolds, LocalHostHolds
 
 log = logging.getLogger(__name__)
 
@@ -131,24 +132,19 @@ class _LoopState:
     limits: dict[str, asyncio.Semaphore] = field(default_factory=dict)
 
 
-# origin -> monotonic time before which it asked (Retry-After) not to be called again. Kept across calls,
-# event loops and clients: a refresh's ``latest`` right after its failed ``history``, another asset's page,
-# or the next run of the refresh job (which builds new clients every minute) would otherwise hit a host that
-# just answered 429 or 418 (Binance bans such IPs, longer for each repeat). The wait is asked of this address,
-# not of one client.
-HOST_HOLDS: dict[str, float] = {}
-
-
 class HttpClient:
     """JSON over HTTP with per-call timeouts, jittered exponential backoff, a per-host limit, and a per-host
-    hold while a server's Retry-After runs (every later call waits it out or is refused, not only the retry)."""
+    hold while a server's Retry-After runs (every later call waits it out or is refused, not only the retry).
 
-    def __init__(self, name: str, config: HttpConfig, rng: random.Random | None = None) -> None:
+    The holds are this process's unless ``holds`` shares them (``RedisHostHolds``: the whole fleet's)."""
+
+    def __init__(self, name: str, config: HttpConfig, rng: random.Random | None = None,
+                 holds: HostHolds | None = None) -> None:
         self.name = name
         self.config = config
         self._rng = rng or random.Random()
         self._state: _LoopState | None = None
-        self._held_until = HOST_HOLDS
+        self.holds = holds or LocalHostHolds()
 
     def _current(self) -> _LoopState:
         loop = asyncio.get_running_loop()
@@ -174,19 +170,16 @@ class HttpClient:
         delay = self._rng.uniform(0, cap)
         return delay if retry_after is None else max(delay, retry_after)
 
-    def _hold(self, origin: str, retry_after: float) -> None:
-        until = time.monotonic() + retry_after
-        if until > self._held_until.get(origin, 0.0):
-            self._held_until[origin] = until
-
     async def _wait_for_host(self, origin: str, what: str) -> None:
-        """Sleep out what is left of a host's Retry-After; refuse at once when that is beyond ``backoff_max_s``."""
-        left = self._held_until.get(origin, 0.0) - time.monotonic()
-        if left > self.config.backoff_max_s:
-            raise ProviderUnavailable(f"{self.name}: {what} not sent: the host asked for no requests for "
-                                      f"{left:.0f} s more (Retry-After), beyond the {self.config.backoff_max_s:g} s "
-                                      f"we may wait")
-        if left > 0:
+        """Sleep out what is left of a host's Retry-After; refuse at once when that is beyond ``backoff_max_s``.
+
+        Looked up again after each sleep: meanwhile another request, or another process, may have been told to
+        wait longer (a 418 ban after a short 429)."""
+        while (left := await self.holds.left(origin)) > 0:
+            if left > self.config.backoff_max_s:
+                raise ProviderUnavailable(f"{self.name}: {what} not sent: the host asked for no requests for "
+                                          f"{left:.0f} s more (Retry-After), beyond the "
+                                          f"{self.config.backoff_max_s:g} s we may wait")
             await asyncio.sleep(left)
 
     async def get_json(self, url: str, params: Sequence[tuple[str, str]]) -> Any:
@@ -219,7 +212,7 @@ class HttpClient:
                         retry_after = _retry_after(resp.headers.get("Retry-After"))
                         location = resp.headers.get("Location")
                 if retry_after is not None and status >= 400:  # 429, 5xx, Binance's 418 ban
-                    self._hold(origin, retry_after)
+                    await self.holds.hold(origin, retry_after, status, self.name)
             except TimeoutError:
                 failure = ProviderTimeout(f"{self.name}: {method} {url} timed out after {self.config.timeout_s} s "
                                           f"({attempt + 1} attempts)")
