@@ -39,9 +39,11 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(None, description="Redis for the Celery pool; unset = embedded mode")
     local: bool = Field(False, description="no chain: static metagraph, no registration")
     axon_host: str = "0.0.0.0"
-    axon_port: int = Field(8091, ge=1, le=65_535)
+    # bittensor's Axon asserts 1024 < port < 65535 (both ports) as it is built: outside that, the start ended on
+    # an AssertionError traceback after the models had loaded.
+    axon_port: int = Field(8091, gt=1024, lt=65_535)
     axon_external_ip: str | None = Field(None, description="IP address published on the chain; unset = looked up")
-    axon_external_port: int | None = Field(None, ge=1, le=65_535)
+    axon_external_port: int | None = Field(None, gt=1024, lt=65_535)
     # A connection must deliver a whole request this soon after it opens (or after its next one began): a
     # validator sends its ~1 KB at once, a slowloris never finishes. The wait for the reply is not counted.
     # Also: a peer must read some of a reply queued for it within this time, or it is cut.

@@ -4,6 +4,7 @@
 error, exit 2, when it names the option at fault) instead of a traceback.
 """
 
+import logging
 import os
 import socket
 import sys
@@ -17,6 +18,8 @@ from core.csv_history import STEP_SUFFIX, find_file
 from core.logs import reason
 from core.settings import Settings
 from miner.access import MetagraphView
+
+log = logging.getLogger(__name__)
 
 
 class StartupError(RuntimeError):
@@ -32,13 +35,18 @@ def check_replay(settings: Settings) -> None:
     answered "no price" while the miner looks healthy."""
     replayed = sorted(a for a in ASSETS if settings.provider_for(a) == "replay")
     if not replayed:
+        if settings.replay_dir is not None:  # e.g. the workers' .env line: offline prices asked for, live ones read
+            log.warning("SYNTH_REPLAY_DIR %s is not replayed: no asset's price provider is 'replay' "
+                        "(SYNTH_PRICE_PROVIDER=%s); pass --replay-dir or set SYNTH_PRICE_PROVIDER=replay to replay it",
+                        settings.replay_dir, settings.price_provider)
         return
     option = "--replay-dir / SYNTH_REPLAY_DIR"
     folder = settings.replay_dir
     if folder is None:
         raise StartupError("price provider 'replay' needs a folder of price CSVs", option)
     if not folder.is_dir():
-        raise StartupError(f"replay folder {folder} does not exist", option)
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise StartupError(f"replay folder {folder} {what}", option)
     if not any(find_file(folder, asset, step) for asset in replayed for step in STEP_SUFFIX):
         example = spec_for_any("BTC" if "BTC" in replayed else replayed[0]).file_stems[0]
         raise StartupError(f"replay folder {folder} holds no price file for any replayed asset "

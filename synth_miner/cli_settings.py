@@ -16,8 +16,17 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**given)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(f"{variable(e['loc'])}: {e['msg']}" for e in exc.errors())
         raise typer.BadParameter(problems) from None
     except SettingsError as exc:  # a list or dict setting (SYNTH_ALLOWED_HOTKEYS...) that is not JSON
         raise typer.BadParameter(f"{exc}: list and dict settings are JSON, e.g. "
                                  '["5F..."] or {"XAU": "pyth"}') from None
+
+
+def variable(loc: tuple[int | str, ...]) -> str:
+    """The name an operator sets (SYNTH_AXON_PORT, as the flags' help names it), not the field's: "axon_port"
+    matched neither the environment, the .env file nor the flag."""
+    if not loc:
+        return "settings"
+    head, *rest = (str(part) for part in loc)
+    return ".".join([f"SYNTH_{head.upper()}", *rest])

@@ -178,17 +178,42 @@ def test_a_metagraph_file_must_hold_a_list(tmp_path: Path) -> None:
     assert MetagraphView.from_file(path).get("5vali") is not None
 
 
-@pytest.mark.parametrize("folder", ["missing", "empty"])
+@pytest.mark.parametrize("folder", ["missing", "empty", "file"])
 def test_replay_folder_without_prices_is_refused(tmp_path: Path, folder: str) -> None:
     path = tmp_path / folder
     if folder == "empty":
         path.mkdir()
         (path / "notes.txt").write_text("no prices here")
+    if folder == "file":  # a price file given for the folder holding it: it exists, so "does not exist" misled
+        path.write_text("timestamp,close\n")
     code, text = run_serve(tmp_path, "--local", "--replay-dir", str(path))
     assert code == 2, text
     assert_short(text)
-    expected = "does not exist" if folder == "missing" else "holds no price file for any replayed asset"
+    expected = {"missing": "does not exist", "empty": "holds no price file for any replayed asset",
+                "file": "is a file, not a folder"}[folder]
     assert f"Invalid value for --replay-dir / SYNTH_REPLAY_DIR: replay folder {path} {expected}" in flat(text), text
+
+
+def test_a_replay_folder_no_asset_reads_is_said_at_start(tmp_path: Path) -> None:
+    """SYNTH_REPLAY_DIR alone (the variable the README gives the workers) leaves the provider 'auto': the miner
+    read live prices while the operator believed it offline. The start says so (then stops here on the missing
+    metagraph file, which comes after the replay check)."""
+    code, text = run_serve(tmp_path, "--local", "--metagraph-file", str(tmp_path / "missing.json"),
+                           env={"SYNTH_REPLAY_DIR": str(tmp_path)})
+    assert code == 2, text
+    assert f"SYNTH_REPLAY_DIR {tmp_path} is not replayed: no asset's price provider is 'replay' " \
+           "(SYNTH_PRICE_PROVIDER=auto)" in flat(text), text
+
+
+@pytest.mark.parametrize("port", ["1024", "65535"])
+def test_a_port_bittensor_refuses_is_a_usage_error(tmp_path: Path, port: str) -> None:
+    """bittensor's Axon asserts 1024 < port < 65535 once the models are loaded: --port 80 ended on an
+    AssertionError traceback and an "Exception ignored" one from the half-built axon."""
+    code, text = run_serve(tmp_path, "--local", "--port", port)
+    assert code == 2, text
+    assert_short(text)
+    bound = "greater than 1024" if port == "1024" else "less than 65535"
+    assert f"SYNTH_AXON_PORT: Input should be {bound}" in flat(text), text
 
 
 def test_unexpected_error_is_one_line_and_non_zero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -40,7 +40,27 @@ def test_log_level_is_case_insensitive() -> None:
 def test_cli_turns_a_bad_setting_into_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SYNTH_ENGINE", "bogus")
     result = CliRunner().invoke(app, ["status"])
-    assert result.exit_code == 2 and "engine" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    # The variable the operator sets, not the field name ("engine: ..." matched neither it nor a flag).
+    assert "SYNTH_ENGINE: Input should be 'patchtst', 'ewma_t' or 'gbm'" in " ".join(result.output.split()), \
+        result.output
+
+
+def test_a_bad_flag_names_the_variable_its_help_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """retrain --gate-days 1 read "retrain_gate_days: ..."; its help names SYNTH_RETRAIN_GATE_DAYS."""
+    monkeypatch.delenv("SYNTH_RETRAIN_GATE_DAYS", raising=False)
+    result = CliRunner().invoke(app, ["retrain", "--gate-days", "1"])
+    text = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and "SYNTH_RETRAIN_GATE_DAYS: Input should be greater than 1.05" in text, text
+
+
+@pytest.mark.parametrize("port", [80, 1024, 65_535])
+def test_ports_bittensors_axon_refuses_are_refused_here(port: int) -> None:
+    """bittensor's Axon asserts 1024 < port < 65535 (the external port too), after the models have loaded."""
+    for field in ("axon_port", "axon_external_port"):
+        with pytest.raises(ValidationError):
+            Settings(_env_file=None, **{field: port})  # type: ignore[arg-type]
+    assert Settings(_env_file=None, axon_port=1025, axon_external_port=65_534).axon_port == 1025  # type: ignore[call-arg]
 
 
 def test_workers_and_beat_need_a_redis_url(monkeypatch: pytest.MonkeyPatch) -> None:
