@@ -488,7 +488,7 @@ def test_a_bad_redis_url_or_port_is_a_usage_error_not_a_traceback(csv_dir: Path,
 def test_a_bad_setting_in_the_environment_is_a_usage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SYNTH_RATE_LIMIT_PER_MINUTE", "abc")
     result = runner.invoke(app, ["status", "--data-dir", str(tmp_path)])
-    assert result.exit_code == 2 and "rate_limit_per_minute" in one_line(result.output), result.output
+    assert result.exit_code == 2 and "SYNTH_RATE_LIMIT_PER_MINUTE" in one_line(result.output), result.output
 
 
 def test_an_unreadable_csv_folder_is_one_line_not_a_traceback(csv_dir: Path, tmp_path: Path,

@@ -225,7 +225,7 @@ def test_a_bad_setting_in_the_environment_is_a_usage_error(prices: Path, tmp_pat
                                                             monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv("SYNTH_BATCH_LOOKBACK_DAYS", value)
     result = batch(one_request(tmp_path), prices, tmp_path / "out.jsonl", "--seed", "1")
-    assert result.exit_code == 2 and "batch_lookback_days" in result.output, result.output
+    assert result.exit_code == 2 and "SYNTH_BATCH_LOOKBACK_DAYS" in result.output, result.output
     assert not (tmp_path / "out.jsonl").exists()
 
 

@@ -95,7 +95,7 @@ def test_retrain_command_says_what_is_missing(tmp_path: Path, monkeypatch: pytes
     said = " ".join(empty.output.split())  # rich wraps lines
     assert "nothing retrained" in said and "no usable history before the gate" in said
     short = runner.invoke(app, ["retrain", "--gate-days", "0.5"])
-    assert short.exit_code == 2 and "retrain_gate_days" in " ".join(short.output.split())
+    assert short.exit_code == 2 and "SYNTH_RETRAIN_GATE_DAYS" in " ".join(short.output.split())
     assert not (tmp_path / "artifacts" / "current").exists()  # nothing was published
     assert {c.name for c in app.registered_commands} >= {"train", "retrain"}
 
