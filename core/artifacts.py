@@ -477,6 +477,18 @@ class ArtifactStore:
             raise ArtifactError(f"{self.current_link} points at {target!r}, not a version")
         return name
 
+    def current_problem(self) -> str | None:
+        """Why ``current`` serves nothing though it is set (a link to garbage, or to a version ``versions/`` no
+        longer holds: a folder removed or a store copied by hand), or None. Every process then loads no
+        artifact, while the link still reads as a version."""
+        try:
+            version = self.current_version()
+        except ArtifactError as exc:
+            return str(exc)
+        if version is None or (self.versions_dir / version).is_dir():
+            return None
+        return f"{self.current_link} points at {version}, which {self.versions_dir} does not hold"
+
     def load(self, version: str) -> ArtifactSet:
         if not VERSION_NAME.match(version):
             raise ArtifactError(f"invalid version name {version!r}")

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Column, Table
 
 from core.artifacts import BUILT_ON_NOTE, ArtifactError, ArtifactStore, DataWindow
@@ -197,8 +198,12 @@ def list_cmd(artifacts_dir: DirOption = None) -> None:
     """Published versions, oldest first; the current one is starred."""
     store = _store(artifacts_dir)
     versions = store.list_versions()
+    problem = store.current_problem()
     if not versions:
         console.print(f"no artifact published under {store.root}")
+        if problem:
+            console.print(f"[red]current is unusable:[/] {escape(problem)}: no artifact loads from it (the next "
+                          "publish repairs the link)")
         return
     table = Table("", Column("version", no_wrap=True), "created", "data window", "code", "notes")
     for v in versions:
@@ -207,6 +212,9 @@ def list_cmd(artifacts_dir: DirOption = None) -> None:
         table.add_row("*" if v.current else "", v.version, v.created or "?", window, v.code_version or "?", notes)
     # Off a terminal (a pipe, a log) rich assumes 80 columns and cuts versions and dates: print them whole.
     (console if console.is_terminal else Console(width=max(console.width, 160))).print(table)
+    if problem:  # no row is starred: say why, and how to repair it, rather than leave the operator guessing
+        console.print(f"[red]current is unusable:[/] {escape(problem)}: no artifact loads from it; `synth-miner "
+                      f"artifacts rollback` (the newest readable version) or `--to VERSION` repairs the link")
 
 
 @artifacts_app.command("publish")

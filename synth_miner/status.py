@@ -26,6 +26,8 @@ JOBS_SHOWN = 20  # the newest runs listed; the last calibration is looked for in
 DEAD_LISTED = 10  # silent workers named one by one; a fleet restarted over and over leaves hundreds for a minute
 SCAN_COUNT = 1000  # keys per SCAN step: Redis's default of 10 took thousands of round trips on a full database
 
+REPAIR_CURRENT = "`synth-miner artifacts rollback` or a publish repairs the link"
+
 # Exit codes, for `status || alert` and container health checks (2 is the CLI's own usage error).
 EXIT_OK = 0  # Redis read, and a live worker reads every inference queue
 EXIT_REDIS = 1  # Redis cannot be read (or no SYNTH_REDIS_URL: embedded mode has no fleet to check)
@@ -73,9 +75,13 @@ def collect(settings: Settings) -> dict[str, Any]:
                               "queues": {}, "expired": {}, "jobs": [], "last_runs": {}, "last_calibration": None, "cache": {},
                               "provider_holds": [], "errors": [], "unread_queues": [], "inference_queues": []}
     try:
-        from core.artifacts import current_version
+        from core.artifacts import ArtifactStore
 
-        report["artifact_version"] = current_version(settings.artifacts_dir)
+        store = ArtifactStore(settings.artifacts_dir)
+        report["artifact_version"] = store.current_version()
+        problem = store.current_problem()  # a dangling link read as a version served while none loads
+        if problem:
+            report["errors"].append(f"artifacts: {problem}: no artifact loads from it ({REPAIR_CURRENT})")
     except Exception as exc:
         report["errors"].append(f"artifacts: {exc}")
     if not settings.redis_url:

@@ -82,6 +82,10 @@ def render_holds(holds: list[dict[str, Any]], console: Console) -> None:
 def render(report: dict[str, Any], console: Console) -> None:
     published = report["artifact_version"] or "none published (workers serve the committed checkpoints in models/)"
     console.print(f"[bold]artifact version[/]: {published}")
+    if exit_code(report) == EXIT_REDIS and not any(report.get(k) for k in ("workers", "queues", "jobs", "cache")):
+        # Nothing was read: empty tables and "last calibration: never" read as an idle fleet, not an unread one.
+        footer(report, console)
+        return
     workers = Table(title="workers (heartbeats)")
     for col in ("name", "queues", "engine", "device", "models", "artifact", "seen"):
         workers.add_column(col)
@@ -138,6 +142,11 @@ def render(report: dict[str, Any], console: Console) -> None:
                           time.strftime("%Y-%m-%d %H:%M", time.gmtime(span["last"])), f"[{color}]{age(fresh)}[/]")
     console.print(cache)
     render_holds(report.get("provider_holds") or [], console)
+    footer(report, console)
+
+
+def footer(report: dict[str, Any], console: Console) -> None:
+    """The problems found, and the line saying what the exit code means."""
     for error in report["errors"]:
         console.print(f"[red]! {escape(error)}[/]")
     code = exit_code(report)

@@ -396,6 +396,22 @@ def test_list_versions_reports_a_broken_manifest(store: ArtifactStore) -> None:
     assert infos["v001"].problem is None and infos["v001"].current
 
 
+def test_current_problem_names_a_link_that_serves_nothing(store: ArtifactStore) -> None:
+    """A link still read as a version after its folder went (removed or copied by hand): every process loads no
+    artifact, and `artifacts list` stars nothing, so the store must be able to say why."""
+    assert store.current_problem() is None  # a plain directory made by hand: nothing published yet
+    store.publish(stage(store, "v001"))
+    assert store.current_problem() is None
+    shutil.rmtree(store.versions_dir / "v001")
+    assert store.current_problem() == f"{store.current_link} points at v001, which {store.versions_dir} does not hold"
+    store.current_link.unlink()
+    store.current_link.symlink_to("/tmp/not a version!")
+    problem = store.current_problem()
+    assert problem is not None and "not a version" in problem
+    store.current_link.unlink()
+    assert store.current_problem() is None  # no link: nothing published, nothing wrong
+
+
 # ------------------------------------------------------------------------------------- concurrency
 
 

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -294,7 +295,8 @@ def test_a_bad_setting_in_the_environment_is_a_usage_error(app: typer.Typer, tmp
     monkeypatch.setenv("SYNTH_ARTIFACTS_KEEP", "several")
     for command in (["artifacts", "list", "--dir", str(tmp_path)], ["artifacts", "rollback", "--dir", str(tmp_path)]):
         result = CliRunner().invoke(app, command)
-        assert result.exit_code == 2 and "artifacts_keep" in result.output, (command, result.output)
+        assert result.exit_code == 2 and "SYNTH_ARTIFACTS_KEEP: Input should be a valid integer" in result.output, \
+            (command, result.output)
 
 
 def test_calibrate_on_a_store_of_older_history_points_at_end_not_at_a_reimport(
@@ -326,9 +328,33 @@ def test_list_and_rollback_repair_a_current_link_to_garbage(app: typer.Typer, tm
     runner = CliRunner()
     listing = runner.invoke(app, ["artifacts", "list", "--dir", str(root)])
     assert listing.exit_code == 0 and "v001" in listing.output and "v002" in listing.output, listing.output
+    text = " ".join(listing.output.split())
+    assert "current is unusable:" in text and "not a version" in text and "repairs the link" in text, text
     rolled = runner.invoke(app, ["artifacts", "rollback", "--to", "v001", "--dir", str(root)])
     assert rolled.exit_code == 0 and "-> v001" in rolled.output, (rolled.output, rolled.exception)
     assert store.current_version() == "v001"
+    assert "unusable" not in runner.invoke(app, ["artifacts", "list", "--dir", str(root)]).output
+
+
+def test_list_names_a_current_link_whose_version_is_gone(app: typer.Typer, tmp_path: Path) -> None:
+    """The current version's folder removed by hand: the link still reads as a version, nothing loads from it,
+    and the listing starred no row without a word."""
+    root = tmp_path / "artifacts"
+    store = ArtifactStore(root)
+    for version in ("v001", "v002"):
+        store.publish(stage_scale(store, version, 1.0))
+    shutil.rmtree(store.versions_dir / "v002")
+    runner = CliRunner()
+    listing = runner.invoke(app, ["artifacts", "list", "--dir", str(root)])
+    text = " ".join(listing.output.split())
+    assert listing.exit_code == 0 and "v001" in text and "*" not in text, text
+    assert f"current is unusable: {store.current_link} points at v002, which {store.versions_dir} does not hold" \
+        in text, text
+    shutil.rmtree(store.versions_dir / "v001")  # nothing left to roll back to: a publish repairs it
+    text = " ".join(runner.invoke(app, ["artifacts", "list", "--dir", str(root)]).output.split())
+    assert "no artifact published" in text and "the next publish repairs the link" in text, text
+    rolled = runner.invoke(app, ["artifacts", "rollback", "--dir", str(root)])
+    assert rolled.exit_code == 1, rolled.output
 
 
 def test_publish_cannot_revert_a_set_published_while_it_waited_for_the_lock(

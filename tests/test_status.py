@@ -119,6 +119,29 @@ def test_a_password_holding_an_at_sign_is_masked_whole() -> None:
     assert redacted("redis://default:a@b:c@host/1") == "redis://default:***@host/1"
 
 
+def test_an_unreadable_fleet_is_not_drawn_as_an_idle_one(tmp_path: Path) -> None:
+    """Redis down (or no URL): five empty tables and "last calibration: never" read as a fleet with no workers
+    that never calibrated; only what is known is shown, then why nothing else is."""
+    for url in (f"redis://127.0.0.1:{free_port()}/0", None):
+        report = collect(Settings(_env_file=None, redis_url=url, artifacts_dir=tmp_path))
+        console = Console(record=True, width=160)
+        render(report, console)
+        text = console.export_text()
+        assert "artifact version: none published" in text and "! redis: " in text, text
+        assert text.rstrip().endswith("the fleet could not be read (exit 1)"), text
+        assert "workers (heartbeats)" not in text and "last calibration" not in text and "┏" not in text, text
+
+
+def test_a_current_link_whose_version_is_gone_is_flagged(tmp_path: Path) -> None:
+    """status printed the link's version as the one served, while every process loaded none."""
+    (tmp_path / "versions").mkdir()
+    (tmp_path / "current").symlink_to("versions/v009")
+    report = collect(Settings(_env_file=None, redis_url=None, artifacts_dir=tmp_path))
+    assert report["artifact_version"] == "v009"
+    assert f"artifacts: {tmp_path / 'current'} points at v009, which {tmp_path / 'versions'} does not hold: no " \
+           "artifact loads from it (`synth-miner artifacts rollback` or a publish repairs the link)" in report["errors"]
+
+
 def test_a_url_that_is_not_redis_is_a_redis_error_not_a_crash(tmp_path: Path) -> None:
     report = collect(Settings(_env_file=None, redis_url="http://127.0.0.1:1/0", artifacts_dir=tmp_path))
     assert len(report["errors"]) == 1 and report["errors"][0].startswith("redis: "), report["errors"]
