@@ -178,17 +178,21 @@ class BatchRunner:
         return BatchOutcome(item.id, item.request, rounded, result.engine, result.fallback_reason, None,
                             time.perf_counter() - began)
 
-    def run_line(self, line: str | bytes) -> BatchOutcome:
+    def run_line(self, line: str | bytes, number: int | None = None) -> BatchOutcome:
+        """``number``: the line's in its file, named in an error whose line has no readable id (no JSON, no
+        object, a bad id), which otherwise said only "line 1 column 1" of itself: not findable in a big file."""
         try:
             item = parse_line(line, self.max_num_simulations)
         except BatchInputError as exc:
-            return BatchOutcome(_loose_id(line), None, None, None, None, str(exc), 0.0)
+            request_id = _loose_id(line)
+            where = f"line {number}: " if request_id is None and number is not None else ""
+            return BatchOutcome(request_id, None, None, None, None, f"{where}{exc}", 0.0)
         return self.run_item(item)
 
     def run_lines(self, lines: Iterable[str | bytes]) -> Iterator[BatchOutcome]:
-        for line in lines:
+        for number, line in enumerate(lines, start=1):
             if line.strip():  # blank lines (a trailing newline) are not requests
-                yield self.run_line(line)
+                yield self.run_line(line, number)
 
 
 def _loose_id(line: str | bytes) -> RequestId | None:

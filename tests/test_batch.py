@@ -212,9 +212,14 @@ def test_bad_lines_get_error_lines_and_the_rest_is_served(tmp_path: Path, source
     for rid, fragment in expect.items():
         assert fragment in by_id[rid]["error"], (rid, by_id[rid])
     anonymous = [r["error"] for r in rows if r["id"] is None]
-    assert any("not valid JSON" in e for e in anonymous)
-    assert any("JSON object" in e for e in anonymous)
-    assert any("'id'" in e for e in anonymous)
+    # No id to trace them by: each names its line in the requests file ("line 1 column 1" was of the line itself).
+    bad_id = 1 + next(n for n, line in enumerate(raw) if line.startswith(b'{"id":[1]'))
+    assert any(e.startswith("line 2: line is not valid JSON") for e in anonymous), anonymous
+    assert any(e.startswith("line 3: ") and "JSON object" in e for e in anonymous), anonymous
+    assert any(e.startswith(f"line {bad_id}: ") and "'id'" in e for e in anonymous), anonymous
+    assert len(anonymous) == 3 and not any(r.get("error", "").startswith("line ") for r in rows if r["id"] is not None)
+    [late] = run_lines(folder, "ewma_t", [b"\n", b"  \n", b"{no"])
+    assert late["id"] is None and late["error"].startswith("line 3: "), late  # blank lines are counted
     assert not out.with_name("resp.jsonl.tmp").exists()
 
 
