@@ -60,7 +60,8 @@ def test_ports_bittensors_axon_refuses_are_refused_here(port: int) -> None:
     for field in ("axon_port", "axon_external_port"):
         with pytest.raises(ValidationError):
             Settings(_env_file=None, **{field: port})  # type: ignore[arg-type]
-    assert Settings(_env_file=None, axon_port=1025, axon_external_port=65_534).axon_port == 1025  # type: ignore[call-arg]
+    edges = Settings(_env_file=None, axon_port=1025, axon_external_port=65_534)  # type: ignore[call-arg]
+    assert (edges.axon_port, edges.axon_external_port) == (1025, 65_534)
 
 
 def test_workers_and_beat_need_a_redis_url(monkeypatch: pytest.MonkeyPatch) -> None:
