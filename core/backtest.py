@@ -347,7 +347,11 @@ def summarise(result: BacktestResult, baselines: Sequence[str] = BASELINES, n_bo
 
 
 def _fmt_ratio(r: Ratio | None) -> str:
-    return "—" if r is None else f"{r.value:.3f} [{r.lo:.3f}, {r.hi:.3f}]"
+    if r is None:
+        return "—"
+    if r.lo == r.hi:  # not bootstrapped (--bootstrap 0, one prompt): "[x, x]" read as a certain ratio
+        return f"{r.value:.3f}"
+    return f"{r.value:.3f} [{r.lo:.3f}, {r.hi:.3f}]"
 
 
 def rich_table(rows: Sequence[SummaryRow], baselines: Sequence[str] = BASELINES, title: str = "") -> Table:
@@ -446,7 +450,7 @@ def write_report(result: BacktestResult, out_dir: Path, config: Mapping[str, Any
     rows = summarise(result, baselines, n_boot, result.seed, trained_dates)
     written: dict[str, Path] = {}
     md = [f"# Backtest ({result.rules} rules, {result.num_simulations} paths, seed {result.seed})\n",
-          f"{len(result.prompts)} prompts, engines: {', '.join(result.engines)}; wall time {result.wall_s:.1f} s.\n",
+          f"{len(result.prompts)} prompts, engines: {', '.join(result.engines)}; scored in {result.wall_s:.1f} s.\n",
           ("Ratios are mean CRPS / the baseline's mean CRPS over the prompts both answered validly, with a "
           "paired bootstrap 95 % interval over whole UTC days of prompt starts. Lower is better.\n")]
     if any(row.asset == UNSEEN for row in rows):

@@ -203,7 +203,8 @@ def backtest(
     wide = console if console.is_terminal else Console(width=max(console.width, 160))
     wide.print(rich_table(summarise(result, baselines, bootstrap, seed, trained_dates), baselines,
                           title=f"{len(result.prompts)} prompts, {rules} rules, {paths} paths"))
-    console.print(f"wall time {result.wall_s:.1f} s; wrote {len(written)} files to {out}")
+    # Not "wall time": it is the scoring loop's, a fraction of the command's on small runs (loading, plots).
+    console.print(f"scored in {result.wall_s:.1f} s; wrote {len(written)} files to {out}")
 
 
 def mode_of(text: str) -> Mode:

@@ -1,6 +1,7 @@
 """Backtest runner, summary tables, JSON and figures (core.backtest) on real held-out data."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from core.backtest import (
     PromptResult,
     Ratio,
     _seen_until,
+    markdown_table,
     paired_ratio,
     pit_values,
     prompts_on_trained_dates,
@@ -101,6 +103,18 @@ def test_every_engine_sees_the_same_prompts_and_realised_prices(result: Backtest
     console.print(rich_table(rerun))
     text = console.export_text()
     assert "SOL" in text and "× gbm" in text and ALL in text
+    assert re.search(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", text), text
+
+
+def test_ratios_not_bootstrapped_show_no_interval(result: BacktestResult) -> None:
+    """--bootstrap 0 printed every ratio as "1.024 [1.024, 1.024]": a 95 % interval of zero width."""
+    rows = summarise(result, n_boot=0, seed=5)
+    console = Console(record=True, width=200)
+    console.print(rich_table(rows))
+    ratios = [r for row in rows for r in row.ratios.values() if r is not None]
+    for text in (console.export_text(), markdown_table(rows)):
+        assert ratios and all(f"{r.value:.3f}" in text for r in ratios) and "[" not in text.replace("[95% CI]", ""), \
+            text
 
 
 def test_paired_ratio_and_its_interval() -> None:

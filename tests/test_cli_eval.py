@@ -93,7 +93,7 @@ def test_backtest_command_tiny_run(shared_data: Path, tmp_path: Path) -> None:
     assert len(doc["prompts"]) == 4 and doc["config"]["engines"] == ["gbm", "ewma_t"]
     assert {w["asset"] for w in doc["config"]["windows"]} == {"BTC", "SOL"}
     assert (out / "table.md").exists() and (out / "pit_1h.png").exists() and (out / "fan_BTC_24h.png").exists()
-    assert "wall time" in result.output
+    assert "scored in" in result.output
 
 
 def test_backtest_command_rejects_bad_options(shared_data: Path, tmp_path: Path) -> None:
