@@ -185,9 +185,11 @@ def print_decision(decision: ChampionDecision) -> None:
         return "-" if value is None else f"{value:.2f}"
 
     verdict = "[green]promoted[/]" if decision.promote else "[red]rejected[/]"
-    console.print(f"challenger {decision.challenger} {verdict}: mean CRPS {crps(decision.challenger_crps)} vs "
-                  f"champion {decision.champion or '-'} {crps(decision.champion_crps)} over {decision.cases} "
-                  f"prompts (tolerance {decision.tolerance:g}); {decision.reason}")
+    # The first publish has no champion: "vs champion - -" read as a value lost, not as nothing to defend.
+    against = "" if decision.champion is None and decision.champion_crps is None else \
+        f" vs champion {decision.champion or '-'} {crps(decision.champion_crps)}"
+    console.print(f"challenger {decision.challenger} {verdict}: mean CRPS {crps(decision.challenger_crps)}{against} "
+                  f"over {decision.cases} prompts (tolerance {decision.tolerance:g}); {decision.reason}")
 
 
 # --------------------------------------------------------------------------------------- artifacts

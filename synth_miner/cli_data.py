@@ -445,7 +445,9 @@ def _cache_status(url: str, assets: list[str], now: float) -> None:
                               _age(now - latest.publish_time) if latest else "-")
         console.print(table)
     except redis.RedisError as exc:
-        console.print(f"[red]cache unavailable:[/red] {exc}")
+        from synth_miner.status import redis_failure
+
+        console.print(f"[red]cache unavailable:[/red] {escape(redis_failure(exc))}")
     finally:
         client.close()
 

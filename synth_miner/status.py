@@ -139,13 +139,19 @@ def collect(settings: Settings) -> dict[str, Any]:
         holds, unreadable = read_holds(client, SCAN_COUNT)
         report["provider_holds"] = [asdict(hold) for hold in holds]
         report["errors"].extend(unreadable)
-    except (redis.AuthenticationError, redis.AuthenticationWrongNumberOfArgsError) as exc:
-        report["errors"].append(f"redis: {exc} (check the password in SYNTH_REDIS_URL)")
     except redis.RedisError as exc:
-        # A server with requirepass answers a client without a password with a plain error reply, not an auth error.
-        hint = " (check the password in SYNTH_REDIS_URL)" if str(exc).startswith("Authentication required") else ""
-        report["errors"].append(f"redis: {exc}{hint}")
+        report["errors"].append(f"redis: {redis_failure(exc)}")
     return report
+
+
+def redis_failure(exc: "redis.RedisError") -> str:
+    """A Redis error with what to check when it is the password's (wrong, or missing for a server with
+    requirepass): redis-py's own words say nothing of where the password comes from."""
+    # A server with requirepass answers a client without a password with a plain error reply, not an auth error.
+    if isinstance(exc, (redis.AuthenticationError, redis.AuthenticationWrongNumberOfArgsError)) or \
+            str(exc).startswith("Authentication required"):
+        return f"{exc} (check the password in SYNTH_REDIS_URL)"
+    return str(exc)
 
 
 def worker_entry(reading: Reading, key: str) -> dict[str, Any]:

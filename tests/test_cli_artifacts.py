@@ -68,6 +68,9 @@ def test_calibrate_publishes_through_the_gate_without_touching_held_out_rows(
     result = CliRunner().invoke(app, calibrate_args(data_dir, artifacts, "--runs", "2"))
     assert result.exit_code == 0, result.output
     assert "ewma_t:BTC:60" in result.output and "promoted" in result.output
+    said = " ".join(result.output.split())  # the first publish has no champion to name, not "champion - -"
+    assert re.search(r"mean CRPS [0-9.]+ over \d+ prompts \(tolerance [0-9.]+\); no current artifact to defend",
+                     said) and "champion -" not in said, said
     store = ArtifactStore(artifacts)
     current = store.load_current()
     entry = current.calibration.entries["ewma_t:BTC:60"]

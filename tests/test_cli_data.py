@@ -228,6 +228,23 @@ def test_status_shows_the_cache_when_redis_is_given(csv_dir: Path, tmp_path: Pat
     assert cache_rows and " 60 " in cache_rows[0]
 
 
+def test_status_says_to_check_the_password_when_redis_refuses_it(csv_dir: Path, tmp_path: Path) -> None:
+    """As `synth-miner status` does: redis-py's "invalid username-password pair" or "HELLO must be called with the
+    client already authenticated" said nothing of where the password comes from."""
+    from tests.conftest import RedisServer
+
+    runner.invoke(app, ["import", str(csv_dir), "--data-dir", str(tmp_path), "--asset", "BTC"])
+    server = RedisServer(tmp_path, password="right").start()
+    try:
+        for url in (server.url.replace(":right@", ":wrong@"), server.url.replace(":right@", "")):
+            result = runner.invoke(app, ["status", "--data-dir", str(tmp_path), "--redis-url", url])
+            text = one_line(result.output)
+            assert result.exit_code == 0 and "history store" in text, text  # the store's table is still shown
+            assert "cache unavailable:" in text and "(check the password in SYNTH_REDIS_URL)" in text, text
+    finally:
+        server.stop()
+
+
 def test_status_shows_a_damaged_cache_entry_as_its_assets_row(csv_dir: Path, tmp_path: Path, redis_url: str) -> None:
     """Before: a day string of the wrong size (and a span or latest price that is no number, which the cache now
     refuses too) ended `data status` in a CacheError traceback, no cache row printed."""
