@@ -247,7 +247,7 @@ def import_csv(
         "manifest.json on (the weekly retrain would then train on the held-out windows)")] = False,
 ) -> None:
     """Import CSV history (the ../shared/data format): 1m files at step 60, 5m files at step 300. Rows from a
-    file's held-out boundary (``eval_start_ts`` in the folder's manifest.json) on are left out unless
+    file's held-out boundary (eval_start_ts in the folder's manifest.json) on are left out unless
     --include-held-out: the store is what the weekly retrain trains on."""
     if not folder.is_dir():
         raise typer.BadParameter(f"{folder} is not a folder")

@@ -452,6 +452,9 @@ def test_torch_and_python_match_pyproject() -> None:
     assert Version(docker_torch[1]) in torch_spec
     python = re.search(r"FROM python:(\d+\.\d+)", dockerfile)
     assert python and Version(f"{python[1]}.0") in SpecifierSet(project["requires-python"])
+    # The README's first command runs on the Pythons it names (a fresh 3.13 refused `pip install -e .`).
+    named = re.search(r"Python (\d+\.\d+) or (\d+\.\d+)\)", (ROOT / "README.md").read_text())
+    assert named and all(Version(f"{v}.0") in SpecifierSet(project["requires-python"]) for v in named.groups())
     # torch 2.13 publishes CUDA builds for cu126 and cu130 only: a cu124/cu128 index fails the build.
     for name in ("Dockerfile", "docker-compose.yml", "README.md"):
         assert not re.search(r"whl/cu12[48]\b", (ROOT / name).read_text()), name
