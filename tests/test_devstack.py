@@ -196,3 +196,25 @@ def test_a_reply_either_validator_rule_set_rejects_is_not_valid() -> None:
     for point in (math.nan, -1234567.8):
         with pytest.raises(AssertionError):
             assert_valid_reply(reply_with(point))
+
+
+def test_a_call_no_miner_answers_says_so(tmp_path: Path) -> None:
+    """The README's check against a port nothing listens on failed with "AssertionError: (None, None)": the
+    axon's status, which a reply that never came has not. It names the dendrite's now."""
+    import asyncio
+
+    from synth_miner.devstack import Validator, make_wallet
+
+    port = free_port()
+
+    async def ask() -> Simulation:
+        validator = Validator(make_wallet(tmp_path / "wallets", "validator"), "5F" + "1" * 46, port)
+        try:
+            reply, _ = await validator.ask(timeout=5.0)
+        finally:
+            await validator.close()
+        return reply
+
+    reply = asyncio.run(ask())
+    with pytest.raises(AssertionError, match=f"503, 'Service unavailable at 127.0.0.1:{port}/Simulation'"):
+        assert_valid_reply(reply)
