@@ -478,16 +478,23 @@ class ArtifactStore:
         return name
 
     def current_problem(self) -> str | None:
-        """Why ``current`` serves nothing though it is set (a link to garbage, or to a version ``versions/`` no
-        longer holds: a folder removed or a store copied by hand), or None. Every process then loads no
-        artifact, while the link still reads as a version."""
+        """Why ``current`` serves nothing though it is set, or None: a link to garbage, to a version ``versions/``
+        no longer holds (a folder removed or a store copied by hand), or to a set whose files fail their hashes
+        (edited or truncated). Every process then loads no artifact, while the link still reads as a version.
+        Hashes only: nothing is parsed but the calibration, so status and list stay quick."""
         try:
             version = self.current_version()
         except ArtifactError as exc:
             return str(exc)
-        if version is None or (self.versions_dir / version).is_dir():
+        if version is None:
             return None
-        return f"{self.current_link} points at {version}, which {self.versions_dir} does not hold"
+        if not (self.versions_dir / version).is_dir():
+            return f"{self.current_link} points at {version}, which {self.versions_dir} does not hold"
+        try:
+            read_set(self.versions_dir / version, dict.fromkeys(self.loaders, kept_as_bytes), version)
+        except ArtifactError as exc:
+            return str(exc)
+        return None
 
     def load(self, version: str) -> ArtifactSet:
         if not VERSION_NAME.match(version):

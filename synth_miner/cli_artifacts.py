@@ -197,7 +197,7 @@ def print_decision(decision: ChampionDecision) -> None:
 
 @artifacts_app.command("list")
 def list_cmd(artifacts_dir: DirOption = None) -> None:
-    """Published versions, oldest first; the current one is starred."""
+    """Published versions, oldest first; the current one is starred (and said unusable if it does not load)."""
     store = _store(artifacts_dir)
     versions = store.list_versions()
     problem = store.current_problem()
@@ -205,7 +205,7 @@ def list_cmd(artifacts_dir: DirOption = None) -> None:
         console.print(f"no artifact published under {store.root}")
         if problem:
             console.print(f"[red]current is unusable:[/] {escape(problem)}: no artifact loads from it (the next "
-                          "publish repairs the link)")
+                          "publish points it at a set that loads)")
         return
     table = Table("", Column("version", no_wrap=True), "created", "data window", "code", "notes")
     for v in versions:
@@ -216,7 +216,8 @@ def list_cmd(artifacts_dir: DirOption = None) -> None:
     (console if console.is_terminal else Console(width=max(console.width, 160))).print(table)
     if problem:  # no row is starred: say why, and how to repair it, rather than leave the operator guessing
         console.print(f"[red]current is unusable:[/] {escape(problem)}: no artifact loads from it; `synth-miner "
-                      f"artifacts rollback` (the newest readable version) or `--to VERSION` repairs the link")
+                      f"artifacts rollback` (the newest readable version) or `--to VERSION` points it at a set that "
+                      f"loads")
 
 
 @artifacts_app.command("publish")

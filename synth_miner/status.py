@@ -26,7 +26,7 @@ JOBS_SHOWN = 20  # the newest runs listed; the last calibration is looked for in
 DEAD_LISTED = 10  # silent workers named one by one; a fleet restarted over and over leaves hundreds for a minute
 SCAN_COUNT = 1000  # keys per SCAN step: Redis's default of 10 took thousands of round trips on a full database
 
-REPAIR_CURRENT = "`synth-miner artifacts rollback` or a publish repairs the link"
+REPAIR_CURRENT = "`synth-miner artifacts rollback`, or a publish, points it at a set that loads"
 
 # Exit codes, for `status || alert` and container health checks (2 is the CLI's own usage error).
 EXIT_OK = 0  # Redis read, and a live worker reads every inference queue

@@ -402,6 +402,13 @@ def test_current_problem_names_a_link_that_serves_nothing(store: ArtifactStore) 
     assert store.current_problem() is None  # a plain directory made by hand: nothing published yet
     store.publish(stage(store, "v001"))
     assert store.current_problem() is None
+    weights = store.versions_dir / "v001" / WEIGHTS
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-1])  # truncated: served nowhere, starred in the listing all the same
+    problem = store.current_problem()
+    assert problem is not None and f"{weights}: content does not match the manifest hash" in problem, problem
+    weights.write_bytes(good)
+    assert store.current_problem() is None
     shutil.rmtree(store.versions_dir / "v001")
     assert store.current_problem() == f"{store.current_link} points at v001, which {store.versions_dir} does not hold"
     store.current_link.unlink()

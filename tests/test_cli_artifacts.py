@@ -332,7 +332,7 @@ def test_list_and_rollback_repair_a_current_link_to_garbage(app: typer.Typer, tm
     listing = runner.invoke(app, ["artifacts", "list", "--dir", str(root)])
     assert listing.exit_code == 0 and "v001" in listing.output and "v002" in listing.output, listing.output
     text = " ".join(listing.output.split())
-    assert "current is unusable:" in text and "not a version" in text and "repairs the link" in text, text
+    assert "current is unusable:" in text and "not a version" in text and "points it at a set that loads" in text, text
     rolled = runner.invoke(app, ["artifacts", "rollback", "--to", "v001", "--dir", str(root)])
     assert rolled.exit_code == 0 and "-> v001" in rolled.output, (rolled.output, rolled.exception)
     assert store.current_version() == "v001"
@@ -355,7 +355,7 @@ def test_list_names_a_current_link_whose_version_is_gone(app: typer.Typer, tmp_p
         in text, text
     shutil.rmtree(store.versions_dir / "v001")  # nothing left to roll back to: a publish repairs it
     text = " ".join(runner.invoke(app, ["artifacts", "list", "--dir", str(root)]).output.split())
-    assert "no artifact published" in text and "the next publish repairs the link" in text, text
+    assert "no artifact published" in text and "the next publish points it at a set that loads" in text, text
     rolled = runner.invoke(app, ["artifacts", "rollback", "--dir", str(root)])
     assert rolled.exit_code == 1, rolled.output
 

@@ -139,7 +139,8 @@ def test_a_current_link_whose_version_is_gone_is_flagged(tmp_path: Path) -> None
     report = collect(Settings(_env_file=None, redis_url=None, artifacts_dir=tmp_path))
     assert report["artifact_version"] == "v009"
     assert f"artifacts: {tmp_path / 'current'} points at v009, which {tmp_path / 'versions'} does not hold: no " \
-           "artifact loads from it (`synth-miner artifacts rollback` or a publish repairs the link)" in report["errors"]
+           "artifact loads from it (`synth-miner artifacts rollback`, or a publish, points it at a set that loads)" \
+           in report["errors"]
 
 
 def test_a_url_that_is_not_redis_is_a_redis_error_not_a_crash(tmp_path: Path) -> None:
