@@ -13,7 +13,11 @@ the beat, a burst of 4x the lanes, and several faults at once.
 
 Per phase (a request belongs to the phase it was sent in): requests, valid %, deadline misses (the
 reply's last byte later than the request's timeout, or no answer), fallbacks and their reasons (the
-miner's /metrics), p50/p99 time to the last byte. Every miss or invalid reply is listed with its prompt,
+miner's /metrics), p50/p99/max time to the last byte, and the forecasts whose worker stopped mid-task
+(kill -9, SIGSTOP: their lease lapsed) by what answered them, the re-sent task or the fallback. A forecast
+running on the killed worker used to wait out SYNTH_MAX_WAIT_S (30 s). One the worker had taken from the
+queue but not started yet still does (it holds no claim: killed in those milliseconds, or an idle worker
+frozen by SIGSTOP, whose open BRPOP still takes a task): that is the max of the worker phases. Every miss or invalid reply is listed with its prompt,
 to be found in the miner's log (kept with --keep). Then one JSON line.
 
 Replies are judged (parsed into the validator's Simulation type, both validator rule sets) in a separate
@@ -419,6 +423,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                            "by_grid": {g: summarise([o for o in rows if o.prompt.grid == g]) for g in GRIDS},
                            "pool": delta.get("outcome:pool", 0.0), "fallbacks": delta.get("outcome:fallback", 0.0),
                            "fallback_reasons": {k[7:]: v for k, v in delta.items() if k.startswith("reason:") and v},
+                           "lost": {k[5:]: v for k, v in delta.items() if k.startswith("lost:") and v},
                            "failures": failures(rows)})
         measured = [o for o in load.outcomes if o.phase not in ("warm-up", "drain")]
         return {"lanes": args.lanes, "interval_s": args.interval, "timeout_lf": args.timeout_lf,
@@ -438,12 +443,13 @@ def print_table(report: dict[str, Any]) -> None:
     print(f"chaos: {report['lanes']} lanes (24 h and 1 h alternating, a request every {report['interval_s']:g} s "
           f"per lane), timeouts {report['timeout_lf']:g}/{report['timeout_hf']:g} s")
     print(f"{'phase':22} {'n':>5} {'valid %':>8} {'miss':>5} {'fallb':>6} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'max ms':>8}  fallback reasons")
+          f"{'max ms':>8}  fallback reasons; forecasts whose worker stopped mid-task, by what answered them")
     for row in [*report["phases"], {"phase": "all", **report["all"], "fallbacks": report["fallbacks_total"],
                                      "fallback_reasons": {}}]:
+        lost = f"; lost {row['lost']}" if row.get("lost") else ""
         print(f"{row['phase']:22} {row['requests']:>5} {row['valid_pct'] if row['valid_pct'] is not None else '-':>8} "
               f"{row['deadline_misses']:>5} {row['fallbacks']:>6.0f} {row['p50_ms']:>8.0f} {row['p99_ms']:>8.0f} "
-              f"{row['max_ms']:>8.0f}  {row['fallback_reasons'] or ''}")
+              f"{row['max_ms']:>8.0f}  {row['fallback_reasons'] or ''}{lost}")
         for line in row.get("failures", [])[:8]:
             print(f"      {line}")
     for line in report["warm_up_failures"][:8]:

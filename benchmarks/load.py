@@ -166,15 +166,17 @@ def rss_mb(pid: int) -> float:
 
 
 def scrape(port: int) -> dict[str, float]:
-    """The miner's request and fallback counters, summed per outcome / reason."""
+    """The miner's request, fallback and lost-forecast counters, summed per outcome / reason / what answered."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     totals: dict[str, float] = {}
+    label = {"requests": "outcome", "fallbacks": "reason", "lost_forecasts": "answered_by"}
+    short = {"requests": "outcome", "fallbacks": "reason", "lost_forecasts": "lost"}
     for line in text.splitlines():
-        match = re.match(r'synth_(requests|fallbacks)_total\{([^}]*)\} ([0-9.e+-]+)$', line)
+        match = re.match(r'synth_(requests|fallbacks|lost_forecasts)_total\{([^}]*)\} ([0-9.e+-]+)$', line)
         if not match:
             continue
         labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
-        key = f"outcome:{labels.get('outcome')}" if match.group(1) == "requests" else f"reason:{labels.get('reason')}"
+        key = f"{short[match.group(1)]}:{labels.get(label[match.group(1)])}"
         totals[key] = totals.get(key, 0.0) + float(match.group(3))
     return totals
 

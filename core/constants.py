@@ -9,6 +9,11 @@ from typing import Final
 # --- Redis keys (all under one prefix so an operator can find or flush them) -----------------------
 KEY_PREFIX: Final = "synth"
 RESULT_KEY = KEY_PREFIX + ":result:{request_id}"  # list the worker RPUSHes float32 paths onto
+# A forecast task's claim: the name of the worker process running it (as in its heartbeat), from its start until its
+# result is pushed (removed in the same transaction). The lease beside it holds the same name for TASK_LEASE_MS only
+# and is renewed while the forecast runs: a claim whose lease has lapsed is a worker that stopped mid-task.
+TASK_CLAIM_KEY = KEY_PREFIX + ":claim:{request_id}"
+TASK_LEASE_KEY = KEY_PREFIX + ":lease:{request_id}"
 CACHE_KEY = KEY_PREFIX + ":cache:{asset}:{step}:{day}"  # one string of float64 slots per asset, step and UTC day
 CACHE_META_KEY = KEY_PREFIX + ":cache-meta:{asset}:{step}"  # span / freshness of the rolling cache
 CACHE_SOURCE_KEY = KEY_PREFIX + ":cache-source:{asset}"  # the provider the asset's cached bars came from
@@ -129,6 +134,18 @@ LIVE_READERS_CHECK_S: Final = 2.0
 # A forecast still running when the miner has stopped waiting (Settings.max_wait_s) is useless: its soft
 # time limit is that wait, and the hard limit kills a task that ignores the soft one this much later.
 FORECAST_KILL_GRACE_S: Final = 5
+# A running forecast's lease (TASK_LEASE_KEY) lasts this long and is renewed this often by a thread beside the
+# blocking forecast: six renewals may be missed (a busy host, a slow Redis) before a live worker looks stopped.
+# Expiry is Redis's clock, so a worker's skewed clock changes nothing.
+TASK_LEASE_MS: Final = 3000
+TASK_LEASE_RENEW_S: Final = 0.5
+# The miner waits for a result in BLPOPs of this length and checks the task's lease between them (one MGET): a
+# worker killed mid-task (kill -9, OOM, a GPU crash) or frozen is noticed TASK_LEASE_MS + this after its last
+# renewal, where the wait used to run out at the deadline (max_wait_s, 30 s). A result still ends the wait at once.
+TASK_LEASE_CHECK_S: Final = 0.5
+# A forecast whose worker stopped is sent again (once, to another live reader) only with this much time left to
+# the pool's deadline; with less the fallback answers now (a model forecast rarely comes back in less).
+LOST_TASK_RESEND_MIN_S: Final = 1.0
 # A result is kept the time left until the deadline plus this (at most Settings.result_ttl_s): a miner
 # waiting on BLPOP gets it at once, and one pushed after the miner stopped waiting (1.16 MB for 24 h) is
 # gone soon. The grace also covers a worker clock a few seconds ahead of the miner's.

@@ -8,7 +8,7 @@ A beat's "at" is the worker's own clock: how long ago it was written is read fro
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,11 +75,19 @@ def queues_of(beat: dict[str, Any]) -> set[str]:
     return {q for q in queues.split(",") if q} if isinstance(queues, str) else set()
 
 
-def live_readers(readings: Iterable[Reading]) -> dict[str, float]:
+def live_readers(readings: Iterable[Reading], lost: Mapping[str, float] | None = None) -> dict[str, float]:
     """Each queue at least one live process reads, with how far ahead of the reader's clock the least-ahead of
-    them runs: a task's ``expires`` is judged by the worker's clock, so this is how much sooner it expires there."""
+    them runs: a task's ``expires`` is judged by the worker's clock, so this is how much sooner it expires there.
+
+    ``lost``: worker name -> when (the reader's clock) it was seen to stop mid-task (its forecast's lease lapsed).
+    Its heartbeat looks alive for up to HEARTBEAT_STALE_AFTER_S more, but it reads nothing until it beats again
+    (a frozen process that resumes); a killed one never does."""
     readers: dict[str, float] = {}
+    lost = lost or {}
     for reading in readings:
+        stopped_at = lost.get(str(reading.beat.get("name")))
+        if stopped_at is not None and reading.now - reading.silent_s <= stopped_at:
+            continue
         if reading.alive:
             for queue in queues_of(reading.beat):
                 readers[queue] = min(readers.get(queue, math.inf), reading.ahead_s)

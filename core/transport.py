@@ -35,6 +35,7 @@ class ComputedPaths:
     paths: npt.NDArray[np.float32]
     engine: str  # "" when the producer did not say (a P1 worker)
     fallback_reason: str | None = None  # why the engine asked for was not the one that answered
+    resent_after: str | None = None  # set by the miner's pool: why it sent the request again (its worker stopped)
 
 
 def encode_paths(paths: npt.NDArray[np.floating], engine: str = "", fallback_reason: str | None = None) -> bytes:

@@ -398,15 +398,23 @@ class AxonHandlers:
             self.metrics.shared.inc()
         self.metrics.engines.labels(prompt, answer.source, answer.engine or "unknown").inc()
         if answer.source == "fallback":
-            self.metrics.fallbacks.labels(fallback_reason(answer.reason)).inc()
+            label = fallback_reason(answer.reason)
+            self.metrics.fallbacks.labels(label).inc()
+            if label == "worker_lost":
+                self.metrics.lost.labels("fallback").inc()
+        elif answer.resent_after:
+            self.metrics.lost.labels("resent").inc()
         log.info("answered %s from %s in %.0f ms%s", request.key(), provenance(answer), (time.time() - received) * 1e3,
                  " (an identical request's answer)" if answer.shared else "")
         return render_reply(synapse, answer.body)
 
 
 def provenance(answer: Answer) -> str:
-    """Who computed an answer, for the log: "pool (patchtst)", "pool (ewma_t, standing in: ...)", "fallback (...)"."""
+    """Who computed an answer, for the log: "pool (patchtst)", "pool (ewma_t, standing in: ...)", "fallback (...)",
+    "pool (patchtst, sent again: worker ... stopped while running it)"."""
     engine = answer.engine or "engine unknown"
+    if answer.resent_after:
+        engine += f", sent again: {answer.resent_after}"
     if answer.reason is None:
         return f"{answer.source} ({engine})"
     return f"{answer.source} ({engine}, {'fallback' if answer.source == 'fallback' else 'standing in'}: {answer.reason})"

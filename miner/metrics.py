@@ -27,6 +27,10 @@ class MinerMetrics:
         # own EWMA-t, which the outcome above counts as "pool".
         self.engines = Counter("synth_answers_by_engine", "answers by the engine that computed them",
                                ["prompt", "source", "engine"], registry=r)
+        # Forecasts whose worker stopped mid-task (their lease lapsed), by what answered them: the re-sent task's
+        # worker ("resent") or the fallback ("fallback", also counted above as reason worker_lost).
+        self.lost = Counter("synth_lost_forecasts", "forecasts whose worker stopped while running them",
+                            ["answered_by"], registry=r)
         self.invalid = Counter("synth_invalid_replies", "replies refused by the self-check (never sent)", registry=r)
         self.shared = Counter("synth_shared_requests", "requests answered from an identical one", registry=r)
         self.queue_depth = Gauge("synth_queue_depth", "messages waiting per Celery queue", ["queue"], registry=r)
@@ -46,6 +50,8 @@ def fallback_reason(reason: str | None) -> str:
     # Timeout connecting", and a worker's error may name a timeout; both were counted as pool timeouts.
     if "worker error" in text:  # the worker's own message follows: it may name anything
         return "worker_error"
+    if "stopped while running" in text:  # a worker killed or frozen mid-task (its lease lapsed), re-sent or not
+        return "worker_lost"
     if "no live worker" in text:  # nothing sent: no process announces the queue (stopped, killed, hung)
         return "no_worker"
     if "unavailable" in text or "connection" in text:

@@ -5,6 +5,7 @@ import logging
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Protocol
 
@@ -19,9 +20,14 @@ from core.constants import (
     CLOCK_SKEW_LOG_EVERY_S,
     CLOCK_SKEW_WARN_S,
     HEARTBEAT_STALE_AFTER_S,
+    HEARTBEAT_TTL_S,
     LIVE_READERS_CHECK_S,
+    LOST_TASK_RESEND_MIN_S,
     RESULT_KEY,
+    TASK_CLAIM_KEY,
     TASK_FORECAST,
+    TASK_LEASE_CHECK_S,
+    TASK_LEASE_KEY,
 )
 from core.forecast import ForecasterSource, ForecastResult
 from core.heartbeats import HEARTBEAT_PATTERN, Reading, key_age, live_readers, parse_heartbeat
@@ -133,28 +139,30 @@ class CeleryPool:
         self.redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=None, socket_connect_timeout=1.0,
                                              health_check_interval=30, retry=Retry(NoBackoff(), 1),
                                              retry_on_error=[RedisConnectionError])
-        # When the heartbeats were read, and each queue a live worker reads with how far its least-ahead reader's
-        # clock runs ahead of this host's (see _check_reader).
-        self._live: tuple[float, dict[str, float]] | None = None
+        # When the heartbeats were read, and what they said (see _check_reader).
+        self._live: tuple[float, list[Reading]] | None = None
         self._live_lock = asyncio.Lock()
         self._skew_warned: dict[str, float] = {}  # worker name -> when its clock was last warned of (monotonic)
+        # Worker name -> when (time.time) a forecast's lease showed it stopped mid-task: its heartbeat stays fresh
+        # for up to HEARTBEAT_STALE_AFTER_S more, and forecasts sent its way meanwhile waited out their deadline.
+        self._lost: dict[str, float] = {}
 
     async def _check_reader(self, queue: str, deadline: float) -> None:
         """PoolError unless a live worker process that would run it reads ``queue``. Without one, a task sent now
         would sit in the queue, or be discarded as expired by a worker whose clock runs ahead, while the miner
         waits up to max_wait_s: the fallback answers at once instead. Liveness is the heartbeat key's age in
         Redis, not the worker's clock. Read at most every LIVE_READERS_CHECK_S, so a worker that comes up is used
-        within that."""
+        within that. A worker seen to stop mid-task (see _await_result) reads nothing until it beats again."""
         async with self._live_lock:  # one read for a burst of requests
             now = time.time()
             if self._live is None or now - self._live[0] >= LIVE_READERS_CHECK_S:
                 try:
-                    readers = await asyncio.wait_for(self._read_readers(),
-                                                     timeout=max(0.05, min(1.0, deadline - now)))
+                    readings = await asyncio.wait_for(self._read_readers(),
+                                                      timeout=max(0.05, min(1.0, deadline - now)))
                 except TimeoutError:
                     raise PoolError("pool unavailable: worker heartbeats not read within 1 s") from None
-                self._live = (now, readers)
-            ahead = self._live[1].get(queue)
+                self._live = (now, readings)
+            ahead = live_readers(self._live[1], self._lost).get(queue)
         if ahead is None:
             raise PoolError(f"no live worker reads queue {queue} (none has announced itself in the last "
                             f"{HEARTBEAT_STALE_AFTER_S:.0f} s)")
@@ -164,7 +172,7 @@ class CeleryPool:
             raise PoolError(f"every live worker reading queue {queue} has its clock {ahead:.0f} s or more ahead of "
                             f"the miner's: it would discard a task with {left:.1f} s left as expired")
 
-    async def _read_readers(self) -> dict[str, float]:
+    async def _read_readers(self) -> list[Reading]:
         """The heartbeats and their keys' TTL left, in one pipelined round trip after the SCAN."""
         keys = [key async for key in self.redis.scan_iter(match=HEARTBEAT_PATTERN, count=1000)]
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -179,7 +187,7 @@ class CeleryPool:
             if beat is not None:  # a key gone between SCAN and GET, or not a heartbeat: skipped
                 readings.append(Reading(beat, key_age(pttl), now))
         self._warn_of_skewed_clocks(readings)
-        return live_readers(readings)
+        return readings
 
     def _warn_of_skewed_clocks(self, readings: list[Reading]) -> None:
         """A warning per live worker whose clock is off, at most every CLOCK_SKEW_LOG_EVERY_S per worker."""
@@ -210,30 +218,83 @@ class CeleryPool:
             task_id=request_id,
         )
 
+    async def _enqueue(self, request: ForecastRequest, deadline: float, request_id: str) -> str:
+        """Send the task (kombu blocks: off the loop, for at most 2 s); its result key."""
+        result_key = RESULT_KEY.format(request_id=request_id)
+        await asyncio.wait_for(asyncio.to_thread(self._send, request, deadline, request_id, result_key),
+                               timeout=max(0.05, min(2.0, deadline - time.time())))
+        return result_key
+
     async def forecast(self, request: ForecastRequest, snapshot: MarketSnapshot, deadline: float,
                        request_id: str) -> ComputedPaths:
-        result_key = RESULT_KEY.format(request_id=request_id or uuid.uuid4().hex)
+        request_id = request_id or uuid.uuid4().hex  # it names the task, its result and its lease
         queue = self.settings.infer_queue(request.time_increment)
         try:
             await self._check_reader(queue, deadline)
-            await asyncio.wait_for(asyncio.to_thread(self._send, request, deadline, request_id, result_key),
-                                   timeout=max(0.05, min(2.0, deadline - time.time())))
+            result_key = await self._enqueue(request, deadline, request_id)
             remaining = deadline - time.time()
             if remaining <= 0:
                 raise PoolError("no time left after enqueue")
-            reply = await asyncio.wait_for(self.redis.blpop([result_key], timeout=remaining), timeout=remaining + 0.5)
+            async with asyncio.timeout(remaining + 0.5):  # a hung Redis answers no BLPOP (and no lease check)
+                blob, resent_after = await self._await_result(request, queue, deadline, request_id, result_key)
         except TimeoutError:
             raise PoolError("pool did not answer before the deadline") from None
         except PoolError:
             raise
         except Exception as exc:  # broker or Redis down, connection reset...
             raise PoolError(f"pool unavailable: {type(exc).__name__}: {exc}") from exc
-        if reply is None:
-            raise PoolError("pool did not answer before the deadline")
         try:
-            return await asyncio.to_thread(decode_result, bytes(reply[1]))  # type: ignore[arg-type]
+            computed = await asyncio.to_thread(decode_result, blob)
         except ValueError as exc:
             raise PoolError(str(exc)) from exc
+        return replace(computed, resent_after=resent_after) if resent_after else computed
+
+    async def _await_result(self, request: ForecastRequest, queue: str, deadline: float, request_id: str,
+                            result_key: str) -> tuple[bytes, str | None]:
+        """The result, and why the request was sent again (None: it was not). BLPOP in slices of TASK_LEASE_CHECK_S
+        (a result ends one at once), the task's claim and lease read between them in one MGET. A task claimed
+        whose lease lapsed has lost its worker (killed, crashed or frozen): the result will never come. It is sent
+        again once, under a new id, if a live reader other than the lost worker exists and LOST_TASK_RESEND_MIN_S
+        are left; else PoolError now, and the fallback answers, instead of after the whole wait. The re-sent task
+        expires at the same deadline, so the fallback's time is never touched."""
+        keys, attempt, resent_after = [result_key], request_id, None
+        while True:
+            left = deadline - time.time()
+            if left <= 0:
+                raise PoolError("pool did not answer before the deadline"
+                                + (f" (sent again after {resent_after})" if resent_after else ""))
+            # Never 0: BLPOP's 0 waits for ever. Both keys once re-sent: the first worker, if frozen, may resume.
+            reply = await self.redis.blpop(keys, timeout=max(0.01, min(TASK_LEASE_CHECK_S, left)))
+            if reply is not None:
+                return bytes(reply[1]), resent_after  # type: ignore[arg-type]
+            # One command, so one instant: the worker removes both keys in the transaction that pushes the result.
+            claim, lease = await self.redis.mget([TASK_CLAIM_KEY.format(request_id=attempt),
+                                                  TASK_LEASE_KEY.format(request_id=attempt)])
+            if claim is None or lease is not None:  # still queued (or a worker that takes no lease), or running
+                continue
+            worker = claim.decode("utf-8", "replace") if isinstance(claim, bytes) else str(claim)
+            lost = f"worker {worker} stopped while running the forecast (its lease lapsed)"
+            self._lost_worker(worker)
+            if resent_after is not None:
+                raise PoolError(f"{lost}, after it was sent again because {resent_after}")
+            left = deadline - time.time()
+            if left < LOST_TASK_RESEND_MIN_S:
+                raise PoolError(f"{lost}; {left:.1f} s left, too little to send it again")
+            attempt = f"{request_id}-2"  # a new task id and result key: nothing of the lost run can land in it
+            try:
+                await self._check_reader(queue, deadline)
+                keys.insert(0, await self._enqueue(request, deadline, attempt))
+            except Exception as exc:  # noqa: BLE001 - any failure to re-send: the fallback answers now
+                why = str(exc) if isinstance(exc, PoolError) else f"{type(exc).__name__}: {exc}"
+                raise PoolError(f"{lost}; not sent again: {why}") from exc
+            resent_after = f"worker {worker} stopped while running it"
+            log.warning("request %s: %s: sent again as %s with %.1f s left", request_id, lost, attempt, left)
+
+    def _lost_worker(self, worker: str) -> None:
+        now = time.time()
+        # Past HEARTBEAT_TTL_S the heartbeat of a worker that never beat again has expired: nothing to hide.
+        self._lost = {name: at for name, at in self._lost.items() if now - at < HEARTBEAT_TTL_S}
+        self._lost[worker] = now
 
     async def close(self) -> None:
         await self.redis.aclose()

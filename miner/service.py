@@ -65,6 +65,7 @@ class Answer:
     as_of: float = 0.0  # time.time() when its computation read the market data: kept for sharing while recent
     engine: str = ""  # the engine that computed the paths ("" if a worker of an earlier release did not say)
     pool_late: bool = False  # the fallback answered because the pool ran out of time (not because it failed)
+    resent_after: str | None = None  # the pool sent it again, and why (the worker running it stopped)
 
 
 class MinerService:
@@ -164,7 +165,7 @@ class MinerService:
                                               + self.settings.fallback_budget_s / 2)
             body = await self._off_loop(functools.partial(self._checked_reply, computed.paths, request))
             return Answer(request, body, "pool", computed.fallback_reason, time.perf_counter() - began, as_of=as_of,
-                          engine=computed.engine)
+                          engine=computed.engine, resent_after=computed.resent_after)
         except Exception as exc:  # noqa: BLE001 - any pool failure: the fallback answers
             # The wait above ending it says nothing ("TimeoutError: " in the log): say what happened.
             reason = f"{type(exc).__name__}: {str(exc) or 'the pool held past its deadline (Redis or the worker hung)'}"

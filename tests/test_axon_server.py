@@ -251,6 +251,13 @@ async def test_the_guard_refuses_unwanted_callers_as_bittensor_would_without_bit
     ("PoolError: pool unavailable: OperationalError: Error 111 connecting. Connection refused.", "redis_down"),
     ("PoolError: worker error: TimeoutError: model load timed out", "worker_error"),
     ("PoolError: no live worker reads queue infer.lf (no heartbeat in the last 75 s)", "no_worker"),
+    # A worker killed or frozen mid-task, whatever came next (named after it: the pool noticed the loss at once).
+    ("PoolError: worker gpu0@host:41 stopped while running the forecast (its lease lapsed); not sent again: no live "
+     "worker reads queue infer.lf (none has announced itself in the last 25 s)", "worker_lost"),
+    ("PoolError: worker gpu1@host:42 stopped while running the forecast (its lease lapsed); 0.4 s left, too little "
+     "to send it again", "worker_lost"),
+    ("PoolError: pool did not answer before the deadline (sent again after worker gpu0@host:41 stopped while running "
+     "it)", "worker_lost"),
     ("PoolError: pool unavailable: worker heartbeats not read within 1 s", "redis_down"),
     ("PoolError: pool did not answer before the deadline", "timeout"),
     ("PoolError: embedded forecast timed out", "timeout"),
@@ -312,6 +319,9 @@ def test_the_log_says_which_engine_computed_an_answer_and_why_another_stood_in()
     assert provenance(Answer(request, b"", "fallback", "PoolError: late", 0.0, engine="ewma_t")) == \
         "fallback (ewma_t, fallback: PoolError: late)"
     assert provenance(Answer(request, b"", "pool", None, 0.0)) == "pool (engine unknown)"  # a P1 worker
+    assert provenance(Answer(request, b"", "pool", None, 0.0, engine="patchtst",
+                             resent_after="worker gpu0@host:41 stopped while running it")) == \
+        "pool (patchtst, sent again: worker gpu0@host:41 stopped while running it)"
 
 
 async def test_a_shared_answer_is_counted_as_shared() -> None:
@@ -338,6 +348,36 @@ async def test_a_shared_answer_is_counted_as_shared() -> None:
     assert metrics.registry.get_sample_value("synth_shared_requests_total") == 2
     assert metrics.registry.get_sample_value("synth_answers_by_engine_total",
                                              {"prompt": "high", "source": "pool", "engine": "patchtst"}) == 3
+
+
+async def test_forecasts_whose_worker_stopped_are_counted_by_what_answered_them() -> None:
+    """A worker killed mid-task: the request sent again (a model answer) or the fallback; operators see both."""
+    cfg = Settings(_env_file=None)
+    lost = "PoolError: worker gpu0@host:41 stopped while running the forecast (its lease lapsed); not sent again"
+
+    class Service:
+        def deadline_for(self, received: float, timeout: float | None) -> float:
+            return received + 10.0
+
+        async def answer(self, asked: ForecastRequest, deadline: float) -> Answer:
+            body = f"[{asked.start_ts},60,[1.0]]".encode()
+            if asked.num_simulations == 1:
+                return Answer(asked, body, "pool", None, 0.0, engine="patchtst",
+                              resent_after="worker gpu0@host:41 stopped while running it")
+            return Answer(asked, body, "fallback", lost if asked.num_simulations == 2 else "PoolError: late", 0.0,
+                          engine="ewma_t")
+
+    metrics = MinerMetrics()
+    handlers = AxonHandlers(cfg, Service(), AccessPolicy(cfg, MetagraphView()),  # type: ignore[arg-type]
+                            asyncio.get_running_loop(), metrics)
+    for n in (1, 1, 2, 3):
+        synapse = Simulation(simulation_input=SimulationInput(asset="BTC", start_time=start_time_in(120),
+                                                              time_increment=60, time_length=3600, num_simulations=n))
+        assert (await handlers.forward(synapse)).status_code == 200
+    assert metrics.registry.get_sample_value("synth_lost_forecasts_total", {"answered_by": "resent"}) == 2
+    assert metrics.registry.get_sample_value("synth_lost_forecasts_total", {"answered_by": "fallback"}) == 1
+    assert metrics.registry.get_sample_value("synth_fallbacks_total", {"reason": "worker_lost"}) == 1
+    assert metrics.registry.get_sample_value("synth_fallbacks_total", {"reason": "other"}) == 1
 
 
 async def test_a_request_refused_by_the_self_check_is_counted_among_the_requests() -> None:

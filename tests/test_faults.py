@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +33,7 @@ from core import history_store
 from core.artifacts import ArtifactStore
 from core.cache_redis import RedisHistoryCache
 from core.calibration import CALIBRATION_FILE, CalibrationState, Entry
-from core.constants import JOB_RUNS_KEY, KEY_PREFIX, TASK_REFRESH_CACHE
+from core.constants import JOB_RUNS_KEY, KEY_PREFIX, TASK_CLAIM_KEY, TASK_REFRESH_CACHE
 from core.csv_history import read_csv, write_csv
 from core.fake_providers import FakeMarket, FakeServerThread, ManualClock, start_fake
 from core.history_store import HistoryStore
@@ -57,6 +58,7 @@ from synth_miner.devstack import (
     start_worker,
     wait_port,
 )
+from tests.worker_apps import HOLD_FORECAST_KEY
 
 TIMEOUT = 8.0  # the validators' timeout in these tests: pool deadline 5 s, fallback by 6 s
 RECOVERY_S = 60.0  # a part that comes back is used again within this
@@ -267,6 +269,46 @@ async def test_worker_killed_during_a_task(replay: Stack) -> None:
 
     replay.worker = replay.start_worker()  # the part comes back
     await replay.until_pool("SOL", 300, 86_400)
+
+
+async def test_worker_killed_during_a_forecast_another_worker_answers(replay: Stack) -> None:
+    """A worker killed while it runs a forecast (kill -9, the OOM killer, a GPU crash) pushes nothing: the miner
+    waited out its whole pool wait (SYNTH_MAX_WAIT_S, 30 s here) and answered from the fallback. The task's lease
+    lapses within seconds instead, and the request is sent again to the other worker: a model answer, and the
+    miner's log says why. Two workers of tests/worker_apps.py, whose first forecast runs until it is killed."""
+    assert replay.worker is not None
+    replay.worker.stop()  # the held forecast must go to one of the two below
+    replay.worker = None
+    env = {**replay.env, "SYNTH_LOG_LEVEL": "INFO"}
+    workers = [spawn([sys.executable, "-m", "celery", "-A", "tests.worker_apps", "worker", "-Q", "infer.hf,infer.lf",
+                      "-P", "solo", "-n", f"{name}@%h", "--without-gossip", "--without-mingle", "-l", "INFO"], env,
+                     replay.tmp / f"worker-{name}.log") for name in ("first", "second")]
+    client = replay.client()
+    try:
+        await wait_until(lambda: all(" ready." in w.text() for w in workers), within=90, every=0.2)
+        await replay.until_pool("BTC", 300, 86_400)  # the miner has seen them
+        client.set(HOLD_FORECAST_KEY, 1)
+        asked = asyncio.create_task(replay.ask("BTC", 300, 86_400, timeout=40.0))
+
+
+        def claimed() -> list[tuple[str, Proc]]:  # (a worker killed in an earlier test may have left its claim)
+            names = [(client.get(k) or b"").decode() for k in client.scan_iter(TASK_CLAIM_KEY.format(request_id="*"))]
+            return [(n, w) for n in names for w in workers if n.endswith(f":{w.proc.pid}")]
+
+        await wait_until(claimed, within=30)
+        [(name, held)] = claimed()
+        held.stop(signal.SIGKILL)  # mid-forecast: it holds the task until killed
+        reply, seconds, key = await asked
+        assert_valid_reply(reply)
+        answered = [line for line in replay.miner.text().splitlines() if f"answered {key} from " in line]
+        assert len(answered) == 1 and replay.outcome(key) == "pool", replay.miner.text()[-3000:]
+        assert f"sent again: worker {name} stopped while running it)" in answered[0], answered
+    finally:
+        client.delete(HOLD_FORECAST_KEY)
+        for worker in workers:
+            worker.stop()
+    replay.worker = replay.start_worker()
+    await replay.until_pool("BTC", 60, 3_600)
 
 
 async def test_worker_hangs_then_resumes(replay: Stack) -> None:

@@ -2,11 +2,14 @@
 
 import asyncio
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,6 +21,9 @@ from core.constants import (
     HEARTBEAT_STALE_AFTER_S,
     HEARTBEAT_TTL_S,
     RESULT_KEY,
+    TASK_CLAIM_KEY,
+    TASK_LEASE_KEY,
+    TASK_LEASE_MS,
     WORKER_HEARTBEAT_KEY,
 )
 from core.forecast import ForecastResult
@@ -28,7 +34,8 @@ from core.transport import encode_paths
 from miner import pool as pool_module
 from miner.pool import CeleryPool, EmbeddedPool, PoolError
 from synth_miner.devstack import Proc, RedisServer, spawn
-from tests.worker_apps import CLOCK_OFFSET_ENV
+from tests.worker_apps import CLOCK_OFFSET_ENV, HOLD_FORECAST_KEY
+from workers.lease import TaskLease
 
 
 async def test_the_first_read_after_a_redis_restart_reconnects(tmp_path: Path) -> None:
@@ -312,3 +319,211 @@ async def test_a_worker_whose_clock_is_ahead_is_not_waited_for_on_tasks_it_would
     finally:
         await pool.close()
         worker.stop()
+
+
+# --- a worker that stops while it runs a forecast (its lease lapses) ---------------------------------------
+
+
+def lost_pool(url: str, **settings: object) -> CeleryPool:
+    """A pool that waits up to a minute: a lost task noticed only at its deadline fails the test's guard instead."""
+    return CeleryPool(Settings(_env_file=None, redis_url=url, max_wait_s=60.0, **settings))  # type: ignore[call-arg]
+
+
+async def queued_task(client: "redis.Redis", queue: str, n: int = 1) -> dict[str, Any]:
+    """The ``n``-th task the pool sent to ``queue`` (its Celery message headers), once it is there."""
+    while client.llen(queue) < n:
+        await asyncio.sleep(0.01)
+    raw = client.lindex(queue, 0)  # LPUSHed: the newest first
+    assert isinstance(raw, bytes)
+    headers: dict[str, Any] = json.loads(raw)["headers"]
+    return headers
+
+
+def claim_and_stop(client: "redis.Redis", request_id: str, worker: str) -> TaskLease:
+    """What a worker does as it starts the task, then dies: the claim is written, the lease no longer renewed."""
+    lease = TaskLease(client, request_id, worker, claim_s=60).start()
+    lease.stop()
+    return lease
+
+
+async def test_a_task_whose_worker_stops_fails_at_once_and_its_queue_waits_for_its_next_beat(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker killed mid-task (kill -9, OOM, a GPU crash) pushes nothing: the miner waited out the deadline
+    (max_wait_s, 30 s) for each such request and for every one sent to the dead worker's queue while its
+    heartbeat still looked fresh. The lapsed lease ends the wait at once, and its queue has no live reader until
+    that worker beats again."""
+    monkeypatch.setattr(pool_module, "LIVE_READERS_CHECK_S", 0.0)  # the heartbeats read for every request
+    server = RedisServer(tmp_path).start()
+    pool = lost_pool(server.url)
+    client = redis.Redis.from_url(server.url)
+    request = ForecastRequest("BTC", int(time.time()) + 600, 60, 3_600, 3)
+    try:
+        announce(server.url, "infer.hf", name="w1@host:1")
+        waiting = asyncio.create_task(pool.forecast(request, None, time.time() + 50.0, "r1"))  # type: ignore[arg-type]
+        headers = await queued_task(client, "infer.hf")
+        claim_and_stop(client, headers["id"], "w1@host:1")
+        async with asyncio.timeout(20):  # far under the deadline: the lapse ended the wait, not the deadline
+            with pytest.raises(PoolError, match=r"worker w1@host:1 stopped while running the forecast \(its lease "
+                                                r"lapsed\); not sent again: no live worker reads queue infer.hf"):
+                await waiting
+        assert client.llen("infer.hf") == 1  # not sent again to nobody
+        with pytest.raises(PoolError, match="no live worker reads queue infer.hf"):  # its heartbeat is still fresh
+            await pool.forecast(request, None, time.time() + 50.0, "r2")  # type: ignore[arg-type]
+        announce(server.url, "infer.hf", name="w1@host:1")  # it beats again (a frozen process resumed)
+        client.rpush(RESULT_KEY.format(request_id="r3"), encode_paths(np.full((3, 61), 100.0, np.float32)))
+        got = await pool.forecast(request, None, time.time() + 50.0, "r3")  # type: ignore[arg-type]
+        assert got.paths.shape == (3, 61) and got.resent_after is None
+    finally:
+        await pool.close()
+        server.stop()
+
+
+async def test_a_task_whose_lease_is_renewed_is_waited_for(tmp_path: Path) -> None:
+    """A forecast running longer than one lease (renewed meanwhile) is not taken for lost, and its result, pushed
+    as its claim and lease are removed, is returned."""
+    server = RedisServer(tmp_path).start()
+    pool = lost_pool(server.url)
+    client = redis.Redis.from_url(server.url)
+    request = ForecastRequest("BTC", int(time.time()) + 600, 60, 3_600, 3)
+    paths = np.full((3, 61), 100.0, np.float32)
+
+    def worker(request_id: str) -> None:
+        lease = TaskLease(client, request_id, "w1@host:1", claim_s=60).start()
+        time.sleep(2 * TASK_LEASE_MS / 1000)
+        pipe = client.pipeline()
+        pipe.rpush(RESULT_KEY.format(request_id=request_id), encode_paths(paths, "test"))
+        lease.release(pipe)
+        pipe.execute()
+
+    try:
+        announce(server.url, "infer.hf")
+        waiting = asyncio.create_task(pool.forecast(request, None, time.time() + 50.0, "r1"))  # type: ignore[arg-type]
+        headers = await queued_task(client, "infer.hf")
+        await asyncio.to_thread(worker, headers["id"])
+        got = await waiting
+        np.testing.assert_array_equal(got.paths, paths)
+        assert (got.engine, got.resent_after) == ("test", None)
+        assert client.llen("infer.hf") == 1  # sent once
+        assert not client.exists(TASK_CLAIM_KEY.format(request_id="r1"), TASK_LEASE_KEY.format(request_id="r1"))
+    finally:
+        await pool.close()
+        server.stop()
+
+
+async def test_a_lost_task_is_sent_again_once_to_another_live_worker(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """With another live reader and time left the request is sent again, under a new id (nothing the lost run, or
+    a re-delivery of it, pushes can land in the new result key), and its answer says why. A second loss ends it."""
+    monkeypatch.setattr(pool_module, "LIVE_READERS_CHECK_S", 0.0)
+    server = RedisServer(tmp_path).start()
+    pool = lost_pool(server.url)
+    client = redis.Redis.from_url(server.url)
+    request = ForecastRequest("BTC", int(time.time()) + 600, 60, 3_600, 3)
+    paths = np.full((3, 61), 100.0, np.float32)
+    try:
+        announce(server.url, "infer.hf", name="w1@host:1")
+        announce(server.url, "infer.hf", name="w2@host:2")
+        waiting = asyncio.create_task(pool.forecast(request, None, time.time() + 50.0, "r1"))  # type: ignore[arg-type]
+        claim_and_stop(client, (await queued_task(client, "infer.hf"))["id"], "w1@host:1")
+        again = await queued_task(client, "infer.hf", 2)
+        first = json.loads(client.lindex("infer.hf", 1) or b"{}")["headers"]
+        assert (first["id"], again["id"]) == ("r1", "r1-2") and again["expires"] == first["expires"]  # same deadline
+        client.rpush(RESULT_KEY.format(request_id="r1-2"), encode_paths(paths, "test"))
+        got = await waiting
+        np.testing.assert_array_equal(got.paths, paths)
+        assert got.resent_after == "worker w1@host:1 stopped while running it"
+
+        waiting = asyncio.create_task(pool.forecast(request, None, time.time() + 50.0, "r2"))  # type: ignore[arg-type]
+        claim_and_stop(client, (await queued_task(client, "infer.hf", 3))["id"], "w2@host:2")
+        announce(server.url, "infer.hf", name="w1@host:1")  # back, so it can be sent again
+        claim_and_stop(client, (await queued_task(client, "infer.hf", 4))["id"], "w1@host:1")
+        async with asyncio.timeout(20):
+            with pytest.raises(PoolError, match=r"worker w1@host:1 stopped while running the forecast \(its lease "
+                                                r"lapsed\), after it was sent again because worker w2@host:2 stopped"):
+                await waiting
+        assert client.llen("infer.hf") == 4  # once only
+    finally:
+        await pool.close()
+        server.stop()
+
+
+async def test_a_lost_task_is_not_sent_again_without_the_time_for_it(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pool_module, "LOST_TASK_RESEND_MIN_S", 100.0)  # more than the deadline leaves
+    server = RedisServer(tmp_path).start()
+    pool = lost_pool(server.url)
+    client = redis.Redis.from_url(server.url)
+    request = ForecastRequest("BTC", int(time.time()) + 600, 60, 3_600, 3)
+    try:
+        announce(server.url, "infer.hf", name="w1@host:1")
+        announce(server.url, "infer.hf", name="w2@host:2")
+        waiting = asyncio.create_task(pool.forecast(request, None, time.time() + 50.0, "r1"))  # type: ignore[arg-type]
+        claim_and_stop(client, (await queued_task(client, "infer.hf"))["id"], "w1@host:1")
+        async with asyncio.timeout(20):
+            with pytest.raises(PoolError, match=r"worker w1@host:1 stopped while running the forecast \(its lease "
+                                                r"lapsed\); 4\d\.\d s left, too little to send it again"):
+                await waiting
+        assert client.llen("infer.hf") == 1
+    finally:
+        await pool.close()
+        server.stop()
+
+
+def start_test_worker(tmp_path: Path, redis_url: str, name: str, queues: str = "infer.hf",
+                      **env: str) -> Proc:
+    """A real solo Celery worker (the production forecast task, ewma_t; tests/worker_apps.py's hooks) that has not
+    announced itself yet: see ready()."""
+    env = {"SYNTH_REDIS_URL": redis_url, "SYNTH_ENGINE": "ewma_t", "SYNTH_SEED": "3", "SYNTH_LOG_LEVEL": "INFO",
+           "SYNTH_DATA_DIR": str(tmp_path / "data"), "SYNTH_ARTIFACTS_DIR": str(tmp_path / "artifacts"), **env}
+    return spawn([sys.executable, "-m", "celery", "-A", "tests.worker_apps", "worker", "-Q", queues, "-P", "solo",
+                  "-n", f"{name}@%h", "--without-gossip", "--without-mingle", "-l", "INFO"],
+                 env, tmp_path / f"worker-{name}.log")
+
+
+def ready(worker: Proc, redis_url: str, name: str) -> Proc:
+    """``worker`` once its first heartbeat is in Redis (it is stopped if it never comes)."""
+    client = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + 90
+    while not any(client.scan_iter(WORKER_HEARTBEAT_KEY.format(name=f"{name}@*"))) or " ready." not in worker.text():
+        if worker.proc.poll() is not None or time.monotonic() > deadline:
+            worker.stop()
+            raise AssertionError(f"worker not ready:\n{worker.text()[-4000:]}")
+        time.sleep(0.2)
+    return worker
+
+
+async def claimed_by(client: "redis.Redis", request_id: str) -> str:
+    """The name of the worker process that started the task (its claim), once it has."""
+    while (claim := client.get(TASK_CLAIM_KEY.format(request_id=request_id))) is None:
+        await asyncio.sleep(0.01)
+    return claim.decode()
+
+
+async def test_a_worker_frozen_mid_forecast_is_given_up_at_once(tmp_path: Path, btc_cache: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real worker stopped (SIGSTOP) while it runs a forecast renews no lease: it counts as lost, and with no
+    other worker the fallback answers now, not after the whole wait."""
+    monkeypatch.setattr(pool_module, "LIVE_READERS_CHECK_S", 0.0)
+    url = btc_cache
+    pool = lost_pool(url)
+    worker = ready(start_test_worker(tmp_path, url, "frozen"), url, "frozen")
+    client = redis.Redis.from_url(url)
+    request = ForecastRequest("BTC", int(time.time()) + 600, 60, 3_600, 50)
+    try:
+        got = await pool.forecast(request, None, time.time() + 50.0, "warm")  # type: ignore[arg-type]
+        assert got.engine == "ewma_t"
+        client.set(HOLD_FORECAST_KEY, 1)
+        waiting = asyncio.create_task(pool.forecast(request, None, time.time() + 50.0, "r1"))  # type: ignore[arg-type]
+        name = await claimed_by(client, "r1")
+        assert name.startswith("frozen@") and name.endswith(f":{worker.proc.pid}")
+        os.killpg(worker.proc.pid, signal.SIGSTOP)
+        async with asyncio.timeout(20):
+            with pytest.raises(PoolError, match=f"worker {name} stopped while running the forecast"):
+                await waiting
+        with pytest.raises(PoolError, match="no live worker reads queue infer.hf"):  # nothing sent to it meanwhile
+            await pool.forecast(request, None, time.time() + 50.0, "r2")  # type: ignore[arg-type]
+    finally:
+        if worker.proc.poll() is None:
+            os.killpg(worker.proc.pid, signal.SIGCONT)
+        worker.stop(signal.SIGKILL)
+        await pool.close()

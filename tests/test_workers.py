@@ -14,7 +14,15 @@ import numpy as np
 import pytest
 import redis
 
-from core.constants import LATE_RESULT_TTL_S, RESULT_KEY, WORKER_HEARTBEAT_KEY
+from core.constants import (
+    LATE_RESULT_TTL_S,
+    RESULT_KEY,
+    TASK_CLAIM_KEY,
+    TASK_LEASE_KEY,
+    TASK_LEASE_MS,
+    TASK_LEASE_RENEW_S,
+    WORKER_HEARTBEAT_KEY,
+)
 from core.prompts import ForecastRequest
 from core.settings import Settings
 from core.transport import TransportError, decode_result
@@ -444,3 +452,66 @@ def test_expired_forecasts_a_prefork_worker_discards_are_counted_in_redis(redis_
     assert {k.decode(): int(v) for k, v in client.hgetall(EXPIRED_TASKS_KEY).items()} == {"infer.hf": 3}
     report = collect(Settings(_env_file=None, redis_url=redis_url, artifacts_dir=tmp_path / "artifacts"))
     assert report["expired"] == {"infer.hf": 3, "infer.lf": 0, "cpu": 0}, report
+
+
+def test_a_forecast_holds_a_lease_while_it_runs_and_drops_it_with_its_result(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The miner tells a worker still computing from one killed mid-task by the task's lease: renewed for as long as
+    the forecast (a blocking call) runs, however long, and removed with the claim as the result is pushed."""
+    from core.forecast import ForecastResult
+    from workers import tasks
+    from workers.runtime import WorkerRuntime
+
+    client = redis.Redis.from_url(redis_url)
+    claim, lease = TASK_CLAIM_KEY.format(request_id="r1"), TASK_LEASE_KEY.format(request_id="r1")
+    seen: dict[str, object] = {}
+
+    class Slow:
+        def current(self) -> "Slow":
+            return self
+
+        def run(self, request: ForecastRequest, snapshot: object) -> ForecastResult:
+            seen["claim"] = client.get(claim)
+            time.sleep(2 * TASK_LEASE_MS / 1000)  # two leases long: it must have been renewed meanwhile
+            seen["lease"] = client.get(lease)
+            return ForecastResult(np.ones((request.num_simulations, request.n_points), np.float32), "test", None, 1.0)
+
+    runtime = WorkerRuntime(Settings(redis_url=redis_url), client, None, Slow())  # type: ignore[arg-type]
+    monkeypatch.setattr(runtime, "snapshot", lambda *_: None)
+    monkeypatch.setattr(tasks, "get_runtime", lambda: runtime)
+    monkeypatch.setattr(tasks, "announce", lambda _: None)
+    request = ForecastRequest("BTC", int(time.time()) + 600, 300, 86_400, 10)
+    tasks.forecast.run(request.__dict__, RESULT_KEY.format(request_id="r1"), time.time() + 20.0, "r1")
+    name = metrics.HEARTBEAT.name.encode()
+    assert seen == {"claim": name, "lease": name}
+    assert decode_result(client.lpop(RESULT_KEY.format(request_id="r1")) or b"").engine == "test"
+    assert not client.exists(claim, lease)
+    time.sleep(2 * TASK_LEASE_RENEW_S)
+    assert not client.exists(claim, lease)  # no renewal brought them back
+
+
+def test_a_lease_no_longer_renewed_lapses_and_leaves_the_claim(redis_url: str) -> None:
+    """A worker that dies (or freezes) mid-task stops renewing: the lease lapses within TASK_LEASE_MS, on Redis's
+    clock (PX, whatever the worker's clock says), while the claim outlasts the miner's wait and names the worker."""
+    from workers.lease import TaskLease
+
+    client = redis.Redis.from_url(redis_url)
+    lease = TaskLease(client, "r1", "w1@host:7", claim_s=45.2).start()
+    assert 0 < client.pttl(TASK_LEASE_KEY.format(request_id="r1")) <= TASK_LEASE_MS
+    lease.stop()
+    deadline = time.monotonic() + 3 * TASK_LEASE_MS / 1000
+    while client.exists(TASK_LEASE_KEY.format(request_id="r1")):
+        assert time.monotonic() < deadline, "the lease outlived its TTL"
+        time.sleep(0.05)
+    assert client.get(TASK_CLAIM_KEY.format(request_id="r1")) == b"w1@host:7"
+    assert 40 < client.ttl(TASK_CLAIM_KEY.format(request_id="r1")) <= 46
+
+
+def test_a_forecast_whose_worker_died_is_not_run_again_by_celery() -> None:
+    """Acked as it starts: a worker killed mid-task loses it (the miner sends it again under a new id if it has the
+    time). Acked late, Celery would re-deliver it after the visibility timeout, hours past any deadline."""
+    from workers import tasks
+
+    conf = create_app(Settings()).conf
+    assert tasks.forecast.acks_late is False and conf.task_acks_late is False
+    assert not conf.task_reject_on_worker_lost

@@ -4,6 +4,8 @@ worker processes started as ``celery -A tests.worker_apps worker``.
 - ``test.sleep``: a task with the forecast's delivery options that sleeps and logs how long it waited;
 - the weekly retrain's work replaced by one that logs each start and, on the first (or while
   ``RETRAIN_HANG_KEY`` is set), hangs until killed or stopped by its time limit;
+- while ``HOLD_FORECAST_KEY`` is set, the first forecast to start takes it (the key is removed) and its engine runs
+  for 10 minutes, as a forecast stuck in a long torch call would, until the test kills or stops the process;
 - with ``CLOCK_OFFSET_ENV`` set (seconds, negative: behind), a process whose wall clock is that far off the
   host's, as seen by Python: its heartbeats' "at", its tasks' deadline checks and Celery's ``expires`` check.
   (libfaketime would skew the whole process, but it is not installed where the tests run.)
@@ -17,16 +19,21 @@ from typing import Any
 
 import celery.worker.request
 import redis
+from celery.signals import worker_init
 
+from core.forecast import Forecaster, ForecastResult
+from core.prices import MarketSnapshot
+from core.prompts import ForecastRequest
 from core.settings import Settings
 from workers import jobs
 from workers.app import app
 
-__all__ = ["app", "SLEEP_LOG_KEY", "RETRAIN_STARTS_KEY", "RETRAIN_HANG_KEY", "CLOCK_OFFSET_ENV"]
+__all__ = ["app", "SLEEP_LOG_KEY", "RETRAIN_STARTS_KEY", "RETRAIN_HANG_KEY", "HOLD_FORECAST_KEY", "CLOCK_OFFSET_ENV"]
 
 SLEEP_LOG_KEY = "test:sleep:log"
 RETRAIN_STARTS_KEY = "test:retrain:starts"
 RETRAIN_HANG_KEY = "test:retrain:hang"
+HOLD_FORECAST_KEY = "test:forecast:hold"
 CLOCK_OFFSET_ENV = "TEST_CLOCK_OFFSET_S"
 
 
@@ -49,6 +56,21 @@ def retrain_that_hangs(settings: Settings) -> dict[str, Any]:
 
 
 jobs.retrain_work = retrain_that_hangs
+
+_run_forecast = Forecaster.run
+
+
+def forecast_that_may_hang(self: Forecaster, request: ForecastRequest, snapshot: MarketSnapshot,
+                           engine: str | None = None) -> ForecastResult:
+    if _client().delete(HOLD_FORECAST_KEY):  # one forecast only: a re-sent one runs as usual
+        time.sleep(600)
+    return _run_forecast(self, request, snapshot, engine)
+
+
+@worker_init.connect
+def _hold_forecasts(**_: Any) -> None:
+    """In a worker only: the test processes that import this module for its names run their forecasts unchanged."""
+    Forecaster.run = forecast_that_may_hang  # type: ignore[method-assign]
 
 
 def skew_clock(offset_s: float) -> None:

@@ -81,9 +81,14 @@ class Heartbeat:
         self._failures = 0  # beats failed in a row: retried every second, so only the first is a warning
         self._sent_at = 0.0  # monotonic time of the last beat Redis took, from any thread
 
+    @property
+    def name(self) -> str:
+        """This process's name in its heartbeat (and in the leases of the forecasts it runs)."""
+        return f"{self.node}:{os.getpid()}"
+
     def announce(self, client: object, engine: str, version: str | None, queues: str = "",
                  device: str = "cpu", models: dict[str, str] | None = None) -> None:
-        name = f"{self.node}:{os.getpid()}"
+        name = self.name
         with self._lock:
             self._client = client
             self._payload = {"name": name, "engine": engine, "device": device, "models": models or {},

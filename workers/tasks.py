@@ -15,6 +15,7 @@ from core.prompts import ForecastRequest, RequestError, check_request
 from core.settings import get_settings
 from core.transport import encode_error, encode_paths
 from workers.app import app
+from workers.lease import TaskLease
 from workers.metrics import HEARTBEAT, TASK_SECONDS, TASKS, count_expired, serve_metrics, serving
 from workers.runtime import WorkerRuntime, get_runtime
 
@@ -130,6 +131,17 @@ atexit.register(HEARTBEAT.retire)
           time_limit=FORECAST_SOFT_LIMIT_S + FORECAST_KILL_GRACE_S)
 def forecast(request: dict[str, Any], result_key: str, deadline: float, request_id: str) -> None:
     runtime = get_runtime()
+    # Claimed before anything else: from here on the miner can tell this process died (its lease lapses).
+    lease = TaskLease(runtime.redis, str(request_id), HEARTBEAT.name,
+                      runtime.settings.max_wait_s + LATE_RESULT_TTL_S).start()
+    try:
+        _forecast(runtime, lease, request, result_key, deadline, request_id)
+    finally:  # whatever escapes (a BaseException): no renewal thread left behind, the lease then lapses
+        lease.stop()
+
+
+def _forecast(runtime: WorkerRuntime, lease: TaskLease, request: dict[str, Any], result_key: str, deadline: float,
+              request_id: str) -> None:
     due = time.time()  # until the deadline is read: a result is then kept only LATE_RESULT_TTL_S
     try:
         due = finite_deadline(deadline)
@@ -147,8 +159,9 @@ def forecast(request: dict[str, Any], result_key: str, deadline: float, request_
         blob = encode_error(f"{type(exc).__name__}: {exc}")
         TASKS.labels("error").inc()
     ttl = min(runtime.settings.result_ttl_s, max(0, math.ceil(due - time.time())) + LATE_RESULT_TTL_S)
-    pipe = runtime.redis.pipeline()
+    pipe = runtime.redis.pipeline()  # one transaction: the result appears as the claim and lease go
     pipe.rpush(result_key, blob)
     pipe.expire(result_key, ttl)
+    lease.release(pipe)
     pipe.execute()
     announce(runtime)
