@@ -17,7 +17,8 @@ miner's /metrics), p50/p99/max time to the last byte, and the forecasts whose wo
 (kill -9, SIGSTOP: their lease lapsed) by what answered them, the re-sent task or the fallback. A forecast
 running on the killed worker used to wait out SYNTH_MAX_WAIT_S (30 s). One the worker had taken from the
 queue but not started yet still does (it holds no claim: killed in those milliseconds, or an idle worker
-frozen by SIGSTOP, whose open BRPOP still takes a task): that is the max of the worker phases. Every miss or invalid reply is listed with its prompt,
+frozen by SIGSTOP, whose open BRPOP still takes a task): when it happens, that is the max of the worker
+phases. A request waiting while Redis restarts reconnects and is answered by the pool. Every miss or invalid reply is listed with its prompt,
 to be found in the miner's log (kept with --keep). Then one JSON line.
 
 Replies are judged (parsed into the validator's Simulation type, both validator rule sets) in a separate

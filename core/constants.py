@@ -143,6 +143,11 @@ TASK_LEASE_RENEW_S: Final = 0.5
 # worker killed mid-task (kill -9, OOM, a GPU crash) or frozen is noticed TASK_LEASE_MS + this after its last
 # renewal, where the wait used to run out at the deadline (max_wait_s, 30 s). A result still ends the wait at once.
 TASK_LEASE_CHECK_S: Final = 0.5
+# A miner waiting for a result whose Redis connection fails (Redis restarting) reconnects until the pool's deadline,
+# waiting from the first to the last delay, doubling: a restarted Redis still delivers the result a worker pushes
+# after it, where the first failure used to be the fallback's. Back, the task's lease is judged only after one
+# TASK_LEASE_MS more (a live worker renews it within TASK_LEASE_RENEW_S of Redis's return).
+REDIS_RECONNECT_S: Final = (0.05, 0.5)
 # A forecast whose worker stopped is sent again (once, to another live reader) only with this much time left to
 # the pool's deadline; with less the fallback answers now (a model forecast rarely comes back in less).
 LOST_TASK_RESEND_MIN_S: Final = 1.0

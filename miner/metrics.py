@@ -52,6 +52,8 @@ def fallback_reason(reason: str | None) -> str:
         return "worker_error"
     if "stopped while running" in text:  # a worker killed or frozen mid-task (its lease lapsed), re-sent or not
         return "worker_lost"
+    if "lost with redis" in text:  # Redis restarted without the task: neither queued, claimed nor answered
+        return "redis_down"
     if "no live worker" in text:  # nothing sent: no process announces the queue (stopped, killed, hung)
         return "no_worker"
     if "unavailable" in text or "connection" in text:

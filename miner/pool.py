@@ -24,10 +24,7 @@ from core.constants import (
     LIVE_READERS_CHECK_S,
     LOST_TASK_RESEND_MIN_S,
     RESULT_KEY,
-    TASK_CLAIM_KEY,
     TASK_FORECAST,
-    TASK_LEASE_CHECK_S,
-    TASK_LEASE_KEY,
 )
 from core.forecast import ForecasterSource, ForecastResult
 from core.heartbeats import HEARTBEAT_PATTERN, Reading, key_age, live_readers, parse_heartbeat
@@ -35,12 +32,11 @@ from core.prices import MarketSnapshot
 from core.prompts import ForecastRequest
 from core.settings import Settings
 from core.transport import ComputedPaths, decode_result
+from miner.result_wait import PoolError, TaskLost, await_result
+
+__all__ = ["CeleryPool", "EmbeddedPool", "ForecastPool", "PoolError", "celery_client"]
 
 log = logging.getLogger(__name__)
-
-
-class PoolError(RuntimeError):
-    """The pool could not produce paths in time (timeout, broker down, worker error)."""
 
 
 class ForecastPool(Protocol):
@@ -251,44 +247,38 @@ class CeleryPool:
 
     async def _await_result(self, request: ForecastRequest, queue: str, deadline: float, request_id: str,
                             result_key: str) -> tuple[bytes, str | None]:
-        """The result, and why the request was sent again (None: it was not). BLPOP in slices of TASK_LEASE_CHECK_S
-        (a result ends one at once), the task's claim and lease read between them in one MGET. A task claimed
-        whose lease lapsed has lost its worker (killed, crashed or frozen): the result will never come. It is sent
-        again once, under a new id, if a live reader other than the lost worker exists and LOST_TASK_RESEND_MIN_S
-        are left; else PoolError now, and the fallback answers, instead of after the whole wait. The re-sent task
-        expires at the same deadline, so the fallback's time is never touched."""
+        """The result, and why the request was sent again (None: it was not). A task whose result cannot come (its
+        worker stopped mid-task, or Redis lost it in a restart: see miner/result_wait.py) is sent again once, under
+        a new id, if a live reader other than a lost worker exists and LOST_TASK_RESEND_MIN_S are left; else
+        PoolError now, and the fallback answers, instead of after the whole wait. The re-sent task expires at the
+        same deadline, so the fallback's time is never touched."""
         keys, attempt, resent_after = [result_key], request_id, None
         while True:
-            left = deadline - time.time()
-            if left <= 0:
-                raise PoolError("pool did not answer before the deadline"
-                                + (f" (sent again after {resent_after})" if resent_after else ""))
-            # Never 0: BLPOP's 0 waits for ever. Both keys once re-sent: the first worker, if frozen, may resume.
-            reply = await self.redis.blpop(keys, timeout=max(0.01, min(TASK_LEASE_CHECK_S, left)))
-            if reply is not None:
-                return bytes(reply[1]), resent_after  # type: ignore[arg-type]
-            # One command, so one instant: the worker removes both keys in the transaction that pushes the result.
-            claim, lease = await self.redis.mget([TASK_CLAIM_KEY.format(request_id=attempt),
-                                                  TASK_LEASE_KEY.format(request_id=attempt)])
-            if claim is None or lease is not None:  # still queued (or a worker that takes no lease), or running
-                continue
-            worker = claim.decode("utf-8", "replace") if isinstance(claim, bytes) else str(claim)
-            lost = f"worker {worker} stopped while running the forecast (its lease lapsed)"
-            self._lost_worker(worker)
+            try:
+                return await await_result(self.redis, keys, attempt, queue, deadline), resent_after
+            except TaskLost as exc:
+                lost = exc
+            except PoolError as exc:
+                if resent_after is None:
+                    raise
+                raise PoolError(f"{exc} (sent again after {resent_after})") from None
+            if lost.worker is not None:
+                self._lost_worker(lost.worker)
             if resent_after is not None:
-                raise PoolError(f"{lost}, after it was sent again because {resent_after}")
+                raise PoolError(f"{lost.reason}, after it was sent again because {resent_after}")
             left = deadline - time.time()
             if left < LOST_TASK_RESEND_MIN_S:
-                raise PoolError(f"{lost}; {left:.1f} s left, too little to send it again")
+                raise PoolError(f"{lost.reason}; {left:.1f} s left, too little to send it again")
             attempt = f"{request_id}-2"  # a new task id and result key: nothing of the lost run can land in it
             try:
                 await self._check_reader(queue, deadline)
+                # Both keys from now on: a frozen worker that resumes may still answer the first.
                 keys.insert(0, await self._enqueue(request, deadline, attempt))
             except Exception as exc:  # noqa: BLE001 - any failure to re-send: the fallback answers now
                 why = str(exc) if isinstance(exc, PoolError) else f"{type(exc).__name__}: {exc}"
-                raise PoolError(f"{lost}; not sent again: {why}") from exc
-            resent_after = f"worker {worker} stopped while running it"
-            log.warning("request %s: %s: sent again as %s with %.1f s left", request_id, lost, attempt, left)
+                raise PoolError(f"{lost.reason}; not sent again: {why}") from exc
+            resent_after = lost.short
+            log.warning("request %s: %s: sent again as %s with %.1f s left", request_id, lost.reason, attempt, left)
 
     def _lost_worker(self, worker: str) -> None:
         now = time.time()

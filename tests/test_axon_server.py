@@ -258,6 +258,10 @@ async def test_the_guard_refuses_unwanted_callers_as_bittensor_would_without_bit
      "to send it again", "worker_lost"),
     ("PoolError: pool did not answer before the deadline (sent again after worker gpu0@host:41 stopped while running "
      "it)", "worker_lost"),
+    ("PoolError: the task was lost with Redis's restart (neither queued, claimed nor answered); not sent again: no "
+     "live worker reads queue infer.hf (none has announced itself in the last 25 s)", "redis_down"),
+    ("PoolError: pool unavailable: ConnectionError: Error 111 connecting to 127.0.0.1:6379. Connection refused. "
+     "(Redis unreachable until the deadline)", "redis_down"),
     ("PoolError: pool unavailable: worker heartbeats not read within 1 s", "redis_down"),
     ("PoolError: pool did not answer before the deadline", "timeout"),
     ("PoolError: embedded forecast timed out", "timeout"),

@@ -287,7 +287,7 @@ async def test_worker_killed_during_a_forecast_another_worker_answers(replay: St
     try:
         await wait_until(lambda: all(" ready." in w.text() for w in workers), within=90, every=0.2)
         await replay.until_pool("BTC", 300, 86_400)  # the miner has seen them
-        client.set(HOLD_FORECAST_KEY, 1)
+        client.set(HOLD_FORECAST_KEY, 600)  # until it is killed
         asked = asyncio.create_task(replay.ask("BTC", 300, 86_400, timeout=40.0))
 
 

@@ -227,13 +227,17 @@ async def test_embedded_pool_loads_a_new_artifact_off_the_event_loop() -> None:
 # --- workers whose clock is off ----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def btc_cache(redis_url: str, shared_data: Path) -> str:
+def cache_btc(redis_url: str, shared_data: Path) -> str:
     """Three days of BTC minutes in the cache, so a worker computes real paths."""
     now = int(time.time())
     history = ReplaySource(shared_data).shifted("BTC", 60).between(now - 3 * 86_400, now)
     RedisHistoryCache(redis.Redis.from_url(redis_url)).write("BTC", history)
     return redis_url
+
+
+@pytest.fixture
+def btc_cache(redis_url: str, shared_data: Path) -> str:
+    return cache_btc(redis_url, shared_data)
 
 
 def start_skewed_worker(tmp_path: Path, redis_url: str, offset_s: float) -> Proc:
@@ -512,7 +516,7 @@ async def test_a_worker_frozen_mid_forecast_is_given_up_at_once(tmp_path: Path, 
     try:
         got = await pool.forecast(request, None, time.time() + 50.0, "warm")  # type: ignore[arg-type]
         assert got.engine == "ewma_t"
-        client.set(HOLD_FORECAST_KEY, 1)
+        client.set(HOLD_FORECAST_KEY, 600)  # longer than the test: it is frozen, then killed
         waiting = asyncio.create_task(pool.forecast(request, None, time.time() + 50.0, "r1"))  # type: ignore[arg-type]
         name = await claimed_by(client, "r1")
         assert name.startswith("frozen@") and name.endswith(f":{worker.proc.pid}")
@@ -527,3 +531,94 @@ async def test_a_worker_frozen_mid_forecast_is_given_up_at_once(tmp_path: Path, 
             os.killpg(worker.proc.pid, signal.SIGCONT)
         worker.stop(signal.SIGKILL)
         await pool.close()
+
+
+# --- Redis restarting while a request waits for its result ---------------------------------------------------
+
+
+def restart(server: RedisServer) -> RedisServer:
+    """A fresh redis-server on the same port and folder: it loads the dump there, if any (a production Redis
+    loads its AOF)."""
+    fresh = RedisServer(server.workdir)
+    fresh.port = server.port
+    return fresh.start()
+
+
+async def test_a_forecast_running_while_redis_restarts_still_answers(tmp_path: Path, shared_data: Path) -> None:
+    """Redis restarts (with its data) while a real worker computes: the worker pushes its result once Redis is
+    back, and the miner, reconnecting, gets it. It used to fail at the first failed read, and the fallback answered.
+    The restart outlasts the lease kept in the dump: the lapse read right after it is not a lost worker."""
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis").start()
+    url = cache_btc(server.url, shared_data)
+    worker = ready(start_test_worker(tmp_path, url, "steady"), url, "steady")
+    pool = lost_pool(url)
+    client = redis.Redis.from_url(url)
+    request = ForecastRequest("BTC", int(time.time()) + 600, 60, 3_600, 50)
+    try:
+        assert (await pool.forecast(request, None, time.time() + 50.0, "warm")).engine == "ewma_t"  # type: ignore[arg-type]
+        downtime_s = TASK_LEASE_MS / 1000 + 0.5
+        client.set(HOLD_FORECAST_KEY, downtime_s + 2.5)  # the forecast ends after Redis is back
+        waiting = asyncio.create_task(pool.forecast(request, None, time.time() + 50.0, "r1"))  # type: ignore[arg-type]
+        await claimed_by(client, "r1")
+        while client.exists(HOLD_FORECAST_KEY):  # until its engine runs: its market data read, nothing left to read
+            await asyncio.sleep(0.01)
+        client.save()
+        server.stop()  # SIGKILL
+        await asyncio.sleep(downtime_s)
+        server = restart(server)
+        async with asyncio.timeout(30):
+            got = await waiting
+        assert got.paths.shape == (50, 61) and got.engine == "ewma_t" and got.resent_after is None
+        assert "Task synth.forecast[r1-2]" not in worker.text()  # the same task answered, not a second one
+    finally:
+        worker.stop(signal.SIGKILL)
+        await pool.close()
+        server.stop()
+
+
+async def test_a_task_lost_with_an_empty_redis_restart_is_sent_again(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis restarted empty (no persistence, a new instance) loses the queued task: neither queued, claimed nor
+    answered once it is back, the request is sent again instead of waiting out the deadline."""
+    monkeypatch.setattr(pool_module, "LIVE_READERS_CHECK_S", 0.0)
+    server = RedisServer(tmp_path).start()
+    pool = lost_pool(server.url)
+    request = ForecastRequest("BTC", int(time.time()) + 600, 60, 3_600, 3)
+    paths = np.full((3, 61), 100.0, np.float32)
+    try:
+        announce(server.url, "infer.hf")
+        waiting = asyncio.create_task(pool.forecast(request, None, time.time() + 50.0, "r1"))  # type: ignore[arg-type]
+        await queued_task(redis.Redis.from_url(server.url), "infer.hf")
+        server.stop()
+        await asyncio.sleep(0.5)
+        server = restart(server)  # empty: nothing was saved
+        announce(server.url, "infer.hf")  # the worker's next heartbeat
+        client = redis.Redis.from_url(server.url)
+        again = await asyncio.wait_for(queued_task(client, "infer.hf"), 20)
+        assert again["id"] == "r1-2"
+        client.rpush(RESULT_KEY.format(request_id="r1-2"), encode_paths(paths, "test"))
+        got = await asyncio.wait_for(waiting, 20)
+        np.testing.assert_array_equal(got.paths, paths)
+        assert got.resent_after == "the task was lost with Redis's restart"
+    finally:
+        await pool.close()
+        server.stop()
+
+
+async def test_a_redis_down_until_the_deadline_fails_there(tmp_path: Path) -> None:
+    """Reconnecting is bounded by the pool's deadline, which leaves the fallback its time."""
+    server = RedisServer(tmp_path).start()
+    pool = lost_pool(server.url)
+    request = ForecastRequest("BTC", int(time.time()) + 600, 60, 3_600, 3)
+    try:
+        announce(server.url, "infer.hf")
+        waiting = asyncio.create_task(pool.forecast(request, None, time.time() + 3.0, "r1"))  # type: ignore[arg-type]
+        await queued_task(redis.Redis.from_url(server.url), "infer.hf")
+        server.stop()
+        with pytest.raises(PoolError, match=r"pool unavailable: ConnectionError: .* \(Redis unreachable until the "
+                                            r"deadline\)"):
+            await asyncio.wait_for(waiting, 20)
+    finally:
+        await pool.close()
+        server.stop()

@@ -4,8 +4,9 @@ worker processes started as ``celery -A tests.worker_apps worker``.
 - ``test.sleep``: a task with the forecast's delivery options that sleeps and logs how long it waited;
 - the weekly retrain's work replaced by one that logs each start and, on the first (or while
   ``RETRAIN_HANG_KEY`` is set), hangs until killed or stopped by its time limit;
-- while ``HOLD_FORECAST_KEY`` is set, the first forecast to start takes it (the key is removed) and its engine runs
-  for 10 minutes, as a forecast stuck in a long torch call would, until the test kills or stops the process;
+- while ``HOLD_FORECAST_KEY`` is set (to seconds), the first forecast to start takes it (the key is removed) and its
+  engine runs that much longer, as a long torch call would: a test kills or stops the process meanwhile, or restarts
+  Redis under it;
 - with ``CLOCK_OFFSET_ENV`` set (seconds, negative: behind), a process whose wall clock is that far off the
   host's, as seen by Python: its heartbeats' "at", its tasks' deadline checks and Celery's ``expires`` check.
   (libfaketime would skew the whole process, but it is not installed where the tests run.)
@@ -62,8 +63,9 @@ _run_forecast = Forecaster.run
 
 def forecast_that_may_hang(self: Forecaster, request: ForecastRequest, snapshot: MarketSnapshot,
                            engine: str | None = None) -> ForecastResult:
-    if _client().delete(HOLD_FORECAST_KEY):  # one forecast only: a re-sent one runs as usual
-        time.sleep(600)
+    held = _client().getdel(HOLD_FORECAST_KEY)  # one forecast only: a re-sent one runs as usual
+    if held:
+        time.sleep(float(held))
     return _run_forecast(self, request, snapshot, engine)
 
 
