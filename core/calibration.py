@@ -564,7 +564,8 @@ def store_histories(settings: Settings, end: int, assets: Sequence[str] | None =
 
 def run_calibration_job(settings: Settings, now: int | None = None) -> dict[str, Any]:
     """The hourly job: calibrate on the durable history store, stage, gate, publish. Returns a summary."""
-    from core.artifacts import ArtifactError, ArtifactStore, DataWindow
+    from core.artifact_files import ArtifactError, DataWindow
+    from core.artifacts import ArtifactStore
     from core.champion import artifact_forecaster, challenge
     from core.engines_registry import engines_over, models_in
 

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from core.artifacts import BUILT_ON_NOTE, ArtifactError, ArtifactSet, ArtifactStore
+from core.artifact_files import BUILT_ON_NOTE, ArtifactError
+from core.artifact_sets import ArtifactSet
+from core.artifacts import ArtifactStore
 from core.calibration import Case, score_cases
 from core.engines.base import Engine
 from core.evaluation import FloatArray

@@ -14,7 +14,7 @@ from core.forecast import Forecaster, ScaleLookup, no_calibration
 from core.settings import Settings
 
 if TYPE_CHECKING:
-    from core.artifacts import ArtifactSet, Loader
+    from core.artifact_sets import ArtifactSet, Loader
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,8 @@ def served_artifact(settings: Settings) -> "ArtifactSet | None":
     """The current artifact version, every file hash-verified and loaded; None before the first
     publish, or when the current version does not load (corrupt, truncated, unreadable): then the
     committed ``models/`` serve, unscaled, as a worker does; a refused set's models are never served."""
-    from core.artifacts import ArtifactError, ArtifactStore
+    from core.artifact_files import ArtifactError
+    from core.artifacts import ArtifactStore
 
     try:
         return ArtifactStore.from_settings(settings).load_current_or_none()
@@ -127,7 +128,8 @@ class LiveForecaster:
     loaders: "Mapping[str, Loader]" = {}  # by file suffix, over the store's defaults
 
     def __init__(self, settings: Settings, engine: str | None = None) -> None:
-        from core.artifacts import ArtifactStore, ArtifactWatcher
+        from core.artifact_watcher import ArtifactWatcher
+        from core.artifacts import ArtifactStore
 
         self.settings = settings
         self.engine = engine

@@ -12,7 +12,7 @@ as the validator scores them. A retrained model that does not lose (``retrain_to
 as an artifact (the current calibration and other models inherited) and published; workers load it
 between tasks. A losing one stays in ``artifacts/staging/`` with the verdict in the report, and the
 plain checkpoints of every run are kept in ``artifacts/staging/models-<stamp>-<random>/`` for inspection (a week:
-``ArtifactStore.prune_staging``).
+``core.artifact_retention.prune_staging``).
 """
 
 import logging
@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from core.artifacts import ArtifactError, ArtifactStore, DataWindow, new_version
+from core.artifact_files import ArtifactError, DataWindow, new_version
+from core.artifacts import ArtifactStore
 from core.calibration import CALIBRATION_FILE, CalibrationState, Case, CasePlan, recent_cases
 from core.champion import challenge_models
 from core.checkpoint import Checkpoint, save

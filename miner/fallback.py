@@ -5,7 +5,7 @@ only to serve EWMA-t, so each start loaded the models twice (embedded mode) or l
 miner never runs (Celery mode, where the workers compute).
 """
 
-from core.artifacts import ArtifactSet, kept_as_bytes
+from core.artifact_sets import ArtifactSet, kept_as_bytes
 from core.engines_registry import LiveForecaster, scale_of
 from core.forecast import FALLBACK_ENGINE, Forecaster, ForecasterSource, default_engines
 from core.settings import Settings

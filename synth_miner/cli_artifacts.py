@@ -15,7 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Column, Table
 
-from core.artifacts import BUILT_ON_NOTE, ArtifactError, ArtifactStore, DataWindow
+from core.artifact_files import BUILT_ON_NOTE, ArtifactError, DataWindow
+from core.artifacts import ArtifactStore
 from core.assets import ASSETS
 from core.calibration import (
     CALIBRATION_FILE,

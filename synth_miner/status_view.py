@@ -26,7 +26,7 @@ def models_cell(models: dict[str, str] | None) -> str:
     if models is None:
         return "?"  # a heartbeat from before models were announced
 
-    from core.artifacts import VERSIONS
+    from core.artifact_files import VERSIONS
 
     def origin(path: str) -> str:
         parts = Path(path).parts

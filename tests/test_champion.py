@@ -6,7 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.artifacts import ArtifactError, ArtifactSet, ArtifactStore
+from core.artifact_files import ArtifactError
+from core.artifact_sets import ArtifactSet
+from core.artifacts import ArtifactStore
 from core.calibration import CALIBRATION_FILE, CalibrationState, Case, CasePlan, Entry, recent_cases
 from core.champion import (
     COMMITTED_MODELS,

@@ -11,7 +11,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from core.artifacts import ArtifactStore, Manifest
+from core.artifact_files import Manifest
+from core.artifacts import ArtifactStore
 from core.calibration import CALIBRATION_FILE, CalibrationState, Entry
 from core.csv_history import read_csv, write_csv
 from core.path_sampling import unit_t

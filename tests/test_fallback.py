@@ -8,9 +8,9 @@ from typing import cast
 import numpy as np
 import pytest
 
-import core.artifacts
-from core.artifacts import CALIBRATION_FILE, ArtifactStore
-from core.calibration import CalibrationState, Entry
+import core.artifact_watcher
+from core.artifacts import ArtifactStore
+from core.calibration import CALIBRATION_FILE, CalibrationState, Entry
 from core.forecast import FALLBACK_ENGINE, Forecaster, default_engines
 from core.prices import MarketSnapshot, PriceHistory
 from core.prompts import ForecastRequest
@@ -52,7 +52,7 @@ def test_a_slow_reload_does_not_undo_a_newer_one(tmp_path: Path, monkeypatch: py
     """The reply threads call ``current`` concurrently. A thread still loading version 1 used to overwrite
     the forecaster another thread had just built from version 2; the watcher counted version 2 as seen,
     so the fallback kept version 1's calibration until the next publish."""
-    monkeypatch.setattr(core.artifacts, "ArtifactWatcher", SlowLinkWatcher)  # what LiveForecaster builds
+    monkeypatch.setattr(core.artifact_watcher, "ArtifactWatcher", SlowLinkWatcher)  # what LiveForecaster builds
     monkeypatch.setattr(StatisticalForecaster, "_build",
                         lambda self, artifact: f"forecaster-{artifact.version if artifact else None}")
     source = StatisticalForecaster(Settings(_env_file=None, artifacts_dir=tmp_path))

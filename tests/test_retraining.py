@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from core.artifacts import ArtifactStore, DataWindow
+from core.artifact_files import DataWindow
+from core.artifacts import ArtifactStore
 from core.champion import COMMITTED_MODELS
 from core.checkpoint import load
 from core.csv_history import read_csv

@@ -113,7 +113,7 @@ def test_a_reload_takes_models_and_calibration_from_one_version(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A publish landing while a worker reloads must not pair one version's models with the next one's
     calibration: the reload builds everything from the version it resolved."""
-    from core.artifacts import ArtifactWatcher
+    from core.artifact_watcher import ArtifactWatcher
     from core.engines_registry import LiveForecaster
 
     artifacts = tmp_path / "artifacts"
