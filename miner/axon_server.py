@@ -394,6 +394,8 @@ class AxonHandlers:
         self.metrics.requests.labels(request.asset, prompt, answer.source).inc()
         self.metrics.latency.labels(prompt).observe(done - received)
         self.metrics.deadline_margin.labels(prompt).observe(max(0.0, deadline + self.settings.reply_margin_s - done))
+        if answer.price_time is not None:  # a provider's print may be stamped a few seconds ahead of our clock
+            self.metrics.price_age.labels(request.asset).set(max(0.0, done - answer.price_time))
         if answer.shared:
             self.metrics.shared.inc()
         self.metrics.engines.labels(prompt, answer.source, answer.engine or "unknown").inc()

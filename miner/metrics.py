@@ -10,6 +10,11 @@ from core.constants import EXPIRED_TASKS_KEY
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 60, 120)
+# Every value fallback_reason() returns, and what answers a lost forecast: exported at 0 from the start, so
+# the first fallback or lost worker after a restart is an increase Prometheus sees (a series born at 1 has
+# no earlier sample, and increase() reads no rise in it: deploy/prometheus/alerts.yml would stay silent).
+FALLBACK_REASONS = ("worker_error", "worker_lost", "redis_down", "no_worker", "timeout", "invalid_paths", "other")
+LOST_ANSWERED_BY = ("resent", "fallback")
 
 
 class MinerMetrics:
@@ -23,14 +28,22 @@ class MinerMetrics:
         self.deadline_margin = Histogram("synth_deadline_margin_seconds", "time left before the caller's deadline",
                                          ["prompt"], buckets=LATENCY_BUCKETS, registry=r)
         self.fallbacks = Counter("synth_fallbacks", "answers from the in-process fallback", ["reason"], registry=r)
+        for why in FALLBACK_REASONS:
+            self.fallbacks.labels(why)
         # Which engine computed each answer: a worker whose model could not serve a request answers with its
         # own EWMA-t, which the outcome above counts as "pool".
         self.engines = Counter("synth_answers_by_engine", "answers by the engine that computed them",
                                ["prompt", "source", "engine"], registry=r)
+        # How old the newest price was that an answer's forecast started from (its snapshot's anchor), set at
+        # each answer: a frozen feed degrades every forecast while fallbacks and valid replies look healthy.
+        self.price_age = Gauge("synth_price_age_seconds", "age of the newest price the last answer of the "
+                               "asset was forecast from", ["asset"], registry=r)
         # Forecasts whose worker stopped mid-task (their lease lapsed), by what answered them: the re-sent task's
         # worker ("resent") or the fallback ("fallback", also counted above as reason worker_lost).
         self.lost = Counter("synth_lost_forecasts", "forecasts whose worker stopped while running them",
                             ["answered_by"], registry=r)
+        for by in LOST_ANSWERED_BY:
+            self.lost.labels(by)
         self.invalid = Counter("synth_invalid_replies", "replies refused by the self-check (never sent)", registry=r)
         self.shared = Counter("synth_shared_requests", "requests answered from an identical one", registry=r)
         self.queue_depth = Gauge("synth_queue_depth", "messages waiting per Celery queue", ["queue"], registry=r)
@@ -79,9 +92,14 @@ async def watch_queue_depth(metrics: MinerMetrics, redis_url: str, queues: list[
             try:
                 expired = await client.hgetall(EXPIRED_TASKS_KEY)
             except Exception:  # Redis away: the depths above say so (NaN); the counts stay as last read
-                expired = {}
-            for field, count in expired.items():
-                metrics.expired.labels(field.decode() if isinstance(field, bytes) else field).set(int(count))
+                expired = None
+            if expired is not None:
+                # A watched queue with no field has lost nothing since Redis was emptied: 0, not absent, so
+                # the first discard is a rise an alert sees.
+                counts = {queue: 0 for queue in queues}
+                counts |= {(f.decode() if isinstance(f, bytes) else f): int(c) for f, c in expired.items()}
+                for queue, count in counts.items():
+                    metrics.expired.labels(queue).set(count)
             await asyncio.sleep(every_s)
     finally:  # cancelled at shutdown: close the connection rather than leave the socket to the collector
         await client.aclose()

@@ -66,6 +66,9 @@ class Answer:
     engine: str = ""  # the engine that computed the paths ("" if a worker of an earlier release did not say)
     pool_late: bool = False  # the fallback answered because the pool ran out of time (not because it failed)
     resent_after: str | None = None  # the pool sent it again, and why (the worker running it stopped)
+    # Unix time of the newest price its forecast started from (the miner's snapshot's anchor; a worker reads the
+    # same cache a moment later): the axon turns it into synth_price_age_seconds. None: no snapshot was read.
+    price_time: float | None = None
 
 
 class MinerService:
@@ -165,7 +168,7 @@ class MinerService:
                                               + self.settings.fallback_budget_s / 2)
             body = await self._off_loop(functools.partial(self._checked_reply, computed.paths, request))
             return Answer(request, body, "pool", computed.fallback_reason, time.perf_counter() - began, as_of=as_of,
-                          engine=computed.engine, resent_after=computed.resent_after)
+                          engine=computed.engine, resent_after=computed.resent_after, price_time=snapshot.anchor_time)
         except Exception as exc:  # noqa: BLE001 - any pool failure: the fallback answers
             # The wait above ending it says nothing ("TimeoutError: " in the log): say what happened.
             reason = f"{type(exc).__name__}: {str(exc) or 'the pool held past its deadline (Redis or the worker hung)'}"
@@ -178,7 +181,7 @@ class MinerService:
         log.warning("fallback for %s (request %s): %s", request.key(), request_id, reason)
         body, engine = await self._off_loop(functools.partial(self._fallback_reply, request, snapshot))
         return Answer(request, body, "fallback", reason, time.perf_counter() - began, as_of=time.time(),
-                      engine=engine)
+                      engine=engine, price_time=snapshot.anchor_time)
 
     async def _off_loop(self, work: "functools.partial[_Out]") -> _Out:
         return await asyncio.get_running_loop().run_in_executor(_REPLIES, work)

@@ -24,10 +24,11 @@ from bittensor.core.errors import SynapseException
 
 from core.cache import MemoryHistoryCache
 from core.engines_registry import build_forecaster
-from core.market_data import MarketData
+from core.market_data import MarketData, build_snapshot
 from core.prompts import ForecastRequest
 from core.settings import Settings
 from core.sources.registry import sources_for
+from core.sources.replay import ReplaySource
 from miner.access import AccessPolicy, MetagraphView
 from miner.axon_server import (
     AxonHandlers,
@@ -40,7 +41,7 @@ from miner.axon_server import (
     with_caller_timeout,
 )
 from miner.data import MinerData
-from miner.metrics import MinerMetrics, fallback_reason, watch_queue_depth
+from miner.metrics import FALLBACK_REASONS, LOST_ANSWERED_BY, MinerMetrics, fallback_reason, watch_queue_depth
 from miner.offline import patch_bittensor_networking
 from miner.pool import EmbeddedPool
 from miner.protocol import Simulation, SimulationInput
@@ -270,6 +271,18 @@ async def test_the_guard_refuses_unwanted_callers_as_bittensor_would_without_bit
 ])
 def test_fallback_reasons_are_labelled_by_where_the_pool_failed(reason: str, label: str) -> None:
     assert fallback_reason(reason) == label
+    assert label in FALLBACK_REASONS  # exported at 0 from the start (below)
+
+
+def test_the_counters_an_alert_watches_for_a_rise_start_at_zero() -> None:
+    """A labelled series appears at its first event, at 1: Prometheus has no earlier sample, so increase() and
+    rate() read no rise and the alerts on the first fallback or lost worker after a restart stayed silent."""
+    metrics = MinerMetrics()
+    for why in FALLBACK_REASONS:
+        assert metrics.registry.get_sample_value("synth_fallbacks_total", {"reason": why}) == 0, why
+    for by in LOST_ANSWERED_BY:
+        assert metrics.registry.get_sample_value("synth_lost_forecasts_total", {"answered_by": by}) == 0, by
+    assert fallback_reason("something nobody foresaw") in FALLBACK_REASONS
 
 
 async def test_the_queue_depth_watcher_closes_its_connection_when_cancelled(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -303,16 +316,62 @@ async def test_the_miner_shows_the_expired_tasks_the_workers_counted_in_redis(re
 
     redis.Redis.from_url(redis_url).hset(EXPIRED_TASKS_KEY, mapping={"infer.hf": 4, "infer.lf": 1})
     metrics = MinerMetrics()
-    watcher = asyncio.create_task(watch_queue_depth(metrics, redis_url, ["infer.hf", "infer.lf"], every_s=0.01))
+    watcher = asyncio.create_task(watch_queue_depth(metrics, redis_url, ["infer.hf", "infer.lf", "cpu"],
+                                                    every_s=0.01))
     try:
         deadline = time.monotonic() + 5
         while metrics.registry.get_sample_value("synth_expired_tasks", {"queue": "infer.lf"}) != 1:
             assert time.monotonic() < deadline, "the expired counts never showed"
             await asyncio.sleep(0.01)
         assert metrics.registry.get_sample_value("synth_expired_tasks", {"queue": "infer.hf"}) == 4
+        # None lost on cpu: 0, not absent, so its first discard is a rise the alert sees.
+        assert metrics.registry.get_sample_value("synth_expired_tasks", {"queue": "cpu"}) == 0
     finally:
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
+
+
+FROZEN_S = 3600  # the frozen feed's newest price is at least this old
+
+
+async def test_each_answer_shows_how_old_the_prices_it_was_forecast_from_are(tmp_path: Path,
+                                                                             shared_data: Path) -> None:
+    """synth_price_age_seconds per asset, through a real axon, service and market data: a feed that froze an
+    hour ago (its replay plays up to an hour back, and no further) reads an hour old, a live one minutes. The
+    fallback and valid-reply counters cannot tell them apart: both answers are valid and from the pool."""
+    patch_bittensor_networking("127.0.0.1")
+    miner_wallet, vali_wallet = make_wallet(tmp_path, "miner"), make_wallet(tmp_path, "vali")
+    port = free_port()
+    cfg = Settings(_env_file=None, local=True, axon_host="127.0.0.1", axon_port=port,  # type: ignore[call-arg]
+                   allowed_hotkeys=[vali_wallet.hotkey.ss58_address], price_provider="replay",
+                   replay_dir=shared_data)
+    feeds = {"BTC": ReplaySource(shared_data), "ETH": ReplaySource(shared_data, lambda: time.time() - FROZEN_S)}
+    cache = MemoryHistoryCache()
+    forecaster = build_forecaster(cfg)
+    service = MinerService(cfg, MinerData(MarketData(cache, feeds.__getitem__, 86_400, settings=cfg)),
+                           EmbeddedPool(forecaster), forecaster)
+    axon, metrics = serve_axon(cfg, miner_wallet, service, guard_refuses=True)
+    validator = Validator(vali_wallet, miner_wallet.hotkey.ss58_address, port)
+    ages = {}
+    try:
+        await asyncio.sleep(0.5)
+        for asset in feeds:
+            before = time.time()
+            reply, _ = await validator.ask(asset, 60, 3600, 10, timeout=30)
+            after = time.time()
+            assert_valid_reply(reply)
+            ages[asset] = metrics.registry.get_sample_value("synth_price_age_seconds", {"asset": asset})
+            assert ages[asset] is not None, asset
+            # The snapshot the answer used: the cache is only refreshed by a request, so it is still the same.
+            anchor = build_snapshot(cache, asset, int(after), cfg.cache_window_s(60)).anchor_time
+            assert before - anchor <= ages[asset] <= after - anchor, (asset, ages[asset], anchor)
+        assert ages["ETH"] >= FROZEN_S > ages["BTC"], ages
+        assert service.counters["fallbacks"] == 0  # healthy by every other measure
+        assert metrics.registry.get_sample_value("synth_invalid_replies_total") == 0
+    finally:
+        await validator.close()
+        axon.stop()
+        await service.pool.close()
 
 
 def test_the_log_says_which_engine_computed_an_answer_and_why_another_stood_in() -> None:

@@ -283,6 +283,17 @@ async def test_an_answer_taken_from_an_identical_request_says_so() -> None:
     assert first.body is joined.body is kept.body
 
 
+async def test_every_answer_carries_the_time_of_the_price_it_was_forecast_from() -> None:
+    """The axon's synth_price_age_seconds reads it: the pool's, the fallback's and a kept answer alike."""
+    request = ForecastRequest("BTC", int(time.time()) + 600, 60, 3600, 5)
+    pooled = service(FastPool())
+    model = await pooled.answer(request, time.time() + 5.0)
+    kept = await pooled.answer(request, time.time() + 5.0)
+    fallback = await service(LatePool()).answer(request, time.time() + 1.0)
+    assert (model.source, kept.shared, fallback.source) == ("pool", True, "fallback")
+    assert model.price_time == kept.price_time == fallback.price_time == SNAP.anchor_time
+
+
 class DecodingPool(FastPool):
     """Answers at once, then decodes the paths on asyncio's default executor, as the Celery pool does."""
 
