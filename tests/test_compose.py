@@ -25,7 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {"SYNTH_REDIS_PASSWORD": "test-password", "SYNTH_FLOWER_PASSWORD": "flower-password", "PATH": "/usr/bin:/bin"}
 # Read by docker-compose's interpolation or ecosystem.config.js, never by Settings.
 NOT_SETTINGS = {"SYNTH_REDIS_PASSWORD", "SYNTH_GPUS"}
-DEPLOY_FILES = ["docker-compose.yml", "Dockerfile", "ecosystem.config.js", ".env.example", "README.md"]
+DEPLOY_FILES = ["docker-compose.yml", "Dockerfile", "ecosystem.config.js", ".env.example", "README.md",
+                "deploy/prometheus/alerts.yml", "deploy/prometheus/prometheus.yml"]
+# Not fleet processes: third-party images that read no .env (tests/test_alerts.py checks what Prometheus scrapes).
+OUTSIDE_IMAGES = {"redis", "prometheus"}
 
 
 def compose() -> dict[str, Any]:
@@ -36,7 +39,7 @@ def compose() -> dict[str, Any]:
 def test_services_and_safety_properties() -> None:
     spec = compose()
     services = spec["services"]
-    assert set(services) == {"redis", "miner", "worker-gpu0", "worker-cpu", "beat", "flower"}
+    assert set(services) == {"redis", "miner", "worker-gpu0", "worker-cpu", "beat", "flower", "prometheus"}
     redis = services["redis"]
     assert "--requirepass" in redis["command"] and "noeviction" in redis["command"]
     assert "ports" not in redis, "Redis must not be published outside the internal network"
@@ -46,7 +49,7 @@ def test_services_and_safety_properties() -> None:
     assert "cpu" in services["worker-cpu"]["command"]
     assert "stop_grace_period" in services["worker-cpu"]  # jobs in flight get more than Docker's 10 s
     assert "--basic-auth" not in str(services["flower"]) and "SYNTH_FLOWER_PASSWORD" in services["flower"]["environment"]
-    for name in ("redis", "miner", "worker-gpu0", "worker-cpu", "flower"):
+    for name in ("redis", "miner", "worker-gpu0", "worker-cpu", "flower", "prometheus"):
         assert "healthcheck" in services[name], name
     assert services["redis"]["restart"] == "unless-stopped"
 
@@ -343,7 +346,7 @@ def test_every_fleet_process_reads_the_env_file_and_comes_back_after_a_crash_or_
     (another wallet) while the PM2 fleet (ecosystem.config.js), reading .env, serves the right one."""
     for name, service in compose()["services"].items():
         assert service.get("restart") == "unless-stopped", name
-        if name != "redis":
+        if name not in OUTSIDE_IMAGES:
             assert ".env" in env_files(service), name
 
 
@@ -438,6 +441,27 @@ def test_published_ports_match_the_commands() -> None:
     assert flower[flower.index("--port") + 1] == "5555"
     for name in ("redis", "worker-gpu0", "worker-cpu", "beat"):
         assert "ports" not in services[name], name
+
+
+def test_prometheus_is_opt_in_pinned_private_and_reads_the_repositorys_rules() -> None:
+    """`docker compose up -d` starts the fleet as before; the monitoring profile adds Prometheus, at a fixed
+    release, its UI on the host's loopback only (as Flower's), no secret of .env, and deploy/prometheus mounted
+    read-only where its --config.file points."""
+    spec = compose()
+    services = spec["services"]
+    prometheus = services["prometheus"]
+    assert prometheus["profiles"] == ["monitoring"]
+    assert all("profiles" not in service for name, service in services.items() if name != "prometheus")
+    assert re.fullmatch(r"prom/prometheus:v\d+\.\d+\.\d+", prometheus["image"]), prometheus["image"]
+    assert prometheus["ports"] == ["127.0.0.1:9090:9090"]
+    assert "env_file" not in prometheus and "environment" not in prometheus
+    mounts = dict(mount(volume) for volume in prometheus["volumes"])
+    assert "./deploy/prometheus:/etc/prometheus:ro" in prometheus["volumes"]
+    config = next(arg.split("=", 1)[1] for arg in prometheus["command"] if arg.startswith("--config.file="))
+    folder, name = config.rsplit("/", 1)
+    assert (ROOT / mounts[folder] / name).is_file(), config
+    data = next(arg.split("=", 1)[1] for arg in prometheus["command"] if arg.startswith("--storage.tsdb.path="))
+    assert mounts[data] in spec["volumes"], data  # the history outlives the container
 
 
 def test_torch_and_python_match_pyproject() -> None:
