@@ -168,6 +168,31 @@ def test_a_worker_started_while_redis_is_down_announces_itself_as_soon_as_redis_
         server.stop()
 
 
+def test_a_beat_redis_lost_between_two_beats_is_sent_again_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis restarted empty (or flushed) between two beats, none failing: the idle worker stayed missing until its
+    next beat, 10 s on, and the miner answered every request meanwhile from the fallback (``no_worker``; 42 in one
+    chaos soak's empty-restart phase). The beat interval here is far longer than the test may wait."""
+    monkeypatch.setattr(metrics, "HEARTBEAT_EVERY_S", 60.0)
+    monkeypatch.setattr(metrics, "HEARTBEAT_RETRY_S", 0.1)
+    server = RedisServer(tmp_path).start()
+    beat = metrics.Heartbeat()
+    try:
+        client = redis.Redis.from_url(server.url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        beat.announce(client, "patchtst", "v1", "infer.hf")
+        key = WORKER_HEARTBEAT_KEY.format(name=f"{beat.node}:{os.getpid()}")
+        assert client.get(key) is not None
+        client.flushall()
+        deadline = time.monotonic() + 20  # a third of the beat interval: only the check can bring it back
+        while client.get(key) is None:
+            assert time.monotonic() < deadline, "the lost heartbeat waited for the next beat"
+            time.sleep(0.02)
+        assert json.loads(client.get(key))["queues"] == "infer.hf"
+    finally:
+        beat.stop()
+        server.stop()
+
+
 def test_a_process_shutting_down_removes_its_heartbeat(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stopped worker's key would look alive for over a minute: the miner would keep sending it forecasts
     that nobody computes, waiting out each one before the fallback answers."""

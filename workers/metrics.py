@@ -142,8 +142,21 @@ class Heartbeat:
         # announcement of a worker started while Redis was down, the one after a task) is tried again within
         # a second too, not a whole interval later (the worker, ready, looked dead for 10 s more).
         while not self._stopped.wait(min(HEARTBEAT_RETRY_S, HEARTBEAT_EVERY_S)):
-            if self._failures or time.monotonic() - self._sent_at >= HEARTBEAT_EVERY_S:
+            if self._failures or time.monotonic() - self._sent_at >= HEARTBEAT_EVERY_S or self._key_gone():
                 self.send()
+
+    def _key_gone(self) -> bool:
+        """Whether Redis lost this process's beat between two of them (restarted empty, flushed), with no beat
+        failing: the miner then saw no live worker and answered from the fallback (``no_worker``) until the next
+        beat, up to HEARTBEAT_EVERY_S. One EXISTS a retry interval makes that a second at most."""
+        with self._lock:
+            client, name = self._client, self._payload.get("name")
+        if client is None or not name:
+            return False
+        try:
+            return not client.exists(WORKER_HEARTBEAT_KEY.format(name=name))  # type: ignore[attr-defined]
+        except Exception:  # Redis away: send() tries, counts and logs it
+            return True
 
 
 HEARTBEAT = Heartbeat()  # one per process
