@@ -141,12 +141,18 @@ class Load:
     async def _lane(self, index: int) -> None:
         validator = Validator(self.wallets[index % len(self.wallets)], self.miner_hotkey, self.port)
         grid = "24h" if index % 2 == 0 else "1h"
+        asking: asyncio.Future[None] | None = None
         try:
             while True:
                 began = time.monotonic()
-                await asyncio.shield(self._one(validator, self.prompt(grid)))  # a stop lets it finish
+                asking = asyncio.ensure_future(self._one(validator, self.prompt(grid)))
+                await asyncio.shield(asking)  # a stop lets it finish
                 await asyncio.sleep(max(0.0, self.args.interval - (time.monotonic() - began)))
         finally:
+            # Its answer read before the session closes: closed under it, the request read as a miss
+            # ("Server disconnected") that the miner never made.
+            if asking is not None and not asking.done():
+                await asyncio.wait([asking])
             await validator.close()
 
     async def _one(self, validator: Validator, prompt: Prompt) -> None:
