@@ -83,9 +83,12 @@ async def await_result(client: aioredis.Redis, keys: list[str], attempt: str, qu
         if claim is not None and lease is None:
             raise TaskLost(f"worker {claimed} stopped while running the forecast (its lease lapsed)",
                            f"worker {claimed} stopped while running it", claimed)
-        if claim is None and claimed is not None:  # gone with no result: not renewed since Redis came back
-            raise TaskLost(f"worker {claimed} stopped while running the forecast (its claim is gone, with no result)",
-                           f"worker {claimed} stopped while running it", claimed)
+        # Gone with no result, not renewed since Redis came back: the worker stopped, or it finished during the
+        # outage and its result was lost with Redis. Sent again, but the worker is not set aside: an alive one
+        # would be skipped until its next beat (up to 10 s) and, both workers alike, every request fell back.
+        if claim is None and claimed is not None:
+            raise TaskLost(f"the forecast's claim by worker {claimed} is gone with no result (its result lost with "
+                           "Redis's restart, or the worker stopped)", "its result was lost with Redis's restart")
         # Not judged without a restart: a worker of an earlier release claims nothing.
         if restarted and claim is None and not queued:
             raise TaskLost("the task was lost with Redis's restart (neither queued, claimed nor answered)",

@@ -22,6 +22,7 @@ from core.constants import (
     HEARTBEAT_TTL_S,
     RESULT_KEY,
     TASK_CLAIM_KEY,
+    TASK_LEASE_CHECK_S,
     TASK_LEASE_KEY,
     TASK_LEASE_MS,
     WORKER_HEARTBEAT_KEY,
@@ -601,6 +602,40 @@ async def test_a_task_lost_with_an_empty_redis_restart_is_sent_again(tmp_path: P
         got = await asyncio.wait_for(waiting, 20)
         np.testing.assert_array_equal(got.paths, paths)
         assert got.resent_after == "the task was lost with Redis's restart"
+    finally:
+        await pool.close()
+        server.stop()
+
+
+async def test_a_claimed_task_whose_result_redis_lost_is_sent_again_to_the_same_live_worker(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker finished while Redis was down (its result never landed) and Redis came back empty: the claim is
+    gone with no result. That is no proof the worker stopped, so the request is sent again without setting it
+    aside; set aside, an alive worker read nothing until its next beat (up to 10 s), and with every worker alike
+    each request fell back (no_worker: 42 in one chaos soak's empty-restart phase)."""
+    monkeypatch.setattr(pool_module, "LIVE_READERS_CHECK_S", 0.0)
+    server = RedisServer(tmp_path).start()
+    pool = lost_pool(server.url)
+    request = ForecastRequest("BTC", int(time.time()) + 600, 60, 3_600, 3)
+    paths = np.full((3, 61), 100.0, np.float32)
+    try:
+        announce(server.url, "infer.hf")
+        waiting = asyncio.create_task(pool.forecast(request, None, time.time() + 50.0, "r1"))  # type: ignore[arg-type]
+        first = redis.Redis.from_url(server.url)
+        lease = TaskLease(first, (await queued_task(first, "infer.hf"))["id"], "w1@host:1", claim_s=60).start()
+        await asyncio.sleep(3 * TASK_LEASE_CHECK_S)  # the miner has read the claim between its BLPOPs
+        lease.stop()  # the forecast is done; its result push meets the outage
+        server.stop()
+        await asyncio.sleep(0.5)
+        server = restart(server)  # empty: claim, lease and result gone
+        announce(server.url, "infer.hf")  # the same worker, alive: its heartbeat is back at once
+        client = redis.Redis.from_url(server.url)
+        again = await asyncio.wait_for(queued_task(client, "infer.hf"), 20)
+        assert again["id"] == "r1-2"
+        client.rpush(RESULT_KEY.format(request_id="r1-2"), encode_paths(paths, "test"))
+        got = await asyncio.wait_for(waiting, 20)
+        np.testing.assert_array_equal(got.paths, paths)
+        assert got.resent_after == "its result was lost with Redis's restart"
     finally:
         await pool.close()
         server.stop()
