@@ -669,3 +669,61 @@ def test_the_leader_puts_back_the_last_sends_a_redis_restarted_empty_lost(
         get_settings.cache_clear()
     assert restored is not None and float(restored) == sent_at.timestamp(), f"retrain's last send in Redis: {restored!r}"
     assert abs((adopted - sent_at).total_seconds()) < 0.01, f"retrain dated {adopted}, last sent {sent_at}"
+
+
+def test_a_last_run_less_than_a_period_ahead_is_kept_and_one_further_ahead_is_taken_as_now(
+        redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the clock went back by less than a period, the last run stays where it was: the next send then falls
+    in the slot after the one that ran. Taken as now, it came up to a period early, stamped with the slot that
+    had already run: a duplicate its claim drops, and the run lost for a whole period (a week for the retrain).
+    Only a last run more than a period ahead (a clock gone back an hour) is taken as now."""
+    from workers.beat import LeaderScheduler
+
+    period = 600.0
+    app, client = retrain_only_app(monkeypatch, redis_url, period)
+    beat = LeaderScheduler(app=app, schedule_filename=str(tmp_path / "beat.db"))
+    try:
+        now = app.now()
+        slightly_ahead = now + timedelta(seconds=period / 2)
+        beat.schedule["retrain"].last_run_at = slightly_ahead
+        beat._rewind_future_runs()
+        assert maybe_make_aware(beat.schedule["retrain"].last_run_at) == slightly_ahead
+        beat.schedule["retrain"].last_run_at = now + timedelta(seconds=2 * period)
+        beat._rewind_future_runs()
+        rewound = maybe_make_aware(beat.schedule["retrain"].last_run_at)
+    finally:
+        beat.close()
+        client.close()
+        get_settings.cache_clear()
+    assert now <= rewound <= app.now(), rewound
+
+
+def test_a_beat_on_a_fresh_file_puts_back_no_send_it_never_made(redis_url: str, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Leading on an empty Redis, a beat puts back the sends it made or adopted, not the start time its fresh file
+    dates an unsent job to: recorded as a send, the next leader (whose own file knew the retrain's real last send)
+    adopted it as newer and put the weekly retrain off by up to a week."""
+    from workers.beat import LeaderScheduler
+
+    app, client = retrain_only_app(monkeypatch, redis_url, 7 * 86_400.0)
+    fresh = LeaderScheduler(app=app, schedule_filename=str(tmp_path / "fresh.db"))
+    old: LeaderScheduler | None = None
+    try:
+        fresh.tick()
+        assert fresh.leader
+        recorded = client.hget(BEAT_LAST_RUN_KEY, "retrain")
+        fresh.close()
+        old = LeaderScheduler(app=app, schedule_filename=str(tmp_path / "old.db"))
+        old.schedule["retrain"].last_run_at = datetime.now(timezone.utc) - timedelta(days=8)  # due since a day
+        old.schedule["retrain"].total_run_count = 3
+        old.tick()
+        assert old.leader
+        sent = sum(json.loads(m)["headers"]["task"] == TASK_RETRAIN for m in client.lrange(Settings().queue_cpu, 0, -1))
+    finally:
+        fresh.close()
+        if old is not None:
+            old.close()
+        client.close()
+        get_settings.cache_clear()
+    assert recorded is None, f"the fresh beat recorded a retrain it never sent: {recorded!r}"
+    assert sent == 1, "the retrain due since a day was put off"

@@ -239,3 +239,26 @@ def test_bars_not_in_unix_seconds_are_refused_before_anything_is_written(cache: 
     with pytest.raises(ValueError, match=why):
         cache.write("BTC", bad)
     assert cache.span("BTC", 60) is None and not client.keys("synth:cache*")
+
+
+def test_a_day_longer_than_its_slots_is_refused_by_name_not_read_into_the_next_day(cache: RedisHistoryCache,
+                                                                                  client: redis.Redis) -> None:
+    """A day string of whole slots but more of them than the day holds (a restore of another layout): its slots past
+    the day read as bars of the next day, on top of that day's own. Refused with the key named, as a torn one is."""
+    cache.write("BTC", bars(DAY0, 100))
+    key = cache.day_key("BTC", 60, DAY0 // SECONDS_PER_DAY)
+    client.setrange(key, 1440 * 8, np.array([100.0], dtype="<f8").tobytes())  # one slot past the day's 1440
+    with pytest.raises(CacheError, match=f"{key} holds {1441 * 8} bytes, not 1440 slots"):
+        cache.read("BTC", 60, DAY0, DAY0 + 2 * SECONDS_PER_DAY)
+
+
+def test_verify_reads_every_cached_day_the_newest_bars_too(cache: RedisHistoryCache, client: redis.Redis) -> None:
+    """The refresh verifies the whole span each run: a day holding only the newest bar (the first minute after
+    midnight) is read too, and the count is every bar cached."""
+    hist = bars(DAY0 - 100 * 60, 101)  # the last bar opens at DAY0, alone in its day
+    cache.write("BTC", hist)
+    assert cache.verify("BTC", 60) == 101
+    client.setrange(cache.day_key("BTC", 60, DAY0 // SECONDS_PER_DAY), 0,
+                    np.array([float("nan")], dtype="<f8").tobytes())
+    with pytest.raises(CacheError, match="slot 0 holds nan"):
+        cache.verify("BTC", 60)

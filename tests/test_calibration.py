@@ -15,6 +15,7 @@ from core.calibration import (
     CALIBRATION_FILE,
     CalibrationError,
     CalibrationState,
+    Case,
     CasePlan,
     Entry,
     UpdateRules,
@@ -26,6 +27,7 @@ from core.calibration import (
     run_calibration_job,
     scale_key,
     search_scale,
+    store_histories,
 )
 from core.engines.base import EngineError, ParametricEngine, StepParams
 from core.evaluation import AssetHistory
@@ -454,7 +456,16 @@ def test_a_market_that_closes_reaches_back_for_the_session_prompts_its_window_la
     reached = recent_cases("SPYX", history, 300, now, plan)
     assert len(latest_slots) < 12 <= len(reached) == 14, (len(latest_slots), len(reached))
     assert [c.prompt.start_ts for c in reached[-len(latest_slots):]] == [c.prompt.start_ts for c in latest_slots]
-    assert plan.reach("SPYX") == 7 and plan.reach("BTC") == 1
+    # Gold closes at weekends: it reaches back too (its 24 h key fills ~5 in 7 of the slots, under the floor).
+    assert plan.reach("SPYX") == plan.reach("XAU") == 7 and plan.reach("BTC") == 1
+    # What the job reads from the store reaches back as far: the reached prompts see the whole lookback the live
+    # cache gave them, not one cut at the crypto span.
+    read = store_histories(settings, now, ["SPYX"])["SPYX"]
+
+    def seen(cases: list[Case]) -> list[tuple[int, int, int]]:
+        return [(c.prompt.start_ts, len(c.snapshot.m1 or ()), len(c.snapshot.m5 or ())) for c in cases]
+
+    assert seen(recent_cases("SPYX", read, 300, now, plan)) == seen(reached)
     summary = run_calibration_job(settings, now=now)
     lf = next(o for o in summary["outcomes"] if o["key"] == "ewma_t:SPYX:300")
     assert lf["moved"] and lf["samples"] == 14 and lf["reason"] == "ok", lf

@@ -805,3 +805,16 @@ async def test_a_cached_latest_price_from_the_future_is_dropped_not_left_to_hold
     assert [e for e in report.errors if "dropped and rebuilt" in e] == list(report.errors) != []
     assert report.latest is not None and cache.latest("BTC") == report.latest
     assert report.latest.publish_time <= int(clock())
+
+
+async def test_a_refresh_that_waited_for_the_lock_takes_the_prints_published_meanwhile(
+        csv_dir: Path, cache: RedisHistoryCache, settings: Settings) -> None:
+    """A refresh takes its ``now`` before it waits for the asset's lock (up to half of refresh_lock_s): a print
+    published during the wait lies after that ``now`` but not after our clock, and is no clock running ahead.
+    Judged against the stale ``now`` alone, it was refused as one, and nothing was cached."""
+    clock_now = int(time.time())
+    replay = ReplaySource(csv_dir, ManualClock(clock_now))  # its newest row closes at our clock's now
+    report = await refresh_asset("BTC", replay, cache, None, settings, now=clock_now - 600, steps=(60,))
+    assert report.ok, report.errors
+    assert report.latest is not None and report.latest.publish_time > clock_now - 600
+    assert cache.latest("BTC") == report.latest and len(cached(cache)) > 0

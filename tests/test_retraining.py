@@ -352,6 +352,24 @@ def test_an_asset_whose_feed_stopped_is_reported_not_gated_and_the_others_decide
     assert gate["not_gated"] == {"XAU": stopped} and gate["reason"].endswith(f"; not gated: XAU ({stopped})")
 
 
+def test_the_few_gate_prompts_of_a_stopped_feed_are_left_out_of_the_verdict(tmp_path: Path,
+                                                                         shared_data: Path) -> None:
+    """XAU's feed stopped 16 h before the gate's end, inside its 1.1-day tail: it has a few prompts, under the floor,
+    and is reported not gated with them. The verdict is the others' alone: prompts of an asset the report calls
+    not gated must not weigh in it."""
+    cut, store = four_asset_store(tmp_path, shared_data, stops={"XAU": 16 * 3600})
+    settings = fewer_gate_cases(Settings(data_dir=tmp_path / "data", artifacts_dir=tmp_path / "artifacts",
+                                         retrain_gate_days=1.1, retrain_gate_paths=50))
+    settings = settings.model_copy(update={"retrain_gate_min_prompts": 12})
+    artifacts = ArtifactStore.from_settings(settings)
+    gate = run_gate(settings, artifacts, store, "hf", settings.models_dir / "hf.pt",
+                    DataWindow(cut - 4 * 86_400, cut - 95_040), cut)
+    xau = gate["prompts"]["XAU"]
+    assert 0 < xau < 12 and gate["not_gated"] == {"XAU": f"feed stopped since 2026-05-24T08:00:00+00:00, {xau} gate "
+                                                         "prompts"}, gate
+    assert gate["cases"] == 48, gate  # BTC, ETH and SOL's 16 each, none of XAU's
+
+
 def cut_of(shared_data: Path) -> int:
     return int(json.loads((shared_data / "manifest.json").read_text())["btc_1m"]["eval_start_ts"])
 

@@ -27,10 +27,24 @@ from synth_miner.cli import app
                                  {"artifacts_keep": 1}, {"job_lease_s": 0},
                                  # Slots are whole seconds: two sends within one second shared a slot, and
                                  # every other run was skipped as a duplicate.
-                                 {"beat_refresh_s": 0.5}, {"beat_compact_s": 0.999}])
+                                 {"beat_refresh_s": 0.5}, {"beat_compact_s": 0.999},
+                                 # A gate shorter than a day holds no 24 h prompt; one asking no prompt per asset
+                                 # gates nothing.
+                                 {"retrain_gate_days": 1.0}, {"retrain_gate_min_prompts": 0}])
 def test_unservable_values_are_refused(bad: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         Settings(_env_file=None, **bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("name", "value"), [("SYNTH_BATCH_LOOKBACK_DAYS", "inf"), ("SYNTH_MAX_WAIT_S", "Infinity"),
+                                             ("SYNTH_MIN_VALIDATOR_STAKE", "nan"), ("SYNTH_MIN_VALIDATOR_STAKE", "-inf")])
+def test_inf_and_nan_are_refused_even_where_no_bound_would_catch_them(monkeypatch: pytest.MonkeyPatch, name: str,
+                                                                       value: str) -> None:
+    """Every float setting is a duration, a size or a limit: SYNTH_BATCH_LOOKBACK_DAYS=inf passed "greater than 0"
+    and crashed later in int(), and a NaN stake (no bound at all) would compare false with every validator's."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=name.removeprefix("SYNTH_").lower()):
+        Settings(_env_file=None)  # type: ignore[call-arg]
 
 
 def test_log_level_is_case_insensitive() -> None:

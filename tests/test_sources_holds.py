@@ -198,6 +198,9 @@ GARBAGE = [
     pytest.param(lambda c, k: c.set(k, b"\xff not json", px=60_000), "is no hold", id="not-json"),
     pytest.param(lambda c, k: c.set(k, json.dumps({"status": 429}), px=60_000), "is no hold", id="no-asked_s"),
     pytest.param(lambda c, k: c.set(k, json.dumps({"asked_s": "soon"}), px=60_000), "is no hold", id="asked-text"),
+    # Numbers the readers refuse: kept by the writers' script before, so no real Retry-After replaced them.
+    pytest.param(lambda c, k: c.set(k, json.dumps({"asked_s": -60}), px=60_000), "is no hold", id="asked-negative"),
+    pytest.param(lambda c, k: c.set(k, b'{"asked_s": 1e999}', px=60_000), "is no hold", id="asked-infinite"),
     pytest.param(lambda c, k: c.hset(k, "asked_s", 60), "not a string", id="a-hash"),
     pytest.param(lambda c, k: c.set(k, json.dumps({"asked_s": 60})), "never expires", id="no-expiry"),
 ]
@@ -265,6 +268,17 @@ async def test_a_hold_known_in_the_process_costs_no_redis_trip(client: redis.Red
     assert stats["cmdstat_pttl"]["calls"] == 1 + 3 and stats["cmdstat_get"]["calls"] == 1 + 3
 
 
+async def test_holds_in_force_are_listed_longest_first(client: redis.Redis) -> None:
+    """`synth-miner status` lists them as read: the host that keeps the fleet off longest (a 418 ban) first."""
+    holds = RedisHostHolds(client, LocalHostHolds({}))
+    for origin, seconds in (("https://a.example:443", 30.0), ("https://b.example:443", 600.0),
+                            ("https://c.example:443", 120.0)):
+        await holds.hold(origin, seconds, 429, "binance")
+    listed, problems = read_holds(client)
+    assert [h.origin for h in listed] == ["https://b.example:443", "https://c.example:443",
+                                          "https://a.example:443"] and problems == []
+
+
 def test_the_registry_shares_its_sources_holds_through_the_settings_redis(redis_url: str) -> None:
     shared = sources_for(Settings(_env_file=None, redis_url=redis_url))
     alone = sources_for(Settings(_env_file=None, redis_url=None))
@@ -281,3 +295,26 @@ def test_a_hold_is_read_back_as_it_was_written() -> None:
     assert holds_module.parse_hold("o", json.dumps({"asked_s": 12, "status": 418, "by": "binance"}), 9_500) == \
         Hold("o", 9.5, 12.0, 418, "binance")
     assert holds_module.parse_hold("o", None, -2) is None  # gone between the two reads
+
+
+async def test_a_redis_that_fails_is_asked_again_only_after_retry_s(tmp_path: Path) -> None:
+    """The holds are looked up before every provider request: Redis failing (here refusing every command, as a
+    server whose password the URL lacks) is asked once, then left alone for ``retry_s`` (a hung one would cost each
+    request its timeout); meanwhile the holds are the process's own."""
+    own = RedisServer(tmp_path, password="right").start()
+    origin = "https://api.binance.com:443"
+    holds = RedisHostHolds.from_url(own.url.replace(":right@", ""), LocalHostHolds({}), retry_s=600.0)
+    admin = redis.Redis.from_url(own.url)
+    try:
+        assert await holds.left(origin) == 0
+        refused_once = admin.info("errorstats")["errorstat_NOAUTH"]["count"]
+        for _ in range(5):
+            assert await holds.left(origin) == 0
+        await holds.hold(origin, 30.0, 429, "binance")
+        assert await holds.left(origin) > 29  # kept in the process
+        refused = admin.info("errorstats")["errorstat_NOAUTH"]["count"]
+    finally:
+        holds.close()
+        admin.close()
+        own.stop()
+    assert refused == refused_once, f"{refused - refused_once} more commands sent to a Redis that refuses them"

@@ -356,6 +356,9 @@ def test_foreign_or_garbled_heartbeat_keys_neither_hide_the_fleet_nor_crash_stat
     assert next(w for w in report["workers"] if w["name"] == "m")["models"] is None  # shown "?", not a crash
     assert any("synth:worker:a-hash" in e for e in report["errors"]), report["errors"]
     assert any("synth:worker:nan" in e for e in report["errors"]), report["errors"]
+    # The record that is no JSON is counted, not dropped without a word (the run recorded by hand is shown).
+    assert f"{JOB_RUNS_KEY}: 1 record(s) that are no job run: ignored" in report["errors"], report["errors"]
+    assert [run["slot"] for run in report["jobs"]] == ["soon"], report["jobs"]
     table = run_status(monkeypatch, tmp_path, redis_url)
     assert table.exit_code == 0 and "Traceback" not in table.output, table.output
     assert "odd[/]name" in table.output

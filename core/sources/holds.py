@@ -38,12 +38,15 @@ HOST_HOLDS: dict[str, float] = {}
 _OUTAGE_SAID = threading.Event()
 
 # KEYS[1] the origin's hold; ARGV: its length in ms, the document. A hold is extended, never shortened; whatever
-# else the key holds (another type, a value that is no hold, no expiry) is replaced.
+# else the key holds (another type, a value that is no hold, no expiry) is replaced. "No hold" as parse_hold reads
+# it: an asked_s that is negative or not finite was kept here while every reader ignored it, so the fleet shared
+# no real Retry-After for that host until the key lapsed.
 _HOLD = """
 local left = redis.call('PTTL', KEYS[1])
 if left >= tonumber(ARGV[1]) and redis.call('TYPE', KEYS[1]).ok == 'string' then
   local ok, doc = pcall(cjson.decode, redis.call('GET', KEYS[1]))
-  if ok and type(doc) == 'table' and type(doc.asked_s) == 'number' then return left end
+  local asked = ok and type(doc) == 'table' and doc.asked_s
+  if type(asked) == 'number' and asked >= 0 and asked < math.huge then return left end
 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[1])
 return tonumber(ARGV[1])
