@@ -65,8 +65,9 @@ async def binance_pair(server: FakeServer, clock: ManualClock,
 
 async def lapsed(client: redis.Redis, origin: str, local: LocalHostHolds) -> None:
     """Wait until the hold on ``origin`` has run out in Redis (its TTL: Redis's clock) and in ``local``."""
-    while client.exists(hold_key(origin)) or local.left_now(origin) > 0:
-        await asyncio.sleep(0.05)
+    async with asyncio.timeout(60):  # the tests' holds last seconds: a hold that never lapses fails here
+        while client.exists(hold_key(origin)) or local.left_now(origin) > 0:
+            await asyncio.sleep(0.05)
 
 
 async def test_a_host_that_asked_one_process_to_wait_is_left_alone_by_another_until_it_lapses(
@@ -110,8 +111,9 @@ async def test_a_hold_another_process_extends_while_one_sleeps_out_a_short_one_i
     try:
         await other.hold(server.url, 2.0, 429, "binance")
         waiting = asyncio.create_task(source.latest("BTC"))
-        while holds.local.left_now(server.url) == 0:  # it has read the short hold and sleeps it out
-            await asyncio.sleep(0.01)
+        async with asyncio.timeout(20):  # a regression fails here, not after minutes of spinning
+            while holds.local.left_now(server.url) == 0:  # it has read the short hold and sleeps it out
+                await asyncio.sleep(0.01)
         await other.hold(server.url, 300.0, 418, "binance")
         with pytest.raises(ProviderUnavailable, match="asked for no requests for 29[0-9] s more"):
             await waiting
