@@ -78,13 +78,20 @@ def test_the_header_timeout_wins_when_it_is_usable(header: bytes, expected: floa
     assert with_caller_timeout(body, {}) is body  # no header at all
 
 
-async def test_a_synth_shaped_request_is_budgeted_with_the_header_timeout(tmp_path: Path, shared_data: Path) -> None:
+def local_replay_miner(tmp_path: Path, shared_data: Path) -> tuple[bt.Wallet, bt.Wallet, Settings]:
+    """A miner's and a validator's wallets, and local settings on a free loopback port that let that validator in
+    and replay ``shared_data``."""
     patch_bittensor_networking("127.0.0.1")
     miner_wallet, vali_wallet = make_wallet(tmp_path, "miner"), make_wallet(tmp_path, "vali")
-    port = free_port()
-    cfg = Settings(_env_file=None, local=True, axon_host="127.0.0.1", axon_port=port,  # type: ignore[call-arg]
+    cfg = Settings(_env_file=None, local=True, axon_host="127.0.0.1", axon_port=free_port(),  # type: ignore[call-arg]
                    allowed_hotkeys=[vali_wallet.hotkey.ss58_address], price_provider="replay",
                    replay_dir=shared_data)
+    return miner_wallet, vali_wallet, cfg
+
+
+async def test_a_synth_shaped_request_is_budgeted_with_the_header_timeout(tmp_path: Path, shared_data: Path) -> None:
+    miner_wallet, vali_wallet, cfg = local_replay_miner(tmp_path, shared_data)
+    port = cfg.axon_port
     forecaster = build_forecaster(cfg)
     service = MinerService(cfg, MinerData(MarketData(MemoryHistoryCache(), sources_for(cfg), 86_400)),
                            EmbeddedPool(forecaster), forecaster)
@@ -339,12 +346,8 @@ async def test_each_answer_shows_how_old_the_prices_it_was_forecast_from_are(tmp
     """synth_price_age_seconds per asset, through a real axon, service and market data: a feed that froze an
     hour ago (its replay plays up to an hour back, and no further) reads an hour old, a live one minutes. The
     fallback and valid-reply counters cannot tell them apart: both answers are valid and from the pool."""
-    patch_bittensor_networking("127.0.0.1")
-    miner_wallet, vali_wallet = make_wallet(tmp_path, "miner"), make_wallet(tmp_path, "vali")
-    port = free_port()
-    cfg = Settings(_env_file=None, local=True, axon_host="127.0.0.1", axon_port=port,  # type: ignore[call-arg]
-                   allowed_hotkeys=[vali_wallet.hotkey.ss58_address], price_provider="replay",
-                   replay_dir=shared_data)
+    miner_wallet, vali_wallet, cfg = local_replay_miner(tmp_path, shared_data)
+    port = cfg.axon_port
     feeds = {"BTC": ReplaySource(shared_data), "ETH": ReplaySource(shared_data, lambda: time.time() - FROZEN_S)}
     cache = MemoryHistoryCache()
     forecaster = build_forecaster(cfg)

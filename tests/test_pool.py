@@ -31,7 +31,7 @@ from core.forecast import ForecastResult
 from core.prompts import ForecastRequest
 from core.settings import Settings
 from core.sources.replay import ReplaySource
-from core.transport import encode_paths
+from core.transport import ComputedPaths, encode_paths
 from miner import pool as pool_module
 from miner.pool import CeleryPool, EmbeddedPool, PoolError
 from synth_miner.devstack import Proc, RedisServer, spawn
@@ -578,6 +578,26 @@ async def test_a_forecast_running_while_redis_restarts_still_answers(tmp_path: P
         server.stop()
 
 
+def asking_one_worker(pool: CeleryPool, url: str) -> "asyncio.Task[ComputedPaths]":
+    """One worker announced on the Redis at ``url``, and a 1 h BTC request r1 of 3 paths waiting on ``pool``."""
+    announce(url, "infer.hf")
+    request = ForecastRequest("BTC", int(time.time()) + 600, 60, 3_600, 3)
+    return asyncio.create_task(pool.forecast(request, None, time.time() + 50.0, "r1"))  # type: ignore[arg-type]
+
+
+async def resent_and_answered(url: str, waiting: "asyncio.Task[ComputedPaths]", paths: np.ndarray) -> ComputedPaths:
+    """After an empty restart of the Redis at ``url``: the worker's heartbeat back, the request sent again as r1-2
+    and answered with ``paths``."""
+    announce(url, "infer.hf")
+    client = redis.Redis.from_url(url)
+    again = await asyncio.wait_for(queued_task(client, "infer.hf"), 20)
+    assert again["id"] == "r1-2"
+    client.rpush(RESULT_KEY.format(request_id="r1-2"), encode_paths(paths, "test"))
+    got = await asyncio.wait_for(waiting, 20)
+    np.testing.assert_array_equal(got.paths, paths)
+    return got
+
+
 async def test_a_task_lost_with_an_empty_redis_restart_is_sent_again(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Redis restarted empty (no persistence, a new instance) loses the queued task: neither queued, claimed nor
@@ -585,22 +605,14 @@ async def test_a_task_lost_with_an_empty_redis_restart_is_sent_again(tmp_path: P
     monkeypatch.setattr(pool_module, "LIVE_READERS_CHECK_S", 0.0)
     server = RedisServer(tmp_path).start()
     pool = lost_pool(server.url)
-    request = ForecastRequest("BTC", int(time.time()) + 600, 60, 3_600, 3)
     paths = np.full((3, 61), 100.0, np.float32)
     try:
-        announce(server.url, "infer.hf")
-        waiting = asyncio.create_task(pool.forecast(request, None, time.time() + 50.0, "r1"))  # type: ignore[arg-type]
+        waiting = asking_one_worker(pool, server.url)
         await queued_task(redis.Redis.from_url(server.url), "infer.hf")
         server.stop()
         await asyncio.sleep(0.5)
         server = restart(server)  # empty: nothing was saved
-        announce(server.url, "infer.hf")  # the worker's next heartbeat
-        client = redis.Redis.from_url(server.url)
-        again = await asyncio.wait_for(queued_task(client, "infer.hf"), 20)
-        assert again["id"] == "r1-2"
-        client.rpush(RESULT_KEY.format(request_id="r1-2"), encode_paths(paths, "test"))
-        got = await asyncio.wait_for(waiting, 20)
-        np.testing.assert_array_equal(got.paths, paths)
+        got = await resent_and_answered(server.url, waiting, paths)  # the worker's next heartbeat
         assert got.resent_after == "the task was lost with Redis's restart"
     finally:
         await pool.close()
@@ -616,11 +628,9 @@ async def test_a_claimed_task_whose_result_redis_lost_is_sent_again_to_the_same_
     monkeypatch.setattr(pool_module, "LIVE_READERS_CHECK_S", 0.0)
     server = RedisServer(tmp_path).start()
     pool = lost_pool(server.url)
-    request = ForecastRequest("BTC", int(time.time()) + 600, 60, 3_600, 3)
     paths = np.full((3, 61), 100.0, np.float32)
     try:
-        announce(server.url, "infer.hf")
-        waiting = asyncio.create_task(pool.forecast(request, None, time.time() + 50.0, "r1"))  # type: ignore[arg-type]
+        waiting = asking_one_worker(pool, server.url)
         first = redis.Redis.from_url(server.url)
         lease = TaskLease(first, (await queued_task(first, "infer.hf"))["id"], "w1@host:1", claim_s=60).start()
         await asyncio.sleep(3 * TASK_LEASE_CHECK_S)  # the miner has read the claim between its BLPOPs
@@ -628,13 +638,8 @@ async def test_a_claimed_task_whose_result_redis_lost_is_sent_again_to_the_same_
         server.stop()
         await asyncio.sleep(0.5)
         server = restart(server)  # empty: claim, lease and result gone
-        announce(server.url, "infer.hf")  # the same worker, alive: its heartbeat is back at once
-        client = redis.Redis.from_url(server.url)
-        again = await asyncio.wait_for(queued_task(client, "infer.hf"), 20)
-        assert again["id"] == "r1-2"
-        client.rpush(RESULT_KEY.format(request_id="r1-2"), encode_paths(paths, "test"))
-        got = await asyncio.wait_for(waiting, 20)
-        np.testing.assert_array_equal(got.paths, paths)
+        # The same worker, alive: its heartbeat is back at once, and it is sent the request again.
+        got = await resent_and_answered(server.url, waiting, paths)
         assert got.resent_after == "its result was lost with Redis's restart"
     finally:
         await pool.close()

@@ -103,6 +103,15 @@ def test_an_idle_process_keeps_announcing_itself(redis_url: str, monkeypatch: py
     beat.stop()
 
 
+def announced(beat: metrics.Heartbeat, url: str) -> tuple[redis.Redis, str]:
+    """``beat`` announcing an inference worker to the Redis at ``url``: a client of it, and the heartbeat's key."""
+    client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    beat.announce(client, "patchtst", "v1", "infer.hf")
+    key = WORKER_HEARTBEAT_KEY.format(name=f"{beat.node}:{os.getpid()}")
+    assert client.get(key) is not None
+    return client, key
+
+
 def test_a_worker_announces_itself_again_as_soon_as_redis_is_back(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """After a failed beat the next one waited a whole interval: a live, idle worker was missing from Redis
@@ -113,10 +122,7 @@ def test_a_worker_announces_itself_again_as_soon_as_redis_is_back(
     server = RedisServer(tmp_path).start()
     beat = metrics.Heartbeat()
     try:
-        client = redis.Redis.from_url(server.url, socket_timeout=1.0, socket_connect_timeout=1.0)
-        beat.announce(client, "patchtst", "v1", "infer.hf")
-        key = WORKER_HEARTBEAT_KEY.format(name=f"{beat.node}:{os.getpid()}")
-        assert client.get(key) is not None
+        client, key = announced(beat, server.url)
         server.stop()
         deadline = time.monotonic() + 5
         while "heartbeat failed" not in caplog.text:  # the idle thread's beat met the outage
@@ -178,10 +184,7 @@ def test_a_beat_redis_lost_between_two_beats_is_sent_again_at_once(
     server = RedisServer(tmp_path).start()
     beat = metrics.Heartbeat()
     try:
-        client = redis.Redis.from_url(server.url, socket_timeout=1.0, socket_connect_timeout=1.0)
-        beat.announce(client, "patchtst", "v1", "infer.hf")
-        key = WORKER_HEARTBEAT_KEY.format(name=f"{beat.node}:{os.getpid()}")
-        assert client.get(key) is not None
+        client, key = announced(beat, server.url)
         client.flushall()
         deadline = time.monotonic() + 20  # a third of the beat interval: only the check can bring it back
         while client.get(key) is None:
